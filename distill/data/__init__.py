@@ -1,0 +1,1 @@
+"""Datasets: MVTec AD layout, AITEX import, synthetic fabric."""

@@ -1,0 +1,93 @@
+"""One category in MVTec AD layout: train/good, test/<kind>, ground_truth/<kind>/<stem>_mask.png."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class TestSample:
+    path: Path
+    kind: str  # "good" or the defect type
+    mask_path: Path | None
+
+    @property
+    def label(self) -> int:
+        return int(self.kind != "good")
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+@dataclass(frozen=True)
+class Category:
+    root: Path
+    train: list[Path]
+    test: list[TestSample]
+
+    @classmethod
+    def open(cls, root: str | Path) -> Category:
+        root = Path(root)
+        train_dir = root / "train" / "good"
+        if not train_dir.is_dir():
+            raise FileNotFoundError(f"{root} is not an MVTec-layout category: no train/good folder")
+        test: list[TestSample] = []
+        test_dir = root / "test"
+        if test_dir.is_dir():
+            for kind_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+                for path in _images_in(kind_dir):
+                    mask = None
+                    if kind_dir.name != "good":
+                        mask = root / "ground_truth" / kind_dir.name / f"{path.stem}_mask.png"
+                        mask = mask if mask.is_file() else None
+                    test.append(TestSample(path, kind_dir.name, mask))
+        train = _images_in(train_dir)
+        if not train:
+            raise FileNotFoundError(f"{train_dir} holds no images")
+        return cls(root, train, test)
+
+
+def load_image(path: Path, tile: int | None = None) -> np.ndarray:
+    """uint8 (H, W, C) with C = 1 for grey or 3 for colour; resized to tile×tile if given.
+
+    16-bit grey images are scaled to 8 bits (value / 257, i.e. 65535 → 255).
+    """
+    with Image.open(path) as img:
+        if img.mode.startswith("I"):
+            img = Image.fromarray(
+                (np.asarray(img, dtype=np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+            )
+        elif img.mode in ("1", "L", "LA"):
+            img = img.convert("L")
+        else:
+            img = img.convert("RGB")
+        if tile is not None and img.size != (tile, tile):
+            img = img.resize((tile, tile), Image.BILINEAR)
+        array = np.asarray(img)
+    return array[..., None] if array.ndim == 2 else array
+
+
+def load_mask(path: Path | None, size: tuple[int, int]) -> np.ndarray:
+    """Boolean (H, W) mask (> 127 is defect); all False for a good image or a missing mask."""
+    if path is None:
+        return np.zeros(size, dtype=bool)
+    with Image.open(path) as img:
+        img = img.convert("L")
+        if img.size != (size[1], size[0]):
+            img = img.resize((size[1], size[0]), Image.NEAREST)
+        return np.asarray(img) > 127
+
+
+def load_stack(paths: list[Path], tile: int) -> np.ndarray:
+    """(N, tile, tile, C) uint8; colour wins if any image is colour (grey ones are replicated)."""
+    images = [load_image(p, tile) for p in paths]
+    if any(im.shape[-1] == 3 for im in images):
+        images = [np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in images]
+    return np.stack(images)

@@ -1,0 +1,110 @@
+"""Fast scoring: inference mode, channels-last, bf16 autocast where the device has it, batches.
+
+The features run in the fast precision; the anomaly map (cosine, upsampling, smoothing) always
+runs in float32, so bf16 moves scores by rounding only and not by accumulated error in the map.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from distill.anomaly_map import tile_scores
+from distill.preprocess import as_batch, normalise
+from distill.torch_model import ReverseDistillation
+
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """True where bf16 runs natively: CUDA GPUs that report it, CPUs with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but no CUDA GPU is available")
+    return device
+
+
+@dataclass(frozen=True)
+class Prediction:
+    maps: np.ndarray  # (N, H, W) float32
+    scores: np.ndarray  # (N,) float32, the maps' maxima
+    seconds: float
+
+
+class Detector:
+    """A trained model ready to score images; the one object the pipeline and evaluation use."""
+
+    def __init__(
+        self,
+        model: ReverseDistillation,
+        mean: Sequence[float],
+        std: Sequence[float],
+        *,
+        threshold: float | None = None,
+        device: str | torch.device | None = "cpu",
+        precision: Precision = "auto",
+        channels_last: bool = True,
+        batch_size: int = 16,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch size must be at least 1, not {batch_size}")
+        if precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
+        self.device = resolve_device(device)
+        if precision == "bf16" and not bf16_supported(self.device):
+            raise ValueError(f"bf16 requested but {self.device} has no native bf16 support")
+        self.bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(self.device))
+        self.channels_last = channels_last
+        self.batch_size = batch_size
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.threshold = threshold
+        memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = model.eval().to(self.device, memory_format=memory_format)
+
+    @property
+    def mode(self) -> str:
+        return f"{'bf16' if self.bf16 else 'fp32'}{' channels-last' if self.channels_last else ''}"
+
+    @torch.inference_mode()
+    def score_tensor(self, batch: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) uint8/uint16/float tensor → (N, H, W) float32 maps on the device."""
+        x, (h, w) = normalise(batch, self.mean, self.std, self.device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            teacher = self.model.teacher(x)
+            student = self.model.student(teacher)
+        maps = self.model.anomaly_map(teacher, student, x.shape[-2:])
+        return maps[:, :h, :w]
+
+    def iter_batches(self, images: np.ndarray | torch.Tensor) -> Iterator[torch.Tensor]:
+        batch = as_batch(images)
+        for start in range(0, batch.shape[0], self.batch_size):
+            yield self.score_tensor(batch[start : start + self.batch_size])
+
+    def predict(self, images: np.ndarray | torch.Tensor) -> Prediction:
+        """Score (H, W[, C]) or (N, H, W, C) images; maps come back cropped to the input size."""
+        start = time.perf_counter()
+        maps = torch.cat([m.float().cpu() for m in self.iter_batches(images)])
+        seconds = time.perf_counter() - start
+        return Prediction(maps.numpy(), tile_scores(maps).numpy(), seconds)
+
+    def is_defective(self, scores: np.ndarray) -> np.ndarray:
+        if self.threshold is None:
+            raise ValueError("this model has no calibrated threshold")
+        return np.asarray(scores) > self.threshold

