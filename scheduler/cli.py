@@ -55,6 +55,7 @@ def _add_datasets(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--tile", type=int, default=256)
     a.add_argument("--train-strips", type=int, default=15, help="first N good strips of a roll")
     a.add_argument("--fabric", action="append", default=None, help="fabric code (repeatable)")
+    a.add_argument("--overwrite", action="store_true", help="replace existing fabric folders")
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -122,7 +123,12 @@ def _datasets(args: argparse.Namespace) -> int:
     from distill.data.aitex import import_aitex
 
     counts = import_aitex(
-        args.src, args.dst, tile=args.tile, n_train_strips=args.train_strips, fabrics=args.fabric
+        args.src,
+        args.dst,
+        tile=args.tile,
+        n_train_strips=args.train_strips,
+        fabrics=args.fabric,
+        overwrite=args.overwrite,
     )
     print(json.dumps(counts, indent=2))
     return 0
@@ -148,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         if args.verbose:
             raise
         print(f"rollscan {args.command}: error: {exc}", file=sys.stderr)

@@ -67,6 +67,8 @@ def test_threshold_at_fpr_on_1000_values():
     assert threshold_at_fpr(good, 0.0) == good.max()
     # Integer scores make the quantile visible: 10 of 1000 may lie above -> t = 989.
     assert threshold_at_fpr(np.random.default_rng(2).permutation(1000), 0.01) == 989
+    # 0.29 * 100 is 28.999999999999996 in floating point; 29 scores may still lie above.
+    assert threshold_at_fpr(np.arange(100.0), 0.29) == 70.0
 
 
 def test_threshold_at_fpr_with_ties():
@@ -131,11 +133,13 @@ def test_aupro_one_of_two_regions_detected():
 
 def test_aupro_uses_8_connectivity():
     masks = np.zeros((1, 10, 10), dtype=bool)
-    masks[0, 2, 2] = masks[0, 3, 3] = True  # diagonal neighbours: one region
+    masks[0, 2, 2:4] = True
+    masks[0, 3, 4] = True  # touches (2, 3) only diagonally
     maps = np.zeros(masks.shape, dtype=np.float32)
-    maps[0, 2, 2] = 1.0
+    maps[0, 3, 4] = 1.0
     fpr, pro = pro_curve(maps, masks)
-    assert pro[fpr == 0].max() == pytest.approx(0.5)  # half of one region, not 1 of 2
+    # One 3-pixel region, a third found; 4-connectivity would see two regions (0 + 1) / 2.
+    assert pro[fpr == 0].max() == pytest.approx(1 / 3)
 
 
 def test_aupro_regions_across_images_and_memmap(tmp_path):
