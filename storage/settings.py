@@ -1,0 +1,102 @@
+"""One settings object, read from `ROLLSCAN_*` environment variables and an optional TOML file.
+
+Precedence: explicit arguments > environment > the TOML file named by `ROLLSCAN_CONFIG` >
+defaults. Secrets are `SecretStr`: masked in repr, str and logs; only
+`.get_secret_value()` reveals them, at the point of use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "rollscan"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ROLLSCAN_", extra="forbid", frozen=True)
+
+    # services; None = the embedded default on this machine
+    database_url: SecretStr | None = Field(None, description="SQLAlchemy URL (postgresql+psycopg2://…)")
+    broker_url: SecretStr | None = Field(None, description="Celery broker; None runs tasks in-process")
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL; None = local dir")
+    s3_region: str = "us-east-1"
+    s3_bucket: str = "rollscan"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    zarr_s3_backend: Literal["obstore", "s3fs"] = "obstore"  # measured: docs/benchmarks.md
+    data_dir: Path = Field(default_factory=default_data_dir, description="embedded default's home")
+
+    # roll geometry
+    band_height: int = Field(2048, gt=0, description="rows per band (one zarr shard row)")
+    tile: int = Field(256, ge=64)
+    overlap: int = Field(32, ge=0)
+    incoming_prefix: str = "incoming/"
+
+    @field_validator("band_height")
+    @classmethod
+    def _band_is_whole_chunks(cls, value: int) -> int:
+        if value % 256:
+            raise ValueError(f"band_height must be a multiple of 256 (zarr chunk rows), not {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _overlap_fits_tile(self) -> Settings:
+        if self.overlap >= self.tile:
+            raise ValueError(f"overlap {self.overlap} must be smaller than the tile {self.tile}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get("ROLLSCAN_CONFIG")
+        if path:
+            if not Path(path).is_file():
+                raise ValueError(f"ROLLSCAN_CONFIG names {path}, which is not a file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @property
+    def stride(self) -> int:
+        return self.tile - self.overlap
+
+    @property
+    def embedded_database(self) -> bool:
+        return self.database_url is None
+
+    def describe(self) -> dict[str, Any]:
+        """Settings for display: secrets masked (pydantic prints SecretStr as '**********')."""
+        return {k: (str(v) if v is not None else None) for k, v in self.model_dump().items()}
+
+
+class SettingsError(ValueError):
+    """Invalid settings; the message names the fields, never their values (they may be secret)."""
+
+
+def get_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise SettingsError(f"invalid rollscan settings: {problems}") from None

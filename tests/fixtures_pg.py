@@ -1,0 +1,1 @@
+"""PostgreSQL fixtures (see the storage issue)."""

@@ -1,0 +1,1 @@
+"""S3-over-HTTP fixtures (see the storage issue)."""
