@@ -10,6 +10,7 @@ from pathlib import Path
 
 from distill.teacher import DEFAULT_TEACHER, TEACHERS
 from distill.torch_model import VARIANTS
+from storage.cli_db import add_db_commands
 
 
 def _add_train(sub: argparse._SubParsersAction) -> None:
@@ -56,6 +57,11 @@ def _add_datasets(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--train-strips", type=int, default=15, help="first N good strips of a roll")
     a.add_argument("--fabric", action="append", default=None, help="fabric code (repeatable)")
     a.add_argument("--overwrite", action="store_true", help="replace existing fabric folders")
+    a.add_argument(
+        "--defect-strip-good-tiles",
+        action="store_true",
+        help="also test the defect strips' unmasked tiles as good (off by default)",
+    )
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
@@ -72,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_add_train, _add_evaluate, _add_datasets, _add_demo):
         add(sub)
+    add_db_commands(sub)
     return parser
 
 
@@ -129,6 +136,7 @@ def _datasets(args: argparse.Namespace) -> int:
         n_train_strips=args.train_strips,
         fabrics=args.fabric,
         overwrite=args.overwrite,
+        defect_strip_good=args.defect_strip_good_tiles,
     )
     print(json.dumps(counts, indent=2))
     return 0
@@ -143,7 +151,13 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "evaluate": _evaluate, "datasets": _datasets, "demo": _demo}
+COMMANDS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "datasets": _datasets,
+    "demo": _demo,
+    "db": lambda args: args.db_handler(args),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

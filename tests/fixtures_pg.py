@@ -1,1 +1,137 @@
-"""PostgreSQL fixtures (see the storage issue)."""
+"""PostgreSQL fixtures: a real server, a fresh database per test session.
+
+The server: ``ROLLSCAN_TEST_PG_ADMIN_URL`` when set (a superuser URL to any database
+of the server); else the one on 127.0.0.1:5432 (trust authentication, as user
+``postgres`` or the current OS user) when it answers; else an embedded server in a
+temporary directory, stopped at the end.
+
+- `pg_url` (session): a new database ``rollscan_test_<random>``, dropped at the end.
+- `migrated_url` (session): the same, upgraded to head.
+- `db_engine`, `db_session` (function): on the migrated database; every table is
+  emptied after each test, so tests may commit.
+- `make_database` (session): a factory of further empty databases, for tests that
+  migrate up and down and must not disturb `migrated_url`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import secrets
+from collections.abc import Callable, Iterator
+
+import psycopg2
+import pytest
+from sqlalchemy import URL, Engine, make_url, text
+from sqlalchemy.orm import Session
+
+from storage.database import make_engine, start_embedded, stop_embedded, upgrade
+from storage.schema import Base
+
+
+def _answers(url: URL) -> bool:
+    try:
+        psycopg2.connect(
+            host=url.host, port=url.port, user=url.username, password=url.password,
+            dbname=url.database, connect_timeout=2,
+        ).close()  # fmt: skip
+    except psycopg2.OperationalError:
+        return False
+    return True
+
+
+def _admin(url: URL) -> psycopg2.extensions.connection:
+    conn = psycopg2.connect(
+        host=url.host, port=url.port, user=url.username, password=url.password,
+        dbname=url.database,
+    )  # fmt: skip
+    conn.autocommit = True  # CREATE / DROP DATABASE refuse to run in a transaction
+    return conn
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[URL]:
+    configured = os.environ.get("ROLLSCAN_TEST_PG_ADMIN_URL")
+    if configured:
+        yield make_url(configured).set(drivername="postgresql+psycopg2")
+        return
+    for user in dict.fromkeys(["postgres", getpass.getuser()]):
+        local = URL.create(
+            "postgresql+psycopg2", username=user, host="127.0.0.1", port=5432, database="postgres"
+        )
+        if _answers(local):
+            yield local
+            return
+    data_dir = tmp_path_factory.mktemp("embedded-pg")
+    server = start_embedded(data_dir)
+    try:
+        yield make_url(server.url_for("postgres"))
+    finally:
+        stop_embedded(data_dir)
+
+
+@pytest.fixture(scope="session")
+def make_database(pg_admin_url: URL) -> Iterator[Callable[[], str]]:
+    created: list[str] = []
+
+    def make() -> str:
+        name = f"rollscan_test_{secrets.token_hex(4)}"
+        conn = _admin(pg_admin_url)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            conn.close()
+        created.append(name)
+        return pg_admin_url.set(database=name).render_as_string(hide_password=False)
+
+    yield make
+    conn = _admin(pg_admin_url)
+    try:
+        with conn.cursor() as cur:
+            for name in created:
+                # a leaked connection (a pool not disposed) would block DROP DATABASE
+                cur.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = %s AND pid <> pg_backend_pid()",
+                    (name,),
+                )
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_url(make_database: Callable[[], str]) -> str:
+    return make_database()
+
+
+@pytest.fixture(scope="session")
+def migrated_url(pg_url: str) -> str:
+    upgrade(pg_url, "head")
+    return pg_url
+
+
+@pytest.fixture(scope="session")
+def _session_engine(migrated_url: str) -> Iterator[Engine]:
+    engine = make_engine(migrated_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def db_engine(_session_engine: Engine) -> Iterator[Engine]:
+    yield _session_engine
+    tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+    with _session_engine.begin() as conn:
+        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+@pytest.fixture
+def db_session(db_engine: Engine) -> Iterator[Session]:
+    session = Session(db_engine)
+    try:
+        yield session
+    finally:
+        session.rollback()
+        session.close()

@@ -95,7 +95,7 @@ def _names(folder: Path) -> list[str]:
 
 def test_counts_split_and_margins(fake_aitex, tmp_path):
     dst = tmp_path / "mvtec"
-    counts, _ = _import(fake_aitex, dst)
+    counts, _ = _import(fake_aitex, dst, defect_strip_good=True)
     assert counts == {
         "fabric00": {"train_good": 6, "test_good": 7, "test_defect": 4, "skipped": 5},
         "fabric01": {"train_good": 6, "test_good": 0, "test_defect": 0, "skipped": 2},
@@ -116,6 +116,14 @@ def test_counts_split_and_margins(fake_aitex, tmp_path):
         f"000{k}_000_01_x{c:02d}.png" for k in (1, 3) for c in (0, 1, 2)
     ]
     assert not (dst / "fabric01" / "test").exists()
+
+
+def test_defect_strips_give_only_defect_tiles_by_default(fake_aitex, tmp_path):
+    counts, _ = _import(fake_aitex, tmp_path / "mvtec")
+    assert counts["fabric00"] == {"train_good": 6, "test_good": 4, "test_defect": 4, "skipped": 5}
+    assert all(
+        n.startswith(("0004_", "0005_")) for n in _names(tmp_path / "mvtec/fabric00/test/good")
+    )
 
 
 def test_tiles_are_grey_crops_of_the_strip(fake_aitex, tmp_path):
@@ -216,7 +224,9 @@ def test_bad_arguments(tmp_path):
 def test_real_aitex_one_fabric(tmp_path):
     if not (REAL_AITEX / "README.md").is_file():
         pytest.skip(f"real AITEX data not found at {REAL_AITEX.resolve()}")
-    counts, messages = _import(REAL_AITEX, tmp_path, n_train_strips=15, fabrics=["01"])
+    counts, messages = _import(
+        REAL_AITEX, tmp_path, n_train_strips=15, fabrics=["01"], defect_strip_good=True
+    )
     # 20 defect-free strips of 14 non-margin tiles (15 train, 5 test) plus a stray copy
     # named 0018_00_01.png; 11 defect strips add 28 defect and 162 good tiles.
     assert counts == {

@@ -226,6 +226,7 @@ def import_aitex(
     progress: bool = True,
     fabrics: Iterable[str] | None = None,
     overwrite: bool = False,
+    defect_strip_good: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Convert AITEX strips under `src` into MVTec AD categories `dst/fabricFF`.
 
@@ -233,7 +234,11 @@ def import_aitex(
     dropped).  Per roll folder, in name order, the first `n_train_strips` defect-free
     strips of each fabric go to train/good and the rest to test/good.  Tiles of a defect
     strip with any mask pixel (union of its masks, binarised at > 127) go to
-    test/<defect name> with their mask; its other tiles go to test/good.  Margin tiles
+    test/<defect name> with their mask; its other tiles go to test/good only with
+    `defect_strip_good` — by default they are left out, because a mask marks the annotated
+    defect, not everything else as good: defect strips also hold off-fabric areas that are
+    neither white margin nor fabric (e.g. the machine bed beside the cut selvage of
+    0062_022_00), which would count as false alarms on "good" tiles.  Margin tiles
     (see module docstring) are dropped from train/good and test/good only.
 
     Unreadable strips, unreadable masks, defect strips without a usable (non-empty)
@@ -310,7 +315,7 @@ def import_aitex(
                 tile_mask = mask[rows, cols].astype(np.uint8) * 255
                 _save_png(tile_mask, category / "ground_truth" / defect / f"{name}_mask.png")
                 c["test_defect"] += 1
-            elif not is_margin_tile(piece):
+            elif (mask is None or defect_strip_good) and not is_margin_tile(piece):
                 _save_png(piece, category / strip.split / "good" / f"{name}.png")
                 c[f"{strip.split}_good"] += 1
     return counts

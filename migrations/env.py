@@ -1,0 +1,64 @@
+"""Alembic environment. The configuration is built in code by `storage.database`
+(`alembic_config(url)`), which passes the URL in ``config.attributes["url"]``; an
+existing connection may be passed in ``config.attributes["connection"]`` instead."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.pool import NullPool
+
+from storage.schema import Base
+
+config = context.config
+target_metadata = Base.metadata
+
+# Any fixed number: two processes running `upgrade` at once (two workers starting,
+# a deploy and a CLI) take turns instead of both applying the same revision.
+MIGRATION_LOCK_ID = 0x726F6C6C7363616E & 0x7FFFFFFFFFFFFFFF  # "rollscan"
+
+
+def _url() -> object:
+    url = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
+    if not url:
+        raise RuntimeError("no database URL: build the config with storage.database.alembic_config")
+    return url
+
+
+def _configure(connection: Connection) -> None:
+    context.configure(
+        connection=connection,
+        target_metadata=target_metadata,
+        compare_type=True,
+        compare_server_default=True,
+    )
+    with context.begin_transaction():
+        # transaction-scoped: released at commit; taken before Alembic reads the version
+        connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+        context.run_migrations()
+
+
+def run_migrations_offline() -> None:
+    context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True)
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    connection = config.attributes.get("connection")
+    if connection is not None:
+        _configure(connection)
+        return
+    engine = create_engine(_url(), poolclass=NullPool)  # type: ignore[call-overload]
+    try:
+        with engine.connect() as conn:
+            _configure(conn)
+    finally:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Start the local services the integration tests use, each only if it is not answering:
+# PostgreSQL on 5432, Redis on 6379, RabbitMQ on 5672. Idempotent; CI runs it before the tests.
+set -u
+
+wait_for() {  # wait_for NAME SECONDS COMMAND...
+  local name=$1 seconds=$2; shift 2
+  for _ in $(seq "$seconds"); do
+    if "$@" >/dev/null 2>&1; then echo "services: $name is up"; return 0; fi
+    sleep 1
+  done
+  echo "services: $name did not come up within ${seconds}s" >&2
+  return 1
+}
+
+if command -v pg_isready >/dev/null; then
+  if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+    pg_ctlcluster --skip-systemctl-redirect "$(ls /etc/postgresql | head -1)" main start || true
+    wait_for postgresql 30 pg_isready -q -h 127.0.0.1 -p 5432
+  fi
+else
+  echo "services: no PostgreSQL client here; the tests use the embedded server" >&2
+fi
+
+if command -v redis-server >/dev/null; then
+  if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+    redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+    wait_for redis 15 redis-cli -h 127.0.0.1 -p 6379 ping
+  fi
+fi
+
+if command -v rabbitmq-server >/dev/null; then
+  if ! timeout 20 rabbitmq-diagnostics -q ping >/dev/null 2>&1; then
+    rabbitmq-server -detached
+    wait_for rabbitmq 60 timeout 10 rabbitmq-diagnostics -q ping
+  fi
+fi
+exit 0

@@ -1,0 +1,93 @@
+"""`rollscan db …`: schema migrations and the connection URL.
+
+The main command line (`scheduler.cli`) calls `add_db_commands(subparsers)` and, for
+``args.command == "db"``, returns ``args.db_handler(args)``. Handlers return 0 and raise
+ValueError with a readable message on failure; a message never carries the password.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from alembic.util.exc import CommandError
+from sqlalchemy.exc import OperationalError
+
+from storage import database
+from storage.settings import Settings, get_settings
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    # the main CLI may have built settings already (e.g. from --config)
+    settings = getattr(args, "settings", None)
+    return settings if isinstance(settings, Settings) else get_settings()
+
+
+def _call(url: str, action: str, func: Any, *call_args: Any) -> Any:
+    try:
+        return func(url, *call_args)
+    except CommandError as exc:
+        raise ValueError(f"db {action}: {exc}") from None
+    except OperationalError as exc:
+        # the psycopg2 message names host and port, never the password
+        reason = str(exc.orig).strip() if exc.orig is not None else str(exc)
+        raise ValueError(f"db {action}: cannot reach {database.mask_url(url)}: {reason}") from None
+
+
+def _upgrade(args: argparse.Namespace) -> int:
+    url = database.database_url(_settings(args))
+    _call(url, "upgrade", database.upgrade, args.revision)
+    print(f"database at revision {_call(url, 'upgrade', database.current_revision)}")
+    return 0
+
+
+def _downgrade(args: argparse.Namespace) -> int:
+    url = database.database_url(_settings(args))
+    _call(url, "downgrade", database.downgrade, args.revision)
+    print(f"database at revision {_call(url, 'downgrade', database.current_revision) or 'base'}")
+    return 0
+
+
+def _current(args: argparse.Namespace) -> int:
+    url = database.database_url(_settings(args))
+    revision = _call(url, "current", database.current_revision)
+    head = database.head_revision()
+    if revision is None:
+        print(f"none (empty database; head is {head}: run `rollscan db upgrade`)")
+    elif revision == head:
+        print(f"{revision} (head)")
+    else:
+        print(f"{revision} (head is {head}: run `rollscan db upgrade`)")
+    return 0
+
+
+def _url(args: argparse.Namespace) -> int:
+    print(database.mask_url(database.database_url(_settings(args))))
+    return 0
+
+
+def add_db_commands(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `db upgrade | downgrade | current | url` to the main parser's subparsers."""
+    db = subparsers.add_parser(
+        "db",
+        help="database schema migrations and connection",
+        description="Manage the PostgreSQL schema (ROLLSCAN_DATABASE_URL, else the embedded server).",
+    )
+    commands = db.add_subparsers(dest="db_command", metavar="COMMAND", required=True)
+
+    up = commands.add_parser("upgrade", help="apply migrations up to a revision")
+    up.add_argument("--revision", default="head", help="target revision (default: head)")
+    up.set_defaults(db_handler=_upgrade)
+
+    down = commands.add_parser(
+        "downgrade", help="revert migrations down to REVISION ('base' drops every table)"
+    )
+    down.add_argument("revision", metavar="REVISION", help="target revision, e.g. 0001, -1 or base")
+    down.set_defaults(db_handler=_downgrade)
+
+    current = commands.add_parser("current", help="print the database's revision")
+    current.set_defaults(db_handler=_current)
+
+    url = commands.add_parser("url", help="print the database URL, password masked")
+    url.set_defaults(db_handler=_url)
+    return db

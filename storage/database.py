@@ -1,0 +1,215 @@
+"""Connections, sessions, migrations and error classification for PostgreSQL.
+
+`database_url(settings)` is the one place that decides which server: the configured
+``ROLLSCAN_DATABASE_URL``, else the embedded server of ``settings.data_dir`` (started on
+demand, see `storage.embedded_pg`). Alembic runs from code: the `Config` is built here
+with ``script_location`` = the installed `migrations` package, so no alembic.ini is needed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import psycopg2
+import psycopg2.errorcodes as pgcodes
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import URL, Engine, create_engine, make_url
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session
+from sqlalchemy.pool import NullPool
+
+from storage.embedded_pg import EmbeddedServer, start_embedded, stop_embedded
+from storage.settings import Settings, get_settings
+
+__all__ = [
+    "EmbeddedServer",
+    "alembic_config",
+    "current_revision",
+    "database_url",
+    "downgrade",
+    "head_revision",
+    "is_transient_db_error",
+    "make_engine",
+    "mask_url",
+    "session_scope",
+    "start_embedded",
+    "stop_embedded",
+    "upgrade",
+]
+
+DRIVER = "postgresql+psycopg2"
+
+
+def database_url(settings: Settings | None = None) -> str:
+    """The SQLAlchemy URL to use, password included: reveal it only at the point of use."""
+    settings = settings if settings is not None else get_settings()
+    if settings.database_url is not None:
+        return settings.database_url.get_secret_value()
+    return start_embedded(settings).url
+
+
+def _normalise(url: str | URL) -> URL:
+    """The URL on the psycopg2 driver; `postgres://` and `postgresql://` are accepted,
+    other backends and drivers refused (without loading them)."""
+    parsed = make_url(url)
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend not in ("postgresql", "postgres"):
+        raise ValueError(f"rollscan needs PostgreSQL, not {backend!r}")
+    if driver not in ("", "psycopg2"):
+        raise ValueError(f"rollscan uses the psycopg2 driver, not {driver!r}: write {DRIVER}://…")
+    return parsed.set(drivername=DRIVER)
+
+
+def mask_url(url: str | URL) -> str:
+    """The URL with its password replaced by ***, for display and logs."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def make_engine(settings_or_url: Settings | str | URL | None = None, **kwargs: object) -> Engine:
+    """An engine on the psycopg2 driver. `pool_pre_ping` because the server may restart
+    under a long-lived worker; extra keyword arguments go to `create_engine`."""
+    if settings_or_url is None or isinstance(settings_or_url, Settings):
+        url: str | URL = database_url(settings_or_url)
+    else:
+        url = settings_or_url
+    kwargs.setdefault("pool_pre_ping", True)
+    return create_engine(_normalise(url), **kwargs)  # type: ignore[arg-type]
+
+
+@contextmanager
+def session_scope(engine: Engine) -> Iterator[Session]:
+    """A session that commits when the block ends and rolls back when it raises."""
+    session = Session(engine)
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+# ----------------------------------------------------------------------------- alembic
+
+
+def _migrations_dir() -> Path:
+    spec = importlib.util.find_spec("migrations")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("the `migrations` package is not installed alongside `storage`")
+    return Path(spec.origin).resolve().parent
+
+
+def alembic_config(url: str | URL) -> Config:
+    """Alembic configuration built in code. The URL travels in `attributes`, not in the
+    ini options, where configparser would choke on the '%' of an escaped password."""
+    cfg = Config()
+    cfg.set_main_option("script_location", str(_migrations_dir()))
+    cfg.attributes["url"] = _normalise(url)
+    return cfg
+
+
+def upgrade(url: str | URL, revision: str = "head") -> None:
+    command.upgrade(alembic_config(url), revision)
+
+
+def downgrade(url: str | URL, revision: str) -> None:
+    command.downgrade(alembic_config(url), revision)
+
+
+def current_revision(url: str | URL) -> str | None:
+    """The database's revision; None for an empty (never migrated) database."""
+    engine = create_engine(_normalise(url), poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
+
+
+def head_revision() -> str | None:
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory.from_config(alembic_config(f"{DRIVER}://")).get_current_head()
+
+
+# ----------------------------------------------------------------------------- errors
+
+# Worth retrying: the server is away, restarting or overloaded, or the transaction lost
+# a race. Everything else (constraint violations, syntax, permissions) fails the same
+# way the second time.
+TRANSIENT_PGCODES = frozenset(
+    {
+        pgcodes.CONNECTION_EXCEPTION,  # 08000
+        pgcodes.CONNECTION_DOES_NOT_EXIST,  # 08003
+        pgcodes.CONNECTION_FAILURE,  # 08006
+        pgcodes.SQLCLIENT_UNABLE_TO_ESTABLISH_SQLCONNECTION,  # 08001
+        pgcodes.SQLSERVER_REJECTED_ESTABLISHMENT_OF_SQLCONNECTION,  # 08004
+        pgcodes.ADMIN_SHUTDOWN,  # 57P01 (restart, pg_terminate_backend)
+        pgcodes.CRASH_SHUTDOWN,  # 57P02
+        pgcodes.CANNOT_CONNECT_NOW,  # 57P03 (starting up, recovery)
+        pgcodes.TOO_MANY_CONNECTIONS,  # 53300
+        pgcodes.SERIALIZATION_FAILURE,  # 40001
+        pgcodes.DEADLOCK_DETECTED,  # 40P01
+        pgcodes.LOCK_NOT_AVAILABLE,  # 55P03
+    }
+)
+
+# libpq reports connection trouble without a SQLSTATE; recognise it by its words.
+TRANSIENT_MESSAGES = (
+    "connection refused",
+    "could not connect to server",
+    "server closed the connection unexpectedly",
+    "terminating connection",
+    "the database system is starting up",
+    "the database system is shutting down",
+    "the database system is in recovery mode",
+    "the database system is not yet accepting connections",
+    "connection timed out",
+    "timeout expired",
+    "connection already closed",
+    "ssl connection has been closed unexpectedly",
+    "could not receive data from server",
+    "could not send data to server",
+    "no connection to the server",
+    "temporary failure in name resolution",
+)
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        item = todo.pop()
+        if item is None or id(item) in seen:
+            continue
+        seen.add(id(item))
+        yield item
+        todo += [getattr(item, "orig", None), item.__cause__, item.__context__]
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """True for database errors a retry may cure: connection lost or refused, server
+    restarting, serialization failure or deadlock. Looks through SQLAlchemy wrappers and
+    exception chains (a task may wrap the error in its own)."""
+    for item in _causes(exc):
+        if isinstance(item, sa_exc.DBAPIError) and item.connection_invalidated:
+            return True
+        if isinstance(item, sa_exc.DisconnectionError):
+            return True
+        if isinstance(item, psycopg2.Error):
+            code = getattr(item, "pgcode", None)
+            if code in TRANSIENT_PGCODES:
+                return True
+            if code is None and isinstance(
+                item, psycopg2.OperationalError | psycopg2.InterfaceError
+            ):
+                message = str(item).lower()
+                if any(words in message for words in TRANSIENT_MESSAGES):
+                    return True
+    return False

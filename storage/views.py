@@ -1,0 +1,76 @@
+"""SQL views for people who query defects in SQL, shared by the migrations and the tests.
+
+These strings are part of revision 0001: once released, do not edit them in place.
+A changed view is a new constant (``CURRENT_DEFECTS_V2``…) created by a new revision,
+whose downgrade re-creates the old one; otherwise an old database upgraded today and a
+new database created today would hold different views under the same revision.
+
+Each roll's current run is the one with ``runs.is_current`` (at most one per roll, by a
+partial unique index). A reprocess run becomes current only when it has finished, so the
+views never show a half-scored roll next to a finished one.
+"""
+
+from __future__ import annotations
+
+CURRENT_RUNS = """
+CREATE VIEW current_runs AS
+SELECT r.roll_id,
+       r.id AS run_id,
+       r.model_version,
+       r.status,
+       r.bands_done,
+       r.bands_total,
+       r.finished_at
+FROM runs r
+WHERE r.is_current
+"""
+
+CURRENT_DEFECTS = """
+CREATE VIEW current_defects AS
+SELECT d.roll_id,
+       ro.fabric_type,
+       d.defect_no,
+       d.x_mm, d.y_mm,
+       d.x0_mm, d.y0_mm, d.x1_mm, d.y1_mm,
+       d.length_mm, d.width_mm, d.area_mm2,
+       d.max_score, d.mean_score,
+       d.points,
+       r.model_version,
+       d.run_id
+FROM defects d
+JOIN runs r ON r.id = d.run_id AND r.is_current
+JOIN rolls ro ON ro.id = d.roll_id
+"""
+
+# Every roll appears (grade NULL until graded, or without a current run), once per
+# grading system; `system` is there so that a second system does not look like a
+# duplicate row.
+ROLL_GRADES = """
+CREATE VIEW roll_grades AS
+SELECT ro.id AS roll_id,
+       ro.fabric_type,
+       ro.length_m,
+       ro.status,
+       g.system,
+       g.grade,
+       g.points,
+       g.points_per_100yd2,
+       g.graded_at,
+       r.model_version
+FROM rolls ro
+LEFT JOIN runs r ON r.roll_id = ro.id AND r.is_current
+LEFT JOIN grades g ON g.run_id = r.id AND g.roll_id = ro.id
+"""
+
+# creation order; drop in reverse
+VIEWS: dict[str, str] = {
+    "current_runs": CURRENT_RUNS,
+    "current_defects": CURRENT_DEFECTS,
+    "roll_grades": ROLL_GRADES,
+}
+
+
+def drop_view_sql(name: str) -> str:
+    if name not in VIEWS:
+        raise ValueError(f"unknown view {name!r}")
+    return f"DROP VIEW IF EXISTS {name}"

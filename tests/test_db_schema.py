@@ -1,0 +1,420 @@
+"""The schema on a real PostgreSQL: migrations, drift, views, constraints, error classes, CLI."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import psycopg2
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import CheckConstraint, Engine, create_engine, func, inspect, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.orm import Session
+
+from storage import database
+from storage.cli_db import add_db_commands
+from storage.schema import Base, Defect, Frame, Grade, Model, Roll, Run
+from storage.views import VIEWS
+
+UNIQUE, FOREIGN_KEY, CHECK = "23505", "23503", "23514"
+
+
+def _diff(url: str) -> list:
+    """Alembic's comparison, plus what it leaves out: CHECK constraints (by name) and the
+    predicates of partial indexes, on which one-active-model and one-current-run rest."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            ctx = MigrationContext.configure(
+                conn, opts={"compare_type": True, "compare_server_default": True}
+            )
+            diff: list = list(compare_metadata(ctx, Base.metadata))
+            found = inspect(conn)
+            for table in Base.metadata.sorted_tables:
+                checks = {c.name for c in table.constraints if isinstance(c, CheckConstraint)}
+                in_db = {c["name"] for c in found.get_check_constraints(table.name)}
+                if checks != in_db:
+                    diff.append(("checks", table.name, sorted(checks ^ in_db)))
+                wheres = {
+                    i.name: _predicate(i.dialect_options["postgresql"]["where"])
+                    for i in table.indexes
+                }
+                in_db_wheres = {
+                    i["name"]: _predicate(i.get("dialect_options", {}).get("postgresql_where"))
+                    for i in found.get_indexes(table.name)
+                    if "duplicates_constraint" not in i  # backs a UNIQUE constraint
+                }
+                if wheres != in_db_wheres:
+                    diff.append(("index predicates", table.name, wheres, in_db_wheres))
+            return diff
+    finally:
+        engine.dispose()
+
+
+def _predicate(where: object) -> str | None:
+    return None if where is None else str(where).replace("(", "").replace(")", "").strip()
+
+
+def _relations(url: str) -> dict[str, str]:
+    """Every table, view, sequence and composite type in schema public: name -> relkind."""
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT c.relname, c.relkind FROM pg_class c "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'v', 'S', 'c')"
+                )
+            )
+            return dict(rows.all())
+    finally:
+        engine.dispose()
+
+
+def test_upgrade_downgrade_upgrade_round_trip(make_database: Callable[[], str]) -> None:
+    url = make_database()
+    head = database.head_revision()
+    assert head == "0001"
+    assert database.current_revision(url) is None
+
+    database.upgrade(url)
+    assert database.current_revision(url) == head
+    made = _relations(url)
+    assert {t.name for t in Base.metadata.sorted_tables} | set(VIEWS) | {"alembic_version"} <= set(
+        made
+    )
+    assert all(made[name] == "v" for name in VIEWS)
+
+    database.downgrade(url, "base")
+    assert database.current_revision(url) is None
+    # only Alembic's bookkeeping remains: no table, view, identity sequence or type
+    assert set(_relations(url)) == {"alembic_version"}
+
+    database.upgrade(url)
+    assert database.current_revision(url) == head
+    assert _diff(url) == []
+
+
+def test_schema_matches_models(migrated_url: str) -> None:
+    assert _diff(migrated_url) == []
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _roll(session: Session, roll_id: str = "R1", fabric: str = "denim") -> Roll:
+    roll = Roll(id=roll_id, fabric_type=fabric, width_mm=1600.0, px_per_mm_x=4.0, px_per_mm_y=4.0)
+    session.add(roll)
+    session.flush()
+    return roll
+
+
+def _model(
+    session: Session, version: str, fabric: str | None, *, active: bool = False, n: int = 0
+) -> Model:
+    model = Model(
+        version=version,
+        fabric_type=fabric,
+        variant="dg" if fabric is None else "residual",
+        teacher="resnet34",
+        tile=256,
+        checkpoint_uri=f"file:///models/{version}.pt",
+        sha256=f"{n:064x}",
+        threshold=0.5,
+        active=active,
+    )
+    session.add(model)
+    session.flush()
+    return model
+
+
+def _run(
+    session: Session, roll_id: str, version: str, *, current: bool, purpose: str = "live"
+) -> Run:
+    run = Run(
+        roll_id=roll_id, model_version=version, purpose=purpose, status="done", is_current=current
+    )
+    session.add(run)
+    session.flush()
+    return run
+
+
+def _defect(run: Run, no: int, y_mm: float) -> Defect:
+    return Defect(
+        run_id=run.id, roll_id=run.roll_id, defect_no=no, x_mm=100.0, y_mm=y_mm,
+        x0_mm=95.0, y0_mm=y_mm - 5, x1_mm=105.0, y1_mm=y_mm + 5, length_mm=10.0,
+        width_mm=10.0, area_mm2=60.0, max_score=0.9, mean_score=0.7, points=1,
+    )  # fmt: skip
+
+
+def _grade(run: Run, grade: str, points: int) -> Grade:
+    return Grade(
+        roll_id=run.roll_id, run_id=run.id, system="astm_d5430", points=points,
+        points_per_100yd2=points * 1.5, grade=grade, yards=100.0, width_in=63.0,
+    )  # fmt: skip
+
+
+def test_views_show_the_current_run_only(db_session: Session) -> None:
+    s = db_session
+    _roll(s, "R1", "denim")
+    _roll(s, "R2", "twill")  # no run yet
+    _model(s, "generic-1", None, n=1)
+    _model(s, "denim-2", "denim", active=True, n=2)
+    old = _run(s, "R1", "generic-1", current=False)
+    new = _run(s, "R1", "denim-2", current=True, purpose="reprocess")
+    s.add_all([_defect(old, i, 1000.0 * i) for i in (1, 2, 3)])
+    s.add_all([_defect(new, i, 500.0 * i) for i in (1, 2)])
+    s.add_all([_grade(old, "B", 30), _grade(new, "A", 10)])
+    s.commit()
+
+    runs = s.execute(text("SELECT roll_id, run_id, model_version FROM current_runs")).all()
+    assert runs == [("R1", new.id, "denim-2")]
+
+    defects = s.execute(
+        text(
+            "SELECT roll_id, fabric_type, defect_no, y_mm, model_version, run_id "
+            "FROM current_defects ORDER BY defect_no"
+        )
+    ).all()
+    assert defects == [
+        ("R1", "denim", 1, 500.0, "denim-2", new.id),
+        ("R1", "denim", 2, 1000.0, "denim-2", new.id),
+    ]
+
+    grades = s.execute(
+        text(
+            "SELECT roll_id, fabric_type, grade, points, model_version FROM roll_grades ORDER BY roll_id"
+        )
+    ).all()
+    assert grades == [("R1", "denim", "A", 10, "denim-2"), ("R2", "twill", None, None, None)]
+
+    # switching the current run switches every view; the old run's rows come back
+    s.execute(text("UPDATE runs SET is_current = false WHERE id = :id"), {"id": new.id})
+    s.execute(text("UPDATE runs SET is_current = true WHERE id = :id"), {"id": old.id})
+    assert (
+        s.scalar(text("SELECT count(*) FROM current_defects WHERE run_id = :id"), {"id": old.id})
+        == 3
+    )
+    assert s.scalar(text("SELECT grade FROM roll_grades WHERE roll_id = 'R1'")) == "B"
+
+
+# ----------------------------------------------------------------------------- constraints
+
+
+def _violates(session: Session, code: str, statement: object, params: dict | None = None) -> None:
+    with pytest.raises(IntegrityError) as caught, session.begin_nested():
+        session.execute(statement, params or {})  # type: ignore[call-overload]
+    assert caught.value.orig.pgcode == code, caught.value.orig
+
+
+def test_defect_numbers_are_unique_per_run(db_session: Session) -> None:
+    s = db_session
+    _roll(s)
+    _model(s, "m1", "denim", n=1)
+    run = _run(s, "R1", "m1", current=True)
+    s.add(_defect(run, 1, 10.0))
+    s.flush()
+    row = {
+        c.name: getattr(_defect(run, 1, 20.0), c.name) for c in Defect.__table__.c if c.name != "id"
+    }
+    _violates(s, UNIQUE, insert(Defect).values(**row))
+    # idempotent re-finalize: the same defect numbers again change nothing
+    again = s.execute(
+        insert(Defect).values(**row).on_conflict_do_nothing(index_elements=["run_id", "defect_no"])
+    )
+    assert again.rowcount == 0
+
+
+def test_defect_roll_must_be_its_runs_roll(db_session: Session) -> None:
+    s = db_session
+    _roll(s, "R1")
+    _roll(s, "R2")
+    _model(s, "m1", "denim", n=1)
+    run = _run(s, "R1", "m1", current=True)
+    row = {
+        c.name: getattr(_defect(run, 1, 20.0), c.name) for c in Defect.__table__.c if c.name != "id"
+    }
+    _violates(s, FOREIGN_KEY, insert(Defect).values(**{**row, "roll_id": "R2"}))
+
+
+def test_frame_upsert_is_idempotent(db_session: Session) -> None:
+    s = db_session
+    _roll(s)
+    frame = {
+        "roll_id": "R1",
+        "seq": 0,
+        "key": "incoming/R1/frames/000000.tif",
+        "etag": "e1",
+        "row_start": 0,
+        "rows": 512,
+    }
+    once = insert(Frame).values(**frame).on_conflict_do_nothing(index_elements=["roll_id", "seq"])
+    assert s.execute(once).rowcount == 1
+    assert s.execute(once).rowcount == 0
+    assert s.scalar(select(func.count()).select_from(Frame)) == 1
+    _violates(s, UNIQUE, insert(Frame).values(**frame))  # the key, not luck, makes it a no-op
+
+    # re-ingest only when the ETag changed
+    def upsert(etag: str) -> int:
+        stmt = insert(Frame).values(**{**frame, "etag": etag})
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["roll_id", "seq"],
+            set_={"etag": stmt.excluded.etag, "ingested_at": func.now()},
+            where=Frame.etag.is_distinct_from(stmt.excluded.etag),
+        )
+        return s.execute(stmt).rowcount
+
+    assert upsert("e1") == 0
+    assert upsert("e2") == 1
+    assert s.scalar(select(Frame.etag)) == "e2"
+
+
+def test_one_active_model_per_fabric_and_one_generic(db_session: Session) -> None:
+    s = db_session
+    _model(s, "denim-1", "denim", active=True, n=1)
+    _model(s, "twill-1", "twill", active=True, n=2)
+    _model(s, "generic-1", None, active=True, n=3)
+    _model(s, "denim-0", "denim", active=False, n=4)  # inactive ones are not limited
+    _model(s, "generic-0", None, active=False, n=5)
+    s.flush()
+    _violates(s, UNIQUE, text("UPDATE models SET active = true WHERE version = 'denim-0'"))
+    _violates(s, UNIQUE, text("UPDATE models SET active = true WHERE version = 'generic-0'"))
+    _violates(s, CHECK, text("UPDATE models SET fabric_type = '' WHERE version = 'generic-0'"))
+    _violates(
+        s,
+        UNIQUE,
+        text("UPDATE models SET sha256 = :h WHERE version = 'denim-0'"),
+        {"h": f"{1:064x}"},
+    )
+
+
+def test_one_current_run_per_roll(db_session: Session) -> None:
+    s = db_session
+    _roll(s, "R1")
+    _roll(s, "R2")
+    _model(s, "m1", "denim", n=1)
+    _model(s, "m2", "denim", n=2)
+    _run(s, "R1", "m1", current=True)
+    _run(s, "R2", "m1", current=True)  # another roll: fine
+    _run(s, "R1", "m2", current=False)
+    s.flush()
+    _violates(
+        s,
+        UNIQUE,
+        text("UPDATE runs SET is_current = true WHERE roll_id = 'R1' AND model_version = 'm2'"),
+    )
+    _violates(
+        s,
+        UNIQUE,
+        text("INSERT INTO runs (roll_id, model_version, purpose) VALUES ('R1', 'm1', 'reprocess')"),
+    )
+    _violates(
+        s, CHECK, text("UPDATE runs SET bands_total = 3, bands_done = 4 WHERE roll_id = 'R2'")
+    )
+
+
+def test_hostile_roll_id_is_refused_by_the_check(db_session: Session) -> None:
+    s = db_session
+    insert_roll = text(
+        "INSERT INTO rolls (id, fabric_type, width_mm, px_per_mm_x, px_per_mm_y) "
+        "VALUES (:id, 'denim', 1600, 4, 4)"
+    )
+    for bad in ["'; DROP TABLE rolls; --", "../etc", ".hidden", "a/b", "", "x" * 129]:
+        _violates(s, CHECK, insert_roll, {"id": bad})
+    for good in ["R1", "2024-05-01_loom7.roll-3", "x" * 128]:
+        s.execute(insert_roll, {"id": good})
+    assert s.scalar(text("SELECT to_regclass('rolls') IS NOT NULL"))
+    assert s.scalar(text("SELECT count(*) FROM rolls")) == 3
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_transient_errors_are_recognised(db_engine: Engine) -> None:
+    refused = database.make_engine(
+        "postgresql+psycopg2://postgres@127.0.0.1:1/x", connect_args={"connect_timeout": 2}
+    )
+    with pytest.raises(OperationalError) as caught:
+        refused.connect()
+    assert database.is_transient_db_error(caught.value)
+    assert database.is_transient_db_error(RuntimeError("task failed")) is False
+    try:
+        raise RuntimeError("band 3 failed") from caught.value
+    except RuntimeError as wrapped:
+        assert database.is_transient_db_error(wrapped)
+
+    # a server-side termination (what a restart does to open sessions)
+    url = db_engine.url
+    victim = psycopg2.connect(
+        host=url.host, port=url.port, user=url.username, password=url.password, dbname=url.database
+    )
+    try:
+        with victim.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            pid = cur.fetchone()[0]
+        with db_engine.begin() as conn:
+            assert conn.scalar(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+        with pytest.raises(psycopg2.OperationalError) as terminated, victim.cursor() as cur:
+            cur.execute("SELECT 1")
+        assert database.is_transient_db_error(terminated.value)
+    finally:
+        victim.close()
+
+    with db_engine.connect() as conn:
+        with pytest.raises(ProgrammingError) as bad_sql:
+            conn.execute(text("SELEC 1"))
+        assert not database.is_transient_db_error(bad_sql.value)
+        conn.rollback()
+        with pytest.raises(IntegrityError) as bad_row:
+            conn.execute(text("INSERT INTO rolls (id) VALUES ('R1')"))
+        assert not database.is_transient_db_error(bad_row.value)
+
+
+# ----------------------------------------------------------------------------- cli
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="rollscan")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_db_commands(sub)
+    args = parser.parse_args(list(argv))
+    assert args.command == "db"
+    return args.db_handler(args)
+
+
+def test_cli_db_commands(
+    make_database: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = make_database()
+    monkeypatch.delenv("ROLLSCAN_CONFIG", raising=False)
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", url)
+    assert _cli("db", "current") == 0
+    assert "none" in capsys.readouterr().out
+    assert _cli("db", "upgrade") == 0
+    assert _cli("db", "current") == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "0001 (head)"
+    with pytest.raises(ValueError, match="db downgrade"):
+        _cli("db", "downgrade", "no-such-revision")
+    assert _cli("db", "downgrade", "base") == 0
+    assert database.current_revision(url) is None
+    engine = create_engine(url)
+    try:
+        assert inspect(engine).get_table_names() == ["alembic_version"]
+    finally:
+        engine.dispose()
+
+    monkeypatch.setenv(
+        "ROLLSCAN_DATABASE_URL", "postgresql://scanner:s3cret-pw@127.0.0.1:1/rollscan"
+    )
+    assert _cli("db", "url") == 0
+    out = capsys.readouterr().out
+    assert "s3cret-pw" not in out and "scanner:***@127.0.0.1:1" in out
+    with pytest.raises(ValueError, match=r"cannot reach .*\*\*\*") as caught:
+        _cli("db", "current")
+    assert "s3cret-pw" not in str(caught.value)
