@@ -29,9 +29,15 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="ROLLSCAN_", extra="forbid", frozen=True)
 
     # services; None = the embedded default on this machine
-    database_url: SecretStr | None = Field(None, description="SQLAlchemy URL (postgresql+psycopg2://…)")
-    broker_url: SecretStr | None = Field(None, description="Celery broker; None runs tasks in-process")
-    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint URL; None = local dir")
+    database_url: SecretStr | None = Field(
+        None, description="SQLAlchemy URL (postgresql+psycopg2://…)"
+    )
+    broker_url: SecretStr | None = Field(
+        None, description="Celery broker; None runs tasks in-process"
+    )
+    s3_endpoint: str | None = Field(
+        None, description="S3-compatible endpoint URL; None = local dir"
+    )
     s3_region: str = "us-east-1"
     s3_bucket: str = "rollscan"
     s3_access_key_id: str | None = None
@@ -49,7 +55,9 @@ class Settings(BaseSettings):
     @classmethod
     def _band_is_whole_chunks(cls, value: int) -> int:
         if value % 256:
-            raise ValueError(f"band_height must be a multiple of 256 (zarr chunk rows), not {value}")
+            raise ValueError(
+                f"band_height must be a multiple of 256 (zarr chunk rows), not {value}"
+            )
         return value
 
     @model_validator(mode="after")
