@@ -10,6 +10,7 @@ from pathlib import Path
 
 from distill.teacher import DEFAULT_TEACHER, TEACHERS
 from distill.torch_model import VARIANTS
+from scheduler.cli_models import add_models_commands
 from storage.cli_db import add_db_commands
 
 
@@ -79,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_train, _add_evaluate, _add_datasets, _add_demo):
         add(sub)
     add_db_commands(sub)
+    add_models_commands(sub)
     return parser
 
 
@@ -157,6 +159,7 @@ COMMANDS = {
     "datasets": _datasets,
     "demo": _demo,
     "db": lambda args: args.db_handler(args),
+    "models": lambda args: args.models_handler(args),
 }
 
 

@@ -1,0 +1,153 @@
+"""Model registry: checkpoints stored content-addressed (sha256) and recorded in `models`.
+
+One active model per fabric type, plus at most one active generic model (fabric type NULL, a
+DG-variant model) used for fabric types that have none. Loading verifies the sha256 of the bytes
+read back from the store, so a corrupted or swapped object is never scored with.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from distill.checkpoint import CheckpointError, ModelCard, read_checkpoint
+from storage.objectstore import ObjectStore
+from storage.schema import SAFE_NAME_RE, Model
+
+MODELS_PREFIX = "models/sha256"
+
+
+class RegistryError(ValueError):
+    """A registry request that cannot be honoured; nothing was written to the database."""
+
+
+def checkpoint_key(sha256: str) -> str:
+    return f"{MODELS_PREFIX}/{sha256}.pt"
+
+
+def _check_version(version: str) -> str:
+    if not re.fullmatch(SAFE_NAME_RE, version):
+        raise RegistryError(
+            f"model version {version!r} is not allowed: use letters, digits, '.', '_' and '-' "
+            "(starting with a letter or digit, at most 128 characters)"
+        )
+    return version
+
+
+def register_model(
+    session: Session,
+    store: ObjectStore,
+    checkpoint: str | Path,
+    *,
+    fabric_type: str | None,
+    version: str | None = None,
+) -> tuple[Model, bool]:
+    """Upload and record a checkpoint; returns (row, created).
+
+    Registering the same bytes again is a no-op that returns the existing row (created False),
+    provided the fabric type and version asked for agree with it. `fabric_type=None` registers
+    the generic model, which must be a DG-variant checkpoint.
+    """
+    data = Path(checkpoint).read_bytes()
+    try:
+        card: ModelCard = read_checkpoint(data)[0]
+    except CheckpointError as exc:
+        raise RegistryError(f"{checkpoint}: {exc}") from None
+    if card.threshold is None:
+        raise RegistryError(f"{checkpoint} has no calibrated threshold: train it to the end")
+    if fabric_type is None and card.variant != "dg":
+        raise RegistryError(
+            f"the generic model must be a DG-variant model; {checkpoint} is {card.variant!r}"
+        )
+    if fabric_type is not None and not re.fullmatch(SAFE_NAME_RE, fabric_type):
+        raise RegistryError(f"fabric type {fabric_type!r} is not allowed (letters, digits, . _ -)")
+    sha256 = hashlib.sha256(data).hexdigest()
+    requested = version
+    version = _check_version(version or f"{fabric_type or 'generic'}-{sha256[:12]}")
+
+    existing = session.scalar(select(Model).where(Model.sha256 == sha256))
+    if existing is not None:
+        if existing.fabric_type != fabric_type or requested not in (None, existing.version):
+            raise RegistryError(
+                f"this checkpoint is already registered as {existing.version} "
+                f"(fabric {existing.fabric_type or 'generic'})"
+            )
+        return existing, False
+    if session.get(Model, version) is not None:
+        raise RegistryError(f"model version {version} already exists with other weights")
+
+    key = checkpoint_key(sha256)
+    if not store.exists(key):  # content-addressed: an upload left by a failed attempt is reused
+        store.put(key, data)
+    row = {
+        "version": version,
+        "fabric_type": fabric_type,
+        "variant": card.variant,
+        "teacher": card.teacher,
+        "teacher_sha256": card.teacher_sha256,
+        "tile": card.tile,
+        "checkpoint_uri": store.uri(key),
+        "sha256": sha256,
+        "threshold": card.threshold,
+        "metrics": {k: v for k, v in card.metrics.items() if not isinstance(v, list)},
+    }
+    # a concurrent registration of the same bytes loses the race quietly
+    session.execute(insert(Model).values(**row).on_conflict_do_nothing())
+    session.flush()
+    return session.scalar(select(Model).where(Model.sha256 == sha256)), True
+
+
+def list_models(session: Session, fabric_type: str | None = None) -> list[Model]:
+    query = select(Model).order_by(Model.fabric_type.nulls_first(), Model.registered_at)
+    if fabric_type is not None:
+        query = query.where(Model.fabric_type == fabric_type)
+    return list(session.scalars(query))
+
+
+def activate_model(session: Session, version: str) -> Model:
+    """Make `version` the active model of its fabric type (or the active generic model)."""
+    model = session.get(Model, version, with_for_update=True)
+    if model is None:
+        known = ", ".join(m.version for m in list_models(session)[-5:]) or "none registered"
+        raise RegistryError(f"unknown model version {version!r} (recent: {known})")
+    same_slot = (
+        Model.fabric_type.is_(None)
+        if model.fabric_type is None
+        else Model.fabric_type == model.fabric_type
+    )
+    session.execute(
+        update(Model).where(same_slot, Model.active, Model.version != version).values(active=False)
+    )
+    session.flush()  # the partial unique index allows one active per slot at flush time
+    if not model.active:
+        model.active = True
+        model.activated_at = datetime.now(UTC)
+    session.flush()
+    return model
+
+
+def active_model(session: Session, fabric_type: str) -> Model | None:
+    """The fabric type's active model, else the active generic model, else None."""
+    for condition in (Model.fabric_type == fabric_type, Model.fabric_type.is_(None)):
+        model = session.scalar(select(Model).where(condition, Model.active))
+        if model is not None:
+            return model
+    return None
+
+
+def fetch_checkpoint(store: ObjectStore, model: Model) -> bytes:
+    """The checkpoint's bytes, verified against the recorded sha256."""
+    data = store.get(checkpoint_key(model.sha256))
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != model.sha256:
+        raise RegistryError(
+            f"checkpoint of model {model.version} is corrupt: sha256 {actual[:12]}… in the "
+            f"store, {model.sha256[:12]}… registered"
+        )
+    return data

@@ -1,0 +1,139 @@
+"""Model registry on a real PostgreSQL and a real object store (local directory and S3 over HTTP)."""
+
+import pytest
+from sqlalchemy import func, select
+
+from distill.checkpoint import ModelCard, load_model, save_checkpoint
+from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
+from distill.torch_model import ReverseDistillation
+from storage.registry import (
+    RegistryError,
+    activate_model,
+    active_model,
+    checkpoint_key,
+    fetch_checkpoint,
+    list_models,
+    register_model,
+)
+from storage.schema import Model
+
+
+def _checkpoint(path, variant="residual", seed=0, threshold=0.5):
+    teacher = build_teacher("resnet18", "random")
+    import torch
+
+    torch.manual_seed(seed)
+    model = ReverseDistillation(teacher, variant)
+    card = ModelCard(
+        teacher="resnet18",
+        teacher_weights=teacher.weights_source,
+        teacher_sha256=teacher.weights_sha256(),
+        variant=variant,
+        tile=256,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+        threshold=threshold,
+        metrics={"best_val_loss": 0.1, "val_loss": [0.2, 0.1]},
+    )
+    return save_checkpoint(path, model, card)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    return {
+        "a": _checkpoint(root / "a.pt", seed=1),
+        "b": _checkpoint(root / "b.pt", seed=2),
+        "dg": _checkpoint(root / "dg.pt", variant="dg", seed=3),
+        "uncalibrated": _checkpoint(root / "u.pt", seed=4, threshold=None),
+    }
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request):
+    return request.getfixturevalue("local_store" if request.param == "local" else "s3_store")
+
+
+def test_register_is_content_addressed_and_idempotent(db_session, store, checkpoints):
+    model, created = register_model(db_session, store, checkpoints["a"], fabric_type="denim")
+    assert created and model.version == f"denim-{model.sha256[:12]}"
+    assert store.exists(checkpoint_key(model.sha256))
+    assert model.checkpoint_uri.endswith(f"{model.sha256}.pt")
+    assert model.variant == "residual" and model.teacher == "resnet18" and model.threshold == 0.5
+    assert "val_loss" not in model.metrics and model.metrics["best_val_loss"] == 0.1
+    again, created = register_model(db_session, store, checkpoints["a"], fabric_type="denim")
+    assert not created and again.version == model.version
+    assert db_session.scalar(select(func.count()).select_from(Model)) == 1
+    with pytest.raises(RegistryError, match="already registered as"):
+        register_model(db_session, store, checkpoints["a"], fabric_type="twill")
+
+
+def test_loading_verifies_the_sha256(db_session, store, checkpoints):
+    model, _ = register_model(
+        db_session, store, checkpoints["a"], fabric_type="denim", version="v1"
+    )
+    data = fetch_checkpoint(store, model)
+    rebuilt, card = load_model(data)
+    assert card.variant == "residual" and isinstance(rebuilt, ReverseDistillation)
+    store.put(checkpoint_key(model.sha256), data[:-10] + b"0123456789")
+    with pytest.raises(RegistryError, match="corrupt"):
+        fetch_checkpoint(store, model)
+
+
+def test_one_active_model_per_fabric_and_a_generic_fallback(db_session, local_store, checkpoints):
+    a, _ = register_model(
+        db_session, local_store, checkpoints["a"], fabric_type="denim", version="d1"
+    )
+    register_model(db_session, local_store, checkpoints["b"], fabric_type="denim", version="d2")
+    assert active_model(db_session, "denim") is None
+    activate_model(db_session, "d1")
+    assert active_model(db_session, "denim").version == "d1"
+    activate_model(db_session, "d2")
+    db_session.refresh(a)
+    assert active_model(db_session, "denim").version == "d2" and not a.active
+    assert active_model(db_session, "satin") is None
+    register_model(db_session, local_store, checkpoints["dg"], fabric_type=None, version="generic1")
+    activate_model(db_session, "generic1")
+    assert active_model(db_session, "satin").version == "generic1"
+    assert active_model(db_session, "denim").version == "d2"
+    assert [m.version for m in list_models(db_session)] == ["generic1", "d1", "d2"]
+    assert [m.version for m in list_models(db_session, "denim")] == ["d1", "d2"]
+
+
+def test_bad_requests_write_nothing(db_session, local_store, checkpoints, tmp_path):
+    with pytest.raises(RegistryError, match="unknown model version 'nope'"):
+        activate_model(db_session, "nope")
+    with pytest.raises(RegistryError, match="generic model must be a DG"):
+        register_model(db_session, local_store, checkpoints["a"], fabric_type=None)
+    with pytest.raises(RegistryError, match="no calibrated threshold"):
+        register_model(db_session, local_store, checkpoints["uncalibrated"], fabric_type="denim")
+    with pytest.raises(RegistryError, match="not allowed"):
+        register_model(
+            db_session, local_store, checkpoints["a"], fabric_type="denim", version="../x"
+        )
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"junk")
+    with pytest.raises(RegistryError, match="not a readable rollscan checkpoint"):
+        register_model(db_session, local_store, junk, fabric_type="denim")
+    assert db_session.scalar(select(func.count()).select_from(Model)) == 0
+    assert list(local_store.iter_objects("models/")) == []
+
+
+def test_cli_register_list_activate(
+    monkeypatch, migrated_url, tmp_path, checkpoints, capsys, db_engine
+):
+    from scheduler.cli import main
+
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", migrated_url)
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
+    assert (
+        main(["models", "register", str(checkpoints["b"]), "--fabric", "twill", "--version", "t1"])
+        == 0
+    )
+    assert main(["models", "activate", "t1"]) == 0
+    assert main(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "registered: t1" in out and "activated t1" in out
+    assert "t1" in out.splitlines()[-1] and "yes" in out.splitlines()[-1]
+    assert main(["models", "activate", "missing"]) == 2
+    assert "unknown model version 'missing'" in capsys.readouterr().err
