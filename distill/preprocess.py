@@ -20,7 +20,7 @@ _SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
 def as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     """Check images and return them as an (N, H, W, C) tensor (dtype kept, C ∈ {1, 3}).
 
-    Accepts (H, W), (H, W, C) and (N, H, W, C). Raises ValueError with a plain message for
+    Accepts (H, W), (H, W, C), (N, H, W) grey and (N, H, W, C). Raises ValueError with a plain message for
     anything else: wrong rank, empty, too small, a channel count other than 1 or 3, NaN or
     infinity, an unsupported dtype.
     """
@@ -28,7 +28,8 @@ def as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if array.ndim == 2:
         array = array[None, :, :, None]
     elif array.ndim == 3:
-        array = array[None]
+        # (H, W, C) when the last axis can be channels (no image is 3 px wide), else (N, H, W)
+        array = array[None] if array.shape[-1] in (1, 3) else array[..., None]
     elif array.ndim != 4:
         raise ValueError(
             f"expected an image (H, W), (H, W, C) or a batch (N, H, W, C); got {array.ndim} "

@@ -66,18 +66,23 @@ def _add_datasets(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="train and evaluate on synthetic fabric, on this machine")
+    p = sub.add_parser("demo", help="the whole pipeline on a synthetic roll, on this machine")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--minutes", type=float, default=2.5, help="training time budget")
+    p.add_argument("--minutes", type=float, default=2.0, help="training time budget")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--teacher-weights", default=None)
+
+
+def _add_submit(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("submit", help="register a roll (folder or s3://bucket/prefix) and run it")
+    p.add_argument("target", help="a folder with manifest.json and frames/, or s3://BUCKET/PREFIX")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rollscan", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_evaluate, _add_datasets, _add_demo):
+    for add in (_add_train, _add_evaluate, _add_datasets, _add_demo, _add_submit):
         add(sub)
     add_db_commands(sub)
     add_models_commands(sub)
@@ -153,11 +158,31 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from scheduler.submit import submit
+    from storage.database import database_url, upgrade
+    from storage.schema import Roll
+    from worker.tasks import context
+
+    ctx = context()
+    if ctx.settings.embedded_database:
+        upgrade(database_url(ctx.settings))
+    submission = submit(ctx, args.target)
+    with ctx.session() as session:
+        roll = session.get(Roll, submission.roll_id)
+        status, reason = roll.status, roll.failure_reason
+    print(f"roll {submission.roll_id}: {len(submission.frames)} frames submitted, status {status}")
+    if reason:
+        print(f"  reason: {reason}")
+    return 1 if status == "failed" else 0
+
+
 COMMANDS = {
     "train": _train,
     "evaluate": _evaluate,
     "datasets": _datasets,
     "demo": _demo,
+    "submit": _submit,
     "db": lambda args: args.db_handler(args),
     "models": lambda args: args.models_handler(args),
 }

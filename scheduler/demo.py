@@ -1,40 +1,113 @@
-"""`rollscan demo`: the main job on the embedded default, on this machine alone.
+"""`rollscan demo`: the whole pipeline on the embedded default, on this machine alone.
 
-For now it trains a model on synthetic fabric within a time budget and evaluates it on held-out
-synthetic tiles with planted defects; the pipeline issue extends it to a whole roll.
+Makes a synthetic roll (TIFF frames with defects planted at known positions), trains a small
+model on the same synthetic fabric (or reuses the one a previous demo registered), submits the
+roll through the same task code a distributed worker runs, and prints the defects found next
+to the planted ones.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy import select
+
 from distill.data.synthetic import write_category
-from distill.evaluate import evaluate, format_table
 from distill.train import TrainConfig, train
+from scheduler.submit import submit
+from scheduler.synthetic_roll import match_defects, write_synthetic_roll
+from storage.database import database_url, upgrade
+from storage.registry import activate_model, active_model, register_model
+from storage.schema import Defect, Roll, Run
+
+FABRIC = "demo-twill"
+WEAVE, SEED, PX_PER_MM = "twill", 7, 10.0
+
+
+def ensure_model(ctx, workdir: Path, minutes: float, teacher_weights: str | None) -> str:
+    with ctx.session() as session:
+        model = active_model(session, FABRIC)
+        if model is not None:
+            print(f"reusing model {model.version} for {FABRIC}")
+            return model.version
+    data = write_category(workdir / "train-data", n_train=60, n_test_good=2, n_test_defect=2,
+                          tile=128, weave=WEAVE, seed=SEED)  # fmt: skip
+    checkpoint = workdir / "model.pt"
+    print(f"training a model for {FABRIC} (at most {minutes} min on {ctx.settings.device}) …")
+    config = TrainConfig(
+        teacher_weights=teacher_weights, tile=128, epochs=30, max_minutes=minutes, fpr=0.0
+    )
+    train(data, checkpoint, config)
+    with ctx.session() as session:
+        model, _ = register_model(session, ctx.store, checkpoint, fabric_type=FABRIC)
+        activate_model(session, model.version)
+        print(f"registered and activated {model.version}")
+        return model.version
 
 
 def run_demo(
     workdir: Path,
     *,
-    minutes: float = 2.5,
+    minutes: float = 2.0,
     json_out: Path | None = None,
     teacher_weights: str | None = None,
 ) -> dict:
+    from worker.tasks import context  # the eager Celery app: same task code, in this process
+
     started = time.perf_counter()
-    data = workdir / "synthetic-twill"
-    print(f"making synthetic fabric in {data} …")
-    write_category(data, n_train=60, n_test_good=30, n_test_defect=30, weave="twill", seed=7)
-    model = workdir / "model.pt"
-    print(f"training for at most {minutes} min on the CPU (default teacher, official recipe) …")
-    config = TrainConfig(teacher_weights=teacher_weights, max_minutes=minutes, epochs=100)
-    card = train(data, model, config)
-    print(f"model saved to {model}; threshold {card.threshold:.4f}")
-    result = evaluate(model, data, batch_size=8, report_dir=workdir / "report")
-    print(format_table({"synthetic twill": result}))
-    print(f"report (ROC curves, best and worst tiles): {workdir / 'report'}")
-    result["seconds"] = round(time.perf_counter() - started, 1)
+    workdir.mkdir(parents=True, exist_ok=True)
+    ctx = context()
+    upgrade(database_url(ctx.settings))
+    ensure_model(ctx, workdir, minutes, teacher_weights)
+    roll_id = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    roll_dir = workdir / "rolls" / roll_id
+    manifest, planted = write_synthetic_roll(
+        roll_dir, roll_id, weave=WEAVE, seed=SEED, px_per_mm=PX_PER_MM, fabric_type=FABRIC
+    )
+    print(f"submitting {roll_id}: {manifest['frames']} frames, {len(planted)} planted defects …")
+    submit(ctx, str(roll_dir))
+    with ctx.session() as session:
+        roll = session.get(Roll, roll_id)
+        run = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+        if roll.status != "done" or run is None:
+            raise RuntimeError(f"roll {roll_id} ended {roll.status}: {roll.failure_reason}")
+        found = [
+            {c: getattr(d, c) for c in ("defect_no", "x_mm", "y_mm", "x0_mm", "y0_mm", "x1_mm",
+                                         "y1_mm", "length_mm", "max_score")}
+            for d in session.scalars(select(Defect).where(Defect.run_id == run.id).order_by(Defect.defect_no))
+        ]  # fmt: skip
+        length_m = roll.length_m
+    matched, false_found = match_defects(planted, found, PX_PER_MM)
+    print(
+        f"\n{'planted':<14}{'x mm':>8}{'y mm':>9}   {'found':<6}{'x mm':>8}{'y mm':>9}{'score':>8}"
+    )
+    for i, p in enumerate(planted):
+        x, y = p.center_mm(PX_PER_MM)
+        if i in matched:
+            d = found[matched[i]]
+            print(
+                f"{p.kind:<14}{x:>8.1f}{y:>9.1f}   #{d['defect_no']:<5}{d['x_mm']:>8.1f}{d['y_mm']:>9.1f}{d['max_score']:>8.3f}"
+            )
+        else:
+            print(f"{p.kind:<14}{x:>8.1f}{y:>9.1f}   missed")
+    for j in false_found:
+        d = found[j]
+        print(
+            f"{'(none)':<14}{'':>8}{'':>9}   #{d['defect_no']:<5}{d['x_mm']:>8.1f}{d['y_mm']:>9.1f}{d['max_score']:>8.3f}"
+        )
+    result = {
+        "planted": len(planted),
+        "found": len(found),
+        "matched": len(matched),
+        "false_defects": len(false_found),
+        "roll_length_m": length_m,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    print(f"\n{json.dumps(result)}")
+    print(f"query them: SELECT * FROM current_defects WHERE roll_id = '{roll_id}';")
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -84,7 +84,7 @@ def make_engine(settings_or_url: Settings | str | URL | None = None, **kwargs: o
 @contextmanager
 def session_scope(engine: Engine) -> Iterator[Session]:
     """A session that commits when the block ends and rolls back when it raises."""
-    session = Session(engine)
+    session = Session(engine, expire_on_commit=False)  # rows stay readable after commit
     try:
         yield session
         session.commit()

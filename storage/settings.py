@@ -50,6 +50,13 @@ class Settings(BaseSettings):
     tile: int = Field(256, ge=64)
     overlap: int = Field(32, ge=0)
     incoming_prefix: str = "incoming/"
+    max_frame_pixels: int = Field(
+        200_000_000, gt=0, description="larger frames are refused before decoding"
+    )
+
+    # worker
+    device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
+    batch_size: int = Field(16, ge=1, description="tiles per model call")
 
     @field_validator("band_height")
     @classmethod

@@ -1,0 +1,106 @@
+"""`rollscan submit`: register a roll from a folder or an S3 prefix and run it.
+
+A folder holds `manifest.json` and `frames/<seq>.tif[f]` (seq = 1, 2, …); its files are
+uploaded to the object store under the incoming prefix first, so the pipeline reads every roll
+the same way. An `s3://BUCKET/PREFIX` must name the configured bucket; its objects are used
+where they are.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from storage.manifest import Manifest, parse_manifest
+from storage.objectstore import ObjectStore
+from worker.context import WorkerContext
+from worker.ingest import roll_updated
+from worker.rolls import register_roll
+
+FRAME_NAME = re.compile(r"^(\d{1,9})\.tiff?$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Submission:
+    roll_id: str
+    source: str
+    frames: list[tuple[int, str]]  # (seq, key)
+
+
+def frame_seq(name: str) -> int | None:
+    match = FRAME_NAME.match(name)
+    return int(match[1]) if match else None
+
+
+def _check_sequence(frames: list[tuple[int, str]], manifest: Manifest, where: str) -> None:
+    seqs = [seq for seq, _ in frames]
+    if not seqs:
+        raise ValueError(f"{where}: no frames (frames/<seq>.tif, seq from 1)")
+    if seqs != list(range(1, len(seqs) + 1)):
+        missing = sorted(set(range(1, max(seqs) + 1)) - set(seqs))
+        raise ValueError(f"{where}: frames must be numbered 1, 2, …; missing {missing[:10]}")
+    if manifest.frames is not None and len(seqs) > manifest.frames:
+        raise ValueError(f"{where}: {len(seqs)} frames but the manifest says {manifest.frames}")
+
+
+def upload_folder(
+    store: ObjectStore, folder: Path, incoming_prefix: str
+) -> tuple[Manifest, Submission]:
+    """Validate a roll folder completely, then upload it (frames first, manifest last)."""
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{folder} has no manifest.json")
+    manifest = parse_manifest(manifest_path.read_bytes())
+    frame_dir = folder / "frames"
+    named = sorted(
+        (seq, path)
+        for path in (frame_dir.iterdir() if frame_dir.is_dir() else [])
+        if (seq := frame_seq(path.name)) is not None
+    )
+    _check_sequence([(s, p.name) for s, p in named], manifest, str(folder))
+    prefix = f"{incoming_prefix.rstrip('/')}/{manifest.roll_id}"
+    frames = []
+    for seq, path in named:
+        key = f"{prefix}/frames/{path.name}"
+        with path.open("rb") as stream:
+            store.put(key, stream)
+        frames.append((seq, key))
+    store.put(f"{prefix}/manifest.json", manifest_path.read_bytes())
+    return manifest, Submission(manifest.roll_id, prefix, frames)
+
+
+def read_prefix(store: ObjectStore, prefix: str) -> tuple[Manifest, Submission]:
+    prefix = prefix.strip("/")
+    manifest = parse_manifest(store.get(f"{prefix}/manifest.json"))
+    frames = sorted(
+        (seq, info.key)
+        for info in store.iter_objects(f"{prefix}/frames/")
+        if (seq := frame_seq(info.key.rsplit("/", 1)[-1])) is not None
+    )
+    _check_sequence(frames, manifest, f"s3 prefix {prefix}")
+    return manifest, Submission(manifest.roll_id, prefix, frames)
+
+
+def submit(ctx: WorkerContext, target: str) -> Submission:
+    """Register the roll and enqueue its frames in order; returns what was submitted."""
+    settings = ctx.settings
+    if target.startswith("s3://"):
+        bucket, _, prefix = target[5:].partition("/")
+        if settings.s3_endpoint is None or bucket != settings.s3_bucket:
+            raise ValueError(
+                f"{target}: rollscan reads the configured bucket "
+                f"({settings.s3_bucket if settings.s3_endpoint else 'no S3 configured'})"
+            )
+        manifest, submission = read_prefix(ctx.store, prefix)
+    else:
+        folder = Path(target)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"{target} is neither a folder nor an s3:// prefix")
+        manifest, submission = upload_folder(ctx.store, folder, settings.incoming_prefix)
+    with ctx.session() as session:
+        register_roll(session, manifest, submission.source)
+    for seq, key in submission.frames:
+        ctx.enqueue.ingest(submission.roll_id, seq, key)
+    roll_updated(ctx, submission.roll_id)  # a complete manifest: the last band becomes ready
+    return submission

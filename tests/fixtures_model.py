@@ -1,0 +1,21 @@
+"""A small model really trained on synthetic twill, once per test session (≈ 20 s on 2 cores)."""
+
+from pathlib import Path
+
+import pytest
+
+from distill.data.synthetic import write_category
+from distill.train import TrainConfig, train
+
+TWILL_SEED = 7
+TRAIN_TILE = 128  # the model takes any size; small training tiles keep the suite fast
+
+
+@pytest.fixture(scope="session")
+def twill_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("twill-model")
+    data = write_category(root / "data", n_train=40, n_test_good=4, n_test_defect=4,
+                          tile=TRAIN_TILE, weave="twill", seed=TWILL_SEED)  # fmt: skip
+    out = root / "model.pt"
+    train(data, out, TrainConfig(epochs=6, tile=TRAIN_TILE, fpr=0.0), progress=False)
+    return out

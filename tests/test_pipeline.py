@@ -1,0 +1,179 @@
+"""The roll pipeline's plain functions on a real PostgreSQL and object store, without Celery."""
+
+import numpy as np
+import pytest
+import tifffile
+from sqlalchemy import func, select
+
+from scheduler.submit import submit
+from scheduler.synthetic_roll import match_defects, write_synthetic_roll
+from storage.manifest import parse_manifest
+from storage.registry import activate_model, register_model
+from storage.rolls import open_roll
+from storage.schema import Band, Defect, Frame, Roll, Run
+from storage.settings import Settings
+from worker.context import WorkerContext
+from worker.finalize import finalize_run
+from worker.ingest import ingest_frame, roll_updated
+from worker.inline import InlineEnqueuer
+from worker.rolls import register_roll
+from worker.scoring import score_band
+
+PX_PER_MM = 10.0
+BAND = 1024
+FRAME_ROWS, FRAMES, WIDTH = 512, 5, 768  # 2560 rows: bands of 1024, 1024, 512
+PLAN = [("hole", (1024, 300)), ("knot", (400, 600)), ("broken_pick", (2200, 384))]
+
+
+@pytest.fixture
+def ctx(db_engine, local_store, twill_model, tmp_path):
+    settings = Settings(band_height=BAND, data_dir=tmp_path / "data", device="cpu", batch_size=8)
+    enqueuer = InlineEnqueuer()
+    context = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=8)
+    enqueuer.ctx = context
+    with context.session() as session:
+        model, _ = register_model(session, local_store, twill_model, fabric_type="demo-twill")
+        activate_model(session, model.version)
+    return context
+
+
+def _roll(tmp_path, roll_id, **kwargs):
+    kwargs = {"frames": FRAMES, "frame_rows": FRAME_ROWS, "width": WIDTH, "plan": PLAN,
+              "px_per_mm": PX_PER_MM, **kwargs}  # fmt: skip
+    return tmp_path / roll_id, *write_synthetic_roll(tmp_path / roll_id, roll_id, **kwargs)
+
+
+def _defects(ctx, roll_id):
+    with ctx.session() as session:
+        run = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+        rows = session.scalars(
+            select(Defect).where(Defect.run_id == run.id).order_by(Defect.defect_no)
+        )
+        return [
+            {c: getattr(d, c) for c in ("defect_no", "x_mm", "y_mm", "x0_mm", "y0_mm", "x1_mm",
+                                         "y1_mm", "length_mm", "width_mm", "area_mm2", "max_score")}
+            for d in rows
+        ]  # fmt: skip
+
+
+def test_planted_defects_come_out_at_their_positions(ctx, tmp_path):
+    folder, _, planted = _roll(tmp_path, "R-0001")
+    submit(ctx, str(folder))
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        roll = session.get(Roll, "R-0001")
+        assert roll.status == "done", roll.failure_reason
+        assert roll.rows_ingested == FRAMES * FRAME_ROWS
+        assert roll.length_m == pytest.approx(FRAMES * FRAME_ROWS / PX_PER_MM / 1000)
+        run = session.scalar(select(Run).where(Run.roll_id == "R-0001"))
+        assert (run.status, run.bands_total, run.bands_done, run.is_current) == ("done", 3, 3, True)
+    found = _defects(ctx, "R-0001")
+    matched, false = match_defects(planted, found, PX_PER_MM)
+    assert sorted(matched) == [0, 1, 2], found
+    for i, j in matched.items():
+        x, y = planted[i].center_mm(PX_PER_MM)
+        assert abs(found[j]["x_mm"] - x) <= 5 and abs(found[j]["y_mm"] - y) <= 5
+    assert len(false) <= 1, [found[j] for j in false]
+    # the hole planted across the band boundary at row 1024 is one defect, not two
+    across = [d for d in found if d["y0_mm"] < BAND / PX_PER_MM < d["y1_mm"]]
+    assert len(across) == 1
+
+
+def test_streaming_frames_give_the_same_defects_as_all_at_once(ctx, tmp_path):
+    batch_dir, manifest, _ = _roll(tmp_path, "R-batch")
+    submit(ctx, str(batch_dir))
+    ctx.enqueue.drain()
+    stream_dir, manifest, _ = _roll(tmp_path, "R-stream")
+    stream_manifest = parse_manifest({**manifest, "frames": None, "complete": False})
+    with ctx.session() as session:
+        register_roll(session, stream_manifest, "incoming/R-stream")
+    scored_before_end = 0
+    for seq in range(1, FRAMES + 1):
+        key = f"incoming/R-stream/frames/{seq:06d}.tif"
+        ctx.store.put(key, (stream_dir / "frames" / f"{seq:06d}.tif").read_bytes())
+        assert ingest_frame(ctx, "R-stream", seq, key) == "ingested"
+        scored_before_end += sum(1 for name, _, r in ctx.enqueue.drain() if r == "scored")
+    assert scored_before_end >= 1  # bands are scored while later frames are still arriving
+    with ctx.session() as session:
+        register_roll(session, parse_manifest({**manifest, "complete": True}), "incoming/R-stream")
+    roll_updated(ctx, "R-stream")
+    ctx.enqueue.drain()
+    assert _defects(ctx, "R-stream") == _defects(ctx, "R-batch")
+    a = open_roll(ctx.store, "R-stream").read_scores(_version(ctx, "R-stream"), 0, 640)
+    b = open_roll(ctx.store, "R-batch").read_scores(_version(ctx, "R-batch"), 0, 640)
+    np.testing.assert_array_equal(a, b)
+
+
+def _version(ctx, roll_id):
+    with ctx.session() as session:
+        return session.scalar(select(Run.model_version).where(Run.roll_id == roll_id))
+
+
+def test_every_step_is_idempotent(ctx, tmp_path):
+    folder, _, _ = _roll(tmp_path, "R-idem")
+    submit(ctx, str(folder))
+    ctx.enqueue.drain()
+    before = _defects(ctx, "R-idem")
+    key = "incoming/R-idem/frames/000002.tif"
+    assert ingest_frame(ctx, "R-idem", 2, key) == "unchanged"
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        run = session.scalar(select(Run).where(Run.roll_id == "R-idem"))
+        run_id = run.id
+    assert score_band(ctx, run_id, 1) == "already done"
+    assert finalize_run(ctx, run_id) == len(before)
+    assert finalize_run(ctx, run_id) == len(before)
+    assert _defects(ctx, "R-idem") == before
+    with ctx.session() as session:
+        assert (
+            session.scalar(select(func.count()).select_from(Frame).where(Frame.roll_id == "R-idem"))
+            == FRAMES
+        )
+        assert session.get(Run, run_id).bands_done == 3
+        assert (
+            session.scalar(select(func.count()).select_from(Band).where(Band.run_id == run_id)) == 3
+        )
+
+
+def test_a_changed_frame_is_reingested_and_its_bands_rescored(ctx, tmp_path):
+    folder, _, _ = _roll(tmp_path, "R-change", plan=[])
+    submit(ctx, str(folder))
+    ctx.enqueue.drain()
+    assert _defects(ctx, "R-change") == []
+    frame = tifffile.imread(folder / "frames" / "000003.tif")
+    frame[200:260, 300:360] = 255  # a bright square appears in a re-upload of frame 3
+    key = "incoming/R-change/frames/000003.tif"
+    import io
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, frame)
+    ctx.store.put(key, buffer.getvalue())
+    assert ingest_frame(ctx, "R-change", 3, key) == "ingested"
+    ctx.enqueue.drain()
+    found = _defects(ctx, "R-change")
+    assert len(found) == 1
+    assert found[0]["y0_mm"] <= (2 * FRAME_ROWS + 230) / PX_PER_MM <= found[0]["y1_mm"]
+
+
+def test_a_bad_frame_fails_its_roll_and_others_go_on(ctx, tmp_path):
+    bad_dir, _, _ = _roll(tmp_path, "R-bad", plan=[])
+    (bad_dir / "frames" / "000002.tif").write_bytes(b"II*\x00 this is not a tiff")
+    good_dir, _, _ = _roll(tmp_path, "R-good", plan=[])
+    submit(ctx, str(bad_dir))
+    submit(ctx, str(good_dir))
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        bad, good = session.get(Roll, "R-bad"), session.get(Roll, "R-good")
+        assert bad.status == "failed" and "frame 2" in bad.failure_reason
+        assert good.status == "done"
+        assert session.scalar(select(Run.status).where(Run.roll_id == "R-bad")) == "failed"
+
+
+def test_a_roll_without_a_model_fails_clearly(ctx, tmp_path):
+    folder, _, _ = _roll(tmp_path, "R-nomodel", plan=[], fabric_type="velvet")
+    submit(ctx, str(folder))
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        roll = session.get(Roll, "R-nomodel")
+        assert roll.status == "failed"
+        assert "no active model for fabric type 'velvet'" in roll.failure_reason

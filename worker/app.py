@@ -1,0 +1,42 @@
+"""The Celery app. `celery -A worker.app worker -Q score -c 1` runs a scoring worker.
+
+With no `ROLLSCAN_BROKER_URL` the tasks run in-process (`task_always_eager`): the embedded
+default executes the same task code without a broker.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from storage.settings import Settings, get_settings
+
+QUEUES = ("ingest", "score", "finalize", "train")
+ROUTES = {f"rollscan.{queue}": {"queue": queue} for queue in QUEUES}
+
+
+def make_app(settings: Settings | None = None) -> Celery:
+    settings = settings or get_settings()
+    app = Celery("rollscan", include=["worker.tasks"])
+    broker = settings.broker_url.get_secret_value() if settings.broker_url else "memory://"
+    app.conf.update(
+        broker_url=broker,
+        task_always_eager=settings.broker_url is None,
+        task_eager_propagates=True,
+        # a task is acknowledged after it ran: a worker killed mid-band gets it redelivered
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_ignore_result=True,
+        task_routes=ROUTES,
+        task_default_queue="ingest",
+        task_serializer="json",
+        accept_content=["json"],
+        # Redis redelivers unacknowledged tasks after this; a band takes seconds to minutes
+        broker_transport_options={"visibility_timeout": 3600},
+        broker_connection_retry_on_startup=True,
+        worker_cancel_long_running_tasks_on_connection_loss=True,
+    )
+    return app
+
+
+app = make_app()

@@ -1,0 +1,86 @@
+"""What the pipeline's plain functions need: settings, database, object store, models, a queue.
+
+Tasks build one context per process (lazily, after the fork: CUDA and connection pools must not
+cross a fork); tests and the embedded default build their own. The `Enqueuer` hides Celery from
+the pipeline, so the pipeline's functions can be called and tested without it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session
+
+from distill.checkpoint import load_detector
+from distill.inference import Detector
+from storage.database import make_engine, session_scope
+from storage.objectstore import ObjectStore, open_object_store
+from storage.registry import fetch_checkpoint
+from storage.schema import Model
+from storage.settings import Settings, get_settings
+
+
+class Enqueuer(Protocol):
+    def ingest(self, roll_id: str, seq: int, key: str) -> None: ...
+    def score(self, run_id: int, band_index: int) -> None: ...
+    def finalize(self, run_id: int) -> None: ...
+
+
+class RetryLater(Exception):
+    """Not an error: the work cannot be done yet (e.g. the previous frame is still missing)."""
+
+    def __init__(self, reason: str, countdown: float = 5.0) -> None:
+        super().__init__(reason)
+        self.countdown = countdown
+
+
+@dataclass
+class WorkerContext:
+    settings: Settings
+    engine: Engine
+    store: ObjectStore
+    enqueue: Enqueuer
+    device: str = "auto"
+    batch_size: int = 16
+    _detectors: dict[str, Detector] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def from_settings(
+        cls, enqueue: Enqueuer, settings: Settings | None = None, **kwargs
+    ) -> WorkerContext:
+        settings = settings or get_settings()
+        return cls(settings, make_engine(settings), open_object_store(settings), enqueue, **kwargs)
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with session_scope(self.engine) as session:
+            yield session
+
+    def detector(self, model: Model) -> Detector:
+        """The model's detector, loaded once per process and cached by version."""
+        with self._lock:
+            if model.version not in self._detectors:
+                data = fetch_checkpoint(self.store, model)
+                detector, _ = load_detector(data, device=self.device, batch_size=self.batch_size)
+                self._detectors[model.version] = detector
+            return self._detectors[model.version]
+
+
+def lock_bands(session: Session, roll_id: str, bands: range | list[int], shared: bool) -> None:
+    """Transaction-scoped advisory locks on a roll's bands, always taken in ascending order.
+
+    zarr writes a shard by read-modify-write and reads it with several requests: a frame writer
+    takes its bands exclusively, a band scorer takes the bands its read window touches shared,
+    so no reader sees a half-rewritten shard and no two writers lose each other's rows.
+    """
+    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    for band in sorted(set(bands)):
+        session.execute(
+            text(f"SELECT {function}(hashtext(:roll), :band)"), {"roll": roll_id, "band": band}
+        )

@@ -1,0 +1,74 @@
+"""Finalize a run: threshold the roll's score map, find defects across bands, store them.
+
+Runs in one transaction with the run's row locked, so two finalize tasks for one run produce
+one set of defects, and a re-run replaces the run's defects instead of adding to them. The run
+becomes the roll's current run only here, when it is complete: until then the previous run's
+defects and grade stay what users see.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, insert, update
+
+from storage.schema import Defect, Model, Roll, Run
+from worker.components import DefectFinder
+from worker.context import WorkerContext
+from worker.ingest import roll_arrays
+from worker.scoring import SCORE_SCALE
+
+log = logging.getLogger(__name__)
+
+
+def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
+    """Write the run's defects; returns their number, or None when the run is not ready."""
+    with ctx.session() as session:
+        run = session.get(Run, run_id, with_for_update=True)
+        if run is None:
+            raise ValueError(f"unknown run {run_id}")
+        if run.status == "failed" or run.bands_total is None or run.bands_done < run.bands_total:
+            log.info("run %s not ready to finalize (%s, %s/%s bands)", run_id, run.status,
+                     run.bands_done, run.bands_total)  # fmt: skip
+            return None
+        roll = session.get(Roll, run.roll_id, with_for_update=True)
+        model = session.get(Model, run.model_version)
+        arrays = roll_arrays(ctx, roll)
+        finder = DefectFinder(
+            threshold=model.threshold,
+            px_per_mm_x=roll.px_per_mm_x,
+            px_per_mm_y=roll.px_per_mm_y,
+            scale=SCORE_SCALE,
+        )
+        quarter_band = arrays.band_height // SCORE_SCALE
+        quarter_rows = -(-roll.rows_ingested // SCORE_SCALE)
+        for q0 in range(0, quarter_rows, quarter_band):
+            q1 = min(q0 + quarter_band, quarter_rows)
+            finder.add_band(arrays.read_scores(model.version, q0, q1), q0)
+        defects = finder.finish()
+        session.execute(delete(Defect).where(Defect.run_id == run_id))
+        if defects:
+            session.execute(
+                insert(Defect),
+                [
+                    {"run_id": run_id, "roll_id": roll.id, "defect_no": d.defect_no,
+                     "x_mm": d.x_mm, "y_mm": d.y_mm, "x0_mm": d.x0_mm, "y0_mm": d.y0_mm,
+                     "x1_mm": d.x1_mm, "y1_mm": d.y1_mm, "length_mm": d.length_mm,
+                     "width_mm": d.width_mm, "area_mm2": d.area_mm2, "max_score": d.max_score,
+                     "mean_score": d.mean_score}
+                    for d in defects
+                ],
+            )  # fmt: skip
+        now = datetime.now(UTC)
+        session.execute(
+            update(Run)
+            .where(Run.roll_id == roll.id, Run.id != run_id, Run.is_current)
+            .values(is_current=False)
+        )
+        session.flush()  # one current run per roll: the old one must step down first
+        run.status, run.finished_at, run.is_current, run.error = "done", now, True, None
+        roll.status, roll.completed_at, roll.updated_at = "done", now, now
+        roll.length_m = roll.rows_ingested / roll.px_per_mm_y / 1000.0
+    log.info("run %s finalized: %d defects on roll %s", run_id, len(defects), roll.id)
+    return len(defects)

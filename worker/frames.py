@@ -1,0 +1,475 @@
+"""Decode one scanner frame (a TIFF strip of the roll) into uint8 pixels, refusing bad input.
+
+A frame is one image: 8- or 16-bit unsigned, grey or RGB (an alpha or other single extra
+sample is dropped), strips or tiles, classic TIFF or BigTIFF, any compression tifffile can
+decode. Everything else raises `FrameError` with a plain reason, and every check that can be
+made from the header is made before pixel data is read, so a hostile or broken header costs
+no memory: a frame is refused before anything is written or any large allocation is made.
+
+tifffile is lenient (it logs and repairs where it can, and fills strips whose offset or byte
+count is 0 with zeros); a frame is evidence about a roll, so here a repair is a refusal.
+Without the optional `imagecodecs` package tifffile cannot decode LZW, the commonest scanner
+compression: we then register a pure-Python decoder (`_lzw_decode`), correct but slow (about
+5 MB/s); install imagecodecs where LZW frames are routine.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import threading
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import numpy as np
+import tifffile
+import tifffile.tifffile as _tifffile_impl
+
+__all__ = ["FrameError", "FrameHeader", "decode_frame", "frame_header"]
+
+DEFAULT_MAX_PIXELS = 200_000_000
+_DEFLATE = frozenset({8, 32946, 50013})
+_JPEG = frozenset({6, 7, 33007, 34892})
+_MAGIC = frozenset({b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"})  # classic and BigTIFF
+_MAX_EXPANSION, _SEGMENT_SLACK = 2, 4096  # no TIFF codec expands data over ~1.5× (LZW, noise)
+_MAX_RATIO = 2048  # nor compresses beyond ~1350:1
+_MAX_TILE_SIDE = 1024  # tiles may exceed a small image (padding), but not absurdly
+_STREAM_SLACK = 64 << 20  # headers etc. beyond the pixels, for streams read into memory
+
+
+class FrameError(ValueError):
+    """A frame that cannot be used; the message says why in plain words."""
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """What a frame's header says, before any pixel is decoded."""
+
+    rows: int
+    width: int
+    channels: int  # colour channels kept: 1 (grey) or 3 (RGB); an extra sample is dropped
+    bits: int  # 8 or 16, per sample
+    compression: str  # tifffile's name, lower case: "none", "lzw", "adobe_deflate", …
+    is_bigtiff: bool
+    tiled: bool
+
+
+def frame_header(data: bytes | BinaryIO) -> FrameHeader:
+    """Read and check a frame's header (metadata only; no pixel data is decoded).
+
+    Raises `FrameError` for anything `decode_frame` would refuse whatever its limits: not a
+    TIFF, truncated, several pages, unsupported sample format, depth, colour model or
+    compression. Size limits and expectations are `decode_frame`'s.
+    """
+    fh, size = _as_file(data, DEFAULT_MAX_PIXELS)
+    try:
+        with _repairs_refused(), _open_tiff(fh) as tif:
+            header = _read_header(tif)
+            _check_segments(tif.pages.first, size)
+            return header
+    except FrameError:
+        raise
+    except Exception as exc:
+        raise _corrupt(exc) from None
+
+
+def decode_frame(
+    data: bytes | BinaryIO,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    expect_width: int | None = None,
+    expect_channels: int | None = None,
+) -> np.ndarray:
+    """Decode a frame into a C-contiguous uint8 array of shape (rows, width, channels).
+
+    `channels` is 1 (grey) or 3 (RGB); an alpha (or other single extra) sample is dropped.
+    MINISWHITE grey is inverted so that bright is always high.
+
+    16-bit samples become 8-bit by ``value >> 8`` (floor(v / 256)): a fixed, linear map of
+    the full 16-bit range onto 0..255 with 256 input values per output level (rounding
+    instead would overflow 65535 to 256). It is deliberately not a per-frame min/max stretch:
+    the same fabric must give the same pixels in every frame, roll and scanner, because the
+    model's scores and its calibrated threshold are compared across all of them; a stretch
+    would change a frame's grey levels with its content (one bright defect darkens the
+    rest). A scanner that stores 12-bit data in 16-bit samples therefore yields dark frames;
+    scale at the scanner, not here.
+
+    Raises `FrameError` (a `ValueError`) for every refusal, including: not a TIFF, truncated
+    or corrupt data, more than one page, float / signed / other-than-8-or-16-bit samples,
+    unsupported colour model or compression, more than `max_pixels` pixels (checked from
+    the header before any pixel data is read), a width other than `expect_width` and a
+    channel count other than `expect_channels`. No other exception escapes for bad input.
+    """
+    fh, size = _as_file(data, max_pixels)
+    base = fh.tell()  # TIFF offsets count from where the TIFF starts in the file
+    try:
+        with _repairs_refused(), _open_tiff(fh) as tif:
+            header = _read_header(tif)
+            page = tif.pages.first
+            _check_limits(page, header, max_pixels, expect_width, expect_channels)
+            _check_segments(page, size)
+            _check_deflate_sizes(fh, base, page)
+            # One thread: a worker process is one of several per machine already.
+            pixels = page.asarray(maxworkers=1)
+        return _to_uint8(pixels, page, header)
+    except FrameError:
+        raise
+    except Exception as exc:  # tifffile, struct, zlib, numpy: any failure here is the file's
+        raise _corrupt(exc) from None
+
+
+# --- input ------------------------------------------------------------------------------------
+
+
+def _as_file(data: bytes | BinaryIO, max_pixels: int) -> tuple[BinaryIO, int]:
+    """A seekable binary file positioned at the TIFF header, and its size in bytes."""
+    if isinstance(data, bytes | bytearray | memoryview):
+        return io.BytesIO(data), len(data)
+    if not hasattr(data, "read"):
+        raise TypeError(f"expected bytes or a binary file, got {type(data).__name__}")
+    try:
+        seekable = data.seekable()
+    except (AttributeError, OSError, ValueError):
+        seekable = False
+    if seekable:
+        start = data.tell()
+        end = data.seek(0, io.SEEK_END)
+        data.seek(start)
+        return data, end - start
+    # A stream (e.g. an HTTP body): read it, but never more than a legal frame can take.
+    limit = max_pixels * 8 + _STREAM_SLACK  # 16-bit RGBA uncompressed, plus headers
+    content = data.read(limit + 1)
+    if not isinstance(content, bytes | bytearray):
+        raise TypeError("expected a binary file (read() must return bytes)")
+    if len(content) > limit:
+        raise FrameError(f"file larger than {limit} bytes, more than any frame within limits")
+    return io.BytesIO(content), len(content)
+
+
+def _open_tiff(fh: BinaryIO) -> tifffile.TiffFile:
+    start = fh.tell()
+    magic = fh.read(4)
+    fh.seek(start)
+    if magic not in _MAGIC:
+        raise FrameError(f"not a TIFF file (starts with {magic!r})")
+    try:
+        return tifffile.TiffFile(fh)
+    except Exception as exc:
+        raise _corrupt(exc) from None
+
+
+class _RepairLog(logging.Handler):
+    """Keeps the first ERROR that tifffile logs from this thread."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.ERROR)
+        self.thread = threading.get_ident()
+        self.first: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread and self.first is None:
+            self.first = record.getMessage()
+
+
+@contextmanager
+def _repairs_refused() -> Iterator[None]:
+    """Turn a corruption that tifffile logs at ERROR and repairs into a FrameError.
+
+    E.g. a tag whose value lies past the end of the file is dropped, surplus strip offsets
+    are trimmed: the frame would decode with wrong pixels. (Lost if an application raises
+    the "tifffile" logger's level above ERROR; the structural checks still apply.)
+    """
+    handler = _RepairLog()
+    log = logging.getLogger("tifffile")
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+    if handler.first is not None:
+        raise FrameError(f"corrupt or truncated TIFF ({_short(handler.first)})")
+
+
+def _corrupt(exc: BaseException) -> FrameError:
+    return FrameError(f"corrupt or truncated TIFF ({type(exc).__name__}: {_short(exc)})")
+
+
+def _short(exc: object) -> str:
+    text = " ".join(str(exc).split())  # one line, bounded: it ends up in logs and the DB
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --- header checks ----------------------------------------------------------------------------
+
+
+def _read_header(tif: tifffile.TiffFile) -> FrameHeader:
+    npages = len(tif.pages)  # walks the IFD chain: offsets only, loops detected by tifffile
+    if npages == 0:
+        raise FrameError("corrupt or truncated TIFF: no valid image directory")
+    if npages > 1:
+        raise FrameError(f"TIFF has {npages} pages; a frame must be a single image")
+    page = tif.pages.first
+    if page.imagedepth != 1:
+        raise FrameError(f"3-D image (ImageDepth {page.imagedepth}); a frame must be 2-D")
+    if page.imagelength < 1 or page.imagewidth < 1:
+        raise FrameError(f"empty image ({page.imagelength} × {page.imagewidth} pixels)")
+
+    bits = page.bitspersample
+    fmt = int(page.sampleformat)
+    if fmt != 1:
+        kind = {2: "signed integer", 3: "floating point"}.get(fmt, f"SampleFormat {fmt}")
+        raise FrameError(f"{kind} samples; only 8- or 16-bit unsigned integers are supported")
+    if not isinstance(bits, int) or bits not in (8, 16):
+        raise FrameError(f"{bits}-bit samples; only 8- or 16-bit are supported")
+
+    channels = _colour_channels(page)
+    extra = page.samplesperpixel - channels
+    if extra < 0 or extra > 1:
+        raise FrameError(
+            f"{page.samplesperpixel} samples per pixel with photometric "
+            f"{_name(page.photometric)}; expected {channels} (or {channels} plus alpha)"
+        )
+    if page.predictor not in (1, 2):
+        raise FrameError(f"predictor {_name(page.predictor)} is not supported for integers")
+    if page.compression != 1 and page.compression not in tifffile.TIFF.DECOMPRESSORS:
+        raise FrameError(
+            f"compression {_name(page.compression)} cannot be decoded here "
+            "(it may need the optional 'imagecodecs' package)"
+        )
+    return FrameHeader(
+        rows=int(page.imagelength),
+        width=int(page.imagewidth),
+        channels=channels,
+        bits=bits,
+        compression=_name(page.compression).lower(),
+        is_bigtiff=bool(tif.is_bigtiff),
+        tiled=bool(page.is_tiled),
+    )
+
+
+def _colour_channels(page: Any) -> int:
+    photometric = int(page.photometric)
+    if photometric in (0, 1):  # MINISWHITE, MINISBLACK
+        return 1
+    if photometric == 2:  # RGB
+        return 3
+    if photometric == 6 and page.compression in _JPEG:  # the JPEG codec returns RGB
+        return 3
+    raise FrameError(
+        f"photometric {_name(page.photometric)} is not supported; frames must be grey or RGB"
+    )
+
+
+def _segment_layout(page: Any) -> tuple[int, int]:
+    """(number of segments, raw bytes of a full segment) implied by the header."""
+    planes = page.samplesperpixel if page.planarconfig == 2 else 1
+    samples = page.samplesperpixel // planes
+    itemsize = page.bitspersample // 8
+    if page.is_tiled:
+        if page.tilelength < 1 or page.tilewidth < 1 or page.tiledepth != 1:
+            raise FrameError("invalid tile size")
+        count = math.ceil(page.imagelength / page.tilelength)
+        count *= math.ceil(page.imagewidth / page.tilewidth) * planes
+        return count, page.tilelength * page.tilewidth * samples * itemsize
+    rows = max(1, min(page.rowsperstrip, page.imagelength))
+    count = math.ceil(page.imagelength / rows) * planes
+    return count, rows * page.imagewidth * samples * itemsize
+
+
+def _check_segments(page: Any, size: int) -> None:
+    """Every strip or tile the header implies exists, is non-empty and lies in the file."""
+    count, raw = _segment_layout(page)
+    kind = "tile" if page.is_tiled else "strip"
+    offsets, counts = page.dataoffsets, page.databytecounts
+    if len(offsets) != count or len(counts) != count:
+        raise FrameError(
+            f"header describes {count} {kind}s but lists {len(offsets)} offsets and "
+            f"{len(counts)} byte counts (corrupt header)"
+        )
+    off = np.asarray(offsets, dtype=np.uint64)
+    cnt = np.asarray(counts, dtype=np.uint64)
+    bad = np.flatnonzero((off == 0) | (cnt == 0))
+    if bad.size:
+        raise FrameError(f"{kind} {bad[0]} of {count} is missing (offset or byte count 0)")
+    end = off + cnt  # both below 2**64 / 2 in any file we could hold
+    past = np.flatnonzero(end > size)
+    if past.size:
+        i = int(past[0])
+        raise FrameError(
+            f"truncated file: {kind} {i} of {count} ends at byte {int(end[i])} but the file "
+            f"has {size} bytes"
+        )
+    if page.compression != 1:
+        limit = min(_MAX_EXPANSION * raw + _SEGMENT_SLACK, 2**63)  # stays a valid uint64
+        big = np.flatnonzero(cnt > limit)
+        if big.size:
+            i = int(big[0])
+            raise FrameError(
+                f"{kind} {i} has {int(cnt[i])} compressed bytes for {raw} raw bytes (corrupt)"
+            )
+        # The output array is allocated before any strip is decoded: a tiny file must not
+        # claim a huge image. No TIFF codec compresses beyond ~1350:1 (LZW on a flat image).
+        total = page.imagelength * page.imagewidth * page.samplesperpixel * page.bitspersample
+        stored = int(cnt.sum(dtype=np.uint64))
+        if total // 8 > _MAX_RATIO * stored + _SEGMENT_SLACK:
+            raise FrameError(
+                f"{page.imagelength} × {page.imagewidth} pixels claimed from only {stored} "
+                "compressed bytes (corrupt header)"
+            )
+
+
+def _check_limits(
+    page: Any,
+    header: FrameHeader,
+    max_pixels: int,
+    expect_width: int | None,
+    expect_channels: int | None,
+) -> None:
+    pixels = header.rows * header.width
+    if pixels > max_pixels:
+        raise FrameError(
+            f"frame of {header.rows} × {header.width} pixels exceeds the limit of "
+            f"{max_pixels} pixels"
+        )
+    tl, tw = (page.tilelength, page.tilewidth) if page.is_tiled else (1, 1)
+    if (
+        tl * tw > max_pixels
+        or tl > max(header.rows, _MAX_TILE_SIDE)
+        or tw > max(header.width, _MAX_TILE_SIDE)
+    ):
+        raise FrameError(f"tiles of {tl} × {tw} are out of proportion to the image")
+    if expect_width is not None and header.width != expect_width:
+        raise FrameError(f"frame is {header.width} px wide; this roll's frames are {expect_width}")
+    if expect_channels is not None and header.channels != expect_channels:
+        raise FrameError(
+            f"frame has {header.channels} channel(s); this roll's frames have {expect_channels}"
+        )
+
+
+def _check_deflate_sizes(fh: BinaryIO, base: int, page: Any) -> None:
+    """Refuse deflate segments that inflate past their raw size (decompression bombs).
+
+    tifffile's fallback inflater (no imagecodecs) is `zlib.decompress`, unbounded: one strip
+    could inflate ~1000× its size. This pass streams each segment through a bounded
+    decompressor first, costing one extra inflate (~0.25 s per 50 MB of pixels).
+    """
+    if page.compression not in _DEFLATE:
+        return
+    _, raw = _segment_layout(page)
+    for index, (offset, count) in enumerate(
+        zip(page.dataoffsets, page.databytecounts, strict=True)
+    ):
+        fh.seek(base + offset)
+        pending = fh.read(count)
+        inflater = zlib.decompressobj()
+        produced = 0
+        try:
+            while True:
+                chunk = inflater.decompress(pending, 1 << 20)
+                produced += len(chunk)
+                if produced > raw:
+                    raise FrameError(f"segment {index} inflates past its {raw} raw bytes (corrupt)")
+                stalled = not chunk and len(inflater.unconsumed_tail) == len(pending)
+                pending = inflater.unconsumed_tail
+                if inflater.eof or stalled or not (chunk or pending):
+                    break
+        except zlib.error as exc:
+            raise FrameError(f"segment {index}: corrupt deflate data ({_short(exc)})") from None
+
+
+# --- conversion -------------------------------------------------------------------------------
+
+
+def _to_uint8(pixels: np.ndarray, page: Any, header: FrameHeader) -> np.ndarray:
+    if page.planarconfig == 2 and pixels.ndim == 3:
+        pixels = np.moveaxis(pixels, 0, -1)  # (samples, rows, width) -> (rows, width, samples)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, np.newaxis]
+    expected = (header.rows, header.width)
+    if pixels.ndim != 3 or pixels.shape[:2] != expected or pixels.shape[2] < header.channels:
+        raise FrameError(f"decoded shape {pixels.shape} does not match the header {expected}")
+    pixels = pixels[:, :, : header.channels]  # drop alpha / extra sample
+    if pixels.dtype == np.uint16:  # the fixed 16 -> 8 rule (decode_frame); 8 bits fit uint16
+        writable = pixels.flags.writeable  # shift in place: a frame can be hundreds of MB
+        out = np.right_shift(pixels, 8, out=pixels if writable else None).astype(np.uint8)
+    elif pixels.dtype == np.uint8:  # copy only when a sample was dropped or it is read-only
+        out = np.array(
+            pixels, order="C", copy=not (pixels.flags.c_contiguous and pixels.flags.writeable)
+        )
+    else:
+        raise FrameError(f"decoded data type {pixels.dtype} is not 8- or 16-bit unsigned")
+    if int(page.photometric) == 0:  # MINISWHITE: 0 is white
+        np.subtract(255, out, out=out)
+    return out
+
+
+def _name(value: Any) -> str:
+    name = getattr(value, "name", None)
+    return str(name) if name else str(int(value))
+
+
+# --- LZW fallback -----------------------------------------------------------------------------
+
+
+def _lzw_decode(data: bytes, /, *, out: Any = None) -> bytes:
+    """TIFF LZW (MSB-first codes, 9..12 bits, early change), pure Python.
+
+    Called by tifffile as ``decompress(data, out=expected_size)``; decoding stops at
+    `out` bytes, so a corrupt or hostile strip cannot inflate past its raw size.
+    """
+    limit = out if isinstance(out, int) and out > 0 else 1 << 62
+    data = bytes(data)
+    if len(data) >= 2 and data[0] == 0 and data[1] & 1:
+        raise ValueError("old-style (pre-TIFF 6.0) LZW is not supported")
+    table: list[bytes] = [bytes((i,)) for i in range(256)] + [b"", b""]
+    result = bytearray()
+    width, mask, grow_at = 9, 511, 511
+    buffer = nbits = 0
+    previous = b""
+    for byte in data:
+        buffer = ((buffer << 8) | byte) & 0xFFFFFF  # at most 8 + 11 live bits
+        nbits += 8
+        while nbits >= width:
+            nbits -= width
+            code = (buffer >> nbits) & mask
+            if code == 256:  # clear
+                del table[258:]
+                width, mask, grow_at = 9, 511, 511
+                previous = b""
+                continue
+            if code == 257:  # end of information
+                return bytes(result[:limit])
+            size = len(table)
+            if code < size:
+                entry = table[code]
+                if previous and size < 4096:
+                    table.append(previous + entry[:1])
+            elif code == size and previous:  # the KwKwK case
+                entry = previous + previous[:1]
+                if size < 4096:
+                    table.append(entry)
+            else:
+                raise ValueError(f"corrupt LZW data (code {code} with {size} table entries)")
+            result += entry
+            if len(result) >= limit:
+                return bytes(result[:limit])
+            previous = entry
+            if len(table) >= grow_at and width < 12:  # early change, as libtiff
+                width += 1
+                mask = grow_at = (1 << width) - 1
+    return bytes(result)  # tolerated: strips without end-of-information code
+
+
+def _install_lzw_fallback() -> None:
+    # tifffile looks codecs up by attribute on its `imagecodecs` module (its own pure-Python
+    # `_imagecodecs` when the real package is missing); a failed lookup is not cached.
+    codecs = getattr(_tifffile_impl, "imagecodecs", None)
+    if codecs is not None and not hasattr(codecs, "lzw_decode"):
+        codecs.lzw_decode = _lzw_decode
+
+
+_install_lzw_fallback()

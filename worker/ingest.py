@@ -1,0 +1,250 @@
+"""Ingest: one scanner frame (TIFF in the object store) → rows of the roll's zarr image.
+
+Idempotent per (roll, frame seq, ETag): the same object again is a no-op; a changed object is
+re-ingested and the bands it touches are scored again. Frames are numbered 1, 2, … along the
+roll; frame k's rows start where frame k − 1's end, so frame k waits for frame k − 1.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from storage.objectstore import ObjectNotFound
+from storage.rolls import RollArrays, create_roll, open_roll, roll_exists
+from storage.schema import Band, Frame, Model, Roll, Run
+from worker.context import RetryLater, WorkerContext, lock_bands
+from worker.frames import FrameError, decode_frame
+from worker.rolls import RollError, fail_roll, live_run
+from worker.tiling import band_ready
+
+log = logging.getLogger(__name__)
+
+
+def roll_arrays(ctx: WorkerContext, roll: Roll) -> RollArrays:
+    if roll_exists(ctx.store, roll.id):
+        return open_roll(ctx.store, roll.id)
+    return create_roll(
+        ctx.store,
+        roll.id,
+        width=roll.width_px,
+        channels=roll.channels,
+        band_height=ctx.settings.band_height,
+        manifest={"roll_id": roll.id, "fabric_type": roll.fabric_type, **(roll.meta or {})},
+        exist_ok=True,
+    )
+
+
+def run_tiling(ctx: WorkerContext, session: Session, run: Run) -> tuple[int, int]:
+    """(tile, stride) of a run: the model's own tile size, which its threshold was calibrated at.
+
+    The student's attention normalises over the tile's width, so a model's scores are only
+    comparable to its threshold at the tile size it was trained on.
+    """
+    tile = session.get(Model, run.model_version).tile
+    overlap = min(ctx.settings.overlap, tile // 2)
+    return tile, tile - overlap
+
+
+def fully_ingested(session: Session, roll: Roll) -> bool:
+    """The manifest says complete and every one of its frames is in."""
+    if not roll.complete or roll.frames_total is None:
+        return False
+    count = session.scalar(select(func.count()).select_from(Frame).where(Frame.roll_id == roll.id))
+    return count >= roll.frames_total
+
+
+def advance_run(ctx: WorkerContext, session: Session, roll: Roll, run: Run) -> list[int]:
+    """Record the bands that are ready to score and not yet recorded; return them.
+
+    Also fixes the run's band count once the whole roll is in. Called after every frame and
+    when a manifest turns complete.
+    """
+    if run.status in ("done", "failed"):
+        return []
+    height = ctx.settings.band_height
+    tile, stride = run_tiling(ctx, session, run)
+    rows, complete = roll.rows_ingested, fully_ingested(session, roll)
+    if complete and rows == 0:
+        fail_roll(session, roll.id, "the roll is complete but has no rows")
+        return []
+    last_band = -(-rows // height) - 1
+    known = set(session.scalars(select(Band.band_index).where(Band.run_id == run.id)))
+    ready = [
+        b
+        for b in range(last_band + 1)
+        if b not in known and band_ready(b, height, rows, complete, tile, stride)
+    ]
+    if ready:
+        values = [
+            {"run_id": run.id, "band_index": b, "row_start": b * height,
+             "row_stop": min((b + 1) * height, rows)}
+            for b in ready
+        ]  # fmt: skip
+        inserted = session.scalars(
+            insert(Band).values(values).on_conflict_do_nothing().returning(Band.band_index)
+        )
+        ready = sorted(inserted)
+    if complete and run.bands_total is None:
+        run.bands_total = last_band + 1
+    if run.status == "pending" and (ready or known):
+        run.status = "scoring"
+    return ready
+
+
+def _enqueue_bands(ctx: WorkerContext, run_id: int, bands: list[int]) -> None:
+    for band in bands:
+        ctx.enqueue.score(run_id, band)
+
+
+def ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
+    """Ingest one frame; returns "ingested", "unchanged", "skipped" or "failed".
+
+    A roll that cannot go on (a bad frame, no model for its fabric) is marked failed with the
+    reason, and "failed" is returned: the task succeeds, and other rolls go on.
+    """
+    try:
+        return _ingest_frame(ctx, roll_id, seq, key)
+    except RollError as exc:
+        with ctx.session() as session:
+            fail_roll(session, roll_id, str(exc))
+        log.warning("roll %s failed: %s", roll_id, exc)
+        return "failed"
+
+
+def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
+    if seq < 1:
+        raise ValueError(f"frame numbers start at 1, not {seq}")
+    try:
+        info = ctx.store.head(key)
+    except ObjectNotFound:
+        with ctx.session() as session:
+            fail_roll(session, roll_id, f"frame {seq}: object {key} not found")
+        return "failed"
+    with ctx.session() as session:
+        roll = session.get(Roll, roll_id)
+        if roll is None:
+            raise ValueError(f"unknown roll {roll_id!r}: register its manifest first")
+        if roll.status == "failed":
+            return "skipped"
+        previous = session.get(Frame, (roll_id, seq))
+        if previous is not None and previous.etag == info.etag:
+            # a redelivery: the frame is in; make sure the bands it completed were announced
+            run = live_run(session, roll)
+            pending = list(
+                session.scalars(
+                    select(Band.band_index).where(Band.run_id == run.id, Band.status == "pending")
+                )
+            )
+            run_id = run.id
+        else:
+            pending = None
+            if seq == 1:
+                row_start = 0
+            else:
+                before = session.get(Frame, (roll_id, seq - 1))
+                if before is None:
+                    raise RetryLater(f"roll {roll_id}: frame {seq - 1} is not in yet")
+                row_start = before.row_start + before.rows
+            expect_width, expect_channels = roll.width_px, roll.channels
+    if pending is not None:
+        _enqueue_bands(ctx, run_id, pending)
+        return "unchanged"
+
+    try:
+        pixels = decode_frame(
+            ctx.store.get(key),
+            max_pixels=ctx.settings.max_frame_pixels,
+            expect_width=expect_width,
+            expect_channels=expect_channels,
+        )
+    except FrameError as exc:
+        with ctx.session() as session:
+            fail_roll(session, roll_id, f"frame {seq} ({key}): {exc}")
+        log.warning("roll %s failed: frame %s: %s", roll_id, seq, exc)
+        return "failed"
+
+    with ctx.session() as session:
+        roll = session.get(Roll, roll_id, with_for_update=True)  # one frame of a roll at a time
+        if roll.status == "failed":
+            return "skipped"
+        if previous is not None and previous.rows != pixels.shape[0]:
+            fail_roll(
+                session,
+                roll_id,
+                f"frame {seq} was replaced by one of {pixels.shape[0]} rows "
+                f"instead of {previous.rows}: every later frame would move",
+            )
+            return "failed"
+        if roll.width_px is None:
+            roll.width_px, roll.channels = pixels.shape[1], pixels.shape[2]
+        arrays = roll_arrays(ctx, roll)
+        stop = row_start + pixels.shape[0]
+        lock_bands(session, roll_id, arrays.bands_of_rows(row_start, stop), shared=False)
+        arrays.write_rows(row_start, pixels)
+        session.execute(
+            insert(Frame)
+            .values(roll_id=roll_id, seq=seq, key=key, etag=info.etag, row_start=row_start,
+                    rows=pixels.shape[0])
+            .on_conflict_do_update(
+                index_elements=[Frame.roll_id, Frame.seq],
+                set_={"etag": info.etag, "key": key, "ingested_at": datetime.now(UTC)},
+            )
+        )  # fmt: skip
+        roll.rows_ingested = max(roll.rows_ingested, stop)
+        if roll.status == "registered":
+            roll.status = "ingesting"
+        roll.updated_at = datetime.now(UTC)
+        run = live_run(session, roll)
+        if previous is not None:  # a changed frame: its bands are scored again
+            rescore = list(arrays.bands_of_rows(row_start, stop))
+            done = (
+                session.execute(
+                    update(Band)
+                    .where(
+                        Band.run_id == run.id, Band.band_index.in_(rescore), Band.status == "done"
+                    )
+                    .values(status="pending")
+                    .returning(Band.band_index)
+                )
+                .scalars()
+                .all()
+            )
+            run.bands_done -= len(done)
+            if run.status == "done":
+                run.status = "scoring"
+        session.flush()
+        ready = advance_run(ctx, session, roll, run)
+        if previous is not None:
+            ready = sorted(set(ready) | set(done))
+        run_id = run.id
+    _enqueue_bands(ctx, run_id, ready)
+    return "ingested"
+
+
+def roll_updated(ctx: WorkerContext, roll_id: str) -> list[int]:
+    """After a manifest update (e.g. `complete`): announce the bands that became ready."""
+    with ctx.session() as session:
+        roll = session.get(Roll, roll_id, with_for_update=True)
+        if roll is None or roll.status == "failed":
+            return []
+        try:
+            run = live_run(session, roll)
+        except RollError as exc:
+            fail_roll(session, roll_id, str(exc))
+            return []
+        ready = advance_run(ctx, session, roll, run)
+        finalize = (
+            run.status != "done"
+            and run.bands_total is not None
+            and run.bands_done == run.bands_total
+        )
+        run_id = run.id
+    _enqueue_bands(ctx, run_id, ready)
+    if finalize and not ready:
+        ctx.enqueue.finalize(run_id)
+    return ready

@@ -1,0 +1,42 @@
+"""Run the pipeline in this process without Celery: each enqueue calls the function at once.
+
+For tests of the pipeline's logic and for tools that want no broker at all. (The embedded
+default uses Celery's eager mode instead, so that it runs the task code itself.)
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from worker.context import WorkerContext
+from worker.finalize import finalize_run
+from worker.ingest import ingest_frame
+from worker.scoring import score_band
+
+
+@dataclass
+class InlineEnqueuer:
+    """Queues work in memory; `drain()` runs it in order (breadth-first, like a broker would)."""
+
+    ctx: WorkerContext | None = None
+    queue: deque[tuple[Any, tuple]] = field(default_factory=deque)
+    log: list[tuple[str, tuple]] = field(default_factory=list)
+
+    def ingest(self, roll_id: str, seq: int, key: str) -> None:
+        self.queue.append((ingest_frame, (roll_id, seq, key)))
+
+    def score(self, run_id: int, band_index: int) -> None:
+        self.queue.append((score_band, (run_id, band_index)))
+
+    def finalize(self, run_id: int) -> None:
+        self.queue.append((finalize_run, (run_id,)))
+
+    def drain(self) -> list[tuple[str, tuple, Any]]:
+        results = []
+        while self.queue:
+            function, args = self.queue.popleft()
+            self.log.append((function.__name__, args))
+            results.append((function.__name__, args, function(self.ctx, *args)))
+        return results

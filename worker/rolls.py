@@ -1,0 +1,98 @@
+"""Roll registration and the roll's live run: the rows PostgreSQL keeps for every roll."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from storage.manifest import Manifest
+from storage.registry import active_model
+from storage.schema import Roll, Run
+
+
+class RollError(ValueError):
+    """A roll that cannot be taken as asked; the message says why."""
+
+
+IMMUTABLE = ("fabric_type", "width_mm", "px_per_mm_x", "px_per_mm_y")
+
+
+def register_roll(session: Session, manifest: Manifest, source: str) -> Roll:
+    """Insert or update a roll from its manifest (idempotent).
+
+    A re-sent manifest may add the frame count, turn `complete` on and change `meta`; it may
+    not change the roll's fabric type or geometry (that would be a different roll).
+    """
+    values = {
+        "id": manifest.roll_id,
+        "fabric_type": manifest.fabric_type,
+        "width_mm": manifest.width_mm,
+        "px_per_mm_x": manifest.px_per_mm_x,
+        "px_per_mm_y": manifest.px_per_mm_y,
+        "frames_total": manifest.frames,
+        "complete": manifest.complete,
+        "meta": manifest.meta,
+        "source": source,
+    }
+    existing = session.get(Roll, manifest.roll_id, with_for_update=True)
+    if existing is None:
+        session.execute(insert(Roll).values(**values).on_conflict_do_nothing())
+        session.flush()
+        existing = session.get(Roll, manifest.roll_id, with_for_update=True, populate_existing=True)
+    changed = [k for k in IMMUTABLE if getattr(existing, k) != values[k]]
+    if changed:
+        raise RollError(
+            f"roll {manifest.roll_id}: the manifest changes {', '.join(changed)}, which a "
+            "registered roll cannot change"
+        )
+    if existing.complete and not manifest.complete:
+        raise RollError(f"roll {manifest.roll_id} is already complete; a manifest cannot reopen it")
+    existing.frames_total = (
+        manifest.frames if manifest.frames is not None else existing.frames_total
+    )
+    existing.complete = manifest.complete
+    existing.meta = manifest.meta
+    existing.source = source
+    existing.updated_at = datetime.now(UTC)
+    session.flush()
+    return existing
+
+
+def live_run(session: Session, roll: Roll) -> Run:
+    """The roll's live run with the fabric's active model (created once, idempotently)."""
+    run = session.scalar(select(Run).where(Run.roll_id == roll.id, Run.purpose == "live"))
+    if run is not None:
+        return run
+    model = active_model(session, roll.fabric_type)
+    if model is None:
+        raise RollError(
+            f"no active model for fabric type {roll.fabric_type!r} and no active generic model: "
+            "register and activate one (`rollscan models register … --activate`)"
+        )
+    session.execute(
+        insert(Run)
+        .values(roll_id=roll.id, model_version=model.version, purpose="live")
+        .on_conflict_do_nothing()
+    )
+    session.flush()
+    return session.scalar(
+        select(Run).where(Run.roll_id == roll.id, Run.model_version == model.version)
+    )
+
+
+def fail_roll(session: Session, roll_id: str, reason: str) -> None:
+    """Mark a roll failed with its reason; its runs stop. Other rolls are not affected."""
+    now = datetime.now(UTC)
+    session.execute(
+        update(Roll)
+        .where(Roll.id == roll_id)
+        .values(status="failed", failure_reason=reason[:2000], updated_at=now)
+    )
+    session.execute(
+        update(Run)
+        .where(Run.roll_id == roll_id, Run.status.in_(("pending", "scoring", "finalizing")))
+        .values(status="failed", error=reason[:2000], finished_at=now)
+    )

@@ -1,0 +1,95 @@
+"""Score one band: read its rows plus halo, tile, run the model in batches, max-stitch, store.
+
+A band is the unit of work: one task writes one band's score shard (¼ resolution, float16), so
+no two writers ever share a shard. Scoring a band twice writes the same values and counts once.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+
+import numpy as np
+from sqlalchemy import update
+
+from storage.schema import Band, Model, Roll, Run
+from worker.context import WorkerContext, lock_bands
+from worker.ingest import roll_arrays, run_tiling
+from worker.tiling import band_read_window, band_tiles, cut_tiles, downsample_max, stitch_max
+
+log = logging.getLogger(__name__)
+SCORE_SCALE = 4
+
+# one reader thread per process: the next batch's tiles are cut while the model computes
+_prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollscan-prefetch")
+
+
+def band_map(
+    detector, pixels: np.ndarray, window_row0: int, origins: list[tuple[int, int]],
+    band_start: int, band_stop: int, width: int, tile: int, margin: int, roll_rows: int,
+) -> np.ndarray:  # fmt: skip
+    """Full-resolution map of a band: tiles scored in batches, merged by maximum."""
+    batch = detector.batch_size
+    chunks = [origins[i : i + batch] for i in range(0, len(origins), batch)]
+    maps = []
+    future = _prefetch.submit(cut_tiles, pixels, window_row0, chunks[0], tile)
+    for k in range(len(chunks)):
+        tiles = future.result()
+        if k + 1 < len(chunks):
+            future = _prefetch.submit(cut_tiles, pixels, window_row0, chunks[k + 1], tile)
+        maps.append(detector.predict(tiles).maps)
+    return stitch_max(np.concatenate(maps), origins, band_start, band_stop, width, tile,
+                      margin=margin, roll_rows=roll_rows)  # fmt: skip
+
+
+def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
+    """Score a band; returns "scored", "already done" or "skipped" (failed run)."""
+    with ctx.session() as session:
+        run = session.get(Run, run_id)
+        band = session.get(Band, (run_id, band_index))
+        if run is None or band is None:
+            raise ValueError(f"run {run_id} has no band {band_index}")
+        if run.status == "failed":
+            return "skipped"
+        if band.status == "done":
+            return "already done"
+        roll = session.get(Roll, run.roll_id)
+        model = session.get(Model, run.model_version)
+        arrays = roll_arrays(ctx, roll)
+        rows, width = roll.rows_ingested, roll.width_px
+        start, stop = band.row_start, band.row_stop
+        tile, stride = run_tiling(ctx, session, run)
+        read_start, read_stop = band_read_window(start, stop, rows, tile, stride)
+        lock_bands(session, roll.id, arrays.bands_of_rows(read_start, read_stop), shared=True)
+        pixels = arrays.read_rows(read_start, read_stop)
+    detector = ctx.detector(model)
+    origins = band_tiles(start, stop, rows, width, tile, stride)
+    margin = (tile - stride) // 2
+    full = band_map(detector, pixels, read_start, origins, start, stop, width, tile, margin, rows)
+    quarter = downsample_max(full, SCORE_SCALE)
+    partial = stop - start < arrays.band_height  # only the roll's last band can be short
+    arrays.write_band_scores(model.version, band_index, quarter, length=rows if partial else None)
+    with ctx.session() as session:
+        counted = session.execute(
+            update(Band)
+            .where(Band.run_id == run_id, Band.band_index == band_index, Band.status != "done")
+            .values(status="done", max_score=float(full.max()), scored_at=datetime.now(UTC),
+                    attempts=Band.attempts + 1)
+            .returning(Band.band_index)
+        ).first()  # fmt: skip
+        finalize = False
+        if counted is not None:
+            done, total = session.execute(
+                update(Run)
+                .where(Run.id == run_id)
+                .values(bands_done=Run.bands_done + 1)
+                .returning(Run.bands_done, Run.bands_total)
+            ).one()
+            finalize = total is not None and done == total
+    log.info(
+        "run %s band %s scored (%d tiles, max %.3f)", run_id, band_index, len(origins), full.max()
+    )
+    if finalize:
+        ctx.enqueue.finalize(run_id)
+    return "scored"

@@ -1,0 +1,90 @@
+"""Celery tasks: thin wrappers over the pipeline's plain functions (ingest, score, finalize, train).
+
+Each task builds its process's `WorkerContext` lazily — after the prefork, so CUDA and database
+pools are created in the child — and retries with exponential back-off on transient database
+and object-store errors. A bad roll is marked failed inside the pipeline; other rolls go on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery import Task
+
+from storage.database import is_transient_db_error
+from storage.objectstore import is_transient_store_error
+from worker.app import app
+from worker.context import RetryLater, WorkerContext
+from worker.finalize import finalize_run
+from worker.ingest import ingest_frame
+from worker.scoring import score_band
+
+log = logging.getLogger(__name__)
+MAX_RETRIES = 12  # 2 s doubling, capped at 5 min: about 40 minutes of outage
+
+
+class CeleryEnqueuer:
+    def ingest(self, roll_id: str, seq: int, key: str) -> None:
+        ingest.apply_async((roll_id, seq, key))
+
+    def score(self, run_id: int, band_index: int) -> None:
+        score.apply_async((run_id, band_index))
+
+    def finalize(self, run_id: int) -> None:
+        finalize.apply_async((run_id,))
+
+
+_context: WorkerContext | None = None
+
+
+def context() -> WorkerContext:
+    global _context
+    if _context is None:
+        from storage.settings import get_settings
+
+        settings = get_settings()
+        _context = WorkerContext.from_settings(
+            CeleryEnqueuer(), settings, device=settings.device, batch_size=settings.batch_size
+        )
+    return _context
+
+
+def is_transient(exc: BaseException) -> bool:
+    return is_transient_db_error(exc) or is_transient_store_error(exc)
+
+
+def _run(task: Task, function: Any, *args: Any) -> Any:
+    try:
+        return function(context(), *args)
+    except RetryLater as exc:
+        raise task.retry(exc=exc, countdown=exc.countdown, max_retries=None) from exc
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+        countdown = min(300, 2 * 2**task.request.retries)
+        log.warning("%s%s: transient error, retry in %ss: %s", task.name, args, countdown, exc)
+        raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RETRIES) from exc
+
+
+@app.task(bind=True, name="rollscan.ingest")
+def ingest(self: Task, roll_id: str, seq: int, key: str) -> str:
+    return _run(self, ingest_frame, roll_id, seq, key)
+
+
+@app.task(bind=True, name="rollscan.score")
+def score(self: Task, run_id: int, band_index: int) -> str:
+    return _run(self, score_band, run_id, band_index)
+
+
+@app.task(bind=True, name="rollscan.finalize")
+def finalize(self: Task, run_id: int) -> int | None:
+    return _run(self, finalize_run, run_id)
+
+
+@app.task(bind=True, name="rollscan.train")
+def train(self: Task, data: str, fabric_type: str | None, version: str | None = None,
+          config: dict | None = None) -> str:  # fmt: skip
+    from worker.training import train_and_register
+
+    return _run(self, train_and_register, data, fabric_type, version, config or {})
