@@ -10,6 +10,7 @@ from pathlib import Path
 
 from distill.teacher import DEFAULT_TEACHER, TEACHERS
 from distill.torch_model import VARIANTS
+from scheduler.cli_grade import add_grade_commands
 from scheduler.cli_models import add_models_commands
 from storage.cli_db import add_db_commands
 
@@ -86,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
         add(sub)
     add_db_commands(sub)
     add_models_commands(sub)
+    add_grade_commands(sub)
     return parser
 
 
@@ -185,6 +187,7 @@ COMMANDS = {
     "submit": _submit,
     "db": lambda args: args.db_handler(args),
     "models": lambda args: args.models_handler(args),
+    "grade": lambda args: args.grade_handler(args),
 }
 
 

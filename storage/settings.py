@@ -35,6 +35,9 @@ class Settings(BaseSettings):
     broker_url: SecretStr | None = Field(
         None, description="Celery broker; None runs tasks in-process"
     )
+    broker_visibility_timeout: int = Field(
+        3600, gt=0, description="Redis: seconds before an unacknowledged task is redelivered"
+    )
     s3_endpoint: str | None = Field(
         None, description="S3-compatible endpoint URL; None = local dir"
     )

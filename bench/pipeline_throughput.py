@@ -1,0 +1,116 @@
+"""Whole-pipeline throughput against the model alone, in the same run.
+
+    python bench/pipeline_throughput.py [--frames 8] [--frame-rows 1024] [--width 2048] [--json OUT]
+
+A synthetic roll goes through ingest → score → finalize in this process (no broker) on the
+configured database (the embedded server by default) and a local object store in a temporary
+folder. The model is a random-weight `efficientnet_lite0` student (speed does not depend on
+weights) with a threshold no score reaches, so finalize writes no defects. The reference is
+the same detector scoring the same number of 256² tiles directly. The goal: pipeline ≥ 0.8×.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from distill.checkpoint import ModelCard, load_detector, save_checkpoint
+from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
+from distill.torch_model import ReverseDistillation
+from scheduler.submit import submit
+from scheduler.synthetic_roll import write_synthetic_roll
+from storage.database import database_url, make_engine, upgrade
+from storage.objectstore_local import LocalStore
+from storage.registry import activate_model, register_model
+from storage.schema import Band, Run
+from storage.settings import get_settings
+from worker.context import WorkerContext
+from worker.inline import InlineEnqueuer
+from worker.tiling import band_tiles
+
+
+def random_checkpoint(path: Path) -> Path:
+    teacher = build_teacher("efficientnet_lite0", "random")
+    model = ReverseDistillation(teacher)
+    card = ModelCard(
+        teacher=teacher.name, teacher_weights=teacher.weights_source,
+        teacher_sha256=teacher.weights_sha256(), variant="residual", tile=256,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=1e9,
+    )  # fmt: skip
+    return save_checkpoint(path, model, card)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--frame-rows", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="rollscan-bench-"))
+    settings = get_settings(data_dir=tmp / "data", device="cpu", batch_size=args.batch)
+    if settings.database_url is None:  # the embedded server lives in the usual data dir
+        settings = get_settings(device="cpu", batch_size=args.batch)
+    upgrade(database_url(settings))
+    engine = make_engine(settings)
+    store = LocalStore(tmp / "objects")
+    enqueuer = InlineEnqueuer()
+    ctx = WorkerContext(settings, engine, store, enqueuer, device="cpu", batch_size=args.batch)
+    enqueuer.ctx = ctx
+    fabric = f"bench-{int(time.time())}"
+    with ctx.session() as session:
+        model, _ = register_model(
+            session, store, random_checkpoint(tmp / "m.pt"), fabric_type=fabric
+        )
+        activate_model(session, model.version)
+    roll_id = f"{fabric}-roll"
+    write_synthetic_roll(tmp / "roll", roll_id, frames=args.frames, frame_rows=args.frame_rows,
+                         width=args.width, fabric_type=fabric, plan=[])  # fmt: skip
+    ctx.detector(model)  # load once, outside the timing, as a warm worker would have it
+    started = time.perf_counter()
+    submit(ctx, str(tmp / "roll"))
+    enqueuer.drain()
+    pipeline_s = time.perf_counter() - started
+    rows = args.frames * args.frame_rows
+    with ctx.session() as session:
+        run = session.query(Run).filter(Run.roll_id == roll_id).one()
+        bands = session.query(Band).filter(Band.run_id == run.id).all()
+        tiles = sum(
+            len(band_tiles(b.row_start, b.row_stop, rows, args.width, 256, 224)) for b in bands
+        )
+        status = run.status
+    detector, _ = load_detector(tmp / "m.pt", device="cpu", batch_size=args.batch)
+    images = np.random.default_rng(0).integers(0, 256, (tiles, 256, 256, 1), dtype=np.uint8)
+    detector.predict(images[: args.batch])
+    started = time.perf_counter()
+    detector.predict(images)
+    model_s = time.perf_counter() - started
+    result = {
+        "roll": f"{rows}×{args.width} px, {args.frames} frames, {len(bands)} bands",
+        "run_status": status,
+        "tiles": tiles,
+        "pipeline_tiles_per_s": tiles / pipeline_s,
+        "model_tiles_per_s": tiles / model_s,
+        "ratio": model_s / pipeline_s,
+        "detector_mode": detector.mode,
+        "threads": torch.get_num_threads(),
+    }
+    print(f"{'':<34}{'tiles/s':>10}")
+    print(f"{'model alone (same tiles)':<34}{result['model_tiles_per_s']:>10.1f}")
+    print(f"{'pipeline: ingest → score → finalize':<34}{result['pipeline_tiles_per_s']:>10.1f}")
+    print(
+        f"ratio pipeline / model: {result['ratio']:.2f} ({tiles} tiles, {result['roll']}, {detector.mode})"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Grade runs in PostgreSQL: read a run's defects and roll, write points and the grade.
+
+Idempotent: the per-defect points are overwritten, and the grade is an upsert on the
+grades key (roll_id, run_id, system), so grading a run again replaces its grade row
+instead of adding one (a nightly job that overlaps a manual regrade is harmless).
+
+The run's row is read ``FOR SHARE``: a re-finalize of the same run (which rewrites its
+defects under ``FOR UPDATE``) waits until this transaction ends, so the points written
+always belong to the defects that were graded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from scheduler.grading import GradingRules, grade_roll, load_rules
+from storage.schema import Defect, Grade, Roll, Run
+
+log = logging.getLogger(__name__)
+
+SYSTEM = "astm_d5430"
+
+
+@dataclass(frozen=True)
+class GradeRow:
+    """What was written to `grades` for one run, plus what a report needs beside it."""
+
+    roll_id: str
+    run_id: int
+    fabric_type: str
+    length_m: float
+    points: int
+    points_per_100yd2: float
+    grade: str
+    defects: int
+    ignored: int  # at the selvage
+
+
+def grade_run(session: Session, run_id: int, rules: GradingRules | None = None) -> GradeRow:
+    """Grade one finished run and write the result; ValueError when it cannot be graded
+    (unknown, not done, roll length unknown). Nothing is written before the checks pass.
+    The caller commits."""
+    rules = rules if rules is not None else GradingRules()
+    run = session.scalar(
+        select(Run)
+        .where(Run.id == run_id)
+        .with_for_update(read=True)
+        .execution_options(populate_existing=True)
+    )
+    if run is None:
+        raise ValueError(f"unknown run {run_id}")
+    if run.status != "done":
+        raise ValueError(f"run {run_id} of roll {run.roll_id} is {run.status}, not done")
+    roll = session.get(Roll, run.roll_id)
+    assert roll is not None  # the foreign key
+    if not roll.length_m:
+        raise ValueError(f"roll {roll.id} has no length yet: it cannot be graded")
+
+    rows = session.execute(
+        select(Defect.id, Defect.x0_mm, Defect.y0_mm, Defect.x1_mm, Defect.y1_mm, Defect.length_mm)
+        .where(Defect.run_id == run_id)
+        .order_by(Defect.defect_no)
+    ).all()
+    result = grade_roll([tuple(r[1:]) for r in rows], roll.length_m * 1000.0, roll.width_mm, rules)
+
+    if rows:
+        # ORM bulk UPDATE by primary key: one executemany; None clears a stale value
+        session.execute(
+            update(Defect),
+            [
+                {"id": r.id, "points": pts}
+                for r, pts in zip(rows, result.per_defect_points, strict=True)
+            ],
+        )
+    values = {
+        "points": result.points,
+        "points_per_100yd2": result.points_per_100yd2,
+        "grade": result.grade,
+        "yards": result.yards,
+        "width_in": result.width_in,
+        "details": {**result.details, "model_version": run.model_version},
+    }
+    stmt = insert(Grade).values(roll_id=roll.id, run_id=run_id, system=SYSTEM, **values)
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[Grade.roll_id, Grade.run_id, Grade.system],
+            set_={**{k: stmt.excluded[k] for k in values}, "graded_at": func.now()},
+        )
+    )
+    ignored = len(result.details["defects_ignored_at_selvage"])
+    log.info("graded roll %s run %s: %s (%d points, %.2f per 100 yd²)", roll.id, run_id,
+             result.grade, result.points, result.points_per_100yd2)  # fmt: skip
+    return GradeRow(
+        roll_id=roll.id,
+        run_id=run_id,
+        fabric_type=roll.fabric_type,
+        length_m=roll.length_m,
+        points=result.points,
+        points_per_100yd2=result.points_per_100yd2,
+        grade=result.grade,
+        defects=len(rows),
+        ignored=ignored,
+    )
+
+
+def grade_rolls(
+    session: Session,
+    *,
+    roll_id: str | None = None,
+    since: datetime | None = None,
+    rules_for: Callable[[str], GradingRules] | None = None,
+) -> list[GradeRow]:
+    """Grade the current run of each roll whose current run is done: one roll (`roll_id`),
+    the rolls whose current run finished at or after `since` (a naive datetime is local
+    time), or, with neither, every such roll. `rules_for(fabric_type)` gives the rules
+    (default: the built-in ones), asked once per fabric type.
+
+    A roll that cannot be graded (no length recorded) is logged and skipped so that one
+    odd roll does not stop a nightly batch; an unknown `roll_id` is a ValueError.
+    The caller commits."""
+    if roll_id is not None and session.get(Roll, roll_id) is None:
+        raise ValueError(f"unknown roll {roll_id!r}")
+    query = (
+        select(Run.id, Roll.fabric_type)
+        .join(Roll, Roll.id == Run.roll_id)
+        .where(Run.is_current, Run.status == "done")
+        .order_by(Run.roll_id)
+    )
+    if roll_id is not None:
+        query = query.where(Run.roll_id == roll_id)
+    if since is not None:
+        query = query.where(Run.finished_at >= (since if since.tzinfo else since.astimezone()))
+    get_rules = rules_for if rules_for is not None else (lambda fabric: load_rules(fabric))
+    cache: dict[str, GradingRules] = {}
+    graded: list[GradeRow] = []
+    for run_id, fabric in session.execute(query).all():
+        if fabric not in cache:
+            cache[fabric] = get_rules(fabric)
+        try:
+            graded.append(grade_run(session, run_id, cache[fabric]))
+        except ValueError as exc:
+            log.warning("not graded: %s", exc)
+    return graded

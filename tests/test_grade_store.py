@@ -1,0 +1,188 @@
+"""Grading on a real PostgreSQL: points per defect, one grade row per (roll, run, system)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
+
+from scheduler.grade_store import SYSTEM, grade_rolls, grade_run
+from scheduler.grading import GradingRules
+from storage.schema import Defect, Grade, Model, Roll, Run
+
+IN, YD = 25.4, 914.4  # mm
+NOW = datetime.now(UTC)
+
+
+def _roll(s: Session, roll_id: str, fabric: str = "denim", length_m: float | None = 91.44) -> Roll:
+    # 60 in wide (1524 mm), 100 yd long (91.44 m) unless told otherwise
+    roll = Roll(id=roll_id, fabric_type=fabric, width_mm=60 * IN, px_per_mm_x=4.0,
+                px_per_mm_y=4.0, length_m=length_m, status="done")  # fmt: skip
+    s.add(roll)
+    s.flush()
+    return roll
+
+
+def _model(s: Session, version: str = "m1", n: int = 1) -> Model:
+    model = Model(version=version, fabric_type="denim", variant="residual", teacher="resnet34",
+                  tile=256, checkpoint_uri=f"file:///models/{version}.pt", sha256=f"{n:064x}",
+                  threshold=0.5)  # fmt: skip
+    s.add(model)
+    s.flush()
+    return model
+
+
+def _run(
+    s: Session, roll_id: str, version: str = "m1", *, status: str = "done",
+    current: bool = True, finished: datetime | None = NOW,
+) -> Run:  # fmt: skip
+    run = Run(roll_id=roll_id, model_version=version, purpose="live", status=status,
+              is_current=current, finished_at=finished if status == "done" else None)  # fmt: skip
+    s.add(run)
+    s.flush()
+    return run
+
+
+def _defects(s: Session, run: Run, lengths_in: list[float], selvage: bool = True) -> None:
+    """One defect per length, each in its own yard (10, 20, …); then one at the selvage."""
+    rows = [(500.0, 10 * (i + 1) * YD, 500.0 + n * IN, n * IN) for i, n in enumerate(lengths_in)]
+    if selvage:
+        rows.append((0.0, 95 * YD, 20.0, 20.0))
+    for no, (x0, y0, x1, length) in enumerate(rows, start=1):
+        s.add(
+            Defect(run_id=run.id, roll_id=run.roll_id, defect_no=no, x_mm=(x0 + x1) / 2,
+                   y_mm=y0 + 5, x0_mm=x0, y0_mm=y0, x1_mm=x1, y1_mm=y0 + 10, length_mm=length,
+                   width_mm=10.0, area_mm2=10.0 * length, max_score=0.9, mean_score=0.7)
+        )  # fmt: skip
+    s.flush()
+
+
+def _points(s: Session, run_id: int) -> list[int | None]:
+    return list(
+        s.scalars(select(Defect.points).where(Defect.run_id == run_id).order_by(Defect.defect_no))
+    )
+
+
+def test_grade_writes_points_and_one_grade_row_that_a_regrade_replaces(db_session: Session) -> None:
+    s = db_session
+    _roll(s, "R1")
+    _model(s)
+    run = _run(s, "R1")
+    _defects(s, run, [2, 5, 8, 12])
+
+    row = grade_run(s, run.id)
+    assert (row.roll_id, row.run_id, row.points, row.grade) == ("R1", run.id, 10, "A")
+    assert row.points_per_100yd2 == pytest.approx(10 * 3600 / (100 * 58))
+    assert (row.defects, row.ignored) == (5, 1)
+    assert _points(s, run.id) == [1, 2, 3, 4, None]
+    grade = s.scalars(select(Grade)).one()
+    assert (grade.system, grade.points, grade.grade) == (SYSTEM, 10, "A")
+    assert (grade.yards, grade.width_in) == (pytest.approx(100.0), pytest.approx(58.0))
+    assert grade.details["defects_ignored_at_selvage"] == [4]
+    assert grade.details["model_version"] == "m1"
+    s.commit()
+    first_graded_at = grade.graded_at
+
+    # stricter rules: the same row is replaced, with a new grade and a new time
+    strict = GradingRules(acceptance=(("A", 5.0), ("B", 6.0)), reject_name="R")
+    assert grade_run(s, run.id, strict).grade == "R"
+    s.commit()
+    s.expire_all()
+    assert s.scalar(select(func.count()).select_from(Grade)) == 1
+    grade = s.scalars(select(Grade)).one()
+    assert grade.grade == "R" and grade.details["acceptance"] == [["A", 5.0], ["B", 6.0]]
+    assert grade.graded_at > first_graded_at
+
+    view = s.execute(
+        text(
+            "SELECT roll_id, system, grade, points, points_per_100yd2, model_version FROM roll_grades"
+        )
+    ).all()
+    assert view == [("R1", SYSTEM, "R", 10, pytest.approx(6.2069, abs=1e-4), "m1")]
+
+    # a wider margin now counts the selvage defect: its stale NULL becomes a point value
+    grade_run(s, run.id, GradingRules(selvage_margin_in=0.5))
+    assert _points(s, run.id) == [1, 2, 3, 4, 1]
+
+
+def test_only_finished_current_runs_are_graded(db_session: Session) -> None:
+    s = db_session
+    _model(s, "m1", 1)
+    _model(s, "m2", 2)
+    for roll_id in ("R1", "R2", "R3", "R4"):
+        _roll(s, roll_id)
+    _defects(s, _run(s, "R1"), [12])
+    _run(s, "R2", status="scoring", current=False)  # a live run not yet finalized
+    _run(s, "R3", status="finalizing")  # current but not done (odd, but not gradeable)
+    live = _run(s, "R4", "m1")  # stays current while its reprocess is still scoring
+    _run(s, "R4", "m2", status="scoring", current=False)
+    s.commit()
+
+    rows = grade_rolls(s)
+    assert [r.roll_id for r in rows] == ["R1", "R4"]
+    assert rows[1].run_id == live.id
+    assert s.scalars(select(Grade.roll_id).order_by(Grade.roll_id)).all() == ["R1", "R4"]
+    assert grade_rolls(s, roll_id="R2") == []
+    with pytest.raises(ValueError, match="not done"):
+        grade_run(s, s.scalar(select(Run.id).where(Run.roll_id == "R3")))
+    with pytest.raises(ValueError, match="unknown roll 'nope'"):
+        grade_rolls(s, roll_id="nope")
+    grades = dict(s.execute(text("SELECT roll_id, grade FROM roll_grades")).all())
+    assert grades == {"R1": "A", "R2": None, "R3": None, "R4": "A"}
+
+
+def test_since_rules_per_fabric_and_rolls_without_a_length(db_session: Session) -> None:
+    s = db_session
+    _model(s)
+    _roll(s, "OLD")
+    _roll(s, "NEW", fabric="twill")
+    _roll(s, "NOLEN", length_m=None)
+    _defects(s, _run(s, "OLD", finished=NOW - timedelta(days=3)), [12])
+    _defects(s, _run(s, "NEW"), [12] * 3)
+    _run(s, "NOLEN")
+
+    asked: list[str] = []
+
+    def rules_for(fabric: str) -> GradingRules:
+        asked.append(fabric)
+        return GradingRules(acceptance=((f"{fabric}-ok", 2.0),), reject_name=f"{fabric}-no")
+
+    rows = grade_rolls(s, since=NOW - timedelta(days=1), rules_for=rules_for)
+    # NOLEN is skipped (logged), not fatal; OLD finished before `since`
+    assert [(r.roll_id, r.points, r.grade) for r in rows] == [("NEW", 12, "twill-no")]
+    rows = grade_rolls(s, rules_for=rules_for)
+    assert [(r.roll_id, r.grade) for r in rows] == [("NEW", "twill-no"), ("OLD", "denim-no")]
+    assert sorted(asked) == ["denim", "denim", "twill", "twill"]  # once per call and fabric
+    assert s.scalar(select(func.count()).select_from(Grade)) == 2
+
+
+def test_cli_grades_and_prints_a_table(
+    db_session: Session, monkeypatch: pytest.MonkeyPatch, migrated_url: str, tmp_path, capsys
+) -> None:
+    from scheduler.cli import main
+
+    s = db_session
+    _model(s)
+    _roll(s, "R1")
+    _defects(s, _run(s, "R1"), [2, 5, 8, 12])
+    s.commit()
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", migrated_url)
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
+    rules = tmp_path / "rules.json"
+    rules.write_text(json.dumps({"fabric_types": {"denim": {"acceptance": [["first", 15]],
+                                                            "reject_name": "second"}}}))  # fmt: skip
+
+    assert main(["grade", "--roll", "R1", "--rules", str(rules)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["roll", "length", "m", "points", "points/100", "yd²", "grade"]
+    assert out[1].split() == ["R1", "91.4", "10", "6.21", "first"]
+    assert main(["grade", "--since", "2000-01-01"]) == 0
+    assert "R1" in capsys.readouterr().out
+    assert s.scalar(select(func.count()).select_from(Grade)) == 1
+
+    rules.write_text(json.dumps({"fabric_type": {}}))
+    assert main(["grade", "--rules", str(rules)]) == 2
+    assert "unknown key(s) ['fabric_type']" in capsys.readouterr().err

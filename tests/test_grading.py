@@ -1,0 +1,180 @@
+"""The four-point system (ASTM D5430), pure logic, against hand-computed numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from scheduler.grading import GradingRules, grade_roll, load_rules
+
+IN, YD = 25.4, 914.4  # mm
+ROLL_100YD, WIDTH_60IN = 100 * YD, 60 * IN  # 91.44 m × 1524 mm
+
+
+def _defect(length_in: float, yard: int, x0_mm: float = 500.0, along: float = 100.0) -> tuple:
+    """A defect `length_in` long across the roll, `along` mm into yard `yard`."""
+    y0 = yard * YD + along
+    return (x0_mm, y0, x0_mm + length_in * IN, y0 + 10.0, length_in * IN)
+
+
+def test_points_by_length_and_points_per_100_square_yards() -> None:
+    defects = [_defect(2, 0), _defect(5, 10), _defect(8, 20), _defect(12, 30)]
+    r = grade_roll(defects, ROLL_100YD, WIDTH_60IN)
+    assert r.per_defect_points == [1, 2, 3, 4]
+    assert r.points == 10
+    assert r.yards == pytest.approx(100.0)
+    assert r.width_in == pytest.approx(58.0)  # 60 in less two 1-in selvage margins
+    assert r.points_per_100yd2 == pytest.approx(10 * 3600 / (100 * 58))  # 6.2069
+    assert r.points_per_100yd2 == pytest.approx(6.2069, abs=1e-4)
+    assert r.grade == "A"
+    assert r.details["yards_capped"] == [] and r.details["defects_ignored_at_selvage"] == []
+    json.dumps(r.details)  # stored as JSONB
+
+
+def test_at_most_four_points_per_yard() -> None:
+    r = grade_roll(
+        [_defect(12, 7, x0_mm=200.0 + 300 * i) for i in range(4)], ROLL_100YD, WIDTH_60IN
+    )
+    assert r.per_defect_points == [4, 4, 4, 4]
+    assert r.points == 4
+    assert r.details["points_before_cap"] == 16
+    assert r.details["yards_capped"] == [{"yard": 7, "points": 16, "counted": 4}]
+    assert r.points_per_100yd2 == pytest.approx(4 * 3600 / (100 * 58))
+
+
+def test_yard_is_that_of_the_bbox_centre_and_a_partial_last_yard_counts() -> None:
+    # centres at 905 mm (yard 0) and 925 mm (yard 1): two yards, no cap between them
+    a = (500.0, 900.0, 800.0, 910.0, 300.0)
+    b = (500.0, 920.0, 800.0, 930.0, 300.0)
+    # a bbox from yard 0 into yard 1 whose centre lies in yard 0: counted with `a`
+    c = (900.0, 800.0, 1150.0, 1000.0, 250.0)
+    r = grade_roll([a, b, c], 10.5 * YD, WIDTH_60IN)
+    assert r.per_defect_points == [4, 4, 4]
+    assert r.points == 8  # yard 0: 4 + 4 capped at 4; yard 1: 4
+    assert r.details["yards_capped"] == [{"yard": 0, "points": 8, "counted": 4}]
+    last = grade_roll(
+        [_defect(12, 10, along=300.0), _defect(12, 10, along=400.0)], 10.5 * YD, WIDTH_60IN
+    )
+    assert last.points == 4 and last.yards == pytest.approx(10.5)
+
+
+def test_defects_within_the_selvage_margin_are_ignored() -> None:
+    left = (0.0, 1000.0, 25.4, 1010.0, 25.4)  # ends exactly 1 in from the left edge
+    right = (WIDTH_60IN - 20.0, 2000.0, WIDTH_60IN, 2200.0, 200.0)
+    straddling = (20.0, 3000.0, 30.0, 3010.0, 10.0)  # reaches past the margin: counted
+    r = grade_roll([left, right, straddling], ROLL_100YD, WIDTH_60IN)
+    assert r.per_defect_points == [None, None, 1]
+    assert r.points == 1
+    assert r.details["defects_ignored_at_selvage"] == [0, 1]
+    wider = grade_roll([left], ROLL_100YD, WIDTH_60IN, GradingRules(selvage_margin_in=0.5))
+    assert wider.per_defect_points == [1] and wider.width_in == pytest.approx(59.0)
+
+
+@pytest.mark.parametrize(
+    ("length_in", "points"),
+    [(0.1, 1), (3.0, 1), (3.01, 2), (6.0, 2), (6.01, 3), (9.0, 3), (9.01, 4), (40.0, 4)],
+)
+def test_band_boundaries_are_inclusive_on_the_upper_edge(length_in: float, points: int) -> None:
+    assert grade_roll([_defect(length_in, 0)], ROLL_100YD, WIDTH_60IN).per_defect_points == [points]
+
+
+def test_acceptance_limits() -> None:
+    rules = GradingRules()
+    assert [rules.grade_for(v) for v in (0.0, 20.0, 20.001, 40.0, 40.001)] == [
+        "A", "A", "B", "B", "reject",
+    ]  # fmt: skip
+    # 70 yards with a 4-point defect each: 280 × 3600 / (100 × 58) = 173.79
+    r = grade_roll([_defect(12, y) for y in range(70)], ROLL_100YD, WIDTH_60IN)
+    assert r.points == 280 and r.points_per_100yd2 == pytest.approx(173.7931, abs=1e-4)
+    assert r.grade == "reject"
+    assert grade_roll([], ROLL_100YD, WIDTH_60IN).grade == "A"
+
+
+def test_metric_roll_converts_exactly() -> None:
+    # 91.44 m × 1524 mm is exactly 100 yd × 60 in: the numbers of the first test
+    r = grade_roll([_defect(12, 30)], 91_440.0, 1_524.0)
+    assert (r.yards, r.width_in) == (pytest.approx(100.0), pytest.approx(58.0))
+    assert r.points_per_100yd2 == pytest.approx(4 * 3600 / 5800)
+    # 100 m × 1.5 m, defects of 50, 100, 200, 250 mm = 1.97, 3.94, 7.87, 9.84 in
+    defects = [
+        (500.0, y, 500.0 + n, y + 5, n) for y, n in ((0, 50), (5e3, 100), (9e3, 200), (2e4, 250))
+    ]
+    m = grade_roll(defects, 100_000.0, 1_500.0)
+    assert m.per_defect_points == [1, 2, 3, 4]
+    assert m.yards == pytest.approx(109.36133, abs=1e-5)
+    assert m.width_in == pytest.approx(57.05512, abs=1e-5)  # 1500 / 25.4 − 2
+    assert m.points_per_100yd2 == pytest.approx(5.76958, abs=1e-5)
+
+
+def test_impossible_geometry_is_refused() -> None:
+    with pytest.raises(ValueError, match="positive"):
+        grade_roll([], 0.0, WIDTH_60IN)
+    with pytest.raises(ValueError, match="no cuttable width"):
+        grade_roll([], ROLL_100YD, 2 * IN)
+
+
+CONFIG = {
+    "default": {"max_points_per_yard": 3},
+    "fabric_types": {
+        "denim": {"acceptance": [["first", 15], ["second", 30]], "reject_name": "third"},
+        "silk": {"point_bands": [[1, 1], [2, 2], [4, 3]], "max_points_per_yard": 4},
+    },
+}
+
+
+def test_rules_per_fabric_type_from_configuration() -> None:
+    assert load_rules("denim", None) == GradingRules()
+    denim = load_rules("denim", CONFIG)
+    assert denim.acceptance == (("first", 15.0), ("second", 30.0))
+    assert denim.reject_name == "third" and denim.max_points_per_yard == 3  # from default
+    other = load_rules("twill", CONFIG)  # not configured: the config's default
+    assert other.acceptance == GradingRules().acceptance and other.max_points_per_yard == 3
+    silk = load_rules("silk", CONFIG)
+    assert silk.points_for(1.5) == 2 and silk.points_for(4.5) == 4
+
+    defects = [_defect(2, 0), _defect(5, 10), _defect(8, 20), _defect(12, 30)]
+    assert grade_roll(defects, ROLL_100YD, WIDTH_60IN, denim).grade == "first"  # 6.2
+    heavy = [_defect(12, y) for y in range(20)]  # 20 × 3 (capped) = 60 → 37.24 per 100 yd²
+    r = grade_roll(heavy, ROLL_100YD, WIDTH_60IN, denim)
+    assert (r.points, r.grade) == (60, "third")
+    assert grade_roll(heavy, ROLL_100YD, WIDTH_60IN, load_rules("x", None)).grade == "reject"
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        ({"defaults": {}}, r"unknown key\(s\) \['defaults'\]"),
+        (
+            {"fabric_types": {"denim": {"acceptence": []}}},
+            r"fabric_types\.denim: acceptence: unknown key",
+        ),
+        ({"default": {"acceptance": [["A", 40], ["B", 20]]}}, "ascending"),
+        ({"default": {"acceptance": [["A", 20]], "reject_name": "A"}}, "distinct"),
+        ({"default": {"points_above": 5}}, "1..4"),
+        ({"default": {"point_bands": [[6, 1], [3, 2]]}}, "ascending"),
+        ({"default": {"selvage_margin_in": -1}}, "negative"),
+        ({"default": {"max_points_per_yard": "many"}}, "max_points_per_yard"),
+        ({"fabric_types": ["denim"]}, "fabric_types: expected a table"),
+        ({"fabric_types": {"denim": 3}}, r"fabric_types\.denim: expected a table"),
+    ],
+)
+def test_bad_configuration_is_a_clear_value_error(config: dict, message: str) -> None:
+    # another fabric type's mistake is found too, not only the asked one's
+    with pytest.raises(ValueError, match=message):
+        load_rules("twill", config)
+
+
+def test_rules_files_json_and_toml(tmp_path) -> None:
+    from scheduler.cli_grade import read_rules_file
+
+    (tmp_path / "r.json").write_text(json.dumps(CONFIG))
+    (tmp_path / "r.toml").write_text(
+        "[default]\nmax_points_per_yard = 3\n\n[fabric_types.denim]\n"
+        'acceptance = [["first", 15], ["second", 30]]\nreject_name = "third"\n'
+    )
+    for name in ("r.json", "r.toml"):
+        assert load_rules("denim", read_rules_file(tmp_path / name)) == load_rules("denim", CONFIG)
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"bad\.json"):
+        read_rules_file(tmp_path / "bad.json")
