@@ -17,11 +17,11 @@ import torch
 from torchvision.transforms.v2.functional import gaussian_blur
 from tqdm.auto import tqdm
 
+from distill.calibration import calibrate_threshold
 from distill.checkpoint import ModelCard, save_checkpoint
 from distill.data.mvtec import Category, load_stack
 from distill.inference import Detector, resolve_device
 from distill.loss import DistillationLoss
-from distill.metrics import threshold_at_fpr
 from distill.preprocess import normalise
 from distill.teacher import DEFAULT_TEACHER, IMAGENET_MEAN, IMAGENET_STD, build_teacher
 from distill.torch_model import ReverseDistillation
@@ -179,7 +179,8 @@ def train(
     trainer.model.student.load_state_dict(best_state)
     detector = Detector(trainer.model, card.mean, card.std, device=trainer.device, precision="fp32")
     val_scores = detector.predict(val_images.numpy()).scores
-    card.threshold = threshold_at_fpr(val_scores, config.fpr)
+    calibration = calibrate_threshold(val_scores, config.fpr)
+    card.threshold = calibration.threshold
     card.metrics = {
         "epochs": len(history["val_loss"]),
         "best_epoch": best_epoch,
@@ -188,6 +189,7 @@ def train(
         "n_held_out": len(val_idx),
         "held_out_score_max": float(val_scores.max()),
         "held_out_score_mean": float(val_scores.mean()),
+        "threshold_method": calibration.method,
         "seconds": round(time.perf_counter() - started, 1),
         **history,
     }

@@ -15,16 +15,15 @@ from pathlib import Path
 
 from sqlalchemy import select
 
-from distill.data.synthetic import write_category
 from distill.train import TrainConfig, train
 from scheduler.submit import submit
-from scheduler.synthetic_roll import match_defects, write_synthetic_roll
+from scheduler.synthetic_roll import match_defects, write_synthetic_roll, write_training_tiles
 from storage.database import database_url, upgrade
 from storage.registry import activate_model, active_model, register_model
 from storage.schema import Defect, Roll, Run
 
 FABRIC = "demo-twill"
-WEAVE, SEED, PX_PER_MM = "twill", 7, 10.0
+WEAVE, SEED, PX_PER_MM, ROLL_WIDTH = "twill", 7, 10.0, 2048
 
 
 def ensure_model(ctx, workdir: Path, minutes: float, teacher_weights: str | None) -> str:
@@ -33,13 +32,12 @@ def ensure_model(ctx, workdir: Path, minutes: float, teacher_weights: str | None
         if model is not None:
             print(f"reusing model {model.version} for {FABRIC}")
             return model.version
-    data = write_category(workdir / "train-data", n_train=60, n_test_good=2, n_test_defect=2,
-                          tile=128, weave=WEAVE, seed=SEED)  # fmt: skip
+    data = write_training_tiles(
+        workdir / "train-data", rows=2048, width=ROLL_WIDTH, tile=128, weave=WEAVE, seed=SEED
+    )
     checkpoint = workdir / "model.pt"
     print(f"training a model for {FABRIC} (at most {minutes} min on {ctx.settings.device}) …")
-    config = TrainConfig(
-        teacher_weights=teacher_weights, tile=128, epochs=30, max_minutes=minutes, fpr=0.0
-    )
+    config = TrainConfig(teacher_weights=teacher_weights, tile=128, epochs=30, max_minutes=minutes)
     train(data, checkpoint, config)
     with ctx.session() as session:
         model, _ = register_model(session, ctx.store, checkpoint, fabric_type=FABRIC)
@@ -65,7 +63,13 @@ def run_demo(
     roll_id = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     roll_dir = workdir / "rolls" / roll_id
     manifest, planted = write_synthetic_roll(
-        roll_dir, roll_id, weave=WEAVE, seed=SEED, px_per_mm=PX_PER_MM, fabric_type=FABRIC
+        roll_dir,
+        roll_id,
+        weave=WEAVE,
+        seed=SEED,
+        px_per_mm=PX_PER_MM,
+        fabric_type=FABRIC,
+        width=ROLL_WIDTH,
     )
     print(f"submitting {roll_id}: {manifest['frames']} frames, {len(planted)} planted defects …")
     submit(ctx, str(roll_dir))

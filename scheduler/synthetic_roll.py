@@ -100,6 +100,25 @@ def write_synthetic_roll(
     return manifest, planted
 
 
+def write_training_tiles(
+    dst: str | Path, *, rows: int, width: int, tile: int, weave: str, seed: int
+) -> Path:
+    """Good tiles over the roll's whole width (MVTec layout `dst/train/good`).
+
+    Yarns differ from column to column, so a model must see the full width of the fabric it
+    will inspect — tiles cut from one narrow strip would make every other column look new.
+    """
+    good = Path(dst) / "train" / "good"
+    good.mkdir(parents=True, exist_ok=True)
+    image = make_fabric(rows, width, weave=weave, seed=seed)
+    k = 0
+    for r in range(0, rows - tile + 1, tile):
+        for c in range(0, width - tile + 1, tile):
+            tifffile.imwrite(good / f"{k:05d}.tif", image[r : r + tile, c : c + tile])
+            k += 1
+    return Path(dst)
+
+
 def match_defects(
     planted: list[PlantedDefect], found: list[dict], px_per_mm: float
 ) -> tuple[dict[int, int], list[int]]:

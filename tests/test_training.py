@@ -104,8 +104,9 @@ def test_checkpoint_card_and_calibrated_threshold(trained):
     m = card.metrics
     assert 1 <= m["best_epoch"] <= m["epochs"] == 6
     assert m["best_val_loss"] == min(m["val_loss"])
-    # the threshold sits at the held-out good scores' 95th percentile or above
-    assert m["held_out_score_mean"] <= card.threshold <= m["held_out_score_max"]
+    # 12 held-out tiles cannot resolve a 5 % rate empirically: the Gumbel fit extrapolates
+    assert m["threshold_method"] == "gumbel"
+    assert card.threshold >= m["held_out_score_mean"]
     assert state and all(isinstance(v, torch.Tensor) for v in state.values())
 
 
