@@ -28,8 +28,9 @@ def as_batch(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     if array.ndim == 2:
         array = array[None, :, :, None]
     elif array.ndim == 3:
-        # (H, W, C) when the last axis can be channels (no image is 3 px wide), else (N, H, W)
-        array = array[None] if array.shape[-1] in (1, 3) else array[..., None]
+        # (H, W, C) when the last axis is channel-sized (no valid image is 4 px wide: the
+        # channel check below then names the problem), else a grey batch (N, H, W)
+        array = array[None] if array.shape[-1] <= 4 else array[..., None]
     elif array.ndim != 4:
         raise ValueError(
             f"expected an image (H, W), (H, W, C) or a batch (N, H, W, C); got {array.ndim} "

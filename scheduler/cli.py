@@ -12,6 +12,8 @@ from distill.teacher import DEFAULT_TEACHER, TEACHERS
 from distill.torch_model import VARIANTS
 from scheduler.cli_grade import add_grade_commands
 from scheduler.cli_models import add_models_commands
+from scheduler.cli_reprocess import add_reprocess_commands
+from scheduler.cli_scheduler import add_scheduler_commands
 from storage.cli_db import add_db_commands
 
 
@@ -88,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_db_commands(sub)
     add_models_commands(sub)
     add_grade_commands(sub)
+    add_scheduler_commands(sub)
+    add_reprocess_commands(sub)
     return parser
 
 
@@ -188,6 +192,8 @@ COMMANDS = {
     "db": lambda args: args.db_handler(args),
     "models": lambda args: args.models_handler(args),
     "grade": lambda args: args.grade_handler(args),
+    "scheduler": lambda args: args.scheduler_handler(args),
+    "reprocess": lambda args: args.reprocess_handler(args),
 }
 
 

@@ -61,6 +61,15 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     batch_size: int = Field(16, ge=1, description="tiles per model call")
 
+    # control plane
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus /metrics port of workers and scheduler; 0 = off"
+    )
+    grade_at: str = Field(
+        "02:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="nightly grading, HH:MM"
+    )
+    timezone: str = Field("UTC", description="IANA time zone of grade_at (e.g. Europe/Paris)")
+
     @field_validator("band_height")
     @classmethod
     def _band_is_whole_chunks(cls, value: int) -> int:
@@ -68,6 +77,19 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"band_height must be a multiple of 256 (zarr chunk rows), not {value}"
             )
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown time zone {value!r} (an IANA name such as Europe/Paris)"
+            ) from None
         return value
 
     @model_validator(mode="after")

@@ -1,5 +1,7 @@
 """The roll pipeline's plain functions on a real PostgreSQL and object store, without Celery."""
 
+import io
+
 import numpy as np
 import pytest
 import tifffile
@@ -139,20 +141,27 @@ def test_a_changed_frame_is_reingested_and_its_bands_rescored(ctx, tmp_path):
     folder, _, _ = _roll(tmp_path, "R-change", plan=[])
     submit(ctx, str(folder))
     ctx.enqueue.drain()
-    assert _defects(ctx, "R-change") == []
+    before = _defects(ctx, "R-change")
     frame = tifffile.imread(folder / "frames" / "000003.tif")
     frame[200:260, 300:360] = 255  # a bright square appears in a re-upload of frame 3
     key = "incoming/R-change/frames/000003.tif"
-    import io
-
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, frame)
     ctx.store.put(key, buffer.getvalue())
     assert ingest_frame(ctx, "R-change", 3, key) == "ingested"
+    names = [function.__name__ for function, _ in ctx.enqueue.queue]
+    assert names == ["score_band"]  # frame 3 is rows 1024..1535: band 1 only is scored again
     ctx.enqueue.drain()
-    found = _defects(ctx, "R-change")
-    assert len(found) == 1
-    assert found[0]["y0_mm"] <= (2 * FRAME_ROWS + 230) / PX_PER_MM <= found[0]["y1_mm"]
+    after = _defects(ctx, "R-change")
+    y, x = (2 * FRAME_ROWS + 230) / PX_PER_MM, 330 / PX_PER_MM
+    covering = [d for d in after if d["y0_mm"] <= y <= d["y1_mm"] and d["x0_mm"] <= x <= d["x1_mm"]]
+    assert len(covering) == 1
+    assert not [
+        d for d in before if d["y0_mm"] <= y <= d["y1_mm"] and d["x0_mm"] <= x <= d["x1_mm"]
+    ]
+    with ctx.session() as session:
+        assert session.get(Roll, "R-change").status == "done"
+        assert session.scalar(select(Run.bands_done).where(Run.roll_id == "R-change")) == 3
 
 
 def test_a_bad_frame_fails_its_roll_and_others_go_on(ctx, tmp_path):

@@ -10,14 +10,21 @@ from celery import Celery
 
 from storage.settings import Settings, get_settings
 
-QUEUES = ("ingest", "score", "finalize", "train")
-ROUTES = {f"rollscan.{queue}": {"queue": queue} for queue in QUEUES}
+QUEUES = ("ingest", "score", "finalize", "train", "reprocess")
+ROUTES = {
+    **{f"rollscan.{queue}": {"queue": queue} for queue in ("ingest", "score", "finalize", "train")},
+    # bands of reprocess runs (`rollscan reprocess`) wait in a queue of their own, so an
+    # archive's backlog never sits in front of live bands: GPU workers take -Q score,reprocess
+    "rollscan.score_reprocess": {"queue": "reprocess"},
+}
 
 
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("rollscan", include=["worker.tasks"])
-    broker = settings.broker_url.get_secret_value() if settings.broker_url else "memory://"
+    broker = (
+        settings.broker_url.get_secret_value() if settings.broker_url else "memory://localhost/"
+    )
     app.conf.update(
         broker_url=broker,
         task_always_eager=settings.broker_url is None,
@@ -31,8 +38,9 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_default_queue="ingest",
         task_serializer="json",
         accept_content=["json"],
-        # Redis redelivers unacknowledged tasks after this; a band takes seconds to minutes
-        broker_transport_options={"visibility_timeout": 3600},
+        # Redis redelivers unacknowledged tasks after this (ROLLSCAN_BROKER_VISIBILITY_TIMEOUT,
+        # default an hour): it must exceed the longest task, a band takes seconds to minutes
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
         broker_connection_retry_on_startup=True,
         worker_cancel_long_running_tasks_on_connection_loss=True,
     )

@@ -68,7 +68,11 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
         )
         session.flush()  # one current run per roll: the old one must step down first
         run.status, run.finished_at, run.is_current, run.error = "done", now, True, None
-        roll.status, roll.completed_at, roll.updated_at = "done", now, now
+        roll.status, roll.updated_at = "done", now
+        if run.purpose == "live" or roll.completed_at is None:
+            # a reprocess run leaves the roll's completion date alone: the archive does not
+            # become "finished today", and `reprocess --since/--until` keeps selecting it
+            roll.completed_at = now
         roll.length_m = roll.rows_ingested / roll.px_per_mm_y / 1000.0
     log.info("run %s finalized: %d defects on roll %s", run_id, len(defects), roll.id)
     return len(defects)

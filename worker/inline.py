@@ -27,8 +27,8 @@ class InlineEnqueuer:
     def ingest(self, roll_id: str, seq: int, key: str) -> None:
         self.queue.append((ingest_frame, (roll_id, seq, key)))
 
-    def score(self, run_id: int, band_index: int) -> None:
-        self.queue.append((score_band, (run_id, band_index)))
+    def score(self, run_id: int, band_index: int, reprocess: bool = False) -> None:
+        self.queue.append((score_band, (run_id, band_index)))  # one queue: no priorities here
 
     def finalize(self, run_id: int) -> None:
         self.queue.append((finalize_run, (run_id,)))

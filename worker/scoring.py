@@ -16,6 +16,7 @@ from sqlalchemy import update
 from storage.schema import Band, Model, Roll, Run
 from worker.context import WorkerContext, lock_bands
 from worker.ingest import roll_arrays, run_tiling
+from worker.metrics import band_scored
 from worker.tiling import band_read_window, band_tiles, cut_tiles, downsample_max, stitch_max
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
     log.info(
         "run %s band %s scored (%d tiles, max %.3f)", run_id, band_index, len(origins), full.max()
     )
+    band_scored(len(origins))
     if finalize:
         ctx.enqueue.finalize(run_id)
     return "scored"

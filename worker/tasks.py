@@ -28,8 +28,9 @@ class CeleryEnqueuer:
     def ingest(self, roll_id: str, seq: int, key: str) -> None:
         ingest.apply_async((roll_id, seq, key))
 
-    def score(self, run_id: int, band_index: int) -> None:
-        score.apply_async((run_id, band_index))
+    def score(self, run_id: int, band_index: int, reprocess: bool = False) -> None:
+        # a reprocess run's bands go to the `reprocess` queue: live rolls keep their own
+        (score_reprocess if reprocess else score).apply_async((run_id, band_index))
 
     def finalize(self, run_id: int) -> None:
         finalize.apply_async((run_id,))
@@ -74,6 +75,12 @@ def ingest(self: Task, roll_id: str, seq: int, key: str) -> str:
 
 @app.task(bind=True, name="rollscan.score")
 def score(self: Task, run_id: int, band_index: int) -> str:
+    return _run(self, score_band, run_id, band_index)
+
+
+@app.task(bind=True, name="rollscan.score_reprocess")
+def score_reprocess(self: Task, run_id: int, band_index: int) -> str:
+    """`score` for the bands of reprocess runs, routed to the `reprocess` queue."""
     return _run(self, score_band, run_id, band_index)
 
 

@@ -1,0 +1,150 @@
+"""`rollscan reprocess`: score finished rolls again with another model version.
+
+The main command line calls `add_reprocess_commands(subparsers)` and, for
+``args.command == "reprocess"``, returns ``args.reprocess_handler(args)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from scheduler.cli_grade import read_rules_file
+from scheduler.grading import GradingRules, load_rules
+
+
+def _date(text: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO date or date-time: {text!r} (e.g. 2026-05-01 or 2026-05-01T18:00)"
+        ) from None
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, not {value}")
+    return value
+
+
+def read_roll_ids(path: Path) -> list[str]:
+    """One roll id per line; blank lines and `#` comments (whole-line or trailing) ignored."""
+    ids = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        roll_id = line.split("#", 1)[0].strip()
+        if roll_id:
+            ids.append(roll_id)
+    return ids
+
+
+def _reprocess(args: argparse.Namespace) -> int:
+    from scheduler.reprocess import reprocess, select_rolls
+    from storage.database import database_url, upgrade
+    from worker.tasks import context
+
+    config = read_rules_file(args.rules) if args.rules is not None else None
+    load_rules("", config)  # validate the whole file before anything runs
+
+    def rules_for(fabric_type: str) -> GradingRules:
+        return load_rules(fabric_type, config)
+
+    listed = read_roll_ids(args.rolls_from) if args.rolls_from is not None else None
+    ctx = context()
+    if ctx.settings.embedded_database and not args.dry_run:
+        upgrade(database_url(ctx.settings))
+    with ctx.session() as session:
+        rolls = select_rolls(
+            session,
+            model_version=args.model,
+            fabric_type=args.fabric,
+            since=args.since,
+            until=args.until,
+            roll_ids=listed,
+        )
+    if listed is not None and len(rolls) < len(set(listed)):
+        skipped = sorted(set(listed) - set(rolls))
+        print(
+            f"{len(skipped)} listed roll(s) skipped (not done, other fabric, outside the dates, "
+            f"or already done with {args.model}): {', '.join(skipped[:20])}"
+            + (" …" if len(skipped) > 20 else "")
+        )
+    if not rolls and not args.dry_run:
+        print(f"nothing to reprocess with {args.model}")
+        return 0
+    try:
+        report = reprocess(
+            ctx,
+            rolls,
+            args.model,
+            max_in_flight=args.max_in_flight,
+            progress=not args.no_progress,
+            dry_run=args.dry_run,
+            rules_for=rules_for,
+        )
+    except KeyboardInterrupt:
+        print(
+            "\ninterrupted: the enqueued bands are still scored by the workers; run the same "
+            "command again to resume"
+        )
+        return 130
+    if args.dry_run:
+        return 0
+    print(
+        f"reprocessed {len(report.done)} of {report.total} roll(s) with {args.model} "
+        f"in {report.seconds:.0f} s"
+    )
+    for roll_id, reason in report.failed.items():
+        print(f"  {roll_id}: {reason}")
+    return 1 if report.failed else 0
+
+
+def add_reprocess_commands(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "reprocess",
+        help="score finished rolls again with a model version (from their stored images)",
+        description="Creates a run per roll with the model, scores it from the roll's zarr "
+        "image, makes it current when complete and regrades. Interrupted, it resumes where it "
+        "stopped when run again. Its bands go to the Celery queue `reprocess`.",
+    )
+    parser.add_argument("--model", required=True, metavar="VERSION", help="a registered version")
+    parser.add_argument(
+        "--fabric",
+        default=None,
+        metavar="TYPE",
+        help="fabric type (default: the model's; required for a generic model)",
+    )
+    parser.add_argument(
+        "--since",
+        type=_date,
+        default=None,
+        metavar="DATE",
+        help="rolls completed at or after DATE (ISO; local time unless it has an offset)",
+    )
+    parser.add_argument(
+        "--until", type=_date, default=None, metavar="DATE", help="rolls completed before DATE"
+    )
+    parser.add_argument(
+        "--rolls-from",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="only these rolls: one id per line, # comments allowed",
+    )
+    parser.add_argument(
+        "--max-in-flight", type=_positive, default=4, metavar="N", help="rolls at a time (4)"
+    )
+    parser.add_argument(
+        "--rules",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="grading rules for the regrade (as `rollscan grade --rules`); default: built-in",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the rolls, write nothing")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(reprocess_handler=_reprocess)
+    return parser

@@ -1,0 +1,461 @@
+"""Upload discovery: find new rolls and frames under the incoming prefix and enqueue their work.
+
+Layout (DESIGN.md): ``<incoming>/<roll_id>/manifest.json`` and
+``<incoming>/<roll_id>/frames/<seq>.tif[f]``, seq = 1, 2, … along the roll.
+
+Why not one StartAfter cursor over the whole prefix. S3 lists keys in lexicographic order, but
+uploads do not arrive in that order: frame 3 of roll A lands after roll B's keys were listed, a
+scanner uploading in parallel finishes frame 5 before frame 4, and unpadded names sort "10.tif"
+before "9.tif". A global (or per-roll) StartAfter key would step over all of these for good.
+So discovery keeps its position in the *sequence* of each roll, not in the key order:
+
+- Rolls: each pass lists the roll "directories" directly under the incoming prefix
+  (``list_objects_v2`` with ``Delimiter='/'``: one request per 1000 rolls, never the frames).
+- Open rolls (not complete, or not every frame enqueued yet) are listed whole, manifest and
+  frames (one request per 1000 frames; a line has a handful of rolls open at a time).
+  Closed rolls cost no request beyond the directory listing.
+- Per roll, a row ``discovery_cursors.name = "roll:<roll_id>"`` holds, as JSON: ``seq`` = the
+  frames 1 … seq have been enqueued (in order; a frame after a gap waits for the gap, so a
+  worker never takes frame k before k − 1 was announced), ``manifest`` = ETag of the manifest
+  last registered, ``refused`` = ETag of a manifest refused (reported once per version),
+  ``resent`` = frames re-uploaded with a new ETag and enqueued again, ``update`` = a complete
+  manifest whose `roll_updated` is still owed, ``closed``.
+- Exactly once in the normal case, at least once around a crash: the cursor is written after the
+  enqueue (of every frame that went out, even when a later one failed), so a crash between the
+  two repeats at most those frames, which ingest takes as a no-op (idempotent per roll, seq and
+  ETag). A restart with the same database repeats nothing.
+
+A frame that appears before its manifest waits until a valid manifest registers the roll. A
+corrupt or inconsistent manifest (bad JSON, failed validation, a roll id other than its folder,
+a change to a registered roll's geometry) is logged and reported once per version; nothing of it
+is written, other rolls go on. A manifest re-uploaded with ``complete: true`` updates the roll
+(`register_roll`) and calls `roll_updated` (the last bands or the finalize).
+
+Stalls (`mark_stalled`): a roll registered or ingesting whose frames have not all arrived, idle
+for `stall_after`, becomes 'stalled' with the reason; discovery resumes it when frames or a
+manifest arrive again. One scheduler discovers at a time (a PostgreSQL advisory lock per pass).
+`run_scheduler` backs off exponentially on a failed pass (S3, database or broker away), logs,
+and resumes from the cursors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, literal, select, text, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import DataError, IntegrityError
+from sqlalchemy.orm import Session
+
+from scheduler.submit import frame_seq
+from storage.database import is_transient_db_error
+from storage.manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, ManifestError, parse_manifest
+from storage.objectstore import ObjectInfo, ObjectNotFound, ObjectStore, is_transient_store_error
+from storage.schema import DiscoveryCursor, Frame, Roll
+from worker.context import WorkerContext
+from worker.ingest import roll_updated
+from worker.rolls import RollError, register_roll
+
+log = logging.getLogger(__name__)
+
+DEFAULT_STALL_AFTER = timedelta(minutes=30)
+OPEN_STATUSES = ("registered", "ingesting")
+LOCK_KEY = 0x726F6C6C7363616E  # "rollscan": the discovery pass's advisory lock
+_NAME = re.compile(NAME_PATTERN)
+_warned_names: set[str] = set()
+
+
+@dataclass
+class DiscoveryReport:
+    new_rolls: list[str] = field(default_factory=list)
+    frames_enqueued: list[tuple[str, int]] = field(default_factory=list)  # (roll, seq)
+    completed: list[str] = field(default_factory=list)  # manifests that turned complete
+    stalled: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # refused manifests, unexpected errors
+
+    def __bool__(self) -> bool:
+        return any(asdict(self).values())
+
+
+@dataclass
+class RollCursor:
+    seq: int = 0
+    manifest: str | None = None
+    refused: str | None = None
+    resent: dict[str, str] = field(default_factory=dict)
+    update: bool = False
+    closed: bool = False
+
+    @classmethod
+    def load(cls, text: str | None) -> RollCursor:
+        return cls(**json.loads(text)) if text else cls()
+
+    def dump(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """A database, object-store or broker error that waiting may cure."""
+    from kombu.exceptions import OperationalError
+
+    if is_transient_db_error(exc) or is_transient_store_error(exc):
+        return True
+    seen: set[int] = set()
+    item: BaseException | None = exc
+    while item is not None and id(item) not in seen:
+        seen.add(id(item))
+        if isinstance(item, OperationalError):
+            return True
+        item = item.__cause__ or item.__context__
+    return False
+
+
+def incoming_prefix(ctx: WorkerContext) -> str:
+    prefix = ctx.settings.incoming_prefix.strip("/")
+    if not prefix:
+        raise ValueError(
+            "the incoming prefix is empty: discovery would take every object for a roll"
+        )
+    return prefix + "/"
+
+
+def list_prefixes(store: ObjectStore, prefix: str) -> list[str]:
+    """Names of the 'directories' directly under `prefix` (which ends with '/'), sorted."""
+    from storage.objectstore_local import LocalStore
+    from storage.objectstore_s3 import S3Store
+
+    if isinstance(store, S3Store):
+        names = []
+        pages = store._client.get_paginator("list_objects_v2").paginate(
+            Bucket=store.bucket, Prefix=prefix, Delimiter="/"
+        )
+        for page in pages:
+            names += [p["Prefix"][len(prefix) : -1] for p in page.get("CommonPrefixes", [])]
+        return sorted(names)
+    if isinstance(store, LocalStore):
+        folder = store.root / prefix
+        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    return sorted(
+        {o.key[len(prefix) :].split("/")[0] for o in store.iter_objects(prefix) if "/" in o.key[len(prefix) :]}
+    )  # fmt: skip
+
+
+def _save(
+    ctx: WorkerContext, roll_id: str, cursor: RollCursor, session: Session | None = None
+) -> None:
+    stmt = insert(DiscoveryCursor).values(name=f"roll:{roll_id}", cursor=cursor.dump())
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[DiscoveryCursor.name],
+        set_={"cursor": stmt.excluded.cursor, "updated_at": func.now()},
+    )
+    if session is not None:
+        session.execute(stmt)
+        return
+    with ctx.session() as own:
+        own.execute(stmt)
+
+
+def _resume_if_stalled(session: Session, roll: Roll) -> None:
+    if roll.status == "stalled":
+        roll.status = "ingesting" if roll.rows_ingested else "registered"
+        roll.failure_reason = None
+        roll.updated_at = datetime.now(UTC)
+        log.info("roll %s: frames arrive again, no longer stalled", roll.id)
+
+
+def discover_once(
+    ctx: WorkerContext,
+    now: datetime | None = None,
+    *,
+    stall_after: timedelta | None = DEFAULT_STALL_AFTER,
+) -> DiscoveryReport:
+    """One pass: new rolls registered, new frames enqueued, complete manifests announced,
+    stalled rolls marked (`stall_after` None: not). Transient errors propagate (the caller
+    backs off); any other error is confined to its roll, logged and reported.
+
+    One scheduler at a time: the pass holds a PostgreSQL advisory lock, and a second
+    scheduler's pass is skipped (an empty report) rather than enqueueing the same frames."""
+    with ctx.engine.connect() as lock:
+        held = lock.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY})
+        lock.commit()  # a session-level lock: it outlives the transaction
+        if not held:
+            log.info("another scheduler is discovering: pass skipped")
+            return DiscoveryReport()
+        try:
+            return _discover(ctx, now, stall_after)
+        finally:
+            try:
+                lock.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
+                lock.commit()
+            except Exception:  # closing the connection releases the lock
+                lock.invalidate()
+
+
+def _discover(
+    ctx: WorkerContext, now: datetime | None, stall_after: timedelta | None
+) -> DiscoveryReport:
+    report = DiscoveryReport()
+    prefix = incoming_prefix(ctx)
+    names = list_prefixes(ctx.store, prefix)
+    with ctx.session() as session:
+        rows = session.execute(
+            select(DiscoveryCursor.name, DiscoveryCursor.cursor).where(DiscoveryCursor.name.like("roll:%"))
+        )  # fmt: skip
+        cursors = {name.removeprefix("roll:"): RollCursor.load(value) for name, value in rows}
+    for name in names:
+        cursor = cursors.get(name)
+        if cursor is not None and cursor.closed:
+            continue
+        if not _NAME.match(name):
+            if name not in _warned_names:
+                _warned_names.add(name)
+                log.warning("%s%s/: not a roll id (%s); ignored", prefix, name, NAME_PATTERN)
+            continue
+        try:
+            _discover_roll(ctx, name, f"{prefix}{name}", cursor, report)
+        except Exception as exc:
+            if is_transient_error(exc):
+                raise
+            log.exception("roll %s: discovery failed", name)
+            report.problems.append(f"roll {name}: {type(exc).__name__}: {exc}")
+    if stall_after is not None:
+        with ctx.session() as session:
+            report.stalled = mark_stalled(session, stall_after, now)
+    return report
+
+
+def _discover_roll(
+    ctx: WorkerContext, name: str, prefix: str, cursor: RollCursor | None, report: DiscoveryReport
+) -> None:
+    saved = cursor.dump() if cursor is not None else None  # what the database holds
+
+    def save(session: Session | None = None) -> None:
+        nonlocal saved
+        if cursor.dump() != saved:
+            _save(ctx, name, cursor, session)
+            saved = cursor.dump()
+
+    manifest_info, frames = _list_roll(ctx.store, prefix)
+    if cursor is None:
+        cursor = RollCursor()
+        with ctx.session() as session:
+            roll = session.get(Roll, name)
+            if roll is not None:  # registered another way (`rollscan submit`)
+                cursor.seq = _contiguous(
+                    session.scalars(select(Frame.seq).where(Frame.roll_id == name))
+                )
+                cursor.closed = roll.status in ("done", "failed")
+        if cursor.closed:
+            save()
+            return
+
+    new_manifest = manifest_info is not None and manifest_info.etag not in (
+        cursor.manifest,
+        cursor.refused,
+    )
+    if new_manifest and _take_manifest(ctx, name, prefix, manifest_info, cursor, report):
+        saved = cursor.dump()
+
+    with ctx.session() as session:
+        roll = session.get(Roll, name)
+        if roll is None:  # no (valid) manifest yet: the frames wait
+            save(session)
+            return
+        ingested = {
+            seq: etag
+            for seq, etag in session.execute(
+                select(Frame.seq, Frame.etag).where(Frame.roll_id == name)
+            )
+        }
+        total = roll.frames_total if roll.complete else None
+        send = []
+        while (seq := cursor.seq + len(send) + 1) in frames and (total is None or seq <= total):
+            send.append((seq, frames[seq]))
+        changed = [
+            (seq, info) for seq, info in sorted(frames.items())
+            if seq <= cursor.seq and ingested.get(seq, info.etag) != info.etag
+            and cursor.resent.get(str(seq)) != info.etag
+        ]  # fmt: skip
+        cursor.resent = {s: e for s, e in cursor.resent.items() if ingested.get(int(s)) != e}
+        if send or changed:
+            _resume_if_stalled(session, roll)
+        status, complete = roll.status, roll.complete
+
+    try:
+        for seq, info in changed:
+            ctx.enqueue.ingest(name, seq, info.key)
+            cursor.resent[str(seq)] = info.etag
+            report.frames_enqueued.append((name, seq))
+            log.info("roll %s: frame %d was replaced (%s): ingest again", name, seq, info.key)
+        for seq, info in send:
+            ctx.enqueue.ingest(name, seq, info.key)
+            cursor.seq = seq
+            report.frames_enqueued.append((name, seq))
+    finally:  # record whatever went out, even when the broker failed halfway
+        cursor.closed = _closed(cursor, status, complete, total)
+        save()
+    extra = sorted(seq for seq in frames if total is not None and seq > total)
+    if cursor.closed and extra:
+        log.warning("roll %s: frames %s are beyond the manifest's %s; ignored", name, extra, total)
+
+    if cursor.update:  # a complete manifest: announce the last bands or the finalize
+        roll_updated(ctx, name)
+        cursor.update = False
+        cursor.closed = _closed(cursor, status, complete, total)
+        save()
+
+
+def _closed(cursor: RollCursor, status: str, complete: bool, total: int | None) -> bool:
+    if cursor.update:
+        return False
+    return status in ("done", "failed") or (complete and total is not None and cursor.seq >= total)
+
+
+def _list_roll(store: ObjectStore, prefix: str) -> tuple[ObjectInfo | None, dict[int, ObjectInfo]]:
+    manifest, frames = None, {}
+    for info in store.iter_objects(prefix + "/"):
+        rest = info.key[len(prefix) + 1 :]
+        if rest == "manifest.json":
+            manifest = info
+        elif rest.startswith("frames/") and (seq := frame_seq(rest[len("frames/") :])) is not None:
+            frames.setdefault(seq, info)  # two names for one seq: the first in key order
+    return manifest, frames
+
+
+def _contiguous(seqs: Any) -> int:
+    present, k = set(seqs), 0
+    while k + 1 in present:
+        k += 1
+    return k
+
+
+def _take_manifest(
+    ctx: WorkerContext, name: str, prefix: str, info: ObjectInfo, cursor: RollCursor,
+    report: DiscoveryReport,
+) -> bool:  # fmt: skip
+    """Register (or update) the roll from its manifest, with the cursor in the same
+    transaction; a manifest that cannot be used is reported and remembered by ETag.
+    Returns whether the cursor was written."""
+    try:
+        if info.size > MAX_MANIFEST_BYTES:
+            raise ManifestError([("manifest", f"larger than {MAX_MANIFEST_BYTES} bytes")], name)
+        manifest = parse_manifest(ctx.store.get(info.key))
+        if manifest.roll_id != name:
+            raise ManifestError([("roll_id", f"{manifest.roll_id!r} is not its folder's name {name!r}")], name)  # fmt: skip
+        with ctx.session() as session:
+            was_complete = session.scalar(select(Roll.complete).where(Roll.id == name))
+            roll = register_roll(session, manifest, prefix)
+            _resume_if_stalled(session, roll)
+            cursor.manifest, cursor.refused = info.etag, None
+            cursor.update = cursor.update or manifest.complete
+            _save(ctx, name, cursor, session)
+    except ObjectNotFound:
+        return False  # deleted between listing and reading: next pass
+    except (ManifestError, RollError, IntegrityError, DataError) as exc:
+        cursor.refused = info.etag
+        _save(ctx, name, cursor)
+        reason = str(exc.orig if isinstance(exc, IntegrityError | DataError) else exc).strip()
+        message = f"{info.key}: refused: {reason}"
+        log.error("%s", message)
+        report.problems.append(message)
+        return True
+    if was_complete is None:
+        report.new_rolls.append(name)
+        log.info("roll %s registered from %s", name, info.key)
+    if manifest.complete and not was_complete:
+        report.completed.append(name)
+        log.info("roll %s: manifest complete (%d frames)", name, manifest.frames)
+    return True
+
+
+def mark_stalled(
+    session: Session, stall_after: timedelta, now: datetime | None = None
+) -> list[str]:
+    """Rolls registered or ingesting whose frames have not all arrived, idle for `stall_after`
+    → 'stalled', with the reason. Returns their ids.
+
+    Idle: neither the roll row (frame ingested, manifest update) nor its discovery cursor
+    (frame enqueued) changed since `now` − `stall_after` (`now` default: the database's clock).
+    A complete roll whose frames were all enqueued is not waiting for the scanner: if its
+    ingest lags, that is the workers' business (queue depth), not a stall."""
+    now = now if now is not None else session.scalar(select(func.now()))
+    frames_in = select(func.count()).select_from(Frame).where(Frame.roll_id == Roll.id)
+    cursor = select(DiscoveryCursor).where(DiscoveryCursor.name == literal("roll:") + Roll.id)
+    last = func.greatest(Roll.updated_at, cursor.with_only_columns(DiscoveryCursor.updated_at).scalar_subquery())  # fmt: skip
+    rows = session.execute(
+        select(Roll.id, last, frames_in.scalar_subquery(), Roll.frames_total, Roll.complete,
+               cursor.with_only_columns(DiscoveryCursor.cursor).scalar_subquery())
+        .where(Roll.status.in_(OPEN_STATUSES), last < now - stall_after)
+        .with_for_update(of=Roll, skip_locked=True)
+    ).all()  # fmt: skip
+    stalled = []
+    for roll_id, since, ingested, total, complete, text_ in rows:
+        arrived = max(ingested, RollCursor.load(text_).seq)
+        if complete and total is not None and arrived >= total:
+            continue
+        reason = (
+            f"stalled: no new frame since {since.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC "
+            f"(limit {stall_after}); {arrived}{f' of {total}' if total else ''} frames arrived, "
+            f"{ingested} ingested" + ("" if complete else ", manifest not complete")
+        )
+        session.execute(
+            update(Roll)
+            .where(Roll.id == roll_id, Roll.status.in_(OPEN_STATUSES))
+            .values(status="stalled", failure_reason=reason, updated_at=func.now())
+        )
+        log.warning("roll %s %s", roll_id, reason)
+        stalled.append(roll_id)
+    return stalled
+
+
+def run_scheduler(
+    ctx: WorkerContext,
+    interval_s: float,
+    stop_event: threading.Event,
+    *,
+    stall_after: timedelta | None = DEFAULT_STALL_AFTER,
+    metrics: Any = None,
+    max_backoff_s: float = 300.0,
+) -> int:
+    """Discover every `interval_s` until `stop_event` is set; returns the passes run.
+
+    A failed pass waits `interval_s` · 2^k (k = failures in a row, at most `max_backoff_s`)
+    and tries again; nothing is lost, the next pass starts from the database's cursors.
+    `metrics` (a `scheduler.metrics.SchedulerMetrics`) is updated after each pass."""
+    failures = passes = 0
+    while not stop_event.is_set():
+        passes += 1
+        try:
+            report = discover_once(ctx, stall_after=stall_after)
+            if metrics is not None:
+                metrics.update(ctx, report)
+        except Exception as exc:
+            failures += 1
+            delay = min(max_backoff_s, interval_s * 2 ** min(failures, 20))
+            transient = is_transient_error(exc)
+            if metrics is not None:
+                metrics.pass_failed("transient" if transient else "error")
+            if transient:
+                log.warning("scheduler: pass failed (%s: %s); retrying in %.1f s",
+                            type(exc).__name__, (str(exc).splitlines() or [""])[0][:300], delay)  # fmt: skip
+            else:
+                log.exception("scheduler: pass failed; retrying in %.1f s", delay)
+            stop_event.wait(delay)
+            continue
+        if failures:
+            log.info("scheduler: resumed after %d failed pass(es)", failures)
+            failures = 0
+        if report:
+            log.info(
+                "discovered: %d new rolls, %d frames enqueued, %d complete, %d stalled, %d problems",
+                len(report.new_rolls), len(report.frames_enqueued), len(report.completed),
+                len(report.stalled), len(report.problems),
+            )  # fmt: skip
+        stop_event.wait(interval_s)
+    return passes

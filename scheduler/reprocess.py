@@ -1,0 +1,305 @@
+"""Reprocess finished rolls with another model version, from their stored zarr images.
+
+Per roll: a run with purpose 'reprocess' (one per roll and model version, UNIQUE in the
+database) whose bands are all recorded at once — the roll is complete — and scored by the usual
+`score_band` tasks, sent to the `reprocess` queue so that live rolls never wait behind an
+archive. The usual `finalize_run` makes the run current once every band is scored: until then
+the views show the previous run's defects and grade. The driver then grades the new run.
+
+Resumable: nothing here is kept in memory that PostgreSQL does not also hold. Run again, the
+selection skips rolls already done with the model, `start_reprocess_run` returns only the bands
+of a started run that are not scored yet, and a run finalized but left ungraded by a stopped
+driver is graded first.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TextIO
+
+from sqlalchemy import exists, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+from tqdm.auto import tqdm
+
+from scheduler.grade_store import SYSTEM, grade_run
+from scheduler.grading import GradingRules, load_rules
+from storage.rolls import open_roll, roll_exists
+from storage.schema import Band, Grade, Model, Roll, Run
+from worker.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.astimezone()  # naive: local time
+
+
+def select_rolls(
+    session: Session,
+    *,
+    model_version: str,
+    fabric_type: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    roll_ids: Iterable[str] | None = None,
+) -> list[str]:
+    """Finished rolls to reprocess with `model_version`, oldest first.
+
+    Rolls whose status is done, of the model's fabric type (a generic model has none: it
+    reprocesses only the fabric type named by `fabric_type`), completed in [since, until)
+    (naive datetimes are local time), among `roll_ids` when given, and without a finished run
+    of this model version. An unknown model, a fabric type that contradicts the model, or roll
+    ids that do not exist are a ValueError naming them.
+    """
+    model = session.get(Model, model_version)
+    if model is None:
+        raise ValueError(f"unknown model version {model_version!r} (`rollscan models list`)")
+    if model.fabric_type is None:
+        if fabric_type is None:
+            raise ValueError(
+                f"{model_version} is a generic model: name the fabric type it should "
+                "reprocess (--fabric TYPE)"
+            )
+    elif fabric_type not in (None, model.fabric_type):
+        raise ValueError(
+            f"{model_version} inspects fabric type {model.fabric_type!r}, not {fabric_type!r}"
+        )
+    fabric = fabric_type or model.fabric_type
+    finished_with_model = exists().where(
+        Run.roll_id == Roll.id, Run.model_version == model_version, Run.status == "done"
+    )
+    query = select(Roll.id).where(
+        Roll.status == "done", Roll.fabric_type == fabric, ~finished_with_model
+    )
+    if since is not None:
+        query = query.where(Roll.completed_at >= _aware(since))
+    if until is not None:
+        query = query.where(Roll.completed_at < _aware(until))
+    if roll_ids is not None:
+        wanted = list(dict.fromkeys(roll_ids))
+        known = set(session.scalars(select(Roll.id).where(Roll.id.in_(wanted))))
+        unknown = [r for r in wanted if r not in known]
+        if unknown:
+            shown = ", ".join(unknown[:20]) + (" …" if len(unknown) > 20 else "")
+            raise ValueError(f"{len(unknown)} unknown roll id(s): {shown}")
+        query = query.where(Roll.id.in_(wanted))
+    return list(session.scalars(query.order_by(Roll.completed_at, Roll.id)))
+
+
+def start_reprocess_run(
+    ctx: WorkerContext, roll_id: str, model_version: str
+) -> tuple[int, list[int]]:
+    """Create (or find) the roll's run with `model_version`; returns (run id, bands to score).
+
+    Idempotent: the first call records every band of the roll (in the stored image's own band
+    height, whatever the settings say today); later calls create nothing and return the bands
+    not scored yet — all of them, none, or what an interrupted reprocess left. A finished or
+    failed run returns no bands. ValueError when the roll cannot be reprocessed.
+    """
+    with ctx.session() as session:
+        roll = session.get(Roll, roll_id, with_for_update=True)  # as ingest: one writer a roll
+        if roll is None:
+            raise ValueError(f"unknown roll {roll_id!r}")
+        if roll.status != "done":
+            raise ValueError(
+                f"roll {roll_id} is {roll.status}: only finished rolls are reprocessed"
+            )
+        if session.get(Model, model_version) is None:
+            raise ValueError(f"unknown model version {model_version!r}")
+        if roll.rows_ingested < 1 or not roll_exists(ctx.store, roll_id):
+            raise ValueError(f"roll {roll_id} has no stored image to reprocess")
+        session.execute(
+            insert(Run)
+            .values(roll_id=roll_id, model_version=model_version, purpose="reprocess")
+            .on_conflict_do_nothing()
+        )
+        run = session.scalar(
+            select(Run)
+            .where(Run.roll_id == roll_id, Run.model_version == model_version)
+            .with_for_update()
+        )
+        if run.status in ("done", "failed"):
+            return run.id, []
+        if run.bands_total is None:
+            height, rows = open_roll(ctx.store, roll_id).band_height, roll.rows_ingested
+            count = -(-rows // height)
+            session.execute(
+                insert(Band)
+                .values([
+                    {"run_id": run.id, "band_index": b, "row_start": b * height,
+                     "row_stop": min((b + 1) * height, rows)}
+                    for b in range(count)
+                ])
+                .on_conflict_do_nothing()
+            )  # fmt: skip
+            run.bands_total, run.status = count, "scoring"
+        missing = session.scalars(
+            select(Band.band_index)
+            .where(Band.run_id == run.id, Band.status != "done")
+            .order_by(Band.band_index)
+        )
+        return run.id, list(missing)
+
+
+@dataclass
+class ReprocessReport:
+    model_version: str
+    total: int
+    done: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # roll id → reason
+    seconds: float = 0.0
+
+
+def _rules(rules_for: Callable[[str], GradingRules] | None) -> Callable[[str], GradingRules]:
+    cache: dict[str, GradingRules] = {}
+    get = rules_for if rules_for is not None else load_rules
+
+    def rules(fabric: str) -> GradingRules:
+        if fabric not in cache:
+            cache[fabric] = get(fabric)
+        return cache[fabric]
+
+    return rules
+
+
+def _grade(ctx: WorkerContext, run_id: int, rules: Callable[[str], GradingRules]) -> None:
+    with ctx.session() as session:
+        fabric = session.scalar(
+            select(Roll.fabric_type).join(Run, Run.roll_id == Roll.id).where(Run.id == run_id)
+        )
+        grade_run(session, run_id, rules(fabric))
+
+
+def grade_ungraded(
+    ctx: WorkerContext,
+    model_version: str,
+    rules_for: Callable[[str], GradingRules] | None = None,
+) -> list[int]:
+    """Grade the current reprocess runs of `model_version` that have no grade yet (a driver
+    stopped between a run's finalize and its grading); returns their ids."""
+    graded = exists().where(Grade.run_id == Run.id, Grade.system == SYSTEM)
+    with ctx.session() as session:
+        runs = list(
+            session.scalars(
+                select(Run.id).where(
+                    Run.model_version == model_version,
+                    Run.purpose == "reprocess",
+                    Run.status == "done",
+                    Run.is_current,
+                    ~graded,
+                )
+            )
+        )
+    rules = _rules(rules_for)
+    for run_id in runs:
+        try:
+            _grade(ctx, run_id, rules)
+        except ValueError as exc:
+            log.warning("not graded: %s", exc)
+    return runs
+
+
+def _sleeper(ctx: WorkerContext, poll_s: float) -> Callable[[], object]:
+    drain = getattr(ctx.enqueue, "drain", None)  # InlineEnqueuer: run the queued work here
+    return drain if callable(drain) else (lambda: time.sleep(poll_s))
+
+
+def reprocess(
+    ctx: WorkerContext,
+    rolls: list[str],
+    model_version: str,
+    max_in_flight: int = 4,
+    progress: bool = True,
+    dry_run: bool = False,
+    *,
+    poll_s: float = 2.0,
+    wait: Callable[[], object] | None = None,
+    rules_for: Callable[[str], GradingRules] | None = None,
+    out: TextIO | None = None,
+) -> ReprocessReport:
+    """Reprocess `rolls` with `model_version`, at most `max_in_flight` rolls at a time.
+
+    Each roll's missing bands are enqueued (`ctx.enqueue.score(…, reprocess=True)`); the
+    driver polls PostgreSQL for finished runs, grades each one that is done (default rules,
+    or `rules_for(fabric_type)`), and starts the next roll. `wait()` is called when a poll
+    found nothing new (default: sleep `poll_s`; with an in-process queue, drain it). A roll
+    that cannot be reprocessed, or whose run fails, is reported and the others go on.
+    `dry_run` prints the rolls (to `out`, default stdout) and writes nothing; the progress
+    bar (done / total, rate, ETA) goes to `out`, default stderr.
+    """
+    rolls = list(dict.fromkeys(rolls))
+    report = ReprocessReport(model_version, len(rolls))
+    if dry_run:
+        print(f"{len(rolls)} roll(s) would be reprocessed with {model_version}", file=out)
+        for roll_id in rolls:
+            print(roll_id, file=out)
+        return report
+    if max_in_flight < 1:
+        raise ValueError(f"max_in_flight must be ≥ 1, not {max_in_flight}")
+    started = time.monotonic()
+    rules = _rules(rules_for)
+    if late := grade_ungraded(ctx, model_version, rules):
+        log.info("graded %d run(s) a previous reprocess finished but did not grade", len(late))
+    wait = wait if wait is not None else _sleeper(ctx, poll_s)
+    pending, in_flight = deque(rolls), {}  # run id → roll id
+    bar = tqdm(total=len(rolls), desc=f"reprocess {model_version}", unit="roll",
+               disable=not progress, file=out or sys.stderr, dynamic_ncols=True)  # fmt: skip
+    try:
+        while pending or in_flight:
+            while pending and len(in_flight) < max_in_flight:
+                roll_id = pending.popleft()
+                try:
+                    run_id, missing = start_reprocess_run(ctx, roll_id, model_version)
+                except ValueError as exc:
+                    report.failed[roll_id] = str(exc)
+                    log.warning("not reprocessed: %s", exc)
+                    bar.update(1)
+                    continue
+                in_flight[run_id] = roll_id
+                for band in missing:
+                    ctx.enqueue.score(run_id, band, reprocess=True)
+                if not missing and _statuses(ctx, [run_id])[0][1] not in ("done", "failed"):
+                    ctx.enqueue.finalize(run_id)  # every band scored, the finalize was lost
+            statuses = _statuses(ctx, list(in_flight))
+            finished = [s for s in statuses if s[1] in ("done", "failed")]
+            for run_id, status, error, _, _ in finished:
+                roll_id = in_flight.pop(run_id)
+                if status == "failed":
+                    report.failed[roll_id] = error or "run failed"
+                else:
+                    try:
+                        _grade(ctx, run_id, rules)
+                        report.done.append(roll_id)
+                    except ValueError as exc:
+                        report.failed[roll_id] = f"reprocessed but not graded: {exc}"
+                bar.update(1)
+            scored = sum(s[3] for s in statuses if s[1] not in ("done", "failed"))
+            total = sum(s[4] or 0 for s in statuses if s[1] not in ("done", "failed"))
+            bar.set_postfix_str(f"bands in flight {scored}/{total}, failed {len(report.failed)}")
+            if in_flight and not finished:
+                wait()
+    finally:
+        bar.close()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _statuses(ctx: WorkerContext, run_ids: list[int]) -> list[tuple]:
+    """(id, status, error, bands_done, bands_total) of each run, in `run_ids` order."""
+    if not run_ids:
+        return []
+    with ctx.session() as session:
+        rows = session.execute(
+            select(Run.id, Run.status, Run.error, Run.bands_done, Run.bands_total).where(
+                Run.id.in_(run_ids)
+            )
+        ).all()
+    by_id = {row[0]: tuple(row) for row in rows}
+    return [by_id[run_id] for run_id in run_ids]

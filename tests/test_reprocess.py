@@ -1,0 +1,261 @@
+"""Reprocessing finished rolls with a new model version, on a real PostgreSQL and local store.
+
+The second model is the session's `twill_model` with a lower calibrated threshold: another
+checkpoint (another sha256) whose defects measurably differ — they grow — on the same rolls.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select, text
+
+import worker.app
+import worker.tasks
+from distill.checkpoint import load_model, save_checkpoint
+from scheduler.cli_reprocess import read_roll_ids
+from scheduler.grade_store import grade_rolls
+from scheduler.reprocess import reprocess, select_rolls, start_reprocess_run
+from scheduler.submit import submit
+from scheduler.synthetic_roll import write_synthetic_roll
+from storage.registry import activate_model, register_model
+from storage.schema import Band, Defect, Grade, Roll, Run
+from storage.settings import Settings
+from worker.app import ROUTES
+from worker.context import WorkerContext
+from worker.inline import InlineEnqueuer
+
+# 1024 rows × 384 px at 4 px/mm (256 × 96 mm): two bands of 512, defects clear of the selvage
+PX_PER_MM, BAND = 4.0, 512
+FRAME_ROWS, FRAMES, WIDTH = 256, 4, 384
+PLAN = [("hole", (512, 190)), ("knot", (800, 200))]
+FABRIC, V1, V2 = "demo-twill", "twill-v1", "twill-v2"
+
+
+@pytest.fixture(scope="session")
+def twill_v2(twill_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    model, card = load_model(twill_model)
+    card.threshold *= 0.75
+    return save_checkpoint(tmp_path_factory.mktemp("twill-v2") / "model.pt", model, card)
+
+
+@pytest.fixture
+def ctx(db_engine, local_store, twill_model, twill_v2, tmp_path):
+    settings = Settings(band_height=BAND, data_dir=tmp_path / "data", device="cpu", batch_size=8)
+    enqueuer = InlineEnqueuer()
+    context = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=8)
+    enqueuer.ctx = context
+    with context.session() as session:
+        register_model(session, local_store, twill_model, fabric_type=FABRIC, version=V1)
+        activate_model(session, V1)
+        register_model(session, local_store, twill_v2, fabric_type=FABRIC, version=V2)
+    return context
+
+
+def _done_roll(ctx, tmp_path, roll_id):
+    write_synthetic_roll(tmp_path / roll_id, roll_id, frames=FRAMES, frame_rows=FRAME_ROWS,
+                         width=WIDTH, plan=PLAN, px_per_mm=PX_PER_MM)  # fmt: skip
+    submit(ctx, str(tmp_path / roll_id))
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        assert session.get(Roll, roll_id).status == "done"
+        grade_rolls(session, roll_id=roll_id)
+
+
+def _view(ctx, sql):
+    with ctx.session() as session:
+        return [tuple(row) for row in session.execute(text(sql))]
+
+
+def _current(ctx):
+    """(roll, model, defects, total area, grade points, defect points) from the users' views."""
+    return _view(
+        ctx,
+        "SELECT g.roll_id, g.model_version, count(d.defect_no), coalesce(sum(d.area_mm2), 0), "
+        "g.points, coalesce(sum(d.points), 0) FROM roll_grades g "
+        "LEFT JOIN current_defects d ON d.roll_id = g.roll_id "
+        "GROUP BY g.roll_id, g.model_version, g.points ORDER BY g.roll_id",
+    )
+
+
+def _run_task(ctx, index):
+    """Run one queued task, as a worker would take it from the broker."""
+    function, args = ctx.enqueue.queue[index]
+    del ctx.enqueue.queue[index]
+    return function.__name__, function(ctx, *args)
+
+
+def test_reprocess_switches_over_when_complete_resumes_and_regrades(ctx, tmp_path):
+    for roll_id in ("R-a", "R-b"):
+        _done_roll(ctx, tmp_path, roll_id)
+    before = _current(ctx)
+    assert [(r[0], r[1]) for r in before] == [("R-a", V1), ("R-b", V1)]
+    assert all(r[2] >= 1 and r[4] == r[5] for r in before), before  # graded defects
+    with ctx.session() as session:
+        completed = dict(session.execute(select(Roll.id, Roll.completed_at)).all())
+        v1_defects = session.scalar(select(func.count()).select_from(Defect))
+        rolls = select_rolls(session, model_version=V2)
+    assert rolls == ["R-a", "R-b"]
+
+    def workers_then_ctrl_c():  # the queue holds R-a's bands 0, 1 and R-b's bands 0, 1
+        assert _run_task(ctx, 0) == ("score_band", "scored")
+        assert _current(ctx) == before  # half a run: users still see v1's defects and grade
+        assert [_run_task(ctx, 0)[0] for _ in range(2)] == ["score_band", "score_band"]
+        assert _run_task(ctx, -1)[0] == "finalize_run"  # R-a's last band enqueued it
+        raise KeyboardInterrupt  # before the driver saw R-a finished and graded it
+
+    with pytest.raises(KeyboardInterrupt):
+        reprocess(ctx, rolls, V2, max_in_flight=2, progress=False, wait=workers_then_ctrl_c)
+    ctx.enqueue.queue.clear()  # R-b's band 1 is lost (a broker restarted without persistence)
+    a, b = _current(ctx)
+    assert a[:2] == ("R-a", V2) and a[4] is None  # complete: current, not graded yet
+    assert b == before[1]  # R-b's run is half done: v1's defects and grade
+    with ctx.session() as session:
+        runs = dict(
+            session.execute(select(Run.roll_id, Run.id).where(Run.model_version == V2)).all()
+        )
+        run_b = session.get(Run, runs["R-b"])
+        assert (run_b.purpose, run_b.status, run_b.is_current) == ("reprocess", "scoring", False)
+        assert (run_b.bands_done, run_b.bands_total) == (1, 2)
+        assert select_rolls(session, model_version=V2) == ["R-b"]
+    assert start_reprocess_run(ctx, "R-b", V2) == (runs["R-b"], [1])  # idempotent
+
+    mark = len(ctx.enqueue.log)
+    out = io.StringIO()
+    report = reprocess(ctx, ["R-b"], V2, out=out)  # run again: resumes
+    assert (report.done, report.failed) == (["R-b"], {})
+    assert "1/1" in out.getvalue()  # the progress bar's done / total
+    scored = [args for name, args in ctx.enqueue.log[mark:] if name == "score_band"]
+    assert scored == [(runs["R-b"], 1)]  # only the missing band
+
+    after = _current(ctx)
+    assert [(r[0], r[1]) for r in after] == [("R-a", V2), ("R-b", V2)]
+    for old, new in zip(before, after, strict=True):
+        assert new[3] > old[3]  # the lower threshold: larger defects
+        assert new[4] is not None and new[4] == new[5] and new[4] >= old[4]  # regraded
+    with ctx.session() as session:
+        # v1's runs, defects and grades are kept, queryable by run; the rolls' dates stay
+        assert session.scalar(select(func.count()).select_from(Grade)) == 4
+        v1_runs = select(Run.id).where(Run.model_version == V1)
+        assert session.scalar(select(func.count()).where(Defect.run_id.in_(v1_runs))) == v1_defects
+        assert dict(session.execute(select(Roll.id, Roll.completed_at)).all()) == completed
+        assert select_rolls(session, model_version=V2) == []
+
+
+def _bare_roll(session, roll_id, fabric=FABRIC, status="done", completed=None):
+    session.add(
+        Roll(id=roll_id, fabric_type=fabric, width_mm=100.0, px_per_mm_x=4.0, px_per_mm_y=4.0,
+             status=status, complete=True, completed_at=completed)
+    )  # fmt: skip
+
+
+def test_selection_filters_dry_run_and_cli(ctx, twill_model, tmp_path, monkeypatch, capsys):
+    jan, feb, mar = (datetime(2026, m, 10, tzinfo=UTC) for m in (1, 2, 3))
+    with ctx.session() as session:
+        _bare_roll(session, "R-jan", completed=jan)
+        _bare_roll(session, "R-mar", completed=mar)
+        _bare_roll(session, "R-feb-done-v2", completed=feb)
+        _bare_roll(session, "R-denim", fabric="denim", completed=feb)
+        _bare_roll(session, "R-live", status="scoring")
+        session.flush()
+        session.add(Run(roll_id="R-feb-done-v2", model_version=V2, purpose="live", status="done"))
+        model, card = load_model(twill_model)
+        card.variant = "dg"  # the registry reads the card only: enough for a generic model here
+        generic = save_checkpoint(tmp_path / "generic.pt", model, card)
+        register_model(session, ctx.store, generic, fabric_type=None, version="generic-dg")
+
+    with ctx.session() as session:
+        assert select_rolls(session, model_version=V2) == ["R-jan", "R-mar"]
+        assert select_rolls(session, model_version=V2, since=feb) == ["R-mar"]
+        assert select_rolls(session, model_version=V2, until=feb) == ["R-jan"]
+        assert select_rolls(session, model_version=V2, since=jan, until=mar) == ["R-jan"]
+        assert select_rolls(session, model_version=V2, roll_ids=["R-mar", "R-denim"]) == ["R-mar"]
+        with pytest.raises(ValueError, match=r"2 unknown roll id\(s\): R-nope, R-zzz"):
+            select_rolls(session, model_version=V2, roll_ids=["R-jan", "R-nope", "R-zzz"])
+        with pytest.raises(ValueError, match="inspects fabric type 'demo-twill', not 'denim'"):
+            select_rolls(session, model_version=V2, fabric_type="denim")
+        with pytest.raises(ValueError, match="generic model: name the fabric type"):
+            select_rolls(session, model_version="generic-dg")
+        assert select_rolls(session, model_version="generic-dg", fabric_type="denim") == ["R-denim"]
+        with pytest.raises(ValueError, match="unknown model version 'v9'"):
+            select_rolls(session, model_version="v9")
+
+    # a roll that cannot be reprocessed is reported, the others go on
+    with pytest.raises(ValueError, match="R-live is scoring"):
+        start_reprocess_run(ctx, "R-live", V2)
+    report = reprocess(ctx, ["R-jan", "R-live"], V2, progress=False)
+    assert report.done == [] and "no stored image" in report.failed["R-jan"]
+
+    def counts():
+        with ctx.session() as session:
+            return [session.scalar(select(func.count()).select_from(t)) for t in (Run, Band, Grade)]
+
+    written = counts()
+    out = io.StringIO()
+    reprocess(ctx, ["R-jan", "R-mar"], V2, dry_run=True, out=out)
+    assert out.getvalue().splitlines() == ["2 roll(s) would be reprocessed with twill-v2", "R-jan",
+                                           "R-mar"]  # fmt: skip
+
+    listing = tmp_path / "rolls.txt"
+    listing.write_text("# rolls of lot 2026-01\nR-jan\n\nR-denim  # other fabric\n")
+    assert read_roll_ids(listing) == ["R-jan", "R-denim"]
+    from scheduler.cli import main
+
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(worker.tasks, "_context", None)
+    try:
+        args = ["reprocess", "--model", V2, "--rolls-from", str(listing), "--dry-run"]
+        assert main(args) == 0
+        printed = capsys.readouterr().out
+        assert "1 roll(s) would be reprocessed with twill-v2\nR-jan\n" in printed
+        assert "1 listed roll(s) skipped" in printed and "R-denim" in printed
+        listing.write_text("R-jan\nR-unknown\n")
+        assert main(args) == 2
+        assert "1 unknown roll id(s): R-unknown" in capsys.readouterr().err
+    finally:
+        if worker.tasks._context is not None:
+            worker.tasks._context.engine.dispose()
+    assert counts() == written
+
+
+def test_cli_reprocesses_through_the_celery_tasks_on_the_reprocess_queue(
+    ctx, tmp_path, monkeypatch, capsys
+):
+    """`rollscan reprocess` as configured by the environment: Celery in eager mode (no broker),
+    the default band height (2048) unlike the stored image's (512), which the run must follow."""
+    from scheduler.cli import main
+
+    assert worker.app.app.conf.task_always_eager
+    assert ROUTES["rollscan.score_reprocess"] == {"queue": "reprocess"}
+    assert ROUTES["rollscan.score"] == {"queue": "score"}
+    _done_roll(ctx, tmp_path, "R-cli")
+    sent = []
+    for name in ("score", "score_reprocess"):
+        task = getattr(worker.tasks, name)
+        send = task.apply_async  # bound to the task: records the route taken, then runs it
+
+        def spy(args, _name=name, _send=send, **options):
+            sent.append((_name, tuple(args)))
+            return _send(args, **options)
+
+        monkeypatch.setattr(task, "apply_async", spy)
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path))  # the objects of `local_store`
+    monkeypatch.setenv("ROLLSCAN_DEVICE", "cpu")
+    monkeypatch.setattr(worker.tasks, "_context", None)
+    try:
+        assert main(["reprocess", "--model", V2, "--no-progress"]) == 0
+    finally:
+        if worker.tasks._context is not None:
+            worker.tasks._context.engine.dispose()
+    assert "reprocessed 1 of 1 roll(s) with twill-v2" in capsys.readouterr().out
+    with ctx.session() as session:
+        run = session.scalar(select(Run).where(Run.model_version == V2))
+        assert (run.status, run.is_current, run.bands_total) == ("done", True, 2)
+    assert sent == [("score_reprocess", (run.id, 0)), ("score_reprocess", (run.id, 1))]
+    (row,) = _current(ctx)
+    assert row[1] == V2 and row[4] is not None and row[4] == row[5]

@@ -1,0 +1,53 @@
+"""Prometheus metrics of a worker process: what the tasks count as they run.
+
+Tiles per second is ``rate(rollscan_tiles_scored_total[1m])``. The scheduler exports the
+control plane's view (queue depth, bands in flight, roll latency: `scheduler.metrics`).
+
+With `ROLLSCAN_METRICS_PORT` set, each prefork child of a Celery worker serves its own
+``/metrics`` on the first free port from that one on (a worker of ``-c N`` children serves on
+PORT … PORT + N − 1; the documented GPU worker has one child, so exactly PORT). Counters are
+per process, as Prometheus expects: it sums them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from celery.signals import worker_process_init
+from prometheus_client import Counter, start_http_server
+
+log = logging.getLogger(__name__)
+
+TILES_SCORED = Counter("rollscan_tiles_scored", "tiles scored by the model")
+BANDS_SCORED = Counter("rollscan_bands_scored", "bands scored (written and counted)")
+PORTS_TRIED = 16
+
+
+def band_scored(tiles: int) -> None:
+    """Called by `worker.scoring.score_band` after a band's scores are written."""
+    TILES_SCORED.inc(tiles)
+    BANDS_SCORED.inc()
+
+
+def serve_metrics(port: int, *, tries: int = PORTS_TRIED) -> int | None:
+    """Serve /metrics on `port`, or the next free port up to `tries` on; return it (None: 0
+    means off, or no port was free: logged, the worker goes on without an endpoint)."""
+    if port <= 0:
+        return None
+    for candidate in range(port, min(port + tries, 65536)):
+        try:
+            start_http_server(candidate)
+        except OSError:
+            continue
+        log.info("metrics on :%d/metrics", candidate)
+        return candidate
+    log.warning("metrics: no free port in %d..%d; this process serves none", port, port + tries - 1)
+    return None
+
+
+@worker_process_init.connect
+def _serve_from_child(**_: Any) -> None:
+    from storage.settings import get_settings
+
+    serve_metrics(get_settings().metrics_port)
