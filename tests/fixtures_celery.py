@@ -1,0 +1,270 @@
+"""Brokers and real `celery worker` processes for the integration tests (a pytest plugin).
+
+A Redis database claimed per test session (11–15) or a RabbitMQ vhost of its own; workers run
+as subprocesses in their own process group and are always stopped in teardown."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import kombu.pools
+import pytest
+from celery.signals import after_task_publish
+from fixtures_s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, make_s3_store
+
+import worker.app
+from storage.registry import activate_model, register_model
+from storage.settings import Settings
+from worker.context import WorkerContext
+from worker.tasks import CeleryEnqueuer
+
+ROOT = Path(__file__).resolve().parents[1]
+CELERY = Path(sys.executable).with_name("celery")  # the one installed beside this Python
+BAND = 1024  # rows per band in the workers' settings
+FABRIC = "demo-twill"
+READY_TIMEOUT_S = 90
+REDIS, REDIS_DBS, REDIS_CLAIM = "redis://127.0.0.1:6379", range(11, 16), "rollscan-test:claim"
+AMQP = "amqp://guest:guest@127.0.0.1:5672"
+VISIBILITY_S = 5  # the kill test's Redis visibility timeout
+
+
+# --- brokers ---------------------------------------------------------------------------------
+
+
+def _empty_redis(client, keep: str) -> None:
+    keys = [key for key in client.scan_iter() if key != keep.encode()]
+    if keys:
+        client.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def _redis_db() -> Iterator[int]:
+    """A Redis database claimed for this session (SET NX), so parallel sessions never meet."""
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"Redis does not answer on {REDIS} ({exc}): start it (scripts/services.sh)")
+    token = secrets.token_hex(8)
+    for db in REDIS_DBS:
+        client = redis.Redis.from_url(f"{REDIS}/{db}")
+        if client.set(REDIS_CLAIM, token, nx=True, ex=3600):
+            break
+    else:
+        pytest.fail(f"Redis databases {list(REDIS_DBS)} are all claimed by other test sessions")
+    try:
+        yield db
+    finally:
+        _empty_redis(client, keep=REDIS_CLAIM)
+        if client.get(REDIS_CLAIM) == token.encode():
+            client.delete(REDIS_CLAIM)
+
+
+@pytest.fixture
+def redis_broker(_redis_db: int) -> str:
+    """The claimed database, emptied: no queue, unacknowledged message or binding left over."""
+    import redis
+
+    _empty_redis(redis.Redis.from_url(f"{REDIS}/{_redis_db}"), keep=REDIS_CLAIM)
+    return f"{REDIS}/{_redis_db}"
+
+
+def _rabbitmqctl(*args: str) -> bool:
+    ctl = shutil.which("rabbitmqctl")
+    if ctl is None:
+        return False
+    try:
+        subprocess.run([ctl, *args], check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_broker() -> Iterator[str]:
+    """A vhost of our own (rabbitmqctl, deleted at the end), else the default vhost, purged."""
+    from kombu import Connection
+
+    try:
+        with Connection(f"{AMQP}//", connect_timeout=3) as conn:
+            conn.connect()
+    except Exception as exc:
+        pytest.skip(f"RabbitMQ does not answer on 127.0.0.1:5672 as guest ({exc!r})")
+    vhost = f"rollscan-test-{secrets.token_hex(4)}"
+    created = _rabbitmqctl("add_vhost", vhost)
+    if created and not _rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*"):
+        _rabbitmqctl("delete_vhost", vhost)
+        created = False
+    url = f"{AMQP}/{vhost}" if created else f"{AMQP}//"
+    if not created:
+        with Connection(url, connect_timeout=3) as conn:
+            for queue in ("ingest", "score", "finalize"):
+                with suppress(Exception), conn.channel() as channel:  # absent queues are fine
+                    channel.queue_purge(queue)
+    try:
+        yield url
+    finally:
+        if created:
+            _rabbitmqctl("delete_vhost", vhost)
+
+
+@contextmanager
+def celery_producer(settings: Settings) -> Iterator[list[tuple[str, str]]]:
+    """Point `worker.app.app` at the test broker (not eager); yields the (task, id) published."""
+    app = worker.app.app
+    saved = {
+        k: app.conf[k] for k in ("broker_url", "task_always_eager", "broker_transport_options")
+    }
+    published: list[tuple[str, str]] = []
+
+    def record(sender: str | None = None, headers: dict | None = None, **_: object) -> None:
+        published.append((str(sender), (headers or {}).get("id", "")))
+
+    def drop_connections() -> None:
+        # kombu keeps connection and producer pools per URL for the whole process: close them
+        # all (a later test on the same URL must not be handed a closed pool) and the app's own
+        kombu.pools.reset()
+        app._pool = None
+        app.amqp._producer_pool = None
+
+    drop_connections()
+    app.conf.update(
+        broker_url=settings.broker_url.get_secret_value(),
+        task_always_eager=False,
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+    )
+    after_task_publish.connect(record, weak=False)
+    try:
+        yield published
+    finally:
+        after_task_publish.disconnect(record)
+        drop_connections()
+        app.conf.update(saved)
+
+
+# --- worker processes ------------------------------------------------------------------------
+
+
+class Worker:
+    """`celery -A worker.app worker` in a process group of its own, logging to a file."""
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
+        self.name, self.log_path = name, log_path
+        self._out = log_path.open("wb")
+        self.proc = subprocess.Popen(
+            [str(CELERY), "-A", "worker.app", "worker", "-Q", "ingest,score,finalize",
+             "-c", "1", "-P", "prefork", "--without-gossip", "--without-mingle",
+             "--without-heartbeat", "-l", "info", "-n", f"{name}@%h"],
+            cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def tail(self, lines: int = 40) -> str:
+        log = self.log()
+        connected = log.find("] Connected to")  # the banner before it is the same every time
+        if connected > 0:
+            log = log[log.rfind("\n", 0, connected) + 1 :]
+        text = "\n".join(log.splitlines()[-lines:])
+        return f"--- worker {self.name} (pid {self.proc.pid}, exit {self.proc.poll()}) ---\n{text}"
+
+    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while not re.search(r"@\S+ ready\.", self.log()):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"the worker did not become ready in {timeout}s\n{self.tail()}")
+            time.sleep(0.2)
+
+    def kill(self) -> None:
+        """SIGKILL the whole worker: the main process and its pool child, no warm shutdown."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()  # warm shutdown: the current task ends, reserved ones go back
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=30)
+        with suppress(ProcessLookupError):  # a pool child orphaned by a crashed main process
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self._out.close()
+
+
+@dataclass
+class Stack:
+    """One test's services: the settings shared by producer and workers, and its workers."""
+
+    values: dict[str, str]
+    ctx: WorkerContext
+    published: list[tuple[str, str]]
+    tmp: Path
+    workers: list[Worker] = field(default_factory=list)
+
+    def start_worker(self, **overrides: str) -> Worker:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ROLLSCAN_")}
+        env |= {f"ROLLSCAN_{k.upper()}": v for k, v in (self.values | overrides).items()}
+        env["PYTHONUNBUFFERED"] = "1"
+        name = f"rt{len(self.workers)}-{secrets.token_hex(3)}"
+        started = Worker(name, env, self.tmp / f"worker-{name}.log")
+        self.workers.append(started)
+        started.wait_ready()
+        return started
+
+    def stop_workers(self) -> None:
+        for started in self.workers:
+            started.stop()
+
+    def diagnosis(self) -> str:
+        return "\n".join(started.tail() for started in self.workers)
+
+
+@pytest.fixture
+def make_stack(
+    db_engine, migrated_url: str, s3_server: str, twill_model: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Iterator[Callable[..., Stack]]:  # fmt: skip
+    for name in [k for k in os.environ if k.startswith("ROLLSCAN_")]:
+        monkeypatch.delenv(name)  # the test's settings only, in this process and the workers
+    with ExitStack() as cleanup:
+
+        def make(broker_url: str, **overrides: str) -> Stack:
+            store = make_s3_store(s3_server)
+            values = {
+                "database_url": migrated_url, "broker_url": broker_url,
+                "s3_endpoint": s3_server, "s3_bucket": store.bucket, "s3_region": REGION,
+                "s3_access_key_id": FAKE_ACCESS_KEY_ID,
+                "s3_secret_access_key": FAKE_SECRET_ACCESS_KEY,
+                "device": "cpu", "band_height": str(BAND), "data_dir": str(tmp_path / "data"),
+                **overrides,
+            }  # fmt: skip
+            settings = Settings(**values)
+            published = cleanup.enter_context(celery_producer(settings))
+            ctx = WorkerContext(settings, db_engine, store, CeleryEnqueuer(), device="cpu")
+            with ctx.session() as session:
+                model, _ = register_model(session, store, twill_model, fabric_type=FABRIC)
+                activate_model(session, model.version)
+            stack = Stack(values, ctx, published, tmp_path)
+            cleanup.callback(stack.stop_workers)  # first out: workers stop before the rest
+            return stack
+
+        yield make
+
+
+# --- the roll and what must come out of it ---------------------------------------------------
