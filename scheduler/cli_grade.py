@@ -36,7 +36,8 @@ def read_rules_file(path: Path) -> dict[str, Any]:
     return config
 
 
-def _since(text: str) -> datetime:
+def iso_date(text: str) -> datetime:
+    """argparse type: an ISO date or date-time."""
     try:
         return datetime.fromisoformat(text)
     except ValueError:
@@ -78,7 +79,7 @@ def add_grade_commands(subparsers: Any) -> argparse.ArgumentParser:
     which.add_argument("--roll", default=None, metavar="ID", help="grade this roll only")
     which.add_argument(
         "--since",
-        type=_since,
+        type=iso_date,
         default=None,
         metavar="DATE",
         help="rolls whose current run finished since DATE (ISO; local time unless it has an offset)",

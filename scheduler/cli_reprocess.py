@@ -7,21 +7,11 @@ The main command line calls `add_reprocess_commands(subparsers)` and, for
 from __future__ import annotations
 
 import argparse
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from scheduler.cli_grade import read_rules_file
+from scheduler.cli_grade import iso_date, read_rules_file
 from scheduler.grading import GradingRules, load_rules
-
-
-def _date(text: str) -> datetime:
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not an ISO date or date-time: {text!r} (e.g. 2026-05-01 or 2026-05-01T18:00)"
-        ) from None
 
 
 def _positive(text: str) -> int:
@@ -119,13 +109,13 @@ def add_reprocess_commands(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--since",
-        type=_date,
+        type=iso_date,
         default=None,
         metavar="DATE",
         help="rolls completed at or after DATE (ISO; local time unless it has an offset)",
     )
     parser.add_argument(
-        "--until", type=_date, default=None, metavar="DATE", help="rolls completed before DATE"
+        "--until", type=iso_date, default=None, metavar="DATE", help="rolls completed before DATE"
     )
     parser.add_argument(
         "--rolls-from",
