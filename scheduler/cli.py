@@ -13,6 +13,7 @@ from distill.torch_model import VARIANTS
 from scheduler.cli_grade import add_grade_commands
 from scheduler.cli_models import add_models_commands
 from scheduler.cli_reprocess import add_reprocess_commands
+from scheduler.cli_results import add_results_commands
 from scheduler.cli_scheduler import add_scheduler_commands
 from storage.cli_db import add_db_commands
 
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_grade_commands(sub)
     add_scheduler_commands(sub)
     add_reprocess_commands(sub)
+    add_results_commands(sub)
     return parser
 
 
@@ -194,6 +196,9 @@ COMMANDS = {
     "grade": lambda args: args.grade_handler(args),
     "scheduler": lambda args: args.scheduler_handler(args),
     "reprocess": lambda args: args.reprocess_handler(args),
+    "rolls": lambda args: args.results_handler(args),
+    "defects": lambda args: args.results_handler(args),
+    "report": lambda args: args.results_handler(args),
 }
 
 

@@ -35,4 +35,16 @@ if command -v rabbitmq-server >/dev/null; then
     wait_for rabbitmq 60 timeout 10 rabbitmq-diagnostics -q ping
   fi
 fi
+
+# Headless Chromium renders `rollscan report` pages in tests/test_roll_report.py (that check is
+# skipped without it). Best effort: installed only as root with apt-get; a failure goes on.
+if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  echo "services: installing chromium (apt-get)"
+  if DEBIAN_FRONTEND=noninteractive timeout 900 sh -c \
+      'apt-get update -qq && apt-get install -y -qq chromium' >/dev/null 2>&1; then
+    echo "services: chromium installed"
+  else
+    echo "services: could not install chromium; the report rendering test will be skipped" >&2
+  fi
+fi
 exit 0

@@ -1,0 +1,356 @@
+"""`rollscan report ROLL --out DIR`: one roll as a self-contained HTML page.
+
+`DIR/index.html` shows the roll's facts, its grade and how it was computed, the roll map (the
+whole image downsampled, the roll's length running left → right in metres, defects outlined
+and numbered) and the defect table with two crops per defect: the image around the defect and
+its ¼-resolution score map. Images are PNGs beside the page (`map.png`, `crops/`), referenced
+by relative paths, so the folder can be copied or zipped as it is.
+
+The database is read first into plain values (`load_report_data`), then the images are
+rendered without a transaction open (`render_report`). Crops read only the rows they need;
+only the map reads the whole image, block by block (`RollArrays.overview`). Every text from
+the database or the manifest is HTML-escaped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image, ImageDraw
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from scheduler.grade_store import SYSTEM
+from scheduler.views import roll_defects
+from storage.objectstore import ObjectNotFound, ObjectStore
+from storage.rolls import SCORE_SCALE, RollArrays, open_roll
+from storage.schema import Grade, Model, Roll, Run
+
+MAX_CROPS = 200  # defects beyond this get a table row but no crops
+MAP_MAX_SIDE = 2048  # the overview's long side (px)
+MAP_WIDTH_IN, MAP_DPI = 12.0, 120
+MAX_SEGMENT_ASPECT = 10.0  # a longer roll map is cut into segments stacked down the page
+MAX_SEGMENTS = 8
+CROP_PX = 280  # a crop's long side on the page (px), at most 4× the pixels read
+CROP_MIN_PX = 48  # nor its short side below this
+CROP_MARGIN_PX = 64  # image pixels around the defect's bbox, at least
+CROP_KEEP_ROWS = 1024  # a longer crop keeps every k-th row (a long streak is not read whole)
+READ_ROWS = 1024  # rows per read_rows call
+
+
+@dataclass
+class ReportData:
+    roll: dict[str, Any]
+    run: dict[str, Any] | None = None
+    defects: list[dict[str, Any]] = field(default_factory=list)
+    grade: dict[str, Any] | None = None
+    threshold: float | None = None
+
+
+def _row(obj: Any) -> dict[str, Any]:
+    """An ORM row's columns as a plain dict (readable after the session is gone)."""
+    return {c.key: getattr(obj, c.key) for c in obj.__table__.columns}
+
+
+def load_report_data(session: Session, roll_id: str) -> ReportData:
+    """Everything the page shows from the database; ValueError for an unknown roll."""
+    roll = session.get(Roll, roll_id)
+    if roll is None:
+        raise ValueError(f"unknown roll {roll_id!r}")
+    data = ReportData(_row(roll))
+    run = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+    if run is None:
+        return data
+    data.run = _row(run)
+    data.defects = roll_defects(session, roll_id)
+    model = session.get(Model, run.model_version)
+    data.threshold = model.threshold if model is not None else None
+    grade = session.scalar(select(Grade).where(Grade.run_id == run.id, Grade.system == SYSTEM))
+    if grade is not None:
+        data.grade = _row(grade)
+    return data
+
+
+def write_roll_report(
+    session: Session,
+    store: ObjectStore,
+    roll_id: str,
+    out_dir: str | Path,
+    *,
+    max_crops: int = MAX_CROPS,
+) -> Path:
+    """Write `out_dir/index.html` and its images for a roll's current run; return the page."""
+    return render_report(load_report_data(session, roll_id), store, out_dir, max_crops=max_crops)
+
+
+# ---------------------------------------------------------------------------------- images
+
+
+def _to_pil(pixels: np.ndarray) -> Image.Image:
+    """(H, W, C) uint8, C 1 or 3, as an RGB image."""
+    image = Image.fromarray(pixels[:, :, 0] if pixels.shape[2] == 1 else pixels[:, :, :3])
+    return image.convert("RGB")
+
+
+IMSHOW = {"vmin": 0, "vmax": 255, "aspect": "auto", "interpolation": "antialiased"}
+BOX = {"fill": False, "edgecolor": "#ff2a2a", "linewidth": 1.3}
+LABEL = {
+    "xytext": (0, 2), "textcoords": "offset points", "ha": "center", "va": "bottom", "fontsize": 7,
+    "color": "#ff2a2a", "fontweight": "bold", "annotation_clip": True,
+    "bbox": {"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7},
+}  # fmt: skip
+
+
+def _roll_map(roll: RollArrays, data: ReportData, path: Path) -> None:
+    length = int(data.roll["rows_ingested"])
+    overview = roll.overview(length, MAP_MAX_SIDE).transpose(1, 0, 2)  # along → columns
+    along_m = length / data.roll["px_per_mm_y"] / 1000.0
+    across_mm = roll.width / data.roll["px_per_mm_x"]
+    segments = min(MAX_SEGMENTS, max(1, math.ceil(along_m * 1000 / across_mm / MAX_SEGMENT_ASPECT)))
+    seg_m = along_m / segments
+    axis_in = min(4.0, max(0.6, MAP_WIDTH_IN * across_mm / (seg_m * 1000)))
+    fig = Figure(figsize=(MAP_WIDTH_IN, segments * (axis_in + 0.55) + 0.2), layout="constrained")
+    FigureCanvasAgg(fig)
+    grey = overview.shape[2] == 1
+    pixels = overview[:, :, 0] if grey else overview[:, :, :3]
+    min_w, min_h = seg_m * 0.004, across_mm * 0.04  # a 1 mm defect must still show
+    for k, ax in enumerate(fig.subplots(segments, 1, squeeze=False)[:, 0]):
+        ax.imshow(
+            pixels, cmap="gray" if grey else None, extent=(0, along_m, across_mm, 0), **IMSHOW
+        )
+        ax.set_xlim(k * seg_m, (k + 1) * seg_m)
+        ax.set_ylim(across_mm, 0)
+        ax.set_ylabel("across (mm)", fontsize=8)
+        ax.tick_params(labelsize=8)
+        for d in data.defects:
+            x0, x1 = d["y0_mm"] / 1000, d["y1_mm"] / 1000  # along, metres
+            y0, y1 = d["x0_mm"], d["x1_mm"]
+            w, h = max(x1 - x0, min_w), max(y1 - y0, min_h)
+            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+            ax.add_patch(Rectangle((cx - w / 2, cy - h / 2), w, h, **BOX))
+            ax.annotate(str(d["defect_no"]), (cx, cy - h / 2), **LABEL)
+    ax.set_xlabel("along the roll (m)", fontsize=9)
+    fig.savefig(path, dpi=MAP_DPI)
+
+
+def _read_crop(roll: RollArrays, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
+    """Image rows [r0, r1) × columns [c0, c1); a long crop keeps every k-th row only.
+
+    Reads at most about READ_ROWS full-width rows at a time."""
+    step = max(1, math.ceil((r1 - r0) / CROP_KEEP_ROWS))
+    piece = max(step, READ_ROWS // step * step)  # a multiple of step: kept rows evenly spaced
+    parts = [roll.read_rows(a, min(r1, a + piece))[::step, c0:c1] for a in range(r0, r1, piece)]
+    return np.concatenate(parts)
+
+
+def _crops(
+    roll: RollArrays, data: ReportData, d: dict[str, Any], vmax: float, out: Path
+) -> tuple[str | None, str | None]:
+    """Write a defect's image and score crops (along → left to right); their paths in `out`."""
+    ppx, ppy = data.roll["px_per_mm_x"], data.roll["px_per_mm_y"]
+    length = int(data.roll["rows_ingested"])
+    r0, r1 = int(d["y0_mm"] * ppy), math.ceil(d["y1_mm"] * ppy - 1e-6)
+    c0, c1 = int(d["x0_mm"] * ppx), math.ceil(d["x1_mm"] * ppx - 1e-6)
+    mr, mc = max(CROP_MARGIN_PX, (r1 - r0) // 2), max(CROP_MARGIN_PX, (c1 - c0) // 2)
+    lo, hi = max(0, r0 - mr), min(length, r1 + mr)
+    left, right = max(0, c0 - mc), min(roll.width, c1 + mc)
+    if lo >= hi or left >= right:
+        return None, None
+    image_src, score_src = (f"crops/d{int(d['defect_no']):05d}_{k}.png" for k in ("image", "score"))
+    pixels = _read_crop(roll, lo, hi, left, right)
+    image = _to_pil(pixels.transpose(1, 0, 2))  # across rows, along columns
+    scale = min(CROP_PX / max(hi - lo, right - left), 4.0)
+    # a long thin crop is stretched across to stay visible (at least CROP_MIN_PX)
+    size = (
+        max(CROP_MIN_PX, round((hi - lo) * scale)),
+        max(CROP_MIN_PX, round((right - left) * scale)),
+    )
+    sx, sy = size[0] / (hi - lo), size[1] / (right - left)
+    image = image.resize(size, Image.Resampling.LANCZOS)
+    box = ((r0 - lo) * sx, (c0 - left) * sy, (r1 - lo) * sx, (c1 - left) * sy)
+    _outline(image, box).save(out / image_src)
+    try:
+        q_lo, q_hi = lo // SCORE_SCALE, -(-hi // SCORE_SCALE)
+        scores = roll.read_scores(data.run["model_version"], q_lo, q_hi)
+    except (ObjectNotFound, ValueError):  # no score map (yet)
+        return image_src, None
+    scores = scores[:, left // SCORE_SCALE : -(-right // SCORE_SCALE)].astype(np.float32)
+    rgba = matplotlib.colormaps["inferno"](np.clip(scores.T / vmax, 0.0, 1.0), bytes=True)
+    heat = Image.fromarray(rgba[:, :, :3]).resize(size, Image.Resampling.NEAREST)
+    _outline(heat, box, "#36d6ff").save(out / score_src)
+    return image_src, score_src
+
+
+def _outline(image: Image.Image, box: tuple[float, ...], color: str = "#ff2a2a") -> Image.Image:
+    x0, y0, x1, y1 = box
+    ImageDraw.Draw(image).rectangle((x0 - 2, y0 - 2, x1 + 1, y1 + 1), outline=color, width=2)
+    return image
+
+
+# ---------------------------------------------------------------------------------- page
+
+CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:24px;color:#222;background:#fff}
+h1{font-size:22px;margin:0 0 12px} h2{font-size:17px;margin:24px 0 8px}
+table{border-collapse:collapse} td,th{border:1px solid #ccc;padding:3px 7px;vertical-align:top}
+th{background:#f0f0f0;text-align:left} td.n{text-align:right;font-variant-numeric:tabular-nums}
+.facts th{width:170px} .grade{font-size:26px;font-weight:bold} .note{color:#666}
+img.map{max-width:100%;border:1px solid #999} img.crop{display:block;border:1px solid #999}
+"""
+
+
+def e(value: Any) -> str:
+    """Text for the page: escaped, None as '–'."""
+    return "–" if value is None else html.escape(str(value), quote=True)
+
+
+def _num(value: Any, spec: str) -> str:
+    return "–" if value is None else e(format(value, spec))
+
+
+def _when(value: Any) -> str:
+    return "–" if value is None else e(value.astimezone().strftime("%Y-%m-%d %H:%M %Z"))
+
+
+def _table(rows: list[tuple[str, str] | None]) -> str:
+    """A two-column table; both sides are HTML already (escaped by the caller)."""
+    body = "".join(f"<tr><th>{k}</th><td>{v}</td></tr>" for k, v in filter(None, rows))
+    return f'<table class="facts">{body}</table>'
+
+
+def _facts_html(data: ReportData) -> str:
+    r, run = data.roll, data.run or {}
+    run_text = f"{e(run.get('id'))} ({e(run.get('purpose'))}, {e(run.get('status'))})"
+    rows = [
+        ("roll", e(r["id"])), ("fabric type", e(r["fabric_type"])), ("status", e(r["status"])),
+        ("failure", e(r["failure_reason"])) if r["failure_reason"] else None,
+        ("length", f"{_num(r['length_m'], '.2f')} m"), ("width", f"{_num(r['width_mm'], '.1f')} mm"),
+        ("resolution", f"{_num(r['px_per_mm_x'], 'g')} × {_num(r['px_per_mm_y'], 'g')} px/mm "
+                       "(across × along)"),
+        ("frames", e(r["frames_total"])), ("registered", _when(r["created_at"])),
+        ("completed", _when(r["completed_at"])), ("model version", e(run.get("model_version"))),
+        ("run", run_text if run else "no run yet"), ("run finished", _when(run.get("finished_at"))),
+    ]  # fmt: skip
+    for key, value in sorted((r["meta"] or {}).items()):
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        rows.append((f"meta: {e(key)}", e(text)))
+    return _table(rows)
+
+
+def _grade_html(data: ReportData) -> str:
+    g = data.grade
+    if g is None:
+        why = "" if data.run and data.run["status"] == "done" else " (the current run is not done)"
+        return f'<p class="note">Not graded yet{why}.</p>'
+    d = g["details"] or {}
+    nos = [x["defect_no"] for x in data.defects]
+    ignored = [f"no. {nos[i]}" for i in d.get("defects_ignored_at_selvage", []) if i < len(nos)]
+    capped = [f"yard {c['yard']}–{c['yard'] + 1}: {c['points']} → {c['counted']} points"
+              for c in d.get("yards_capped", [])]  # fmt: skip
+    rules = ", ".join(f"{e(name)} ≤ {e(limit)}" for name, limit in d.get("acceptance", []))
+    yards, width = _num(g["yards"], ".2f"), _num(g["width_in"], ".2f")
+    rows = [
+        ("grade", f'<span class="grade">{e(g["grade"])}</span>'),
+        ("points", f"{e(g['points'])} (before the {e(d.get('max_points_per_yard'))}-points-a-yard "
+                   f"cap: {e(d.get('points_before_cap'))})"),
+        ("points / 100 yd²", _num(g["points_per_100yd2"], ".2f")),
+        ("computed as", f"{e(d.get('formula'))} = {e(g['points'])} × 3600 / ({yards} × {width})"),
+        ("yards inspected", yards),
+        ("cuttable width", f"{width} in (roll {_num(d.get('roll_width_in'), '.2f')} in less 2 × "
+                           f"{e(d.get('selvage_margin_in'))} in selvage)"),
+        ("ignored at the selvage", e(", ".join(ignored) or "none")),
+        ("capped yards", e("; ".join(capped) or "none")),
+        ("limits", f"{rules}, else {e(d.get('reject_name'))} (points / 100 yd²)"),
+        ("graded", f"{_when(g['graded_at'])}, ASTM D5430 four-point system"),
+    ]  # fmt: skip
+    return _table(rows)
+
+
+def _defects_html(
+    data: ReportData, crops: dict[int, tuple[str | None, str | None]], max_crops: int, vmax: float
+) -> str:
+    if not data.defects:
+        return '<p class="note">No defects in the current run.</p>'
+    n = len(data.defects)
+    note = (
+        f"Crops: the image around each defect (red box: its bounding box) and its "
+        f"¼-resolution score map (0 black … {vmax:.3g} yellow; threshold "
+        f"{_num(data.threshold, '.3g')}); the roll's length runs left → right."
+    )
+    if n > max_crops:
+        note += f" Only the first {max_crops} of {n} defects have crops."
+    head = (
+        "<tr><th>no</th><th>x mm</th><th>y mm</th><th>length mm</th><th>width mm</th>"
+        "<th>area mm²</th><th>max score</th><th>mean score</th><th>points</th>"
+        "<th>image</th><th>score map</th></tr>"
+    )
+    graded = data.grade is not None
+    rows = []
+    for d in data.defects:
+        cells = [f'<td class="n">{e(d["defect_no"])}</td>']
+        cells += [
+            f'<td class="n">{_num(d[k], ".1f")}</td>'
+            for k in ("x_mm", "y_mm", "length_mm", "width_mm", "area_mm2")
+        ]
+        cells += [f'<td class="n">{_num(d[k], ".3f")}</td>' for k in ("max_score", "mean_score")]
+        points = "selvage" if graded and d["points"] is None else e(d["points"])
+        cells.append(f'<td class="n">{points}</td>')
+        for src in crops.get(d["defect_no"], (None, None)):
+            img = f'<img class="crop" src="{e(src)}" alt="defect {e(d["defect_no"])}">'
+            cells.append(f"<td>{img if src else '–'}</td>")
+        rows.append(f'<tr id="d{e(d["defect_no"])}">{"".join(cells)}</tr>')
+    return f'<p class="note">{e(note)}</p><table>{head}{"".join(rows)}</table>'
+
+
+def render_report(
+    data: ReportData, store: ObjectStore, out_dir: str | Path, *, max_crops: int = MAX_CROPS
+) -> Path:
+    """Write the page and its images for `data` (from `load_report_data`); return the page."""
+    out = Path(out_dir)
+    (out / "crops").mkdir(parents=True, exist_ok=True)
+    for old in (out / "crops").glob("d*_*.png"):  # a previous report's crops
+        old.unlink()
+    roll = None
+    if data.roll["rows_ingested"]:
+        with contextlib.suppress(ObjectNotFound):
+            roll = open_roll(store, data.roll["id"], read_only=True)
+    map_html = '<p class="note">No image stored for this roll yet.</p>'
+    crops: dict[int, tuple[str | None, str | None]] = {}
+    scores = [d["max_score"] for d in data.defects] + [2 * (data.threshold or 0.0)]
+    vmax = max(max(scores), 1e-6)
+    if roll is not None:
+        _roll_map(roll, data, out / "map.png")
+        map_html = (
+            '<img class="map" src="map.png" alt="roll map"><p class="note">The whole '
+            "roll downsampled: along the roll left → right (metres), across top → "
+            "bottom (mm from the first column); defects outlined and numbered.</p>"
+        )
+        if data.run is not None:
+            for d in data.defects[:max_crops]:
+                crops[d["defect_no"]] = _crops(roll, data, d, vmax, out)
+    r = data.roll
+    title = f"Roll {e(r['id'])}"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{CSS}</style></head>
+<body>
+<h1>{title} <span class="note">{e(r["fabric_type"])}, {len(data.defects)} defects</span></h1>
+<h2>Roll</h2>{_facts_html(data)}
+<h2>Grade</h2>{_grade_html(data)}
+<h2>Roll map</h2>{map_html}
+<h2>Defects ({len(data.defects)})</h2>{_defects_html(data, crops, max_crops, vmax)}
+</body></html>
+"""
+    path = out / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path

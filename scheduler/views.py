@@ -1,0 +1,187 @@
+"""Rolls and defects as plain rows for people: `rollscan rolls`, `rollscan defects`.
+
+Reads go through the SQL views (`current_defects`, `roll_grades`), so these tables always
+show each roll's *current* run, exactly as a quality engineer's own SQL would.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, TextIO
+
+from sqlalchemy import column, func, select, table
+from sqlalchemy.orm import Session
+
+from scheduler.grade_store import SYSTEM
+from storage.schema import Frame, Roll
+
+# the views are not ORM models: lightweight table clauses with the columns used here
+DEFECT_COLUMNS = (
+    "defect_no",
+    "x_mm",
+    "y_mm",
+    "x0_mm",
+    "y0_mm",
+    "x1_mm",
+    "y1_mm",
+    "length_mm",
+    "width_mm",
+    "area_mm2",
+    "max_score",
+    "mean_score",
+    "points",
+    "model_version",
+    "run_id",
+)
+current_defects = table("current_defects", column("roll_id"), *map(column, DEFECT_COLUMNS))
+roll_grades = table("roll_grades", column("roll_id"), column("system"), column("grade"))
+
+# (key, header, format spec) — the spec applies to numbers; None shows as "-"
+Column = tuple[str, str] | tuple[str, str, str]
+
+ROLL_COLUMNS: list[Column] = [
+    ("id", "roll"),
+    ("fabric", "fabric"),
+    ("status", "status"),
+    ("length_m", "length m", ".1f"),
+    ("frames", "frames"),
+    ("defects", "defects"),
+    ("grade", "grade"),
+    ("completed_at", "completed"),
+    ("failure_reason", "failure"),
+]
+DEFECT_TABLE_COLUMNS: list[Column] = [
+    ("defect_no", "no"),
+    ("x_mm", "x mm", ".1f"),
+    ("y_mm", "y mm", ".1f"),
+    ("length_mm", "length mm", ".1f"),
+    ("width_mm", "width mm", ".1f"),
+    ("area_mm2", "area mm²", ".1f"),
+    ("max_score", "max score", ".3f"),
+    ("mean_score", "mean score", ".3f"),
+    ("points", "points"),
+]
+
+
+def _aware(since: datetime) -> datetime:
+    return since if since.tzinfo else since.astimezone()  # a naive datetime is local time
+
+
+def list_rolls(
+    session: Session, since: datetime | None = None, status: str | None = None
+) -> list[dict[str, Any]]:
+    """Rolls registered at or after `since` (naive: local time) with `status`, oldest first.
+
+    `frames` counts the frames ingested; `defects` and `grade` are those of the current run
+    (0 and None while there is none or it is not graded)."""
+    defects = (
+        select(current_defects.c.roll_id, func.count().label("n"))
+        .group_by(current_defects.c.roll_id)
+        .subquery()
+    )
+    frames = select(Frame.roll_id, func.count().label("n")).group_by(Frame.roll_id).subquery()
+    grades = (
+        select(roll_grades.c.roll_id, roll_grades.c.grade)
+        .where(roll_grades.c.system == SYSTEM)
+        .subquery()
+    )
+    query = (
+        select(
+            Roll.id,
+            Roll.fabric_type,
+            Roll.status,
+            Roll.length_m,
+            Roll.completed_at,
+            Roll.failure_reason,
+            func.coalesce(frames.c.n, 0),
+            func.coalesce(defects.c.n, 0),
+            grades.c.grade,
+        )
+        .outerjoin(frames, frames.c.roll_id == Roll.id)
+        .outerjoin(defects, defects.c.roll_id == Roll.id)
+        .outerjoin(grades, grades.c.roll_id == Roll.id)
+        .order_by(Roll.created_at, Roll.id)
+    )
+    if since is not None:
+        query = query.where(Roll.created_at >= _aware(since))
+    if status is not None:
+        query = query.where(Roll.status == status)
+    keys = (
+        "id",
+        "fabric",
+        "status",
+        "length_m",
+        "completed_at",
+        "failure_reason",
+        "frames",
+        "defects",
+        "grade",
+    )
+    return [dict(zip(keys, row, strict=True)) for row in session.execute(query).all()]
+
+
+def roll_defects(session: Session, roll_id: str) -> list[dict[str, Any]]:
+    """The current run's defects of a roll, by defect number; ValueError for an unknown roll."""
+    if session.get(Roll, roll_id) is None:
+        raise ValueError(f"unknown roll {roll_id!r}")
+    query = (
+        select(*(current_defects.c[name] for name in DEFECT_COLUMNS))
+        .where(current_defects.c.roll_id == roll_id)
+        .order_by(current_defects.c.defect_no)
+    )
+    return [dict(row._mapping) for row in session.execute(query).all()]
+
+
+def format_value(value: Any, spec: str = "") -> str:
+    """A cell as text: None → "-", datetimes in local time to the minute, numbers by `spec`."""
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.astimezone().strftime("%Y-%m-%d %H:%M")
+    if spec and isinstance(value, int | float) and not isinstance(value, bool):
+        return format(value, spec)
+    return " ".join(str(value).split())  # one line per row, whatever the text holds
+
+
+def format_table(rows: Iterable[dict[str, Any]], columns: Sequence[Column]) -> str:
+    """A plain-text table: a header line, then one line per row; numbers right-aligned."""
+    rows = list(rows)
+    cells = [
+        [format_value(row.get(c[0]), c[2] if len(c) > 2 else "") for c in columns] for row in rows
+    ]
+    headers = [c[1] for c in columns]
+    widths = [max([len(h)] + [len(line[i]) for line in cells]) for i, h in enumerate(headers)]
+    numeric = [
+        bool(rows)
+        and all(isinstance(r.get(c[0]), int | float | type(None)) for r in rows)
+        and any(r.get(c[0]) is not None for r in rows)
+        for c in columns
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        parts = [
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ]
+        return "  ".join(parts).rstrip()
+
+    return "\n".join([line(headers), *(line(c) for c in cells)])
+
+
+def write_csv(rows: Iterable[dict[str, Any]], columns: Sequence[str], out: TextIO) -> None:
+    """Rows as CSV with a header; full precision, None as an empty cell, datetimes in ISO."""
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow(
+            [
+                ""
+                if (v := row.get(name)) is None
+                else v.isoformat()
+                if isinstance(v, datetime)
+                else v
+                for name in columns
+            ]
+        )

@@ -1,0 +1,183 @@
+"""Looking at results: `rollscan rolls`, `rollscan defects`, `rollscan report` on one real roll.
+
+One small roll goes through the pipeline once per module (real PostgreSQL, a local store under
+a data directory, the session's trained twill model) and is graded; the tests read it.
+"""
+
+import csv
+import io
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from sqlalchemy import select, text
+
+from scheduler.grade_store import grade_run
+from scheduler.report import write_roll_report
+from scheduler.submit import submit
+from scheduler.synthetic_roll import write_synthetic_roll
+from storage.objectstore import open_object_store
+from storage.registry import activate_model, register_model
+from storage.schema import Base, Defect, Roll, Run
+from storage.settings import Settings
+from worker.context import WorkerContext
+from worker.inline import InlineEnqueuer
+
+ROLL = "R-report-1"
+PX_PER_MM, BAND, FRAME_ROWS, FRAMES, WIDTH = 10.0, 1024, 512, 4, 768  # 2048 rows, 2 bands
+PLAN = [("hole", (700, 250)), ("knot", (1500, 520))]
+EVIL = "<script>alert('x')</script> & <b>bold</b>"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def graded(_session_engine, twill_model, tmp_path_factory):
+    """(ctx, data_dir, report page) of one graded roll; the tables are emptied afterwards."""
+    root = tmp_path_factory.mktemp("roll-report")
+    settings = Settings(band_height=BAND, data_dir=root / "data", device="cpu", batch_size=8)
+    store = open_object_store(settings)  # the store the CLI builds from ROLLSCAN_DATA_DIR
+    enqueuer = InlineEnqueuer()
+    ctx = WorkerContext(settings, _session_engine, store, enqueuer, device="cpu", batch_size=8)
+    enqueuer.ctx = ctx
+    try:
+        with ctx.session() as session:
+            model, _ = register_model(session, store, twill_model, fabric_type="demo-twill")
+            activate_model(session, model.version)
+        folder = root / ROLL
+        manifest, _ = write_synthetic_roll(
+            folder,
+            ROLL,
+            frames=FRAMES,
+            frame_rows=FRAME_ROWS,
+            width=WIDTH,
+            plan=PLAN,
+            px_per_mm=PX_PER_MM,
+        )
+        manifest["meta"] = {**manifest["meta"], "operator": EVIL, "lot": "A&B"}
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        submit(ctx, str(folder))
+        ctx.enqueue.drain()
+        with ctx.session() as session:
+            assert session.get(Roll, ROLL).status == "done"
+            grade_run(session, session.scalar(select(Run.id).where(Run.roll_id == ROLL)))
+        started = time.perf_counter()
+        with ctx.session() as session:
+            page = write_roll_report(session, store, ROLL, root / "report")
+        print(f"report written in {time.perf_counter() - started:.2f} s")
+        yield ctx, root / "data", page
+    finally:
+        tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+        with _session_engine.begin() as conn:
+            conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+
+
+def _defect_nos(ctx):
+    with ctx.session() as session:
+        return list(session.scalars(select(Defect.defect_no).order_by(Defect.defect_no)))
+
+
+def test_the_page_shows_defects_grade_and_escaped_meta(graded):
+    ctx, _, page = graded
+    nos = _defect_nos(ctx)
+    assert len(nos) >= len(PLAN)
+    doc = page.read_text(encoding="utf-8")
+    assert f"Roll {ROLL}" in doc and f"Defects ({len(nos)})" in doc
+    assert re.findall(r'<tr id="d(\d+)">', doc) == [str(n) for n in nos]
+    for no in nos:
+        for kind in ("image", "score"):
+            src = f"crops/d{no:05d}_{kind}.png"
+            assert f'src="{src}"' in doc
+            with Image.open(page.parent / src) as crop:
+                assert min(crop.size) > 10 and np.asarray(crop).std() > 5
+    with ctx.session() as session:
+        grade = session.scalar(
+            text("SELECT grade FROM roll_grades WHERE roll_id = :r"), {"r": ROLL}
+        )
+    assert f'<span class="grade">{grade}</span>' in doc and "Not graded yet" not in doc
+    assert "points × 3600 / (yards × cuttable width in)" in doc
+    # the manifest's meta can never inject markup
+    assert "<script>" not in doc and "<b>bold" not in doc
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in doc
+    assert "A&amp;B" in doc
+    # images are referenced relatively and exist beside the page
+    for src in re.findall(r'src="([^"]+)"', doc):
+        assert not src.startswith(("/", "http", "file:")) and (page.parent / src).is_file()
+    with Image.open(page.parent / "map.png") as roll_map:
+        assert roll_map.width > roll_map.height  # the roll's length runs left → right
+
+
+@pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="no Chromium (apt-get install chromium)")
+def test_the_page_renders_in_headless_chromium(graded, tmp_path):
+    _, _, page = graded
+    shot = tmp_path / "shot.png"
+    command = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1280,2000",
+        page.resolve().as_uri(),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert shot.is_file(), done.stderr[-2000:]
+    with Image.open(shot) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[:2] == (2000, 1280)
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 200  # text, fabric, score maps
+    assert pixels.std() > 20
+    # the map (grey fabric) and the score crops (inferno) both came through
+    r, g, b = (pixels[..., k].astype(int) for k in range(3))
+    assert ((r - b > 80) & (g < 120)).sum() > 500  # reds/oranges: outlines, inferno colours
+
+
+def test_cli_rolls_and_defects(graded, monkeypatch, capsys, migrated_url):
+    from scheduler.cli import main
+
+    ctx, data_dir, _ = graded
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", migrated_url)
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(data_dir))
+    nos = _defect_nos(ctx)
+    assert main(["rolls"]) == 0
+    header, line = capsys.readouterr().out.splitlines()
+    assert header.split()[:4] == ["roll", "fabric", "status", "length"]
+    assert line.split()[:6] == [ROLL, "demo-twill", "done", "0.2", "4", str(len(nos))]
+    assert main(["rolls", "--status", "failed"]) == 0
+    assert capsys.readouterr().out.strip() == "no rolls"
+    assert main(["rolls", "--since", "2999-01-01"]) == 0
+    assert capsys.readouterr().out.strip() == "no rolls"
+
+    assert main(["defects", ROLL, "--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [int(r["defect_no"]) for r in rows] == nos
+    assert all(float(r["max_score"]) > 0 and r["model_version"] for r in rows)
+    assert main(["defects", ROLL]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split()[:3] == ["no", "x", "mm"] and len(table) == 1 + len(nos)
+    assert main(["defects", "R-missing"]) == 2
+    assert "unknown roll 'R-missing'" in capsys.readouterr().err
+
+
+def test_cli_report(graded, monkeypatch, capsys, migrated_url, tmp_path):
+    from scheduler.cli import main
+
+    ctx, data_dir, _ = graded
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", migrated_url)
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(data_dir))
+    assert main(["report", ROLL, "--out", str(tmp_path / "out")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    doc = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert len(re.findall(r'<tr id="d\d+">', doc)) == len(_defect_nos(ctx))
+    assert (tmp_path / "out" / "map.png").is_file()
