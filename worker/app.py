@@ -16,6 +16,9 @@ ROUTES = {
     # bands of reprocess runs (`rollscan reprocess`) wait in a queue of their own, so an
     # archive's backlog never sits in front of live bands: GPU workers take -Q score,reprocess
     "rollscan.score_reprocess": {"queue": "reprocess"},
+    # the nightly grading task lives in scheduler/beat.py (grading is the scheduler's); its
+    # route is declared here too because Celery builds its router once, at first use
+    "rollscan.grade_nightly": {"queue": "grade"},
 }
 
 
