@@ -1,0 +1,301 @@
+"""A roll of real fabric: one AITEX fabric's strips stacked along the length, defects at known rows.
+
+The roll is the fabric's good strips that do not train (per roll folder, in name order, the
+first `n_train_strips` train — the same split as `distill.data.aitex.import_aitex`), with the
+fabric's defect strips interleaved evenly among them; every strip is 256 rows and the full
+width, so the roll is a synthetic length of real texture. The planted defects are the
+8-connected components of each defect strip's mask (union of `_mask`, `_mask1`, …; > 127),
+shifted to roll rows. Written in the scanner's format (`manifest.json`, `frames/000001.tif` …)
+plus `planted.json` and `strips.json` (which strip lies at which rows).
+
+AITEX gives no scale: the roll is written at a nominal `px_per_mm` (default 10), so every mm
+and m figure derived from it (positions, defect lengths, roll length, false defects per metre,
+the grade) is nominal too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import tifffile
+from scipy import ndimage
+from sqlalchemy import select
+
+from distill.data.aitex import _STEM, _load_mask, _read_grey, defect_name
+from scheduler.grade_store import grade_run
+from scheduler.submit import submit
+from scheduler.synthetic_roll import PlantedDefect
+from storage.registry import activate_model, active_model, checkpoint_key, register_model
+from storage.rolls import open_roll
+from storage.schema import Band, Defect, Model, Roll, Run
+from worker.context import WorkerContext
+from worker.scoring import SCORE_SCALE
+from worker.tiling import band_tiles
+
+AITEX_PX_PER_MM = 10.0  # nominal: the data set states no resolution
+N_TRAIN_STRIPS = 15
+BLANK = 255  # the strips' margins are white: a narrower strip is padded with it
+REPORT_KEYS = ("planted", "matched", "recall", "false_defects", "false_per_m", "roll_length_m",
+               "grade", "tiles_per_s")  # fmt: skip
+_FOUND = ("defect_no", "x_mm", "y_mm", "x0_mm", "y0_mm", "x1_mm", "y1_mm", "length_mm", "max_score")
+
+
+def _fabric_code(fabric: str) -> str:
+    code = str(fabric).removeprefix("fabric")
+    if len(code) != 2 or not code.isdigit():
+        raise ValueError(f"fabric codes look like '03' or 'fabric03', got {fabric!r}")
+    return code
+
+
+def _strips(folder: Path, code: str) -> list[tuple[Path, str]]:
+    """(path, defect code) of the fabric's well-named strips in `folder`, in name order."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in sorted(folder.iterdir()):
+        m = _STEM.match(path.stem) if path.suffix.lower() == ".png" else None
+        if m and m[3] == code:
+            found.append((path, m[2]))
+    return found
+
+
+def split_good_strips(
+    src: str | Path, fabric: str, n_train_strips: int = N_TRAIN_STRIPS
+) -> tuple[list[Path], list[Path]]:
+    """(training strips, roll strips) of the fabric: per roll folder, the first
+    `n_train_strips` good strips in name order train, the rest go into the roll."""
+    code, train, rest = _fabric_code(fabric), [], []
+    root = Path(src) / "NoDefect_images"
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        paths = [p for p, _ in _strips(folder, code)]
+        train += paths[:n_train_strips]
+        rest += paths[n_train_strips:]
+    return train, rest
+
+
+def _interleave(good: list, defects: list) -> list:
+    """Defect items spread evenly among the good ones; a good one first and last when possible."""
+    keyed = [(i / max(len(good) - 1, 1), 0, g) for i, g in enumerate(good)]
+    keyed += [((j + 0.5) / len(defects), 1, d) for j, d in enumerate(defects)]
+    return [item for *_, item in sorted(keyed, key=lambda k: k[:2])]
+
+
+def _digest(image: np.ndarray) -> bytes:
+    return hashlib.sha1(image.tobytes() + repr(image.shape).encode()).digest()
+
+
+def _fit_width(image: np.ndarray, width: int, fill: int | bool = BLANK) -> np.ndarray:
+    if image.shape[1] >= width:
+        return image[:, :width]
+    return np.pad(image, ((0, 0), (0, width - image.shape[1])), constant_values=fill)
+
+
+def build_aitex_roll(
+    src: str | Path,
+    fabric: str,
+    dst: str | Path,
+    roll_id: str,
+    *,
+    strips_per_frame: int = 4,
+    px_per_mm: float = AITEX_PX_PER_MM,
+    n_train_strips: int = N_TRAIN_STRIPS,
+    fabric_type: str | None = None,
+) -> tuple[dict, list[PlantedDefect]]:
+    """Write the roll (see the module docstring) to `dst`; returns (manifest, planted).
+
+    The roll's width is that of its first good strip; other strips are cut or padded with
+    white on the right (masks likewise). Good strips that duplicate a training strip or an
+    earlier roll strip pixel for pixel, and defect strips without a usable mask, are left out
+    (the latter with an `AitexImportWarning`). `fabric_type` defaults to ``aitex-FF``.
+    """
+    src, dst, code = Path(src), Path(dst), _fabric_code(fabric)
+    if strips_per_frame < 1:
+        raise ValueError(f"strips_per_frame must be at least 1, got {strips_per_frame}")
+    train, roll_good = split_good_strips(src, code, n_train_strips)
+    seen = {_digest(image) for path in train if (image := _read_grey(path)) is not None}
+    good: list[tuple[Path, np.ndarray]] = []
+    for path in roll_good:
+        image = _read_grey(path)
+        if image is not None and (digest := _digest(image)) not in seen:
+            seen.add(digest)
+            good.append((path, image))
+    defects: list[tuple[Path, np.ndarray, np.ndarray, str]] = []
+    for path, defect in _strips(src / "Defect_images", code):
+        image = _read_grey(path)
+        mask = None if image is None else _load_mask(src / "Mask_images", path, image.shape)
+        if mask is not None:
+            defects.append((path, image, mask, defect))
+    if not defects:
+        raise ValueError(f"AITEX fabric {code} under {src} has no usable defect strip")
+    width = (good[0][1] if good else defects[0][1]).shape[1]
+
+    rows, blocks, layout, planted = 0, [], [], []
+    structure = ndimage.generate_binary_structure(2, 2)
+    for item in _interleave(good, defects):
+        path, image = item[0], _fit_width(item[1], width)
+        entry = {"strip": path.name, "row": rows, "rows": image.shape[0], "defect": None}
+        if len(item) == 4:
+            mask = _fit_width(item[2], width, fill=False)
+            entry["defect"] = item[3]
+            labels, _ = ndimage.label(mask, structure=structure)
+            for k, (ys, xs) in enumerate(ndimage.find_objects(labels), start=1):
+                yy, xx = np.nonzero(labels[ys, xs] == k)
+                yy, xx = yy + ys.start + rows, xx + xs.start
+                y0, x0, y1, x1 = ys.start + rows, xs.start, ys.stop + rows, xs.stop
+                planted.append(PlantedDefect(
+                    defect_name(item[3]), ((y0 + y1) // 2, (x0 + x1) // 2), (y0, x0, y1, x1),
+                    list(zip(yy.tolist(), xx.tolist(), strict=True)),
+                ))  # fmt: skip
+        layout.append(entry)
+        blocks.append(image)
+        rows += image.shape[0]
+
+    (dst / "frames").mkdir(parents=True, exist_ok=True)
+    frames = -(-len(blocks) // strips_per_frame)
+    for k in range(frames):
+        frame = np.concatenate(blocks[k * strips_per_frame : (k + 1) * strips_per_frame])
+        tifffile.imwrite(dst / "frames" / f"{k + 1:06d}.tif", frame, compression="zlib")
+    manifest = {
+        "roll_id": roll_id,
+        "fabric_type": fabric_type or f"aitex-{code}",
+        "width_mm": width / px_per_mm,
+        "px_per_mm": px_per_mm,
+        "frames": frames,
+        "complete": True,
+        "meta": {"source": "AITEX", "fabric": code, "scale": "nominal"},
+    }
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (dst / "strips.json").write_text(json.dumps(layout, indent=1) + "\n")
+    (dst / "planted.json").write_text(json.dumps(
+        [{k: v for k, v in asdict(p).items() if k != "pixels"} for p in planted], indent=1
+    ) + "\n")  # fmt: skip
+    return manifest, planted
+
+
+def match_planted(
+    planted: list[PlantedDefect], found: list[dict], px_per_mm: float
+) -> tuple[dict[int, int], list[int]]:
+    """`scheduler.synthetic_roll.match_defects`'s rule (a found box matches a planted defect
+    when it holds at least one pixel of its mask), vectorised for masks of 10⁵ pixels."""
+    pixels = [np.asarray(p.pixels, dtype=np.int64).reshape(-1, 2) for p in planted]
+    matched: dict[int, int] = {}
+    used: set[int] = set()
+    for j, d in enumerate(found):
+        x0, x1 = d["x0_mm"] * px_per_mm, d["x1_mm"] * px_per_mm
+        y0, y1 = d["y0_mm"] * px_per_mm, d["y1_mm"] * px_per_mm
+        for i, (p, yx) in enumerate(zip(planted, pixels, strict=True)):
+            py0, px0, py1, px1 = p.bbox_px
+            if py1 <= y0 or py0 >= y1 or px1 <= x0 or px0 >= x1:
+                continue
+            ys, xs = yx[:, 0], yx[:, 1]
+            if np.any((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)):
+                matched.setdefault(i, j)
+                used.add(j)
+    return matched, [j for j in range(len(found)) if j not in used]
+
+
+def use_model(ctx: WorkerContext, checkpoint: str | Path, fabric_type: str) -> tuple[Model, str]:
+    """Register and activate the checkpoint; returns (model, fabric type to submit under).
+
+    A checkpoint already registered for another fabric type keeps it (the registry ties a
+    checkpoint to one fabric type), and the roll is then submitted under that type. A model
+    the database knows but `ctx.store` lacks (a benchmark's fresh temporary store against a
+    lasting database) has its bytes put there: the store is content-addressed."""
+    data = Path(checkpoint).read_bytes()
+    sha256 = hashlib.sha256(data).hexdigest()
+    with ctx.session() as session:
+        model = session.scalar(select(Model).where(Model.sha256 == sha256))
+        if model is None:
+            model, _ = register_model(session, ctx.store, checkpoint, fabric_type=fabric_type)
+        elif not ctx.store.exists(checkpoint_key(sha256)):
+            ctx.store.put(checkpoint_key(sha256), data)
+        activate_model(session, model.version)
+        return model, model.fabric_type or fabric_type
+
+
+def pixel_matches(
+    scores: np.ndarray, threshold: float, planted: list[PlantedDefect], scale: int = SCORE_SCALE
+) -> tuple[set[int], int]:
+    """The stricter rule: (planted indices whose mask touches a reported defect's own pixels,
+    reported defects touching no mask). `scores` is the roll's ¼-res map; finalize reports its
+    8-connected components above `threshold` (all of them), so labelling it again gives
+    the reported defects' pixels — a box that spans the roll matches no more than it covers."""
+    labels, n = ndimage.label(scores > threshold, structure=np.ones((3, 3), dtype=bool))
+    found, hit = set(), set()
+    for i, p in enumerate(planted):
+        yx = np.asarray(p.pixels, dtype=np.int64).reshape(-1, 2) // scale
+        touched = labels[yx[:, 0], yx[:, 1]]
+        if touched.any():
+            found.add(i)
+            hit.update(np.unique(touched[touched > 0]).tolist())
+    return found, n - len(hit)
+
+
+def report(result: dict) -> dict:
+    """The JSON report: REPORT_KEYS of `run_aitex_roll`'s result, in that order."""
+    return {k: result[k] for k in REPORT_KEYS}
+
+
+def run_aitex_roll(ctx: WorkerContext, roll_dir: str | Path, planted: list[PlantedDefect]) -> dict:
+    """Submit the roll in this process (`ctx.enqueue` must be a wired `InlineEnqueuer`), grade
+    it, and return the figures: REPORT_KEYS, plus `found`, `tiles`, `seconds`, `points_per_100yd2`,
+    `model_version`, `defects` (the found rows), `matches` (planted index → found index), and
+    `matched_px`, `false_defects_px` by `pixel_matches`' stricter rule."""
+    manifest = json.loads((Path(roll_dir) / "manifest.json").read_text())
+    roll_id, px_per_mm = manifest["roll_id"], float(manifest["px_per_mm"])
+    with ctx.session() as session:
+        model = active_model(session, manifest["fabric_type"])
+        if model is None:
+            raise RuntimeError(f"no active model for fabric type {manifest['fabric_type']}")
+    ctx.detector(model)  # loaded outside the timing, as a warm worker would have it
+    started = time.perf_counter()
+    submit(ctx, str(roll_dir))
+    ctx.enqueue.drain()
+    seconds = time.perf_counter() - started
+    with ctx.session() as session:
+        roll = session.get(Roll, roll_id)
+        run = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+        if roll is None or roll.status != "done" or run is None:
+            raise RuntimeError(f"roll {roll_id} ended {roll and roll.status}: "
+                               f"{roll and roll.failure_reason}")  # fmt: skip
+        bands = session.scalars(select(Band).where(Band.run_id == run.id)).all()
+        stride = ctx.settings.tile - ctx.settings.overlap
+        tiles = sum(len(band_tiles(b.row_start, b.row_stop, roll.rows_ingested, roll.width_px,
+                                   ctx.settings.tile, stride)) for b in bands)  # fmt: skip
+        found = [
+            {c: getattr(d, c) for c in _FOUND}
+            for d in session.scalars(
+                select(Defect).where(Defect.run_id == run.id).order_by(Defect.defect_no)
+            )
+        ]
+        graded = grade_run(session, run.id)
+        length_m, version, rows = roll.length_m, run.model_version, roll.rows_ingested
+    matched, false_found = match_planted(planted, found, px_per_mm)
+    scores = open_roll(ctx.store, roll_id, read_only=True).read_scores(
+        version, 0, -(-rows // SCORE_SCALE)
+    )
+    found_px, false_px = pixel_matches(scores, model.threshold, planted)
+    return {
+        "planted": len(planted),
+        "matched": len(matched),
+        "recall": len(matched) / len(planted) if planted else None,
+        "false_defects": len(false_found),
+        "false_per_m": len(false_found) / length_m,
+        "roll_length_m": length_m,
+        "grade": graded.grade,
+        "tiles_per_s": tiles / seconds,
+        "found": len(found),
+        "tiles": tiles,
+        "seconds": seconds,
+        "points_per_100yd2": graded.points_per_100yd2,
+        "model_version": version,
+        "defects": found,
+        "matches": matched,
+        "matched_px": len(found_px),
+        "false_defects_px": false_px,
+    }

@@ -1,0 +1,236 @@
+"""A roll built from AITEX strips: rows and planted positions (fake tree), and the whole
+pipeline on one real fabric (opt-in: `pytest -m aitex`, needs ../shared/data/aitex)."""
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image
+from scipy import ndimage
+
+from distill.data.aitex import AitexImportWarning, _load_mask, _read_grey, import_aitex
+from distill.train import TrainConfig, train
+from scheduler.aitex_roll import (
+    REPORT_KEYS,
+    build_aitex_roll,
+    match_planted,
+    pixel_matches,
+    report,
+    run_aitex_roll,
+    split_good_strips,
+    use_model,
+)
+from scheduler.synthetic_roll import PlantedDefect, match_defects
+from storage.rolls import open_roll
+from storage.schema import Roll
+from storage.settings import Settings
+from worker.context import WorkerContext
+from worker.inline import InlineEnqueuer
+
+REAL_AITEX = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aitex"
+H, W = 256, 600
+
+
+def _strip(seed: int, width: int = W) -> np.ndarray:
+    a = np.random.default_rng(seed).integers(60, 180, (H, width), dtype=np.uint8)
+    a[:, :40] = 255  # white ends, as the real strips have
+    a[:, width - 40 :] = 255
+    return a
+
+
+def _png(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def _mask(*boxes: tuple[int, int, int, int], width: int = W) -> np.ndarray:
+    m = np.zeros((H, width), dtype=np.uint8)
+    for r0, r1, c0, c1 in boxes:
+        m[r0 - 2 : r1 + 2, c0 - 2 : c1 + 2] = 100  # a soft halo that binarises to 0
+    for r0, r1, c0, c1 in boxes:
+        m[r0:r1, c0:c1] = 255
+    return m
+
+
+@pytest.fixture()
+def fake_aitex(tmp_path: Path) -> Path:
+    src = tmp_path / "aitex"
+    roll = src / "NoDefect_images" / "roll_a"
+    for k in range(1, 19):  # 0001-0015 train; 0016, 0018 go into the roll
+        _png(roll / f"{k:04d}_000_00.png", _strip(3 if k == 17 else k))  # 0017 copies 0003
+    _png(roll / "0018_00_00.png", _strip(99))  # malformed name: not a strip
+    _png(src / "NoDefect_images" / "roll_b" / "0001_000_01.png", _strip(50))  # other fabric
+    defects, masks = src / "Defect_images", src / "Mask_images"
+    _png(defects / "0030_002_00.png", _strip(30))
+    _png(masks / "0030_002_00_mask.png", _mask((10, 20, 100, 110), (200, 250, 300, 302)))
+    _png(defects / "0031_019_00.png", _strip(31))
+    _png(masks / "0031_019_00_mask1.png", _mask((100, 120, 400, 420)))
+    _png(masks / "0031_019_00_mask2.png", _mask((110, 130, 410, 430)))  # overlaps: one defect
+    _png(defects / "0032_030_00.png", _strip(32, 500))  # narrower: padded with white
+    _png(masks / "0032_030_00_mask.png", _mask((0, 5, 450, 460), width=500))
+    _png(defects / "0033_030_00.png", _strip(33))  # no mask: left out
+    _png(defects / "0034_027_01.png", _strip(34))
+    _png(masks / "0034_027_01_mask.png", _mask((10, 20, 10, 20)))
+    return src
+
+
+def _box_pixels(r0, r1, c0, c1):
+    return {(r, c) for r in range(r0, r1) for c in range(c0, c1)}
+
+
+def test_build_aitex_roll_rows_and_planted_positions(fake_aitex, tmp_path):
+    train_strips, roll_strips = split_good_strips(fake_aitex, "00")
+    assert [p.name for p in train_strips] == [f"{k:04d}_000_00.png" for k in range(1, 16)]
+    assert [p.name for p in roll_strips] == [f"{k:04d}_000_00.png" for k in (16, 17, 18)]
+    with pytest.warns(AitexImportWarning, match="0033_030_00"):
+        manifest, planted = build_aitex_roll(
+            fake_aitex, "fabric00", tmp_path / "roll", "R-A", strips_per_frame=2, px_per_mm=5
+        )
+    assert manifest == {
+        "roll_id": "R-A", "fabric_type": "aitex-00", "width_mm": W / 5, "px_per_mm": 5,
+        "frames": 3, "complete": True,
+        "meta": {"source": "AITEX", "fabric": "00", "scale": "nominal"},
+    }  # fmt: skip
+    # Good strips first and last, defect strips spread between; 0017 (a copy of the
+    # training strip 0003) is left out, and so is 0033 (no mask).
+    layout = json.loads((tmp_path / "roll" / "strips.json").read_text())
+    assert [(s["strip"], s["row"], s["defect"]) for s in layout] == [
+        ("0016_000_00.png", 0, None), ("0030_002_00.png", 256, "002"),
+        ("0031_019_00.png", 512, "019"), ("0032_030_00.png", 768, "030"),
+        ("0018_000_00.png", 1024, None),
+    ]  # fmt: skip
+    frames = [tifffile.imread(tmp_path / "roll" / "frames" / f"{k:06d}.tif") for k in (1, 2, 3)]
+    assert [f.shape for f in frames] == [(512, W), (512, W), (256, W)]
+    image = np.concatenate(frames)
+    padded = np.pad(_strip(32, 500), ((0, 0), (0, W - 500)), constant_values=255)
+    expected = np.concatenate([_strip(16), _strip(30), _strip(31), padded, _strip(18)])
+    np.testing.assert_array_equal(image, expected)
+
+    assert [(p.kind, p.bbox_px) for p in planted] == [
+        ("broken_end", (256 + 10, 100, 256 + 20, 110)),
+        ("broken_end", (256 + 200, 300, 256 + 250, 302)),
+        ("fuzzyball", (512 + 100, 400, 512 + 130, 430)),
+        ("nep", (768, 450, 768 + 5, 460)),
+    ]
+    assert set(planted[0].pixels) == _box_pixels(266, 276, 100, 110)
+    union = _box_pixels(612, 632, 400, 420) | _box_pixels(622, 642, 410, 430)
+    assert set(planted[2].pixels) == union  # _mask1 and _mask2 overlap: one component
+    assert planted[3].center_px == (770, 455)
+    assert planted[3].center_mm(5) == pytest.approx((91.0, 154.1))
+    stored = json.loads((tmp_path / "roll" / "planted.json").read_text())
+    assert [tuple(p["bbox_px"]) for p in stored] == [p.bbox_px for p in planted]
+
+
+def test_match_planted_agrees_with_match_defects(fake_aitex, tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AitexImportWarning)
+        _, planted = build_aitex_roll(fake_aitex, "00", tmp_path / "roll", "R-B", px_per_mm=10)
+    # (x0, y0, x1, y1) mm at 10 px/mm; planted 0 covers rows 266-275, cols 100-109
+    boxes = [(10.0, 27.6, 11.0, 28.0), (10.0, 27.5, 11.0, 28.0), (40.0, 61.0, 43.0, 63.5),
+             (0.0, 0.0, 60.0, 120.0), (1.0, 1.0, 2.0, 2.0), (45.0, 76.8, 46.0, 77.3)]  # fmt: skip
+    found = [dict(zip(("x0_mm", "y0_mm", "x1_mm", "y1_mm"), b, strict=True)) for b in boxes]
+    assert match_planted(planted, found, 10) == match_defects(planted, found, 10)
+    matched, false = match_planted(planted, found, 10)
+    assert matched == {0: 1, 1: 3, 2: 2, 3: 3} and false == [0, 4]
+
+
+def test_pixel_matches_counts_a_defect_only_where_its_pixels_are():
+    def cell(r, c):  # a planted 4×4 mask filling the ¼-res cell (r, c)
+        return PlantedDefect("x", (4 * r + 2, 4 * c + 2), (4 * r, 4 * c, 4 * r + 4, 4 * c + 4),
+                             sorted(_box_pixels(4 * r, 4 * r + 4, 4 * c, 4 * c + 4)))  # fmt: skip
+
+    scores = np.zeros((10, 10), dtype=np.float16)
+    scores[1, 1:10] = scores[1:10, 9] = scores[9, 1:10] = 1.0  # a U whose box covers (5, 5)
+    scores[9, 1] = 0.5  # not above the threshold
+    scores[5, 2] = 0.9  # a lone hot cell touching no mask
+    planted = [cell(1, 1), cell(5, 5), cell(9, 1)]
+    found, false = pixel_matches(scores, 0.5, planted)
+    assert found == {0} and false == 1
+
+
+def _smallest_fabric(src: Path) -> str:
+    counts: dict[str, int] = {}
+    for path in [*src.glob("NoDefect_images/*/*.png"), *src.glob("Defect_images/*.png")]:
+        if m := re.fullmatch(r"\d{4}_\d{3}_(\d{2})", path.stem):
+            counts[m[1]] = counts.get(m[1], 0) + 1
+    return min(sorted(counts), key=counts.get)
+
+
+@pytest.mark.aitex
+def test_real_fabric_roll_through_the_pipeline(db_engine, local_store, tmp_path):
+    if not (REAL_AITEX / "README.md").is_file():
+        pytest.skip(f"real AITEX data not found at {REAL_AITEX} (needs ../shared/data/aitex)")
+    code = _smallest_fabric(REAL_AITEX)
+    # A model trained for one epoch on every 6th training tile, with its threshold from its
+    # own calibration: this test is about plumbing and positions, not accuracy.
+    import_aitex(REAL_AITEX, tmp_path / "tiles", fabrics=[code], progress=False)
+    category = tmp_path / "tiles" / f"fabric{code}"
+    for k, tile in enumerate(sorted((category / "train" / "good").glob("*.png"))):
+        if k % 6:
+            tile.unlink()
+    checkpoint = tmp_path / "model.pt"
+    train(category, checkpoint, TrainConfig(epochs=1), progress=False)
+
+    settings = Settings(band_height=1024, data_dir=tmp_path / "data", device="cpu", batch_size=8)
+    enqueuer = InlineEnqueuer()
+    ctx = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=8)
+    enqueuer.ctx = ctx
+    _, fabric_type = use_model(ctx, checkpoint, f"aitex-{code}")
+    roll_dir = tmp_path / "roll"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AitexImportWarning)  # e.g. 0106_010_03's empty mask
+        manifest, planted = build_aitex_roll(
+            REAL_AITEX, code, roll_dir, f"aitex{code}-test", fabric_type=fabric_type
+        )
+    layout = json.loads((roll_dir / "strips.json").read_text())
+    assert planted and any(s["defect"] is None for s in layout)
+
+    result = run_aitex_roll(ctx, roll_dir, planted)
+
+    rows = sum(s["rows"] for s in layout)
+    with ctx.session() as session:
+        roll = session.get(Roll, manifest["roll_id"])
+        assert (roll.status, roll.rows_ingested) == ("done", rows)
+    # Every strip lies at its rows in the ingested image, and every planted defect is a
+    # component of its strip's mask, moved down by the strip's first row.
+    image = open_roll(local_store, manifest["roll_id"]).read_rows(0, rows)
+    image = image.reshape(rows, -1)
+    by_row = {}
+    for s in layout:
+        folder = "Defect_images" if s["defect"] else f"NoDefect_images/{_roll_folder(code)}"
+        strip = _read_grey(REAL_AITEX / folder / s["strip"])
+        np.testing.assert_array_equal(image[s["row"] : s["row"] + s["rows"]], strip)
+        if s["defect"]:
+            mask = _load_mask(REAL_AITEX / "Mask_images", REAL_AITEX / folder / s["strip"],
+                              strip.shape)  # fmt: skip
+            labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
+            by_row[s["row"]] = (labels, n)
+    for row, (labels, n) in by_row.items():
+        inside = [p for p in planted if row <= p.bbox_px[0] < row + H]
+        assert len(inside) == n
+        for p in inside:
+            ys, xs = np.asarray(p.pixels).T
+            assert np.all(labels[ys - row, xs] == labels[ys[0] - row, xs[0]])
+            assert len(p.pixels) == np.count_nonzero(labels == labels[ys[0] - row, xs[0]])
+    assert len(planted) == sum(n for _, n in by_row.values())
+
+    assert result["planted"] == len(planted)
+    assert 0 <= result["matched"] <= result["planted"]
+    assert result["recall"] == pytest.approx(result["matched"] / result["planted"])
+    assert result["roll_length_m"] == pytest.approx(rows / 10 / 1000)
+    assert result["false_per_m"] == pytest.approx(result["false_defects"] / (rows / 1e4))
+    assert result["tiles"] > 0 and result["tiles_per_s"] > 0
+    assert isinstance(result["grade"], str)
+    assert 0 <= result["matched_px"] <= result["matched"]  # a box holds its own pixels
+    assert 0 <= result["false_defects_px"] <= result["found"]
+    out = json.loads(json.dumps(report(result)))
+    assert tuple(out) == REPORT_KEYS
+
+
+def _roll_folder(code: str) -> str:
+    train_strips, _ = split_good_strips(REAL_AITEX, code)
+    return train_strips[0].parent.name
