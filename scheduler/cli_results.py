@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from scheduler.cli_grade import iso_date
 from scheduler.views import (
     DEFECT_COLUMNS,
     DEFECT_TABLE_COLUMNS,
@@ -24,15 +24,6 @@ from scheduler.views import (
 from storage.database import make_engine, session_scope
 from storage.schema import ROLL_STATUSES
 from storage.settings import get_settings
-
-
-def _date(text: str) -> datetime:
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not an ISO date or date-time: {text!r} (e.g. 2026-05-01 or 2026-05-01T18:00)"
-        ) from None
 
 
 def _rolls(args: argparse.Namespace) -> int:
@@ -85,7 +76,7 @@ def add_results_commands(subparsers: Any) -> None:
     rolls = subparsers.add_parser("rolls", help="list rolls: status, length, defects, grade")
     rolls.add_argument(
         "--since",
-        type=_date,
+        type=iso_date,
         default=None,
         metavar="DATE",
         help="rolls registered since DATE (ISO; local time unless it has an offset)",
