@@ -1,6 +1,8 @@
 """The roll pipeline's plain functions on a real PostgreSQL and object store, without Celery."""
 
 import io
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -186,3 +188,25 @@ def test_a_roll_without_a_model_fails_clearly(ctx, tmp_path):
         roll = session.get(Roll, "R-nomodel")
         assert roll.status == "failed"
         assert "no active model for fabric type 'velvet'" in roll.failure_reason
+
+
+def test_two_finalizes_at_once_write_one_set_of_defects(ctx, tmp_path):
+    folder, _, _ = _roll(tmp_path, "R-twice")
+    submit(ctx, str(folder))
+    ctx.enqueue.drain()
+    before = _defects(ctx, "R-twice")
+    with ctx.session() as session:
+        run_id = session.scalar(select(Run.id).where(Run.roll_id == "R-twice"))
+    barrier = threading.Barrier(4)
+
+    def finalize_together(_):
+        barrier.wait()
+        return finalize_run(ctx, run_id)
+
+    with ThreadPoolExecutor(4) as pool:
+        counts = list(pool.map(finalize_together, range(4)))
+    assert counts == [len(before)] * 4
+    assert _defects(ctx, "R-twice") == before
+    with ctx.session() as session:
+        rows = select(func.count()).select_from(Defect).where(Defect.run_id == run_id)
+        assert session.scalar(rows) == len(before)
