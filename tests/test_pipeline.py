@@ -1,6 +1,7 @@
 """The roll pipeline's plain functions on a real PostgreSQL and object store, without Celery."""
 
 import io
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -210,3 +211,29 @@ def test_two_finalizes_at_once_write_one_set_of_defects(ctx, tmp_path):
     with ctx.session() as session:
         rows = select(func.count()).select_from(Defect).where(Defect.run_id == run_id)
         assert session.scalar(rows) == len(before)
+
+
+def test_credentials_never_reach_the_logs(db_engine, s3_store, twill_model, tmp_path, caplog):
+    from fixtures_s3 import FAKE_SECRET_ACCESS_KEY
+
+    caplog.set_level(logging.DEBUG)  # every logger, botocore's wire logging included
+    settings = Settings(
+        band_height=BAND, data_dir=tmp_path / "data", device="cpu",
+        database_url="postgresql+psycopg2://rollscan:pg-secret-do-not-log@127.0.0.1:1/x",
+        s3_secret_access_key=FAKE_SECRET_ACCESS_KEY,
+    )  # fmt: skip
+    enqueuer = InlineEnqueuer()
+    context = WorkerContext(settings, db_engine, s3_store, enqueuer, device="cpu", batch_size=8)
+    enqueuer.ctx = context
+    with context.session() as session:
+        model, _ = register_model(session, s3_store, twill_model, fabric_type="demo-twill")
+        activate_model(session, model.version)
+    folder, _, _ = _roll(tmp_path, "R-secret", frames=2, plan=[])
+    submit(context, str(folder))
+    enqueuer.drain()
+    logging.getLogger("test").info("settings: %r / %s", settings, settings.describe())
+    logging.getLogger("test").info("store: %r", s3_store)
+    text = caplog.text
+    assert "R-secret" in text  # the capture did see the pipeline's logging
+    assert FAKE_SECRET_ACCESS_KEY not in text
+    assert "pg-secret-do-not-log" not in text
