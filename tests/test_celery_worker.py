@@ -171,10 +171,8 @@ def assert_roll_done(stack: Stack, roll_id: str) -> None:
 # --- tests -----------------------------------------------------------------------------------
 
 
-def test_a_roll_through_redis_comes_out_at_the_planted_positions(
-    make_stack, redis_broker, roll, reference
-):
-    stack = make_stack(redis_broker)
+def run_roll_and_check(stack: Stack, roll, reference: list[dict]) -> None:
+    """One worker, the roll submitted, then the planted and the reference defects found."""
     stack.start_worker()
     submit(stack.ctx, str(roll[0]))
     wait_until_done(stack, ROLL_ID, stack.workers)
@@ -182,6 +180,12 @@ def test_a_roll_through_redis_comes_out_at_the_planted_positions(
     found = defects_of(stack.ctx, ROLL_ID)
     assert_planted_found(found, roll[1])
     assert_same_defects(found, reference)
+
+
+def test_a_roll_through_redis_comes_out_at_the_planted_positions(
+    make_stack, redis_broker, roll, reference
+):
+    run_roll_and_check(make_stack(redis_broker), roll, reference)
 
 
 def test_duplicate_frames_and_finalizes_through_the_broker_change_nothing(
@@ -214,14 +218,7 @@ def test_duplicate_frames_and_finalizes_through_the_broker_change_nothing(
 
 
 def test_a_roll_through_rabbitmq(make_stack, rabbitmq_broker, roll, reference):
-    stack = make_stack(rabbitmq_broker)
-    stack.start_worker()
-    submit(stack.ctx, str(roll[0]))
-    wait_until_done(stack, ROLL_ID, stack.workers)
-    assert_roll_done(stack, ROLL_ID)
-    found = defects_of(stack.ctx, ROLL_ID)
-    assert_planted_found(found, roll[1])
-    assert_same_defects(found, reference)
+    run_roll_and_check(make_stack(rabbitmq_broker), roll, reference)
 
 
 def test_a_band_of_a_killed_worker_is_redelivered_to_the_next(
