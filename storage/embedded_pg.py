@@ -274,6 +274,9 @@ def _wait_for_killed_postmaster(pgdata: Path, wait_s: float = 20.0) -> None:
 def _free_port(preferred: int | None) -> int:
     for candidate in ([preferred] if preferred else []) + [0]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # as PostgreSQL binds: a restart must get its port back while the clients' old
+            # connections to it linger in TIME_WAIT, or running workers would lose the server
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((HOST, candidate))
             except OSError:

@@ -24,6 +24,7 @@ from celery.signals import after_task_publish
 from fixtures_s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, make_s3_store
 
 import worker.app
+from storage.database import make_engine
 from storage.registry import activate_model, register_model
 from storage.settings import Settings
 from worker.context import WorkerContext
@@ -189,6 +190,16 @@ class Worker:
                 pytest.fail(f"the worker did not become ready in {timeout}s\n{self.tail()}")
             time.sleep(0.2)
 
+    def wait_for_log(self, pattern: str, timeout: float = 180) -> re.Match[str]:
+        """The first match of `pattern` in the log, once it is there; fails if the worker
+        exits or `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        while not (match := re.search(pattern, self.log())):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"no {pattern!r} in the worker's log after {timeout}s\n{self.tail()}")
+            time.sleep(0.05)
+        return match
+
     def kill(self) -> None:
         """SIGKILL the whole worker: the main process and its pool child, no warm shutdown."""
         os.killpg(self.proc.pid, signal.SIGKILL)
@@ -256,7 +267,11 @@ def make_stack(
             }  # fmt: skip
             settings = Settings(**values)
             published = cleanup.enter_context(celery_producer(settings))
-            ctx = WorkerContext(settings, db_engine, store, CeleryEnqueuer(), device="cpu")
+            engine = db_engine
+            if values["database_url"] != migrated_url:  # a server of the test's own
+                engine = make_engine(values["database_url"])
+                cleanup.callback(engine.dispose)
+            ctx = WorkerContext(settings, engine, store, CeleryEnqueuer(), device="cpu")
             with ctx.session() as session:
                 model, _ = register_model(session, store, twill_model, fabric_type=FABRIC)
                 activate_model(session, model.version)
@@ -265,6 +280,3 @@ def make_stack(
             return stack
 
         yield make
-
-
-# --- the roll and what must come out of it ---------------------------------------------------

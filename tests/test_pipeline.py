@@ -237,3 +237,38 @@ def test_credentials_never_reach_the_logs(db_engine, s3_store, twill_model, tmp_
     assert "R-secret" in text  # the capture did see the pipeline's logging
     assert FAKE_SECRET_ACCESS_KEY not in text
     assert "pg-secret-do-not-log" not in text
+
+
+def _drain_losing(enqueuer: InlineEnqueuer, lost: str) -> list[tuple]:
+    """Run the queue, but the messages of `lost` vanish: what a broker restart or a worker
+    killed between committing a step and sending the next does to the next step."""
+    dropped = []
+    while enqueuer.queue:
+        function, args = enqueuer.queue.popleft()
+        if function.__name__ == lost:
+            dropped.append(args)
+        else:
+            function(enqueuer.ctx, *args)
+    return dropped
+
+
+@pytest.mark.parametrize("redelivered", ["last band", "last frame"])
+def test_a_redelivered_step_sends_the_lost_finalize_again(ctx, tmp_path, redelivered):
+    folder, _, planted = _roll(tmp_path, "R-lost")
+    submission = submit(ctx, str(folder))
+    assert len(_drain_losing(ctx.enqueue, "finalize_run")) == 1
+    with ctx.session() as session:
+        run = session.scalar(select(Run).where(Run.roll_id == "R-lost"))
+        assert (run.status, run.bands_done, run.bands_total) == ("scoring", 3, 3)
+    if redelivered == "last band":
+        assert score_band(ctx, run.id, 2) == "already done"
+    else:
+        seq, key = submission.frames[-1]
+        assert ingest_frame(ctx, "R-lost", seq, key) == "unchanged"
+    assert [name for name, *_ in ctx.enqueue.drain()] == ["finalize_run"]
+    with ctx.session() as session:
+        assert session.get(Run, run.id).status == "done"
+    matched, _ = match_defects(planted, _defects(ctx, "R-lost"), PX_PER_MM)
+    assert sorted(matched) == list(range(len(planted)))
+    assert score_band(ctx, run.id, 2) == "already done"  # a done run sends nothing more
+    assert not ctx.enqueue.queue

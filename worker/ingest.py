@@ -96,9 +96,23 @@ def advance_run(ctx: WorkerContext, session: Session, roll: Roll, run: Run) -> l
     return ready
 
 
-def _enqueue_bands(ctx: WorkerContext, run_id: int, bands: list[int]) -> None:
+def finalize_due(run: Run) -> bool:
+    """Every band is scored but the run is not finalized: its finalize must be sent (again).
+
+    A worker may die, or lose its broker, between committing a step and sending the next
+    one; the step's redelivery then finds its work done and must send the next step itself."""
+    return (
+        run.status not in ("done", "failed")
+        and run.bands_total is not None
+        and run.bands_done == run.bands_total
+    )
+
+
+def _enqueue_next(ctx: WorkerContext, run_id: int, bands: list[int], finalize: bool) -> None:
     for band in bands:
         ctx.enqueue.score(run_id, band)
+    if finalize and not bands:
+        ctx.enqueue.finalize(run_id)
 
 
 def ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
@@ -140,7 +154,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
                     select(Band.band_index).where(Band.run_id == run.id, Band.status == "pending")
                 )
             )
-            run_id = run.id
+            run_id, finalize = run.id, finalize_due(run)
         else:
             pending = None
             if seq == 1:
@@ -152,7 +166,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
                 row_start = before.row_start + before.rows
             expect_width, expect_channels = roll.width_px, roll.channels
     if pending is not None:
-        _enqueue_bands(ctx, run_id, pending)
+        _enqueue_next(ctx, run_id, pending, finalize)
         return "unchanged"
 
     try:
@@ -222,7 +236,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         if previous is not None:
             ready = sorted(set(ready) | set(done))
         run_id = run.id
-    _enqueue_bands(ctx, run_id, ready)
+    _enqueue_next(ctx, run_id, ready, finalize=False)
     return "ingested"
 
 
@@ -238,13 +252,6 @@ def roll_updated(ctx: WorkerContext, roll_id: str) -> list[int]:
             fail_roll(session, roll_id, str(exc))
             return []
         ready = advance_run(ctx, session, roll, run)
-        finalize = (
-            run.status != "done"
-            and run.bands_total is not None
-            and run.bands_done == run.bands_total
-        )
-        run_id = run.id
-    _enqueue_bands(ctx, run_id, ready)
-    if finalize and not ready:
-        ctx.enqueue.finalize(run_id)
+        finalize, run_id = finalize_due(run), run.id
+    _enqueue_next(ctx, run_id, ready, finalize)
     return ready

@@ -15,7 +15,7 @@ from sqlalchemy import update
 
 from storage.schema import Band, Model, Roll, Run
 from worker.context import WorkerContext, lock_bands
-from worker.ingest import roll_arrays, run_tiling
+from worker.ingest import finalize_due, roll_arrays, run_tiling
 from worker.metrics import band_scored
 from worker.tiling import band_read_window, band_tiles, cut_tiles, downsample_max, stitch_max
 
@@ -54,6 +54,8 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
         if run.status == "failed":
             return "skipped"
         if band.status == "done":
+            if finalize_due(run):  # a redelivery: the worker died before sending the finalize
+                ctx.enqueue.finalize(run_id)
             return "already done"
         roll = session.get(Roll, run.roll_id)
         model = session.get(Model, run.model_version)
