@@ -195,6 +195,7 @@ COMMANDS = {
     "models": lambda args: args.models_handler(args),
     "grade": lambda args: args.grade_handler(args),
     "scheduler": lambda args: args.scheduler_handler(args),
+    "resume": lambda args: args.scheduler_handler(args),
     "reprocess": lambda args: args.reprocess_handler(args),
     "rolls": lambda args: args.results_handler(args),
     "defects": lambda args: args.results_handler(args),

@@ -5,8 +5,10 @@ marks stalled rolls, serves Prometheus metrics on `ROLLSCAN_METRICS_PORT` (or
 ``--metrics-port``), and with ``--beat`` runs the nightly grading schedule in the same process
 (`scheduler.beat`). SIGTERM or Ctrl-C stops it after the current pass.
 
+`rollscan resume` sends again the work of rolls whose messages were lost (`scheduler.resume`).
+
 The main command line calls `add_scheduler_commands(subparsers)` and, for
-``args.command == "scheduler"``, returns ``args.scheduler_handler(args)``.
+``args.command`` "scheduler" or "resume", returns ``args.scheduler_handler(args)``.
 """
 
 from __future__ import annotations
@@ -98,6 +100,23 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _resume(args: argparse.Namespace) -> int:
+    from scheduler.resume import idle_rolls, resume_roll
+
+    if not args.rolls and args.idle is None:
+        raise ValueError("name the rolls to resume, or give --idle DURATION")
+    ctx = _context()
+    rolls = list(args.rolls)
+    if args.idle is not None:
+        with ctx.session() as session:
+            rolls += [r for r in idle_rolls(session, args.idle) if r not in rolls]
+    if not rolls:
+        print(f"no roll has been idle for {args.idle}")
+    for roll_id in rolls:
+        print(("(dry run) " if args.dry_run else "") + str(resume_roll(ctx, roll_id, args.dry_run)))
+    return 0
+
+
 def add_scheduler_commands(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "scheduler",
@@ -118,4 +137,18 @@ def add_scheduler_commands(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                         help="Prometheus /metrics port (default ROLLSCAN_METRICS_PORT; 0 = off)")  # fmt: skip
     parser.set_defaults(scheduler_handler=_run)
+
+    resume = subparsers.add_parser(
+        "resume",
+        help="send again the work of rolls whose messages were lost",
+        description="Send again what the rolls wait for: frames not ingested, pending bands, "
+        "a due finalize. Safe to repeat: work that was only queued is scored twice at worst, "
+        "never counted twice.",
+    )
+    resume.add_argument("rolls", nargs="*", metavar="ROLL", help="roll ids")
+    resume.add_argument("--idle", type=parse_duration, default=None, metavar="DURATION",
+                        help="also every roll with open work and no progress for DURATION "
+                        "(e.g. 2h)")  # fmt: skip
+    resume.add_argument("--dry-run", action="store_true", help="say what would be sent")
+    resume.set_defaults(scheduler_handler=_resume)
     return parser

@@ -239,24 +239,12 @@ def test_credentials_never_reach_the_logs(db_engine, s3_store, twill_model, tmp_
     assert "pg-secret-do-not-log" not in text
 
 
-def _drain_losing(enqueuer: InlineEnqueuer, lost: str) -> list[tuple]:
-    """Run the queue, but the messages of `lost` vanish: what a broker restart or a worker
-    killed between committing a step and sending the next does to the next step."""
-    dropped = []
-    while enqueuer.queue:
-        function, args = enqueuer.queue.popleft()
-        if function.__name__ == lost:
-            dropped.append(args)
-        else:
-            function(enqueuer.ctx, *args)
-    return dropped
-
-
 @pytest.mark.parametrize("redelivered", ["last band", "last frame"])
 def test_a_redelivered_step_sends_the_lost_finalize_again(ctx, tmp_path, redelivered):
     folder, _, planted = _roll(tmp_path, "R-lost")
     submission = submit(ctx, str(folder))
-    assert len(_drain_losing(ctx.enqueue, "finalize_run")) == 1
+    lost = [r for r in ctx.enqueue.drain(lose="finalize_run") if r[2] == "lost"]
+    assert len(lost) == 1
     with ctx.session() as session:
         run = session.scalar(select(Run).where(Run.roll_id == "R-lost"))
         assert (run.status, run.bands_done, run.bands_total) == ("scoring", 3, 3)

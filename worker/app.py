@@ -45,6 +45,14 @@ def make_app(settings: Settings | None = None) -> Celery:
         # default an hour): it must exceed the longest task, a band takes seconds to minutes
         broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
         broker_connection_retry_on_startup=True,
+        # a task sends its successor (band → finalize) after committing its own work: keep
+        # trying through a broker restart (about 90 s in all) rather than fail the task over it
+        task_publish_retry_policy={
+            "max_retries": 20,
+            "interval_start": 0.5,
+            "interval_step": 1.0,
+            "interval_max": 5.0,
+        },
         worker_cancel_long_running_tasks_on_connection_loss=True,
     )
     return app

@@ -1,0 +1,111 @@
+"""`rollscan resume`: send again the work a roll waits for, when its messages were lost.
+
+Every step is idempotent, and a redelivered step sends its successor again
+(`worker.ingest.finalize_due`), so a roll normally needs none of this. A message can still
+vanish for good: a Redis broker restarted without persistence, or a task out of retries after
+an outage longer than its back-off (about 40 minutes). The roll then waits, `ingesting` or
+`scoring`, with nothing moving. `resume_roll` reads what the database says is missing and
+sends exactly that: the frames under the roll's source not ingested (or replaced since), the
+pending bands of its open runs, and the finalize of a run whose bands are all scored. Sending
+work that was only queued, not lost, costs a second scoring of a band, never a second count.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import exists, func, or_, select
+
+from scheduler.submit import frame_seq
+from storage.schema import Band, Frame, Roll, Run
+from worker.context import WorkerContext
+from worker.ingest import finalize_due
+
+log = logging.getLogger(__name__)
+OPEN_ROLL = ("registered", "ingesting", "scoring", "finalizing")  # not stalled: the scanner's
+CLOSED_RUN = ("done", "failed")
+
+
+@dataclass
+class Resumed:
+    roll_id: str
+    frames: list[int] = field(default_factory=list)
+    bands: list[tuple[int, int]] = field(default_factory=list)  # (run, band)
+    finalizes: list[int] = field(default_factory=list)  # runs
+
+    def __str__(self) -> str:
+        if not (self.frames or self.bands or self.finalizes):
+            return f"roll {self.roll_id}: nothing to resume"
+        parts = [f"{len(self.frames)} frames", f"{len(self.bands)} bands",
+                 f"{len(self.finalizes)} finalizes"]  # fmt: skip
+        return f"roll {self.roll_id}: sent again {', '.join(parts)}"
+
+
+def idle_rolls(session, idle: timedelta, now: datetime | None = None) -> list[str]:
+    """Rolls with work open (an open status or an open run) and no progress for `idle`:
+    no frame ingested, no band scored, no run started since."""
+    now = now if now is not None else session.scalar(select(func.now()))
+    of_roll = Run.roll_id == Roll.id
+    last_band = (
+        select(func.max(Band.scored_at)).join(Run, Run.id == Band.run_id).where(of_roll)
+    ).scalar_subquery()
+    last_run = select(func.max(Run.created_at)).where(of_roll).scalar_subquery()
+    open_run = exists().where(of_roll, Run.status.not_in(CLOSED_RUN))
+    last = func.greatest(Roll.updated_at, last_band, last_run)  # PostgreSQL skips NULLs
+    rows = session.scalars(
+        select(Roll.id)
+        .where(or_(Roll.status.in_(OPEN_ROLL), open_run), Roll.status != "failed")
+        .where(last < now - idle)
+        .order_by(Roll.id)
+    )
+    return list(rows)
+
+
+def resume_roll(ctx: WorkerContext, roll_id: str, dry_run: bool = False) -> Resumed:
+    """Send again what `roll_id` waits for (see the module's docstring); `dry_run`: only say."""
+    with ctx.session() as session:
+        roll = session.get(Roll, roll_id)
+        if roll is None:
+            raise ValueError(f"unknown roll {roll_id!r}")
+        ingested = dict(
+            session.execute(select(Frame.seq, Frame.etag).where(Frame.roll_id == roll_id)).all()
+        )
+        runs = session.scalars(
+            select(Run).where(Run.roll_id == roll_id, Run.status.not_in(CLOSED_RUN)).order_by(Run.id)
+        ).all()  # fmt: skip
+        work = [
+            (run.id, run.purpose, finalize_due(run), list(session.scalars(
+                select(Band.band_index)
+                .where(Band.run_id == run.id, Band.status == "pending")
+                .order_by(Band.band_index)
+            )))
+            for run in runs
+        ]  # fmt: skip
+        source, status, total = roll.source, roll.status, roll.frames_total
+    resumed = Resumed(roll_id)
+    frames = []
+    if status in OPEN_ROLL and source:
+        for info in ctx.store.iter_objects(f"{source.rstrip('/')}/frames/"):
+            seq = frame_seq(info.key.rsplit("/", 1)[-1])
+            if seq is None or (total is not None and seq > total):
+                continue
+            if ingested.get(seq) != info.etag:
+                frames.append((seq, info.key))
+    for seq, key in sorted(frames):
+        resumed.frames.append(seq)
+        if not dry_run:
+            ctx.enqueue.ingest(roll_id, seq, key)
+    for run_id, purpose, finalize, pending in work:
+        for band in pending:
+            resumed.bands.append((run_id, band))
+            if not dry_run:
+                ctx.enqueue.score(run_id, band, reprocess=purpose != "live")
+        if finalize and not pending:
+            resumed.finalizes.append(run_id)
+            if not dry_run:
+                ctx.enqueue.finalize(run_id)
+    if not dry_run:
+        log.info("%s", resumed)
+    return resumed

@@ -1,0 +1,136 @@
+"""`rollscan resume`: the work of a roll whose messages were lost is sent again, exactly what is
+missing, on a real PostgreSQL and local object store (the broker's loss is `drain(lose=…)`)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+import worker.tasks
+from scheduler.resume import idle_rolls, resume_roll
+from scheduler.submit import submit
+from scheduler.synthetic_roll import match_defects, write_synthetic_roll
+from storage.registry import activate_model, register_model
+from storage.schema import Defect, Frame, Roll, Run
+from storage.settings import Settings
+from worker.context import WorkerContext
+from worker.inline import InlineEnqueuer
+
+PX_PER_MM, BAND = 4.0, 512
+FRAME_ROWS, FRAMES, WIDTH = 256, 4, 384  # two bands
+PLAN = [("hole", (512, 190)), ("knot", (800, 200))]
+HOUR = timedelta(hours=1)
+
+
+@pytest.fixture
+def ctx(db_engine, local_store, twill_model, tmp_path):
+    settings = Settings(band_height=BAND, data_dir=tmp_path / "data", device="cpu", batch_size=8)
+    enqueuer = InlineEnqueuer()
+    context = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=8)
+    enqueuer.ctx = context
+    with context.session() as session:
+        model, _ = register_model(session, local_store, twill_model, fabric_type="demo-twill")
+        activate_model(session, model.version)
+    return context
+
+
+def _submit(ctx, tmp_path, roll_id):
+    _, planted = write_synthetic_roll(tmp_path / roll_id, roll_id, frames=FRAMES,
+                                      frame_rows=FRAME_ROWS, width=WIDTH, plan=PLAN,
+                                      px_per_mm=PX_PER_MM)  # fmt: skip
+    submit(ctx, str(tmp_path / roll_id))
+    return planted
+
+
+def _state(ctx, roll_id):
+    with ctx.session() as session:
+        roll = session.get(Roll, roll_id)
+        run = session.scalar(select(Run).where(Run.roll_id == roll_id))
+        frames = len(session.scalars(select(Frame.seq).where(Frame.roll_id == roll_id)).all())
+        return roll.status, run and (run.status, run.bands_done, run.bands_total), frames
+
+
+def _assert_planted(ctx, roll_id, planted):
+    with ctx.session() as session:
+        found = [
+            {"x_mm": d.x_mm, "y_mm": d.y_mm, "x0_mm": d.x0_mm, "y0_mm": d.y0_mm,
+             "x1_mm": d.x1_mm, "y1_mm": d.y1_mm}
+            for d in session.scalars(select(Defect).where(Defect.roll_id == roll_id))
+        ]  # fmt: skip
+    matched, _ = match_defects(planted, found, PX_PER_MM)
+    assert sorted(matched) == list(range(len(planted))), found
+
+
+def test_lost_frames_are_sent_again_and_the_roll_completes(ctx, tmp_path):
+    planted = _submit(ctx, tmp_path, "R-frames")
+    ctx.enqueue.drain(lose="ingest_frame")  # the broker lost every frame
+    assert _state(ctx, "R-frames")[2] == 0
+    with ctx.session() as session:
+        assert idle_rolls(session, HOUR) == []  # just submitted: not idle
+        assert idle_rolls(session, HOUR, now=_later(session)) == ["R-frames"]
+    assert resume_roll(ctx, "R-frames", dry_run=True).frames == [1, 2, 3, 4]
+    assert not ctx.enqueue.queue  # a dry run sends nothing
+    resumed = resume_roll(ctx, "R-frames")
+    assert (resumed.frames, resumed.bands, resumed.finalizes) == ([1, 2, 3, 4], [], [])
+    ctx.enqueue.drain()
+    assert _state(ctx, "R-frames") == ("done", ("done", 2, 2), FRAMES)
+    _assert_planted(ctx, "R-frames", planted)
+    again = resume_roll(ctx, "R-frames")  # a done roll waits for nothing
+    assert str(again) == "roll R-frames: nothing to resume" and not ctx.enqueue.queue
+    with ctx.session() as session:
+        assert idle_rolls(session, HOUR, now=_later(session)) == []
+
+
+def test_lost_bands_and_a_lost_finalize_are_sent_again(ctx, tmp_path):
+    planted = _submit(ctx, tmp_path, "R-bands")
+    ctx.enqueue.drain(lose="score_band")
+    assert _state(ctx, "R-bands") == ("ingesting", ("scoring", 0, 2), FRAMES)
+    resumed = resume_roll(ctx, "R-bands")
+    assert [band for _, band in resumed.bands] == [0, 1] and resumed.frames == []
+    ctx.enqueue.drain(lose="finalize_run")
+    assert _state(ctx, "R-bands")[1] == ("scoring", 2, 2)
+    resumed = resume_roll(ctx, "R-bands")
+    assert (resumed.bands, len(resumed.finalizes)) == ([], 1)
+    ctx.enqueue.drain()
+    assert _state(ctx, "R-bands")[:2] == ("done", ("done", 2, 2))
+    _assert_planted(ctx, "R-bands", planted)
+
+
+def test_an_unknown_roll_is_refused(ctx):
+    with pytest.raises(ValueError, match="unknown roll 'R-none'"):
+        resume_roll(ctx, "R-none")
+
+
+def test_cli_resumes_idle_rolls(ctx, tmp_path, monkeypatch, capsys):
+    """`rollscan resume` as configured by the environment: Celery in eager mode (no broker)."""
+    from scheduler.cli import main
+
+    _submit(ctx, tmp_path, "R-cli")
+    ctx.enqueue.drain(lose="score_band")
+    assert main(["resume"]) == 2
+    assert "name the rolls to resume" in capsys.readouterr().err
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path))  # the objects of `local_store`
+    monkeypatch.setenv("ROLLSCAN_BAND_HEIGHT", str(BAND))
+    monkeypatch.setenv("ROLLSCAN_DEVICE", "cpu")
+    monkeypatch.setattr(worker.tasks, "_context", None)
+    try:
+        assert main(["resume", "--idle", "2h"]) == 0
+        assert "no roll has been idle for 2:00:00" in capsys.readouterr().out
+        assert main(["resume", "R-cli", "--dry-run"]) == 0
+        assert "(dry run) roll R-cli: sent again 0 frames, 2 bands, 0 finalizes" in (
+            capsys.readouterr().out
+        )
+        assert main(["resume", "R-cli"]) == 0  # eager: the bands and the finalize run here
+    finally:
+        if worker.tasks._context is not None:
+            worker.tasks._context.engine.dispose()
+    assert _state(ctx, "R-cli")[:2] == ("done", ("done", 2, 2))
+
+
+def _later(session):
+    from sqlalchemy import func
+
+    return session.scalar(select(func.now())) + 2 * HOUR
