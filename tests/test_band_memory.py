@@ -69,10 +69,10 @@ def test_a_band_of_a_long_roll_needs_no_more_memory_than_one_of_a_short_roll(
     """The traced (numpy + Python, all threads) peak of `score_band` on the middle band of a
     48-band roll stays within 25 % + 256 KiB of the same on the middle band of a 3-band roll.
 
-    Why that margin: the band's own peak is about 2.6 MiB here (its read window of 480 rows,
-    the tiles' float32 maps held until stitching, the band's float32 map), measured equal to
+    Why that margin: the band's own peak is about 1.4 MiB here (its read window of 480 rows,
+    one batch's float32 tile maps, the band's float32 map), measured equal to
     within 1 % for both roll lengths, so 25 % + 256 KiB never trips on noise. The bound,
-    about 3.5 MiB, is below the 6 MiB of the long roll's whole image (48 × 256 × 512 uint8):
+    about 2 MiB, is below the 6 MiB of the long roll's whole image (48 × 256 × 512 uint8):
     any read of the whole roll, even one freed at once, needs that much at a time, so it
     cannot pass (checked by hand: a `read_rows` that read the whole roll and kept only the
     window peaked at 10.6 MB here).

@@ -14,6 +14,7 @@ import pytest
 from scipy import ndimage
 
 from worker.tiling import (
+    BandStitcher,
     band_bounds,
     band_read_window,
     band_ready,
@@ -151,6 +152,24 @@ def test_halo_matters():
     maps = fake_model(cut_tiles(padded, 0, origins, 32))
     naive = stitch_max(maps, origins, start, stop, 50, 32)
     assert not np.array_equal(naive, reference_map(image, 32, 24)[start:stop])
+
+
+@pytest.mark.parametrize("batch", [1, 3, 7])
+def test_stitching_batch_by_batch_equals_all_at_once(batch):
+    """`score_band` adds each batch's maps as they come: the band map must not change."""
+    rng = np.random.default_rng(5)
+    start, stop, rows, width = 40, 120, 200, 90
+    origins = band_tiles(start, stop, rows, width, 32, 24)
+    maps = rng.random((len(origins), 32, 32), dtype=np.float32)
+    whole = stitch_max(maps, origins, start, stop, width, 32, margin=4, roll_rows=rows)
+    stitcher = BandStitcher(start, stop, width, 32, margin=4, roll_rows=rows)
+    for i in range(0, len(origins), batch):
+        stitcher.add(maps[i : i + batch], origins[i : i + batch])
+    np.testing.assert_array_equal(stitcher.result(), whole)
+    partial = BandStitcher(start, stop, width, 32, margin=4, roll_rows=rows)
+    partial.add(maps[:batch], origins[:batch])
+    with pytest.raises(ValueError, match="do not cover"):
+        partial.result()  # a batch not added leaves pixels uncovered
 
 
 def test_band_tiles_and_window():

@@ -17,7 +17,7 @@ from storage.schema import Band, Model, Roll, Run
 from worker.context import WorkerContext, lock_bands
 from worker.ingest import finalize_due, roll_arrays, run_tiling
 from worker.metrics import band_scored
-from worker.tiling import band_read_window, band_tiles, cut_tiles, downsample_max, stitch_max
+from worker.tiling import BandStitcher, band_read_window, band_tiles, cut_tiles, downsample_max
 
 log = logging.getLogger(__name__)
 SCORE_SCALE = 4
@@ -30,18 +30,18 @@ def band_map(
     detector, pixels: np.ndarray, window_row0: int, origins: list[tuple[int, int]],
     band_start: int, band_stop: int, width: int, tile: int, margin: int, roll_rows: int,
 ) -> np.ndarray:  # fmt: skip
-    """Full-resolution map of a band: tiles scored in batches, merged by maximum."""
+    """Full-resolution map of a band: tiles scored in batches, each batch merged by maximum
+    into the band map as it comes (one band map in memory, not every tile map as well)."""
     batch = detector.batch_size
     chunks = [origins[i : i + batch] for i in range(0, len(origins), batch)]
-    maps = []
+    stitcher = BandStitcher(band_start, band_stop, width, tile, margin=margin, roll_rows=roll_rows)
     future = _prefetch.submit(cut_tiles, pixels, window_row0, chunks[0], tile)
-    for k in range(len(chunks)):
+    for k, chunk in enumerate(chunks):
         tiles = future.result()
         if k + 1 < len(chunks):
             future = _prefetch.submit(cut_tiles, pixels, window_row0, chunks[k + 1], tile)
-        maps.append(detector.predict(tiles).maps)
-    return stitch_max(np.concatenate(maps), origins, band_start, band_stop, width, tile,
-                      margin=margin, roll_rows=roll_rows)  # fmt: skip
+        stitcher.add(detector.predict(tiles).maps, chunk)
+    return stitcher.result()
 
 
 def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:

@@ -186,6 +186,55 @@ def cut_tiles(
     return out
 
 
+class BandStitcher:
+    """A band's full-resolution map, built batch by batch: per pixel the maximum over all tile
+    maps covering it. Adding each batch as it comes keeps one band map in memory rather than
+    every tile map of the band as well (for a 16 000 px band, hundreds of MiB).
+
+    Tile maps are (tile, tile) at absolute row/column origins. Parts outside rows
+    [band_start, band_stop) or beyond `width` (halo, padding) are cropped away. `margin` trims
+    that many pixels off each tile edge that lies inside the roll (not on row 0, column 0, the
+    last column or — when `roll_rows` is given — the last row): a CNN's map runs high along its
+    zero-padded borders, and without the trim every seam between tiles would carry those values
+    into the roll map. With margin ≤ overlap / 2 the trimmed tiles still cover every pixel. NaN
+    propagates (np.maximum), so a broken model output is caught downstream, not hidden.
+    """
+
+    def __init__(
+        self, band_start: int, band_stop: int, width: int, tile: int = TILE, *,
+        margin: int = 0, roll_rows: int | None = None,
+    ) -> None:  # fmt: skip
+        if not 0 <= band_start < band_stop or width < 1:
+            raise ValueError(f"empty band [{band_start}, {band_stop}) × {width}")
+        self.band_start, self.band_stop, self.width, self.tile = band_start, band_stop, width, tile
+        self.margin, self.roll_rows = margin, roll_rows
+        self.out = np.full((band_stop - band_start, width), -np.inf, dtype=np.float32)
+        self.covered = np.zeros(self.out.shape, dtype=bool)
+
+    def add(self, maps: np.ndarray, origins: Sequence[tuple[int, int]]) -> None:
+        """Merge tile maps (N, tile, tile), in the order of `origins`, into the band map."""
+        maps, tile, m, b0 = np.asarray(maps), self.tile, self.margin, self.band_start
+        if maps.shape != (len(origins), tile, tile):
+            raise ValueError(f"maps must be ({len(origins)}, {tile}, {tile}), got {maps.shape}")
+        for tile_map, (r, c) in zip(maps, origins, strict=True):
+            trim_bottom = m if self.roll_rows is not None and r + tile < self.roll_rows else 0
+            top = max(r + (m if r > 0 else 0), b0)
+            bottom = min(r + tile - trim_bottom, self.band_stop)
+            left = c + (m if c > 0 else 0)
+            right = min(c + tile - (m if c + tile < self.width else 0), self.width)
+            if top >= bottom or left >= right:
+                continue  # a tile of the halo only
+            dst = self.out[top - b0 : bottom - b0, left:right]
+            np.maximum(dst, tile_map[top - r : bottom - r, left - c : right - c], out=dst)
+            self.covered[top - b0 : bottom - b0, left:right] = True
+
+    def result(self) -> np.ndarray:
+        """The band map; ValueError if some pixel of the band is covered by no tile."""
+        if not self.covered.all():
+            raise ValueError("the tile origins do not cover the whole band")
+        return self.out
+
+
 def stitch_max(
     maps: np.ndarray,
     origins: Sequence[tuple[int, int]],
@@ -197,40 +246,10 @@ def stitch_max(
     margin: int = 0,
     roll_rows: int | None = None,
 ) -> np.ndarray:
-    """The band's full-resolution map: per pixel the maximum over all tile maps covering it.
-
-    `maps` (N, tile, tile) in the order of `origins` (absolute rows). Parts of tiles outside
-    rows [band_start, band_stop) or beyond `width` (halo, padding) are cropped away.
-    `margin` trims that many pixels off each tile edge that lies inside the roll (not on row
-    0, column 0, the last column or — when `roll_rows` is given — the last row): a CNN's map
-    runs high along its zero-padded borders, and without the trim every seam between tiles
-    would carry those values into the roll map. With margin ≤ overlap / 2 the trimmed tiles
-    still cover every pixel. NaN
-    propagates (np.maximum), so a broken model output is caught downstream, not hidden.
-    Raises ValueError if some pixel of the band is covered by no tile.
-    """
-    maps = np.asarray(maps)
-    if maps.shape != (len(origins), tile, tile):
-        raise ValueError(f"maps must be ({len(origins)}, {tile}, {tile}), got {maps.shape}")
-    if not 0 <= band_start < band_stop or width < 1:
-        raise ValueError(f"empty band [{band_start}, {band_stop}) × {width}")
-    out = np.full((band_stop - band_start, width), -np.inf, dtype=np.float32)
-    covered = np.zeros(out.shape, dtype=bool)
-    for tile_map, (r, c) in zip(maps, origins, strict=True):
-        trim_top = margin if r > 0 else 0
-        trim_bottom = margin if roll_rows is not None and r + tile < roll_rows else 0
-        trim_left = margin if c > 0 else 0
-        trim_right = margin if c + tile < width else 0
-        top, bottom = max(r + trim_top, band_start), min(r + tile - trim_bottom, band_stop)
-        left, right = c + trim_left, min(c + tile - trim_right, width)
-        if top >= bottom or left >= right:
-            continue  # a tile of the halo only
-        dst = out[top - band_start : bottom - band_start, left:right]
-        np.maximum(dst, tile_map[top - r : bottom - r, left - c : right - c], out=dst)
-        covered[top - band_start : bottom - band_start, left:right] = True
-    if not covered.all():
-        raise ValueError("the tile origins do not cover the whole band")
-    return out
+    """All of a band's tile maps at once through a `BandStitcher` (see there)."""
+    stitcher = BandStitcher(band_start, band_stop, width, tile, margin=margin, roll_rows=roll_rows)
+    stitcher.add(maps, origins)
+    return stitcher.result()
 
 
 def _ceil_float16(values: np.ndarray) -> np.ndarray:
