@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     # worker
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     batch_size: int = Field(16, ge=1, description="tiles per model call")
+    torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads per worker process (default torch's: every core); "
+        "on a CPU machine with N worker processes, cores / N",
+    )  # fmt: skip
 
     # control plane
     metrics_port: int = Field(

@@ -159,16 +159,21 @@ def celery_producer(settings: Settings) -> Iterator[list[tuple[str, str]]]:
 
 
 class Worker:
-    """`celery -A worker.app worker` in a process group of its own, logging to a file."""
+    """`celery -A worker.app worker` (or `command`: another of our processes, such as the
+    scheduler) in a process group of its own, logging to a file."""
 
-    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, env: dict[str, str], log_path: Path, command: list[str] | None = None
+    ) -> None:
         self.name, self.log_path = name, log_path
         self._out = log_path.open("wb")
+        command = command or [
+            str(CELERY), "-A", "worker.app", "worker", "-Q", "ingest,score,finalize",
+            "-c", "1", "-P", "prefork", "--without-gossip", "--without-mingle",
+            "--without-heartbeat", "-l", "info", "-n", f"{name}@%h",
+        ]  # fmt: skip
         self.proc = subprocess.Popen(
-            [str(CELERY), "-A", "worker.app", "worker", "-Q", "ingest,score,finalize",
-             "-c", "1", "-P", "prefork", "--without-gossip", "--without-mingle",
-             "--without-heartbeat", "-l", "info", "-n", f"{name}@%h"],
-            cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
+            command, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
             start_new_session=True,
         )  # fmt: skip
 
@@ -229,13 +234,19 @@ class Stack:
     workers: list[Worker] = field(default_factory=list)
 
     def start_worker(self, **overrides: str) -> Worker:
+        started = self.start_process(None, **overrides)
+        started.wait_ready()
+        return started
+
+    def start_process(self, command: list[str] | None, **overrides: str) -> Worker:
+        """A worker (`command` None) or another process with the stack's settings; stopped
+        with the workers."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("ROLLSCAN_")}
         env |= {f"ROLLSCAN_{k.upper()}": v for k, v in (self.values | overrides).items()}
         env["PYTHONUNBUFFERED"] = "1"
         name = f"rt{len(self.workers)}-{secrets.token_hex(3)}"
-        started = Worker(name, env, self.tmp / f"worker-{name}.log")
+        started = Worker(name, env, self.tmp / f"worker-{name}.log", command)
         self.workers.append(started)
-        started.wait_ready()
         return started
 
     def stop_workers(self) -> None:

@@ -171,3 +171,22 @@ def assert_roll_done(stack: Stack, roll_id: str) -> None:
         assert frames == FRAMES
     for started in stack.workers:
         assert "raised unexpected" not in started.log(), started.tail()
+
+
+@pytest.fixture
+def make_inline_ctx(db_engine, local_store, twill_model: Path, tmp_path: Path):
+    """A factory of in-process pipeline contexts (`InlineEnqueuer`, no broker) on the test's
+    database and local store, with the session's twill model active for demo-twill."""
+
+    def make(band_height: int) -> WorkerContext:
+        settings = Settings(band_height=band_height, data_dir=tmp_path / "data", device="cpu",
+                            batch_size=8)  # fmt: skip
+        enqueuer = InlineEnqueuer()
+        ctx = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=8)
+        enqueuer.ctx = ctx
+        with ctx.session() as session:
+            model, _ = register_model(session, local_store, twill_model, fabric_type=FABRIC)
+            activate_model(session, model.version)
+        return ctx
+
+    return make

@@ -37,9 +37,10 @@ from storage.schema import Run
 
 def run_roll_and_check(stack: Stack, roll, reference: list[dict]) -> None:
     """One worker, the roll submitted, then the planted and the reference defects found."""
-    stack.start_worker()
+    worker = stack.start_worker(torch_threads="1")
     submit(stack.ctx, str(roll[0]))
     wait_until_done(stack, ROLL_ID, stack.workers)
+    assert "torch uses 1 CPU threads in this process" in worker.log(), worker.tail()
     assert_roll_done(stack, ROLL_ID)
     found = defects_of(stack.ctx, ROLL_ID)
     assert_planted_found(found, roll[1])

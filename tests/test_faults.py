@@ -11,15 +11,21 @@ came out whole: every frame ingested, every band scored once, the reference defe
 
 from __future__ import annotations
 
+import base64
+import json
+import os
 import re
+import signal
+import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from fault_servers import RedisServer, TcpRelay
-from fixtures_celery import VISIBILITY_S, Stack
+from fixtures_celery import FABRIC, VISIBILITY_S, Stack
 from fixtures_roll import (
     ROLL_ID,
     ROLL_TIMEOUT_S,
@@ -29,11 +35,13 @@ from fixtures_roll import (
     defects_of,
     wait_until_done,
 )  # fmt: skip
-from sqlalchemy import make_url
+from sqlalchemy import func, make_url, select
 
-from scheduler.submit import submit
+from scheduler.submit import submit, upload_folder
+from scheduler.synthetic_roll import match_defects, write_synthetic_roll
 from storage.database import upgrade
 from storage.embedded_pg import start_embedded, stop_embedded
+from storage.schema import Defect, Frame, Roll, Run
 
 SCORE_RECEIVED = r"Task rollscan\.score\[([0-9a-f-]+)\] received"
 OUTAGE_S = 6  # longer than a band takes: the band's closing writes meet the outage
@@ -139,3 +147,91 @@ def test_a_broker_restart_mid_band_loses_no_work(
     # the band in flight was given up with the connection and delivered again, not dropped
     assert worker.log().count(f"Task rollscan.score[{in_flight}] received") == 2, worker.tail()
     check_roll(stack, celery_roll, celery_reference)
+
+
+# --- the scheduler killed mid-pass -------------------------------------------------------------
+
+SCANNED, SCANNED_FRAMES = 16, 2  # rolls uploaded before the scheduler starts, frames each
+
+
+def queued_ingests(broker_url: str) -> Counter[tuple[str, int]]:
+    """(roll, frame) → how many ingest messages wait for it in the Redis queue `ingest`."""
+    import redis
+
+    messages = redis.Redis.from_url(broker_url).lrange("ingest", 0, -1)
+    args = [json.loads(base64.b64decode(json.loads(m)["body"]))[0] for m in messages]
+    return Counter((roll_id, seq) for roll_id, seq, _ in args)
+
+
+def test_a_scheduler_killed_mid_pass_misses_nothing_and_counts_nothing_twice(
+    make_stack, redis_broker, tmp_path
+):
+    """SIGKILL lands while the scheduler's first pass enqueues frames; the restarted scheduler
+    sends what was not sent. Frames enqueued just before the kill may go out once more (the
+    pass had not yet recorded them): ingest is idempotent, so the rolls still come out with
+    every frame once and every defect once."""
+    stack = make_stack(redis_broker)
+    planted = {}
+    for k in range(SCANNED):
+        roll_id = f"R-scan{k:02d}"
+        _, planted[roll_id] = write_synthetic_roll(
+            tmp_path / "scanned" / roll_id, roll_id, frames=SCANNED_FRAMES, frame_rows=256,
+            width=256, plan=[("hole", (256, 128))], px_per_mm=10.0, fabric_type=FABRIC, seed=k,
+        )  # fmt: skip
+        upload_folder(stack.ctx.store, tmp_path / "scanned" / roll_id, "incoming")
+    expected = {(f"R-scan{k:02d}", s) for k in range(SCANNED) for s in range(1, 3)}
+    command = [sys.executable, "-m", "scheduler.cli", "scheduler", "--interval", "0.2",
+               "--metrics-port", "0"]  # fmt: skip
+
+    first = stack.start_process(command)
+    deadline = time.monotonic() + 120
+    while not queued_ingests(redis_broker):
+        if first.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"the scheduler enqueued nothing\n{first.tail()}")
+        time.sleep(0.005)
+    os.killpg(first.proc.pid, signal.SIGKILL)
+    first.proc.wait(timeout=30)
+    at_kill = queued_ingests(redis_broker)
+    assert set(at_kill) < expected, "the first pass ended before the kill: upload more rolls"
+
+    second = stack.start_process(command)
+    deadline = time.monotonic() + 120
+    while set(queued_ingests(redis_broker)) != expected:
+        if second.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"frames never enqueued: {expected - set(queued_ingests(redis_broker))}"
+                        f"\n{second.tail()}")  # fmt: skip
+        time.sleep(0.2)
+    time.sleep(2)  # ten more passes: none may send anything again
+    sent = queued_ingests(redis_broker)
+    second.stop()
+    repeated = {key: n for key, n in sent.items() if n > 1}
+    assert all(key in at_kill for key in repeated), (repeated, at_kill)  # only the kill's own
+
+    worker = stack.start_worker()
+    deadline = time.monotonic() + ROLL_TIMEOUT_S
+    while True:
+        with stack.ctx.session() as session:
+            done = session.scalar(
+                select(func.count()).select_from(Roll).where(Roll.status == "done")
+            )
+        if done == SCANNED:
+            break
+        if worker.proc.poll() is not None or time.monotonic() > deadline:
+            pytest.fail(f"{done} of {SCANNED} rolls done\n{stack.diagnosis()}")
+        time.sleep(0.5)
+    with stack.ctx.session() as session:
+        frames = Counter(session.scalars(select(Frame.roll_id)))
+        assert frames == {roll_id: SCANNED_FRAMES for roll_id in planted}
+        for roll_id, plan in planted.items():
+            found = [
+                {"x_mm": d.x_mm, "y_mm": d.y_mm, "x0_mm": d.x0_mm, "y0_mm": d.y0_mm,
+                 "x1_mm": d.x1_mm, "y1_mm": d.y1_mm}
+                for d in session.scalars(
+                    select(Defect).join(Run, Run.id == Defect.run_id)
+                    .where(Run.roll_id == roll_id, Run.is_current)
+                )
+            ]  # fmt: skip
+            matched, _ = match_defects(plan, found, 10.0)
+            assert sorted(matched) == [0], (roll_id, found)
+            boxes = [tuple(d.values()) for d in found]
+            assert len(set(boxes)) == len(boxes), (roll_id, found)  # no defect written twice

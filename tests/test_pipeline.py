@@ -31,15 +31,8 @@ PLAN = [("hole", (1024, 300)), ("knot", (400, 600)), ("broken_pick", (2200, 384)
 
 
 @pytest.fixture
-def ctx(db_engine, local_store, twill_model, tmp_path):
-    settings = Settings(band_height=BAND, data_dir=tmp_path / "data", device="cpu", batch_size=8)
-    enqueuer = InlineEnqueuer()
-    context = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=8)
-    enqueuer.ctx = context
-    with context.session() as session:
-        model, _ = register_model(session, local_store, twill_model, fabric_type="demo-twill")
-        activate_model(session, model.version)
-    return context
+def ctx(make_inline_ctx):
+    return make_inline_ctx(BAND)
 
 
 def _roll(tmp_path, roll_id, **kwargs):

@@ -12,11 +12,7 @@ import worker.tasks
 from scheduler.resume import idle_rolls, resume_roll
 from scheduler.submit import submit
 from scheduler.synthetic_roll import match_defects, write_synthetic_roll
-from storage.registry import activate_model, register_model
 from storage.schema import Defect, Frame, Roll, Run
-from storage.settings import Settings
-from worker.context import WorkerContext
-from worker.inline import InlineEnqueuer
 
 PX_PER_MM, BAND = 4.0, 512
 FRAME_ROWS, FRAMES, WIDTH = 256, 4, 384  # two bands
@@ -25,15 +21,8 @@ HOUR = timedelta(hours=1)
 
 
 @pytest.fixture
-def ctx(db_engine, local_store, twill_model, tmp_path):
-    settings = Settings(band_height=BAND, data_dir=tmp_path / "data", device="cpu", batch_size=8)
-    enqueuer = InlineEnqueuer()
-    context = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=8)
-    enqueuer.ctx = context
-    with context.session() as session:
-        model, _ = register_model(session, local_store, twill_model, fabric_type="demo-twill")
-        activate_model(session, model.version)
-    return context
+def ctx(make_inline_ctx):
+    return make_inline_ctx(BAND)
 
 
 def _submit(ctx, tmp_path, roll_id):

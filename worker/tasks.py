@@ -45,6 +45,13 @@ def context() -> WorkerContext:
         from storage.settings import get_settings
 
         settings = get_settings()
+        if settings.torch_threads is not None:
+            import torch
+
+            # torch takes every core by default: N processes on a CPU machine would run
+            # N × cores threads, which on 2 cores measured 5× slower (docs/benchmarks.md)
+            torch.set_num_threads(settings.torch_threads)
+            log.info("torch uses %d CPU threads in this process", torch.get_num_threads())
         _context = WorkerContext.from_settings(
             CeleryEnqueuer(), settings, device=settings.device, batch_size=settings.batch_size
         )
