@@ -125,27 +125,6 @@ def incoming_prefix(ctx: WorkerContext) -> str:
     return prefix + "/"
 
 
-def list_prefixes(store: ObjectStore, prefix: str) -> list[str]:
-    """Names of the 'directories' directly under `prefix` (which ends with '/'), sorted."""
-    from storage.objectstore_local import LocalStore
-    from storage.objectstore_s3 import S3Store
-
-    if isinstance(store, S3Store):
-        names = []
-        pages = store._client.get_paginator("list_objects_v2").paginate(
-            Bucket=store.bucket, Prefix=prefix, Delimiter="/"
-        )
-        for page in pages:
-            names += [p["Prefix"][len(prefix) : -1] for p in page.get("CommonPrefixes", [])]
-        return sorted(names)
-    if isinstance(store, LocalStore):
-        folder = store.root / prefix
-        return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
-    return sorted(
-        {o.key[len(prefix) :].split("/")[0] for o in store.iter_objects(prefix) if "/" in o.key[len(prefix) :]}
-    )  # fmt: skip
-
-
 def _save(
     ctx: WorkerContext, roll_id: str, cursor: RollCursor, session: Session | None = None
 ) -> None:
@@ -202,7 +181,7 @@ def _discover(
 ) -> DiscoveryReport:
     report = DiscoveryReport()
     prefix = incoming_prefix(ctx)
-    names = list_prefixes(ctx.store, prefix)
+    names = ctx.store.list_prefixes(prefix)
     with ctx.session() as session:
         rows = session.execute(
             select(DiscoveryCursor.name, DiscoveryCursor.cursor).where(DiscoveryCursor.name.like("roll:%"))

@@ -89,6 +89,11 @@ def _validate_prefix(prefix: str) -> str:
     return prefix
 
 
+def _dir_prefix(prefix: str) -> str:
+    """A 'directory' prefix: '' (the root) or a valid key ending with '/'."""
+    return _validate_prefix(prefix.rstrip("/") + "/") if prefix.strip("/") else ""
+
+
 def _check_limit(limit: int) -> None:
     if not 1 <= limit <= MAX_LIST_LIMIT:
         raise ValueError(f"list limit must be between 1 and {MAX_LIST_LIMIT}, not {limit}")
@@ -144,6 +149,13 @@ class ObjectStore(abc.ABC):
             if page.cursor is None:
                 return
             cursor = page.cursor
+
+    def list_prefixes(self, prefix: str) -> list[str]:
+        """Names of the 'directories' directly under `prefix` ('/' implied), sorted. This
+        generic version lists every object below; backends ask for the names alone."""
+        prefix = _dir_prefix(prefix)
+        rests = (o.key[len(prefix) :] for o in self.iter_objects(prefix))
+        return sorted({rest.split("/")[0] for rest in rests if "/" in rest})
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under the 'directory' `prefix` ('/' implied); return the count."""

@@ -21,6 +21,7 @@ from storage.objectstore import (
     ObjectNotFound,
     ObjectStore,
     _check_limit,
+    _dir_prefix,
     _validate_prefix,
     validate_key,
 )
@@ -152,6 +153,13 @@ class LocalStore(ObjectStore):
             except (InvalidKeyError, FileNotFoundError):  # or deleted while we listed
                 continue
         return ListPage(items, keys[limit - 1] if len(keys) > limit else None)
+
+    def list_prefixes(self, prefix: str) -> list[str]:
+        prefix = _dir_prefix(prefix)
+        folder = self._path(prefix.removesuffix("/")) if prefix else self.root
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.is_symlink())
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(IsADirectoryError):  # a 'directory' is not an object

@@ -19,6 +19,7 @@ from storage.objectstore import (
     ObjectNotFound,
     ObjectStore,
     _check_limit,
+    _dir_prefix,
     _error_code,
     _validate_prefix,
     validate_key,
@@ -225,6 +226,16 @@ class S3Store(ObjectStore):
         ]
         more = bool(response.get("IsTruncated")) and bool(items)
         return ListPage(items, items[-1].key if more else None)
+
+    def list_prefixes(self, prefix: str) -> list[str]:
+        prefix = _dir_prefix(prefix)
+        pages = self._client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+        )  # CommonPrefixes: S3 groups the keys, so a roll's frames are never listed here
+        names = [
+            p["Prefix"][len(prefix) : -1] for page in pages for p in page.get("CommonPrefixes", [])
+        ]
+        return sorted(names)
 
     def delete(self, key: str) -> None:
         self._client.delete_object(Bucket=self.bucket, Key=validate_key(key))

@@ -254,6 +254,22 @@ def test_delete_prefix(object_store: ObjectStore) -> None:
     assert object_store.delete_prefix("rolls/missing.zarr/") == 0
 
 
+def test_list_prefixes_names_the_directories_directly_under(object_store: ObjectStore) -> None:
+    for key in ("in/R-2/frames/000001.tif", "in/R-1/manifest.json", "in/R-1/frames/000001.tif",
+                "in/loose.txt", "out/x"):  # fmt: skip
+        object_store.put(key, b"x")
+    assert object_store.list_prefixes("in/") == ["R-1", "R-2"]
+    assert object_store.list_prefixes("in") == ["R-1", "R-2"]
+    assert object_store.list_prefixes("in/R-1/") == ["frames"]
+    assert object_store.list_prefixes("") == ["in", "out"]
+    assert object_store.list_prefixes("nothing/") == []
+    with pytest.raises(InvalidKeyError):
+        object_store.list_prefixes("../in/")
+    generic = ObjectStore.list_prefixes  # the fallback for backends without a native listing
+    assert generic(object_store, "in/") == object_store.list_prefixes("in/")
+    assert generic(object_store, "") == ["in", "out"]
+
+
 def test_uri(object_store: ObjectStore) -> None:
     uri = object_store.uri("incoming/R1/manifest.json")
     assert uri.endswith("/incoming/R1/manifest.json")
