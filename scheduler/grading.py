@@ -13,6 +13,10 @@ Decisions where the standard leaves room (each one is recorded in `GradeResult.d
   (``floor(((y0 + y1) / 2) / 914.4 mm)``, y from the roll start). A last, partial yard is a
   yard of its own for the cap; the yards inspected in the formula are fractional
   (roll length / 914.4 mm).
+- A continuous defect longer along the roll than a yard (a broken end, a running stain) is
+  charged its points in every yard its bbox touches, as the standard charges continuous
+  defects per yard; a short defect across a yard boundary counts once, in its centre's yard.
+  Its `per_defect_points` are the points charged in all, before the per-yard cap.
 - A defect is ignored at the selvage when its whole bbox lies within the margin of one
   edge: ``x1 ≤ margin`` or ``x0 ≥ width − margin`` (boundaries inclusive).
 - Point bands are inclusive on their upper edge (exactly 3 in is 1 point), and a roll is
@@ -148,15 +152,22 @@ def grade_roll(
     per_defect: list[int | None] = []
     ignored: list[int] = []
     per_yard: dict[int, int] = {}
+    across: list[dict[str, Any]] = []
     for i, (x0, y0, x1, y1, length_mm) in enumerate(defects):
         if x1 <= margin_mm + _EPS or x0 >= roll_width_mm - margin_mm - _EPS:
             per_defect.append(None)
             ignored.append(i)
             continue
         pts = rules.points_for(length_mm / MM_PER_INCH)
-        per_defect.append(pts)
-        yard = max(0, math.floor((y0 + y1) / 2 / MM_PER_YARD))
-        per_yard[yard] = per_yard.get(yard, 0) + pts
+        if y1 - y0 > MM_PER_YARD + _EPS:  # continuous: every yard it touches
+            touched = range(max(0, math.floor(y0 / MM_PER_YARD)),
+                            max(0, math.ceil(y1 / MM_PER_YARD - _EPS)))  # fmt: skip
+            across.append({"defect": i, "yards": [touched.start, touched.stop - 1]})
+        else:
+            touched = range(m := max(0, math.floor((y0 + y1) / 2 / MM_PER_YARD)), m + 1)
+        per_defect.append(pts * len(touched))
+        for yard in touched:
+            per_yard[yard] = per_yard.get(yard, 0) + pts
 
     capped = {
         yard: raw for yard, raw in sorted(per_yard.items()) if raw > rules.max_points_per_yard
@@ -172,6 +183,7 @@ def grade_roll(
         "selvage_margin_in": rules.selvage_margin_in,
         "defects": len(defects),
         "defects_ignored_at_selvage": ignored,
+        "defects_across_yards": across,
         "points_before_cap": sum(per_yard.values()),
         "max_points_per_yard": rules.max_points_per_yard,
         "yards_capped": [

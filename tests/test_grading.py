@@ -59,6 +59,22 @@ def test_yard_is_that_of_the_bbox_centre_and_a_partial_last_yard_counts() -> Non
     assert last.points == 4 and last.yards == pytest.approx(10.5)
 
 
+def test_a_defect_longer_than_a_yard_is_charged_in_every_yard_it_touches() -> None:
+    # a broken end from 0.5 yd to exactly 3 yd: yards 0, 1 and 2 (3 yd is yard 3's start)
+    running = (500.0, 0.5 * YD, 520.0, 3.0 * YD, 2.5 * YD)
+    # 20 in long, across the boundary of yards 5 and 6: once, in its centre's yard 5
+    short = (500.0, 6 * YD - 300.0, 520.0, 6 * YD + 208.0, 508.0)
+    # a hole in yard 1 beside the broken end: that yard stays capped at 4
+    hole = (900.0, 1.5 * YD, 910.0, 1.5 * YD + 10.0, 10.0)
+    r = grade_roll([running, short, hole], 10 * YD, WIDTH_60IN)
+    assert r.per_defect_points == [12, 4, 1]
+    assert r.points == 4 + 4 + 4 + 4  # yards 0, 1 (4 + 1 capped), 2 and 5
+    assert r.details["defects_across_yards"] == [{"defect": 0, "yards": [0, 2]}]
+    assert r.details["yards_capped"] == [{"yard": 1, "points": 5, "counted": 4}]
+    exactly_a_yard = (500.0, 0.5 * YD, 520.0, 1.5 * YD, YD)  # not longer than a yard: once
+    assert grade_roll([exactly_a_yard], 10 * YD, WIDTH_60IN).per_defect_points == [4]
+
+
 def test_defects_within_the_selvage_margin_are_ignored() -> None:
     left = (0.0, 1000.0, 25.4, 1010.0, 25.4)  # ends exactly 1 in from the left edge
     right = (WIDTH_60IN - 20.0, 2000.0, WIDTH_60IN, 2200.0, 200.0)
