@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -30,7 +31,8 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from scheduler.grade_store import GradeRow, grade_rolls
+from scheduler.grade_store import GradeRow, grade_rolls, rules_from_file
+from scheduler.grading import GradingRules
 from storage.schema import DiscoveryCursor
 from storage.settings import Settings, get_settings
 from worker.app import app as worker_app
@@ -43,7 +45,9 @@ CURSOR = "grading"
 CLOCK_MARGIN = timedelta(minutes=10)  # runs this close before the mark are graded again
 
 
-def grade_since_last(session: Session) -> list[GradeRow]:
+def grade_since_last(
+    session: Session, rules_for: Callable[[str], GradingRules] | None = None
+) -> list[GradeRow]:
     """Grade the rolls finished since the last grading began, then move the mark to now.
 
     One transaction: the mark row is locked (two gradings never overlap) and moves only if
@@ -55,7 +59,7 @@ def grade_since_last(session: Session) -> list[GradeRow]:
     started = session.scalar(select(func.now()))
     # a margin for clocks: `finished_at` comes from the worker's clock, `started` from the database's
     since = datetime.fromisoformat(mark.cursor) - CLOCK_MARGIN if mark.cursor else None
-    rows = grade_rolls(session, since=since)
+    rows = grade_rolls(session, since=since, rules_for=rules_for)
     mark.cursor, mark.updated_at = started.isoformat(), started
     log.info("graded %d rolls finished since %s", len(rows), since or "the beginning")
     return rows
@@ -86,8 +90,10 @@ app = configure(worker_app, get_settings())
 def grade_nightly() -> int:
     from worker.tasks import context
 
-    with context().session() as session:
-        return len(grade_since_last(session))
+    ctx = context()
+    rules_for = rules_from_file(ctx.settings.grading_rules)  # ROLLSCAN_GRADING_RULES
+    with ctx.session() as session:
+        return len(grade_since_last(session, rules_for))
 
 
 class InProcessScheduler(Scheduler):

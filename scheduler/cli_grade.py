@@ -3,37 +3,20 @@
 The main command line calls `add_grade_commands(subparsers)` and, for
 ``args.command == "grade"``, returns ``args.grade_handler(args)``. Rules come from
 ``--rules FILE`` (JSON, or TOML by its ``.toml`` suffix), shaped as `scheduler.grading.load_rules`
-describes; without it the built-in defaults apply to every fabric type.
+describes, else from ``ROLLSCAN_GRADING_RULES``; without either the built-in defaults apply to
+every fabric type.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import tomllib
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from scheduler.grade_store import grade_rolls
-from scheduler.grading import GradingRules, load_rules
+from scheduler.grade_store import grade_rolls, rules_from_file
 from storage.database import make_engine, session_scope
 from storage.settings import get_settings
-
-
-def read_rules_file(path: Path) -> dict[str, Any]:
-    """The grading config in a JSON or TOML file; ValueError with the file's name if unreadable."""
-    try:
-        if path.suffix.lower() == ".toml":
-            with path.open("rb") as f:
-                config = tomllib.load(f)
-        else:
-            config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"grading rules {path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"grading rules {path}: expected an object at the top")
-    return config
 
 
 def iso_date(text: str) -> datetime:
@@ -47,13 +30,9 @@ def iso_date(text: str) -> datetime:
 
 
 def _grade(args: argparse.Namespace) -> int:
-    config = read_rules_file(args.rules) if args.rules is not None else None
-    load_rules("", config)  # validate the whole file before touching the database
-
-    def rules_for(fabric_type: str) -> GradingRules:
-        return load_rules(fabric_type, config)
-
-    engine = make_engine(get_settings())
+    settings = get_settings()
+    rules_for = rules_from_file(args.rules or settings.grading_rules)  # checked before any write
+    engine = make_engine(settings)
     try:
         with session_scope(engine) as session:
             rows = grade_rolls(session, roll_id=args.roll, since=args.since, rules_for=rules_for)
@@ -89,7 +68,8 @@ def add_grade_commands(subparsers: Any) -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="FILE",
-        help="grading rules per fabric type (.json, or .toml); default: the built-in rules",
+        help="grading rules per fabric type (.json, or .toml); default: "
+        "ROLLSCAN_GRADING_RULES, else the built-in rules",
     )
     parser.set_defaults(grade_handler=_grade)
     return parser

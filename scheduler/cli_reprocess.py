@@ -10,8 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from scheduler.cli_grade import iso_date, read_rules_file
-from scheduler.grading import GradingRules, load_rules
+from scheduler.cli_grade import iso_date
 
 
 def _positive(text: str) -> int:
@@ -32,18 +31,14 @@ def read_roll_ids(path: Path) -> list[str]:
 
 
 def _reprocess(args: argparse.Namespace) -> int:
+    from scheduler.grade_store import rules_from_file
     from scheduler.reprocess import reprocess, select_rolls
     from storage.database import database_url, upgrade
     from worker.tasks import context
 
-    config = read_rules_file(args.rules) if args.rules is not None else None
-    load_rules("", config)  # validate the whole file before anything runs
-
-    def rules_for(fabric_type: str) -> GradingRules:
-        return load_rules(fabric_type, config)
-
     listed = read_roll_ids(args.rolls_from) if args.rolls_from is not None else None
     ctx = context()
+    rules_for = rules_from_file(args.rules or ctx.settings.grading_rules)  # before anything runs
     if ctx.settings.embedded_database and not args.dry_run:
         upgrade(database_url(ctx.settings))
     with ctx.session() as session:

@@ -11,10 +11,14 @@ always belong to the defects that were graded.
 
 from __future__ import annotations
 
+import json
 import logging
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -108,6 +112,33 @@ def grade_run(session: Session, run_id: int, rules: GradingRules | None = None) 
         defects=len(rows),
         ignored=ignored,
     )
+
+
+def read_rules_file(path: Path) -> dict[str, Any]:
+    """The grading config in a JSON or TOML file; ValueError with the file's name if unreadable."""
+    try:
+        if path.suffix.lower() == ".toml":
+            with path.open("rb") as f:
+                config = tomllib.load(f)
+        else:
+            config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"grading rules {path}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"grading rules {path}: expected an object at the top")
+    return config
+
+
+def rules_from_file(path: Path | None) -> Callable[[str], GradingRules]:
+    """`rules_for(fabric_type)` from a rules file (None: the built-in rules). The whole file is
+    read and validated here, so a bad file fails before anything is graded or written."""
+    config = read_rules_file(path) if path is not None else None
+    load_rules("", config)
+
+    def rules_for(fabric_type: str) -> GradingRules:
+        return load_rules(fabric_type, config)
+
+    return rules_for
 
 
 def grade_rolls(

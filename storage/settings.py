@@ -73,6 +73,10 @@ class Settings(BaseSettings):
         "02:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="nightly grading, HH:MM"
     )
     timezone: str = Field("UTC", description="IANA time zone of grade_at (e.g. Europe/Paris)")
+    grading_rules: Path | None = Field(
+        None, description="grading rules per fabric type (.json or .toml) for the nightly "
+        "grading, `rollscan grade` and `reprocess`; unset: the built-in four-point rules",
+    )  # fmt: skip
 
     @field_validator("band_height")
     @classmethod
@@ -81,6 +85,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"band_height must be a multiple of 256 (zarr chunk rows), not {value}"
             )
+        return value
+
+    @field_validator("grading_rules")
+    @classmethod
+    def _rules_file_exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"grading rules file {value} does not exist")
         return value
 
     @field_validator("timezone")

@@ -40,7 +40,7 @@ from storage.database import make_engine
 from storage.manifest import parse_manifest
 from storage.objectstore import S3Store
 from storage.registry import activate_model, register_model
-from storage.schema import Defect, DiscoveryCursor, Frame, Model, Roll, Run
+from storage.schema import Defect, DiscoveryCursor, Frame, Grade, Model, Roll, Run
 from storage.settings import Settings
 from worker.context import WorkerContext
 from worker.inline import InlineEnqueuer
@@ -407,7 +407,9 @@ def test_queue_depth_is_asked_of_the_broker(broker):
     assert value != value  # NaN
 
 
-def test_nightly_grading_takes_the_rolls_finished_since_the_last_one(db_engine, settings):
+def test_nightly_grading_takes_the_rolls_finished_since_the_last_one(
+    db_engine, settings, tmp_path, monkeypatch
+):
     from scheduler.beat import InProcessScheduler, app, configure, grade_since_last, schedule
 
     entry = schedule(Settings(grade_at="03:15"))["grade-nightly"]
@@ -438,6 +440,26 @@ def test_nightly_grading_takes_the_rolls_finished_since_the_last_one(db_engine, 
     with Session(db_engine) as session, session.begin():
         finished_roll(session, "R-0501")
     assert grade() == ["R-0501"]
+
+    # the nightly task itself, configured by the environment: ROLLSCAN_GRADING_RULES applies
+    import worker.tasks
+    from scheduler.beat import grade_nightly
+
+    rules = tmp_path / "rules.toml"
+    rules.write_text(f'[fabric_types.{FABRIC}]\nacceptance = [["site-first", 40]]\n')
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", db_engine.url.render_as_string(False))
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ROLLSCAN_GRADING_RULES", str(rules))
+    monkeypatch.setattr(worker.tasks, "_context", None)
+    with Session(db_engine) as session, session.begin():
+        finished_roll(session, "R-0502")
+    try:
+        assert grade_nightly() == 2  # R-0502, and R-0501 again: within the clock margin
+    finally:
+        if worker.tasks._context is not None:
+            worker.tasks._context.engine.dispose()
+    with Session(db_engine) as session:
+        assert session.scalar(select(Grade.grade).where(Grade.roll_id == "R-0502")) == "site-first"
 
 
 def _in_session(engine, function):

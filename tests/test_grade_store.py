@@ -183,6 +183,19 @@ def test_cli_grades_and_prints_a_table(
     assert "R1" in capsys.readouterr().out
     assert s.scalar(select(func.count()).select_from(Grade)) == 1
 
+    # the same rules from ROLLSCAN_GRADING_RULES; --rules wins over it
+    strict = tmp_path / "strict.toml"
+    strict.write_text('[fabric_types.denim]\nacceptance = [["first", 5]]\nreject_name = "out"\n')
+    monkeypatch.setenv("ROLLSCAN_GRADING_RULES", str(strict))
+    assert main(["grade", "--roll", "R1"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-1] == "out"
+    assert main(["grade", "--roll", "R1", "--rules", str(rules)]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[-1] == "first"
+    monkeypatch.setenv("ROLLSCAN_GRADING_RULES", str(tmp_path / "missing.toml"))
+    assert main(["grade", "--roll", "R1"]) == 2
+    assert "grading rules file" in capsys.readouterr().err
+    monkeypatch.delenv("ROLLSCAN_GRADING_RULES")
+
     rules.write_text(json.dumps({"fabric_type": {}}))
     assert main(["grade", "--rules", str(rules)]) == 2
     assert "unknown key(s) ['fabric_type']" in capsys.readouterr().err

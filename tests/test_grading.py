@@ -182,7 +182,7 @@ def test_bad_configuration_is_a_clear_value_error(config: dict, message: str) ->
 
 
 def test_rules_files_json_and_toml(tmp_path) -> None:
-    from scheduler.cli_grade import read_rules_file
+    from scheduler.grade_store import read_rules_file
 
     (tmp_path / "r.json").write_text(json.dumps(CONFIG))
     (tmp_path / "r.toml").write_text(
