@@ -32,9 +32,13 @@ class Enqueuer(Protocol):
 
 
 class RetryLater(Exception):
-    """Not an error: the work cannot be done yet (e.g. the previous frame is still missing)."""
+    """Not an error: the work cannot be done yet (e.g. the previous frame is still missing).
 
-    def __init__(self, reason: str, countdown: float = 5.0) -> None:
+    Tasks retry after `countdown` seconds, doubling on each retry up to a minute: a frame whose
+    predecessor is being ingested by another worker gets in within a second, and one whose
+    predecessor is held up for long does not churn the queue."""
+
+    def __init__(self, reason: str, countdown: float = 0.5) -> None:
         super().__init__(reason)
         self.countdown = countdown
 

@@ -22,6 +22,7 @@ from worker.scoring import score_band
 
 log = logging.getLogger(__name__)
 MAX_RETRIES = 12  # 2 s doubling, capped at 5 min: about 40 minutes of outage
+RETRY_LATER_MAX_S = 60.0  # work that waits for other work (a frame for the one before it)
 
 
 class CeleryEnqueuer:
@@ -66,7 +67,8 @@ def _run(task: Task, function: Any, *args: Any) -> Any:
     try:
         return function(context(), *args)
     except RetryLater as exc:
-        raise task.retry(exc=exc, countdown=exc.countdown, max_retries=None) from exc
+        countdown = min(RETRY_LATER_MAX_S, exc.countdown * 2 ** min(task.request.retries, 20))
+        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
     except Exception as exc:
         if not is_transient(exc):
             raise
