@@ -118,14 +118,25 @@ def test_a_postgresql_restart_mid_band_delays_the_roll_only(
     check_roll(stack, celery_roll, celery_reference)
 
 
-def test_an_s3_outage_during_ingest_skips_no_frame(
+def test_s3_outages_during_ingest_and_scoring_skip_nothing(
     s3_relay, make_stack, redis_broker, celery_roll, celery_reference
 ):
+    """Ingest meets the outage through boto3 (frames); scoring through zarr's obstore store
+    (the roll image and the score shards), whose errors must be recognised as transient too."""
     stack = make_stack(redis_broker)
-    worker = stack.start_worker(s3_endpoint=f"http://127.0.0.1:{s3_relay.port}")
+    worker = stack.start_worker(s3_endpoint=f"http://127.0.0.1:{s3_relay.port}", batch_size="1")
     s3_relay.cut()
     submit(stack.ctx, str(celery_roll[0]))  # the test itself reaches S3 directly
     worker.wait_for_log(r"rollscan\.ingest\(.*\): transient error, retry in", ROLL_TIMEOUT_S)
+    time.sleep(OUTAGE_S)
+    s3_relay.restore()
+    # the second band: the model is loaded and the band's rows read, its tiles take seconds
+    # (batch 1), so its score shard is written into the outage, through zarr and obstore
+    worker.wait_for_log(r"Task rollscan\.score\[\S+\] received(?s:.*)"
+                        r"Task rollscan\.score\[\S+\] received", ROLL_TIMEOUT_S)  # fmt: skip
+    time.sleep(0.5)
+    s3_relay.cut()
+    worker.wait_for_log(r"rollscan\.score\(.*\): transient error, retry in", ROLL_TIMEOUT_S)
     time.sleep(OUTAGE_S)
     s3_relay.restore()
     wait_until_done(stack, ROLL_ID, [worker])
