@@ -74,7 +74,7 @@ def plan_roll(i: int) -> tuple[int, list[tuple[str, tuple[int, int]]]]:
 
 def train_small_model(out: Path) -> Path:
     """The tests' twill model: 6 epochs on 128² synthetic tiles (≈ 20 s on 2 cores)."""
-    from distill.data.synthetic import write_category
+    from distill.data.synthetic_defects import write_category
     from distill.train import TrainConfig, train
 
     data = write_category(out.parent / "train-data", n_train=40, n_test_good=4, n_test_defect=4,

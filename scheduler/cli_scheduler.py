@@ -73,7 +73,8 @@ def _print_report(report: Any) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from scheduler.discovery import discover_once, run_scheduler
+    from scheduler.discovery import discover_once
+    from scheduler.loop import run_scheduler
     from scheduler.metrics import SchedulerMetrics, start_metrics_server
 
     ctx = _context()

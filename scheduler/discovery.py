@@ -34,7 +34,7 @@ is written, other rolls go on. A manifest re-uploaded with ``complete: true`` up
 Stalls (`mark_stalled`): a roll registered or ingesting whose frames have not all arrived, idle
 for `stall_after`, becomes 'stalled' with the reason; discovery resumes it when frames or a
 manifest arrive again. One scheduler discovers at a time (a PostgreSQL advisory lock per pass).
-`run_scheduler` backs off exponentially on a failed pass (S3, database or broker away), logs,
+`scheduler.loop.run_scheduler` backs off exponentially on a failed pass (S3, database or broker away), logs,
 and resumes from the cursors.
 """
 
@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import threading
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -391,50 +390,3 @@ def mark_stalled(
         log.warning("roll %s %s", roll_id, reason)
         stalled.append(roll_id)
     return stalled
-
-
-def run_scheduler(
-    ctx: WorkerContext,
-    interval_s: float,
-    stop_event: threading.Event,
-    *,
-    stall_after: timedelta | None = DEFAULT_STALL_AFTER,
-    metrics: Any = None,
-    max_backoff_s: float = 300.0,
-) -> int:
-    """Discover every `interval_s` until `stop_event` is set; returns the passes run.
-
-    A failed pass waits `interval_s` · 2^k (k = failures in a row, at most `max_backoff_s`)
-    and tries again; nothing is lost, the next pass starts from the database's cursors.
-    `metrics` (a `scheduler.metrics.SchedulerMetrics`) is updated after each pass."""
-    failures = passes = 0
-    while not stop_event.is_set():
-        passes += 1
-        try:
-            report = discover_once(ctx, stall_after=stall_after)
-            if metrics is not None:
-                metrics.update(ctx, report)
-        except Exception as exc:
-            failures += 1
-            delay = min(max_backoff_s, interval_s * 2 ** min(failures, 20))
-            transient = is_transient_error(exc)
-            if metrics is not None:
-                metrics.pass_failed("transient" if transient else "error")
-            if transient:
-                log.warning("scheduler: pass failed (%s: %s); retrying in %.1f s",
-                            type(exc).__name__, (str(exc).splitlines() or [""])[0][:300], delay)  # fmt: skip
-            else:
-                log.exception("scheduler: pass failed; retrying in %.1f s", delay)
-            stop_event.wait(delay)
-            continue
-        if failures:
-            log.info("scheduler: resumed after %d failed pass(es)", failures)
-            failures = 0
-        if report:
-            log.info(
-                "discovered: %d new rolls, %d frames enqueued, %d complete, %d stalled, %d problems",
-                len(report.new_rolls), len(report.frames_enqueued), len(report.completed),
-                len(report.stalled), len(report.problems),
-            )  # fmt: skip
-        stop_event.wait(interval_s)
-    return passes

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import tifffile
 
-from distill.data.synthetic import make_fabric, plant_defect
+from distill.data.synthetic import make_fabric
+from distill.data.synthetic_defects import plant_defect
 
 ROLL_ROW_OFFSET = 1_000_000  # rows of the procedural roll kept apart from training tiles
 

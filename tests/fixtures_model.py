@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from distill.data.synthetic import write_category
+from distill.data.synthetic_defects import write_category
 from distill.train import TrainConfig, train
 
 TWILL_SEED = 7

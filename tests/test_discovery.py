@@ -32,8 +32,8 @@ from scheduler.discovery import (
     discover_once,
     is_transient_error,
     mark_stalled,
-    run_scheduler,
 )
+from scheduler.loop import run_scheduler
 from scheduler.metrics import SchedulerMetrics, queue_depths, start_metrics_server
 from scheduler.synthetic_roll import match_defects, write_synthetic_roll
 from storage.database import make_engine
@@ -318,7 +318,7 @@ def test_the_loop_backs_off_on_a_broker_outage_and_resumes_without_losing_frames
     _put_manifest(store, "R-0400", _manifest("R-0400"))
     _put_frames(store, "R-0400", [1, 2])
     rec.enqueue.fail = 3  # the broker refuses the first three publishes
-    with caplog.at_level(logging.INFO, logger="scheduler.discovery"):
+    with caplog.at_level(logging.INFO, logger="scheduler"):
         _run_until(rec, lambda: len(_ingests(rec)) == 2, max_backoff_s=0.1)
     assert _ingests(rec) == [("R-0400", 1), ("R-0400", 2)]
     assert caplog.text.count("pass failed (OperationalError") == 3

@@ -9,14 +9,8 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from distill.data.synthetic import (
-    DEFECT_KINDS,
-    WEAVES,
-    make_defective,
-    make_fabric,
-    plant_defect,
-    write_category,
-)
+from distill.data.synthetic import DEFECT_KINDS, WEAVES, make_fabric
+from distill.data.synthetic_defects import make_defective, plant_defect, write_category
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:

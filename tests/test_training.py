@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distill.checkpoint import CheckpointError, load_detector, read_checkpoint, save_checkpoint
-from distill.data.synthetic import write_category
+from distill.data.synthetic_defects import write_category
 from distill.evaluate import evaluate
 from distill.inference import bf16_supported
 from distill.train import split_held_out

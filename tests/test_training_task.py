@@ -1,6 +1,6 @@
 """The train task's plain function: train on a category folder, register, optionally activate."""
 
-from distill.data.synthetic import write_category
+from distill.data.synthetic_defects import write_category
 from storage.registry import active_model, list_models
 from storage.settings import Settings
 from worker.context import WorkerContext
