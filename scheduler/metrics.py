@@ -11,6 +11,9 @@
   broker does not answer, absent without a broker.
 - ``rollscan_roll_latency_seconds``: from a roll's last frame ingested to its live run
   finalized, observed once per run that finishes while the scheduler runs.
+- ``rollscan_rolls_idle``: rolls with open work (frames, bands or a finalize outstanding)
+  and no progress for an hour — lost messages or a stuck worker; each new one is logged with
+  the command that sends its work again (`rollscan resume`).
 - ``rollscan_rolls{status}``, discovery counters, failed passes, time of the last good pass.
 """
 
@@ -18,13 +21,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 from sqlalchemy import func, select
 
 from scheduler.discovery import DiscoveryReport
+from scheduler.resume import idle_rolls
 from storage.schema import ROLL_STATUSES, Band, Frame, Roll, Run
 from worker.app import QUEUES
 from worker.context import WorkerContext
@@ -42,6 +46,8 @@ ROLL_LATENCY = Histogram(
     buckets=(5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400),
 )
 ROLLS = Gauge("rollscan_rolls", "rolls by status", ["status"])
+ROLLS_IDLE = Gauge("rollscan_rolls_idle", "rolls with open work and no progress for an hour")
+IDLE_AFTER = timedelta(hours=1)
 ROLLS_DISCOVERED = Counter("rollscan_rolls_discovered", "rolls registered by discovery")
 FRAMES_ENQUEUED = Counter("rollscan_frames_enqueued", "frames enqueued for ingest by discovery")
 ROLLS_STALLED = Counter("rollscan_rolls_stalled", "rolls marked stalled")
@@ -88,6 +94,7 @@ class SchedulerMetrics:
         self.queues = queues
         self._finished_after: datetime | None = None  # runs finished before we started: not ours
         self._broker_down = False
+        self._idle: set[str] = set()
 
     def update(self, ctx: WorkerContext, report: DiscoveryReport | None = None) -> None:
         if report is not None:
@@ -117,6 +124,12 @@ class SchedulerMetrics:
         counts = {status: n for status, n in session.execute(query)}
         for status in ROLL_STATUSES:
             ROLLS.labels(status).set(counts.get(status, 0))
+        idle = set(idle_rolls(session, IDLE_AFTER))
+        ROLLS_IDLE.set(len(idle))
+        if idle - self._idle:
+            log.warning("rolls with open work and no progress for %s: %s (`rollscan resume "
+                        "--idle 1h` sends their work again)", IDLE_AFTER, ", ".join(sorted(idle)))  # fmt: skip
+        self._idle = idle
         if self._finished_after is None:
             self._finished_after = session.scalar(select(func.now()))
             return

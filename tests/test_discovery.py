@@ -372,7 +372,8 @@ def test_the_metrics_endpoint_serves_the_metric_names(rec):
         server.shutdown()
     for name in ("rollscan_tiles_scored_total", "rollscan_bands_in_flight",
                  "rollscan_roll_latency_seconds_bucket", "rollscan_rolls{status=\"done\"}",
-                 "rollscan_frames_enqueued_total", "rollscan_scheduler_last_pass_timestamp_seconds"):  # fmt: skip
+                 "rollscan_frames_enqueued_total", "rollscan_scheduler_last_pass_timestamp_seconds",
+                 "rollscan_rolls_idle"):  # fmt: skip
         assert name in text, name
     assert "# TYPE rollscan_queue_depth gauge" in text
 

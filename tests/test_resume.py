@@ -3,10 +3,11 @@ missing, on a real PostgreSQL and local object store (the broker's loss is `drai
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 
 import worker.tasks
 from scheduler.resume import idle_rolls, resume_roll
@@ -87,6 +88,35 @@ def test_lost_bands_and_a_lost_finalize_are_sent_again(ctx, tmp_path):
     _assert_planted(ctx, "R-bands", planted)
 
 
+def test_the_scheduler_metrics_count_and_log_idle_rolls(ctx, tmp_path, caplog):
+    from prometheus_client import REGISTRY
+
+    from scheduler.metrics import SchedulerMetrics
+
+    _submit(ctx, tmp_path, "R-idle")
+    ctx.enqueue.drain(lose="score_band")
+    metrics = SchedulerMetrics(queues=())
+    metrics.update(ctx)
+    assert REGISTRY.get_sample_value("rollscan_rolls_idle") == 0  # it moved a moment ago
+    with ctx.session() as session:  # two hours pass
+        session.execute(
+            update(Roll).where(Roll.id == "R-idle").values(updated_at=func.now() - 2 * HOUR)
+        )
+        session.execute(
+            update(Run).where(Run.roll_id == "R-idle").values(created_at=func.now() - 2 * HOUR)
+        )
+    with caplog.at_level(logging.WARNING, logger="scheduler.metrics"):
+        metrics.update(ctx)
+        metrics.update(ctx)  # still idle: said once
+    assert REGISTRY.get_sample_value("rollscan_rolls_idle") == 1
+    assert caplog.text.count("no progress for 1:00:00: R-idle") == 1
+    assert "rollscan resume" in caplog.text
+    resume_roll(ctx, "R-idle")
+    ctx.enqueue.drain()
+    metrics.update(ctx)
+    assert REGISTRY.get_sample_value("rollscan_rolls_idle") == 0
+
+
 def test_an_unknown_roll_is_refused(ctx):
     with pytest.raises(ValueError, match="unknown roll 'R-none'"):
         resume_roll(ctx, "R-none")
@@ -120,6 +150,4 @@ def test_cli_resumes_idle_rolls(ctx, tmp_path, monkeypatch, capsys):
 
 
 def _later(session):
-    from sqlalchemy import func
-
     return session.scalar(select(func.now())) + 2 * HOUR
