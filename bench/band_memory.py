@@ -38,9 +38,9 @@ from pathlib import Path
 from typing import Any
 
 import tifffile
-from pipeline_throughput import random_checkpoint  # bench/ is sys.path[0] when run as a script
 from sqlalchemy import select, update
 
+from distill.checkpoint import random_checkpoint
 from distill.data.synthetic import make_fabric
 from scheduler.submit import submit
 from scheduler.synthetic_roll import ROLL_ROW_OFFSET

@@ -20,9 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill.checkpoint import ModelCard, load_detector, save_checkpoint
-from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
-from distill.torch_model import ReverseDistillation
+from distill.checkpoint import load_detector, random_checkpoint
 from scheduler.submit import submit
 from scheduler.synthetic_roll import write_synthetic_roll
 from storage.database import database_url, make_engine, upgrade
@@ -33,17 +31,6 @@ from storage.settings import get_settings
 from worker.context import WorkerContext
 from worker.inline import InlineEnqueuer
 from worker.tiling import band_tiles
-
-
-def random_checkpoint(path: Path) -> Path:
-    teacher = build_teacher("efficientnet_lite0", "random")
-    model = ReverseDistillation(teacher)
-    card = ModelCard(
-        teacher=teacher.name, teacher_weights=teacher.weights_source,
-        teacher_sha256=teacher.weights_sha256(), variant="residual", tile=256,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=1e9,
-    )  # fmt: skip
-    return save_checkpoint(path, model, card)
 
 
 def main() -> None:

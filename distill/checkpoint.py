@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from distill.inference import Detector, Precision
-from distill.teacher import RANDOM, build_teacher
+from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, RANDOM, build_teacher
 from distill.torch_model import ReverseDistillation
 
 FORMAT = "rollscan-distill/1"
@@ -63,6 +63,20 @@ def save_checkpoint(path: str | Path, model: ReverseDistillation, card: ModelCar
     torch.save(payload, tmp)
     tmp.replace(path)
     return path
+
+
+def random_checkpoint(
+    path: str | Path, teacher: str = "efficientnet_lite0", tile: int = 256
+) -> Path:
+    """A residual model with random teacher and student weights and a threshold no score
+    reaches: for measuring speed and memory, which do not depend on the weights."""
+    built = build_teacher(teacher, RANDOM)
+    card = ModelCard(
+        teacher=built.name, teacher_weights=built.weights_source,
+        teacher_sha256=built.weights_sha256(), variant="residual", tile=tile,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=1e9,
+    )  # fmt: skip
+    return save_checkpoint(path, ReverseDistillation(built), card)
 
 
 def read_checkpoint(source: str | Path | bytes) -> tuple[ModelCard, dict[str, torch.Tensor]]:

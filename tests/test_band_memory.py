@@ -4,10 +4,8 @@ import tracemalloc
 
 import tifffile
 
-from distill.checkpoint import ModelCard, save_checkpoint
+from distill.checkpoint import random_checkpoint
 from distill.data.synthetic import make_fabric
-from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
-from distill.torch_model import ReverseDistillation
 from scheduler.submit import submit
 from storage.registry import activate_model, register_model
 from storage.schema import Run
@@ -27,16 +25,6 @@ class IngestOnly(InlineEnqueuer):
 
     def score(self, run_id: int, band_index: int, reprocess: bool = False) -> None:
         pass
-
-
-def _random_model(path):
-    teacher = build_teacher("efficientnet_lite0", "random")
-    card = ModelCard(
-        teacher=teacher.name, teacher_weights=teacher.weights_source,
-        teacher_sha256=teacher.weights_sha256(), variant="residual", tile=256,
-        mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=1e9,
-    )  # fmt: skip
-    return save_checkpoint(path, ReverseDistillation(teacher), card)
 
 
 def _ingest(ctx, folder, roll_id, bands):
@@ -82,7 +70,7 @@ def test_a_band_of_a_long_roll_needs_no_more_memory_than_one_of_a_short_roll(
     ctx = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=BATCH)
     enqueuer.ctx = ctx
     with ctx.session() as session:
-        model, _ = register_model(session, local_store, _random_model(tmp_path / "m.pt"),
+        model, _ = register_model(session, local_store, random_checkpoint(tmp_path / "m.pt"),
                                   fabric_type="mem")  # fmt: skip
         activate_model(session, model.version)
     short = _ingest(ctx, tmp_path / "short", "R-short", SHORT)
