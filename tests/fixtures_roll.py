@@ -104,6 +104,14 @@ def assert_same_defects(found: list[dict], expected: list[dict]) -> None:
         assert a == pytest.approx(b, rel=1e-3, abs=1e-3), (a, b)
 
 
+def assert_roll_came_out(stack: Stack, roll, reference: list[dict]) -> None:
+    """The roll is done and whole, with the planted defects and the reference's."""
+    assert_roll_done(stack, ROLL_ID)
+    found = defects_of(stack.ctx, ROLL_ID)
+    assert_planted_found(found, roll[1])
+    assert_same_defects(found, reference)
+
+
 def roll_state(stack: Stack, roll_id: str) -> tuple[Roll | None, Run | None]:
     with stack.ctx.session() as session:
         return session.get(Roll, roll_id), session.scalar(select(Run).where(Run.roll_id == roll_id))

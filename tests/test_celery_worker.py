@@ -20,7 +20,7 @@ from fixtures_celery import VISIBILITY_S, Stack
 from fixtures_roll import (
     ROLL_ID,
     ROLL_TIMEOUT_S,
-    assert_planted_found,
+    assert_roll_came_out,
     assert_roll_done,
     assert_same_defects,
     defects_of,
@@ -41,10 +41,7 @@ def run_roll_and_check(stack: Stack, roll, reference: list[dict]) -> None:
     submit(stack.ctx, str(roll[0]))
     wait_until_done(stack, ROLL_ID, stack.workers)
     assert "torch uses 1 CPU threads in this process" in worker.log(), worker.tail()
-    assert_roll_done(stack, ROLL_ID)
-    found = defects_of(stack.ctx, ROLL_ID)
-    assert_planted_found(found, roll[1])
-    assert_same_defects(found, reference)
+    assert_roll_came_out(stack, roll, reference)
 
 
 def test_a_roll_through_redis_comes_out_at_the_planted_positions(
@@ -106,7 +103,4 @@ def test_a_band_of_a_killed_worker_is_redelivered_to_the_next(
     second = stack.start_worker()
     wait_until_done(stack, ROLL_ID, [second])
     assert f"Task rollscan.score[{task_id}] received" in second.log(), second.tail()
-    assert_roll_done(stack, ROLL_ID)
-    found = defects_of(stack.ctx, ROLL_ID)
-    assert_planted_found(found, celery_roll[1])
-    assert_same_defects(found, celery_reference)
+    assert_roll_came_out(stack, celery_roll, celery_reference)

@@ -25,13 +25,11 @@ from pathlib import Path
 
 import pytest
 from fault_servers import RedisServer, TcpRelay
-from fixtures_celery import FABRIC, VISIBILITY_S, Stack
+from fixtures_celery import FABRIC, VISIBILITY_S
 from fixtures_roll import (
     ROLL_ID,
     ROLL_TIMEOUT_S,
-    assert_planted_found,
-    assert_roll_done,
-    assert_same_defects,
+    assert_roll_came_out,
     defects_of,
     wait_until_done,
 )  # fmt: skip
@@ -41,7 +39,7 @@ from scheduler.submit import submit, upload_folder
 from scheduler.synthetic_roll import match_defects, write_synthetic_roll
 from storage.database import upgrade
 from storage.embedded_pg import start_embedded, stop_embedded
-from storage.schema import Defect, Frame, Roll, Run
+from storage.schema import Frame, Roll
 
 SCORE_RECEIVED = r"Task rollscan\.score\[([0-9a-f-]+)\] received"
 OUTAGE_S = 6  # longer than a band takes: the band's closing writes meet the outage
@@ -49,13 +47,6 @@ OUTAGE_S = 6  # longer than a band takes: the band's closing writes meet the out
 
 def retried(task: str, log: str) -> bool:
     return re.search(rf"rollscan\.{task}\(.*\): transient error, retry in", log) is not None
-
-
-def check_roll(stack: Stack, roll, reference: list[dict]) -> None:
-    assert_roll_done(stack, ROLL_ID)
-    found = defects_of(stack.ctx, ROLL_ID)
-    assert_planted_found(found, roll[1])
-    assert_same_defects(found, reference)
 
 
 @dataclass
@@ -115,7 +106,7 @@ def test_a_postgresql_restart_mid_band_delays_the_roll_only(
     own_postgres.restart(down_s=OUTAGE_S)
     wait_until_done(stack, ROLL_ID, [worker])
     assert retried("score", worker.log()), worker.tail()
-    check_roll(stack, celery_roll, celery_reference)
+    assert_roll_came_out(stack, celery_roll, celery_reference)
 
 
 def test_s3_outages_during_ingest_and_scoring_skip_nothing(
@@ -140,7 +131,7 @@ def test_s3_outages_during_ingest_and_scoring_skip_nothing(
     time.sleep(OUTAGE_S)
     s3_relay.restore()
     wait_until_done(stack, ROLL_ID, [worker])
-    check_roll(stack, celery_roll, celery_reference)
+    assert_roll_came_out(stack, celery_roll, celery_reference)
 
 
 def test_a_broker_restart_mid_band_loses_no_work(
@@ -157,7 +148,7 @@ def test_a_broker_restart_mid_band_loses_no_work(
     assert "Connection to broker lost" in worker.log(), worker.tail()
     # the band in flight was given up with the connection and delivered again, not dropped
     assert worker.log().count(f"Task rollscan.score[{in_flight}] received") == 2, worker.tail()
-    check_roll(stack, celery_roll, celery_reference)
+    assert_roll_came_out(stack, celery_roll, celery_reference)
 
 
 # --- the scheduler killed mid-pass -------------------------------------------------------------
@@ -233,16 +224,10 @@ def test_a_scheduler_killed_mid_pass_misses_nothing_and_counts_nothing_twice(
     with stack.ctx.session() as session:
         frames = Counter(session.scalars(select(Frame.roll_id)))
         assert frames == {roll_id: SCANNED_FRAMES for roll_id in planted}
-        for roll_id, plan in planted.items():
-            found = [
-                {"x_mm": d.x_mm, "y_mm": d.y_mm, "x0_mm": d.x0_mm, "y0_mm": d.y0_mm,
-                 "x1_mm": d.x1_mm, "y1_mm": d.y1_mm}
-                for d in session.scalars(
-                    select(Defect).join(Run, Run.id == Defect.run_id)
-                    .where(Run.roll_id == roll_id, Run.is_current)
-                )
-            ]  # fmt: skip
-            matched, _ = match_defects(plan, found, 10.0)
-            assert sorted(matched) == [0], (roll_id, found)
-            boxes = [tuple(d.values()) for d in found]
-            assert len(set(boxes)) == len(boxes), (roll_id, found)  # no defect written twice
+    for roll_id, plan in planted.items():
+        found = defects_of(stack.ctx, roll_id)
+        matched, _ = match_defects(plan, found, 10.0)
+        assert sorted(matched) == [0], (roll_id, found)
+        boxes = [tuple(d[k] for k in ("x_mm", "y_mm", "x0_mm", "y0_mm", "x1_mm", "y1_mm"))
+                 for d in found]  # fmt: skip
+        assert len(set(boxes)) == len(boxes), (roll_id, found)  # no defect written twice

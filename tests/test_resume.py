@@ -7,13 +7,14 @@ import logging
 from datetime import timedelta
 
 import pytest
+from fixtures_roll import defects_of
 from sqlalchemy import func, select, update
 
 import worker.tasks
 from scheduler.resume import idle_rolls, resume_roll
 from scheduler.submit import submit
 from scheduler.synthetic_roll import match_defects, write_synthetic_roll
-from storage.schema import Defect, Frame, Roll, Run
+from storage.schema import Frame, Roll, Run
 
 PX_PER_MM, BAND = 4.0, 512
 FRAME_ROWS, FRAMES, WIDTH = 256, 4, 384  # two bands
@@ -43,12 +44,7 @@ def _state(ctx, roll_id):
 
 
 def _assert_planted(ctx, roll_id, planted):
-    with ctx.session() as session:
-        found = [
-            {"x_mm": d.x_mm, "y_mm": d.y_mm, "x0_mm": d.x0_mm, "y0_mm": d.y0_mm,
-             "x1_mm": d.x1_mm, "y1_mm": d.y1_mm}
-            for d in session.scalars(select(Defect).where(Defect.roll_id == roll_id))
-        ]  # fmt: skip
+    found = defects_of(ctx, roll_id)
     matched, _ = match_defects(planted, found, PX_PER_MM)
     assert sorted(matched) == list(range(len(planted))), found
 
