@@ -219,7 +219,7 @@ def _discover_roll(
             _save(ctx, name, cursor, session)
             saved = cursor.dump()
 
-    manifest_info, frames = _list_roll(ctx.store, prefix)
+    manifest_info, frames = list_roll(ctx.store, prefix)
     if cursor is None:
         cursor = RollCursor()
         with ctx.session() as session:
@@ -295,7 +295,8 @@ def _closed(cursor: RollCursor, status: str, complete: bool, total: int | None) 
     return status in ("done", "failed") or (complete and total is not None and cursor.seq >= total)
 
 
-def _list_roll(store: ObjectStore, prefix: str) -> tuple[ObjectInfo | None, dict[int, ObjectInfo]]:
+def list_roll(store: ObjectStore, prefix: str) -> tuple[ObjectInfo | None, dict[int, ObjectInfo]]:
+    """A roll's manifest and its frames by number under `prefix` (no trailing '/')."""
     manifest, frames = None, {}
     for info in store.iter_objects(prefix + "/"):
         rest = info.key[len(prefix) + 1 :]

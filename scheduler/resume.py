@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import exists, func, or_, select
+from sqlalchemy.orm import Session
 
-from scheduler.submit import frame_seq
+from scheduler.discovery import list_roll
 from storage.schema import Band, Frame, Roll, Run
 from worker.context import WorkerContext
 from worker.ingest import finalize_due
@@ -43,7 +44,7 @@ class Resumed:
         return f"roll {self.roll_id}: sent again {', '.join(parts)}"
 
 
-def idle_rolls(session, idle: timedelta, now: datetime | None = None) -> list[str]:
+def idle_rolls(session: Session, idle: timedelta, now: datetime | None = None) -> list[str]:
     """Rolls with work open (an open status or an open run) and no progress for `idle`:
     no frame ingested, no band scored, no run started since."""
     now = now if now is not None else session.scalar(select(func.now()))
@@ -87,12 +88,11 @@ def resume_roll(ctx: WorkerContext, roll_id: str, dry_run: bool = False) -> Resu
     resumed = Resumed(roll_id)
     frames = []
     if status in OPEN_ROLL and source:
-        for info in ctx.store.iter_objects(f"{source.rstrip('/')}/frames/"):
-            seq = frame_seq(info.key.rsplit("/", 1)[-1])
-            if seq is None or (total is not None and seq > total):
-                continue
-            if ingested.get(seq) != info.etag:
-                frames.append((seq, info.key))
+        _, listed = list_roll(ctx.store, source.rstrip("/"))  # as discovery lists it
+        frames = [
+            (seq, info.key) for seq, info in listed.items()
+            if (total is None or seq <= total) and ingested.get(seq) != info.etag
+        ]  # fmt: skip
     for seq, key in sorted(frames):
         resumed.frames.append(seq)
         if not dry_run:
