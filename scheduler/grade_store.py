@@ -25,6 +25,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from scheduler.grading import GradingRules, grade_roll, load_rules
+from storage.database import is_transient_db_error
 from storage.schema import Defect, Grade, Roll, Run
 
 log = logging.getLogger(__name__)
@@ -79,8 +80,10 @@ def grade_run(session: Session, run_id: int, rules: GradingRules | None = None) 
         session.execute(
             update(Defect),
             [
-                {"id": r.id, "points": pts}
-                for r, pts in zip(rows, result.per_defect_points, strict=True)
+                {"id": r.id, "points": pts, "yards_charged": yards}
+                for r, pts, yards in zip(
+                    rows, result.per_defect_points, result.per_defect_yards, strict=True
+                )
             ],
         )
     values = {
@@ -153,9 +156,11 @@ def grade_rolls(
     time), or, with neither, every such roll. `rules_for(fabric_type)` gives the rules
     (default: the built-in ones), asked once per fabric type.
 
-    A roll that cannot be graded (no length recorded) is logged and skipped so that one
-    odd roll does not stop a nightly batch; an unknown `roll_id` is a ValueError.
-    The caller commits."""
+    A roll that cannot be graded (no length recorded, absurd numbers, a write the database
+    refuses) is logged and skipped, its writes undone by a savepoint, so that one odd roll
+    does not roll back a nightly batch and fail it again every night. Only an error that
+    waiting may cure (the database away) ends the batch. An unknown `roll_id` is a
+    ValueError. The caller commits."""
     if roll_id is not None and session.get(Roll, roll_id) is None:
         raise ValueError(f"unknown roll {roll_id!r}")
     query = (
@@ -175,7 +180,10 @@ def grade_rolls(
         if fabric not in cache:
             cache[fabric] = get_rules(fabric)
         try:
-            graded.append(grade_run(session, run_id, cache[fabric]))
-        except ValueError as exc:
-            log.warning("not graded: %s", exc)
+            with session.begin_nested():  # a savepoint: a failed roll leaves nothing written
+                graded.append(grade_run(session, run_id, cache[fabric]))
+        except Exception as exc:
+            if is_transient_db_error(exc):
+                raise
+            log.warning("run %s not graded: %s: %s", run_id, type(exc).__name__, exc)
     return graded

@@ -16,7 +16,8 @@ Decisions where the standard leaves room (each one is recorded in `GradeResult.d
 - A continuous defect longer along the roll than a yard (a broken end, a running stain) is
   charged its points in every yard its bbox touches, as the standard charges continuous
   defects per yard; a short defect across a yard boundary counts once, in its centre's yard.
-  Its `per_defect_points` are the points charged in all, before the per-yard cap.
+  Its `per_defect_points` are the points charged in all, before the per-yard cap, over
+  `per_defect_yards` yards (stored as `defects.points` and `defects.yards_charged`).
 - A defect is ignored at the selvage when its whole bbox lies within the margin of one
   edge: ``x1 ≤ margin`` or ``x0 ≥ width − margin`` (boundaries inclusive).
 - Point bands are inclusive on their upper edge (exactly 3 in is 1 point), and a roll is
@@ -124,6 +125,7 @@ class GradeResult:
     yards: float  # inspected, fractional
     width_in: float  # cuttable width
     per_defect_points: list[int | None]  # None: ignored at the selvage
+    per_defect_yards: list[int | None]  # yards each defect is charged in; None at the selvage
     details: dict[str, Any] = field(default_factory=dict)  # JSON-ready explanation
 
 
@@ -136,6 +138,11 @@ def grade_roll(
     """Grade one roll; `defects` are (x0_mm, y0_mm, x1_mm, y1_mm, length_mm), x across from
     the left edge, y along from the roll start."""
     rules = rules if rules is not None else GradingRules()
+    # inf passes `> 0` and would grade every roll "A" (or overflow): refuse it here
+    if not (math.isfinite(roll_length_mm) and math.isfinite(roll_width_mm)):
+        raise ValueError(
+            f"roll length and width must be finite, got {roll_length_mm} × {roll_width_mm} mm"
+        )
     if not roll_length_mm > 0 or not roll_width_mm > 0:
         raise ValueError(
             f"roll length and width must be positive, got {roll_length_mm} × {roll_width_mm} mm"
@@ -150,12 +157,14 @@ def grade_roll(
     yards = roll_length_mm / MM_PER_YARD
 
     per_defect: list[int | None] = []
+    per_defect_yards: list[int | None] = []
     ignored: list[int] = []
     per_yard: dict[int, int] = {}
     across: list[dict[str, Any]] = []
     for i, (x0, y0, x1, y1, length_mm) in enumerate(defects):
         if x1 <= margin_mm + _EPS or x0 >= roll_width_mm - margin_mm - _EPS:
             per_defect.append(None)
+            per_defect_yards.append(None)
             ignored.append(i)
             continue
         pts = rules.points_for(length_mm / MM_PER_INCH)
@@ -166,6 +175,7 @@ def grade_roll(
         else:
             touched = range(m := max(0, math.floor((y0 + y1) / 2 / MM_PER_YARD)), m + 1)
         per_defect.append(pts * len(touched))
+        per_defect_yards.append(len(touched))
         for yard in touched:
             per_yard[yard] = per_yard.get(yard, 0) + pts
 
@@ -195,7 +205,9 @@ def grade_roll(
         "acceptance": [list(a) for a in rules.acceptance],
         "reject_name": rules.reject_name,
     }
-    return GradeResult(points, per_100, grade, yards, width_in, per_defect, details)
+    return GradeResult(
+        points, per_100, grade, yards, width_in, per_defect, per_defect_yards, details
+    )
 
 
 # ----------------------------------------------------------------------------- configuration

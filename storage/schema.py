@@ -258,7 +258,13 @@ class Defect(Base):
     area_mm2: Mapped[float]
     max_score: Mapped[float]
     mean_score: Mapped[float]
-    points: Mapped[int | None] = mapped_column(SmallInteger, comment="4-point system, 1..4")
+    points: Mapped[int | None] = mapped_column(
+        SmallInteger, comment="4-point system: charged in all, 1..4 per yard charged"
+    )
+    yards_charged: Mapped[int | None] = mapped_column(
+        SmallInteger,
+        comment="linear yards the defect is charged in (NULL: ignored at the selvage)",
+    )
 
     __table_args__ = (
         ForeignKeyConstraint(
@@ -270,7 +276,12 @@ class Defect(Base):
         CheckConstraint(
             "length_mm >= 0 AND width_mm >= 0 AND area_mm2 >= 0", name="sizes_not_negative"
         ),
-        CheckConstraint("points BETWEEN 1 AND 4", name="points_range"),
+        # a defect longer than a yard is charged (up to 4 points) in every yard it touches
+        CheckConstraint(
+            "points BETWEEN yards_charged AND 4 * yards_charged", name="points_per_yard"
+        ),
+        CheckConstraint("yards_charged >= 1", name="yards_charged_positive"),
+        CheckConstraint("(points IS NULL) = (yards_charged IS NULL)", name="points_with_yards"),
         Index("ix_defects_roll_id_y_mm", "roll_id", "y_mm"),
     )
 

@@ -42,6 +42,26 @@ JOIN runs r ON r.id = d.run_id AND r.is_current
 JOIN rolls ro ON ro.id = d.roll_id
 """
 
+# Revision 0002: a defect longer than a yard is charged in every yard it touches, so a
+# defect's `points` are its charge in all and `yards_charged` says over how many yards.
+CURRENT_DEFECTS_V2 = """
+CREATE VIEW current_defects AS
+SELECT d.roll_id,
+       ro.fabric_type,
+       d.defect_no,
+       d.x_mm, d.y_mm,
+       d.x0_mm, d.y0_mm, d.x1_mm, d.y1_mm,
+       d.length_mm, d.width_mm, d.area_mm2,
+       d.max_score, d.mean_score,
+       d.points,
+       r.model_version,
+       d.run_id,
+       d.yards_charged
+FROM defects d
+JOIN runs r ON r.id = d.run_id AND r.is_current
+JOIN rolls ro ON ro.id = d.roll_id
+"""
+
 # Every roll appears (grade NULL until graded, or without a current run), once per
 # grading system; `system` is there so that a second system does not look like a
 # duplicate row.
@@ -62,7 +82,7 @@ LEFT JOIN runs r ON r.roll_id = ro.id AND r.is_current
 LEFT JOIN grades g ON g.run_id = r.id AND g.roll_id = ro.id
 """
 
-# creation order; drop in reverse
+# the views of revision 0001, in creation order; drop in reverse
 VIEWS: dict[str, str] = {
     "current_runs": CURRENT_RUNS,
     "current_defects": CURRENT_DEFECTS,

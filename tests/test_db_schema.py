@@ -78,7 +78,7 @@ def _relations(url: str) -> dict[str, str]:
 def test_upgrade_downgrade_upgrade_round_trip(make_database: Callable[[], str]) -> None:
     url = make_database()
     head = database.head_revision()
-    assert head == "0001"
+    assert head == "0002"
     assert database.current_revision(url) is None
 
     database.upgrade(url)
@@ -147,7 +147,7 @@ def _defect(run: Run, no: int, y_mm: float) -> Defect:
     return Defect(
         run_id=run.id, roll_id=run.roll_id, defect_no=no, x_mm=100.0, y_mm=y_mm,
         x0_mm=95.0, y0_mm=y_mm - 5, x1_mm=105.0, y1_mm=y_mm + 5, length_mm=10.0,
-        width_mm=10.0, area_mm2=60.0, max_score=0.9, mean_score=0.7, points=1,
+        width_mm=10.0, area_mm2=60.0, max_score=0.9, mean_score=0.7, points=1, yards_charged=1,
     )  # fmt: skip
 
 
@@ -398,7 +398,7 @@ def test_cli_db_commands(
     assert "none" in capsys.readouterr().out
     assert _cli("db", "upgrade") == 0
     assert _cli("db", "current") == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "0001 (head)"
+    assert capsys.readouterr().out.splitlines()[-1] == "0002 (head)"
     with pytest.raises(ValueError, match="db downgrade"):
         _cli("db", "downgrade", "no-such-revision")
     assert _cli("db", "downgrade", "base") == 0

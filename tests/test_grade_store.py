@@ -199,3 +199,79 @@ def test_cli_grades_and_prints_a_table(
     rules.write_text(json.dumps({"fabric_type": {}}))
     assert main(["grade", "--rules", str(rules)]) == 2
     assert "unknown key(s) ['fabric_type']" in capsys.readouterr().err
+
+
+def _defect_along(s: Session, run: Run, no: int, y0_yd: float, y1_yd: float) -> None:
+    """A defect 1 in wide from `y0_yd` to `y1_yd` along the roll (its length is that extent)."""
+    y0, y1 = y0_yd * YD, y1_yd * YD
+    s.add(
+        Defect(run_id=run.id, roll_id=run.roll_id, defect_no=no, x_mm=500.0, y_mm=(y0 + y1) / 2,
+               x0_mm=490.0, y0_mm=y0, x1_mm=490.0 + IN, y1_mm=y1, length_mm=y1 - y0,
+               width_mm=IN, area_mm2=IN * (y1 - y0), max_score=0.9, mean_score=0.7)
+    )  # fmt: skip
+    s.flush()
+
+
+def test_defects_over_one_two_and_many_yards_are_charged_and_stored_per_yard(
+    db_session: Session,
+) -> None:
+    """Through PostgreSQL: a defect longer than a yard is charged 4 points in each yard it
+    touches, and the nightly grading stores that charge (it once broke `points` 1..4)."""
+    from scheduler.beat import grade_since_last
+
+    s = db_session
+    _model(s)
+    _roll(s, "R1")
+    run = _run(s, "R1")
+    _defect_along(s, run, 1, 20.1, 20.4)  # 10.8 in, inside yard 20: 4 points once
+    _defect_along(s, run, 2, 0.5, 1.7)  # 1.2 yd over yards 0 and 1: 4 + 4
+    _defect_along(s, run, 3, 10.2, 15.5)  # yards 10 … 15: 6 × 4
+    _defect_along(s, run, 4, 11.1, 11.2)  # a 3.6 in hole in yard 11 beside it: capped away
+    s.commit()
+
+    rows = grade_since_last(s)
+    s.commit()
+    assert [(r.roll_id, r.points) for r in rows] == [("R1", 4 + 8 + 24)]
+    stored = s.execute(
+        select(Defect.points, Defect.yards_charged).where(Defect.run_id == run.id)
+        .order_by(Defect.defect_no)
+    ).all()  # fmt: skip
+    assert [tuple(r) for r in stored] == [(4, 1), (8, 2), (24, 6), (2, 1)]
+    view = s.execute(
+        text("SELECT defect_no, points, yards_charged FROM current_defects ORDER BY defect_no")
+    ).all()
+    assert [tuple(r) for r in view] == [(1, 4, 1), (2, 8, 2), (3, 24, 6), (4, 2, 1)]
+    grade = s.scalars(select(Grade)).one()
+    assert grade.points == 36 and grade.details["points_before_cap"] == 38
+    assert grade.details["yards_capped"] == [{"yard": 11, "points": 6, "counted": 4}]
+
+    # the database itself refuses a charge above 4 points per yard
+    with pytest.raises(Exception, match="ck_defects_points_per_yard"):
+        s.execute(text("UPDATE defects SET points = 9 WHERE defect_no = 2"))
+    s.rollback()
+
+
+def test_one_bad_roll_does_not_fail_the_nightly_grading(db_session: Session) -> None:
+    """A roll whose numbers break grading (an infinite defect end, as an absurd px_per_mm_y
+    once produced) is skipped with its writes undone; the other rolls are graded and the
+    grading mark moves on, so the next night does not fail on it again."""
+    from scheduler.beat import grade_since_last
+    from storage.schema import DiscoveryCursor
+
+    s = db_session
+    _model(s)
+    for roll_id in ("A1", "BAD", "Z9"):
+        _roll(s, roll_id)
+    _defects(s, _run(s, "A1"), [12], selvage=False)
+    bad = _run(s, "BAD")
+    _defect_along(s, bad, 1, 3.0, 5.0)
+    s.execute(text("UPDATE defects SET y1_mm = 'Infinity' WHERE run_id = :r"), {"r": bad.id})
+    _defects(s, _run(s, "Z9"), [2], selvage=False)
+    s.commit()
+
+    rows = grade_since_last(s)
+    s.commit()
+    assert [r.roll_id for r in rows] == ["A1", "Z9"]
+    assert s.scalars(select(Grade.roll_id).order_by(Grade.roll_id)).all() == ["A1", "Z9"]
+    assert _points(s, bad.id) == [None]  # nothing of the failed roll was written
+    assert s.get(DiscoveryCursor, "grading").cursor is not None
