@@ -11,10 +11,12 @@ import zlib
 import numpy as np
 import pytest
 import tifffile
+import tifffile.tifffile as tiff_impl
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from worker.frames import FrameError, FrameHeader, decode_frame, frame_header
+from worker.frames import ACCEPTED_COMPRESSIONS, FrameError, FrameHeader, decode_frame, frame_header
+from worker.tiff_codecs import deflate_decode, lzw_decode, packbits_decode
 
 RNG = np.random.default_rng(20240611)
 G8 = RNG.integers(0, 256, (70, 48), dtype=np.uint8)
@@ -271,11 +273,47 @@ def test_file_objects() -> None:
         decode_frame(io.BufferedReader(Pipe(bytes(100 << 20))), max_pixels=1)
 
 
-def test_jpeg_when_imagecodecs_present() -> None:
-    pytest.importorskip("imagecodecs")
-    pixels = decode_frame(tiff(RGB, compression="jpeg", tile=(16, 16)))
-    assert pixels.shape == RGB.shape
-    assert np.abs(pixels.astype(int) - RGB).mean() < 40  # lossy
+def test_only_codecs_with_bounded_decoders_are_accepted() -> None:
+    """JPEG (and every codec outside ACCEPTED_COMPRESSIONS) is refused from the header, with
+    the codecs a scanner may use named, whether or not imagecodecs could decode it."""
+    for code in (6, 7, 34892, 34925, 50000, 34887):
+        with pytest.raises(FrameError, match=r"not accepted.*none, LZW, Deflate, PackBits"):
+            frame_header(handmade_tiff(G8, compression=code))
+    assert set(ACCEPTED_COMPRESSIONS.values()) == {"none", "LZW", "Deflate", "PackBits"}
+
+
+def test_tifffile_decodes_with_our_bounded_fallbacks() -> None:
+    if tiff_impl.imagecodecs.__name__ != "tifffile._imagecodecs":
+        pytest.skip("imagecodecs is installed: it decodes into a buffer of the header's size")
+    for code, decoder in ((5, lzw_decode), (8, deflate_decode), (32946, deflate_decode),
+                          (32773, packbits_decode)):  # fmt: skip
+        assert tifffile.TIFF.DECOMPRESSORS[code] is decoder
+
+
+@pytest.mark.parametrize(
+    ("decoder", "bomb"),
+    [
+        (deflate_decode, zlib.compress(bytes(64 << 20), 9)),
+        (packbits_decode, b"\x81\x00" * 500_000),  # 128 bytes per 2: 64 MB from 1 MB
+        (lzw_decode, lzw_encode(bytes(2 << 20))),
+    ],
+    ids=["deflate", "packbits", "lzw"],
+)
+def test_decoders_stop_at_the_raw_size(decoder, bomb: bytes) -> None:
+    tracemalloc.start()
+    try:
+        try:
+            result = decoder(bomb, out=65536)
+        except ValueError as exc:
+            assert "inflates past" in str(exc)
+        else:
+            assert len(result) == 65536
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+    with pytest.raises(ValueError, match="raw size"):
+        decoder(bomb[:100])  # no bound given: refused, never decoded without one
 
 
 # --- refusals ---------------------------------------------------------------------------------
@@ -295,8 +333,8 @@ def test_jpeg_when_imagecodecs_present() -> None:
         (tiff(np.stack([G8, G8])), "2 pages"),
         (tiff(G8, colormap=RNG.integers(0, 65536, (3, 256), dtype=np.uint16)), "PALETTE"),
         (tiff(RNG.integers(0, 256, (8, 8, 5), dtype=np.uint8), photometric="rgb"), "5 samples"),
-        (handmade_tiff(G8, compression=34925, encode=lambda r: r), "corrupt"),  # LZMA: not xz
-        (handmade_tiff(G8, compression=50000 + 7), "cannot be decoded"),
+        (handmade_tiff(G8, compression=34925, encode=lambda r: r), "LZMA is not accepted"),
+        (handmade_tiff(G8, compression=50000 + 7), "50007 is not accepted"),
         (handmade_tiff(G8, predictor=3), "predictor"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
@@ -390,6 +428,38 @@ def test_deflate_bomb_refused_without_allocation() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 50 << 20
+
+
+def test_lzma_bomb_refused_before_decoding() -> None:
+    # the review's case: a 10 kB LZMA frame claiming 256 × 256 pixels peaked at 205 MiB
+    import lzma
+
+    bomb = lzma.compress(bytes(64 << 20), preset=9)
+    assert len(bomb) < 40_000
+    frame = np.zeros((256, 256), dtype=np.uint8)
+    data = handmade_tiff(frame, compression=34925, encode=lambda raw: bomb, rowsperstrip=256)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameError, match="LZMA is not accepted"):
+            decode_frame(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20
+
+
+def test_packbits_bomb_decodes_no_more_than_its_header_promises() -> None:
+    frame = np.zeros((256, 256), dtype=np.uint8)
+    bomb = b"\x81\x07" * 60_000  # 7.7 MB of 7s from 120 kB, for a 64 kB strip
+    data = handmade_tiff(frame, compression=32773, encode=lambda raw: bomb, rowsperstrip=256)
+    tracemalloc.start()
+    try:
+        pixels = decode_frame(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert pixels.shape == (256, 256, 1) and (pixels == 7).all()
+    assert peak < 20 << 20
 
 
 def test_oversized_compressed_segment_refused() -> None:

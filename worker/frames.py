@@ -1,16 +1,23 @@
 """Decode one scanner frame (a TIFF strip of the roll) into uint8 pixels, refusing bad input.
 
 A frame is one image: 8- or 16-bit unsigned, grey or RGB (an alpha or other single extra
-sample is dropped), strips or tiles, classic TIFF or BigTIFF, any compression tifffile can
-decode. Everything else raises `FrameError` with a plain reason, and every check that can be
-made from the header is made before pixel data is read, so a hostile or broken header costs
-no memory: a frame is refused before anything is written or any large allocation is made.
+sample is dropped), strips or tiles, classic TIFF or BigTIFF, uncompressed or compressed with
+LZW, Deflate or PackBits (`ACCEPTED_COMPRESSIONS`). Everything else raises `FrameError` with a
+plain reason, and every check that can be made from the header is made before pixel data is
+read, so a hostile or broken header costs no memory: a frame is refused before anything is
+written or any large allocation is made.
+
+Decompression bombs: the accepted codecs' decoders stop at the raw size the header gives each
+strip or tile (worker/tiff_codecs.py; the real `imagecodecs` decodes into a buffer of that
+size), and the header's size is bounded by the pixel limit, so no frame decodes to more than
+its header promises. Other codecs (LZMA reaches ~6,700:1, JPEG and friends carry their own
+dimensions) are refused rather than trusted.
 
 tifffile is lenient (it logs and repairs where it can, and fills strips whose offset or byte
 count is 0 with zeros); a frame is evidence about a roll, so here a repair is a refusal.
 Without the optional `imagecodecs` package tifffile cannot decode LZW, the commonest scanner
-compression: we then register a pure-Python decoder (worker/tiff_lzw.py), correct but slow (about
-5 MB/s); install imagecodecs where LZW frames are routine.
+compression: we then register a pure-Python decoder (worker/tiff_codecs.py), correct but slow
+(about 5 MB/s); install imagecodecs where LZW frames are routine.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ import io
 import logging
 import math
 import threading
-import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,18 +34,28 @@ from typing import Any, BinaryIO
 import numpy as np
 import tifffile
 
-from worker.tiff_lzw import install_lzw_fallback
+from worker.tiff_codecs import install_bounded_fallbacks
 
-__all__ = ["FrameError", "FrameHeader", "decode_frame", "frame_header"]
+__all__ = [
+    "ACCEPTED_COMPRESSIONS",
+    "FrameError",
+    "FrameHeader",
+    "decode_frame",
+    "frame_header",
+    "max_frame_bytes",
+]
 
 DEFAULT_MAX_PIXELS = 200_000_000
-_DEFLATE = frozenset({8, 32946, 50013})
-_JPEG = frozenset({6, 7, 33007, 34892})
+# TIFF compression code → name: the codecs a scanner may use, each decoded with its output
+# bounded by the segment's raw size (module docstring)
+ACCEPTED_COMPRESSIONS = {1: "none", 5: "LZW", 8: "Deflate", 32946: "Deflate", 32773: "PackBits"}
 _MAGIC = frozenset({b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"})  # classic and BigTIFF
-_MAX_EXPANSION, _SEGMENT_SLACK = 2, 4096  # no TIFF codec expands data over ~1.5× (LZW, noise)
-_MAX_RATIO = 2048  # nor compresses beyond ~1350:1
+_MAX_EXPANSION, _SEGMENT_SLACK = 2, 4096  # no accepted codec expands data over ~1.5× (LZW, noise)
+# nor compresses beyond ~1400:1 (LZW as libtiff writes it; Deflate 1032:1, PackBits 64:1)
+_MAX_RATIO = 2048
+_MAX_SAMPLE_BYTES = 4 * 2  # RGBA, 16 bits: the most raw bytes a pixel may take
 _MAX_TILE_SIDE = 1024  # tiles may exceed a small image (padding), but not absurdly
-_STREAM_SLACK = 64 << 20  # headers etc. beyond the pixels, for streams read into memory
+_STREAM_SLACK = 16 << 20  # headers and strip tables beyond the pixels: far more than any needs
 
 
 class FrameError(ValueError):
@@ -84,6 +100,7 @@ def decode_frame(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     expect_width: int | None = None,
     expect_channels: int | None = None,
+    width_range: tuple[int, int] | None = None,
 ) -> np.ndarray:
     """Decode a frame into a C-contiguous uint8 array of shape (rows, width, channels).
 
@@ -102,18 +119,22 @@ def decode_frame(
     Raises `FrameError` (a `ValueError`) for every refusal, including: not a TIFF, truncated
     or corrupt data, more than one page, float / signed / other-than-8-or-16-bit samples,
     unsupported colour model or compression, more than `max_pixels` pixels (checked from
-    the header before any pixel data is read), a width other than `expect_width` and a
-    channel count other than `expect_channels`. No other exception escapes for bad input.
+    the header before any pixel data is read), a width other than `expect_width` or outside
+    `width_range` (inclusive) and a channel count other than `expect_channels`. No other
+    exception escapes for bad input.
     """
     fh, size = _as_file(data, max_pixels)
-    base = fh.tell()  # TIFF offsets count from where the TIFF starts in the file
     try:
         with _repairs_refused(), _open_tiff(fh) as tif:
             header = _read_header(tif)
             page = tif.pages.first
             _check_limits(page, header, max_pixels, expect_width, expect_channels)
+            if width_range is not None and not width_range[0] <= header.width <= width_range[1]:
+                raise FrameError(
+                    f"frame is {header.width} px wide; this roll's frames must be "
+                    f"{width_range[0]}..{width_range[1]} px wide"
+                )
             _check_segments(page, size)
-            _check_deflate_sizes(fh, base, page)
             # One thread: a worker process is one of several per machine already.
             pixels = page.asarray(maxworkers=1)
         return _to_uint8(pixels, page, header)
@@ -121,6 +142,12 @@ def decode_frame(
         raise
     except Exception as exc:  # tifffile, struct, zlib, numpy: any failure here is the file's
         raise _corrupt(exc) from None
+
+
+def max_frame_bytes(max_pixels: int) -> int:
+    """The largest file a frame within `max_pixels` can be: every pixel 16-bit RGBA, stored
+    uncompressed, plus room for headers. A larger object is refused before it is read."""
+    return max_pixels * _MAX_SAMPLE_BYTES + _STREAM_SLACK
 
 
 # --- input ------------------------------------------------------------------------------------
@@ -142,7 +169,7 @@ def _as_file(data: bytes | BinaryIO, max_pixels: int) -> tuple[BinaryIO, int]:
         data.seek(start)
         return data, end - start
     # A stream (e.g. an HTTP body): read it, but never more than a legal frame can take.
-    limit = max_pixels * 8 + _STREAM_SLACK  # 16-bit RGBA uncompressed, plus headers
+    limit = max_frame_bytes(max_pixels)
     content = data.read(limit + 1)
     if not isinstance(content, bytes | bytearray):
         raise TypeError("expected a binary file (read() must return bytes)")
@@ -227,6 +254,12 @@ def _read_header(tif: tifffile.TiffFile) -> FrameHeader:
     if not isinstance(bits, int) or bits not in (8, 16):
         raise FrameError(f"{bits}-bit samples; only 8- or 16-bit are supported")
 
+    if page.compression not in ACCEPTED_COMPRESSIONS:
+        accepted = ", ".join(dict.fromkeys(ACCEPTED_COMPRESSIONS.values()))
+        raise FrameError(
+            f"compression {_name(page.compression)} is not accepted; frames must be "
+            f"compressed with one of: {accepted} (decoders bounded by the frame's size)"
+        )
     channels = _colour_channels(page)
     extra = page.samplesperpixel - channels
     if extra < 0 or extra > 1:
@@ -236,11 +269,6 @@ def _read_header(tif: tifffile.TiffFile) -> FrameHeader:
         )
     if page.predictor not in (1, 2):
         raise FrameError(f"predictor {_name(page.predictor)} is not supported for integers")
-    if page.compression != 1 and page.compression not in tifffile.TIFF.DECOMPRESSORS:
-        raise FrameError(
-            f"compression {_name(page.compression)} cannot be decoded here "
-            "(it may need the optional 'imagecodecs' package)"
-        )
     return FrameHeader(
         rows=int(page.imagelength),
         width=int(page.imagewidth),
@@ -257,8 +285,6 @@ def _colour_channels(page: Any) -> int:
     if photometric in (0, 1):  # MINISWHITE, MINISBLACK
         return 1
     if photometric == 2:  # RGB
-        return 3
-    if photometric == 6 and page.compression in _JPEG:  # the JPEG codec returns RGB
         return 3
     raise FrameError(
         f"photometric {_name(page.photometric)} is not supported; frames must be grey or RGB"
@@ -351,37 +377,6 @@ def _check_limits(
         )
 
 
-def _check_deflate_sizes(fh: BinaryIO, base: int, page: Any) -> None:
-    """Refuse deflate segments that inflate past their raw size (decompression bombs).
-
-    tifffile's fallback inflater (no imagecodecs) is `zlib.decompress`, unbounded: one strip
-    could inflate ~1000× its size. This pass streams each segment through a bounded
-    decompressor first, costing one extra inflate (~0.25 s per 50 MB of pixels).
-    """
-    if page.compression not in _DEFLATE:
-        return
-    _, raw = _segment_layout(page)
-    for index, (offset, count) in enumerate(
-        zip(page.dataoffsets, page.databytecounts, strict=True)
-    ):
-        fh.seek(base + offset)
-        pending = fh.read(count)
-        inflater = zlib.decompressobj()
-        produced = 0
-        try:
-            while True:
-                chunk = inflater.decompress(pending, 1 << 20)
-                produced += len(chunk)
-                if produced > raw:
-                    raise FrameError(f"segment {index} inflates past its {raw} raw bytes (corrupt)")
-                stalled = not chunk and len(inflater.unconsumed_tail) == len(pending)
-                pending = inflater.unconsumed_tail
-                if inflater.eof or stalled or not (chunk or pending):
-                    break
-        except zlib.error as exc:
-            raise FrameError(f"segment {index}: corrupt deflate data ({_short(exc)})") from None
-
-
 # --- conversion -------------------------------------------------------------------------------
 
 
@@ -413,4 +408,4 @@ def _name(value: Any) -> str:
     return str(name) if name else str(int(value))
 
 
-install_lzw_fallback()  # scanners often write LZW; see worker/tiff_lzw.py
+install_bounded_fallbacks()  # see worker/tiff_codecs.py
