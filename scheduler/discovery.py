@@ -54,7 +54,13 @@ from sqlalchemy.orm import Session
 
 from scheduler.submit import frame_seq
 from storage.database import is_transient_db_error
-from storage.manifest import MAX_MANIFEST_BYTES, NAME_PATTERN, ManifestError, parse_manifest
+from storage.manifest import (
+    MAX_MANIFEST_BYTES,
+    NAME_PATTERN,
+    ManifestError,
+    ManifestLimits,
+    parse_manifest,
+)
 from storage.objectstore import ObjectInfo, ObjectNotFound, ObjectStore, is_transient_store_error
 from storage.schema import DiscoveryCursor, Frame, Roll
 from worker.context import WorkerContext
@@ -67,7 +73,8 @@ DEFAULT_STALL_AFTER = timedelta(minutes=30)
 OPEN_STATUSES = ("registered", "ingesting")
 LOCK_KEY = 0x726F6C6C7363616E  # "rollscan": the discovery pass's advisory lock
 _NAME = re.compile(NAME_PATTERN)
-_warned_names: set[str] = set()
+_MAX_WARNED = 1024  # folder names warned about once; a flood of junk names must not grow it
+_warned_names: dict[str, None] = {}
 
 
 @dataclass
@@ -190,10 +197,13 @@ def _discover(
         cursor = cursors.get(name)
         if cursor is not None and cursor.closed:
             continue
-        if not _NAME.match(name):
+        if not _NAME.fullmatch(name):  # fullmatch: `$` alone lets a trailing newline in
             if name not in _warned_names:
-                _warned_names.add(name)
-                log.warning("%s%s/: not a roll id (%s); ignored", prefix, name, NAME_PATTERN)
+                if len(_warned_names) >= _MAX_WARNED:
+                    del _warned_names[next(iter(_warned_names))]
+                _warned_names[name] = None
+                # ascii(): the name is the uploader's, and may hold a forged log line
+                log.warning("%s%s/: not a roll id (%s); ignored", prefix, ascii(name), NAME_PATTERN)
             continue
         try:
             _discover_roll(ctx, name, f"{prefix}{name}", cursor, report)
@@ -324,7 +334,8 @@ def _take_manifest(
     try:
         if info.size > MAX_MANIFEST_BYTES:
             raise ManifestError([("manifest", f"larger than {MAX_MANIFEST_BYTES} bytes")], name)
-        manifest = parse_manifest(ctx.store.get(info.key))
+        limits = ManifestLimits.from_settings(ctx.settings)
+        manifest = parse_manifest(ctx.store.get(info.key), limits)
         if manifest.roll_id != name:
             raise ManifestError([("roll_id", f"{manifest.roll_id!r} is not its folder's name {name!r}")], name)  # fmt: skip
         with ctx.session() as session:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.manifest import Manifest, parse_manifest
+from storage.manifest import Manifest, ManifestLimits, parse_manifest
 from storage.objectstore import ObjectStore
 from worker.context import WorkerContext
 from worker.ingest import roll_updated
@@ -29,7 +29,7 @@ class Submission:
 
 
 def frame_seq(name: str) -> int | None:
-    match = FRAME_NAME.match(name)
+    match = FRAME_NAME.fullmatch(name)  # `$` alone would let a trailing newline in
     return int(match[1]) if match else None
 
 
@@ -45,13 +45,13 @@ def _check_sequence(frames: list[tuple[int, str]], manifest: Manifest, where: st
 
 
 def upload_folder(
-    store: ObjectStore, folder: Path, incoming_prefix: str
+    store: ObjectStore, folder: Path, incoming_prefix: str, limits: ManifestLimits | None = None
 ) -> tuple[Manifest, Submission]:
     """Validate a roll folder completely, then upload it (frames first, manifest last)."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{folder} has no manifest.json")
-    manifest = parse_manifest(manifest_path.read_bytes())
+    manifest = parse_manifest(manifest_path.read_bytes(), limits)
     frame_dir = folder / "frames"
     named = sorted(
         (seq, path)
@@ -70,9 +70,11 @@ def upload_folder(
     return manifest, Submission(manifest.roll_id, prefix, frames)
 
 
-def read_prefix(store: ObjectStore, prefix: str) -> tuple[Manifest, Submission]:
+def read_prefix(
+    store: ObjectStore, prefix: str, limits: ManifestLimits | None = None
+) -> tuple[Manifest, Submission]:
     prefix = prefix.strip("/")
-    manifest = parse_manifest(store.get(f"{prefix}/manifest.json"))
+    manifest = parse_manifest(store.get(f"{prefix}/manifest.json"), limits)
     frames = sorted(
         (seq, info.key)
         for info in store.iter_objects(f"{prefix}/frames/")
@@ -85,6 +87,7 @@ def read_prefix(store: ObjectStore, prefix: str) -> tuple[Manifest, Submission]:
 def submit(ctx: WorkerContext, target: str) -> Submission:
     """Register the roll and enqueue its frames in order; returns what was submitted."""
     settings = ctx.settings
+    limits = ManifestLimits.from_settings(settings)
     if target.startswith("s3://"):
         bucket, _, prefix = target[5:].partition("/")
         if settings.s3_endpoint is None or bucket != settings.s3_bucket:
@@ -92,12 +95,12 @@ def submit(ctx: WorkerContext, target: str) -> Submission:
                 f"{target}: rollscan reads the configured bucket "
                 f"({settings.s3_bucket if settings.s3_endpoint else 'no S3 configured'})"
             )
-        manifest, submission = read_prefix(ctx.store, prefix)
+        manifest, submission = read_prefix(ctx.store, prefix, limits)
     else:
         folder = Path(target)
         if not folder.is_dir():
             raise FileNotFoundError(f"{target} is neither a folder nor an s3:// prefix")
-        manifest, submission = upload_folder(ctx.store, folder, settings.incoming_prefix)
+        manifest, submission = upload_folder(ctx.store, folder, settings.incoming_prefix, limits)
     with ctx.session() as session:
         register_roll(session, manifest, submission.source)
     for seq, key in submission.frames:

@@ -13,6 +13,7 @@ import copy
 import json
 import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import (
@@ -25,7 +26,14 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-__all__ = ["MAX_MANIFEST_BYTES", "NAME_PATTERN", "Manifest", "ManifestError", "parse_manifest"]
+__all__ = [
+    "MAX_MANIFEST_BYTES",
+    "NAME_PATTERN",
+    "Manifest",
+    "ManifestError",
+    "ManifestLimits",
+    "parse_manifest",
+]
 
 # Same as storage.schema.SAFE_NAME_RE (the database's check); a test keeps the two equal.
 # Copied, not imported, so that reading a manifest needs no SQLAlchemy.
@@ -48,12 +56,48 @@ class ManifestError(ValueError):
         self.roll_id = roll_id
         where = f"manifest of roll {roll_id}" if roll_id else "manifest"
         listed = "; ".join(
-            reason if field == "manifest" else f"{field}: {reason}" for field, reason in problems
+            reason if field == "manifest" else f"{_shown(field)}: {reason}"
+            for field, reason in problems
         )
         super().__init__(f"{where}: {listed}")
 
     def __reduce__(self) -> tuple[Any, ...]:  # pickles whole (Celery ships task exceptions)
         return (type(self), (self.problems, self.roll_id))
+
+
+@dataclass(frozen=True)
+class ManifestLimits:
+    """Physical ranges (inclusive) for a manifest's numbers: "> 0 and finite" let through
+    px_per_mm 1e-300 and width_mm 1e308, which broke grading. The defaults are
+    `storage.settings.Settings`' (`ROLLSCAN_MANIFEST_WIDTH_MM`, `_PX_PER_MM`,
+    `ROLLSCAN_MAX_FRAME_WIDTH`); a site sets its own there."""
+
+    width_mm: tuple[float, float] = (10.0, 10_000.0)
+    px_per_mm: tuple[float, float] = (0.5, 200.0)
+    max_width_px: int = 65_536  # width_mm × px_per_mm.x: the frames' width
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ManifestLimits:
+        return cls(settings.manifest_width_mm, settings.manifest_px_per_mm,
+                   settings.max_frame_width)  # fmt: skip
+
+    def problems(self, manifest: Manifest, px_field: str) -> list[tuple[str, str]]:
+        found = []
+        checks = [("width_mm", manifest.width_mm, self.width_mm, "ROLLSCAN_MANIFEST_WIDTH_MM")]
+        for axis, value in (("x", manifest.px_per_mm_x), ("y", manifest.px_per_mm_y)):
+            name = px_field if px_field == "px_per_mm" else f"px_per_mm.{axis}"
+            checks.append((name, value, self.px_per_mm, "ROLLSCAN_MANIFEST_PX_PER_MM"))
+        for name, value, (low, high), setting in checks:
+            if not low <= value <= high:
+                found.append((name, f"{value:g} is outside {low:g}..{high:g} ({setting})"))
+        width_px = manifest.width_mm * manifest.px_per_mm_x
+        if not found and width_px > self.max_width_px:
+            found.append((
+                "width_mm",
+                f"× px_per_mm.x makes frames {width_px:.0f} px wide, more than "
+                f"{self.max_width_px} (ROLLSCAN_MAX_FRAME_WIDTH)",
+            ))  # fmt: skip
+        return found
 
 
 class Manifest(BaseModel):
@@ -99,12 +143,15 @@ class Manifest(BaseModel):
         }
 
 
-def parse_manifest(data: bytes | str | dict[str, Any]) -> Manifest:
+def parse_manifest(
+    data: bytes | str | dict[str, Any], limits: ManifestLimits | None = None
+) -> Manifest:
     """Parse and validate a manifest; raise `ManifestError` listing every problem.
 
     Bytes must be UTF-8 JSON (a BOM is tolerated) and at most `MAX_MANIFEST_BYTES`, checked
-    before parsing. NaN, Infinity and duplicate keys are refused. The returned model's
-    `meta` holds the given `meta` plus every unknown top-level field.
+    before parsing. NaN, Infinity and duplicate keys are refused, and numbers must lie in
+    `limits` (default: `ManifestLimits()`). The returned model's `meta` holds the given
+    `meta` plus every unknown top-level field.
     """
     raw = _load(data)
     fields, problems = _normalise(raw)
@@ -114,6 +161,8 @@ def parse_manifest(data: bytes | str | dict[str, Any]) -> Manifest:
     except ValidationError as exc:
         problems += _explain(exc, px_form=raw.get("px_per_mm"))
     else:
+        px_field = "px_per_mm" if isinstance(raw.get("px_per_mm"), int | float) else ""
+        problems += (limits or ManifestLimits()).problems(manifest, px_field)
         if not problems:
             return manifest
     raise ManifestError(_dedupe(problems), roll_id)
@@ -299,6 +348,14 @@ def _dedupe(problems: list[tuple[str, str]]) -> list[tuple[str, str]]:
     order = {name: i for i, name in enumerate(_FIELDS)}
     unique = list(dict.fromkeys(problems))
     return sorted(unique, key=lambda p: order.get(p[0].split(".")[0], len(order)))
+
+
+def _shown(field: str) -> str:
+    """A field name as it may go into a message and a log line: a key the scanner chose may
+    hold newlines or terminal escapes (a forged log line), so anything unusual is escaped."""
+    if re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", field):
+        return field
+    return ascii(field[:60] + ("..." if len(field) > 60 else ""))
 
 
 def _valid_name(value: Any) -> str | None:

@@ -38,7 +38,7 @@ from scheduler.metrics import SchedulerMetrics, queue_depths, start_metrics_serv
 from scheduler.synthetic_roll import match_defects, write_synthetic_roll
 from storage.database import make_engine
 from storage.manifest import parse_manifest
-from storage.objectstore import S3Store
+from storage.objectstore import LocalStore, S3Store
 from storage.registry import activate_model, register_model
 from storage.schema import Defect, DiscoveryCursor, Frame, Grade, Model, Roll, Run
 from storage.settings import Settings
@@ -378,6 +378,25 @@ def test_the_metrics_endpoint_serves_the_metric_names(rec):
     assert "# TYPE rollscan_queue_depth gauge" in text
 
 
+def test_metrics_listen_on_loopback_unless_told() -> None:
+    """The scheduler's and the workers' /metrics name rolls and queues: not for the LAN."""
+    import psutil
+
+    from worker.metrics import serve_metrics
+
+    server = start_metrics_server(_free_port())
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.shutdown()
+    port = serve_metrics(_free_port())
+    listening = {
+        c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+    }
+    assert listening == {"127.0.0.1"}
+    assert Settings().metrics_addr == "127.0.0.1"
+
+
 @pytest.mark.parametrize("broker", ["redis://127.0.0.1:6379/10", "amqp://guest:guest@127.0.0.1:5672//"])  # fmt: skip
 def test_queue_depth_is_asked_of_the_broker(broker):
     import uuid
@@ -476,3 +495,24 @@ def test_durations_parse():
     for bad in ("30 minutes", "m", "1x", ""):
         with pytest.raises(Exception, match="not a duration"):
             parse_duration(bad)
+
+
+def test_a_folder_name_with_a_newline_is_ignored_and_logged_escaped(
+    db_engine, settings, tmp_path, caplog
+):
+    """`^…$` accepted "R-1\\n" (a trailing newline) as a roll id, and names went raw into the
+    log: an uploader could forge log lines. The name is refused and shown escaped, once."""
+    store = LocalStore(tmp_path / "objects")
+    ctx = WorkerContext(settings, db_engine, store, RecordingEnqueuer(), device="cpu")
+    forged = "R-1\n2026-01-01 00:00:00 INFO roll R-9 done"
+    for name in ("R-1\n", forged):  # as a scanner's file share could name them
+        folder = tmp_path / "objects" / "incoming" / name
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps(_manifest("R-1", frames=1)))
+    caplog.set_level("INFO", logger="scheduler.discovery")
+    for _ in range(2):
+        report = discover_once(ctx)
+        assert not report and _roll(ctx, "R-1") is None
+    messages = [r.getMessage() for r in caplog.records if r.name == "scheduler.discovery"]
+    assert len([m for m in messages if "not a roll id" in m]) == 2, messages  # once each
+    assert not any("\n" in m for m in messages), messages

@@ -315,3 +315,47 @@ def test_fuzz_near_valid(base: dict[str, Any], changes: dict[str, Any]) -> None:
 @given(st.binary(max_size=2048) | st.text(max_size=512).map(str.encode))
 def test_fuzz_bytes(data: bytes) -> None:
     parses_or_refuses(data)
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"px_per_mm": 1e-300}, "px_per_mm"),
+        ({"px_per_mm": 5e-324}, "px_per_mm"),
+        ({"px_per_mm": 1e12}, "px_per_mm"),
+        ({"px_per_mm": {"x": 10, "y": 1e-300}}, "px_per_mm.y"),
+        ({"width_mm": 1e308}, "width_mm"),
+        ({"width_mm": 0.001}, "width_mm"),
+        ({"width_mm": 9000, "px_per_mm": 100}, "width_mm"),  # frames 900,000 px wide
+    ],
+)
+def test_absurd_numbers_are_refused_by_their_physical_range(change: dict, field: str) -> None:
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest({**GOOD, **change})
+    assert [f for f, _ in caught.value.problems] == [field], caught.value.problems
+    assert "outside" in str(caught.value) or "ROLLSCAN_MAX_FRAME_WIDTH" in str(caught.value)
+
+
+def test_a_site_sets_its_own_ranges() -> None:
+    from storage.manifest import ManifestLimits
+    from storage.settings import Settings
+
+    narrow = {**GOOD, "width_mm": 4.0, "px_per_mm": 300}
+    with pytest.raises(ManifestError):
+        parse_manifest(narrow)
+    limits = ManifestLimits.from_settings(
+        Settings(manifest_width_mm=(1, 100), manifest_px_per_mm=(100, 400))
+    )
+    assert parse_manifest(narrow, limits).px_per_mm_x == 300
+    with pytest.raises(ManifestError, match=r"width_mm: 1600 is outside 1\.\.100"):
+        parse_manifest(GOOD, limits)
+
+
+def test_key_names_in_messages_cannot_forge_log_lines() -> None:
+    forged = "x\n2026-01-01 00:00:00 INFO roll R-9 graded A\x1b[2K"
+    raw = json.dumps(GOOD)[:-1] + f", {json.dumps(forged)}: 1, {json.dumps(forged)}: 2}}"
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(raw.encode())
+    message = str(caught.value)
+    assert "given more than once" in message
+    assert "\n" not in message and "\x1b" not in message
