@@ -37,6 +37,11 @@ class InvalidKeyError(ValueError):
     """A key (or prefix) that is not a safe, relative object key."""
 
 
+class ObjectChanged(Exception):
+    """The object under a key is no longer the version (ETag) it was asked for: it was
+    replaced since it was listed or headed. Read it again from its new `head`."""
+
+
 class ObjectNotFound(KeyError):
     """No object under this key."""
 
@@ -111,8 +116,11 @@ class ObjectStore(abc.ABC):
         """The whole object; ObjectNotFound if absent."""
 
     @abc.abstractmethod
-    def open(self, key: str) -> BinaryIO:
-        """A buffered, seekable reader that fetches on demand, not the whole object at once."""
+    def open(self, key: str, *, version: ObjectInfo | None = None) -> BinaryIO:
+        """A buffered, seekable reader that fetches on demand, not the whole object at once.
+
+        With `version` (from `head` or a listing) every byte read is of that version: a
+        reader on an object replaced since raises ObjectChanged instead of mixing the two."""
 
     @abc.abstractmethod
     def head(self, key: str) -> ObjectInfo:
@@ -200,7 +208,9 @@ _TRANSIENT_TEXT = re.compile(
 
 
 def _is_transient_one(exc: BaseException) -> bool:
-    if isinstance(exc, InvalidKeyError | ObjectNotFound | PermissionError | FileNotFoundError):
+    if isinstance(
+        exc, InvalidKeyError | ObjectNotFound | ObjectChanged | PermissionError | FileNotFoundError
+    ):
         return False
     if isinstance(exc, ConnectionError | TimeoutError):
         return True

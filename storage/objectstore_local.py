@@ -17,6 +17,7 @@ from storage.objectstore import (
     _SAFE_SEGMENT,
     InvalidKeyError,
     ListPage,
+    ObjectChanged,
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
@@ -83,9 +84,22 @@ class LocalStore(ObjectStore):
         with self._not_found_as(key):
             return self._path(key).read_bytes()
 
-    def open(self, key: str) -> BinaryIO:
+    def open(self, key: str, *, version: ObjectInfo | None = None) -> BinaryIO:
+        path = self._path(key)
         with self._not_found_as(key):
-            return self._path(key).open("rb")
+            reader = path.open("rb")
+        if version is not None:
+            # puts replace the file (os.replace), so this descriptor keeps the version it
+            # opened: check that one, and it cannot change under the reader afterwards
+            try:
+                etag = self._etag_of(reader, os.fstat(reader.fileno()))
+            except BaseException:
+                reader.close()
+                raise
+            if etag != version.etag:
+                reader.close()
+                raise ObjectChanged(f"{key!r} was replaced (ETag no longer {version.etag})")
+        return reader
 
     def head(self, key: str) -> ObjectInfo:
         path = self._path(key)
@@ -105,17 +119,31 @@ class LocalStore(ObjectStore):
     @staticmethod
     def _info(key: str, path: Path, st: os.stat_result) -> ObjectInfo:
         stamp, etag = f"{st.st_size}:{st.st_mtime_ns}:", None
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError):  # the cached md5, without opening the file
             cached = os.getxattr(path, _ETAG_XATTR).decode()
             etag = cached.removeprefix(stamp) if cached.startswith(stamp) else None
         if etag is None:
-            digest = hashlib.md5(usedforsecurity=False)
             with path.open("rb") as f:
-                while chunk := f.read(_CHUNK):
-                    digest.update(chunk)
-            etag = digest.hexdigest()
-            _remember_etag(path, etag, st)
+                etag = LocalStore._etag_of(f, st)
         return ObjectInfo(key, st.st_size, etag, datetime.fromtimestamp(st.st_mtime, tz=UTC))
+
+    @staticmethod
+    def _etag_of(f: BinaryIO, st: os.stat_result) -> str:
+        """The md5 of an open file: cached in its xattr (stamped with size and mtime), else
+        read through and cached. The file's position is left at its start."""
+        stamp, fd = f"{st.st_size}:{st.st_mtime_ns}:", f.fileno()
+        with contextlib.suppress(OSError):
+            cached = os.getxattr(fd, _ETAG_XATTR).decode()
+            if cached.startswith(stamp):
+                return cached.removeprefix(stamp)
+        digest = hashlib.md5(usedforsecurity=False)
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+        f.seek(0)
+        etag = digest.hexdigest()
+        with contextlib.suppress(OSError):  # ENOTSUP or a read-only file: recompute next time
+            os.setxattr(fd, _ETAG_XATTR, f"{stamp}{etag}".encode())
+        return etag
 
     def _keys_under(self, prefix: str) -> list[str]:
         # walk only the deepest directory the prefix names, then sort globally: directory

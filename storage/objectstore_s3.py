@@ -15,6 +15,7 @@ from pydantic import SecretStr
 from storage.objectstore import (
     _CHUNK,
     ListPage,
+    ObjectChanged,
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
@@ -71,7 +72,15 @@ class _S3RangeReader(io.RawIOBase):
         if self._body is None:
             rng, match = f"bytes={self._pos}-", f'"{self._etag}"'
             kw = {"Bucket": self._bucket, "Key": self._key, "Range": rng, "IfMatch": match}
-            self._body = self._client.get_object(**kw)["Body"]
+            try:
+                self._body = self._client.get_object(**kw)["Body"]
+            except Exception as exc:
+                if _error_code(exc) in ("PreconditionFailed", "412"):
+                    raise ObjectChanged(
+                        f"s3://{self._bucket}/{self._key} was replaced while it was read "
+                        f"(ETag no longer {self._etag})"
+                    ) from None
+                raise
         data = self._body.read(len(buffer))
         buffer[: len(data)] = data
         self._pos += len(data)
@@ -200,8 +209,8 @@ class S3Store(ObjectStore):
         with contextlib.closing(response["Body"]) as body:
             return body.read()
 
-    def open(self, key: str) -> BinaryIO:
-        info = self.head(key)
+    def open(self, key: str, *, version: ObjectInfo | None = None) -> BinaryIO:
+        info = version if version is not None else self.head(key)
         raw = _S3RangeReader(self._client, self.bucket, key, info.size, info.etag)
         return io.BufferedReader(raw, buffer_size=_CHUNK)  # type: ignore[return-value]
 

@@ -15,6 +15,7 @@ from fixtures_s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, make_s3_stor
 from storage.objectstore import (
     InvalidKeyError,
     LocalStore,
+    ObjectChanged,
     ObjectNotFound,
     ObjectStore,
     S3Store,
@@ -92,6 +93,24 @@ def test_open_streams_a_multi_megabyte_object(object_store: ObjectStore) -> None
         chunks = list(iter(lambda: f.read(1 << 20), b""))
     assert len(chunks) == 7
     assert b"".join(chunks) == data
+
+
+def test_open_of_a_version_never_mixes_it_with_a_replacement(object_store: ObjectStore) -> None:
+    """What ingest relies on: the bytes read are those of the ETag it recorded."""
+    old, new = os.urandom(3 << 20), os.urandom(3 << 20)
+    object_store.put("frames/000001.tif", old)
+    version = object_store.head("frames/000001.tif")
+    with object_store.open("frames/000001.tif", version=version) as reader:
+        assert reader.read() == old
+    object_store.put("frames/000001.tif", new)
+    with (
+        pytest.raises(ObjectChanged, match="replaced"),
+        object_store.open("frames/000001.tif", version=version) as reader,
+    ):
+        reader.read(1)
+    fresh = object_store.head("frames/000001.tif")
+    with object_store.open("frames/000001.tif", version=fresh) as reader:
+        assert reader.read() == new
 
 
 def test_etag_is_md5_stable_and_changes_with_content(object_store: ObjectStore) -> None:
