@@ -1,7 +1,8 @@
 """Finalize a run: threshold the roll's score map, find defects across bands, store them.
 
 Runs in one transaction with the run's row locked, so two finalize tasks for one run produce
-one set of defects, and a re-run replaces the run's defects instead of adding to them. The run
+one set of defects. Finalizing a run already done changes nothing; a run reopened by a
+re-uploaded frame is finalized again, and then its defects are replaced, not added to. The run
 becomes the roll's current run only here, when it is complete: until then the previous run's
 defects and grade stay what users see.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, insert, update
+from sqlalchemy import delete, func, insert, select, update
 
 from storage.schema import Defect, Model, Roll, Run
 from worker.components import DefectFinder
@@ -28,6 +29,12 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
         run = session.get(Run, run_id, with_for_update=True)
         if run is None:
             raise ValueError(f"unknown run {run_id}")
+        if run.status == "done":
+            # a repeated finalize (redelivered, or sent again by `resume`): the defects stay
+            # as they are, with their ids and the points the grading wrote on them
+            return session.scalar(
+                select(func.count()).select_from(Defect).where(Defect.run_id == run_id)
+            )
         if run.status == "failed" or run.bands_total is None or run.bands_done < run.bands_total:
             log.info("run %s not ready to finalize (%s, %s/%s bands)", run_id, run.status,
                      run.bands_done, run.bands_total)  # fmt: skip

@@ -8,21 +8,28 @@ roll; frame k's rows start where frame k − 1's end, so frame k waits for frame
 from __future__ import annotations
 
 import logging
+import math
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
+from typing import BinaryIO
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from storage.objectstore import ObjectNotFound
+from storage.objectstore import ObjectChanged, ObjectInfo, ObjectNotFound, ObjectStore
 from storage.rolls import RollArrays, create_roll, open_roll, roll_exists
 from storage.schema import Band, Frame, Model, Roll, Run
+from storage.settings import Settings
 from worker.context import RetryLater, WorkerContext, lock_bands
-from worker.frames import FrameError, decode_frame
+from worker.frames import FrameError, decode_frame, max_frame_bytes
 from worker.rolls import RollError, fail_roll, live_run
 from worker.tiling import band_ready
 
 log = logging.getLogger(__name__)
+_COPY_CHUNK = 1 << 20
 
 
 def roll_arrays(ctx: WorkerContext, roll: Roll) -> RollArrays:
@@ -34,9 +41,46 @@ def roll_arrays(ctx: WorkerContext, roll: Roll) -> RollArrays:
         width=roll.width_px,
         channels=roll.channels,
         band_height=ctx.settings.band_height,
-        manifest={"roll_id": roll.id, "fabric_type": roll.fabric_type, **(roll.meta or {})},
+        # the scanner's free-form meta in a key of its own: it cannot replace the roll's id
+        # or fabric type in the group's attributes
+        manifest={"roll_id": roll.id, "fabric_type": roll.fabric_type, "meta": roll.meta or {}},
         exist_ok=True,
     )
+
+
+def frame_width_range(settings: Settings, roll: Roll) -> tuple[int, int]:
+    """The widths (px, inclusive) a roll's first frame may have: the manifest's width_mm ×
+    px_per_mm.x within the tolerance (the camera may see a little beside the fabric), and
+    never more than `max_frame_width`. Later frames must match the first exactly."""
+    expected = roll.width_mm * roll.px_per_mm_x
+    tolerance = settings.frame_width_tolerance
+    low = max(1, math.floor(expected * (1 - tolerance)))
+    return low, min(settings.max_frame_width, math.ceil(expected * (1 + tolerance)))
+
+
+@contextmanager
+def frame_source(store: ObjectStore, info: ObjectInfo) -> Iterator[BinaryIO]:
+    """A seekable file holding exactly the version `info` describes (ObjectChanged if the
+    object was replaced since): the store's own file where it has one (a local store), else
+    a temporary file the object is streamed into a megabyte at a time, so that the object's
+    bytes never sit in memory whole."""
+    with store.open(info.key, version=info) as reader:
+        try:
+            reader.fileno()
+        except (OSError, ValueError):  # io.UnsupportedOperation: not a file of its own
+            pass
+        else:
+            yield reader
+            return
+        with tempfile.TemporaryFile(prefix="rollscan-frame-") as copy:
+            copied = 0
+            while chunk := reader.read(_COPY_CHUNK):
+                copied += len(chunk)
+                if copied > info.size:  # more than the size the ETag came with
+                    raise ObjectChanged(f"{info.key} grew past {info.size} bytes while read")
+                copy.write(chunk)
+            copy.seek(0)
+            yield copy
 
 
 def run_tiling(ctx: WorkerContext, session: Session, run: Run) -> tuple[int, int]:
@@ -48,6 +92,18 @@ def run_tiling(ctx: WorkerContext, session: Session, run: Run) -> tuple[int, int
     tile = session.get(Model, run.model_version).tile
     overlap = min(ctx.settings.overlap, tile // 2)
     return tile, tile - overlap
+
+
+def locked_live_run(session: Session, roll: Roll) -> Run:
+    """The roll's live run, its row locked until the transaction ends and read afresh.
+
+    Scoring counts a band with ``bands_done = bands_done + 1 RETURNING`` and sends the finalize
+    when that reaches `bands_total`. Ingest sets `bands_total` (and takes bands back): holding
+    the row makes a concurrent count wait and then see the total, and makes the counters
+    read here current, so exactly one of the two sees "every band done"."""
+    run = live_run(session, roll)
+    session.refresh(run, with_for_update=True)
+    return run
 
 
 def fully_ingested(session: Session, roll: Roll) -> bool:
@@ -139,6 +195,17 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         with ctx.session() as session:
             fail_roll(session, roll_id, f"frame {seq}: object {key} not found")
         return "failed"
+    limit = max_frame_bytes(ctx.settings.max_frame_pixels)
+    if info.size > limit:  # refused before a byte of it is read
+        reason = (
+            f"frame {seq} ({key}): the object has {info.size} bytes, more than any frame "
+            f"within ROLLSCAN_MAX_FRAME_PIXELS={ctx.settings.max_frame_pixels} can have "
+            f"({limit}); not read"
+        )
+        with ctx.session() as session:
+            fail_roll(session, roll_id, reason)
+        log.warning("roll %s failed: %s", roll_id, reason)
+        return "failed"
     with ctx.session() as session:
         roll = session.get(Roll, roll_id)
         if roll is None:
@@ -165,21 +232,34 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
                     raise RetryLater(f"roll {roll_id}: frame {seq - 1} is not in yet")
                 row_start = before.row_start + before.rows
             expect_width, expect_channels = roll.width_px, roll.channels
+            widths = frame_width_range(ctx.settings, roll) if expect_width is None else None
+            expected_px = roll.width_mm * roll.px_per_mm_x
     if pending is not None:
         _enqueue_next(ctx, run_id, pending, finalize)
         return "unchanged"
 
     try:
-        pixels = decode_frame(
-            ctx.store.get(key),
-            max_pixels=ctx.settings.max_frame_pixels,
-            expect_width=expect_width,
-            expect_channels=expect_channels,
-        )
+        with frame_source(ctx.store, info) as source:
+            pixels = decode_frame(
+                source,
+                max_pixels=ctx.settings.max_frame_pixels,
+                expect_width=expect_width,
+                expect_channels=expect_channels,
+                width_range=widths,
+            )
+    except ObjectChanged as exc:  # re-uploaded while read: take the new one from its head
+        raise RetryLater(f"roll {roll_id} frame {seq}: {exc}") from None
     except FrameError as exc:
+        reason = f"frame {seq} ({key}): {exc}"
+        if widths is not None and "px wide" in str(exc):
+            reason += (
+                f" (the manifest's width_mm × px_per_mm.x is {expected_px:.0f} px, ± "
+                f"{ctx.settings.frame_width_tolerance:.0%}; at most ROLLSCAN_MAX_FRAME_WIDTH "
+                f"= {ctx.settings.max_frame_width})"
+            )
         with ctx.session() as session:
-            fail_roll(session, roll_id, f"frame {seq} ({key}): {exc}")
-        log.warning("roll %s failed: frame %s: %s", roll_id, seq, exc)
+            fail_roll(session, roll_id, reason)
+        log.warning("roll %s failed: %s", roll_id, reason)
         return "failed"
 
     with ctx.session() as session:
@@ -213,7 +293,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         if roll.status == "registered":
             roll.status = "ingesting"
         roll.updated_at = datetime.now(UTC)
-        run = live_run(session, roll)
+        run = locked_live_run(session, roll)
         if previous is not None:  # a changed frame: its bands are scored again
             rescore = list(arrays.bands_of_rows(row_start, stop))
             done = (
@@ -228,9 +308,16 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
                 .scalars()
                 .all()
             )
-            run.bands_done -= len(done)
-            if run.status == "done":
-                run.status = "scoring"
+            # in SQL, relative to the row's value (an absolute value written from what this
+            # transaction read would overwrite a band counted meanwhile)
+            session.execute(
+                update(Run)
+                .where(Run.id == run.id)
+                .values(
+                    bands_done=Run.bands_done - len(done),
+                    status=case((Run.status == "done", "scoring"), else_=Run.status),
+                )
+            )
         session.flush()
         ready = advance_run(ctx, session, roll, run)
         if previous is not None:
@@ -247,7 +334,7 @@ def roll_updated(ctx: WorkerContext, roll_id: str) -> list[int]:
         if roll is None or roll.status == "failed":
             return []
         try:
-            run = live_run(session, roll)
+            run = locked_live_run(session, roll)
         except RollError as exc:
             fail_roll(session, roll_id, str(exc))
             return []
