@@ -311,6 +311,23 @@ class Grade(Base):
     )
 
 
+class TaskDelivery(Base):
+    """Deliveries of one task (ingest of a frame, score of a band, finalize of a run) that
+    started and never ended: each one's worker died (`worker.deliveries`)."""
+
+    __tablename__ = "task_deliveries"
+
+    task: Mapped[str] = mapped_column(primary_key=True, comment="ingest, score or finalize")
+    key: Mapped[str] = mapped_column(primary_key=True, comment="roll/frame, run/band or run")
+    unfinished: Mapped[int] = mapped_column(
+        server_default=text("0"),
+        comment="deliveries started and never ended: their worker died",
+    )
+    started_at: Mapped[datetime] = _now()
+
+    __table_args__ = (CheckConstraint("unfinished >= 0", name="unfinished_not_negative"),)
+
+
 class DiscoveryCursor(Base):
     """The scheduler's position in an S3 listing (StartAfter key), one row per prefix."""
 

@@ -7,6 +7,7 @@ defaults. Secrets are `SecretStr`: masked in repr, str and logs; only
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -26,7 +27,11 @@ def default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ROLLSCAN_", extra="forbid", frozen=True)
+    # env_ignore_empty: `ROLLSCAN_X=` (as compose passes an unset `${ROLLSCAN_X:-}`) means the
+    # default, not an invalid empty value
+    model_config = SettingsConfigDict(
+        env_prefix="ROLLSCAN_", extra="forbid", frozen=True, env_ignore_empty=True
+    )
 
     # services; None = the embedded default on this machine
     database_url: SecretStr | None = Field(
@@ -56,6 +61,20 @@ class Settings(BaseSettings):
     max_frame_pixels: int = Field(
         200_000_000, gt=0, description="larger frames are refused before decoding"
     )
+    max_frame_width: int = Field(
+        65_536, gt=0, description="wider frames are refused before decoding (pixels)"
+    )
+    frame_width_tolerance: float = Field(
+        0.25, ge=0, le=1, description="a roll's frames may be this much wider or narrower "
+        "than the manifest's width_mm × px_per_mm.x (the camera may see beside the fabric)",
+    )  # fmt: skip
+    # physical ranges of manifest numbers, inclusive: a scanner's bug must not reach grading
+    manifest_width_mm: tuple[float, float] = Field(
+        (10.0, 10_000.0), description="a roll's width_mm must lie in this range"
+    )
+    manifest_px_per_mm: tuple[float, float] = Field(
+        (0.5, 200.0), description="px_per_mm (across and along) must lie in this range"
+    )
 
     # worker
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
@@ -65,9 +84,17 @@ class Settings(BaseSettings):
         "on a CPU machine with N worker processes, cores / N",
     )  # fmt: skip
 
+    max_deliveries: int = Field(
+        3, ge=1, description="a task that dies with its worker (killed, out of memory, a crash "
+        "in a decoder) this many times fails its roll instead of being delivered again",
+    )  # fmt: skip
+
     # control plane
     metrics_port: int = Field(
         0, ge=0, le=65535, description="Prometheus /metrics port of workers and scheduler; 0 = off"
+    )
+    metrics_addr: str = Field(
+        "127.0.0.1", description="address /metrics listens on; 0.0.0.0 to let Prometheus in"
     )
     grade_at: str = Field(
         "02:00", pattern=r"^([01]\d|2[0-3]):[0-5]\d$", description="nightly grading, HH:MM"
@@ -85,6 +112,14 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"band_height must be a multiple of 256 (zarr chunk rows), not {value}"
             )
+        return value
+
+    @field_validator("manifest_width_mm", "manifest_px_per_mm")
+    @classmethod
+    def _range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not (0 < low <= high and math.isfinite(high)):
+            raise ValueError(f"must be [low, high] with 0 < low <= high, finite; got {value}")
         return value
 
     @field_validator("grading_rules")

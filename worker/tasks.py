@@ -2,7 +2,8 @@
 
 Each task builds its process's `WorkerContext` lazily — after the prefork, so CUDA and database
 pools are created in the child — and retries with exponential back-off on transient database
-and object-store errors. A bad roll is marked failed inside the pipeline; other rolls go on.
+and object-store errors. A bad roll is marked failed inside the pipeline; other rolls go on. A
+task whose worker keeps dying on it fails its roll after `max_deliveries` (`worker.deliveries`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from storage.database import is_transient_db_error
 from storage.objectstore import is_transient_store_error
 from worker.app import app
 from worker.context import RetryLater, WorkerContext
+from worker.deliveries import Delivery, run_counted
 from worker.finalize import finalize_run
 from worker.ingest import ingest_frame
 from worker.scoring import score_band
@@ -63,9 +65,12 @@ def is_transient(exc: BaseException) -> bool:
     return is_transient_db_error(exc) or is_transient_store_error(exc)
 
 
-def _run(task: Task, function: Any, *args: Any) -> Any:
+def _run(task: Task, function: Any, *args: Any, delivery: Delivery | None = None) -> Any:
+    ctx = context()
     try:
-        return function(context(), *args)
+        if delivery is None:
+            return function(ctx, *args)
+        return run_counted(ctx, delivery, lambda: function(ctx, *args))
     except RetryLater as exc:
         countdown = min(RETRY_LATER_MAX_S, exc.countdown * 2 ** min(task.request.retries, 20))
         raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
@@ -77,25 +82,32 @@ def _run(task: Task, function: Any, *args: Any) -> Any:
         raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RETRIES) from exc
 
 
+def _band(run_id: int, band_index: int) -> Delivery:
+    return Delivery("score", f"{run_id}/{band_index}", f"band {band_index} of run {run_id}",
+                    run_id=run_id)  # fmt: skip
+
+
 @app.task(bind=True, name="rollscan.ingest")
 def ingest(self: Task, roll_id: str, seq: int, key: str) -> str:
-    return _run(self, ingest_frame, roll_id, seq, key)
+    delivery = Delivery("ingest", f"{roll_id}/{seq}", f"frame {seq} ({key})", roll_id=roll_id)
+    return _run(self, ingest_frame, roll_id, seq, key, delivery=delivery)
 
 
 @app.task(bind=True, name="rollscan.score")
 def score(self: Task, run_id: int, band_index: int) -> str:
-    return _run(self, score_band, run_id, band_index)
+    return _run(self, score_band, run_id, band_index, delivery=_band(run_id, band_index))
 
 
 @app.task(bind=True, name="rollscan.score_reprocess")
 def score_reprocess(self: Task, run_id: int, band_index: int) -> str:
     """`score` for the bands of reprocess runs, routed to the `reprocess` queue."""
-    return _run(self, score_band, run_id, band_index)
+    return _run(self, score_band, run_id, band_index, delivery=_band(run_id, band_index))
 
 
 @app.task(bind=True, name="rollscan.finalize")
-def finalize(self: Task, run_id: int) -> int | None:
-    return _run(self, finalize_run, run_id)
+def finalize(self: Task, run_id: int) -> int | str | None:
+    delivery = Delivery("finalize", str(run_id), f"finalize of run {run_id}", run_id=run_id)
+    return _run(self, finalize_run, run_id, delivery=delivery)
 
 
 @app.task(bind=True, name="rollscan.train")

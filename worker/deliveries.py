@@ -1,0 +1,120 @@
+"""Poison messages: a task whose worker dies on it too often fails its roll instead.
+
+Tasks are acknowledged late and rejected back to the queue when their worker is lost
+(`worker.app`), so that a band of a worker killed mid-way is scored by the next one. The same
+rule would deliver for ever a frame that itself kills the worker (out of memory, a segfault in
+a codec): the roll would never fail and the queue would stay wedged behind it.
+
+So each delivery of ingest (per roll and frame), score (per run and band) and finalize (per
+run) counts itself in PostgreSQL (`task_deliveries.unfinished + 1`) before it works, and
+uncounts itself when it ends in any way Python sees: success, an error, a retry. Only
+deliveries whose process died stay counted. A delivery that finds `max_deliveries` of those
+before it does not run: it fails the roll (a reprocess run only, for a reprocess band) with the
+reason and returns normally, so its message is acknowledged and the queue goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, func, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from storage.schema import Run, TaskDelivery
+from worker.context import WorkerContext
+from worker.rolls import fail_roll
+
+log = logging.getLogger(__name__)
+GIVEN_UP = "failed"  # what a task returns when it gave up its roll
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One task's identity across its deliveries, and how to give its roll up."""
+
+    task: str  # ingest, score, finalize
+    key: str  # unique per task: "R-1/3", "17/2", "17"
+    what: str  # for people: "frame 3 (incoming/R-1/frames/000003.tif)"
+    roll_id: str | None = None  # ingest knows it; score and finalize go through their run
+    run_id: int | None = None
+
+
+def run_counted(ctx: WorkerContext, delivery: Delivery, work: Callable[[], Any]) -> Any:
+    """Run `work()` as one counted delivery of `delivery` (module docstring)."""
+    died = _begin(ctx, delivery) - 1  # earlier deliveries that never ended
+    if died >= ctx.settings.max_deliveries:
+        _give_up(ctx, delivery, died)
+        return GIVEN_UP
+    succeeded = False
+    try:
+        result = work()
+        succeeded = True
+        return result
+    finally:
+        _end(ctx, delivery, succeeded)
+
+
+def _begin(ctx: WorkerContext, delivery: Delivery) -> int:
+    """Count this delivery (committed at once: a kill must not undo it); return the count."""
+    stmt = insert(TaskDelivery).values(task=delivery.task, key=delivery.key, unfinished=1)
+    stmt = stmt.on_conflict_do_update(
+        index_elements=[TaskDelivery.task, TaskDelivery.key],
+        set_={"unfinished": TaskDelivery.unfinished + 1, "started_at": func.now()},
+    )
+    with ctx.session() as session:
+        count = session.scalar(stmt.returning(TaskDelivery.unfinished))
+    if count > 1:
+        log.warning("%s %s: delivery %d, %d before it died with their worker",
+                    delivery.task, delivery.what, count, count - 1)  # fmt: skip
+    return count
+
+
+def _end(ctx: WorkerContext, delivery: Delivery, succeeded: bool) -> None:
+    where = (TaskDelivery.task == delivery.task, TaskDelivery.key == delivery.key)
+    try:
+        with ctx.session() as session:
+            if succeeded:  # done for good: forget the deaths too
+                session.execute(delete(TaskDelivery).where(*where))
+            else:
+                session.execute(
+                    update(TaskDelivery)
+                    .where(*where, TaskDelivery.unfinished > 0)
+                    .values(unfinished=TaskDelivery.unfinished - 1)
+                )
+    except Exception:  # the database is away: the task's own error (a retry) matters more
+        log.warning("%s %s: could not record the end of a delivery", delivery.task,
+                    delivery.what, exc_info=True)  # fmt: skip
+
+
+def _give_up(ctx: WorkerContext, delivery: Delivery, died: int) -> None:
+    reason = (
+        f"{delivery.what}: its worker died during each of {died} deliveries (killed, out of "
+        f"memory or a crash, e.g. in a decoder); given up after ROLLSCAN_MAX_DELIVERIES = "
+        f"{ctx.settings.max_deliveries} instead of delivered again"
+    )
+    with ctx.session() as session:
+        roll_id = delivery.roll_id
+        if delivery.run_id is not None:
+            run = session.get(Run, delivery.run_id)
+            roll_id = run.roll_id if run is not None else None
+            if run is not None and run.purpose == "reprocess":
+                _fail_run_only(session, run, reason)
+                roll_id = None
+        if roll_id is not None:
+            fail_roll(session, roll_id, reason)
+        session.execute(
+            delete(TaskDelivery).where(
+                TaskDelivery.task == delivery.task, TaskDelivery.key == delivery.key
+            )
+        )
+    log.error("roll %s: %s", roll_id or f"(run {delivery.run_id})", reason)
+
+
+def _fail_run_only(session: Session, run: Run, reason: str) -> None:
+    """A reprocess run fails alone: the roll keeps its current run, defects and grade."""
+    if run.status not in ("done", "failed"):
+        run.status, run.error, run.finished_at = "failed", reason[:2000], func.now()
