@@ -83,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
         _print_report(report)
         return 1 if report.problems else 0
     port = args.metrics_port if args.metrics_port is not None else ctx.settings.metrics_port
-    start_metrics_server(port)
+    start_metrics_server(port, ctx.settings.metrics_addr)
     beat = None
     if args.beat:
         from scheduler.beat import start_embedded_beat

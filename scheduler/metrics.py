@@ -57,8 +57,9 @@ LAST_PASS = Gauge("rollscan_scheduler_last_pass_timestamp_seconds", "end of the 
 GRADE_QUEUES = ("grade",)
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0") -> Any:
-    """Serve /metrics (the process's default registry) on `port` in a daemon thread; 0 = off.
+def start_metrics_server(port: int, addr: str = "127.0.0.1") -> Any:
+    """Serve /metrics (the process's default registry) on `addr`:`port` in a daemon thread;
+    0 = off. Loopback unless told (`ROLLSCAN_METRICS_ADDR`): the page names rolls and queues.
     Returns the server (``.shutdown()`` stops it) or None."""
     if port <= 0:
         return None

@@ -1,4 +1,4 @@
-"""`rollscan db …`: schema migrations and the connection URL.
+"""`rollscan db …`: schema migrations, the connection URL, stopping the embedded server.
 
 The main command line (`scheduler.cli`) calls `add_db_commands(subparsers)` and, for
 ``args.command == "db"``, returns ``args.db_handler(args)``. Handlers return 0 and raise
@@ -66,8 +66,24 @@ def _url(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop(args: argparse.Namespace) -> int:
+    from storage.embedded_pg import stop_embedded
+
+    settings = _settings(args)
+    if not settings.embedded_database:
+        raise ValueError(
+            "db stop: ROLLSCAN_DATABASE_URL names a server of its own; rollscan stops only "
+            "the embedded one"
+        )
+    if stop_embedded(settings):
+        print(f"stopped the embedded PostgreSQL server of {settings.data_dir}")
+    else:
+        print(f"no embedded PostgreSQL server of {settings.data_dir} is running")
+    return 0
+
+
 def add_db_commands(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `db upgrade | downgrade | current | url` to the main parser's subparsers."""
+    """Add `db upgrade | downgrade | current | url | stop` to the main parser's subparsers."""
     db = subparsers.add_parser(
         "db",
         help="database schema migrations and connection",
@@ -90,4 +106,9 @@ def add_db_commands(subparsers: Any) -> argparse.ArgumentParser:
 
     url = commands.add_parser("url", help="print the database URL, password masked")
     url.set_defaults(db_handler=_url)
+
+    stop = commands.add_parser(
+        "stop", help="stop the embedded PostgreSQL server (it outlives the commands that start it)"
+    )
+    stop.set_defaults(db_handler=_stop)
     return db

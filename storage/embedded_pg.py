@@ -40,7 +40,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg2
@@ -67,7 +67,7 @@ class EmbeddedServer:
     port: int
     pid: int
     pgdata: Path
-    password: str
+    password: str = field(repr=False)  # a superuser's: never in a repr, a log or a traceback
 
     def url_for(self, database: str = DATABASE) -> str:
         return f"postgresql+psycopg2://{SUPERUSER}:{self.password}@{HOST}:{self.port}/{database}"
@@ -367,6 +367,12 @@ def start_embedded(where: Settings | Path | str) -> EmbeddedServer:
                 raise EmbeddedPostgresError(
                     f"PostgreSQL started but {pgdata}/postmaster.pid says otherwise"
                 )
+            # a server outliving the command that started it must not go unnoticed
+            log.warning(
+                "started the embedded PostgreSQL server of %s on %s:%d; it keeps running after "
+                "this command (later ones reuse it): `rollscan db stop` stops it",
+                data_dir, HOST, running[1],
+            )  # fmt: skip
         server = EmbeddedServer(
             port=running[1], pid=running[0], pgdata=pgdata, password=state["password"]
         )

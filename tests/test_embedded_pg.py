@@ -110,3 +110,28 @@ def test_two_processes_share_one_server_and_stop_is_clean(data_dir: Path) -> Non
         engine.dispose()
     assert stop_embedded(data_dir) is True
     assert _gone(again.pid)
+
+
+def test_a_command_says_it_leaves_the_server_running_and_db_stop_stops_it(
+    data_dir: Path,
+) -> None:
+    """`rollscan` on the embedded default starts a server that outlives it: the command says
+    so, and `rollscan db stop` is the way to stop it. Its password is in no repr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROLLSCAN_")}
+    env["ROLLSCAN_DATA_DIR"] = str(data_dir)
+    rollscan = [sys.executable, "-m", "scheduler.cli", "db"]
+    done = subprocess.run([*rollscan, "upgrade"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "keeps running after this command" in done.stderr
+    assert "`rollscan db stop` stops it" in done.stderr
+    server = embedded_status(data_dir)
+    assert server is not None
+    assert server.password not in repr(server) and "password" not in repr(server)
+
+    again = subprocess.run([*rollscan, "current"], env=env, capture_output=True, text=True)
+    assert again.returncode == 0 and "keeps running" not in again.stderr  # reused, not started
+    stopped = subprocess.run([*rollscan, "stop"], env=env, capture_output=True, text=True)
+    assert stopped.returncode == 0 and "stopped the embedded" in stopped.stdout
+    assert embedded_status(data_dir) is None and _gone(server.pid)
+    twice = subprocess.run([*rollscan, "stop"], env=env, capture_output=True, text=True)
+    assert twice.returncode == 0 and "is running" in twice.stdout

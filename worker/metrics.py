@@ -30,17 +30,17 @@ def band_scored(tiles: int) -> None:
     BANDS_SCORED.inc()
 
 
-def serve_metrics(port: int, *, tries: int = PORTS_TRIED) -> int | None:
+def serve_metrics(port: int, *, addr: str = "127.0.0.1", tries: int = PORTS_TRIED) -> int | None:
     """Serve /metrics on `port`, or the next free port up to `tries` on; return it (None: 0
     means off, or no port was free: logged, the worker goes on without an endpoint)."""
     if port <= 0:
         return None
     for candidate in range(port, min(port + tries, 65536)):
         try:
-            start_http_server(candidate)
+            start_http_server(candidate, addr=addr)
         except OSError:
             continue
-        log.info("metrics on :%d/metrics", candidate)
+        log.info("metrics on %s:%d/metrics", addr, candidate)
         return candidate
     log.warning("metrics: no free port in %d..%d; this process serves none", port, port + tries - 1)
     return None
@@ -50,4 +50,5 @@ def serve_metrics(port: int, *, tries: int = PORTS_TRIED) -> int | None:
 def _serve_from_child(**_: Any) -> None:
     from storage.settings import get_settings
 
-    serve_metrics(get_settings().metrics_port)
+    settings = get_settings()
+    serve_metrics(settings.metrics_port, addr=settings.metrics_addr)
