@@ -14,6 +14,8 @@ import json
 import os
 import re
 import shlex
+import shutil
+import subprocess
 import tomllib
 from functools import cache
 from pathlib import Path
@@ -159,21 +161,23 @@ def _depends_on(service: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return depends
 
 
-def service_environment(name: str) -> dict[str, str]:
-    """The environment compose gives the container, with .env.example standing in for .env."""
-    service = services()[name]
+@cache
+def site_env() -> dict[str, str]:
+    """.env as a site writes it: .env.example with every empty secret filled in (each with a
+    value of its own, so that a test can tell which secret reached which service)."""
     values, _ = env_example()
-    env: dict[str, str] = {}
-    env_files = service.get("env_file") or []
-    for env_file in [env_files] if isinstance(env_files, str) else env_files:
-        path = env_file if isinstance(env_file, str) else env_file["path"]
-        assert path == ".env", f"{name}: env_file {path}: only .env is documented (.env.example)"
-        env.update(values)
+    return {k: v or f"filled-{k.lower().replace('_', '-')}-0123" for k, v in values.items()}
+
+
+def service_environment(name: str) -> dict[str, str]:
+    """The environment compose gives the container, with `site_env()` standing in for .env."""
+    service = services()[name]
+    assert not service.get("env_file"), f"{name}: env_file would hand it every secret of .env"
     environment = service.get("environment") or {}
     if isinstance(environment, list):
         environment = dict(item.split("=", 1) for item in environment)
-    env.update({k: str(interpolate(v, values)) for k, v in environment.items() if v is not None})
-    return env
+    values = site_env()
+    return {k: str(interpolate(v, values)) for k, v in environment.items() if v is not None}
 
 
 @cache
@@ -458,9 +462,11 @@ def test_service_environment_sets_only_settings_fields(name: str) -> None:
 
 @pytest.mark.parametrize("name", our_services())
 def test_service_settings_validate(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The settings each service would start with (.env.example as .env) are valid, and the
-    service URLs point at services of this compose file with the credentials those get."""
+    """The settings each service would start with (a site's .env) are valid, and the service
+    URLs it holds point at services of this compose file with the credentials those get:
+    the database for `migrate`, the broker for Flower, all three for the pipeline's."""
     env = service_environment(name)
+    needs = {"migrate": {"database"}, "flower": {"broker"}}.get(name, {"database", "broker", "s3"})
     for key in list(os.environ):
         if key.startswith("ROLLSCAN_"):
             monkeypatch.delenv(key)
@@ -468,7 +474,20 @@ def test_service_settings_validate(name: str, monkeypatch: pytest.MonkeyPatch) -
         if key.startswith("ROLLSCAN_"):
             monkeypatch.setenv(key, value)
     settings = Settings()
+    held = {"database": settings.database_url, "broker": settings.broker_url,
+            "s3": settings.s3_endpoint}  # fmt: skip
+    assert {k for k, v in held.items() if v} == needs, f"{name}: holds {held}"
+    if "database" in needs:
+        check_database_url(name, settings)
+    if "broker" in needs:
+        check_broker_url(name, settings)
+    if "s3" in needs:
+        endpoint = urlsplit(settings.s3_endpoint)
+        assert endpoint.hostname in services(), f"{name}: {endpoint.hostname} is not a service"
+        assert settings.s3_access_key_id and settings.s3_secret_access_key, f"{name}: no keys"
 
+
+def check_database_url(name: str, settings: Settings) -> None:
     assert settings.database_url is not None, f"{name}: no ROLLSCAN_DATABASE_URL"
     database = make_url(settings.database_url.get_secret_value())
     assert database.drivername == "postgresql+psycopg2"
@@ -479,6 +498,8 @@ def test_service_settings_validate(name: str, monkeypatch: pytest.MonkeyPatch) -
         postgres_env["POSTGRES_DB"],
     ), f"{name}: ROLLSCAN_DATABASE_URL does not match the {database.host} service's account"
 
+
+def check_broker_url(name: str, settings: Settings) -> None:
     assert settings.broker_url is not None, f"{name}: no ROLLSCAN_BROKER_URL"
     broker = urlsplit(settings.broker_url.get_secret_value())
     assert broker.scheme in ("amqp", "pyamqp") and broker.port == 5672
@@ -487,11 +508,6 @@ def test_service_settings_validate(name: str, monkeypatch: pytest.MonkeyPatch) -
         broker_env["RABBITMQ_DEFAULT_USER"],
         broker_env["RABBITMQ_DEFAULT_PASS"],
     ), f"{name}: ROLLSCAN_BROKER_URL does not match the {broker.hostname} service's account"
-
-    assert settings.s3_endpoint, f"{name}: no ROLLSCAN_S3_ENDPOINT"
-    endpoint = urlsplit(settings.s3_endpoint)
-    assert endpoint.hostname in services(), f"{name}: {endpoint.hostname} is not a service"
-    assert settings.s3_access_key_id and settings.s3_secret_access_key, f"{name}: no S3 keys"
 
 
 def test_env_example_documents_every_interpolated_variable() -> None:
@@ -503,7 +519,7 @@ def test_env_example_documents_every_interpolated_variable() -> None:
             f"{name} has no default in docker-compose.yml: .env.example must set it, not "
             "comment it out"
         )
-    interpolate(compose(), values)  # raises where a ${NAME:?} would stop compose
+    interpolate(compose(), site_env())  # raises where a ${NAME:?} would stop compose
 
 
 def test_env_example_shows_the_real_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -520,9 +536,11 @@ def test_env_example_shows_the_real_defaults(monkeypatch: pytest.MonkeyPatch) ->
     defaults = Settings()
     for variable, value in documented.items():
         actual = getattr(defaults, variable.removeprefix("ROLLSCAN_").lower())
-        assert str(actual) == value, (
-            f".env.example shows {variable}={value}, the default is {actual}"
+        shown = json.loads(value) if value.startswith("[") else value  # as the env gives it
+        expected = (
+            list(actual) if isinstance(actual, tuple) else "" if actual is None else str(actual)
         )
+        assert shown == expected, f".env.example shows {variable}={value}, the default is {actual}"
 
 
 def test_guide_commands_parse() -> None:
@@ -539,19 +557,130 @@ def test_guide_commands_parse() -> None:
     assert found, "docs/deployment.md shows no rollscan command"
 
 
-def test_env_example_holds_placeholders_not_secrets() -> None:
+def test_env_example_ships_no_working_secret() -> None:
+    """Every secret in .env.example is empty, and compose refuses to start until .env sets
+    it: a placeholder that works as a credential would end up as one at some site."""
     values, _ = env_example()
     secrets = {k: v for k, v in values.items() if SECRET_NAME.search(k)}
-    assert {"POSTGRES_PASSWORD", "RABBITMQ_DEFAULT_PASS", "MINIO_ROOT_PASSWORD"} <= set(secrets)
-    for key, value in secrets.items():
-        assert PLACEHOLDER in value, f".env.example: {key} must be a {PLACEHOLDER} placeholder"
+    assert {"POSTGRES_PASSWORD", "RABBITMQ_DEFAULT_PASS", "MINIO_ROOT_PASSWORD",
+            "ROLLSCAN_S3_SECRET_ACCESS_KEY", "SCANNER_S3_SECRET_ACCESS_KEY",
+            "FLOWER_PASSWORD"} <= set(secrets)  # fmt: skip
+    assert all(value == "" for value in secrets.values()), secrets
+    used = interpolated_names(COMPOSE.read_text())
+    for key in secrets:
+        assert used.get(key, set()) <= {":?"} and used.get(key), (
+            f"{key}: interpolate it only as ${{{key}:?…}}, so that compose refuses it empty"
+        )
+    with pytest.raises(AssertionError, match="compose would stop"):
+        interpolate(compose(), values)
 
 
-def test_env_example_satisfies_minio() -> None:
+def test_site_keys_satisfy_minio() -> None:
+    values = site_env()
+    assert len(values["MINIO_ROOT_USER"]) >= 3
+    keys = [values[k] for k in ("MINIO_ROOT_USER", "ROLLSCAN_S3_ACCESS_KEY_ID",
+                                "SCANNER_S3_ACCESS_KEY_ID")]  # fmt: skip
+    assert len(set(keys)) == 3, "the root user, rollscan's and the scanners' keys differ"
+
+
+# what each service may hold; a service running our pipeline holds the database, the broker
+# and rollscan's S3 keys
+PIPELINE_SECRETS = {"POSTGRES_PASSWORD", "RABBITMQ_DEFAULT_PASS", "ROLLSCAN_S3_SECRET_ACCESS_KEY"}
+OWN_SECRETS = {
+    "postgres": {"POSTGRES_PASSWORD"},
+    "rabbitmq": {"RABBITMQ_DEFAULT_PASS"},
+    "minio": {"MINIO_ROOT_PASSWORD"},
+    "minio-init": {
+        "MINIO_ROOT_PASSWORD",
+        "ROLLSCAN_S3_SECRET_ACCESS_KEY",
+        "SCANNER_S3_SECRET_ACCESS_KEY",
+    },
+    "migrate": {"POSTGRES_PASSWORD"},
+    "flower": {"RABBITMQ_DEFAULT_PASS", "FLOWER_PASSWORD"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(services()))
+def test_each_service_gets_only_its_own_secrets(name: str) -> None:
+    secrets = {k: v for k, v in site_env().items() if SECRET_NAME.search(k)}
+    environment = "\n".join(service_environment(name).values())
+    held = {key for key, value in secrets.items() if value in environment}
+    allowed = OWN_SECRETS.get(name, PIPELINE_SECRETS)
+    assert held <= allowed, f"{name} holds {sorted(held - allowed)}, which are not its own"
+
+
+@pytest.mark.parametrize("name", sorted(services()))
+def test_published_ports_listen_on_loopback_as_shipped(name: str) -> None:
     values, _ = env_example()
-    assert len(values["MINIO_ROOT_USER"]) >= 3 and len(values["MINIO_ROOT_PASSWORD"]) >= 8
-    assert len(values["ROLLSCAN_S3_SECRET_ACCESS_KEY"]) >= 8
-    assert values["ROLLSCAN_S3_ACCESS_KEY_ID"] != values["MINIO_ROOT_USER"]
+    for port in services()[name].get("ports") or []:
+        published = interpolate(port, values)
+        assert published.startswith("127.0.0.1:"), f"{name} publishes {published}"
+
+
+def scanner_policy() -> dict[str, Any]:
+    """The scanners' MinIO policy as minio-init writes it, with .env.example's bucket."""
+    script = services()["minio-init"]["command"][0]
+    line = next(x for x in script.splitlines() if "scanner-policy.json" in x and "printf" in x)
+    template = shlex.split(line)[1]
+    values = site_env()
+    bucket, incoming = values["ROLLSCAN_S3_BUCKET"], "incoming"
+    return json.loads(template % (bucket, incoming))
+
+
+def test_scanners_may_only_put_objects_under_the_incoming_prefix() -> None:
+    (statement,) = scanner_policy()["Statement"]
+    assert statement["Effect"] == "Allow"
+    assert set(statement["Action"]) <= {
+        "s3:PutObject", "s3:AbortMultipartUpload", "s3:ListMultipartUploadParts"
+    }  # fmt: skip
+    bucket = site_env()["ROLLSCAN_S3_BUCKET"]
+    assert statement["Resource"] == [f"arn:aws:s3:::{bucket}/incoming/*"]
+    script = services()["minio-init"]["command"][0]
+    assert 'attach site rollscan-scanner --user "$$SCANNER_KEY"' in script
+
+
+def compose_binary() -> list[str] | None:
+    if shutil.which("docker-compose"):
+        return ["docker-compose"]
+    if shutil.which("docker"):
+        done = subprocess.run(["docker", "compose", "version"], capture_output=True, check=False)
+        if done.returncode == 0:
+            return ["docker", "compose"]
+    return None
+
+
+def test_a_real_compose_implementation_accepts_the_file_and_refuses_empty_secrets(
+    tmp_path: Path,
+) -> None:
+    """`docker-compose config` (Debian's docker-compose; .ci/run installs it) parses and
+    interpolates the file as a site's Docker would: no engine is needed for that."""
+    binary = compose_binary()
+    if binary is None:
+        pytest.skip("no Compose implementation installed (apt-get install docker-compose)")
+    shutil.copy(COMPOSE, tmp_path / "docker-compose.yml")
+    env = {k: v for k, v in os.environ.items() if k not in site_env()}
+
+    def config(dotenv: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        lines = "".join(f"{k}={v}\n" for k, v in dotenv.items())
+        (tmp_path / ".env").write_text(lines)
+        return subprocess.run([*binary, "config"], cwd=tmp_path, env=env, capture_output=True,
+                              text=True, check=False)  # fmt: skip
+
+    shipped = config(env_example()[0])
+    assert shipped.returncode != 0 and "in .env" in shipped.stderr, shipped.stderr
+    site = config(site_env())
+    assert site.returncode == 0, site.stderr
+    resolved = yaml.safe_load(site.stdout)["services"]
+    assert set(resolved) == set(services())
+    for name, service in resolved.items():
+        assert "env_file" not in service, name
+        for port in service.get("ports") or []:
+            host_ip = port.get("host_ip") if isinstance(port, dict) else port.split(":")[0]
+            assert host_ip == "127.0.0.1", (name, port)
+    secret = site_env()["ROLLSCAN_S3_SECRET_ACCESS_KEY"]
+    assert secret not in json.dumps(resolved["flower"]) + json.dumps(resolved["migrate"])
+    worker_env = resolved["worker-cpu"]["environment"]
+    assert worker_env["ROLLSCAN_S3_SECRET_ACCESS_KEY"] == secret
 
 
 # --------------------------------------------------------------------------- compose: runtime
