@@ -5,7 +5,7 @@ the strip's or tile's size from the header. The real `imagecodecs` package decod
 buffer of that size. Without it tifffile falls back to its pure-Python `_imagecodecs` module,
 whose zlib and PackBits decoders ignore `out` (a strip of a few kB may inflate to gigabytes)
 and which has no LZW at all. `install_bounded_fallbacks` replaces those fallbacks with the
-decoders below, each of which stops at `out` bytes; frames in other codecs are refused before
+decoders below, each of which refuses a segment as soon as it passes `out` bytes; frames in other codecs are refused before
 decoding (`worker.frames.ACCEPTED_COMPRESSIONS`).
 """
 
@@ -27,7 +27,7 @@ def _limit(out: Any) -> int:
 
 
 def deflate_decode(data: bytes, /, *, out: Any = None) -> bytes:
-    """zlib/Deflate that never produces more than `out` bytes (a bomb raises, unexpanded)."""
+    """zlib/Deflate that never produces more than `out` + 1 bytes: more raises ValueError."""
     limit = _limit(out)
     inflater = zlib.decompressobj()
     try:
@@ -35,17 +35,23 @@ def deflate_decode(data: bytes, /, *, out: Any = None) -> bytes:
     except zlib.error as exc:
         raise ValueError(f"corrupt deflate data ({exc})") from None
     if len(result) > limit:
-        raise ValueError(f"a segment inflates past its {limit} raw bytes (corrupt or a bomb)")
+        raise _past(limit)
     return result
 
 
+def _past(limit: int) -> ValueError:
+    # a frame is evidence: a segment that decodes to more than its raw size is refused, not
+    # cut to size as libtiff does
+    return ValueError(f"a segment decodes past its {limit} raw bytes (corrupt, or a bomb)")
+
+
 def packbits_decode(data: bytes, /, *, out: Any = None) -> bytes:
-    """PackBits, stopping at `out` bytes (as libtiff, a run past the end is cut off)."""
+    """PackBits; ValueError as soon as the output would pass `out` bytes."""
     limit = _limit(out)
     data = bytes(data)
     result = bytearray()
     i, n = 0, len(data)
-    while i < n and len(result) < limit:
+    while i < n:
         header = data[i]
         i += 1
         if header < 128:  # a literal of header + 1 bytes
@@ -55,14 +61,16 @@ def packbits_decode(data: bytes, /, *, out: Any = None) -> bytes:
             result += data[i : i + 1] * (257 - header)
             i += 1
         # 128 is a no-op
-    return bytes(result[:limit])
+        if len(result) > limit:
+            raise _past(limit)
+    return bytes(result)
 
 
 def lzw_decode(data: bytes, /, *, out: Any = None) -> bytes:
     """TIFF LZW (MSB-first codes, 9..12 bits, early change), pure Python (about 5 MB/s).
 
-    Decoding stops at `out` bytes, so a corrupt or hostile strip cannot inflate past its
-    raw size.
+    A strip that decodes to more than `out` bytes raises ValueError as it passes them, so a
+    corrupt or hostile strip cannot inflate past its raw size.
     """
     limit = _limit(out)
     data = bytes(data)
@@ -85,7 +93,7 @@ def lzw_decode(data: bytes, /, *, out: Any = None) -> bytes:
                 previous = b""
                 continue
             if code == 257:  # end of information
-                return bytes(result[:limit])
+                return bytes(result)
             size = len(table)
             if code < size:
                 entry = table[code]
@@ -98,8 +106,8 @@ def lzw_decode(data: bytes, /, *, out: Any = None) -> bytes:
             else:
                 raise ValueError(f"corrupt LZW data (code {code} with {size} table entries)")
             result += entry
-            if len(result) >= limit:
-                return bytes(result[:limit])
+            if len(result) > limit:
+                raise _past(limit)
             previous = entry
             if len(table) >= grow_at and width < 12:  # early change, as libtiff
                 width += 1
