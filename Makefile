@@ -3,14 +3,21 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PYTHON ?= python3
 
-.PHONY: install demo test lint format
+.PHONY: install demo test lint format constraints
 
+# constraints.txt: the versions CI tested, so that a site installs those (`make constraints`
+# writes it from this venv; torch and its CUDA wheels are left to the line above it)
 install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# x86-64 machines carry these wheels on disk; elsewhere pip resolves pyproject's range.
 	if [ "$$(uname -m)" = x86_64 ]; then $(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1; fi
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+
+constraints:
+	{ echo "# The versions CI tested (make install uses them). Regenerate: make constraints"; \
+	  $(BIN)/pip freeze --exclude-editable | grep -v -i -E '^(torch|torchvision|triton|nvidia-)'; \
+	} > constraints.txt
 
 demo: install
 	$(BIN)/rollscan demo
