@@ -411,19 +411,23 @@ def test_tiny_file_claiming_a_big_image_refused_without_allocation() -> None:
     assert decode_frame(flat_lzw).shape == (512, 2048, 1)
 
 
+def refusal_peak(data: bytes, reason: str) -> int:
+    """decode_frame refuses `data` for `reason`; the peak memory (bytes) it took to do so."""
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameError, match=reason):
+            decode_frame(data)
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_deflate_bomb_refused_without_allocation() -> None:
     # One strip that claims 256×256 raw bytes but inflates to 64 MiB.
     bomb = zlib.compress(bytes(64 << 20), 9)
     frame = np.zeros((256, 256), dtype=np.uint8)
     data = handmade_tiff(frame, compression=8, encode=lambda raw: bomb, rowsperstrip=256)
-    tracemalloc.start()
-    try:
-        with pytest.raises(FrameError, match="decodes past"):
-            decode_frame(data)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 50 << 20
+    assert refusal_peak(data, "decodes past") < 50 << 20
 
 
 def test_lzma_bomb_refused_before_decoding() -> None:
@@ -434,14 +438,7 @@ def test_lzma_bomb_refused_before_decoding() -> None:
     assert len(bomb) < 40_000
     frame = np.zeros((256, 256), dtype=np.uint8)
     data = handmade_tiff(frame, compression=34925, encode=lambda raw: bomb, rowsperstrip=256)
-    tracemalloc.start()
-    try:
-        with pytest.raises(FrameError, match="LZMA is not accepted"):
-            decode_frame(data)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 20 << 20
+    assert refusal_peak(data, "LZMA is not accepted") < 20 << 20
 
 
 @pytest.mark.parametrize("codec", ["packbits", "lzw"])
@@ -452,14 +449,7 @@ def test_bombs_in_the_other_codecs_are_refused_within_their_header_size(codec: s
     else:
         code, bomb = 5, lzw_encode(bytes(4 << 20))
     data = handmade_tiff(frame, compression=code, encode=lambda raw: bomb, rowsperstrip=256)
-    tracemalloc.start()
-    try:
-        with pytest.raises(FrameError, match="decodes past its 65536 raw bytes"):
-            decode_frame(data)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 20 << 20
+    assert refusal_peak(data, "decodes past its 65536 raw bytes") < 20 << 20
 
 
 def test_oversized_compressed_segment_refused() -> None:

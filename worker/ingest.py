@@ -186,15 +186,20 @@ def ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         return "failed"
 
 
+def _roll_failed(ctx: WorkerContext, roll_id: str, reason: str) -> str:
+    with ctx.session() as session:
+        fail_roll(session, roll_id, reason)
+    log.warning("roll %s failed: %s", roll_id, reason)
+    return "failed"
+
+
 def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
     if seq < 1:
         raise ValueError(f"frame numbers start at 1, not {seq}")
     try:
         info = ctx.store.head(key)
     except ObjectNotFound:
-        with ctx.session() as session:
-            fail_roll(session, roll_id, f"frame {seq}: object {key} not found")
-        return "failed"
+        return _roll_failed(ctx, roll_id, f"frame {seq}: object {key} not found")
     limit = max_frame_bytes(ctx.settings.max_frame_pixels)
     if info.size > limit:  # refused before a byte of it is read
         reason = (
@@ -202,10 +207,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
             f"within ROLLSCAN_MAX_FRAME_PIXELS={ctx.settings.max_frame_pixels} can have "
             f"({limit}); not read"
         )
-        with ctx.session() as session:
-            fail_roll(session, roll_id, reason)
-        log.warning("roll %s failed: %s", roll_id, reason)
-        return "failed"
+        return _roll_failed(ctx, roll_id, reason)
     with ctx.session() as session:
         roll = session.get(Roll, roll_id)
         if roll is None:
@@ -257,10 +259,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
                 f"{ctx.settings.frame_width_tolerance:.0%}; at most ROLLSCAN_MAX_FRAME_WIDTH "
                 f"= {ctx.settings.max_frame_width})"
             )
-        with ctx.session() as session:
-            fail_roll(session, roll_id, reason)
-        log.warning("roll %s failed: %s", roll_id, reason)
-        return "failed"
+        return _roll_failed(ctx, roll_id, reason)
 
     with ctx.session() as session:
         roll = session.get(Roll, roll_id, with_for_update=True)  # one frame of a roll at a time
