@@ -29,7 +29,8 @@ from storage.schema import Band, Defect, Frame, Roll, Run
 from storage.settings import Settings
 from worker.context import RetryLater, WorkerContext
 from worker.finalize import finalize_run
-from worker.ingest import ingest_frame, roll_updated
+from worker.frames import decode_frame
+from worker.ingest import frame_source, ingest_frame, roll_updated
 from worker.rolls import register_roll
 from worker.scoring import score_band
 
@@ -181,6 +182,16 @@ def test_meta_cannot_replace_the_roll_id_in_the_zarr_attributes(make_ctx):
 
 
 # --- item 6: the bytes ingested are the ETag's ----------------------------------------------
+
+
+def test_a_frame_is_decoded_from_a_file_on_every_store(object_store) -> None:
+    """Local: the store's own file; S3: a temporary copy streamed in, never the bytes whole."""
+    data = frame_bytes(seed=3)
+    object_store.put("incoming/R/frames/000001.tif", data)
+    with frame_source(object_store, object_store.head("incoming/R/frames/000001.tif")) as f:
+        pixels = decode_frame(f)
+        assert isinstance(f.name, str)  # tifffile takes a handle's name for a path
+    np.testing.assert_array_equal(pixels[:, :, 0], tifffile.imread(io.BytesIO(data)))
 
 
 class ReplacedAfterHead(LocalStore):

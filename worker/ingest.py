@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -72,7 +73,12 @@ def frame_source(store: ObjectStore, info: ObjectInfo) -> Iterator[BinaryIO]:
         else:
             yield reader
             return
-        with tempfile.TemporaryFile(prefix="rollscan-frame-") as copy:
+        fd, path = tempfile.mkstemp(prefix="rollscan-frame-", suffix=".tif")
+        os.close(fd)
+        # opened by name, then unlinked: the file vanishes with its handle, and tifffile, which
+        # takes a handle's `name` for a path, gets one (a TemporaryFile's name is its fd)
+        with open(path, "w+b") as copy:
+            os.unlink(path)
             copied = 0
             while chunk := reader.read(_COPY_CHUNK):
                 copied += len(chunk)
