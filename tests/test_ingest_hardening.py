@@ -25,9 +25,10 @@ from storage.manifest import parse_manifest
 from storage.objectstore import LocalStore, ObjectInfo
 from storage.registry import activate_model, register_model
 from storage.rolls import open_roll
-from storage.schema import Band, Defect, Frame, Roll, Run
+from storage.schema import Band, Defect, Frame, Roll, Run, TaskDelivery
 from storage.settings import Settings
 from worker.context import RetryLater, WorkerContext
+from worker.deliveries import Delivery, run_counted
 from worker.finalize import finalize_run
 from worker.frames import decode_frame
 from worker.ingest import frame_source, ingest_frame, roll_updated
@@ -332,6 +333,32 @@ def test_concurrent_ingest_and_scoring_always_finalize_once(make_ctx):
         with ctx.session() as session:
             statuses = session.scalars(select(Band.status).where(Band.run_id == run.id)).all()
         assert statuses == ["done"] * 4
+
+
+# --- item 2: what counts as a death ----------------------------------------------------------
+
+
+def test_deliveries_count_deaths_only(make_ctx):
+    """A delivery that ends in any way Python sees uncounts itself; one that finds
+    max_deliveries deaths gives its roll up; a Celery retry (its sender ended) starts again."""
+    ctx = make_ctx(max_deliveries=2)
+    register(ctx, "R-dead", 1)
+    delivery = Delivery("ingest", "R-dead/1", "frame 1", roll_id="R-dead")
+
+    def boom() -> None:
+        raise RuntimeError("a bug, not a death")
+
+    with pytest.raises(RuntimeError):
+        run_counted(ctx, delivery, boom)
+    with ctx.session() as session:  # two deaths, as a SIGKILL leaves them
+        session.execute(text("UPDATE task_deliveries SET unfinished = 2"))
+    assert run_counted(ctx, delivery, lambda: "ran", retry=True) == "ran"
+    with ctx.session() as session:
+        assert session.get(TaskDelivery, ("ingest", "R-dead/1")) is None  # success forgets
+        session.add(TaskDelivery(task="ingest", key="R-dead/1", unfinished=2))
+    assert run_counted(ctx, delivery, lambda: pytest.fail("must not run")) == "failed"
+    roll, _ = roll_and_run(ctx, "R-dead")
+    assert roll.status == "failed" and "died during each of 2 deliveries" in roll.failure_reason
 
 
 # --- item 11: finalize of a done run is a no-op ---------------------------------------------

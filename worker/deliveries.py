@@ -43,9 +43,15 @@ class Delivery:
     run_id: int | None = None
 
 
-def run_counted(ctx: WorkerContext, delivery: Delivery, work: Callable[[], Any]) -> Any:
-    """Run `work()` as one counted delivery of `delivery` (module docstring)."""
-    died = _begin(ctx, delivery) - 1  # earlier deliveries that never ended
+def run_counted(
+    ctx: WorkerContext, delivery: Delivery, work: Callable[[], Any], *, retry: bool = False
+) -> Any:
+    """Run `work()` as one counted delivery of `delivery` (module docstring).
+
+    `retry`: this message is a Celery retry, sent by an earlier delivery that ended in Python
+    (it raised to retry): whatever that chain left counted is no death — its decrement may have
+    failed with the database it waited for — so the count starts again."""
+    died = _begin(ctx, delivery, retry) - 1  # earlier deliveries that never ended
     if died >= ctx.settings.max_deliveries:
         _give_up(ctx, delivery, died)
         return GIVEN_UP
@@ -58,12 +64,15 @@ def run_counted(ctx: WorkerContext, delivery: Delivery, work: Callable[[], Any])
         _end(ctx, delivery, succeeded)
 
 
-def _begin(ctx: WorkerContext, delivery: Delivery) -> int:
+def _begin(ctx: WorkerContext, delivery: Delivery, retry: bool) -> int:
     """Count this delivery (committed at once: a kill must not undo it); return the count."""
     stmt = insert(TaskDelivery).values(task=delivery.task, key=delivery.key, unfinished=1)
     stmt = stmt.on_conflict_do_update(
         index_elements=[TaskDelivery.task, TaskDelivery.key],
-        set_={"unfinished": TaskDelivery.unfinished + 1, "started_at": func.now()},
+        set_={
+            "unfinished": stmt.excluded.unfinished if retry else TaskDelivery.unfinished + 1,
+            "started_at": func.now(),
+        },
     )
     with ctx.session() as session:
         count = session.scalar(stmt.returning(TaskDelivery.unfinished))

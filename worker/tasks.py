@@ -70,7 +70,8 @@ def _run(task: Task, function: Any, *args: Any, delivery: Delivery | None = None
     try:
         if delivery is None:
             return function(ctx, *args)
-        return run_counted(ctx, delivery, lambda: function(ctx, *args))
+        retry = bool(task.request.retries)  # a retry's sender ended: no death before it
+        return run_counted(ctx, delivery, lambda: function(ctx, *args), retry=retry)
     except RetryLater as exc:
         countdown = min(RETRY_LATER_MAX_S, exc.countdown * 2 ** min(task.request.retries, 20))
         raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
