@@ -1,4 +1,7 @@
-"""Anomaly map: per-level 1 − cos upsampled to the input size, summed, smoothed by a 2-D Gaussian.
+"""Anomaly maps: the student's, the memory bank's, and their fusion.
+
+The student's map: per-level 1 − cos upsampled to the input size, summed, smoothed by a 2-D
+Gaussian. The memory bank's: nearest-neighbour distances upsampled and smoothed the same way.
 
 The official code smooths each row only (scipy over a squeezed batch); the smoothing here is a
 true 2-D Gaussian (σ = 4, truncated at 4σ like scipy's default), separable, on the model's device.
@@ -25,6 +28,8 @@ def gaussian_kernel_1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
 
 
 class AnomalyMap(nn.Module):
+    """The student's map (and the smoothing every map shares)."""
+
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()
         self.sigma = sigma
@@ -52,6 +57,57 @@ class AnomalyMap(nn.Module):
             level = F.interpolate(level, size=tuple(size), mode="bilinear", align_corners=False)
             total = level if total is None else total + level
         return self.smooth(total).squeeze(1)
+
+    def upsampled(self, grid: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """(B, h, w) coarse scores (the memory bank's) → (B, H, W) float32, smoothed like the
+        student's map."""
+        up = F.interpolate(grid.float().unsqueeze(1), size=tuple(size), mode="bilinear",
+                           align_corners=False)  # fmt: skip
+        return self.smooth(up).squeeze(1)
+
+
+class MapFusion(nn.Module):
+    """One map from the student's and the memory bank's: weight · z(student) + (1 − weight) ·
+    z(memory), where z standardises a map by the mean and standard deviation of the maxima of
+    held-out good tiles, so that both speak in "how unusual for good fabric" and the weight means
+    the same on every fabric. A weight of 1 (the default, and every checkpoint from before the
+    memory bank, whose statistics are the identity) is the student alone, 0 the bank alone; the
+    side with no weight is not computed."""
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        student: Sequence[float] = (0.0, 1.0),
+        memory: Sequence[float] = (0.0, 1.0),
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= weight <= 1.0:
+            raise ValueError(f"fusion weight must be in [0, 1], not {weight}")
+        for name, (_, std) in (("student", student), ("memory", memory)):
+            if not std > 0:
+                raise ValueError(f"the {name} map's standard deviation must be positive, not {std}")
+        self.weight = float(weight)
+        self.student_stats = (float(student[0]), float(student[1]))
+        self.memory_stats = (float(memory[0]), float(memory[1]))
+
+    @property
+    def uses_student(self) -> bool:
+        return self.weight > 0
+
+    @property
+    def uses_memory(self) -> bool:
+        return self.weight < 1
+
+    def forward(self, student: torch.Tensor | None, memory: torch.Tensor | None) -> torch.Tensor:
+        total = None
+        for weight, maps, (mean, std) in (
+            (self.weight, student, self.student_stats),
+            (1.0 - self.weight, memory, self.memory_stats),
+        ):
+            if weight > 0:
+                part = (maps - mean) * (weight / std)
+                total = part if total is None else total + part
+        return total
 
 
 def tile_scores(maps: torch.Tensor) -> torch.Tensor:

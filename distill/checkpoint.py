@@ -8,6 +8,7 @@ threshold, training metrics and the library version. `storage` reads this format
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -15,7 +16,9 @@ from typing import Any
 
 import torch
 
+from distill.anomaly_map import MapFusion
 from distill.inference import Detector, Precision
+from distill.memory_bank import MemoryBank
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, RANDOM, build_teacher
 from distill.torch_model import ReverseDistillation
 
@@ -44,6 +47,10 @@ class ModelCard:
     level_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     threshold: float | None = None
     target_fpr: float | None = None
+    # how the map is made: MapFusion's weight and statistics (the identity: the student alone)
+    fusion: dict[str, Any] = field(default_factory=lambda: {"weight": 1.0})
+    # the memory bank's levels, stride and size, or None when the checkpoint has none
+    memory: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)
     library_version: str = field(default_factory=library_version)
@@ -59,6 +66,8 @@ def save_checkpoint(path: str | Path, model: ReverseDistillation, card: ModelCar
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"card": asdict(card), "student": model.student.state_dict()}
+    if model.memory is not None:
+        payload["memory_bank"] = model.memory.bank.detach().cpu()
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -79,8 +88,26 @@ def random_checkpoint(
     return save_checkpoint(path, ReverseDistillation(built), card)
 
 
+def _check_card(card: ModelCard) -> None:
+    """Refuse numbers no trained model has: they would decide every tile of every roll."""
+    if not isinstance(card.tile, int) or not 64 <= card.tile <= 4096:
+        raise CheckpointError(f"checkpoint tile size {card.tile!r} is not an integer in 64…4096")
+    numbers = {"threshold": card.threshold, "sigma": card.sigma, "target_fpr": card.target_fpr}
+    numbers |= {f"fusion {k}": v for k, v in card.fusion.items() if k == "weight"}
+    for name, value in numbers.items():
+        if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
+            raise CheckpointError(f"checkpoint {name} {value!r} is not a finite number")
+    for name in ("mean", "std", "level_weights"):
+        values = getattr(card, name)
+        if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
+            raise CheckpointError(f"checkpoint {name} {values!r} holds a non-finite number")
+
+
 def read_checkpoint(source: str | Path | bytes) -> tuple[ModelCard, dict[str, torch.Tensor]]:
-    """Read the card and the student's weights without building anything."""
+    """Read the card and the student's weights without building anything.
+
+    The memory bank, when the checkpoint has one, comes back under the key ``memory_bank`` of
+    the state (it is not the student's)."""
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         payload = torch.load(stream, map_location="cpu", weights_only=True)
@@ -91,7 +118,15 @@ def read_checkpoint(source: str | Path | bytes) -> tuple[ModelCard, dict[str, to
     card = dict(payload["card"])
     for key in ("mean", "std", "level_weights"):
         card[key] = tuple(card[key])
-    return ModelCard(**card), payload["student"]
+    try:
+        card = ModelCard(**card)
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint card does not fit this version: {exc}") from exc
+    _check_card(card)
+    state = dict(payload["student"])
+    if "memory_bank" in payload:
+        state["memory_bank"] = payload["memory_bank"]
+    return card, state
 
 
 def _teacher_for(card: ModelCard, teacher_weights: str | Path | None):
@@ -119,8 +154,27 @@ def load_model(
             f"{card.teacher_sha256[:12]}…: scores would be meaningless"
         )
     model = ReverseDistillation(teacher, card.variant, sigma=card.sigma)
+    bank = student_state.pop("memory_bank", None)
     model.student.load_state_dict(student_state)
+    memory = None
+    if card.memory is not None:
+        if bank is None or bank.ndim != 2 or not torch.isfinite(bank).all():
+            raise CheckpointError("checkpoint names a memory bank but holds no usable one")
+        memory = MemoryBank(
+            bank.shape[1], bank.shape[0], card.memory["levels"], card.memory["stride"]
+        )
+        memory.bank.copy_(bank)
+    model.set_scoring(memory, fusion_of(card))
     return model.eval(), card
+
+
+def fusion_of(card: ModelCard) -> MapFusion:
+    """The card's map fusion (the student alone for checkpoints that predate it)."""
+    f = card.fusion
+    try:
+        return MapFusion(f["weight"], f.get("student", (0.0, 1.0)), f.get("memory", (0.0, 1.0)))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CheckpointError(f"checkpoint fusion {f!r} is unusable: {exc}") from exc
 
 
 def load_detector(

@@ -1,19 +1,30 @@
-"""Evaluation of a checkpoint on one MVTec-layout category: tile and pixel metrics, speed."""
+"""Evaluation of a checkpoint on one MVTec-layout category: tile and pixel metrics, speed.
+
+Besides AUROC, the figures of the model's operating point: at its calibrated threshold, the
+share of good test tiles flagged (`fpr_at_threshold`, to compare with the calibration's target)
+and of defective ones caught (`recall_at_threshold`). A category with good test tiles only still
+evaluates: AUROC is then absent and the false-alarm share is what it measures. With a memory
+bank, each map is reported on its own too (`scorers`: the student, the memory bank, the fusion).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from distill.anomaly_map import MapFusion
 from distill.checkpoint import load_detector
 from distill.data.mvtec import Category, load_mask, load_stack
 from distill.inference import Detector, Precision
-from distill.metrics import aupro, coverage, f1_max, image_auroc, pixel_auroc
+from distill.metrics import aupro, coverage, f1_max, image_auroc, pixel_auroc, tile_scores_on
+from distill.selection import fuse_maps, raw_maps
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "coverage", "tiles_per_s")
+NAN = float("nan")
 
 
 def predict_with_progress(
@@ -30,6 +41,47 @@ def predict_with_progress(
     return np.concatenate(maps), seconds
 
 
+def map_metrics(
+    maps: np.ndarray,
+    labels: np.ndarray,
+    masks: np.ndarray,
+    threshold: float | None = None,
+    valid: np.ndarray | None = None,
+) -> dict[str, float]:
+    """Tile and pixel figures of one set of maps, on the `valid` (fabric) pixels only; the
+    AUROC family is NaN without both classes."""
+    scores = tile_scores_on(maps, valid)
+    good, bad = labels == 0, labels == 1
+    both = bool(good.any() and bad.any())
+    has_masks = bool((masks if valid is None else masks & valid).any())
+    result = {
+        "image_auroc": image_auroc(scores, labels) if both else NAN,
+        "pixel_auroc": pixel_auroc(maps, masks, valid=valid) if has_masks and both else NAN,
+        "aupro": aupro(maps, masks, valid=valid) if has_masks else NAN,
+        "f1_max": f1_max(scores, labels) if both else NAN,
+        "coverage": coverage(scores, labels) if both else NAN,
+    }
+    if threshold is not None:
+        flagged = scores > threshold
+        result["fpr_at_threshold"] = float(flagged[good].mean()) if good.any() else NAN
+        result["recall_at_threshold"] = float(flagged[bad].mean()) if bad.any() else NAN
+    return result
+
+
+def _scorer_views(detector: Detector) -> dict[str, MapFusion]:
+    """The maps worth reporting on their own, by name: each side of the fusion, and the fusion."""
+    fusion = detector.model.fusion
+    if detector.model.memory is None:
+        return {}
+    views = {
+        "student": MapFusion(1.0, fusion.student_stats, fusion.memory_stats),
+        "memory": MapFusion(0.0, fusion.student_stats, fusion.memory_stats),
+    }
+    if 0 < fusion.weight < 1:
+        views[f"fused {fusion.weight:g}"] = fusion
+    return views
+
+
 def evaluate_detector(
     detector: Detector,
     data: str | Path,
@@ -37,33 +89,36 @@ def evaluate_detector(
     *,
     report_dir: str | Path | None = None,
     progress: bool = True,
-) -> dict[str, float | int]:
+) -> dict:
     category = Category.open(data)
     samples = category.test
+    if not samples:
+        raise ValueError(f"{data}/test holds no images to evaluate")
     labels = np.array([s.label for s in samples])
-    if len(samples) == 0 or labels.min() == labels.max():
-        raise ValueError(f"{data}/test needs both good and defective images to evaluate")
     images = load_stack([s.path for s in samples], tile)
     masks = np.stack([load_mask(s.mask_path, (tile, tile)) for s in samples])
+    valid = category.valid_masks([s.path for s in samples], tile)
     maps, seconds = predict_with_progress(detector, images, progress)
-    scores = maps.reshape(len(maps), -1).max(axis=1)
-    has_masks = bool(masks.any())
-    result: dict[str, float | int] = {
-        "image_auroc": image_auroc(scores, labels),
-        "pixel_auroc": pixel_auroc(maps, masks) if has_masks else float("nan"),
-        "aupro": aupro(maps, masks) if has_masks else float("nan"),
-        "f1_max": f1_max(scores, labels),
-        "coverage": coverage(scores, labels),
+    result: dict = map_metrics(maps, labels, masks, detector.threshold, valid)
+    result |= {
         "tiles_per_s": len(images) / seconds,
         "n_good": int((labels == 0).sum()),
         "n_defect": int((labels == 1).sum()),
+        "fusion_weight": detector.model.fusion.weight,
     }
+    views = _scorer_views(detector)
+    if views:
+        raw = raw_maps(detector.model, images, detector.mean, detector.std, detector.batch_size)
+        result["scorers"] = {
+            name: map_metrics(fuse_maps(view, raw), labels, masks, valid=valid)
+            for name, view in views.items()
+        }
     if report_dir is not None:
         from distill.report import write_report
 
         write_report(
             report_dir,
-            scores=scores,
+            scores=tile_scores_on(maps, valid),
             labels=labels,
             maps=maps,
             masks=masks,
@@ -84,7 +139,7 @@ def evaluate(
     report_dir: str | Path | None = None,
     json_out: str | Path | None = None,
     progress: bool = True,
-) -> dict[str, float | int]:
+) -> dict:
     detector, card = load_detector(
         model,
         teacher_weights=teacher_weights,
@@ -99,14 +154,19 @@ def evaluate(
     return result
 
 
-def format_table(rows: dict[str, dict[str, float | int]]) -> str:
-    """A plain-text table: one row per named result, the metric columns of METRIC_KEYS."""
-    header = f"{'':<16}" + "".join(f"{k:>13}" for k in METRIC_KEYS)
+def _cell(value: float, key: str) -> str:
+    if isinstance(value, float) and math.isnan(value):
+        return f"{'–':>13}"
+    return f"{value:>13.1f}" if key == "tiles_per_s" else f"{value:>13.3f}"
+
+
+def format_table(rows: dict[str, dict], keys: tuple[str, ...] = METRIC_KEYS) -> str:
+    """A plain-text table: one row per named result (and one per scorer it reports)."""
+    header = f"{'':<22}" + "".join(f"{k:>13}" for k in keys)
     lines = [header, "-" * len(header)]
     for name, result in rows.items():
-        cells = "".join(
-            f"{result[k]:>13.1f}" if k == "tiles_per_s" else f"{result[k]:>13.3f}"
-            for k in METRIC_KEYS
-        )
-        lines.append(f"{name:<16}{cells}")
+        lines.append(f"{name:<22}" + "".join(_cell(result.get(k, NAN), k) for k in keys))
+        for scorer, figures in result.get("scorers", {}).items():
+            cells = "".join(_cell(figures.get(k, NAN), k) for k in keys)
+            lines.append(f"{'  ' + scorer:<22}{cells}")
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """Fast scoring: inference mode, channels-last, bf16 autocast where the device has it, batches.
 
-The features run in the fast precision; the anomaly map (cosine, upsampling, smoothing) always
-runs in float32, so bf16 moves scores by rounding only and not by accumulated error in the map.
+The features run in the fast precision; the anomaly map (cosine, nearest-neighbour distances,
+upsampling, smoothing) always runs in float32, so bf16 moves scores by rounding only and not by accumulated error in the map.
 """
 
 from __future__ import annotations
@@ -88,8 +88,8 @@ class Detector:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             teacher = self.model.teacher(x)
-            student = self.model.student(teacher)
-        maps = self.model.anomaly_map(teacher, student, x.shape[-2:])
+            student = self.model.student(teacher) if self.model.fusion.uses_student else None
+        maps = self.model.maps(teacher, student, tuple(x.shape[-2:]))
         return maps[:, :h, :w]
 
     def iter_batches(self, images: np.ndarray | torch.Tensor) -> Iterator[torch.Tensor]:

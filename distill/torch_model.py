@@ -14,8 +14,9 @@ from typing import Literal
 import torch
 from torch import nn
 
-from distill.anomaly_map import AnomalyMap
+from distill.anomaly_map import AnomalyMap, MapFusion
 from distill.blocks import SSPCAB, ChannelAttention, ConvReluBn, SpatialAttention, reverse_stage
+from distill.memory_bank import MemoryBank
 from distill.teacher import Teacher
 
 Variant = Literal["residual", "dg"]
@@ -107,13 +108,41 @@ class Student(nn.Module):
 
 
 class ReverseDistillation(nn.Module):
-    """Teacher + student. Training mode returns both feature lists; eval mode the anomaly map."""
+    """Teacher + student (+ an optional memory bank over the teacher's features).
+
+    Training mode returns both feature lists; eval mode the anomaly map, which `fusion` makes
+    from the student's map, the memory bank's, or both.
+    """
 
     def __init__(self, teacher: Teacher, variant: Variant = "residual", sigma: float = 4.0) -> None:
         super().__init__()
         self.teacher = teacher
         self.student = Student(teacher.channels, variant)
         self.anomaly_map = AnomalyMap(sigma=sigma)
+        self.memory: MemoryBank | None = None
+        self.fusion = MapFusion()
+
+    def set_scoring(self, memory: MemoryBank | None, fusion: MapFusion) -> None:
+        """Attach a memory bank (on the model's device) and the fusion that uses it."""
+        if fusion.uses_memory and memory is None:
+            raise ValueError("this fusion uses the memory bank, but the model has none")
+        device = next(self.student.parameters()).device
+        self.memory = None if memory is None else memory.to(device)
+        self.fusion = fusion
+
+    def maps(
+        self,
+        teacher_features: list[torch.Tensor],
+        student_features: list[torch.Tensor] | None,
+        size: tuple[int, int],
+    ) -> torch.Tensor:
+        """(B, H, W) float32 fused map at `size` (the input's), from the features of one batch."""
+        student = memory = None
+        if self.fusion.uses_student:
+            student = self.anomaly_map(teacher_features, student_features, size)
+        if self.fusion.uses_memory:
+            memory = self.anomaly_map.upsampled(self.memory(teacher_features, size), size)
+        return self.fusion(student, memory)
 
     def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         with torch.no_grad():
@@ -126,7 +155,7 @@ class ReverseDistillation(nn.Module):
         teacher_features, student_features = self.features(x)
         if self.training:
             return teacher_features, student_features
-        return self.anomaly_map(teacher_features, student_features, x.shape[-2:])
+        return self.maps(teacher_features, student_features, tuple(x.shape[-2:]))
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -1,7 +1,10 @@
-"""Training: the official recipe (Adam 0.005, batch 4, plateau schedule, early stop, 30 % held out).
+"""Training: the official recipe (Adam 0.005, batch 4, plateau schedule, early stop, 30 % held out),
+then a memory bank over the training tiles and the choice of how the map is made.
 
-The held-out good tiles serve twice: validation loss for the schedule and early stop, then the
-calibration of the decision threshold to a target false-alarm rate.
+The held-out good tiles serve three times: validation loss for the schedule and early stop; the
+statistics of each map on good fabric and, with synthetic defects pasted in, the choice of the
+fusion weight (`distill.selection`); then the calibration of the decision threshold to a target
+false-alarm rate.
 """
 
 from __future__ import annotations
@@ -17,14 +20,28 @@ import torch
 from torchvision.transforms.v2.functional import gaussian_blur
 from tqdm.auto import tqdm
 
+from distill.anomaly_map import MapFusion
+from distill.augment import augment, check_augmentations
 from distill.calibration import calibrate_threshold
 from distill.checkpoint import ModelCard, save_checkpoint
 from distill.data.mvtec import Category, load_stack
 from distill.inference import Detector, resolve_device
-from distill.loss import DistillationLoss
+from distill.loss import LOSSES, DistillationLoss
+from distill.memory_bank import (
+    DEFAULT_BANK_SIZE,
+    DEFAULT_LEVELS,
+    DEFAULT_STRIDE,
+    MemoryBank,
+    patch_embedding,
+)
+from distill.metrics import tile_scores_on
 from distill.preprocess import normalise
+from distill.selection import FUSION_WEIGHTS, Selection, choose_fusion
 from distill.teacher import DEFAULT_TEACHER, IMAGENET_MEAN, IMAGENET_STD, build_teacher
 from distill.torch_model import ReverseDistillation
+
+SCORERS: tuple[str, ...] = ("auto", "student", "memory", "fused")
+EDGE_MODES: tuple[str, ...] = ("mask", "exclude")
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +64,18 @@ class TrainConfig:
     fpr: float = 0.001
     level_weights: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0)
     sigma: float = 4.0
-    max_minutes: float | None = None  # a time budget (the demo's); None trains to the end
+    loss: str = "pixel"
+    augment: tuple[str, ...] = ()
+    # auto: the fusion weight chosen by synthetic defects; student / memory: one map alone;
+    # fused: `fusion_weight` fixed
+    scorer: str = "auto"
+    fusion_weight: float = 0.5
+    memory_size: int = DEFAULT_BANK_SIZE
+    memory_levels: tuple[int, ...] = DEFAULT_LEVELS
+    # tiles that straddle the fabric's edge: "mask" leaves their off-fabric pixels out of the
+    # loss and the memory bank; "exclude" leaves such tiles out of training altogether
+    edge: str = "mask"
+    max_minutes: float | None = None  # a time budget; None trains to the end
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,11 +85,38 @@ class TrainConfig:
             raise ValueError(f"val_ratio must be in (0, 1), not {self.val_ratio}")
         if not 0 <= self.fpr < 1:
             raise ValueError(f"fpr must be in [0, 1), not {self.fpr}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; choose one of {', '.join(LOSSES)}")
+        if self.scorer not in SCORERS:
+            raise ValueError(f"unknown scorer {self.scorer!r}; choose one of {', '.join(SCORERS)}")
+        if not 0 <= self.fusion_weight <= 1:
+            raise ValueError(f"fusion weight must be in [0, 1], not {self.fusion_weight}")
+        if self.memory_size < 1:
+            raise ValueError(f"memory bank size must be at least 1, not {self.memory_size}")
+        if not self.memory_levels or not set(self.memory_levels) <= {0, 1, 2, 3}:
+            raise ValueError(f"memory levels must be among 0-3, not {self.memory_levels}")
+        if self.edge not in EDGE_MODES:
+            raise ValueError(
+                f"unknown edge mode {self.edge!r}; choose one of {', '.join(EDGE_MODES)}"
+            )
+        self.augment = check_augmentations(self.augment)
+
+    @property
+    def fusion_weights(self) -> tuple[float, ...]:
+        """The fusion weights the selection may choose among."""
+        fixed = {"student": 1.0, "memory": 0.0, "fused": self.fusion_weight}
+        return (fixed[self.scorer],) if self.scorer in fixed else FUSION_WEIGHTS
 
 
 def _blur(x: torch.Tensor) -> torch.Tensor:
     # the official recipe blurs train and validation inputs (3×3, σ = 0.8, torchvision's default)
     return gaussian_blur(x, kernel_size=[3, 3], sigma=[0.8, 0.8])
+
+
+def _padded(valid: torch.Tensor, width: int) -> torch.Tensor:
+    """Fabric masks padded (as not fabric) to the model's padded input size."""
+    pad = width - valid.shape[-1]
+    return torch.nn.functional.pad(valid, (0, pad, 0, width - valid.shape[-2])) if pad else valid
 
 
 def split_held_out(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -82,7 +137,8 @@ class Trainer:
         self.model = ReverseDistillation(teacher, config.variant, sigma=config.sigma).to(
             self.device
         )
-        self.loss = DistillationLoss(config.level_weights).to(self.device)
+        self.loss = DistillationLoss(config.level_weights, config.loss).to(self.device)
+        self.generator = torch.Generator().manual_seed(config.seed)
         self.optimizer = torch.optim.Adam(
             self.model.student.parameters(), lr=config.lr, betas=config.betas
         )
@@ -94,26 +150,83 @@ class Trainer:
         x, _ = normalise(images, IMAGENET_MEAN, IMAGENET_STD, self.device)
         return _blur(x)
 
-    def train_epoch(self, images: torch.Tensor, bar: tqdm) -> float:
+    def _train_step(self, batch: torch.Tensor, valid: torch.Tensor | None) -> float:
+        if self.config.augment:
+            batch, valid = augment(
+                batch.float().div_(255), self.config.augment, self.generator, valid
+            )
+        teacher, student = self.model(self._inputs(batch))
+        if valid is not None:
+            valid = _padded(valid.to(self.device), teacher[0].shape[-1] * 4)
+        loss = self.loss(teacher, student, valid)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item()
+
+    def train_epoch(
+        self, images: torch.Tensor, bar: tqdm, valid: torch.Tensor | None = None
+    ) -> float:
         self.model.train()
-        order = torch.randperm(images.shape[0])
+        order = torch.randperm(images.shape[0], generator=self.generator)
         total, count = 0.0, 0
         for start in range(0, len(order), self.config.batch):
             batch = images[order[start : start + self.config.batch]]
             if batch.shape[0] < 2 and len(order) > 1:
                 continue  # BatchNorm cannot train on a batch of one
-            teacher, student = self.model(self._inputs(batch))
-            loss = self.loss(teacher, student)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            total += loss.item() * batch.shape[0]
+            keep = None if valid is None else valid[order[start : start + self.config.batch]]
+            total += self._train_step(batch, keep) * batch.shape[0]
             count += batch.shape[0]
             bar.update(batch.shape[0])
             bar.set_postfix(
                 loss=f"{total / count:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.0e}"
             )
         return total / max(count, 1)
+
+    @torch.no_grad()
+    def fit_memory_bank(
+        self, images: torch.Tensor, valid: torch.Tensor | None = None
+    ) -> MemoryBank:
+        """A coreset of the training tiles' patch features, as the detector will see them (no
+        blur, no augmentation); with `valid`, only patches whose centre lies on fabric."""
+        self.model.eval()
+        embeddings = []
+        for start in range(0, images.shape[0], 16):
+            x, _ = normalise(images[start : start + 16], IMAGENET_MEAN, IMAGENET_STD, self.device)
+            features = self.model.teacher(x)
+            size = tuple(x.shape[-2:])
+            e = patch_embedding(features, self.config.memory_levels, DEFAULT_STRIDE, size).cpu()
+            keep = None
+            if valid is not None:
+                centre = DEFAULT_STRIDE // 2
+                keep = _padded(valid[start : start + 16], size[-1])[
+                    :, centre::DEFAULT_STRIDE, centre::DEFAULT_STRIDE
+                ]
+            embeddings.append(e if keep is None else (e, keep))
+        return MemoryBank.fit(
+            embeddings, self.config.memory_levels, size=self.config.memory_size,
+            seed=self.config.seed,
+        )  # fmt: skip
+
+    def choose_scoring(
+        self,
+        train_images: torch.Tensor,
+        held_out: torch.Tensor,
+        train_valid: torch.Tensor | None = None,
+        held_out_valid: np.ndarray | None = None,
+    ) -> Selection:
+        """Fit the memory bank when any candidate uses it, choose the fusion, attach both."""
+        weights = self.config.fusion_weights
+        memory = None
+        if min(weights) < 1:
+            memory = self.fit_memory_bank(train_images, train_valid)
+        self.model.set_scoring(memory, MapFusion())
+        selection = choose_fusion(
+            self.model, held_out.numpy(), IMAGENET_MEAN, IMAGENET_STD, valid=held_out_valid,
+            weights=weights, seed=self.config.seed,
+        )  # fmt: skip
+        self.model.set_scoring(memory if selection.fusion.uses_memory else None, selection.fusion)
+        return selection
 
     @torch.no_grad()
     def validate(self, images: torch.Tensor) -> float:
@@ -126,14 +239,73 @@ class Trainer:
         return total / images.shape[0]
 
 
+@dataclass
+class _Fit:
+    """What training the student left: its best weights and the loss history."""
+
+    best_state: dict | None = None
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    history: dict[str, list[float]] = field(
+        default_factory=lambda: {"train_loss": [], "val_loss": []}
+    )
+
+
+def _fit_student(
+    trainer: Trainer,
+    train_images: torch.Tensor,
+    train_valid: torch.Tensor | None,
+    val_images: torch.Tensor,
+    save_best,
+    progress: bool,
+) -> _Fit:
+    config = trainer.config
+    fit, stale = _Fit(), 0
+    deadline = None if config.max_minutes is None else time.perf_counter() + 60 * config.max_minutes
+    total = config.epochs * len(train_images)
+    with tqdm(
+        total=total, desc="train", unit="tile", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        for epoch in range(1, config.epochs + 1):
+            fit.history["train_loss"].append(trainer.train_epoch(train_images, bar, train_valid))
+            val_loss = trainer.validate(val_images)
+            fit.history["val_loss"].append(val_loss)
+            trainer.scheduler.step(val_loss)
+            bar.write(
+                f"epoch {epoch}: train loss {fit.history['train_loss'][-1]:.4f}, val loss {val_loss:.4f}"
+            )
+            if val_loss < fit.best_loss:
+                fit.best_loss, fit.best_epoch, stale = val_loss, epoch, 0
+                fit.best_state = copy.deepcopy(trainer.model.student.state_dict())
+                save_best()  # the best so far survives a crash
+            else:
+                stale += 1
+                if stale >= config.stop_patience:
+                    bar.write(f"early stop: no better validation loss for {stale} epochs")
+                    break
+            if deadline is not None and time.perf_counter() > deadline:
+                bar.write(f"time budget of {config.max_minutes} min reached after epoch {epoch}")
+                break
+    return fit
+
+
 def train(
     data: str | Path, out: str | Path, config: TrainConfig, progress: bool = True
 ) -> ModelCard:
-    """Train on DIR/train/good, keep the best checkpoint (validation loss), calibrate, save."""
+    """Train on DIR/train/good, keep the best student (validation loss), fit the memory bank,
+    choose the fusion by synthetic defects, calibrate the threshold, save."""
     started = time.perf_counter()
     category = Category.open(data)
     images = torch.from_numpy(load_stack(category.train, config.tile))
+    valid = category.valid_masks(category.train, config.tile)
+    valid = None if valid is None else torch.from_numpy(valid)
     train_idx, val_idx = split_held_out(images.shape[0], config.val_ratio, config.seed)
+    train_valid = val_valid = None
+    if valid is not None:
+        train_valid, val_valid = valid[train_idx], valid[val_idx].numpy()
+        if config.edge == "exclude":
+            train_idx = train_idx[train_valid.flatten(1).all(dim=1).numpy()]
+            train_valid = None
     train_images, val_images = images[train_idx], images[val_idx]
     trainer = Trainer(config)
     card = ModelCard(
@@ -149,49 +321,37 @@ def train(
         target_fpr=config.fpr,
         train_config={k: v for k, v in asdict(config).items() if k != "extra"},
     )
-    history: dict[str, list[float]] = {"train_loss": [], "val_loss": []}
-    best_loss, best_epoch, best_state, stale = float("inf"), 0, None, 0
-    deadline = None if config.max_minutes is None else started + 60 * config.max_minutes
-    total = config.epochs * len(train_idx)
-    with tqdm(
-        total=total, desc="train", unit="tile", disable=not progress, dynamic_ncols=True
-    ) as bar:
-        for epoch in range(1, config.epochs + 1):
-            history["train_loss"].append(trainer.train_epoch(train_images, bar))
-            val_loss = trainer.validate(val_images)
-            history["val_loss"].append(val_loss)
-            trainer.scheduler.step(val_loss)
-            bar.write(
-                f"epoch {epoch}: train loss {history['train_loss'][-1]:.4f}, val loss {val_loss:.4f}"
-            )
-            if val_loss < best_loss:
-                best_loss, best_epoch, stale = val_loss, epoch, 0
-                best_state = copy.deepcopy(trainer.model.student.state_dict())
-                save_checkpoint(out, trainer.model, card)  # the best so far survives a crash
-            else:
-                stale += 1
-                if stale >= config.stop_patience:
-                    bar.write(f"early stop: no better validation loss for {stale} epochs")
-                    break
-            if deadline is not None and time.perf_counter() > deadline:
-                bar.write(f"time budget of {config.max_minutes} min reached after epoch {epoch}")
-                break
-    trainer.model.student.load_state_dict(best_state)
+    fit = _fit_student(
+        trainer, train_images, train_valid, val_images,
+        lambda: save_checkpoint(out, trainer.model, card), progress,
+    )  # fmt: skip
+    trainer.model.student.load_state_dict(fit.best_state)
+    selection = trainer.choose_scoring(train_images, val_images, train_valid, val_valid)
+    fusion = selection.fusion
+    card.fusion = {
+        "weight": fusion.weight, "student": list(fusion.student_stats),
+        "memory": list(fusion.memory_stats),
+    }  # fmt: skip
+    memory = trainer.model.memory
+    if memory is not None:
+        card.memory = {"levels": list(memory.levels), "stride": memory.stride,
+                       "size": int(memory.bank.shape[0])}  # fmt: skip
     detector = Detector(trainer.model, card.mean, card.std, device=trainer.device, precision="fp32")
-    val_scores = detector.predict(val_images.numpy()).scores
+    val_scores = tile_scores_on(detector.predict(val_images.numpy()).maps, val_valid)
     calibration = calibrate_threshold(val_scores, config.fpr)
     card.threshold = calibration.threshold
     card.metrics = {
-        "epochs": len(history["val_loss"]),
-        "best_epoch": best_epoch,
-        "best_val_loss": best_loss,
+        "epochs": len(fit.history["val_loss"]),
+        "best_epoch": fit.best_epoch,
+        "best_val_loss": fit.best_loss,
         "n_train": len(train_idx),
         "n_held_out": len(val_idx),
         "held_out_score_max": float(val_scores.max()),
         "held_out_score_mean": float(val_scores.mean()),
         "threshold_method": calibration.method,
+        "selection": selection.as_dict(),
         "seconds": round(time.perf_counter() - started, 1),
-        **history,
+        **fit.history,
     }
     save_checkpoint(out, trainer.model, card)
     return card

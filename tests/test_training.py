@@ -66,7 +66,7 @@ def test_training_detects_planted_defects(trained, category, tmp_path):
     )
     assert code == 0
     result = json.loads(out_json.read_text())
-    assert set(result) == {
+    assert set(result) >= {
         "image_auroc",
         "pixel_auroc",
         "aupro",
@@ -75,7 +75,11 @@ def test_training_detects_planted_defects(trained, category, tmp_path):
         "tiles_per_s",
         "n_good",
         "n_defect",
+        "fpr_at_threshold",
+        "recall_at_threshold",
+        "fusion_weight",
     }
+    assert result["recall_at_threshold"] >= 0.9 and result["fpr_at_threshold"] <= 0.1
     assert result["n_good"] == 20 and result["n_defect"] == 20
     assert result["image_auroc"] >= 0.9
     assert result["pixel_auroc"] >= 0.9

@@ -27,14 +27,20 @@ because defect tiles are kept even when partly blank (eleven real defect tiles i
 fabrics 00 and 03 hold 7-83 % margin), so good tiles holding the same fabric/blank edge
 must stay in train and test too: dropping them all would make "edge present" a cue for
 "defective".  Tiles that are mostly blank carry little fabric and are dropped from
-train/good and test/good.  The non-white ends of fabrics 04 and 06 (a darker backing
-over the first ~2 tiles) are not margin by this rule; they recur in every strip of the
-roll, in train and test alike.
+train/good and test/good.
+
+Fabric region: the near-white rule misses the non-white ends of fabrics 04 and 06 (a darker,
+textured backing over the first ~2 tiles, then a white line, then the fabric).  So each strip's
+fabric is also found by `distill.fabric_region` (the tracker the pipeline uses on bands): a good
+tile with less than half its width on fabric is margin too, and every kept tile that is not
+fabric from side to side gets its fabric columns in `fabric_regions.json` (`distill.data.mvtec`),
+which evaluation uses to leave off-fabric pixels out, as the product does.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import shutil
 import warnings
@@ -45,6 +51,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from distill.data.mvtec import REGIONS_FILE
+from distill.fabric_region import band_extents
 
 __all__ = [
     "DEFECT_NAMES",
@@ -93,9 +102,26 @@ def defect_name(code: str) -> str:
     return DEFECT_NAMES.get(code, f"defect_{code}")
 
 
-def is_margin_tile(tile: np.ndarray) -> bool:
-    """True when more than half the tile's pixels are near-white (see module docstring)."""
+def is_margin_tile(tile: np.ndarray, fabric_columns: tuple[int, int] | None = None) -> bool:
+    """True when more than half the tile's pixels are near-white (see module docstring), or
+    off the fabric found by `distill.fabric_region` (`fabric_columns`, within the tile)."""
+    if fabric_columns is not None:
+        x0, x1 = fabric_columns
+        if (x1 - x0) < MARGIN_MAX_WHITE_FRACTION * tile.shape[1]:
+            return True
     return float(np.mean(tile >= MARGIN_WHITE_LEVEL)) > MARGIN_MAX_WHITE_FRACTION
+
+
+def _fabric_columns(image: np.ndarray, tile: int) -> dict[tuple[int, int], tuple[int, int]]:
+    """Fabric columns within each tile (row, column) of the grid, for tiles not all fabric."""
+    regions = {}
+    for r, extent in enumerate(band_extents(image, block=tile)[: image.shape[0] // tile]):
+        for c in range(image.shape[1] // tile):
+            x0 = min(max(extent.left - c * tile, 0), tile)
+            x1 = min(max(extent.right - c * tile, x0), tile)
+            if (x0, x1) != (0, tile):
+                regions[(r, c)] = (x0, x1)
+    return regions
 
 
 def _read_grey(path: Path) -> np.ndarray | None:
@@ -194,14 +220,13 @@ def _plan(
     return strips, malformed
 
 
-def _tile_grid(shape: tuple[int, int], tile: int) -> list[tuple[str, slice, slice]]:
+def _tile_grid(shape: tuple[int, int], tile: int) -> list[tuple[str, int, int]]:
     rows, cols = shape[0] // tile, shape[1] // tile  # partial tiles are dropped
-    out = []
-    for r in range(rows):
-        for c in range(cols):
-            tag = f"x{c:02d}" if rows == 1 else f"y{r:02d}_x{c:02d}"
-            out.append((tag, slice(r * tile, (r + 1) * tile), slice(c * tile, (c + 1) * tile)))
-    return out
+    return [
+        (f"x{c:02d}" if rows == 1 else f"y{r:02d}_x{c:02d}", r, c)
+        for r in range(rows)
+        for c in range(cols)
+    ]
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
@@ -281,6 +306,7 @@ def import_aitex(
             counts[f"fabric{fabric}"]["skipped"] += 1
     mask_dir = src / "Mask_images"
     seen: dict[str, dict[bytes, Path]] = {}
+    regions: dict[Path, dict[str, list[int]]] = {}
     for strip in tqdm(strips, desc="AITEX import", unit="strip", disable=not progress):
         c = counts[f"fabric{strip.fabric}"]
         image = _read_grey(strip.path)
@@ -306,16 +332,25 @@ def import_aitex(
                 continue
 
         category = dst / f"fabric{strip.fabric}"
-        for tag, rows, cols in _tile_grid(image.shape, tile):
+        fabric = _fabric_columns(image, tile)
+        for tag, r, col in _tile_grid(image.shape, tile):
             name = f"{strip.path.stem}_{tag}"
-            piece = image[rows, cols]
+            rows, cols = slice(r * tile, (r + 1) * tile), slice(col * tile, (col + 1) * tile)
+            piece, region = image[rows, cols], fabric.get((r, col))
             if mask is not None and mask[rows, cols].any():
                 defect = defect_name(strip.defect_code)
-                _save_png(piece, category / "test" / defect / f"{name}.png")
+                relative = Path("test") / defect / f"{name}.png"
                 tile_mask = mask[rows, cols].astype(np.uint8) * 255
                 _save_png(tile_mask, category / "ground_truth" / defect / f"{name}_mask.png")
                 c["test_defect"] += 1
-            elif (mask is None or defect_strip_good) and not is_margin_tile(piece):
-                _save_png(piece, category / strip.split / "good" / f"{name}.png")
+            elif (mask is None or defect_strip_good) and not is_margin_tile(piece, region):
+                relative = Path(strip.split) / "good" / f"{name}.png"
                 c[f"{strip.split}_good"] += 1
+            else:
+                continue
+            _save_png(piece, category / relative)
+            if region is not None:
+                regions.setdefault(category, {})[relative.as_posix()] = list(region)
+    for category, found in regions.items():
+        (category / REGIONS_FILE).write_text(json.dumps(found, indent=0, sort_keys=True) + "\n")
     return counts

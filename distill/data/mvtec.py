@@ -1,8 +1,15 @@
-"""One category in MVTec AD layout: train/good, test/<kind>, ground_truth/<kind>/<stem>_mask.png."""
+"""One category in MVTec AD layout: train/good, test/<kind>, ground_truth/<kind>/<stem>_mask.png.
+
+An optional `fabric_regions.json` at the category's root gives, for tiles that are not fabric
+from side to side, the fabric's columns [x0, x1) within the tile (keys: the tile's path relative
+to the root, e.g. "test/good/0016_000_04_x02.png"); tiles not listed are fabric throughout. A
+product scores nothing off the fabric, so its figures leave those pixels out (`valid_masks`).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +33,32 @@ def _images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+REGIONS_FILE = "fabric_regions.json"
+
+
 @dataclass(frozen=True)
 class Category:
     root: Path
     train: list[Path]
     test: list[TestSample]
+    regions: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def valid_masks(self, paths: list[Path], tile: int) -> np.ndarray | None:
+        """(N, tile, tile) booleans, True on fabric, or None when every tile is all fabric.
+
+        Regions are in the tile's own pixels; a tile resized to `tile` has them scaled."""
+        keys = [p.relative_to(self.root).as_posix() for p in paths]
+        if not any(k in self.regions for k in keys):
+            return None
+        valid = np.ones((len(paths), tile, tile), dtype=bool)
+        for i, (key, path) in enumerate(zip(keys, paths, strict=True)):
+            if key in self.regions:
+                with Image.open(path) as img:
+                    scale = tile / img.size[0]
+                x0, x1 = (round(v * scale) for v in self.regions[key])
+                valid[i] = False
+                valid[i, :, x0:x1] = True
+        return valid
 
     @classmethod
     def open(cls, root: str | Path) -> Category:
@@ -51,7 +79,22 @@ class Category:
         train = _images_in(train_dir)
         if not train:
             raise FileNotFoundError(f"{train_dir} holds no images")
-        return cls(root, train, test)
+        return cls(root, train, test, _read_regions(root))
+
+
+def _read_regions(root: Path) -> dict[str, tuple[int, int]]:
+    path = root / REGIONS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        regions = {str(k): (int(v[0]), int(v[1])) for k, v in raw.items()}
+    except (ValueError, TypeError, IndexError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a map of tile path to [x0, x1]: {exc}") from exc
+    for key, (x0, x1) in regions.items():
+        if not 0 <= x0 <= x1:
+            raise ValueError(f"{path}: region of {key} must satisfy 0 <= x0 <= x1, not {x0, x1}")
+    return regions
 
 
 def load_image(path: Path, tile: int | None = None) -> np.ndarray:

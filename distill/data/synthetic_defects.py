@@ -264,3 +264,40 @@ def write_category(
         save(image, dst / "test" / kind / f"{stem}.png")
         save(mask.astype(np.uint8) * 255, dst / "ground_truth" / kind / f"{stem}_mask.png")
     return dst
+
+
+def paste_defects(
+    tiles: np.ndarray,
+    *,
+    seed: int = 0,
+    copies: int = 2,
+    strength: tuple[float, float] = (0.3, 1.0),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Defective copies of real good tiles: each tile ``copies`` times, one defect per copy.
+
+    Kinds cycle through DEFECT_KINDS; each defect is faded towards the tile by a random
+    ``strength`` in the given range (1 = as drawn, 0.3 = a faint one, as real low-contrast
+    flaws are), while its mask keeps the full extent. These are what a model's scorer and fusion
+    weight are chosen by — never by real test tiles. Returns (N·copies, H, W, C) uint8 images
+    and (N·copies, H, W) boolean masks.
+    """
+    tiles = np.asarray(tiles)
+    if tiles.ndim != 4 or tiles.dtype != np.uint8 or len(tiles) == 0:
+        raise ValueError(
+            f"expected a non-empty uint8 (N, H, W, C) stack, not {tiles.dtype} {tiles.shape}"
+        )
+    low, high = strength
+    if not 0 < low <= high <= 1:
+        raise ValueError(f"strength must satisfy 0 < low <= high <= 1, not {strength}")
+    rng = np.random.default_rng([_seed_key(seed), 0x5A57E])
+    images, masks = [], []
+    for k in range(copies):
+        for i, tile in enumerate(tiles):
+            kind = DEFECT_KINDS[(k * len(tiles) + i) % len(DEFECT_KINDS)]
+            drawn = tile.copy()
+            mask = plant_defect(drawn, kind, rng=rng)
+            fade = rng.uniform(low, high)
+            blend = tile.astype(np.float32) + fade * (drawn.astype(np.float32) - tile)
+            images.append(np.clip(np.rint(blend), 0, 255).astype(np.uint8))
+            masks.append(mask)
+    return np.stack(images), np.stack(masks)

@@ -1,0 +1,155 @@
+"""Where the fabric is: its left and right edges across a band, per block of rows.
+
+A line-scan camera sees the fabric and, beside it, the conveyor or light table. The region is
+found from statistics of narrow column cells (16 px) over a block of rows, compared with the
+band's fabric body (the middle third of the width): mean grey level, contrast (standard
+deviation) and texture energy across and along the roll (mean absolute first differences). A
+cell is fabric-like when none of these is further from the body's than `tolerance` times their
+spread over the body's cells (floored, so a perfectly even body does not make every cell
+"different"). Both directions count, so a white fabric on a dark table and a dark fabric on a
+white one are found alike; so is a table of the fabric's brightness but another texture.
+
+The margin on each side is the run of cells from the band's side up to the first `min_run`
+consecutive fabric-like cells; a defect inside the fabric cannot become margin, because
+margin must touch the side. The edge is then refined to the pixel column where the grey level
+crosses half-way between margin and body (when they differ in brightness). Rows are blocks of
+`block` rows; a band narrower than 3 cells or with no margin is fabric from side to side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+CELL = 16
+BLOCK_ROWS = 256
+LOOKAHEAD = 8  # cells (128 px): a deviating run followed by fabric within this is a defect
+_REFERENCE_CELLS = 8  # the running reference: the median of the last cells accepted as fabric
+# A cell deviates when a statistic differs from the reference by more than the larger of an
+# absolute and a relative step: mean grey level, contrast, texture across and along.
+_ABSOLUTE_STEP = np.array([12.0, 2.0, 1.5, 1.5])
+_RELATIVE_STEP = np.array([0.15, 0.35, 0.35, 0.35])
+
+
+@dataclass(frozen=True)
+class Extent:
+    """Fabric columns [left, right) of the rows [row_start, row_stop) of a roll."""
+
+    row_start: int
+    row_stop: int
+    left: int
+    right: int
+
+    @property
+    def width(self) -> int:
+        return self.right - self.left
+
+
+def _grey(block: np.ndarray) -> np.ndarray:
+    block = np.asarray(block)
+    if block.ndim == 3:
+        block = block.mean(axis=2)
+    return block.astype(np.float32)
+
+
+def cell_statistics(grey: np.ndarray, cell: int = CELL) -> np.ndarray:
+    """(cells, 4) statistics of (rows, width) grey pixels: mean, std, mean |dx|, mean |dy|."""
+    rows, width = grey.shape
+    n = width // cell
+    if n == 0:
+        return np.zeros((0, 4), np.float32)
+    body = grey[:, : n * cell].reshape(rows, n, cell)
+    dx = np.abs(np.diff(body, axis=2)).mean(axis=(0, 2))
+    dy = np.abs(np.diff(body, axis=0)).mean(axis=(0, 2)) if rows > 1 else np.zeros(n, np.float32)
+    return np.stack([body.mean(axis=(0, 2)), body.std(axis=(0, 2)), dx, dy], axis=1)
+
+
+def _deviates(stats: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    step = np.maximum(_ABSOLUTE_STEP, _RELATIVE_STEP * np.abs(reference))
+    return (np.abs(stats - reference) > step).any(axis=-1)
+
+
+def _walk_to_edge(stats: np.ndarray, body: np.ndarray) -> int:
+    """Cells of fabric walking from the body (index 0 here) to the side: where fabric ends.
+
+    The reference follows the fabric as it drifts (lighting falls off towards the sides); a
+    deviating run counts as a defect, not the edge, when fabric resumes within LOOKAHEAD cells.
+    """
+    accepted = [body] * _REFERENCE_CELLS
+    i, n = 0, len(stats)
+    while i < n:
+        reference = np.median(accepted[-_REFERENCE_CELLS:], axis=0)
+        if not _deviates(stats[i], reference):
+            accepted.append(stats[i])
+            i += 1
+            continue
+        ahead = stats[i + 1 : i + 1 + LOOKAHEAD]
+        resumed = np.nonzero(~_deviates(ahead, reference))[0]
+        if len(resumed) == 0:
+            return i
+        i += 1 + int(resumed[0])
+    return n
+
+
+def _refine(profile: np.ndarray, edge: int, cell: int, inward: int) -> int:
+    """The column near a cell edge where the grey level crosses half-way to the body's."""
+    lo, hi = max(edge - cell, 0), min(edge + cell, len(profile))
+    if hi - lo < 2:
+        return edge
+    outside = profile[max(edge - 2 * cell, 0) : max(edge - cell, 1)] if inward > 0 else (
+        profile[min(edge + cell, len(profile) - 1) : edge + 2 * cell])  # fmt: skip
+    inside = (
+        profile[edge : edge + 2 * cell] if inward > 0 else profile[max(edge - 2 * cell, 0) : edge]
+    )
+    if len(outside) == 0 or len(inside) == 0:
+        return edge
+    a, b = float(np.median(outside)), float(np.median(inside))
+    if abs(a - b) < 10:  # no brightness step to refine on: keep the cell boundary
+        return edge
+    window = profile[lo:hi]
+    crossing = np.nonzero((window - (a + b) / 2) * np.sign(b - a) > 0)[0]
+    if len(crossing) == 0:
+        return edge
+    return lo + int(crossing[0] if inward > 0 else crossing[-1] + 1)
+
+
+def block_extent(pixels: np.ndarray, cell: int = CELL) -> tuple[int, int]:
+    """(left, right) fabric columns of one block of rows (H, W[, C])."""
+    grey = _grey(pixels)
+    width = grey.shape[1]
+    stats = cell_statistics(grey, cell)
+    n = len(stats)
+    if n < 6:
+        return 0, width
+    centre = n // 2
+    body = np.median(stats[n // 3 : n - n // 3], axis=0)
+    right_cells = centre + _walk_to_edge(stats[centre:], body)
+    left_cells = centre - _walk_to_edge(stats[:centre][::-1], body)
+    profile = grey.mean(axis=0)
+    left = _refine(profile, left_cells * cell, cell, 1) if left_cells > 0 else 0
+    right = _refine(profile, right_cells * cell, cell, -1) if right_cells < n else width
+    return left, max(right, left + 1)
+
+
+def band_extents(
+    pixels: np.ndarray, row_start: int = 0, block: int = BLOCK_ROWS, **options
+) -> list[Extent]:
+    """Fabric extents of a band's rows, one per block of `block` rows (the last may be short)."""
+    extents = []
+    for start in range(0, pixels.shape[0], block):
+        left, right = block_extent(pixels[start : start + block], **options)
+        stop = min(start + block, pixels.shape[0])
+        extents.append(Extent(row_start + start, row_start + stop, left, right))
+    return extents
+
+
+def region_mask(extents: list[Extent], rows: slice, width: int) -> np.ndarray:
+    """Boolean (rows, width) mask, True on fabric, for the rows of `rows` covered by extents."""
+    start, stop = rows.start, rows.stop
+    mask = np.zeros((stop - start, width), dtype=bool)
+    for e in extents:
+        lo, hi = max(e.row_start, start), min(e.row_stop, stop)
+        if lo < hi:
+            mask[lo - start : hi - start, e.left : e.right] = True
+    return mask

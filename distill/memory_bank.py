@@ -1,0 +1,133 @@
+"""A coreset memory bank over the teacher's features: PatchCore's nearest-neighbour scorer.
+
+The student reconstructs the teacher's features; where a defect is subtle, it sometimes
+reconstructs it too well. A bank of the good tiles' own patch features has no such blind spot:
+a patch's score is its distance to the nearest good patch (Roth et al., "Towards Total Recall in
+Industrial Anomaly Detection", 2022). Patches are the teacher's levels averaged over a 3×3
+neighbourhood and brought to one grid (stride 8); the bank keeps a greedy k-centre coreset of
+them, so it covers the good fabric's variety with a few thousand vectors. The bank is a buffer:
+it travels in the checkpoint with the student.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_LEVELS = (2, 3)
+DEFAULT_STRIDE = 8
+DEFAULT_BANK_SIZE = 4096
+# Greedy k-centre is O(candidates × bank size); candidates beyond this are a random sample.
+MAX_CANDIDATES = 65536
+_PROJECTION_DIM = 64  # k-centre runs on a random projection (Johnson–Lindenstrauss), as PatchCore
+_QUERY_CHUNK = 4096
+
+
+def patch_embedding(
+    features: Sequence[torch.Tensor], levels: Sequence[int], stride: int, size: Sequence[int]
+) -> torch.Tensor:
+    """(B, ΣC, H/stride, W/stride) float32 for an (H, W) input: the chosen levels, each averaged
+    over a 3×3 neighbourhood (PatchCore's local aggregation), brought to one grid."""
+    size = (size[0] // stride, size[1] // stride)
+    out = []
+    for level in levels:
+        f = F.avg_pool2d(features[level].float(), 3, 1, 1, count_include_pad=False)
+        if f.shape[-2] > size[0]:
+            f = F.adaptive_avg_pool2d(f, size)
+        elif f.shape[-2:] != size:
+            f = F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+        out.append(f)
+    return torch.cat(out, dim=1)
+
+
+def greedy_coreset(points: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """Indices of `size` points chosen by greedy k-centre (each the farthest from those chosen).
+
+    Runs on a seeded random projection; deterministic for a given input and seed.
+    """
+    n = points.shape[0]
+    if size >= n:
+        return torch.arange(n)
+    generator = torch.Generator().manual_seed(seed)
+    if points.shape[1] > _PROJECTION_DIM:
+        projection = torch.randn(points.shape[1], _PROJECTION_DIM, generator=generator)
+        points = points @ (projection / _PROJECTION_DIM**0.5)
+    norms = (points * points).sum(dim=1)
+    chosen = torch.empty(size, dtype=torch.long)
+    chosen[0] = int(torch.randint(n, (1,), generator=generator))
+    nearest = norms + norms[chosen[0]] - 2 * (points @ points[chosen[0]])
+    for k in range(1, size):
+        chosen[k] = int(nearest.argmax())
+        torch.minimum(
+            nearest, norms + norms[chosen[k]] - 2 * (points @ points[chosen[k]]), out=nearest
+        )
+    return chosen
+
+
+class MemoryBank(nn.Module):
+    """Nearest-neighbour distance of each patch to a bank of good patches."""
+
+    def __init__(
+        self,
+        channels: int,
+        size: int,
+        levels: Sequence[int] = DEFAULT_LEVELS,
+        stride: int = DEFAULT_STRIDE,
+    ) -> None:
+        super().__init__()
+        self.levels = tuple(int(level) for level in levels)
+        self.stride = int(stride)
+        self.register_buffer("bank", torch.zeros(size, channels))
+
+    @classmethod
+    def fit(
+        cls,
+        embeddings: Iterable[torch.Tensor | tuple[torch.Tensor, torch.Tensor]],
+        levels: Sequence[int] = DEFAULT_LEVELS,
+        stride: int = DEFAULT_STRIDE,
+        size: int = DEFAULT_BANK_SIZE,
+        seed: int = 0,
+    ) -> MemoryBank:
+        """Build from (B, C, h, w) patch embeddings of good tiles (see `patch_embedding`).
+
+        An embedding may come with a (B, h, w) boolean of the patches to keep (those whose
+        centre lies on fabric), as a pair (embedding, keep)."""
+        parts = []
+        for item in embeddings:
+            e, keep = item if isinstance(item, tuple) else (item, None)
+            flat = e.permute(0, 2, 3, 1).reshape(-1, e.shape[1])
+            parts.append(flat if keep is None else flat[keep.reshape(-1)])
+        patches = torch.cat(parts)
+        if patches.shape[0] == 0:
+            raise ValueError("no good patches to build a memory bank from")
+        generator = torch.Generator().manual_seed(seed)
+        if patches.shape[0] > MAX_CANDIDATES:
+            patches = patches[
+                torch.randperm(patches.shape[0], generator=generator)[:MAX_CANDIDATES]
+            ]
+        chosen = greedy_coreset(patches, size, seed)
+        bank = cls(patches.shape[1], len(chosen), levels, stride)
+        bank.bank.copy_(patches[chosen])
+        return bank
+
+    def embed(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        return patch_embedding(features, self.levels, self.stride, size)
+
+    def forward(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        """(B, H/stride, W/stride) float32 distances to the nearest bank patch, for an (H, W)
+        input whose teacher features these are."""
+        embedding = self.embed(features, size)
+        b, c, h, w = embedding.shape
+        queries = embedding.permute(0, 2, 3, 1).reshape(-1, c)
+        bank = self.bank.float()
+        bank_norms = (bank * bank).sum(dim=1)
+        nearest = []
+        for start in range(0, queries.shape[0], _QUERY_CHUNK):
+            q = queries[start : start + _QUERY_CHUNK]
+            squared = torch.addmm(bank_norms, q, bank.T, alpha=-2.0)
+            squared += (q * q).sum(dim=1, keepdim=True)
+            nearest.append(squared.amin(dim=1))
+        return torch.cat(nearest).clamp_min_(0).sqrt_().reshape(b, h, w)

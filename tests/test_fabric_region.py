@@ -1,0 +1,101 @@
+"""The fabric-region tracker on synthetic rolls: where the fabric is, whatever lies beside it."""
+
+import numpy as np
+import pytest
+
+from distill.data.synthetic import make_fabric
+from distill.data.synthetic_defects import plant_defect
+from distill.fabric_region import BLOCK_ROWS, band_extents, block_extent, region_mask
+
+WIDTH = 1536
+TOLERANCE = 16  # px: a cell of the tracker, refined to the grey-level step where there is one
+
+
+def _table(rows: int, width: int, level: float, texture: float, seed: int) -> np.ndarray:
+    """A conveyor / light table: an even surface with a little grain of its own."""
+    rng = np.random.default_rng(seed)
+    grain = rng.normal(0, texture, (rows, width)) if texture else 0
+    return np.clip(level + grain, 0, 255).astype(np.uint8)
+
+
+def _roll(
+    rows: int, left: np.ndarray, right: np.ndarray, *, table: float, texture: float = 2.0,
+    brightness: float = 1.0, seed: int = 0,
+) -> np.ndarray:  # fmt: skip
+    """A roll whose fabric spans [left[r], right[r]) in row r, on a table of grey `table`."""
+    fabric = make_fabric(rows, WIDTH, weave="twill", seed=seed).astype(np.float32) * brightness
+    image = _table(rows, WIDTH, table, texture, seed + 1).astype(np.float32)
+    cols = np.arange(WIDTH)[None, :]
+    on = (cols >= left[:, None]) & (cols < right[:, None])
+    image[on] = fabric[on]
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def _check(extents, left, right):
+    for e in extents:
+        rows = slice(e.row_start, e.row_stop)
+        assert abs(e.left - int(np.median(left[rows]))) <= TOLERANCE, e
+        assert abs(e.right - int(np.median(right[rows]))) <= TOLERANCE, e
+
+
+@pytest.mark.parametrize(
+    ("table", "brightness"),
+    [(25.0, 1.25), (245.0, 0.45)],
+    ids=["white fabric on a dark table", "dark fabric on a white table"],
+)
+def test_fabric_is_found_on_a_table_darker_or_brighter_than_it(table, brightness):
+    rows = 2 * BLOCK_ROWS
+    left, right = np.full(rows, 300), np.full(rows, 1300)
+    image = _roll(rows, left, right, table=table, brightness=brightness)
+    extents = band_extents(image)
+    assert len(extents) == 2
+    _check(extents, left, right)
+
+
+def test_a_table_as_bright_as_the_fabric_is_told_apart_by_texture():
+    rows = BLOCK_ROWS
+    fabric = make_fabric(rows, WIDTH, weave="twill", seed=3)
+    left, right = np.full(rows, 200), np.full(rows, 1400)
+    image = _roll(rows, left, right, table=float(fabric.mean()), texture=0.5, seed=3)
+    _check(band_extents(image), left, right)
+
+
+def test_a_fabric_that_narrows_along_the_roll_is_followed_block_by_block():
+    rows = 6 * BLOCK_ROWS
+    left = np.linspace(100, 400, rows).astype(int)
+    right = np.linspace(1450, 1100, rows).astype(int)
+    image = _roll(rows, left, right, table=30.0, brightness=1.2)
+    extents = band_extents(image, row_start=4096)
+    assert [e.row_start for e in extents] == [4096 + k * BLOCK_ROWS for k in range(6)]
+    _check([type(e)(e.row_start - 4096, e.row_stop - 4096, e.left, e.right) for e in extents],
+           left, right)  # fmt: skip
+    widths = [e.width for e in extents]
+    assert widths == sorted(widths, reverse=True) and widths[0] - widths[-1] > 400
+
+
+def test_a_roll_with_no_margin_is_fabric_from_side_to_side():
+    image = make_fabric(BLOCK_ROWS, WIDTH, weave="twill", seed=5)
+    assert block_extent(image) == (0, WIDTH)
+
+
+def test_a_defect_inside_the_fabric_is_not_taken_for_its_edge():
+    rows = BLOCK_ROWS
+    left, right = np.full(rows, 256), np.full(rows, 1280)
+    image = _roll(rows, left, right, table=240.0, brightness=0.6)
+    # a dark hole and a stain 100-200 px inside each edge
+    plant_defect(image, "hole", rng=np.random.default_rng(0), center=(128, 400), size=60)
+    plant_defect(image, "stain", rng=np.random.default_rng(1), center=(100, 1120), size=80)
+    _check(band_extents(image), left, right)
+
+
+def test_colour_rolls_and_the_region_mask():
+    rows = BLOCK_ROWS
+    fabric = make_fabric(rows, WIDTH, weave="plain", colour=True, seed=2)
+    image = np.full((rows, WIDTH, 3), 20, np.uint8)
+    image[:, 500:1200] = fabric[:, 500:1200]
+    extents = band_extents(image)
+    _check(extents, np.full(rows, 500), np.full(rows, 1200))
+    mask = region_mask(extents, slice(0, rows), WIDTH)
+    assert mask.shape == (rows, WIDTH)
+    assert mask[:, extents[0].left : extents[0].right].all()
+    assert not mask[:, : extents[0].left].any() and not mask[:, extents[0].right :].any()

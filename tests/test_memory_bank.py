@@ -1,0 +1,140 @@
+"""The memory bank, the map fusion, and their checkpoint round trip."""
+
+import numpy as np
+import pytest
+import torch
+
+from distill.anomaly_map import MapFusion
+from distill.checkpoint import (
+    CheckpointError,
+    ModelCard,
+    load_detector,
+    load_model,
+    read_checkpoint,
+    save_checkpoint,
+)
+from distill.memory_bank import MemoryBank, greedy_coreset, patch_embedding
+from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
+from distill.torch_model import ReverseDistillation
+
+
+def test_greedy_coreset_keeps_the_extremes_and_is_seeded():
+    points = torch.cat(
+        [torch.zeros(50, 2), torch.tensor([[10.0, 0.0], [0.0, 10.0], [-10.0, -10.0]])]
+    )
+    chosen = greedy_coreset(points, 4, seed=1)
+    assert {50, 51, 52} <= set(chosen.tolist())
+    assert torch.equal(chosen, greedy_coreset(points, 4, seed=1))
+    assert len(greedy_coreset(points, 100)) == len(points)
+
+
+def test_a_patch_in_the_bank_scores_zero_and_a_stranger_scores_its_distance():
+    features = [torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(0))]
+    embedding = patch_embedding(features, (0,), 8, (32, 32))  # 4 × 4 patches per image
+    bank = MemoryBank.fit([embedding], levels=(0,), stride=8, size=32)
+    assert bank.bank.shape == (32, 3)
+    assert bank(features, (32, 32)).abs().max() < 1e-3  # every patch is in the bank
+    stranger = [features[0] + 100.0]
+    distance = bank(stranger, (32, 32))
+    nearest = (
+        torch.cdist(
+            patch_embedding(stranger, (0,), 8, (32, 32)).permute(0, 2, 3, 1).reshape(-1, 3),
+            bank.bank,
+        )
+        .min(dim=1)
+        .values
+    )
+    assert torch.allclose(distance.reshape(-1), nearest, rtol=1e-4)
+    assert distance.min() > 100
+
+
+def test_fit_keeps_only_patches_on_fabric():
+    embedding = torch.zeros(1, 2, 2, 2)
+    embedding[0, :, 0, 0] = 50.0  # an off-fabric patch, far from the rest
+    keep = torch.tensor([[[False, True], [True, True]]])
+    bank = MemoryBank.fit([(embedding, keep)], levels=(0,), size=10)
+    assert bank.bank.shape[0] == 3 and bank.bank.abs().max() == 0
+    with pytest.raises(ValueError, match="no good patches"):
+        MemoryBank.fit([(embedding, torch.zeros_like(keep))], levels=(0,))
+
+
+def test_patch_embedding_brings_levels_to_one_grid():
+    features = [torch.randn(2, 4, 64, 64), torch.randn(2, 5, 32, 32), torch.randn(2, 6, 16, 16)]
+    e = patch_embedding(features, (1, 2), 8, (256, 256))
+    assert e.shape == (2, 11, 32, 32)
+
+
+def test_fusion_weights_and_statistics():
+    s, m = torch.full((1, 2, 2), 3.0), torch.full((1, 2, 2), 10.0)
+    assert torch.equal(MapFusion()(s, None), s)  # the identity: checkpoints before the bank
+    fused = MapFusion(0.25, student=(1.0, 2.0), memory=(4.0, 3.0))(s, m)
+    assert torch.allclose(fused, torch.full((1, 2, 2), 0.25 * 1.0 + 0.75 * 2.0))
+    assert not MapFusion(0.0).uses_student and not MapFusion(1.0).uses_memory
+    for bad in ({"weight": 1.5}, {"weight": 0.5, "student": (0.0, 0.0)}):
+        with pytest.raises(ValueError):
+            MapFusion(**bad)
+
+
+@pytest.fixture(scope="module")
+def fused_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = ReverseDistillation(build_teacher("efficientnet_lite0", "random")).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        features = model.teacher(x)
+    memory = MemoryBank.fit([patch_embedding(features, (2, 3), 8, (64, 64))], size=40)
+    fusion = MapFusion(0.4, student=(0.5, 0.1), memory=(2.0, 0.5))
+    model.set_scoring(memory, fusion)
+    t = model.teacher
+    card = ModelCard(
+        teacher=t.name, teacher_weights=t.weights_source, teacher_sha256=t.weights_sha256(),
+        variant="residual", tile=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=1.5,
+        fusion={"weight": 0.4, "student": [0.5, 0.1], "memory": [2.0, 0.5]},
+        memory={"levels": [2, 3], "stride": 8, "size": 40},
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("bank") / "fused.pt"
+    save_checkpoint(path, model, card)
+    return path, model
+
+
+def test_memory_bank_and_fusion_survive_the_checkpoint(fused_checkpoint):
+    path, model = fused_checkpoint
+    loaded, card = load_model(path)
+    assert torch.equal(loaded.memory.bank, model.memory.bank)
+    assert loaded.fusion.weight == 0.4 and loaded.fusion.memory_stats == (2.0, 0.5)
+    images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 1), dtype=np.uint8)
+    detector, _ = load_detector(path, precision="fp32")
+    from distill.inference import Detector
+
+    before = Detector(model, IMAGENET_MEAN, IMAGENET_STD, precision="fp32").predict(images)
+    after = detector.predict(images)
+    assert np.array_equal(before.maps, after.maps)
+
+
+def test_a_checkpoint_naming_a_bank_it_does_not_hold_is_refused(fused_checkpoint, tmp_path):
+    path, _ = fused_checkpoint
+    payload = torch.load(path, weights_only=True)
+    del payload["memory_bank"]
+    broken = tmp_path / "broken.pt"
+    torch.save(payload, broken)
+    with pytest.raises(CheckpointError, match="memory bank"):
+        load_model(broken)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("threshold", float("nan")),
+        ("threshold", float("inf")),
+        ("tile", 10**9),
+        ("sigma", float("nan")),
+    ],
+)
+def test_a_card_with_absurd_numbers_is_refused(fused_checkpoint, tmp_path, field, value):
+    path, _ = fused_checkpoint
+    payload = torch.load(path, weights_only=True)
+    payload["card"][field] = value
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    with pytest.raises(CheckpointError, match=field):
+        read_checkpoint(bad)

@@ -1,0 +1,140 @@
+"""Every option of `rollscan train` trains and evaluates; the fusion is chosen and calibrated on
+good tiles and synthetic defects only."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from distill.calibration import calibrate_threshold
+from distill.checkpoint import load_detector, read_checkpoint
+from distill.data.mvtec import REGIONS_FILE, Category, load_stack
+from distill.data.synthetic_defects import write_category
+from distill.loss import DistillationLoss
+from distill.metrics import tile_scores_on
+from distill.train import split_held_out
+from scheduler.cli import main
+
+TILE = 64
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    root = tmp_path_factory.mktemp("options") / "twill"
+    write_category(
+        root, n_train=16, n_test_good=6, n_test_defect=7, tile=TILE, weave="twill", seed=4
+    )
+    return root
+
+
+def _train_and_evaluate(category, tmp_path, *options):
+    model, metrics = tmp_path / "model.pt", tmp_path / "metrics.json"
+    args = ["train", "--data", str(category), "--out", str(model), "--epochs", "1"]
+    assert main([*args, "--tile", str(TILE), "--fpr", "0.05", *options]) == 0
+    assert main(["evaluate", "--model", str(model), "--data", str(category), "--json", str(metrics),
+                 "--precision", "fp32"]) == 0  # fmt: skip
+    return read_checkpoint(model)[0], json.loads(metrics.read_text())
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("--loss", "pixel"),
+        ("--loss", "flat"),
+        ("--loss", "hard"),
+        ("--augment", "flip", "shift", "jitter"),
+        ("--augment", "none"),
+        ("--scorer", "student"),
+        ("--scorer", "memory", "--memory-size", "64"),
+        ("--scorer", "fused", "--fusion-weight", "0.3"),
+        ("--teacher", "efficientnet_lite1"),
+        ("--teacher", "efficientnet_lite2"),
+    ],
+    ids=lambda o: " ".join(o),
+)
+def test_each_training_option_trains_and_evaluates(category, tmp_path, options):
+    card, metrics = _train_and_evaluate(category, tmp_path, *options)
+    for key in ("image_auroc", "pixel_auroc", "fpr_at_threshold", "recall_at_threshold"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    expected_weight = {"student": 1.0, "memory": 0.0, "fused": 0.3}
+    if "--scorer" in options:
+        assert card.fusion["weight"] == expected_weight[options[1]]
+        assert (card.memory is None) == (options[1] == "student")
+    if card.memory is not None:
+        assert set(metrics["scorers"]) >= {"student", "memory"}
+    if "--memory-size" in options:
+        assert card.memory["size"] == 64
+    for key, value in zip(options[::2], options[1::2], strict=False):
+        if key in ("--loss", "--teacher"):
+            assert card.train_config[key[2:]] == value
+
+
+def test_auto_scorer_takes_the_best_weight_on_synthetic_defects_and_calibrates_on_good(
+    category, tmp_path
+):
+    card, _ = _train_and_evaluate(category, tmp_path)
+    trials = card.metrics["selection"]["trials"]
+    assert set(trials) == {"0", "0.25", "0.5", "0.75", "1"}
+    best = max(trials, key=lambda w: (round(trials[w]["mean"], 6), float(w)))
+    assert card.fusion["weight"] == float(best)
+    # the threshold is the calibration of the held-out good tiles' scores, nothing else
+    images = load_stack(Category.open(category).train, TILE)
+    _, held_out = split_held_out(len(images), 0.3, 0)
+    detector, _ = load_detector(tmp_path / "model.pt", precision="fp32")
+    scores = detector.predict(images[held_out]).scores
+    assert card.threshold == pytest.approx(calibrate_threshold(scores, 0.05).threshold, rel=1e-5)
+    assert card.metrics["selection"]["n_good"] == len(held_out)
+
+
+@pytest.mark.parametrize("edge", ["mask", "exclude"])
+def test_tiles_across_the_fabric_edge_train_masked_or_excluded(category, tmp_path, edge):
+    cat = Category.open(category)
+    regions = {p.relative_to(category).as_posix(): [0, 40] for p in cat.train[:5]}
+    (category / REGIONS_FILE).write_text(json.dumps(regions))
+    try:
+        card, metrics = _train_and_evaluate(category, tmp_path, "--edge", edge)
+    finally:
+        (category / REGIONS_FILE).unlink()
+    n_train = len(cat.train) - len(split_held_out(len(cat.train), 0.3, 0)[1])
+    held_in = split_held_out(len(cat.train), 0.3, 0)[0]
+    straddling = sum(1 for i in held_in if i < 5)
+    assert card.metrics["n_train"] == (n_train - straddling if edge == "exclude" else n_train)
+    assert card.train_config["edge"] == edge
+
+
+def test_an_evaluation_with_good_tiles_only_reports_the_false_alarm_share(category, tmp_path):
+    only_good = tmp_path / "good-only"
+    (only_good / "train" / "good").mkdir(parents=True)
+    (only_good / "test" / "good").mkdir(parents=True)
+    for split in ("train", "test"):
+        for p in (category / split / "good").iterdir():
+            (only_good / split / "good" / p.name).write_bytes(p.read_bytes())
+    card, metrics = _train_and_evaluate(only_good, tmp_path, "--scorer", "student")
+    assert metrics["n_defect"] == 0 and metrics["image_auroc"] != metrics["image_auroc"]  # NaN
+    assert 0.0 <= metrics["fpr_at_threshold"] <= 1.0
+
+
+def test_valid_masks_leave_off_fabric_pixels_out_of_the_tile_score():
+    maps = np.zeros((2, 4, 4), np.float32)
+    maps[0, :, 0] = 9.0  # a hot column off the fabric
+    maps[0, 1, 2] = 1.0
+    valid = np.ones_like(maps, bool)
+    valid[0, :, 0] = False
+    assert tile_scores_on(maps, valid).tolist() == [1.0, 0.0]
+    assert tile_scores_on(maps, None).tolist() == [9.0, 0.0]
+
+
+def test_hard_mining_damps_the_gradient_of_well_reconstructed_pixels():
+    torch.manual_seed(0)
+    teacher = torch.randn(1, 8, 4, 4)
+    student = teacher.clone()
+    student[0, :, 0, 0] = -teacher[0, :, 0, 0]  # one pixel far off, the rest exact
+    grads = {}
+    for kind in ("flat", "hard"):
+        s = student.clone().requires_grad_(True)
+        DistillationLoss((1.0,), kind)([teacher], [s]).backward()
+        grads[kind] = s.grad[0].norm(dim=0)
+    easy = grads["hard"][1:, :].flatten()
+    assert torch.allclose(easy, 0.1 * grads["flat"][1:, :].flatten(), rtol=1e-4)
+    assert torch.allclose(grads["hard"][0, 0], grads["flat"][0, 0])
