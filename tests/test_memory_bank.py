@@ -99,7 +99,7 @@ def fused_checkpoint(tmp_path_factory):
 
 def test_memory_bank_and_fusion_survive_the_checkpoint(fused_checkpoint):
     path, model = fused_checkpoint
-    loaded, card = load_model(path)
+    loaded, _card = load_model(path)
     assert torch.equal(loaded.memory.bank, model.memory.bank)
     assert loaded.fusion.weight == 0.4 and loaded.fusion.memory_stats == (2.0, 0.5)
     images = np.random.default_rng(0).integers(0, 255, (2, 64, 64, 1), dtype=np.uint8)

@@ -10,11 +10,11 @@ from distill.inference import Detector, bf16_supported
 from distill.loss import DistillationLoss
 from distill.teacher import (
     TEACHERS,
-    TeacherWeightsError,
     WHEEL_TEACHERS,
+    TeacherWeightsError,
     _map_in_order,
-    wheel_weights_file,
     build_teacher,
+    wheel_weights_file,
 )
 from distill.torch_model import VARIANTS, ReverseDistillation, count_parameters
 

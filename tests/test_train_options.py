@@ -93,7 +93,7 @@ def test_tiles_across_the_fabric_edge_train_masked_or_excluded(category, tmp_pat
     regions = {p.relative_to(category).as_posix(): [0, 40] for p in cat.train[:5]}
     (category / REGIONS_FILE).write_text(json.dumps(regions))
     try:
-        card, metrics = _train_and_evaluate(category, tmp_path, "--edge", edge)
+        card, _metrics = _train_and_evaluate(category, tmp_path, "--edge", edge)
     finally:
         (category / REGIONS_FILE).unlink()
     n_train = len(cat.train) - len(split_held_out(len(cat.train), 0.3, 0)[1])
@@ -110,7 +110,7 @@ def test_an_evaluation_with_good_tiles_only_reports_the_false_alarm_share(catego
     for split in ("train", "test"):
         for p in (category / split / "good").iterdir():
             (only_good / split / "good" / p.name).write_bytes(p.read_bytes())
-    card, metrics = _train_and_evaluate(only_good, tmp_path, "--scorer", "student")
+    _card, metrics = _train_and_evaluate(only_good, tmp_path, "--scorer", "student")
     assert metrics["n_defect"] == 0 and metrics["image_auroc"] != metrics["image_auroc"]  # NaN
     assert 0.0 <= metrics["fpr_at_threshold"] <= 1.0
 
