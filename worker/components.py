@@ -13,6 +13,20 @@ length along the warp or the weft, so length_mm = max(bbox width, bbox height) a
 width_mm = the other one (a diagonal scratch is not measured along its diagonal). A bbox in
 the roll's last ¼-res row or column may reach up to scale − 1 full-res pixels past the
 image, since that ¼-res pixel covers a partial block.
+
+Fragments of one flaw (`merge_groups`). A hole's rim, a broken pick that dips below the
+threshold where the weave hides it, a crease seen as a dotted line: one physical flaw often
+comes out as several components. With `merge_gap_mm = D`, two components are one defect when
+their bounding boxes, in mm, are at most D apart across AND at most D apart along the roll
+(the gap between two boxes along an axis is the empty space between their extents, 0 when they
+touch or overlap) — repeated over the merged boxes until no two defects are that close, so
+every reported defect is more than D away from every other along at least one axis. D = 0
+merges only boxes that touch or overlap; None (the default here; finalize passes the setting
+`ROLLSCAN_MERGE_GAP_MM`) merges nothing. It runs in `finish`, over the whole roll's
+components, so fragments in different bands merge exactly as in one. A merged defect's bbox is
+the union of its fragments', its pixels and area their sum, max score the max, mean score the
+pixel-weighted mean. `min_area_px` applies after merging: fragments of one flaw add up, a lone
+speck still drops.
 """
 
 from __future__ import annotations
@@ -22,6 +36,10 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+_PAIRS_PER_CHUNK = 1 << 22  # candidate pairs examined at once by `merge_groups`' sweep
 
 
 @dataclass(frozen=True)
@@ -45,14 +63,16 @@ class Defect:
     row1: int
     col1: int
     pixels: int  # ¼-res pixels above the threshold
+    fragments: int = 1  # connected components merged into this defect (not stored)
 
 
 class DefectFinder:
     """Streaming connected-component labeller over a roll's ¼-res score map.
 
     A pixel is a defect pixel iff its score > threshold (strict); NaN anywhere raises
-    ValueError (a broken map must not pass as clean fabric). Components of fewer than
-    `min_area_px` ¼-res pixels are dropped at `finish` (they may still grow until then).
+    ValueError (a broken map must not pass as clean fabric). At `finish`, components within
+    `merge_gap_mm` of each other become one defect (module docstring; None: no merging), then
+    defects of fewer than `min_area_px` ¼-res pixels are dropped.
     """
 
     def __init__(
@@ -63,6 +83,7 @@ class DefectFinder:
         scale: int = 4,
         connectivity: int = 8,
         min_area_px: int = 1,
+        merge_gap_mm: float | None = None,
     ) -> None:
         if not math.isfinite(threshold):
             raise ValueError(f"threshold must be finite, got {threshold}")
@@ -75,12 +96,15 @@ class DefectFinder:
             raise ValueError(f"connectivity must be 4 or 8, got {connectivity}")
         if min_area_px < 1:
             raise ValueError(f"min_area_px must be ≥ 1, got {min_area_px}")
+        if merge_gap_mm is not None and not (math.isfinite(merge_gap_mm) and merge_gap_mm >= 0):
+            raise ValueError(f"merge_gap_mm must be None or a number ≥ 0, got {merge_gap_mm}")
         self.threshold = float(threshold)
         self.px_per_mm_x = float(px_per_mm_x)
         self.px_per_mm_y = float(px_per_mm_y)
         self.scale = int(scale)
         self.connectivity = connectivity
         self.min_area_px = int(min_area_px)
+        self.merge_gap_mm = None if merge_gap_mm is None else float(merge_gap_mm)
         self._structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
         self._next_row = 0
         self._width: int | None = None
@@ -129,14 +153,24 @@ class DefectFinder:
         self._finished = True
         n = self._n
         roots = np.flatnonzero(self._parent[:n] == np.arange(n))
-        roots = roots[self._count[roots] >= self.min_area_px]
         bbox, count = self._bbox[roots], self._count[roots]
         smax, ssum = self._max[roots], self._sum[roots]
+        fragments = np.ones(len(roots), dtype=np.int64)
+        sx = self.scale / self.px_per_mm_x
+        sy = self.scale / self.px_per_mm_y
+        if self.merge_gap_mm is not None and len(roots) > 1:
+            boxes_mm = np.stack(
+                [bbox[:, 1] * sx, bbox[:, 0] * sy, (bbox[:, 3] + 1) * sx, (bbox[:, 2] + 1) * sy],
+                axis=1,
+            )
+            group = merge_groups(boxes_mm, self.merge_gap_mm)
+            bbox, count, smax, ssum, fragments = _aggregate(group, bbox, count, smax, ssum)
+        keep = count >= self.min_area_px
+        bbox, count, smax, ssum = bbox[keep], count[keep], smax[keep], ssum[keep]
+        fragments = fragments[keep]
         # Ties on the top-left corner are possible (it need not be a pixel of the component):
         # the rest of the stats break them, so the numbering never depends on the banding.
         order = np.lexsort((smax, count, bbox[:, 3], bbox[:, 2], bbox[:, 1], bbox[:, 0]))
-        sx = self.scale / self.px_per_mm_x
-        sy = self.scale / self.px_per_mm_y
         pixel_area = self.scale * self.scale / (self.px_per_mm_x * self.px_per_mm_y)
         defects = []
         for no, k in enumerate(order, start=1):
@@ -163,6 +197,7 @@ class DefectFinder:
                     row1=r1,
                     col1=c1,
                     pixels=int(count[k]),
+                    fragments=int(fragments[k]),
                 )
             )
         return defects
@@ -228,6 +263,105 @@ class DefectFinder:
         self._count[root] += self._count[other]
         self._sum[root] += self._sum[other]
         self._max[root] = max(self._max[root], self._max[other])
+
+
+def merge_groups(boxes_mm: np.ndarray, gap_mm: float) -> np.ndarray:
+    """Group ids (0..g−1, by first appearance) of boxes that are one flaw by the merge rule.
+
+    `boxes_mm`: (n, 4) rows x0, y0, x1, y1 — a box covers [x0, x1) × [y0, y1). Two boxes link
+    when the gap between them is ≤ `gap_mm` across and ≤ `gap_mm` along (0 when they touch or
+    overlap; a gap equal to `gap_mm` up to float rounding links); linked boxes are one group,
+    transitively, and groups whose union boxes are that close are merged again until none are,
+    so no two groups' boxes end up within `gap_mm` of each other on both axes. The result does
+    not depend on the boxes' order.
+
+    Cost: a sweep down the boxes sorted by top edge; each box is compared with the boxes that
+    start no further than its bottom + `gap_mm` below its top, so O(n log n + P) for P such
+    pairs — a roll's components lie along its length, and P stays near n.
+    """
+    boxes = np.asarray(boxes_mm, dtype=np.float64).reshape(-1, 4)
+    if not np.isfinite(boxes).all() or (boxes[:, 2:] < boxes[:, :2]).any():
+        raise ValueError("boxes must be finite, with x0 ≤ x1 and y0 ≤ y1")
+    if not (math.isfinite(gap_mm) and gap_mm >= 0):
+        raise ValueError(f"gap_mm must be a number ≥ 0, got {gap_mm}")
+    group = np.arange(len(boxes))
+    while len(boxes) > 1:
+        linked = _link(boxes, gap_mm)
+        if linked.max() + 1 == len(boxes):
+            break  # no two boxes within the gap: a fixed point
+        group = linked[group]
+        merged = np.empty((linked.max() + 1, 4))
+        merged[:, :2] = np.inf
+        merged[:, 2:] = -np.inf
+        np.minimum.at(merged[:, 0], linked, boxes[:, 0])
+        np.minimum.at(merged[:, 1], linked, boxes[:, 1])
+        np.maximum.at(merged[:, 2], linked, boxes[:, 2])
+        np.maximum.at(merged[:, 3], linked, boxes[:, 3])
+        boxes = merged
+    if not len(group):
+        return group
+    _, first, inverse = np.unique(group, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)  # renumber by first appearance
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    return rank[inverse]
+
+
+def _link(boxes: np.ndarray, gap: float) -> np.ndarray:
+    """Connected components (ids in any order) of the graph 'boxes within `gap` on both axes'."""
+    n = len(boxes)
+    tol = 1e-9 * max(1.0, gap)  # millimetres from pixel counts × a float scale round
+    order = np.argsort(boxes[:, 1], kind="stable")
+    b = boxes[order]
+    # candidates of box i (in top order): the boxes after it whose top is within gap of its
+    # bottom; every other box is further than gap below or above it
+    stop = np.searchsorted(b[:, 1], b[:, 3] + gap + tol, side="right")
+    counts = np.maximum(stop - np.arange(1, n + 1), 0)
+    ends = np.cumsum(counts)  # candidates of boxes 0..i
+    heads, tails = [], []
+    i = 0
+    while i < n:  # boxes i..j−1 at once: about _PAIRS_PER_CHUNK candidate pairs
+        done = int(ends[i - 1]) if i else 0
+        j = max(int(np.searchsorted(ends, done + _PAIRS_PER_CHUNK, side="right")), i + 1)
+        first = np.repeat(np.arange(i, j), counts[i:j])
+        if len(first):
+            # the k-th candidate of box a is box a + 1 + k
+            second = first + 1 + np.arange(len(first)) - np.repeat(ends[i:j] - counts[i:j] - done,
+                                                                   counts[i:j])  # fmt: skip
+            p, q = b[first], b[second]
+            gap_x = np.maximum(p[:, 0], q[:, 0]) - np.minimum(p[:, 2], q[:, 2])
+            gap_y = np.maximum(p[:, 1], q[:, 1]) - np.minimum(p[:, 3], q[:, 3])
+            near = (gap_x <= gap + tol) & (gap_y <= gap + tol)
+            heads.append(first[near])
+            tails.append(second[near])
+        i = j
+    rows = np.concatenate(heads) if heads else np.zeros(0, dtype=np.int64)
+    cols = np.concatenate(tails) if tails else np.zeros(0, dtype=np.int64)
+    graph = coo_matrix((np.ones(len(rows), dtype=np.int8), (rows, cols)), shape=(n, n))
+    _, labels = connected_components(graph, directed=False)
+    linked = np.empty(n, dtype=np.int64)
+    linked[order] = labels
+    return linked
+
+
+def _aggregate(
+    group: np.ndarray, bbox: np.ndarray, count: np.ndarray, smax: np.ndarray, ssum: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per group: union bbox, summed pixels, max of maxima, summed scores, fragments."""
+    g = int(group.max()) + 1
+    box = np.empty((g, 4), dtype=np.int64)
+    box[:, :2] = np.iinfo(np.int64).max
+    box[:, 2:] = np.iinfo(np.int64).min
+    for k, reduce in ((0, np.minimum), (1, np.minimum), (2, np.maximum), (3, np.maximum)):
+        reduce.at(box[:, k], group, bbox[:, k])
+    top = np.full(g, -np.inf)
+    np.maximum.at(top, group, smax)
+    return (
+        box,
+        np.bincount(group, weights=count, minlength=g).astype(np.int64),
+        top,
+        np.bincount(group, weights=ssum, minlength=g),
+        np.bincount(group, minlength=g).astype(np.int64),
+    )
 
 
 def _grow(array: np.ndarray, capacity: int) -> np.ndarray:

@@ -47,6 +47,7 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
             px_per_mm_x=roll.px_per_mm_x,
             px_per_mm_y=roll.px_per_mm_y,
             scale=SCORE_SCALE,
+            merge_gap_mm=ctx.settings.merge_gap_mm,
         )
         quarter_band = arrays.band_height // SCORE_SCALE
         quarter_rows = -(-roll.rows_ingested // SCORE_SCALE)
