@@ -1,4 +1,5 @@
-"""Finalize a run: threshold the roll's score map, find defects across bands, store them.
+"""Finalize a run: threshold the roll's score map on the fabric (the extents measured while
+scoring), find defects across bands, store them.
 
 Runs in one transaction with the run's row locked, so two finalize tasks for one run produce
 one set of defects. Finalizing a run already done changes nothing; a run reopened by a
@@ -12,11 +13,14 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime
 
+import numpy as np
 from sqlalchemy import delete, func, insert, select, update
 
+from storage.fabric_extents import roll_extents
 from storage.schema import Defect, Model, Roll, Run
 from worker.components import DefectFinder
 from worker.context import WorkerContext
+from worker.fabric_mask import Extent, quarter_fabric_mask
 from worker.ingest import roll_arrays
 from worker.scoring import SCORE_SCALE
 
@@ -50,10 +54,15 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
             merge_gap_mm=ctx.settings.merge_gap_mm,
         )
         quarter_band = arrays.band_height // SCORE_SCALE
+        extents = [Extent(*e) for e in roll_extents(session, roll.id)]
         quarter_rows = -(-roll.rows_ingested // SCORE_SCALE)
         for q0 in range(0, quarter_rows, quarter_band):
             q1 = min(q0 + quarter_band, quarter_rows)
-            finder.add_band(arrays.read_scores(model.version, q0, q1), q0)
+            scores = arrays.read_scores(model.version, q0, q1)
+            if extents:  # the table beside the fabric is never a defect
+                fabric = quarter_fabric_mask(extents, q0, q1, scores.shape[1], SCORE_SCALE)
+                scores = np.where(fabric, scores, -np.inf)
+            finder.add_band(scores, q0)
         defects = finder.finish()
         session.execute(delete(Defect).where(Defect.run_id == run_id))
         if defects:

@@ -1,0 +1,77 @@
+"""The fabric's measured extents in PostgreSQL (`fabric_extents`): written by scoring, read by
+finalize (the mask) and grading (the measured width).
+
+An extent is anything with `row_start`, `row_stop`, `left`, `right` (pixels), such as
+`distill.fabric_region.Extent`; a band scored twice measures the same pixels and upserts the
+same rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from storage.schema import FabricExtent
+
+
+class ExtentLike(Protocol):
+    row_start: int
+    row_stop: int
+    left: int
+    right: int
+
+
+def store_extents(
+    session: Session, roll_id: str, px_per_mm: tuple[float, float], extents: Sequence[ExtentLike]
+) -> None:
+    """Upsert the extents of some of a roll's rows, in millimetres (px_per_mm: across, along)
+    as well as pixels."""
+    if not extents:
+        return
+    mx, my = px_per_mm
+    rows = [
+        {"roll_id": roll_id, "row_start": e.row_start, "row_stop": e.row_stop,
+         "left_px": e.left, "right_px": e.right, "y0_mm": e.row_start / my,
+         "y1_mm": e.row_stop / my, "left_mm": e.left / mx, "right_mm": e.right / mx,
+         "width_mm": (e.right - e.left) / mx}
+        for e in extents
+    ]  # fmt: skip
+    stmt = insert(FabricExtent).values(rows)
+    columns = ("row_stop", "left_px", "right_px", "y0_mm", "y1_mm", "left_mm", "right_mm",
+               "width_mm")  # fmt: skip
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[FabricExtent.roll_id, FabricExtent.row_start],
+            set_={
+                **{c: stmt.excluded[c] for c in columns},
+                "measured_at": stmt.excluded.measured_at,
+            },
+        )
+    )
+
+
+def roll_extents(session: Session, roll_id: str) -> list[tuple[int, int, int, int]]:
+    """The stored extents of a roll, in row order: (row_start, row_stop, left, right) px."""
+    rows = session.execute(
+        select(FabricExtent.row_start, FabricExtent.row_stop, FabricExtent.left_px,
+               FabricExtent.right_px)
+        .where(FabricExtent.roll_id == roll_id)
+        .order_by(FabricExtent.row_start)
+    ).all()  # fmt: skip
+    return [tuple(r) for r in rows]
+
+
+def fabric_edges_mm(session: Session, roll_id: str) -> tuple[float, float] | None:
+    """The fabric's median left and right edges (mm) along a roll, or None if unmeasured."""
+    row = session.execute(
+        select(FabricExtent.left_mm, FabricExtent.right_mm).where(FabricExtent.roll_id == roll_id)
+    ).all()
+    if not row:
+        return None
+    left, right = np.median(np.asarray(row, dtype=np.float64), axis=0)
+    return float(left), float(right)
