@@ -10,6 +10,7 @@ import io
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,7 @@ class QueueEnqueuer:
 
     items: deque = field(default_factory=deque)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    finalize_copies: int = 1  # 2: each finalize is also redelivered at once, racing itself
 
     def ingest(self, roll_id: str, seq: int, key: str) -> None:
         with self.lock:
@@ -65,7 +67,7 @@ class QueueEnqueuer:
 
     def finalize(self, run_id: int) -> None:
         with self.lock:
-            self.items.append(("finalize", (run_id,)))
+            self.items.extend([("finalize", (run_id,))] * self.finalize_copies)
 
     def take(self, kinds: tuple[str, ...]) -> tuple[str, tuple] | None:
         with self.lock:
@@ -284,29 +286,54 @@ def test_a_band_counted_while_ingest_takes_bands_back_is_not_lost(make_ctx):
     assert finalized == 1
 
 
-def test_concurrent_ingest_and_scoring_always_finalize_once(make_ctx):
+@pytest.fixture
+def finalizations(db_engine) -> Iterator[Callable[[int], int]]:
+    """How many finalizes took effect on a run (each sets its finished_at), counted by a trigger
+    whichever thread ran them: a finalize's return value cannot tell a repeat apart."""
+    with db_engine.begin() as conn:
+        conn.execute(text(
+            "CREATE TABLE test_finalizations (run_id bigint);"
+            "CREATE FUNCTION test_finalized() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "INSERT INTO test_finalizations VALUES (NEW.id); RETURN NEW; END $$;"
+            "CREATE TRIGGER test_finalized AFTER UPDATE ON runs FOR EACH ROW WHEN (NEW.status "
+            "= 'done' AND NEW.finished_at IS DISTINCT FROM OLD.finished_at) "
+            "EXECUTE FUNCTION test_finalized()"
+        ))  # fmt: skip
+
+    def count(run_id: int) -> int:
+        with db_engine.connect() as conn:
+            query = "SELECT count(*) FROM test_finalizations WHERE run_id = :r"
+            return conn.scalar(text(query), {"r": run_id})
+
+    yield count
+    with db_engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER test_finalized ON runs; DROP FUNCTION test_finalized();"
+                          "DROP TABLE test_finalizations"))  # fmt: skip
+
+
+def test_concurrent_ingest_and_scoring_always_finalize_once(make_ctx, finalizations):
     """Many rounds: one thread ingests a streaming roll frame by frame (then re-uploads a
-    frame and completes the manifest) while two threads score bands as they are announced."""
+    frame and completes the manifest) while two threads score bands as they are announced
+    and two finalize them, as two workers of the finalize queue would, each finalize sent
+    twice: a redelivery racing the original."""
     ctx = make_ctx()
-    for round_ in range(6):
+    ctx.enqueue.finalize_copies = 2
+    for round_ in range(12):
         roll_id = f"R-conc{round_}"
         register(ctx, roll_id, 4, complete=False)
         stop = threading.Event()
-        finalized: list[int] = []
 
-        def scorer(stop: threading.Event = stop) -> None:
+        def work(kind: str, stop: threading.Event = stop) -> None:
             while not stop.is_set():
-                if (item := ctx.enqueue.take(("score",))) is None:
+                if (item := ctx.enqueue.take((kind,))) is None:
                     time.sleep(0.005)
-                    continue
-                score_band(ctx, *item[1])
+                elif kind == "score":
+                    score_band(ctx, *item[1])
+                else:
+                    finalize_run(ctx, *item[1])
 
-        def finalizer(stop: threading.Event = stop, finalized: list[int] = finalized) -> None:
-            while not stop.is_set():
-                finalized.append(drain(ctx, ("finalize",)))
-                time.sleep(0.005)
-
-        threads = [threading.Thread(target=t) for t in (scorer, scorer, finalizer)]
+        kinds = ("score", "score", "finalize", "finalize")
+        threads = [threading.Thread(target=work, args=(kind,)) for kind in kinds]
         for thread in threads:
             thread.start()
         try:
@@ -326,10 +353,10 @@ def test_concurrent_ingest_and_scoring_always_finalize_once(make_ctx):
             stop.set()
             for thread in threads:
                 thread.join()
-        finalized.append(drain(ctx))
+        drain(ctx)
         _, run = roll_and_run(ctx, roll_id)
         assert (run.bands_done, run.bands_total) == (4, 4), round_
-        assert sum(finalized) == 1, round_
+        assert finalizations(run.id) == 1, round_
         with ctx.session() as session:
             statuses = session.scalars(select(Band.status).where(Band.run_id == run.id)).all()
         assert statuses == ["done"] * 4
