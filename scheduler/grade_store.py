@@ -24,8 +24,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from scheduler.grading import GradingRules, grade_roll, load_rules
+from scheduler.grading import GradingRules, choose_width, grade_roll, load_rules
 from storage.database import is_transient_db_error
+from storage.fabric_extents import fabric_edges_mm
 from storage.schema import Defect, Grade, Roll, Run
 
 log = logging.getLogger(__name__)
@@ -73,7 +74,19 @@ def grade_run(session: Session, run_id: int, rules: GradingRules | None = None) 
         .where(Defect.run_id == run_id)
         .order_by(Defect.defect_no)
     ).all()
-    result = grade_roll([tuple(r[1:]) for r in rows], roll.length_m * 1000.0, roll.width_mm, rules)
+    measured = fabric_edges_mm(session, roll.id)
+    width_mm, left_mm, source = choose_width(roll.width_mm, measured, rules.width_tolerance)
+    if source == "measured":
+        log.warning("roll %s: measured fabric width %.0f mm, manifest says %.0f mm (beyond "
+                    "%.0f %%): grading on the measured width", roll.id, width_mm, roll.width_mm,
+                    100 * rules.width_tolerance)  # fmt: skip
+    result = grade_roll(
+        [tuple(r[1:]) for r in rows], roll.length_m * 1000.0, width_mm, rules, left_mm
+    )
+    result.details.update(
+        width_source=source, manifest_width_mm=roll.width_mm,
+        measured_width_mm=None if measured is None else measured[1] - measured[0],
+    )  # fmt: skip
 
     if rows:
         # ORM bulk UPDATE by primary key: one executemany; None clears a stale value

@@ -19,7 +19,10 @@ Decisions where the standard leaves room (each one is recorded in `GradeResult.d
   Its `per_defect_points` are the points charged in all, before the per-yard cap, over
   `per_defect_yards` yards (stored as `defects.points` and `defects.yards_charged`).
 - A defect is ignored at the selvage when its whole bbox lies within the margin of one
-  edge: ``x1 ≤ margin`` or ``x0 ≥ width − margin`` (boundaries inclusive).
+  edge: ``x1 ≤ left + margin`` or ``x0 ≥ left + width − margin`` (boundaries inclusive),
+  where `left` is the fabric's left edge in the image (0 unless measured) and `width` the
+  width graded: the manifest's, or the measured one where they disagree beyond
+  `width_tolerance` (the caller decides, see `choose_width`).
 - Point bands are inclusive on their upper edge (exactly 3 in is 1 point), and a roll is
   in the first grade whose limit its points per 100 yd² do not exceed (limits inclusive).
 - Conversions are exact: 1 in = 25.4 mm, 1 yd = 914.4 mm = 36 in.
@@ -55,6 +58,9 @@ class GradingRules(BaseModel):
     points_above: int = 4
     max_points_per_yard: int = 4
     selvage_margin_in: float = 1.0
+    # the measured fabric width replaces the manifest's when they differ by more than this
+    # share of the manifest's (a scanner's manifest is typed in; the pixels are not)
+    width_tolerance: float = 0.05
     # (grade name, max points per 100 yd², inclusive), ascending limits
     acceptance: tuple[tuple[str, float], ...] = (("A", 20.0), ("B", 40.0))
     reject_name: str = "reject"
@@ -81,6 +87,13 @@ class GradingRules(BaseModel):
     def _cap_positive(cls, value: int) -> int:
         if value < 1:
             raise ValueError(f"must be at least 1, got {value}")
+        return value
+
+    @field_validator("width_tolerance")
+    @classmethod
+    def _tolerance_range(cls, value: float) -> float:
+        if not 0 <= value <= 1:
+            raise ValueError(f"must be a share between 0 and 1, got {value}")
         return value
 
     @field_validator("selvage_margin_in")
@@ -134,9 +147,11 @@ def grade_roll(
     roll_length_mm: float,
     roll_width_mm: float,
     rules: GradingRules | None = None,
+    fabric_left_mm: float = 0.0,
 ) -> GradeResult:
     """Grade one roll; `defects` are (x0_mm, y0_mm, x1_mm, y1_mm, length_mm), x across from
-    the left edge, y along from the roll start."""
+    the image's left edge, y along from the roll start; the fabric spans
+    [fabric_left_mm, fabric_left_mm + roll_width_mm] across."""
     rules = rules if rules is not None else GradingRules()
     # inf passes `> 0` and would grade every roll "A" (or overflow): refuse it here
     if not (math.isfinite(roll_length_mm) and math.isfinite(roll_width_mm)):
@@ -162,6 +177,7 @@ def grade_roll(
     per_yard: dict[int, int] = {}
     across: list[dict[str, Any]] = []
     for i, (x0, y0, x1, y1, length_mm) in enumerate(defects):
+        x0, x1 = x0 - fabric_left_mm, x1 - fabric_left_mm
         if x1 <= margin_mm + _EPS or x0 >= roll_width_mm - margin_mm - _EPS:
             per_defect.append(None)
             per_defect_yards.append(None)
@@ -190,6 +206,7 @@ def grade_roll(
         "yards": yards,
         "roll_width_in": roll_width_mm / MM_PER_INCH,
         "cuttable_width_in": width_in,
+        "fabric_left_mm": fabric_left_mm,
         "selvage_margin_in": rules.selvage_margin_in,
         "defects": len(defects),
         "defects_ignored_at_selvage": ignored,
@@ -208,6 +225,20 @@ def grade_roll(
     return GradeResult(
         points, per_100, grade, yards, width_in, per_defect, per_defect_yards, details
     )
+
+
+def choose_width(
+    manifest_mm: float, measured: tuple[float, float] | None, tolerance: float
+) -> tuple[float, float, str]:
+    """(width_mm, fabric_left_mm, source) to grade with: the manifest's width from the measured
+    left edge, unless the measured width (left, right edges in mm) differs from it by more
+    than `tolerance` of it; then the measured one. Unmeasured: the manifest's, from 0."""
+    if measured is None:
+        return manifest_mm, 0.0, "manifest"
+    left, right = measured
+    if abs((right - left) - manifest_mm) > tolerance * manifest_mm:
+        return right - left, left, "measured"
+    return manifest_mm, left, "manifest"
 
 
 # ----------------------------------------------------------------------------- configuration

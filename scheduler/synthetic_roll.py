@@ -61,11 +61,21 @@ def write_synthetic_roll(
     fabric_type: str = "demo-twill",
     plan: list[tuple[str, tuple[int, int]]] | None = None,
     complete: bool = True,
+    table: tuple[int, int, int] | None = None,
 ) -> tuple[dict, list[PlantedDefect]]:
-    """Write `dst/manifest.json`, `dst/frames/000001.tif`, … and `dst/planted.json`."""
+    """Write `dst/manifest.json`, `dst/frames/000001.tif`, … and `dst/planted.json`.
+
+    `table` = (left px, right px, grey level): the camera also sees that much of an even,
+    slightly noisy table beside the fabric on each side (the manifest's width stays the
+    image's, as a scanner that does not measure its fabric would write it)."""
     dst = Path(dst)
     rows = frames * frame_rows
     image = make_fabric(rows, width, weave=weave, seed=seed, row_offset=ROLL_ROW_OFFSET)
+    if table is not None:
+        left, right, grey = table
+        noise = np.random.default_rng(seed + 2).normal(grey, 2.0, (rows, left + right))
+        sides = np.clip(noise, 0, 255).astype(image.dtype)
+        image[:, :left], image[:, width - right :] = sides[:, :left], sides[:, left:]
     rng = np.random.default_rng(seed + 1)
     planted = []
     for kind, center in plan if plan is not None else default_plan(rows, width):

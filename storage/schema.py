@@ -238,6 +238,33 @@ class Band(Base):
     )
 
 
+class FabricExtent(Base):
+    """Where the fabric lies across one block of a roll's rows, as measured from its pixels
+    (`distill.fabric_region`): the columns outside it are the table, never a defect."""
+
+    __tablename__ = "fabric_extents"
+
+    roll_id: Mapped[str] = mapped_column(
+        ForeignKey("rolls.id", ondelete="CASCADE"), primary_key=True
+    )
+    row_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    row_stop: Mapped[int] = mapped_column(BigInteger, comment="exclusive")
+    left_px: Mapped[int] = mapped_column(comment="first fabric column")
+    right_px: Mapped[int] = mapped_column(comment="one past the last fabric column")
+    y0_mm: Mapped[float] = mapped_column(comment="rows in mm along the roll")
+    y1_mm: Mapped[float]
+    left_mm: Mapped[float] = mapped_column(comment="the fabric's left edge, from the image's")
+    right_mm: Mapped[float]
+    width_mm: Mapped[float] = mapped_column(comment="measured fabric width")
+    measured_at: Mapped[datetime] = _now()
+
+    __table_args__ = (
+        CheckConstraint("row_start >= 0 AND row_stop > row_start", name="rows_ordered"),
+        CheckConstraint("left_px >= 0 AND right_px > left_px", name="columns_ordered"),
+        CheckConstraint("width_mm > 0", name="width_positive"),
+    )
+
+
 class Defect(Base):
     """A connected component of the thresholded anomaly map; millimetres, y along the roll."""
 

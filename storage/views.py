@@ -94,3 +94,22 @@ def drop_view_sql(name: str) -> str:
     if name not in VIEWS:
         raise ValueError(f"unknown view {name!r}")
     return f"DROP VIEW IF EXISTS {name}"
+
+
+# Revision 0004: the fabric's measured width along each roll (a mill wants to know when its
+# fabric narrows), beside the manifest's width.
+ROLL_WIDTHS = """
+CREATE VIEW roll_widths AS
+SELECT ro.id AS roll_id,
+       ro.fabric_type,
+       ro.width_mm AS manifest_width_mm,
+       count(e.row_start) AS blocks_measured,
+       min(e.width_mm) AS min_width_mm,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY e.width_mm) AS median_width_mm,
+       max(e.width_mm) AS max_width_mm,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY e.left_mm) AS median_left_mm,
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY e.right_mm) AS median_right_mm
+FROM rolls ro
+JOIN fabric_extents e ON e.roll_id = ro.id
+GROUP BY ro.id, ro.fabric_type, ro.width_mm
+"""

@@ -78,7 +78,7 @@ def _relations(url: str) -> dict[str, str]:
 def test_upgrade_downgrade_upgrade_round_trip(make_database: Callable[[], str]) -> None:
     url = make_database()
     head = database.head_revision()
-    assert head == "0003"
+    assert head == "0004"
     assert database.current_revision(url) is None
 
     database.upgrade(url)
@@ -87,7 +87,7 @@ def test_upgrade_downgrade_upgrade_round_trip(make_database: Callable[[], str]) 
     assert {t.name for t in Base.metadata.sorted_tables} | set(VIEWS) | {"alembic_version"} <= set(
         made
     )
-    assert all(made[name] == "v" for name in VIEWS)
+    assert all(made[name] == "v" for name in [*VIEWS, "roll_widths"])
 
     database.downgrade(url, "base")
     assert database.current_revision(url) is None
@@ -398,7 +398,7 @@ def test_cli_db_commands(
     assert "none" in capsys.readouterr().out
     assert _cli("db", "upgrade") == 0
     assert _cli("db", "current") == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "0003 (head)"
+    assert capsys.readouterr().out.splitlines()[-1] == "0004 (head)"
     with pytest.raises(ValueError, match="db downgrade"):
         _cli("db", "downgrade", "no-such-revision")
     assert _cli("db", "downgrade", "base") == 0

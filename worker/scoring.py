@@ -1,4 +1,5 @@
-"""Score one band: read its rows plus halo, tile, run the model in batches, max-stitch, store.
+"""Score one band: read its rows plus halo, tile, run the model in batches, max-stitch, store;
+measure where the fabric lies across the band's rows and store that too.
 
 A band is the unit of work: one task writes one band's score shard (¼ resolution, float16), so
 no two writers ever share a shard. Scoring a band twice writes the same values and counts once.
@@ -13,8 +14,10 @@ from datetime import UTC, datetime
 import numpy as np
 from sqlalchemy import update
 
+from storage.fabric_extents import store_extents
 from storage.schema import Band, Model, Roll, Run
 from worker.context import WorkerContext, lock_bands
+from worker.fabric_mask import measure_band
 from worker.ingest import finalize_due, roll_arrays, run_tiling
 from worker.metrics import band_scored
 from worker.tiling import BandStitcher, band_read_window, band_tiles, cut_tiles, downsample_max
@@ -66,6 +69,8 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
         read_start, read_stop = band_read_window(start, stop, rows, tile, stride)
         lock_bands(session, roll.id, arrays.bands_of_rows(read_start, read_stop), shared=True)
         pixels = arrays.read_rows(read_start, read_stop)
+        roll_id, scales = roll.id, (roll.px_per_mm_x, roll.px_per_mm_y)
+    extents = measure_band(pixels, read_start, start, stop)
     detector = ctx.detector(model)
     origins = band_tiles(start, stop, rows, width, tile, stride)
     margin = (tile - stride) // 2
@@ -74,6 +79,7 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
     partial = stop - start < arrays.band_height  # only the roll's last band can be short
     arrays.write_band_scores(model.version, band_index, quarter, length=rows if partial else None)
     with ctx.session() as session:
+        store_extents(session, roll_id, scales, extents)
         counted = session.execute(
             update(Band)
             .where(Band.run_id == run_id, Band.band_index == band_index, Band.status != "done")

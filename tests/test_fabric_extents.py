@@ -1,0 +1,100 @@
+"""The fabric's edges through the pipeline: measured while scoring, stored in PostgreSQL,
+nothing reported off the fabric, the measured width in SQL and in grading."""
+
+import logging
+
+import numpy as np
+import pytest
+from sqlalchemy import select, text
+
+from scheduler.grade_store import grade_run
+from scheduler.grading import choose_width
+from scheduler.submit import submit
+from scheduler.synthetic_roll import match_defects, write_synthetic_roll
+from storage.schema import Defect, FabricExtent, Grade, Run
+from worker.fabric_mask import Extent, quarter_fabric_mask
+
+PX_PER_MM, BAND, WIDTH = 10.0, 1024, 768
+LEFT, RIGHT = 96, 128  # table columns on each side: the fabric is [96, 640)
+PLAN = [("hole", (1024, 300)), ("knot", (400, 560))]
+
+
+@pytest.fixture
+def ctx(make_inline_ctx):
+    return make_inline_ctx(BAND)
+
+
+def _scored_roll(ctx, tmp_path, roll_id: str, grey: int):
+    folder = tmp_path / roll_id
+    _, planted = write_synthetic_roll(
+        folder, roll_id, frames=4, frame_rows=512, width=WIDTH, plan=PLAN, px_per_mm=PX_PER_MM,
+        table=(LEFT, RIGHT, grey),
+    )  # fmt: skip
+    submit(ctx, str(folder))
+    ctx.enqueue.drain()
+    return planted
+
+
+@pytest.mark.parametrize("grey", [15, 245], ids=["dark table", "white table"])
+def test_nothing_is_reported_off_the_fabric_and_its_edges_are_in_sql(ctx, tmp_path, grey):
+    roll_id = f"R-table-{grey}"
+    planted = _scored_roll(ctx, tmp_path, roll_id, grey)
+    with ctx.session() as session:
+        extents = session.scalars(
+            select(FabricExtent).where(FabricExtent.roll_id == roll_id)
+        ).all()
+        run = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+        found = [
+            {c: getattr(d, c) for c in ("x0_mm", "y0_mm", "x1_mm", "y1_mm")}
+            for d in session.scalars(select(Defect).where(Defect.run_id == run.id))
+        ]
+        widths = session.execute(
+            text("SELECT blocks_measured, min_width_mm, median_width_mm, manifest_width_mm "
+                 "FROM roll_widths WHERE roll_id = :r"), {"r": roll_id},
+        ).one()  # fmt: skip
+    # every block of every band measured once, edges within a cell of the truth
+    assert [(e.row_start, e.row_stop) for e in extents] == [(r, r + 256) for r in range(0, 2048, 256)]
+    for e in extents:
+        assert abs(e.left_px - LEFT) <= 16 and abs(e.right_px - (WIDTH - RIGHT)) <= 16
+        assert e.left_mm == pytest.approx(e.left_px / PX_PER_MM)
+        assert e.width_mm == pytest.approx((e.right_px - e.left_px) / PX_PER_MM)
+    fabric_mm = (WIDTH - LEFT - RIGHT) / PX_PER_MM
+    assert widths.blocks_measured == 8
+    assert widths.median_width_mm == pytest.approx(fabric_mm, abs=3.2)
+    assert widths.manifest_width_mm == WIDTH / PX_PER_MM
+    # the table is never a defect; the planted ones are still found
+    left_edge, right_edge = LEFT / PX_PER_MM, (WIDTH - RIGHT) / PX_PER_MM
+    assert all(d["x1_mm"] > left_edge - 1.6 and d["x0_mm"] < right_edge + 1.6 for d in found)
+    assert all(d["x0_mm"] >= left_edge - 1.6 and d["x1_mm"] <= right_edge + 1.6 for d in found), found
+    matched, _ = match_defects(planted, found, PX_PER_MM)
+    assert sorted(matched) == [0, 1], found
+
+
+def test_grading_takes_the_measured_width_when_the_manifest_disagrees(ctx, tmp_path, caplog):
+    roll_id = "R-graded"
+    _scored_roll(ctx, tmp_path, roll_id, 15)
+    with ctx.session() as session, caplog.at_level(logging.WARNING):
+        run = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+        grade_run(session, run.id)
+        grade = session.get(Grade, (roll_id, run.id, "astm_d5430"))
+    # 76.8 mm in the manifest, ≈ 54.4 mm measured: beyond 5 %, so the measured width grades
+    assert grade.details["width_source"] == "measured"
+    assert grade.details["measured_width_mm"] == pytest.approx(54.4, abs=3.2)
+    assert grade.details["fabric_left_mm"] == pytest.approx(LEFT / PX_PER_MM, abs=1.6)
+    assert "measured fabric width" in caplog.text
+
+
+def test_choose_width_keeps_the_manifest_within_tolerance():
+    assert choose_width(1600.0, None, 0.05) == (1600.0, 0.0, "manifest")
+    assert choose_width(1600.0, (20.0, 1640.0), 0.05) == (1600.0, 20.0, "manifest")
+    assert choose_width(1600.0, (20.0, 1420.0), 0.05) == (1400.0, 20.0, "measured")
+
+
+def test_the_quarter_mask_keeps_every_quarter_pixel_that_touches_the_fabric():
+    extents = [Extent(0, 256, 10, 101), Extent(256, 512, 0, 128)]
+    mask = quarter_fabric_mask(extents, 0, 128, 32, 4)
+    assert mask[:64, 2:26].all() and not mask[:64, :2].any() and not mask[:64, 26:].any()
+    assert mask[64:].all()  # a block with no margin: fabric from side to side
+    # rows no extent covers (a roll scored before extents existed) stay fabric
+    assert quarter_fabric_mask(extents, 128, 160, 32, 4).all()
+    assert np.array_equal(quarter_fabric_mask([], 0, 4, 8, 4), np.ones((4, 8), bool))
