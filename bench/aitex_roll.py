@@ -4,8 +4,12 @@
 
 The roll (`scheduler.aitex_roll.build_aitex_roll`): the fabric's good strips that do not
 train (strips 16+ of its roll folder, in name order) with its defect strips interleaved at
-known rows, 256 rows each, full width; the planted defects are the connected components of
-the defect strips' masks. The model: `--model PATH` reuses a checkpoint; otherwise one is
+known rows, 256 rows each, full width; the planted defects are the physical flaws of the defect
+strips' masks: a strip's connected components merged by the rule finalize merges found
+defects with (boxes within `ROLLSCAN_MERGE_GAP_MM`, default 10 mm, across and along are one
+flaw; `--merge-gap-mm`), so one crease drawn as a dozen specks is one planted defect. The
+table prints both counts: `flaws` (what recall and false alarms count) and `comps` (mask
+components). The model: `--model PATH` reuses a checkpoint; otherwise one is
 trained with `distill.train` on the tiles of the first 15 good strips (`--epochs`,
 `--max-minutes`; the official recipe's 100 epochs by default). It is registered and
 activated for the roll's fabric type, and the roll is submitted in this process (no broker)
@@ -61,6 +65,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--workdir", type=Path, default=None, help="keep roll, tiles, model here")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--merge-gap-mm", type=float, default=None,
+                        help="fragment merge gap in mm, planted and found (default: the "
+                        "setting ROLLSCAN_MERGE_GAP_MM)")  # fmt: skip
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"no AITEX data at {args.data}")
@@ -85,9 +92,12 @@ def run(args: argparse.Namespace, code: str, tmp: Path) -> dict:
         config = TrainConfig(teacher=args.teacher, epochs=args.epochs, max_minutes=args.max_minutes)
         card = train(tmp / "tiles" / f"fabric{code}", checkpoint, config)
         print(f"trained {checkpoint}: {card.metrics.get('epochs')} epochs")
-    settings = get_settings(data_dir=tmp / "data", device=args.device, batch_size=args.batch)
+    options = {"device": args.device, "batch_size": args.batch}
+    if args.merge_gap_mm is not None:
+        options["merge_gap_mm"] = args.merge_gap_mm
+    settings = get_settings(data_dir=tmp / "data", **options)
     if settings.database_url is None:  # the embedded server lives in the usual data dir
-        settings = get_settings(device=args.device, batch_size=args.batch)
+        settings = get_settings(**options)
     upgrade(database_url(settings))
     enqueuer = InlineEnqueuer()
     ctx = WorkerContext(settings, make_engine(settings), LocalStore(tmp / "objects"), enqueuer,
@@ -98,17 +108,20 @@ def run(args: argparse.Namespace, code: str, tmp: Path) -> dict:
     roll_dir = tmp / "rolls" / roll_id
     manifest, planted = build_aitex_roll(
         args.data, code, roll_dir, roll_id, strips_per_frame=args.strips_per_frame,
-        px_per_mm=args.px_per_mm, fabric_type=fabric_type,
+        px_per_mm=args.px_per_mm, fabric_type=fabric_type, merge_gap_mm=settings.merge_gap_mm,
     )  # fmt: skip
     strips = json.loads((roll_dir / "strips.json").read_text())
     print(f"roll {roll_id}: {len(strips)} strips ({sum(s['defect'] is not None for s in strips)} "
-          f"with defects), {manifest['frames']} frames, {len(planted)} planted defects; "
-          f"model {model.version}")  # fmt: skip
+          f"with defects), {manifest['frames']} frames, {len(planted)} planted flaws from "
+          f"{sum(p.components for p in planted)} mask components (merge gap "
+          f"{settings.merge_gap_mm:g} mm); model {model.version}")  # fmt: skip
     result = run_aitex_roll(ctx, roll_dir, planted)
-    print(f"\n{'planted':<14}{'rows':>12}{'cols':>12}{'px':>8}   found (bbox mm, max score)")
+    print(f"\n{'planted':<14}{'rows':>12}{'cols':>12}{'px':>8}{'comps':>6}   "
+          f"found (bbox mm, max score)")  # fmt: skip
     for i, p in enumerate(planted):
         y0, x0, y1, x1 = p.bbox_px
-        line = f"{p.kind:<14}{f'{y0}–{y1}':>12}{f'{x0}–{x1}':>12}{len(p.pixels):>8}   "
+        line = (f"{p.kind:<14}{f'{y0}–{y1}':>12}{f'{x0}–{x1}':>12}{len(p.pixels):>8}"
+                f"{p.components:>6}   ")  # fmt: skip
         if i in result["matches"]:
             d = result["defects"][result["matches"][i]]
             line += (f"#{d['defect_no']} {d['x1_mm'] - d['x0_mm']:.1f}×{d['y1_mm'] - d['y0_mm']:.1f}"
@@ -121,16 +134,17 @@ def print_table(code: str, r: dict) -> None:
     recall = "n/a" if r["recall"] is None else f"{r['recall']:.2f}"
     recall_px = "n/a" if not r["planted"] else f"{r['matched_px'] / r['planted']:.2f}"
     print()
-    print(f"{'fabric':<7}{'planted':>8}{'matched':>8}{'recall':>7}{'found':>6}{'false':>6}"
-          f"{'false/m':>8}{'length m':>9}{'grade':>7}{'pts/100yd²':>11}{'tiles':>6}"
+    print(f"{'fabric':<7}{'comps':>6}{'flaws':>6}{'matched':>8}{'recall':>7}{'found':>6}"
+          f"{'false':>6}{'false/m':>8}{'length m':>9}{'grade':>7}{'pts/100yd²':>11}{'tiles':>6}"
           f"{'tiles/s':>8}   {'strict: recall':>14}{'false':>6}")  # fmt: skip
-    print(f"{code:<7}{r['planted']:>8}{r['matched']:>8}{recall:>7}{r['found']:>6}"
-          f"{r['false_defects']:>6}{r['false_per_m']:>8.1f}{r['roll_length_m']:>9.4f}"
-          f"{r['grade']:>7}{r['points_per_100yd2']:>11.1f}{r['tiles']:>6}"
+    print(f"{code:<7}{r['planted_components']:>6}{r['planted']:>6}{r['matched']:>8}{recall:>7}"
+          f"{r['found']:>6}{r['false_defects']:>6}{r['false_per_m']:>8.1f}"
+          f"{r['roll_length_m']:>9.4f}{r['grade']:>7}{r['points_per_100yd2']:>11.1f}{r['tiles']:>6}"
           f"{r['tiles_per_s']:>8.1f}   {recall_px:>14}{r['false_defects_px']:>6}")  # fmt: skip
     print(f"(lengths at a nominal scale; model {r['model_version']}; pipeline "
-          f"{r['seconds']:.1f} s; 'strict': a defect's own pixels, not its box, must touch "
-          f"the mask)")  # fmt: skip
+          f"{r['seconds']:.1f} s; comps: the masks' connected components, flaws: those merged "
+          f"as found defects are, what recall and false count; 'strict': a defect's own "
+          f"pixels, not its box, must touch the mask)")  # fmt: skip
 
 
 if __name__ == "__main__":

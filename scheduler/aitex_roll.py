@@ -4,9 +4,12 @@ The roll is the fabric's good strips that do not train (per roll folder, in name
 first `n_train_strips` train — the same split as `distill.data.aitex.import_aitex`), with the
 fabric's defect strips interleaved evenly among them; every strip is 256 rows and the full
 width, so the roll is a synthetic length of real texture. The planted defects are the
-8-connected components of each defect strip's mask (union of `_mask`, `_mask1`, …; > 127),
-shifted to roll rows. Written in the scanner's format (`manifest.json`, `frames/000001.tif` …)
-plus `planted.json` and `strips.json` (which strip lies at which rows).
+physical flaws of each defect strip's mask (union of `_mask`, `_mask1`, …; > 127), shifted to
+roll rows: its 8-connected components merged by finalize's rule for found defects
+(`worker.components.merge_groups`: boxes within `merge_gap_mm` across and along are one flaw),
+so that a crease drawn as a dozen specks counts once, as a mill counts it. Written in the
+scanner's format (`manifest.json`, `frames/000001.tif` …) plus `planted.json` and
+`strips.json` (which strip lies at which rows, with its mask's flaws and components).
 
 AITEX gives no scale: the roll is written at a nominal `px_per_mm` (default 10), so every mm
 and m figure derived from it (positions, defect lengths, roll length, false defects per metre,
@@ -18,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +36,8 @@ from scheduler.synthetic_roll import PlantedDefect
 from storage.registry import activate_model, active_model, checkpoint_key, register_model
 from storage.rolls import open_roll
 from storage.schema import Band, Defect, Model, Roll, Run
+from storage.settings import MERGE_GAP_MM
+from worker.components import merge_groups
 from worker.context import WorkerContext
 from worker.scoring import SCORE_SCALE
 from worker.tiling import band_tiles
@@ -40,9 +45,46 @@ from worker.tiling import band_tiles
 AITEX_PX_PER_MM = 10.0  # nominal: the data set states no resolution
 N_TRAIN_STRIPS = 15
 BLANK = 255  # the strips' margins are white: a narrower strip is padded with it
-REPORT_KEYS = ("planted", "matched", "recall", "false_defects", "false_per_m", "roll_length_m",
-               "grade", "tiles_per_s")  # fmt: skip
+REPORT_KEYS = ("planted", "planted_components", "matched", "recall", "false_defects",
+               "false_per_m", "roll_length_m", "grade", "tiles_per_s")  # fmt: skip
 _FOUND = ("defect_no", "x_mm", "y_mm", "x0_mm", "y0_mm", "x1_mm", "y1_mm", "length_mm", "max_score")
+
+
+@dataclass
+class PlantedFlaw(PlantedDefect):
+    """A planted physical flaw: `components` connected components of its strip's mask."""
+
+    components: int = 1
+
+
+def mask_flaws(
+    mask: np.ndarray, px_per_mm: float, merge_gap_mm: float | None, kind: str, row0: int = 0
+) -> list[PlantedFlaw]:
+    """The flaws of one strip's boolean mask, moved down by `row0`: its 8-connected components,
+    merged by `merge_groups` on their boxes in mm (None: each component is a flaw)."""
+    labels, n = ndimage.label(mask, structure=ndimage.generate_binary_structure(2, 2))
+    if not n:
+        return []
+    slices = ndimage.find_objects(labels)
+    box = np.array([(s.start, c.start, s.stop, c.stop) for s, c in slices], dtype=np.int64)
+    group = np.arange(n)
+    if merge_gap_mm is not None:
+        group = merge_groups(box[:, [1, 0, 3, 2]] / px_per_mm, merge_gap_mm)
+    ys, xs = np.nonzero(labels)
+    flaw_of_pixel = group[labels[ys, xs] - 1]
+    flaws = []
+    for g in range(int(group.max()) + 1):
+        members = box[group == g]
+        y0, x0 = members[:, :2].min(axis=0)
+        y1, x1 = members[:, 2:].max(axis=0)
+        y0, y1 = y0 + row0, y1 + row0
+        inside = flaw_of_pixel == g
+        pixels = list(zip((ys[inside] + row0).tolist(), xs[inside].tolist(), strict=True))
+        flaws.append(PlantedFlaw(
+            kind, (int(y0 + y1) // 2, int(x0 + x1) // 2),
+            (int(y0), int(x0), int(y1), int(x1)), pixels, components=len(members),
+        ))  # fmt: skip
+    return flaws
 
 
 def _fabric_code(fabric: str) -> str:
@@ -105,8 +147,13 @@ def build_aitex_roll(
     px_per_mm: float = AITEX_PX_PER_MM,
     n_train_strips: int = N_TRAIN_STRIPS,
     fabric_type: str | None = None,
-) -> tuple[dict, list[PlantedDefect]]:
+    merge_gap_mm: float | None = MERGE_GAP_MM,
+) -> tuple[dict, list[PlantedFlaw]]:
     """Write the roll (see the module docstring) to `dst`; returns (manifest, planted).
+
+    `merge_gap_mm` must be the finalize setting (`ROLLSCAN_MERGE_GAP_MM`) the roll will be
+    scored under, so that planted and found defects are counted by one rule; None plants
+    every mask component as a defect of its own.
 
     The roll's width is that of its first good strip; other strips are cut or padded with
     white on the right (masks likewise). Good strips that duplicate a training strip or an
@@ -135,22 +182,16 @@ def build_aitex_roll(
     width = (good[0][1] if good else defects[0][1]).shape[1]
 
     rows, blocks, layout, planted = 0, [], [], []
-    structure = ndimage.generate_binary_structure(2, 2)
     for item in _interleave(good, defects):
         path, image = item[0], _fit_width(item[1], width)
         entry = {"strip": path.name, "row": rows, "rows": image.shape[0], "defect": None}
         if len(item) == 4:
             mask = _fit_width(item[2], width, fill=False)
             entry["defect"] = item[3]
-            labels, _ = ndimage.label(mask, structure=structure)
-            for k, (ys, xs) in enumerate(ndimage.find_objects(labels), start=1):
-                yy, xx = np.nonzero(labels[ys, xs] == k)
-                yy, xx = yy + ys.start + rows, xx + xs.start
-                y0, x0, y1, x1 = ys.start + rows, xs.start, ys.stop + rows, xs.stop
-                planted.append(PlantedDefect(
-                    defect_name(item[3]), ((y0 + y1) // 2, (x0 + x1) // 2), (y0, x0, y1, x1),
-                    list(zip(yy.tolist(), xx.tolist(), strict=True)),
-                ))  # fmt: skip
+            flaws = mask_flaws(mask, px_per_mm, merge_gap_mm, defect_name(item[3]), rows)
+            entry["flaws"] = len(flaws)
+            entry["components"] = sum(f.components for f in flaws)
+            planted += flaws
         layout.append(entry)
         blocks.append(image)
         rows += image.shape[0]
@@ -219,13 +260,28 @@ def use_model(ctx: WorkerContext, checkpoint: str | Path, fabric_type: str) -> t
 
 
 def pixel_matches(
-    scores: np.ndarray, threshold: float, planted: list[PlantedDefect], scale: int = SCORE_SCALE
+    scores: np.ndarray,
+    threshold: float,
+    planted: list[PlantedDefect],
+    scale: int = SCORE_SCALE,
+    *,
+    px_per_mm: float = AITEX_PX_PER_MM,
+    merge_gap_mm: float | None = None,
 ) -> tuple[set[int], int]:
     """The stricter rule: (planted indices whose mask touches a reported defect's own pixels,
     reported defects touching no mask). `scores` is the roll's ¼-res map; finalize reports its
-    8-connected components above `threshold` (all of them), so labelling it again gives
-    the reported defects' pixels — a box that spans the roll matches no more than it covers."""
+    8-connected components above `threshold` (all of them), merged by `merge_groups` with
+    `merge_gap_mm` (finalize's setting; None: not merged), so labelling it again and merging
+    alike gives the reported defects' pixels — a box that spans the roll matches no more than
+    it covers."""
     labels, n = ndimage.label(scores > threshold, structure=np.ones((3, 3), dtype=bool))
+    if merge_gap_mm is not None and n > 1:
+        box = np.array(
+            [(c.start, s.start, c.stop, s.stop) for s, c in ndimage.find_objects(labels)]
+        )
+        group = merge_groups(box * (scale / px_per_mm), merge_gap_mm)  # as finalize
+        labels = np.concatenate([[0], group + 1])[labels]
+        n = int(group.max()) + 1
     found, hit = set(), set()
     for i, p in enumerate(planted):
         yx = np.asarray(p.pixels, dtype=np.int64).reshape(-1, 2) // scale
@@ -245,7 +301,8 @@ def run_aitex_roll(ctx: WorkerContext, roll_dir: str | Path, planted: list[Plant
     """Submit the roll in this process (`ctx.enqueue` must be a wired `InlineEnqueuer`), grade
     it, and return the figures: REPORT_KEYS, plus `found`, `tiles`, `seconds`, `points_per_100yd2`,
     `model_version`, `defects` (the found rows), `matches` (planted index → found index), and
-    `matched_px`, `false_defects_px` by `pixel_matches`' stricter rule."""
+    `matched_px`, `false_defects_px` by `pixel_matches`' stricter rule. `planted` counts
+    physical flaws, `planted_components` the mask components they were merged from."""
     manifest = json.loads((Path(roll_dir) / "manifest.json").read_text())
     roll_id, px_per_mm = manifest["roll_id"], float(manifest["px_per_mm"])
     with ctx.session() as session:
@@ -279,9 +336,11 @@ def run_aitex_roll(ctx: WorkerContext, roll_dir: str | Path, planted: list[Plant
     scores = open_roll(ctx.store, roll_id, read_only=True).read_scores(
         version, 0, -(-rows // SCORE_SCALE)
     )
-    found_px, false_px = pixel_matches(scores, model.threshold, planted)
+    found_px, false_px = pixel_matches(scores, model.threshold, planted, px_per_mm=px_per_mm,
+                                       merge_gap_mm=ctx.settings.merge_gap_mm)  # fmt: skip
     return {
         "planted": len(planted),
+        "planted_components": sum(getattr(p, "components", 1) for p in planted),
         "matched": len(matched),
         "recall": len(matched) / len(planted) if planted else None,
         "false_defects": len(false_found),

@@ -110,6 +110,14 @@ def test_build_aitex_roll_rows_and_planted_positions(fake_aitex, tmp_path):
     expected = np.concatenate([_strip(16), _strip(30), _strip(31), padded, _strip(18)])
     np.testing.assert_array_equal(image, expected)
 
+    assert [(s.get("flaws"), s.get("components")) for s in layout] == [
+        (None, None),
+        (2, 2),
+        (1, 1),
+        (1, 1),
+        (None, None),
+    ]
+    assert [p.components for p in planted] == [1, 1, 1, 1]  # 36-38 mm apart: not merged
     assert [(p.kind, p.bbox_px) for p in planted] == [
         ("broken_end", (256 + 10, 100, 256 + 20, 110)),
         ("broken_end", (256 + 200, 300, 256 + 250, 302)),
@@ -123,6 +131,25 @@ def test_build_aitex_roll_rows_and_planted_positions(fake_aitex, tmp_path):
     assert planted[3].center_mm(5) == pytest.approx((91.0, 154.1))
     stored = json.loads((tmp_path / "roll" / "planted.json").read_text())
     assert [tuple(p["bbox_px"]) for p in stored] == [p.bbox_px for p in planted]
+
+
+@pytest.mark.parametrize(("gap", "components"), [(38.0, [2, 1, 1]), (37.9, [1, 1, 1, 1])])
+def test_planted_flaws_are_mask_components_merged_at_the_rolls_scale(
+    fake_aitex, tmp_path, gap, components
+):
+    # strip 0030's two boxes: 190 px across (38 mm at 5 px/mm) and 180 px along (36 mm)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AitexImportWarning)
+        _, planted = build_aitex_roll(fake_aitex, "00", tmp_path / "roll", "R-M", px_per_mm=5,
+                                      merge_gap_mm=gap)  # fmt: skip
+    assert [p.components for p in planted] == components
+    if gap == 38.0:
+        assert planted[0].bbox_px == (256 + 10, 100, 256 + 250, 302)
+        assert set(planted[0].pixels) == _box_pixels(266, 276, 100, 110) | _box_pixels(
+            456, 506, 300, 302
+        )
+    stored = json.loads((tmp_path / "roll" / "planted.json").read_text())
+    assert [p["components"] for p in stored] == components
 
 
 def test_match_planted_agrees_with_match_defects(fake_aitex, tmp_path):
@@ -209,14 +236,16 @@ def test_real_fabric_roll_through_the_pipeline(db_engine, local_store, tmp_path)
                               strip.shape)  # fmt: skip
             labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
             by_row[s["row"]] = (labels, n)
+    # every planted flaw is whole components of its strip's mask (merged by the finalize rule)
     for row, (labels, n) in by_row.items():
         inside = [p for p in planted if row <= p.bbox_px[0] < row + H]
-        assert len(inside) == n
+        assert sum(p.components for p in inside) == n
         for p in inside:
             ys, xs = np.asarray(p.pixels).T
-            assert np.all(labels[ys - row, xs] == labels[ys[0] - row, xs[0]])
-            assert len(p.pixels) == np.count_nonzero(labels == labels[ys[0] - row, xs[0]])
-    assert len(planted) == sum(n for _, n in by_row.values())
+            own = np.unique(labels[ys - row, xs])
+            assert own.min() > 0 and len(own) == p.components
+            assert len(p.pixels) == np.count_nonzero(np.isin(labels, own))
+    assert result["planted_components"] == sum(n for _, n in by_row.values())
 
     assert result["planted"] == len(planted)
     assert 0 <= result["matched"] <= result["planted"]
