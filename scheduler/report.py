@@ -2,7 +2,7 @@
 
 `DIR/index.html` shows the roll's facts, its grade and how it was computed, the roll map (the
 whole image downsampled, the roll's length running left → right in metres, defects outlined
-and numbered) and the defect table with two crops per defect: the image around the defect and
+and numbered, the fabric's measured edges drawn) and the defect table with two crops per defect: the image around the defect and
 its ¼-resolution score map. Images are PNGs beside the page (`map.png`, `crops/`), referenced
 by relative paths, so the folder can be copied or zipped as it is.
 
@@ -35,7 +35,7 @@ from scheduler.grade_store import SYSTEM
 from scheduler.views import roll_defects
 from storage.objectstore import ObjectNotFound, ObjectStore
 from storage.rolls import SCORE_SCALE, RollArrays, open_roll
-from storage.schema import Grade, Model, Roll, Run
+from storage.schema import FabricExtent, Grade, Model, Roll, Run
 
 MAX_CROPS = 200  # defects beyond this get a table row but no crops
 MAP_MAX_SIDE = 2048  # the overview's long side (px)
@@ -56,6 +56,7 @@ class ReportData:
     defects: list[dict[str, Any]] = field(default_factory=list)
     grade: dict[str, Any] | None = None
     threshold: float | None = None
+    extents: list[dict[str, Any]] = field(default_factory=list)  # the fabric's measured edges
 
 
 def _row(obj: Any) -> dict[str, Any]:
@@ -69,6 +70,14 @@ def load_report_data(session: Session, roll_id: str) -> ReportData:
     if roll is None:
         raise ValueError(f"unknown roll {roll_id!r}")
     data = ReportData(_row(roll))
+    data.extents = [
+        _row(x)
+        for x in session.scalars(
+            select(FabricExtent)
+            .where(FabricExtent.roll_id == roll_id)
+            .order_by(FabricExtent.row_start)
+        )
+    ]
     run = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
     if run is None:
         return data
@@ -104,6 +113,7 @@ def _to_pil(pixels: np.ndarray) -> Image.Image:
 
 
 IMSHOW = {"vmin": 0, "vmax": 255, "aspect": "auto", "interpolation": "antialiased"}
+EDGE = {"colors": "#00c8ff", "linewidths": 1.6}  # the fabric's measured edges, cyan
 BOX = {"fill": False, "edgecolor": "#ff2a2a", "linewidth": 1.3}
 LABEL = {
     "xytext": (0, 2), "textcoords": "offset points", "ha": "center", "va": "bottom", "fontsize": 7,
@@ -133,6 +143,8 @@ def _roll_map(roll: RollArrays, data: ReportData, path: Path) -> None:
         ax.set_ylim(across_mm, 0)
         ax.set_ylabel("across (mm)", fontsize=8)
         ax.tick_params(labelsize=8)
+        for x in data.extents:
+            ax.hlines([x["left_mm"], x["right_mm"]], x["y0_mm"] / 1000, x["y1_mm"] / 1000, **EDGE)
         for d in data.defects:
             x0, x1 = d["y0_mm"] / 1000, d["y1_mm"] / 1000  # along, metres
             y0, y1 = d["x0_mm"], d["x1_mm"]
@@ -238,6 +250,7 @@ def _facts_html(data: ReportData) -> str:
         ("length", f"{_num(r['length_m'], '.2f')} m"), ("width", f"{_num(r['width_mm'], '.1f')} mm"),
         ("resolution", f"{_num(r['px_per_mm_x'], 'g')} × {_num(r['px_per_mm_y'], 'g')} px/mm "
                        "(across × along)"),
+        _width_row(data.extents),
         ("frames", e(r["frames_total"])), ("registered", _when(r["created_at"])),
         ("completed", _when(r["completed_at"])), ("model version", e(run.get("model_version"))),
         ("run", run_text if run else "no run yet"), ("run finished", _when(run.get("finished_at"))),
@@ -246,6 +259,16 @@ def _facts_html(data: ReportData) -> str:
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         rows.append((f"meta: {e(key)}", e(text)))
     return _table(rows)
+
+
+def _width_row(extents: list[dict[str, Any]]) -> tuple[str, str]:
+    if not extents:
+        return ("measured width", "not measured")
+    widths = np.array([x["width_mm"] for x in extents])
+    left = np.median([x["left_mm"] for x in extents])
+    right = np.median([x["right_mm"] for x in extents])
+    return ("measured width", f"{np.median(widths):.1f} mm (min {widths.min():.1f}, max "
+            f"{widths.max():.1f}; edges at {left:.1f} and {right:.1f} mm, drawn in cyan)")  # fmt: skip
 
 
 def _grade_html(data: ReportData) -> str:
@@ -334,7 +357,8 @@ def render_report(
         map_html = (
             '<img class="map" src="map.png" alt="roll map"><p class="note">The whole '
             "roll downsampled: along the roll left → right (metres), across top → "
-            "bottom (mm from the first column); defects outlined and numbered.</p>"
+            "bottom (mm from the first column); defects outlined and numbered, the fabric's "
+            "measured edges in cyan.</p>"
         )
         if data.run is not None:
             for d in data.defects[:max_crops]:

@@ -32,6 +32,7 @@ from worker.inline import InlineEnqueuer
 ROLL = "R-report-1"
 PX_PER_MM, BAND, FRAME_ROWS, FRAMES, WIDTH = 10.0, 1024, 512, 4, 768  # 2048 rows, 2 bands
 PLAN = [("hole", (700, 250)), ("knot", (1500, 520))]
+TABLE = (48, 704)  # the fabric's columns; a dark table beside it
 EVIL = "<script>alert('x')</script> & <b>bold</b>"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
@@ -58,6 +59,7 @@ def graded(_session_engine, twill_model, tmp_path_factory):
             width=WIDTH,
             plan=PLAN,
             px_per_mm=PX_PER_MM,
+            table=(TABLE[0], WIDTH - TABLE[1], 20),
         )
         manifest["meta"] = {**manifest["meta"], "operator": EVIL, "lot": "A&B"}
         (folder / "manifest.json").write_text(json.dumps(manifest))
@@ -101,6 +103,11 @@ def test_the_page_shows_defects_grade_and_escaped_meta(graded):
         )
     assert f'<span class="grade">{grade}</span>' in doc and "Not graded yet" not in doc
     assert "points × 3600 / (yards × cuttable width in)" in doc
+    measured = re.search(r"<td>(\d+\.\d) mm \(min [^<]*edges at (\d+\.\d) and (\d+\.\d) mm", doc)
+    assert measured, "the measured width is not on the page"
+    width, left, right = (float(v) for v in measured.groups())
+    assert abs(width - (TABLE[1] - TABLE[0]) / PX_PER_MM) <= 3.2
+    assert abs(left - TABLE[0] / PX_PER_MM) <= 1.6 and abs(right - TABLE[1] / PX_PER_MM) <= 1.6
     # the manifest's meta can never inject markup
     assert "<script>" not in doc and "<b>bold" not in doc
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in doc
@@ -141,6 +148,10 @@ def test_the_page_renders_in_headless_chromium(graded, tmp_path):
     # the map (grey fabric) and the score crops (inferno) both came through
     r, g, b = (pixels[..., k].astype(int) for k in range(3))
     assert ((r - b > 80) & (g < 120)).sum() > 500  # reds/oranges: outlines, inferno colours
+    # the fabric's edges, drawn in cyan along the whole map: two long horizontal lines
+    cyan = (r < 80) & (g > 150) & (b > 200)
+    rows = np.flatnonzero(cyan.sum(axis=1) > 400)
+    assert len(rows) >= 2 and rows.max() - rows.min() > 20, "no edge lines on the map"
 
 
 def test_cli_rolls_and_defects(graded, monkeypatch, capsys, migrated_url):
