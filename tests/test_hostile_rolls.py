@@ -1,10 +1,10 @@
 """Hostile rolls through a real worker, as a scanner sends them (issue 13, "done when").
 
 One real `celery worker` (Redis broker, moto S3 over HTTP, PostgreSQL) takes a clean roll
-first, then one roll of each hostile class, uploaded under the incoming prefix and found by
-S3 discovery (the manifest class is also given to `rollscan submit`). Each hostile roll is
-refused at once or fails alone with a reason that names its problem, the worker's peak memory
-stays within 500 MB of the clean roll's, and a second clean roll after them all comes out.
+first, then one roll of each hostile class uploaded under the incoming prefix and found by
+S3 discovery, and one given to `rollscan submit`. Each hostile roll is refused at once or
+fails alone with a reason that names its problem, the worker's peak memory stays within 500 MB
+of the clean roll's, and a second clean roll after them all comes out.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from fixtures_celery import BAND, FABRIC, Stack, celery_producer
 from fixtures_roll import ROLL_ID, ROLL_TIMEOUT_S, assert_roll_came_out
 from fixtures_s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, make_s3_store
 from sqlalchemy import select, text
-from test_frames import handmade_tiff, patch_tag
+from test_frames import handmade_tiff, lzw_encode, patch_tag
 
 from scheduler.discovery import discover_once
 from scheduler.submit import submit, upload_folder
@@ -75,6 +75,21 @@ CLASSES: dict[str, tuple] = {
         ),
         "compression LZMA is not accepted",
     ),
+    "lzw-bomb": (  # LZW packs ~sqrt: 8 MB of zeros in ~10 kB
+        lambda: handmade_tiff(
+            GOOD, compression=5, rowsperstrip=256, encode=lambda raw: lzw_encode(bytes(8 << 20))
+        ),
+        "decodes past its 131072 raw bytes",
+    ),
+    # codecs whose decoders cannot be bounded by the header: refused before any decoding
+    "jpeg": (
+        lambda: handmade_tiff(GOOD, compression=7, rowsperstrip=256, encode=lambda raw: raw),
+        "compression JPEG is not accepted",
+    ),
+    "zstd": (
+        lambda: handmade_tiff(GOOD, compression=50000, rowsperstrip=256, encode=lambda raw: raw),
+        "compression ZSTD is not accepted",
+    ),
     "packbits-bomb": (
         lambda: handmade_tiff(
             GOOD, compression=32773, rowsperstrip=256, encode=lambda raw: b"\x81\x07" * 131_000
@@ -99,6 +114,7 @@ CLASSES: dict[str, tuple] = {
     "truncated": (lambda: frame(GOOD, rowsperstrip=16)[:40_000], "truncated"),
     "empty": (lambda: b"", "not a TIFF"),
 }
+VIAS = ("", "-submit")  # the roll id's suffix: found by discovery, given to `rollscan submit`
 ABSURD_MANIFESTS = {"R-px-tiny": {"px_per_mm": 1e-300}, "R-wide-mm": {"width_mm": 1e308}}
 
 
@@ -192,13 +208,19 @@ def outcome(
             refused[roll_id] = str(caught.value)
             upload(stack, f"{roll_id}-s3", frame(GOOD), **changes)  # and discovery
         for name, (make, _) in CLASSES.items():
-            upload(stack, f"R-{name}", make())
+            data = make()
+            upload(stack, f"R-{name}", data)  # found by discovery
+            folder = tmp / f"R-{name}-submit"  # and given to `rollscan submit`
+            (folder / "frames").mkdir(parents=True)
+            (folder / "frames" / "000001.tif").write_bytes(data)
+            (folder / "manifest.json").write_text(json.dumps(manifest(folder.name)))
+            submit(ctx, str(folder))
         # and a good roll behind them all: the queue must go on
         write_synthetic_roll(tmp / "after", AFTER, frames=1, frame_rows=BAND, width=WIDTH,
                              plan=[], fabric_type=FABRIC)  # fmt: skip
         upload_folder(store, tmp / "after", "incoming")
         problems = discover_once(ctx).problems
-        hostile = [f"R-{name}" for name in CLASSES]
+        hostile = [f"R-{name}{via}" for name in CLASSES for via in VIAS]
         wait_for(stack, lambda: status(stack, AFTER) == "done" and all(
             status(stack, r) == "failed" for r in hostile), "the hostile rolls and the last")  # fmt: skip
         with ctx.session() as session:
@@ -217,9 +239,10 @@ def status(stack: Stack, roll_id: str) -> str | None:
         return session.scalar(select(Roll.status).where(Roll.id == roll_id))
 
 
+@pytest.mark.parametrize("via", VIAS)
 @pytest.mark.parametrize("name", sorted(CLASSES))
-def test_a_hostile_roll_fails_alone_with_its_reason(outcome: Outcome, name: str) -> None:
-    roll = outcome.rolls[f"R-{name}"]
+def test_a_hostile_roll_fails_alone_with_its_reason(outcome: Outcome, name: str, via: str) -> None:
+    roll = outcome.rolls[f"R-{name}{via}"]
     assert roll.status == "failed"
     assert CLASSES[name][1] in roll.failure_reason, roll.failure_reason
     assert roll.rows_ingested == 0 and roll.width_px is None  # nothing was written
