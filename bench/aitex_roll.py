@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 from distill.data.aitex import import_aitex
 from distill.train import TrainConfig, train
 from scheduler.aitex_roll import (
@@ -141,6 +143,16 @@ def print_table(code: str, r: dict) -> None:
           f"{r['found']:>6}{r['false_defects']:>6}{r['false_per_m']:>8.1f}"
           f"{r['roll_length_m']:>9.4f}{r['grade']:>7}{r['points_per_100yd2']:>11.1f}{r['tiles']:>6}"
           f"{r['tiles_per_s']:>8.1f}   {recall_px:>14}{r['false_defects_px']:>6}")  # fmt: skip
+    strict_per_m = r["false_defects_px"] / r["roll_length_m"]
+    widths = np.array([right - left for _, _, left, right in r["extents"]]) / r["px_per_mm"]
+    print(f"strict false / m {strict_per_m:.2f}; defects off the fabric: {r['off_fabric']}; "
+          f"graded on the {r['width_source']} width, {r['graded_width_mm']:.1f} mm")  # fmt: skip
+    if len(widths):
+        lefts = [e[2] for e in r["extents"]]
+        rights = [e[3] for e in r["extents"]]
+        print(f"fabric extents: {len(widths)} blocks, left edge {min(lefts)}–{max(lefts)} px, "
+              f"right edge {min(rights)}–{max(rights)} px, width {widths.min():.1f}–"
+              f"{widths.max():.1f} mm (median {np.median(widths):.1f})")  # fmt: skip
     print(f"(lengths at a nominal scale; model {r['model_version']}; pipeline "
           f"{r['seconds']:.1f} s; comps: the masks' connected components, flaws: those merged "
           f"as found defects are, what recall and false count; 'strict': a defect's own "

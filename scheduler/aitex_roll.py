@@ -33,12 +33,14 @@ from distill.data.aitex import _STEM, _load_mask, _read_grey, defect_name
 from scheduler.grade_store import grade_run
 from scheduler.submit import submit
 from scheduler.synthetic_roll import PlantedDefect
+from storage.fabric_extents import roll_extents
 from storage.registry import activate_model, active_model, checkpoint_key, register_model
 from storage.rolls import open_roll
-from storage.schema import Band, Defect, Model, Roll, Run
+from storage.schema import Band, Defect, Grade, Model, Roll, Run
 from storage.settings import MERGE_GAP_MM
 from worker.components import merge_groups
 from worker.context import WorkerContext
+from worker.fabric_mask import Extent, quarter_fabric_mask
 from worker.scoring import SCORE_SCALE
 from worker.tiling import band_tiles
 
@@ -46,7 +48,9 @@ AITEX_PX_PER_MM = 10.0  # nominal: the data set states no resolution
 N_TRAIN_STRIPS = 15
 BLANK = 255  # the strips' margins are white: a narrower strip is padded with it
 REPORT_KEYS = ("planted", "planted_components", "matched", "recall", "false_defects",
-               "false_per_m", "roll_length_m", "grade", "tiles_per_s")  # fmt: skip
+               "false_per_m", "roll_length_m", "grade", "tiles_per_s", "matched_px",
+               "false_defects_px", "off_fabric", "width_source", "graded_width_mm",
+               "extents")  # fmt: skip
 _FOUND = ("defect_no", "x_mm", "y_mm", "x0_mm", "y0_mm", "x1_mm", "y1_mm", "length_mm", "max_score")
 
 
@@ -331,11 +335,16 @@ def run_aitex_roll(ctx: WorkerContext, roll_dir: str | Path, planted: list[Plant
             )
         ]
         graded = grade_run(session, run.id)
+        details = session.get(Grade, (roll_id, run.id, graded_system(session, run.id))).details
         length_m, version, rows = roll.length_m, run.model_version, roll.rows_ingested
+        extents = [Extent(*e) for e in roll_extents(session, roll_id)]
     matched, false_found = match_planted(planted, found, px_per_mm)
     scores = open_roll(ctx.store, roll_id, read_only=True).read_scores(
         version, 0, -(-rows // SCORE_SCALE)
     )
+    # finalize's view of the map: nothing off the fabric
+    fabric = quarter_fabric_mask(extents, 0, scores.shape[0], scores.shape[1], SCORE_SCALE)
+    scores = np.where(fabric, scores, -np.inf)
     found_px, false_px = pixel_matches(scores, model.threshold, planted, px_per_mm=px_per_mm,
                                        merge_gap_mm=ctx.settings.merge_gap_mm)  # fmt: skip
     return {
@@ -357,4 +366,26 @@ def run_aitex_roll(ctx: WorkerContext, roll_dir: str | Path, planted: list[Plant
         "matches": matched,
         "matched_px": len(found_px),
         "false_defects_px": false_px,
+        "off_fabric": off_fabric(found, extents, px_per_mm, SCORE_SCALE / px_per_mm),
+        "width_source": details.get("width_source"),
+        "graded_width_mm": details["roll_width_in"] * 25.4,
+        "px_per_mm": px_per_mm,
+        "extents": [[e.row_start, e.row_stop, e.left, e.right] for e in extents],
     }
+
+
+def graded_system(session, run_id: int) -> str:
+    return session.scalar(select(Grade.system).where(Grade.run_id == run_id).limit(1))
+
+
+def off_fabric(found: list[dict], extents: list[Extent], px_per_mm: float, tol_mm: float) -> int:
+    """Found defects whose box reaches past the fabric's measured edges (by more than one ¼-res
+    pixel) in the rows it spans: finalize must never report one."""
+    count = 0
+    for d in found:
+        rows = [e for e in extents if e.row_start < d["y1_mm"] * px_per_mm
+                and e.row_stop > d["y0_mm"] * px_per_mm]  # fmt: skip
+        left = min((e.left for e in rows), default=0) / px_per_mm
+        right = max((e.right for e in rows), default=10**9) / px_per_mm
+        count += d["x0_mm"] < left - tol_mm or d["x1_mm"] > right + tol_mm
+    return count
