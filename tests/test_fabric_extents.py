@@ -40,9 +40,7 @@ def test_nothing_is_reported_off_the_fabric_and_its_edges_are_in_sql(ctx, tmp_pa
     roll_id = f"R-table-{grey}"
     planted = _scored_roll(ctx, tmp_path, roll_id, grey)
     with ctx.session() as session:
-        extents = session.scalars(
-            select(FabricExtent).where(FabricExtent.roll_id == roll_id)
-        ).all()
+        extents = session.scalars(select(FabricExtent).where(FabricExtent.roll_id == roll_id)).all()
         run = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
         found = [
             {c: getattr(d, c) for c in ("x0_mm", "y0_mm", "x1_mm", "y1_mm")}
@@ -53,7 +51,9 @@ def test_nothing_is_reported_off_the_fabric_and_its_edges_are_in_sql(ctx, tmp_pa
                  "FROM roll_widths WHERE roll_id = :r"), {"r": roll_id},
         ).one()  # fmt: skip
     # every block of every band measured once, edges within a cell of the truth
-    assert [(e.row_start, e.row_stop) for e in extents] == [(r, r + 256) for r in range(0, 2048, 256)]
+    assert [(e.row_start, e.row_stop) for e in extents] == [
+        (r, r + 256) for r in range(0, 2048, 256)
+    ]
     for e in extents:
         assert abs(e.left_px - LEFT) <= 16 and abs(e.right_px - (WIDTH - RIGHT)) <= 16
         assert e.left_mm == pytest.approx(e.left_px / PX_PER_MM)
@@ -65,7 +65,9 @@ def test_nothing_is_reported_off_the_fabric_and_its_edges_are_in_sql(ctx, tmp_pa
     # the table is never a defect; the planted ones are still found
     left_edge, right_edge = LEFT / PX_PER_MM, (WIDTH - RIGHT) / PX_PER_MM
     assert all(d["x1_mm"] > left_edge - 1.6 and d["x0_mm"] < right_edge + 1.6 for d in found)
-    assert all(d["x0_mm"] >= left_edge - 1.6 and d["x1_mm"] <= right_edge + 1.6 for d in found), found
+    assert all(d["x0_mm"] >= left_edge - 1.6 and d["x1_mm"] <= right_edge + 1.6 for d in found), (
+        found
+    )
     matched, _ = match_defects(planted, found, PX_PER_MM)
     assert sorted(matched) == [0, 1], found
 
