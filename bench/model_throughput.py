@@ -5,6 +5,11 @@ path (fp32, NCHW, per-level maps summed on the CPU and smoothed with scipy's gau
 measured in the same run. The plain fp32/NCHW row is the reference for the ratios.
 
     python bench/model_throughput.py --teacher resnet34 --batch 8 [--device cpu] [--json OUT]
+    python bench/model_throughput.py --teacher efficientnet_lite0 --memory-bank --no-official
+
+`--memory-bank` adds, at the best precision and layout, the default detector (the student's map
+fused with a 4,096-patch memory bank's) against the student's map alone, and the bank's
+nearest-neighbour search by itself (teacher features given).
 
 Random teacher weights unless --teacher-weights is given: speed does not depend on them.
 """
@@ -22,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
+from distill.anomaly_map import MapFusion
 from distill.inference import Detector, bf16_supported, resolve_device
+from distill.memory_bank import DEFAULT_BANK_SIZE, DEFAULT_LEVELS, MemoryBank
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher
 from distill.torch_model import ReverseDistillation
 
@@ -86,6 +93,8 @@ def measure(args: argparse.Namespace) -> dict:
             seconds = timed(lambda d=detector: d.predict(images), args.repeats)
             name = f"{precision}, {'channels-last' if channels_last else 'NCHW'}"
             rows[name] = {"tiles_per_s": tiles / seconds}
+    if args.memory_bank:
+        rows |= memory_bank_rows(model, images, x, args, device, precisions[-1])
     reference = rows["fp32, NCHW"]["tiles_per_s"]
     for row in rows.values():
         row["vs_fp32_nchw"] = row["tiles_per_s"] / reference
@@ -100,6 +109,33 @@ def measure(args: argparse.Namespace) -> dict:
         "torch": torch.__version__,
         "modes": rows,
     }
+
+
+def memory_bank_rows(
+    model: ReverseDistillation, images: np.ndarray, x: torch.Tensor, args, device, precision: str
+) -> dict:
+    """The student alone against the default fused detector, and the bank's search alone."""
+    channels = sum(model.teacher.channels[level] for level in DEFAULT_LEVELS)
+    bank = MemoryBank(channels, DEFAULT_BANK_SIZE)
+    bank.bank.normal_(generator=torch.Generator().manual_seed(0))  # speed ignores the content
+    fused = ReverseDistillation(model.teacher).eval()
+    fused.student.load_state_dict(model.student.state_dict())
+    fused.set_scoring(bank, MapFusion(0.5, (0.0, 1.0), (0.0, 1.0)))
+    rows, tiles = {}, args.batch * args.repeats
+    for name, net in (("student map only (the old default)", model),
+                      ("student + memory bank, fused (the default)", fused)):  # fmt: skip
+        detector = Detector(net, IMAGENET_MEAN, IMAGENET_STD, device=device, precision=precision,
+                            channels_last=True, batch_size=args.batch)  # fmt: skip
+        seconds = timed(lambda d=detector: d.predict(images), args.repeats)
+        rows[f"{precision}, channels-last, {name}"] = {"tiles_per_s": tiles / seconds}
+    with torch.no_grad():
+        features = [f.float() for f in model.teacher(x.to(device))]
+        bank = bank.to(device)
+        seconds = timed(lambda: bank(features, x.shape[-2:]), args.repeats)
+    rows[f"memory bank search alone ({DEFAULT_BANK_SIZE} patches, fp32)"] = {
+        "tiles_per_s": tiles / seconds, "ms_per_tile": 1000 * seconds / tiles,
+    }  # fmt: skip
+    return rows
 
 
 def print_table(result: dict) -> None:
@@ -125,6 +161,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-official", action="store_true", help="skip the official-style row")
+    parser.add_argument("--memory-bank", action="store_true", help="the fused default's rows too")
     args = parser.parse_args()
     result = measure(args)
     print_table(result)
