@@ -1,19 +1,19 @@
 """Where the fabric is: its left and right edges across a band, per block of rows.
 
-A line-scan camera sees the fabric and, beside it, the conveyor or light table. The region is
-found from statistics of narrow column cells (16 px) over a block of rows, compared with the
-band's fabric body (the middle third of the width): mean grey level, contrast (standard
-deviation) and texture energy across and along the roll (mean absolute first differences). A
-cell is fabric-like when none of these is further from the body's than `tolerance` times their
-spread over the body's cells (floored, so a perfectly even body does not make every cell
-"different"). Both directions count, so a white fabric on a dark table and a dark fabric on a
-white one are found alike; so is a table of the fabric's brightness but another texture.
-
-The margin on each side is the run of cells from the band's side up to the first `min_run`
-consecutive fabric-like cells; a defect inside the fabric cannot become margin, because
-margin must touch the side. The edge is then refined to the pixel column where the grey level
-crosses half-way between margin and body (when they differ in brightness). Rows are blocks of
-`block` rows; a band narrower than 3 cells or with no margin is fabric from side to side.
+A line-scan camera sees the fabric and, beside it, the conveyor or light table. Each block of
+rows (256) is cut into narrow column cells (16 px), and each cell is described by its mean grey
+level, its contrast (standard deviation) and its texture energy across and along the roll
+(mean absolute first differences). The fabric's body is the median cell of the middle third.
+From the body, the tracker walks cell by cell towards each side, comparing each cell with a
+running reference (the median of the last cells accepted as fabric, so lighting that falls off
+towards the sides is followed): a cell deviates when a statistic differs by more than the larger
+of an absolute and a relative step. A deviating run is a defect inside the fabric, not its
+edge, when fabric resumes within LOOKAHEAD cells; otherwise the edge is there. Both directions
+of difference count, so a white fabric on a dark table and a dark fabric on a white one are
+found alike, and so is a table as bright as the fabric but of another texture. Where margin and
+body differ in brightness, the edge is refined to the column where the grey level crosses
+half-way between them. A band narrower than 6 cells, or with no margin, is fabric from side to
+side.
 """
 
 from __future__ import annotations
