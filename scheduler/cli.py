@@ -83,7 +83,7 @@ def _add_datasets(sub: argparse._SubParsersAction) -> None:
 def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the whole pipeline on a synthetic roll, on this machine")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
-    p.add_argument("--minutes", type=float, default=2.0, help="training time budget")
+    p.add_argument("--epochs", type=int, default=None, help="training epochs (a fixed recipe)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--teacher-weights", default=None)
 
@@ -186,7 +186,10 @@ def _demo(args: argparse.Namespace) -> int:
     from scheduler.demo import run_demo
 
     run_demo(
-        args.workdir, minutes=args.minutes, json_out=args.json, teacher_weights=args.teacher_weights
+        args.workdir,
+        json_out=args.json,
+        teacher_weights=args.teacher_weights,
+        **({} if args.epochs is None else {"epochs": args.epochs}),
     )
     return 0
 

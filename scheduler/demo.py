@@ -24,20 +24,35 @@ from storage.schema import Defect, Roll, Run
 
 FABRIC = "demo-twill"
 WEAVE, SEED, PX_PER_MM, ROLL_WIDTH = "twill", 7, 10.0, 2048
+# A fixed recipe, not a time budget: the same model, hence the same answer, on every machine.
+DEMO_EPOCHS, DEMO_TILE = 4, 128
+DEMO_TRAIN_ROWS = 2048  # good fabric to train on: 256 tiles of 128²
+# The calibration's target is a share of good *tiles* flagged: the demo roll is ~2,800 tiles,
+# so 0.001 expects ~3 false defects on it (10 seen), 1e-4 0.3 (one seen). 1e-5, or 8 epochs,
+# cost the faint knot instead: the recipe does not yet separate them on every machine.
+DEMO_FPR = 1e-4
 
 
-def ensure_model(ctx, workdir: Path, minutes: float, teacher_weights: str | None) -> str:
+def ensure_model(ctx, workdir: Path, epochs: int, teacher_weights: str | None) -> str:
     with ctx.session() as session:
         model = active_model(session, FABRIC)
         if model is not None:
             print(f"reusing model {model.version} for {FABRIC}")
             return model.version
     data = write_training_tiles(
-        workdir / "train-data", rows=2048, width=ROLL_WIDTH, tile=128, weave=WEAVE, seed=SEED
+        workdir / "train-data",
+        rows=DEMO_TRAIN_ROWS,
+        width=ROLL_WIDTH,
+        tile=DEMO_TILE,
+        weave=WEAVE,
+        seed=SEED,
     )
     checkpoint = workdir / "model.pt"
-    print(f"training a model for {FABRIC} (at most {minutes} min on {ctx.settings.device}) …")
-    config = TrainConfig(teacher_weights=teacher_weights, tile=128, epochs=30, max_minutes=minutes)
+    print(f"training a model for {FABRIC} ({epochs} epochs on {ctx.settings.device}) …")
+    config = TrainConfig(
+        teacher_weights=teacher_weights, tile=DEMO_TILE, epochs=epochs, seed=SEED,
+        stop_patience=epochs, fpr=DEMO_FPR,
+    )  # fmt: skip
     train(data, checkpoint, config)
     with ctx.session() as session:
         model, _ = register_model(session, ctx.store, checkpoint, fabric_type=FABRIC)
@@ -49,7 +64,7 @@ def ensure_model(ctx, workdir: Path, minutes: float, teacher_weights: str | None
 def run_demo(
     workdir: Path,
     *,
-    minutes: float = 2.0,
+    epochs: int = DEMO_EPOCHS,
     json_out: Path | None = None,
     teacher_weights: str | None = None,
 ) -> dict:
@@ -59,7 +74,7 @@ def run_demo(
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = context()
     upgrade(database_url(ctx.settings))
-    ensure_model(ctx, workdir, minutes, teacher_weights)
+    ensure_model(ctx, workdir, epochs, teacher_weights)
     roll_id = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     roll_dir = workdir / "rolls" / roll_id
     manifest, planted = write_synthetic_roll(
