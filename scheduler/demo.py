@@ -27,10 +27,12 @@ WEAVE, SEED, PX_PER_MM, ROLL_WIDTH = "twill", 7, 10.0, 2048
 # A fixed recipe, not a time budget: the same model, hence the same answer, on every machine.
 DEMO_EPOCHS, DEMO_TILE = 4, 128
 DEMO_TRAIN_ROWS = 2048  # good fabric to train on: 256 tiles of 128²
-# The calibration's target is a share of good *tiles* flagged: the demo roll is ~2,800 tiles,
-# so 0.001 expects ~3 false defects on it (10 seen), 1e-4 0.3 (one seen). 1e-5, or 8 epochs,
-# cost the faint knot instead: the recipe does not yet separate them on every machine.
-DEMO_FPR = 1e-4
+# The student's share of the fused map. Auto selection (synthetic defects) put 0.5 and 0.75
+# within 0.001 of each other here and flipped between them with the thread count; 0.75 was fixed
+# after looking at the demo roll's maps (faint knot 3.1–3.6 against 1.2–1.3 for the strongest
+# good fabric, threshold 2.4–2.5 at the default false-alarm target), so the demo is tuned on
+# its own roll: it shows the pipeline, it does not measure accuracy (docs/benchmarks.md does).
+DEMO_FUSION_WEIGHT = 0.75
 
 
 def ensure_model(ctx, workdir: Path, epochs: int, teacher_weights: str | None) -> str:
@@ -51,7 +53,7 @@ def ensure_model(ctx, workdir: Path, epochs: int, teacher_weights: str | None) -
     print(f"training a model for {FABRIC} ({epochs} epochs on {ctx.settings.device}) …")
     config = TrainConfig(
         teacher_weights=teacher_weights, tile=DEMO_TILE, epochs=epochs, seed=SEED,
-        stop_patience=epochs, fpr=DEMO_FPR,
+        stop_patience=epochs, scorer="fused", fusion_weight=DEMO_FUSION_WEIGHT,
     )  # fmt: skip
     train(data, checkpoint, config)
     with ctx.session() as session:
