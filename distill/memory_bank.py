@@ -23,7 +23,7 @@ DEFAULT_BANK_SIZE = 4096
 # Greedy k-centre is O(candidates × bank size); candidates beyond this are a random sample.
 MAX_CANDIDATES = 65536
 _PROJECTION_DIM = 64  # k-centre runs on a random projection (Johnson–Lindenstrauss), as PatchCore
-_QUERY_CHUNK = 4096
+_QUERY_CHUNK = 1024  # queries per distance matrix: 1024 × 4096 float32 stays in cache
 
 
 def patch_embedding(
@@ -121,13 +121,16 @@ class MemoryBank(nn.Module):
         input whose teacher features these are."""
         embedding = self.embed(features, size)
         b, c, h, w = embedding.shape
-        queries = embedding.permute(0, 2, 3, 1).reshape(-1, c)
-        bank = self.bank.float()
-        bank_norms = (bank * bank).sum(dim=1)
-        nearest = []
-        for start in range(0, queries.shape[0], _QUERY_CHUNK):
-            q = queries[start : start + _QUERY_CHUNK]
-            squared = torch.addmm(bank_norms, q, bank.T, alpha=-2.0)
-            squared += (q * q).sum(dim=1, keepdim=True)
-            nearest.append(squared.amin(dim=1))
+        queries = embedding.permute(0, 2, 3, 1).reshape(-1, c).float()
+        # float32 even under the detector's bf16 autocast: the expanded form |q|² + |b|² − 2q·b
+        # loses the small distances that matter to bf16 rounding (and autocast's bf16 addmm was
+        # slower here than float32 in chunks that stay in cache)
+        with torch.autocast(queries.device.type, enabled=False):
+            bank = self.bank.float()
+            bank_norms = (bank * bank).sum(dim=1)
+            nearest = []
+            for start in range(0, queries.shape[0], _QUERY_CHUNK):
+                q = queries[start : start + _QUERY_CHUNK]
+                squared = torch.addmm(bank_norms, q, bank.T, alpha=-2.0)
+                nearest.append(squared.amin(dim=1) + (q * q).sum(dim=1))
         return torch.cat(nearest).clamp_min_(0).sqrt_().reshape(b, h, w)
