@@ -25,7 +25,7 @@ from distill.augment import augment, check_augmentations
 from distill.calibration import calibrate_threshold
 from distill.checkpoint import ModelCard, save_checkpoint
 from distill.data.mvtec import Category, load_stack
-from distill.inference import Detector, resolve_device
+from distill.inference import Detector, bf16_supported, resolve_device
 from distill.loss import LOSSES, DistillationLoss
 from distill.memory_bank import (
     DEFAULT_BANK_SIZE,
@@ -42,6 +42,7 @@ from distill.torch_model import ReverseDistillation
 
 SCORERS: tuple[str, ...] = ("auto", "student", "memory", "fused")
 EDGE_MODES: tuple[str, ...] = ("mask", "exclude")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,9 @@ class TrainConfig:
     # loss and the memory bank; "exclude" leaves such tiles out of training altogether
     edge: str = "mask"
     max_minutes: float | None = None  # a time budget; None trains to the end
+    # fp32, or bf16 autocast (forward passes in bf16, weights, loss and optimiser in float32);
+    # auto: bf16 where the device has it natively. Channels-last either way.
+    precision: str = "fp32"
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,6 +102,10 @@ class TrainConfig:
         if self.edge not in EDGE_MODES:
             raise ValueError(
                 f"unknown edge mode {self.edge!r}; choose one of {', '.join(EDGE_MODES)}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
             )
         self.augment = check_augmentations(self.augment)
 
@@ -135,7 +143,12 @@ class Trainer:
         torch.manual_seed(config.seed)
         teacher = build_teacher(config.teacher, config.teacher_weights, seed=config.seed)
         self.model = ReverseDistillation(teacher, config.variant, sigma=config.sigma).to(
-            self.device
+            self.device, memory_format=torch.channels_last
+        )
+        if config.precision == "bf16" and not bf16_supported(self.device):
+            raise ValueError(f"bf16 requested but {self.device} has no native bf16 support")
+        self.bf16 = config.precision == "bf16" or (
+            config.precision == "auto" and bf16_supported(self.device)
         )
         self.loss = DistillationLoss(config.level_weights, config.loss).to(self.device)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -148,14 +161,22 @@ class Trainer:
 
     def _inputs(self, images: torch.Tensor) -> torch.Tensor:
         x, _ = normalise(images, IMAGENET_MEAN, IMAGENET_STD, self.device)
-        return _blur(x)
+        return _blur(x).contiguous(memory_format=torch.channels_last)
+
+    def _features(self, x: torch.Tensor, train: bool) -> tuple[list, list]:
+        """Teacher and student features, in float32 (computed in bf16 under `self.bf16`)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            teacher, student = self.model(x) if train else self.model.features(x)
+        if not self.bf16:
+            return teacher, student
+        return [t.float() for t in teacher], [s.float() for s in student]
 
     def _train_step(self, batch: torch.Tensor, valid: torch.Tensor | None) -> float:
         if self.config.augment:
             batch, valid = augment(
                 batch.float().div_(255), self.config.augment, self.generator, valid
             )
-        teacher, student = self.model(self._inputs(batch))
+        teacher, student = self._features(self._inputs(batch), train=True)
         if valid is not None:
             valid = _padded(valid.to(self.device), teacher[0].shape[-1] * 4)
         loss = self.loss(teacher, student, valid)
@@ -234,7 +255,7 @@ class Trainer:
         total = 0.0
         for start in range(0, images.shape[0], 8):
             batch = images[start : start + 8]
-            teacher, student = self.model.features(self._inputs(batch))
+            teacher, student = self._features(self._inputs(batch), train=False)
             total += self.loss(teacher, student).item() * batch.shape[0]
         return total / images.shape[0]
 

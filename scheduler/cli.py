@@ -49,6 +49,9 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--memory-size", type=int, default=None, help="memory bank patches")
     p.add_argument("--edge", default=None, help="mask or exclude tiles across the fabric edge")
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this time budget")
+    p.add_argument(
+        "--precision", default=None, help="fp32 (default), bf16 autocast, or auto (bf16 if native)"
+    )
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
@@ -129,6 +132,7 @@ def _train(args: argparse.Namespace) -> int:
             for key, value in (
                 ("loss", args.loss), ("scorer", args.scorer), ("fusion_weight", args.fusion_weight),
                 ("memory_size", args.memory_size), ("edge", args.edge),
+                ("precision", args.precision),
                 ("augment", None if args.augment is None else tuple(a for a in args.augment if a != "none")),
             )
             if value is not None
