@@ -114,7 +114,7 @@ def evaluate_detector(
             for name, view in views.items()
         }
     if report_dir is not None:
-        from distill.report import write_report
+        from distill.evaluation_report import write_report
 
         write_report(
             report_dir,

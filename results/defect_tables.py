@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from sqlalchemy import column, func, select, table
 from sqlalchemy.orm import Session
 
-from scheduler.grade_store import SYSTEM
+from results.grade_store import SYSTEM
 from storage.schema import Frame, Roll
 
 # the views are not ORM models: lightweight table clauses with the columns used here

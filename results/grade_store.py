@@ -24,7 +24,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from scheduler.grading import GradingRules, choose_width, grade_roll, load_rules
+from results.grading import GradingRules, choose_width, grade_roll, load_rules
 from storage.database import is_transient_db_error
 from storage.fabric_extents import fabric_edges_mm
 from storage.schema import Defect, Grade, Roll, Run

@@ -31,8 +31,8 @@ from PIL import Image, ImageDraw
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from scheduler.grade_store import SYSTEM
-from scheduler.views import roll_defects
+from results.defect_tables import roll_defects
+from results.grade_store import SYSTEM
 from storage.objectstore import ObjectNotFound, ObjectStore
 from storage.rolls import SCORE_SCALE, RollArrays, open_roll
 from storage.schema import FabricExtent, Grade, Model, Roll, Run

@@ -30,7 +30,7 @@ from scipy import ndimage
 from sqlalchemy import select
 
 from distill.data.aitex import _STEM, _load_mask, _read_grey, defect_name
-from scheduler.grade_store import grade_run
+from results.grade_store import grade_run
 from scheduler.submit import submit
 from scheduler.synthetic_roll import PlantedDefect
 from storage.fabric_extents import roll_extents

@@ -1,7 +1,7 @@
 """Nightly grading on a Celery beat schedule.
 
 The task is here, not in `worker.tasks`, because grading is the control plane's
-(`scheduler.grade_store`) and the worker does not import the scheduler. This module registers
+(`results.grade_store`) and the worker does not import the scheduler. This module registers
 `rollscan.grade_nightly` on the worker's app (`worker.app.app`), routes it to its own queue
 ``grade`` and sets the beat schedule: every day at `ROLLSCAN_GRADE_AT` (HH:MM) in
 `ROLLSCAN_TIMEZONE`. Two ways to run it:
@@ -13,7 +13,7 @@ The task is here, not in `worker.tasks`, because grading is the control plane's
 Each grading takes the rolls whose current run finished since the previous grading began
 (kept in ``discovery_cursors`` as name ``grading``; minus a 10-minute margin for clock skew
 between workers and the database), so a night missed while nothing ran is made up by the next
-one; a roll graded twice is an upsert (`scheduler.grade_store`).
+one; a roll graded twice is an upsert (`results.grade_store`).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from scheduler.grade_store import GradeRow, grade_rolls, rules_from_file
-from scheduler.grading import GradingRules
+from results.grade_store import GradeRow, grade_rolls, rules_from_file
+from results.grading import GradingRules
 from storage.schema import DiscoveryCursor
 from storage.settings import Settings, get_settings
 from worker.app import app as worker_app

@@ -2,7 +2,7 @@
 
 The main command line calls `add_grade_commands(subparsers)` and, for
 ``args.command == "grade"``, returns ``args.grade_handler(args)``. Rules come from
-``--rules FILE`` (JSON, or TOML by its ``.toml`` suffix), shaped as `scheduler.grading.load_rules`
+``--rules FILE`` (JSON, or TOML by its ``.toml`` suffix), shaped as `results.grading.load_rules`
 describes, else from ``ROLLSCAN_GRADING_RULES``; without either the built-in defaults apply to
 every fabric type.
 """
@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from scheduler.grade_store import grade_rolls, rules_from_file
+from results.grade_store import grade_rolls, rules_from_file
 from storage.database import make_engine, session_scope
 from storage.settings import get_settings
 

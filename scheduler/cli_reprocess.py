@@ -31,7 +31,7 @@ def read_roll_ids(path: Path) -> list[str]:
 
 
 def _reprocess(args: argparse.Namespace) -> int:
-    from scheduler.grade_store import rules_from_file
+    from results.grade_store import rules_from_file
     from scheduler.reprocess import reprocess, select_rolls
     from storage.database import database_url, upgrade
     from worker.tasks import context

@@ -11,8 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from scheduler.cli_grade import iso_date
-from scheduler.views import (
+from results.defect_tables import (
     DEFECT_COLUMNS,
     DEFECT_TABLE_COLUMNS,
     ROLL_COLUMNS,
@@ -21,6 +20,7 @@ from scheduler.views import (
     roll_defects,
     write_csv,
 )
+from scheduler.cli_grade import iso_date
 from storage.database import make_engine, session_scope
 from storage.schema import ROLL_STATUSES
 from storage.settings import get_settings
@@ -57,7 +57,7 @@ def _defects(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from scheduler.report import load_report_data, render_report
+    from results.roll_report import load_report_data, render_report
     from storage.objectstore import open_object_store
 
     settings = get_settings()

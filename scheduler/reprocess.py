@@ -28,8 +28,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 from tqdm.auto import tqdm
 
-from scheduler.grade_store import SYSTEM, grade_run
-from scheduler.grading import GradingRules, load_rules
+from results.grade_store import SYSTEM, grade_run
+from results.grading import GradingRules, load_rules
 from storage.rolls import open_roll, roll_exists
 from storage.schema import Band, Grade, Model, Roll, Run
 from worker.context import WorkerContext

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from storage import database
 from storage.cli_db import add_db_commands
 from storage.schema import Base, Defect, Frame, Grade, Model, Roll, Run
-from storage.views import VIEWS
+from storage.sql_views import VIEWS
 
 UNIQUE, FOREIGN_KEY, CHECK = "23505", "23503", "23514"
 

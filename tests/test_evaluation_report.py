@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill.report import _pick_examples, write_report
+from distill.evaluation_report import _pick_examples, write_report
 
 NAMES = ["roc_image.png", "roc_pixel.png", "worst.png", "best.png"]
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from sqlalchemy import select, text
 
-from scheduler.grade_store import grade_run
-from scheduler.grading import choose_width
+from results.grade_store import grade_run
+from results.grading import choose_width
 from scheduler.submit import submit
 from scheduler.synthetic_roll import match_defects, write_synthetic_roll
 from storage.schema import Defect, FabricExtent, Grade, Run

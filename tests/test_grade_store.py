@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from scheduler.grade_store import SYSTEM, grade_rolls, grade_run
-from scheduler.grading import GradingRules
+from results.grade_store import SYSTEM, grade_rolls, grade_run
+from results.grading import GradingRules
 from storage.schema import Defect, Grade, Model, Roll, Run
 
 IN, YD = 25.4, 914.4  # mm

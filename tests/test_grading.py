@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from scheduler.grading import GradingRules, grade_roll, load_rules
+from results.grading import GradingRules, grade_roll, load_rules
 
 IN, YD = 25.4, 914.4  # mm
 ROLL_100YD, WIDTH_60IN = 100 * YD, 60 * IN  # 91.44 m × 1524 mm
@@ -182,7 +182,7 @@ def test_bad_configuration_is_a_clear_value_error(config: dict, message: str) ->
 
 
 def test_rules_files_json_and_toml(tmp_path) -> None:
-    from scheduler.grade_store import read_rules_file
+    from results.grade_store import read_rules_file
 
     (tmp_path / "r.json").write_text(json.dumps(CONFIG))
     (tmp_path / "r.toml").write_text(

@@ -20,8 +20,8 @@ import tifffile
 from fixtures_roll import FABRIC
 from sqlalchemy import select, text
 
-from scheduler.grade_store import grade_run
-from scheduler.grading import GradingRules
+from results.grade_store import grade_run
+from results.grading import GradingRules
 from storage.manifest import parse_manifest
 from storage.objectstore import LocalStore, ObjectInfo
 from storage.registry import activate_model, register_model

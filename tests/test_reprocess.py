@@ -16,8 +16,8 @@ from sqlalchemy import func, select, text
 import worker.app
 import worker.tasks
 from distill.checkpoint import load_model, save_checkpoint
+from results.grade_store import grade_rolls
 from scheduler.cli_reprocess import read_roll_ids
-from scheduler.grade_store import grade_rolls
 from scheduler.reprocess import reprocess, select_rolls, start_reprocess_run
 from scheduler.submit import submit
 from scheduler.synthetic_roll import write_synthetic_roll

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 from sqlalchemy import select, text
 
-from scheduler.grade_store import grade_run
-from scheduler.report import write_roll_report
+from results.grade_store import grade_run
+from results.roll_report import write_roll_report
 from scheduler.submit import submit
 from scheduler.synthetic_roll import write_synthetic_roll
 from storage.objectstore import open_object_store

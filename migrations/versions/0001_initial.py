@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-from storage.views import VIEWS, drop_view_sql
+from storage.sql_views import VIEWS, drop_view_sql
 
 revision: str = "0001"
 down_revision: str | Sequence[str] | None = None

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from storage.views import CURRENT_DEFECTS, CURRENT_DEFECTS_V2
+from storage.sql_views import CURRENT_DEFECTS, CURRENT_DEFECTS_V2
 
 revision: str = "0002"
 down_revision: str | Sequence[str] | None = "0001"

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-from storage.views import ROLL_WIDTHS
+from storage.sql_views import ROLL_WIDTHS
 
 revision: str = "0004"
 down_revision: str | Sequence[str] | None = "0003"
