@@ -3,7 +3,7 @@
     python bench/aitex_accuracy.py [--data ../shared/data/aitex] [--fabric 01 …] [--json OUT]
         [--loss pixel|flat|hard] [--augment flip jitter shift] [--teacher NAME]
         [--scorer auto|student|memory|fused] [--edge mask|exclude] [--epochs N]
-        [--max-minutes M]
+        [--max-minutes M] [--precision fp32|bf16|auto]
 
 Per fabric: import the strips as 256² tiles (first 15 good strips of the roll train, the rest
 and the defect strips test; off-fabric pixels found by the fabric-region tracker are left out
@@ -31,7 +31,7 @@ from distill.data.aitex import import_aitex
 from distill.evaluate import evaluate
 from distill.loss import LOSSES
 from distill.teacher import TEACHERS
-from distill.train import EDGE_MODES, SCORERS, TrainConfig, train
+from distill.train import EDGE_MODES, PRECISIONS, SCORERS, TrainConfig, train
 
 PATCHCORE = {
     "00": (0.988, 0.934),
@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--scorer", default=TrainConfig.scorer, choices=SCORERS)
     p.add_argument("--edge", default=TrainConfig.edge, choices=EDGE_MODES)
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
+    p.add_argument("--precision", default=TrainConfig.precision, choices=PRECISIONS)
     p.add_argument("--max-minutes", type=float, default=None, help="training budget per fabric")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--tag", default="", help="names this run's models and JSON")
@@ -89,6 +90,7 @@ def main() -> None:
         config = TrainConfig(
             teacher=args.teacher, loss=args.loss, augment=tuple(args.augment),
             scorer=args.scorer, edge=args.edge, epochs=args.epochs, max_minutes=args.max_minutes,
+            precision=args.precision,
         )  # fmt: skip
         started = time.perf_counter()
         card = train(category, model, config)
