@@ -13,3 +13,13 @@ for teacher in resnet34 efficientnet_lite0; do
       --batch "$batch" --repeats 20 --no-official --json "$out/throughput_${teacher}_b${batch}.json"
   done
 done
+# the default detector (student + memory bank) against the student alone, and training speed
+for batch in 64 256; do
+  .venv/bin/python bench/model_throughput.py --device cuda --teacher efficientnet_lite0 \
+    --batch "$batch" --repeats 20 --no-official --memory-bank \
+    --json "$out/throughput_default_b${batch}.json"
+done
+for batch in 8 32; do
+  .venv/bin/python bench/train_throughput.py --device cuda --batch "$batch" --steps 30 \
+    --json "$out/train_b${batch}.json"
+done

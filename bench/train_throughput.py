@@ -2,7 +2,7 @@
 backward, optimiser) in fp32 and in bf16 autocast, NCHW and channels-last, measured in one run.
 
     python bench/train_throughput.py [--teacher efficientnet_lite0] [--batch 4] [--tile 256]
-        [--steps 12] [--json OUT]
+        [--steps 12] [--device cpu|cuda] [--json OUT]
 
 Random teacher weights and random tiles: speed does not depend on them. The first rows'
 ratios are against fp32 NCHW, the recipe before channels-last and bf16 were added. Quality
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from distill.inference import bf16_supported
+from distill.inference import bf16_supported, resolve_device
 from distill.teacher import TEACHERS
 from distill.train import TrainConfig, Trainer
 
@@ -44,15 +44,16 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--tile", type=int, default=256)
     p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     modes = [("fp32", False), ("fp32", True)]
-    if bf16_supported(torch.device("cpu")):
+    if bf16_supported(resolve_device(args.device)):
         modes += [("bf16", False), ("bf16", True)]
     rows = {}
     for precision, channels_last in modes:
         config = TrainConfig(teacher=args.teacher, teacher_weights="random", batch=args.batch,
-                             tile=args.tile, precision=precision)  # fmt: skip
+                             tile=args.tile, precision=precision, device=args.device)  # fmt: skip
         name = f"{precision}, {'channels-last' if channels_last else 'NCHW'}"
         rows[name] = {"tiles_per_s": steps_per_second(config, channels_last, args.steps)}
     reference = rows["fp32, NCHW"]["tiles_per_s"]
