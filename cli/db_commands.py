@@ -1,8 +1,7 @@
 """`rollscan db …`: schema migrations, the connection URL, stopping the embedded server.
 
-The main command line (`scheduler.cli`) calls `add_db_commands(subparsers)` and, for
-``args.command == "db"``, returns ``args.db_handler(args)``. Handlers return 0 and raise
-ValueError with a readable message on failure; a message never carries the password.
+Handlers return 0 and raise ValueError with a readable message on failure; a message never
+carries the password. These commands manage the schema themselves: they do not migrate first.
 """
 
 from __future__ import annotations
@@ -82,7 +81,7 @@ def _stop(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_db_commands(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `db upgrade | downgrade | current | url | stop` to the main parser's subparsers."""
     db = subparsers.add_parser(
         "db",
@@ -93,22 +92,22 @@ def add_db_commands(subparsers: Any) -> argparse.ArgumentParser:
 
     up = commands.add_parser("upgrade", help="apply migrations up to a revision")
     up.add_argument("--revision", default="head", help="target revision (default: head)")
-    up.set_defaults(db_handler=_upgrade)
+    up.set_defaults(handler=_upgrade)
 
     down = commands.add_parser(
         "downgrade", help="revert migrations down to REVISION ('base' drops every table)"
     )
     down.add_argument("revision", metavar="REVISION", help="target revision, e.g. 0001, -1 or base")
-    down.set_defaults(db_handler=_downgrade)
+    down.set_defaults(handler=_downgrade)
 
     current = commands.add_parser("current", help="print the database's revision")
-    current.set_defaults(db_handler=_current)
+    current.set_defaults(handler=_current)
 
     url = commands.add_parser("url", help="print the database URL, password masked")
-    url.set_defaults(db_handler=_url)
+    url.set_defaults(handler=_url)
 
     stop = commands.add_parser(
         "stop", help="stop the embedded PostgreSQL server (it outlives the commands that start it)"
     )
-    stop.set_defaults(db_handler=_stop)
+    stop.set_defaults(handler=_stop)
     return db

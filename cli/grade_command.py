@@ -1,43 +1,28 @@
 """`rollscan grade`: four-point (ASTM D5430) grading of finished rolls.
 
-The main command line calls `add_grade_commands(subparsers)` and, for
-``args.command == "grade"``, returns ``args.grade_handler(args)``. Rules come from
-``--rules FILE`` (JSON, or TOML by its ``.toml`` suffix), shaped as `results.grading.load_rules`
-describes, else from ``ROLLSCAN_GRADING_RULES``; without either the built-in defaults apply to
-every fabric type.
+Rules come from ``--rules FILE`` (JSON, or TOML by its ``.toml`` suffix), shaped as
+`results.grading.load_rules` describes, else from ``ROLLSCAN_GRADING_RULES``; without either
+the built-in defaults apply to every fabric type.
 """
 
 from __future__ import annotations
 
 import argparse
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from results.grade_store import grade_rolls, rules_from_file
-from storage.database import make_engine, session_scope
+from cli.arg_types import iso_date
+from cli.connect import command_session
 from storage.settings import get_settings
 
 
-def iso_date(text: str) -> datetime:
-    """argparse type: an ISO date or date-time."""
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not an ISO date or date-time: {text!r} (e.g. 2026-05-01 or 2026-05-01T18:00)"
-        ) from None
-
-
 def _grade(args: argparse.Namespace) -> int:
+    from results.grade_store import grade_rolls, rules_from_file
+
     settings = get_settings()
     rules_for = rules_from_file(args.rules or settings.grading_rules)  # checked before any write
-    engine = make_engine(settings)
-    try:
-        with session_scope(engine) as session:
-            rows = grade_rolls(session, roll_id=args.roll, since=args.since, rules_for=rules_for)
-    finally:
-        engine.dispose()
+    with command_session(settings) as session:
+        rows = grade_rolls(session, roll_id=args.roll, since=args.since, rules_for=rules_for)
     if not rows:
         what = f"roll {args.roll} has" if args.roll else "no roll has"
         print(f"nothing graded: {what} a finished current run to grade")
@@ -50,7 +35,8 @@ def _grade(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_grade_commands(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `grade` to the main parser's subparsers."""
     parser = subparsers.add_parser(
         "grade", help="grade finished rolls with the four-point system (ASTM D5430)"
     )
@@ -71,5 +57,5 @@ def add_grade_commands(subparsers: Any) -> argparse.ArgumentParser:
         help="grading rules per fabric type (.json, or .toml); default: "
         "ROLLSCAN_GRADING_RULES, else the built-in rules",
     )
-    parser.set_defaults(grade_handler=_grade)
+    parser.set_defaults(handler=_grade)
     return parser

@@ -1,20 +1,21 @@
-"""`rollscan models …`: register, list and activate model checkpoints."""
+"""`rollscan models register | list | activate`: the model registry from the command line."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from storage.database import make_engine, session_scope
-from storage.objectstore import open_object_store
-from storage.registry import activate_model, list_models, register_model
+from cli.connect import command_session
 from storage.settings import get_settings
 
 
 def _register(args: argparse.Namespace) -> int:
+    from storage.objectstore import open_object_store
+    from storage.registry import activate_model, register_model
+
     settings = get_settings()
     store = open_object_store(settings)
-    with session_scope(make_engine(settings)) as session:
+    with command_session(settings) as session:
         model, created = register_model(
             session, store, args.checkpoint, fabric_type=args.fabric, version=args.version
         )
@@ -29,8 +30,9 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    settings = get_settings()
-    with session_scope(make_engine(settings)) as session:
+    from storage.registry import list_models
+
+    with command_session() as session:
         models = list_models(session, args.fabric)
         print(
             f"{'version':<32}{'fabric':<14}{'variant':<10}{'teacher':<20}{'threshold':>10}  active"
@@ -46,14 +48,16 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _activate(args: argparse.Namespace) -> int:
-    settings = get_settings()
-    with session_scope(make_engine(settings)) as session:
+    from storage.registry import activate_model
+
+    with command_session() as session:
         model = activate_model(session, args.version)
         print(f"activated {model.version} for fabric {model.fabric_type or 'generic'}")
     return 0
 
 
-def add_models_commands(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `models register | list | activate` to the main parser's subparsers."""
     parser = subparsers.add_parser("models", help="register, list and activate models")
     sub = parser.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     register = sub.add_parser("register", help="upload a checkpoint and record it")
@@ -65,11 +69,11 @@ def add_models_commands(subparsers: Any) -> argparse.ArgumentParser:
     )
     register.add_argument("--version", default=None, help="default: <fabric>-<sha256 prefix>")
     register.add_argument("--activate", action="store_true", help="activate it at once")
-    register.set_defaults(models_handler=_register)
+    register.set_defaults(handler=_register)
     listing = sub.add_parser("list", help="registered models")
     listing.add_argument("--fabric", default=None)
-    listing.set_defaults(models_handler=_list)
+    listing.set_defaults(handler=_list)
     activate = sub.add_parser("activate", help="make a version its fabric type's active model")
     activate.add_argument("version")
-    activate.set_defaults(models_handler=_activate)
+    activate.set_defaults(handler=_activate)
     return parser

@@ -1,8 +1,4 @@
-"""`rollscan reprocess`: score finished rolls again with another model version.
-
-The main command line calls `add_reprocess_commands(subparsers)` and, for
-``args.command == "reprocess"``, returns ``args.reprocess_handler(args)``.
-"""
+"""`rollscan reprocess`: score finished rolls again with another model version."""
 
 from __future__ import annotations
 
@@ -10,14 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from scheduler.cli_grade import iso_date
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, not {value}")
-    return value
+from cli.arg_types import iso_date, positive_int
+from cli.connect import command_context, upgrade_embedded
 
 
 def read_roll_ids(path: Path) -> list[str]:
@@ -33,14 +23,12 @@ def read_roll_ids(path: Path) -> list[str]:
 def _reprocess(args: argparse.Namespace) -> int:
     from results.grade_store import rules_from_file
     from scheduler.reprocess import reprocess, select_rolls
-    from storage.database import database_url, upgrade
-    from worker.tasks import context
 
     listed = read_roll_ids(args.rolls_from) if args.rolls_from is not None else None
-    ctx = context()
+    ctx = command_context(upgrade_database=False)
     rules_for = rules_from_file(args.rules or ctx.settings.grading_rules)  # before anything runs
-    if ctx.settings.embedded_database and not args.dry_run:
-        upgrade(database_url(ctx.settings))
+    if not args.dry_run:
+        upgrade_embedded(ctx.settings)
     with ctx.session() as session:
         rolls = select_rolls(
             session,
@@ -87,7 +75,8 @@ def _reprocess(args: argparse.Namespace) -> int:
     return 1 if report.failed else 0
 
 
-def add_reprocess_commands(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `reprocess` to the main parser's subparsers."""
     parser = subparsers.add_parser(
         "reprocess",
         help="score finished rolls again with a model version (from their stored images)",
@@ -120,7 +109,7 @@ def add_reprocess_commands(subparsers: Any) -> argparse.ArgumentParser:
         help="only these rolls: one id per line, # comments allowed",
     )
     parser.add_argument(
-        "--max-in-flight", type=_positive, default=4, metavar="N", help="rolls at a time (4)"
+        "--max-in-flight", type=positive_int, default=4, metavar="N", help="rolls at a time (4)"
     )
     parser.add_argument(
         "--rules",
@@ -131,5 +120,5 @@ def add_reprocess_commands(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument("--dry-run", action="store_true", help="list the rolls, write nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(reprocess_handler=_reprocess)
+    parser.set_defaults(handler=_reprocess)
     return parser

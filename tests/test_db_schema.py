@@ -14,8 +14,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
+from cli.db_commands import add_parser as add_db_commands
 from storage import database
-from storage.cli_db import add_db_commands
 from storage.schema import Base, Defect, Frame, Grade, Model, Roll, Run
 from storage.sql_views import VIEWS
 
@@ -383,7 +383,7 @@ def _cli(*argv: str) -> int:
     add_db_commands(sub)
     args = parser.parse_args(list(argv))
     assert args.command == "db"
-    return args.db_handler(args)
+    return args.handler(args)
 
 
 def test_cli_db_commands(

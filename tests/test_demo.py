@@ -13,7 +13,7 @@ def test_the_demo_finds_every_planted_defect_and_nothing_else(make_database, tmp
     env = {**os.environ, "ROLLSCAN_DATABASE_URL": make_database(),
            "ROLLSCAN_DATA_DIR": str(tmp_path / "data")}  # fmt: skip
     done = subprocess.run(
-        [sys.executable, "-m", "scheduler.cli", "demo", "--workdir", str(tmp_path / "demo"),
+        [sys.executable, "-m", "cli", "demo", "--workdir", str(tmp_path / "demo"),
          "--json", str(out)],
         env=env, capture_output=True, text=True, timeout=1800, check=False,
         cwd=Path(__file__).resolve().parents[1],

@@ -25,7 +25,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from scheduler.cli_scheduler import parse_duration
+from cli.arg_types import parse_duration
 from scheduler.discovery import (
     LOCK_KEY,
     RollCursor,

@@ -119,7 +119,7 @@ def test_a_command_says_it_leaves_the_server_running_and_db_stop_stops_it(
     so, and `rollscan db stop` is the way to stop it. Its password is in no repr."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ROLLSCAN_")}
     env["ROLLSCAN_DATA_DIR"] = str(data_dir)
-    rollscan = [sys.executable, "-m", "scheduler.cli", "db"]
+    rollscan = [sys.executable, "-m", "cli", "db"]
     done = subprocess.run([*rollscan, "upgrade"], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "keeps running after this command" in done.stderr

@@ -182,7 +182,7 @@ def test_a_scheduler_killed_mid_pass_misses_nothing_and_counts_nothing_twice(
         )  # fmt: skip
         upload_folder(stack.ctx.store, tmp_path / "scanned" / roll_id, "incoming")
     expected = {(f"R-scan{k:02d}", s) for k in range(SCANNED) for s in range(1, 3)}
-    command = [sys.executable, "-m", "scheduler.cli", "scheduler", "--interval", "0.2",
+    command = [sys.executable, "-m", "cli", "scheduler", "--interval", "0.2",
                "--metrics-port", "0"]  # fmt: skip
 
     first = stack.start_process(command)

@@ -162,7 +162,7 @@ def test_since_rules_per_fabric_and_rolls_without_a_length(db_session: Session) 
 def test_cli_grades_and_prints_a_table(
     db_session: Session, monkeypatch: pytest.MonkeyPatch, migrated_url: str, tmp_path, capsys
 ) -> None:
-    from scheduler.cli import main
+    from cli.main import main
 
     s = db_session
     _model(s)

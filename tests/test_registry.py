@@ -122,7 +122,7 @@ def test_bad_requests_write_nothing(db_session, local_store, checkpoints, tmp_pa
 def test_cli_register_list_activate(
     monkeypatch, migrated_url, tmp_path, checkpoints, capsys, db_engine
 ):
-    from scheduler.cli import main
+    from cli.main import main
 
     monkeypatch.setenv("ROLLSCAN_DATABASE_URL", migrated_url)
     monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))

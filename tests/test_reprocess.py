@@ -15,9 +15,9 @@ from sqlalchemy import func, select, text
 
 import worker.app
 import worker.tasks
+from cli.reprocess_command import read_roll_ids
 from distill.checkpoint import load_model, save_checkpoint
 from results.grade_store import grade_rolls
-from scheduler.cli_reprocess import read_roll_ids
 from scheduler.reprocess import reprocess, select_rolls, start_reprocess_run
 from scheduler.submit import submit
 from scheduler.synthetic_roll import write_synthetic_roll
@@ -202,7 +202,7 @@ def test_selection_filters_dry_run_and_cli(ctx, twill_model, tmp_path, monkeypat
     listing = tmp_path / "rolls.txt"
     listing.write_text("# rolls of lot 2026-01\nR-jan\n\nR-denim  # other fabric\n")
     assert read_roll_ids(listing) == ["R-jan", "R-denim"]
-    from scheduler.cli import main
+    from cli.main import main
 
     monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
     monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
@@ -227,7 +227,7 @@ def test_cli_reprocesses_through_the_celery_tasks_on_the_reprocess_queue(
 ):
     """`rollscan reprocess` as configured by the environment: Celery in eager mode (no broker),
     the default band height (2048) unlike the stored image's (512), which the run must follow."""
-    from scheduler.cli import main
+    from cli.main import main
 
     assert worker.app.app.conf.task_always_eager
     assert ROUTES["rollscan.score_reprocess"] == {"queue": "reprocess"}

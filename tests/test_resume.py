@@ -120,7 +120,7 @@ def test_an_unknown_roll_is_refused(ctx):
 
 def test_cli_resumes_idle_rolls(ctx, tmp_path, monkeypatch, capsys):
     """`rollscan resume` as configured by the environment: Celery in eager mode (no broker)."""
-    from scheduler.cli import main
+    from cli.main import main
 
     _submit(ctx, tmp_path, "R-cli")
     ctx.enqueue.drain(lose="score_band")

@@ -155,7 +155,7 @@ def test_the_page_renders_in_headless_chromium(graded, tmp_path):
 
 
 def test_cli_rolls_and_defects(graded, monkeypatch, capsys, migrated_url):
-    from scheduler.cli import main
+    from cli.main import main
 
     ctx, data_dir, _ = graded
     monkeypatch.setenv("ROLLSCAN_DATABASE_URL", migrated_url)
@@ -182,7 +182,7 @@ def test_cli_rolls_and_defects(graded, monkeypatch, capsys, migrated_url):
 
 
 def test_cli_report(graded, monkeypatch, capsys, migrated_url, tmp_path):
-    from scheduler.cli import main
+    from cli.main import main
 
     ctx, data_dir, _ = graded
     monkeypatch.setenv("ROLLSCAN_DATABASE_URL", migrated_url)

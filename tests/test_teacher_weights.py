@@ -129,7 +129,7 @@ def test_a_broken_weight_file_says_what_it_is(tmp_path, marker):
 
 
 def test_rollscan_train_refuses_hostile_teacher_weights(tmp_path, marker, category, capsys):
-    from scheduler.cli import main
+    from cli.main import main
 
     evil = hostile_file(tmp_path / "evil.pth", marker)
     out = tmp_path / "model.pt"

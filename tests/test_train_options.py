@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from cli.main import main
 from distill.calibration import calibrate_threshold
 from distill.checkpoint import load_detector, read_checkpoint
 from distill.data.mvtec import REGIONS_FILE, Category, load_stack
@@ -14,7 +15,6 @@ from distill.data.synthetic_defects import write_category
 from distill.loss import DistillationLoss
 from distill.metrics import tile_scores_on
 from distill.train import split_held_out
-from scheduler.cli import main
 
 TILE = 64
 

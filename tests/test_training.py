@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from cli.main import main
 from distill.checkpoint import CheckpointError, load_detector, read_checkpoint, save_checkpoint
 from distill.data.synthetic_defects import write_category
 from distill.evaluate import evaluate
 from distill.inference import bf16_supported
 from distill.train import split_held_out
-from scheduler.cli import main
 
 TILE = 128  # the model takes any size ≥ 64; small tiles keep the suite fast
 

@@ -1,0 +1,81 @@
+"""Argument types shared by several commands: dates, durations, positive numbers, and choices
+that are looked up only when used (so that listing them does not import torch at start-up)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from collections.abc import Callable, Iterable, Iterator
+from datetime import datetime, timedelta
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+def iso_date(text: str) -> datetime:
+    """argparse type: an ISO date or date-time."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not an ISO date or date-time: {text!r} (e.g. 2026-05-01 or 2026-05-01T18:00)"
+        ) from None
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """'30m', '2h', '1h30m', '45s', '1d' or plain seconds; '0' or 'off' → None (never)."""
+    text = text.strip().lower()
+    if text in ("0", "off", "never"):
+        return None
+    if re.fullmatch(r"\d+(\.\d+)?", text):
+        return timedelta(seconds=float(text))
+    parts = _DURATION.findall(text)
+    if not parts or "".join(n + u for n, u in parts) != text:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (e.g. 30m, 2h, 1h30m, 90s; 0 or off = never)"
+        )
+    return timedelta(**{_UNITS[u]: float(n) for n, u in parts})
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer ≥ 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, not {value}")
+    return value
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
+class LazyChoices:
+    """`choices=` whose values come from `load()` on first use (a check, or a help page).
+
+    Give the argument a `metavar`: argparse builds a metavar from the choices otherwise, which
+    would load them while the parser is being built."""
+
+    def __init__(self, load: Callable[[], Iterable[str]]) -> None:
+        self._load = load
+        self._values: list[str] | None = None
+
+    def _choices(self) -> list[str]:
+        if self._values is None:
+            self._values = sorted(self._load())
+        return self._values
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._choices()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._choices())
+
+    def __len__(self) -> int:
+        return len(self._choices())

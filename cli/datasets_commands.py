@@ -1,0 +1,44 @@
+"""`rollscan datasets import-aitex`: convert data sets (AITEX strips → MVTec layout)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _import_aitex(args: argparse.Namespace) -> int:
+    from distill.data.aitex import import_aitex
+
+    counts = import_aitex(
+        args.src,
+        args.dst,
+        tile=args.tile,
+        n_train_strips=args.train_strips,
+        fabrics=args.fabric,
+        overwrite=args.overwrite,
+        defect_strip_good=args.defect_strip_good_tiles,
+    )
+    print(json.dumps(counts, indent=2))
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `datasets import-aitex` to the main parser's subparsers."""
+    p = subparsers.add_parser("datasets", help="convert data sets")
+    dsub = p.add_subparsers(dest="dataset_command", required=True)
+    a = dsub.add_parser("import-aitex", help="AITEX strips → MVTec layout per fabric")
+    a.add_argument("src", type=Path)
+    a.add_argument("dst", type=Path)
+    a.add_argument("--tile", type=int, default=256)
+    a.add_argument("--train-strips", type=int, default=15, help="first N good strips of a roll")
+    a.add_argument("--fabric", action="append", default=None, help="fabric code (repeatable)")
+    a.add_argument("--overwrite", action="store_true", help="replace existing fabric folders")
+    a.add_argument(
+        "--defect-strip-good-tiles",
+        action="store_true",
+        help="also test the defect strips' unmasked tiles as good (off by default)",
+    )
+    a.set_defaults(handler=_import_aitex)
+    return p

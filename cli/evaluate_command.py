@@ -1,0 +1,46 @@
+"""`rollscan evaluate`: tile and pixel metrics of a model on a category's test set."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from distill.evaluate import evaluate, format_table
+
+    result = evaluate(
+        args.model,
+        args.data,
+        device=args.device,
+        precision=args.precision,
+        batch_size=args.batch,
+        teacher_weights=args.teacher_weights,
+        report_dir=args.report,
+        json_out=args.json,
+    )
+    print(format_table({args.data.name: result}))
+    print(
+        f"{result['n_good']} good and {result['n_defect']} defective test tiles; at the "
+        f"calibrated threshold {result.get('fpr_at_threshold', float('nan')):.3f} of good tiles "
+        f"flagged, {result.get('recall_at_threshold', float('nan')):.3f} of defective ones caught"
+    )
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `evaluate` to the main parser's subparsers."""
+    p = subparsers.add_parser(
+        "evaluate", help="tile/pixel metrics of a model on a category's test set"
+    )
+    p.add_argument("--model", required=True, type=Path)
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--json", type=Path, default=None, help="write the metrics as JSON here")
+    p.add_argument("--report", type=Path, default=None, help="write ROC curves and examples here")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--teacher-weights", default=None)
+    p.set_defaults(handler=_evaluate)
+    return p

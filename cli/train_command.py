@@ -1,0 +1,100 @@
+"""`rollscan train`: train a model on one category in MVTec AD layout, calibrate it, save it."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from cli.arg_types import LazyChoices
+
+
+def _teachers() -> list[str]:
+    from distill.teacher import TEACHERS
+
+    return list(TEACHERS)
+
+
+def _variants() -> tuple[str, ...]:
+    from distill.torch_model import VARIANTS
+
+    return VARIANTS
+
+
+def _train(args: argparse.Namespace) -> int:
+    from distill.teacher import DEFAULT_TEACHER
+    from distill.train import TrainConfig, train
+
+    config = TrainConfig(
+        teacher=args.teacher or DEFAULT_TEACHER,
+        teacher_weights=args.teacher_weights,
+        variant=args.variant,
+        epochs=args.epochs,
+        batch=args.batch,
+        lr=args.lr,
+        tile=args.tile,
+        seed=args.seed,
+        device=args.device,
+        fpr=args.fpr,
+        level_weights=tuple(args.level_weights),
+        max_minutes=args.max_minutes,
+        **{
+            key: value
+            for key, value in (
+                ("loss", args.loss), ("scorer", args.scorer), ("fusion_weight", args.fusion_weight),
+                ("memory_size", args.memory_size), ("edge", args.edge),
+                ("precision", args.precision),
+                ("augment", None if args.augment is None else tuple(a for a in args.augment if a != "none")),
+            )
+            if value is not None
+        },
+    )  # fmt: skip
+    card = train(args.data, args.out, config)
+    m = card.metrics
+    print(
+        f"saved {args.out}: best epoch {m['best_epoch']}/{m['epochs']}, validation loss "
+        f"{m['best_val_loss']:.4f}, fusion weight {card.fusion['weight']:g} (the student's share, "
+        f"chosen on synthetic defects), threshold {card.threshold:.4f} (fpr {card.target_fpr})"
+    )
+    return 0
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add `train` to the main parser's subparsers."""
+    p = subparsers.add_parser("train", help="train a model on one category in MVTec AD layout")
+    p.add_argument("--data", required=True, type=Path, help="category folder with train/good/")
+    p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
+    p.add_argument("--teacher", default=None, choices=LazyChoices(_teachers), metavar="NAME",
+                   help="one of %(choices)s (default efficientnet_lite0)")  # fmt: skip
+    p.add_argument(
+        "--teacher-weights", default=None, help="local weight file, or 'random' (tests only)"
+    )
+    p.add_argument("--variant", default="residual", choices=LazyChoices(_variants),
+                   metavar="VARIANT", help="one of %(choices)s (default residual)")  # fmt: skip
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=0.005)
+    p.add_argument("--tile", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--fpr", type=float, default=0.001, help="target false-alarm rate of good tiles")
+    p.add_argument(
+        "--level-weights", type=float, nargs=4, default=(1.0, 1.0, 1.0, 1.0), metavar="W"
+    )
+    p.add_argument("--loss", default=None, help="pixel (the paper's), flat (RD4AD's) or hard")
+    p.add_argument(
+        "--augment", nargs="*", default=None, metavar="NAME", help="flip, shift, jitter (or none)"
+    )
+    p.add_argument(
+        "--scorer", default=None,
+        help="auto (fusion weight chosen by synthetic defects), student, memory or fused",
+    )  # fmt: skip
+    p.add_argument("--fusion-weight", type=float, default=None, help="the student's share, fused")
+    p.add_argument("--memory-size", type=int, default=None, help="memory bank patches")
+    p.add_argument("--edge", default=None, help="mask or exclude tiles across the fabric edge")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop after this time budget")
+    p.add_argument(
+        "--precision", default=None, help="fp32 (default), bf16 autocast, or auto (bf16 if native)"
+    )
+    p.set_defaults(handler=_train)
+    return p
