@@ -2,7 +2,7 @@
 
     python bench/aitex_roll.py [--data ../shared/data/aitex] --fabric 01 [--model PATH] [--json OUT]
 
-The roll (`scheduler.aitex_roll.build_aitex_roll`): the fabric's good strips that do not
+The roll (`rollscan_testing.aitex_fabric_roll.build_aitex_roll`): the fabric's good strips that do not
 train (strips 16+ of its roll folder, in name order) with its defect strips interleaved at
 known rows, 256 rows each, full width; the planted defects are the physical flaws of the defect
 strips' masks: a strip's connected components merged by the rule finalize merges found
@@ -38,7 +38,7 @@ import numpy as np
 
 from distill.data.aitex import import_aitex
 from distill.train import TrainConfig, train
-from scheduler.aitex_roll import (
+from rollscan_testing.aitex_fabric_roll import (
     AITEX_PX_PER_MM,
     build_aitex_roll,
     report,

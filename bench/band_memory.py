@@ -42,8 +42,8 @@ from sqlalchemy import select, update
 
 from distill.checkpoint import random_checkpoint
 from distill.data.synthetic import make_fabric
+from rollscan_testing.synthetic_roll import ROLL_ROW_OFFSET
 from scheduler.submit import submit
-from scheduler.synthetic_roll import ROLL_ROW_OFFSET
 from storage.database import database_url, make_engine, upgrade
 from storage.objectstore_local import LocalStore
 from storage.registry import activate_model, register_model

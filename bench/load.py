@@ -38,8 +38,8 @@ from sqlalchemy import URL, func, make_url, select
 
 import worker.app
 from distill.checkpoint import load_detector
+from rollscan_testing.synthetic_roll import PlantedDefect, match_defects, write_synthetic_roll
 from scheduler.submit import submit
-from scheduler.synthetic_roll import PlantedDefect, match_defects, write_synthetic_roll
 from storage.database import mask_url, upgrade
 from storage.registry import activate_model, register_model
 from storage.schema import Band, Defect, Frame, Roll, Run

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from distill.checkpoint import load_detector, random_checkpoint
+from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.submit import submit
-from scheduler.synthetic_roll import write_synthetic_roll
 from storage.database import database_url, make_engine, upgrade
 from storage.objectstore_local import LocalStore
 from storage.registry import activate_model, register_model

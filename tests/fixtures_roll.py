@@ -15,8 +15,8 @@ import pytest
 from fixtures_celery import BAND, FABRIC, Stack, Worker
 from sqlalchemy import func, select
 
+from rollscan_testing.synthetic_roll import PlantedDefect, match_defects, write_synthetic_roll
 from scheduler.submit import submit
-from scheduler.synthetic_roll import PlantedDefect, match_defects, write_synthetic_roll
 from storage.database import is_transient_db_error, make_engine, upgrade
 from storage.objectstore import LocalStore
 from storage.registry import activate_model, register_model

@@ -12,7 +12,7 @@ from scipy import ndimage
 from sqlalchemy import select
 
 import worker.components as components
-from scheduler.aitex_roll import mask_flaws, pixel_matches
+from rollscan_testing.aitex_fabric_roll import mask_flaws, pixel_matches
 from storage.rolls import create_roll
 from storage.schema import Defect, Model, Roll, Run
 from storage.settings import MERGE_GAP_MM, Settings, SettingsError, get_settings

@@ -26,6 +26,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from cli.arg_types import parse_duration
+from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.discovery import (
     LOCK_KEY,
     RollCursor,
@@ -35,7 +36,6 @@ from scheduler.discovery import (
 )
 from scheduler.loop import run_scheduler
 from scheduler.metrics import SchedulerMetrics, queue_depths, start_metrics_server
-from scheduler.synthetic_roll import match_defects, write_synthetic_roll
 from storage.database import make_engine
 from storage.manifest import parse_manifest
 from storage.objectstore import LocalStore, S3Store

@@ -9,8 +9,8 @@ from sqlalchemy import select, text
 
 from results.grade_store import grade_run
 from results.grading import choose_width
+from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.submit import submit
-from scheduler.synthetic_roll import match_defects, write_synthetic_roll
 from storage.schema import Defect, FabricExtent, Grade, Run
 from worker.fabric_mask import Extent, quarter_fabric_mask
 

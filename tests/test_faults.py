@@ -35,8 +35,8 @@ from fixtures_roll import (
 )  # fmt: skip
 from sqlalchemy import func, make_url, select
 
+from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.submit import submit, upload_folder
-from scheduler.synthetic_roll import match_defects, write_synthetic_roll
 from storage.database import upgrade
 from storage.embedded_pg import start_embedded, stop_embedded
 from storage.schema import Frame, Roll

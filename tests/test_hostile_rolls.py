@@ -31,9 +31,9 @@ from fixtures_s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, make
 from sqlalchemy import select, text
 from test_frames import handmade_tiff, lzw_encode, patch_tag
 
+from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.discovery import discover_once
 from scheduler.submit import submit, upload_folder
-from scheduler.synthetic_roll import write_synthetic_roll
 from storage.database import make_engine
 from storage.manifest import ManifestError
 from storage.registry import activate_model, register_model

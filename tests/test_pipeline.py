@@ -10,8 +10,8 @@ import pytest
 import tifffile
 from sqlalchemy import func, select
 
+from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.submit import submit
-from scheduler.synthetic_roll import match_defects, write_synthetic_roll
 from storage.manifest import parse_manifest
 from storage.registry import activate_model, register_model
 from storage.rolls import open_roll

@@ -18,9 +18,9 @@ import worker.tasks
 from cli.reprocess_command import read_roll_ids
 from distill.checkpoint import load_model, save_checkpoint
 from results.grade_store import grade_rolls
+from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.reprocess import reprocess, select_rolls, start_reprocess_run
 from scheduler.submit import submit
-from scheduler.synthetic_roll import write_synthetic_roll
 from storage.registry import activate_model, register_model
 from storage.schema import Band, Defect, Grade, Roll, Run
 from storage.settings import Settings

@@ -11,9 +11,9 @@ from fixtures_roll import defects_of
 from sqlalchemy import func, select, update
 
 import worker.tasks
+from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.resume import idle_rolls, resume_roll
 from scheduler.submit import submit
-from scheduler.synthetic_roll import match_defects, write_synthetic_roll
 from storage.schema import Frame, Roll, Run
 
 PX_PER_MM, BAND = 4.0, 512

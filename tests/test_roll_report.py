@@ -20,8 +20,8 @@ from sqlalchemy import select, text
 
 from results.grade_store import grade_run
 from results.roll_report import write_roll_report
+from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.submit import submit
-from scheduler.synthetic_roll import write_synthetic_roll
 from storage.objectstore import open_object_store
 from storage.registry import activate_model, register_model
 from storage.schema import Base, Defect, Roll, Run

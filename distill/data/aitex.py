@@ -83,7 +83,8 @@ MARGIN_WHITE_LEVEL = 240
 MARGIN_MAX_WHITE_FRACTION = 0.5
 _MASK_LEVEL = 127  # the masks have soft edges; the README says threshold at > 127
 
-_STEM = re.compile(r"^(\d{4})_(\d{3})_(\d{2})$")
+# A strip's file stem: `<defect code>_<strip>_<fabric code>`, e.g. 0044_019_04.
+STRIP_STEM = re.compile(r"^(\d{4})_(\d{3})_(\d{2})$")
 # Malformed names that still end in a fabric code, so their skip can be counted there.
 _LOOSE_STEM = re.compile(r"^\d+_\d+_(\d{2})$")
 _MASK_NAME = re.compile(r"^(?P<stem>.+)_mask(?P<k>\d*)\.png$", re.IGNORECASE)
@@ -124,7 +125,7 @@ def _fabric_columns(image: np.ndarray, tile: int) -> dict[tuple[int, int], tuple
     return regions
 
 
-def _read_grey(path: Path) -> np.ndarray | None:
+def read_grey(path: Path) -> np.ndarray | None:
     """8-bit greyscale array, or None (with a warning) when the file does not decode."""
     try:
         with Image.open(path) as im:
@@ -158,12 +159,12 @@ def _mask_files(mask_dir: Path, stem: str) -> list[Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def _load_mask(mask_dir: Path, strip: Path, shape: tuple[int, int]) -> np.ndarray | None:
+def load_mask(mask_dir: Path, strip: Path, shape: tuple[int, int]) -> np.ndarray | None:
     """Union of the strip's binarised masks, or None when none is usable (warned)."""
     union = None
     paths = _mask_files(mask_dir, strip.stem)
     for path in paths:
-        mask = _read_grey(path)
+        mask = read_grey(path)
         if mask is None:
             continue  # already warned; treated as absent
         if mask.shape != shape:
@@ -185,7 +186,7 @@ def _plan(
     malformed: list[tuple[str | None, Path]] = []
 
     def parse(path: Path) -> tuple[str, str] | None:
-        m = _STEM.match(path.stem)
+        m = STRIP_STEM.match(path.stem)
         if m:
             return (m[3], m[2]) if wanted is None or m[3] in wanted else None
         loose = _LOOSE_STEM.match(path.stem)
@@ -309,7 +310,7 @@ def import_aitex(
     regions: dict[Path, dict[str, list[int]]] = {}
     for strip in tqdm(strips, desc="AITEX import", unit="strip", disable=not progress):
         c = counts[f"fabric{strip.fabric}"]
-        image = _read_grey(strip.path)
+        image = read_grey(strip.path)
         if image is None:
             c["skipped"] += 1
             continue
@@ -326,7 +327,7 @@ def import_aitex(
             continue
         mask = None
         if strip.defect_code is not None:
-            mask = _load_mask(mask_dir, strip.path, image.shape)
+            mask = load_mask(mask_dir, strip.path, image.shape)
             if mask is None:
                 c["skipped"] += 1
                 continue

@@ -24,7 +24,7 @@ _PATTERNS = {
     "satin": np.array([[(j - 2 * i) % 5 != 0 for j in range(5)] for i in range(5)]),
 }
 
-_MASK64 = (1 << 64) - 1
+MASK64 = (1 << 64) - 1  # 64-bit wrap-around of the hash arithmetic (also synthetic_defects)
 _GOLDEN = 0x9E3779B97F4A7C15
 # Hash streams: one per independent random property, so adding one never shifts another.
 _S_WARP, _S_WEFT, _S_ROW_LIGHT, _S_COL_LIGHT, _S_NOISE_ROW, _S_NOISE_COL, _S_LOOK = range(7)
@@ -46,7 +46,7 @@ def _splitmix(z: np.ndarray) -> np.ndarray:
 
 
 def _mix64_int(z: int) -> int:
-    return int(_splitmix(np.array([z & _MASK64], dtype=np.uint64))[0])
+    return int(_splitmix(np.array([z & MASK64], dtype=np.uint64))[0])
 
 
 def _hash_bits(key: int, stream: int, index: np.ndarray) -> np.ndarray:
@@ -60,13 +60,15 @@ def _uniform(key: int, stream: int, index: np.ndarray) -> np.ndarray:
     return (_hash_bits(key, stream, index) >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
-def _seed_key(seed: int | np.random.Generator) -> int:
+def seed_key(seed: int | np.random.Generator) -> int:
+    """A 64-bit key from an integer seed (hashed) or a generator (one draw)."""
     if isinstance(seed, np.random.Generator):
         return int(seed.integers(0, 2**63))
     return _mix64_int(int(seed))
 
 
-def _check(what: str, value: str, allowed: tuple[str, ...]) -> None:
+def check_choice(what: str, value: str, allowed: tuple[str, ...]) -> None:
+    """Raise ValueError naming the allowed values when `value` is not one of them."""
     if value not in allowed:
         raise ValueError(f"unknown {what} {value!r}; expected one of {', '.join(allowed)}")
 
@@ -195,12 +197,12 @@ def make_fabric(
     identical whether the roll is generated at once or in pieces. A Generator seed draws one
     key from it, so pieces only match if they are given equal keys.
     """
-    _check("weave", weave, WEAVES)
+    check_choice("weave", weave, WEAVES)
     if height <= 0 or width <= 0:
         raise ValueError(f"height and width must be positive, got {height}x{width}")
     if yarn_period < 2.0:
         raise ValueError(f"yarn_period must be at least 2 pixels, got {yarn_period}")
-    key = _seed_key(seed)
+    key = seed_key(seed)
     rows = np.arange(row_offset, row_offset + height, dtype=np.int64)
     cols = np.arange(width, dtype=np.int64)
     look = _uniform(key, _S_LOOK, np.arange(6))

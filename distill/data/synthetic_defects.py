@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from distill.data.synthetic import _MASK64, DEFECT_KINDS, WEAVES, _check, _seed_key, make_fabric
+from distill.data.synthetic import DEFECT_KINDS, MASK64, WEAVES, check_choice, make_fabric, seed_key
 
 # Typical size per kind: diameter for blobs, length for lines and slubs (px).
 _SIZE_RANGE = {
@@ -120,7 +120,7 @@ def _plant(
     image: np.ndarray, kind: str, rng: np.random.Generator, center: tuple[int, int] | None,
     size: float | None,
 ) -> tuple[np.ndarray, tuple[int, int]]:  # fmt: skip
-    _check("defect kind", kind, DEFECT_KINDS)
+    check_choice("defect kind", kind, DEFECT_KINDS)
     if image.dtype != np.uint8 or image.ndim not in (2, 3):
         raise ValueError(f"expected a uint8 (H, W[, C]) image, not {image.dtype} {image.shape}")
     h, w = image.shape[:2]
@@ -199,7 +199,7 @@ def make_defective(
     if not kinds:
         raise ValueError("kinds must name at least one defect kind")
     for kind in kinds:
-        _check("defect kind", kind, DEFECT_KINDS)
+        check_choice("defect kind", kind, DEFECT_KINDS)
     if n_defects < 0:
         raise ValueError(f"n_defects must be >= 0, got {n_defects}")
     if isinstance(seed, np.random.Generator):
@@ -207,8 +207,8 @@ def make_defective(
         image = make_fabric(height, width, seed=rng, **fabric_kw)
     else:
         image = make_fabric(height, width, seed=seed, **fabric_kw)
-        row_offset = int(fabric_kw.get("row_offset", 0)) & _MASK64
-        rng = np.random.default_rng([_seed_key(seed), row_offset, 0xDEFEC7])
+        row_offset = int(fabric_kw.get("row_offset", 0)) & MASK64
+        rng = np.random.default_rng([seed_key(seed), row_offset, 0xDEFEC7])
     union = np.zeros((height, width), dtype=bool)
     defects = []
     for _ in range(n_defects):
@@ -238,9 +238,9 @@ def write_category(
     ``k * tile .. (k + 1) * tile - 1``, so no two tiles share a row. Defective tiles cycle
     through DEFECT_KINDS, one defect each, numbered per kind.
     """
-    _check("weave", weave, WEAVES)
+    check_choice("weave", weave, WEAVES)
     dst = Path(dst)
-    key = _seed_key(seed)
+    key = seed_key(seed)
     tile_index = iter(range(n_train + n_test_good + n_test_defect))
 
     def next_tile() -> np.ndarray:
@@ -289,7 +289,7 @@ def paste_defects(
     low, high = strength
     if not 0 < low <= high <= 1:
         raise ValueError(f"strength must satisfy 0 < low <= high <= 1, not {strength}")
-    rng = np.random.default_rng([_seed_key(seed), 0x5A57E])
+    rng = np.random.default_rng([seed_key(seed), 0x5A57E])
     images, masks = [], []
     for k in range(copies):
         for i, tile in enumerate(tiles):

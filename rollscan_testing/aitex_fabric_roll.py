@@ -29,10 +29,10 @@ import tifffile
 from scipy import ndimage
 from sqlalchemy import select
 
-from distill.data.aitex import _STEM, _load_mask, _read_grey, defect_name
+from distill.data.aitex import STRIP_STEM, defect_name, load_mask, read_grey
 from results.grade_store import grade_run
+from rollscan_testing.synthetic_roll import PlantedDefect
 from scheduler.submit import submit
-from scheduler.synthetic_roll import PlantedDefect
 from storage.fabric_extents import roll_extents
 from storage.registry import activate_model, active_model, checkpoint_key, register_model
 from storage.rolls import open_roll
@@ -104,7 +104,7 @@ def _strips(folder: Path, code: str) -> list[tuple[Path, str]]:
         return []
     found = []
     for path in sorted(folder.iterdir()):
-        m = _STEM.match(path.stem) if path.suffix.lower() == ".png" else None
+        m = STRIP_STEM.match(path.stem) if path.suffix.lower() == ".png" else None
         if m and m[3] == code:
             found.append((path, m[2]))
     return found
@@ -168,17 +168,17 @@ def build_aitex_roll(
     if strips_per_frame < 1:
         raise ValueError(f"strips_per_frame must be at least 1, got {strips_per_frame}")
     train, roll_good = split_good_strips(src, code, n_train_strips)
-    seen = {_digest(image) for path in train if (image := _read_grey(path)) is not None}
+    seen = {_digest(image) for path in train if (image := read_grey(path)) is not None}
     good: list[tuple[Path, np.ndarray]] = []
     for path in roll_good:
-        image = _read_grey(path)
+        image = read_grey(path)
         if image is not None and (digest := _digest(image)) not in seen:
             seen.add(digest)
             good.append((path, image))
     defects: list[tuple[Path, np.ndarray, np.ndarray, str]] = []
     for path, defect in _strips(src / "Defect_images", code):
-        image = _read_grey(path)
-        mask = None if image is None else _load_mask(src / "Mask_images", path, image.shape)
+        image = read_grey(path)
+        mask = None if image is None else load_mask(src / "Mask_images", path, image.shape)
         if mask is not None:
             defects.append((path, image, mask, defect))
     if not defects:
@@ -225,7 +225,7 @@ def build_aitex_roll(
 def match_planted(
     planted: list[PlantedDefect], found: list[dict], px_per_mm: float
 ) -> tuple[dict[int, int], list[int]]:
-    """`scheduler.synthetic_roll.match_defects`'s rule (a found box matches a planted defect
+    """`rollscan_testing.synthetic_roll.match_defects`'s rule (a found box matches a planted defect
     when it holds at least one pixel of its mask), vectorised for masks of 10⁵ pixels."""
     pixels = [np.asarray(p.pixels, dtype=np.int64).reshape(-1, 2) for p in planted]
     matched: dict[int, int] = {}

@@ -12,9 +12,9 @@ import tifffile
 from PIL import Image
 from scipy import ndimage
 
-from distill.data.aitex import AitexImportWarning, _load_mask, _read_grey, import_aitex
+from distill.data.aitex import AitexImportWarning, import_aitex, load_mask, read_grey
 from distill.train import TrainConfig, train
-from scheduler.aitex_roll import (
+from rollscan_testing.aitex_fabric_roll import (
     REPORT_KEYS,
     build_aitex_roll,
     match_planted,
@@ -24,7 +24,7 @@ from scheduler.aitex_roll import (
     split_good_strips,
     use_model,
 )
-from scheduler.synthetic_roll import PlantedDefect, match_defects
+from rollscan_testing.synthetic_roll import PlantedDefect, match_defects
 from storage.rolls import open_roll
 from storage.schema import Roll
 from storage.settings import Settings
@@ -229,10 +229,10 @@ def test_real_fabric_roll_through_the_pipeline(db_engine, local_store, tmp_path)
     by_row = {}
     for s in layout:
         folder = "Defect_images" if s["defect"] else f"NoDefect_images/{_roll_folder(code)}"
-        strip = _read_grey(REAL_AITEX / folder / s["strip"])
+        strip = read_grey(REAL_AITEX / folder / s["strip"])
         np.testing.assert_array_equal(image[s["row"] : s["row"] + s["rows"]], strip)
         if s["defect"]:
-            mask = _load_mask(REAL_AITEX / "Mask_images", REAL_AITEX / folder / s["strip"],
+            mask = load_mask(REAL_AITEX / "Mask_images", REAL_AITEX / folder / s["strip"],
                               strip.shape)  # fmt: skip
             labels, n = ndimage.label(mask, structure=np.ones((3, 3)))
             by_row[s["row"]] = (labels, n)
