@@ -185,6 +185,7 @@ def load_detector(
     precision: Precision = "auto",
     channels_last: bool = True,
     batch_size: int = 16,
+    compile: bool = False,
 ) -> tuple[Detector, ModelCard]:
     model, card = load_model(source, teacher_weights)
     detector = Detector(
@@ -196,5 +197,6 @@ def load_detector(
         precision=precision,
         channels_last=channels_last,
         batch_size=batch_size,
+        compile=compile,
     )
     return detector, card

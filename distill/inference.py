@@ -60,7 +60,12 @@ class Detector:
         precision: Precision = "auto",
         channels_last: bool = True,
         batch_size: int = 16,
+        compile: bool = False,
     ) -> None:
+        """`compile`: teacher, student and map as one graph through torch.compile (inductor,
+        with freezing: BatchNorm folds into the convolutions, weights become constants). The
+        first batch of each tile size compiles it (tens of seconds, once per process); every
+        batch is padded to `batch_size` so that no other shape compiles again."""
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, not {batch_size}")
         if precision not in ("auto", "fp32", "bf16"):
@@ -75,10 +80,18 @@ class Detector:
         self.threshold = threshold
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=memory_format)
+        self.compiled = (
+            torch.compile(_WholeMap(self.model, self.bf16), options={"freezing": True})
+            if compile
+            else None
+        )
 
     @property
     def mode(self) -> str:
-        return f"{'bf16' if self.bf16 else 'fp32'}{' channels-last' if self.channels_last else ''}"
+        return (
+            f"{'bf16' if self.bf16 else 'fp32'}{' channels-last' if self.channels_last else ''}"
+            f"{' compiled' if self.compiled is not None else ''}"
+        )
 
     @torch.inference_mode()
     def score_tensor(self, batch: torch.Tensor) -> torch.Tensor:
@@ -86,6 +99,11 @@ class Detector:
         x, (h, w) = normalise(batch, self.mean, self.std, self.device)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        if self.compiled is not None:
+            n = x.shape[0]
+            if n < self.batch_size:  # one shape, one compilation
+                x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+            return self.compiled(x)[:n, :h, :w]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             teacher = self.model.teacher(x)
             student = self.model.student(teacher) if self.model.fusion.uses_student else None
@@ -108,3 +126,17 @@ class Detector:
         if self.threshold is None:
             raise ValueError("this model has no calibrated threshold")
         return np.asarray(scores) > self.threshold
+
+
+class _WholeMap(torch.nn.Module):
+    """Teacher → student → map as one module, the unit torch.compile sees."""
+
+    def __init__(self, model: ReverseDistillation, bf16: bool) -> None:
+        super().__init__()
+        self.model, self.bf16 = model, bf16
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            teacher = self.model.teacher(x)
+            student = self.model.student(teacher) if self.model.fusion.uses_student else None
+        return self.model.maps(teacher, student, tuple(x.shape[-2:]))
