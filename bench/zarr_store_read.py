@@ -36,7 +36,7 @@ import numpy as np
 import zarr
 
 from storage.objectstore import LocalStore, ObjectStore, S3Store
-from storage.rolls import RollArrays, create_roll, delete_roll
+from storage.zarr_rolls import RollArrays, create_roll, delete_roll
 
 ROOT = Path(__file__).resolve().parents[1]
 AITEX = ROOT.parent / "shared" / "data" / "aitex"

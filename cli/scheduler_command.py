@@ -34,7 +34,7 @@ def _print_report(report: Any) -> None:
 def _run_scheduler(args: argparse.Namespace) -> int:
     from scheduler.discovery import discover_once
     from scheduler.loop import run_scheduler
-    from scheduler.metrics import SchedulerMetrics, start_metrics_server
+    from scheduler.scheduler_metrics import SchedulerMetrics, start_metrics_server
 
     ctx = command_context()
     if args.once:

@@ -34,8 +34,8 @@ from sqlalchemy.orm import Session
 from results.defect_tables import roll_defects
 from results.grade_store import SYSTEM
 from storage.objectstore import ObjectNotFound, ObjectStore
-from storage.rolls import SCORE_SCALE, RollArrays, open_roll
 from storage.schema import FabricExtent, Grade, Model, Roll, Run
+from storage.zarr_rolls import SCORE_SCALE, RollArrays, open_roll
 
 MAX_CROPS = 200  # defects beyond this get a table row but no crops
 MAP_MAX_SIDE = 2048  # the overview's long side (px)

@@ -35,9 +35,9 @@ from rollscan_testing.synthetic_roll import PlantedDefect
 from scheduler.submit import submit
 from storage.fabric_extents import roll_extents
 from storage.registry import activate_model, active_model, checkpoint_key, register_model
-from storage.rolls import open_roll
 from storage.schema import Band, Defect, Grade, Model, Roll, Run
 from storage.settings import MERGE_GAP_MM
+from storage.zarr_rolls import open_roll
 from worker.components import merge_groups
 from worker.context import WorkerContext
 from worker.fabric_mask import Extent, quarter_fabric_mask

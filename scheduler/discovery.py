@@ -53,7 +53,6 @@ from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from scheduler.submit import frame_seq
-from storage.database import is_transient_db_error
 from storage.manifest import (
     MAX_MANIFEST_BYTES,
     NAME_PATTERN,
@@ -61,11 +60,12 @@ from storage.manifest import (
     ManifestLimits,
     parse_manifest,
 )
-from storage.objectstore import ObjectInfo, ObjectNotFound, ObjectStore, is_transient_store_error
+from storage.objectstore import ObjectInfo, ObjectNotFound, ObjectStore
 from storage.schema import DiscoveryCursor, Frame, Roll
 from worker.context import WorkerContext
 from worker.ingest import roll_updated
-from worker.rolls import RollError, register_roll
+from worker.roll_rows import RollError, register_roll
+from worker.transient_errors import is_transient_error
 
 log = logging.getLogger(__name__)
 
@@ -104,22 +104,6 @@ class RollCursor:
 
     def dump(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
-
-
-def is_transient_error(exc: BaseException) -> bool:
-    """A database, object-store or broker error that waiting may cure."""
-    from kombu.exceptions import OperationalError
-
-    if is_transient_db_error(exc) or is_transient_store_error(exc):
-        return True
-    seen: set[int] = set()
-    item: BaseException | None = exc
-    while item is not None and id(item) not in seen:
-        seen.add(id(item))
-        if isinstance(item, OperationalError):
-            return True
-        item = item.__cause__ or item.__context__
-    return False
 
 
 def incoming_prefix(ctx: WorkerContext) -> str:

@@ -11,8 +11,9 @@ import threading
 from datetime import timedelta
 from typing import Any
 
-from scheduler.discovery import DEFAULT_STALL_AFTER, discover_once, is_transient_error
+from scheduler.discovery import DEFAULT_STALL_AFTER, discover_once
 from worker.context import WorkerContext
+from worker.transient_errors import is_transient_error
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ def run_scheduler(
 
     A failed pass waits `interval_s` · 2^k (k = failures in a row, at most `max_backoff_s`)
     and tries again; nothing is lost, the next pass starts from the database's cursors.
-    `metrics` (a `scheduler.metrics.SchedulerMetrics`) is updated after each pass."""
+    `metrics` (a `scheduler.scheduler_metrics.SchedulerMetrics`) is updated after each pass."""
     failures = passes = 0
     while not stop_event.is_set():
         passes += 1

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from results.grade_store import SYSTEM, grade_run
 from results.grading import GradingRules, load_rules
-from storage.rolls import open_roll, roll_exists
 from storage.schema import Band, Grade, Model, Roll, Run
+from storage.zarr_rolls import open_roll, roll_exists
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)

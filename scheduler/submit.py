@@ -16,7 +16,7 @@ from storage.manifest import Manifest, ManifestLimits, parse_manifest
 from storage.objectstore import ObjectStore
 from worker.context import WorkerContext
 from worker.ingest import roll_updated
-from worker.rolls import register_roll
+from worker.roll_rows import register_roll
 
 FRAME_NAME = re.compile(r"^(\d{1,9})\.tiff?$", re.IGNORECASE)
 

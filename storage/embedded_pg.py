@@ -139,7 +139,7 @@ def _service_account() -> tuple[int, int] | None:
     return entry.pw_uid, entry.pw_gid
 
 
-def _run(args: list[str], account: tuple[int, int] | None, timeout: float) -> str:
+def _run_pg_command(args: list[str], account: tuple[int, int] | None, timeout: float) -> str:
     """Run a PostgreSQL binary (as `account` when given); output to a file, not a pipe,
     because `pg_ctl start` leaves the server holding inherited pipes open."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -199,7 +199,7 @@ def _initdb(data_dir: Path, pgdata: Path, account: tuple[int, int] | None) -> st
             fh.write(password + "\n")
         if account is not None:
             os.chown(pwfile, *account)
-        _run(
+        _run_pg_command(
             [
                 _bin("initdb"),
                 "-D", str(pgdata),
@@ -292,7 +292,7 @@ def _start(pgdata: Path, account: tuple[int, int] | None, preferred_port: int | 
         port = _free_port(preferred_port if attempt == 0 else None)
         logged = logfile.stat().st_size if logfile.exists() else 0  # the log only grows
         try:
-            _run(
+            _run_pg_command(
                 [_bin("pg_ctl"), "-D", str(pgdata), "-l", str(logfile), "-w",
                  "-t", str(START_TIMEOUT_S), "-o", f"-p {port}", "start"],
                 account,
@@ -405,7 +405,7 @@ def stop_embedded(where: Settings | Path | str, timeout: float = 60.0) -> bool:
     with _locked(data_dir):
         if _postmaster(pgdata) is None:
             return False
-        _run(
+        _run_pg_command(
             [
                 _bin("pg_ctl"),
                 "-D",

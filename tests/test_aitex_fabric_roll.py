@@ -25,9 +25,9 @@ from rollscan_testing.aitex_fabric_roll import (
     use_model,
 )
 from rollscan_testing.synthetic_roll import PlantedDefect, match_defects
-from storage.rolls import open_roll
 from storage.schema import Roll
 from storage.settings import Settings
+from storage.zarr_rolls import open_roll
 from worker.context import WorkerContext
 from worker.inline import InlineEnqueuer
 

@@ -13,9 +13,9 @@ from sqlalchemy import select
 
 import worker.components as components
 from rollscan_testing.aitex_fabric_roll import mask_flaws, pixel_matches
-from storage.rolls import create_roll
 from storage.schema import Defect, Model, Roll, Run
 from storage.settings import MERGE_GAP_MM, Settings, SettingsError, get_settings
+from storage.zarr_rolls import create_roll
 from worker.components import DefectFinder, merge_groups
 from worker.context import WorkerContext
 from worker.finalize import finalize_run

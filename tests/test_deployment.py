@@ -413,7 +413,7 @@ def test_scheduler_runs_beat_once_and_its_check_reads_its_metrics() -> None:
     if "/metrics" in check:
         assert parsed.metrics_port, f"{name}: the check reads /metrics, which is off"
         assert f":{parsed.metrics_port}/metrics" in check, f"{name}: check on another port"
-        served = (ROOT / "scheduler" / "metrics.py").read_text()
+        served = (ROOT / "scheduler" / "scheduler_metrics.py").read_text()
         for metric in re.findall(r"rollscan_[a-z_]+", check):
             assert f'"{metric}"' in served, f"{name}: the scheduler serves no {metric}"
 

@@ -31,11 +31,10 @@ from scheduler.discovery import (
     LOCK_KEY,
     RollCursor,
     discover_once,
-    is_transient_error,
     mark_stalled,
 )
 from scheduler.loop import run_scheduler
-from scheduler.metrics import SchedulerMetrics, queue_depths, start_metrics_server
+from scheduler.scheduler_metrics import SchedulerMetrics, queue_depths, start_metrics_server
 from storage.database import make_engine
 from storage.manifest import parse_manifest
 from storage.objectstore import LocalStore, S3Store
@@ -44,7 +43,8 @@ from storage.schema import Defect, DiscoveryCursor, Frame, Grade, Model, Roll, R
 from storage.settings import Settings
 from worker.context import WorkerContext
 from worker.inline import InlineEnqueuer
-from worker.rolls import register_roll
+from worker.roll_rows import register_roll
+from worker.transient_errors import is_transient_error
 
 PX_PER_MM, BAND, ROWS, WIDTH = 10.0, 256, 256, 256  # frames of 256 rows, bands of 256
 FABRIC = "demo-twill"
@@ -382,7 +382,7 @@ def test_metrics_listen_on_loopback_unless_told() -> None:
     """The scheduler's and the workers' /metrics name rolls and queues: not for the LAN."""
     import psutil
 
-    from worker.metrics import serve_metrics
+    from worker.task_metrics import serve_metrics
 
     server = start_metrics_server(_free_port())
     try:

@@ -25,15 +25,15 @@ from results.grading import GradingRules
 from storage.manifest import parse_manifest
 from storage.objectstore import LocalStore, ObjectInfo
 from storage.registry import activate_model, register_model
-from storage.rolls import open_roll
 from storage.schema import Band, Defect, Frame, Roll, Run, TaskDelivery
 from storage.settings import Settings
+from storage.zarr_rolls import open_roll
 from worker.context import RetryLater, WorkerContext
 from worker.deliveries import Delivery, run_counted
 from worker.finalize import finalize_run
 from worker.frames import decode_frame
 from worker.ingest import frame_source, ingest_frame, roll_updated
-from worker.rolls import register_roll
+from worker.roll_rows import register_roll
 from worker.scoring import score_band
 
 PX_PER_MM = 10.0

@@ -14,14 +14,14 @@ from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.submit import submit
 from storage.manifest import parse_manifest
 from storage.registry import activate_model, register_model
-from storage.rolls import open_roll
 from storage.schema import Band, Defect, Frame, Roll, Run
 from storage.settings import Settings
+from storage.zarr_rolls import open_roll
 from worker.context import WorkerContext
 from worker.finalize import finalize_run
 from worker.ingest import ingest_frame, roll_updated
 from worker.inline import InlineEnqueuer
-from worker.rolls import register_roll
+from worker.roll_rows import register_roll
 from worker.scoring import score_band
 
 PX_PER_MM = 10.0

@@ -87,7 +87,7 @@ def test_lost_bands_and_a_lost_finalize_are_sent_again(ctx, tmp_path):
 def test_the_scheduler_metrics_count_and_log_idle_rolls(ctx, tmp_path, caplog):
     from prometheus_client import REGISTRY
 
-    from scheduler.metrics import SchedulerMetrics
+    from scheduler.scheduler_metrics import SchedulerMetrics
 
     _submit(ctx, tmp_path, "R-idle")
     ctx.enqueue.drain(lose="score_band")
@@ -101,7 +101,7 @@ def test_the_scheduler_metrics_count_and_log_idle_rolls(ctx, tmp_path, caplog):
         session.execute(
             update(Run).where(Run.roll_id == "R-idle").values(created_at=func.now() - 2 * HOUR)
         )
-    with caplog.at_level(logging.WARNING, logger="scheduler.metrics"):
+    with caplog.at_level(logging.WARNING, logger="scheduler.scheduler_metrics"):
         metrics.update(ctx)
         metrics.update(ctx)  # still idle: said once
     assert REGISTRY.get_sample_value("rollscan_rolls_idle") == 1

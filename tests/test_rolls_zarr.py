@@ -8,7 +8,7 @@ import zarr
 from fixtures_s3 import make_s3_store
 
 from storage.objectstore import ObjectNotFound, ObjectStore, S3Store
-from storage.rolls import (
+from storage.zarr_rolls import (
     RollArrays,
     create_roll,
     delete_roll,

@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from storage.schema import Run, TaskDelivery
 from worker.context import WorkerContext
-from worker.rolls import fail_roll
+from worker.roll_rows import fail_roll
 
 log = logging.getLogger(__name__)
 GIVEN_UP = "failed"  # what a task returns when it gave up its roll

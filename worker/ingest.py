@@ -21,12 +21,12 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from storage.objectstore import ObjectChanged, ObjectInfo, ObjectNotFound, ObjectStore
-from storage.rolls import RollArrays, create_roll, open_roll, roll_exists
 from storage.schema import Band, Frame, Model, Roll, Run
 from storage.settings import Settings
+from storage.zarr_rolls import RollArrays, create_roll, open_roll, roll_exists
 from worker.context import RetryLater, WorkerContext, lock_bands
 from worker.frames import FrameError, decode_frame, max_frame_bytes
-from worker.rolls import RollError, fail_roll, live_run
+from worker.roll_rows import RollError, fail_roll, live_run
 from worker.tiling import band_ready
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from storage.schema import Band, Model, Roll, Run
 from worker.context import WorkerContext, lock_bands
 from worker.fabric_mask import measure_band
 from worker.ingest import finalize_due, roll_arrays, run_tiling
-from worker.metrics import band_scored
+from worker.task_metrics import band_scored
 from worker.tiling import BandStitcher, band_read_window, band_tiles, cut_tiles, downsample_max
 
 log = logging.getLogger(__name__)

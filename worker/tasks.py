@@ -1,8 +1,8 @@
 """Celery tasks: thin wrappers over the pipeline's plain functions (ingest, score, finalize, train).
 
 Each task builds its process's `WorkerContext` lazily — after the prefork, so CUDA and database
-pools are created in the child — and retries with exponential back-off on transient database
-and object-store errors. A bad roll is marked failed inside the pipeline; other rolls go on. A
+pools are created in the child — and retries with exponential back-off on transient database,
+object-store and broker errors (`worker.transient_errors`). A bad roll is marked failed inside the pipeline; other rolls go on. A
 task whose worker keeps dying on it fails its roll after `max_deliveries` (`worker.deliveries`).
 """
 
@@ -13,14 +13,13 @@ from typing import Any
 
 from celery import Task
 
-from storage.database import is_transient_db_error
-from storage.objectstore import is_transient_store_error
 from worker.app import app
 from worker.context import RetryLater, WorkerContext
 from worker.deliveries import Delivery, run_counted
 from worker.finalize import finalize_run
 from worker.ingest import ingest_frame
 from worker.scoring import score_band
+from worker.transient_errors import is_transient_error
 
 log = logging.getLogger(__name__)
 MAX_RETRIES = 12  # 2 s doubling, capped at 5 min: about 40 minutes of outage
@@ -61,11 +60,7 @@ def context() -> WorkerContext:
     return _context
 
 
-def is_transient(exc: BaseException) -> bool:
-    return is_transient_db_error(exc) or is_transient_store_error(exc)
-
-
-def _run(task: Task, function: Any, *args: Any, delivery: Delivery | None = None) -> Any:
+def _run_task(task: Task, function: Any, *args: Any, delivery: Delivery | None = None) -> Any:
     ctx = context()
     try:
         if delivery is None:
@@ -76,7 +71,7 @@ def _run(task: Task, function: Any, *args: Any, delivery: Delivery | None = None
         countdown = min(RETRY_LATER_MAX_S, exc.countdown * 2 ** min(task.request.retries, 20))
         raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
     except Exception as exc:
-        if not is_transient(exc):
+        if not is_transient_error(exc):
             raise
         countdown = min(300, 2 * 2**task.request.retries)
         log.warning("%s%s: transient error, retry in %ss: %s", task.name, args, countdown, exc)
@@ -91,24 +86,24 @@ def _band(run_id: int, band_index: int) -> Delivery:
 @app.task(bind=True, name="rollscan.ingest")
 def ingest(self: Task, roll_id: str, seq: int, key: str) -> str:
     delivery = Delivery("ingest", f"{roll_id}/{seq}", f"frame {seq} ({key})", roll_id=roll_id)
-    return _run(self, ingest_frame, roll_id, seq, key, delivery=delivery)
+    return _run_task(self, ingest_frame, roll_id, seq, key, delivery=delivery)
 
 
 @app.task(bind=True, name="rollscan.score")
 def score(self: Task, run_id: int, band_index: int) -> str:
-    return _run(self, score_band, run_id, band_index, delivery=_band(run_id, band_index))
+    return _run_task(self, score_band, run_id, band_index, delivery=_band(run_id, band_index))
 
 
 @app.task(bind=True, name="rollscan.score_reprocess")
 def score_reprocess(self: Task, run_id: int, band_index: int) -> str:
     """`score` for the bands of reprocess runs, routed to the `reprocess` queue."""
-    return _run(self, score_band, run_id, band_index, delivery=_band(run_id, band_index))
+    return _run_task(self, score_band, run_id, band_index, delivery=_band(run_id, band_index))
 
 
 @app.task(bind=True, name="rollscan.finalize")
 def finalize(self: Task, run_id: int) -> int | str | None:
     delivery = Delivery("finalize", str(run_id), f"finalize of run {run_id}", run_id=run_id)
-    return _run(self, finalize_run, run_id, delivery=delivery)
+    return _run_task(self, finalize_run, run_id, delivery=delivery)
 
 
 @app.task(bind=True, name="rollscan.train")
@@ -116,4 +111,4 @@ def train(self: Task, data: str, fabric_type: str | None, version: str | None = 
           config: dict | None = None) -> str:  # fmt: skip
     from worker.training import train_and_register
 
-    return _run(self, train_and_register, data, fabric_type, version, config or {})
+    return _run_task(self, train_and_register, data, fabric_type, version, config or {})

@@ -1,7 +1,7 @@
 """Prometheus metrics of the control plane, refreshed by the scheduler after each pass.
 
 - ``rollscan_tiles_scored_total``, ``rollscan_bands_scored_total``: counted by the workers
-  (`worker.metrics`, each serving its own /metrics); the scheduler's endpoint has them too,
+  (`worker.task_metrics`, each serving its own /metrics); the scheduler's endpoint has them too,
   non-zero when tasks run in its process (no broker). Tiles per second:
   ``rate(rollscan_tiles_scored_total[1m])``.
 - ``rollscan_bands_in_flight``: bands recorded and not yet scored, of runs still scoring
@@ -32,7 +32,7 @@ from scheduler.resume import idle_rolls
 from storage.schema import ROLL_STATUSES, Band, Frame, Roll, Run
 from worker.app import QUEUES
 from worker.context import WorkerContext
-from worker.metrics import BANDS_SCORED, TILES_SCORED
+from worker.task_metrics import BANDS_SCORED, TILES_SCORED
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Prometheus metrics of a worker process: what the tasks count as they run.
 
 Tiles per second is ``rate(rollscan_tiles_scored_total[1m])``. The scheduler exports the
-control plane's view (queue depth, bands in flight, roll latency: `scheduler.metrics`).
+control plane's view (queue depth, bands in flight, roll latency: `scheduler.scheduler_metrics`).
 
 With `ROLLSCAN_METRICS_PORT` set, each prefork child of a Celery worker serves its own
 ``/metrics`` on the first free port from that one on (a worker of ``-c N`` children serves on
