@@ -97,12 +97,12 @@ class Detector:
     def score_tensor(self, batch: torch.Tensor) -> torch.Tensor:
         """(N, H, W, C) uint8/uint16/float tensor → (N, H, W) float32 maps on the device."""
         x, (h, w) = normalise(batch, self.mean, self.std, self.device)
-        if self.channels_last:
+        n = x.shape[0]
+        if self.compiled is not None and n < self.batch_size:  # one shape, one compilation
+            x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+        if self.channels_last:  # after padding: the strides are part of the compiled shape
             x = x.contiguous(memory_format=torch.channels_last)
         if self.compiled is not None:
-            n = x.shape[0]
-            if n < self.batch_size:  # one shape, one compilation
-                x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
             return self.compiled(x)[:n, :h, :w]
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             teacher = self.model.teacher(x)
