@@ -85,6 +85,10 @@ class Settings(BaseSettings):
     # worker
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     batch_size: int = Field(16, ge=1, description="tiles per model call")
+    compile_model: bool = Field(
+        False, description="torch.compile each model once per worker process (inductor, "
+        "freezing): ~1.5× the bf16 scoring rate on a CPU, for ~40 s at the first band",
+    )  # fmt: skip
     torch_threads: int | None = Field(
         None, ge=1, description="CPU threads per worker process (default torch's: every core); "
         "on a CPU machine with N worker processes, cores / N",

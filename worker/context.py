@@ -71,7 +71,10 @@ class WorkerContext:
         with self._lock:
             if model.version not in self._detectors:
                 data = fetch_checkpoint(self.store, model)
-                detector, _ = load_detector(data, device=self.device, batch_size=self.batch_size)
+                detector, _ = load_detector(
+                    data, device=self.device, batch_size=self.batch_size,
+                    compile=self.settings.compile_model,
+                )  # fmt: skip
                 self._detectors[model.version] = detector
             return self._detectors[model.version]
 
