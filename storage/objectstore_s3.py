@@ -13,17 +13,17 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 from pydantic import SecretStr
 
 from storage.objectstore import (
-    _CHUNK,
+    STREAM_CHUNK,
     ListPage,
     ObjectChanged,
     ObjectInfo,
     ObjectNotFound,
     ObjectStore,
-    _check_limit,
-    _dir_prefix,
-    _error_code,
-    _validate_prefix,
+    check_list_limit,
+    dir_prefix,
+    error_code,
     validate_key,
+    validate_prefix,
 )
 
 if TYPE_CHECKING:
@@ -75,7 +75,7 @@ class _S3RangeReader(io.RawIOBase):
             try:
                 self._body = self._client.get_object(**kw)["Body"]
             except Exception as exc:
-                if _error_code(exc) in ("PreconditionFailed", "412"):
+                if error_code(exc) in ("PreconditionFailed", "412"):
                     raise ObjectChanged(
                         f"s3://{self._bucket}/{self._key} was replaced while it was read "
                         f"(ETag no longer {self._etag})"
@@ -178,7 +178,7 @@ class S3Store(ObjectStore):
         try:
             yield
         except Exception as exc:
-            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
                 raise ObjectNotFound(f"no object {self.uri(key)}") from None
             raise
 
@@ -188,7 +188,7 @@ class S3Store(ObjectStore):
             self._client.head_bucket(Bucket=self.bucket)
             return
         except Exception as exc:
-            if _error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+            if error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
                 raise
         kwargs: dict[str, Any] = {"Bucket": self.bucket}
         if self.region != "us-east-1":  # us-east-1 rejects an explicit LocationConstraint
@@ -196,7 +196,7 @@ class S3Store(ObjectStore):
         try:
             self._client.create_bucket(**kwargs)
         except Exception as exc:
-            if _error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+            if error_code(exc) not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                 raise
 
     def put(self, key: str, data: bytes | BinaryIO) -> str:
@@ -212,7 +212,7 @@ class S3Store(ObjectStore):
     def open(self, key: str, *, version: ObjectInfo | None = None) -> BinaryIO:
         info = version if version is not None else self.head(key)
         raw = _S3RangeReader(self._client, self.bucket, key, info.size, info.etag)
-        return io.BufferedReader(raw, buffer_size=_CHUNK)  # type: ignore[return-value]
+        return io.BufferedReader(raw, buffer_size=STREAM_CHUNK)  # type: ignore[return-value]
 
     def head(self, key: str) -> ObjectInfo:
         with self._not_found_as(key):
@@ -220,10 +220,10 @@ class S3Store(ObjectStore):
         return ObjectInfo(key, int(r["ContentLength"]), r["ETag"].strip('"'), r["LastModified"])
 
     def list(self, prefix: str = "", cursor: str | None = None, limit: int = 1000) -> ListPage:
-        _check_limit(limit)
+        check_list_limit(limit)
         kwargs: dict[str, Any] = {
             "Bucket": self.bucket,
-            "Prefix": _validate_prefix(prefix),
+            "Prefix": validate_prefix(prefix),
             "MaxKeys": limit,
         }
         if cursor is not None:
@@ -237,7 +237,7 @@ class S3Store(ObjectStore):
         return ListPage(items, items[-1].key if more else None)
 
     def list_prefixes(self, prefix: str) -> list[str]:
-        prefix = _dir_prefix(prefix)
+        prefix = dir_prefix(prefix)
         pages = self._client.get_paginator("list_objects_v2").paginate(
             Bucket=self.bucket, Prefix=prefix, Delimiter="/"
         )  # CommonPrefixes: S3 groups the keys, so a roll's frames are never listed here
@@ -250,7 +250,7 @@ class S3Store(ObjectStore):
         self._client.delete_object(Bucket=self.bucket, Key=validate_key(key))
 
     def delete_prefix(self, prefix: str) -> int:
-        prefix, count, cursor = _validate_prefix(prefix.rstrip("/") + "/"), 0, None
+        prefix, count, cursor = validate_prefix(prefix.rstrip("/") + "/"), 0, None
         while True:  # DeleteObjects takes up to 1000 keys: one request per listed page
             page = self.list(prefix, cursor)
             if page.items:
@@ -267,7 +267,7 @@ class S3Store(ObjectStore):
     def zarr_store(self, prefix: str, *, read_only: bool = False) -> Store:
         import zarr.storage
 
-        prefix = _validate_prefix(prefix).removesuffix("/")
+        prefix = validate_prefix(prefix).removesuffix("/")
         if self.zarr_backend == "obstore":
             import obstore.store
 

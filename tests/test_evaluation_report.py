@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from distill.evaluation_report import _pick_examples, write_report
+from distill.evaluation_report import pick_examples, write_report
 
 NAMES = ["roc_image.png", "roc_pixel.png", "worst.png", "best.png"]
 
@@ -51,11 +51,11 @@ def test_pick_examples_worst_and_best():
     scores = np.array([0.9, 0.1, 0.5, 0.2, 0.8, 0.7])
     labels = np.array([0, 0, 0, 1, 1, 1])
     # Worst: highest-scoring good (0.9, 0.5), then lowest-scoring defective (0.2, 0.7).
-    assert _pick_examples(scores, labels, 4, worst=True) == [0, 2, 3, 5]
+    assert pick_examples(scores, labels, 4, worst=True) == [0, 2, 3, 5]
     # Best: lowest-scoring good (0.1, 0.5), then highest-scoring defective (0.8, 0.7).
-    assert _pick_examples(scores, labels, 4, worst=False) == [1, 2, 4, 5]
+    assert pick_examples(scores, labels, 4, worst=False) == [1, 2, 4, 5]
     # A class short of tiles leaves its slots to the other.
-    assert _pick_examples(scores, np.array([0, 0, 0, 0, 0, 1]), 4, worst=True) == [0, 4, 2, 5]
+    assert pick_examples(scores, np.array([0, 0, 0, 0, 0, 1]), 4, worst=True) == [0, 4, 2, 5]
 
 
 def test_write_report_rejects_mismatched_shapes(tmp_path):

