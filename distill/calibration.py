@@ -22,6 +22,8 @@ MIN_EXCEEDANCES = 10  # below this many expected exceedances the empirical quant
 
 @dataclass(frozen=True)
 class Calibration:
+    """A decision threshold and how it was reached, stored with the model."""
+
     threshold: float
     method: str  # "empirical" or "gumbel"
     n: int
@@ -29,6 +31,9 @@ class Calibration:
 
 
 def calibrate_threshold(good_scores: np.ndarray, fpr: float) -> Calibration:
+    """The tile-score threshold that flags about `fpr` of good tiles, from held-out good tiles'
+    scores: their empirical quantile, or (too few tiles for `fpr`) a Gumbel fit's quantile,
+    never below the empirical one (see the module docstring for why)."""
     scores = np.asarray(good_scores, dtype=np.float64)
     empirical = threshold_at_fpr(scores, fpr)
     n = len(scores)

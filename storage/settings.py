@@ -33,6 +33,10 @@ def default_data_dir() -> Path:
 
 
 class Settings(BaseSettings):
+    """Every setting of a rollscan process (database, broker, object store, model, pipeline,
+    limits), validated and frozen; each field is `ROLLSCAN_<FIELD>` in the environment. With
+    none set, everything runs on this machine alone (embedded database, local objects)."""
+
     # env_ignore_empty: `ROLLSCAN_X=` (as compose passes an unset `${ROLLSCAN_X:-}`) means the
     # default, not an invalid empty value
     model_config = SettingsConfigDict(

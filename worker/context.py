@@ -45,6 +45,10 @@ class RetryLater(Exception):
 
 @dataclass
 class WorkerContext:
+    """What the pipeline's plain functions run with: settings, a database engine, the object
+    store, the queue to send follow-up work to, and the models loaded so far (one per version,
+    loaded on first use). One per process; tasks, the command line and tests each build theirs."""
+
     settings: Settings
     engine: Engine
     store: ObjectStore
