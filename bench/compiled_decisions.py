@@ -1,0 +1,53 @@
+"""Decisions kept: tile and pixel AUROC of one trained model scored three ways — fp32 eager,
+bf16 eager, bf16 compiled (torch.compile, inductor with freezing) — on its test tiles.
+
+    python bench/compiled_decisions.py --model runs/aitex/fabric01_m5.pt \\
+        --data runs/aitex/tiles/fabric01 [--model … --data …] [--json OUT]
+
+Pairs of --model/--data in order. The goal: every mode within 0.005 of fp32 eager.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from distill.checkpoint import load_detector
+from distill.evaluate import evaluate_detector
+
+MODES = {
+    "fp32": {"precision": "fp32"},
+    "bf16": {"precision": "bf16"},
+    "bf16 compiled": {"precision": "bf16", "compile": True},
+}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, action="append", required=True)
+    p.add_argument("--data", type=Path, action="append", required=True)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    if len(args.model) != len(args.data):
+        raise SystemExit("give one --data per --model")
+    results = {}
+    print(f"{'model':<28}{'mode':<16}{'tile':>8}{'pixel':>8}{'Δ tile':>8}{'Δ pixel':>8}")
+    for model, data in zip(args.model, args.data, strict=True):
+        rows = {}
+        for name, options in MODES.items():
+            detector, card = load_detector(model, device="cpu", batch_size=args.batch, **options)
+            r = evaluate_detector(detector, data, card.tile, progress=False)
+            rows[name] = {"image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"]}
+            base = rows["fp32"]
+            print(f"{model.name:<28}{name:<16}{r['image_auroc']:>8.4f}{r['pixel_auroc']:>8.4f}"
+                  f"{r['image_auroc'] - base['image_auroc']:>+8.4f}"
+                  f"{r['pixel_auroc'] - base['pixel_auroc']:>+8.4f}", flush=True)  # fmt: skip
+        results[str(model)] = rows
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
