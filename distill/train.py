@@ -163,12 +163,13 @@ class Trainer:
             self.optimizer, mode="min", factor=0.1, patience=config.lr_patience
         )
 
-    def _inputs(self, images: torch.Tensor) -> torch.Tensor:
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, H, W, C) images as the student trains on them: normalised, blurred 3×3."""
         x, _ = normalise(images, IMAGENET_MEAN, IMAGENET_STD, self.device)
         x = _blur(x)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def _features(self, x: torch.Tensor, train: bool) -> tuple[list, list]:
+    def features(self, x: torch.Tensor, train: bool) -> tuple[list, list]:
         """Teacher and student features, in float32 (computed in bf16 under `self.bf16`)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             teacher, student = self.model(x) if train else self.model.features(x)
@@ -181,7 +182,7 @@ class Trainer:
             batch, valid = augment(
                 batch.float().div_(255), self.config.augment, self.generator, valid
             )
-        teacher, student = self._features(self._inputs(batch), train=True)
+        teacher, student = self.features(self.inputs(batch), train=True)
         if valid is not None:
             valid = _padded(valid.to(self.device), teacher[0].shape[-1] * 4)
         loss = self.loss(teacher, student, valid)
@@ -260,7 +261,7 @@ class Trainer:
         total = 0.0
         for start in range(0, images.shape[0], 8):
             batch = images[start : start + 8]
-            teacher, student = self._features(self._inputs(batch), train=False)
+            teacher, student = self.features(self.inputs(batch), train=False)
             total += self.loss(teacher, student).item() * batch.shape[0]
         return total / images.shape[0]
 

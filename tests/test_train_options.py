@@ -50,6 +50,7 @@ def _train_and_evaluate(category, tmp_path, *options):
         ("--scorer", "fused", "--fusion-weight", "0.3"),
         ("--teacher", "efficientnet_lite1"),
         ("--teacher", "efficientnet_lite2"),
+        ("--precision", "auto"),  # bf16 autocast where the CPU has it natively, else fp32
     ],
     ids=lambda o: " ".join(o),
 )
@@ -66,7 +67,7 @@ def test_each_training_option_trains_and_evaluates(category, tmp_path, options):
     if "--memory-size" in options:
         assert card.memory["size"] == 64
     for key, value in zip(options[::2], options[1::2], strict=False):
-        if key in ("--loss", "--teacher"):
+        if key in ("--loss", "--teacher", "--precision"):
             assert card.train_config[key[2:]] == value
 
 
@@ -138,3 +139,25 @@ def test_hard_mining_damps_the_gradient_of_well_reconstructed_pixels():
     easy = grads["hard"][1:, :].flatten()
     assert torch.allclose(easy, 0.1 * grads["flat"][1:, :].flatten(), rtol=1e-4)
     assert torch.allclose(grads["hard"][0, 0], grads["flat"][0, 0])
+
+
+def test_bf16_training_runs_in_bf16_channels_last_and_refuses_a_cpu_without_it():
+    from distill.inference import bf16_supported
+    from distill.train import TrainConfig, Trainer
+
+    with pytest.raises(ValueError, match="unknown precision"):
+        TrainConfig(precision="fp16")
+    config = TrainConfig(teacher_weights="random", tile=TILE, precision="auto")
+    if not bf16_supported(torch.device("cpu")):
+        with pytest.raises(ValueError, match="no native bf16"):
+            Trainer(TrainConfig(teacher_weights="random", tile=TILE, precision="bf16"))
+        assert not Trainer(config).bf16
+        return
+    trainer = Trainer(config)
+    assert trainer.bf16 and trainer.channels_last
+    batch = torch.randint(0, 256, (2, TILE, TILE, 3), dtype=torch.uint8)
+    teacher, student = trainer.features(trainer.inputs(batch), train=True)
+    assert all(t.dtype == torch.float32 for t in [*teacher, *student])  # the loss in float32
+    assert np.isfinite(trainer.train_step(batch, None))
+    # fp32 training keeps NCHW: its models are what they were before bf16 existed
+    assert not Trainer(TrainConfig(teacher_weights="random", tile=TILE)).channels_last
