@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--edge", default=TrainConfig.edge, choices=EDGE_MODES)
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--precision", default=TrainConfig.precision, choices=PRECISIONS)
+    p.add_argument("--held-out", default=TrainConfig.held_out, choices=("random", "last"))
     p.add_argument("--max-minutes", type=float, default=None, help="training budget per fabric")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--tag", default="", help="names this run's models and JSON")
@@ -90,7 +91,7 @@ def main() -> None:
         config = TrainConfig(
             teacher=args.teacher, loss=args.loss, augment=tuple(args.augment),
             scorer=args.scorer, edge=args.edge, epochs=args.epochs, max_minutes=args.max_minutes,
-            precision=args.precision,
+            precision=args.precision, held_out=args.held_out,
         )  # fmt: skip
         started = time.perf_counter()
         card = train(category, model, config)

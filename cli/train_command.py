@@ -43,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
             for key, value in (
                 ("loss", args.loss), ("scorer", args.scorer), ("fusion_weight", args.fusion_weight),
                 ("memory_size", args.memory_size), ("edge", args.edge),
-                ("precision", args.precision),
+                ("precision", args.precision), ("held_out", args.held_out),
                 ("augment", None if args.augment is None else tuple(a for a in args.augment if a != "none")),
             )
             if value is not None
@@ -92,6 +92,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--fusion-weight", type=float, default=None, help="the student's share, fused")
     p.add_argument("--memory-size", type=int, default=None, help="memory bank patches")
     p.add_argument("--edge", default=None, help="mask or exclude tiles across the fabric edge")
+    p.add_argument(
+        "--held-out", default=None, choices=("random", "last"),
+        help="the 30 %% held out for selection and calibration: random tiles (default) or the "
+        "last ones in name order (the fabric scanned last: calibration sees drift)",
+    )  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this time budget")
     p.add_argument(
         "--precision", default=None, help="fp32 (default), bf16 autocast, or auto (bf16 if native)"

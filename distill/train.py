@@ -80,6 +80,7 @@ class TrainConfig:
     # fp32, or bf16 autocast (forward passes in bf16, weights, loss and optimiser in float32,
     # channels-last); auto: bf16 where the device has it natively
     precision: str = "fp32"
+    held_out: str = "random"  # or "last": the last tiles in name order (see split_held_out)
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -103,6 +104,8 @@ class TrainConfig:
             raise ValueError(
                 f"unknown edge mode {self.edge!r}; choose one of {', '.join(EDGE_MODES)}"
             )
+        if self.held_out not in ("random", "last"):
+            raise ValueError(f"held_out must be random or last, not {self.held_out!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(
                 f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}"
@@ -127,12 +130,18 @@ def _padded(valid: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(valid, (0, pad, 0, width - valid.shape[-2])) if pad else valid
 
 
-def split_held_out(n: int, ratio: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split into (train, held-out) indices; at least one image on each side."""
+def split_held_out(
+    n: int, ratio: float, seed: int, mode: str = "random"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split into (train, held-out) indices; at least one image on each side. "random": seeded;
+    "last": the last images in name order (for a roll, the fabric scanned last), so that the
+    calibration sees the drift along the roll that a random split hides."""
     if n < 2:
         raise ValueError(f"need at least 2 good training images, found {n}")
-    order = np.random.default_rng(seed).permutation(n)
     n_val = min(max(1, int(n * ratio)), n - 1)
+    if mode == "last":
+        return np.arange(n - n_val), np.arange(n - n_val, n)
+    order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
@@ -326,7 +335,9 @@ def train(
     images = torch.from_numpy(load_stack(category.train, config.tile))
     valid = category.valid_masks(category.train, config.tile)
     valid = None if valid is None else torch.from_numpy(valid)
-    train_idx, val_idx = split_held_out(images.shape[0], config.val_ratio, config.seed)
+    train_idx, val_idx = split_held_out(
+        images.shape[0], config.val_ratio, config.seed, config.held_out
+    )
     train_valid = val_valid = None
     if valid is not None:
         train_valid, val_valid = valid[train_idx], valid[val_idx].numpy()

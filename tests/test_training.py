@@ -150,6 +150,12 @@ def test_held_out_split_is_seeded_and_disjoint():
         split_held_out(1, 0.3, 0)
 
 
+def test_held_out_last_takes_the_fabric_scanned_last():
+    train, held = split_held_out(10, 0.3, seed=5, mode="last")
+    assert held.tolist() == [7, 8, 9] and train.tolist() == list(range(7))
+    assert split_held_out(2, 0.3, 0, mode="last")[1].tolist() == [1]  # one on each side
+
+
 def test_cli_reports_bad_data_plainly(tmp_path, capsys):
     code = main(["train", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "m.pt")])
     assert code == 2
