@@ -31,7 +31,7 @@ from distill.data.aitex import import_aitex
 from distill.evaluate import evaluate
 from distill.loss import LOSSES
 from distill.teacher import TEACHERS
-from distill.train import EDGE_MODES, PRECISIONS, SCORERS, TrainConfig, train
+from distill.train import EDGE_MODES, HELD_OUT_MODES, PRECISIONS, SCORERS, TrainConfig, train
 
 PATCHCORE = {
     "00": (0.988, 0.934),
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--edge", default=TrainConfig.edge, choices=EDGE_MODES)
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--precision", default=TrainConfig.precision, choices=PRECISIONS)
-    p.add_argument("--held-out", default=TrainConfig.held_out, choices=("random", "last"))
+    p.add_argument("--held-out", default=TrainConfig.held_out, choices=HELD_OUT_MODES)
     p.add_argument("--max-minutes", type=float, default=None, help="training budget per fabric")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--tag", default="", help="names this run's models and JSON")

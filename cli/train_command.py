@@ -15,6 +15,12 @@ def _teachers() -> list[str]:
     return list(TEACHERS)
 
 
+def _held_out_modes() -> tuple[str, ...]:
+    from distill.train import HELD_OUT_MODES
+
+    return HELD_OUT_MODES
+
+
 def _variants() -> tuple[str, ...]:
     from distill.torch_model import VARIANTS
 
@@ -93,7 +99,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--memory-size", type=int, default=None, help="memory bank patches")
     p.add_argument("--edge", default=None, help="mask or exclude tiles across the fabric edge")
     p.add_argument(
-        "--held-out", default=None, choices=("random", "last"),
+        "--held-out", default=None, choices=LazyChoices(_held_out_modes), metavar="random|last",
         help="the 30 %% held out for selection and calibration: random tiles (default) or the "
         "last ones in name order (the fabric scanned last: calibration sees drift)",
     )  # fmt: skip

@@ -19,6 +19,7 @@ from distill.preprocess import as_batch, normalise
 from distill.torch_model import ReverseDistillation
 
 Precision = Literal["auto", "fp32", "bf16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -28,6 +29,16 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cpu":
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return False
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """Whether `precision` means bf16 on `device` ("auto": where it runs natively); ValueError
+    for an unknown precision or bf16 asked of a device without it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if precision == "bf16" and not bf16_supported(device):
+        raise ValueError(f"bf16 requested but {device} has no native bf16 support")
+    return precision == "bf16" or (precision == "auto" and bf16_supported(device))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -68,12 +79,8 @@ class Detector:
         batch is padded to `batch_size` so that no other shape compiles again."""
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, not {batch_size}")
-        if precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"precision must be auto, fp32 or bf16, not {precision!r}")
         self.device = resolve_device(device)
-        if precision == "bf16" and not bf16_supported(self.device):
-            raise ValueError(f"bf16 requested but {self.device} has no native bf16 support")
-        self.bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(self.device))
+        self.bf16 = use_bf16(precision, self.device)
         self.channels_last = channels_last
         self.batch_size = batch_size
         self.mean, self.std = tuple(mean), tuple(std)

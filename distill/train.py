@@ -25,7 +25,7 @@ from distill.augment import augment, check_augmentations
 from distill.calibration import calibrate_threshold
 from distill.checkpoint import ModelCard, save_checkpoint
 from distill.data.mvtec import Category, load_stack
-from distill.inference import Detector, bf16_supported, resolve_device
+from distill.inference import PRECISIONS, Detector, resolve_device, use_bf16
 from distill.loss import LOSSES, DistillationLoss
 from distill.memory_bank import (
     DEFAULT_BANK_SIZE,
@@ -42,7 +42,7 @@ from distill.torch_model import ReverseDistillation
 
 SCORERS: tuple[str, ...] = ("auto", "student", "memory", "fused")
 EDGE_MODES: tuple[str, ...] = ("mask", "exclude")
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
+HELD_OUT_MODES: tuple[str, ...] = ("random", "last")
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ class TrainConfig:
             raise ValueError(
                 f"unknown edge mode {self.edge!r}; choose one of {', '.join(EDGE_MODES)}"
             )
-        if self.held_out not in ("random", "last"):
+        if self.held_out not in HELD_OUT_MODES:
             raise ValueError(f"held_out must be random or last, not {self.held_out!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(
@@ -151,11 +151,7 @@ class Trainer:
         nothing in fp32 (bench/train_throughput.py), where NCHW keeps results as they were."""
         self.config = config
         self.device = resolve_device(config.device)
-        if config.precision == "bf16" and not bf16_supported(self.device):
-            raise ValueError(f"bf16 requested but {self.device} has no native bf16 support")
-        self.bf16 = config.precision == "bf16" or (
-            config.precision == "auto" and bf16_supported(self.device)
-        )
+        self.bf16 = use_bf16(config.precision, self.device)
         self.channels_last = self.bf16 if channels_last is None else channels_last
         torch.manual_seed(config.seed)
         teacher = build_teacher(config.teacher, config.teacher_weights, seed=config.seed)

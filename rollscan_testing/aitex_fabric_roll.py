@@ -30,7 +30,7 @@ from scipy import ndimage
 from sqlalchemy import select
 
 from distill.data.aitex import STRIP_STEM, defect_name, load_mask, read_grey
-from results.grade_store import grade_run
+from results.grade_store import SYSTEM, grade_run
 from rollscan_testing.synthetic_roll import PlantedDefect
 from scheduler.submit import submit
 from storage.fabric_extents import roll_extents
@@ -335,7 +335,7 @@ def run_aitex_roll(ctx: WorkerContext, roll_dir: str | Path, planted: list[Plant
             )
         ]
         graded = grade_run(session, run.id)
-        details = session.get(Grade, (roll_id, run.id, graded_system(session, run.id))).details
+        details = session.get(Grade, (roll_id, run.id, SYSTEM)).details
         length_m, version, rows = roll.length_m, run.model_version, roll.rows_ingested
         extents = [Extent(*e) for e in roll_extents(session, roll_id)]
     matched, false_found = match_planted(planted, found, px_per_mm)
@@ -372,10 +372,6 @@ def run_aitex_roll(ctx: WorkerContext, roll_dir: str | Path, planted: list[Plant
         "px_per_mm": px_per_mm,
         "extents": [[e.row_start, e.row_stop, e.left, e.right] for e in extents],
     }
-
-
-def graded_system(session, run_id: int) -> str:
-    return session.scalar(select(Grade.system).where(Grade.run_id == run_id).limit(1))
 
 
 def off_fabric(found: list[dict], extents: list[Extent], px_per_mm: float, tol_mm: float) -> int:
