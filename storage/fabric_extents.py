@@ -11,8 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -68,10 +67,8 @@ def roll_extents(session: Session, roll_id: str) -> list[tuple[int, int, int, in
 
 def fabric_edges_mm(session: Session, roll_id: str) -> tuple[float, float] | None:
     """The fabric's median left and right edges (mm) along a roll, or None if unmeasured."""
-    row = session.execute(
-        select(FabricExtent.left_mm, FabricExtent.right_mm).where(FabricExtent.roll_id == roll_id)
-    ).all()
-    if not row:
-        return None
-    left, right = np.median(np.asarray(row, dtype=np.float64), axis=0)
-    return float(left), float(right)
+    # the medians of the roll_widths view, computed in the database as there
+    edges = (FabricExtent.left_mm, FabricExtent.right_mm)
+    median = [func.percentile_cont(0.5).within_group(edge) for edge in edges]
+    left, right = session.execute(select(*median).where(FabricExtent.roll_id == roll_id)).one()
+    return None if left is None else (float(left), float(right))

@@ -9,6 +9,8 @@ stored extent (a roll scored before extents existed) count as fabric from side t
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 
 from distill.fabric_region import Extent, band_extents
@@ -24,9 +26,14 @@ def quarter_fabric_mask(
     extents: list[Extent], q0: int, q1: int, width_q: int, scale: int
 ) -> np.ndarray:
     """(q1 − q0, width_q) booleans over ¼-res rows [q0, q1): True where the full-resolution
-    block a ¼-res pixel covers overlaps the fabric (or no extent covers its rows)."""
+    block a ¼-res pixel covers overlaps the fabric (or no extent covers its rows).
+
+    `extents` are in row order without overlaps (as stored): only those reaching into the
+    rows are visited, so finalize's band-by-band calls cost O(log n) each, not O(n)."""
     mask = np.ones((q1 - q0, width_q), dtype=bool)
-    for e in extents:
+    first = bisect.bisect_right(extents, q0 * scale, key=lambda e: e.row_stop)
+    stop = bisect.bisect_left(extents, q1 * scale, key=lambda e: e.row_start)
+    for e in extents[first:stop]:
         lo = max(e.row_start // scale, q0)
         hi = min(-(-e.row_stop // scale), q1)
         if lo >= hi:
