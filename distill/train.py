@@ -174,10 +174,11 @@ class Trainer:
         x = _blur(x)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def features(self, x: torch.Tensor, train: bool) -> tuple[list, list]:
-        """Teacher and student features, in float32 (computed in bf16 under `self.bf16`)."""
+    def features(self, x: torch.Tensor) -> tuple[list, list]:
+        """Teacher and student features, in float32 (computed in bf16 under `self.bf16`); the
+        student's carry gradients in training mode."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            teacher, student = self.model(x) if train else self.model.features(x)
+            teacher, student = self.model.features(x)
         if not self.bf16:
             return teacher, student
         return [t.float() for t in teacher], [s.float() for s in student]
@@ -187,7 +188,7 @@ class Trainer:
             batch, valid = augment(
                 batch.float().div_(255), self.config.augment, self.generator, valid
             )
-        teacher, student = self.features(self.inputs(batch), train=True)
+        teacher, student = self.features(self.inputs(batch))
         if valid is not None:
             valid = _padded(valid.to(self.device), teacher[0].shape[-1] * 4)
         loss = self.loss(teacher, student, valid)
@@ -266,7 +267,7 @@ class Trainer:
         total = 0.0
         for start in range(0, images.shape[0], 8):
             batch = images[start : start + 8]
-            teacher, student = self.features(self.inputs(batch), train=False)
+            teacher, student = self.features(self.inputs(batch))
             total += self.loss(teacher, student).item() * batch.shape[0]
         return total / images.shape[0]
 

@@ -156,7 +156,7 @@ def test_bf16_training_runs_in_bf16_channels_last_and_refuses_a_cpu_without_it()
     trainer = Trainer(config)
     assert trainer.bf16 and trainer.channels_last
     batch = torch.randint(0, 256, (2, TILE, TILE, 3), dtype=torch.uint8)
-    teacher, student = trainer.features(trainer.inputs(batch), train=True)
+    teacher, student = trainer.features(trainer.inputs(batch))
     assert all(t.dtype == torch.float32 for t in [*teacher, *student])  # the loss in float32
     assert np.isfinite(trainer.train_step(batch, None))
     # fp32 training keeps NCHW: its models are what they were before bf16 existed
