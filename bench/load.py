@@ -12,6 +12,7 @@ local object store. A Redis broker database is emptied (FLUSHDB) first; an AMQP 
 queues are purged. Prints throughput, per-roll latency (submit → roll completed_at), checks
 that every roll is done with every planted defect found once within 5 mm, and compares with
 the model alone scoring the same number of tiles in this process. Exit 1 when a check fails.
+The database and the workers are `rollscan_testing.services`', the same as the tests'.
 """
 
 from __future__ import annotations
@@ -22,22 +23,27 @@ import os
 import re
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import psycopg2
 import torch
-from sqlalchemy import URL, func, make_url, select
+from sqlalchemy import func, make_url, select
 
 import worker.app
 from distill.checkpoint import load_detector
+from rollscan_testing.services import (
+    PIPELINE_QUEUES,
+    ServiceError,
+    Worker,
+    create_database,
+    drop_database,
+    purge_queues,
+    settings_env,
+)
 from rollscan_testing.synthetic_roll import PlantedDefect, match_defects, write_synthetic_roll
 from scheduler.submit import submit
 from storage.database import mask_url, upgrade
@@ -48,8 +54,6 @@ from worker.context import WorkerContext
 from worker.tasks import CeleryEnqueuer
 from worker.tiling import band_tiles
 
-ROOT = Path(__file__).resolve().parents[1]
-CELERY = Path(sys.executable).with_name("celery")
 FABRIC, PX_PER_MM, FRAME_ROWS, WIDTH, BAND = "load-twill", 10.0, 512, 512, 1024
 KINDS = ("hole", "knot")
 TOLERANCE_MM = 5.0
@@ -104,82 +108,10 @@ def prepare_broker(url: str) -> None:
     try:
         with Connection(url, connect_timeout=3) as conn:
             conn.ensure_connection(max_retries=1)
-            print(f"purging queues ingest, score, finalize on {mask_url(url)}")
-            for queue in ("ingest", "score", "finalize"):
-                with suppress(Exception), conn.channel() as channel:  # absent queues are fine
-                    channel.queue_purge(queue)
     except Exception as exc:
         raise BenchError(f"the broker {mask_url(url)} does not answer: {exc!r}") from None
-
-
-def _admin(url: URL) -> psycopg2.extensions.connection:
-    conn = psycopg2.connect(host=url.host, port=url.port, user=url.username,
-                            password=url.password, dbname=url.database, connect_timeout=3)  # fmt: skip
-    conn.autocommit = True  # CREATE / DROP DATABASE refuse to run in a transaction
-    return conn
-
-
-def create_database(admin: URL) -> str:
-    try:
-        conn = _admin(admin)
-    except psycopg2.OperationalError as exc:
-        raise BenchError(f"PostgreSQL {mask_url(admin)} does not answer: {exc}".strip()) from None
-    name = f"rollscan_load_{secrets.token_hex(4)}"
-    try:
-        with conn.cursor() as cur:
-            cur.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        conn.close()
-    return admin.set(database=name, drivername="postgresql+psycopg2").render_as_string(False)
-
-
-def drop_database(admin: URL, name: str) -> None:
-    conn = _admin(admin)
-    with conn.cursor() as cur:  # a leaked connection would block DROP DATABASE
-        cur.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()", (name,))  # fmt: skip
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-    conn.close()
-
-
-class Worker:
-    """`celery -A worker.app worker` in a process group of its own, logging to a file."""
-
-    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
-        self.name, self.log_path, self._out = name, log_path, log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [str(CELERY), "-A", "worker.app", "worker", "-Q", "ingest,score,finalize", "-c", "1",
-             "-P", "prefork", "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "-l", "info", "-n", f"{name}@%h"],
-            cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def tail(self, lines: int = 30) -> str:
-        text = "\n".join(self.log().splitlines()[-lines:])
-        return f"--- worker {self.name} (pid {self.proc.pid}, exit {self.proc.poll()}) ---\n{text}"
-
-    def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while not re.search(r"@\S+ ready\.", self.log()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise BenchError(f"worker {self.name} did not become ready\n{self.tail()}")
-            time.sleep(0.2)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # warm shutdown: the current task ends
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        with suppress(ProcessLookupError):  # a pool child orphaned by its main process
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._out.close()
+    print(f"purging queues {', '.join(PIPELINE_QUEUES)} on {mask_url(url)}")
+    purge_queues(url)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -286,8 +218,8 @@ def run(args: argparse.Namespace, work: Path) -> dict:
     for name in [k for k in os.environ if k.startswith("ROLLSCAN_")]:
         del os.environ[name]  # the bench's settings only, here and in the workers
     prepare_broker(args.broker)
-    admin = make_url(args.pg_admin_url)
-    db_url = create_database(admin)
+    admin = make_url(args.pg_admin_url).set(drivername="postgresql+psycopg2")
+    db_url = create_database(admin, "rollscan_load")
     print(f"created database {mask_url(db_url)} (dropped at the end)")
     workers: list[Worker] = []
     ctx = None
@@ -318,16 +250,13 @@ def run(args: argparse.Namespace, work: Path) -> dict:
                 width=WIDTH, px_per_mm=PX_PER_MM, fabric_type=FABRIC, plan=plan,
             )  # fmt: skip
             planned[roll_id] = (frames, planted)
-        env = dict(os.environ) | {
-            f"ROLLSCAN_{k.upper()}": v for k, v in values.items()
-        } | {"PYTHONUNBUFFERED": "1"}  # fmt: skip
-        env["ROLLSCAN_TORCH_THREADS"] = str(args.worker_threads)
+        env = settings_env(values | {"torch_threads": str(args.worker_threads)})
         print(f"starting {args.workers} workers (logs in {work}) …")
         for k in range(args.workers):
             name = f"load{k}-{secrets.token_hex(3)}"
             workers.append(Worker(name, env, work / f"worker-{name}.log"))
         for w in workers:
-            w.wait_ready()
+            w.wait_ready(timeout=120)
         print(f"submitting {args.rolls} rolls at once …")
         started = time.monotonic()
         submitted: dict[str, datetime] = {}
@@ -432,7 +361,7 @@ def main() -> None:
         ok = report(result)
         if args.json:
             args.json.write_text(json.dumps(result, indent=2) + "\n")
-    except BenchError as exc:
+    except (BenchError, ServiceError) as exc:
         print(f"\nload bench failed: {exc}", file=sys.stderr, flush=True)
     finally:  # a failed run keeps its worker logs
         if args.keep or (not ok and any(work.glob("worker-*.log"))):

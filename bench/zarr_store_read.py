@@ -1,7 +1,7 @@
 """Reading a sharded roll image through zarr: obstore vs s3fs over S3, local for reference.
 
-Starts moto's S3 server on loopback (a subprocess, as the test fixture does), writes a
-roll image with the production layout (uint8, chunks 256×256, shards one band × full
+Starts moto's S3 server on loopback (`rollscan_testing.services`, as the test fixture does),
+writes a roll image with the production layout (uint8, chunks 256×256, shards one band × full
 width, zstd 1) and measures, per backend:
 
 - random tiles: single 256×256 chunks at random aligned positions, read one after another
@@ -22,48 +22,22 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from rollscan_testing.services import start_moto_server, stop_moto_server
 from storage.objectstore import LocalStore, ObjectStore, S3Store
 from storage.zarr_rolls import RollArrays, create_roll, delete_roll
 
 ROOT = Path(__file__).resolve().parents[1]
 AITEX = ROOT.parent / "shared" / "data" / "aitex"
 TILE = 256
-
-
-def start_moto_server(timeout: float = 60.0) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1).close()
-            return proc, endpoint
-        except urllib.error.HTTPError:
-            return proc, endpoint
-        except OSError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("moto server did not start")
 
 
 def fabric_image(rows: int, width: int, seed: int) -> tuple[np.ndarray, str]:
@@ -172,7 +146,7 @@ def main() -> None:
     args = parser.parse_args()
 
     image, source = fabric_image(args.rows, args.width, args.seed)
-    proc, endpoint = start_moto_server()
+    proc, endpoint, log = start_moto_server()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             stores: dict[str, ObjectStore] = {"local": LocalStore(Path(tmp) / "objects")}
@@ -182,8 +156,8 @@ def main() -> None:
                 stores[f"s3 {backend}"] = store
             results = measure(stores, image, args)
     finally:
-        proc.terminate()
-        proc.wait()
+        stop_moto_server(proc)
+        log.unlink(missing_ok=True)
 
     base = results["s3 s3fs"]
     header = (

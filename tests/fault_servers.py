@@ -2,7 +2,8 @@
 
 The session's shared services (PostgreSQL on 5432, Redis on 6379, the moto S3 server) are
 never stopped: other test sessions may be using them. A fault test restarts a server of its
-own instead, or cuts the relay its workers reach a shared one through.
+own instead, or cuts the relay its workers reach a shared one through. Their free ports come
+from `rollscan_testing.services.free_port`.
 """
 
 from __future__ import annotations
@@ -17,11 +18,7 @@ from pathlib import Path
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from rollscan_testing.services import free_port
 
 
 def wait_for_port(port: int, timeout: float, what: str) -> None:

@@ -1,20 +1,17 @@
 """Brokers and real `celery worker` processes for the integration tests (a pytest plugin).
 
 A Redis database claimed per test session (11–15) or a RabbitMQ vhost of its own; workers run
-as subprocesses in their own process group and are always stopped in teardown."""
+as subprocesses in their own process group (`rollscan_testing.services.Worker`, which
+bench/load.py starts too) and are always stopped in teardown."""
 
 from __future__ import annotations
 
 import os
-import re
 import secrets
 import shutil
-import signal
 import subprocess
-import sys
-import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,17 +21,15 @@ from celery.signals import after_task_publish
 from fixtures_s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, make_s3_store
 
 import worker.app
+from rollscan_testing.services import Worker, purge_queues, settings_env
 from storage.database import make_engine
 from storage.registry import activate_model, register_model
 from storage.settings import Settings
 from worker.context import WorkerContext
 from worker.tasks import CeleryEnqueuer
 
-ROOT = Path(__file__).resolve().parents[1]
-CELERY = Path(sys.executable).with_name("celery")  # the one installed beside this Python
 BAND = 1024  # rows per band in the workers' settings
 FABRIC = "demo-twill"
-READY_TIMEOUT_S = 90
 REDIS, REDIS_DBS, REDIS_CLAIM = "redis://127.0.0.1:6379", range(11, 16), "rollscan-test:claim"
 AMQP = "amqp://guest:guest@127.0.0.1:5672"
 VISIBILITY_S = 5  # the kill test's Redis visibility timeout
@@ -110,10 +105,7 @@ def rabbitmq_broker() -> Iterator[str]:
         created = False
     url = f"{AMQP}/{vhost}" if created else f"{AMQP}//"
     if not created:
-        with Connection(url, connect_timeout=3) as conn:
-            for queue in ("ingest", "score", "finalize"):
-                with suppress(Exception), conn.channel() as channel:  # absent queues are fine
-                    channel.queue_purge(queue)
+        purge_queues(url)
     try:
         yield url
     finally:
@@ -158,71 +150,6 @@ def celery_producer(settings: Settings) -> Iterator[list[tuple[str, str]]]:
 # --- worker processes ------------------------------------------------------------------------
 
 
-class Worker:
-    """`celery -A worker.app worker` (or `command`: another of our processes, such as the
-    scheduler) in a process group of its own, logging to a file."""
-
-    def __init__(
-        self, name: str, env: dict[str, str], log_path: Path, command: list[str] | None = None
-    ) -> None:
-        self.name, self.log_path = name, log_path
-        self._out = log_path.open("wb")
-        command = command or [
-            str(CELERY), "-A", "worker.app", "worker", "-Q", "ingest,score,finalize",
-            "-c", "1", "-P", "prefork", "--without-gossip", "--without-mingle",
-            "--without-heartbeat", "-l", "info", "-n", f"{name}@%h",
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )  # fmt: skip
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def tail(self, lines: int = 40) -> str:
-        log = self.log()
-        connected = log.find("] Connected to")  # the banner before it is the same every time
-        if connected > 0:
-            log = log[log.rfind("\n", 0, connected) + 1 :]
-        text = "\n".join(log.splitlines()[-lines:])
-        return f"--- worker {self.name} (pid {self.proc.pid}, exit {self.proc.poll()}) ---\n{text}"
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout
-        while not re.search(r"@\S+ ready\.", self.log()):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the worker did not become ready in {timeout}s\n{self.tail()}")
-            time.sleep(0.2)
-
-    def wait_for_log(self, pattern: str, timeout: float = 180) -> re.Match[str]:
-        """The first match of `pattern` in the log, once it is there; fails if the worker
-        exits or `timeout` passes first."""
-        deadline = time.monotonic() + timeout
-        while not (match := re.search(pattern, self.log())):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"no {pattern!r} in the worker's log after {timeout}s\n{self.tail()}")
-            time.sleep(0.05)
-        return match
-
-    def kill(self) -> None:
-        """SIGKILL the whole worker: the main process and its pool child, no warm shutdown."""
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()  # warm shutdown: the current task ends, reserved ones go back
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=30)
-        with suppress(ProcessLookupError):  # a pool child orphaned by a crashed main process
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self._out.close()
-
-
 @dataclass
 class Stack:
     """One test's services: the settings shared by producer and workers, and its workers."""
@@ -241,9 +168,7 @@ class Stack:
     def start_process(self, command: list[str] | None, **overrides: str) -> Worker:
         """A worker (`command` None) or another process with the stack's settings; stopped
         with the workers."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("ROLLSCAN_")}
-        env |= {f"ROLLSCAN_{k.upper()}": v for k, v in (self.values | overrides).items()}
-        env["PYTHONUNBUFFERED"] = "1"
+        env = settings_env(self.values | overrides)
         name = f"rt{len(self.workers)}-{secrets.token_hex(3)}"
         started = Worker(name, env, self.tmp / f"worker-{name}.log", command)
         self.workers.append(started)

@@ -11,42 +11,23 @@ temporary directory, stopped at the end.
   emptied after each test, so tests may commit.
 - `make_database` (session): a factory of further empty databases, for tests that
   migrate up and down and must not disturb `migrated_url`.
+
+Creating and dropping a database is `rollscan_testing.services`' (bench/load.py uses it too).
 """
 
 from __future__ import annotations
 
 import getpass
 import os
-import secrets
 from collections.abc import Callable, Iterator
 
-import psycopg2
 import pytest
 from sqlalchemy import URL, Engine, make_url, text
 from sqlalchemy.orm import Session
 
+from rollscan_testing.services import create_database, drop_database, postgres_answers
 from storage.database import make_engine, start_embedded, stop_embedded, upgrade
 from storage.schema import Base
-
-
-def _answers(url: URL) -> bool:
-    try:
-        psycopg2.connect(
-            host=url.host, port=url.port, user=url.username, password=url.password,
-            dbname=url.database, connect_timeout=2,
-        ).close()  # fmt: skip
-    except psycopg2.OperationalError:
-        return False
-    return True
-
-
-def _admin(url: URL) -> psycopg2.extensions.connection:
-    conn = psycopg2.connect(
-        host=url.host, port=url.port, user=url.username, password=url.password,
-        dbname=url.database,
-    )  # fmt: skip
-    conn.autocommit = True  # CREATE / DROP DATABASE refuse to run in a transaction
-    return conn
 
 
 @pytest.fixture(scope="session")
@@ -59,7 +40,7 @@ def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[URL]:
         local = URL.create(
             "postgresql+psycopg2", username=user, host="127.0.0.1", port=5432, database="postgres"
         )
-        if _answers(local):
+        if postgres_answers(local):
             yield local
             return
     data_dir = tmp_path_factory.mktemp("embedded-pg")
@@ -75,30 +56,13 @@ def make_database(pg_admin_url: URL) -> Iterator[Callable[[], str]]:
     created: list[str] = []
 
     def make() -> str:
-        name = f"rollscan_test_{secrets.token_hex(4)}"
-        conn = _admin(pg_admin_url)
-        try:
-            with conn.cursor() as cur:
-                cur.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            conn.close()
-        created.append(name)
-        return pg_admin_url.set(database=name).render_as_string(hide_password=False)
+        url = create_database(pg_admin_url, "rollscan_test")
+        created.append(make_url(url).database)
+        return url
 
     yield make
-    conn = _admin(pg_admin_url)
-    try:
-        with conn.cursor() as cur:
-            for name in created:
-                # a leaked connection (a pool not disposed) would block DROP DATABASE
-                cur.execute(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                    "WHERE datname = %s AND pid <> pg_backend_pid()",
-                    (name,),
-                )
-                cur.execute(f'DROP DATABASE IF EXISTS "{name}"')
-    finally:
-        conn.close()
+    for name in created:
+        drop_database(pg_admin_url, name)
 
 
 @pytest.fixture(scope="session")

@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from fixtures_celery import BAND, FABRIC, Stack, Worker
+from fixtures_celery import BAND, FABRIC, Stack
 from sqlalchemy import func, select
 
+from rollscan_testing.services import Worker
 from rollscan_testing.synthetic_roll import PlantedDefect, match_defects, write_synthetic_roll
 from scheduler.submit import submit
 from storage.database import is_transient_db_error, make_engine, upgrade

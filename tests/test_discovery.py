@@ -19,13 +19,14 @@ from datetime import UTC, datetime, timedelta
 import boto3
 import pytest
 from botocore.config import Config
-from fixtures_s3 import _free_port, make_s3_store
+from fixtures_s3 import make_s3_store
 from kombu.exceptions import OperationalError
 from prometheus_client import REGISTRY
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from cli.arg_types import parse_duration
+from rollscan_testing.services import free_port
 from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.discovery import (
     LOCK_KEY,
@@ -327,7 +328,7 @@ def test_the_loop_backs_off_on_a_broker_outage_and_resumes_without_losing_frames
 
 @pytest.mark.parametrize("down", ["database", "s3"])
 def test_the_loop_survives_a_database_or_s3_outage(down, rec, settings, caplog):
-    dead = f"127.0.0.1:{_free_port()}"
+    dead = f"127.0.0.1:{free_port()}"
     if down == "database":
         engine, store = make_engine(f"postgresql+psycopg2://x@{dead}/x"), rec.store
     else:
@@ -363,7 +364,7 @@ def test_transient_errors_are_told_from_others():
 
 def test_the_metrics_endpoint_serves_the_metric_names(rec):
     SchedulerMetrics(queues=()).update(rec)
-    port = _free_port()
+    port = free_port()
     server = start_metrics_server(port, addr="127.0.0.1")
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
@@ -384,12 +385,12 @@ def test_metrics_listen_on_loopback_unless_told() -> None:
 
     from worker.task_metrics import serve_metrics
 
-    server = start_metrics_server(_free_port())
+    server = start_metrics_server(free_port())
     try:
         assert server.server_address[0] == "127.0.0.1"
     finally:
         server.shutdown()
-    port = serve_metrics(_free_port())
+    port = serve_metrics(free_port())
     listening = {
         c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
     }
@@ -422,7 +423,7 @@ def test_queue_depth_is_asked_of_the_broker(broker):
         finally:
             queue(conn.default_channel).delete()
     metrics = SchedulerMetrics(queues=(name,))
-    metrics._from_broker(f"redis://127.0.0.1:{_free_port()}/0")  # down: NaN, no exception
+    metrics._from_broker(f"redis://127.0.0.1:{free_port()}/0")  # down: NaN, no exception
     value = REGISTRY.get_sample_value("rollscan_queue_depth", {"queue": name})
     assert value != value  # NaN
 
