@@ -1,0 +1,44 @@
+"""The versions a site installs are the ones CI tested: pyproject.toml bounds what needs it,
+constraints.txt pins every dependency, and `make install` and the images both use it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+
+from deployment_commands import PLUGIN_COMMANDS
+from deployment_files import ROOT, dockerfile
+
+
+def test_dependencies_are_bounded_and_installed_at_the_versions_ci_tested() -> None:
+    """A site installs what CI tested: `make install` and the images use constraints.txt,
+    which pins every dependency (torch aside: the Makefile and the Dockerfile pin it); and a
+    0.x package or a package with one release is bounded in pyproject.toml."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [Requirement(r) for r in project["dependencies"]]
+    for extra in ("dev", "deploy"):
+        requirements += [Requirement(r) for r in project["optional-dependencies"][extra]]
+    pins = {}
+    for line in (ROOT / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, _, version = line.partition("==")
+            pins[canonicalize_name(name)] = version
+    for requirement in requirements:
+        name = canonicalize_name(requirement.name)
+        lows = [s.version for s in requirement.specifier if s.operator in (">=", "==")]
+        upper = [s for s in requirement.specifier if s.operator in ("<", "<=", "==")]
+        if any(low.startswith("0.") for low in lows) or name.startswith("efficientnet"):
+            assert upper, f"pyproject.toml: bound {requirement} above (0.x or one release)"
+        if name in ("torch", "torchvision") or name in PLUGIN_COMMANDS.values():
+            continue  # installed by their own pinned step; Flower only in the images
+        assert name in pins, f"constraints.txt has no pin for {name}: run `make constraints`"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt pins {name}=={pins[name]}, outside {requirement}"
+        )
+    makefile = (ROOT / "Makefile").read_text()
+    assert "-c constraints.txt -e '.[dev]'" in makefile
+    runs = [step.value for step in dockerfile() if step.keyword == "RUN"]
+    assert sum(run.count("-c /src/constraints.txt") for run in runs) == 2
