@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from PIL import Image
+from aitex_strips import H, fake_mask, fake_strip, write_png
 from scipy import ndimage
 
 from distill.data.aitex import AitexImportWarning, import_aitex, load_mask, read_grey
@@ -32,28 +32,15 @@ from worker.context import WorkerContext
 from worker.inline import InlineEnqueuer
 
 REAL_AITEX = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aitex"
-H, W = 256, 600
+W = 600
 
 
 def _strip(seed: int, width: int = W) -> np.ndarray:
-    a = np.random.default_rng(seed).integers(60, 180, (H, width), dtype=np.uint8)
-    a[:, :40] = 255  # white ends, as the real strips have
-    a[:, width - 40 :] = 255
-    return a
-
-
-def _png(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    return fake_strip(seed, width, left=40, right=40)
 
 
 def _mask(*boxes: tuple[int, int, int, int], width: int = W) -> np.ndarray:
-    m = np.zeros((H, width), dtype=np.uint8)
-    for r0, r1, c0, c1 in boxes:
-        m[r0 - 2 : r1 + 2, c0 - 2 : c1 + 2] = 100  # a soft halo that binarises to 0
-    for r0, r1, c0, c1 in boxes:
-        m[r0:r1, c0:c1] = 255
-    return m
+    return fake_mask(boxes, width, halo=2)
 
 
 @pytest.fixture()
@@ -61,20 +48,20 @@ def fake_aitex(tmp_path: Path) -> Path:
     src = tmp_path / "aitex"
     roll = src / "NoDefect_images" / "roll_a"
     for k in range(1, 19):  # 0001-0015 train; 0016, 0018 go into the roll
-        _png(roll / f"{k:04d}_000_00.png", _strip(3 if k == 17 else k))  # 0017 copies 0003
-    _png(roll / "0018_00_00.png", _strip(99))  # malformed name: not a strip
-    _png(src / "NoDefect_images" / "roll_b" / "0001_000_01.png", _strip(50))  # other fabric
+        write_png(roll / f"{k:04d}_000_00.png", _strip(3 if k == 17 else k))  # 0017 copies 0003
+    write_png(roll / "0018_00_00.png", _strip(99))  # malformed name: not a strip
+    write_png(src / "NoDefect_images" / "roll_b" / "0001_000_01.png", _strip(50))  # other fabric
     defects, masks = src / "Defect_images", src / "Mask_images"
-    _png(defects / "0030_002_00.png", _strip(30))
-    _png(masks / "0030_002_00_mask.png", _mask((10, 20, 100, 110), (200, 250, 300, 302)))
-    _png(defects / "0031_019_00.png", _strip(31))
-    _png(masks / "0031_019_00_mask1.png", _mask((100, 120, 400, 420)))
-    _png(masks / "0031_019_00_mask2.png", _mask((110, 130, 410, 430)))  # overlaps: one defect
-    _png(defects / "0032_030_00.png", _strip(32, 500))  # narrower: padded with white
-    _png(masks / "0032_030_00_mask.png", _mask((0, 5, 450, 460), width=500))
-    _png(defects / "0033_030_00.png", _strip(33))  # no mask: left out
-    _png(defects / "0034_027_01.png", _strip(34))
-    _png(masks / "0034_027_01_mask.png", _mask((10, 20, 10, 20)))
+    write_png(defects / "0030_002_00.png", _strip(30))
+    write_png(masks / "0030_002_00_mask.png", _mask((10, 20, 100, 110), (200, 250, 300, 302)))
+    write_png(defects / "0031_019_00.png", _strip(31))
+    write_png(masks / "0031_019_00_mask1.png", _mask((100, 120, 400, 420)))
+    write_png(masks / "0031_019_00_mask2.png", _mask((110, 130, 410, 430)))  # overlaps: one defect
+    write_png(defects / "0032_030_00.png", _strip(32, 500))  # narrower: padded with white
+    write_png(masks / "0032_030_00_mask.png", _mask((0, 5, 450, 460), width=500))
+    write_png(defects / "0033_030_00.png", _strip(33))  # no mask: left out
+    write_png(defects / "0034_027_01.png", _strip(34))
+    write_png(masks / "0034_027_01_mask.png", _mask((10, 20, 10, 20)))
     return src
 
 

@@ -1,9 +1,15 @@
+"""`distill.data.aitex.import_aitex`: AITEX strips and masks cut into MVTec-layout tiles (margin
+tiles dropped, duplicates and bad files warned about) on a fake tree (tests/aitex_strips.py),
+and one real fabric when ../shared/data/aitex is there.
+"""
+
 import hashlib
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from aitex_strips import H, fake_mask, fake_strip, write_png
 from PIL import Image
 
 from distill.data.aitex import (
@@ -14,33 +20,17 @@ from distill.data.aitex import (
 )
 
 REAL_AITEX = Path(__file__).parents[1] / "../shared/data/aitex"
-H = 256
 # Fake strips are 1024 wide: tile x00 is blank, x01 is 17 % blank (44 of 256 columns,
 # kept), x02 is fabric, x03 is 78 % blank (200 of 256 columns, dropped).
 LEFT_MARGIN, RIGHT_MARGIN, WIDTH = 300, 200, 1024
 
 
 def _strip(seed: int, width: int = WIDTH, left: int = LEFT_MARGIN, right: int = RIGHT_MARGIN):
-    a = np.random.default_rng(seed).integers(60, 180, (H, width), dtype=np.uint8)
-    a[:, :left] = 255
-    a[:, width - right :] = 255
-    return a
-
-
-def _png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    im = Image.fromarray(array)
-    (im.convert(mode) if mode else im).save(path)
+    return fake_strip(seed, width, left, right)
 
 
 def _mask(*boxes: tuple[int, int, int, int], width: int = WIDTH) -> np.ndarray:
-    """White boxes (r0, r1, c0, c1) with a soft grey halo that binarises to 0."""
-    m = np.zeros((H, width), dtype=np.uint8)
-    for r0, r1, c0, c1 in boxes:
-        m[r0 - 3 : r1 + 3, c0 - 3 : c1 + 3] = 100
-    for r0, r1, c0, c1 in boxes:
-        m[r0:r1, c0:c1] = 255
-    return m
+    return fake_mask(boxes, width, halo=3)
 
 
 @pytest.fixture()
@@ -49,35 +39,35 @@ def fake_aitex(tmp_path: Path) -> Path:
     roll_a = src / "NoDefect_images" / "roll_a"
     for k in range(1, 6):
         # Strip 0002 is grey + alpha, as fabric 04 is stored.
-        _png(roll_a / f"000{k}_000_00.png", _strip(k), mode="LA" if k == 2 else None)
-    _png(roll_a / "0018_00_00.png", _strip(1))  # malformed name (as in the real copy)
+        write_png(roll_a / f"000{k}_000_00.png", _strip(k), mode="LA" if k == 2 else None)
+    write_png(roll_a / "0018_00_00.png", _strip(1))  # malformed name (as in the real copy)
     (roll_a / "notes.txt").write_text("not an image")
 
     roll_b = src / "NoDefect_images" / "roll_b"  # 900 wide, no margins: 3 tiles each
-    _png(roll_b / "0001_000_01.png", _strip(11, 900, 0, 0))
-    _png(roll_b / "0002_000_01.png", _strip(11, 900, 0, 0))  # pixel copy of 0001
-    _png(roll_b / "0003_000_01.png", _strip(13, 900, 0, 0))
+    write_png(roll_b / "0001_000_01.png", _strip(11, 900, 0, 0))
+    write_png(roll_b / "0002_000_01.png", _strip(11, 900, 0, 0))  # pixel copy of 0001
+    write_png(roll_b / "0003_000_01.png", _strip(13, 900, 0, 0))
     (roll_b / "0004_000_01.png").write_bytes((roll_a / "0001_000_00.png").read_bytes()[:300])
 
     defects, masks = src / "Defect_images", src / "Mask_images"
     strip = _strip(10)
     strip[100:140, 600:640] = 10  # the planted mark, in tile x02
-    _png(defects / "0010_002_00.png", strip)
-    _png(masks / "0010_002_00_mask.png", _mask((100, 140, 600, 640)))
+    write_png(defects / "0010_002_00.png", strip)
+    write_png(masks / "0010_002_00_mask.png", _mask((100, 140, 600, 640)))
 
-    _png(defects / "0011_019_00.png", _strip(20))
-    _png(masks / "0011_019_00_mask1.png", _mask((10, 30, 400, 420)))  # tile x01
-    _png(masks / "0011_019_00_mask2.png", _mask((200, 220, 850, 870)))  # x03, 78 % blank
+    write_png(defects / "0011_019_00.png", _strip(20))
+    write_png(masks / "0011_019_00_mask1.png", _mask((10, 30, 400, 420)))  # tile x01
+    write_png(masks / "0011_019_00_mask2.png", _mask((200, 220, 850, 870)))  # x03, 78 % blank
 
-    _png(defects / "0012_099_00.png", _strip(30))
-    _png(masks / "0012_099_00_mask.png", _mask((50, 60, 520, 530)))  # x02
+    write_png(defects / "0012_099_00.png", _strip(30))
+    write_png(masks / "0012_099_00_mask.png", _mask((50, 60, 520, 530)))  # x02
 
     (defects / "0013_002_00.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
-    _png(defects / "0014_030_00.png", _strip(40))
+    write_png(defects / "0014_030_00.png", _strip(40))
     (masks / "0014_030_00_mask.png").write_bytes(b"garbage")
-    _png(defects / "0015_030_00.png", _strip(50))  # no mask at all
-    _png(defects / "0016_030_00.png", _strip(60))
-    _png(masks / "0016_030_00_mask.png", np.full((H, WIDTH), 100, np.uint8))  # all <= 127
+    write_png(defects / "0015_030_00.png", _strip(50))  # no mask at all
+    write_png(defects / "0016_030_00.png", _strip(60))
+    write_png(masks / "0016_030_00_mask.png", np.full((H, WIDTH), 100, np.uint8))  # all <= 127
     return src
 
 
