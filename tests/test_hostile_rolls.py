@@ -29,7 +29,7 @@ from fixtures_celery import BAND, FABRIC, Stack, celery_producer
 from fixtures_roll import ROLL_ID, ROLL_TIMEOUT_S, assert_roll_came_out
 from fixtures_s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, make_s3_store
 from sqlalchemy import select, text
-from test_frames import handmade_tiff, lzw_encode, patch_tag
+from tiff_writers import handmade_tiff, lzw_encode, patch_tag
 
 from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.discovery import discover_once

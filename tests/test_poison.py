@@ -20,7 +20,7 @@ import pytest
 from fixtures_celery import FABRIC
 from fixtures_roll import ROLL_ID, ROLL_TIMEOUT_S, assert_roll_came_out, wait_until_done
 from sqlalchemy import select
-from test_frames import handmade_tiff, lzw_encode
+from tiff_writers import handmade_tiff, lzw_encode
 
 from scheduler.submit import submit
 from storage.schema import Roll, TaskDelivery
