@@ -1,7 +1,7 @@
 """Deliveries of bands and finalizes whose worker died (issue 13 item 2), on a real PostgreSQL.
 
 A frame's deaths fail its roll (tests/test_poison.py through a real worker and a SIGKILL,
-tests/test_ingest_hardening.py for the count). A band or a finalize knows only its run: a live
+tests/test_repeated_work.py for the count). A band or a finalize knows only its run: a live
 run's deaths fail its roll, a reprocess run's fail that run alone — the roll keeps its current
 run, defects and grade.
 """

@@ -1,0 +1,152 @@
+"""The run's counters under concurrent ingest and scoring, without Celery (issue 13 item 6): a
+band counted while ingest takes bands back is not lost, and a run is finalized once whatever
+the interleaving (tests/fixtures_ingest.py runs the work in the test's threads).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+from fixtures_ingest import drain, frame_bytes, put_frame, register, roll_and_run
+from sqlalchemy import select, text
+
+from storage.schema import Band
+from worker.context import WorkerContext
+from worker.finalize import finalize_run
+from worker.ingest import ingest_frame, roll_updated
+from worker.scoring import score_band
+
+# --- item 6: counters under concurrent ingest and scoring -----------------------------------
+
+
+def wait_for_lock_waits(ctx: WorkerContext, count: int, unless: threading.Thread | None = None,
+                        deadline_s: float = 120) -> None:  # fmt: skip
+    """Until `count` backends of this database wait for a lock (or `unless` has ended)."""
+    deadline = time.monotonic() + deadline_s
+    with ctx.engine.connect() as conn:
+        while conn.scalar(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock'"
+        )) < count:  # fmt: skip
+            if unless is not None and not unless.is_alive():
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"fewer than {count} backends ever waited for a lock")
+            time.sleep(0.02)
+            conn.rollback()
+
+
+def test_a_band_counted_while_ingest_takes_bands_back_is_not_lost(make_ctx):
+    """The review's interleaving, forced: ingest of a replaced frame has read the run and
+    waits on a band row; meanwhile another band is counted. Ingest used to write back
+    `bands_done - n` from what it had read, losing that count: the run never finalized."""
+    ctx = make_ctx()
+    register(ctx, "R-race", 3)
+    keys = [put_frame(ctx, "R-race", seq, frame_bytes(seed=seq)) for seq in (1, 2, 3)]
+    for seq, key in enumerate(keys, start=1):
+        assert ingest_frame(ctx, "R-race", seq, key) == "ingested"
+    roll_updated(ctx, "R-race")
+    _, run = roll_and_run(ctx, "R-race")
+    for band in (0, 1):  # band 2 stays pending for now
+        score_band(ctx, run.id, band)
+    ctx.enqueue.items.clear()
+
+    put_frame(ctx, "R-race", 1, frame_bytes(seed=99))  # frame 1 replaced: band 0 again
+    with ctx.engine.connect() as holder:  # a row lock on band 0 stops ingest right there
+        holder.execute(
+            text("SELECT 1 FROM bands WHERE run_id = :r AND band_index = 0 FOR UPDATE"),
+            {"r": run.id},
+        )
+        ingest = threading.Thread(target=ingest_frame, args=(ctx, "R-race", 1, keys[0]))
+        ingest.start()
+        wait_for_lock_waits(ctx, 1)  # ingest has read the run and waits on band 0
+        scoring = threading.Thread(target=score_band, args=(ctx, run.id, 2))
+        scoring.start()
+        # band 2 is counted now, unless its count waits for ingest's lock on the run
+        wait_for_lock_waits(ctx, 2, unless=scoring)
+        holder.rollback()
+    ingest.join()
+    scoring.join()
+    finalized = drain(ctx)
+    _, run = roll_and_run(ctx, "R-race")
+    assert (run.status, run.bands_done, run.bands_total) == ("done", 3, 3)
+    assert finalized == 1
+
+
+@pytest.fixture
+def finalizations(db_engine) -> Iterator[Callable[[int], int]]:
+    """How many finalizes took effect on a run (each sets its finished_at), counted by a trigger
+    whichever thread ran them: a finalize's return value cannot tell a repeat apart."""
+    with db_engine.begin() as conn:
+        conn.execute(text(
+            "CREATE TABLE test_finalizations (run_id bigint);"
+            "CREATE FUNCTION test_finalized() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "INSERT INTO test_finalizations VALUES (NEW.id); RETURN NEW; END $$;"
+            "CREATE TRIGGER test_finalized AFTER UPDATE ON runs FOR EACH ROW WHEN (NEW.status "
+            "= 'done' AND NEW.finished_at IS DISTINCT FROM OLD.finished_at) "
+            "EXECUTE FUNCTION test_finalized()"
+        ))  # fmt: skip
+
+    def count(run_id: int) -> int:
+        with db_engine.connect() as conn:
+            query = "SELECT count(*) FROM test_finalizations WHERE run_id = :r"
+            return conn.scalar(text(query), {"r": run_id})
+
+    yield count
+    with db_engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER test_finalized ON runs; DROP FUNCTION test_finalized();"
+                          "DROP TABLE test_finalizations"))  # fmt: skip
+
+
+def test_concurrent_ingest_and_scoring_always_finalize_once(make_ctx, finalizations):
+    """Many rounds: one thread ingests a streaming roll frame by frame (then re-uploads a
+    frame and completes the manifest) while two threads score bands as they are announced
+    and two finalize them, as two workers of the finalize queue would, each finalize sent
+    twice: a redelivery racing the original."""
+    ctx = make_ctx()
+    ctx.enqueue.finalize_copies = 2
+    for round_ in range(12):
+        roll_id = f"R-conc{round_}"
+        register(ctx, roll_id, 4, complete=False)
+        stop = threading.Event()
+
+        def work(kind: str, stop: threading.Event = stop) -> None:
+            while not stop.is_set():
+                if (item := ctx.enqueue.take((kind,))) is None:
+                    time.sleep(0.005)
+                elif kind == "score":
+                    score_band(ctx, *item[1])
+                else:
+                    finalize_run(ctx, *item[1])
+
+        kinds = ("score", "score", "finalize", "finalize")
+        threads = [threading.Thread(target=work, args=(kind,)) for kind in kinds]
+        for thread in threads:
+            thread.start()
+        try:
+            for seq in range(1, 5):
+                key = put_frame(ctx, roll_id, seq, frame_bytes(seed=round_ * 10 + seq))
+                assert ingest_frame(ctx, roll_id, seq, key) == "ingested"
+            key = put_frame(ctx, roll_id, 2, frame_bytes(seed=round_ * 10 + 7))
+            assert ingest_frame(ctx, roll_id, 2, key) == "ingested"  # bands 1 (and 2) again
+            register(ctx, roll_id, 4, complete=True)
+            roll_updated(ctx, roll_id)
+            deadline = time.monotonic() + 120
+            while roll_and_run(ctx, roll_id)[1].status != "done" or ctx.enqueue.items:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"round {round_}: {roll_and_run(ctx, roll_id)[1].__dict__}")
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+        drain(ctx)
+        _, run = roll_and_run(ctx, roll_id)
+        assert (run.bands_done, run.bands_total) == (4, 4), round_
+        assert finalizations(run.id) == 1, round_
+        with ctx.session() as session:
+            statuses = session.scalars(select(Band.status).where(Band.run_id == run.id)).all()
+        assert statuses == ["done"] * 4

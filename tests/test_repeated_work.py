@@ -1,0 +1,81 @@
+"""Work done again, without Celery (issue 13): a delivery counts only deaths, not errors or
+retries, and gives its roll up after max_deliveries of them (item 2); finalizing a done run
+again keeps its defects and points (item 11).
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import tifffile
+from fixtures_ingest import BAND, WIDTH, drain, frame_bytes, put_frame, register, roll_and_run
+from sqlalchemy import select, text
+
+from results.grade_store import grade_run
+from results.grading import GradingRules
+from storage.schema import Defect, TaskDelivery
+from worker.deliveries import Delivery, run_counted
+from worker.finalize import finalize_run
+from worker.ingest import ingest_frame, roll_updated
+
+# --- item 2: what counts as a death ----------------------------------------------------------
+
+
+def test_deliveries_count_deaths_only(make_ctx):
+    """A delivery that ends in any way Python sees uncounts itself; one that finds
+    max_deliveries deaths gives its roll up; a Celery retry (its sender ended) starts again."""
+    ctx = make_ctx(max_deliveries=2)
+    register(ctx, "R-dead", 1)
+    delivery = Delivery("ingest", "R-dead/1", "frame 1", roll_id="R-dead")
+
+    def boom() -> None:
+        raise RuntimeError("a bug, not a death")
+
+    with pytest.raises(RuntimeError):
+        run_counted(ctx, delivery, boom)
+    with ctx.session() as session:  # two deaths, as a SIGKILL leaves them
+        session.execute(text("UPDATE task_deliveries SET unfinished = 2"))
+    assert run_counted(ctx, delivery, lambda: "ran", retry=True) == "ran"
+    with ctx.session() as session:
+        assert session.get(TaskDelivery, ("ingest", "R-dead/1")) is None  # success forgets
+        session.add(TaskDelivery(task="ingest", key="R-dead/1", unfinished=2))
+    assert run_counted(ctx, delivery, lambda: pytest.fail("must not run")) == "failed"
+    roll, _ = roll_and_run(ctx, "R-dead")
+    assert roll.status == "failed" and "died during each of 2 deliveries" in roll.failure_reason
+
+
+# --- item 11: finalize of a done run is a no-op ---------------------------------------------
+
+
+def test_finalizing_a_done_run_again_keeps_its_defects_and_points(make_ctx):
+    ctx = make_ctx()
+    register(ctx, "R-fin", 2)
+    pixels = np.full((BAND, WIDTH), 100, np.uint8)
+    pixels[100:140, 40:90] = 255  # a bright patch: a defect
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, pixels)
+    keys = [
+        put_frame(ctx, "R-fin", 1, buffer.getvalue()),
+        put_frame(ctx, "R-fin", 2, frame_bytes()),
+    ]
+    for seq, key in enumerate(keys, start=1):
+        ingest_frame(ctx, "R-fin", seq, key)
+    roll_updated(ctx, "R-fin")
+    assert drain(ctx) == 1
+    _, run = roll_and_run(ctx, "R-fin")
+    with ctx.session() as session:  # a 12.8 mm roll: no selvage margins
+        grade_run(session, run.id, GradingRules(selvage_margin_in=0))
+
+    def defects() -> list[tuple]:
+        with ctx.session() as session:
+            return [tuple(r) for r in session.execute(
+                select(Defect.id, Defect.defect_no, Defect.points).where(Defect.run_id == run.id)
+                .order_by(Defect.id)
+            )]  # fmt: skip
+
+    before = defects()
+    assert before and all(points is not None for _, _, points in before)
+    assert finalize_run(ctx, run.id) == len(before)
+    assert defects() == before
