@@ -1,106 +1,21 @@
-"""The schema on a real PostgreSQL: migrations, drift, views, constraints, error classes, CLI."""
+"""The schema on a real PostgreSQL: the views show the current run only, the constraints refuse
+what they must, and the transient errors are recognised. Migrations and `rollscan db`:
+test_db_migrations.py.
+"""
 
 from __future__ import annotations
 
-import argparse
-from collections.abc import Callable
-
 import psycopg2
 import pytest
-from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
-from sqlalchemy import CheckConstraint, Engine, create_engine, func, inspect, select, text
+from sqlalchemy import Engine, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
-from cli.db_commands import add_parser as add_db_commands
 from storage import database
-from storage.schema import Base, Defect, Frame, Grade, Model, Roll, Run
-from storage.sql_views import VIEWS
+from storage.schema import Defect, Frame, Grade, Model, Roll, Run
 
 UNIQUE, FOREIGN_KEY, CHECK = "23505", "23503", "23514"
-
-
-def _diff(url: str) -> list:
-    """Alembic's comparison, plus what it leaves out: CHECK constraints (by name) and the
-    predicates of partial indexes, on which one-active-model and one-current-run rest."""
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            ctx = MigrationContext.configure(
-                conn, opts={"compare_type": True, "compare_server_default": True}
-            )
-            diff: list = list(compare_metadata(ctx, Base.metadata))
-            found = inspect(conn)
-            for table in Base.metadata.sorted_tables:
-                checks = {c.name for c in table.constraints if isinstance(c, CheckConstraint)}
-                in_db = {c["name"] for c in found.get_check_constraints(table.name)}
-                if checks != in_db:
-                    diff.append(("checks", table.name, sorted(checks ^ in_db)))
-                wheres = {
-                    i.name: _predicate(i.dialect_options["postgresql"]["where"])
-                    for i in table.indexes
-                }
-                in_db_wheres = {
-                    i["name"]: _predicate(i.get("dialect_options", {}).get("postgresql_where"))
-                    for i in found.get_indexes(table.name)
-                    if "duplicates_constraint" not in i  # backs a UNIQUE constraint
-                }
-                if wheres != in_db_wheres:
-                    diff.append(("index predicates", table.name, wheres, in_db_wheres))
-            return diff
-    finally:
-        engine.dispose()
-
-
-def _predicate(where: object) -> str | None:
-    return None if where is None else str(where).replace("(", "").replace(")", "").strip()
-
-
-def _relations(url: str) -> dict[str, str]:
-    """Every table, view, sequence and composite type in schema public: name -> relkind."""
-    engine = create_engine(url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT c.relname, c.relkind FROM pg_class c "
-                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                    "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'v', 'S', 'c')"
-                )
-            )
-            return dict(rows.all())
-    finally:
-        engine.dispose()
-
-
-def test_upgrade_downgrade_upgrade_round_trip(make_database: Callable[[], str]) -> None:
-    url = make_database()
-    head = database.head_revision()
-    assert head == "0004"
-    assert database.current_revision(url) is None
-
-    database.upgrade(url)
-    assert database.current_revision(url) == head
-    made = _relations(url)
-    assert {t.name for t in Base.metadata.sorted_tables} | set(VIEWS) | {"alembic_version"} <= set(
-        made
-    )
-    assert all(made[name] == "v" for name in [*VIEWS, "roll_widths"])
-
-    database.downgrade(url, "base")
-    assert database.current_revision(url) is None
-    # only Alembic's bookkeeping remains: no table, view, identity sequence or type
-    assert set(_relations(url)) == {"alembic_version"}
-
-    database.upgrade(url)
-    assert database.current_revision(url) == head
-    assert _diff(url) == []
-
-
-def test_schema_matches_models(migrated_url: str) -> None:
-    assert _diff(migrated_url) == []
 
 
 # ----------------------------------------------------------------------------- data
@@ -372,49 +287,3 @@ def test_transient_errors_are_recognised(db_engine: Engine) -> None:
         with pytest.raises(IntegrityError) as bad_row:
             conn.execute(text("INSERT INTO rolls (id) VALUES ('R1')"))
         assert not database.is_transient_db_error(bad_row.value)
-
-
-# ----------------------------------------------------------------------------- cli
-
-
-def _cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="rollscan")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_db_commands(sub)
-    args = parser.parse_args(list(argv))
-    assert args.command == "db"
-    return args.handler(args)
-
-
-def test_cli_db_commands(
-    make_database: Callable[[], str],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    url = make_database()
-    monkeypatch.delenv("ROLLSCAN_CONFIG", raising=False)
-    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", url)
-    assert _cli("db", "current") == 0
-    assert "none" in capsys.readouterr().out
-    assert _cli("db", "upgrade") == 0
-    assert _cli("db", "current") == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "0004 (head)"
-    with pytest.raises(ValueError, match="db downgrade"):
-        _cli("db", "downgrade", "no-such-revision")
-    assert _cli("db", "downgrade", "base") == 0
-    assert database.current_revision(url) is None
-    engine = create_engine(url)
-    try:
-        assert inspect(engine).get_table_names() == ["alembic_version"]
-    finally:
-        engine.dispose()
-
-    monkeypatch.setenv(
-        "ROLLSCAN_DATABASE_URL", "postgresql://scanner:s3cret-pw@127.0.0.1:1/rollscan"
-    )
-    assert _cli("db", "url") == 0
-    out = capsys.readouterr().out
-    assert "s3cret-pw" not in out and "scanner:***@127.0.0.1:1" in out
-    with pytest.raises(ValueError, match=r"cannot reach .*\*\*\*") as caught:
-        _cli("db", "current")
-    assert "s3cret-pw" not in str(caught.value)
