@@ -1,15 +1,18 @@
 """Folder names an uploader chooses, as discovery meets them (issue 13 item 9).
 
-A name that is no roll id is logged once, escaped (tests/test_discovery.py), and remembered so
+A name that is no roll id is logged once, escaped, and remembered so
 that the next pass does not log it again. What is remembered must stay bounded: whoever can
 write under `incoming/` can create folders without end, and the scheduler runs for months.
 """
 
 from __future__ import annotations
 
-from test_discovery import RecordingEnqueuer
+import json
+
+from fixtures_discovery import RecordingEnqueuer, manifest_of, roll_row
 
 from scheduler import discovery
+from scheduler.discovery import discover_once
 from storage.objectstore import LocalStore
 from storage.settings import Settings
 from worker.context import WorkerContext
@@ -42,3 +45,24 @@ def test_junk_folder_names_are_warned_about_in_bounded_memory(
     assert warned() == flood + 1
     assert len(discovery._warned_names) == discovery._MAX_WARNED
     assert not ctx.enqueue.calls
+
+
+def test_a_folder_name_with_a_newline_is_ignored_and_logged_escaped(
+    db_engine, discovery_settings, tmp_path, caplog
+):
+    """`^…$` accepted "R-1\\n" (a trailing newline) as a roll id, and names went raw into the
+    log: an uploader could forge log lines. The name is refused and shown escaped, once."""
+    store = LocalStore(tmp_path / "objects")
+    ctx = WorkerContext(discovery_settings, db_engine, store, RecordingEnqueuer(), device="cpu")
+    forged = "R-1\n2026-01-01 00:00:00 INFO roll R-9 done"
+    for name in ("R-1\n", forged):  # as a scanner's file share could name them
+        folder = tmp_path / "objects" / "incoming" / name
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps(manifest_of("R-1", frames=1)))
+    caplog.set_level("INFO", logger="scheduler.discovery")
+    for _ in range(2):
+        report = discover_once(ctx)
+        assert not report and roll_row(ctx, "R-1") is None
+    messages = [r.getMessage() for r in caplog.records if r.name == "scheduler.discovery"]
+    assert len([m for m in messages if "not a roll id" in m]) == 2, messages  # once each
+    assert not any("\n" in m for m in messages), messages

@@ -1,0 +1,81 @@
+"""The control plane's Prometheus metrics: the scheduler's /metrics serves the metric names,
+listens on loopback unless told, and asks the broker for queue depths.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+
+import pytest
+from prometheus_client import REGISTRY
+
+from rollscan_testing.services import free_port
+from scheduler.scheduler_metrics import SchedulerMetrics, queue_depths, start_metrics_server
+from storage.settings import Settings
+
+
+def test_the_metrics_endpoint_serves_the_metric_names(rec):
+    SchedulerMetrics(queues=()).update(rec)
+    port = free_port()
+    server = start_metrics_server(port, addr="127.0.0.1")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    finally:
+        server.shutdown()
+    for name in ("rollscan_tiles_scored_total", "rollscan_bands_in_flight",
+                 "rollscan_roll_latency_seconds_bucket", "rollscan_rolls{status=\"done\"}",
+                 "rollscan_frames_enqueued_total", "rollscan_scheduler_last_pass_timestamp_seconds",
+                 "rollscan_rolls_idle"):  # fmt: skip
+        assert name in text, name
+    assert "# TYPE rollscan_queue_depth gauge" in text
+
+
+def test_metrics_listen_on_loopback_unless_told() -> None:
+    """The scheduler's and the workers' /metrics name rolls and queues: not for the LAN."""
+    import psutil
+
+    from worker.task_metrics import serve_metrics
+
+    server = start_metrics_server(free_port())
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.shutdown()
+    port = serve_metrics(free_port())
+    listening = {
+        c.laddr.ip for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port == port
+    }
+    assert listening == {"127.0.0.1"}
+    assert Settings().metrics_addr == "127.0.0.1"
+
+
+@pytest.mark.parametrize("broker", ["redis://127.0.0.1:6379/10", "amqp://guest:guest@127.0.0.1:5672//"])  # fmt: skip
+def test_queue_depth_is_asked_of_the_broker(broker):
+    import uuid
+
+    from kombu import Connection, Exchange, Queue
+
+    name = f"rollscan-test-{uuid.uuid4().hex[:8]}"
+    try:
+        conn = Connection(broker, connect_timeout=2)
+        conn.ensure_connection(max_retries=1, interval_start=0)
+    except Exception as exc:
+        pytest.skip(f"no broker at {broker}: {exc}")
+    queue = Queue(name, Exchange(name), routing_key=name)
+    with conn:
+        producer = conn.Producer()
+        for i in range(3):
+            producer.publish({"n": i}, exchange=queue.exchange, routing_key=name, declare=[queue])
+        try:  # RabbitMQ counts a message once it is routed: give the publishes a moment
+            deadline, depths = time.monotonic() + 5, {}
+            while depths.get(name) != 3 and time.monotonic() < deadline:
+                depths = queue_depths(broker, (name, f"{name}-absent"))
+            assert depths == {name: 3, f"{name}-absent": 0}
+        finally:
+            queue(conn.default_channel).delete()
+    metrics = SchedulerMetrics(queues=(name,))
+    metrics._from_broker(f"redis://127.0.0.1:{free_port()}/0")  # down: NaN, no exception
+    value = REGISTRY.get_sample_value("rollscan_queue_depth", {"queue": name})
+    assert value != value  # NaN
