@@ -2,6 +2,7 @@
 fabric strips with white ends and defect masks, stored as PNG as the real data set stores them.
 """
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,23 +11,35 @@ from PIL import Image
 H = 256  # rows of an AITEX strip
 
 
-def fake_strip(seed: int, width: int, left: int, right: int) -> np.ndarray:
-    """Random grey fabric `width` columns wide, white (255) for `left` and `right` columns at
-    its ends, as the real strips have."""
-    a = np.random.default_rng(seed).integers(60, 180, (H, width), dtype=np.uint8)
-    a[:, :left] = 255
-    a[:, width - right :] = 255
-    return a
+@dataclass(frozen=True)
+class FakeFabric:
+    """Strips of one fake fabric: `width` columns, white (255) for `left` and `right` columns at
+    their ends as the real strips have, and masks whose boxes have a grey halo `halo` px wide."""
 
+    width: int
+    left: int
+    right: int
+    halo: int
 
-def fake_mask(boxes: tuple[tuple[int, int, int, int], ...], width: int, halo: int) -> np.ndarray:
-    """White boxes (r0, r1, c0, c1) with a soft grey halo `halo` px wide that binarises to 0."""
-    m = np.zeros((H, width), dtype=np.uint8)
-    for r0, r1, c0, c1 in boxes:
-        m[r0 - halo : r1 + halo, c0 - halo : c1 + halo] = 100
-    for r0, r1, c0, c1 in boxes:
-        m[r0:r1, c0:c1] = 255
-    return m
+    def strip(self, seed: int, width: int | None = None, left: int | None = None,
+              right: int | None = None) -> np.ndarray:  # fmt: skip
+        """Random grey fabric; `width`, `left` and `right` default to the fabric's."""
+        width = self.width if width is None else width
+        left = self.left if left is None else left
+        right = self.right if right is None else right
+        a = np.random.default_rng(seed).integers(60, 180, (H, width), dtype=np.uint8)
+        a[:, :left] = 255
+        a[:, width - right :] = 255
+        return a
+
+    def mask(self, *boxes: tuple[int, int, int, int], width: int | None = None) -> np.ndarray:
+        """White boxes (r0, r1, c0, c1), each in a soft grey halo that binarises to 0."""
+        m = np.zeros((H, self.width if width is None else width), dtype=np.uint8)
+        for r0, r1, c0, c1 in boxes:
+            m[r0 - self.halo : r1 + self.halo, c0 - self.halo : c1 + self.halo] = 100
+        for r0, r1, c0, c1 in boxes:
+            m[r0:r1, c0:c1] = 255
+        return m
 
 
 def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from aitex_strips import H, fake_mask, fake_strip, write_png
+from aitex_strips import FakeFabric, H, write_png
 from scipy import ndimage
 
 from distill.data.aitex import AitexImportWarning, import_aitex, load_mask, read_grey
@@ -33,14 +33,8 @@ from worker.inline import InlineEnqueuer
 
 REAL_AITEX = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aitex"
 W = 600
-
-
-def _strip(seed: int, width: int = W) -> np.ndarray:
-    return fake_strip(seed, width, left=40, right=40)
-
-
-def _mask(*boxes: tuple[int, int, int, int], width: int = W) -> np.ndarray:
-    return fake_mask(boxes, width, halo=2)
+FAKE = FakeFabric(width=W, left=40, right=40, halo=2)
+_strip, _mask = FAKE.strip, FAKE.mask
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from aitex_strips import H, fake_mask, fake_strip, write_png
+from aitex_strips import FakeFabric, H, write_png
 from PIL import Image
 
 from distill.data.aitex import (
@@ -23,14 +23,8 @@ REAL_AITEX = Path(__file__).parents[1] / "../shared/data/aitex"
 # Fake strips are 1024 wide: tile x00 is blank, x01 is 17 % blank (44 of 256 columns,
 # kept), x02 is fabric, x03 is 78 % blank (200 of 256 columns, dropped).
 LEFT_MARGIN, RIGHT_MARGIN, WIDTH = 300, 200, 1024
-
-
-def _strip(seed: int, width: int = WIDTH, left: int = LEFT_MARGIN, right: int = RIGHT_MARGIN):
-    return fake_strip(seed, width, left, right)
-
-
-def _mask(*boxes: tuple[int, int, int, int], width: int = WIDTH) -> np.ndarray:
-    return fake_mask(boxes, width, halo=3)
+FAKE = FakeFabric(width=WIDTH, left=LEFT_MARGIN, right=RIGHT_MARGIN, halo=3)
+_strip, _mask = FAKE.strip, FAKE.mask
 
 
 @pytest.fixture()
