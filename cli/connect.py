@@ -27,8 +27,9 @@ def upgrade_embedded(settings: Settings) -> None:
 
 
 def command_context(*, upgrade_database: bool = True) -> WorkerContext:
-    """The process's worker context (tasks enqueued through Celery, or run in-process when no
-    broker is configured), the embedded database migrated first unless told not to."""
+    """The process's worker context, its work sent through Celery (to the broker, or run in
+    this process when none is configured: the commands that take a context send work), the
+    embedded database migrated first unless told not to."""
     from worker.tasks import context
 
     ctx = context()

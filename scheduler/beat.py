@@ -88,9 +88,9 @@ app = configure(worker_app, get_settings())
 
 @app.task(name=TASK)
 def grade_nightly() -> int:
-    from worker.tasks import context
+    from worker.runtime import process_context
 
-    ctx = context()
+    ctx = process_context()  # grading sends no work
     rules_for = rules_from_file(ctx.settings.grading_rules)  # ROLLSCAN_GRADING_RULES
     with ctx.session() as session:
         return len(grade_since_last(session, rules_for))

@@ -12,6 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 from scheduler.discovery import DEFAULT_STALL_AFTER, discover_once
+from worker.backoff import Backoff
 from worker.context import WorkerContext
 from worker.transient_errors import is_transient_error
 
@@ -29,8 +30,8 @@ def run_scheduler(
 ) -> int:
     """Discover every `interval_s` until `stop_event` is set; returns the passes run.
 
-    A failed pass waits `interval_s` · 2^k (k = failures in a row, at most `max_backoff_s`)
-    and tries again; nothing is lost, the next pass starts from the database's cursors.
+    A failed pass waits `interval_s` · 2^k (k = failures in a row, at most `max_backoff_s`:
+    `worker.backoff`) and tries again; nothing is lost, the next pass starts from the database's cursors.
     `metrics` (a `scheduler.scheduler_metrics.SchedulerMetrics`) is updated after each pass."""
     failures = passes = 0
     while not stop_event.is_set():
@@ -41,7 +42,7 @@ def run_scheduler(
                 metrics.update(ctx, report)
         except Exception as exc:
             failures += 1
-            delay = min(max_backoff_s, interval_s * 2 ** min(failures, 20))
+            delay = Backoff(interval_s, max_backoff_s).delay(failures)
             transient = is_transient_error(exc)
             if metrics is not None:
                 metrics.pass_failed("transient" if transient else "error")

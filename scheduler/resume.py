@@ -3,8 +3,8 @@
 Every step is idempotent, and a redelivered step sends its successor again
 (`worker.ingest.finalize_due`), so a roll normally needs none of this. A message can still
 vanish for good: a Redis broker restarted without persistence, or a task out of retries after
-an outage longer than its back-off (about 40 minutes). The roll then waits, `ingesting` or
-`scoring`, with nothing moving. `resume_roll` reads what the database says is missing and
+an outage longer than its back-off (about half an hour: `worker.backoff`). The roll then
+waits, `ingesting` or `scoring`, with nothing moving. `resume_roll` reads what the database says is missing and
 sends exactly that: the frames under the roll's source not ingested (or replaced since), the
 pending bands of its open runs, and the finalize of a run whose bands are all scored. Sending
 work that was only queued, not lost, costs a second scoring of a band, never a second count.

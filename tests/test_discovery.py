@@ -263,7 +263,7 @@ def test_nightly_grading_takes_the_rolls_finished_since_the_last_one(
     assert grade() == ["R-0501"]
 
     # the nightly task itself, configured by the environment: ROLLSCAN_GRADING_RULES applies
-    import worker.tasks
+    import worker.runtime
     from scheduler.beat import grade_nightly
 
     rules = tmp_path / "rules.toml"
@@ -271,14 +271,14 @@ def test_nightly_grading_takes_the_rolls_finished_since_the_last_one(
     monkeypatch.setenv("ROLLSCAN_DATABASE_URL", db_engine.url.render_as_string(False))
     monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("ROLLSCAN_GRADING_RULES", str(rules))
-    monkeypatch.setattr(worker.tasks, "_context", None)
+    monkeypatch.setattr(worker.runtime, "_context", None)
     with Session(db_engine) as session, session.begin():
         finished_roll(session, "R-0502")
     try:
         assert grade_nightly() == 2  # R-0502, and R-0501 again: within the clock margin
     finally:
-        if worker.tasks._context is not None:
-            worker.tasks._context.engine.dispose()
+        if worker.runtime._context is not None:
+            worker.runtime._context.engine.dispose()
     with Session(db_engine) as session:
         assert session.scalar(select(Grade.grade).where(Grade.roll_id == "R-0502")) == "site-first"
 

@@ -81,6 +81,24 @@ def test_a_package_imports_only_what_its_layer_may(package: str) -> None:
     )
 
 
+# Only code that sends work through Celery imports its tasks; the rest builds its worker context
+# with `worker.runtime`. In cli/: the commands that send work (`connect.command_context`) and the
+# demo, which runs the task code itself on the eager app.
+CELERY_TASK_IMPORTERS = ("cli.connect", "cli.demo_command")
+
+
+@pytest.mark.parametrize("package", ["scheduler", "results", "cli"])
+def test_only_code_that_sends_work_imports_the_celery_tasks(package: str) -> None:
+    broken = [
+        f"{path.relative_to(ROOT)}:{line} imports {imported}"
+        for module, path in _modules(package)
+        if module not in CELERY_TASK_IMPORTERS
+        for line, imported, names in _imports(path, module)
+        if _within(imported, ("worker.tasks",)) or (imported == "worker" and "tasks" in names)
+    ]
+    assert not broken, "take the worker context from worker.runtime:\n" + "\n".join(broken)
+
+
 def test_no_module_imports_a_private_name_of_another() -> None:
     broken = []
     for module, path in _modules(*OURS, "tests", "bench"):

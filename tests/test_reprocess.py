@@ -14,6 +14,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 import worker.app
+import worker.runtime
 import worker.tasks
 from cli.reprocess_command import read_roll_ids
 from distill.checkpoint import load_model, save_checkpoint
@@ -206,7 +207,7 @@ def test_selection_filters_dry_run_and_cli(ctx, twill_model, tmp_path, monkeypat
 
     monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
     monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr(worker.tasks, "_context", None)
+    monkeypatch.setattr(worker.runtime, "_context", None)
     try:
         args = ["reprocess", "--model", V2, "--rolls-from", str(listing), "--dry-run"]
         assert main(args) == 0
@@ -217,8 +218,8 @@ def test_selection_filters_dry_run_and_cli(ctx, twill_model, tmp_path, monkeypat
         assert main(args) == 2
         assert "1 unknown roll id(s): R-unknown" in capsys.readouterr().err
     finally:
-        if worker.tasks._context is not None:
-            worker.tasks._context.engine.dispose()
+        if worker.runtime._context is not None:
+            worker.runtime._context.engine.dispose()
     assert counts() == written
 
 
@@ -246,12 +247,12 @@ def test_cli_reprocesses_through_the_celery_tasks_on_the_reprocess_queue(
     monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
     monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path))  # the objects of `local_store`
     monkeypatch.setenv("ROLLSCAN_DEVICE", "cpu")
-    monkeypatch.setattr(worker.tasks, "_context", None)
+    monkeypatch.setattr(worker.runtime, "_context", None)
     try:
         assert main(["reprocess", "--model", V2, "--no-progress"]) == 0
     finally:
-        if worker.tasks._context is not None:
-            worker.tasks._context.engine.dispose()
+        if worker.runtime._context is not None:
+            worker.runtime._context.engine.dispose()
     assert "reprocessed 1 of 1 roll(s) with twill-v2" in capsys.readouterr().out
     with ctx.session() as session:
         run = session.scalar(select(Run).where(Run.model_version == V2))

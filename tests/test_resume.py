@@ -10,7 +10,7 @@ import pytest
 from fixtures_roll import defects_of
 from sqlalchemy import func, select, update
 
-import worker.tasks
+import worker.runtime
 from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.resume import idle_rolls, resume_roll
 from scheduler.submit import submit
@@ -130,7 +130,7 @@ def test_cli_resumes_idle_rolls(ctx, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path))  # the objects of `local_store`
     monkeypatch.setenv("ROLLSCAN_BAND_HEIGHT", str(BAND))
     monkeypatch.setenv("ROLLSCAN_DEVICE", "cpu")
-    monkeypatch.setattr(worker.tasks, "_context", None)
+    monkeypatch.setattr(worker.runtime, "_context", None)
     try:
         assert main(["resume", "--idle", "2h"]) == 0
         assert "no roll has been idle for 2:00:00" in capsys.readouterr().out
@@ -140,8 +140,8 @@ def test_cli_resumes_idle_rolls(ctx, tmp_path, monkeypatch, capsys):
         )
         assert main(["resume", "R-cli"]) == 0  # eager: the bands and the finalize run here
     finally:
-        if worker.tasks._context is not None:
-            worker.tasks._context.engine.dispose()
+        if worker.runtime._context is not None:
+            worker.runtime._context.engine.dispose()
     assert _state(ctx, "R-cli")[:2] == ("done", ("done", 2, 2))
 
 

@@ -1,9 +1,12 @@
 """Celery tasks: thin wrappers over the pipeline's plain functions (ingest, score, finalize, train).
 
-Each task builds its process's `WorkerContext` lazily — after the prefork, so CUDA and database
-pools are created in the child — and retries with exponential back-off on transient database,
-object-store and broker errors (`worker.transient_errors`). A bad roll is marked failed inside the pipeline; other rolls go on. A
-task whose worker keeps dying on it fails its roll after `max_deliveries` (`worker.deliveries`).
+Each task runs with its process's `WorkerContext` (`worker.runtime`: built lazily, after the
+prefork, so CUDA and database pools are created in the child) and retries with exponential
+back-off (`worker.backoff`) on transient database, object-store and broker errors
+(`worker.transient_errors`). A bad roll is marked failed inside the pipeline; other rolls go
+on. A task whose worker keeps dying on it fails its roll after `max_deliveries`
+(`worker.deliveries`). Only code that sends work through Celery (to a broker, or eagerly in this
+process) imports this module; the rest takes its context from `worker.runtime`.
 """
 
 from __future__ import annotations
@@ -14,19 +17,22 @@ from typing import Any
 from celery import Task
 
 from worker.app import app
+from worker.backoff import RETRY_LATER_CAP_S, TRANSIENT_MAX_RETRIES, TRANSIENT_RETRY, Backoff
 from worker.context import RetryLater, WorkerContext
 from worker.deliveries import Delivery, run_counted
 from worker.finalize import finalize_run
 from worker.ingest import ingest_frame
+from worker.runtime import process_context
 from worker.scoring import score_band
 from worker.transient_errors import is_transient_error
 
 log = logging.getLogger(__name__)
-MAX_RETRIES = 12  # 2 s doubling, capped at 5 min: about 40 minutes of outage
-RETRY_LATER_MAX_S = 60.0  # work that waits for other work (a frame for the one before it)
 
 
 class CeleryEnqueuer:
+    """Sends the pipeline's follow-up work as Celery tasks: to the broker's queues, or run at
+    once in this process when the app is eager (no broker configured)."""
+
     def ingest(self, roll_id: str, seq: int, key: str) -> None:
         ingest.apply_async((roll_id, seq, key))
 
@@ -38,26 +44,9 @@ class CeleryEnqueuer:
         finalize.apply_async((run_id,))
 
 
-_context: WorkerContext | None = None
-
-
 def context() -> WorkerContext:
-    global _context
-    if _context is None:
-        from storage.settings import get_settings
-
-        settings = get_settings()
-        if settings.torch_threads is not None:
-            import torch
-
-            # torch takes every core by default: N processes on a CPU machine would run
-            # N × cores threads, which on 2 cores measured 5× slower (docs/benchmarks.md)
-            torch.set_num_threads(settings.torch_threads)
-            log.info("torch uses %d CPU threads in this process", torch.get_num_threads())
-        _context = WorkerContext.from_settings(
-            CeleryEnqueuer(), settings, device=settings.device, batch_size=settings.batch_size
-        )
-    return _context
+    """The process's worker context (`worker.runtime`), its work sent through Celery."""
+    return process_context(CeleryEnqueuer())
 
 
 def _run_task(task: Task, function: Any, *args: Any, delivery: Delivery | None = None) -> Any:
@@ -68,14 +57,14 @@ def _run_task(task: Task, function: Any, *args: Any, delivery: Delivery | None =
         retry = bool(task.request.retries)  # a retry's sender ended: no death before it
         return run_counted(ctx, delivery, lambda: function(ctx, *args), retry=retry)
     except RetryLater as exc:
-        countdown = min(RETRY_LATER_MAX_S, exc.countdown * 2 ** min(task.request.retries, 20))
+        countdown = Backoff(exc.countdown, RETRY_LATER_CAP_S).delay(task.request.retries)
         raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
     except Exception as exc:
         if not is_transient_error(exc):
             raise
-        countdown = min(300, 2 * 2**task.request.retries)
+        countdown = TRANSIENT_RETRY.delay(task.request.retries)
         log.warning("%s%s: transient error, retry in %ss: %s", task.name, args, countdown, exc)
-        raise task.retry(exc=exc, countdown=countdown, max_retries=MAX_RETRIES) from exc
+        raise task.retry(exc=exc, countdown=countdown, max_retries=TRANSIENT_MAX_RETRIES) from exc
 
 
 def _band(run_id: int, band_index: int) -> Delivery:

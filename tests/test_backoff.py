@@ -1,0 +1,50 @@
+"""The one retry back-off policy (`worker.backoff`) and the process's worker context
+(`worker.runtime`)."""
+
+from __future__ import annotations
+
+import pytest
+
+import worker.runtime
+from worker.backoff import RETRY_LATER_CAP_S, TRANSIENT_MAX_RETRIES, TRANSIENT_RETRY, Backoff
+from worker.inline import InlineEnqueuer
+from worker.runtime import NoEnqueuer, process_context
+
+
+def test_the_delay_doubles_from_the_base_up_to_the_cap() -> None:
+    backoff = Backoff(base_s=1.5, cap_s=10)
+    assert [backoff.delay(k) for k in range(5)] == [1.5, 3, 6, 10, 10]
+    assert Backoff(base_s=20, cap_s=10).delay(0) == 10
+
+
+def test_a_huge_attempt_number_stays_at_the_cap() -> None:
+    assert Backoff(base_s=0.5, cap_s=60).delay(10_000) == 60
+    assert Backoff(base_s=1e-9, cap_s=300).delay(10_000) == 1e-9 * 2**20  # exponent at most 20
+
+
+def test_the_tasks_numbers() -> None:
+    """A transient error: 2 s doubling, capped at 5 min, 12 retries (about half an hour);
+    RetryLater: its countdown doubling, capped at a minute."""
+    delays = [TRANSIENT_RETRY.delay(k) for k in range(TRANSIENT_MAX_RETRIES)]
+    assert delays == [2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300, 300]
+    assert sum(delays) == 1710  # 28.5 minutes of waiting before the task gives up
+    assert [Backoff(0.5, RETRY_LATER_CAP_S).delay(k) for k in (0, 1, 7, 8)] == [0.5, 1, 60, 60]
+
+
+def test_the_process_context_is_built_once_and_takes_the_first_enqueuer(
+    tmp_path, monkeypatch
+) -> None:
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", "postgresql://nobody@localhost:1/none")
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr(worker.runtime, "_context", None)
+    ctx = process_context()  # a caller that sends no work
+    try:
+        assert isinstance(ctx.enqueue, NoEnqueuer)
+        with pytest.raises(RuntimeError, match="send no work"):
+            ctx.enqueue.finalize(1)
+        first, second = InlineEnqueuer(), InlineEnqueuer()
+        assert process_context(first) is ctx and ctx.enqueue is first
+        assert process_context(second) is ctx and ctx.enqueue is first
+        assert process_context() is ctx and ctx.enqueue is first
+    finally:
+        ctx.engine.dispose()
