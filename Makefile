@@ -12,7 +12,7 @@ install:
 	$(BIN)/pip install -q --upgrade pip
 	# x86-64 machines carry these wheels on disk; elsewhere pip resolves pyproject's range.
 	if [ "$$(uname -m)" = x86_64 ]; then $(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1; fi
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev,int8]'
 
 constraints:
 	{ echo "# The versions CI tested (make install uses them). Regenerate: make constraints"; \

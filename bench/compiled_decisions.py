@@ -1,5 +1,9 @@
-"""Decisions kept: tile and pixel AUROC of one trained model scored three ways — fp32 eager,
-bf16 eager, bf16 compiled (torch.compile, inductor with freezing) — on its test tiles.
+"""Decisions kept: tile and pixel AUROC of one trained model scored four ways — fp32 eager,
+bf16 eager, bf16 compiled (torch.compile, inductor with freezing), int8 (features quantized by
+OpenVINO/NNCF, map compiled) — on its test tiles.
+
+int8 calibrates on the good tiles the checkpoint keeps; a checkpoint from before they were kept
+calibrates on tiles picked the same way from the category's train/good.
 
     python bench/compiled_decisions.py --model runs/aitex/fabric01_m5.pt \\
         --data runs/aitex/tiles/fabric01 [--model … --data …] [--json OUT]
@@ -13,14 +17,25 @@ import argparse
 import json
 from pathlib import Path
 
-from distill.checkpoint import load_detector
+import torch
+
+from distill.checkpoint import load_detector, read_checkpoint
+from distill.data.mvtec import Category, load_stack
 from distill.evaluate import evaluate_detector
+from distill.int8_features import pick_calibration_tiles
 
 MODES = {
     "fp32": {"precision": "fp32"},
     "bf16": {"precision": "bf16"},
     "bf16 compiled": {"precision": "bf16", "compile": True},
+    "int8": {"precision": "int8", "compile": True},
 }
+
+
+def training_tiles(data: Path, tile: int) -> torch.Tensor:
+    """Calibration tiles as training keeps them, from the category's good training tiles."""
+    images = torch.from_numpy(load_stack(Category.open(data).train, tile))
+    return pick_calibration_tiles(images)
 
 
 def main() -> None:
@@ -36,8 +51,12 @@ def main() -> None:
     print(f"{'model':<28}{'mode':<16}{'tile':>8}{'pixel':>8}{'Δ tile':>8}{'Δ pixel':>8}")
     for model, data in zip(args.model, args.data, strict=True):
         rows = {}
+        card, state = read_checkpoint(model)
+        kept = state.get("calibration_tiles")
+        calibration = kept if kept is not None else training_tiles(data, card.tile)
         for name, options in MODES.items():
-            detector, card = load_detector(model, device="cpu", batch_size=args.batch, **options)
+            detector, card = load_detector(model, device="cpu", batch_size=args.batch,
+                                           calibration=calibration, **options)  # fmt: skip
             r = evaluate_detector(detector, data, card.tile, progress=False)
             rows[name] = {"image_auroc": r["image_auroc"], "pixel_auroc": r["pixel_auroc"]}
             base = rows["fp32"]

@@ -7,6 +7,11 @@ measured in the same run. The plain fp32/NCHW row is the reference for the ratio
     python bench/model_throughput.py --teacher resnet34 --batch 8 [--device cpu] [--json OUT]
     python bench/model_throughput.py --teacher efficientnet_lite0 --memory-bank --no-official
 
+`--int8` adds the int8 path (features quantized by OpenVINO/NNCF, calibrated on random tiles —
+speed does not depend on them —, map in torch float32, compiled). Every run first measures the
+CPU's matrix-product ceilings (fp32, bf16, int8 GOP/s, 4096² products) and prints, per row, the
+fraction of the ceiling of its own precision that the model's FLOPs reach.
+
 `--memory-bank` adds, at the best precision and layout, the default detector (the student's map
 fused with a 4,096-patch memory bank's) against the student's map alone, and the bank's
 nearest-neighbour search by itself (teacher features given).
@@ -53,6 +58,39 @@ def official_style_maps(model: ReverseDistillation, x: torch.Tensor) -> np.ndarr
     return maps
 
 
+def matmul_ceilings(seconds: float = 2.0, n: int = 4096) -> dict[str, float]:
+    """GOP/s of n² matrix products in fp32, bf16 and int8 (`torch._int_mm`, VNNI/AMX) on the
+    CPU, with this process's threads: the physical limit the model rows are measured against."""
+    rng = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=rng), torch.randn(n, n, generator=rng)
+    i8 = torch.randint(-128, 128, (2, n, n), dtype=torch.int8, generator=rng)
+    ab, bb = a.bfloat16(), b.bfloat16()
+    products = {
+        "fp32": lambda: a @ b,
+        "bf16": lambda: ab @ bb,
+        "int8": lambda: torch._int_mm(i8[0], i8[1]),
+    }
+    ceilings = {}
+    for name, product in products.items():
+        product()
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            product()
+            count += 1
+        ceilings[name] = 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+    return ceilings
+
+
+def gflop_per_tile(model: ReverseDistillation, tile: int) -> float:
+    """Teacher + student FLOPs of one tile, by torch's FLOP counter (the map's are negligible)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        teacher = model.teacher(torch.zeros(1, 3, tile, tile))
+        model.student(teacher)
+    return counter.get_total_flops() / 1e9
+
+
 def timed(fn, repeats: int) -> float:
     fn()  # warm-up: oneDNN picks kernels on first call
     start = time.perf_counter()
@@ -63,6 +101,7 @@ def timed(fn, repeats: int) -> float:
 
 def measure(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
+    ceilings = matmul_ceilings() if device.type == "cpu" else {}
     torch.manual_seed(0)
     teacher = build_teacher(args.teacher, args.teacher_weights or "random")
     model = ReverseDistillation(teacher).eval()
@@ -104,10 +143,25 @@ def measure(args: argparse.Namespace) -> dict:
             rows[f"{precision}, channels-last, compiled (inductor, freezing)"] = {
                 "tiles_per_s": tiles / seconds, "compile_seconds": compile_s,
             }  # fmt: skip
+    if args.int8:
+        started = time.perf_counter()
+        detector = Detector(model, IMAGENET_MEAN, IMAGENET_STD, device=device, precision="int8",
+                            batch_size=args.batch, compile=True, calibration=images)  # fmt: skip
+        detector.predict(images)  # quantizes, then compiles the map and the OpenVINO model
+        build_s = time.perf_counter() - started
+        seconds = timed(lambda: detector.predict(images), args.repeats)
+        rows["int8 (OpenVINO) features, fp32 compiled map"] = {
+            "tiles_per_s": tiles / seconds, "compile_seconds": build_s,
+        }  # fmt: skip
     if args.memory_bank:
         rows |= memory_bank_rows(model, images, x, args, device, precisions[-1])
     reference = rows["fp32, NCHW"]["tiles_per_s"]
-    for row in rows.values():
+    gflop = gflop_per_tile(model, args.tile)
+    for name, row in rows.items():
+        # the fraction of the ceiling of the row's own precision (the official path's is fp32)
+        precision = "fp32" if name == OFFICIAL else name.split(" ")[0].rstrip(",")
+        if precision in ceilings:
+            row["ceiling_fraction"] = row["tiles_per_s"] * gflop / ceilings[precision]
         row["vs_fp32_nchw"] = row["tiles_per_s"] / reference
         # against the official scoring path measured in this run, never a figure from elsewhere
         if OFFICIAL in rows:
@@ -120,6 +174,8 @@ def measure(args: argparse.Namespace) -> dict:
         "threads": torch.get_num_threads(),
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "torch": torch.__version__,
+        "gflop_per_tile": gflop,
+        "ceilings_gops": ceilings,
         "modes": rows,
     }
 
@@ -135,12 +191,33 @@ def memory_bank_rows(
     fused.student.load_state_dict(model.student.state_dict())
     fused.set_scoring(bank, MapFusion(0.5, (0.0, 1.0), (0.0, 1.0)))
     rows, tiles = {}, args.batch * args.repeats
-    for name, net in (("student map only (the old default)", model),
-                      ("student + memory bank, fused (the default)", fused)):  # fmt: skip
-        detector = Detector(net, IMAGENET_MEAN, IMAGENET_STD, device=device, precision=precision,
-                            channels_last=True, batch_size=args.batch)  # fmt: skip
+    old_default = f"{precision}, channels-last, student map only (the old default)"
+    runs = [
+        (old_default, model, {"precision": precision}),
+        (f"{precision}, channels-last, fused (the default)", fused, {"precision": precision}),
+    ]
+    if args.compile:
+        runs.append(
+            (
+                f"{precision}, compiled, fused (the default)",
+                fused,
+                {"precision": precision, "compile": True},
+            )
+        )
+    if args.int8:
+        runs.append(
+            (
+                "int8 (OpenVINO), compiled map, fused (the default)",
+                fused,
+                {"precision": "int8", "compile": True, "calibration": images},
+            )
+        )
+    for name, net, options in runs:  # fmt: skip
+        detector = Detector(net, IMAGENET_MEAN, IMAGENET_STD, device=device,
+                            batch_size=args.batch, **options)  # fmt: skip
         seconds = timed(lambda d=detector: d.predict(images), args.repeats)
-        rows[f"{precision}, channels-last, {name}"] = {"tiles_per_s": tiles / seconds}
+        rows[name] = {"tiles_per_s": tiles / seconds}
+        rows[name]["vs_old_default"] = rows[name]["tiles_per_s"] / rows[old_default]["tiles_per_s"]
     with torch.no_grad():
         features = [f.float() for f in model.teacher(x.to(device))]
         bank = bank.to(device)
@@ -156,11 +233,20 @@ def print_table(result: dict) -> None:
         f"teacher {result['teacher']}, batch {result['batch']}, {result['tile']}², "
         f"{result['device']} ({result['threads']} threads), torch {result['torch']}"
     )
-    print(f"{'mode':<42}{'tiles/s':>10}{'× fp32 NCHW':>13}{'× official':>12}")
+    ceilings = ", ".join(f"{k} {v:.0f}" for k, v in result["ceilings_gops"].items())
+    print(f"{result['gflop_per_tile']:.2f} GFLOP per tile; CPU ceilings (GOP/s): {ceilings}")
+    print(f"{'mode':<50}{'tiles/s':>9}{'× fp32 NCHW':>13}{'× official':>12}{'ceiling':>9}")
     for name, row in result["modes"].items():
+        fraction = row.get("ceiling_fraction")
         print(
-            f"{name:<42}{row['tiles_per_s']:>10.1f}{row['vs_fp32_nchw']:>13.2f}"
+            f"{name:<50}{row['tiles_per_s']:>9.1f}{row['vs_fp32_nchw']:>13.2f}"
             + (f"{row['vs_official']:>12.2f}" if "vs_official" in row else f"{'–':>12}")
+            + (f"{fraction:>9.0%}" if fraction is not None else f"{'–':>9}")
+            + (
+                f"   {row['vs_old_default']:.2f}× the old default"
+                if "vs_old_default" in row
+                else ""
+            )
             + (
                 f"   (compiled in {row['compile_seconds']:.0f} s)"
                 if "compile_seconds" in row
@@ -181,6 +267,7 @@ def main() -> None:
     parser.add_argument("--no-official", action="store_true", help="skip the official-style row")
     parser.add_argument("--memory-bank", action="store_true", help="the fused default's rows too")
     parser.add_argument("--compile", action="store_true", help="torch.compile rows too")
+    parser.add_argument("--int8", action="store_true", help="the int8 (OpenVINO) row too")
     args = parser.parse_args()
     result = measure(args)
     print_table(result)

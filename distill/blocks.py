@@ -6,6 +6,9 @@ that parameter counts and behaviour match the paper's model; note its "conv → 
 
 from __future__ import annotations
 
+import operator
+from functools import reduce
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,7 +84,7 @@ class SSPCAB(nn.Module):
         p, b = self.pad, self.border
         x = F.pad(x, (p, p, p, p))
         windows = (x[:, :, :-b, :-b], x[:, :, b:, :-b], x[:, :, :-b, b:], x[:, :, b:, b:])
-        x = sum(conv(w) for conv, w in zip(self.corners, windows, strict=True))
+        x = reduce(operator.add, (conv(w) for conv, w in zip(self.corners, windows, strict=True)))
         return self.se(F.relu(x))
 
 

@@ -14,6 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from distill.anomaly_map import MapFusion
@@ -61,13 +62,23 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked: wrong format or a mismatched teacher."""
 
 
-def save_checkpoint(path: str | Path, model: ReverseDistillation, card: ModelCard) -> Path:
-    """Write atomically (temporary file + rename): a crash never leaves half a checkpoint."""
+def save_checkpoint(
+    path: str | Path,
+    model: ReverseDistillation,
+    card: ModelCard,
+    calibration_tiles: torch.Tensor | None = None,
+) -> Path:
+    """Write atomically (temporary file + rename): a crash never leaves half a checkpoint.
+
+    `calibration_tiles`: a few good training tiles (N, H, W, C) uint8, kept so that a worker can
+    quantize the model to int8 at load time (`distill.int8_features`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"card": asdict(card), "student": model.student.state_dict()}
     if model.memory is not None:
         payload["memory_bank"] = model.memory.bank.detach().cpu()
+    if calibration_tiles is not None:
+        payload["calibration_tiles"] = calibration_tiles.detach().cpu()
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)
     tmp.replace(path)
@@ -75,7 +86,10 @@ def save_checkpoint(path: str | Path, model: ReverseDistillation, card: ModelCar
 
 
 def random_checkpoint(
-    path: str | Path, teacher: str = "efficientnet_lite0", tile: int = 256
+    path: str | Path,
+    teacher: str = "efficientnet_lite0",
+    tile: int = 256,
+    calibration_tiles: torch.Tensor | None = None,
 ) -> Path:
     """A residual model with random teacher and student weights and a threshold no score
     reaches: for measuring speed and memory, which do not depend on the weights."""
@@ -85,7 +99,7 @@ def random_checkpoint(
         teacher_sha256=built.weights_sha256(), variant="residual", tile=tile,
         mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=1e9,
     )  # fmt: skip
-    return save_checkpoint(path, ReverseDistillation(built), card)
+    return save_checkpoint(path, ReverseDistillation(built), card, calibration_tiles)
 
 
 def _check_card(card: ModelCard) -> None:
@@ -106,8 +120,9 @@ def _check_card(card: ModelCard) -> None:
 def read_checkpoint(source: str | Path | bytes) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     """Read the card and the student's weights without building anything.
 
-    The memory bank, when the checkpoint has one, comes back under the key ``memory_bank`` of
-    the state (it is not the student's)."""
+    The memory bank and the calibration tiles, when the checkpoint has them, come back under
+    the keys ``memory_bank`` and ``calibration_tiles`` of the state (they are not the
+    student's)."""
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         payload = torch.load(stream, map_location="cpu", weights_only=True)
@@ -124,8 +139,9 @@ def read_checkpoint(source: str | Path | bytes) -> tuple[ModelCard, dict[str, to
         raise CheckpointError(f"checkpoint card does not fit this version: {exc}") from exc
     _check_card(card)
     state = dict(payload["student"])
-    if "memory_bank" in payload:
-        state["memory_bank"] = payload["memory_bank"]
+    for key in ("memory_bank", "calibration_tiles"):
+        if key in payload:
+            state[key] = payload[key]
     return card, state
 
 
@@ -145,7 +161,15 @@ def load_model(
     source: str | Path | bytes, teacher_weights: str | Path | None = None
 ) -> tuple[ReverseDistillation, ModelCard]:
     """Rebuild teacher + student; refuse a teacher whose weights differ from the training ones."""
+    model, card, _ = _load(source, teacher_weights)
+    return model, card
+
+
+def _load(
+    source: str | Path | bytes, teacher_weights: str | Path | None
+) -> tuple[ReverseDistillation, ModelCard, torch.Tensor | None]:
     card, student_state = read_checkpoint(source)
+    calibration = student_state.pop("calibration_tiles", None)
     teacher = _teacher_for(card, teacher_weights)
     if teacher.weights_sha256() != card.teacher_sha256:
         raise CheckpointError(
@@ -165,7 +189,7 @@ def load_model(
         )
         memory.bank.copy_(bank)
     model.set_scoring(memory, fusion_of(card))
-    return model.eval(), card
+    return model.eval(), card, calibration
 
 
 def fusion_of(card: ModelCard) -> MapFusion:
@@ -186,8 +210,11 @@ def load_detector(
     channels_last: bool = True,
     batch_size: int = 16,
     compile: bool = False,
+    calibration: np.ndarray | torch.Tensor | None = None,
 ) -> tuple[Detector, ModelCard]:
-    model, card = load_model(source, teacher_weights)
+    """The checkpoint's model ready to score; int8 calibrates on the checkpoint's own good tiles
+    unless `calibration` gives others."""
+    model, card, kept = _load(source, teacher_weights)
     detector = Detector(
         model,
         card.mean,
@@ -198,5 +225,6 @@ def load_detector(
         channels_last=channels_last,
         batch_size=batch_size,
         compile=compile,
+        calibration=kept if calibration is None else calibration,
     )
     return detector, card

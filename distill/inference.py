@@ -15,11 +15,13 @@ import numpy as np
 import torch
 
 from distill.anomaly_map import tile_scores
+from distill.int8_features import Int8Features, int8_available
 from distill.preprocess import as_batch, normalise
 from distill.torch_model import ReverseDistillation
 
-Precision = Literal["auto", "fp32", "bf16"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")
+Precision = Literal["auto", "fp32", "bf16", "int8"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "auto")  # training's, and scoring's but int8
+SCORING_PRECISIONS: tuple[str, ...] = (*PRECISIONS, "int8")
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -72,31 +74,53 @@ class Detector:
         channels_last: bool = True,
         batch_size: int = 16,
         compile: bool = False,
+        calibration: np.ndarray | torch.Tensor | None = None,
     ) -> None:
         """`compile`: teacher, student and map as one graph through torch.compile (inductor,
         with freezing: BatchNorm folds into the convolutions, weights become constants). The
         first batch of each tile size compiles it (tens of seconds, once per process); every
-        batch is padded to `batch_size` so that no other shape compiles again."""
+        batch is padded to `batch_size` so that no other shape compiles again.
+
+        `precision="int8"` (CPU only): the features run quantized in OpenVINO
+        (`distill.int8_features`), calibrated on `calibration` — good tiles (N, H, W[, C]), the
+        ones a checkpoint keeps — and the map in torch float32, compiled when `compile`."""
         if batch_size < 1:
             raise ValueError(f"batch size must be at least 1, not {batch_size}")
         self.device = resolve_device(device)
-        self.bf16 = use_bf16(precision, self.device)
+        self.int8 = None
+        if precision == "int8":
+            self.int8 = self._int8_features(model, mean, std, calibration)
+        self.bf16 = False if self.int8 is not None else use_bf16(precision, self.device)
         self.channels_last = channels_last
         self.batch_size = batch_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.threshold = threshold
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=memory_format)
-        self.compiled = (
-            torch.compile(_WholeMap(self.model, self.bf16), options={"freezing": True})
-            if compile
-            else None
-        )
+        self.compiled = None
+        if compile and self.int8 is not None:
+            self.compiled = torch.compile(self.model.maps)
+        elif compile:
+            whole = _WholeMap(self.model, self.bf16)
+            self.compiled = torch.compile(whole, options={"freezing": True})
+
+    def _int8_features(self, model, mean, std, calibration) -> Int8Features:
+        if self.device.type != "cpu":
+            raise ValueError(f"int8 runs on the CPU, not {self.device}")
+        if calibration is None or len(calibration) == 0:
+            raise ValueError(
+                "int8 needs good tiles to calibrate on: this checkpoint keeps none (retrain it)"
+            )
+        if not int8_available():
+            raise ValueError("int8 needs OpenVINO and NNCF: pip install 'rollscan[int8]'")
+        tiles, _ = normalise(as_batch(calibration), mean, std, self.device)
+        return Int8Features(model, tiles, bf16=bf16_supported(self.device))
 
     @property
     def mode(self) -> str:
+        precision = "int8" if self.int8 is not None else "bf16" if self.bf16 else "fp32"
         return (
-            f"{'bf16' if self.bf16 else 'fp32'}{' channels-last' if self.channels_last else ''}"
+            f"{precision}{' channels-last' if self.channels_last else ''}"
             f"{' compiled' if self.compiled is not None else ''}"
         )
 
@@ -105,8 +129,13 @@ class Detector:
         """(N, H, W, C) uint8/uint16/float tensor → (N, H, W) float32 maps on the device."""
         x, (h, w) = normalise(batch, self.mean, self.std, self.device)
         n = x.shape[0]
-        if self.compiled is not None and n < self.batch_size:  # one shape, one compilation
+        fixed_shape = self.compiled is not None or self.int8 is not None
+        if fixed_shape and n < self.batch_size:  # one shape, one compilation
             x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
+        if self.int8 is not None:
+            teacher, student = self.int8(x)
+            maps = (self.compiled or self.model.maps)(teacher, student or None, tuple(x.shape[-2:]))
+            return maps[:n, :h, :w]
         if self.channels_last:  # after padding: the strides are part of the compiled shape
             x = x.contiguous(memory_format=torch.channels_last)
         if self.compiled is not None:

@@ -9,6 +9,8 @@ narrow teacher's widths was measured to stall training: DESIGN.md, "Model".)
 
 from __future__ import annotations
 
+import operator
+from functools import reduce
 from typing import Literal
 
 import torch
@@ -45,7 +47,8 @@ class Embedding(nn.Module):
 
     def forward(self, levels: list[torch.Tensor]) -> torch.Tensor:
         projections = (self.level0, self.level1, self.level2, self.level3)
-        x = sum(project(level) for project, level in zip(projections, levels, strict=True))
+        # reduce, not sum(): sum's leading `0 +` is an op of its own to export and quantize
+        x = reduce(operator.add, (p(level) for p, level in zip(projections, levels, strict=True)))
         return self.attention(self.fuse(x))
 
 

@@ -26,6 +26,7 @@ from distill.calibration import calibrate_threshold
 from distill.checkpoint import ModelCard, save_checkpoint
 from distill.data.mvtec import Category, load_stack
 from distill.inference import PRECISIONS, Detector, resolve_device, use_bf16
+from distill.int8_features import pick_calibration_tiles
 from distill.loss import LOSSES, DistillationLoss
 from distill.memory_bank import (
     DEFAULT_BANK_SIZE,
@@ -388,5 +389,5 @@ def train(
         "seconds": round(time.perf_counter() - started, 1),
         **fit.history,
     }
-    save_checkpoint(out, trainer.model, card)
+    save_checkpoint(out, trainer.model, card, pick_calibration_tiles(train_images))
     return card

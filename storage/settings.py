@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     # worker
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     batch_size: int = Field(16, ge=1, description="tiles per model call")
+    precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto", description="scoring precision: auto (bf16 where the device has it, else "
+        "fp32), fp32, bf16, or int8 (CPU only: features quantized by OpenVINO on the "
+        "checkpoint's good tiles, ~30-60 s per model at the first band)",
+    )  # fmt: skip
     compile_model: bool = Field(
         False, description="torch.compile each model once per worker process (inductor, "
         "freezing): ~1.5× the bf16 scoring rate on a CPU, for ~40 s at the first band",

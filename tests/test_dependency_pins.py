@@ -19,7 +19,7 @@ def test_dependencies_are_bounded_and_installed_at_the_versions_ci_tested() -> N
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     requirements = [Requirement(r) for r in project["dependencies"]]
-    for extra in ("dev", "deploy"):
+    for extra in ("dev", "deploy", "int8"):
         requirements += [Requirement(r) for r in project["optional-dependencies"][extra]]
     pins = {}
     for line in (ROOT / "constraints.txt").read_text().splitlines():
@@ -39,6 +39,6 @@ def test_dependencies_are_bounded_and_installed_at_the_versions_ci_tested() -> N
             f"constraints.txt pins {name}=={pins[name]}, outside {requirement}"
         )
     makefile = (ROOT / "Makefile").read_text()
-    assert "-c constraints.txt -e '.[dev]'" in makefile
+    assert "-c constraints.txt -e '.[dev,int8]'" in makefile
     runs = [step.value for step in dockerfile() if step.keyword == "RUN"]
     assert sum(run.count("-c /src/constraints.txt") for run in runs) == 2

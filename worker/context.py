@@ -77,7 +77,7 @@ class WorkerContext:
                 data = fetch_checkpoint(self.store, model)
                 detector, _ = load_detector(
                     data, device=self.device, batch_size=self.batch_size,
-                    compile=self.settings.compile_model,
+                    precision=self.settings.precision, compile=self.settings.compile_model,
                 )  # fmt: skip
                 self._detectors[model.version] = detector
             return self._detectors[model.version]

@@ -1,0 +1,58 @@
+"""int8 scoring (features quantized by OpenVINO/NNCF on the checkpoint's own good tiles) keeps
+the fp32 model's decisions, and refuses to run without tiles to calibrate on."""
+
+import numpy as np
+import pytest
+import torch
+from fixtures_model import TRAIN_TILE
+
+from distill.checkpoint import load_detector, random_checkpoint, read_checkpoint
+from distill.evaluate import evaluate_detector
+from distill.int8_features import CALIBRATION_TILES, pick_calibration_tiles
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def test_training_keeps_good_tiles_for_calibration(twill_model):
+    _, state = read_checkpoint(twill_model)
+    tiles = state["calibration_tiles"]
+    assert tiles.dtype == torch.uint8
+    assert tiles.shape[1:3] == (TRAIN_TILE, TRAIN_TILE)
+    assert 1 <= len(tiles) <= CALIBRATION_TILES
+
+
+def test_calibration_tiles_are_spread_over_the_set_without_repeats():
+    images = torch.arange(100).view(100, 1, 1, 1).expand(100, 2, 2, 3)
+    picked = pick_calibration_tiles(images, 10)[:, 0, 0, 0].tolist()
+    assert picked == sorted(set(picked)) and len(picked) == 10
+    assert picked[0] == 0 and picked[-1] == 99
+    assert len(pick_calibration_tiles(images[:3], 10)) == 3
+
+
+def test_int8_keeps_the_fp32_decisions_of_a_trained_model(twill_model):
+    data = twill_model.parent / "data"
+    fp32, card = load_detector(twill_model, precision="fp32", batch_size=4)
+    int8, _ = load_detector(twill_model, precision="int8", batch_size=4)
+    assert int8.mode.startswith("int8")
+    want = evaluate_detector(fp32, data, card.tile, progress=False)
+    got = evaluate_detector(int8, data, card.tile, progress=False)
+    assert want["image_auroc"] > 0.9  # a model that decides something
+    assert abs(got["image_auroc"] - want["image_auroc"]) <= 0.005
+    assert abs(got["pixel_auroc"] - want["pixel_auroc"]) <= 0.005
+
+
+def test_int8_maps_follow_fp32_and_a_short_batch_builds_nothing_new(tmp_path):
+    model = random_checkpoint(tmp_path / "m.pt", tile=64)
+    images = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
+    fp32, _ = load_detector(model, precision="fp32", batch_size=4)
+    int8, _ = load_detector(model, precision="int8", batch_size=4, calibration=images)
+    want, got = fp32.predict(images), int8.predict(images)  # batches of 4 and 2
+    assert got.maps.shape == want.maps.shape == (6, 64, 64)
+    assert np.corrcoef(want.maps.ravel(), got.maps.ravel())[0, 1] > 0.99
+    assert len(int8.int8._requests) == 1  # the short batch was padded to the same shape
+
+
+def test_int8_without_calibration_tiles_is_refused_with_a_reason(tmp_path):
+    model = random_checkpoint(tmp_path / "m.pt", tile=64)  # keeps no tiles
+    with pytest.raises(ValueError, match="calibrate"):
+        load_detector(model, precision="int8")
