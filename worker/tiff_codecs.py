@@ -5,8 +5,8 @@ the strip's or tile's size from the header. The real `imagecodecs` package decod
 buffer of that size. Without it tifffile falls back to its pure-Python `_imagecodecs` module,
 whose zlib and PackBits decoders ignore `out` (a strip of a few kB may inflate to gigabytes)
 and which has no LZW at all. `install_bounded_fallbacks` replaces those fallbacks with the
-decoders below, each of which refuses a segment as soon as it passes `out` bytes; frames in other codecs are refused before
-decoding (`worker.frames.ACCEPTED_COMPRESSIONS`).
+decoders below, each of which refuses a segment as soon as it passes `out` bytes; frames in
+other codecs are refused before decoding (`worker.frame_header.ACCEPTED_COMPRESSIONS`).
 """
 
 from __future__ import annotations

