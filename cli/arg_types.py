@@ -1,5 +1,7 @@
 """Argument types shared by several commands: dates, durations, positive numbers, and choices
-that are looked up only when used (so that listing them does not import torch at start-up)."""
+that are looked up only when used (so that listing them does not import torch at start-up);
+`options`, the parsed arguments handed on as keyword arguments; `command_parser`, a command
+described by its module's docstring."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import argparse
 import re
 from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timedelta
+from typing import Any
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -54,6 +57,25 @@ def positive_seconds(text: str) -> float:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
     return value
+
+
+def options(
+    args: argparse.Namespace, names: str = "", *, skip_none: bool = False, **renamed: str
+) -> dict[str, Any]:
+    """Parsed arguments as keyword arguments: `names` (space-separated) under their own names,
+    `renamed` as parameter="argument". With `skip_none`, arguments not given (None) are left
+    out, so that the callee's defaults apply."""
+    pairs = [(name, name) for name in names.split()] + list(renamed.items())
+    values = {param: getattr(args, name) for param, name in pairs}
+    return {k: v for k, v in values.items() if v is not None} if skip_none else values
+
+
+def command_parser(
+    subparsers: Any, name: str, summary: str, doc: str | None
+) -> argparse.ArgumentParser:
+    """The parser of command `name`: `summary` in the main help, and as its own description the
+    second paragraph of `doc`, the command module's docstring (one text for both readers)."""
+    return subparsers.add_parser(name, help=summary, description=(doc or "").split("\n\n")[1])
 
 
 class LazyChoices:

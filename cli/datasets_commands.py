@@ -7,19 +7,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cli.arg_types import options
+
 
 def _import_aitex(args: argparse.Namespace) -> int:
     from distill.data.aitex import import_aitex
 
     counts = import_aitex(
-        args.src,
-        args.dst,
-        tile=args.tile,
-        n_train_strips=args.train_strips,
-        fabrics=args.fabric,
-        overwrite=args.overwrite,
-        defect_strip_good=args.defect_strip_good_tiles,
-    )
+        args.src, args.dst, **options(args, "tile overwrite", n_train_strips="train_strips",
+                                      fabrics="fabric", defect_strip_good="defect_strip_good_tiles")
+    )  # fmt: skip
     print(json.dumps(counts, indent=2))
     return 0
 

@@ -6,20 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from cli.arg_types import options
+
 
 def _evaluate(args: argparse.Namespace) -> int:
     from distill.evaluate import evaluate, format_table
 
     result = evaluate(
-        args.model,
-        args.data,
-        device=args.device,
-        precision=args.precision,
-        batch_size=args.batch,
-        teacher_weights=args.teacher_weights,
-        report_dir=args.report,
-        json_out=args.json,
-    )
+        args.model, args.data, **options(args, "device precision teacher_weights",
+                                         batch_size="batch", report_dir="report", json_out="json")
+    )  # fmt: skip
     print(format_table({args.data.name: result}))
     print(
         f"{result['n_good']} good and {result['n_defect']} defective test tiles; at the "
@@ -39,7 +35,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write the metrics as JSON here")
     p.add_argument("--report", type=Path, default=None, help="write ROC curves and examples here")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"))
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--teacher-weights", default=None)
     p.set_defaults(handler=_evaluate)

@@ -1,4 +1,9 @@
-"""`rollscan reprocess`: score finished rolls again with another model version."""
+"""`rollscan reprocess`: score finished rolls again with another model version.
+
+Creates a run per roll with the model, scores it from the roll's zarr image, makes it current
+when complete and regrades. Interrupted, it resumes where it stopped when run again. Its bands
+go to the Celery queue `reprocess`.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cli.arg_types import iso_date, positive_int
+from cli.arg_types import command_parser, iso_date, positive_int
 from cli.connect import command_context, upgrade_embedded
 
 
@@ -77,13 +82,8 @@ def _reprocess(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `reprocess` to the main parser's subparsers."""
-    parser = subparsers.add_parser(
-        "reprocess",
-        help="score finished rolls again with a model version (from their stored images)",
-        description="Creates a run per roll with the model, scores it from the roll's zarr "
-        "image, makes it current when complete and regrades. Interrupted, it resumes where it "
-        "stopped when run again. Its bands go to the Celery queue `reprocess`.",
-    )
+    summary = "score finished rolls again with a model version (from their stored images)"
+    parser = command_parser(subparsers, "reprocess", summary, __doc__)
     parser.add_argument("--model", required=True, metavar="VERSION", help="a registered version")
     parser.add_argument(
         "--fabric",

@@ -1,11 +1,15 @@
-"""`rollscan resume`: send again the work of rolls whose messages were lost (`scheduler.resume`)."""
+"""`rollscan resume`: send again the work of rolls whose messages were lost (`scheduler.resume`).
+
+Send again what the rolls wait for: frames not ingested, pending bands, a due finalize. Safe to
+repeat: work that was only queued is scored twice at worst, never counted twice.
+"""
 
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
-from cli.arg_types import parse_duration
+from cli.arg_types import command_parser, parse_duration
 from cli.connect import command_context
 
 
@@ -28,12 +32,8 @@ def _resume(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `resume` to the main parser's subparsers."""
-    resume = subparsers.add_parser(
-        "resume",
-        help="send again the work of rolls whose messages were lost",
-        description="Send again what the rolls wait for: frames not ingested, pending bands, "
-        "a due finalize. Safe to repeat: work that was only queued is scored twice at worst, "
-        "never counted twice.",
+    resume = command_parser(
+        subparsers, "resume", "send again the work of rolls whose messages were lost", __doc__
     )
     resume.add_argument("rolls", nargs="*", metavar="ROLL", help="roll ids")
     resume.add_argument("--idle", type=parse_duration, default=None, metavar="DURATION",

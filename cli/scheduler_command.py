@@ -14,7 +14,7 @@ import threading
 from datetime import timedelta
 from typing import Any
 
-from cli.arg_types import parse_duration, positive_seconds
+from cli.arg_types import command_parser, parse_duration, positive_seconds
 from cli.connect import command_context
 
 
@@ -62,11 +62,8 @@ def _run_scheduler(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `scheduler` to the main parser's subparsers."""
-    parser = subparsers.add_parser(
-        "scheduler",
-        help="discover uploaded rolls and enqueue their work (long-running)",
-        description=__doc__.split("\n\n")[1],
-    )
+    summary = "discover uploaded rolls and enqueue their work (long-running)"
+    parser = command_parser(subparsers, "scheduler", summary, __doc__)
     parser.add_argument("--interval", type=positive_seconds, default=10.0, metavar="SECONDS",
                         help="between discovery passes (default 10)")  # fmt: skip
     parser.add_argument(

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cli.arg_types import LazyChoices
+from cli.arg_types import LazyChoices, options
 
 
 def _teachers() -> list[str]:
@@ -33,27 +33,12 @@ def _train(args: argparse.Namespace) -> int:
 
     config = TrainConfig(
         teacher=args.teacher or DEFAULT_TEACHER,
-        teacher_weights=args.teacher_weights,
-        variant=args.variant,
-        epochs=args.epochs,
-        batch=args.batch,
-        lr=args.lr,
-        tile=args.tile,
-        seed=args.seed,
-        device=args.device,
-        fpr=args.fpr,
         level_weights=tuple(args.level_weights),
-        max_minutes=args.max_minutes,
-        **{
-            key: value
-            for key, value in (
-                ("loss", args.loss), ("scorer", args.scorer), ("fusion_weight", args.fusion_weight),
-                ("memory_size", args.memory_size), ("edge", args.edge),
-                ("precision", args.precision), ("held_out", args.held_out),
-                ("augment", None if args.augment is None else tuple(a for a in args.augment if a != "none")),
-            )
-            if value is not None
-        },
+        **options(args, "teacher_weights variant epochs batch lr tile seed device fpr max_minutes"),
+        # not given: TrainConfig's defaults
+        **options(args, "loss scorer fusion_weight memory_size edge precision held_out",
+                  skip_none=True),
+        **({} if args.augment is None else {"augment": tuple(a for a in args.augment if a != "none")}),
     )  # fmt: skip
     card = train(args.data, args.out, config)
     m = card.metrics

@@ -19,10 +19,11 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 LOSSES: tuple[str, ...] = ("pixel", "flat", "hard")
 _HARD_MINING_FACTOR = 0.1  # gradient kept on well-reconstructed pixels (ReContrast, Dinomaly)
+Levels = Sequence[torch.Tensor]  # one (B, C, h, w) feature map per level, shallow first
 
 
 def cosine_distance(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
@@ -76,12 +77,7 @@ class DistillationLoss(nn.Module):
             student = _damp_easy_pixels(teacher, student)
         return _flat_distance(teacher, student).mean()
 
-    def per_level(
-        self,
-        teacher: Sequence[torch.Tensor],
-        student: Sequence[torch.Tensor],
-        valid: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def per_level(self, teacher: Levels, student: Levels, valid: Tensor | None = None) -> Tensor:
         """Each level's loss; `valid` (B, H, W) booleans of the input marks the fabric."""
         if len(teacher) != len(student) or len(teacher) != len(self.weights):
             raise ValueError(
@@ -96,10 +92,5 @@ class DistillationLoss(nn.Module):
             losses.append(self.level_loss(t, s, keep))
         return torch.stack(losses)
 
-    def forward(
-        self,
-        teacher: Sequence[torch.Tensor],
-        student: Sequence[torch.Tensor],
-        valid: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+    def forward(self, teacher: Levels, student: Levels, valid: Tensor | None = None) -> Tensor:
         return (self.per_level(teacher, student, valid) * self.weights).sum()

@@ -122,18 +122,30 @@ def _bin_index(m: np.ndarray, lo: float, hi: float, n_bins: int) -> np.ndarray:
     return np.minimum(idx, n_bins - 1, out=idx)
 
 
+def _binned_chunks(
+    maps: np.ndarray,
+    masks: np.ndarray,
+    n_bins: int,
+    valid: np.ndarray | None,
+    name: str = "n_bins",
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The inputs checked, then `_chunks` with each map replaced by its bin indices on the
+    common [min, max] range of all maps (`_bin_index`)."""
+    _check_maps_masks(maps, masks)
+    if n_bins < 2:
+        raise ValueError(f"{name} must be >= 2, got {n_bins}")
+    lo, hi = _value_range(maps, masks, valid)
+    return ((_bin_index(m, lo, hi, n_bins), g, v) for m, g, v in _chunks(maps, masks, valid))
+
+
 def _binned_counts(
     maps: np.ndarray, masks: np.ndarray, n_bins: int, valid: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-bin counts of valid defect (positive) and good (negative) pixels."""
-    _check_maps_masks(maps, masks)
-    if n_bins < 2:
-        raise ValueError(f"n_bins must be >= 2, got {n_bins}")
-    lo, hi = _value_range(maps, masks, valid)
+    chunks = _binned_chunks(maps, masks, n_bins, valid)
     pos = np.zeros(n_bins, dtype=np.int64)
     neg = np.zeros(n_bins, dtype=np.int64)
-    for m, g, v in _chunks(maps, masks, valid):
-        idx = _bin_index(m, lo, hi, n_bins)
+    for idx, g, v in chunks:
         pos += np.bincount(idx[g & v], minlength=n_bins)
         neg += np.bincount(idx[~g & v], minlength=n_bins)
     return pos, neg
@@ -290,15 +302,11 @@ def pro_curve(
     Returns empty arrays when there is no defect region. Only `valid` pixels count (regions
     are cut to them), as in `pixel_auroc_with_bound`.
     """
-    _check_maps_masks(maps, masks)
-    if n_thresholds < 2:
-        raise ValueError(f"n_thresholds must be >= 2, got {n_thresholds}")
-    lo, hi = _value_range(maps, masks, valid)
+    chunks = _binned_chunks(maps, masks, n_thresholds, valid, "n_thresholds")
     region_w = np.zeros(n_thresholds, dtype=np.float64)
     good = np.zeros(n_thresholds, dtype=np.int64)
     n_regions = 0
-    for m, g, v in _chunks(maps, masks, valid):
-        idx = _bin_index(m, lo, hi, n_thresholds)
+    for idx, g, v in chunks:
         good += np.bincount(idx[~g & v], minlength=n_thresholds)
         for img_idx, img_mask in zip(idx, g & v, strict=True):
             if not img_mask.any():

@@ -36,7 +36,14 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 MM_PER_INCH = 25.4
 MM_PER_YARD = 914.4
@@ -45,6 +52,13 @@ SQ_IN_PER_100_SQ_YD = 3600.0  # 100 yd² = 100 × 36 in × 36 in = 129 600 in²;
 _EPS = 1e-9
 
 Defect = tuple[float, float, float, float, float]  # x0_mm, y0_mm, x1_mm, y1_mm, length_mm
+# the single-number rules: field -> (lowest, highest, both allowed; what the rule says)
+_RANGES = {
+    "points_above": (1, 4, "points must be 1..4 (the four-point system)"),
+    "max_points_per_yard": (1, math.inf, "must be at least 1"),
+    "width_tolerance": (0, 1, "must be a share between 0 and 1"),
+    "selvage_margin_in": (0, math.inf, "must not be negative"),
+}
 
 
 class GradingRules(BaseModel):
@@ -75,32 +89,12 @@ class GradingRules(BaseModel):
             raise ValueError("band points must be 1..4 (the four-point system)")
         return bands
 
-    @field_validator("points_above")
+    @field_validator(*_RANGES)
     @classmethod
-    def _points_range(cls, value: int) -> int:
-        if not 1 <= value <= 4:
-            raise ValueError(f"points must be 1..4 (the four-point system), got {value}")
-        return value
-
-    @field_validator("max_points_per_yard")
-    @classmethod
-    def _cap_positive(cls, value: int) -> int:
-        if value < 1:
-            raise ValueError(f"must be at least 1, got {value}")
-        return value
-
-    @field_validator("width_tolerance")
-    @classmethod
-    def _tolerance_range(cls, value: float) -> float:
-        if not 0 <= value <= 1:
-            raise ValueError(f"must be a share between 0 and 1, got {value}")
-        return value
-
-    @field_validator("selvage_margin_in")
-    @classmethod
-    def _margin_not_negative(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError(f"must not be negative, got {value}")
+    def _in_range(cls, value: float, info: ValidationInfo) -> float:
+        low, high, rule = _RANGES[info.field_name]
+        if not low <= value <= high:  # NaN too
+            raise ValueError(f"{rule}, got {value}")
         return value
 
     @model_validator(mode="after")

@@ -43,24 +43,11 @@ JOIN rolls ro ON ro.id = d.roll_id
 """
 
 # Revision 0002: a defect longer than a yard is charged in every yard it touches, so a
-# defect's `points` are its charge in all and `yards_charged` says over how many yards.
-CURRENT_DEFECTS_V2 = """
-CREATE VIEW current_defects AS
-SELECT d.roll_id,
-       ro.fabric_type,
-       d.defect_no,
-       d.x_mm, d.y_mm,
-       d.x0_mm, d.y0_mm, d.x1_mm, d.y1_mm,
-       d.length_mm, d.width_mm, d.area_mm2,
-       d.max_score, d.mean_score,
-       d.points,
-       r.model_version,
-       d.run_id,
-       d.yards_charged
-FROM defects d
-JOIN runs r ON r.id = d.run_id AND r.is_current
-JOIN rolls ro ON ro.id = d.roll_id
-"""
+# defect's `points` are its charge in all and `yards_charged` says over how many yards: the
+# view of revision 0001 with that column added last.
+CURRENT_DEFECTS_V2 = CURRENT_DEFECTS.replace(
+    "d.run_id\nFROM", "d.run_id,\n       d.yards_charged\nFROM"
+)
 
 # Every roll appears (grade NULL until graded, or without a current run), once per
 # grading system; `system` is there so that a second system does not look like a
