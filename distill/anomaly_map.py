@@ -28,7 +28,10 @@ def gaussian_kernel_1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
 
 
 class AnomalyMap(nn.Module):
-    """The student's map (and the smoothing every map shares)."""
+    """The student's anomaly map: per level 1 − cos between teacher and student features,
+    upsampled to the input size, summed and smoothed by a 2-D Gaussian of `sigma` px. Its
+    smoothing is shared: `upsampled` brings the memory bank's coarse scores to the same size and
+    blur, so that `MapFusion` compares like with like."""
 
     def __init__(self, sigma: float = 4.0) -> None:
         super().__init__()

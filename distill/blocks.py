@@ -54,6 +54,9 @@ class SpatialAttention(nn.Module):
 
 
 class SqueezeExcitation(nn.Module):
+    """Channel attention (Hu et al., 2018): each channel scaled by a weight in (0, 1) computed
+    from the channels' spatial means through a bottleneck of `channels // ratio`."""
+
     def __init__(self, channels: int, ratio: int = 8) -> None:
         super().__init__()
         self.fc1 = nn.Linear(channels, channels // ratio)

@@ -54,6 +54,9 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 @dataclass(frozen=True)
 class Prediction:
+    """What `Detector.predict` returns for a batch: the anomaly maps, their maxima (the tile
+    scores) and the seconds it took."""
+
     maps: np.ndarray  # (N, H, W) float32
     scores: np.ndarray  # (N,) float32, the maps' maxima
     seconds: float

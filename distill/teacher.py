@@ -27,6 +27,9 @@ RANDOM = "random"
 
 @dataclass(frozen=True)
 class TeacherSpec:
+    """A teacher backbone we can build: its timm name, the channels of the four feature levels
+    the student reconstructs, and a note (where its weights come from, or why it is here)."""
+
     name: str
     channels: tuple[int, int, int, int]
     note: str = ""

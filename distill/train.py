@@ -50,6 +50,9 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainConfig:
+    """Every choice of a training run (the official recipe by default), recorded in the model card
+    so that a checkpoint says how it was made."""
+
     teacher: str = DEFAULT_TEACHER
     teacher_weights: str | None = None
     variant: str = "residual"
@@ -147,6 +150,9 @@ def split_held_out(
 
 
 class Trainer:
+    """One training run's model, loss and optimiser, and the steps `train` drives: epochs of the
+    student, the memory bank, the choice of scoring."""
+
     def __init__(self, config: TrainConfig, channels_last: bool | None = None) -> None:
         """`channels_last` None: with bf16 only — it triples bf16's speed on the CPU and gains
         nothing in fp32 (bench/train_throughput.py), where NCHW keeps results as they were."""

@@ -126,6 +126,9 @@ class GradingRules(BaseModel):
 
 @dataclass(frozen=True)
 class GradeResult:
+    """A roll's grade with everything needed to check it: points, points per 100 yd², yards and
+    width inspected, each defect's points and yards, and the decisions taken (`details`)."""
+
     points: int
     points_per_100yd2: float
     grade: str

@@ -51,6 +51,9 @@ READ_ROWS = 1024  # rows per read_rows call
 
 @dataclass
 class ReportData:
+    """What the HTML report of a roll shows, read from the database in one session: the roll, its
+    current run, defects, grade, threshold and measured fabric edges."""
+
     roll: dict[str, Any]
     run: dict[str, Any] | None = None
     defects: list[dict[str, Any]] = field(default_factory=list)

@@ -22,6 +22,8 @@ ROLL_ROW_OFFSET = 1_000_000  # rows of the procedural roll kept apart from train
 
 @dataclass
 class PlantedDefect:
+    """A defect planted in a synthetic roll at a known place, to check what the pipeline finds."""
+
     kind: str
     center_px: tuple[int, int]  # (row along the roll, column across)
     bbox_px: tuple[int, int, int, int]  # y0, x0, y1, x1 (exclusive) of the mask

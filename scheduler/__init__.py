@@ -1,1 +1,2 @@
-"""The control plane and the `rollscan` command line."""
+"""The control plane: upload discovery and its loop, submit, resume, reprocessing and the nightly
+grading beat; it enqueues work, the workers do it."""

@@ -79,6 +79,9 @@ _warned_names: dict[str, None] = {}
 
 @dataclass
 class DiscoveryReport:
+    """What one discovery pass did: rolls registered, frames enqueued, rolls completed or marked
+    stalled, and the problems met (false when it did nothing)."""
+
     new_rolls: list[str] = field(default_factory=list)
     frames_enqueued: list[tuple[str, int]] = field(default_factory=list)  # (roll, seq)
     completed: list[str] = field(default_factory=list)  # manifests that turned complete
@@ -91,6 +94,9 @@ class DiscoveryReport:
 
 @dataclass
 class RollCursor:
+    """Discovery's position in one roll, stored as JSON in `discovery_cursors` (the fields are
+    described in the module docstring)."""
+
     seq: int = 0
     manifest: str | None = None
     refused: str | None = None

@@ -150,6 +150,9 @@ def start_reprocess_run(
 
 @dataclass
 class ReprocessReport:
+    """The outcome of `reprocess`: the rolls done and failed (with the reason), of how many, in how
+    many seconds."""
+
     model_version: str
     total: int
     done: list[str] = field(default_factory=list)

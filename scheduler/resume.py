@@ -31,6 +31,8 @@ CLOSED_RUN = ("done", "failed")
 
 @dataclass
 class Resumed:
+    """What `resume_roll` sent again for one roll: frames, bands and finalizes."""
+
     roll_id: str
     frames: list[int] = field(default_factory=list)
     bands: list[tuple[int, int]] = field(default_factory=list)  # (run, band)

@@ -23,6 +23,8 @@ FRAME_NAME = re.compile(r"^(\d{1,9})\.tiff?$", re.IGNORECASE)
 
 @dataclass(frozen=True)
 class Submission:
+    """A submitted roll: its id, where its frames are, and the frames (seq, key) sent to ingest."""
+
     roll_id: str
     source: str
     frames: list[tuple[int, str]]  # (seq, key)

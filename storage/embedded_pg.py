@@ -65,6 +65,9 @@ _CONF_MARKER = "# --- rollscan embedded server ---"
 
 @dataclass(frozen=True)
 class EmbeddedServer:
+    """A running embedded server: its port, its postmaster's pid, its PGDATA and the superuser's
+    password (kept out of reprs)."""
+
     port: int
     pid: int
     pgdata: Path

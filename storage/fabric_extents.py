@@ -19,6 +19,9 @@ from storage.schema import FabricExtent
 
 
 class ExtentLike(Protocol):
+    """What `store_extents` reads of a measured extent (rows [row_start, row_stop), fabric columns
+    [left, right)): `distill.fabric_region`'s, without importing it."""
+
     row_start: int
     row_stop: int
     left: int

@@ -52,6 +52,8 @@ class ObjectNotFound(KeyError):
 
 @dataclass(frozen=True)
 class ObjectInfo:
+    """An object's key, size, ETag and last modification, as a listing or a HEAD gives them."""
+
     key: str
     size: int
     etag: str  # md5 hex of the content for single-part objects, without quotes
@@ -60,6 +62,8 @@ class ObjectInfo:
 
 @dataclass(frozen=True)
 class ListPage:
+    """One page of a listing in key order, and the cursor to pass for the next."""
+
     items: list[ObjectInfo]
     cursor: str | None  # the last key returned when more may follow; None when exhausted
 

@@ -63,6 +63,9 @@ def _in(column: str, values: tuple[str, ...]) -> str:
 
 
 class Base(DeclarativeBase):
+    """The declarative base of every table: one naming convention for constraints (so that
+    migrations can name what they drop) and the column types Python types map to."""
+
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {  # noqa: RUF012 (SQLAlchemy reads this class attribute)
         datetime: DateTime(timezone=True),
@@ -79,6 +82,9 @@ def _now() -> Any:
 
 
 class Roll(Base):
+    """A roll of fabric as the scanner announced it (manifest) and as far as it has been ingested;
+    `status` follows it from registered to done or failed."""
+
     __tablename__ = "rolls"
 
     id: Mapped[str] = mapped_column(primary_key=True, comment="the scanner's roll code")
@@ -120,6 +126,9 @@ class Roll(Base):
 
 
 class Frame(Base):
+    """One ingested frame of a roll: where its rows start in the roll's image and the object (key
+    and ETag) they came from; a changed ETag means the frame is ingested again."""
+
     __tablename__ = "frames"
 
     roll_id: Mapped[str] = mapped_column(
@@ -140,6 +149,9 @@ class Frame(Base):
 
 
 class Model(Base):
+    """A registered model version: its checkpoint in the object store, what it was trained with,
+    its calibrated threshold and metrics; at most one is active per fabric type."""
+
     __tablename__ = "models"
 
     version: Mapped[str] = mapped_column(primary_key=True)
@@ -217,6 +229,9 @@ class Run(Base):
 
 
 class Band(Base):
+    """One band of rows of a run, the unit of scoring: its rows, its status and best score, and how
+    many times it was attempted."""
+
     __tablename__ = "bands"
 
     run_id: Mapped[int] = mapped_column(
@@ -314,6 +329,8 @@ class Defect(Base):
 
 
 class Grade(Base):
+    """A roll's four-point grade under one grading system, for the run it was computed from."""
+
     __tablename__ = "grades"
 
     roll_id: Mapped[str] = mapped_column(primary_key=True)

@@ -1,1 +1,2 @@
-"""The Celery app and its tasks (ingest, score, finalize, train). Not built yet: see the pipeline issue."""
+"""The pipeline: plain functions that ingest a frame, score a band and finalize a run, and the
+Celery app and tasks that run them (docs/architecture.md)."""

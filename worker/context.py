@@ -26,6 +26,9 @@ from storage.settings import Settings, get_settings
 
 
 class Enqueuer(Protocol):
+    """Where the pipeline sends its follow-up work: Celery's queues (`worker.tasks.CeleryEnqueuer`)
+    or an in-process queue (`worker.inline.InlineEnqueuer`)."""
+
     def ingest(self, roll_id: str, seq: int, key: str) -> None: ...
     def score(self, run_id: int, band_index: int, reprocess: bool = False) -> None: ...
     def finalize(self, run_id: int) -> None: ...

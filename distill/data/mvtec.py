@@ -20,6 +20,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 @dataclass(frozen=True)
 class TestSample:
+    """One test image of a category: its path, its kind ("good" or the defect type) and, for a
+    defect, its ground-truth mask."""
+
     path: Path
     kind: str  # "good" or the defect type
     mask_path: Path | None
@@ -38,6 +41,9 @@ REGIONS_FILE = "fabric_regions.json"
 
 @dataclass(frozen=True)
 class Category:
+    """A category read from its folder (`Category.open`): training images, test samples and the
+    fabric regions of tiles that are not fabric from side to side."""
+
     root: Path
     train: list[Path]
     test: list[TestSample]
