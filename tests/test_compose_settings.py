@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from deployment_files import (
+    BUILD_SCRIPT,
     COMPOSE,
     DOCKERFILE,
     ENV_EXAMPLE,
@@ -40,7 +41,7 @@ def test_rollscan_variables_are_settings_fields() -> None:
     """Every ROLLSCAN_* name in the deployment files, comments included, is a real setting."""
     assert "ROLLSCAN_CONFIG" in (ROOT / "storage" / "settings.py").read_text()
     known = SETTINGS_VARIABLES | NON_FIELD_VARIABLES
-    for path in (COMPOSE, ENV_EXAMPLE, DOCKERFILE, GUIDE):
+    for path in (COMPOSE, ENV_EXAMPLE, DOCKERFILE, BUILD_SCRIPT, GUIDE):
         names = set(re.findall(r"ROLLSCAN_[A-Z0-9_]+", path.read_text()))
         unknown = names - known
         assert not unknown, f"{path.name}: {sorted(unknown)} are not rollscan settings"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import tomllib
 
 from deployment_commands import PLUGIN_COMMANDS
-from deployment_files import ROOT, dockerfile
+from deployment_files import ROOT, image_commands
 
 
 def test_dependencies_are_bounded_and_installed_at_the_versions_ci_tested() -> None:
@@ -40,5 +40,8 @@ def test_dependencies_are_bounded_and_installed_at_the_versions_ci_tested() -> N
         )
     makefile = (ROOT / "Makefile").read_text()
     assert "-c constraints.txt -e '.[dev,int8]'" in makefile
-    runs = [step.value for step in dockerfile() if step.keyword == "RUN"]
-    assert sum(run.count("-c /src/constraints.txt") for run in runs) == 2
+    for target in ("cpu", "gpu"):  # each image's build, docker/build_env.sh's commands included
+        installs = [" ".join(c) for c in image_commands(target) if c[:2] == ["pip", "install"]]
+        constrained = [c for c in installs if "-c /src/constraints.txt" in c]
+        assert len(constrained) == 1, f"{target}: installs with constraints.txt: {constrained}"
+        assert "-r /src/requirements.txt" in constrained[0], f"{target}: {constrained[0]}"
