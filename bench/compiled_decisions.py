@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--data", type=Path, action="append", required=True)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--modes", nargs="+", choices=list(MODES), help="fp32 and these (default all)")
     args = p.parse_args()
     if len(args.model) != len(args.data):
         raise SystemExit("give one --data per --model")
@@ -55,6 +56,8 @@ def main() -> None:
         kept = state.get("calibration_tiles")
         calibration = kept if kept is not None else training_tiles(data, card.tile)
         for name, options in MODES.items():
+            if args.modes and name != "fp32" and name not in args.modes:
+                continue
             detector, card = load_detector(model, device="cpu", batch_size=args.batch,
                                            calibration=calibration, **options)  # fmt: skip
             r = evaluate_detector(detector, data, card.tile, progress=False)
