@@ -45,7 +45,7 @@ def process_context(enqueue: Enqueuer | None = None) -> WorkerContext:
             torch.set_num_threads(settings.torch_threads)
             log.info("torch uses %d CPU threads in this process", torch.get_num_threads())
         _context = WorkerContext.from_settings(
-            enqueue or NoEnqueuer(), settings, device=settings.device,
+            enqueue if enqueue is not None else NoEnqueuer(), settings, device=settings.device,
             batch_size=settings.batch_size,
         )  # fmt: skip
     elif enqueue is not None and isinstance(_context.enqueue, NoEnqueuer):
