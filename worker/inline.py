@@ -6,6 +6,7 @@ default uses Celery's eager mode instead, so that it runs the task code itself.)
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,7 @@ class InlineEnqueuer:
     ctx: WorkerContext | None = None
     queue: deque[tuple[Any, tuple]] = field(default_factory=deque)
     log: list[tuple[str, tuple]] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per function name
 
     def ingest(self, roll_id: str, seq: int, key: str) -> None:
         self.queue.append((ingest_frame, (roll_id, seq, key)))
@@ -43,5 +45,8 @@ class InlineEnqueuer:
             if function.__name__ == lose:
                 results.append((function.__name__, args, "lost"))
             else:
+                started = time.perf_counter()
                 results.append((function.__name__, args, function(self.ctx, *args)))
+                elapsed = time.perf_counter() - started
+                self.seconds[function.__name__] = self.seconds.get(function.__name__, 0) + elapsed
         return results

@@ -25,8 +25,10 @@ from worker.tiling import BandStitcher, band_read_window, band_tiles, cut_tiles,
 log = logging.getLogger(__name__)
 SCORE_SCALE = 4
 
-# one reader thread per process: the next batch's tiles are cut while the model computes
+# one reader thread per process: the next batch's tiles are cut while the model computes; one
+# stitcher thread: the last batch's maps are merged while the model computes the next
 _prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollscan-prefetch")
+_stitch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollscan-stitch")
 
 
 def band_map(
@@ -34,16 +36,24 @@ def band_map(
     band_start: int, band_stop: int, width: int, tile: int, margin: int, roll_rows: int,
 ) -> np.ndarray:  # fmt: skip
     """Full-resolution map of a band: tiles scored in batches, each batch merged by maximum
-    into the band map as it comes (one band map in memory, not every tile map as well)."""
+    into the band map as it comes (one band map in memory, not every tile map as well).
+
+    Cutting the next batch and merging the last one run beside the model (numpy releases the
+    GIL), so the model waits for neither."""
     batch = detector.batch_size
     chunks = [origins[i : i + batch] for i in range(0, len(origins), batch)]
     stitcher = BandStitcher(band_start, band_stop, width, tile, margin=margin, roll_rows=roll_rows)
     future = _prefetch.submit(cut_tiles, pixels, window_row0, chunks[0], tile)
+    merged = None
     for k, chunk in enumerate(chunks):
         tiles = future.result()
         if k + 1 < len(chunks):
             future = _prefetch.submit(cut_tiles, pixels, window_row0, chunks[k + 1], tile)
-        stitcher.add(detector.predict(tiles).maps, chunk)
+        maps = detector.predict(tiles).maps
+        if merged is not None:
+            merged.result()  # one merge at a time: the stitcher is not thread-safe
+        merged = _stitch.submit(stitcher.add, maps, chunk)
+    merged.result()
     return stitcher.result()
 
 
@@ -70,7 +80,8 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
         lock_bands(session, roll.id, arrays.bands_of_rows(read_start, read_stop), shared=True)
         pixels = arrays.read_rows(read_start, read_stop)
         roll_id, scales = roll.id, (roll.px_per_mm_x, roll.px_per_mm_y)
-    extents = measure_band(pixels, read_start, start, stop)
+    # the fabric's edges are measured beside the model (it needs only the pixels)
+    extents = _stitch.submit(measure_band, pixels, read_start, start, stop)
     detector = ctx.detector(model)
     origins = band_tiles(start, stop, rows, width, tile, stride)
     margin = (tile - stride) // 2
@@ -79,7 +90,7 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
     partial = stop - start < arrays.band_height  # only the roll's last band can be short
     arrays.write_band_scores(model.version, band_index, quarter, length=rows if partial else None)
     with ctx.session() as session:
-        store_extents(session, roll_id, scales, extents)
+        store_extents(session, roll_id, scales, extents.result())
         counted = session.execute(
             update(Band)
             .where(Band.run_id == run_id, Band.band_index == band_index, Band.status != "done")
