@@ -16,8 +16,8 @@ from deployment_files import (
     our_services,
     service_environment,
     services,
-    stages,
 )
+from dockerfile_files import stages
 
 LONG_RUNNING_RESTART = {"always", "unless-stopped", "on-failure"}
 

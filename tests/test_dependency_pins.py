@@ -7,7 +7,8 @@ from __future__ import annotations
 import tomllib
 
 from deployment_commands import PLUGIN_COMMANDS
-from deployment_files import ROOT, image_commands
+from deployment_files import ROOT
+from dockerfile_files import image_commands
 
 
 def test_dependencies_are_bounded_and_installed_at_the_versions_ci_tested() -> None:

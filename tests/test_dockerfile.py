@@ -17,21 +17,16 @@ from collections.abc import Callable
 
 import pytest
 from deployment_commands import PLUGIN_COMMANDS, check_command, node_option
-from deployment_files import (
-    BUILD_SCRIPT,
-    ROOT,
+from deployment_files import BUILD_SCRIPT, ROOT, argv, is_pinned, our_services, services
+from dockerfile_files import (
     BuildStep,
-    argv,
     build_steps,
     context_copies,
     dockerfile,
     dockerignore_excludes,
     dockerignore_patterns,
     image_commands,
-    is_pinned,
-    our_services,
     run_script,
-    services,
     stage_chain,
     stages,
 )
