@@ -1,14 +1,18 @@
 """int8 scoring (features quantized by OpenVINO/NNCF on the checkpoint's own good tiles) keeps
 the fp32 model's decisions, and refuses to run without tiles to calibrate on."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from fixtures_model import TRAIN_TILE
 
 from distill.checkpoint import load_detector, random_checkpoint, read_checkpoint
+from distill.data.aitex import import_aitex
 from distill.evaluate import evaluate_detector
 from distill.int8_features import CALIBRATION_TILES, pick_calibration_tiles
+from distill.train import TrainConfig, train
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -56,3 +60,28 @@ def test_int8_without_calibration_tiles_is_refused_with_a_reason(tmp_path):
     model = random_checkpoint(tmp_path / "m.pt", tile=64)  # keeps no tiles
     with pytest.raises(ValueError, match="calibrate"):
         load_detector(model, precision="int8")
+
+
+REAL_AITEX = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "aitex"
+
+
+@pytest.mark.aitex
+@pytest.mark.xfail(
+    strict=False,
+    reason="issue 15, not met yet: a 3-epoch model of 01 lost 0.0056 of tile AUROC in int8 "
+    "(pixel 0.0001); docs/benchmarks.md has the figures",
+)
+def test_int8_keeps_the_decisions_of_a_model_of_real_fabric(tmp_path):
+    """AITEX fabric 01, a short-trained default model: int8 within 0.005 of fp32 — the issue's
+    goal (opt-in, ~4 min)."""
+    if not (REAL_AITEX / "README.md").is_file():
+        pytest.skip(f"real AITEX data not found at {REAL_AITEX}")
+    import_aitex(REAL_AITEX, tmp_path, fabrics=["01"], progress=False)
+    data, model = tmp_path / "fabric01", tmp_path / "model.pt"
+    train(data, model, TrainConfig(epochs=3), progress=False)
+    figures = {}
+    for precision in ("fp32", "int8"):
+        detector, card = load_detector(model, precision=precision, batch_size=8)
+        figures[precision] = evaluate_detector(detector, data, card.tile, progress=False)
+    for key in ("image_auroc", "pixel_auroc"):
+        assert abs(figures["int8"][key] - figures["fp32"][key]) <= 0.005, (key, figures)
