@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cli.arg_types import options
+from cli.arg_types import LazyChoices, options
+
+
+def _precisions() -> tuple[str, ...]:
+    from distill.inference import SCORING_PRECISIONS
+
+    return SCORING_PRECISIONS
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -35,7 +41,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="write the metrics as JSON here")
     p.add_argument("--report", type=Path, default=None, help="write ROC curves and examples here")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "int8"))
+    p.add_argument("--precision", default="auto", choices=LazyChoices(_precisions),
+                   metavar="auto|fp32|bf16|int8")  # fmt: skip
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--teacher-weights", default=None)
     p.set_defaults(handler=_evaluate)

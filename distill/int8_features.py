@@ -76,11 +76,12 @@ class Int8Features:
         import nncf
         import openvino as ov
 
-        nncf.set_log_level(logging.ERROR)  # its progress bars would fill a worker's log
+        # its INFO lines would fill a worker's log (its progress bars print regardless: NNCF
+        # has no switch for them)
+        nncf.set_log_level(logging.ERROR)
 
         if calibration.ndim != 4 or len(calibration) == 0:
             raise ValueError("int8 needs normalised calibration tiles shaped (N, 3, H, W)")
-        self._ov = ov
         self.n_teacher = len(model.teacher.channels)
         model = model.eval()
         with torch.no_grad():

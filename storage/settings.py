@@ -92,7 +92,7 @@ class Settings(BaseSettings):
     precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto", description="scoring precision: auto (bf16 where the device has it, else "
         "fp32), fp32, bf16, or int8 (CPU only: features quantized by OpenVINO on the "
-        "checkpoint's good tiles, ~30-60 s per model at the first band)",
+        "checkpoint's good tiles, 20 s to 2 min per model at the first band)",
     )  # fmt: skip
     compile_model: bool = Field(
         False, description="torch.compile each model once per worker process (inductor, "
