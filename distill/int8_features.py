@@ -8,7 +8,10 @@ while the same features quantized by NNCF ran at 33–41 tiles/s in OpenVINO (do
 
 Only the convolutions are quantized (weights per channel, activations per tensor, ranges from
 the calibration tiles, biases corrected for the quantization's shift); layers NNCF leaves alone
-run in bf16 where the CPU has it. Each batch
+run in bf16 where the CPU has it. When the map uses the memory bank, the teacher is left out of
+the quantization and the whole model runs in float32: the bank holds float32 teacher features,
+and quantized queries against it moved a bank-only model's tile AUROC by 0.014 on AITEX 03
+(docs/benchmarks.md); a lite teacher is a small share of the work, the student the rest. Each batch
 is split across one OpenVINO stream per thread — one single-threaded request per stream, run
 concurrently — which measured faster than one request over all threads.
 """
@@ -34,6 +37,24 @@ def int8_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+_NOT_OPERATIONS = ("Parameter", "Constant", "Result")
+
+
+def _teacher_operations(converted, n_teacher: int) -> list[str]:
+    """Names of the operations the first `n_teacher` outputs (the teacher's levels) depend on:
+    the teacher's own, since nothing of the student feeds them."""
+    stack = [result for result in converted.get_results()[:n_teacher]]
+    seen: dict[str, object] = {}
+    while stack:
+        node = stack.pop()
+        name = node.get_friendly_name()
+        if name in seen:
+            continue
+        seen[name] = node
+        stack.extend(i.get_source_output().get_node() for i in node.inputs())
+    return [name for name, node in seen.items() if node.get_type_name() not in _NOT_OPERATIONS]
 
 
 def pick_calibration_tiles(images: torch.Tensor, count: int = CALIBRATION_TILES) -> torch.Tensor:
@@ -70,9 +91,12 @@ class Int8Features:
         *,
         threads: int | None = None,
         bf16: bool = False,
+        quantize_teacher: bool | None = None,
     ) -> None:
         """`calibration`: normalised good tiles (N, 3, H, W) float32 — the activations' ranges
-        come from these, so they must look like what will be scored."""
+        come from these, so they must look like what will be scored. `quantize_teacher`: None
+        quantizes it unless the map uses the memory bank (then the teacher stays float32, and
+        so does every layer NNCF leaves alone, whatever `bf16` says)."""
         import nncf
         import openvino as ov
 
@@ -86,9 +110,16 @@ class Int8Features:
         model = model.eval()
         with torch.no_grad():
             converted = ov.convert_model(_Features(model), example_input=calibration[:1])
+        if quantize_teacher is None:
+            quantize_teacher = not model.fusion.uses_memory
+        self.quantize_teacher = quantize_teacher
+        ignored = nncf.IgnoredScope(
+            names=[] if quantize_teacher else _teacher_operations(converted, self.n_teacher),
+            validate=False,  # NNCF's graph names only the operations it could quantize
+        )
         chunks = [t.numpy()[None] for t in calibration.float().cpu()]
         self.model = nncf.quantize(
-            converted, nncf.Dataset(chunks), subset_size=len(chunks),
+            converted, nncf.Dataset(chunks), subset_size=len(chunks), ignored_scope=ignored,
             preset=nncf.QuantizationPreset.MIXED,  # asymmetric activations: ReLU outputs
             # the full bias correction: on AITEX 03 it kept the pixel AUROC within 0.001 of
             # fp32 where the fast one lost 0.005 (docs/benchmarks.md), for ~1 min more
@@ -99,7 +130,7 @@ class Int8Features:
             "PERFORMANCE_HINT": "THROUGHPUT",
             "NUM_STREAMS": self.threads,
             "INFERENCE_NUM_THREADS": self.threads,
-            "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32",
+            "INFERENCE_PRECISION_HINT": "bf16" if bf16 and quantize_teacher else "f32",
         }
         self._core = ov.Core()
         self._requests: dict[tuple[int, ...], list] = {}

@@ -5,9 +5,10 @@ import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
-from distill.anomaly_map import AnomalyMap, tile_scores
+from distill.anomaly_map import AnomalyMap, MapFusion, tile_scores
 from distill.inference import Detector, bf16_supported
 from distill.loss import DistillationLoss
+from distill.memory_bank import DEFAULT_LEVELS, MemoryBank, patch_embedding
 from distill.teacher import (
     TEACHERS,
     WHEEL_TEACHERS,
@@ -183,6 +184,27 @@ def test_bf16_maps_stay_close_to_fp32(lite0_model):
     bf16 = Detector(lite0_model, MEAN, STD, precision="bf16").predict(images)
     assert bf16.maps.dtype == np.float32
     np.testing.assert_allclose(bf16.scores, fp32.scores, rtol=0.05)
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+def test_in_bf16_the_memory_bank_still_sees_float32_teacher_features():
+    torch.manual_seed(0)
+    model = ReverseDistillation(build_teacher("efficientnet_lite0", "random")).eval()
+    images = np.random.default_rng(3).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+    with torch.no_grad():
+        bank = MemoryBank.fit(
+            [patch_embedding(model.teacher(x), DEFAULT_LEVELS, 8, (64, 64))], size=32
+        )
+    for weight in (0.0, 1.0):  # the bank alone, then the student alone
+        model.set_scoring(bank if weight < 1 else None, MapFusion(weight, (0.0, 1.0), (0.0, 1.0)))
+        fp32 = Detector(model, MEAN, STD, precision="fp32").predict(images).maps
+        bf16 = Detector(model, MEAN, STD, precision="bf16").predict(images).maps
+        error = np.abs(bf16 - fp32).max() / np.abs(fp32).max()
+        if weight == 0:
+            assert error < 1e-4  # the same float32 teacher features, the same distances
+        else:
+            assert error > 1e-3  # the student (and here its teacher) ran in bf16
 
 
 def test_batch_size_and_precision_are_checked(lite0_model):
