@@ -16,8 +16,9 @@ Each call of ours scores `--batches` batches (default 4), as a band's scoring do
 two in flight); the official path scores one batch a call, as its own loop does.
 
 `--memory-bank` adds, at the best precision and layout, the default detector (the student's map
-fused with a 4,096-patch memory bank's) against the student's map alone, and the bank's
-nearest-neighbour search by itself (teacher features given).
+fused with a 4,096-patch memory bank's) against the old default — an `efficientnet_lite0`
+student's map alone, whatever `--teacher` is (the reference of issues 11 and 15) — and the
+bank's nearest-neighbour search by itself (teacher features given).
 
 Random teacher weights unless --teacher-weights is given: speed does not depend on them.
 """
@@ -42,6 +43,7 @@ from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher
 from distill.torch_model import ReverseDistillation
 
 OFFICIAL = "official-style (fp32, NCHW, scipy maps)"
+OLD_DEFAULT_TEACHER = "efficientnet_lite0"  # the default before the memory bank (issue 11)
 
 
 def official_style_maps(model: ReverseDistillation, x: torch.Tensor) -> np.ndarray:
@@ -196,9 +198,10 @@ def memory_bank_rows(
     fused.student.load_state_dict(model.student.state_dict())
     fused.set_scoring(bank, MapFusion(0.5, (0.0, 1.0), (0.0, 1.0)))
     rows, tiles = {}, len(images) * args.repeats
-    old_default = f"{precision}, channels-last, student map only (the old default)"
+    old_default = f"{precision}, channels-last, {OLD_DEFAULT_TEACHER} student only (old default)"
+    old_model = ReverseDistillation(build_teacher(OLD_DEFAULT_TEACHER, "random")).eval()
     runs = [
-        (old_default, model, {"precision": precision}),
+        (old_default, old_model, {"precision": precision}),
         (f"{precision}, channels-last, fused (the default)", fused, {"precision": precision}),
     ]
     if args.compile:
@@ -241,11 +244,11 @@ def print_table(result: dict) -> None:
     )
     ceilings = ", ".join(f"{k} {v:.0f}" for k, v in result["ceilings_gops"].items())
     print(f"{result['gflop_per_tile']:.2f} GFLOP per tile; CPU ceilings (GOP/s): {ceilings}")
-    print(f"{'mode':<50}{'tiles/s':>9}{'× fp32 NCHW':>13}{'× official':>12}{'ceiling':>9}")
+    print(f"{'mode':<66}{'tiles/s':>9}{'× fp32 NCHW':>13}{'× official':>12}{'ceiling':>9}")
     for name, row in result["modes"].items():
         fraction = row.get("ceiling_fraction")
         print(
-            f"{name:<50}{row['tiles_per_s']:>9.1f}{row['vs_fp32_nchw']:>13.2f}"
+            f"{name:<66}{row['tiles_per_s']:>9.1f}{row['vs_fp32_nchw']:>13.2f}"
             + (f"{row['vs_official']:>12.2f}" if "vs_official" in row else f"{'–':>12}")
             + (f"{fraction:>9.0%}" if fraction is not None else f"{'–':>9}")
             + (
