@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from distill.data.aitex import import_aitex
+from distill.teacher import DEFAULT_TEACHER
 from distill.train import TrainConfig, train
 from rollscan_testing.aitex_fabric_roll import (
     AITEX_PX_PER_MM,
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="reuse this checkpoint")
     parser.add_argument("--epochs", type=int, default=100)
     parser.add_argument("--max-minutes", type=float, default=None, help="training budget")
-    parser.add_argument("--teacher", default="efficientnet_lite0")
+    parser.add_argument("--teacher", default=DEFAULT_TEACHER)
     parser.add_argument("--strips-per-frame", type=int, default=4)
     parser.add_argument("--px-per-mm", type=float, default=AITEX_PX_PER_MM, help="nominal")
     parser.add_argument("--device", default="auto")

@@ -56,7 +56,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, type=Path, help="category folder with train/good/")
     p.add_argument("--out", required=True, type=Path, help="checkpoint file to write")
     p.add_argument("--teacher", default=None, choices=LazyChoices(_teachers), metavar="NAME",
-                   help="one of %(choices)s (default efficientnet_lite0)")  # fmt: skip
+                   help="one of %(choices)s (default efficientnet_lite1)")  # fmt: skip
     p.add_argument(
         "--teacher-weights", default=None, help="local weight file, or 'random' (tests only)"
     )

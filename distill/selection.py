@@ -3,8 +3,10 @@
 After training, the held-out good tiles (never trained on) give each map's statistics on good
 fabric, and copies of them with synthetic defects pasted in (`paste_defects`) give something to
 find. Every fusion weight in a grid — 1 is the student alone, 0 the memory bank alone — is scored
-on these by tile AUROC and pixel AUROC, and the best mean wins. Real test tiles play no part, so
-the choice means the same on a fabric nobody has labelled.
+on these by tile AUROC and pixel AUROC. The best mean wins, unless a single map (the bank alone,
+or the student alone) comes within one standard error of it: then that one, which is simpler
+and faster to score (the "one-standard-error rule" of model selection). Real test tiles play no
+part, so the choice means the same on a fabric nobody has labelled.
 """
 
 from __future__ import annotations
@@ -21,6 +23,25 @@ from distill.preprocess import as_batch, normalise
 from distill.torch_model import ReverseDistillation
 
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
+SINGLE_MAP_WEIGHTS = (0.0, 1.0)  # the memory bank alone, the student alone: one map to compute
+
+
+def auroc_standard_error(auroc: float, n_positive: int, n_negative: int) -> float:
+    """Standard error of an AUROC measured on so many positives and negatives (Hanley & McNeil,
+    1982, exponential approximation): the noise of a figure the selection compares."""
+    a = min(max(auroc, 0.0), 1.0)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    variance = a * (1 - a) + (n_positive - 1) * (q1 - a * a) + (n_negative - 1) * (q2 - a * a)
+    return float(np.sqrt(max(variance, 0.0) / (n_positive * n_negative)))
+
+
+def pick_weight(trials: dict[float, dict[str, float]], tolerance: float) -> float:
+    """The best mean's weight, or the single map's within `tolerance` of it (the better of the
+    two if both are): differences inside the noise do not buy a second map to compute."""
+    best = max(trials, key=lambda w: (round(trials[w]["mean"], 6), w))
+    floor = trials[best]["mean"] - tolerance
+    near = [w for w in SINGLE_MAP_WEIGHTS if w in trials and trials[w]["mean"] >= floor]
+    return max(near, key=lambda w: (trials[w]["mean"], -w)) if near else best
 
 
 @dataclass
@@ -80,10 +101,12 @@ class Selection:
     trials: dict[float, dict[str, float]] = field(default_factory=dict)
     n_good: int = 0
     n_synthetic: int = 0
+    tolerance: float = 0.0  # one standard error of the best mean: what counts as a tie
 
     def as_dict(self) -> dict:
         return {
             "weight": self.fusion.weight,
+            "tolerance": self.tolerance,
             "n_good": self.n_good,
             "n_synthetic": self.n_synthetic,
             "trials": {f"{w:g}": figures for w, figures in self.trials.items()},
@@ -126,7 +149,10 @@ def choose_fusion(
         tile = image_auroc(tile_scores_on(maps, all_valid), labels)
         pixel = pixel_auroc(maps, all_masks, valid=all_valid)
         trials[weight] = {"tile_auroc": tile, "pixel_auroc": pixel, "mean": (tile + pixel) / 2}
-    best = max(trials, key=lambda w: (round(trials[w]["mean"], 6), w))
-    return Selection(
-        MapFusion(best, student_stats, memory_stats), trials, len(held_out), len(defective)
-    )
+    top = max(trials.values(), key=lambda t: t["mean"])
+    # the mean's noise taken as the tile AUROC's halved: leaving the pixel AUROC's noise out
+    # (its pixels are many but not independent) makes the tolerance smaller, the rule cautious
+    tolerance = auroc_standard_error(top["tile_auroc"], len(defective), len(held_out)) / 2
+    best = pick_weight(trials, tolerance)
+    fusion = MapFusion(best, student_stats, memory_stats)
+    return Selection(fusion, trials, len(held_out), len(defective), tolerance)

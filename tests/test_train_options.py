@@ -14,6 +14,7 @@ from distill.data.mvtec import REGIONS_FILE, Category, load_stack
 from distill.data.synthetic_defects import write_category
 from distill.loss import DistillationLoss
 from distill.metrics import tile_scores_on
+from distill.selection import auroc_standard_error, pick_weight
 from distill.train import split_held_out
 
 TILE = 64
@@ -75,10 +76,13 @@ def test_auto_scorer_takes_the_best_weight_on_synthetic_defects_and_calibrates_o
     category, tmp_path
 ):
     card, _ = _train_and_evaluate(category, tmp_path)
-    trials = card.metrics["selection"]["trials"]
-    assert set(trials) == {"0", "0.25", "0.5", "0.75", "1"}
-    best = max(trials, key=lambda w: (round(trials[w]["mean"], 6), float(w)))
-    assert card.fusion["weight"] == float(best)
+    selection = card.metrics["selection"]
+    trials = {float(w): figures for w, figures in selection["trials"].items()}
+    assert set(trials) == {0.0, 0.25, 0.5, 0.75, 1.0}
+    top = max(trials.values(), key=lambda t: t["mean"])
+    noise = auroc_standard_error(top["tile_auroc"], selection["n_synthetic"], selection["n_good"])
+    assert selection["tolerance"] == pytest.approx(noise / 2)
+    assert card.fusion["weight"] == pick_weight(trials, selection["tolerance"])
     # the threshold is the calibration of the held-out good tiles' scores, nothing else
     images = load_stack(Category.open(category).train, TILE)
     _, held_out = split_held_out(len(images), 0.3, 0)

