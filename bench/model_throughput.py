@@ -267,7 +267,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--no-official", action="store_true", help="skip the official-style row")
-    parser.add_argument("--memory-bank", action="store_true", help="the memory-bank detectors' rows too")
+    parser.add_argument(
+        "--memory-bank", action="store_true", help="the memory-bank detectors' rows too"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile rows too")
     parser.add_argument("--int8", action="store_true", help="the int8 (OpenVINO) row too")
     args = parser.parse_args()

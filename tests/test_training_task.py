@@ -1,5 +1,7 @@
 """The train task's plain function: train on a category folder, register, optionally activate."""
 
+import math
+
 from distill.data.synthetic_defects import write_category
 from storage.registry import active_model, list_models
 from storage.settings import Settings
@@ -27,4 +29,5 @@ def test_train_and_register(db_engine, local_store, tmp_path):
     with ctx.session() as session:
         assert [m.version for m in list_models(session, "plain-weave")] == ["plain-1"]
         model = active_model(session, "plain-weave")
-        assert model.version == "plain-1" and model.tile == 64 and model.threshold > 0
+        # a threshold on the fused map's z-scores: any finite number (negative on this tiny set)
+        assert model.version == "plain-1" and model.tile == 64 and math.isfinite(model.threshold)
