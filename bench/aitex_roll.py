@@ -19,7 +19,11 @@ temporary folder, then graded.
 Figures: recall = planted defects overlapped by a reported defect / planted; false defects =
 reported defects overlapping no planted mask, per metre of roll — both by the reported box
 (`match_defects`' rule); the "strict" columns use the defects' own pixels instead, since an
-under-trained model can report one defect whose box spans the whole roll. The grade: ASTM
+under-trained model can report one defect whose box spans the whole roll. `--layout per-strip` scores every strip as a roll of its own and sums the
+counts: a stacked roll's seams between photographs draw false defects a real roll has none
+of (`rollscan_testing.aitex_strip_rolls`). The threshold is the one the run applied (`--roll-threshold`, default the
+setting `ROLLSCAN_ROLL_THRESHOLD`: the model's); the roll's own estimate is printed beside it.
+The grade: ASTM
 D5430, default rules. tiles/s = tiles scored / seconds from submit to finalized (model
 loaded before). AITEX states no scale: lengths use a nominal 10 px/mm (`--px-per-mm`), so
 metres, false defects per metre and the grade are nominal.
@@ -32,6 +36,7 @@ import json
 import shutil
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +51,13 @@ from rollscan_testing.aitex_fabric_roll import (
     run_aitex_roll,
     use_model,
 )
+from rollscan_testing.aitex_strip_rolls import split_strip_rolls
 from storage.database import database_url, make_engine, upgrade
 from storage.objectstore_local import LocalStore
 from storage.settings import get_settings
 from worker.context import WorkerContext
 from worker.inline import InlineEnqueuer
+from worker.roll_threshold import ROLL_THRESHOLD_MODES
 
 
 def main() -> None:
@@ -71,6 +78,12 @@ def main() -> None:
     parser.add_argument("--merge-gap-mm", type=float, default=None,
                         help="fragment merge gap in mm, planted and found (default: the "
                         "setting ROLLSCAN_MERGE_GAP_MM)")  # fmt: skip
+    parser.add_argument("--layout", choices=("stacked", "per-strip"), default="stacked",
+                        help="stacked: one roll of all strips (seams between photographs); "
+                        "per-strip: one roll per strip, counts summed")  # fmt: skip
+    parser.add_argument("--roll-threshold", choices=ROLL_THRESHOLD_MODES, default=None,
+                        help="the threshold a run applies (default: the setting "
+                        "ROLLSCAN_ROLL_THRESHOLD)")  # fmt: skip
     args = parser.parse_args()
     if not args.data.is_dir():
         raise SystemExit(f"no AITEX data at {args.data}")
@@ -98,6 +111,8 @@ def run(args: argparse.Namespace, code: str, tmp: Path) -> dict:
     options = {"device": args.device, "batch_size": args.batch}
     if args.merge_gap_mm is not None:
         options["merge_gap_mm"] = args.merge_gap_mm
+    if args.roll_threshold is not None:
+        options["roll_threshold"] = args.roll_threshold
     settings = get_settings(data_dir=tmp / "data", **options)
     if settings.database_url is None:  # the embedded server lives in the usual data dir
         settings = get_settings(**options)
@@ -118,7 +133,12 @@ def run(args: argparse.Namespace, code: str, tmp: Path) -> dict:
           f"with defects), {manifest['frames']} frames, {len(planted)} planted flaws from "
           f"{sum(p.components for p in planted)} mask components (merge gap "
           f"{settings.merge_gap_mm:g} mm); model {model.version}")  # fmt: skip
-    result = run_aitex_roll(ctx, roll_dir, planted)
+    if args.layout == "stacked":
+        result = run_aitex_roll(ctx, roll_dir, planted)
+    else:
+        rolls = split_strip_rolls(roll_dir, planted, tmp / "strip-rolls")
+        result = sum_strip_rolls([run_aitex_roll(ctx, d, p) for d, p in rolls])
+        print(f"scored as {len(rolls)} rolls of one strip each (no seams), counts summed")
     print(f"\n{'planted':<14}{'rows':>12}{'cols':>12}{'px':>8}{'comps':>6}   "
           f"found (bbox mm, max score)")  # fmt: skip
     for i, p in enumerate(planted):
@@ -130,7 +150,43 @@ def run(args: argparse.Namespace, code: str, tmp: Path) -> dict:
             line += (f"#{d['defect_no']} {d['x1_mm'] - d['x0_mm']:.1f}×{d['y1_mm'] - d['y0_mm']:.1f}"
                      f", {d['max_score']:.3f}")  # fmt: skip
         print(line + ("" if i in result["matches"] else "missed"))
+    print(f"\nflawless fabric's level per strip (median block peak clear of every mask), "
+          f"against the threshold applied {result['threshold']:.3g}:")  # fmt: skip
+    for kind in ("good", "defect"):
+        levels = [v for s, v in zip(strips, result["strip_levels"], strict=True)
+                  if (s["defect"] is None) == (kind == "good")]  # fmt: skip
+        print(f"  {kind:<7}" + " ".join(f"{v:.3g}" for v in levels))
     return result
+
+
+SUMMED = ("planted", "planted_components", "matched", "matched_px", "false_defects",
+          "false_defects_px", "found", "tiles", "seconds", "roll_length_m", "off_fabric",
+          "false_at_seam", "false_at_selvage")  # fmt: skip
+
+
+def sum_strip_rolls(results: list[dict]) -> dict:
+    """One result for rolls scored one strip each: counts and lengths summed, rates of the
+    sums, the grades counted; planted and found indices follow the strips' order."""
+    total = results[0] | {k: sum(r[k] for r in results) for k in SUMMED}
+    total |= {
+        "recall": total["matched"] / total["planted"] if total["planted"] else None,
+        "false_per_m": total["false_defects"] / total["roll_length_m"],
+        "tiles_per_s": total["tiles"] / total["seconds"],
+        "grade": " ".join(
+            f"{g}×{n}" for g, n in sorted(Counter(r["grade"] for r in results).items())
+        ),
+        "points_per_100yd2": float("nan"),
+        "roll_threshold": None,  # a strip has too few blocks for its own
+        "strip_levels": [v for r in results for v in r["strip_levels"]],
+        "extents": [e for r in results for e in r["extents"]],
+        "defects": [d for r in results for d in r["defects"]],
+        "matches": {},
+    }
+    planted = found = 0
+    for r in results:
+        total["matches"] |= {planted + i: found + j for i, j in r["matches"].items()}
+        planted, found = planted + r["planted"], found + r["found"]
+    return total
 
 
 def print_table(code: str, r: dict) -> None:
@@ -146,6 +202,17 @@ def print_table(code: str, r: dict) -> None:
           f"{r['tiles_per_s']:>8.1f}   {recall_px:>14}{r['false_defects_px']:>6}")  # fmt: skip
     strict_per_m = r["false_defects_px"] / r["roll_length_m"]
     widths = np.array([right - left for _, _, left, right in r["extents"]]) / r["px_per_mm"]
+    own = "not estimated" if r["roll_threshold"] is None else f"{r['roll_threshold']:.4g}"
+    print(f"threshold applied {r['threshold']:.4g} (the model's {r['model_threshold']:.4g}, "
+          f"the roll's own {own})")  # fmt: skip
+    print(
+        f"false defects (box rule) within a quarter tile of a seam between two strips (two "
+        f"photographs; a real roll has none): {r['false_at_seam']} of {r['false_defects']}"
+    )
+    print(
+        f"false defects (box rule) the grading ignores at the selvage (whole box within "
+        f"its margin of a measured edge): {r['false_at_selvage']} of {r['false_defects']}"
+    )
     print(f"strict false / m {strict_per_m:.2f}; defects off the fabric: {r['off_fabric']}; "
           f"graded on the {r['width_source']} width, {r['graded_width_mm']:.1f} mm")  # fmt: skip
     if len(widths):

@@ -31,6 +31,7 @@ from sqlalchemy import select
 
 from distill.data.aitex import STRIP_STEM, defect_name, load_mask, read_grey
 from results.grade_store import SYSTEM, grade_run
+from rollscan_testing.aitex_strip_rolls import strip_levels
 from rollscan_testing.synthetic_roll import PlantedDefect
 from scheduler.submit import submit
 from storage.fabric_extents import roll_extents
@@ -50,7 +51,8 @@ BLANK = 255  # the strips' margins are white: a narrower strip is padded with it
 REPORT_KEYS = ("planted", "planted_components", "matched", "recall", "false_defects",
                "false_per_m", "roll_length_m", "grade", "tiles_per_s", "matched_px",
                "false_defects_px", "off_fabric", "width_source", "graded_width_mm",
-               "extents")  # fmt: skip
+               "extents", "threshold", "model_threshold", "roll_threshold",
+               "strip_levels", "false_at_seam", "false_at_selvage", "defects")  # fmt: skip
 _FOUND = ("defect_no", "x_mm", "y_mm", "x0_mm", "y0_mm", "x1_mm", "y1_mm", "length_mm", "max_score")
 
 
@@ -305,7 +307,8 @@ def run_aitex_roll(ctx: WorkerContext, roll_dir: str | Path, planted: list[Plant
     """Submit the roll in this process (`ctx.enqueue` must be a wired `InlineEnqueuer`), grade
     it, and return the figures: REPORT_KEYS, plus `found`, `tiles`, `seconds`, `points_per_100yd2`,
     `model_version`, `defects` (the found rows), `matches` (planted index → found index), and
-    `matched_px`, `false_defects_px` by `pixel_matches`' stricter rule. `planted` counts
+    `matched_px`, `false_defects_px` by `pixel_matches`' stricter rule (at the threshold the
+    run applied: `threshold`, from `model_threshold` and the roll's own `roll_threshold`). `planted` counts
     physical flaws, `planted_components` the mask components they were merged from."""
     manifest = json.loads((Path(roll_dir) / "manifest.json").read_text())
     roll_id, px_per_mm = manifest["roll_id"], float(manifest["px_per_mm"])
@@ -337,15 +340,24 @@ def run_aitex_roll(ctx: WorkerContext, roll_dir: str | Path, planted: list[Plant
         graded = grade_run(session, run.id)
         details = session.get(Grade, (roll_id, run.id, SYSTEM)).details
         length_m, version, rows = roll.length_m, run.model_version, roll.rows_ingested
+        threshold, own = run.threshold, run.roll_threshold
         extents = [Extent(*e) for e in roll_extents(session, roll_id)]
     matched, false_found = match_planted(planted, found, px_per_mm)
+    strips = json.loads((Path(roll_dir) / "strips.json").read_text())
+    block = max(1, model.tile // SCORE_SCALE)
+    seam_mm = block // 4 * SCORE_SCALE / px_per_mm  # as `strip_levels`' margin
+    seams = [s["row"] / px_per_mm for s in strips[1:]]
+    at_seam = sum(
+        any(found[j]["y0_mm"] - seam_mm <= y <= found[j]["y1_mm"] + seam_mm for y in seams)
+        for j in false_found
+    )
     scores = open_roll(ctx.store, roll_id, read_only=True).read_scores(
         version, 0, -(-rows // SCORE_SCALE)
     )
     # finalize's view of the map: nothing off the fabric
     fabric = quarter_fabric_mask(extents, 0, scores.shape[0], scores.shape[1], SCORE_SCALE)
     scores = np.where(fabric, scores, -np.inf)
-    found_px, false_px = pixel_matches(scores, model.threshold, planted, px_per_mm=px_per_mm,
+    found_px, false_px = pixel_matches(scores, threshold, planted, px_per_mm=px_per_mm,
                                        merge_gap_mm=ctx.settings.merge_gap_mm)  # fmt: skip
     return {
         "planted": len(planted),
@@ -371,6 +383,13 @@ def run_aitex_roll(ctx: WorkerContext, roll_dir: str | Path, planted: list[Plant
         "graded_width_mm": details["roll_width_in"] * 25.4,
         "px_per_mm": px_per_mm,
         "extents": [[e.row_start, e.row_stop, e.left, e.right] for e in extents],
+        "threshold": threshold,
+        "model_threshold": model.threshold,
+        "strip_levels": strip_levels(scores, strips, planted, block),
+        "false_at_seam": at_seam,
+        # the grading's own rule (indices in defect_no order, as `found`)
+        "false_at_selvage": len(set(false_found) & set(details["defects_ignored_at_selvage"])),
+        "roll_threshold": own,
     }
 
 

@@ -95,7 +95,8 @@ def register_model(
         "checkpoint_uri": store.uri(key),
         "sha256": sha256,
         "threshold": card.threshold,
-        "metrics": {k: v for k, v in card.metrics.items() if not isinstance(v, list)},
+        "metrics": {k: v for k, v in card.metrics.items() if not isinstance(v, list)}
+        | {"target_fpr": card.target_fpr},
     }
     # a concurrent registration of the same bytes loses the race quietly
     session.execute(insert(Model).values(**row).on_conflict_do_nothing())

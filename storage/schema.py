@@ -202,6 +202,13 @@ class Run(Base):
     error: Mapped[str | None]
     created_at: Mapped[datetime] = _now()
     finished_at: Mapped[datetime | None]
+    threshold: Mapped[float | None] = mapped_column(
+        comment="the score threshold finalize applied (NULL: not finalized)"
+    )
+    roll_threshold: Mapped[float | None] = mapped_column(
+        comment="the roll's own threshold at the model's target false-alarm rate, from its "
+        "tile-sized blocks of fabric (NULL: not estimated)"
+    )
 
     __table_args__ = (
         UniqueConstraint("roll_id", "model_version"),

@@ -110,6 +110,12 @@ class Settings(BaseSettings):
         " 0 merges only boxes that touch or overlap",
     )  # fmt: skip
 
+    roll_threshold: Literal["model", "max"] = Field(
+        "model", description="the threshold a run applies (worker/roll_threshold.py): model = "
+        "the model's calibrated one; max = the higher of it and the roll's own at the same "
+        "false-alarm rate, from its tile-sized blocks of fabric (both are recorded either way)",
+    )  # fmt: skip
+
     max_deliveries: int = Field(
         3, ge=1, description="a task that dies with its worker (killed, out of memory, a crash "
         "in a decoder) this many times fails its roll instead of being delivered again",

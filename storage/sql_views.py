@@ -100,3 +100,11 @@ FROM rolls ro
 JOIN fabric_extents e ON e.roll_id = ro.id
 GROUP BY ro.id, ro.fabric_type, ro.width_mm
 """
+
+
+# Revision 0005: current_runs also shows the threshold each run applied and the roll's own
+# estimate (worker/roll_threshold.py); new columns come last, as CREATE OR REPLACE requires.
+CURRENT_RUNS_V2 = CURRENT_RUNS.replace("CREATE VIEW", "CREATE OR REPLACE VIEW").replace(
+    "       r.finished_at\n",
+    "       r.finished_at,\n       r.threshold,\n       r.roll_threshold\n",
+)

@@ -24,6 +24,7 @@ from rollscan_testing.aitex_fabric_roll import (
     split_good_strips,
     use_model,
 )
+from rollscan_testing.aitex_strip_rolls import split_strip_rolls, strip_levels
 from rollscan_testing.synthetic_roll import PlantedDefect, match_defects
 from storage.schema import Roll
 from storage.settings import Settings
@@ -114,6 +115,34 @@ def test_build_aitex_roll_rows_and_planted_positions(fake_aitex, tmp_path):
     assert [tuple(p["bbox_px"]) for p in stored] == [p.bbox_px for p in planted]
 
 
+def test_split_strip_rolls_gives_each_strip_its_pixels_and_flaws(fake_aitex, tmp_path):
+    with pytest.warns(AitexImportWarning):
+        manifest, planted = build_aitex_roll(
+            fake_aitex, "00", tmp_path / "roll", "R-A", px_per_mm=5
+        )
+    image = np.concatenate(
+        [tifffile.imread(f) for f in sorted((tmp_path / "roll" / "frames").glob("*.tif"))]
+    )
+    rolls = split_strip_rolls(tmp_path / "roll", planted, tmp_path / "strips")
+    assert [d.name for d, _ in rolls] == [f"R-A-s{k:02d}" for k in range(5)]
+    assert [len(p) for _, p in rolls] == [0, 2, 1, 1, 0]
+    for k, (folder, flaws) in enumerate(rolls):
+        own = json.loads((folder / "manifest.json").read_text())
+        assert own == manifest | {"roll_id": folder.name, "frames": 1}
+        (strip,) = json.loads((folder / "strips.json").read_text())
+        assert strip["row"] == 0 and strip["rows"] == 256
+        frame = tifffile.imread(folder / "frames" / "000001.tif")
+        np.testing.assert_array_equal(frame, image[256 * k : 256 * (k + 1)])
+        for flaw in flaws:  # the same mask pixels, on the strip's own rows
+            whole = next(
+                p for p in planted if p.kind == flaw.kind and p.bbox_px[1] == flaw.bbox_px[1]
+            )
+            assert flaw.bbox_px == (whole.bbox_px[0] - 256 * k, *whole.bbox_px[1:2],
+                                    whole.bbox_px[2] - 256 * k, whole.bbox_px[3])  # fmt: skip
+            assert {(y + 256 * k, x) for y, x in flaw.pixels} == set(whole.pixels)
+            assert flaw.components == whole.components
+
+
 @pytest.mark.parametrize(("gap", "components"), [(38.0, [2, 1, 1]), (37.9, [1, 1, 1, 1])])
 def test_planted_flaws_are_mask_components_merged_at_the_rolls_scale(
     fake_aitex, tmp_path, gap, components
@@ -158,6 +187,24 @@ def test_pixel_matches_counts_a_defect_only_where_its_pixels_are():
     planted = [cell(1, 1), cell(5, 5), cell(9, 1)]
     found, false = pixel_matches(scores, 0.5, planted)
     assert found == {0} and false == 1
+
+
+def test_strip_levels_leave_out_masks_seams_and_the_table():
+    # two strips of 256 rows (64 ¼-res rows), four 64-wide blocks across; the first block is
+    # the table beside the fabric
+    scores = np.full((128, 256), 1.0, dtype=np.float32)
+    scores[64:] = 3.0
+    scores[:, :64] = -np.inf
+    scores[56:72, 64:] = 9.0  # the seam: each strip's map reaches into the other's
+    scores[100, 140] = 50.0  # a flaw in the second strip's third block
+    flaw = PlantedDefect(
+        "x", (402, 562), (400, 560, 404, 564), sorted(_box_pixels(400, 404, 560, 564))
+    )
+    strips = [{"row": 0, "rows": 256}, {"row": 256, "rows": 256}]
+    assert strip_levels(scores, strips, [flaw], block=64) == [1.0, 3.0]
+    scores[20, 200] = 7.0  # a hot spot in one of the first strip's three blocks
+    assert strip_levels(scores, strips, [], block=64) == [1.0, 3.0]  # a median
+    assert np.isnan(strip_levels(np.full((64, 64), -np.inf), strips[:1], [], block=64)).all()
 
 
 def _smallest_fabric(src: Path) -> str:
@@ -237,6 +284,10 @@ def test_real_fabric_roll_through_the_pipeline(db_engine, local_store, tmp_path)
     assert isinstance(result["grade"], str)
     assert 0 <= result["matched_px"] <= result["matched"]  # a box holds its own pixels
     assert 0 <= result["false_defects_px"] <= result["found"]
+    assert result["threshold"] == result["model_threshold"]  # the default: the model's
+    assert len(result["strip_levels"]) == len(layout)
+    assert 0 <= result["false_at_seam"] <= result["false_defects"]
+    assert 0 <= result["false_at_selvage"] <= result["false_defects"]
     out = json.loads(json.dumps(report(result)))
     assert tuple(out) == REPORT_KEYS
 

@@ -1,5 +1,6 @@
 """Finalize a run: threshold the roll's score map on the fabric (the extents measured while
-scoring), find defects across bands, store them.
+scoring), find defects across bands, store them. The run records the threshold it applied
+and the roll's own estimate of it (`worker.roll_threshold`).
 
 Runs in one transaction with the run's row locked, so two finalize tasks for one run produce
 one set of defects. Finalizing a run already done changes nothing; a run reopened by a
@@ -11,6 +12,7 @@ defects and grade stay what users see.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import numpy as np
@@ -18,10 +20,12 @@ from sqlalchemy import delete, func, insert, select, update
 
 from storage.fabric_extents import roll_extents
 from storage.schema import Defect, Model, Roll, Run
+from storage.zarr_rolls import RollArrays
 from worker.components import DefectFinder
 from worker.context import WorkerContext
 from worker.fabric_mask import Extent, quarter_fabric_mask
 from worker.ingest import roll_arrays
+from worker.roll_threshold import BlockPeaks, run_threshold
 from worker.scoring import SCORE_SCALE
 
 log = logging.getLogger(__name__)
@@ -46,22 +50,23 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
         roll = session.get(Roll, run.roll_id, with_for_update=True)
         model = session.get(Model, run.model_version)
         arrays = roll_arrays(ctx, roll)
+        extents = [Extent(*e) for e in roll_extents(session, roll.id)]
+        bands = _FabricBands(arrays, model.version, extents, -(-roll.rows_ingested // SCORE_SCALE))
+        block_peaks = BlockPeaks(max(1, model.tile // SCORE_SCALE))
+        for q0, scores in bands:
+            block_peaks.add_band(scores, q0)
+        threshold, own = run_threshold(
+            ctx.settings.roll_threshold, model.threshold, block_peaks.peaks(),
+            model.metrics.get("target_fpr"),
+        )  # fmt: skip
         finder = DefectFinder(
-            threshold=model.threshold,
+            threshold=threshold,
             px_per_mm_x=roll.px_per_mm_x,
             px_per_mm_y=roll.px_per_mm_y,
             scale=SCORE_SCALE,
             merge_gap_mm=ctx.settings.merge_gap_mm,
         )
-        quarter_band = arrays.band_height // SCORE_SCALE
-        extents = [Extent(*e) for e in roll_extents(session, roll.id)]
-        quarter_rows = -(-roll.rows_ingested // SCORE_SCALE)
-        for q0 in range(0, quarter_rows, quarter_band):
-            q1 = min(q0 + quarter_band, quarter_rows)
-            scores = arrays.read_scores(model.version, q0, q1)
-            if extents:  # the table beside the fabric is never a defect
-                fabric = quarter_fabric_mask(extents, q0, q1, scores.shape[1], SCORE_SCALE)
-                scores = np.where(fabric, scores, -np.inf)
+        for q0, scores in bands:
             finder.add_band(scores, q0)
         defects = finder.finish()
         session.execute(delete(Defect).where(Defect.run_id == run_id))
@@ -85,11 +90,31 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
         )
         session.flush()  # one current run per roll: the old one must step down first
         run.status, run.finished_at, run.is_current, run.error = "done", now, True, None
+        run.threshold, run.roll_threshold = threshold, own
         roll.status, roll.updated_at = "done", now
         if run.purpose == "live" or roll.completed_at is None:
             # a reprocess run leaves the roll's completion date alone: the archive does not
             # become "finished today", and `reprocess --since/--until` keeps selecting it
             roll.completed_at = now
         roll.length_m = roll.rows_ingested / roll.px_per_mm_y / 1000.0
-    log.info("run %s finalized: %d defects on roll %s", run_id, len(defects), roll.id)
+    log.info("run %s finalized: %d defects on roll %s (threshold %.4g; model's %.4g, roll's %s)",
+             run_id, len(defects), roll.id, threshold, model.threshold, own)  # fmt: skip
     return len(defects)
+
+
+class _FabricBands:
+    """The roll's ¼-res score map band by band, −inf off the fabric (the table beside the
+    fabric is never a defect, nor part of the roll's own score statistics); iterable twice."""
+
+    def __init__(self, arrays: RollArrays, version: str, extents: list[Extent], rows: int) -> None:
+        self.arrays, self.version, self.extents, self.rows = arrays, version, extents, rows
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        quarter_band = self.arrays.band_height // SCORE_SCALE
+        for q0 in range(0, self.rows, quarter_band):
+            q1 = min(q0 + quarter_band, self.rows)
+            scores = self.arrays.read_scores(self.version, q0, q1)
+            if self.extents:
+                fabric = quarter_fabric_mask(self.extents, q0, q1, scores.shape[1], SCORE_SCALE)
+                scores = np.where(fabric, scores, -np.inf)
+            yield q0, scores
