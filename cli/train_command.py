@@ -42,10 +42,14 @@ def _train(args: argparse.Namespace) -> int:
     )  # fmt: skip
     card = train(args.data, args.out, config)
     m = card.metrics
+    student = (
+        "no student trained (the memory bank's map alone)" if not m["epochs"] else
+        f"best epoch {m['best_epoch']}/{m['epochs']}, validation loss {m['best_val_loss']:.4f}"
+    )  # fmt: skip
     print(
-        f"saved {args.out}: best epoch {m['best_epoch']}/{m['epochs']}, validation loss "
-        f"{m['best_val_loss']:.4f}, fusion weight {card.fusion['weight']:g} (the student's share, "
-        f"chosen on synthetic defects), threshold {card.threshold:.4f} (fpr {card.target_fpr})"
+        f"saved {args.out}: {student}, fusion weight {card.fusion['weight']:g} (the student's "
+        f"share, chosen on synthetic defects), threshold {card.threshold:.4f} (fpr "
+        f"{card.target_fpr})"
     )
     return 0
 

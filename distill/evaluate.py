@@ -68,8 +68,9 @@ def map_metrics(
     return result
 
 
-def _scorer_views(detector: Detector) -> dict[str, MapFusion]:
-    """The maps worth reporting on their own, by name: each side of the fusion, and the fusion."""
+def _scorer_views(detector: Detector, student_trained: bool) -> dict[str, MapFusion]:
+    """The maps worth reporting on their own, by name: each side of the fusion, and the fusion
+    (the student's only when it was trained: `--scorer memory` trains none)."""
     fusion = detector.model.fusion
     if detector.model.memory is None:
         return {}
@@ -77,6 +78,8 @@ def _scorer_views(detector: Detector) -> dict[str, MapFusion]:
         "student": MapFusion(1.0, fusion.student_stats, fusion.memory_stats),
         "memory": MapFusion(0.0, fusion.student_stats, fusion.memory_stats),
     }
+    if not student_trained:
+        del views["student"]
     if 0 < fusion.weight < 1:
         views[f"fused {fusion.weight:g}"] = fusion
     return views
@@ -89,6 +92,7 @@ def evaluate_detector(
     *,
     report_dir: str | Path | None = None,
     progress: bool = True,
+    student_trained: bool = True,
 ) -> dict:
     category = Category.open(data)
     samples = category.test
@@ -106,7 +110,7 @@ def evaluate_detector(
         "n_defect": int((labels == 1).sum()),
         "fusion_weight": detector.model.fusion.weight,
     }
-    views = _scorer_views(detector)
+    views = _scorer_views(detector, student_trained)
     if views:
         raw = raw_maps(detector.model, images, detector.mean, detector.std, detector.batch_size)
         result["scorers"] = {
@@ -147,7 +151,10 @@ def evaluate(
         precision=precision,
         batch_size=batch_size,
     )
-    result = evaluate_detector(detector, data, card.tile, report_dir=report_dir, progress=progress)
+    result = evaluate_detector(
+        detector, data, card.tile, report_dir=report_dir, progress=progress,
+        student_trained=card.metrics.get("epochs", 1) > 0,
+    )  # fmt: skip
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=2) + "\n")

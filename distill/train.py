@@ -1,6 +1,9 @@
 """Training: the official recipe (Adam 0.005, batch 4, plateau schedule, early stop, 30 % held out),
 then a memory bank over the training tiles and the choice of how the map is made.
 
+With `scorer="memory"` no student is trained: the map is the bank's alone, so training takes a
+minute instead of hours (the checkpoint keeps the student's initial weights, unused).
+
 The held-out good tiles serve three times: validation loss for the schedule and early stop; the
 statistics of each map on good fabric and, with synthetic defects pasted in, the choice of the
 fusion weight (`distill.selection`); then the calibration of the decision threshold to a target
@@ -9,7 +12,6 @@ false-alarm rate.
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,6 +40,7 @@ from distill.memory_bank import (
 from distill.metrics import tile_scores_on
 from distill.preprocess import normalise
 from distill.selection import FUSION_WEIGHTS, Selection, choose_fusion
+from distill.student_fit import StudentFit, fit_student
 from distill.teacher import DEFAULT_TEACHER, IMAGENET_MEAN, IMAGENET_STD, build_teacher
 from distill.torch_model import ReverseDistillation
 
@@ -279,56 +282,6 @@ class Trainer:
         return total / images.shape[0]
 
 
-@dataclass
-class _Fit:
-    """What training the student left: its best weights and the loss history."""
-
-    best_state: dict | None = None
-    best_loss: float = float("inf")
-    best_epoch: int = 0
-    history: dict[str, list[float]] = field(
-        default_factory=lambda: {"train_loss": [], "val_loss": []}
-    )
-
-
-def _fit_student(
-    trainer: Trainer,
-    train_images: torch.Tensor,
-    train_valid: torch.Tensor | None,
-    val_images: torch.Tensor,
-    save_best,
-    progress: bool,
-) -> _Fit:
-    config = trainer.config
-    fit, stale = _Fit(), 0
-    deadline = None if config.max_minutes is None else time.perf_counter() + 60 * config.max_minutes
-    total = config.epochs * len(train_images)
-    with tqdm(
-        total=total, desc="train", unit="tile", disable=not progress, dynamic_ncols=True
-    ) as bar:
-        for epoch in range(1, config.epochs + 1):
-            fit.history["train_loss"].append(trainer.train_epoch(train_images, bar, train_valid))
-            val_loss = trainer.validate(val_images)
-            fit.history["val_loss"].append(val_loss)
-            trainer.scheduler.step(val_loss)
-            bar.write(
-                f"epoch {epoch}: train loss {fit.history['train_loss'][-1]:.4f}, val loss {val_loss:.4f}"
-            )
-            if val_loss < fit.best_loss:
-                fit.best_loss, fit.best_epoch, stale = val_loss, epoch, 0
-                fit.best_state = copy.deepcopy(trainer.model.student.state_dict())
-                save_best()  # the best so far survives a crash
-            else:
-                stale += 1
-                if stale >= config.stop_patience:
-                    bar.write(f"early stop: no better validation loss for {stale} epochs")
-                    break
-            if deadline is not None and time.perf_counter() > deadline:
-                bar.write(f"time budget of {config.max_minutes} min reached after epoch {epoch}")
-                break
-    return fit
-
-
 def train(
     data: str | Path, out: str | Path, config: TrainConfig, progress: bool = True
 ) -> ModelCard:
@@ -363,10 +316,13 @@ def train(
         target_fpr=config.fpr,
         train_config={k: v for k, v in asdict(config).items() if k != "extra"},
     )
-    fit = _fit_student(
-        trainer, train_images, train_valid, val_images,
-        lambda: save_checkpoint(out, trainer.model, card), progress,
-    )  # fmt: skip
+    if config.scorer == "memory":  # the map is the bank's alone: a student would go unused
+        fit = StudentFit(best_state=trainer.model.student.state_dict())
+    else:
+        fit = fit_student(
+            trainer, train_images, train_valid, val_images,
+            lambda: save_checkpoint(out, trainer.model, card), progress,
+        )  # fmt: skip
     trainer.model.student.load_state_dict(fit.best_state)
     selection = trainer.choose_scoring(train_images, val_images, train_valid, val_valid)
     fusion = selection.fusion
@@ -385,7 +341,7 @@ def train(
     card.metrics = {
         "epochs": len(fit.history["val_loss"]),
         "best_epoch": fit.best_epoch,
-        "best_val_loss": fit.best_loss,
+        "best_val_loss": fit.best_loss if fit.best_epoch else None,
         "n_train": len(train_idx),
         "n_held_out": len(val_idx),
         "held_out_score_max": float(val_scores.max()),

@@ -1,0 +1,66 @@
+"""The student's training loop: epochs under the plateau schedule, early stop and an optional
+time budget, keeping the weights of the best validation loss."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    from distill.train import Trainer
+
+
+@dataclass
+class StudentFit:
+    """What training the student left: its best weights and the loss history."""
+
+    best_state: dict | None = None
+    best_loss: float = float("inf")
+    best_epoch: int = 0
+    history: dict[str, list[float]] = field(
+        default_factory=lambda: {"train_loss": [], "val_loss": []}
+    )
+
+
+def fit_student(
+    trainer: Trainer,
+    train_images: torch.Tensor,
+    train_valid: torch.Tensor | None,
+    val_images: torch.Tensor,
+    save_best: Callable[[], object],
+    progress: bool,
+) -> StudentFit:
+    config = trainer.config
+    fit, stale = StudentFit(), 0
+    deadline = None if config.max_minutes is None else time.perf_counter() + 60 * config.max_minutes
+    total = config.epochs * len(train_images)
+    with tqdm(
+        total=total, desc="train", unit="tile", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        for epoch in range(1, config.epochs + 1):
+            fit.history["train_loss"].append(trainer.train_epoch(train_images, bar, train_valid))
+            val_loss = trainer.validate(val_images)
+            fit.history["val_loss"].append(val_loss)
+            trainer.scheduler.step(val_loss)
+            bar.write(
+                f"epoch {epoch}: train loss {fit.history['train_loss'][-1]:.4f}, val loss {val_loss:.4f}"
+            )
+            if val_loss < fit.best_loss:
+                fit.best_loss, fit.best_epoch, stale = val_loss, epoch, 0
+                fit.best_state = copy.deepcopy(trainer.model.student.state_dict())
+                save_best()  # the best so far survives a crash
+            else:
+                stale += 1
+                if stale >= config.stop_patience:
+                    bar.write(f"early stop: no better validation loss for {stale} epochs")
+                    break
+            if deadline is not None and time.perf_counter() > deadline:
+                bar.write(f"time budget of {config.max_minutes} min reached after epoch {epoch}")
+                break
+    return fit
