@@ -87,7 +87,11 @@ def load_report_data(session: Session, roll_id: str) -> ReportData:
     data.run = _row(run)
     data.defects = roll_defects(session, roll_id)
     model = session.get(Model, run.model_version)
-    data.threshold = model.threshold if model is not None else None
+    # the run's own record (`ROLLSCAN_ROLL_THRESHOLD=max` may have raised it); runs finalized
+    # before it was recorded applied the model's
+    data.threshold = run.threshold if run.threshold is not None else (
+        model.threshold if model is not None else None
+    )  # fmt: skip
     grade = session.scalar(select(Grade).where(Grade.run_id == run.id, Grade.system == SYSTEM))
     if grade is not None:
         data.grade = _row(grade)
@@ -257,11 +261,20 @@ def _facts_html(data: ReportData) -> str:
         ("frames", e(r["frames_total"])), ("registered", _when(r["created_at"])),
         ("completed", _when(r["completed_at"])), ("model version", e(run.get("model_version"))),
         ("run", run_text if run else "no run yet"), ("run finished", _when(run.get("finished_at"))),
+        _threshold_row(data) if run else None,
     ]  # fmt: skip
     for key, value in sorted((r["meta"] or {}).items()):
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
         rows.append((f"meta: {e(key)}", e(text)))
     return _table(rows)
+
+
+def _threshold_row(data: ReportData) -> tuple[str, str]:
+    own = (data.run or {}).get("roll_threshold")
+    text = f"{_num(data.threshold, '.4g')} (a score above it is a defect pixel)"
+    if own is not None:
+        text += f"; the roll's own estimate {_num(own, '.4g')}"
+    return "threshold", text
 
 
 def _width_row(extents: list[dict[str, Any]]) -> tuple[str, str]:

@@ -108,6 +108,14 @@ def test_the_page_shows_defects_grade_and_escaped_meta(graded):
     width, left, right = (float(v) for v in measured.groups())
     assert abs(width - (TABLE[1] - TABLE[0]) / PX_PER_MM) <= 3.2
     assert abs(left - TABLE[0] / PX_PER_MM) <= 1.6 and abs(right - TABLE[1] / PX_PER_MM) <= 1.6
+    # the threshold the run applied, and the roll's own estimate, as the run recorded them
+    with ctx.session() as session:
+        run = session.scalar(select(Run).where(Run.roll_id == ROLL, Run.is_current))
+    assert run.threshold is not None
+    shown = re.search(r"<td>([-\d.e+]+) \(a score above it is a defect pixel\)(.*?)</td>", doc)
+    assert shown and float(shown[1]) == pytest.approx(run.threshold, rel=1e-3)
+    if run.roll_threshold is not None:
+        assert f"the roll's own estimate {run.roll_threshold:.4g}" in shown[2]
     # the manifest's meta can never inject markup
     assert "<script>" not in doc and "<b>bold" not in doc
     assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in doc
