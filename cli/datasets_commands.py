@@ -15,7 +15,8 @@ def _import_aitex(args: argparse.Namespace) -> int:
 
     counts = import_aitex(
         args.src, args.dst, **options(args, "tile overwrite", n_train_strips="train_strips",
-                                      fabrics="fabric", defect_strip_good="defect_strip_good_tiles")
+                                      fabrics="fabric", defect_strip_good="defect_strip_good_tiles",
+                                      edge_tiles="edge_tiles")
     )  # fmt: skip
     print(json.dumps(counts, indent=2))
     return 0
@@ -37,5 +38,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="store_true",
         help="also test the defect strips' unmasked tiles as good (off by default)",
     )
+    a.add_argument(
+        "--no-edge-tiles", dest="edge_tiles", action="store_false",
+        help="no extra training tiles across the fabric's edge half a tile off the grid",
+    )  # fmt: skip
     a.set_defaults(handler=_import_aitex)
     return p

@@ -4,6 +4,7 @@ and one real fabric when ../shared/data/aitex is there.
 """
 
 import hashlib
+import json
 import warnings
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from distill.data.aitex import (
     import_aitex,
     is_margin_tile,
 )
+from distill.data.mvtec import REGIONS_FILE
 
 REAL_AITEX = Path(__file__).parents[1] / "../shared/data/aitex"
 # Fake strips are 1024 wide: tile x00 is blank, x01 is 17 % blank (44 of 256 columns,
@@ -73,13 +75,17 @@ def _import(src: Path, dst: Path, n_train_strips: int = 3, **kwargs) -> tuple[di
     return counts, messages
 
 
+def _pngs(root: Path, folder: str) -> list[Path]:
+    return sorted(p.relative_to(root) for p in (root / folder).rglob("*.png"))
+
+
 def _names(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.glob("*.png"))
 
 
 def test_counts_split_and_margins(fake_aitex, tmp_path):
     dst = tmp_path / "mvtec"
-    counts, _ = _import(fake_aitex, dst, defect_strip_good=True)
+    counts, _ = _import(fake_aitex, dst, defect_strip_good=True, edge_tiles=False)
     assert counts == {
         "fabric00": {"train_good": 6, "test_good": 7, "test_defect": 4, "skipped": 5},
         "fabric01": {"train_good": 6, "test_good": 0, "test_defect": 0, "skipped": 2},
@@ -104,10 +110,34 @@ def test_counts_split_and_margins(fake_aitex, tmp_path):
 
 def test_defect_strips_give_only_defect_tiles_by_default(fake_aitex, tmp_path):
     counts, _ = _import(fake_aitex, tmp_path / "mvtec")
-    assert counts["fabric00"] == {"train_good": 6, "test_good": 4, "test_defect": 4, "skipped": 5}
+    # 6 grid tiles and 6 edge tiles train (see the next test)
+    assert counts["fabric00"] == {"train_good": 12, "test_good": 4, "test_defect": 4, "skipped": 5}
     assert all(
         n.startswith(("0004_", "0005_")) for n in _names(tmp_path / "mvtec/fabric00/test/good")
     )
+
+
+def test_training_strips_also_give_the_tiles_across_the_edge_off_the_grid(fake_aitex, tmp_path):
+    on, off = tmp_path / "on", tmp_path / "off"
+    counts_on, _ = _import(fake_aitex, on)
+    counts_off, _ = _import(fake_aitex, off, edge_tiles=False)
+    # fabric 300-824: the tiles at x = 128 and 640 hold 84 and 184 columns of it; x = 384 is
+    # fabric throughout (the grid has that); fabric 01 has no margin, so no edge
+    edge = [f"000{k}_000_00_h{c:02d}.png" for k in (1, 2, 3) for c in (0, 2)]
+    assert (
+        sorted(set(_names(on / "fabric00/train/good")) - set(_names(off / "fabric00/train/good")))
+        == edge
+    )
+    assert counts_on["fabric00"]["train_good"] == counts_off["fabric00"]["train_good"] + 6
+    assert counts_on["fabric01"] == counts_off["fabric01"]
+    for folder in ("test", "ground_truth"):  # the test set is the same
+        assert _pngs(on / "fabric00", folder) == _pngs(off / "fabric00", folder)
+    regions = json.loads((on / "fabric00" / REGIONS_FILE).read_text())
+    for k in (1, 2, 3):
+        assert regions[f"train/good/000{k}_000_00_h00.png"] == [172, 256]
+        assert regions[f"train/good/000{k}_000_00_h02.png"] == [0, 184]
+    with Image.open(on / "fabric00/train/good/0002_000_00_h02.png") as im:
+        assert np.array_equal(np.asarray(im), _strip(2)[:, 640:896])
 
 
 def test_tiles_are_grey_crops_of_the_strip(fake_aitex, tmp_path):
@@ -212,11 +242,12 @@ def test_real_aitex_one_fabric(tmp_path):
         REAL_AITEX, tmp_path, n_train_strips=15, fabrics=["01"], defect_strip_good=True
     )
     # 20 defect-free strips of 14 non-margin tiles (15 train, 5 test) plus a stray copy
-    # named 0018_00_01.png; 11 defect strips add 28 defect and 162 good tiles.
+    # named 0018_00_01.png; 11 defect strips add 28 defect and 147 good tiles; each training
+    # strip adds one tile across the fabric's edge.
     assert counts == {
-        "fabric01": {"train_good": 210, "test_good": 232, "test_defect": 28, "skipped": 1}
+        "fabric01": {"train_good": 210 + 15, "test_good": 217, "test_defect": 28, "skipped": 1}
     }
     assert any("0018_00_01.png" in m for m in messages)
-    for path in (tmp_path / "fabric01" / "train" / "good").glob("*.png"):
+    for path in (tmp_path / "fabric01" / "train" / "good").glob("*_x??.png"):
         with Image.open(path) as im:
             assert not is_margin_tile(np.asarray(im))

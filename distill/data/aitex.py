@@ -14,7 +14,8 @@ Output, one category per fabric code FF:
     fabricFF/ground_truth/<defect name>/<stem>_xCC_mask.png    0 / 255
 
 CC is the tile's column index along the strip (x offset = CC * tile), two digits so the
-names sort in strip order.  Strips taller than one tile (only when `tile` is smaller than
+names sort in strip order.  Training strips also give `<stem>_hCC.png`: the tiles across the
+fabric's edge half a tile off the grid (x offset = CC * tile + tile / 2; `_edge_tiles`).  Strips taller than one tile (only when `tile` is smaller than
 the strip height) get `_yRR_xCC`.
 
 Blank-margin rule: a tile is a margin tile when more than half of its pixels are
@@ -123,6 +124,28 @@ def _fabric_columns(image: np.ndarray, tile: int) -> dict[tuple[int, int], tuple
             if (x0, x1) != (0, tile):
                 regions[(r, c)] = (x0, x1)
     return regions
+
+
+def _edge_tiles(image: np.ndarray, tile: int) -> list[tuple[str, np.ndarray, tuple[int, int]]]:
+    """(tag, tile, fabric columns) of the tiles half a tile off the grid that hold the fabric's
+    edge: at least an eighth of a tile of fabric, not fabric throughout (tag `hCC`, or
+    `yRR_hCC` for strips taller than a tile; CC = x // tile).
+
+    The pipeline scores tiles at its own stride, so it sees the fabric beside the margin at every
+    offset; the grid may see it at none (fabric 06's edge lies on a tile boundary, and a grid
+    tile holding less than half a tile of fabric is dropped as margin). A memory bank that never
+    held fabric beside the margin scores the first millimetres of every edge as a flaw
+    (docs/benchmarks.md)."""
+    out = []
+    rows = image.shape[0] // tile
+    for r, extent in enumerate(band_extents(image, block=tile)[:rows]):
+        for x in range(tile // 2, image.shape[1] - tile + 1, tile):
+            x0, x1 = max(extent.left - x, 0), min(extent.right - x, tile)
+            if x1 - x0 < tile // 8 or (x0, x1) == (0, tile):
+                continue
+            tag = f"h{x // tile:02d}" if rows == 1 else f"y{r:02d}_h{x // tile:02d}"
+            out.append((tag, image[r * tile : (r + 1) * tile, x : x + tile], (x0, x1)))
+    return out
 
 
 def read_grey(path: Path) -> np.ndarray | None:
@@ -253,6 +276,7 @@ def import_aitex(
     fabrics: Iterable[str] | None = None,
     overwrite: bool = False,
     defect_strip_good: bool = False,
+    edge_tiles: bool = True,
 ) -> dict[str, dict[str, int]]:
     """Convert AITEX strips under `src` into MVTec AD categories `dst/fabricFF`.
 
@@ -266,6 +290,9 @@ def import_aitex(
     neither white margin nor fabric (e.g. the machine bed beside the cut selvage of
     0062_022_00), which would count as false alarms on "good" tiles.  Margin tiles
     (see module docstring) are dropped from train/good and test/good only.
+
+    `edge_tiles`: training strips also give the tiles across the fabric's edge half a tile off
+    the grid (`_edge_tiles`), counted in train_good.
 
     Unreadable strips, unreadable masks, defect strips without a usable (non-empty)
     mask, malformed file names and strips whose pixels duplicate an earlier strip of the
@@ -352,6 +379,12 @@ def import_aitex(
             _save_png(piece, category / relative)
             if region is not None:
                 regions.setdefault(category, {})[relative.as_posix()] = list(region)
+        if edge_tiles and strip.split == "train" and mask is None:
+            for tag, piece, region in _edge_tiles(image, tile):
+                relative = Path("train") / "good" / f"{strip.path.stem}_{tag}.png"
+                _save_png(piece, category / relative)
+                regions.setdefault(category, {})[relative.as_posix()] = list(region)
+                c["train_good"] += 1
     for category, found in regions.items():
         (category / REGIONS_FILE).write_text(json.dumps(found, indent=0, sort_keys=True) + "\n")
     return counts
