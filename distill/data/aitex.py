@@ -14,9 +14,10 @@ Output, one category per fabric code FF:
     fabricFF/ground_truth/<defect name>/<stem>_xCC_mask.png    0 / 255
 
 CC is the tile's column index along the strip (x offset = CC * tile), two digits so the
-names sort in strip order.  Training strips also give `<stem>_hCC.png`: the tiles across the
-fabric's edge half a tile off the grid (x offset = CC * tile + tile / 2; `_edge_tiles`).  Strips taller than one tile (only when `tile` is smaller than
-the strip height) get `_yRR_xCC`.
+names sort in strip order.  Strips taller than one tile (only when `tile` is smaller than
+the strip height) get `_yRR_xCC`.  Training strips also give `<stem>_hCC.png`: the tiles
+across the fabric's edge half a tile off the grid (x offset = CC * tile + tile / 2;
+`_edge_tiles`).
 
 Blank-margin rule: a tile is a margin tile when more than half of its pixels are
 near-white (>= 240).  Figures behind it, from all 2672 tiles of the 167 real strips
@@ -54,7 +55,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from distill.data.mvtec import REGIONS_FILE
-from distill.fabric_region import band_extents
+from distill.fabric_region import Extent, band_extents
 
 __all__ = [
     "DEFECT_NAMES",
@@ -114,19 +115,28 @@ def is_margin_tile(tile: np.ndarray, fabric_columns: tuple[int, int] | None = No
     return float(np.mean(tile >= MARGIN_WHITE_LEVEL)) > MARGIN_MAX_WHITE_FRACTION
 
 
-def _fabric_columns(image: np.ndarray, tile: int) -> dict[tuple[int, int], tuple[int, int]]:
+def _tile_columns(extent: Extent, x: int, tile: int) -> tuple[int, int]:
+    """The fabric's columns within the tile whose first column is `x`, clipped to [0, tile]."""
+    x0 = min(max(extent.left - x, 0), tile)
+    return x0, min(max(extent.right - x, x0), tile)
+
+
+def _fabric_columns(
+    extents: list[Extent], width: int, tile: int
+) -> dict[tuple[int, int], tuple[int, int]]:
     """Fabric columns within each tile (row, column) of the grid, for tiles not all fabric."""
     regions = {}
-    for r, extent in enumerate(band_extents(image, block=tile)[: image.shape[0] // tile]):
-        for c in range(image.shape[1] // tile):
-            x0 = min(max(extent.left - c * tile, 0), tile)
-            x1 = min(max(extent.right - c * tile, x0), tile)
-            if (x0, x1) != (0, tile):
-                regions[(r, c)] = (x0, x1)
+    for r, extent in enumerate(extents):
+        for c in range(width // tile):
+            columns = _tile_columns(extent, c * tile, tile)
+            if columns != (0, tile):
+                regions[(r, c)] = columns
     return regions
 
 
-def _edge_tiles(image: np.ndarray, tile: int) -> list[tuple[str, np.ndarray, tuple[int, int]]]:
+def _edge_tiles(
+    image: np.ndarray, extents: list[Extent], tile: int
+) -> list[tuple[str, np.ndarray, tuple[int, int]]]:
     """(tag, tile, fabric columns) of the tiles half a tile off the grid that hold the fabric's
     edge: at least an eighth of a tile of fabric, not fabric throughout (tag `hCC`, or
     `yRR_hCC` for strips taller than a tile; CC = x // tile).
@@ -137,13 +147,12 @@ def _edge_tiles(image: np.ndarray, tile: int) -> list[tuple[str, np.ndarray, tup
     held fabric beside the margin scores the first millimetres of every edge as a flaw
     (docs/benchmarks.md)."""
     out = []
-    rows = image.shape[0] // tile
-    for r, extent in enumerate(band_extents(image, block=tile)[:rows]):
+    for r, extent in enumerate(extents):
         for x in range(tile // 2, image.shape[1] - tile + 1, tile):
-            x0, x1 = max(extent.left - x, 0), min(extent.right - x, tile)
+            x0, x1 = _tile_columns(extent, x, tile)
             if x1 - x0 < tile // 8 or (x0, x1) == (0, tile):
                 continue
-            tag = f"h{x // tile:02d}" if rows == 1 else f"y{r:02d}_h{x // tile:02d}"
+            tag = f"h{x // tile:02d}" if len(extents) == 1 else f"y{r:02d}_h{x // tile:02d}"
             out.append((tag, image[r * tile : (r + 1) * tile, x : x + tile], (x0, x1)))
     return out
 
@@ -360,7 +369,9 @@ def import_aitex(
                 continue
 
         category = dst / f"fabric{strip.fabric}"
-        fabric = _fabric_columns(image, tile)
+        # the tracker once per strip, for the grid's fabric columns and the edge tiles alike
+        extents = band_extents(image, block=tile)[: image.shape[0] // tile]
+        fabric = _fabric_columns(extents, image.shape[1], tile)
         for tag, r, col in _tile_grid(image.shape, tile):
             name = f"{strip.path.stem}_{tag}"
             rows, cols = slice(r * tile, (r + 1) * tile), slice(col * tile, (col + 1) * tile)
@@ -380,7 +391,7 @@ def import_aitex(
             if region is not None:
                 regions.setdefault(category, {})[relative.as_posix()] = list(region)
         if edge_tiles and strip.split == "train" and mask is None:
-            for tag, piece, region in _edge_tiles(image, tile):
+            for tag, piece, region in _edge_tiles(image, extents, tile):
                 relative = Path("train") / "good" / f"{strip.path.stem}_{tag}.png"
                 _save_png(piece, category / relative)
                 regions.setdefault(category, {})[relative.as_posix()] = list(region)
