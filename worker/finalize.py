@@ -51,14 +51,17 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
         model = session.get(Model, run.model_version)
         arrays = roll_arrays(ctx, roll)
         extents = [Extent(*e) for e in roll_extents(session, roll.id)]
-        bands = _FabricBands(arrays, model.version, extents, -(-roll.rows_ingested // SCORE_SCALE))
+        rows = -(-roll.rows_ingested // SCORE_SCALE)
         block_peaks = BlockPeaks(max(1, model.tile // SCORE_SCALE))
-        for q0, scores in bands:
-            block_peaks.add_band(scores, q0)
-        threshold, own = run_threshold(
-            ctx.settings.roll_threshold, model.threshold, block_peaks.peaks(),
-            model.metrics.get("target_fpr"),
-        )  # fmt: skip
+        mode, fpr = ctx.settings.roll_threshold, model.metrics.get("target_fpr")
+        # `model` knows its threshold before reading: the peaks are gathered in the same pass as
+        # the defects; `max` needs the roll's own estimate first, so it reads the map twice
+        one_pass = mode == "model"
+        threshold = model.threshold
+        if not one_pass:
+            for q0, scores in _fabric_bands(arrays, model.version, extents, rows):
+                block_peaks.add_band(scores, q0)
+            threshold, own = run_threshold(mode, model.threshold, block_peaks.peaks(), fpr)
         finder = DefectFinder(
             threshold=threshold,
             px_per_mm_x=roll.px_per_mm_x,
@@ -66,9 +69,13 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
             scale=SCORE_SCALE,
             merge_gap_mm=ctx.settings.merge_gap_mm,
         )
-        for q0, scores in bands:
+        for q0, scores in _fabric_bands(arrays, model.version, extents, rows):
             finder.add_band(scores, q0)
+            if one_pass:
+                block_peaks.add_band(scores, q0)
         defects = finder.finish()
+        if one_pass:
+            threshold, own = run_threshold(mode, model.threshold, block_peaks.peaks(), fpr)
         session.execute(delete(Defect).where(Defect.run_id == run_id))
         if defects:
             session.execute(
@@ -102,19 +109,16 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
     return len(defects)
 
 
-class _FabricBands:
+def _fabric_bands(
+    arrays: RollArrays, version: str, extents: list[Extent], rows: int
+) -> Iterator[tuple[int, np.ndarray]]:
     """The roll's ¼-res score map band by band, −inf off the fabric (the table beside the
-    fabric is never a defect, nor part of the roll's own score statistics); iterable twice."""
-
-    def __init__(self, arrays: RollArrays, version: str, extents: list[Extent], rows: int) -> None:
-        self.arrays, self.version, self.extents, self.rows = arrays, version, extents, rows
-
-    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
-        quarter_band = self.arrays.band_height // SCORE_SCALE
-        for q0 in range(0, self.rows, quarter_band):
-            q1 = min(q0 + quarter_band, self.rows)
-            scores = self.arrays.read_scores(self.version, q0, q1)
-            if self.extents:
-                fabric = quarter_fabric_mask(self.extents, q0, q1, scores.shape[1], SCORE_SCALE)
-                scores = np.where(fabric, scores, -np.inf)
-            yield q0, scores
+    fabric is never a defect, nor part of the roll's own score statistics)."""
+    quarter_band = arrays.band_height // SCORE_SCALE
+    for q0 in range(0, rows, quarter_band):
+        q1 = min(q0 + quarter_band, rows)
+        scores = arrays.read_scores(version, q0, q1)
+        if extents:
+            scores = np.where(quarter_fabric_mask(extents, q0, q1, scores.shape[1], SCORE_SCALE),
+                              scores, -np.inf)  # fmt: skip
+        yield q0, scores
