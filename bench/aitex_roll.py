@@ -19,11 +19,12 @@ temporary folder, then graded.
 Figures: recall = planted defects overlapped by a reported defect / planted; false defects =
 reported defects overlapping no planted mask, per metre of roll — both by the reported box
 (`match_defects`' rule); the "strict" columns use the defects' own pixels instead, since an
-under-trained model can report one defect whose box spans the whole roll. `--layout per-strip` scores every strip as a roll of its own and sums the
-counts: a stacked roll's seams between photographs draw false defects a real roll has none
-of (`rollscan_testing.aitex_strip_rolls`). The threshold is the one the run applied (`--roll-threshold`, default the
-setting `ROLLSCAN_ROLL_THRESHOLD`: the model's); the roll's own estimate is printed beside it.
-The grade: ASTM
+under-trained model can report one defect whose box spans the whole roll. `--layout
+per-strip` scores every strip as a roll of its own and sums the counts: a stacked roll's seams
+between photographs draw false defects a real roll has none of
+(`rollscan_testing.aitex_strip_rolls`). The threshold is the one the run applied
+(`--roll-threshold`, default the setting `ROLLSCAN_ROLL_THRESHOLD`: the model's); the roll's
+own estimate is printed beside it. The grade: ASTM
 D5430, default rules. tiles/s = tiles scored / seconds from submit to finalized (model
 loaded before). AITEX states no scale: lengths use a nominal 10 px/mm (`--px-per-mm`), so
 metres, false defects per metre and the grade are nominal.

@@ -308,8 +308,9 @@ def run_aitex_roll(ctx: WorkerContext, roll_dir: str | Path, planted: list[Plant
     it, and return the figures: REPORT_KEYS, plus `found`, `tiles`, `seconds`, `points_per_100yd2`,
     `model_version`, `defects` (the found rows), `matches` (planted index → found index), and
     `matched_px`, `false_defects_px` by `pixel_matches`' stricter rule (at the threshold the
-    run applied: `threshold`, from `model_threshold` and the roll's own `roll_threshold`). `planted` counts
-    physical flaws, `planted_components` the mask components they were merged from."""
+    run applied: `threshold`, from `model_threshold` and the roll's own `roll_threshold`).
+    `planted` counts physical flaws, `planted_components` the mask components they were merged
+    from."""
     manifest = json.loads((Path(roll_dir) / "manifest.json").read_text())
     roll_id, px_per_mm = manifest["roll_id"], float(manifest["px_per_mm"])
     with ctx.session() as session:
