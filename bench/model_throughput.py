@@ -38,7 +38,7 @@ from scipy.ndimage import gaussian_filter
 
 from distill.anomaly_map import MapFusion
 from distill.inference import Detector, bf16_supported, resolve_device
-from distill.memory_bank import DEFAULT_BANK_SIZE, DEFAULT_LEVELS, MemoryBank
+from distill.memory_bank import DEFAULT_BANK_SIZE, DEFAULT_LEVELS, LEVEL_CHOICES, MemoryBank
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher
 from distill.torch_model import ReverseDistillation
 
@@ -65,22 +65,31 @@ def official_style_maps(model: ReverseDistillation, x: torch.Tensor) -> np.ndarr
 
 def matmul_ceilings(seconds: float = 2.0, n: int = 4096) -> dict[str, float]:
     """GOP/s of n² matrix products in fp32, bf16 and int8 (`torch._int_mm`, VNNI/AMX) on the
-    CPU, with this process's threads: the physical limit the model rows are measured against."""
+    CPU, with this process's threads: the physical limit the model rows are measured against.
+
+    A precision the CPU has no kernel for (bf16 without AVX512-BF16 or AMX, int8 without VNNI)
+    runs a reference loop orders of magnitude slower, where one 4096² product takes minutes: a
+    512² product first tells, and a precision whose n² product would take over 10 s has no
+    ceiling (torch has no kernel for it here; OpenVINO's int8 may still have one)."""
     rng = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=rng), torch.randn(n, n, generator=rng)
-    i8 = torch.randint(-128, 128, (2, n, n), dtype=torch.int8, generator=rng)
-    ab, bb = a.bfloat16(), b.bfloat16()
-    products = {
-        "fp32": lambda: a @ b,
-        "bf16": lambda: ab @ bb,
-        "int8": lambda: torch._int_mm(i8[0], i8[1]),
+    makers = {
+        "fp32": lambda m: torch.randn(2, m, m, generator=rng),
+        "bf16": lambda m: torch.randn(2, m, m, generator=rng).bfloat16(),
+        "int8": lambda m: torch.randint(-128, 128, (2, m, m), dtype=torch.int8, generator=rng),
     }
+    multiply = {"fp32": torch.matmul, "bf16": torch.matmul, "int8": torch._int_mm}
     ceilings = {}
-    for name, product in products.items():
-        product()
+    for name, make in makers.items():
+        small = make(512)
+        multiply[name](small[0], small[1])
+        start = time.perf_counter()
+        multiply[name](small[0], small[1])
+        if (time.perf_counter() - start) * (n / 512) ** 3 > 10.0:  # no kernel: no ceiling
+            continue
+        pair = make(n)
         count, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds:
-            product()
+            multiply[name](pair[0], pair[1])
             count += 1
         ceilings[name] = 2 * n**3 * count / (time.perf_counter() - start) / 1e9
     return ceilings
@@ -191,15 +200,28 @@ def memory_bank_rows(
     model: ReverseDistillation, images: np.ndarray, x: torch.Tensor, args, device, precision: str
 ) -> dict:
     """The old default (a lite0 student alone) against the memory-bank detectors the selection
-    chooses between — the bank alone (no student to run) and a fusion — and the search alone."""
-    channels = sum(model.teacher.channels[level] for level in DEFAULT_LEVELS)
-    bank = MemoryBank(channels, DEFAULT_BANK_SIZE)
-    bank.bank.normal_(generator=torch.Generator().manual_seed(0))  # speed ignores the content
+    chooses between — the bank alone (no student to run) at each level set training chooses
+    among, and a fusion — and the search alone."""
+
+    def random_bank(levels: tuple[int, ...]) -> MemoryBank:  # speed ignores the content
+        bank = MemoryBank(
+            sum(model.teacher.channels[lv] for lv in levels), DEFAULT_BANK_SIZE, levels
+        )
+        bank.bank.normal_(generator=torch.Generator().manual_seed(0))
+        return bank
+
+    bank = random_bank(DEFAULT_LEVELS)
     scorers = {}
-    for label, weight in (("fused 0.5", 0.5), ("memory bank alone", 0.0)):
+    for label, weight, levels in (
+        ("fused 0.5", 0.5, DEFAULT_LEVELS),
+        ("memory bank alone", 0.0, DEFAULT_LEVELS),
+        *((f"memory bank alone, levels {' '.join(map(str, lv))}", 0.0, lv)
+          for lv in LEVEL_CHOICES if lv != DEFAULT_LEVELS),
+    ):  # fmt: skip
         scorers[label] = ReverseDistillation(model.teacher).eval()
         scorers[label].student.load_state_dict(model.student.state_dict())
-        scorers[label].set_scoring(bank, MapFusion(weight, (0.0, 1.0), (0.0, 1.0)))
+        scored_by = bank if levels == DEFAULT_LEVELS else random_bank(levels)
+        scorers[label].set_scoring(scored_by, MapFusion(weight, (0.0, 1.0), (0.0, 1.0)))
     rows, tiles = {}, len(images) * args.repeats
     old_default = f"{precision}, channels-last, {OLD_DEFAULT_TEACHER} student only (old default)"
     old_model = ReverseDistillation(build_teacher(OLD_DEFAULT_TEACHER, "random")).eval()
@@ -234,7 +256,10 @@ def print_table(result: dict) -> None:
         f"teacher {result['teacher']}, batch {result['batch']}, {result['tile']}², "
         f"{result['device']} ({result['threads']} threads), torch {result['torch']}"
     )
-    ceilings = ", ".join(f"{k} {v:.0f}" for k, v in result["ceilings_gops"].items())
+    ceilings = ", ".join(
+        f"{k} {result['ceilings_gops'][k]:.0f}" if k in result["ceilings_gops"] else f"{k} –"
+        for k in ("fp32", "bf16", "int8")
+    )  # –: torch has no kernel for it on this CPU
     print(f"{result['gflop_per_tile']:.2f} GFLOP per tile; CPU ceilings (GOP/s): {ceilings}")
     print(f"{'mode':<66}{'tiles/s':>9}{'× fp32 NCHW':>13}{'× official':>12}{'ceiling':>9}")
     for name, row in result["modes"].items():

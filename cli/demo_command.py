@@ -39,6 +39,7 @@ def ensure_model(
 ) -> str:
     """The active demo model's version: the one a previous demo registered, else a new one
     trained on synthetic fabric (the fixed recipe), registered and activated."""
+    from distill.memory_bank import DEFAULT_LEVELS
     from distill.train import TrainConfig, train
     from rollscan_testing.synthetic_roll import write_training_tiles
     from storage.registry import activate_model, active_model, register_model
@@ -61,6 +62,7 @@ def ensure_model(
     config = TrainConfig(
         teacher=DEMO_TEACHER, teacher_weights=teacher_weights, tile=DEMO_TILE, epochs=epochs,
         seed=SEED, stop_patience=epochs, scorer="fused", fusion_weight=DEMO_FUSION_WEIGHT,
+        memory_levels=DEFAULT_LEVELS,
     )  # fmt: skip
     train(data, checkpoint, config)
     with ctx.session() as session:

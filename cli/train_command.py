@@ -36,8 +36,9 @@ def _train(args: argparse.Namespace) -> int:
         level_weights=tuple(args.level_weights),
         **options(args, "teacher_weights variant epochs batch lr tile seed device fpr max_minutes"),
         # not given: TrainConfig's defaults
-        **options(args, "loss scorer fusion_weight memory_size edge precision held_out",
-                  skip_none=True),
+        **options(args, "loss scorer fusion_weight memory_size memory_stride edge precision "
+                  "held_out", skip_none=True),
+        **({} if args.memory_levels is None else {"memory_levels": tuple(args.memory_levels)}),
         **({} if args.augment is None else {"augment": tuple(a for a in args.augment if a != "none")}),
     )  # fmt: skip
     card = train(args.data, args.out, config)
@@ -86,6 +87,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--fusion-weight", type=float, default=None, help="the student's share, fused")
     p.add_argument("--memory-size", type=int, default=None, help="memory bank patches")
+    p.add_argument("--memory-levels", type=int, nargs="+", default=None, metavar="L",
+                   help="the teacher's levels (0-3) the memory bank compares (default: 2 3 or 1 2 3, "
+                   "chosen by synthetic defects)")  # fmt: skip
+    p.add_argument("--memory-stride", type=int, default=None, choices=(4, 8, 16),
+                   help="input pixels per bank patch: the bank map's grid (default 8)")  # fmt: skip
     p.add_argument("--edge", default=None, help="mask or exclude tiles across the fabric edge")
     p.add_argument(
         "--held-out", default=None, choices=LazyChoices(_held_out_modes), metavar="random|last",

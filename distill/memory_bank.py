@@ -18,6 +18,10 @@ import torch.nn.functional as F
 from torch import nn
 
 DEFAULT_LEVELS = (2, 3)
+# What training chooses among when no levels are given (by synthetic defects, distill.selection):
+# the default first, since a tie keeps it (fewer channels, faster); stride 4 (level 1) adds the
+# fine texture that thin flaws need on some fabrics
+LEVEL_CHOICES = (DEFAULT_LEVELS, (1, 2, 3))
 DEFAULT_STRIDE = 8
 DEFAULT_BANK_SIZE = 4096
 # Greedy k-centre is O(candidates × bank size); candidates beyond this are a random sample.

@@ -11,6 +11,7 @@ part, so the choice means the same on a fabric nobody has labelled.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +43,13 @@ def pick_weight(trials: dict[float, dict[str, float]], tolerance: float) -> floa
     floor = trials[best]["mean"] - tolerance
     near = [w for w in SINGLE_MAP_WEIGHTS if w in trials and trials[w]["mean"] >= floor]
     return max(near, key=lambda w: (trials[w]["mean"], -w)) if near else best
+
+
+def pick_cheapest(means: Sequence[float], tolerance: float) -> int:
+    """Index of the first of `means` within `tolerance` of the best: candidates come cheapest
+    first, and a difference inside the noise does not buy a costlier one."""
+    floor = max(means) - tolerance
+    return next(i for i, mean in enumerate(means) if mean >= floor)
 
 
 @dataclass
@@ -102,6 +110,8 @@ class Selection:
     n_good: int = 0
     n_synthetic: int = 0
     tolerance: float = 0.0  # one standard error of the best mean: what counts as a tie
+    # the memory bank's level sets tried ("2,3": its chosen weight's mean figure), when several
+    levels: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {
@@ -110,7 +120,7 @@ class Selection:
             "n_good": self.n_good,
             "n_synthetic": self.n_synthetic,
             "trials": {f"{w:g}": figures for w, figures in self.trials.items()},
-        }
+        } | ({"levels": self.levels} if self.levels else {})
 
 
 def choose_fusion(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,12 +35,13 @@ from distill.memory_bank import (
     DEFAULT_BANK_SIZE,
     DEFAULT_LEVELS,
     DEFAULT_STRIDE,
+    LEVEL_CHOICES,
     MemoryBank,
     patch_embedding,
 )
 from distill.metrics import tile_scores_on
 from distill.preprocess import normalise
-from distill.selection import FUSION_WEIGHTS, Selection, choose_fusion
+from distill.selection import FUSION_WEIGHTS, Selection, choose_fusion, pick_cheapest
 from distill.student_fit import StudentFit, fit_student
 from distill.teacher import DEFAULT_TEACHER, IMAGENET_MEAN, IMAGENET_STD, build_teacher
 from distill.torch_model import ReverseDistillation
@@ -47,6 +49,7 @@ from distill.torch_model import ReverseDistillation
 SCORERS: tuple[str, ...] = ("auto", "student", "memory", "fused")
 EDGE_MODES: tuple[str, ...] = ("mask", "exclude")
 HELD_OUT_MODES: tuple[str, ...] = ("random", "last")
+MEMORY_STRIDES: tuple[int, ...] = (4, 8, 16)
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +82,9 @@ class TrainConfig:
     scorer: str = "auto"
     fusion_weight: float = 0.5
     memory_size: int = DEFAULT_BANK_SIZE
-    memory_levels: tuple[int, ...] = DEFAULT_LEVELS
+    # the teacher's levels the bank compares; None: chosen among LEVEL_CHOICES by synthetic defects
+    memory_levels: tuple[int, ...] | None = None
+    memory_stride: int = DEFAULT_STRIDE  # px of the input per bank patch (the map's grid)
     # tiles that straddle the fabric's edge: "mask" leaves their off-fabric pixels out of the
     # loss and the memory bank; "exclude" leaves such tiles out of training altogether
     edge: str = "mask"
@@ -105,8 +110,15 @@ class TrainConfig:
             raise ValueError(f"fusion weight must be in [0, 1], not {self.fusion_weight}")
         if self.memory_size < 1:
             raise ValueError(f"memory bank size must be at least 1, not {self.memory_size}")
-        if not self.memory_levels or not set(self.memory_levels) <= {0, 1, 2, 3}:
+        if self.memory_levels is not None and (
+            not self.memory_levels or not set(self.memory_levels) <= {0, 1, 2, 3}
+        ):
             raise ValueError(f"memory levels must be among 0-3, not {self.memory_levels}")
+        if self.memory_stride not in MEMORY_STRIDES or self.tile % self.memory_stride:
+            raise ValueError(
+                f"memory stride must be one of {MEMORY_STRIDES} and divide the tile "
+                f"({self.tile}), not {self.memory_stride}"
+            )
         if self.edge not in EDGE_MODES:
             raise ValueError(
                 f"unknown edge mode {self.edge!r}; choose one of {', '.join(EDGE_MODES)}"
@@ -226,28 +238,38 @@ class Trainer:
             )
         return total / max(count, 1)
 
+    @property
+    def level_choices(self) -> tuple[tuple[int, ...], ...]:
+        """The memory bank's level sets the selection tries (one when the config fixes it)."""
+        levels = self.config.memory_levels
+        return LEVEL_CHOICES if levels is None else (tuple(levels),)
+
     @torch.no_grad()
     def fit_memory_bank(
-        self, images: torch.Tensor, valid: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        valid: torch.Tensor | None = None,
+        levels: Sequence[int] = DEFAULT_LEVELS,
     ) -> MemoryBank:
-        """A coreset of the training tiles' patch features, as the detector will see them (no
-        blur, no augmentation); with `valid`, only patches whose centre lies on fabric."""
+        """A coreset of the training tiles' patch features at `levels`, as the detector will see
+        them (no blur, no augmentation); with `valid`, only patches whose centre lies on fabric."""
         self.model.eval()
         embeddings = []
         for start in range(0, images.shape[0], 16):
             x, _ = normalise(images[start : start + 16], IMAGENET_MEAN, IMAGENET_STD, self.device)
             features = self.model.teacher(x)
             size = tuple(x.shape[-2:])
-            e = patch_embedding(features, self.config.memory_levels, DEFAULT_STRIDE, size).cpu()
+            stride = self.config.memory_stride
+            e = patch_embedding(features, levels, stride, size).cpu()
             keep = None
             if valid is not None:
-                centre = DEFAULT_STRIDE // 2
+                centre = stride // 2
                 keep = _padded(valid[start : start + 16], size[-1])[
-                    :, centre::DEFAULT_STRIDE, centre::DEFAULT_STRIDE
+                    :, centre::stride, centre::stride
                 ]
             embeddings.append(e if keep is None else (e, keep))
         return MemoryBank.fit(
-            embeddings, self.config.memory_levels, size=self.config.memory_size,
+            embeddings, levels, self.config.memory_stride, size=self.config.memory_size,
             seed=self.config.seed,
         )  # fmt: skip
 
@@ -258,16 +280,28 @@ class Trainer:
         train_valid: torch.Tensor | None = None,
         held_out_valid: np.ndarray | None = None,
     ) -> Selection:
-        """Fit the memory bank when any candidate uses it, choose the fusion, attach both."""
+        """Fit the memory bank when any candidate uses it, choose the fusion, attach both.
+
+        With several level sets for the bank (`level_choices`), each gets its bank and its
+        fusion choice; the first (the cheapest) stays unless another beats it by more than one
+        standard error (`pick_cheapest`)."""
         weights = self.config.fusion_weights
-        memory = None
-        if min(weights) < 1:
-            memory = self.fit_memory_bank(train_images, train_valid)
-        self.model.set_scoring(memory, MapFusion())
-        selection = choose_fusion(
-            self.model, held_out.numpy(), IMAGENET_MEAN, IMAGENET_STD, valid=held_out_valid,
-            weights=weights, seed=self.config.seed,
-        )  # fmt: skip
+        candidates = self.level_choices if min(weights) < 1 else (None,)
+        tried = []
+        for levels in candidates:
+            memory = (
+                None if levels is None else self.fit_memory_bank(train_images, train_valid, levels)
+            )
+            self.model.set_scoring(memory, MapFusion())
+            selection = choose_fusion(
+                self.model, held_out.numpy(), IMAGENET_MEAN, IMAGENET_STD, valid=held_out_valid,
+                weights=weights, seed=self.config.seed,
+            )  # fmt: skip
+            tried.append((memory, selection, selection.trials[selection.fusion.weight]["mean"]))
+        best = max(tried, key=lambda t: t[2])[1]
+        memory, selection, _ = tried[pick_cheapest([t[2] for t in tried], best.tolerance)]
+        if len(tried) > 1:
+            selection.levels = {",".join(map(str, m.levels)): mean for m, _, mean in tried}
         self.model.set_scoring(memory if selection.fusion.uses_memory else None, selection.fusion)
         return selection
 

@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 from distill.data.synthetic_defects import write_category
+from distill.memory_bank import DEFAULT_LEVELS
 from distill.train import TrainConfig, train
 
 TWILL_SEED = 7
@@ -14,7 +15,10 @@ TRAIN_TILE = 128  # the model takes any size; small training tiles keep the suit
 # 0.25 before the one-standard-error rule; with the rule, a dozen held-out tiles make the
 # tolerance 0.017 and the bank alone is taken, which misses a planted defect; with the lite1
 # default too, the fabric's edges on a table were flagged — recorded in docs/benchmarks.md).
-RECIPE = {"teacher": "efficientnet_lite0", "scorer": "fused", "fusion_weight": 0.25}
+RECIPE = {
+    "teacher": "efficientnet_lite0", "scorer": "fused", "fusion_weight": 0.25,
+    "memory_levels": DEFAULT_LEVELS,
+}  # fmt: skip
 
 
 @pytest.fixture(scope="session")

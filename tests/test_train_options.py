@@ -13,9 +13,10 @@ from distill.checkpoint import load_detector, read_checkpoint
 from distill.data.mvtec import REGIONS_FILE, Category, load_stack
 from distill.data.synthetic_defects import write_category
 from distill.loss import DistillationLoss
+from distill.memory_bank import LEVEL_CHOICES
 from distill.metrics import tile_scores_on
-from distill.selection import auroc_standard_error, pick_weight
-from distill.train import split_held_out
+from distill.selection import auroc_standard_error, pick_cheapest, pick_weight
+from distill.train import TrainConfig, split_held_out
 
 TILE = 64
 
@@ -48,6 +49,7 @@ def _train_and_evaluate(category, tmp_path, *options):
         ("--augment", "none"),
         ("--scorer", "student"),
         ("--scorer", "memory", "--memory-size", "64"),
+        ("--scorer", "memory", "--memory-levels", "1", "3", "--memory-stride", "4"),
         ("--scorer", "fused", "--fusion-weight", "0.3"),
         ("--teacher", "efficientnet_lite1"),
         ("--teacher", "efficientnet_lite2"),
@@ -75,6 +77,13 @@ def test_each_training_option_trains_and_evaluates(category, tmp_path, options):
     )
     if "--memory-size" in options:
         assert card.memory["size"] == 64
+    if "--memory-levels" in options:  # fixed levels: nothing to choose among
+        assert (card.memory["levels"], card.memory["stride"]) == ([1, 3], 4)
+        assert "levels" not in card.metrics["selection"]
+        detector, _ = load_detector(tmp_path / "model.pt", precision="fp32")
+        assert detector.model.memory.bank.shape[1] == sum(
+            detector.model.teacher.channels[level] for level in (1, 3)
+        )
     for key, value in zip(options[::2], options[1::2], strict=False):
         if key in ("--loss", "--teacher", "--precision"):
             assert card.train_config[key[2:]] == value
@@ -91,6 +100,13 @@ def test_auto_scorer_takes_the_best_weight_on_synthetic_defects_and_calibrates_o
     noise = auroc_standard_error(top["tile_auroc"], selection["n_synthetic"], selection["n_good"])
     assert selection["tolerance"] == pytest.approx(noise / 2)
     assert card.fusion["weight"] == pick_weight(trials, selection["tolerance"])
+    # the bank's levels: each set tried, the first (the cheapest) kept unless another beats it
+    # by more than the tolerance; the chosen set's figure is the chosen weight's
+    tried = selection["levels"]
+    assert list(tried) == [",".join(map(str, levels)) for levels in LEVEL_CHOICES]
+    chosen = ",".join(map(str, card.memory["levels"]))
+    assert chosen == list(tried)[pick_cheapest(list(tried.values()), selection["tolerance"])]
+    assert tried[chosen] == pytest.approx(trials[card.fusion["weight"]]["mean"])
     # the threshold is the calibration of the held-out good tiles' scores, nothing else
     images = load_stack(Category.open(category).train, TILE)
     _, held_out = split_held_out(len(images), 0.3, 0)
@@ -98,6 +114,20 @@ def test_auto_scorer_takes_the_best_weight_on_synthetic_defects_and_calibrates_o
     scores = detector.predict(images[held_out]).scores
     assert card.threshold == pytest.approx(calibrate_threshold(scores, 0.05).threshold, rel=1e-5)
     assert card.metrics["selection"]["n_good"] == len(held_out)
+
+
+def test_the_cheapest_candidate_within_the_noise_of_the_best_is_kept():
+    assert pick_cheapest([0.95, 0.96], tolerance=0.02) == 0  # a tie: the cheaper one
+    assert pick_cheapest([0.95, 0.98], tolerance=0.02) == 1  # beyond the noise: the better one
+    assert pick_cheapest([0.97, 0.98, 0.99], tolerance=0.015) == 1
+    assert pick_cheapest([0.97, 0.96, 0.99], tolerance=0.015) == 2
+    assert pick_cheapest([0.97], tolerance=0.0) == 0
+
+
+@pytest.mark.parametrize("stride", [3, 12, 32])
+def test_a_memory_stride_that_is_not_offered_is_refused(stride):
+    with pytest.raises(ValueError, match="memory stride"):
+        TrainConfig(memory_stride=stride)
 
 
 @pytest.mark.parametrize("edge", ["mask", "exclude"])
