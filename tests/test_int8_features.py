@@ -50,6 +50,14 @@ def test_int8_keeps_the_fp32_decisions_of_a_trained_model(twill_model):
     assert abs(got["pixel_auroc"] - want["pixel_auroc"]) <= 0.005
 
 
+def _has_vnni() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # not Linux: hold the strict figure
+    return any(f in flags.split() for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
 def test_int8_maps_follow_fp32_and_a_short_batch_builds_nothing_new(tmp_path):
     model = random_checkpoint(tmp_path / "m.pt", tile=64)
     images = np.random.default_rng(0).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8)
@@ -57,7 +65,11 @@ def test_int8_maps_follow_fp32_and_a_short_batch_builds_nothing_new(tmp_path):
     int8, _ = load_detector(model, precision="int8", batch_size=4, calibration=images)
     want, got = fp32.predict(images), int8.predict(images)  # batches of 4 and 2
     assert got.maps.shape == want.maps.shape == (6, 64, 64)
-    assert np.corrcoef(want.maps.ravel(), got.maps.ravel())[0, 1] > 0.99
+    # without VNNI, OpenVINO's AVX2 int8 products (u8 × s8 pairs summed in int16) saturate on
+    # a random model's wide activations: 0.974 measured on such a CPU, > 0.99 with VNNI. A
+    # trained model's decisions hold on both (the test above passed on each)
+    floor = 0.99 if _has_vnni() else 0.95
+    assert np.corrcoef(want.maps.ravel(), got.maps.ravel())[0, 1] > floor
     assert len(int8.int8._requests) == 1  # the short batch was padded to the same shape
 
 
