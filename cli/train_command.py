@@ -21,6 +21,12 @@ def _held_out_modes() -> tuple[str, ...]:
     return HELD_OUT_MODES
 
 
+def _memory_strides() -> tuple[int, ...]:
+    from distill.train import MEMORY_STRIDES
+
+    return MEMORY_STRIDES
+
+
 def _variants() -> tuple[str, ...]:
     from distill.torch_model import VARIANTS
 
@@ -90,8 +96,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--memory-levels", type=int, nargs="+", default=None, metavar="L",
                    help="the teacher's levels (0-3) the memory bank compares (default: 2 3 or 1 2 3, "
                    "chosen by synthetic defects)")  # fmt: skip
-    p.add_argument("--memory-stride", type=int, default=None, choices=(4, 8, 16),
-                   help="input pixels per bank patch: the bank map's grid (default 8)")  # fmt: skip
+    p.add_argument("--memory-stride", type=int, default=None, choices=LazyChoices(_memory_strides),
+                   metavar="N", help="input pixels per bank patch, the bank map's grid: one of "
+                   "%(choices)s (default 8)")  # fmt: skip
     p.add_argument("--edge", default=None, help="mask or exclude tiles across the fabric edge")
     p.add_argument(
         "--held-out", default=None, choices=LazyChoices(_held_out_modes), metavar="random|last",

@@ -255,11 +255,11 @@ class Trainer:
         them (no blur, no augmentation); with `valid`, only patches whose centre lies on fabric."""
         self.model.eval()
         embeddings = []
+        stride = self.config.memory_stride
         for start in range(0, images.shape[0], 16):
             x, _ = normalise(images[start : start + 16], IMAGENET_MEAN, IMAGENET_STD, self.device)
             features = self.model.teacher(x)
             size = tuple(x.shape[-2:])
-            stride = self.config.memory_stride
             e = patch_embedding(features, levels, stride, size).cpu()
             keep = None
             if valid is not None:
