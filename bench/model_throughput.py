@@ -99,8 +99,9 @@ def gflop_per_tile(model: ReverseDistillation, tile: int) -> float:
     """Teacher + student FLOPs of one tile, by torch's FLOP counter (the map's are negligible)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    device = next(model.student.parameters()).device  # where the detectors moved it
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        teacher = model.teacher(torch.zeros(1, 3, tile, tile))
+        teacher = model.teacher(torch.zeros(1, 3, tile, tile, device=device))
         model.student(teacher)
     return counter.get_total_flops() / 1e9
 
@@ -196,6 +197,13 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
+def random_bank(model: ReverseDistillation, levels: tuple[int, ...]) -> MemoryBank:
+    """A full-size bank of random patches over the teacher's `levels`: speed ignores content."""
+    bank = MemoryBank(sum(model.teacher.channels[lv] for lv in levels), DEFAULT_BANK_SIZE, levels)
+    bank.bank.normal_(generator=torch.Generator().manual_seed(0))
+    return bank
+
+
 def memory_bank_rows(
     model: ReverseDistillation, images: np.ndarray, x: torch.Tensor, args, device, precision: str
 ) -> dict:
@@ -203,14 +211,7 @@ def memory_bank_rows(
     chooses between — the bank alone (no student to run) at each level set training chooses
     among, and a fusion — and the search alone."""
 
-    def random_bank(levels: tuple[int, ...]) -> MemoryBank:  # speed ignores the content
-        bank = MemoryBank(
-            sum(model.teacher.channels[lv] for lv in levels), DEFAULT_BANK_SIZE, levels
-        )
-        bank.bank.normal_(generator=torch.Generator().manual_seed(0))
-        return bank
-
-    bank = random_bank(DEFAULT_LEVELS)
+    bank = random_bank(model, DEFAULT_LEVELS)
     scorers = {}
     for label, weight, levels in (
         ("fused 0.5", 0.5, DEFAULT_LEVELS),
@@ -220,7 +221,7 @@ def memory_bank_rows(
     ):  # fmt: skip
         scorers[label] = ReverseDistillation(model.teacher).eval()
         scorers[label].student.load_state_dict(model.student.state_dict())
-        scored_by = bank if levels == DEFAULT_LEVELS else random_bank(levels)
+        scored_by = bank if levels == DEFAULT_LEVELS else random_bank(model, levels)
         scorers[label].set_scoring(scored_by, MapFusion(weight, (0.0, 1.0), (0.0, 1.0)))
     rows, tiles = {}, len(images) * args.repeats
     old_default = f"{precision}, channels-last, {OLD_DEFAULT_TEACHER} student only (old default)"

@@ -39,10 +39,10 @@ from storage.registry import activate_model, active_model, checkpoint_key, regis
 from storage.schema import Band, Defect, Grade, Model, Roll, Run
 from storage.settings import MERGE_GAP_MM
 from storage.zarr_rolls import open_roll
+from worker.band_scores import SCORE_SCALE
 from worker.components import merge_groups
 from worker.context import WorkerContext
 from worker.fabric_mask import Extent, quarter_fabric_mask
-from worker.scoring import SCORE_SCALE
 from worker.tiling import band_tiles
 
 AITEX_PX_PER_MM = 10.0  # nominal: the data set states no resolution

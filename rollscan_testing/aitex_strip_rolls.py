@@ -19,7 +19,7 @@ import numpy as np
 import tifffile
 
 from rollscan_testing.synthetic_roll import PlantedDefect
-from worker.scoring import SCORE_SCALE
+from worker.band_scores import SCORE_SCALE
 
 
 def _shifted(flaw: PlantedDefect, rows: int) -> PlantedDefect:

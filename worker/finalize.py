@@ -21,12 +21,12 @@ from sqlalchemy import delete, func, insert, select, update
 from storage.fabric_extents import roll_extents
 from storage.schema import Defect, Model, Roll, Run
 from storage.zarr_rolls import RollArrays
+from worker.band_scores import SCORE_SCALE
 from worker.components import DefectFinder
 from worker.context import WorkerContext
 from worker.fabric_mask import Extent, quarter_fabric_mask
 from worker.ingest import roll_arrays
 from worker.roll_threshold import BlockPeaks, run_threshold
-from worker.scoring import SCORE_SCALE
 
 log = logging.getLogger(__name__)
 

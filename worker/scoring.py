@@ -11,50 +11,20 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
-import numpy as np
 from sqlalchemy import update
 
 from storage.fabric_extents import store_extents
 from storage.schema import Band, Model, Roll, Run
+from worker.band_scores import band_scores
 from worker.context import WorkerContext, lock_bands
 from worker.fabric_mask import measure_band
 from worker.ingest import finalize_due, roll_arrays, run_tiling
 from worker.task_metrics import band_scored
-from worker.tiling import BandStitcher, band_read_window, band_tiles, cut_tiles, downsample_max
+from worker.tiling import band_read_window, band_tiles
 
 log = logging.getLogger(__name__)
-SCORE_SCALE = 4
-
-# one reader thread per process: the next batch's tiles are cut while the model computes; one
-# stitcher thread: the last batch's maps are merged while the model computes the next
-_prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollscan-prefetch")
-_stitch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollscan-stitch")
-
-
-def band_map(
-    detector, pixels: np.ndarray, window_row0: int, origins: list[tuple[int, int]],
-    band_start: int, band_stop: int, width: int, tile: int, margin: int, roll_rows: int,
-) -> np.ndarray:  # fmt: skip
-    """Full-resolution map of a band: tiles scored in batches, each batch merged by maximum
-    into the band map as it comes (one band map in memory, not every tile map as well).
-
-    Cutting the next batch and merging the last one run beside the model (numpy releases the
-    GIL), so the model waits for neither."""
-    batch = detector.batch_size
-    chunks = [origins[i : i + batch] for i in range(0, len(origins), batch)]
-    stitcher = BandStitcher(band_start, band_stop, width, tile, margin=margin, roll_rows=roll_rows)
-    future = _prefetch.submit(cut_tiles, pixels, window_row0, chunks[0], tile)
-    merged = None
-    for k, chunk in enumerate(chunks):
-        tiles = future.result()
-        if k + 1 < len(chunks):
-            future = _prefetch.submit(cut_tiles, pixels, window_row0, chunks[k + 1], tile)
-        maps = detector.predict(tiles).maps
-        if merged is not None:
-            merged.result()  # one merge at a time: the stitcher is not thread-safe
-        merged = _stitch.submit(stitcher.add, maps, chunk)
-    merged.result()
-    return stitcher.result()
+# the fabric's edges are measured on their own thread while the band is scored
+_extents = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollscan-extents")
 
 
 def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
@@ -81,12 +51,13 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
         pixels = arrays.read_rows(read_start, read_stop)
         roll_id, scales = roll.id, (roll.px_per_mm_x, roll.px_per_mm_y)
     # the fabric's edges are measured beside the model (it needs only the pixels)
-    extents = _stitch.submit(measure_band, pixels, read_start, start, stop)
+    extents = _extents.submit(measure_band, pixels, read_start, start, stop)
     detector = ctx.detector(model)
     origins = band_tiles(start, stop, rows, width, tile, stride)
     margin = (tile - stride) // 2
-    full = band_map(detector, pixels, read_start, origins, start, stop, width, tile, margin, rows)
-    quarter = downsample_max(full, SCORE_SCALE)
+    quarter, peak = band_scores(
+        detector, pixels, read_start, origins, start, stop, width, tile, margin, rows
+    )
     partial = stop - start < arrays.band_height  # only the roll's last band can be short
     arrays.write_band_scores(model.version, band_index, quarter, length=rows if partial else None)
     with ctx.session() as session:
@@ -94,7 +65,7 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
         counted = session.execute(
             update(Band)
             .where(Band.run_id == run_id, Band.band_index == band_index, Band.status != "done")
-            .values(status="done", max_score=float(full.max()), scored_at=datetime.now(UTC),
+            .values(status="done", max_score=peak, scored_at=datetime.now(UTC),
                     attempts=Band.attempts + 1)
             .returning(Band.band_index)
         ).first()  # fmt: skip
@@ -107,9 +78,7 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
                 .returning(Run.bands_done, Run.bands_total)
             ).one()
             finalize = total is not None and done == total
-    log.info(
-        "run %s band %s scored (%d tiles, max %.3f)", run_id, band_index, len(origins), full.max()
-    )
+    log.info("run %s band %s scored (%d tiles, max %.3f)", run_id, band_index, len(origins), peak)
     band_scored(len(origins))
     if finalize:
         ctx.enqueue.finalize(run_id)

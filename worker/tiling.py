@@ -208,25 +208,37 @@ class BandStitcher:
             raise ValueError(f"empty band [{band_start}, {band_stop}) × {width}")
         self.band_start, self.band_stop, self.width, self.tile = band_start, band_stop, width, tile
         self.margin, self.roll_rows = margin, roll_rows
-        self.out = np.full((band_stop - band_start, width), -np.inf, dtype=np.float32)
-        self.covered = np.zeros(self.out.shape, dtype=bool)
+        self.shape = (band_stop - band_start, width)
+        self._allocate()
+
+    def _allocate(self) -> None:
+        """The band map, all -inf, and which of its pixels a tile has covered."""
+        self.out = np.full(self.shape, -np.inf, dtype=np.float32)
+        self.covered = np.zeros(self.shape, dtype=bool)
 
     def add(self, maps: np.ndarray, origins: Sequence[tuple[int, int]]) -> None:
         """Merge tile maps (N, tile, tile), in the order of `origins`, into the band map."""
-        maps, tile, m, b0 = np.asarray(maps), self.tile, self.margin, self.band_start
+        maps, tile, b0 = np.asarray(maps), self.tile, self.band_start
         if maps.shape != (len(origins), tile, tile):
             raise ValueError(f"maps must be ({len(origins)}, {tile}, {tile}), got {maps.shape}")
         for tile_map, (r, c) in zip(maps, origins, strict=True):
-            trim_bottom = m if self.roll_rows is not None and r + tile < self.roll_rows else 0
-            top = max(r + (m if r > 0 else 0), b0)
-            bottom = min(r + tile - trim_bottom, self.band_stop)
-            left = c + (m if c > 0 else 0)
-            right = min(c + tile - (m if c + tile < self.width else 0), self.width)
-            if top >= bottom or left >= right:
+            if (window := self.crop_window(r, c)) is None:
                 continue  # a tile of the halo only
+            top, bottom, left, right = window
             dst = self.out[top - b0 : bottom - b0, left:right]
             np.maximum(dst, tile_map[top - r : bottom - r, left - c : right - c], out=dst)
             self.covered[top - b0 : bottom - b0, left:right] = True
+
+    def crop_window(self, r: int, c: int) -> tuple[int, int, int, int] | None:
+        """The absolute rows [top, bottom) × columns [left, right) the tile at (r, c) gives the
+        band after cropping and trimming; None for a tile that gives it nothing."""
+        tile, m = self.tile, self.margin
+        trim_bottom = m if self.roll_rows is not None and r + tile < self.roll_rows else 0
+        top = max(r + (m if r > 0 else 0), self.band_start)
+        bottom = min(r + tile - trim_bottom, self.band_stop)
+        left = c + (m if c > 0 else 0)
+        right = min(c + tile - (m if c + tile < self.width else 0), self.width)
+        return None if top >= bottom or left >= right else (top, bottom, left, right)
 
     def result(self) -> np.ndarray:
         """The band map; ValueError if some pixel of the band is covered by no tile."""
