@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from distill.anomaly_map import tile_scores
+from distill.fold import folded_copy
 from distill.int8_features import Int8Features, int8_available
 from distill.preprocess import as_batch, normalise
 from distill.torch_model import ReverseDistillation
@@ -101,6 +102,9 @@ class Detector:
         self.threshold = threshold
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=memory_format)
+        # the eager path scores with a copy whose BatchNorms are folded into their convolutions
+        # (inductor's freezing and OpenVINO fold their own); `model` stays as it is
+        self._eager = self.model if compile or self.int8 is not None else folded_copy(self.model)
         self.compiled = None
         if compile and self.int8 is not None:
             self.compiled = torch.compile(self.model.maps)
@@ -144,8 +148,8 @@ class Detector:
             x = x.contiguous(memory_format=torch.channels_last)
         if self.compiled is not None:
             return self.compiled(x)[:n, :h, :w]
-        teacher, student = mixed_precision_features(self.model, x, self.bf16)
-        maps = self.model.maps(teacher, student, tuple(x.shape[-2:]))
+        teacher, student = mixed_precision_features(self._eager, x, self.bf16)
+        maps = self._eager.maps(teacher, student, tuple(x.shape[-2:]))
         return maps[:, :h, :w]
 
     def iter_batches(self, images: np.ndarray | torch.Tensor) -> Iterator[torch.Tensor]:
