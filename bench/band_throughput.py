@@ -79,8 +79,8 @@ def measure(args: argparse.Namespace) -> dict:
     detector = Detector(model, IMAGENET_MEAN, IMAGENET_STD, device=device,
                         precision=args.precision, batch_size=args.batch, compile=args.compile)  # fmt: skip
     rows = args.band_rows
-    _, read_start, _ = score_whole_band(detector, np.zeros((1, 1), np.uint8), rows, args.width)
-    pixels = fabric_band(2 * rows - read_start + rows, args.width)  # halo above, roll end below
+    read_start, _ = band_read_window(rows, 2 * rows, 3 * rows)  # score_whole_band's band
+    pixels = fabric_band(3 * rows - read_start, args.width)  # its halo above, the roll's end
     origins, read_start, band = score_whole_band(detector, pixels, rows, args.width)
     tiles = as_batch(cut_tiles(pixels, read_start, origins)).to(device)
     batches = [tiles[i : i + args.batch] for i in range(0, len(tiles), args.batch)]

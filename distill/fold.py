@@ -89,8 +89,9 @@ def folded_copy(model: nn.Module) -> nn.Module:
     example = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         features = model.teacher(example)
-    backbone = fold_batch_norms(model.teacher.backbone, example)
-    student = fold_batch_norms(model.student, features)
-    out = copy.deepcopy(model)
-    out.teacher.backbone, out.student = backbone, student
-    return out
+    folded = {
+        id(part): fold_batch_norms(part, example_in)
+        for part, example_in in ((model.teacher.backbone, example), (model.student, features))
+    }
+    # the rest copied around the folded parts (already copies), not copied a second time
+    return copy.deepcopy(model, {k: v for k, v in folded.items() if id(v) != k})

@@ -1,6 +1,6 @@
 """A band's map built on a device (worker/band_scores.py, `DeviceStitcher`): the same
 values as the numpy path, checked here with torch on the CPU — a GPU runs the same torch code
-(bench/gpu_band.py checks it there against the CPU)."""
+(bench/band_throughput.py checks it there against the CPU)."""
 
 from __future__ import annotations
 

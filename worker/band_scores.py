@@ -59,9 +59,8 @@ class DeviceStitcher(BandStitcher):
         boxes = [(r, c, *(self.crop_window(r, c) or (0, 0, 0, 0))) for r, c in origins]
         r, c, top, bottom, left, right = _on_device(boxes, self.device).T[:, :, None]
         rows, cols = r + self._offsets, c + self._offsets  # (N, tile) each
-        inside = ((rows >= top) & (rows < bottom))[:, :, None] & ((cols >= left) & (cols < right))[
-            :, None, :
-        ]
+        in_rows, in_cols = (rows >= top) & (rows < bottom), (cols >= left) & (cols < right)
+        inside = in_rows[:, :, None] & in_cols[:, None, :]  # (N, tile, tile)
         flat = (rows - self.band_start)[:, :, None] * self.width + cols[:, None, :]
         index = torch.where(inside, flat, self._spill).flatten()
         values = maps.float().flatten()
