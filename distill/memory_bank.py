@@ -123,7 +123,10 @@ class MemoryBank(nn.Module):
     def forward(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
         """(B, H/stride, W/stride) float32 distances to the nearest bank patch, for an (H, W)
         input whose teacher features these are."""
-        embedding = self.embed(features, size)
+        return self.distances(self.embed(features, size))
+
+    def distances(self, embedding: torch.Tensor) -> torch.Tensor:
+        """(B, h, w) float32 distances to the nearest bank patch of (B, C, h, w) patch embeddings."""
         b, c, h, w = embedding.shape
         queries = embedding.permute(0, 2, 3, 1).reshape(-1, c).float()
         # float32 even under the detector's bf16 autocast: the expanded form |q|² + |b|² − 2q·b

@@ -46,6 +46,8 @@ def test_a_patch_in_the_bank_scores_zero_and_a_stranger_scores_its_distance():
     )
     assert torch.allclose(distance.reshape(-1), nearest, rtol=1e-4)
     assert distance.min() > 100
+    # the search alone, given the embedding (what bench/bank_levers.py scores its variants by)
+    assert torch.equal(bank.distances(patch_embedding(stranger, (0,), 8, (32, 32))), distance)
 
 
 def test_fit_keeps_only_patches_on_fabric():

@@ -1,0 +1,173 @@
+"""The memory bank's levers on real fabric without retraining: selection and test figures.
+
+    python bench/bank_levers.py [--tiles runs/aitex/tiles] [--fabric 00 …] [--teacher NAME]
+        [--lever base levels123 level-norm levels123-norm channel-std k3 bank16k zoom0.5 …]
+        [--threads N] [--json OUT]
+
+Per fabric (tiles from `rollscan datasets import-aitex`), the tiles are loaded once: the
+training split `rollscan train` makes (70 % train the bank, 30 % are held out), synthetic
+defects pasted on the held-out good tiles, and the test tiles. For every lever the teacher's
+patch embeddings are computed, a bank fitted (the product's greedy coreset) and both sets
+scored. "syn" is what a choice may be made by (tile / pixel AUROC on the held-out tiles and
+their synthetic defects); "test" is the fabric's test set, printed to be measured, never to
+choose.
+
+Levers: `levels123` the bank over levels 1 2 3; `level-norm` each level scaled to a unit
+root-mean-square norm over the good patches (so the levels weigh alike), `levels123-norm`
+both; `channel-std` every channel standardised by the good patches; `k3` the mean distance to
+the 3 nearest patches; `bank16k` 16,384 patches; `zoomS` the tile resized by S before the
+teacher (the map brought back to the tile's size).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distill.anomaly_map import AnomalyMap
+from distill.data.mvtec import Category, load_mask, load_stack
+from distill.data.synthetic_defects import paste_defects
+from distill.memory_bank import DEFAULT_BANK_SIZE, MemoryBank, patch_embedding
+from distill.metrics import image_auroc, pixel_auroc, tile_scores_on
+from distill.preprocess import normalise
+from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher
+from distill.train import TrainConfig, split_held_out
+
+LEVERS = ("base", "levels123", "level-norm", "levels123-norm", "channel-std", "k3", "bank16k",
+          "zoom0.5", "zoom0.75", "zoom1.5")  # fmt: skip
+STRIDE, TILE = 8, 256
+
+
+@torch.no_grad()
+def embeddings(teacher, images: np.ndarray, levels, zoom: float = 1.0) -> torch.Tensor:
+    """(N, C, g, g) patch embeddings of 256² tiles, g = 32 · zoom (PatchCore's, as the product's)."""
+    out, side = [], STRIDE * round(TILE // STRIDE * zoom)
+    for start in range(0, len(images), 16):
+        batch = torch.from_numpy(images[start : start + 16])
+        x, _ = normalise(batch, IMAGENET_MEAN, IMAGENET_STD, torch.device("cpu"))
+        if side != TILE:
+            x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=zoom < 1)
+        out.append(patch_embedding(teacher(x), levels, STRIDE, (side, side)))
+    return torch.cat(out)
+
+
+def _rows(e: torch.Tensor) -> torch.Tensor:
+    return e.permute(0, 2, 3, 1).reshape(-1, e.shape[1])
+
+
+def nearest_k(bank: MemoryBank, e: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, g, g) mean distance to the k nearest bank patches (k = 1: the product's search)."""
+    if k == 1:
+        return bank.distances(e)
+    d = torch.cdist(_rows(e), bank.bank).topk(k, dim=1, largest=False).values.mean(dim=1)
+    return d.reshape(e.shape[0], *e.shape[-2:])
+
+
+def auroc_pair(maps: np.ndarray, labels, masks, valid) -> tuple[float, float]:
+    return image_auroc(tile_scores_on(maps, valid), labels), pixel_auroc(maps, masks, valid=valid)
+
+
+class FabricSets:
+    """One fabric's tiles as the selection and the evaluation see them."""
+
+    def __init__(self, folder: Path, seed: int = 0) -> None:
+        category = Category.open(folder)
+        images = load_stack(category.train, TILE)
+        valid = category.valid_masks(category.train, TILE)
+        train, held = split_held_out(len(images), TrainConfig.val_ratio, seed)
+        self.train, self.train_valid = images[train], valid[train]
+        good, good_valid = images[held], valid[held]
+        synthetic, synthetic_masks = paste_defects(good[good_valid.all(axis=(1, 2))], seed=seed)
+        self.selection = np.concatenate([good, synthetic])
+        self.selection_labels = np.r_[np.zeros(len(good)), np.ones(len(synthetic))]
+        self.selection_masks = np.concatenate([np.zeros_like(good_valid), synthetic_masks])
+        self.selection_valid = np.concatenate([good_valid, np.ones_like(synthetic_masks)])
+        samples = category.test
+        self.test = load_stack([s.path for s in samples], TILE)
+        self.test_labels = np.array([s.label for s in samples])
+        self.test_masks = np.stack([load_mask(s.mask_path, (TILE, TILE)) for s in samples])
+        self.test_valid = category.valid_masks([s.path for s in samples], TILE)
+
+
+def level_widths(teacher, levels) -> list[int]:
+    with torch.no_grad():
+        features = teacher(torch.zeros(1, 3, 64, 64))
+    return [features[level].shape[1] for level in levels]
+
+
+def measure(teacher, sets: FabricSets, lever: str) -> dict:
+    """One lever's bank, fitted on the training tiles and scored on both sets."""
+    levels = (1, 2, 3) if lever.startswith("levels123") else (2, 3)
+    zoom = float(lever[4:]) if lever.startswith("zoom") else 1.0
+    train = embeddings(teacher, sets.train, levels, zoom)
+    grid = train.shape[-1]
+    centres = ((torch.arange(grid) + 0.5) * TILE / grid).long()  # the patches' centre pixels
+    keep = torch.from_numpy(sets.train_valid)[:, centres][:, :, centres]
+    patches = _rows(train)[keep.flatten()]
+    shift, scale = torch.zeros(train.shape[1]), torch.ones(train.shape[1])
+    if lever == "channel-std":
+        shift, scale = patches.mean(dim=0), patches.std(dim=0).clamp_min(1e-6)
+    elif lever.endswith("-norm"):
+        start = 0
+        for width in level_widths(teacher, levels):
+            scale[start : start + width] = (
+                patches[:, start : start + width].square().sum(1).mean().sqrt()
+            )
+            start += width
+
+    def standard(e: torch.Tensor) -> torch.Tensor:
+        return (e - shift[:, None, None]) / scale[:, None, None]
+
+    size = 16384 if lever == "bank16k" else DEFAULT_BANK_SIZE
+    bank = MemoryBank.fit([(standard(train), keep)], levels, STRIDE, size)
+    smooth, k = AnomalyMap(), 3 if lever == "k3" else 1
+
+    def maps(images: np.ndarray) -> np.ndarray:
+        e = standard(embeddings(teacher, images, levels, zoom))
+        return smooth.upsampled(nearest_k(bank, e, k), (TILE, TILE)).numpy()
+
+    return {
+        "syn": auroc_pair(maps(sets.selection), sets.selection_labels, sets.selection_masks,
+                          sets.selection_valid),
+        "test": auroc_pair(maps(sets.test), sets.test_labels, sets.test_masks, sets.test_valid),
+    }  # fmt: skip
+
+
+def main() -> None:
+    root = Path(__file__).resolve().parents[1]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiles", type=Path, default=root / "runs" / "aitex" / "tiles")
+    p.add_argument("--fabric", action="append", default=None)
+    p.add_argument("--teacher", default=TrainConfig.teacher, choices=sorted(TEACHERS))
+    p.add_argument("--lever", nargs="+", default=list(LEVERS), choices=LEVERS)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    teacher = build_teacher(args.teacher, None, seed=0).eval()
+    fabrics = args.fabric or sorted(d.name[6:] for d in args.tiles.glob("fabric*"))
+    results: dict[str, dict] = {}
+    print(f"{'fabric':<7}{'lever':<13}{'syn tile':>9}{'syn px':>8}{'test tile':>10}"
+          f"{'test px':>8}{'s':>6}")  # fmt: skip
+    for fabric in fabrics:
+        sets = FabricSets(args.tiles / f"fabric{fabric}")
+        for lever in args.lever:
+            started = time.perf_counter()
+            row = measure(teacher, sets, lever)
+            results.setdefault(fabric, {})[lever] = row
+            (st, sp), (tt, tp) = row["syn"], row["test"]
+            print(f"{fabric:<7}{lever:<13}{st:>9.4f}{sp:>8.4f}{tt:>10.4f}{tp:>8.4f}"
+                  f"{time.perf_counter() - started:>6.0f}", flush=True)  # fmt: skip
+    if args.json:
+        args.json.write_text(json.dumps({"teacher": args.teacher, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
