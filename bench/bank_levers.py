@@ -6,9 +6,9 @@
 
 Per fabric (tiles from `rollscan datasets import-aitex`), the tiles are loaded once: the
 training split `rollscan train` makes (70 % train the bank, 30 % are held out), synthetic
-defects pasted on the held-out good tiles, and the test tiles. For every lever the teacher's
-patch embeddings are computed, a bank fitted (the product's greedy coreset) and both sets
-scored. "syn" is what a choice may be made by (tile / pixel AUROC on the held-out tiles and
+defects pasted on the held-out good tiles, and the test tiles; the teacher's patch embeddings
+once per level set and zoom. For every lever a bank is fitted (the product's greedy coreset)
+and both sets scored. "syn" is what a choice may be made by (tile / pixel AUROC on the held-out tiles and
 their synthetic defects); "test" is the fabric's test set, printed to be measured, never to
 choose.
 
@@ -93,19 +93,25 @@ class FabricSets:
         self.test_labels = np.array([s.label for s in samples])
         self.test_masks = np.stack([load_mask(s.mask_path, (TILE, TILE)) for s in samples])
         self.test_valid = category.valid_masks([s.path for s in samples], TILE)
+        self._embedded: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
-
-def level_widths(teacher, levels) -> list[int]:
-    with torch.no_grad():
-        features = teacher(torch.zeros(1, 3, 64, 64))
-    return [features[level].shape[1] for level in levels]
+    def embedded(self, teacher, levels, zoom: float) -> tuple[torch.Tensor, ...]:
+        """(train, selection, test) embeddings, computed once per level set and zoom: most
+        levers share them and differ only in the bank."""
+        key = (tuple(levels), zoom)
+        if key not in self._embedded:
+            self._embedded[key] = tuple(
+                embeddings(teacher, images, levels, zoom)
+                for images in (self.train, self.selection, self.test)
+            )
+        return self._embedded[key]
 
 
 def measure(teacher, sets: FabricSets, lever: str) -> dict:
     """One lever's bank, fitted on the training tiles and scored on both sets."""
     levels = (1, 2, 3) if lever.startswith("levels123") else (2, 3)
     zoom = float(lever[4:]) if lever.startswith("zoom") else 1.0
-    train = embeddings(teacher, sets.train, levels, zoom)
+    train, selection, test = sets.embedded(teacher, levels, zoom)
     grid = train.shape[-1]
     centres = ((torch.arange(grid) + 0.5) * TILE / grid).long()  # the patches' centre pixels
     keep = torch.from_numpy(sets.train_valid)[:, centres][:, :, centres]
@@ -115,7 +121,7 @@ def measure(teacher, sets: FabricSets, lever: str) -> dict:
         shift, scale = patches.mean(dim=0), patches.std(dim=0).clamp_min(1e-6)
     elif lever.endswith("-norm"):
         start = 0
-        for width in level_widths(teacher, levels):
+        for width in (teacher.channels[level] for level in levels):
             scale[start : start + width] = (
                 patches[:, start : start + width].square().sum(1).mean().sqrt()
             )
@@ -128,14 +134,13 @@ def measure(teacher, sets: FabricSets, lever: str) -> dict:
     bank = MemoryBank.fit([(standard(train), keep)], levels, STRIDE, size)
     smooth, k = AnomalyMap(), 3 if lever == "k3" else 1
 
-    def maps(images: np.ndarray) -> np.ndarray:
-        e = standard(embeddings(teacher, images, levels, zoom))
-        return smooth.upsampled(nearest_k(bank, e, k), (TILE, TILE)).numpy()
+    def maps(e: torch.Tensor) -> np.ndarray:
+        return smooth.upsampled(nearest_k(bank, standard(e), k), (TILE, TILE)).numpy()
 
     return {
-        "syn": auroc_pair(maps(sets.selection), sets.selection_labels, sets.selection_masks,
+        "syn": auroc_pair(maps(selection), sets.selection_labels, sets.selection_masks,
                           sets.selection_valid),
-        "test": auroc_pair(maps(sets.test), sets.test_labels, sets.test_masks, sets.test_valid),
+        "test": auroc_pair(maps(test), sets.test_labels, sets.test_masks, sets.test_valid),
     }  # fmt: skip
 
 

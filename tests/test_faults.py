@@ -42,7 +42,7 @@ from storage.schema import Frame, Roll
 
 SCORE_RECEIVED = r"Task rollscan\.score\[([0-9a-f-]+)\] received"
 SCORE_RETRY = r"rollscan\.score\(.*\): transient error, retry in"
-OUTAGE_S = 6
+OUTAGE_S = 6  # how long the S3 and broker outages last once they have hit the roll
 
 
 @dataclass
