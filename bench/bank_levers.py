@@ -2,7 +2,7 @@
 
     python bench/bank_levers.py [--tiles runs/aitex/tiles] [--fabric 00 …] [--teacher NAME]
         [--lever base levels123 level-norm levels123-norm channel-std k3 bank16k zoom0.5 …]
-        [--threads N] [--json OUT]
+        [--levels 2 3] [--threads N] [--json OUT]
 
 Per fabric (tiles from `rollscan datasets import-aitex`), the tiles are loaded once: the
 training split `rollscan train` makes (70 % train the bank, 30 % are held out), synthetic
@@ -16,7 +16,11 @@ Levers: `levels123` the bank over levels 1 2 3; `level-norm` each level scaled t
 root-mean-square norm over the good patches (so the levels weigh alike), `levels123-norm`
 both; `channel-std` every channel standardised by the good patches; `k3` the mean distance to
 the 3 nearest patches; `bank16k` 16,384 patches; `zoomS` the tile resized by S before the
-teacher (the map brought back to the tile's size).
+teacher (the map brought back to the tile's size). The teacher's precision, measured against
+`base` (`--levels` sets both: the levels a fabric's model chose): `bf16-queries` the teacher in
+bf16 (BatchNorms folded, as the eager detector runs it) against the float32 bank; `bf16-refit` a
+bank fitted afresh on those bf16 features; `bf16-twin` the float32 coreset's patches as the bf16
+teacher computes them (`MemoryBank.twin`, what `rollscan train` stores and a bf16 worker reads).
 """
 
 from __future__ import annotations
@@ -33,14 +37,16 @@ import torch.nn.functional as F
 from distill.anomaly_map import AnomalyMap
 from distill.data.mvtec import Category, load_mask, load_stack
 from distill.data.synthetic_defects import paste_defects
+from distill.fold import folded_copy
 from distill.memory_bank import DEFAULT_BANK_SIZE, MemoryBank, patch_embedding
 from distill.metrics import image_auroc, pixel_auroc, tile_scores_on
 from distill.preprocess import normalise
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher
+from distill.torch_model import ReverseDistillation
 from distill.train import TrainConfig, split_held_out
 
 LEVERS = ("base", "levels123", "level-norm", "levels123-norm", "channel-std", "k3", "bank16k",
-          "zoom0.5", "zoom0.75", "zoom1.5")  # fmt: skip
+          "zoom0.5", "zoom0.75", "zoom1.5", "bf16-queries", "bf16-refit", "bf16-twin")  # fmt: skip
 STRIDE, TILE = 8, 256
 
 
@@ -96,9 +102,9 @@ class FabricSets:
         self._embedded: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
     def embedded(self, teacher, levels, zoom: float) -> tuple[torch.Tensor, ...]:
-        """(train, selection, test) embeddings, computed once per level set and zoom: most
-        levers share them and differ only in the bank."""
-        key = (tuple(levels), zoom)
+        """(train, selection, test) embeddings, computed once per teacher, level set and zoom:
+        most levers share them and differ only in the bank."""
+        key = (id(teacher), tuple(levels), zoom)
         if key not in self._embedded:
             self._embedded[key] = tuple(
                 embeddings(teacher, images, levels, zoom)
@@ -107,11 +113,28 @@ class FabricSets:
         return self._embedded[key]
 
 
-def measure(teacher, sets: FabricSets, lever: str) -> dict:
+class Bf16Teacher:
+    """The teacher as the eager bf16 detector runs it: BatchNorms folded, under autocast."""
+
+    def __init__(self, teacher) -> None:
+        self.teacher = folded_copy(ReverseDistillation(teacher)).teacher
+        self.channels = teacher.channels
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.teacher(x)
+
+
+def measure(teacher, sets: FabricSets, lever: str, base_levels=(2, 3), bf16=None) -> dict:
     """One lever's bank, fitted on the training tiles and scored on both sets."""
-    levels = (1, 2, 3) if lever.startswith("levels123") else (2, 3)
+    levels = (1, 2, 3) if lever.startswith("levels123") else tuple(base_levels)
     zoom = float(lever[4:]) if lever.startswith("zoom") else 1.0
     train, selection, test = sets.embedded(teacher, levels, zoom)
+    if lever.startswith("bf16"):
+        bf16 = bf16 or Bf16Teacher(teacher)
+        train16, selection, test = sets.embedded(bf16, levels, zoom)
+        if lever == "bf16-refit":
+            train = train16
     grid = train.shape[-1]
     centres = ((torch.arange(grid) + 0.5) * TILE / grid).long()  # the patches' centre pixels
     keep = torch.from_numpy(sets.train_valid)[:, centres][:, :, centres]
@@ -131,7 +154,10 @@ def measure(teacher, sets: FabricSets, lever: str) -> dict:
         return (e - shift[:, None, None]) / scale[:, None, None]
 
     size = 16384 if lever == "bank16k" else DEFAULT_BANK_SIZE
-    bank = MemoryBank.fit([(standard(train), keep)], levels, STRIDE, size)
+    twins = [standard(train16)] if lever == "bf16-twin" else None
+    bank = MemoryBank.fit([(standard(train), keep)], levels, STRIDE, size, twins=twins)
+    if twins:
+        bank.use_twin()
     smooth, k = AnomalyMap(), 3 if lever == "k3" else 1
 
     def maps(e: torch.Tensor) -> np.ndarray:
@@ -151,12 +177,14 @@ def main() -> None:
     p.add_argument("--fabric", action="append", default=None)
     p.add_argument("--teacher", default=TrainConfig.teacher, choices=sorted(TEACHERS))
     p.add_argument("--lever", nargs="+", default=list(LEVERS), choices=LEVERS)
+    p.add_argument("--levels", type=int, nargs="+", default=[2, 3], help="the base levels")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     teacher = build_teacher(args.teacher, None, seed=0).eval()
+    bf16 = Bf16Teacher(teacher)
     fabrics = args.fabric or sorted(d.name[6:] for d in args.tiles.glob("fabric*"))
     results: dict[str, dict] = {}
     print(f"{'fabric':<7}{'lever':<13}{'syn tile':>9}{'syn px':>8}{'test tile':>10}"
@@ -165,7 +193,7 @@ def main() -> None:
         sets = FabricSets(args.tiles / f"fabric{fabric}")
         for lever in args.lever:
             started = time.perf_counter()
-            row = measure(teacher, sets, lever)
+            row = measure(teacher, sets, lever, args.levels, bf16)
             results.setdefault(fabric, {})[lever] = row
             (st, sp), (tt, tp) = row["syn"], row["test"]
             print(f"{fabric:<7}{lever:<13}{st:>9.4f}{sp:>8.4f}{tt:>10.4f}{tp:>8.4f}"

@@ -18,7 +18,8 @@ two in flight); the official path scores one batch a call, as its own loop does.
 `--memory-bank` adds, at the best precision and layout, the default detector (the student's map
 fused with a 4,096-patch memory bank's) against the old default — an `efficientnet_lite0`
 student's map alone, whatever `--teacher` is (the reference of issues 11 and 15) — and the
-bank's nearest-neighbour search by itself (teacher features given).
+bank's nearest-neighbour search by itself (teacher features given). In bf16 the bank-alone rows
+come twice: the teacher in float32 (a bank without a bf16 twin) and in bf16 (with one).
 
 Random teacher weights unless --teacher-weights is given: speed does not depend on them.
 """
@@ -175,9 +176,10 @@ def measure(args: argparse.Namespace) -> dict:
     reference = rows["fp32, NCHW"]["tiles_per_s"]
     gflop = gflop_per_tile(model, args.tile)
     for name, row in rows.items():
-        # the fraction of the ceiling of the row's own precision (the official path's is fp32)
+        # the fraction of the ceiling of the row's own precision (the official path's is fp32);
+        # not for the memory-bank rows, whose models (no student, another teacher) differ
         precision = "fp32" if name == OFFICIAL else name.split(" ")[0].rstrip(",")
-        if precision in ceilings:
+        if precision in ceilings and "vs_old_default" not in row and "ms_per_tile" not in row:
             row["ceiling_fraction"] = row["tiles_per_s"] * gflop / ceilings[precision]
         row["vs_fp32_nchw"] = row["tiles_per_s"] / reference
         # against the official scoring path measured in this run, never a figure from elsewhere
@@ -197,10 +199,15 @@ def measure(args: argparse.Namespace) -> dict:
     }
 
 
-def random_bank(model: ReverseDistillation, levels: tuple[int, ...]) -> MemoryBank:
-    """A full-size bank of random patches over the teacher's `levels`: speed ignores content."""
+def random_bank(
+    model: ReverseDistillation, levels: tuple[int, ...], twin: bool = False
+) -> MemoryBank:
+    """A full-size bank of random patches over the teacher's `levels` (with a bf16 twin: the
+    teacher then runs in bf16 under a bf16 detector): speed ignores content."""
     bank = MemoryBank(sum(model.teacher.channels[lv] for lv in levels), DEFAULT_BANK_SIZE, levels)
     bank.bank.normal_(generator=torch.Generator().manual_seed(0))
+    if twin:
+        bank.twin = bank.bank.clone()
     return bank
 
 
@@ -212,16 +219,18 @@ def memory_bank_rows(
     among, and a fusion — and the search alone."""
 
     bank = random_bank(model, DEFAULT_LEVELS)
+    twins = (False, True) if precision == "bf16" else (False,)  # a twin changes only bf16
     scorers = {}
-    for label, weight, levels in (
-        ("fused 0.5", 0.5, DEFAULT_LEVELS),
-        ("memory bank alone", 0.0, DEFAULT_LEVELS),
-        *((f"memory bank alone, levels {' '.join(map(str, lv))}", 0.0, lv)
-          for lv in LEVEL_CHOICES if lv != DEFAULT_LEVELS),
+    for label, weight, levels, twin in (
+        ("fused 0.5", 0.5, DEFAULT_LEVELS, False),
+        *((f"memory bank alone{', bf16 twin' * twin}", 0.0, DEFAULT_LEVELS, twin) for twin in twins),
+        *((f"memory bank alone, levels {' '.join(map(str, lv))}{', bf16 twin' * twin}", 0.0, lv, twin)
+          for lv in LEVEL_CHOICES if lv != DEFAULT_LEVELS for twin in twins),
     ):  # fmt: skip
         scorers[label] = ReverseDistillation(model.teacher).eval()
         scorers[label].student.load_state_dict(model.student.state_dict())
-        scored_by = bank if levels == DEFAULT_LEVELS else random_bank(model, levels)
+        plain = levels == DEFAULT_LEVELS and not twin
+        scored_by = bank if plain else random_bank(model, levels, twin)
         scorers[label].set_scoring(scored_by, MapFusion(weight, (0.0, 1.0), (0.0, 1.0)))
     rows, tiles = {}, len(images) * args.repeats
     old_default = f"{precision}, channels-last, {OLD_DEFAULT_TEACHER} student only (old default)"
@@ -229,7 +238,7 @@ def memory_bank_rows(
     runs = [(old_default, old_model, {"precision": precision})]
     for label, net in scorers.items():
         runs.append((f"{precision}, channels-last, {label}", net, {"precision": precision}))
-        if args.compile:
+        if args.compile and "twin" not in label:  # compiled, the teacher stays float32
             runs.append((f"{precision}, compiled, {label}", net,
                          {"precision": precision, "compile": True}))  # fmt: skip
     if args.int8:  # the bank alone has no student to quantize: only the fusion gains

@@ -77,6 +77,8 @@ def save_checkpoint(
     payload = {"card": asdict(card), "student": model.student.state_dict()}
     if model.memory is not None:
         payload["memory_bank"] = model.memory.bank.detach().cpu()
+        if model.memory.twin is not None:
+            payload["memory_bank_bf16"] = model.memory.twin.detach().cpu()
     if calibration_tiles is not None:
         payload["calibration_tiles"] = calibration_tiles.detach().cpu()
     tmp = path.with_name(f".{path.name}.tmp")
@@ -120,9 +122,9 @@ def _check_card(card: ModelCard) -> None:
 def read_checkpoint(source: str | Path | bytes) -> tuple[ModelCard, dict[str, torch.Tensor]]:
     """Read the card and the student's weights without building anything.
 
-    The memory bank and the calibration tiles, when the checkpoint has them, come back under
-    the keys ``memory_bank`` and ``calibration_tiles`` of the state (they are not the
-    student's)."""
+    The memory bank, its bf16 twin and the calibration tiles, when the checkpoint has them, come
+    back under the keys ``memory_bank``, ``memory_bank_bf16`` and ``calibration_tiles`` of the
+    state (they are not the student's)."""
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         payload = torch.load(stream, map_location="cpu", weights_only=True)
@@ -139,7 +141,7 @@ def read_checkpoint(source: str | Path | bytes) -> tuple[ModelCard, dict[str, to
         raise CheckpointError(f"checkpoint card does not fit this version: {exc}") from exc
     _check_card(card)
     state = dict(payload["student"])
-    for key in ("memory_bank", "calibration_tiles"):
+    for key in ("memory_bank", "memory_bank_bf16", "calibration_tiles"):
         if key in payload:
             state[key] = payload[key]
     return card, state
@@ -179,6 +181,7 @@ def _load(
         )
     model = ReverseDistillation(teacher, card.variant, sigma=card.sigma)
     bank = student_state.pop("memory_bank", None)
+    twin = student_state.pop("memory_bank_bf16", None)
     model.student.load_state_dict(student_state)
     memory = None
     if card.memory is not None:
@@ -188,6 +191,10 @@ def _load(
             bank.shape[1], bank.shape[0], card.memory["levels"], card.memory["stride"]
         )
         memory.bank.copy_(bank)
+        if twin is not None:  # checkpoints before the twin have none: bf16 keeps a float32 teacher
+            if twin.shape != bank.shape or not torch.isfinite(twin).all():
+                raise CheckpointError("checkpoint's bf16 twin of the memory bank is not usable")
+            memory.twin = twin.float().clone()
     model.set_scoring(memory, fusion_of(card))
     return model.eval(), card, calibration
 

@@ -1,7 +1,7 @@
 """Fast scoring: inference mode, channels-last, bf16 autocast where the device has it, batches.
 
 The features run in the fast precision (the teacher in float32 where the memory bank reads its
-features, see `mixed_precision_features`); the anomaly map (cosine, nearest-neighbour distances,
+features and has no bf16 twin, see `mixed_precision_features`); the anomaly map (cosine, nearest-neighbour distances,
 upsampling, smoothing) always runs in float32, so bf16 moves scores by rounding only and not by accumulated error in the map.
 """
 
@@ -105,6 +105,11 @@ class Detector:
         # the eager path scores with a copy whose BatchNorms are folded into their convolutions
         # (inductor's freezing and OpenVINO fold their own); `model` stays as it is
         self._eager = self.model if compile or self.int8 is not None else folded_copy(self.model)
+        if self.bf16 and not compile and model.memory is not None and model.memory.twin is not None:
+            # the teacher in bf16 too, its features compared with the bank's bf16 twin (made by
+            # this same folded eager teacher); compiled, inductor's fused kernels round otherwise
+            # (AITEX 03: +0.0071 tile AUROC against the twin), so there the teacher stays float32
+            self._eager.memory.use_twin()
         self.compiled = None
         if compile and self.int8 is not None:
             self.compiled = torch.compile(self.model.maps)
@@ -186,10 +191,12 @@ def mixed_precision_features(
     model: ReverseDistillation, x: torch.Tensor, bf16: bool
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Teacher and student features (the student's None when the map does not use it), in bf16
-    where `bf16` says — but the teacher in float32 whenever the memory bank is used: the bank
-    holds float32 teacher features, and bf16 queries against it moved a bank-only model's tile
-    AUROC by 0.007–0.009 on AITEX 03 (docs/benchmarks.md), for a lite teacher's small cost."""
-    teacher_bf16 = bf16 and not model.fusion.uses_memory
+    where `bf16` says — but the teacher in float32 where the memory bank reads float32 features:
+    bf16 queries against them moved a bank-only model's tile AUROC by 0.007–0.009 on AITEX 03
+    (docs/benchmarks.md). A bank scoring with its bf16 twin (`MemoryBank.use_twin`) reads bf16
+    teacher features, rounded as its own vectors were."""
+    memory = model.memory if model.fusion.uses_memory else None
+    teacher_bf16 = bf16 and (memory is None or memory.reads_bf16)
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=teacher_bf16):
         teacher = model.teacher(x)
     if not model.fusion.uses_student:

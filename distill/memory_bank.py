@@ -71,6 +71,11 @@ def greedy_coreset(points: torch.Tensor, size: int, seed: int = 0) -> torch.Tens
     return chosen
 
 
+def _kept_rows(e: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    flat = e.permute(0, 2, 3, 1).reshape(-1, e.shape[1])
+    return flat if keep is None else flat[keep.reshape(-1)]
+
+
 class MemoryBank(nn.Module):
     """Nearest-neighbour distance of each patch to a bank of good patches."""
 
@@ -85,6 +90,8 @@ class MemoryBank(nn.Module):
         self.levels = tuple(int(level) for level in levels)
         self.stride = int(stride)
         self.register_buffer("bank", torch.zeros(size, channels))
+        self.register_buffer("twin", None)  # (size, channels) when the bank has a bf16 twin
+        self.reads_bf16 = False  # True once `use_twin` made this bank score bf16 features
 
     @classmethod
     def fit(
@@ -94,28 +101,46 @@ class MemoryBank(nn.Module):
         stride: int = DEFAULT_STRIDE,
         size: int = DEFAULT_BANK_SIZE,
         seed: int = 0,
+        twins: Iterable[torch.Tensor] | None = None,
     ) -> MemoryBank:
         """Build from (B, C, h, w) patch embeddings of good tiles (see `patch_embedding`).
 
         An embedding may come with a (B, h, w) boolean of the patches to keep (those whose
-        centre lies on fabric), as a pair (embedding, keep)."""
-        parts = []
-        for item in embeddings:
-            e, keep = item if isinstance(item, tuple) else (item, None)
-            flat = e.permute(0, 2, 3, 1).reshape(-1, e.shape[1])
-            parts.append(flat if keep is None else flat[keep.reshape(-1)])
+        centre lies on fabric), as a pair (embedding, keep). `twins`: the same tiles' embeddings
+        from the teacher in bf16, one per embedding; the coreset is chosen on the float32 ones
+        and the twin keeps the same patches."""
+        pairs = [item if isinstance(item, tuple) else (item, None) for item in embeddings]
+        parts = [_kept_rows(e, keep) for e, keep in pairs]
+        twin_parts = []
+        if twins is not None:
+            twins = list(twins)
+            if len(twins) != len(pairs):
+                raise ValueError(f"{len(twins)} twin embeddings for {len(pairs)} embeddings")
+            for twin, (e, keep) in zip(twins, pairs, strict=True):
+                if twin.shape != e.shape:
+                    raise ValueError(f"a twin of shape {tuple(twin.shape)} for {tuple(e.shape)}")
+                twin_parts.append(_kept_rows(twin.float(), keep))
         patches = torch.cat(parts)
         if patches.shape[0] == 0:
             raise ValueError("no good patches to build a memory bank from")
-        generator = torch.Generator().manual_seed(seed)
+        candidates = torch.arange(patches.shape[0])
         if patches.shape[0] > MAX_CANDIDATES:
-            patches = patches[
-                torch.randperm(patches.shape[0], generator=generator)[:MAX_CANDIDATES]
-            ]
-        chosen = greedy_coreset(patches, size, seed)
+            generator = torch.Generator().manual_seed(seed)
+            candidates = torch.randperm(patches.shape[0], generator=generator)[:MAX_CANDIDATES]
+        chosen = candidates[greedy_coreset(patches[candidates], size, seed)]
         bank = cls(patches.shape[1], len(chosen), levels, stride)
         bank.bank.copy_(patches[chosen])
+        if twin_parts:
+            bank.twin = torch.cat(twin_parts)[chosen]
         return bank
+
+    def use_twin(self) -> MemoryBank:
+        """Score bf16 teacher features from now on: the twin replaces the float32 vectors (call
+        it on a copy; the checkpoint keeps both)."""
+        if self.twin is None:
+            raise ValueError("this memory bank has no bf16 twin")
+        self.bank, self.reads_bf16 = self.twin, True
+        return self
 
     def embed(self, features: Sequence[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
         return patch_embedding(features, self.levels, self.stride, size)

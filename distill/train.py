@@ -28,7 +28,8 @@ from distill.augment import augment, check_augmentations
 from distill.calibration import calibrate_threshold
 from distill.checkpoint import ModelCard, save_checkpoint
 from distill.data.mvtec import Category, load_stack
-from distill.inference import PRECISIONS, Detector, resolve_device, use_bf16
+from distill.fold import folded_copy
+from distill.inference import PRECISIONS, Detector, bf16_supported, resolve_device, use_bf16
 from distill.int8_features import pick_calibration_tiles
 from distill.loss import LOSSES, DistillationLoss
 from distill.memory_bank import (
@@ -252,15 +253,22 @@ class Trainer:
         levels: Sequence[int] = DEFAULT_LEVELS,
     ) -> MemoryBank:
         """A coreset of the training tiles' patch features at `levels`, as the detector will see
-        them (no blur, no augmentation); with `valid`, only patches whose centre lies on fabric."""
+        them (no blur, no augmentation); with `valid`, only patches whose centre lies on fabric.
+
+        Where the device runs bf16 natively the bank gets its bf16 twin (the same patches from
+        the teacher as the bf16 detector runs it: BatchNorms folded, autocast), so that a bf16
+        worker scores the teacher in bf16 too."""
         self.model.eval()
-        embeddings = []
+        twin_teacher = folded_copy(self.model).teacher if bf16_supported(self.device) else None
+        embeddings, twins = [], []
         stride = self.config.memory_stride
         for start in range(0, images.shape[0], 16):
             x, _ = normalise(images[start : start + 16], IMAGENET_MEAN, IMAGENET_STD, self.device)
-            features = self.model.teacher(x)
             size = tuple(x.shape[-2:])
-            e = patch_embedding(features, levels, stride, size).cpu()
+            e = patch_embedding(self.model.teacher(x), levels, stride, size).cpu()
+            if twin_teacher is not None:
+                with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                    twins.append(patch_embedding(twin_teacher(x), levels, stride, size).cpu())
             keep = None
             if valid is not None:
                 centre = stride // 2
@@ -270,7 +278,7 @@ class Trainer:
             embeddings.append(e if keep is None else (e, keep))
         return MemoryBank.fit(
             embeddings, levels, self.config.memory_stride, size=self.config.memory_size,
-            seed=self.config.seed,
+            seed=self.config.seed, twins=twins if twin_teacher is not None else None,
         )  # fmt: skip
 
     def choose_scoring(

@@ -140,3 +140,52 @@ def test_a_card_with_absurd_numbers_is_refused(fused_checkpoint, tmp_path, field
     torch.save(payload, bad)
     with pytest.raises(CheckpointError, match=field):
         read_checkpoint(bad)
+
+
+def test_the_bf16_twin_keeps_the_coresets_patches_in_step():
+    generator = torch.Generator().manual_seed(0)
+    embedding = torch.randn(3, 4, 5, 5, generator=generator)
+    keep = torch.rand(3, 5, 5, generator=generator) > 0.3
+    twin = embedding + 0.01 * torch.randn(embedding.shape, generator=generator)
+    bank = MemoryBank.fit([(embedding, keep)], levels=(0,), size=12, twins=[twin])
+    plain = MemoryBank.fit([(embedding, keep)], levels=(0,), size=12)
+    assert torch.equal(bank.bank, plain.bank)  # the coreset is chosen on float32 alone
+    rows = embedding.permute(0, 2, 3, 1)[keep]
+    twin_rows = twin.permute(0, 2, 3, 1)[keep]
+    chosen = [int((rows == patch).all(dim=1).nonzero()) for patch in bank.bank]
+    assert torch.equal(bank.twin, twin_rows[chosen])  # row for row, the same patches
+    assert plain.twin is None
+    with pytest.raises(ValueError, match="no bf16 twin"):
+        plain.use_twin()
+    with pytest.raises(ValueError, match="twin embeddings"):
+        MemoryBank.fit([embedding, embedding], levels=(0,), twins=[twin])
+    with pytest.raises(ValueError, match="twin of shape"):
+        MemoryBank.fit([embedding], levels=(0,), twins=[twin[:, :2]])
+    scoring = bank.use_twin()
+    assert scoring.reads_bf16 and torch.equal(scoring.bank, twin_rows[chosen])
+
+
+def test_the_bf16_twin_survives_the_checkpoint_and_a_broken_one_is_refused(tmp_path):
+    torch.manual_seed(0)
+    model = ReverseDistillation(build_teacher("efficientnet_lite0", "random")).eval()
+    with torch.no_grad():
+        e = patch_embedding(model.teacher(torch.randn(2, 3, 64, 64)), (2, 3), 8, (64, 64))
+    model.set_scoring(MemoryBank.fit([e], size=20, twins=[e + 0.5]), MapFusion(0.0))
+    t = model.teacher
+    card = ModelCard(
+        teacher=t.name, teacher_weights=t.weights_source, teacher_sha256=t.weights_sha256(),
+        variant="residual", tile=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=1.5,
+        fusion={"weight": 0.0}, memory={"levels": [2, 3], "stride": 8, "size": 20},
+    )  # fmt: skip
+    path = save_checkpoint(tmp_path / "twin.pt", model, card)
+    loaded, _ = load_model(path)
+    assert torch.equal(loaded.memory.twin, model.memory.twin)
+    assert torch.equal(loaded.memory.bank, model.memory.bank)
+    payload = torch.load(path, weights_only=True)
+    payload["memory_bank_bf16"] = payload["memory_bank_bf16"][:5]
+    torch.save(payload, tmp_path / "short.pt")
+    with pytest.raises(CheckpointError, match="bf16 twin"):
+        load_model(tmp_path / "short.pt")
+    del payload["memory_bank_bf16"]  # a checkpoint from before the twin
+    torch.save(payload, tmp_path / "old.pt")
+    assert load_model(tmp_path / "old.pt")[0].memory.twin is None

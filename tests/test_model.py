@@ -10,6 +10,8 @@ from distill.inference import Detector, bf16_supported
 from distill.loss import DistillationLoss
 from distill.memory_bank import DEFAULT_LEVELS, MemoryBank, patch_embedding
 from distill.teacher import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     TEACHERS,
     WHEEL_TEACHERS,
     TeacherWeightsError,
@@ -18,6 +20,7 @@ from distill.teacher import (
     wheel_weights_file,
 )
 from distill.torch_model import VARIANTS, ReverseDistillation, count_parameters
+from distill.train import TrainConfig, Trainer
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -205,6 +208,29 @@ def test_in_bf16_the_memory_bank_still_sees_float32_teacher_features():
             assert error < 1e-4  # the same float32 teacher features, the same distances
         else:
             assert error > 1e-3  # the student (and here its teacher) ran in bf16
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+def test_a_bank_with_a_bf16_twin_is_read_by_a_bf16_teacher():
+    trainer = Trainer(TrainConfig(teacher_weights="random", tile=64, precision="fp32"))
+    rng = np.random.default_rng(4)
+    trained = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    others = rng.integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    bank = trainer.fit_memory_bank(torch.from_numpy(trained))
+    assert bank.twin is not None and bank.twin.shape == bank.bank.shape
+    assert 0 < (bank.twin - bank.bank).abs().max() < 0.05 * bank.bank.abs().max()
+    model = trainer.model
+    model.set_scoring(bank, MapFusion(0.0, (0.0, 1.0), (0.0, 1.0)))
+    fp32 = Detector(model, IMAGENET_MEAN, IMAGENET_STD, precision="fp32")
+    bf16 = Detector(model, IMAGENET_MEAN, IMAGENET_STD, precision="bf16")
+    scale = fp32.predict(others).maps.max()
+    # the training tiles' patches are all in the bank: the bf16 teacher finds its own rounding
+    # in the twin as the float32 teacher finds its features in the bank
+    assert bf16.predict(trained).maps.max() < 0.02 * scale
+    assert fp32.predict(trained).maps.max() < 0.02 * scale
+    error = np.abs(bf16.predict(others).maps - fp32.predict(others).maps).max() / scale
+    assert error > 1e-3  # the teacher ran in bf16
+    assert torch.equal(model.memory.bank, bank.bank) and not model.memory.reads_bf16
 
 
 def test_batch_size_and_precision_are_checked(lite0_model):
