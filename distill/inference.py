@@ -110,6 +110,7 @@ class Detector:
             # this same folded eager teacher); compiled, inductor's fused kernels round otherwise
             # (AITEX 03: +0.0071 tile AUROC against the twin), so there the teacher stays float32
             self._eager.memory.use_twin()
+        self.teacher_bf16_twin = self._eager.memory is not None and self._eager.memory.reads_bf16
         self.compiled = None
         if compile and self.int8 is not None:
             self.compiled = torch.compile(self.model.maps)
@@ -135,6 +136,7 @@ class Detector:
         return (
             f"{precision}{' channels-last' if self.channels_last else ''}"
             f"{' compiled' if self.compiled is not None else ''}"
+            f"{', teacher bf16 against the bank twin' if self.teacher_bf16_twin else ''}"
         )
 
     @torch.inference_mode()

@@ -231,6 +231,7 @@ def test_a_bank_with_a_bf16_twin_is_read_by_a_bf16_teacher():
     error = np.abs(bf16.predict(others).maps - fp32.predict(others).maps).max() / scale
     assert error > 1e-3  # the teacher ran in bf16
     assert torch.equal(model.memory.bank, bank.bank) and not model.memory.reads_bf16
+    assert bf16.mode.endswith("teacher bf16 against the bank twin") and "twin" not in fp32.mode
 
 
 def test_batch_size_and_precision_are_checked(lite0_model):

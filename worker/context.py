@@ -7,6 +7,7 @@ the pipeline, so the pipeline's functions can be called and tested without it.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,6 +24,8 @@ from storage.objectstore import ObjectStore, open_object_store
 from storage.registry import fetch_checkpoint
 from storage.schema import Model
 from storage.settings import Settings, get_settings
+
+_log = logging.getLogger(__name__)
 
 
 class Enqueuer(Protocol):
@@ -83,6 +86,7 @@ class WorkerContext:
                     precision=self.settings.precision, compile=self.settings.compile_model,
                 )  # fmt: skip
                 self._detectors[model.version] = detector
+                _log.info("model %s loaded: %s", model.version, detector.mode)
             return self._detectors[model.version]
 
 
