@@ -200,14 +200,14 @@ def measure(args: argparse.Namespace) -> dict:
 
 
 def random_bank(
-    model: ReverseDistillation, levels: tuple[int, ...], twin: bool = False
+    model: ReverseDistillation, levels: tuple[int, ...], twin_device: str | None = None
 ) -> MemoryBank:
     """A full-size bank of random patches over the teacher's `levels` (with a bf16 twin: the
     teacher then runs in bf16 under a bf16 detector): speed ignores content."""
     bank = MemoryBank(sum(model.teacher.channels[lv] for lv in levels), DEFAULT_BANK_SIZE, levels)
     bank.bank.normal_(generator=torch.Generator().manual_seed(0))
-    if twin:
-        bank.twin = bank.bank.clone()
+    if twin_device is not None:
+        bank.twin, bank.twin_device = bank.bank.clone(), twin_device
     return bank
 
 
@@ -230,7 +230,7 @@ def memory_bank_rows(
         scorers[label] = ReverseDistillation(model.teacher).eval()
         scorers[label].student.load_state_dict(model.student.state_dict())
         plain = levels == DEFAULT_LEVELS and not twin
-        scored_by = bank if plain else random_bank(model, levels, twin)
+        scored_by = bank if plain else random_bank(model, levels, device.type if twin else None)
         scorers[label].set_scoring(scored_by, MapFusion(weight, (0.0, 1.0), (0.0, 1.0)))
     rows, tiles = {}, len(images) * args.repeats
     old_default = f"{precision}, channels-last, {OLD_DEFAULT_TEACHER} student only (old default)"

@@ -50,7 +50,8 @@ class ModelCard:
     target_fpr: float | None = None
     # how the map is made: MapFusion's weight and statistics (the identity: the student alone)
     fusion: dict[str, Any] = field(default_factory=lambda: {"weight": 1.0})
-    # the memory bank's levels, stride and size, or None when the checkpoint has none
+    # the memory bank's levels, stride and size, or None when the checkpoint has none; with a bf16
+    # twin, "bf16_twin" names the device type it was computed on (the only one that reads it)
     memory: dict[str, Any] | None = None
     metrics: dict[str, Any] = field(default_factory=dict)
     train_config: dict[str, Any] = field(default_factory=dict)
@@ -195,6 +196,7 @@ def _load(
             if twin.shape != bank.shape or not torch.isfinite(twin).all():
                 raise CheckpointError("checkpoint's bf16 twin of the memory bank is not usable")
             memory.twin = twin.float().clone()
+            memory.twin_device = card.memory.get("bf16_twin")
     model.set_scoring(memory, fusion_of(card))
     return model.eval(), card, calibration
 

@@ -1,8 +1,9 @@
 """Fast scoring: inference mode, channels-last, bf16 autocast where the device has it, batches.
 
 The features run in the fast precision (the teacher in float32 where the memory bank reads its
-features and has no bf16 twin, see `mixed_precision_features`); the anomaly map (cosine, nearest-neighbour distances,
-upsampling, smoothing) always runs in float32, so bf16 moves scores by rounding only and not by accumulated error in the map.
+features and has no bf16 twin, see `mixed_precision_features`); the anomaly map (cosine,
+nearest-neighbour distances, upsampling, smoothing) always runs in float32, so bf16 moves scores
+by rounding only and not by accumulated error in the map.
 """
 
 from __future__ import annotations
@@ -105,10 +106,15 @@ class Detector:
         # the eager path scores with a copy whose BatchNorms are folded into their convolutions
         # (inductor's freezing and OpenVINO fold their own); `model` stays as it is
         self._eager = self.model if compile or self.int8 is not None else folded_copy(self.model)
-        if self.bf16 and not compile and model.memory is not None and model.memory.twin is not None:
+        memory = model.memory
+        if (
+            self.bf16 and not compile and memory is not None and memory.twin is not None
+            and memory.twin_device == self.device.type
+        ):  # fmt: skip
             # the teacher in bf16 too, its features compared with the bank's bf16 twin (made by
-            # this same folded eager teacher); compiled, inductor's fused kernels round otherwise
-            # (AITEX 03: +0.0071 tile AUROC against the twin), so there the teacher stays float32
+            # this same folded eager teacher on this kind of device); compiled, inductor's fused
+            # kernels round otherwise (AITEX 03: +0.0071 tile AUROC against the twin), and another
+            # device's bf16 kernels are unmeasured: there the teacher stays float32
             self._eager.memory.use_twin()
         self.teacher_bf16_twin = self._eager.memory is not None and self._eager.memory.reads_bf16
         self.compiled = None

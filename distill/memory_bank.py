@@ -91,6 +91,8 @@ class MemoryBank(nn.Module):
         self.stride = int(stride)
         self.register_buffer("bank", torch.zeros(size, channels))
         self.register_buffer("twin", None)  # (size, channels) when the bank has a bf16 twin
+        # the device type the twin was computed on: another device's bf16 kernels round otherwise
+        self.twin_device: str | None = None
         self.reads_bf16 = False  # True once `use_twin` made this bank score bf16 features
 
     @classmethod

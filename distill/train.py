@@ -276,10 +276,12 @@ class Trainer:
                     :, centre::stride, centre::stride
                 ]
             embeddings.append(e if keep is None else (e, keep))
-        return MemoryBank.fit(
+        bank = MemoryBank.fit(
             embeddings, levels, self.config.memory_stride, size=self.config.memory_size,
             seed=self.config.seed, twins=twins if twin_teacher is not None else None,
         )  # fmt: skip
+        bank.twin_device = None if twin_teacher is None else self.device.type
+        return bank
 
     def choose_scoring(
         self,
@@ -374,8 +376,10 @@ def train(
     }  # fmt: skip
     memory = trainer.model.memory
     if memory is not None:
-        card.memory = {"levels": list(memory.levels), "stride": memory.stride,
-                       "size": int(memory.bank.shape[0])}  # fmt: skip
+        card.memory = {
+            "levels": list(memory.levels), "stride": memory.stride,
+            "size": int(memory.bank.shape[0]), "bf16_twin": memory.twin_device,
+        }  # fmt: skip
     detector = Detector(trainer.model, card.mean, card.std, device=trainer.device, precision="fp32")
     val_scores = tile_scores_on(detector.predict(val_images.numpy()).maps, val_valid)
     calibration = calibrate_threshold(val_scores, config.fpr)

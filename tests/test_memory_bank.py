@@ -175,11 +175,13 @@ def test_the_bf16_twin_survives_the_checkpoint_and_a_broken_one_is_refused(tmp_p
     card = ModelCard(
         teacher=t.name, teacher_weights=t.weights_source, teacher_sha256=t.weights_sha256(),
         variant="residual", tile=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=1.5,
-        fusion={"weight": 0.0}, memory={"levels": [2, 3], "stride": 8, "size": 20},
+        fusion={"weight": 0.0},
+        memory={"levels": [2, 3], "stride": 8, "size": 20, "bf16_twin": "cpu"},
     )  # fmt: skip
     path = save_checkpoint(tmp_path / "twin.pt", model, card)
     loaded, _ = load_model(path)
     assert torch.equal(loaded.memory.twin, model.memory.twin)
+    assert loaded.memory.twin_device == "cpu"
     assert torch.equal(loaded.memory.bank, model.memory.bank)
     payload = torch.load(path, weights_only=True)
     payload["memory_bank_bf16"] = payload["memory_bank_bf16"][:5]

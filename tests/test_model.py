@@ -232,6 +232,10 @@ def test_a_bank_with_a_bf16_twin_is_read_by_a_bf16_teacher():
     assert error > 1e-3  # the teacher ran in bf16
     assert torch.equal(model.memory.bank, bank.bank) and not model.memory.reads_bf16
     assert bf16.mode.endswith("teacher bf16 against the bank twin") and "twin" not in fp32.mode
+    bank.twin_device = "cuda"  # another device's bf16 rounds otherwise: its twin is not read
+    elsewhere = Detector(model, IMAGENET_MEAN, IMAGENET_STD, precision="bf16")
+    assert "twin" not in elsewhere.mode
+    assert np.abs(elsewhere.predict(others).maps - fp32.predict(others).maps).max() < 1e-4 * scale
 
 
 def test_batch_size_and_precision_are_checked(lite0_model):
