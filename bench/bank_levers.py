@@ -38,7 +38,7 @@ from distill.anomaly_map import AnomalyMap
 from distill.data.mvtec import Category, load_mask, load_stack
 from distill.data.synthetic_defects import paste_defects
 from distill.fold import folded_copy
-from distill.memory_bank import DEFAULT_BANK_SIZE, MemoryBank, patch_embedding
+from distill.memory_bank import DEFAULT_BANK_SIZE, MemoryBank, patch_embedding, patch_rows
 from distill.metrics import image_auroc, pixel_auroc, tile_scores_on
 from distill.preprocess import normalise
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher
@@ -63,15 +63,11 @@ def embeddings(teacher, images: np.ndarray, levels, zoom: float = 1.0) -> torch.
     return torch.cat(out)
 
 
-def _rows(e: torch.Tensor) -> torch.Tensor:
-    return e.permute(0, 2, 3, 1).reshape(-1, e.shape[1])
-
-
 def nearest_k(bank: MemoryBank, e: torch.Tensor, k: int) -> torch.Tensor:
     """(N, g, g) mean distance to the k nearest bank patches (k = 1: the product's search)."""
     if k == 1:
         return bank.distances(e)
-    d = torch.cdist(_rows(e), bank.bank).topk(k, dim=1, largest=False).values.mean(dim=1)
+    d = torch.cdist(patch_rows(e), bank.bank).topk(k, dim=1, largest=False).values.mean(dim=1)
     return d.reshape(e.shape[0], *e.shape[-2:])
 
 
@@ -138,7 +134,7 @@ def measure(teacher, sets: FabricSets, lever: str, base_levels=(2, 3), bf16=None
     grid = train.shape[-1]
     centres = ((torch.arange(grid) + 0.5) * TILE / grid).long()  # the patches' centre pixels
     keep = torch.from_numpy(sets.train_valid)[:, centres][:, :, centres]
-    patches = _rows(train)[keep.flatten()]
+    patches = patch_rows(train, keep)
     shift, scale = torch.zeros(train.shape[1]), torch.ones(train.shape[1])
     if lever == "channel-std":
         shift, scale = patches.mean(dim=0), patches.std(dim=0).clamp_min(1e-6)

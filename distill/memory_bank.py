@@ -71,8 +71,9 @@ def greedy_coreset(points: torch.Tensor, size: int, seed: int = 0) -> torch.Tens
     return chosen
 
 
-def _kept_rows(e: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-    flat = e.permute(0, 2, 3, 1).reshape(-1, e.shape[1])
+def patch_rows(embedding: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, C, h, w) patch embeddings as (B·h·w, C) rows, only the `keep` ones when given."""
+    flat = embedding.permute(0, 2, 3, 1).reshape(-1, embedding.shape[1])
     return flat if keep is None else flat[keep.reshape(-1)]
 
 
@@ -112,7 +113,7 @@ class MemoryBank(nn.Module):
         from the teacher in bf16, one per embedding; the coreset is chosen on the float32 ones
         and the twin keeps the same patches."""
         pairs = [item if isinstance(item, tuple) else (item, None) for item in embeddings]
-        parts = [_kept_rows(e, keep) for e, keep in pairs]
+        parts = [patch_rows(e, keep) for e, keep in pairs]
         twin_parts = []
         if twins is not None:
             twins = list(twins)
@@ -121,7 +122,7 @@ class MemoryBank(nn.Module):
             for twin, (e, keep) in zip(twins, pairs, strict=True):
                 if twin.shape != e.shape:
                     raise ValueError(f"a twin of shape {tuple(twin.shape)} for {tuple(e.shape)}")
-                twin_parts.append(_kept_rows(twin.float(), keep))
+                twin_parts.append(patch_rows(twin.float(), keep))
         patches = torch.cat(parts)
         if patches.shape[0] == 0:
             raise ValueError("no good patches to build a memory bank from")
