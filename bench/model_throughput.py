@@ -2,7 +2,9 @@
 
 Modes: fp32 / bf16 × NCHW / channels-last, plus "official-style" — the official DBFAD scoring
 path (fp32, NCHW, per-level maps summed on the CPU and smoothed with scipy's gaussian_filter) —
-measured in the same run. The plain fp32/NCHW row is the reference for the ratios.
+measured in the same run. The plain fp32/NCHW row is the reference for the ratios. In bf16 the
+detector keeps a student's teacher in float32 (its decisions); the row "teacher bf16 too" is the
+path before that, all in bf16, for comparison.
 
     python bench/model_throughput.py --teacher resnet34 --batch 8 [--device cpu] [--json OUT]
     python bench/model_throughput.py --teacher efficientnet_lite0 --memory-bank --no-official
@@ -17,7 +19,8 @@ two in flight); the official path scores one batch a call, as its own loop does.
 
 `--memory-bank` adds, at the best precision and layout, the default detector (the student's map
 fused with a 4,096-patch memory bank's) against the old default — an `efficientnet_lite0`
-student's map alone, whatever `--teacher` is (the reference of issues 11 and 15) — and the
+student's map alone, whatever `--teacher` is (the reference of issues 11 and 15; in bf16 as it
+ran then, its teacher in bf16 too, and as it runs today) — and the
 bank's nearest-neighbour search by itself (teacher features given). In bf16 the bank-alone rows
 come twice: the teacher in float32 (a bank without a bf16 twin) and in bf16 (with one).
 
@@ -38,8 +41,10 @@ import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
 from distill.anomaly_map import MapFusion
+from distill.fold import folded_copy
 from distill.inference import Detector, bf16_supported, resolve_device
 from distill.memory_bank import DEFAULT_BANK_SIZE, DEFAULT_LEVELS, LEVEL_CHOICES, MemoryBank
+from distill.preprocess import normalise
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher
 from distill.torch_model import ReverseDistillation
 
@@ -62,6 +67,32 @@ def official_style_maps(model: ReverseDistillation, x: torch.Tensor) -> np.ndarr
     for i in range(maps.shape[0]):
         maps[i] = gaussian_filter(maps[i], sigma=4)
     return maps
+
+
+class TeacherBf16Path:
+    """The eager bf16 path as it was before a student's map kept its teacher in float32: teacher
+    and student both under autocast (BatchNorms folded, channels-last), the map in float32 — the
+    old default's speed, the reference of issues 11 and 15 (its decisions are not kept: AITEX 06
+    moved by 0.0066)."""
+
+    def __init__(self, model: ReverseDistillation, device: torch.device, batch: int) -> None:
+        self.net = folded_copy(model.eval().to(device, memory_format=torch.channels_last))
+        self.device, self.batch = device, batch
+
+    @torch.inference_mode()
+    def predict(self, images: np.ndarray) -> list[torch.Tensor]:
+        maps = []
+        for start in range(0, len(images), self.batch):
+            x, _ = normalise(
+                torch.from_numpy(images[start : start + self.batch]), IMAGENET_MEAN, IMAGENET_STD,
+                self.device,
+            )  # fmt: skip
+            x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                teacher = self.net.teacher(x)
+                student = self.net.student(teacher)
+            maps.append(self.net.maps(teacher, student, tuple(x.shape[-2:])).cpu())
+        return maps
 
 
 def matmul_ceilings(seconds: float = 2.0, n: int = 4096) -> dict[str, float]:
@@ -150,6 +181,12 @@ def measure(args: argparse.Namespace) -> dict:
             seconds = timed(lambda d=detector: d.predict(images), args.repeats)
             name = f"{precision}, {'channels-last' if channels_last else 'NCHW'}"
             rows[name] = {"tiles_per_s": tiles / seconds}
+    if "bf16" in precisions:
+        old_path = TeacherBf16Path(model, device, args.batch)
+        seconds = timed(lambda: old_path.predict(images), args.repeats)
+        rows["bf16, channels-last, teacher bf16 too (decisions not kept)"] = {
+            "tiles_per_s": tiles / seconds
+        }
     if args.compile:
         for precision in precisions:
             detector = Detector(model, IMAGENET_MEAN, IMAGENET_STD, device=device,
@@ -236,6 +273,11 @@ def memory_bank_rows(
     old_default = f"{precision}, channels-last, {OLD_DEFAULT_TEACHER} student only (old default)"
     old_model = ReverseDistillation(build_teacher(OLD_DEFAULT_TEACHER, "random")).eval()
     runs = [(old_default, old_model, {"precision": precision})]
+    if precision == "bf16":  # the old default ran its teacher in bf16 too: the reference
+        old_default += ", teacher bf16"
+        runs = [(old_default, TeacherBf16Path(old_model, device, args.batch), None),
+                (f"{precision}, channels-last, {OLD_DEFAULT_TEACHER} student only, teacher "
+                 "float32 (today)", old_model, {"precision": precision})]  # fmt: skip
     for label, net in scorers.items():
         runs.append((f"{precision}, channels-last, {label}", net, {"precision": precision}))
         if args.compile and "twin" not in label:  # compiled, the teacher stays float32
@@ -245,8 +287,9 @@ def memory_bank_rows(
         runs.append(("int8 (OpenVINO), compiled map, fused 0.5", scorers["fused 0.5"],
                      {"precision": "int8", "compile": True, "calibration": images}))  # fmt: skip
     for name, net, options in runs:  # fmt: skip
-        detector = Detector(net, IMAGENET_MEAN, IMAGENET_STD, device=device,
-                            batch_size=args.batch, **options)  # fmt: skip
+        detector = net if options is None else Detector(
+            net, IMAGENET_MEAN, IMAGENET_STD, device=device, batch_size=args.batch, **options
+        )  # fmt: skip
         seconds = timed(lambda d=detector: d.predict(images), args.repeats)
         rows[name] = {"tiles_per_s": tiles / seconds}
         rows[name]["vs_old_default"] = rows[name]["tiles_per_s"] / rows[old_default]["tiles_per_s"]

@@ -1,7 +1,7 @@
 """Fast scoring: inference mode, channels-last, bf16 autocast where the device has it, batches.
 
-The features run in the fast precision (the teacher in float32 where the memory bank reads its
-features and has no bf16 twin, see `mixed_precision_features`); the anomaly map (cosine,
+The student runs in the fast precision, the teacher too where only a memory bank with a bf16
+twin reads its features (otherwise float32, see `mixed_precision_features`); the anomaly map (cosine,
 nearest-neighbour distances, upsampling, smoothing) always runs in float32, so bf16 moves scores
 by rounding only and not by accumulated error in the map.
 """
@@ -109,12 +109,13 @@ class Detector:
         memory = model.memory
         if (
             self.bf16 and not compile and memory is not None and memory.twin is not None
-            and memory.twin_device == self.device.type
+            and memory.twin_device == self.device.type and not model.fusion.uses_student
         ):  # fmt: skip
             # the teacher in bf16 too, its features compared with the bank's bf16 twin (made by
             # this same folded eager teacher on this kind of device); compiled, inductor's fused
-            # kernels round otherwise (AITEX 03: +0.0071 tile AUROC against the twin), and another
-            # device's bf16 kernels are unmeasured: there the teacher stays float32
+            # kernels round otherwise (AITEX 03: +0.0071 tile AUROC against the twin), another
+            # device's bf16 kernels are unmeasured, and a student's map needs the float32
+            # teacher (`mixed_precision_features`): there the teacher stays float32
             self._eager.memory.use_twin()
         self.teacher_bf16_twin = self._eager.memory is not None and self._eager.memory.reads_bf16
         self.compiled = None
@@ -198,13 +199,18 @@ class _WholeMap(torch.nn.Module):
 def mixed_precision_features(
     model: ReverseDistillation, x: torch.Tensor, bf16: bool
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Teacher and student features (the student's None when the map does not use it), in bf16
-    where `bf16` says — but the teacher in float32 where the memory bank reads float32 features:
-    bf16 queries against them moved a bank-only model's tile AUROC by 0.007–0.009 on AITEX 03
-    (docs/benchmarks.md). A bank scoring with its bf16 twin (`MemoryBank.use_twin`) reads bf16
-    teacher features, rounded as its own vectors were."""
+    """Teacher and student features (the student's None when the map does not use it), the
+    student in bf16 where `bf16` says, the teacher in bf16 only where a memory bank scoring with
+    its bf16 twin (`MemoryBank.use_twin`, its vectors rounded as the queries are) is the only map
+    that reads it. Elsewhere the teacher stays float32 (docs/benchmarks.md, AITEX): bf16 queries
+    against a float32 bank moved a bank-only model's tile AUROC by 0.007–0.009 (03); a student's
+    map compares the teacher's features themselves, and a bf16 teacher moved student-only tile
+    AUROC by up to 0.0066 (06) where the student in bf16 under a float32 teacher moved none by
+    more than 0.0002."""
     memory = model.memory if model.fusion.uses_memory else None
-    teacher_bf16 = bf16 and (memory is None or memory.reads_bf16)
+    teacher_bf16 = (
+        bf16 and not model.fusion.uses_student and memory is not None and memory.reads_bf16
+    )
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=teacher_bf16):
         teacher = model.teacher(x)
     if not model.fusion.uses_student:

@@ -1,12 +1,14 @@
 """The distillation model: teachers, student, loss, anomaly map, input checks, fast inference."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 from scipy.ndimage import gaussian_filter
 
 from distill.anomaly_map import AnomalyMap, MapFusion, tile_scores
-from distill.inference import Detector, bf16_supported
+from distill.inference import Detector, bf16_supported, mixed_precision_features
 from distill.loss import DistillationLoss
 from distill.memory_bank import DEFAULT_LEVELS, MemoryBank, patch_embedding
 from distill.teacher import (
@@ -207,7 +209,7 @@ def test_in_bf16_the_memory_bank_still_sees_float32_teacher_features():
         if weight == 0:
             assert error < 1e-4  # the same float32 teacher features, the same distances
         else:
-            assert error > 1e-3  # the student (and here its teacher) ran in bf16
+            assert error > 1e-4  # the student ran in bf16 (its teacher in float32: next test)
 
 
 @pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
@@ -236,6 +238,32 @@ def test_a_bank_with_a_bf16_twin_is_read_by_a_bf16_teacher():
     elsewhere = Detector(model, IMAGENET_MEAN, IMAGENET_STD, precision="bf16")
     assert "twin" not in elsewhere.mode
     assert np.abs(elsewhere.predict(others).maps - fp32.predict(others).maps).max() < 1e-4 * scale
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+def test_in_bf16_a_student_map_reads_float32_teacher_features():
+    trainer = Trainer(TrainConfig(teacher_weights="random", tile=64, precision="fp32"))
+    tiles = np.random.default_rng(5).integers(0, 256, (4, 64, 64, 3), dtype=np.uint8)
+    bank = trainer.fit_memory_bank(torch.from_numpy(tiles))
+    model = trainer.model.eval()
+    x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255
+    dtypes = {}
+    for name, weight in (("student", 1.0), ("fused", 0.5), ("bank", 0.0)):
+        model.set_scoring(bank, MapFusion(weight, (0.0, 1.0), (0.0, 1.0)))
+        detector = Detector(model, IMAGENET_MEAN, IMAGENET_STD, precision="bf16")
+        with torch.no_grad():
+            teacher, student = mixed_precision_features(detector.model, x, bf16=True)
+        dtypes[name] = (teacher[0].dtype, None if student is None else student[0].dtype)
+        # a student's map (alone or fused) compares the teacher's features themselves: the
+        # teacher stays float32 and the bank's twin is left unread
+        assert ("twin" in detector.mode) == (name == "bank")
+    assert dtypes["student"] == dtypes["fused"] == (torch.float32, torch.bfloat16)
+    assert dtypes["bank"] == (torch.float32, None)  # the model's own bank reads float32
+    twin_read = copy.deepcopy(bank).use_twin()
+    model.set_scoring(twin_read, MapFusion(0.0, (0.0, 1.0), (0.0, 1.0)))
+    with torch.no_grad():
+        teacher, _ = mixed_precision_features(model, x, bf16=True)
+    assert teacher[0].dtype == torch.bfloat16
 
 
 def test_batch_size_and_precision_are_checked(lite0_model):
