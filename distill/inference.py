@@ -144,6 +144,7 @@ class Detector:
             f"{precision}{' channels-last' if self.channels_last else ''}"
             f"{' compiled' if self.compiled is not None else ''}"
             f"{', teacher bf16 against the bank twin' if self.teacher_bf16_twin else ''}"
+            f"{', teacher float32' if self.bf16 and not self.teacher_bf16_twin else ''}"
         )
 
     @torch.inference_mode()

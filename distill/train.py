@@ -312,6 +312,10 @@ class Trainer:
         memory, selection, _ = tried[pick_cheapest([t[2] for t in tried], best.tolerance)]
         if len(tried) > 1:
             selection.levels = {",".join(map(str, m.levels)): mean for m, _, mean in tried}
+        if memory is not None and selection.fusion.uses_student:
+            # a student's map keeps the teacher float32 (`mixed_precision_features`): the bank's
+            # bf16 twin would never be read, so the checkpoint does not carry it
+            memory.twin, memory.twin_device = None, None
         self.model.set_scoring(memory if selection.fusion.uses_memory else None, selection.fusion)
         return selection
 

@@ -257,6 +257,7 @@ def test_in_bf16_a_student_map_reads_float32_teacher_features():
         # a student's map (alone or fused) compares the teacher's features themselves: the
         # teacher stays float32 and the bank's twin is left unread
         assert ("twin" in detector.mode) == (name == "bank")
+        assert detector.mode.endswith("teacher float32") == (name != "bank")
     assert dtypes["student"] == dtypes["fused"] == (torch.float32, torch.bfloat16)
     assert dtypes["bank"] == (torch.float32, None)  # the model's own bank reads float32
     twin_read = copy.deepcopy(bank).use_twin()
@@ -264,6 +265,22 @@ def test_in_bf16_a_student_map_reads_float32_teacher_features():
     with torch.no_grad():
         teacher, _ = mixed_precision_features(model, x, bf16=True)
     assert teacher[0].dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="this CPU has no native bf16")
+@pytest.mark.parametrize("scorer", ["memory", "fused"])
+def test_training_keeps_the_twin_only_where_the_chosen_map_reads_it(scorer):
+    config = TrainConfig(
+        teacher_weights="random", tile=64, precision="fp32", scorer=scorer, memory_levels=(2, 3)
+    )
+    trainer = Trainer(config)
+    tiles = torch.from_numpy(np.random.default_rng(6).integers(0, 256, (6, 64, 64, 3), np.uint8))
+    trainer.choose_scoring(tiles[:4], tiles[4:])
+    memory = trainer.model.memory
+    # the bank alone reads its twin; a fused map keeps the teacher float32 and drops it
+    assert (memory.twin is not None, memory.twin_device) == (
+        (True, "cpu") if scorer == "memory" else (False, None)
+    )
 
 
 def test_batch_size_and_precision_are_checked(lite0_model):
