@@ -1,9 +1,9 @@
 """Fast scoring: inference mode, channels-last, bf16 autocast where the device has it, batches.
 
 The student runs in the fast precision, the teacher too where only a memory bank with a bf16
-twin reads its features (otherwise float32, see `mixed_precision_features`); the anomaly map (cosine,
-nearest-neighbour distances, upsampling, smoothing) always runs in float32, so bf16 moves scores
-by rounding only and not by accumulated error in the map.
+twin reads its features (otherwise float32, see `mixed_precision_features`); the anomaly map
+(cosine, nearest-neighbour distances, upsampling, smoothing) always runs in float32, so bf16 moves
+scores by rounding only and not by accumulated error in the map.
 """
 
 from __future__ import annotations
@@ -207,7 +207,7 @@ def mixed_precision_features(
     against a float32 bank moved a bank-only model's tile AUROC by 0.007–0.009 (03); a student's
     map compares the teacher's features themselves, and a bf16 teacher moved student-only tile
     AUROC by up to 0.0066 (06) where the student in bf16 under a float32 teacher moved none by
-    more than 0.0002."""
+    more than 0.0003."""
     memory = model.memory if model.fusion.uses_memory else None
     teacher_bf16 = (
         bf16 and not model.fusion.uses_student and memory is not None and memory.reads_bf16
