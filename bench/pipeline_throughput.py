@@ -3,6 +3,7 @@
     python bench/pipeline_throughput.py [--frames 8] [--frame-rows 1024] [--width 2048]
         [--compile] [--json OUT]
     python bench/pipeline_throughput.py --frames 2 --width 18000 --compile   # a production band
+    python bench/pipeline_throughput.py --frames 2 --width 18000 --table 600  # with the table
 
 A synthetic roll goes through ingest → score → finalize in this process (no broker) on the
 configured database (the embedded server by default) and a local object store in a temporary
@@ -12,6 +13,8 @@ the same detector scoring the same number of 256² tiles directly. Two ratios: t
 scoring tasks alone (`score_band`: read, tile, model, stitch, fabric edges, write — the issue's
 measure; goal ≥ 0.9×) and the whole of ingest → score → finalize in one process.
 `--compile`: both sides compiled (`ROLLSCAN_COMPILE_MODEL`), compiled before the timing.
+`--table PX`: a white table of PX columns beside the fabric on each side, as a camera sees it:
+the tiles across the fabric's edges are mapped from their fabric alone (`distill.anomaly_map`).
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--precision", default="auto", choices=SCORING_PRECISIONS)
+    parser.add_argument("--table", type=int, default=0, help="table columns on each side")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     options = {"device": "cpu", "batch_size": args.batch, "compile_model": args.compile,
@@ -74,7 +78,8 @@ def main() -> None:
         activate_model(session, model.version)
     roll_id = f"{fabric}-roll"
     write_synthetic_roll(tmp / "roll", roll_id, frames=args.frames, frame_rows=args.frame_rows,
-                         width=args.width, fabric_type=fabric, plan=[])  # fmt: skip
+                         width=args.width, fabric_type=fabric, plan=[],
+                         table=(args.table, args.table, 245) if args.table else None)  # fmt: skip
     # load (and compile) once, outside the timing, as a warm worker would have it
     ctx.detector(model).predict(np.zeros((args.batch, 256, 256, 1), dtype=np.uint8))
     started = time.perf_counter()
@@ -97,7 +102,8 @@ def main() -> None:
     detector.predict(images)
     model_s = time.perf_counter() - started
     result = {
-        "roll": f"{rows}×{args.width} px, {args.frames} frames, {len(bands)} bands",
+        "roll": f"{rows}×{args.width} px, {args.frames} frames, {len(bands)} bands"
+        + (f", a table of {args.table} px each side" if args.table else ""),
         "run_status": status,
         "tiles": tiles,
         "pipeline_tiles_per_s": tiles / pipeline_s,

@@ -28,13 +28,16 @@ NAN = float("nan")
 
 
 def predict_with_progress(
-    detector: Detector, images: np.ndarray, progress: bool = True
+    detector: Detector, images: np.ndarray, progress: bool = True, fabric: np.ndarray | None = None
 ) -> tuple[np.ndarray, float]:
-    """Maps for all images, showing a progress bar; returns (maps, seconds of model + map)."""
+    """Maps for all images (`fabric`: where the fabric lies in them, None: everywhere), showing
+    a progress bar; returns (maps, seconds of model + map)."""
     maps, seconds = [], 0.0
     with tqdm(total=len(images), desc="score", unit="tile", disable=not progress) as bar:
         for start in range(0, len(images), detector.batch_size):
-            prediction = detector.predict(images[start : start + detector.batch_size])
+            stop = start + detector.batch_size
+            on = None if fabric is None else fabric[start:stop]
+            prediction = detector.predict(images[start:stop], fabric=on)
             maps.append(prediction.maps)
             seconds += prediction.seconds
             bar.update(len(prediction.maps))
@@ -102,7 +105,7 @@ def evaluate_detector(
     images = load_stack([s.path for s in samples], tile)
     masks = np.stack([load_mask(s.mask_path, (tile, tile)) for s in samples])
     valid = category.valid_masks([s.path for s in samples], tile)
-    maps, seconds = predict_with_progress(detector, images, progress)
+    maps, seconds = predict_with_progress(detector, images, progress, fabric=valid)
     result: dict = map_metrics(maps, labels, masks, detector.threshold, valid)
     result |= {
         "tiles_per_s": len(images) / seconds,
@@ -112,7 +115,9 @@ def evaluate_detector(
     }
     views = _scorer_views(detector, student_trained)
     if views:
-        raw = raw_maps(detector.model, images, detector.mean, detector.std, detector.batch_size)
+        raw = raw_maps(
+            detector.model, images, detector.mean, detector.std, detector.batch_size, fabric=valid
+        )
         result["scorers"] = {
             name: map_metrics(fuse_maps(view, raw), labels, masks, valid=valid)
             for name, view in views.items()

@@ -19,7 +19,7 @@ import torch
 from distill.anomaly_map import tile_scores
 from distill.fold import folded_copy
 from distill.int8_features import Int8Features, int8_available
-from distill.preprocess import as_batch, normalise
+from distill.preprocess import as_batch, edge_tiles, normalise
 from distill.torch_model import ReverseDistillation
 
 Precision = Literal["auto", "fp32", "bf16", "int8"]
@@ -148,34 +148,63 @@ class Detector:
         )
 
     @torch.inference_mode()
-    def score_tensor(self, batch: torch.Tensor) -> torch.Tensor:
-        """(N, H, W, C) uint8/uint16/float tensor → (N, H, W) float32 maps on the device."""
+    def score_tensor(
+        self, batch: torch.Tensor, fabric: np.ndarray | torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(N, H, W, C) uint8/uint16/float tensor → (N, H, W) float32 maps on the device.
+
+        `fabric`: (N, H, W) booleans, True on fabric (None: all fabric); a tile with pixels off
+        the fabric gets its map over the fabric from the fabric alone (`AnomalyMap`)."""
         x, (h, w) = normalise(batch, self.mean, self.std, self.device)
+        edges = edge_tiles(fabric, x)
         n = x.shape[0]
+        size = tuple(x.shape[-2:])
         fixed_shape = self.compiled is not None or self.int8 is not None
         if fixed_shape and n < self.batch_size:  # one shape, one compilation
             x = torch.cat([x, x.new_zeros((self.batch_size - n, *x.shape[1:]))])
         if self.int8 is not None:
             teacher, student = self.int8(x)
-            maps = (self.compiled or self.model.maps)(teacher, student or None, tuple(x.shape[-2:]))
-            return maps[:n, :h, :w]
+            maps = (self.compiled or self.model.maps)(teacher, student or None, size)[:n]
+            if edges is not None:  # the compiled map takes no fabric: the edge tiles' again
+                picked = (
+                    [t[edges.index] for t in teacher],
+                    [s[edges.index] for s in student] or None,
+                )
+                again = self.model.maps(*picked, size, edges.alone())
+                maps = maps.index_copy(0, edges.index, again)
+            return maps[:, :h, :w]
         if self.channels_last:  # after padding: the strides are part of the compiled shape
             x = x.contiguous(memory_format=torch.channels_last)
         if self.compiled is not None:
-            return self.compiled(x)[:n, :h, :w]
+            maps = self.compiled(x)[:n]
+            if edges is not None:  # the compiled graph takes no fabric: the edge tiles eagerly
+                features = mixed_precision_features(self._eager, x[edges.index], self.bf16)
+                again = self._eager.maps(*features, size, edges.alone())
+                maps = maps.index_copy(0, edges.index, again)
+            return maps[:, :h, :w]
         teacher, student = mixed_precision_features(self._eager, x, self.bf16)
-        maps = self._eager.maps(teacher, student, tuple(x.shape[-2:]))
+        maps = self._eager.maps(teacher, student, size, edges)
         return maps[:, :h, :w]
 
-    def iter_batches(self, images: np.ndarray | torch.Tensor) -> Iterator[torch.Tensor]:
+    def iter_batches(
+        self, images: np.ndarray | torch.Tensor, fabric: np.ndarray | torch.Tensor | None = None
+    ) -> Iterator[torch.Tensor]:
         batch = as_batch(images)
+        if fabric is not None and len(fabric) != batch.shape[0]:
+            raise ValueError(f"{len(fabric)} fabric masks for {batch.shape[0]} images")
         for start in range(0, batch.shape[0], self.batch_size):
-            yield self.score_tensor(batch[start : start + self.batch_size])
+            stop = start + self.batch_size
+            yield self.score_tensor(
+                batch[start:stop], None if fabric is None else fabric[start:stop]
+            )
 
-    def predict(self, images: np.ndarray | torch.Tensor) -> Prediction:
-        """Score (H, W[, C]) or (N, H, W, C) images; maps come back cropped to the input size."""
+    def predict(
+        self, images: np.ndarray | torch.Tensor, fabric: np.ndarray | torch.Tensor | None = None
+    ) -> Prediction:
+        """Score (H, W[, C]) or (N, H, W, C) images; maps come back cropped to the input size.
+        `fabric`: where the fabric lies in them, see `score_tensor`."""
         start = time.perf_counter()
-        maps = torch.cat([m.float().cpu() for m in self.iter_batches(images)])
+        maps = torch.cat([m.float().cpu() for m in self.iter_batches(images, fabric)])
         seconds = time.perf_counter() - start
         return Prediction(maps.numpy(), tile_scores(maps).numpy(), seconds)
 

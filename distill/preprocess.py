@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distill.anomaly_map import EdgeTiles
+
 MIN_SIDE = 64
 PAD_MULTIPLE = 32  # the embedding reaches stride 32
 _SCALE = {torch.uint8: 255.0, torch.uint16: 65535.0}
@@ -88,3 +90,29 @@ def normalise(
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
     return x, (h, w)
+
+
+def edge_tiles(fabric: np.ndarray | torch.Tensor | None, x: torch.Tensor) -> EdgeTiles | None:
+    """The tiles of a batch `x` (as `normalise` made it) that hold pixels off the fabric, from
+    (N, H, W) host booleans, True on fabric: their indices and masks on `x`'s device, padded as
+    the images were (by reflection). None when every tile is fabric throughout (or no `fabric`).
+    Found on the host, so that a GPU's queue never waits for the answer."""
+    if fabric is None:
+        return None
+    fabric = np.asarray(fabric, dtype=bool)
+    if fabric.ndim != 3 or fabric.shape[0] != x.shape[0]:
+        raise ValueError(f"fabric must be ({x.shape[0]}, H, W) booleans, not {fabric.shape}")
+    pad_h, pad_w = x.shape[-2] - fabric.shape[1], x.shape[-1] - fabric.shape[2]
+    if pad_h < 0 or pad_w < 0:
+        raise ValueError(f"fabric of {fabric.shape[1:]} for images of {tuple(x.shape[-2:])}")
+    index = np.flatnonzero(~fabric.reshape(len(fabric), -1).all(axis=1))
+    if len(index) == 0:
+        return None
+    on = torch.from_numpy(fabric[index])
+    if pad_h or pad_w:
+        on = F.pad(on[:, None].float(), (0, pad_w, 0, pad_h), mode="reflect")[:, 0] > 0.5
+    pinned = x.device.type == "cuda"
+    index_t, on = (torch.as_tensor(a) for a in (index, on))
+    if pinned:
+        index_t, on = index_t.pin_memory(), on.pin_memory()
+    return EdgeTiles(index_t.to(x.device, non_blocking=True), on.to(x.device, non_blocking=True))

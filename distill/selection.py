@@ -20,7 +20,7 @@ import torch
 from distill.anomaly_map import MapFusion
 from distill.data.synthetic_defects import paste_defects
 from distill.metrics import image_auroc, pixel_auroc, tile_scores_on
-from distill.preprocess import as_batch, normalise
+from distill.preprocess import as_batch, edge_tiles, normalise
 from distill.torch_model import ReverseDistillation
 
 FUSION_WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -67,8 +67,10 @@ def raw_maps(
     mean: tuple[float, ...],
     std: tuple[float, ...],
     batch_size: int = 16,
+    fabric: np.ndarray | None = None,
 ) -> RawMaps:
-    """The student's and the memory bank's maps of `images`, in float32, before fusion."""
+    """The student's and the memory bank's maps of `images`, in float32, before fusion;
+    `fabric`: (N, H, W) booleans, True on fabric (None: all fabric)."""
     model.eval()
     device = next(model.student.parameters()).device
     batch = as_batch(images)
@@ -76,11 +78,13 @@ def raw_maps(
     for start in range(0, batch.shape[0], batch_size):
         x, (h, w) = normalise(batch[start : start + batch_size], mean, std, device)
         size = tuple(x.shape[-2:])
+        edges = None if fabric is None else edge_tiles(fabric[start : start + batch_size], x)
         teacher_features, student_features = model.features(x)
-        student.append(model.anomaly_map(teacher_features, student_features, size)[:, :h, :w].cpu())
+        student_map = model.anomaly_map(teacher_features, student_features, size, edges)
+        student.append(student_map[:, :h, :w].cpu())
         if model.memory is not None:
             grid = model.memory(teacher_features, size)
-            memory.append(model.anomaly_map.upsampled(grid, size)[:, :h, :w].cpu())
+            memory.append(model.anomaly_map.upsampled(grid, size, edges)[:, :h, :w].cpu())
     return RawMaps(torch.cat(student).numpy(), torch.cat(memory).numpy() if memory else None)
 
 
@@ -135,14 +139,15 @@ def choose_fusion(
 ) -> Selection:
     """Pick the fusion weight by synthetic defects pasted on the held-out good tiles.
 
-    `valid` marks each held-out tile's fabric pixels (None: all): statistics and figures count
-    only those, and defects are pasted only on tiles that are fabric throughout. With no memory
+    `valid` marks each held-out tile's fabric pixels (None: all): the maps are made from them,
+    statistics and figures count only them, and defects are pasted only on tiles that are
+    fabric throughout. With no memory
     bank only the student is possible (weight 1); a single weight in `weights` fixes the choice
     and only measures it.
     """
     if model.memory is None:
         weights = (1.0,)
-    good = raw_maps(model, held_out, mean, std)
+    good = raw_maps(model, held_out, mean, std, fabric=valid)
     whole = np.ones(len(held_out), bool) if valid is None else valid.all(axis=(1, 2))
     base = np.asarray(as_batch(held_out))[whole if whole.any() else slice(None)]
     defective, masks = paste_defects(base, seed=seed)

@@ -16,7 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from distill.anomaly_map import AnomalyMap, MapFusion
+from distill.anomaly_map import AnomalyMap, EdgeTiles, MapFusion
 from distill.blocks import SSPCAB, ChannelAttention, ConvReluBn, SpatialAttention, reverse_stage
 from distill.memory_bank import MemoryBank
 from distill.teacher import Teacher
@@ -138,13 +138,16 @@ class ReverseDistillation(nn.Module):
         teacher_features: list[torch.Tensor],
         student_features: list[torch.Tensor] | None,
         size: tuple[int, int],
+        edges: EdgeTiles | None = None,
     ) -> torch.Tensor:
-        """(B, H, W) float32 fused map at `size` (the input's), from the features of one batch."""
+        """(B, H, W) float32 fused map at `size` (the input's), from the features of one batch;
+        `edges`: the tiles holding pixels off the fabric (`AnomalyMap`), None for none."""
         student = memory = None
         if self.fusion.uses_student:
-            student = self.anomaly_map(teacher_features, student_features, size)
+            student = self.anomaly_map(teacher_features, student_features, size, edges)
         if self.fusion.uses_memory:
-            memory = self.anomaly_map.upsampled(self.memory(teacher_features, size), size)
+            grid = self.memory(teacher_features, size)
+            memory = self.anomaly_map.upsampled(grid, size, edges)
         return self.fusion(student, memory)
 
     def features(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -385,7 +385,8 @@ def train(
             "size": int(memory.bank.shape[0]), "bf16_twin": memory.twin_device,
         }  # fmt: skip
     detector = Detector(trainer.model, card.mean, card.std, device=trainer.device, precision="fp32")
-    val_scores = tile_scores_on(detector.predict(val_images.numpy()).maps, val_valid)
+    val_maps = detector.predict(val_images.numpy(), fabric=val_valid).maps
+    val_scores = tile_scores_on(val_maps, val_valid)
     calibration = calibrate_threshold(val_scores, config.fpr)
     card.threshold = calibration.threshold
     card.metrics = {

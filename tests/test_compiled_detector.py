@@ -27,3 +27,11 @@ def test_compiled_maps_match_eager_ones_and_a_short_batch_compiles_nothing_new(t
     np.testing.assert_allclose(got.scores, want.scores, rtol=1e-3)
     # the short last batch was padded to the batch size: nothing compiled again
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    # tiles holding the table beside the fabric: the compiled path maps them as the eager one
+    fabric = np.ones((6, 64, 64), bool)
+    fabric[[1, 4], :, :20] = False
+    want, got = eager.predict(images, fabric), compiled.predict(images, fabric)
+    assert np.abs(got.maps - want.maps).max() <= 1e-3 * scale
+    plain = eager.predict(images).maps
+    assert not np.array_equal(want.maps[[1, 4]], plain[[1, 4]])
+    np.testing.assert_array_equal(want.maps[[0, 2, 3, 5]], plain[[0, 2, 3, 5]])

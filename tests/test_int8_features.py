@@ -71,6 +71,14 @@ def test_int8_maps_follow_fp32_and_a_short_batch_builds_nothing_new(tmp_path):
     floor = 0.99 if _has_vnni() else 0.95
     assert np.corrcoef(want.maps.ravel(), got.maps.ravel())[0, 1] > floor
     assert len(int8.int8._requests) == 1  # the short batch was padded to the same shape
+    # tiles holding the table beside the fabric: their maps from the same int8 features, masked
+    fabric = np.ones((6, 64, 64), bool)
+    fabric[[1, 4], :, :20] = False
+    masked = int8.predict(images, fabric).maps
+    np.testing.assert_array_equal(masked[[0, 2, 3, 5]], got.maps[[0, 2, 3, 5]])
+    assert not np.array_equal(masked[[1, 4]], got.maps[[1, 4]])
+    want = fp32.predict(images, fabric).maps
+    assert np.corrcoef(want[[1, 4]].ravel(), masked[[1, 4]].ravel())[0, 1] > floor
 
 
 def test_with_a_memory_bank_the_teacher_runs_unquantized_so_the_bank_sees_fp32_features():

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from distill.preprocess import as_batch
+from worker.fabric_mask import WindowFabric
 from worker.tiling import BandStitcher, cut_tiles, downsample_max
 
 SCORE_SCALE = 4  # the stored score map is ¼ of the image's resolution, per axis
@@ -97,45 +98,56 @@ def gather_tiles(
 def band_map(
     detector, pixels: np.ndarray, window_row0: int, origins: list[tuple[int, int]],
     band_start: int, band_stop: int, width: int, tile: int, margin: int, roll_rows: int,
+    fabric: WindowFabric | None = None,
 ) -> np.ndarray | torch.Tensor:  # fmt: skip
     """Full-resolution map of a band: tiles scored in batches, each batch merged by maximum
     into the band map as it comes (one band map in memory, not every tile map as well).
+    `fabric`: where the fabric lies in the window (None: everywhere); tiles reaching off it are
+    mapped from their fabric alone (`distill.anomaly_map`).
 
     A numpy array on the CPU; on another device, a tensor there (see the module's docstring)."""
     batch = detector.batch_size
     chunks = [origins[i : i + batch] for i in range(0, len(origins), batch)]
     place = {"margin": margin, "roll_rows": roll_rows}
+
+    def masks(chunk: list[tuple[int, int]]) -> np.ndarray | None:
+        return None if fabric is None else fabric.tile_masks(chunk, tile)
+
     if detector.device.type == "cpu":
         # made on the stitcher thread (a 2,048 × 18,000 band's map takes ~0.2 s to allocate),
         # beside the model's first batch; each merge queued behind it there
         stitcher = _stitch.submit(BandStitcher, band_start, band_stop, width, tile, **place)
-        _merge_on_host(detector, pixels, window_row0, chunks, stitcher, tile)
+
+        def cut(chunk: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray | None]:
+            return cut_tiles(pixels, window_row0, chunk, tile), masks(chunk)
+
+        _merge_on_host(detector, cut, chunks, stitcher)
         return stitcher.result().result()
     stitcher = DeviceStitcher(band_start, band_stop, width, tile, **place, device=detector.device)
     rows, cols = pixels.shape[:2]
     if all(r - window_row0 + tile <= rows and c + tile <= cols for r, c in origins):
         window = as_batch(pixels)[0].to(detector.device)  # the whole window crosses once
         for chunk in chunks:  # queued on the device's stream: nothing here waits for it
-            stitcher.add(
-                detector.score_tensor(gather_tiles(window, window_row0, chunk, tile)), chunk
-            )
+            tiles = gather_tiles(window, window_row0, chunk, tile)
+            stitcher.add(detector.score_tensor(tiles, masks(chunk)), chunk)
     else:  # an image smaller than a tile: padded by reflection on the host, as on the CPU
         for chunk in chunks:
             tiles = as_batch(cut_tiles(pixels, window_row0, chunk, tile))
-            stitcher.add(detector.score_tensor(tiles), chunk)
+            stitcher.add(detector.score_tensor(tiles, masks(chunk)), chunk)
     return stitcher.result()
 
 
-def _merge_on_host(detector, pixels, window_row0, chunks, stitcher: Future, tile) -> None:
-    """Cutting the next batch and merging the last one run beside the model (numpy releases
-    the GIL), so the model waits for neither. `stitcher`: the stitcher thread's future of it."""
-    future = _prefetch.submit(cut_tiles, pixels, window_row0, chunks[0], tile)
+def _merge_on_host(detector, cut, chunks, stitcher: Future) -> None:
+    """Cutting the next batch (its tiles and fabric masks: `cut`) and merging the last one run
+    beside the model (numpy releases the GIL), so the model waits for neither. `stitcher`: the
+    stitcher thread's future of it."""
+    future = _prefetch.submit(cut, chunks[0])
     merged = None
     for k, chunk in enumerate(chunks):
-        tiles = future.result()
+        tiles, fabric = future.result()
         if k + 1 < len(chunks):
-            future = _prefetch.submit(cut_tiles, pixels, window_row0, chunks[k + 1], tile)
-        maps = detector.predict(tiles).maps
+            future = _prefetch.submit(cut, chunks[k + 1])
+        maps = detector.predict(tiles, fabric).maps
         if merged is not None:
             merged.result()  # one merge at a time: the stitcher is not thread-safe
         merged = _stitch.submit(lambda m=maps, c=chunk: stitcher.result().add(m, c))
@@ -145,11 +157,12 @@ def _merge_on_host(detector, pixels, window_row0, chunks, stitcher: Future, tile
 def band_scores(
     detector, pixels: np.ndarray, window_row0: int, origins: list[tuple[int, int]],
     band_start: int, band_stop: int, width: int, tile: int, margin: int, roll_rows: int,
+    fabric: WindowFabric | None = None,
 ) -> tuple[np.ndarray, float]:  # fmt: skip
     """What a band stores: its ¼-resolution score map and its full-resolution maximum
     (`quarter_scores`). Arguments as `band_map`'s."""
     full = band_map(detector, pixels, window_row0, origins, band_start, band_stop, width, tile,
-                    margin, roll_rows)  # fmt: skip
+                    margin, roll_rows, fabric)  # fmt: skip
     return quarter_scores(full)
 
 

@@ -1,25 +1,73 @@
 """The fabric's extent across each band: measured while scoring, stored, used at finalize.
 
-Scoring measures, per block of rows, where the fabric lies (`distill.fabric_region`) and
-stores it (`storage.fabric_extents`). Finalize turns the stored extents into a mask over the
-¼-resolution score map: a ¼-res pixel is on fabric when the full-resolution columns it covers overlap the fabric's, so
-the selvage itself is scored as fabric and only the table beside it is left out. Rows with no
-stored extent (a roll scored before extents existed) count as fabric from side to side.
+Scoring measures, per block of rows, where the fabric lies (`distill.fabric_region`): each
+tile's fabric mask (the model maps the fabric from the fabric alone) and the band's stored
+extents (`storage.fabric_extents`) come from the same blocks (`WindowFabric`). Finalize turns the
+stored extents into a mask over the ¼-resolution score map: a ¼-res pixel is on fabric when the
+full-resolution columns it covers overlap the fabric's, so the selvage itself is scored as fabric
+and only the table beside it is left out. Rows with no stored extent (a roll scored before
+extents existed) count as fabric from side to side.
 """
 
 from __future__ import annotations
 
 import bisect
+from collections.abc import Sequence
 
 import numpy as np
 
-from distill.fabric_region import Extent, band_extents
+from distill.fabric_region import BLOCK_ROWS, Extent, block_extent, region_mask
+from worker.tiling import cut_tiles
 
 
-def measure_band(pixels: np.ndarray, pixels_row0: int, start: int, stop: int) -> list[Extent]:
-    """Extents of the rows [start, stop) of a band whose pixels (read with their halo) begin
-    at roll row `pixels_row0`."""
-    return band_extents(pixels[start - pixels_row0 : stop - pixels_row0], row_start=start)
+def block_window(read_start: int, read_stop: int, roll_rows: int) -> tuple[int, int]:
+    """The rows to read for a band's tiles, [read_start, read_stop), widened to whole blocks of
+    `BLOCK_ROWS` (clipped at the roll's rows): every block is then measured on all its rows,
+    whichever band reads it."""
+    return read_start // BLOCK_ROWS * BLOCK_ROWS, min(
+        -(-read_stop // BLOCK_ROWS) * BLOCK_ROWS, roll_rows
+    )
+
+
+class WindowFabric:
+    """Where the fabric lies in a window of a roll's rows that starts on a block boundary: the
+    extent of each block (`BLOCK_ROWS` absolute rows, `distill.fabric_region.block_extent`)
+    measured once, when the first tile reaching it is cut. A block's extent depends on its own
+    rows alone, so a tile's mask is the same whichever band scores it (bands laid end to end
+    stay the map of the whole roll)."""
+
+    def __init__(self, pixels: np.ndarray, row0: int) -> None:
+        if row0 % BLOCK_ROWS:
+            raise ValueError(f"a fabric window starts on a block of {BLOCK_ROWS} rows, not {row0}")
+        self.pixels, self.row0 = pixels, row0
+        self.stop = row0 + pixels.shape[0]
+        self._blocks: dict[int, Extent] = {}
+
+    def block(self, k: int) -> Extent:
+        """The extent of block k (rows k·BLOCK_ROWS onwards), measured on first use."""
+        if k not in self._blocks:
+            start = k * BLOCK_ROWS
+            stop = min(start + BLOCK_ROWS, self.stop)
+            if not self.row0 <= start < stop:
+                raise ValueError(f"block {k} is outside the window [{self.row0}, {self.stop})")
+            left, right = block_extent(self.pixels[start - self.row0 : stop - self.row0])
+            self._blocks[k] = Extent(start, stop, left, right)
+        return self._blocks[k]
+
+    def extents(self, start: int, stop: int) -> list[Extent]:
+        """The extents of the rows [start, stop), one per block they touch (clipped to them)."""
+        blocks = (self.block(k) for k in range(start // BLOCK_ROWS, -(-stop // BLOCK_ROWS)))
+        return [
+            Extent(max(e.row_start, start), min(e.row_stop, stop), e.left, e.right) for e in blocks
+        ]
+
+    def tile_masks(self, origins: Sequence[tuple[int, int]], tile: int) -> np.ndarray:
+        """(N, tile, tile) booleans, True on fabric, for tiles at absolute `origins`, padded as
+        `cut_tiles` pads the tiles' pixels."""
+        top = min(r for r, _ in origins)
+        bottom = min(max(r for r, _ in origins) + tile, self.stop)
+        window = region_mask(self.extents(top, bottom), slice(top, bottom), self.pixels.shape[1])
+        return cut_tiles(window, top, origins, tile)
 
 
 def quarter_fabric_mask(

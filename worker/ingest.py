@@ -20,6 +20,7 @@ from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from distill.fabric_region import BLOCK_ROWS
 from storage.objectstore import ObjectChanged, ObjectInfo, ObjectNotFound, ObjectStore
 from storage.schema import Band, Frame, Model, Roll, Run
 from storage.settings import Settings
@@ -136,10 +137,14 @@ def advance_run(ctx: WorkerContext, session: Session, roll: Roll, run: Run) -> l
         return []
     last_band = -(-rows // height) - 1
     known = set(session.scalars(select(Band.band_index).where(Band.run_id == run.id)))
+    # a band also waits for the whole block of rows below it: its tiles' fabric masks are
+    # measured on whole blocks (`worker.fabric_mask.block_window`), which a tile under 256 px
+    # would otherwise let it read cut short
+    reach = max(tile, BLOCK_ROWS)
     ready = [
         b
         for b in range(last_band + 1)
-        if b not in known and band_ready(b, height, rows, complete, tile, stride)
+        if b not in known and band_ready(b, height, rows, complete, reach, stride)
     ]
     if ready:
         values = [

@@ -8,7 +8,6 @@ no two writers ever share a shard. Scoring a band twice writes the same values a
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 from sqlalchemy import update
@@ -17,14 +16,12 @@ from storage.fabric_extents import store_extents
 from storage.schema import Band, Model, Roll, Run
 from worker.band_scores import band_scores
 from worker.context import WorkerContext, lock_bands
-from worker.fabric_mask import measure_band
+from worker.fabric_mask import WindowFabric, block_window
 from worker.ingest import finalize_due, roll_arrays, run_tiling
 from worker.task_metrics import band_scored
 from worker.tiling import band_read_window, band_tiles
 
 log = logging.getLogger(__name__)
-# the fabric's edges are measured on their own thread while the band is scored
-_extents = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollscan-extents")
 
 
 def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
@@ -46,22 +43,24 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
         rows, width = roll.rows_ingested, roll.width_px
         start, stop = band.row_start, band.row_stop
         tile, stride = run_tiling(ctx, session, run)
-        read_start, read_stop = band_read_window(start, stop, rows, tile, stride)
+        read_start, read_stop = block_window(
+            *band_read_window(start, stop, rows, tile, stride), rows
+        )
         lock_bands(session, roll.id, arrays.bands_of_rows(read_start, read_stop), shared=True)
         pixels = arrays.read_rows(read_start, read_stop)
         roll_id, scales = roll.id, (roll.px_per_mm_x, roll.px_per_mm_y)
-    # the fabric's edges are measured beside the model (it needs only the pixels)
-    extents = _extents.submit(measure_band, pixels, read_start, start, stop)
+    # the fabric's edges, measured block by block as the tiles reaching them are cut
+    fabric = WindowFabric(pixels, read_start)
     detector = ctx.detector(model)
     origins = band_tiles(start, stop, rows, width, tile, stride)
     margin = (tile - stride) // 2
     quarter, peak = band_scores(
-        detector, pixels, read_start, origins, start, stop, width, tile, margin, rows
+        detector, pixels, read_start, origins, start, stop, width, tile, margin, rows, fabric
     )
     partial = stop - start < arrays.band_height  # only the roll's last band can be short
     arrays.write_band_scores(model.version, band_index, quarter, length=rows if partial else None)
     with ctx.session() as session:
-        store_extents(session, roll_id, scales, extents.result())
+        store_extents(session, roll_id, scales, fabric.extents(start, stop))
         counted = session.execute(
             update(Band)
             .where(Band.run_id == run_id, Band.band_index == band_index, Band.status != "done")
