@@ -111,8 +111,7 @@ def edge_tiles(fabric: np.ndarray | torch.Tensor | None, x: torch.Tensor) -> Edg
     on = torch.from_numpy(fabric[index])
     if pad_h or pad_w:
         on = F.pad(on[:, None].float(), (0, pad_w, 0, pad_h), mode="reflect")[:, 0] > 0.5
-    pinned = x.device.type == "cuda"
-    index_t, on = (torch.as_tensor(a) for a in (index, on))
-    if pinned:
-        index_t, on = index_t.pin_memory(), on.pin_memory()
-    return EdgeTiles(index_t.to(x.device, non_blocking=True), on.to(x.device, non_blocking=True))
+    index = torch.from_numpy(index)
+    if x.device.type == "cuda":  # a copy from pinned memory is queued, not waited for
+        index, on = index.pin_memory(), on.pin_memory()
+    return EdgeTiles(index.to(x.device, non_blocking=True), on.to(x.device, non_blocking=True))

@@ -2,10 +2,11 @@
 stored ¼ resolution. Plain numpy and torch — no database, no Celery — so the worker, the
 benchmarks and the GPU check all run this one path.
 
-On the CPU a reader thread cuts the next batch's tiles and a stitcher thread merges the last
-batch's maps while the model computes. On a GPU the host only queues work: the band's pixels
-cross to the device once, tiles are gathered there, the band map is built there, and only its ¼
-pooling (1/16 of the pixels) comes back, once per band. Any host work per batch (cutting,
+On the CPU a reader thread cuts the next batch's tiles (and their fabric masks, measuring the
+fabric's edges as it goes) and a stitcher thread merges the last batch's maps while the model
+computes. On a GPU the host only queues work: the band's pixels cross to the device once, tiles
+are gathered there, the band map is built there, and only its ¼ pooling (1/16 of the pixels)
+comes back, once per band. Any host work per batch (cutting,
 merging, copying maps back) would leave the GPU idle: measured by bench/band_throughput.py.
 """
 
