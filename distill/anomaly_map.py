@@ -135,30 +135,33 @@ class AnomalyMap(nn.Module):
         maps = self.smooth(total).squeeze(1)
         if edges is None:
             return maps
-        on_fabric = self.on_fabric([level[edges.index] for level in levels], size, edges.fabric)
+        edge_levels = [level[edges.index] for level in levels]
+        on_fabric = self.on_fabric(edge_levels, size, edges.fabric, maps[edges.index])
         return maps.index_copy(0, edges.index, on_fabric)
 
     def on_fabric(
-        self, levels: list[torch.Tensor], size: tuple[int, int], fabric: torch.Tensor
-    ) -> torch.Tensor:
+        self, levels: list[torch.Tensor], size: tuple[int, int], fabric: torch.Tensor,
+        plain: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
         """The map of tiles that hold off-fabric pixels, over their fabric from fabric alone:
         each level upsampled from its cells on fabric only (`_cell_centres`), the sum smoothed
         by the Gaussian divided by the smoothed mask. Pixels far off the fabric (no weight
-        reaches them) keep the plain map's value; they are never scored as fabric anyway."""
+        reaches them) keep `plain`, the same tiles' (E, H, W) map made without the mask; they
+        are never scored as fabric anyway."""
         weight = fabric.to(levels[0].dtype).unsqueeze(1)
-        total = plain = None
+        total = None
         for level in levels:
             centred = _cell_centres(weight, level.shape[-2:])
             reach = _resize(centred, size)
-            up = _resize(level, size)
             part = torch.where(
-                reach > _REACH, _resize(level * centred, size) / reach.clamp_min(_REACH), up
+                reach > _REACH,
+                _resize(level * centred, size) / reach.clamp_min(_REACH),
+                _resize(level, size),
             )
             total = part if total is None else total + part
-            plain = up if plain is None else plain + up
-        reach = self.smooth(weight)
-        smoothed = self.smooth(total * weight) / reach.clamp_min(_REACH)
-        return torch.where(reach > _REACH, smoothed, self.smooth(plain)).squeeze(1)
+        reach = self.smooth(weight).squeeze(1)
+        smoothed = self.smooth(total * weight).squeeze(1) / reach.clamp_min(_REACH)
+        return torch.where(reach > _REACH, smoothed, plain)
 
 
 class MapFusion(nn.Module):
