@@ -31,7 +31,15 @@ from distill.data.aitex import import_aitex
 from distill.evaluate import evaluate
 from distill.loss import LOSSES
 from distill.teacher import TEACHERS
-from distill.train import EDGE_MODES, HELD_OUT_MODES, PRECISIONS, SCORERS, TrainConfig, train
+from distill.train import (
+    EDGE_MODES,
+    HELD_OUT_MODES,
+    PRECISIONS,
+    SCORERS,
+    TILE_LAYOUTS,
+    TrainConfig,
+    train,
+)  # fmt: skip
 
 PATCHCORE = {
     "00": (0.988, 0.934),
@@ -54,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", nargs="*", default=list(TrainConfig.augment), choices=AUGMENTATIONS)
     p.add_argument("--scorer", default=TrainConfig.scorer, choices=SCORERS)
     p.add_argument("--edge", default=TrainConfig.edge, choices=EDGE_MODES)
+    p.add_argument("--tile-layout", default=TrainConfig.tile_layout, choices=TILE_LAYOUTS,
+                   help="fabric: import the tiles starting at the fabric's edges and lay the "
+                   "pipeline's tiles on the fabric")  # fmt: skip
     p.add_argument("--epochs", type=int, default=TrainConfig.epochs)
     p.add_argument("--precision", default=TrainConfig.precision, choices=PRECISIONS)
     p.add_argument("--held-out", default=TrainConfig.held_out, choices=HELD_OUT_MODES)
@@ -84,7 +95,8 @@ def main() -> None:
         raise SystemExit(f"no AITEX data at {args.data}")
     fabrics = args.fabric or sorted(PATCHCORE)
     tiles = args.work / "tiles"
-    counts = import_aitex(args.data, tiles, fabrics=fabrics, overwrite=True)
+    counts = import_aitex(args.data, tiles, fabrics=fabrics, overwrite=True,
+                          edge_start_tiles=args.tile_layout == "fabric")  # fmt: skip
     results, lines = {}, []
     header = f"{'':<18}{'tile':>8}{'pixel':>8}{'AUPRO':>8}{'fpr@thr':>9}{'rec@thr':>9}"
     for code in fabrics:
@@ -93,7 +105,7 @@ def main() -> None:
         config = TrainConfig(
             teacher=args.teacher, loss=args.loss, augment=tuple(args.augment),
             scorer=args.scorer, edge=args.edge, epochs=args.epochs, max_minutes=args.max_minutes,
-            precision=args.precision, held_out=args.held_out,
+            precision=args.precision, held_out=args.held_out, tile_layout=args.tile_layout,
             memory_levels=args.memory_levels and tuple(args.memory_levels), memory_stride=args.memory_stride,
         )  # fmt: skip
         started = time.perf_counter()

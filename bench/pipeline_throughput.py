@@ -39,7 +39,7 @@ from storage.schema import Band, Run
 from storage.settings import get_settings
 from worker.context import WorkerContext
 from worker.inline import InlineEnqueuer
-from worker.tiling import band_tiles
+from worker.task_metrics import tiles_scored_total
 
 
 def main() -> None:
@@ -82,17 +82,15 @@ def main() -> None:
                          table=(args.table, args.table, 245) if args.table else None)  # fmt: skip
     # load (and compile) once, outside the timing, as a warm worker would have it
     ctx.detector(model).predict(np.zeros((args.batch, 256, 256, 1), dtype=np.uint8))
-    started = time.perf_counter()
+    started, tiles_before = time.perf_counter(), tiles_scored_total()
     submit(ctx, str(tmp / "roll"))
     enqueuer.drain()
     pipeline_s = time.perf_counter() - started
     rows = args.frames * args.frame_rows
     with ctx.session() as session:
         run = session.query(Run).filter(Run.roll_id == roll_id).one()
-        bands = session.query(Band).filter(Band.run_id == run.id).all()
-        tiles = sum(
-            len(band_tiles(b.row_start, b.row_stop, rows, args.width, 256, 224)) for b in bands
-        )
+        bands = session.query(Band).filter(Band.run_id == run.id).count()
+        tiles = tiles_scored_total() - tiles_before  # as the bands laid them on the fabric
         status = run.status
     detector, _ = load_detector(tmp / "m.pt", device="cpu", batch_size=args.batch,
                                 compile=args.compile, precision=args.precision)  # fmt: skip
@@ -102,7 +100,7 @@ def main() -> None:
     detector.predict(images)
     model_s = time.perf_counter() - started
     result = {
-        "roll": f"{rows}×{args.width} px, {args.frames} frames, {len(bands)} bands"
+        "roll": f"{rows}×{args.width} px, {args.frames} frames, {bands} bands"
         + (f", a table of {args.table} px each side" if args.table else ""),
         "run_status": status,
         "tiles": tiles,

@@ -16,7 +16,7 @@ def _import_aitex(args: argparse.Namespace) -> int:
     counts = import_aitex(
         args.src, args.dst, **options(args, "tile overwrite", n_train_strips="train_strips",
                                       fabrics="fabric", defect_strip_good="defect_strip_good_tiles",
-                                      edge_tiles="edge_tiles")
+                                      edge_tiles="edge_tiles", edge_start_tiles="edge_start_tiles")
     )  # fmt: skip
     print(json.dumps(counts, indent=2))
     return 0
@@ -41,6 +41,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     a.add_argument(
         "--no-edge-tiles", dest="edge_tiles", action="store_false",
         help="no extra training tiles across the fabric's edge half a tile off the grid",
+    )  # fmt: skip
+    a.add_argument(
+        "--edge-start-tiles", action="store_true",
+        help="also the training tiles that start at the fabric's edges, for models trained with "
+        "--tile-layout fabric (off by default)",
     )  # fmt: skip
     a.set_defaults(handler=_import_aitex)
     return p

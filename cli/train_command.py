@@ -43,7 +43,7 @@ def _train(args: argparse.Namespace) -> int:
         **options(args, "teacher_weights variant epochs batch lr tile seed device fpr max_minutes"),
         # not given: TrainConfig's defaults
         **options(args, "loss scorer fusion_weight memory_size memory_stride edge precision "
-                  "held_out", skip_none=True),
+                  "held_out tile_layout", skip_none=True),
         **({} if args.memory_levels is None else {"memory_levels": tuple(args.memory_levels)}),
         **({} if args.augment is None else {"augment": tuple(a for a in args.augment if a != "none")}),
     )  # fmt: skip
@@ -100,6 +100,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    metavar="N", help="input pixels per bank patch, the bank map's grid: one of "
                    "%(choices)s (default 8)")  # fmt: skip
     p.add_argument("--edge", default=None, help="mask or exclude tiles across the fabric edge")
+    p.add_argument(
+        "--tile-layout", default=None, choices=("grid", "fabric"),
+        help="how the pipeline lays a roll's tiles for this model: grid (default) over the whole "
+        "width, or fabric: laid on the fabric, the first tile starting at its edge (train on "
+        "data holding such tiles: import-aitex --edge-start-tiles)",
+    )  # fmt: skip
     p.add_argument(
         "--held-out", default=None, choices=LazyChoices(_held_out_modes), metavar="random|last",
         help="the 30 %% held out for selection and calibration: random tiles (default) or the "

@@ -235,5 +235,6 @@ def load_detector(
         batch_size=batch_size,
         compile=compile,
         calibration=kept if calibration is None else calibration,
+        tile_layout=card.train_config.get("tile_layout", "grid"),
     )
     return detector, card

@@ -81,8 +81,11 @@ class Detector:
         batch_size: int = 16,
         compile: bool = False,
         calibration: np.ndarray | torch.Tensor | None = None,
+        tile_layout: str = "grid",
     ) -> None:
-        """`compile`: teacher, student and map as one graph through torch.compile (inductor,
+        """`tile_layout`: how a roll's tiles are laid for this model (`distill.train.TrainConfig`).
+
+        `compile`: teacher, student and map as one graph through torch.compile (inductor,
         with freezing: BatchNorm folds into the convolutions, weights become constants). The
         first batch of each tile size compiles it (tens of seconds, once per process); every
         batch is padded to `batch_size` so that no other shape compiles again.
@@ -101,6 +104,7 @@ class Detector:
         self.batch_size = batch_size
         self.mean, self.std = tuple(mean), tuple(std)
         self.threshold = threshold
+        self.tile_layout = tile_layout
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=memory_format)
         # the eager path scores with a copy whose BatchNorms are folded into their convolutions

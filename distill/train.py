@@ -49,6 +49,7 @@ from distill.torch_model import ReverseDistillation
 
 SCORERS: tuple[str, ...] = ("auto", "student", "memory", "fused")
 EDGE_MODES: tuple[str, ...] = ("mask", "exclude")
+TILE_LAYOUTS: tuple[str, ...] = ("grid", "fabric")
 HELD_OUT_MODES: tuple[str, ...] = ("random", "last")
 MEMORY_STRIDES: tuple[int, ...] = (4, 8, 16)
 
@@ -89,6 +90,10 @@ class TrainConfig:
     # tiles that straddle the fabric's edge: "mask" leaves their off-fabric pixels out of the
     # loss and the memory bank; "exclude" leaves such tiles out of training altogether
     edge: str = "mask"
+    # how the pipeline lays a roll's tiles for this model (`worker.tiling`): "grid" over the
+    # whole width, or "fabric": each tile row laid on the fabric, its first tile starting at the
+    # edge — for data that holds such tiles (`rollscan datasets import-aitex --edge-start-tiles`)
+    tile_layout: str = "grid"
     max_minutes: float | None = None  # a time budget; None trains to the end
     # fp32, or bf16 autocast (forward passes in bf16, weights, loss and optimiser in float32,
     # channels-last); auto: bf16 where the device has it natively
@@ -123,6 +128,10 @@ class TrainConfig:
         if self.edge not in EDGE_MODES:
             raise ValueError(
                 f"unknown edge mode {self.edge!r}; choose one of {', '.join(EDGE_MODES)}"
+            )
+        if self.tile_layout not in TILE_LAYOUTS:
+            raise ValueError(
+                f"unknown tile layout {self.tile_layout!r}; choose one of {', '.join(TILE_LAYOUTS)}"
             )
         if self.held_out not in HELD_OUT_MODES:
             raise ValueError(f"held_out must be random or last, not {self.held_out!r}")

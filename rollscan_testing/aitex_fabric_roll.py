@@ -36,14 +36,14 @@ from rollscan_testing.synthetic_roll import PlantedDefect
 from scheduler.submit import submit
 from storage.fabric_extents import roll_extents
 from storage.registry import activate_model, active_model, checkpoint_key, register_model
-from storage.schema import Band, Defect, Grade, Model, Roll, Run
+from storage.schema import Defect, Grade, Model, Roll, Run
 from storage.settings import MERGE_GAP_MM
 from storage.zarr_rolls import open_roll
 from worker.band_scores import SCORE_SCALE
 from worker.components import merge_groups
 from worker.context import WorkerContext
 from worker.fabric_mask import Extent, quarter_fabric_mask
-from worker.tiling import band_tiles
+from worker.task_metrics import tiles_scored_total
 
 AITEX_PX_PER_MM = 10.0  # nominal: the data set states no resolution
 N_TRAIN_STRIPS = 15
@@ -318,7 +318,7 @@ def run_aitex_roll(ctx: WorkerContext, roll_dir: str | Path, planted: list[Plant
         if model is None:
             raise RuntimeError(f"no active model for fabric type {manifest['fabric_type']}")
     ctx.detector(model)  # loaded outside the timing, as a warm worker would have it
-    started = time.perf_counter()
+    started, tiles_before = time.perf_counter(), tiles_scored_total()
     submit(ctx, str(roll_dir))
     ctx.enqueue.drain()
     seconds = time.perf_counter() - started
@@ -328,10 +328,7 @@ def run_aitex_roll(ctx: WorkerContext, roll_dir: str | Path, planted: list[Plant
         if roll is None or roll.status != "done" or run is None:
             raise RuntimeError(f"roll {roll_id} ended {roll and roll.status}: "
                                f"{roll and roll.failure_reason}")  # fmt: skip
-        bands = session.scalars(select(Band).where(Band.run_id == run.id)).all()
-        stride = ctx.settings.tile - ctx.settings.overlap
-        tiles = sum(len(band_tiles(b.row_start, b.row_stop, roll.rows_ingested, roll.width_px,
-                                   ctx.settings.tile, stride)) for b in bands)  # fmt: skip
+        tiles = tiles_scored_total() - tiles_before
         found = [
             {c: getattr(d, c) for c in _FOUND}
             for d in session.scalars(

@@ -117,27 +117,34 @@ def test_defect_strips_give_only_defect_tiles_by_default(fake_aitex, tmp_path):
     )
 
 
-def test_training_strips_also_give_the_tiles_across_the_edge_off_the_grid(fake_aitex, tmp_path):
-    on, off = tmp_path / "on", tmp_path / "off"
+def test_training_strips_also_give_the_tiles_across_and_from_the_edge(fake_aitex, tmp_path):
+    on, off, start = tmp_path / "on", tmp_path / "off", tmp_path / "start"
     counts_on, _ = _import(fake_aitex, on)
     counts_off, _ = _import(fake_aitex, off, edge_tiles=False)
+    counts_start, _ = _import(fake_aitex, start, edge_start_tiles=True)
     # fabric 300-824: the tiles at x = 128 and 640 hold 84 and 184 columns of it; x = 384 is
-    # fabric throughout (the grid has that); fabric 01 has no margin, so no edge
-    edge = [f"000{k}_000_00_h{c:02d}.png" for k in (1, 2, 3) for c in (0, 2)]
-    assert (
-        sorted(set(_names(on / "fabric00/train/good")) - set(_names(off / "fabric00/train/good")))
-        == edge
-    )
+    # fabric throughout (the grid has that); the tiles from its edges (asked for) start at
+    # x = 300 and 568; fabric 01 has no margin, so no edge
+    names = {d: set(_names(d / "fabric00/train/good")) for d in (on, off, start)}
+    across = {f"000{k}_000_00_h{c:02d}.png" for k in (1, 2, 3) for c in (0, 2)}
+    starting = {f"000{k}_000_00_{tag}.png" for k in (1, 2, 3) for tag in ("l01", "r02")}
+    assert names[on] - names[off] == across
+    assert names[start] - names[on] == starting
     assert counts_on["fabric00"]["train_good"] == counts_off["fabric00"]["train_good"] + 6
-    assert counts_on["fabric01"] == counts_off["fabric01"]
+    assert counts_start["fabric00"]["train_good"] == counts_on["fabric00"]["train_good"] + 6
+    assert counts_on["fabric01"] == counts_off["fabric01"] == counts_start["fabric01"]
     for folder in ("test", "ground_truth"):  # the test set is the same
         assert _pngs(on / "fabric00", folder) == _pngs(off / "fabric00", folder)
-    regions = json.loads((on / "fabric00" / REGIONS_FILE).read_text())
+    regions = json.loads((start / "fabric00" / REGIONS_FILE).read_text())
     for k in (1, 2, 3):
         assert regions[f"train/good/000{k}_000_00_h00.png"] == [172, 256]
         assert regions[f"train/good/000{k}_000_00_h02.png"] == [0, 184]
     with Image.open(on / "fabric00/train/good/0002_000_00_h02.png") as im:
         assert np.array_equal(np.asarray(im), _strip(2)[:, 640:896])
+    for tag, x in (("l01", 300), ("r02", 568)):  # wholly on fabric: no region
+        assert f"train/good/0002_000_00_{tag}.png" not in regions
+        with Image.open(start / f"fabric00/train/good/0002_000_00_{tag}.png") as im:
+            assert np.array_equal(np.asarray(im), _strip(2)[:, x : x + 256])
 
 
 def test_tiles_are_grey_crops_of_the_strip(fake_aitex, tmp_path):

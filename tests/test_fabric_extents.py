@@ -2,17 +2,25 @@
 nothing reported off the fabric, the measured width in SQL and in grading."""
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
+from fixtures_celery import FABRIC
 from sqlalchemy import select, text
 
+from distill.checkpoint import load_model, read_checkpoint, save_checkpoint
 from results.grade_store import grade_run
 from results.grading import choose_width
 from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.submit import submit
-from storage.schema import Defect, FabricExtent, Grade, Run
+from storage.registry import activate_model, register_model
+from storage.schema import Band, Defect, FabricExtent, Grade, Model, Run
+from storage.zarr_rolls import open_roll
 from worker.fabric_mask import Extent, quarter_fabric_mask
+from worker.ingest import run_tiling
+from worker.task_metrics import tiles_scored_total
+from worker.tiling import band_tiles, downsample_max
 
 PX_PER_MM, BAND, WIDTH = 10.0, 1024, 768
 LEFT, RIGHT = 96, 128  # table columns on each side: the fabric is [96, 640)
@@ -35,10 +43,30 @@ def _scored_roll(ctx, tmp_path, roll_id: str, grey: int):
     return planted
 
 
+def _with_tile_layout(ctx, checkpoint, layout: str, tmp_path) -> None:
+    """The context's fabric type scored by a copy of its model whose card names `layout`."""
+    model, card = load_model(checkpoint)
+    _, state = read_checkpoint(checkpoint)
+    path = save_checkpoint(
+        tmp_path / f"{layout}.pt", model,
+        replace(card, train_config={**card.train_config, "tile_layout": layout}),
+        state.get("calibration_tiles"),
+    )  # fmt: skip
+    with ctx.session() as session:
+        version, _ = register_model(session, ctx.store, path, fabric_type=FABRIC)
+        activate_model(session, version.version)
+
+
+@pytest.mark.parametrize("layout", ["grid", "fabric"])
 @pytest.mark.parametrize("grey", [15, 245], ids=["dark table", "white table"])
-def test_nothing_is_reported_off_the_fabric_and_its_edges_are_in_sql(ctx, tmp_path, grey):
-    roll_id = f"R-table-{grey}"
+def test_nothing_is_reported_off_the_fabric_and_its_edges_are_in_sql(
+    ctx, tmp_path, grey, layout, twill_model
+):
+    roll_id = f"R-table-{grey}-{layout}"
+    _with_tile_layout(ctx, twill_model, layout, tmp_path)
+    before = tiles_scored_total()
     planted = _scored_roll(ctx, tmp_path, roll_id, grey)
+    scored = tiles_scored_total() - before
     with ctx.session() as session:
         extents = session.scalars(select(FabricExtent).where(FabricExtent.roll_id == roll_id)).all()
         run = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
@@ -46,6 +74,10 @@ def test_nothing_is_reported_off_the_fabric_and_its_edges_are_in_sql(ctx, tmp_pa
             {c: getattr(d, c) for c in ("x0_mm", "y0_mm", "x1_mm", "y1_mm")}
             for d in session.scalars(select(Defect).where(Defect.run_id == run.id))
         ]
+        bands = session.execute(
+            select(Band.row_start, Band.row_stop).where(Band.run_id == run.id)
+        ).all()
+        tile, stride = run_tiling(ctx, session, run)
         widths = session.execute(
             text("SELECT blocks_measured, min_width_mm, median_width_mm, manifest_width_mm "
                  "FROM roll_widths WHERE roll_id = :r"), {"r": roll_id},
@@ -70,6 +102,23 @@ def test_nothing_is_reported_off_the_fabric_and_its_edges_are_in_sql(ctx, tmp_pa
     )
     matched, _ = match_defects(planted, found, PX_PER_MM)
     assert sorted(matched) == [0, 1], found
+
+    # the worker laid the tiles as the model's card says: on the fabric, the fabric's first
+    # columns are mapped by the tile that starts at its edge (rows of the second tile row)
+    with ctx.session() as session:
+        model = session.get(Model, run.model_version)
+    left = extents[0].left_px
+    r, margin, q0 = stride, (tile - stride) // 2, extents[0].left_px // 4 + 1
+    arrays = open_roll(ctx.store, roll_id)
+    alone = ctx.detector(model).predict(arrays.read_rows(r, r + tile)[:, left : left + tile])
+    expected = downsample_max(alone.maps[0][margin : tile - margin, q0 * 4 - left :][:, :24])
+    stored = arrays.read_scores(model.version, (r + margin) // 4, (r + tile - margin) // 4)
+    stored = stored[:, q0 : q0 + 6].astype(np.float32)
+    # float16 steps apart at most (the tile scored in another batch: float sums differ in the last bit)
+    assert np.allclose(stored, expected, rtol=1e-3, atol=1e-3) == (layout == "fabric")
+    assert scored == sum(len(band_tiles(*b, 2048, WIDTH, tile, stride)) for b in bands) or (
+        layout == "fabric"
+    )
 
 
 def test_grading_takes_the_measured_width_when_the_manifest_disagrees(ctx, tmp_path, caplog):

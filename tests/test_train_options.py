@@ -54,6 +54,7 @@ def _train_and_evaluate(category, tmp_path, *options):
         ("--teacher", "efficientnet_lite1"),
         ("--teacher", "efficientnet_lite2"),
         ("--precision", "auto"),  # bf16 autocast where the CPU has it natively, else fp32
+        ("--scorer", "memory", "--tile-layout", "fabric"),
     ],
     ids=lambda o: " ".join(o),
 )
@@ -66,6 +67,9 @@ def test_each_training_option_trains_and_evaluates(category, tmp_path, options):
         assert card.fusion["weight"] == expected_weight[options[1]]
         assert (card.memory is None) == (options[1] == "student")
     memory_alone = options[:2] == ("--scorer", "memory")
+    # the layout the pipeline lays this model's tiles by (tests/test_fabric_extents.py)
+    layout = "fabric" if "--tile-layout" in options else "grid"
+    assert load_detector(tmp_path / "model.pt")[0].tile_layout == layout
     if card.memory is not None:  # each map alone is reported too; a student only when trained
         want = {"memory"} if memory_alone else {"student", "memory"}
         assert set(metrics["scorers"]) >= want and not (

@@ -3,7 +3,7 @@ stored ¼ resolution. Plain numpy and torch — no database, no Celery — so th
 benchmarks and the GPU check all run this one path.
 
 On the CPU a reader thread cuts the next batch's tiles (and their fabric masks, measuring the
-fabric's edges as it goes) and a stitcher thread merges the last batch's maps while the model
+fabric's edges as it goes; for a fabric-layout model it also lays the tile rows on the fabric) and a stitcher thread merges the last batch's maps while the model
 computes. On a GPU the host only queues work: the band's pixels cross to the device once, tiles
 are gathered there, the band map is built there, and only its ¼ pooling (1/16 of the pixels)
 comes back, once per band. Any host work per batch (cutting,
@@ -12,12 +12,14 @@ merging, copying maps back) would leave the GPU idle: measured by bench/band_thr
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 
 import numpy as np
 import torch
 
+from distill.fabric_region import Extent
 from distill.preprocess import as_batch
 from worker.fabric_mask import WindowFabric
 from worker.tiling import BandStitcher, cut_tiles, downsample_max
@@ -54,11 +56,11 @@ class DeviceStitcher(BandStitcher):
         self._offsets = torch.arange(tile, device=device)
         self._spill = self._size + torch.arange(tile * tile, device=device).view(tile, tile)
 
-    def add(self, maps: torch.Tensor, origins: Sequence[tuple[int, int]]) -> None:
+    def add(self, maps: torch.Tensor, origins: Sequence[tuple[int, ...]]) -> None:
         tile = self.tile
         if tuple(maps.shape) != (len(origins), tile, tile):
             raise ValueError(f"maps must be ({len(origins)}, {tile}, {tile}), got {maps.shape}")
-        boxes = [(r, c, *(self.crop_window(r, c) or (0, 0, 0, 0))) for r, c in origins]
+        boxes = [(o[0], o[1], *(self.crop_window(*o) or (0, 0, 0, 0))) for o in origins]
         r, c, top, bottom, left, right = _on_device(boxes, self.device).T[:, :, None]
         rows, cols = r + self._offsets, c + self._offsets  # (N, tile) each
         in_rows, in_cols = (rows >= top) & (rows < bottom), (cols >= left) & (cols < right)
@@ -86,32 +88,39 @@ def _on_device(rows: list[tuple[int, ...]], device: torch.device) -> torch.Tenso
 
 
 def gather_tiles(
-    window: torch.Tensor, window_row0: int, origins: Sequence[tuple[int, int]], tile: int
+    window: torch.Tensor, window_row0: int, origins: Sequence[tuple[int, ...]], tile: int
 ) -> torch.Tensor:
     """`cut_tiles` on a torch device: (N, tile, tile, C) tiles of an (H, W, C) window tensor,
     every tile inside it (no reflection padding: that is `cut_tiles`' job)."""
     offsets = torch.arange(tile, device=window.device)
-    corner = _on_device([(r - window_row0, c) for r, c in origins], window.device)
+    corner = _on_device([(r - window_row0, c) for r, c, *_ in origins], window.device)
     rows, cols = corner[:, :1] + offsets, corner[:, 1:] + offsets  # (N, tile) each
     return window[rows[:, :, None], cols[:, None, :]]
 
 
+def _batches(origins: Iterable[tuple[int, ...]], size: int) -> Iterator[list[tuple[int, ...]]]:
+    it = iter(origins)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
 def band_map(
-    detector, pixels: np.ndarray, window_row0: int, origins: list[tuple[int, int]],
+    detector, pixels: np.ndarray, window_row0: int, origins: Iterable[tuple[int, ...]],
     band_start: int, band_stop: int, width: int, tile: int, margin: int, roll_rows: int,
     fabric: WindowFabric | None = None,
 ) -> np.ndarray | torch.Tensor:  # fmt: skip
     """Full-resolution map of a band: tiles scored in batches, each batch merged by maximum
     into the band map as it comes (one band map in memory, not every tile map as well).
+    `origins`: (row, col) or `Tile`s, possibly a lazy iterator (`fabric_band_tiles`, which
+    measures the fabric's blocks as it goes: drawn by the reader thread on the CPU).
     `fabric`: where the fabric lies in the window (None: everywhere); tiles reaching off it are
     mapped from their fabric alone (`distill.anomaly_map`).
 
     A numpy array on the CPU; on another device, a tensor there (see the module's docstring)."""
-    batch = detector.batch_size
-    chunks = [origins[i : i + batch] for i in range(0, len(origins), batch)]
+    chunks = _batches(origins, detector.batch_size)
     place = {"margin": margin, "roll_rows": roll_rows}
 
-    def masks(chunk: list[tuple[int, int]]) -> np.ndarray | None:
+    def masks(chunk: list[tuple[int, ...]]) -> np.ndarray | None:
         return None if fabric is None else fabric.tile_masks(chunk, tile)
 
     if detector.device.type == "cpu":
@@ -119,54 +128,76 @@ def band_map(
         # beside the model's first batch; each merge queued behind it there
         stitcher = _stitch.submit(BandStitcher, band_start, band_stop, width, tile, **place)
 
-        def cut(chunk: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray | None]:
-            return cut_tiles(pixels, window_row0, chunk, tile), masks(chunk)
+        def read() -> tuple | None:  # the next batch: its origins, tiles and fabric masks
+            chunk = next(chunks, None)
+            if chunk is None:
+                return None
+            return chunk, cut_tiles(pixels, window_row0, chunk, tile), masks(chunk)
 
-        _merge_on_host(detector, cut, chunks, stitcher)
+        _merge_on_host(detector, read, stitcher)
         return stitcher.result().result()
     stitcher = DeviceStitcher(band_start, band_stop, width, tile, **place, device=detector.device)
     rows, cols = pixels.shape[:2]
-    if all(r - window_row0 + tile <= rows and c + tile <= cols for r, c in origins):
-        window = as_batch(pixels)[0].to(detector.device)  # the whole window crosses once
-        for chunk in chunks:  # queued on the device's stream: nothing here waits for it
+    window = None
+    for chunk in chunks:  # queued on the device's stream: nothing here waits for it
+        if all(r - window_row0 + tile <= rows and c + tile <= cols for r, c, *_ in chunk):
+            if window is None:  # the whole window crosses once
+                window = as_batch(pixels)[0].to(detector.device)
             tiles = gather_tiles(window, window_row0, chunk, tile)
-            stitcher.add(detector.score_tensor(tiles, masks(chunk)), chunk)
-    else:  # an image smaller than a tile: padded by reflection on the host, as on the CPU
-        for chunk in chunks:
+        else:  # an image smaller than a tile: padded by reflection on the host, as on the CPU
             tiles = as_batch(cut_tiles(pixels, window_row0, chunk, tile))
-            stitcher.add(detector.score_tensor(tiles, masks(chunk)), chunk)
+        stitcher.add(detector.score_tensor(tiles, masks(chunk)), chunk)
     return stitcher.result()
 
 
-def _merge_on_host(detector, cut, chunks, stitcher: Future) -> None:
-    """Cutting the next batch (its tiles and fabric masks: `cut`) and merging the last one run
-    beside the model (numpy releases the GIL), so the model waits for neither. `stitcher`: the
-    stitcher thread's future of it."""
-    future = _prefetch.submit(cut, chunks[0])
+def _merge_on_host(detector, read, stitcher: Future) -> None:
+    """Reading the next batch (its origins, tiles and fabric masks: `read`, None past the last)
+    and merging the last one run beside the model (numpy releases the GIL), so the model waits
+    for neither. `stitcher`: the stitcher thread's future of it."""
+    future = _prefetch.submit(read)
     merged = None
-    for k, chunk in enumerate(chunks):
-        tiles, fabric = future.result()
-        if k + 1 < len(chunks):
-            future = _prefetch.submit(cut, chunks[k + 1])
+    while (batch := future.result()) is not None:
+        chunk, tiles, fabric = batch
+        future = _prefetch.submit(read)
         maps = detector.predict(tiles, fabric).maps
         if merged is not None:
             merged.result()  # one merge at a time: the stitcher is not thread-safe
         merged = _stitch.submit(lambda m=maps, c=chunk: stitcher.result().add(m, c))
-    merged.result()
+    if merged is not None:
+        merged.result()
 
 
 def band_scores(
-    detector, pixels: np.ndarray, window_row0: int, origins: list[tuple[int, int]],
+    detector, pixels: np.ndarray, window_row0: int, origins: Iterable[tuple[int, ...]],
     band_start: int, band_stop: int, width: int, tile: int, margin: int, roll_rows: int,
     fabric: WindowFabric | None = None,
 ) -> tuple[np.ndarray, float]:  # fmt: skip
     """What a band stores: its ¼-resolution score map and its full-resolution maximum
-    (`quarter_scores`). Arguments as `band_map`'s."""
+    (`quarter_scores`; with `fabric`, a ¼-res pixel its edge cuts through pools the fabric
+    alone). Arguments as `band_map`'s."""
     full = band_map(detector, pixels, window_row0, origins, band_start, band_stop, width, tile,
                     margin, roll_rows, fabric)  # fmt: skip
-    return quarter_scores(full)
+    extents = None if fabric is None else fabric.extents(band_start, band_stop)
+    return quarter_scores(full, extents, band_start)
 
 
-def quarter_scores(full: np.ndarray | torch.Tensor) -> tuple[np.ndarray, float]:
-    """A band map's ¼ max pooling (`downsample_max`: float16 values rounded up) and maximum."""
-    return downsample_max(full, SCORE_SCALE), float(full.max())
+def quarter_scores(
+    full: np.ndarray | torch.Tensor, extents: Sequence[Extent] | None = None, row0: int = 0
+) -> tuple[np.ndarray, float]:
+    """A band map's ¼ max pooling (`downsample_max`: float16 values rounded up) and maximum.
+
+    `extents`: the fabric's, in absolute rows (the map's first row is `row0`). A ¼-res pixel
+    that the fabric's edge cuts through pools the fabric's pixels alone, so the table's scores
+    beside the edge (a tile of table only is mapped as it is) never reach the fabric's first
+    ¼-res column; ¼-res pixels wholly on the table keep the table's scores."""
+    quarter = downsample_max(full, SCORE_SCALE)
+    for e in extents or ():
+        rows = slice(e.row_start - row0, e.row_stop - row0)
+        q_rows = slice(rows.start // SCORE_SCALE, -(-rows.stop // SCORE_SCALE))
+        left_cut = (e.left, -(-e.left // SCORE_SCALE) * SCORE_SCALE)  # fabric's part of the cell
+        right_cut = (e.right // SCORE_SCALE * SCORE_SCALE, e.right)
+        for first, stop in (left_cut, right_cut):
+            if first < stop and (first % SCORE_SCALE or stop % SCORE_SCALE):
+                column = downsample_max(full[rows, first:stop], SCORE_SCALE)[:, 0]
+                quarter[q_rows, first // SCORE_SCALE] = column
+    return quarter, float(full.max())

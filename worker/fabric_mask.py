@@ -1,8 +1,9 @@
 """The fabric's extent across each band: measured while scoring, stored, used at finalize.
 
-Scoring measures, per block of rows, where the fabric lies (`distill.fabric_region`): each
-tile's fabric mask (the model maps the fabric from the fabric alone) and the band's stored
-extents (`storage.fabric_extents`) come from the same blocks (`WindowFabric`). Finalize turns the
+Scoring measures, per block of rows, where the fabric lies (`distill.fabric_region`): each tile
+row's columns (laid on the fabric: `worker.tiling.row_columns`), each tile's fabric mask (the
+model maps the fabric from the fabric alone) and the band's stored extents
+(`storage.fabric_extents`) come from the same blocks (`WindowFabric`). Finalize turns the
 stored extents into a mask over the ¼-resolution score map: a ¼-res pixel is on fabric when the
 full-resolution columns it covers overlap the fabric's, so the selvage itself is scored as fabric
 and only the table beside it is left out. Rows with no stored extent (a roll scored before
@@ -32,9 +33,9 @@ def block_window(read_start: int, read_stop: int, roll_rows: int) -> tuple[int, 
 class WindowFabric:
     """Where the fabric lies in a window of a roll's rows that starts on a block boundary: the
     extent of each block (`BLOCK_ROWS` absolute rows, `distill.fabric_region.block_extent`)
-    measured once, when the first tile reaching it is cut. A block's extent depends on its own
-    rows alone, so a tile's mask is the same whichever band scores it (bands laid end to end
-    stay the map of the whole roll)."""
+    measured once, when the first tile row reaching it is laid out (`span`) or cut. A block's
+    extent depends on its own rows alone, so a tile's columns and mask are the same whichever
+    band scores it (bands laid end to end stay the map of the whole roll)."""
 
     def __init__(self, pixels: np.ndarray, row0: int) -> None:
         if row0 % BLOCK_ROWS:
@@ -61,11 +62,17 @@ class WindowFabric:
             Extent(max(e.row_start, start), min(e.row_stop, stop), e.left, e.right) for e in blocks
         ]
 
-    def tile_masks(self, origins: Sequence[tuple[int, int]], tile: int) -> np.ndarray:
-        """(N, tile, tile) booleans, True on fabric, for tiles at absolute `origins`, padded as
-        `cut_tiles` pads the tiles' pixels."""
-        top = min(r for r, _ in origins)
-        bottom = min(max(r for r, _ in origins) + tile, self.stop)
+    def span(self, start: int, stop: int) -> tuple[int, int]:
+        """The columns [left, right) on fabric in every row of [start, stop) (clipped to the
+        window): the narrowest of the blocks those rows touch."""
+        extents = self.extents(start, min(stop, self.stop))
+        return max(e.left for e in extents), min(e.right for e in extents)
+
+    def tile_masks(self, origins: Sequence[tuple[int, ...]], tile: int) -> np.ndarray:
+        """(N, tile, tile) booleans, True on fabric, for tiles at absolute `origins` ((row, col)
+        or `Tile`), padded as `cut_tiles` pads the tiles' pixels."""
+        top = min(r for r, *_ in origins)
+        bottom = min(max(r for r, *_ in origins) + tile, self.stop)
         window = region_mask(self.extents(top, bottom), slice(top, bottom), self.pixels.shape[1])
         return cut_tiles(window, top, origins, tile)
 

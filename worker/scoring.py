@@ -8,6 +8,7 @@ no two writers ever share a shard. Scoring a band twice writes the same values a
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from sqlalchemy import update
@@ -19,7 +20,7 @@ from worker.context import WorkerContext, lock_bands
 from worker.fabric_mask import WindowFabric, block_window
 from worker.ingest import finalize_due, roll_arrays, run_tiling
 from worker.task_metrics import band_scored
-from worker.tiling import band_read_window, band_tiles
+from worker.tiling import band_read_window, band_tiles, fabric_band_tiles
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,21 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
         lock_bands(session, roll.id, arrays.bands_of_rows(read_start, read_stop), shared=True)
         pixels = arrays.read_rows(read_start, read_stop)
         roll_id, scales = roll.id, (roll.px_per_mm_x, roll.px_per_mm_y)
-    # the fabric's edges, measured block by block as the tiles reaching them are cut
+    # the fabric's edges, measured block by block as the tile rows reaching them are laid out
+    # on the fabric and cut (on the reader thread)
     fabric = WindowFabric(pixels, read_start)
     detector = ctx.detector(model)
-    origins = band_tiles(start, stop, rows, width, tile, stride)
+
+    def tiles() -> Iterator[tuple[int, ...]]:
+        if detector.tile_layout == "fabric":  # trained on tiles starting at the fabric's edge
+            return fabric_band_tiles(start, stop, rows, width, tile, stride, fabric.span)
+        return iter(band_tiles(start, stop, rows, width, tile, stride))
+
     margin = (tile - stride) // 2
     quarter, peak = band_scores(
-        detector, pixels, read_start, origins, start, stop, width, tile, margin, rows, fabric
+        detector, pixels, read_start, tiles(), start, stop, width, tile, margin, rows, fabric
     )
+    scored = sum(1 for _ in tiles())  # counted again: every block is measured by now
     partial = stop - start < arrays.band_height  # only the roll's last band can be short
     arrays.write_band_scores(model.version, band_index, quarter, length=rows if partial else None)
     with ctx.session() as session:
@@ -77,8 +85,8 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
                 .returning(Run.bands_done, Run.bands_total)
             ).one()
             finalize = total is not None and done == total
-    log.info("run %s band %s scored (%d tiles, max %.3f)", run_id, band_index, len(origins), peak)
-    band_scored(len(origins))
+    log.info("run %s band %s scored (%d tiles, max %.3f)", run_id, band_index, scored, peak)
+    band_scored(scored)
     if finalize:
         ctx.enqueue.finalize(run_id)
     return "scored"

@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from celery.signals import worker_process_init
-from prometheus_client import Counter, start_http_server
+from prometheus_client import REGISTRY, Counter, start_http_server
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,11 @@ def band_scored(tiles: int) -> None:
     """Called by `worker.scoring.score_band` after a band's scores are written."""
     TILES_SCORED.inc(tiles)
     BANDS_SCORED.inc()
+
+
+def tiles_scored_total() -> int:
+    """Tiles this process has scored so far (benchmarks: a run's tiles are the difference)."""
+    return int(REGISTRY.get_sample_value("rollscan_tiles_scored_total") or 0)
 
 
 def serve_metrics(port: int, *, addr: str = "127.0.0.1", tries: int = PORTS_TRIED) -> int | None:

@@ -16,13 +16,22 @@ no such H can change its tiles (`band_ready`). Once the rule says yes, the tiles
 are the same for every possible H, in particular for H = rows_ingested: a scorer of an
 incomplete roll passes `roll_rows=rows_ingested`.
 
+On the fabric. A camera sees the table beside the fabric; for a model trained so
+(`TrainConfig.tile_layout == "fabric"`) the worker lays each tile row's columns on the fabric
+(`fabric_band_tiles`, `row_columns`): the fabric, and the table on either
+side, are each tiled as above as if they were images of their own, so the fabric's first columns
+come from a tile that starts at its edge. The columns come from the fabric's extents over whole
+blocks of rows (`worker.fabric_mask`), so they too are the same whichever band scores a tile;
+each such `Tile` carries the columns it gives the band map.
+
 Images smaller than a tile (H < tile or W < tile) get a single tile along that axis, padded
 by reflection in `cut_tiles` so batches stay uniform; `stitch_max` crops the map back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -103,6 +112,66 @@ def band_tiles(
     return [(r, c) for r in rows for c in cols]
 
 
+class Tile(NamedTuple):
+    """A tile at absolute (row, col) that gives the band map the columns [left, right)."""
+
+    row: int
+    col: int
+    left: int
+    right: int
+
+
+def _span_columns(
+    a: int, b: int, width: int, tile: int, stride: int, margin: int
+) -> list[tuple[int, int, int]]:
+    """(col, left, right) of the tiles covering columns [a, b) as an image of its own: the grid
+    over the span, the last tile flush with its end (overlaps merge by maximum), `margin`
+    trimmed off each tile edge inside it; a span narrower than a tile gets one tile, as far into
+    it as the roll's width allows."""
+    if b - a < tile:
+        cols = [max(min(a, width - tile), 0)]
+    else:
+        cols = [a + c for c in tile_origins(b - a, tile, stride)]
+    return [
+        (c, a if c <= a else c + margin, b if c + tile >= b else c + tile - margin) for c in cols
+    ]
+
+
+def row_columns(
+    width: int, tile: int, stride: int, margin: int, left: int = 0, right: int | None = None
+) -> list[tuple[int, int, int]]:
+    """(col, left, right) of one tile row's tiles when the fabric lies in columns [left, right)
+    of all its rows: the fabric and the table on either side are each tiled apart, so every
+    tile giving fabric columns lies wholly on it (the first starts at its edge) and a tile
+    giving table columns gives nothing else.
+
+    Why: a tile holding a strip of table beside the fabric maps the fabric's first millimetres
+    high (the table and the tile's border both within the features' reach, a view no training
+    tile gave); a tile starting at the edge sees it as the training tiles cut from the same
+    edge do (`distill.data.aitex`). No margin, a fabric narrower than a tile, or an image
+    narrower than a tile: the plain grid (`tile_origins`)."""
+    right = width if right is None else right
+    if width <= tile or right - left < tile or (left <= 0 and right >= width):
+        return _span_columns(0, width, width, tile, stride, margin)
+    spans = [(0, left)] * (left > 0) + [(left, right)] + [(right, width)] * (right < width)
+    return [col for a, b in spans for col in _span_columns(a, b, width, tile, stride, margin)]
+
+
+def fabric_band_tiles(
+    band_start: int, band_stop: int, roll_rows: int, width: int, tile: int, stride: int,
+    fabric_span: Callable[[int, int], tuple[int, int]],
+) -> Iterator[Tile]:  # fmt: skip
+    """`band_tiles` with each tile row's columns laid on the fabric (`row_columns`), row by row
+    as they are needed: `fabric_span(start, stop)` gives the columns on fabric in all the rows
+    [start, stop) — measured from whole blocks of rows, so a tile is the same whichever band
+    scores it."""
+    margin = (tile - stride) // 2
+    for r in _band_row_origins(band_start, band_stop, roll_rows, tile, stride):
+        left, right = fabric_span(r, min(r + tile, roll_rows))
+        for c, lo, hi in row_columns(width, tile, stride, margin, left, right):
+            yield Tile(r, c, lo, hi)
+
+
 def band_read_window(
     band_start: int, band_stop: int, roll_rows: int, tile: int = TILE, stride: int = STRIDE
 ) -> tuple[int, int]:
@@ -154,7 +223,7 @@ def band_ready(
 def cut_tiles(
     window: np.ndarray,
     window_row0: int,
-    origins: Sequence[tuple[int, int]],
+    origins: Sequence[tuple[int, ...]],
     tile: int = TILE,
 ) -> np.ndarray:
     """Cut (N, tile, tile[, C]) tiles from `window`, whose first row is absolute row window_row0.
@@ -169,7 +238,7 @@ def cut_tiles(
     rows, width = window.shape[:2]
     out = np.empty((len(origins), tile, tile, *window.shape[2:]), dtype=window.dtype)
     extra = [(0, 0)] * (window.ndim - 2)
-    for i, (r, c) in enumerate(origins):
+    for i, (r, c, *_) in enumerate(origins):
         top = r - window_row0
         if not (0 <= top < rows and 0 <= c < width):
             raise ValueError(
@@ -218,28 +287,33 @@ class BandStitcher:
         self.out = np.full(self.shape, -np.inf, dtype=np.float32)
         self.covered = np.zeros(self.shape, dtype=bool)
 
-    def add(self, maps: np.ndarray, origins: Sequence[tuple[int, int]]) -> None:
+    def add(self, maps: np.ndarray, origins: Sequence[tuple[int, ...]]) -> None:
         """Merge tile maps (N, tile, tile), in the order of `origins`, into the band map."""
         maps, tile, b0 = np.asarray(maps), self.tile, self.band_start
         if maps.shape != (len(origins), tile, tile):
             raise ValueError(f"maps must be ({len(origins)}, {tile}, {tile}), got {maps.shape}")
-        for tile_map, (r, c) in zip(maps, origins, strict=True):
-            if (window := self.crop_window(r, c)) is None:
+        for tile_map, origin in zip(maps, origins, strict=True):
+            r, c = origin[:2]
+            if (window := self.crop_window(*origin)) is None:
                 continue  # a tile of the halo only
             top, bottom, left, right = window
             dst = self.out[top - b0 : bottom - b0, left:right]
             np.maximum(dst, tile_map[top - r : bottom - r, left - c : right - c], out=dst)
             self.covered[top - b0 : bottom - b0, left:right] = True
 
-    def crop_window(self, r: int, c: int) -> tuple[int, int, int, int] | None:
+    def crop_window(
+        self, r: int, c: int, left: int | None = None, right: int | None = None
+    ) -> tuple[int, int, int, int] | None:
         """The absolute rows [top, bottom) × columns [left, right) the tile at (r, c) gives the
-        band after cropping and trimming; None for a tile that gives it nothing."""
+        band after cropping and trimming; None for a tile that gives it nothing. A `Tile`'s own
+        columns (`row_columns`) replace the grid's."""
         tile, m = self.tile, self.margin
         trim_bottom = m if self.roll_rows is not None and r + tile < self.roll_rows else 0
         top = max(r + (m if r > 0 else 0), self.band_start)
         bottom = min(r + tile - trim_bottom, self.band_stop)
-        left = c + (m if c > 0 else 0)
-        right = min(c + tile - (m if c + tile < self.width else 0), self.width)
+        if left is None or right is None:
+            left = c + (m if c > 0 else 0)
+            right = min(c + tile - (m if c + tile < self.width else 0), self.width)
         return None if top >= bottom or left >= right else (top, bottom, left, right)
 
     def result(self) -> np.ndarray:
@@ -251,7 +325,7 @@ class BandStitcher:
 
 def stitch_max(
     maps: np.ndarray,
-    origins: Sequence[tuple[int, int]],
+    origins: Sequence[tuple[int, ...]],
     band_start: int,
     band_stop: int,
     width: int,

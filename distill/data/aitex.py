@@ -17,7 +17,9 @@ CC is the tile's column index along the strip (x offset = CC * tile), two digits
 names sort in strip order.  Strips taller than one tile (only when `tile` is smaller than
 the strip height) get `_yRR_xCC`.  Training strips also give `<stem>_hCC.png`: the tiles
 across the fabric's edge half a tile off the grid (x offset = CC * tile + tile / 2;
-`_edge_tiles`).
+`_edge_tiles`), and, asked for, `<stem>_lCC.png` / `<stem>_rCC.png`: the tiles that start at
+the fabric's left edge and end at its right one, as the pipeline lays them for a model trained
+with the fabric tile layout (`_tiles_from_the_edges`).
 
 Blank-margin rule: a tile is a margin tile when more than half of its pixels are
 near-white (>= 240).  Figures behind it, from all 2672 tiles of the 167 real strips
@@ -157,6 +159,32 @@ def _edge_tiles(
     return out
 
 
+def _tiles_from_the_edges(
+    image: np.ndarray, extents: list[Extent], tile: int
+) -> list[tuple[str, np.ndarray]]:
+    """(tag, tile) of the tiles that start at the fabric's left edge and end at its right edge,
+    wholly on fabric (tags `lCC` and `rCC`, or `yRR_lCC`…; CC = x // tile).
+
+    For a model trained with the fabric tile layout the pipeline lays a row's tiles on the
+    fabric (`worker.tiling.row_columns`): the fabric's first columns are mapped by a tile that
+    starts there, its border on the edge. That view
+    (the selvage beside the tile's zero-padded border) is in no grid tile: without it the bank
+    scores the selvage of every fabric whose edge is not on the grid as a flaw."""
+    out = []
+    for r, extent in enumerate(extents):
+        if extent.width < tile:
+            continue
+        prefix = "" if len(extents) == 1 else f"y{r:02d}_"
+        rows = slice(r * tile, (r + 1) * tile)
+        if extent.left > 0:
+            x = extent.left
+            out.append((f"{prefix}l{x // tile:02d}", image[rows, x : x + tile]))
+        if extent.right < image.shape[1]:
+            x = extent.right - tile
+            out.append((f"{prefix}r{x // tile:02d}", image[rows, x : x + tile]))
+    return out
+
+
 def read_grey(path: Path) -> np.ndarray | None:
     """8-bit greyscale array, or None (with a warning) when the file does not decode."""
     try:
@@ -286,6 +314,7 @@ def import_aitex(
     overwrite: bool = False,
     defect_strip_good: bool = False,
     edge_tiles: bool = True,
+    edge_start_tiles: bool = False,
 ) -> dict[str, dict[str, int]]:
     """Convert AITEX strips under `src` into MVTec AD categories `dst/fabricFF`.
 
@@ -301,7 +330,9 @@ def import_aitex(
     (see module docstring) are dropped from train/good and test/good only.
 
     `edge_tiles`: training strips also give the tiles across the fabric's edge half a tile off
-    the grid (`_edge_tiles`), counted in train_good.
+    the grid (`_edge_tiles`), counted in train_good; with `edge_start_tiles` too, the tiles
+    that start at its edges (`_tiles_from_the_edges`), for a model trained with
+    `tile_layout="fabric"`.
 
     Unreadable strips, unreadable masks, defect strips without a usable (non-empty)
     mask, malformed file names and strips whose pixels duplicate an earlier strip of the
@@ -391,10 +422,17 @@ def import_aitex(
             if region is not None:
                 regions.setdefault(category, {})[relative.as_posix()] = list(region)
         if edge_tiles and strip.split == "train" and mask is None:
-            for tag, piece, region in _edge_tiles(image, extents, tile):
+            across = _edge_tiles(image, extents, tile)
+            starting = (
+                [(tag, piece, None) for tag, piece in _tiles_from_the_edges(image, extents, tile)]
+                if edge_start_tiles
+                else []
+            )
+            for tag, piece, region in across + starting:
                 relative = Path("train") / "good" / f"{strip.path.stem}_{tag}.png"
                 _save_png(piece, category / relative)
-                regions.setdefault(category, {})[relative.as_posix()] = list(region)
+                if region is not None:
+                    regions.setdefault(category, {})[relative.as_posix()] = list(region)
                 c["train_good"] += 1
     for category, found in regions.items():
         (category / REGIONS_FILE).write_text(json.dumps(found, indent=0, sort_keys=True) + "\n")
