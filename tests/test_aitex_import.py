@@ -133,6 +133,9 @@ def test_training_strips_also_give_the_tiles_across_and_from_the_edge(fake_aitex
     assert counts_on["fabric00"]["train_good"] == counts_off["fabric00"]["train_good"] + 6
     assert counts_start["fabric00"]["train_good"] == counts_on["fabric00"]["train_good"] + 6
     assert counts_on["fabric01"] == counts_off["fabric01"] == counts_start["fabric01"]
+    only_start = tmp_path / "only-start"  # the two kinds are asked for apart
+    _import(fake_aitex, only_start, edge_tiles=False, edge_start_tiles=True)
+    assert set(_names(only_start / "fabric00/train/good")) - names[off] == starting
     for folder in ("test", "ground_truth"):  # the test set is the same
         assert _pngs(on / "fabric00", folder) == _pngs(off / "fabric00", folder)
     regions = json.loads((start / "fabric00" / REGIONS_FILE).read_text())

@@ -167,9 +167,9 @@ def _tiles_from_the_edges(
 
     For a model trained with the fabric tile layout the pipeline lays a row's tiles on the
     fabric (`worker.tiling.row_columns`): the fabric's first columns are mapped by a tile that
-    starts there, its border on the edge. That view
-    (the selvage beside the tile's zero-padded border) is in no grid tile: without it the bank
-    scores the selvage of every fabric whose edge is not on the grid as a flaw."""
+    starts there, its border on the edge. That view (the selvage beside the tile's zero-padded
+    border) is in no grid tile: without it the bank scores the selvage of every fabric whose
+    edge is not on the grid as a flaw."""
     out = []
     for r, extent in enumerate(extents):
         if extent.width < tile:
@@ -421,8 +421,8 @@ def import_aitex(
             _save_png(piece, category / relative)
             if region is not None:
                 regions.setdefault(category, {})[relative.as_posix()] = list(region)
-        if edge_tiles and strip.split == "train" and mask is None:
-            across = _edge_tiles(image, extents, tile)
+        if strip.split == "train" and mask is None:
+            across = _edge_tiles(image, extents, tile) if edge_tiles else []
             starting = (
                 [(tag, piece, None) for tag, piece in _tiles_from_the_edges(image, extents, tile)]
                 if edge_start_tiles
