@@ -21,6 +21,12 @@ def _held_out_modes() -> tuple[str, ...]:
     return HELD_OUT_MODES
 
 
+def _tile_layouts() -> tuple[str, ...]:
+    from distill.train import TILE_LAYOUTS
+
+    return TILE_LAYOUTS
+
+
 def _memory_strides() -> tuple[int, ...]:
     from distill.train import MEMORY_STRIDES
 
@@ -101,7 +107,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    "%(choices)s (default 8)")  # fmt: skip
     p.add_argument("--edge", default=None, help="mask or exclude tiles across the fabric edge")
     p.add_argument(
-        "--tile-layout", default=None, choices=("grid", "fabric"),
+        "--tile-layout", default=None, choices=LazyChoices(_tile_layouts), metavar="grid|fabric",
         help="how the pipeline lays a roll's tiles for this model: grid (default) over the whole "
         "width, or fabric: laid on the fabric, the first tile starting at its edge (train on "
         "data holding such tiles: import-aitex --edge-start-tiles)",

@@ -3,8 +3,8 @@ stored ¼ resolution. Plain numpy and torch — no database, no Celery — so th
 benchmarks and the GPU check all run this one path.
 
 On the CPU a reader thread cuts the next batch's tiles (and their fabric masks, measuring the
-fabric's edges as it goes; for a fabric-layout model it also lays the tile rows on the fabric) and a stitcher thread merges the last batch's maps while the model
-computes. On a GPU the host only queues work: the band's pixels cross to the device once, tiles
+fabric's edges as it goes; for a fabric-layout model it also lays the tile rows on the fabric)
+and a stitcher thread merges the last batch's maps while the model computes. On a GPU the host only queues work: the band's pixels cross to the device once, tiles
 are gathered there, the band map is built there, and only its ¼ pooling (1/16 of the pixels)
 comes back, once per band. Any host work per batch (cutting,
 merging, copying maps back) would leave the GPU idle: measured by bench/band_throughput.py.

@@ -132,9 +132,13 @@ def _span_columns(
         cols = [max(min(a, width - tile), 0)]
     else:
         cols = [a + c for c in tile_origins(b - a, tile, stride)]
-    return [
-        (c, a if c <= a else c + margin, b if c + tile >= b else c + tile - margin) for c in cols
-    ]
+    return [(c, *_kept_columns(c, a, b, tile, margin)) for c in cols]
+
+
+def _kept_columns(c: int, a: int, b: int, tile: int, margin: int) -> tuple[int, int]:
+    """The columns [left, right) the tile at column c gives a span [a, b) tiled as an image of
+    its own: `margin` trimmed off each tile edge inside the span, none at its ends."""
+    return (a if c <= a else c + margin, b if c + tile >= b else c + tile - margin)
 
 
 def row_columns(
@@ -311,9 +315,8 @@ class BandStitcher:
         trim_bottom = m if self.roll_rows is not None and r + tile < self.roll_rows else 0
         top = max(r + (m if r > 0 else 0), self.band_start)
         bottom = min(r + tile - trim_bottom, self.band_stop)
-        if left is None or right is None:
-            left = c + (m if c > 0 else 0)
-            right = min(c + tile - (m if c + tile < self.width else 0), self.width)
+        if left is None or right is None:  # a grid tile: the whole width is its span
+            left, right = _kept_columns(c, 0, self.width, tile, m)
         return None if top >= bottom or left >= right else (top, bottom, left, right)
 
     def result(self) -> np.ndarray:
