@@ -1,9 +1,13 @@
-"""Folding a frozen network's BatchNorms into the convolutions that feed them, for eager inference.
+"""Folding a frozen network's BatchNorms and activations into the convolutions that feed them,
+for eager inference.
 
 In eval mode a BatchNorm is an affine map per channel, so conv → BN is one convolution with
 scaled weights and a bias. Eager PyTorch runs them as two passes over the activations: on a
 2-core CPU the lite teachers' BatchNorms took 37 % of their forward pass (docs/benchmarks.md).
-torch.compile with freezing and OpenVINO fold them on their own; this is for the eager path.
+The ReLU6 after them is a third pass, memory-bound on the inverted residuals' expanded tensors
+(26 % of the default detector's time on a CPU with AMX): on the CPU oneDNN applies it in the
+convolution's epilogue instead, with the same bits (a clamp commutes with rounding to bf16).
+torch.compile with freezing and OpenVINO fold both on their own; this is for the eager path.
 """
 
 from __future__ import annotations
@@ -17,6 +21,40 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 # folded outputs must match the original's to this fraction of their largest magnitude
 _TOLERANCE = 1e-4
+# the activations oneDNN can apply in a convolution's epilogue: (its name there, its scalars)
+_EPILOGUES = {nn.ReLU: ("relu", []), nn.ReLU6: ("hardtanh", [0.0, 6.0])}
+# the private op torch.compile's CPU fusions call (torch pinned in pyproject); absent elsewhere
+_CONV_POINTWISE = getattr(torch.ops.mkldnn, "_convolution_pointwise", None)
+# bf16 where oneDNN runs it natively (as the bf16 detector does); other dtypes run unfused
+_FUSED_DTYPES = (torch.float32,) + (
+    (torch.bfloat16,)
+    if _CONV_POINTWISE is not None and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    else ()
+)
+
+
+class ConvActivation2d(nn.Module):
+    """A convolution and the ReLU or ReLU6 that reads its output, run as one oneDNN primitive on
+    the CPU in inference (autocast's dtype applied as autocast would: input, weight and bias
+    cast); elsewhere, in other dtypes, or where gradients are wanted, the two modules one after
+    the other."""
+
+    def __init__(self, conv: nn.Conv2d, activation: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.activation = conv, activation
+        self.epilogue, self.scalars = _EPILOGUES[type(activation)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        grad = torch.is_grad_enabled() and conv.weight.requires_grad
+        if x.device.type != "cpu" or grad or dtype not in _FUSED_DTYPES:
+            return self.activation(conv(x))
+        bias = None if conv.bias is None else conv.bias.to(dtype)
+        return _CONV_POINTWISE(
+            x.to(dtype), conv.weight.to(dtype), bias, conv.padding, conv.stride,
+            conv.dilation, conv.groups, self.epilogue, self.scalars, "",
+        )  # fmt: skip
 
 
 def _conv_bn_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
@@ -52,6 +90,75 @@ def _conv_bn_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[str, str
     return [(c, b) for c, b in pairs if used.count(c) == 1]  # a conv feeding one BN only
 
 
+def _conv_activation_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv, activation) module names where the activation reads that convolution's output
+    and each runs once in a traced forward pass (a module called twice cannot be replaced)."""
+    names = {module: name for name, module in net.named_modules()}
+    produced: dict[int, tuple[nn.Module, torch.Tensor, int]] = {}
+    calls: dict[nn.Module, int] = {}
+    pairs = []
+
+    def conv_hook(module, _inputs, output) -> None:
+        calls[module] = calls.get(module, 0) + 1
+        produced[id(output)] = (module, output, output._version)
+
+    def activation_hook(module, inputs) -> None:
+        calls[module] = calls.get(module, 0) + 1
+        source = produced.get(id(inputs[0]))
+        if source is not None and source[1] is inputs[0] and source[2] == inputs[0]._version:
+            pairs.append((names[source[0]], names[module]))
+
+    convs = [m for m in net.modules() if type(m) is nn.Conv2d and m.padding_mode == "zeros"]
+    hooks = [m.register_forward_hook(conv_hook) for m in convs]
+    hooks += [
+        m.register_forward_pre_hook(activation_hook) for m in net.modules() if type(m) in _EPILOGUES
+    ]
+    try:
+        with torch.no_grad():
+            net(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    once = [(c, a) for c, a in pairs if calls[net.get_submodule(c)] == 1]
+    return [(c, a) for c, a in once if calls[net.get_submodule(a)] == 1]
+
+
+def _same_outputs(
+    net: nn.Module, other: nn.Module, example: torch.Tensor, tolerance: float
+) -> bool:
+    """Whether `other`'s outputs (feature levels, or a batch's samples) on `example` match
+    `net`'s within `tolerance` of their largest magnitude."""
+    with torch.no_grad():
+        expected, got = net(example), other(example)
+    return all(
+        (e.float() - g.float()).abs().max() <= tolerance * e.float().abs().max()
+        for e, g in zip(expected, got, strict=True)
+    )
+
+
+def fuse_activations(net: nn.Module, example: torch.Tensor) -> nn.Module:
+    """A copy of the eval-mode `net` with each ReLU or ReLU6 that reads a convolution's output
+    applied by the convolution (`ConvActivation2d`). Returns `net` itself where the op is
+    missing, `net` is not on the CPU, nothing fuses, or the copy's outputs are not
+    bitwise `net`'s, in float32 and under bf16 autocast: a bf16 detector reads a memory bank's
+    twin, made by the unfused teacher."""
+    if _CONV_POINTWISE is None or next(net.parameters()).device.type != "cpu":
+        return net
+    fused = copy.deepcopy(net).eval()
+    pairs = _conv_activation_pairs(fused, example)
+    if not pairs:
+        return net
+    for conv_name, activation_name in pairs:
+        conv, activation = fused.get_submodule(conv_name), fused.get_submodule(activation_name)
+        _set(fused, conv_name, ConvActivation2d(conv, activation))
+        _set(fused, activation_name, nn.Identity())
+    for bf16 in (False, torch.bfloat16 in _FUSED_DTYPES):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            if not _same_outputs(net, fused, example, tolerance=0.0):
+                return net
+    return fused
+
+
 def _set(net: nn.Module, name: str, module: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(net.get_submodule(parent) if parent else net, child, module)
@@ -72,25 +179,21 @@ def fold_batch_norms(net: nn.Module, example: torch.Tensor) -> nn.Module:
         _set(folded, conv_name, fuse_conv_bn_eval(folded.get_submodule(conv_name), bn))
         after = nn.Sequential(bn.drop, bn.act) if isinstance(bn, BatchNormAct2d) else nn.Identity()
         _set(folded, bn_name, after)
-    with torch.no_grad():
-        expected, got = net(example), folded(example)
-    for e, g in zip(expected, got, strict=True):  # the feature levels, or a batch's samples
-        if (e - g).abs().max() > _TOLERANCE * e.abs().max():
-            return net
-    return folded
+    return folded if _same_outputs(net, folded, example, _TOLERANCE) else net
 
 
 def folded_copy(model: nn.Module) -> nn.Module:
     """A copy of a `ReverseDistillation` for eager scoring with the BatchNorms of teacher and
-    student folded where a convolution feeds them (the original stays as it is: it trains,
-    saves and hashes its weights). The student's projection units put a ReLU between
-    convolution and BatchNorm (conv → ReLU → BN): those stay."""
+    student folded where a convolution feeds them, and the ReLUs after them fused on the CPU
+    (the original stays as it is: it trains, saves and hashes its weights). The student's
+    projection units put a ReLU between convolution and BatchNorm (conv → ReLU → BN): the
+    ReLU fuses, the BatchNorm stays."""
     device = next(model.parameters()).device
     example = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         features = model.teacher(example)
     folded = {
-        id(part): fold_batch_norms(part, example_in)
+        id(part): fuse_activations(fold_batch_norms(part, example_in), example_in)
         for part, example_in in ((model.teacher.backbone, example), (model.student, features))
     }
     # the rest copied around the folded parts (already copies), not copied a second time

@@ -1,6 +1,7 @@
-"""Folding BatchNorms into convolutions for eager scoring (distill/fold.py): the same features,
-no BatchNorm left where a convolution feeds it, nothing folded that another reader needs, and
-the detector's own model untouched."""
+"""Folding BatchNorms and activations into convolutions for eager scoring (distill/fold.py): the
+same features (bitwise for the activations, in float32 and bf16), no BatchNorm left where a
+convolution feeds it, nothing folded or fused that another reader needs, and the detector's own
+model untouched."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from distill.fold import fold_batch_norms, folded_copy
+from distill.fold import ConvActivation2d, fold_batch_norms, folded_copy, fuse_activations
 from distill.inference import Detector
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
 from distill.torch_model import ReverseDistillation
@@ -82,5 +83,75 @@ def test_the_detector_scores_folded_and_keeps_its_model_whole():
     np.testing.assert_allclose(folded, reference, rtol=1e-4, atol=1e-5 * np.abs(reference).max())
     copy = folded_copy(model)
     assert _batch_norms(copy.teacher) == 0
-    # the decoder's conv → BN fold; the projection units' conv → ReLU → BN cannot
+    # the decoder's conv → BN fold; the projection units' conv → ReLU → BN cannot (their ReLU fuses)
     assert 0 < _batch_norms(copy.student) < _batch_norms(model.student)
+    assert _fused(copy.teacher) > 0 and _fused(copy.student) > 0
+
+
+def _fused(net: nn.Module) -> int:
+    return sum(isinstance(m, ConvActivation2d) for m in net.modules())
+
+
+def _bf16_cases() -> list[bool]:
+    return [False, True] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [False]
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "resnet18"])
+def test_activations_fuse_into_a_folded_teacher_with_the_same_bits(name):
+    backbone = _randomised(build_teacher(name, "random").backbone)
+    example = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    folded = fold_batch_norms(backbone, example)
+    fused = fuse_activations(folded, example)
+    assert _fused(fused) > 0 and _fused(folded) == 0  # a copy; the folded net stays as it was
+    if name.startswith("efficientnet"):  # every ReLU6 follows a convolution there
+        relu6 = sum(isinstance(m, nn.ReLU6) for m in fused.modules())
+        assert relu6 == sum(
+            isinstance(getattr(m, "activation", None), nn.ReLU6) for m in fused.modules()
+        )
+    x = torch.randn(4, 3, 96, 128, generator=torch.Generator().manual_seed(2))
+    x = x.contiguous(memory_format=torch.channels_last)
+    for bf16 in _bf16_cases():
+        with torch.inference_mode(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            for e, g in zip(folded(x), fused(x), strict=True):
+                assert e.dtype == g.dtype and torch.equal(e, g)
+
+
+class _ReluCalledTwice(nn.Module):
+    """torchvision's BasicBlock pattern: one ReLU module after a convolution and after a sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 3, padding=1)
+        self.relu = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.relu(self.conv2(self.relu(self.conv1(x))) + x)]
+
+
+class _ConvReadByReluAndSum(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        y = self.conv(x)
+        return [self.relu(y) + y]
+
+
+@pytest.mark.parametrize("net", [_ReluCalledTwice, _ConvReadByReluAndSum])
+def test_an_activation_called_twice_or_a_conv_read_twice_is_not_fused(net):
+    net = net().eval()
+    assert fuse_activations(net, torch.randn(2, 3, 16, 16)) is net
+
+
+def test_a_fused_convolution_trains_unfused():
+    conv, relu = nn.Conv2d(3, 4, 3, padding=1), nn.ReLU6()
+    fused = ConvActivation2d(conv, relu)
+    x = torch.randn(2, 3, 8, 8) * 10
+    fused(x).sum().backward()  # the oneDNN op has no gradient: with one wanted, conv then clamp
+    expected = conv.weight.grad.clone()
+    conv.weight.grad = None
+    relu(conv(x)).sum().backward()
+    assert torch.equal(conv.weight.grad, expected)
+    with torch.no_grad():
+        assert torch.equal(fused(x), relu(conv(x))) and fused(x).max() == 6
