@@ -57,43 +57,14 @@ class ConvActivation2d(nn.Module):
         )  # fmt: skip
 
 
-def _conv_bn_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
-    """(conv, BN) module names where the BN's input is that convolution's output, by one traced
-    forward pass (module order alone does not say which tensor a module reads)."""
+def _conv_readers(
+    net: nn.Module, example: torch.Tensor, reader_types: tuple[type, ...]
+) -> tuple[list[tuple[str, str]], dict[nn.Module, int]]:
+    """(conv, reader) module names where a module of `reader_types` reads that convolution's
+    output, by one traced forward pass (module order alone does not say which tensor a module
+    reads), and how many times each of them ran."""
     names = {module: name for name, module in net.named_modules()}
     # output id → (conv, the output kept alive so that its id stays unique, its version)
-    produced: dict[int, tuple[nn.Module, torch.Tensor, int]] = {}
-    pairs = []
-
-    def conv_hook(module, _inputs, output) -> None:
-        produced[id(output)] = (module, output, output._version)
-
-    def bn_hook(module, inputs) -> None:
-        source = produced.get(id(inputs[0]))
-        # the same tensor, not changed in place since (an in-place ReLU between them)
-        if source is not None and source[1] is inputs[0] and source[2] == inputs[0]._version:
-            pairs.append((names[source[0]], names[module]))
-
-    hooks = [m.register_forward_hook(conv_hook) for m in net.modules() if type(m) is nn.Conv2d]
-    hooks += [
-        m.register_forward_pre_hook(bn_hook)
-        for m in net.modules()
-        if type(m) in (nn.BatchNorm2d, BatchNormAct2d)
-    ]
-    try:
-        with torch.no_grad():
-            net(example)
-    finally:
-        for hook in hooks:
-            hook.remove()
-    used = [conv for conv, _ in pairs]
-    return [(c, b) for c, b in pairs if used.count(c) == 1]  # a conv feeding one BN only
-
-
-def _conv_activation_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
-    """(conv, activation) module names where the activation reads that convolution's output
-    and each runs once in a traced forward pass (a module called twice cannot be replaced)."""
-    names = {module: name for name, module in net.named_modules()}
     produced: dict[int, tuple[nn.Module, torch.Tensor, int]] = {}
     calls: dict[nn.Module, int] = {}
     pairs = []
@@ -102,16 +73,16 @@ def _conv_activation_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[
         calls[module] = calls.get(module, 0) + 1
         produced[id(output)] = (module, output, output._version)
 
-    def activation_hook(module, inputs) -> None:
+    def reader_hook(module, inputs) -> None:
         calls[module] = calls.get(module, 0) + 1
         source = produced.get(id(inputs[0]))
+        # the same tensor, not changed in place since (an in-place ReLU between them)
         if source is not None and source[1] is inputs[0] and source[2] == inputs[0]._version:
             pairs.append((names[source[0]], names[module]))
 
-    convs = [m for m in net.modules() if type(m) is nn.Conv2d and m.padding_mode == "zeros"]
-    hooks = [m.register_forward_hook(conv_hook) for m in convs]
+    hooks = [m.register_forward_hook(conv_hook) for m in net.modules() if type(m) is nn.Conv2d]
     hooks += [
-        m.register_forward_pre_hook(activation_hook) for m in net.modules() if type(m) in _EPILOGUES
+        m.register_forward_pre_hook(reader_hook) for m in net.modules() if type(m) in reader_types
     ]
     try:
         with torch.no_grad():
@@ -119,8 +90,26 @@ def _conv_activation_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[
     finally:
         for hook in hooks:
             hook.remove()
-    once = [(c, a) for c, a in pairs if calls[net.get_submodule(c)] == 1]
-    return [(c, a) for c, a in once if calls[net.get_submodule(a)] == 1]
+    return pairs, calls
+
+
+def _conv_bn_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv, BN) module names where the BN's input is that convolution's output."""
+    pairs, _ = _conv_readers(net, example, (nn.BatchNorm2d, BatchNormAct2d))
+    used = [conv for conv, _ in pairs]
+    return [(c, b) for c, b in pairs if used.count(c) == 1]  # a conv feeding one BN only
+
+
+def _conv_activation_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[str, str]]:
+    """(conv, activation) module names where the activation reads that convolution's output
+    and each runs once (a module called twice cannot be replaced by one of them)."""
+    pairs, calls = _conv_readers(net, example, tuple(_EPILOGUES))
+    return [
+        (c, a)
+        for c, a in pairs
+        if calls[net.get_submodule(c)] == calls[net.get_submodule(a)] == 1
+        and net.get_submodule(c).padding_mode == "zeros"
+    ]
 
 
 def _same_outputs(
