@@ -50,6 +50,17 @@ def test_a_patch_in_the_bank_scores_zero_and_a_stranger_scores_its_distance():
     assert torch.equal(bank.distances(patch_embedding(stranger, (0,), 8, (32, 32))), distance)
 
 
+def test_the_search_is_the_nearest_distance_over_several_chunks_and_any_width():
+    generator = torch.Generator().manual_seed(3)
+    bank = MemoryBank(37, 500)  # 37 channels: not a multiple of the product's blocks
+    bank.bank.copy_(torch.rand(500, 37, generator=generator) * 6)
+    embedding = torch.rand(1, 37, 50, 50, generator=generator) * 6  # 2,500 queries: 3 chunks
+    queries = embedding.permute(0, 2, 3, 1).reshape(-1, 37)
+    expected = torch.cdist(queries.double(), bank.bank.double()).min(dim=1).values
+    got = bank.distances(embedding).reshape(-1).double()
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
 def test_fit_keeps_only_patches_on_fabric():
     embedding = torch.zeros(1, 2, 2, 2)
     embedding[0, :, 0, 0] = 50.0  # an off-fabric patch, far from the rest
