@@ -106,11 +106,15 @@ def _conv_activation_pairs(net: nn.Module, example: torch.Tensor) -> list[tuple[
     and each runs once (a module called twice cannot be replaced by one of them)."""
     pairs, calls = _conv_readers(net, example, tuple(_EPILOGUES))
     return [
-        (c, a)
-        for c, a in pairs
-        if calls[net.get_submodule(c)] == calls[net.get_submodule(a)] == 1
-        and net.get_submodule(c).padding_mode == "zeros"
+        (c, a) for c, a in pairs if calls[net.get_submodule(a)] == 1 and _fusable(net, c, calls)
     ]
+
+
+def _fusable(net: nn.Module, conv_name: str, calls: dict[nn.Module, int]) -> bool:
+    """Whether oneDNN's op can stand for this convolution: called once, zero-padded by
+    numbers (the op takes no "same" or "valid" string)."""
+    conv = net.get_submodule(conv_name)
+    return calls[conv] == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
 def _same_outputs(

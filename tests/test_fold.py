@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from distill.fold import ConvActivation2d, fold_batch_norms, folded_copy, fuse_activations
-from distill.inference import Detector
+from distill.inference import Detector, bf16_supported
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
 from distill.torch_model import ReverseDistillation
 
@@ -93,7 +93,7 @@ def _fused(net: nn.Module) -> int:
 
 
 def _bf16_cases() -> list[bool]:
-    return [False, True] if torch.ops.mkldnn._is_mkldnn_bf16_supported() else [False]
+    return [False, True] if bf16_supported(torch.device("cpu")) else [False]
 
 
 @pytest.mark.parametrize("name", ["efficientnet_lite1", "resnet18"])
@@ -138,8 +138,19 @@ class _ConvReadByReluAndSum(nn.Module):
         return [self.relu(y) + y]
 
 
-@pytest.mark.parametrize("net", [_ReluCalledTwice, _ConvReadByReluAndSum])
-def test_an_activation_called_twice_or_a_conv_read_twice_is_not_fused(net):
+class _SamePadding(nn.Module):
+    """A convolution padded by the string "same", which oneDNN's op cannot take."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.relu = nn.Conv2d(3, 4, 3, padding="same"), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.relu(self.conv(x))]
+
+
+@pytest.mark.parametrize("net", [_ReluCalledTwice, _ConvReadByReluAndSum, _SamePadding])
+def test_a_reused_activation_a_conv_read_twice_or_string_padding_is_not_fused(net):
     net = net().eval()
     assert fuse_activations(net, torch.randn(2, 3, 16, 16)) is net
 
