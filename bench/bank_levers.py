@@ -2,25 +2,26 @@
 
     python bench/bank_levers.py [--tiles runs/aitex/tiles] [--fabric 00 …] [--teacher NAME]
         [--lever base levels123 level-norm levels123-norm channel-std k3 bank16k zoom0.5 …]
-        [--levels 2 3] [--threads N] [--json OUT]
+        [--levels 2 3] [--strength LOW HIGH] [--threads N] [--json OUT]
 
 Per fabric (tiles from `rollscan datasets import-aitex`), the tiles are loaded once: the
 training split `rollscan train` makes (70 % train the bank, 30 % are held out), synthetic
 defects pasted on the held-out good tiles, and the test tiles; the teacher's patch embeddings
 once per level set and zoom. For every lever a bank is fitted (the product's greedy coreset)
-and both sets scored. "syn" is what a choice may be made by (tile / pixel AUROC on the held-out tiles and
-their synthetic defects); "test" is the fabric's test set, printed to be measured, never to
-choose.
+and both sets scored. "syn" is what a choice may be made by (tile / pixel AUROC on the held-out
+tiles and their synthetic defects, each faded by a random factor in `--strength`); "test" is
+the fabric's test set, printed to be measured, never to choose.
 
-Levers: `levels123` the bank over levels 1 2 3; `level-norm` each level scaled to a unit
-root-mean-square norm over the good patches (so the levels weigh alike), `levels123-norm`
-both; `channel-std` every channel standardised by the good patches; `k3` the mean distance to
-the 3 nearest patches; `bank16k` 16,384 patches; `zoomS` the tile resized by S before the
-teacher (the map brought back to the tile's size). The teacher's precision, measured against
-`base` (`--levels` sets both: the levels a fabric's model chose): `bf16-queries` the teacher in
-bf16 (BatchNorms folded, as the eager detector runs it) against the float32 bank; `bf16-refit` a
-bank fitted afresh on those bf16 features; `bf16-twin` the float32 coreset's patches as the bf16
-teacher computes them (`MemoryBank.twin`, what `rollscan train` stores and a bf16 worker reads).
+Levers: `levels123` the bank over levels 1 2 3 (`levels12`, `level2` likewise); `level-norm`
+each level scaled to a unit root-mean-square norm over the good patches (so the levels weigh
+alike), `levels123-norm` both; `channel-std` every channel standardised by the good patches;
+`k3` the mean distance to the 3 nearest patches; `bank16k` 16,384 patches; `zoomS` the tile
+resized by S before the teacher (the map brought back to the tile's size). The teacher's
+precision, measured against `base` (`--levels` sets both: the levels a fabric's model chose):
+`bf16-queries` the teacher in bf16 (BatchNorms folded, as the eager detector runs it) against
+the float32 bank; `bf16-refit` a bank fitted afresh on those bf16 features; `bf16-twin` the
+float32 coreset's patches as the bf16 teacher computes them (`MemoryBank.twin`, what `rollscan
+train` stores and a bf16 worker reads).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher
 from distill.torch_model import ReverseDistillation
 from distill.train import TrainConfig, split_held_out
 
-LEVERS = ("base", "levels123", "level-norm", "levels123-norm", "channel-std", "k3", "bank16k",
+LEVERS = ("base", "levels123", "levels12", "level2", "level-norm", "levels123-norm", "channel-std", "k3", "bank16k",
           "zoom0.5", "zoom0.75", "zoom1.5", "bf16-queries", "bf16-refit", "bf16-twin")  # fmt: skip
 STRIDE, TILE = 8, 256
 
@@ -78,14 +79,18 @@ def auroc_pair(maps: np.ndarray, labels, masks, valid) -> tuple[float, float]:
 class FabricSets:
     """One fabric's tiles as the selection and the evaluation see them."""
 
-    def __init__(self, folder: Path, seed: int = 0) -> None:
+    def __init__(
+        self, folder: Path, seed: int = 0, strength: tuple[float, float] = (0.3, 1.0)
+    ) -> None:
         category = Category.open(folder)
         images = load_stack(category.train, TILE)
         valid = category.valid_masks(category.train, TILE)
         train, held = split_held_out(len(images), TrainConfig.val_ratio, seed)
         self.train, self.train_valid = images[train], valid[train]
         good, good_valid = images[held], valid[held]
-        synthetic, synthetic_masks = paste_defects(good[good_valid.all(axis=(1, 2))], seed=seed)
+        synthetic, synthetic_masks = paste_defects(
+            good[good_valid.all(axis=(1, 2))], seed=seed, strength=strength
+        )
         self.selection = np.concatenate([good, synthetic])
         self.selection_labels = np.r_[np.zeros(len(good)), np.ones(len(synthetic))]
         self.selection_masks = np.concatenate([np.zeros_like(good_valid), synthetic_masks])
@@ -123,7 +128,8 @@ class Bf16Teacher:
 
 def measure(teacher, sets: FabricSets, lever: str, base_levels=(2, 3), bf16=None) -> dict:
     """One lever's bank, fitted on the training tiles and scored on both sets."""
-    levels = (1, 2, 3) if lever.startswith("levels123") else tuple(base_levels)
+    fixed = {"levels123": (1, 2, 3), "levels12": (1, 2), "level2": (2,)}
+    levels = fixed.get(lever.removesuffix("-norm"), tuple(base_levels))
     zoom = float(lever[4:]) if lever.startswith("zoom") else 1.0
     train, selection, test = sets.embedded(teacher, levels, zoom)
     if lever.startswith("bf16"):
@@ -174,6 +180,13 @@ def main() -> None:
     p.add_argument("--teacher", default=TrainConfig.teacher, choices=sorted(TEACHERS))
     p.add_argument("--lever", nargs="+", default=list(LEVERS), choices=LEVERS)
     p.add_argument("--levels", type=int, nargs="+", default=[2, 3], help="the base levels")
+    p.add_argument(
+        "--strength",
+        type=float,
+        nargs=2,
+        default=[0.3, 1.0],
+        help="the synthetic defects' fade range (the selection's: 0.3 1.0)",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -186,7 +199,7 @@ def main() -> None:
     print(f"{'fabric':<7}{'lever':<13}{'syn tile':>9}{'syn px':>8}{'test tile':>10}"
           f"{'test px':>8}{'s':>6}")  # fmt: skip
     for fabric in fabrics:
-        sets = FabricSets(args.tiles / f"fabric{fabric}")
+        sets = FabricSets(args.tiles / f"fabric{fabric}", strength=tuple(args.strength))
         for lever in args.lever:
             started = time.perf_counter()
             row = measure(teacher, sets, lever, args.levels, bf16)
@@ -195,7 +208,11 @@ def main() -> None:
             print(f"{fabric:<7}{lever:<13}{st:>9.4f}{sp:>8.4f}{tt:>10.4f}{tp:>8.4f}"
                   f"{time.perf_counter() - started:>6.0f}", flush=True)  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"teacher": args.teacher, "results": results}, indent=1))
+        args.json.write_text(
+            json.dumps(
+                {"teacher": args.teacher, "strength": args.strength, "results": results}, indent=1
+            )
+        )
 
 
 if __name__ == "__main__":
