@@ -1,4 +1,5 @@
-"""Synthetic fabric: shapes, determinism, roll continuity, defect masks, MVTec layout."""
+"""Synthetic fabric: shapes, determinism, roll continuity, defect masks, MVTec layout, and the
+defects pasted on real tiles that a model's selection is made by."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from PIL import Image
 from scipy import ndimage
 
 from distill.data.synthetic import DEFECT_KINDS, WEAVES, make_fabric
-from distill.data.synthetic_defects import make_defective, plant_defect, write_category
+from distill.data.synthetic_defects import (
+    make_defective,
+    paste_defects,
+    plant_defect,
+    write_category,
+)
 
 
 def _diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -212,3 +218,60 @@ def test_invalid_weave_and_kind_are_rejected(tmp_path) -> None:
 def test_invalid_center_is_rejected() -> None:
     with pytest.raises(ValueError, match="outside"):
         plant_defect(make_fabric(32, 32), "knot", rng=np.random.default_rng(0), center=(40, 5))
+
+
+def _good_tiles(n: int = 4, size: int = 96) -> np.ndarray:
+    """(n, size, size, 3) uint8 good tiles, as the selection's held-out tiles come."""
+    rows = [make_fabric(size, size, weave=WEAVES[i % len(WEAVES)], seed=i) for i in range(n)]
+    return np.stack([np.repeat(row[..., None], 3, axis=-1) for row in rows])
+
+
+def test_pasted_defects_cycle_kinds_on_copies_of_the_tiles() -> None:
+    tiles = _good_tiles()
+    images, masks = paste_defects(tiles, seed=3, copies=2)
+    assert images.shape == (8, *tiles.shape[1:]) and images.dtype == np.uint8
+    assert masks.shape == (8, 96, 96) and masks.dtype == bool
+    for k, (image, mask) in enumerate(zip(images, masks, strict=True)):
+        tile = tiles[k % len(tiles)]
+        assert mask.any(), k
+        diff = _diff(image, tile)
+        # each copy is its own tile with one defect in it, nothing changed away from the defect
+        near = ndimage.binary_dilation(mask, structure=np.ones((5, 5), bool))
+        assert diff[mask].mean() > 5 and not (diff[~near] >= 20).any(), k
+    # the two copies of a tile hold different defects
+    assert not np.array_equal(masks[0], masks[4])
+    again, again_masks = paste_defects(tiles, seed=3, copies=2)
+    assert np.array_equal(again, images) and np.array_equal(again_masks, masks)
+    other, _ = paste_defects(tiles, seed=4, copies=2)
+    assert not np.array_equal(other, images)
+
+
+def test_pasted_defects_fade_by_the_strength_and_keep_their_full_mask() -> None:
+    tiles = _good_tiles(2)
+    full, full_masks = paste_defects(tiles, seed=1, copies=3, strength=(1.0, 1.0))
+    faint, faint_masks = paste_defects(tiles, seed=1, copies=3, strength=(0.3, 0.3))
+    # the same defects (the fade is drawn after each defect), only fainter; the mask keeps the
+    # defect's drawn extent, so a faint flaw still counts in full
+    assert np.array_equal(faint_masks, full_masks)
+    base = np.concatenate([tiles] * 3).astype(np.float32)
+    expected = np.clip(np.rint(base + 0.3 * (full.astype(np.float32) - base)), 0, 255)
+    assert np.abs(faint.astype(np.float32) - expected).max() <= 1
+    assert _diff(faint, base.astype(np.uint8))[faint_masks].mean() < (
+        0.4 * _diff(full, base.astype(np.uint8))[full_masks].mean()
+    )
+
+
+@pytest.mark.parametrize(
+    ("tiles", "strength", "message"),
+    [
+        (np.zeros((0, 8, 8, 3), np.uint8), (0.3, 1.0), "non-empty uint8"),
+        (np.zeros((2, 8, 8), np.uint8), (0.3, 1.0), "non-empty uint8"),
+        (np.zeros((2, 8, 8, 3), np.float32), (0.3, 1.0), "non-empty uint8"),
+        (np.zeros((2, 8, 8, 3), np.uint8), (0.0, 1.0), "strength"),
+        (np.zeros((2, 8, 8, 3), np.uint8), (0.8, 0.5), "strength"),
+        (np.zeros((2, 8, 8, 3), np.uint8), (0.5, 1.5), "strength"),
+    ],
+)
+def test_pasting_refuses_bad_tiles_and_strengths(tiles, strength, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        paste_defects(tiles, strength=strength)
