@@ -2,15 +2,17 @@
 
     python bench/bank_levers.py [--tiles runs/aitex/tiles] [--fabric 00 …] [--teacher NAME]
         [--lever base levels123 level-norm levels123-norm channel-std k3 bank16k zoom0.5 …]
-        [--levels 2 3] [--strength LOW HIGH] [--threads N] [--json OUT]
+        [--levels 2 3] [--strength LOW HIGH] [--mask-margin PX] [--syn-kind pasted|warped]
+        [--threads N] [--json OUT]
 
 Per fabric (tiles from `rollscan datasets import-aitex`), the tiles are loaded once: the
 training split `rollscan train` makes (70 % train the bank, 30 % are held out), synthetic
 defects pasted on the held-out good tiles, and the test tiles; the teacher's patch embeddings
-once per level set and zoom. For every lever a bank is fitted (the product's greedy coreset)
-and both sets scored. "syn" is what a choice may be made by (tile / pixel AUROC on the held-out
-tiles and their synthetic defects, each faded by a random factor in `--strength`); "test" is
-the fabric's test set, printed to be measured, never to choose.
+once per level set and zoom. For every lever a bank is fitted (the product's greedy coreset) and
+both sets scored. "syn" is what a choice may be made by (tile / pixel AUROC on the held-out
+tiles and their synthetic defects, each faded by a random factor in `--strength`, masks widened
+by `--mask-margin`; `--syn-kind warped`: yarns bent instead, `warped_copies`); "test" is the
+fabric's test set, printed to be measured, never to choose.
 
 Levers: `levels123` the bank over levels 1 2 3 (`levels12`, `level2` likewise); `level-norm`
 each level scaled to a unit root-mean-square norm over the good patches (so the levels weigh
@@ -34,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 from distill.anomaly_map import AnomalyMap
 from distill.data.mvtec import Category, load_mask, load_stack
@@ -76,11 +79,50 @@ def auroc_pair(maps: np.ndarray, labels, masks, valid) -> tuple[float, float]:
     return image_auroc(tile_scores_on(maps, valid), labels), pixel_auroc(maps, masks, valid=valid)
 
 
+def warped_copies(
+    tiles: np.ndarray, seed: int = 0, copies: int = 2, strength: tuple[float, float] = (0.3, 1.0)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Defective copies whose flaw is a change of structure, not of tone: the yarns bent within
+    a band across the tile (a crease, a curled weft, a thick place), pixels moved by a smooth
+    field of 1.5–4 px times the fade (at least 1 px), the mask where they moved half as far."""
+    rng = np.random.default_rng([seed, 0xC0A1])
+    h, w = tiles.shape[1:3]
+    images, masks = [], []
+    for _ in range(copies):
+        for tile in tiles:
+            ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+            vertical = rng.random() < 0.5
+            across, along = (xs, ys) if vertical else (ys, xs)
+            centre, half = rng.uniform(0.2, 0.8) * (w if vertical else h), rng.uniform(3, 10)
+            start, length = rng.uniform(0, 0.5) * h, rng.uniform(0.3, 1.0) * h
+            window = np.clip(np.minimum(along - start, start + length - along) / 8, 0, 1)
+            bump = np.exp(-((across - centre) ** 2) / (2 * half**2)) * window
+            amplitude = max(rng.uniform(1.5, 4.0) * rng.uniform(*strength), 1.0)
+            turn = rng.uniform(0, 2 * np.pi)  # bent along the yarn, across it, or both
+            dy, dx = amplitude * bump * np.sin(turn), amplitude * bump * np.cos(turn)
+            moved = np.stack(
+                [
+                    ndimage.map_coordinates(tile[..., c], [ys + dy, xs + dx], order=1,
+                                            mode="reflect")
+                    for c in range(tile.shape[-1])
+                ],
+                axis=-1,
+            )  # fmt: skip
+            images.append(np.clip(np.rint(moved), 0, 255).astype(np.uint8))
+            masks.append(np.hypot(dy, dx) >= amplitude / 2)
+    return np.stack(images), np.stack(masks)
+
+
 class FabricSets:
     """One fabric's tiles as the selection and the evaluation see them."""
 
     def __init__(
-        self, folder: Path, seed: int = 0, strength: tuple[float, float] = (0.3, 1.0)
+        self,
+        folder: Path,
+        seed: int = 0,
+        strength: tuple[float, float] = (0.3, 1.0),
+        mask_margin: int = 0,
+        kind: str = "pasted",
     ) -> None:
         category = Category.open(folder)
         images = load_stack(category.train, TILE)
@@ -88,9 +130,17 @@ class FabricSets:
         train, held = split_held_out(len(images), TrainConfig.val_ratio, seed)
         self.train, self.train_valid = images[train], valid[train]
         good, good_valid = images[held], valid[held]
-        synthetic, synthetic_masks = paste_defects(
+        make = warped_copies if kind == "warped" else paste_defects
+        synthetic, synthetic_masks = make(
             good[good_valid.all(axis=(1, 2))], seed=seed, strength=strength
         )
+        if mask_margin:  # masks drawn with a margin round the flaw, as a person marks one
+            disk = np.hypot(
+                *np.mgrid[-mask_margin : mask_margin + 1, -mask_margin : mask_margin + 1]
+            )
+            synthetic_masks = np.stack(
+                [ndimage.binary_dilation(m, disk <= mask_margin) for m in synthetic_masks]
+            )
         self.selection = np.concatenate([good, synthetic])
         self.selection_labels = np.r_[np.zeros(len(good)), np.ones(len(synthetic))]
         self.selection_masks = np.concatenate([np.zeros_like(good_valid), synthetic_masks])
@@ -187,6 +237,18 @@ def main() -> None:
         default=[0.3, 1.0],
         help="the synthetic defects' fade range (the selection's: 0.3 1.0)",
     )
+    p.add_argument(
+        "--mask-margin",
+        type=int,
+        default=0,
+        help="px each synthetic mask is widened by (the selection's: 0)",
+    )
+    p.add_argument(
+        "--syn-kind",
+        choices=("pasted", "warped"),
+        default="pasted",
+        help="the synthetic flaws: pasted defects (the selection's) or warped yarns",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
@@ -199,7 +261,8 @@ def main() -> None:
     print(f"{'fabric':<7}{'lever':<13}{'syn tile':>9}{'syn px':>8}{'test tile':>10}"
           f"{'test px':>8}{'s':>6}")  # fmt: skip
     for fabric in fabrics:
-        sets = FabricSets(args.tiles / f"fabric{fabric}", strength=tuple(args.strength))
+        sets = FabricSets(args.tiles / f"fabric{fabric}", strength=tuple(args.strength),
+                          mask_margin=args.mask_margin, kind=args.syn_kind)  # fmt: skip
         for lever in args.lever:
             started = time.perf_counter()
             row = measure(teacher, sets, lever, args.levels, bf16)
@@ -210,7 +273,14 @@ def main() -> None:
     if args.json:
         args.json.write_text(
             json.dumps(
-                {"teacher": args.teacher, "strength": args.strength, "results": results}, indent=1
+                {
+                    "teacher": args.teacher,
+                    "strength": args.strength,
+                    "mask_margin": args.mask_margin,
+                    "syn_kind": args.syn_kind,
+                    "results": results,
+                },
+                indent=1,
             )
         )
 
