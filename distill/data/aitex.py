@@ -17,9 +17,9 @@ CC is the tile's column index along the strip (x offset = CC * tile), two digits
 names sort in strip order.  Strips taller than one tile (only when `tile` is smaller than
 the strip height) get `_yRR_xCC`.  Training strips also give `<stem>_hCC.png`: the tiles
 across the fabric's edge half a tile off the grid (x offset = CC * tile + tile / 2;
-`_edge_tiles`), and, asked for, `<stem>_lCC.png` / `<stem>_rCC.png`: the tiles that start at
-the fabric's left edge and end at its right one, as the pipeline lays them for a model trained
-with the fabric tile layout (`_tiles_from_the_edges`).
+`distill.data.aitex_edge_tiles`), and, asked for, `<stem>_lCC.png` / `<stem>_rCC.png`: the
+tiles that start at the fabric's left edge and end at its right one, as the pipeline lays them
+for a model trained with the fabric tile layout.
 
 Blank-margin rule: a tile is a margin tile when more than half of its pixels are
 near-white (>= 240).  Figures behind it, from all 2672 tiles of the 167 real strips
@@ -56,8 +56,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from distill.data.aitex_edge_tiles import (
+    grid_fabric_columns,
+    tiles_across_the_edge,
+    tiles_from_the_edges,
+)
 from distill.data.mvtec import REGIONS_FILE
-from distill.fabric_region import Extent, band_extents
+from distill.fabric_region import band_extents
 
 __all__ = [
     "DEFECT_NAMES",
@@ -115,74 +120,6 @@ def is_margin_tile(tile: np.ndarray, fabric_columns: tuple[int, int] | None = No
         if (x1 - x0) < MARGIN_MAX_WHITE_FRACTION * tile.shape[1]:
             return True
     return float(np.mean(tile >= MARGIN_WHITE_LEVEL)) > MARGIN_MAX_WHITE_FRACTION
-
-
-def _tile_columns(extent: Extent, x: int, tile: int) -> tuple[int, int]:
-    """The fabric's columns within the tile whose first column is `x`, clipped to [0, tile]."""
-    x0 = min(max(extent.left - x, 0), tile)
-    return x0, min(max(extent.right - x, x0), tile)
-
-
-def _fabric_columns(
-    extents: list[Extent], width: int, tile: int
-) -> dict[tuple[int, int], tuple[int, int]]:
-    """Fabric columns within each tile (row, column) of the grid, for tiles not all fabric."""
-    regions = {}
-    for r, extent in enumerate(extents):
-        for c in range(width // tile):
-            columns = _tile_columns(extent, c * tile, tile)
-            if columns != (0, tile):
-                regions[(r, c)] = columns
-    return regions
-
-
-def _edge_tiles(
-    image: np.ndarray, extents: list[Extent], tile: int
-) -> list[tuple[str, np.ndarray, tuple[int, int]]]:
-    """(tag, tile, fabric columns) of the tiles half a tile off the grid that hold the fabric's
-    edge: at least an eighth of a tile of fabric, not fabric throughout (tag `hCC`, or
-    `yRR_hCC` for strips taller than a tile; CC = x // tile).
-
-    The pipeline scores tiles at its own stride, so it sees the fabric beside the margin at every
-    offset; the grid may see it at none (fabric 06's edge lies on a tile boundary, and a grid
-    tile holding less than half a tile of fabric is dropped as margin). A memory bank that never
-    held fabric beside the margin scores the first millimetres of every edge as a flaw
-    (docs/benchmarks.md)."""
-    out = []
-    for r, extent in enumerate(extents):
-        for x in range(tile // 2, image.shape[1] - tile + 1, tile):
-            x0, x1 = _tile_columns(extent, x, tile)
-            if x1 - x0 < tile // 8 or (x0, x1) == (0, tile):
-                continue
-            tag = f"h{x // tile:02d}" if len(extents) == 1 else f"y{r:02d}_h{x // tile:02d}"
-            out.append((tag, image[r * tile : (r + 1) * tile, x : x + tile], (x0, x1)))
-    return out
-
-
-def _tiles_from_the_edges(
-    image: np.ndarray, extents: list[Extent], tile: int
-) -> list[tuple[str, np.ndarray]]:
-    """(tag, tile) of the tiles that start at the fabric's left edge and end at its right edge,
-    wholly on fabric (tags `lCC` and `rCC`, or `yRR_lCC`…; CC = x // tile).
-
-    For a model trained with the fabric tile layout the pipeline lays a row's tiles on the
-    fabric (`worker.tiling.row_columns`): the fabric's first columns are mapped by a tile that
-    starts there, its border on the edge. That view (the selvage beside the tile's zero-padded
-    border) is in no grid tile: without it the bank scores the selvage of every fabric whose
-    edge is not on the grid as a flaw."""
-    out = []
-    for r, extent in enumerate(extents):
-        if extent.width < tile:
-            continue
-        prefix = "" if len(extents) == 1 else f"y{r:02d}_"
-        rows = slice(r * tile, (r + 1) * tile)
-        if extent.left > 0:
-            x = extent.left
-            out.append((f"{prefix}l{x // tile:02d}", image[rows, x : x + tile]))
-        if extent.right < image.shape[1]:
-            x = extent.right - tile
-            out.append((f"{prefix}r{x // tile:02d}", image[rows, x : x + tile]))
-    return out
 
 
 def read_grey(path: Path) -> np.ndarray | None:
@@ -330,8 +267,8 @@ def import_aitex(
     (see module docstring) are dropped from train/good and test/good only.
 
     `edge_tiles`: training strips also give the tiles across the fabric's edge half a tile off
-    the grid (`_edge_tiles`), counted in train_good; with `edge_start_tiles` too, the tiles
-    that start at its edges (`_tiles_from_the_edges`), for a model trained with
+    the grid (`tiles_across_the_edge`), counted in train_good; with `edge_start_tiles` too,
+    the tiles that start at its edges (`tiles_from_the_edges`), for a model trained with
     `tile_layout="fabric"`.
 
     Unreadable strips, unreadable masks, defect strips without a usable (non-empty)
@@ -402,7 +339,7 @@ def import_aitex(
         category = dst / f"fabric{strip.fabric}"
         # the tracker once per strip, for the grid's fabric columns and the edge tiles alike
         extents = band_extents(image, block=tile)[: image.shape[0] // tile]
-        fabric = _fabric_columns(extents, image.shape[1], tile)
+        fabric = grid_fabric_columns(extents, image.shape[1], tile)
         for tag, r, col in _tile_grid(image.shape, tile):
             name = f"{strip.path.stem}_{tag}"
             rows, cols = slice(r * tile, (r + 1) * tile), slice(col * tile, (col + 1) * tile)
@@ -422,9 +359,9 @@ def import_aitex(
             if region is not None:
                 regions.setdefault(category, {})[relative.as_posix()] = list(region)
         if strip.split == "train" and mask is None:
-            across = _edge_tiles(image, extents, tile) if edge_tiles else []
+            across = tiles_across_the_edge(image, extents, tile) if edge_tiles else []
             starting = (
-                [(tag, piece, None) for tag, piece in _tiles_from_the_edges(image, extents, tile)]
+                [(tag, piece, None) for tag, piece in tiles_from_the_edges(image, extents, tile)]
                 if edge_start_tiles
                 else []
             )
