@@ -29,17 +29,11 @@ import torch
 from distill.augment import AUGMENTATIONS
 from distill.data.aitex import import_aitex
 from distill.evaluate import evaluate
+from distill.inference import PRECISIONS
 from distill.loss import LOSSES
 from distill.teacher import TEACHERS
-from distill.train import (
-    EDGE_MODES,
-    HELD_OUT_MODES,
-    PRECISIONS,
-    SCORERS,
-    TILE_LAYOUTS,
-    TrainConfig,
-    train,
-)  # fmt: skip
+from distill.train import train
+from distill.train_config import EDGE_MODES, HELD_OUT_MODES, SCORERS, TILE_LAYOUTS, TrainConfig
 
 PATCHCORE = {
     "00": (0.988, 0.934),

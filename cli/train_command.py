@@ -16,19 +16,19 @@ def _teachers() -> list[str]:
 
 
 def _held_out_modes() -> tuple[str, ...]:
-    from distill.train import HELD_OUT_MODES
+    from distill.train_config import HELD_OUT_MODES
 
     return HELD_OUT_MODES
 
 
 def _tile_layouts() -> tuple[str, ...]:
-    from distill.train import TILE_LAYOUTS
+    from distill.train_config import TILE_LAYOUTS
 
     return TILE_LAYOUTS
 
 
 def _memory_strides() -> tuple[int, ...]:
-    from distill.train import MEMORY_STRIDES
+    from distill.train_config import MEMORY_STRIDES
 
     return MEMORY_STRIDES
 
