@@ -83,7 +83,8 @@ class Detector:
         calibration: np.ndarray | torch.Tensor | None = None,
         tile_layout: str = "grid",
     ) -> None:
-        """`tile_layout`: how a roll's tiles are laid for this model (`distill.train_config.TrainConfig`).
+        """`tile_layout`: how a roll's tiles are laid for this model (`TrainConfig.tile_layout`,
+        `distill.train_config`).
 
         `compile`: teacher, student and map as one graph through torch.compile (inductor,
         with freezing: BatchNorm folds into the convolutions, weights become constants). The
