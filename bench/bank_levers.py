@@ -49,8 +49,9 @@ from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher
 from distill.torch_model import ReverseDistillation
 from distill.train import TrainConfig, split_held_out
 
-LEVERS = ("base", "levels123", "levels12", "level2", "level-norm", "levels123-norm", "channel-std", "k3", "bank16k",
-          "zoom0.5", "zoom0.75", "zoom1.5", "bf16-queries", "bf16-refit", "bf16-twin")  # fmt: skip
+LEVERS = ("base", "levels123", "levels12", "level2", "level-norm", "levels123-norm",
+          "channel-std", "k3", "bank16k", "zoom0.5", "zoom0.75", "zoom1.5", "bf16-queries",
+          "bf16-refit", "bf16-twin")  # fmt: skip
 STRIDE, TILE = 8, 256
 
 
@@ -93,8 +94,9 @@ def warped_copies(
             ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
             vertical = rng.random() < 0.5
             across, along = (xs, ys) if vertical else (ys, xs)
-            centre, half = rng.uniform(0.2, 0.8) * (w if vertical else h), rng.uniform(3, 10)
-            start, length = rng.uniform(0, 0.5) * h, rng.uniform(0.3, 1.0) * h
+            side_across, side_along = (w, h) if vertical else (h, w)
+            centre, half = rng.uniform(0.2, 0.8) * side_across, rng.uniform(3, 10)
+            start, length = rng.uniform(0, 0.5) * side_along, rng.uniform(0.3, 1.0) * side_along
             window = np.clip(np.minimum(along - start, start + length - along) / 8, 0, 1)
             bump = np.exp(-((across - centre) ** 2) / (2 * half**2)) * window
             amplitude = max(rng.uniform(1.5, 4.0) * rng.uniform(*strength), 1.0)
