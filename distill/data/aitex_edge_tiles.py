@@ -12,7 +12,7 @@ import numpy as np
 from distill.fabric_region import Extent
 
 
-def tilegrid_fabric_columns(extent: Extent, x: int, tile: int) -> tuple[int, int]:
+def tile_fabric_columns(extent: Extent, x: int, tile: int) -> tuple[int, int]:
     """The fabric's columns within the tile whose first column is `x`, clipped to [0, tile]."""
     x0 = min(max(extent.left - x, 0), tile)
     return x0, min(max(extent.right - x, x0), tile)
@@ -25,7 +25,7 @@ def grid_fabric_columns(
     regions = {}
     for r, extent in enumerate(extents):
         for c in range(width // tile):
-            columns = tilegrid_fabric_columns(extent, c * tile, tile)
+            columns = tile_fabric_columns(extent, c * tile, tile)
             if columns != (0, tile):
                 regions[(r, c)] = columns
     return regions
@@ -46,7 +46,7 @@ def tiles_across_the_edge(
     out = []
     for r, extent in enumerate(extents):
         for x in range(tile // 2, image.shape[1] - tile + 1, tile):
-            x0, x1 = tilegrid_fabric_columns(extent, x, tile)
+            x0, x1 = tile_fabric_columns(extent, x, tile)
             if x1 - x0 < tile // 8 or (x0, x1) == (0, tile):
                 continue
             tag = f"h{x // tile:02d}" if len(extents) == 1 else f"y{r:02d}_h{x // tile:02d}"
