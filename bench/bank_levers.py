@@ -88,10 +88,10 @@ def warped_copies(
     field of 1.5–4 px times the fade (at least 1 px), the mask where they moved half as far."""
     rng = np.random.default_rng([seed, 0xC0A1])
     h, w = tiles.shape[1:3]
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
     images, masks = [], []
     for _ in range(copies):
         for tile in tiles:
-            ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
             vertical = rng.random() < 0.5
             across, along = (xs, ys) if vertical else (ys, xs)
             side_across, side_along = (w, h) if vertical else (h, w)
