@@ -46,13 +46,13 @@ from distill.data.aitex import import_aitex
 from distill.teacher import DEFAULT_TEACHER
 from distill.train import TrainConfig, train
 from rollscan_testing.aitex_fabric_roll import (
-    AITEX_PX_PER_MM,
     build_aitex_roll,
     report,
     run_aitex_roll,
     use_model,
 )
 from rollscan_testing.aitex_strip_rolls import split_strip_rolls
+from rollscan_testing.roll_matching import AITEX_PX_PER_MM
 from storage.database import database_url, make_engine, upgrade
 from storage.objectstore_local import LocalStore
 from storage.settings import get_settings

@@ -17,14 +17,13 @@ from distill.train import TrainConfig, train
 from rollscan_testing.aitex_fabric_roll import (
     REPORT_KEYS,
     build_aitex_roll,
-    match_planted,
-    pixel_matches,
     report,
     run_aitex_roll,
     split_good_strips,
     use_model,
 )
 from rollscan_testing.aitex_strip_rolls import split_strip_rolls, strip_levels
+from rollscan_testing.roll_matching import match_planted, pixel_matches
 from rollscan_testing.synthetic_roll import PlantedDefect, match_defects
 from storage.schema import Roll
 from storage.settings import Settings

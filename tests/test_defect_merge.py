@@ -12,7 +12,8 @@ from scipy import ndimage
 from sqlalchemy import select
 
 import worker.components as components
-from rollscan_testing.aitex_fabric_roll import mask_flaws, pixel_matches
+from rollscan_testing.aitex_fabric_roll import mask_flaws
+from rollscan_testing.roll_matching import pixel_matches
 from storage.schema import Defect, Model, Roll, Run
 from storage.settings import MERGE_GAP_MM, Settings, SettingsError, get_settings
 from storage.zarr_rolls import create_roll
