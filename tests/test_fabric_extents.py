@@ -114,8 +114,10 @@ def test_nothing_is_reported_off_the_fabric_and_its_edges_are_in_sql(
     expected = downsample_max(alone.maps[0][margin : tile - margin, q0 * 4 - left :][:, :24])
     stored = arrays.read_scores(model.version, (r + margin) // 4, (r + tile - margin) // 4)
     stored = stored[:, q0 : q0 + 6].astype(np.float32)
-    # float16 steps apart at most (the tile scored in another batch: float sums differ in the last bit)
-    assert np.allclose(stored, expected, rtol=1e-3, atol=1e-3) == (layout == "fabric")
+    # the same map but for rounding: float16 steps in float32; in bf16 (`auto` on a CPU with
+    # native bf16) the tile scored in another batch rounds otherwise, ~0.003 here — the grid's
+    # other tile differs by tens
+    assert np.allclose(stored, expected, rtol=1e-2, atol=1e-2) == (layout == "fabric")
     assert scored == sum(len(band_tiles(*b, 2048, WIDTH, tile, stride)) for b in bands) or (
         layout == "fabric"
     )

@@ -5,7 +5,7 @@ import pytest
 
 from distill.data.synthetic import make_fabric
 from distill.data.synthetic_defects import plant_defect
-from distill.fabric_region import BLOCK_ROWS, band_extents, block_extent, region_mask
+from distill.fabric_region import BLOCK_ROWS, band_extents, block_extent, grey_levels, region_mask
 
 WIDTH = 1536
 TOLERANCE = 16  # px: a cell of the tracker, refined to the grey-level step where there is one
@@ -99,3 +99,23 @@ def test_colour_rolls_and_the_region_mask():
     assert mask.shape == (rows, WIDTH)
     assert mask[:, extents[0].left : extents[0].right].all()
     assert not mask[:, : extents[0].left].any() and not mask[:, extents[0].right :].any()
+
+
+def test_grey_levels_are_the_float64_mean_to_the_bit() -> None:
+    """The uint8 shortcut (an integer sum divided in float32) gives the bits of numpy's float64
+    mean rounded to float32: for every sum three channels can make, and on random blocks of one
+    and three channels; other dtypes and channel counts take the mean itself."""
+    sums = np.arange(3 * 255 + 1)
+    via_float64 = (sums.astype(np.float64) / 3).astype(np.float32)
+    assert np.array_equal(np.divide(sums.astype(np.uint16), np.float32(3), dtype=np.float32),
+                          via_float64)  # fmt: skip
+    rng = np.random.default_rng(0)
+    for shape, dtype in (((40, 70, 3), np.uint8), ((40, 70, 1), np.uint8), ((40, 70), np.uint8),
+                         ((40, 70, 3), np.uint16), ((40, 70, 4), np.uint8)):  # fmt: skip
+        block = rng.integers(0, 256, shape).astype(dtype)
+        expected = (block.mean(axis=2) if block.ndim == 3 else block).astype(np.float32)
+        grey = grey_levels(block)
+        assert grey.dtype == np.float32 and grey.shape == shape[:2]
+        assert np.array_equal(grey, expected)
+    white = np.full((2, 3, 3), 255, np.uint8)  # the largest sum does not overflow
+    assert np.array_equal(grey_levels(white), np.full((2, 3), 255, np.float32))
