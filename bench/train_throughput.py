@@ -5,7 +5,10 @@ backward, optimiser) in fp32 and in bf16 autocast, NCHW and channels-last, measu
         [--steps 12] [--device cpu|cuda] [--json OUT]
 
 Random teacher weights and random tiles: speed does not depend on them. The first rows'
-ratios are against fp32 NCHW, the recipe before channels-last and bf16 were added. Quality
+ratios are against fp32 NCHW, the recipe before channels-last and bf16 were added. On the CPU
+the run also measures the matrix-product ceilings (`model_throughput`'s) and prints each row's
+fraction of its precision's ceiling (the step's FLOPs by torch's counter, forward and backward);
+the bf16 / fp32 ratio of the ceilings bounds what bf16 can gain on a step of convolutions. Quality
 (validation loss, AUROC) is compared by training the same data twice: `rollscan train
 --precision fp32|bf16` and `rollscan evaluate`.
 """
@@ -19,23 +22,33 @@ import time
 from pathlib import Path
 
 import torch
+from model_throughput import matmul_ceilings  # bench/ is the script's own folder
 
 from distill.inference import bf16_supported, resolve_device
 from distill.teacher import TEACHERS
 from distill.train import TrainConfig, Trainer
 
 
-def steps_per_second(config: TrainConfig, channels_last: bool, steps: int) -> float:
+def step_gflop_per_tile(trainer: Trainer, batch: torch.Tensor) -> float:
+    """Forward and backward FLOPs of one training step per tile, by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(batch, None)
+    return counter.get_total_flops() / len(batch) / 1e9
+
+
+def measure_mode(config: TrainConfig, channels_last: bool, steps: int) -> dict:
     trainer = Trainer(config, channels_last=channels_last)
     trainer.model.train()
     generator = torch.Generator().manual_seed(0)
     batch = torch.randint(0, 256, (config.batch, config.tile, config.tile, 3), generator=generator,
                           dtype=torch.uint8)  # fmt: skip
-    trainer.train_step(batch, None)  # warm-up: oneDNN picks kernels
+    gflop = step_gflop_per_tile(trainer, batch)  # also the warm-up: oneDNN picks kernels
     start = time.perf_counter()
     for _ in range(steps):
         trainer.train_step(batch, None)
-    return steps * config.batch / (time.perf_counter() - start)
+    return {"tiles_per_s": steps * config.batch / (time.perf_counter() - start), "gflop": gflop}
 
 
 def main() -> None:
@@ -47,25 +60,38 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args()
+    device = resolve_device(args.device)
     modes = [("fp32", False), ("fp32", True)]
-    if bf16_supported(resolve_device(args.device)):
+    if bf16_supported(device):
         modes += [("bf16", False), ("bf16", True)]
     rows = {}
     for precision, channels_last in modes:
         config = TrainConfig(teacher=args.teacher, teacher_weights="random", batch=args.batch,
                              tile=args.tile, precision=precision, device=args.device)  # fmt: skip
         name = f"{precision}, {'channels-last' if channels_last else 'NCHW'}"
-        rows[name] = {"tiles_per_s": steps_per_second(config, channels_last, args.steps)}
+        rows[name] = measure_mode(config, channels_last, args.steps)
+    ceilings = matmul_ceilings() if device.type == "cpu" else {}
     reference = rows["fp32, NCHW"]["tiles_per_s"]
     print(f"teacher {args.teacher}, batch {args.batch}, {args.tile}², {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")  # fmt: skip
-    print(f"{'mode':<24}{'tiles/s':>9}{'× fp32 NCHW':>13}")
+    gflop = rows["fp32, NCHW"]["gflop"]
+    print(f"{gflop:.2f} GFLOP per training tile (forward and backward); CPU ceilings (GOP/s): "
+          + ", ".join(f"{k} {v:.0f}" for k, v in ceilings.items()))  # fmt: skip
+    print(f"{'mode':<24}{'tiles/s':>9}{'× fp32 NCHW':>13}{'ceiling':>9}")
     for name, row in rows.items():
         row["vs_fp32_nchw"] = row["tiles_per_s"] / reference
-        print(f"{name:<24}{row['tiles_per_s']:>9.1f}{row['vs_fp32_nchw']:>13.2f}")
+        ceiling = ceilings.get(name.split(",")[0])
+        if ceiling:  # the fraction of its own precision's matrix-product ceiling
+            row["ceiling_fraction"] = row["tiles_per_s"] * row["gflop"] / ceiling
+        fraction = f"{row['ceiling_fraction']:>9.0%}" if ceiling else f"{'–':>9}"
+        print(f"{name:<24}{row['tiles_per_s']:>9.1f}{row['vs_fp32_nchw']:>13.2f}{fraction}")
+    if "bf16" in ceilings:
+        bound = ceilings["bf16"] / ceilings["fp32"]
+        print(f"bf16 / fp32 ceilings: {bound:.2f}× — what bf16 can gain on a step of products")
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)},
-                                         "modes": rows}, indent=2) + "\n")  # fmt: skip
+                                         "modes": rows, "ceilings_gops": ceilings},
+                                        indent=2) + "\n")  # fmt: skip
 
 
 if __name__ == "__main__":
