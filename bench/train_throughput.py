@@ -75,7 +75,8 @@ def main() -> None:
     print(f"teacher {args.teacher}, batch {args.batch}, {args.tile}², {torch.get_num_threads()} "
           f"threads, torch {torch.__version__}, {platform.processor() or platform.machine()}")  # fmt: skip
     gflop = rows["fp32, NCHW"]["gflop"]
-    print(f"{gflop:.2f} GFLOP per training tile (forward and backward); CPU ceilings (GOP/s): "
+    print(f"{gflop:.2f} GFLOP per training tile (forward and backward)"
+          + "; CPU ceilings (GOP/s): " * bool(ceilings)
           + ", ".join(f"{k} {v:.0f}" for k, v in ceilings.items()))  # fmt: skip
     print(f"{'mode':<24}{'tiles/s':>9}{'× fp32 NCHW':>13}{'ceiling':>9}")
     for name, row in rows.items():
