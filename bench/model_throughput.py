@@ -145,7 +145,9 @@ def gflop_per_tile(model: ReverseDistillation, tile: int) -> tuple[float, float]
     return teacher_flops / 1e9, counter.get_total_flops() / 1e9
 
 
-def ceiling_fraction(name: str, tiles_per_s: float, gflop: tuple[float, float], ceilings: dict):
+def ceiling_fraction(
+    name: str, tiles_per_s: float, gflop: tuple[float, float], ceilings: dict
+) -> float | None:
     """The fraction of the CPU's ceiling a row reaches: against its own precision's, except the
     bf16 rows whose teacher stays float32 (the decisions), against the time the teacher's FLOPs
     take at the fp32 ceiling plus the student's at the bf16 ceiling. None without a ceiling."""
@@ -234,9 +236,9 @@ def measure(args: argparse.Namespace) -> dict:
     if args.memory_bank:
         rows |= memory_bank_rows(model, images, x, args, device, precisions[-1])
     if not args.no_official:
-        # measured again after every other row: a shared CPU's speed drifts over a run (the
-        # official row moved 6.8–8.6 tiles/s between runs here), so every ratio is taken
-        # against the faster of the two measurements — the conservative reading
+        # measured again after every other row: the CPU's speed drifts over a run (on Zen 4
+        # the official path ran 1.2–1.3× faster at the end than at the start), so every ratio
+        # is taken against the faster of the two measurements — the conservative reading
         first = rows[OFFICIAL]["tiles_per_s"]
         again = official_tiles_per_s()
         rows[OFFICIAL] = {"tiles_per_s": max(first, again), "measured": [first, again]}
