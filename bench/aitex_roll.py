@@ -199,7 +199,7 @@ def print_table(code: str, r: dict) -> None:
           f"{'tiles/s':>8}   {'strict: recall':>14}{'false':>6}")  # fmt: skip
     print(f"{code:<7}{r['planted_components']:>6}{r['planted']:>6}{r['matched']:>8}{recall:>7}"
           f"{r['found']:>6}{r['false_defects']:>6}{r['false_per_m']:>8.1f}"
-          f"{r['roll_length_m']:>9.4f}{r['grade']:>7}{r['points_per_100yd2']:>11.1f}{r['tiles']:>6}"
+          f"{r['roll_length_m']:>9.4f} {r['grade']:>6}{r['points_per_100yd2']:>11.1f}{r['tiles']:>6}"
           f"{r['tiles_per_s']:>8.1f}   {recall_px:>14}{r['false_defects_px']:>6}")  # fmt: skip
     strict_per_m = r["false_defects_px"] / r["roll_length_m"]
     widths = np.array([right - left for _, _, left, right in r["extents"]]) / r["px_per_mm"]
