@@ -67,6 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-size", type=int, default=TrainConfig.memory_size, help="bank patches")
     p.add_argument("--max-minutes", type=float, default=None, help="training budget per fabric")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=TrainConfig.seed, help="training's seed")
     p.add_argument("--tag", default="", help="names this run's models and JSON")
     p.add_argument("--json", type=Path, default=None)
     return p
@@ -102,7 +103,7 @@ def main() -> None:
             scorer=args.scorer, edge=args.edge, epochs=args.epochs, max_minutes=args.max_minutes,
             precision=args.precision, held_out=args.held_out, tile_layout=args.tile_layout,
             memory_levels=args.memory_levels and tuple(args.memory_levels), memory_stride=args.memory_stride,
-            memory_size=args.memory_size,
+            memory_size=args.memory_size, seed=args.seed,
         )  # fmt: skip
         started = time.perf_counter()
         card = train(category, model, config)

@@ -47,10 +47,13 @@ from scipy.ndimage import gaussian_filter
 from distill.anomaly_map import MapFusion
 from distill.fold import folded_copy
 from distill.inference import Detector, bf16_supported, resolve_device
+from distill.malloc_tuning import keep_freed_memory
 from distill.memory_bank import DEFAULT_BANK_SIZE, DEFAULT_LEVELS, LEVEL_CHOICES, MemoryBank
 from distill.preprocess import normalise
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher
 from distill.torch_model import ReverseDistillation
+
+MALLOC_HELP = "leave glibc's allocator thresholds as they are (rollscan raises them)"
 
 OFFICIAL = "official-style (fp32, NCHW, scipy maps)"
 OLD_DEFAULT_TEACHER = "efficientnet_lite0"  # the default before the memory bank (issue 11)
@@ -389,7 +392,10 @@ def main() -> None:
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile rows too")
     parser.add_argument("--int8", action="store_true", help="the int8 (OpenVINO) row too")
+    parser.add_argument("--glibc-malloc", action="store_true", help=MALLOC_HELP)
     args = parser.parse_args()
+    if not args.glibc_malloc:
+        keep_freed_memory()  # as `rollscan` and the workers run
     result = measure(args)
     print_table(result)
     if args.json:

