@@ -5,8 +5,8 @@ are freed, to 32 MiB at most) with fresh pages from the kernel and hands them ba
 every step that allocates a large tensor again faults each of its pages in and zeroes it. A
 training step of the default student (bf16, batch 4) allocates and frees hundreds of MiB: with
 glibc's defaults it took 1,500–4,500 page faults a step, with a 256 MiB mmap threshold and a 1 GiB
-trim threshold almost none (docs/benchmarks.md). The same defaults are why a process ran its
-first batches slower than its later ones: glibc raises the threshold only as it goes.
+trim threshold 0–400 (docs/benchmarks.md: 5–8 % faster scoring; in training, gains within noise
+once glibc has raised its own threshold).
 
 Peak memory does not change; a process keeps up to 1 GiB of freed memory for its next
 allocations instead of returning it to the kernel. Nothing is done where the C library is not

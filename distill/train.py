@@ -95,7 +95,7 @@ class Trainer:
         self.loss = DistillationLoss(config.level_weights, config.loss).to(self.device)
         self.generator = torch.Generator().manual_seed(config.seed)
         # In bf16 the frozen teacher runs as the bf16 detector runs it (BatchNorms folded, ReLUs
-        # fused) and Adam as one fused kernel: 7 % faster steps on a 2-core Zen 4, the rounding
+        # fused) and Adam as one fused kernel: 3–17 % faster steps on a 2-core Zen 4, the rounding
         # aside the same arithmetic; fp32 keeps the recipe's kernels and so its results bitwise.
         self.teacher = (
             folded_copy(self.model).teacher.to(memory_format=memory_format)
