@@ -27,6 +27,9 @@ TRIM_THRESHOLD = 1 << 30
 # mallopt's parameter numbers (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 
+# whether this process runs on glibc, the one C library whose thresholds this sets
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
 _tuned = False
 
 
@@ -36,7 +39,7 @@ def keep_freed_memory() -> bool:
     global _tuned
     if _tuned:
         return True
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not GLIBC:
         return False
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         log.info("GLIBC_TUNABLES sets the allocator: its thresholds left as they are")

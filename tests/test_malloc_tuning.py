@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
-)
+from distill.malloc_tuning import GLIBC
+
+pytestmark = pytest.mark.skipif(not GLIBC, reason="glibc only")
 
 # 48 MiB: above glibc's own mmap threshold at any time (32 MiB at most), under ours
 _PROBE = """
