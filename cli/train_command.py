@@ -48,7 +48,7 @@ def _train(args: argparse.Namespace) -> int:
         level_weights=tuple(args.level_weights),
         **options(args, "teacher_weights variant epochs batch lr tile seed device fpr max_minutes"),
         # not given: TrainConfig's defaults
-        **options(args, "loss scorer fusion_weight memory_size memory_stride edge precision "
+        **options(args, "loss scorer fusion_weight memory_size memory_stride edge precision teacher_cache_mb "
                   "held_out tile_layout", skip_none=True),
         **({} if args.memory_levels is None else {"memory_levels": tuple(args.memory_levels)}),
         **({} if args.augment is None else {"augment": tuple(a for a in args.augment if a != "none")}),
@@ -121,5 +121,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument(
         "--precision", default=None, help="fp32 (default), bf16 autocast, or auto (bf16 if native)"
     )
+    p.add_argument(
+        "--teacher-cache-mb", type=int, default=None, metavar="MIB",
+        help="bf16 training keeps the frozen teacher's features of every tile (computed once, "
+        "read every epoch) when they fit in this many MiB (default 4096; 0: recomputed each step)",
+    )  # fmt: skip
     p.set_defaults(handler=_train)
     return p

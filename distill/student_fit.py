@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 import torch
 from tqdm.auto import tqdm
 
+from distill.teacher_cache import cache_for
+
 if TYPE_CHECKING:
     from distill.train import Trainer
 
@@ -43,9 +45,13 @@ def fit_student(
     with tqdm(
         total=total, desc="train", unit="tile", disable=not progress, dynamic_ncols=True
     ) as bar:
+        train_cache, val_cache, cached = cache_for(trainer, train_images, val_images)
+        bar.write(cached)
         for epoch in range(1, config.epochs + 1):
-            fit.history["train_loss"].append(trainer.train_epoch(train_images, bar, train_valid))
-            val_loss = trainer.validate(val_images)
+            fit.history["train_loss"].append(
+                trainer.train_epoch(train_images, bar, train_valid, train_cache)
+            )
+            val_loss = trainer.validate(val_images, val_cache)
             fit.history["val_loss"].append(val_loss)
             trainer.scheduler.step(val_loss)
             bar.write(

@@ -43,6 +43,7 @@ from distill.preprocess import normalise
 from distill.selection import Selection, choose_fusion, pick_cheapest
 from distill.student_fit import StudentFit, fit_student
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
+from distill.teacher_cache import VALIDATION_BATCH, TeacherCache
 from distill.torch_model import ReverseDistillation
 from distill.train_config import TrainConfig
 
@@ -116,23 +117,40 @@ class Trainer:
         x = _blur(x)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
+    def teacher_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The frozen teacher's features of `inputs` (bf16 under `self.bf16`)."""
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        with torch.no_grad(), autocast:
+            return self.teacher(x)
+
     def features(self, x: torch.Tensor) -> tuple[list, list]:
-        """Teacher and student features, in float32 (computed in bf16 under `self.bf16`); the
-        student's carry gradients in training mode."""
+        """Teacher and student features of `inputs`, in float32 (computed in bf16 under
+        `self.bf16`); the student's carry gradients in training mode."""
+        return self.student_features(self.teacher_features(x))
+
+    def student_features(self, teacher: list[torch.Tensor]) -> tuple[list, list]:
+        """`features` from the teacher's (computed or cached)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            with torch.no_grad():
-                teacher = self.teacher(x)
             student = self.model.student(teacher)
         if not self.bf16:
             return teacher, student
         return [t.float() for t in teacher], [s.float() for s in student]
 
-    def train_step(self, batch: torch.Tensor, valid: torch.Tensor | None) -> float:
-        if self.config.augment:
-            batch, valid = augment(
-                batch.float().div_(255), self.config.augment, self.generator, valid
-            )
-        teacher, student = self.features(self.inputs(batch))
+    def train_step(
+        self,
+        batch: torch.Tensor,
+        valid: torch.Tensor | None,
+        teacher: list[torch.Tensor] | None = None,
+    ) -> float:
+        """One step on a batch of tiles; `teacher`: their teacher's features, if cached (never
+        with augmentation: `teacher_cache.cache_for`)."""
+        if teacher is None:
+            if self.config.augment:
+                batch, valid = augment(
+                    batch.float().div_(255), self.config.augment, self.generator, valid
+                )
+            teacher = self.teacher_features(self.inputs(batch))
+        teacher, student = self.student_features(teacher)
         if valid is not None:
             valid = _padded(valid.to(self.device), teacher[0].shape[-1] * 4)
         loss = self.loss(teacher, student, valid)
@@ -142,17 +160,23 @@ class Trainer:
         return loss.item()
 
     def train_epoch(
-        self, images: torch.Tensor, bar: tqdm, valid: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        bar: tqdm,
+        valid: torch.Tensor | None = None,
+        cache: TeacherCache | None = None,
     ) -> float:
         self.model.train()
         order = torch.randperm(images.shape[0], generator=self.generator)
         total, count = 0.0, 0
         for start in range(0, len(order), self.config.batch):
-            batch = images[order[start : start + self.config.batch]]
+            idx = order[start : start + self.config.batch]
+            batch = images[idx]
             if batch.shape[0] < 2 and len(order) > 1:
                 continue  # BatchNorm cannot train on a batch of one
-            keep = None if valid is None else valid[order[start : start + self.config.batch]]
-            total += self.train_step(batch, keep) * batch.shape[0]
+            keep = None if valid is None else valid[idx]
+            teacher = None if cache is None else cache.take(idx)
+            total += self.train_step(batch, keep, teacher) * batch.shape[0]
             count += batch.shape[0]
             bar.update(batch.shape[0])
             bar.set_postfix(
@@ -241,12 +265,16 @@ class Trainer:
         return selection
 
     @torch.no_grad()
-    def validate(self, images: torch.Tensor) -> float:
+    def validate(self, images: torch.Tensor, cache: TeacherCache | None = None) -> float:
         self.model.eval()
         total = 0.0
-        for start in range(0, images.shape[0], 8):
-            batch = images[start : start + 8]
-            teacher, student = self.features(self.inputs(batch))
+        for start in range(0, images.shape[0], VALIDATION_BATCH):
+            batch = images[start : start + VALIDATION_BATCH]
+            teacher = (
+                self.teacher_features(self.inputs(batch)) if cache is None
+                else cache.take(torch.arange(start, start + len(batch)))
+            )  # fmt: skip
+            teacher, student = self.student_features(teacher)
             total += self.loss(teacher, student).item() * batch.shape[0]
         return total / images.shape[0]
 

@@ -61,6 +61,9 @@ class TrainConfig:
     # fp32, or bf16 autocast (forward passes in bf16, weights, loss and optimiser in float32,
     # channels-last); auto: bf16 where the device has it natively
     precision: str = "fp32"
+    # bf16 training keeps the frozen teacher's features of every tile when they fit in this many
+    # MiB (distill.teacher_cache); 0: recomputed at every step
+    teacher_cache_mb: int = 4096
     held_out: str = "random"  # or "last": the last tiles in name order (see split_held_out)
     extra: dict = field(default_factory=dict)
 
@@ -96,6 +99,8 @@ class TrainConfig:
             raise ValueError(
                 f"unknown tile layout {self.tile_layout!r}; choose one of {', '.join(TILE_LAYOUTS)}"
             )
+        if self.teacher_cache_mb < 0:
+            raise ValueError(f"teacher_cache_mb must be at least 0, not {self.teacher_cache_mb}")
         if self.held_out not in HELD_OUT_MODES:
             raise ValueError(f"held_out must be random or last, not {self.held_out!r}")
         if self.precision not in PRECISIONS:
