@@ -32,7 +32,7 @@ step band_default_b256 120 bench/band_throughput.py --device cuda --teacher effi
 step model_default_b256 120 bench/model_throughput.py --device cuda --teacher efficientnet_lite1 \
   --batch 256 --repeats 5 --no-official --memory-bank
 step train_resnet34_b32 90 bench/train_throughput.py --device cuda --teacher resnet34 \
-  --batch 32 --steps 20
+  --batch 32 --steps 10 --epoch-tiles 448
 step model_resnet34_b64 90 bench/model_throughput.py --device cuda --teacher resnet34 \
   --batch 64 --repeats 5 --no-official
 step band_resnet34_b128 120 bench/band_throughput.py --device cuda --teacher resnet34 \

@@ -42,10 +42,10 @@ def fit_student(
     fit, stale = StudentFit(), 0
     deadline = None if config.max_minutes is None else time.perf_counter() + 60 * config.max_minutes
     total = config.epochs * len(train_images)
+    train_cache, val_cache, cached = cache_for(trainer, train_images, val_images, progress)
     with tqdm(
         total=total, desc="train", unit="tile", disable=not progress, dynamic_ncols=True
     ) as bar:
-        train_cache, val_cache, cached = cache_for(trainer, train_images, val_images)
         bar.write(cached)
         for epoch in range(1, config.epochs + 1):
             fit.history["train_loss"].append(

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from tqdm.auto import tqdm
 
 if TYPE_CHECKING:
     from distill.train import Trainer
@@ -27,14 +28,19 @@ class TeacherCache:
         self.levels = levels
 
     @classmethod
-    def build(cls, trainer: Trainer, images: torch.Tensor, batch: int) -> TeacherCache:
+    def build(
+        cls, trainer: Trainer, images: torch.Tensor, batch: int, progress: bool = False
+    ) -> TeacherCache:
         """The teacher's features of (N, H, W, C) tiles, in `trainer`'s precision and layout,
         computed `batch` tiles at a time: the batch size the features would otherwise be
         computed in, so that the same kernels compute them (bitwise the same, whatever the
         batch's composition, on the CPUs measured: `tests/test_teacher_cache.py`)."""
         levels: list[torch.Tensor] = []
+        bar = tqdm(total=len(images), desc="teacher's features", unit="tile", leave=False,
+                   disable=not progress, dynamic_ncols=True)  # fmt: skip
         for start in range(0, len(images), batch):
             features = trainer.teacher_features(trainer.inputs(images[start : start + batch]))
+            bar.update(len(features[0]))
             if not levels:  # filled in place: no second copy of the whole stack while it grows
                 levels = [
                     torch.empty((len(images), *f.shape[1:]), dtype=f.dtype, device=f.device)
@@ -43,6 +49,7 @@ class TeacherCache:
                 ]  # fmt: skip
             for level, f in zip(levels, features, strict=True):
                 level[start : start + len(f)] = f
+        bar.close()
         return cls(levels)
 
     def take(self, idx: torch.Tensor) -> list[torch.Tensor]:
@@ -66,7 +73,7 @@ def bytes_per_tile(trainer: Trainer, images: torch.Tensor) -> int:
 
 
 def cache_for(
-    trainer: Trainer, train_images: torch.Tensor, val_images: torch.Tensor
+    trainer: Trainer, train_images: torch.Tensor, val_images: torch.Tensor, progress: bool = False
 ) -> tuple[TeacherCache | None, TeacherCache | None, str]:
     """The training and held-out tiles' caches where this run keeps them (else None, None), and
     a line that says which and why."""
@@ -81,9 +88,9 @@ def cache_for(
     mib = total / 2**20
     if mib > config.teacher_cache_mb:
         return None, None, (
-            f"teacher's features recomputed each step: {mib:,.0f} MiB would exceed "
+            f"teacher's features recomputed each step: {mib:,.1f} MiB would exceed "
             f"--teacher-cache-mb {config.teacher_cache_mb:,}"
         )  # fmt: skip
-    train = TeacherCache.build(trainer, train_images, config.batch)
-    val = TeacherCache.build(trainer, val_images, VALIDATION_BATCH)
-    return train, val, f"teacher's features computed once ({mib:,.0f} MiB), read every epoch"
+    train = TeacherCache.build(trainer, train_images, config.batch, progress)
+    val = TeacherCache.build(trainer, val_images, VALIDATION_BATCH, progress)
+    return train, val, f"teacher's features computed once ({mib:,.1f} MiB), read every epoch"
