@@ -34,22 +34,21 @@ class TeacherCache:
         """The teacher's features of (N, H, W, C) tiles, in `trainer`'s precision and layout,
         computed `batch` tiles at a time: the batch size the features would otherwise be
         computed in, so that the same kernels compute them (bitwise the same, whatever the
-        batch's composition, on the CPUs measured: `tests/test_teacher_cache.py`)."""
+        batch's composition, on the Zen 4 measured: docs/benchmarks.md)."""
         levels: list[torch.Tensor] = []
-        bar = tqdm(total=len(images), desc="teacher's features", unit="tile", leave=False,
-                   disable=not progress, dynamic_ncols=True)  # fmt: skip
-        for start in range(0, len(images), batch):
-            features = trainer.teacher_features(trainer.inputs(images[start : start + batch]))
-            bar.update(len(features[0]))
-            if not levels:  # filled in place: no second copy of the whole stack while it grows
-                levels = [
-                    torch.empty((len(images), *f.shape[1:]), dtype=f.dtype, device=f.device)
-                    .contiguous(memory_format=_layout(f))
-                    for f in features
-                ]  # fmt: skip
-            for level, f in zip(levels, features, strict=True):
-                level[start : start + len(f)] = f
-        bar.close()
+        with tqdm(total=len(images), desc="teacher's features", unit="tile", leave=False,
+                  disable=not progress, dynamic_ncols=True) as bar:  # fmt: skip
+            for start in range(0, len(images), batch):
+                features = trainer.teacher_features(trainer.inputs(images[start : start + batch]))
+                if not levels:  # filled in place: no second copy of the stack while it grows
+                    levels = [
+                        torch.empty((len(images), *f.shape[1:]), dtype=f.dtype, device=f.device,
+                                    memory_format=_layout(f))
+                        for f in features
+                    ]  # fmt: skip
+                for level, f in zip(levels, features, strict=True):
+                    level[start : start + len(f)] = f
+                bar.update(len(features[0]))
         return cls(levels)
 
     def take(self, idx: torch.Tensor) -> list[torch.Tensor]:
