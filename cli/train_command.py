@@ -48,8 +48,8 @@ def _train(args: argparse.Namespace) -> int:
         level_weights=tuple(args.level_weights),
         **options(args, "teacher_weights variant epochs batch lr tile seed device fpr max_minutes"),
         # not given: TrainConfig's defaults
-        **options(args, "loss scorer fusion_weight memory_size memory_stride edge precision teacher_cache_mb "
-                  "held_out tile_layout", skip_none=True),
+        **options(args, "loss scorer fusion_weight memory_size memory_stride edge precision "
+                  "held_out tile_layout teacher_cache_mb", skip_none=True),
         **({} if args.memory_levels is None else {"memory_levels": tuple(args.memory_levels)}),
         **({} if args.augment is None else {"augment": tuple(a for a in args.augment if a != "none")}),
     )  # fmt: skip

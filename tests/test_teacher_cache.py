@@ -55,6 +55,10 @@ def test_bf16_caches_unless_tiles_are_augmented_or_the_budget_is_too_small():
     assert train is None and val is None and "augmented" in why
     train, val, why = cache_for(_trainer(precision="bf16", teacher_cache_mb=0), tiles, held_out)
     assert train is None and val is None and "--teacher-cache-mb 0" in why
+    trainer = _trainer(precision="bf16", teacher_cache_mb=1)
+    many = _tiles(1 + 2**20 // bytes_per_tile(trainer, tiles))  # one tile more than 1 MiB holds
+    train, val, why = cache_for(trainer, many, held_out)
+    assert train is None and val is None and "would exceed --teacher-cache-mb 1" in why
 
 
 @needs_bf16
