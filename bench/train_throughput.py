@@ -33,7 +33,7 @@ from distill.inference import bf16_supported, resolve_device
 from distill.malloc_tuning import keep_freed_memory
 from distill.teacher import TEACHERS
 from distill.teacher_cache import TeacherCache, cache_for
-from distill.train import TrainConfig, Trainer
+from distill.train import TrainConfig, Trainer, split_held_out
 
 
 def step_gflop_per_tile(trainer: Trainer, step: Callable[[], None]) -> float:
@@ -90,8 +90,8 @@ def measure_epochs(args: argparse.Namespace, bf16: bool) -> dict:
                   "bf16, channels-last, teacher cached": ("bf16", TrainConfig.teacher_cache_mb)}  # fmt: skip
     tiles = torch.randint(0, 256, (args.epoch_tiles, args.tile, args.tile, 3), dtype=torch.uint8,
                           generator=torch.Generator().manual_seed(0))  # fmt: skip
-    n_val = round(args.epoch_tiles * TrainConfig.val_ratio)
-    train, val = tiles[n_val:], tiles[:n_val]
+    train_idx, val_idx = split_held_out(len(tiles), TrainConfig.val_ratio, TrainConfig.seed)
+    train, val = tiles[train_idx], tiles[val_idx]
     epochs, rows = {}, {}
     for name, (precision, cache_mb) in modes.items():
         config = TrainConfig(teacher=args.teacher, teacher_weights="random", batch=args.batch,
@@ -100,7 +100,8 @@ def measure_epochs(args: argparse.Namespace, bf16: bool) -> dict:
         trainer = Trainer(config)
         start = time.perf_counter()
         train_cache, val_cache, _ = cache_for(trainer, train, val)
-        rows[name] = {"cache_fill_s": time.perf_counter() - start}
+        rows[name] = {"cache_fill_s": time.perf_counter() - start,
+                      "tiles": len(train), "held_out": len(val)}  # fmt: skip
 
         def epoch(trainer=trainer, train_cache=train_cache, val_cache=val_cache) -> None:
             trainer.train_epoch(train, tqdm(disable=True), None, train_cache)
@@ -163,8 +164,8 @@ def main() -> None:
         print(f"bf16 / fp32 ceilings: {bound:.2f}× — what bf16 can gain on a step of products")
     epochs = measure_epochs(args, bf16_supported(device)) if args.epoch_tiles else {}
     if epochs:
-        n_val = round(args.epoch_tiles * TrainConfig.val_ratio)
-        print(f"whole epochs of {args.epoch_tiles - n_val} training and {n_val} held-out tiles "
+        first = next(iter(epochs.values()))
+        print(f"whole epochs of {first['tiles']} training and {first['held_out']} held-out tiles "
               f"(median of {args.rounds}); fill: the cache's, once per run")  # fmt: skip
         print(f"{'epoch':<38}{'tiles/s':>9}{'× fp32 NCHW':>13}{'fill s':>9}")
     for name, row in epochs.items():

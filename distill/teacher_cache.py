@@ -57,7 +57,11 @@ class TeacherCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(level.numel() * level.element_size() for level in self.levels)
+        return _nbytes(self.levels)
+
+
+def _nbytes(tensors: list[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _layout(x: torch.Tensor) -> torch.memory_format:
@@ -67,8 +71,7 @@ def _layout(x: torch.Tensor) -> torch.memory_format:
 
 def bytes_per_tile(trainer: Trainer, images: torch.Tensor) -> int:
     """The cache's size per tile: the teacher's features of one tile, in its precision."""
-    features = trainer.teacher_features(trainer.inputs(images[:1]))
-    return sum(f.numel() * f.element_size() for f in features)
+    return _nbytes(trainer.teacher_features(trainer.inputs(images[:1])))
 
 
 def cache_for(
