@@ -31,6 +31,7 @@ from distill.data.aitex import import_aitex
 from distill.evaluate import evaluate
 from distill.inference import PRECISIONS
 from distill.loss import LOSSES
+from distill.malloc_tuning import keep_freed_memory
 from distill.teacher import TEACHERS
 from distill.train import train
 from distill.train_config import EDGE_MODES, HELD_OUT_MODES, SCORERS, TILE_LAYOUTS, TrainConfig
@@ -85,6 +86,7 @@ def _row(name: str, r: dict) -> str:
 
 def main() -> None:
     args = _parser().parse_args()
+    keep_freed_memory()  # as `rollscan train` and `rollscan evaluate` run
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.data.is_dir():

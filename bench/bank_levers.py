@@ -1,7 +1,8 @@
 """The memory bank's levers on real fabric without retraining: selection and test figures.
 
     python bench/bank_levers.py [--tiles runs/aitex/tiles] [--fabric 00 …] [--teacher NAME]
-        [--lever base levels123 level-norm levels123-norm channel-std k3 bank16k zoom0.5 …]
+        [--lever base levels123 level-norm levels123-norm channel-std k3 bank16k zoom0.5
+         shift4 map-median map-highpass …]
         [--levels 2 3] [--strength LOW HIGH] [--mask-margin PX] [--syn-kind pasted|warped]
         [--threads N] [--json OUT]
 
@@ -18,7 +19,10 @@ Levers: `levels123` the bank over levels 1 2 3 (`levels12`, `level2` likewise); 
 each level scaled to a unit root-mean-square norm over the good patches (so the levels weigh
 alike), `levels123-norm` both; `channel-std` every channel standardised by the good patches;
 `k3` the mean distance to the 3 nearest patches; `bank16k` 16,384 patches; `zoomS` the tile
-resized by S before the teacher (the map brought back to the tile's size). The teacher's
+resized by S before the teacher (the map brought back to the tile's size); `shift4` the map
+averaged with the map of the tile moved by half a patch cell (4 px, its border mirrored);
+`map-median` each tile's map less its own median; `map-highpass` the map less its own wide blur
+(σ = 32 px) — a flaw scored against its surroundings. The teacher's
 precision, measured against `base` (`--levels` sets both: the levels a fabric's model chose):
 `bf16-queries` the teacher in bf16 (BatchNorms folded, as the eager detector runs it) against
 the float32 bank; `bf16-refit` a bank fitted afresh on those bf16 features; `bf16-twin` the
@@ -51,17 +55,22 @@ from distill.train import TrainConfig, split_held_out
 
 LEVERS = ("base", "levels123", "levels12", "level2", "level-norm", "levels123-norm",
           "channel-std", "k3", "bank16k", "zoom0.5", "zoom0.75", "zoom1.5", "bf16-queries",
-          "bf16-refit", "bf16-twin")  # fmt: skip
+          "bf16-refit", "bf16-twin", "shift4", "map-median", "map-highpass")  # fmt: skip
 STRIDE, TILE = 8, 256
 
 
 @torch.no_grad()
-def embeddings(teacher, images: np.ndarray, levels, zoom: float = 1.0) -> torch.Tensor:
-    """(N, C, g, g) patch embeddings of 256² tiles, g = 32 · zoom (PatchCore's, as the product's)."""
+def embeddings(
+    teacher, images: np.ndarray, levels, zoom: float = 1.0, shift: int = 0
+) -> torch.Tensor:
+    """(N, C, g, g) patch embeddings of 256² tiles, g = 32 · zoom (PatchCore's, as the product's);
+    `shift`: the tile moved right and down by that many px first (its border mirrored)."""
     out, side = [], STRIDE * round(TILE // STRIDE * zoom)
     for start in range(0, len(images), 16):
         batch = torch.from_numpy(images[start : start + 16])
         x, _ = normalise(batch, IMAGENET_MEAN, IMAGENET_STD, torch.device("cpu"))
+        if shift:
+            x = F.pad(x, (shift, 0, shift, 0), mode="reflect")[..., :TILE, :TILE]
         if side != TILE:
             x = F.interpolate(x, size=(side, side), mode="bilinear", antialias=zoom < 1)
         out.append(patch_embedding(teacher(x), levels, STRIDE, (side, side)))
@@ -154,13 +163,13 @@ class FabricSets:
         self.test_valid = category.valid_masks([s.path for s in samples], TILE)
         self._embedded: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
-    def embedded(self, teacher, levels, zoom: float) -> tuple[torch.Tensor, ...]:
-        """(train, selection, test) embeddings, computed once per teacher, level set and zoom:
-        most levers share them and differ only in the bank."""
-        key = (id(teacher), tuple(levels), zoom)
+    def embedded(self, teacher, levels, zoom: float, shift: int = 0) -> tuple[torch.Tensor, ...]:
+        """(train, selection, test) embeddings, computed once per teacher, level set, zoom and
+        shift: most levers share them and differ only in the bank."""
+        key = (id(teacher), tuple(levels), zoom, shift)
         if key not in self._embedded:
             self._embedded[key] = tuple(
-                embeddings(teacher, images, levels, zoom)
+                embeddings(teacher, images, levels, zoom, shift)
                 for images in (self.train, self.selection, self.test)
             )
         return self._embedded[key]
@@ -217,10 +226,23 @@ def measure(teacher, sets: FabricSets, lever: str, base_levels=(2, 3), bf16=None
     def maps(e: torch.Tensor) -> np.ndarray:
         return smooth.upsampled(nearest_k(bank, standard(e), k), (TILE, TILE)).numpy()
 
+    def lever_maps(e: torch.Tensor, which: int, valid: np.ndarray) -> np.ndarray:
+        m = maps(e)
+        if lever == "shift4":  # the patch grid moved by half a cell, the two maps averaged
+            moved = maps(sets.embedded(teacher, levels, zoom, shift=4)[which])
+            m = (m + np.pad(moved[:, 4:, 4:], ((0, 0), (0, 4), (0, 4)), mode="edge")) / 2
+        elif lever == "map-median":  # each tile's own level taken off
+            level = [np.median(t[v]) if v.any() else 0.0 for t, v in zip(m, valid, strict=True)]
+            m = m - np.array(level)[:, None, None]
+        elif lever == "map-highpass":  # the map above its own wide blur (σ = 32 px)
+            m = m - ndimage.gaussian_filter(m, (0, 32, 32), mode="reflect")
+        return m
+
     return {
-        "syn": auroc_pair(maps(selection), sets.selection_labels, sets.selection_masks,
-                          sets.selection_valid),
-        "test": auroc_pair(maps(test), sets.test_labels, sets.test_masks, sets.test_valid),
+        "syn": auroc_pair(lever_maps(selection, 1, sets.selection_valid), sets.selection_labels,
+                          sets.selection_masks, sets.selection_valid),
+        "test": auroc_pair(lever_maps(test, 2, sets.test_valid), sets.test_labels,
+                           sets.test_masks, sets.test_valid),
     }  # fmt: skip
 
 

@@ -51,8 +51,9 @@ class TeacherCache:
                 bar.update(len(features[0]))
         return cls(levels)
 
-    def take(self, idx: torch.Tensor) -> list[torch.Tensor]:
-        """The features of tiles `idx` (indexing keeps each level's memory layout)."""
+    def take(self, idx: torch.Tensor | slice) -> list[torch.Tensor]:
+        """The features of tiles `idx` (indexing keeps each level's memory layout; a slice is a
+        view, so validation's consecutive batches copy nothing)."""
         return [level[idx] for level in self.levels]
 
     @property

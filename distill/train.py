@@ -272,7 +272,7 @@ class Trainer:
             batch = images[start : start + VALIDATION_BATCH]
             teacher = (
                 self.teacher_features(self.inputs(batch)) if cache is None
-                else cache.take(torch.arange(start, start + len(batch)))
+                else cache.take(slice(start, start + len(batch)))
             )  # fmt: skip
             teacher, student = self.student_features(teacher)
             total += self.loss(teacher, student).item() * batch.shape[0]
