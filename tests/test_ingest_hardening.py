@@ -13,12 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from fixtures_ingest import BAND, frame_bytes, put_frame, register, roll_and_run
+import zarr
+from fixtures_ingest import BAND, WIDTH, frame_bytes, put_frame, register, roll_and_run
 from fixtures_roll import FABRIC
 
 from storage.objectstore import LocalStore, ObjectInfo
 from storage.schema import Frame
-from storage.zarr_rolls import open_roll
+from storage.zarr_rolls import create_roll, open_roll, roll_prefix
 from worker.context import RetryLater
 from worker.frames import decode_frame
 from worker.ingest import frame_source, ingest_frame
@@ -119,3 +120,37 @@ def test_a_frame_replaced_between_head_and_read_is_read_again(make_ctx, tmp_path
     assert frame.etag == hashlib.md5(new).hexdigest()
     stored = open_roll(ctx.store, "R-etag").read_rows(0, BAND)[:, :, 0]
     np.testing.assert_array_equal(stored, tifffile.imread(io.BytesIO(new)))
+
+
+# --- the roll's zarr image: a creation cut short, a roll longer than it holds ---------------
+
+
+def test_a_roll_whose_zarr_creation_was_cut_short_is_completed_by_its_next_frame(make_ctx):
+    ctx = make_ctx()
+    register(ctx, "R-half", 1)
+    # a worker killed between creating the group and its image array leaves this
+    zarr.create_group(ctx.store.zarr_store(roll_prefix("R-half")), attributes={"roll_id": "R-half"})
+    key = put_frame(ctx, "R-half", 1, frame_bytes())
+    assert ingest_frame(ctx, "R-half", 1, key) == "ingested"
+    np.testing.assert_array_equal(
+        open_roll(ctx.store, "R-half").read_rows(0, BAND)[:, :, 0],
+        tifffile.imread(io.BytesIO(frame_bytes())),
+    )
+
+
+def test_a_roll_longer_than_its_image_holds_fails_with_the_reason_and_writes_nothing(make_ctx):
+    ctx = make_ctx()
+    register(ctx, "R-long", 2)
+    # an image of one band's rows (the real one holds 4.2 M rows: 21 m at 200 px/mm)
+    create_roll(ctx.store, "R-long", width=WIDTH, channels=1, band_height=BAND,
+                manifest={"roll_id": "R-long"}, capacity_rows=BAND)  # fmt: skip
+    assert ingest_frame(ctx, "R-long", 1, put_frame(ctx, "R-long", 1, frame_bytes())) == "ingested"
+    key = put_frame(ctx, "R-long", 2, frame_bytes(seed=3))
+    assert ingest_frame(ctx, "R-long", 2, key) == "failed"
+    roll, run = roll_and_run(ctx, "R-long")
+    assert (roll.status, run.status) == ("failed", "failed")
+    assert f"would end at row {2 * BAND}, past the {BAND} rows" in roll.failure_reason
+    assert "split the roll" in roll.failure_reason
+    with ctx.session() as session:
+        assert session.get(Frame, ("R-long", 2)) is None
+    assert roll.rows_ingested == BAND

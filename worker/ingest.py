@@ -36,7 +36,10 @@ _COPY_CHUNK = 1 << 20
 
 def roll_arrays(ctx: WorkerContext, roll: Roll) -> RollArrays:
     if roll_exists(ctx.store, roll.id):
-        return open_roll(ctx.store, roll.id)
+        try:
+            return open_roll(ctx.store, roll.id)
+        except ObjectNotFound:  # a group without its image: a creation killed half-way,
+            pass  # which create_roll completes
     return create_roll(
         ctx.store,
         roll.id,
@@ -288,6 +291,15 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
             roll.width_px, roll.channels = pixels.shape[1], pixels.shape[2]
         arrays = roll_arrays(ctx, roll)
         stop = row_start + pixels.shape[0]
+        if stop > arrays.capacity_rows:
+            fail_roll(
+                session,
+                roll_id,
+                f"frame {seq} would end at row {stop}, past the {arrays.capacity_rows} rows a "
+                f"roll's image holds ({arrays.capacity_rows / roll.px_per_mm_y / 1000:.1f} m at "
+                f"this roll's px_per_mm.y = {roll.px_per_mm_y:g}): split the roll",
+            )
+            return "failed"
         lock_bands(session, roll_id, arrays.bands_of_rows(row_start, stop), shared=False)
         arrays.write_rows(row_start, pixels)
         session.execute(
