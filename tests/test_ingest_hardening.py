@@ -23,6 +23,7 @@ from storage.zarr_rolls import create_roll, open_roll, roll_prefix
 from worker.context import RetryLater
 from worker.frames import decode_frame
 from worker.ingest import frame_source, ingest_frame
+from worker.roll_rows import RollError
 
 # --- items 3, 4, 10: what a frame may be ---------------------------------------------------
 
@@ -154,3 +155,26 @@ def test_a_roll_longer_than_its_image_holds_fails_with_the_reason_and_writes_not
     with ctx.session() as session:
         assert session.get(Frame, ("R-long", 2)) is None
     assert roll.rows_ingested == BAND
+
+
+# --- what a manifest sent again may change ---------------------------------------------------
+
+
+def test_a_manifest_sent_again_cannot_change_what_a_roll_was_registered_or_completed_with(
+    make_ctx,
+):
+    ctx = make_ctx()
+    register(ctx, "R-again", 2, complete=False)
+    register(ctx, "R-again", 3, complete=False)  # a growing roll may still add frames
+    register(ctx, "R-again", 2)  # and complete with the count it ends with
+    register(ctx, "R-again", 2, meta={"loom": "L7"})  # the same count again: meta may change
+    refusals = [
+        ({"frames": 3}, "already complete with 2 frames; a manifest cannot change that to 3"),
+        ({"frames": 2, "complete": False}, "already complete; a manifest cannot reopen it"),
+        ({"frames": 2, "width_mm": 20.0}, "the manifest changes width_mm"),
+    ]
+    for change, why in refusals:
+        with pytest.raises(RollError, match=why):
+            register(ctx, "R-again", **change)
+    roll, _ = roll_and_run(ctx, "R-again")
+    assert (roll.frames_total, roll.complete, roll.meta) == (2, True, {"loom": "L7"})

@@ -24,7 +24,8 @@ def register_roll(session: Session, manifest: Manifest, source: str) -> Roll:
     """Insert or update a roll from its manifest (idempotent).
 
     A re-sent manifest may add the frame count, turn `complete` on and change `meta`; it may
-    not change the roll's fabric type or geometry (that would be a different roll).
+    not change the roll's fabric type or geometry (that would be a different roll), nor the
+    frame count of a roll already complete.
     """
     values = {
         "id": manifest.roll_id,
@@ -50,6 +51,12 @@ def register_roll(session: Session, manifest: Manifest, source: str) -> Roll:
         )
     if existing.complete and not manifest.complete:
         raise RollError(f"roll {manifest.roll_id} is already complete; a manifest cannot reopen it")
+    if existing.complete and manifest.frames not in (None, existing.frames_total):
+        # its run's band count was fixed from that frame count once the frames were in
+        raise RollError(
+            f"roll {manifest.roll_id} is already complete with {existing.frames_total} frames; "
+            f"a manifest cannot change that to {manifest.frames}"
+        )
     existing.frames_total = (
         manifest.frames if manifest.frames is not None else existing.frames_total
     )
