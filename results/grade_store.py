@@ -75,13 +75,15 @@ def grade_run(session: Session, run_id: int, rules: GradingRules | None = None) 
         .order_by(Defect.defect_no)
     ).all()
     measured = fabric_edges_mm(session, roll.id)
-    width_mm, left_mm, source = choose_width(roll.width_mm, measured, rules.width_tolerance)
+    width_mm, left_mm, right_mm, source = choose_width(
+        roll.width_mm, measured, rules.width_tolerance
+    )
     if source == "measured":
         log.warning("roll %s: measured fabric width %.0f mm, manifest says %.0f mm (beyond "
                     "%.0f %%): grading on the measured width", roll.id, width_mm, roll.width_mm,
                     100 * rules.width_tolerance)  # fmt: skip
     result = grade_roll(
-        [tuple(r[1:]) for r in rows], roll.length_m * 1000.0, width_mm, rules, left_mm
+        [tuple(r[1:]) for r in rows], roll.length_m * 1000.0, width_mm, rules, left_mm, right_mm
     )
     result.details.update(
         width_source=source, manifest_width_mm=roll.width_mm,

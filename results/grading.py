@@ -145,10 +145,15 @@ def grade_roll(
     roll_width_mm: float,
     rules: GradingRules | None = None,
     fabric_left_mm: float = 0.0,
+    fabric_right_mm: float | None = None,
 ) -> GradeResult:
     """Grade one roll; `defects` are (x0_mm, y0_mm, x1_mm, y1_mm, length_mm), x across from
     the image's left edge, y along from the roll start; the fabric spans
-    [fabric_left_mm, fabric_left_mm + roll_width_mm] across."""
+    [fabric_left_mm, fabric_right_mm] across (by default fabric_left_mm + roll_width_mm).
+
+    `roll_width_mm` gives the cuttable width the points are spread over; the selvage margins
+    lie inside the fabric's edges, which a measured extent places even where the manifest's
+    width is kept (`choose_width`)."""
     rules = rules if rules is not None else GradingRules()
     # inf passes `> 0` and would grade every roll "A" (or overflow): refuse it here
     if not (math.isfinite(roll_length_mm) and math.isfinite(roll_width_mm)):
@@ -167,6 +172,8 @@ def grade_roll(
             f"margins of {rules.selvage_margin_in} in"
         )
     yards = roll_length_mm / MM_PER_YARD
+    if fabric_right_mm is None:
+        fabric_right_mm = fabric_left_mm + roll_width_mm
 
     per_defect: list[int | None] = []
     per_defect_yards: list[int | None] = []
@@ -174,8 +181,7 @@ def grade_roll(
     per_yard: dict[int, int] = {}
     across: list[dict[str, Any]] = []
     for i, (x0, y0, x1, y1, length_mm) in enumerate(defects):
-        x0, x1 = x0 - fabric_left_mm, x1 - fabric_left_mm
-        if x1 <= margin_mm + _EPS or x0 >= roll_width_mm - margin_mm - _EPS:
+        if x1 <= fabric_left_mm + margin_mm + _EPS or x0 >= fabric_right_mm - margin_mm - _EPS:
             per_defect.append(None)
             per_defect_yards.append(None)
             ignored.append(i)
@@ -204,6 +210,7 @@ def grade_roll(
         "roll_width_in": roll_width_mm / MM_PER_INCH,
         "cuttable_width_in": width_in,
         "fabric_left_mm": fabric_left_mm,
+        "fabric_right_mm": fabric_right_mm,
         "selvage_margin_in": rules.selvage_margin_in,
         "defects": len(defects),
         "defects_ignored_at_selvage": ignored,
@@ -226,16 +233,18 @@ def grade_roll(
 
 def choose_width(
     manifest_mm: float, measured: tuple[float, float] | None, tolerance: float
-) -> tuple[float, float, str]:
-    """(width_mm, fabric_left_mm, source) to grade with: the manifest's width from the measured
-    left edge, unless the measured width (left, right edges in mm) differs from it by more
-    than `tolerance` of it; then the measured one. Unmeasured: the manifest's, from 0."""
+) -> tuple[float, float, float, str]:
+    """(width_mm, fabric_left_mm, fabric_right_mm, source) to grade with: the cuttable width is
+    the manifest's unless the measured width (left, right edges in mm) differs from it by more
+    than `tolerance` of it, then the measured one; the selvages are the measured edges either
+    way (a width within tolerance may still be 5 % off, three selvage margins on a wide roll).
+    Unmeasured: the manifest's width, from 0."""
     if measured is None:
-        return manifest_mm, 0.0, "manifest"
+        return manifest_mm, 0.0, manifest_mm, "manifest"
     left, right = measured
     if abs((right - left) - manifest_mm) > tolerance * manifest_mm:
-        return right - left, left, "measured"
-    return manifest_mm, left, "manifest"
+        return right - left, left, right, "measured"
+    return manifest_mm, left, right, "manifest"
 
 
 # ----------------------------------------------------------------------------- configuration

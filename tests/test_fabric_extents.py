@@ -138,9 +138,9 @@ def test_grading_takes_the_measured_width_when_the_manifest_disagrees(ctx, tmp_p
 
 
 def test_choose_width_keeps_the_manifest_within_tolerance():
-    assert choose_width(1600.0, None, 0.05) == (1600.0, 0.0, "manifest")
-    assert choose_width(1600.0, (20.0, 1640.0), 0.05) == (1600.0, 20.0, "manifest")
-    assert choose_width(1600.0, (20.0, 1420.0), 0.05) == (1400.0, 20.0, "measured")
+    assert choose_width(1600.0, None, 0.05) == (1600.0, 0.0, 1600.0, "manifest")
+    assert choose_width(1600.0, (20.0, 1640.0), 0.05) == (1600.0, 20.0, 1640.0, "manifest")
+    assert choose_width(1600.0, (20.0, 1420.0), 0.05) == (1400.0, 20.0, 1420.0, "measured")
 
 
 def test_the_quarter_mask_keeps_every_quarter_pixel_that_touches_the_fabric():

@@ -87,6 +87,24 @@ def test_defects_within_the_selvage_margin_are_ignored() -> None:
     assert wider.per_defect_points == [1] and wider.width_in == pytest.approx(59.0)
 
 
+def test_the_selvage_margins_lie_inside_the_measured_edges_whatever_width_is_graded() -> None:
+    # the manifest says 1,600 mm; measured 100–1,660 mm (1,560: within 5 %, so the manifest's
+    # width is the cuttable one) — the right selvage is at 1,660 mm, not at 100 + 1,600
+    beside_the_right_edge = (1640.0, 1000.0, 1655.0, 1010.0, 15.0)  # 5–20 mm inside it
+    inside = (1600.0, 2000.0, 1615.0, 2010.0, 15.0)  # 45–60 mm inside it
+    r = grade_roll([beside_the_right_edge, inside], ROLL_100YD, 1600.0, None, 100.0, 1660.0)
+    assert r.per_defect_points == [None, 1]
+    assert r.width_in == pytest.approx(1600.0 / IN - 2)
+    assert (r.details["fabric_left_mm"], r.details["fabric_right_mm"]) == (100.0, 1660.0)
+    # measured wider (100–1,740 mm): a flaw 45–60 mm inside the right edge is charged
+    wider = grade_roll([(1680.0, 0.0, 1695.0, 10.0, 15.0)], ROLL_100YD, 1600.0, None, 100.0, 1740.0)
+    assert wider.per_defect_points == [1]
+    # no measured right edge: the fabric ends at left + width, as before
+    assert grade_roll(
+        [beside_the_right_edge], ROLL_100YD, 1600.0, None, 60.0
+    ).per_defect_points == [None]
+
+
 @pytest.mark.parametrize(
     ("length_in", "points"),
     [(0.1, 1), (3.0, 1), (3.01, 2), (6.0, 2), (6.01, 3), (9.0, 3), (9.01, 4), (40.0, 4)],
