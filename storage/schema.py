@@ -374,6 +374,10 @@ class TaskDelivery(Base):
         server_default=text("0"),
         comment="deliveries started and never ended: their worker died",
     )
+    retries: Mapped[int] = mapped_column(
+        server_default=text("0"),
+        comment="the Celery retry number of the message last counted (0: the first message)",
+    )
     started_at: Mapped[datetime] = _now()
 
     __table_args__ = (CheckConstraint("unfinished >= 0", name="unfinished_not_negative"),)

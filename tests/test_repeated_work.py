@@ -6,6 +6,8 @@ again keeps its defects and points (item 11).
 from __future__ import annotations
 
 import io
+import multiprocessing
+import os
 
 import numpy as np
 import pytest
@@ -37,13 +39,49 @@ def test_deliveries_count_deaths_only(make_ctx):
         run_counted(ctx, delivery, boom)
     with ctx.session() as session:  # two deaths, as a SIGKILL leaves them
         session.execute(text("UPDATE task_deliveries SET unfinished = 2"))
-    assert run_counted(ctx, delivery, lambda: "ran", retry=True) == "ran"
+    assert run_counted(ctx, delivery, lambda: "ran", retries=1) == "ran"
     with ctx.session() as session:
         assert session.get(TaskDelivery, ("ingest", "R-dead/1")) is None  # success forgets
         session.add(TaskDelivery(task="ingest", key="R-dead/1", unfinished=2))
     assert run_counted(ctx, delivery, lambda: pytest.fail("must not run")) == "failed"
     roll, _ = roll_and_run(ctx, "R-dead")
     assert roll.status == "failed" and "died during each of 2 deliveries" in roll.failure_reason
+
+
+def test_a_retried_message_that_kills_its_workers_is_given_up_too(make_ctx):
+    """The broker redelivers a Celery retry with its retry number: each such redelivery after a
+    death counts on from the deaths before it; only a higher retry number starts again."""
+    ctx = make_ctx(max_deliveries=2)
+    register(ctx, "R-retried", 1)
+    delivery = Delivery("ingest", "R-retried/1", "frame 1", roll_id="R-retried")
+
+    def count() -> tuple[int, int]:
+        with ctx.session() as session:
+            row = session.get(TaskDelivery, ("ingest", "R-retried/1"))
+            return row.unfinished, row.retries
+
+    def killed(retries: int) -> None:
+        """A delivery whose worker process dies mid-way: counted, never uncounted."""
+        child = multiprocessing.get_context("fork").Process(target=_deliver_and_die,
+                                                            args=(ctx, delivery, retries))  # fmt: skip
+        child.start()
+        child.join(60)
+        assert child.exitcode == 17
+
+    with ctx.session() as session:  # a first message that died once, then was retried
+        session.add(TaskDelivery(task="ingest", key="R-retried/1", unfinished=1))
+    killed(1)  # retry 1's first delivery: the count starts again
+    assert count() == (1, 1)
+    killed(1)  # redelivered after that death: it counts on
+    assert count() == (2, 1)
+    assert run_counted(ctx, delivery, lambda: pytest.fail("must not run"), retries=1) == "failed"
+    roll, _ = roll_and_run(ctx, "R-retried")
+    assert roll.status == "failed" and "died during each of 2 deliveries" in roll.failure_reason
+
+
+def _deliver_and_die(ctx, delivery: Delivery, retries: int) -> None:
+    ctx.engine.dispose(close=False)  # the parent's pooled connections stay the parent's
+    run_counted(ctx, delivery, lambda: os._exit(17), retries=retries)
 
 
 # --- item 11: finalize of a done run is a no-op ---------------------------------------------

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, func, update
+from sqlalchemy import case, delete, func, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -44,14 +44,16 @@ class Delivery:
 
 
 def run_counted(
-    ctx: WorkerContext, delivery: Delivery, work: Callable[[], Any], *, retry: bool = False
+    ctx: WorkerContext, delivery: Delivery, work: Callable[[], Any], *, retries: int = 0
 ) -> Any:
     """Run `work()` as one counted delivery of `delivery` (module docstring).
 
-    `retry`: this message is a Celery retry, sent by an earlier delivery that ended in Python
-    (it raised to retry): whatever that chain left counted is no death — its decrement may have
-    failed with the database it waited for — so the count starts again."""
-    died = _begin(ctx, delivery, retry) - 1  # earlier deliveries that never ended
+    `retries`: the message's Celery retry number. A retry is a new message, sent by a delivery
+    that ended in Python (it raised to retry): whatever the messages before it left counted is
+    no death — that delivery's decrement may have failed with the database it waited for — so
+    the first delivery of a higher retry number starts the count again. The broker delivers
+    the same message again, retry number and all, after its worker died: that one counts on."""
+    died = _begin(ctx, delivery, retries) - 1  # earlier deliveries that never ended
     if died >= ctx.settings.max_deliveries:
         _give_up(ctx, delivery, died)
         return GIVEN_UP
@@ -64,13 +66,18 @@ def run_counted(
         _end(ctx, delivery, succeeded)
 
 
-def _begin(ctx: WorkerContext, delivery: Delivery, retry: bool) -> int:
+def _begin(ctx: WorkerContext, delivery: Delivery, retries: int) -> int:
     """Count this delivery (committed at once: a kill must not undo it); return the count."""
-    stmt = insert(TaskDelivery).values(task=delivery.task, key=delivery.key, unfinished=1)
+    stmt = insert(TaskDelivery).values(
+        task=delivery.task, key=delivery.key, unfinished=1, retries=retries
+    )
     stmt = stmt.on_conflict_do_update(
         index_elements=[TaskDelivery.task, TaskDelivery.key],
         set_={
-            "unfinished": stmt.excluded.unfinished if retry else TaskDelivery.unfinished + 1,
+            "unfinished": case(
+                (TaskDelivery.retries < retries, 1), else_=TaskDelivery.unfinished + 1
+            ),
+            "retries": func.greatest(TaskDelivery.retries, retries),
             "started_at": func.now(),
         },
     )

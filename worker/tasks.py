@@ -54,8 +54,8 @@ def _run_task(task: Task, function: Any, *args: Any, delivery: Delivery | None =
     try:
         if delivery is None:
             return function(ctx, *args)
-        retry = bool(task.request.retries)  # a retry's sender ended: no death before it
-        return run_counted(ctx, delivery, lambda: function(ctx, *args), retry=retry)
+        retries = task.request.retries or 0
+        return run_counted(ctx, delivery, lambda: function(ctx, *args), retries=retries)
     except RetryLater as exc:
         countdown = Backoff(exc.countdown, RETRY_LATER_CAP_S).delay(task.request.retries)
         raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
