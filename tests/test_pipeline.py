@@ -134,22 +134,25 @@ def test_every_step_is_idempotent(ctx, tmp_path):
 
 
 def test_a_changed_frame_is_reingested_and_its_bands_rescored(ctx, tmp_path):
+    """Every band that reads the frame's rows is scored again — band 1, which holds them, and
+    band 0, whose last tiles and fabric blocks reach into them — and the roll ends as if the
+    new frame had come first."""
     folder, _, _ = _roll(tmp_path, "R-change", plan=[])
     submit(ctx, str(folder))
     ctx.enqueue.drain()
     before = _defects(ctx, "R-change")
     frame = tifffile.imread(folder / "frames" / "000003.tif")
-    frame[200:260, 300:360] = 255  # a bright square appears in a re-upload of frame 3
+    frame[0:24, 300:360] = 255  # a flaw in a re-upload of frame 3, at band 1's very top
     key = "incoming/R-change/frames/000003.tif"
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, frame)
     ctx.store.put(key, buffer.getvalue())
     assert ingest_frame(ctx, "R-change", 3, key) == "ingested"
-    names = [function.__name__ for function, _ in ctx.enqueue.queue]
-    assert names == ["score_band"]  # frame 3 is rows 1024..1535: band 1 only is scored again
+    queued = [(function.__name__, args[-1]) for function, args in ctx.enqueue.queue]
+    assert sorted(queued) == [("score_band", 0), ("score_band", 1)]  # frame 3: rows 1024..1535
     ctx.enqueue.drain()
     after = _defects(ctx, "R-change")
-    y, x = (2 * FRAME_ROWS + 230) / PX_PER_MM, 330 / PX_PER_MM
+    y, x = (2 * FRAME_ROWS + 12) / PX_PER_MM, 330 / PX_PER_MM
     covering = [d for d in after if d["y0_mm"] <= y <= d["y1_mm"] and d["x0_mm"] <= x <= d["x1_mm"]]
     assert len(covering) == 1
     assert not [
@@ -158,6 +161,19 @@ def test_a_changed_frame_is_reingested_and_its_bands_rescored(ctx, tmp_path):
     with ctx.session() as session:
         assert session.get(Roll, "R-change").status == "done"
         assert session.scalar(select(Run.bands_done).where(Run.roll_id == "R-change")) == 3
+    # the same roll with the new frame from the start: the same map and defects, bit for bit
+    fresh, _, _ = _roll(tmp_path, "R-fresh", plan=[])
+    (fresh / "frames" / "000003.tif").write_bytes(buffer.getvalue())
+    submit(ctx, str(fresh))
+    ctx.enqueue.drain()
+    assert _defects(ctx, "R-fresh") == after
+    with ctx.session() as session:
+        version = session.scalar(select(Run.model_version).where(Run.roll_id == "R-change"))
+    rows = FRAMES * FRAME_ROWS // 4
+    np.testing.assert_array_equal(
+        open_roll(ctx.store, "R-change").read_scores(version, 0, rows),
+        open_roll(ctx.store, "R-fresh").read_scores(version, 0, rows),
+    )
 
 
 def test_a_bad_frame_fails_its_roll_and_others_go_on(ctx, tmp_path):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from distill.fabric_region import BLOCK_ROWS, Extent, block_extent, region_mask
-from worker.tiling import cut_tiles
+from worker.tiling import band_read_window, cut_tiles
 
 
 def block_window(read_start: int, read_stop: int, roll_rows: int) -> tuple[int, int]:
@@ -27,6 +27,16 @@ def block_window(read_start: int, read_stop: int, roll_rows: int) -> tuple[int, 
     whichever band reads it."""
     return read_start // BLOCK_ROWS * BLOCK_ROWS, min(
         -(-read_stop // BLOCK_ROWS) * BLOCK_ROWS, roll_rows
+    )
+
+
+def band_window(
+    band_start: int, band_stop: int, roll_rows: int, tile: int, stride: int
+) -> tuple[int, int]:
+    """The rows a band's scoring reads: its tiles' rows (`band_read_window`, reaching into the
+    neighbouring bands) widened to whole blocks (`block_window`)."""
+    return block_window(
+        *band_read_window(band_start, band_stop, roll_rows, tile, stride), roll_rows
     )
 
 

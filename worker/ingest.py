@@ -26,6 +26,7 @@ from storage.schema import Band, Frame, Model, Roll, Run
 from storage.settings import Settings
 from storage.zarr_rolls import RollArrays, create_roll, open_roll, roll_exists
 from worker.context import RetryLater, WorkerContext, lock_bands
+from worker.fabric_mask import band_window
 from worker.frames import FrameError, decode_frame, max_frame_bytes
 from worker.roll_rows import RollError, fail_roll, live_run
 from worker.tiling import band_ready
@@ -164,6 +165,21 @@ def advance_run(ctx: WorkerContext, session: Session, roll: Roll, run: Run) -> l
     if run.status == "pending" and (ready or known):
         run.status = "scoring"
     return ready
+
+
+def bands_reading(
+    arrays: RollArrays, roll_rows: int, start: int, stop: int, tile: int, stride: int
+) -> list[int]:
+    """The bands whose scoring reads any of rows [start, stop): not only the bands that hold
+    them — a band's tiles reach into its neighbours' rows, and its fabric mask into the whole
+    blocks around those (`worker.fabric_mask.band_window`)."""
+    height, reach = arrays.band_height, tile + BLOCK_ROWS  # no band reads further than reach
+    near = arrays.bands_of_rows(max(0, start - reach), min(stop + reach, roll_rows))
+    windows = {
+        b: band_window(b * height, min((b + 1) * height, roll_rows), roll_rows, tile, stride)
+        for b in near
+    }
+    return [b for b, (lo, hi) in windows.items() if lo < stop and start < hi]
 
 
 def finalize_due(run: Run) -> bool:
@@ -316,8 +332,10 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
             roll.status = "ingesting"
         roll.updated_at = datetime.now(UTC)
         run = locked_live_run(session, roll)
-        if previous is not None:  # a changed frame: its bands are scored again
-            rescore = list(arrays.bands_of_rows(row_start, stop))
+        if previous is not None:  # a changed frame: each band reading its rows is scored again
+            rescore = bands_reading(
+                arrays, roll.rows_ingested, row_start, stop, *run_tiling(ctx, session, run)
+            )
             done = (
                 session.execute(
                     update(Band)

@@ -17,10 +17,10 @@ from storage.fabric_extents import store_extents
 from storage.schema import Band, Model, Roll, Run
 from worker.band_scores import band_scores
 from worker.context import WorkerContext, lock_bands
-from worker.fabric_mask import WindowFabric, block_window
+from worker.fabric_mask import WindowFabric, band_window
 from worker.ingest import finalize_due, roll_arrays, run_tiling
 from worker.task_metrics import band_scored
-from worker.tiling import band_read_window, band_tiles, fabric_band_tiles
+from worker.tiling import band_tiles, fabric_band_tiles
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,7 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
         rows, width = roll.rows_ingested, roll.width_px
         start, stop = band.row_start, band.row_stop
         tile, stride = run_tiling(ctx, session, run)
-        read_start, read_stop = block_window(
-            *band_read_window(start, stop, rows, tile, stride), rows
-        )
+        read_start, read_stop = band_window(start, stop, rows, tile, stride)
         lock_bands(session, roll.id, arrays.bands_of_rows(read_start, read_stop), shared=True)
         pixels = arrays.read_rows(read_start, read_stop)
         roll_id, scales = roll.id, (roll.px_per_mm_x, roll.px_per_mm_y)
