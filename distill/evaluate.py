@@ -133,6 +133,7 @@ def evaluate_detector(
             masks=masks,
             images=images[..., 0] if images.shape[-1] == 1 else images,
             threshold=detector.threshold,
+            valid=valid,
         )
     return result
 

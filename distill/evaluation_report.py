@@ -6,6 +6,7 @@ needs no display, keeps no global figure state and works from worker threads.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -77,22 +78,24 @@ def _plot_image_roc(
 
 
 def _sample_pixels(
-    maps: np.ndarray, masks: np.ndarray, rng: np.random.Generator
+    maps: np.ndarray, masks: np.ndarray, valid: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Up to _PLOT_PIXELS_PER_CLASS map values per class, drawn image by image.
+    """Up to _PLOT_PIXELS_PER_CLASS map values per class, among the `valid` (fabric) pixels,
+    drawn image by image.
 
     Sampling per class keeps rare defect pixels in the plot; a ROC curve does not depend
     on the class ratio, so this does not bias its shape.  Never materialises all pixels.
     """
-    n_pos = sum(int(np.count_nonzero(m)) for m in masks)
+    n_pos = sum(int(np.count_nonzero(g & v)) for g, v in zip(masks, valid, strict=True))
+    n_valid = sum(int(np.count_nonzero(v)) for v in valid)
     values, classes = [], []
-    for is_pos, total in ((True, n_pos), (False, masks.size - n_pos)):
+    for is_pos, total in ((True, n_pos), (False, n_valid - n_pos)):
         k = min(total, _PLOT_PIXELS_PER_CLASS)
         # Sorted global ranks within the class, mapped onto images as we stream through.
         ranks = np.sort(rng.choice(total, size=k, replace=False))
         offset = 0
-        for m, g in zip(maps, masks, strict=True):
-            v = np.asarray(m)[np.asarray(g, dtype=bool) == is_pos]
+        for m, g, ok in zip(maps, masks, valid, strict=True):
+            v = np.asarray(m)[ok & ((g != 0) == is_pos)]
             lo, hi = np.searchsorted(ranks, [offset, offset + len(v)])
             values.append(v[ranks[lo:hi] - offset])
             offset += len(v)
@@ -101,24 +104,27 @@ def _sample_pixels(
 
 
 def _plot_pixel_roc(
-    path: Path, maps: np.ndarray, masks: np.ndarray, rng: np.random.Generator
+    path: Path, maps: np.ndarray, masks: np.ndarray, valid: np.ndarray, rng: np.random.Generator
 ) -> Path:
-    n_pos = sum(int(np.count_nonzero(m)) for m in masks)
-    if n_pos == 0 or n_pos == masks.size:
+    n_pos = sum(int(np.count_nonzero(g & v)) for g, v in zip(masks, valid, strict=True))
+    n_valid = sum(int(np.count_nonzero(v)) for v in valid)
+    if n_pos == 0 or n_pos == n_valid:
         return _message_figure(path, "Pixel ROC", "undefined: the pixels are all of one class")
-    values, classes = _sample_pixels(maps, masks, rng)
+    values, classes = _sample_pixels(maps, masks, valid, rng)
     fpr, tpr, _ = roc_curve(classes, values)
     fig = Figure(figsize=(5.5, 5.5), layout="constrained")
-    if len(values) < masks.size:
+    kind = "pixels" if n_valid == masks.size else "fabric pixels (off the fabric: none counted)"
+    if len(values) < n_valid:
         title = (
-            f"Pixel ROC — AUROC from all {masks.size:,} pixels;\n"
+            f"Pixel ROC — AUROC from all {n_valid:,} {kind};\n"
             f"curve drawn from a random subsample of {len(values):,}\n"
             "pixels (subsampled for plotting only)"
         )
     else:
-        title = f"Pixel ROC (all {masks.size:,} pixels)"
+        title = f"Pixel ROC (all {n_valid:,} {kind})"
     ax = _roc_axes(fig, title)
-    ax.plot(fpr, tpr, color="C0", label=f"AUROC = {pixel_auroc(maps, masks):.4f}")
+    auroc = pixel_auroc(maps, masks, valid=valid)
+    ax.plot(fpr, tpr, color="C0", label=f"AUROC = {auroc:.4f}")
     ax.legend(loc="lower right", fontsize=8)
     return _save(fig, path)
 
@@ -193,8 +199,10 @@ def write_report(
     images: np.ndarray,
     threshold: float | None = None,
     n_examples: int = 6,
+    valid: np.ndarray | None = None,
 ) -> list[Path]:
-    """Write roc_image.png, roc_pixel.png, worst.png and best.png into `out_dir`.
+    """Write roc_image.png, roc_pixel.png, worst.png, best.png and summary.json (the AUROCs
+    and pixel counts the plots show) into `out_dir`.
 
     scores (N,), labels (N,) 0/1, maps (N, H, W), masks (N, H, W) bool and images
     (N, H, W) or (N, H, W, 3) uint8.  `threshold` (a tile is flagged when its score is
@@ -202,7 +210,9 @@ def write_report(
     `n_examples` worst-ranked tiles (highest-scoring good, lowest-scoring defective),
     best.png the best-ranked; each row is image / ground-truth outline / map overlay.
     The pixel ROC curve is drawn from a fixed-seed random subsample of pixels (its
-    title says so), its AUROC from all pixels.  Returns the written paths.
+    title says so), its AUROC from all pixels — all the fabric's, where `valid` (N, H, W)
+    bool marks it: the pixel figures count no pixel off the fabric, as `rollscan evaluate`'s
+    JSON does not.  Returns the written paths.
     """
     scores = np.asarray(scores, dtype=np.float64)
     labels = np.asarray(labels)
@@ -224,6 +234,9 @@ def write_report(
             f"images must be (N, H, W) or (N, H, W, 3) matching maps {maps.shape}"
             f", got {images.shape}"
         )
+    valid = np.ones(maps.shape, bool) if valid is None else np.asarray(valid, dtype=bool)
+    if valid.shape != maps.shape:
+        raise ValueError(f"valid must be (N, H, W) like maps {maps.shape}, got {valid.shape}")
     if n_examples < 1:
         raise ValueError(f"n_examples must be >= 1, got {n_examples}")
     labels = labels.astype(np.int8)
@@ -232,7 +245,7 @@ def write_report(
     rng = np.random.default_rng(0)
     paths = [
         _plot_image_roc(out / "roc_image.png", scores, labels, threshold),
-        _plot_pixel_roc(out / "roc_pixel.png", maps, masks, rng),
+        _plot_pixel_roc(out / "roc_pixel.png", maps, np.asarray(masks, dtype=bool), valid, rng),
     ]
     for name, worst, title in (
         ("worst.png", True, "Worst-ranked tiles: highest-scoring good, lowest-scoring defective"),
@@ -240,4 +253,22 @@ def write_report(
     ):
         picks = pick_examples(scores, labels, n_examples, worst=worst)
         paths.append(_plot_examples(out / name, title, picks, scores, labels, maps, masks, images))
+    paths.append(out / "summary.json")
+    paths[-1].write_text(json.dumps(_summary(scores, labels, maps, masks, valid), indent=1) + "\n")
     return paths
+
+
+def _summary(scores, labels, maps, masks, valid) -> dict:
+    """The figures the plots show, for a reader (or a test) that wants the numbers; an AUROC
+    of one class only is null."""
+    masks = np.asarray(masks, dtype=bool)
+    n_pos = int((masks & valid).sum())
+    both_tiles = 0 < int(labels.sum()) < len(labels)
+    both_pixels = 0 < n_pos < int(valid.sum())
+    return {
+        "tiles": len(scores),
+        "tile_auroc": round(image_auroc(scores, labels), 6) if both_tiles else None,
+        "pixels_counted": int(valid.sum()),
+        "pixels_off_fabric": int(valid.size - valid.sum()),
+        "pixel_auroc": round(pixel_auroc(maps, masks, valid=valid), 6) if both_pixels else None,
+    }

@@ -1,10 +1,13 @@
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from distill.evaluation_report import pick_examples, write_report
+from distill.metrics import pixel_auroc
 
-NAMES = ["roc_image.png", "roc_pixel.png", "worst.png", "best.png"]
+NAMES = ["roc_image.png", "roc_pixel.png", "worst.png", "best.png", "summary.json"]
 
 
 def _data(rng: np.random.Generator, n: int = 12, size: int = 32, rgb: bool = False):
@@ -27,7 +30,7 @@ def test_write_report_creates_readable_pngs(tmp_path, rgb):
         threshold=float(np.median(scores)), n_examples=4,
     )  # fmt: skip
     assert [p.name for p in paths] == NAMES
-    for p in paths:
+    for p in paths[:-1]:
         assert p.parent == out and p.stat().st_size > 1000
         with Image.open(p) as im:
             im.verify()
@@ -65,3 +68,18 @@ def test_write_report_rejects_mismatched_shapes(tmp_path):
             tmp_path, scores=scores, labels=labels, maps=maps, masks=masks,
             images=images[:, :8],
         )  # fmt: skip
+
+
+def test_the_report_counts_no_pixel_off_the_fabric(tmp_path):
+    """As `rollscan evaluate`'s JSON: a table beside the fabric that scores high everywhere
+    moves neither the report's pixel AUROC nor its curve."""
+    scores, labels, maps, masks, images = _data(np.random.default_rng(2))
+    valid = np.ones_like(masks)
+    valid[:, :, 26:] = False  # the table: the last 6 columns of every tile
+    maps[:, :, 26:] = 5.0  # scored above every flaw
+    write_report(tmp_path, scores=scores, labels=labels, maps=maps, masks=masks, images=images,
+                 valid=valid)  # fmt: skip
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["pixels_off_fabric"] == 12 * 32 * 6
+    assert summary["pixel_auroc"] == pytest.approx(pixel_auroc(maps, masks, valid=valid), abs=1e-6)
+    assert summary["pixel_auroc"] > 0.9 > pixel_auroc(maps, masks)  # the table counted: < 0.9
