@@ -17,6 +17,7 @@ it — no longer bleed a few millimetres into the selvage. Tiles wholly on fabri
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import NamedTuple
@@ -181,9 +182,13 @@ class MapFusion(nn.Module):
         super().__init__()
         if not 0.0 <= weight <= 1.0:
             raise ValueError(f"fusion weight must be in [0, 1], not {weight}")
-        for name, (_, std) in (("student", student), ("memory", memory)):
-            if not std > 0:
-                raise ValueError(f"the {name} map's standard deviation must be positive, not {std}")
+        for name, (mean, std) in (("student", student), ("memory", memory)):
+            # a NaN mean would make every fused score NaN, which no threshold ever flags
+            if not (math.isfinite(mean) and math.isfinite(std) and std > 0):
+                raise ValueError(
+                    f"the {name} map's mean and standard deviation must be finite and the "
+                    f"deviation positive, not {mean}, {std}"
+                )
         self.weight = float(weight)
         self.student_stats = (float(student[0]), float(student[1]))
         self.memory_stats = (float(memory[0]), float(memory[1]))

@@ -118,6 +118,18 @@ def _check_card(card: ModelCard) -> None:
         values = getattr(card, name)
         if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
             raise CheckpointError(f"checkpoint {name} {values!r} holds a non-finite number")
+    for side in ("student", "memory"):  # a map's statistics on good tiles: (mean, std)
+        stats = card.fusion.get(side, (0.0, 1.0))
+        finite = (
+            isinstance(stats, list | tuple)
+            and len(stats) == 2
+            and all(isinstance(v, int | float) and math.isfinite(v) for v in stats)
+        )
+        if not (finite and stats[1] > 0):
+            raise CheckpointError(
+                f"checkpoint fusion {side} statistics {stats!r} are not a finite mean and a "
+                "positive standard deviation"
+            )
 
 
 def read_checkpoint(source: str | Path | bytes) -> tuple[ModelCard, dict[str, torch.Tensor]]:

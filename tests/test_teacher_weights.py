@@ -188,6 +188,8 @@ def sound_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ("sigma", float("inf"), "sigma inf"),
         ("target_fpr", float("nan"), "target_fpr nan"),
         ("fusion", {"weight": float("nan")}, "fusion weight nan"),
+        ("fusion", {"weight": 0.5, "student": [float("nan"), float("inf")]}, "fusion student"),
+        ("fusion", {"weight": 0.0, "memory": [1.0, 0.0]}, "fusion memory"),
         ("mean", [0.5, float("nan"), 0.5], "mean"),
         ("std", [0.2, 0.2, float("inf")], "std"),
         ("level_weights", [1.0, 1.0, float("inf"), 1.0], "level_weights"),
