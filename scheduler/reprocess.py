@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TextIO
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 from tqdm.auto import tqdm
@@ -100,8 +100,9 @@ def start_reprocess_run(
 
     Idempotent: the first call records every band of the roll (in the stored image's own band
     height, whatever the settings say today); later calls create nothing and return the bands
-    not scored yet — all of them, none, or what an interrupted reprocess left. A finished or
-    failed run returns no bands. ValueError when the roll cannot be reprocessed.
+    not scored yet — all of them, none, or what an interrupted reprocess left. A finished run
+    returns no bands; a failed one (a band whose worker died too often, say) starts again with
+    the bands it had not scored. ValueError when the roll cannot be reprocessed.
     """
     with ctx.session() as session:
         roll = session.get(Roll, roll_id, with_for_update=True)  # as ingest: one writer a roll
@@ -125,8 +126,17 @@ def start_reprocess_run(
             .where(Run.roll_id == roll_id, Run.model_version == model_version)
             .with_for_update()
         )
-        if run.status in ("done", "failed"):
+        if run.status == "done":
             return run.id, []
+        if run.status == "failed":  # asked again: a new attempt; the bands it scored are kept
+            log.info("roll %s: reprocessing with %s again after its run failed: %s",
+                     roll_id, model_version, run.error)  # fmt: skip
+            run.status, run.error, run.finished_at = "scoring", None, None
+            session.execute(
+                update(Band)
+                .where(Band.run_id == run.id, Band.status == "failed")
+                .values(status="pending")
+            )
         if run.bands_total is None:
             height, rows = open_roll(ctx.store, roll_id).band_height, roll.rows_ingested
             count = -(-rows // height)

@@ -23,11 +23,13 @@ from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.reprocess import reprocess, select_rolls, start_reprocess_run
 from scheduler.submit import submit
 from storage.registry import activate_model, register_model
-from storage.schema import Band, Defect, Grade, Roll, Run
+from storage.schema import Band, Defect, Grade, Roll, Run, TaskDelivery
 from storage.settings import Settings
 from worker.app import ROUTES
 from worker.context import WorkerContext
+from worker.deliveries import GIVEN_UP, Delivery, run_counted
 from worker.inline import InlineEnqueuer
+from worker.scoring import score_band
 
 # 1024 rows × 384 px at 4 px/mm (256 × 96 mm): two bands of 512, defects clear of the selvage
 PX_PER_MM, BAND = 4.0, 512
@@ -144,6 +146,32 @@ def test_reprocess_switches_over_when_complete_resumes_and_regrades(ctx, tmp_pat
         assert session.scalar(select(func.count()).where(Defect.run_id.in_(v1_runs))) == v1_defects
         assert dict(session.execute(select(Roll.id, Roll.completed_at)).all()) == completed
         assert select_rolls(session, model_version=V2) == []
+
+
+def test_a_reprocess_run_that_failed_starts_again_when_asked(ctx, tmp_path):
+    """Its band 1 killed its worker too often, so the run failed alone; reprocessing the roll
+    again scores that band (not band 0, scored before) and switches the roll over."""
+    _done_roll(ctx, tmp_path, "R-c")
+    run_id, missing = start_reprocess_run(ctx, "R-c", V2)
+    assert missing == [0, 1]
+    assert score_band(ctx, run_id, 0) == "scored"
+    band_1 = Delivery("score", f"{run_id}/1", f"band 1 of run {run_id}", run_id=run_id)
+    with ctx.session() as session:  # what three deliveries killed with their worker leave
+        session.add(TaskDelivery(task="score", key=band_1.key, unfinished=3))
+    assert run_counted(ctx, band_1, lambda: pytest.fail("must not run")) == GIVEN_UP
+    with ctx.session() as session:
+        failed = session.get(Run, run_id)
+        assert (failed.status, failed.is_current) == ("failed", False)
+        assert "died during each of 3 deliveries" in failed.error
+    ctx.enqueue.queue.clear()
+    mark = len(ctx.enqueue.log)
+    report = reprocess(ctx, ["R-c"], V2, progress=False)
+    assert (report.done, report.failed) == (["R-c"], {})
+    assert [args for name, args in ctx.enqueue.log[mark:] if name == "score_band"] == [(run_id, 1)]
+    with ctx.session() as session:
+        run = session.get(Run, run_id)
+        assert (run.status, run.error, run.is_current, run.bands_done) == ("done", None, True, 2)
+    assert [r[:2] for r in _current(ctx)] == [("R-c", V2)]
 
 
 def _bare_roll(session, roll_id, fabric=FABRIC, status="done", completed=None):
