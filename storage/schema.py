@@ -94,6 +94,9 @@ class Roll(Base):
     px_per_mm_y: Mapped[float] = mapped_column(comment="along the roll")
     width_px: Mapped[int | None] = mapped_column(comment="known once the first frame is read")
     channels: Mapped[int | None] = mapped_column(SmallInteger)
+    bits_per_sample: Mapped[int | None] = mapped_column(
+        SmallInteger, comment="8 or 16, the frames' sample depth: known once the first is read"
+    )
     rows_ingested: Mapped[int] = mapped_column(BigInteger, server_default=text("0"))
     length_m: Mapped[float | None]
     frames_total: Mapped[int | None] = mapped_column(comment="from the manifest, once known")
@@ -116,6 +119,7 @@ class Roll(Base):
         CheckConstraint("px_per_mm_y > 0", name="px_per_mm_y_positive"),
         CheckConstraint("width_px > 0", name="width_px_positive"),
         CheckConstraint("channels IN (1, 3)", name="channels"),
+        CheckConstraint("bits_per_sample IN (8, 16)", name="bits_per_sample"),
         CheckConstraint("rows_ingested >= 0", name="rows_ingested_not_negative"),
         CheckConstraint("frames_total >= 0", name="frames_total_not_negative"),
         CheckConstraint(_in("status", ROLL_STATUSES), name="status"),
@@ -251,6 +255,10 @@ class Band(Base):
     max_score: Mapped[float | None]
     attempts: Mapped[int] = mapped_column(server_default=text("0"))
     scored_at: Mapped[datetime | None]
+    generation: Mapped[int] = mapped_column(
+        server_default=text("0"),
+        comment="raised when a changed frame sends the band back to be scored",
+    )
 
     __table_args__ = (
         CheckConstraint("band_index >= 0", name="band_index_not_negative"),

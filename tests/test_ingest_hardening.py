@@ -68,6 +68,24 @@ def test_a_frame_within_the_tolerance_is_taken(make_ctx):
     assert roll_and_run(ctx, "R-ok")[0].width_px == 150
 
 
+def test_a_frame_of_another_sample_depth_than_the_first_fails_the_roll(make_ctx):
+    """16-bit samples are brought to 8 bits by a fixed shift: a depth changing within a roll
+    would change its grey levels from that frame on."""
+    ctx = make_ctx()
+    register(ctx, "R-depth", 2)
+    assert (
+        ingest_frame(ctx, "R-depth", 1, put_frame(ctx, "R-depth", 1, frame_bytes())) == "ingested"
+    )
+    deeper = io.BytesIO()
+    tifffile.imwrite(deeper, np.full((BAND, WIDTH), 100 << 8, np.uint16))
+    key = put_frame(ctx, "R-depth", 2, deeper.getvalue())
+    assert ingest_frame(ctx, "R-depth", 2, key) == "failed"
+    roll, _ = roll_and_run(ctx, "R-depth")
+    assert roll.bits_per_sample == 8 and roll.rows_ingested == BAND
+    assert "frame 2" in roll.failure_reason
+    assert "16-bit samples; this roll's frames have 8-bit" in roll.failure_reason
+
+
 def test_meta_cannot_replace_the_roll_id_in_the_zarr_attributes(make_ctx):
     ctx = make_ctx()
     register(ctx, "R-meta", 1, meta={"roll_id": "R-other", "fabric_type": "silk", "loom": "L7"})

@@ -164,9 +164,11 @@ def check_limits(
     max_pixels: int,
     expect_width: int | None,
     expect_channels: int | None,
+    expect_bits: int | None = None,
 ) -> None:
     """The size limits and the roll's expectations: at most `max_pixels` pixels, tiles in
-    proportion to the image, the width and channel count the roll's frames have."""
+    proportion to the image, the width, channel count and sample depth the roll's frames
+    have."""
     pixels = header.rows * header.width
     if pixels > max_pixels:
         raise FrameError(
@@ -185,6 +187,12 @@ def check_limits(
     if expect_channels is not None and header.channels != expect_channels:
         raise FrameError(
             f"frame has {header.channels} channel(s); this roll's frames have {expect_channels}"
+        )
+    if expect_bits is not None and header.bits != expect_bits:
+        # 16-bit samples are brought to 8 by a fixed shift: a scanner switching depth within a
+        # roll would change its grey levels, and every score, from that frame on
+        raise FrameError(
+            f"frame has {header.bits}-bit samples; this roll's frames have {expect_bits}-bit"
         )
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "FrameError",
     "FrameHeader",
     "decode_frame",
+    "decode_frame_with_header",
     "frame_header",
     "max_frame_bytes",
 ]
@@ -84,6 +85,22 @@ def decode_frame(
     expect_channels: int | None = None,
     width_range: tuple[int, int] | None = None,
 ) -> np.ndarray:
+    """`decode_frame_with_header`'s pixels alone."""
+    return decode_frame_with_header(
+        data, max_pixels=max_pixels, expect_width=expect_width,
+        expect_channels=expect_channels, width_range=width_range,
+    )[0]  # fmt: skip
+
+
+def decode_frame_with_header(
+    data: bytes | BinaryIO,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    expect_width: int | None = None,
+    expect_channels: int | None = None,
+    expect_bits: int | None = None,
+    width_range: tuple[int, int] | None = None,
+) -> tuple[np.ndarray, FrameHeader]:
     """Decode a frame into a C-contiguous uint8 array of shape (rows, width, channels).
 
     `channels` is 1 (grey) or 3 (RGB); an alpha (or other single extra) sample is dropped.
@@ -102,15 +119,16 @@ def decode_frame(
     or corrupt data, more than one page, float / signed / other-than-8-or-16-bit samples,
     unsupported colour model or compression, more than `max_pixels` pixels (checked from
     the header before any pixel data is read), a width other than `expect_width` or outside
-    `width_range` (inclusive) and a channel count other than `expect_channels`. No other
-    exception escapes for bad input.
+    `width_range` (inclusive), a channel count other than `expect_channels` and a sample
+    depth other than `expect_bits`. No other exception escapes for bad input. The header
+    comes back with the pixels (the roll keeps its first frame's depth).
     """
     fh, size = _as_file(data, max_pixels)
     try:
         with _repairs_refused(), _open_tiff(fh) as tif:
             header = read_header(tif)
             page = tif.pages.first
-            check_limits(page, header, max_pixels, expect_width, expect_channels)
+            check_limits(page, header, max_pixels, expect_width, expect_channels, expect_bits)
             if width_range is not None and not width_range[0] <= header.width <= width_range[1]:
                 raise FrameError(
                     f"frame is {header.width} px wide; this roll's frames must be "
@@ -119,7 +137,7 @@ def decode_frame(
             check_segments(page, size)
             # One thread: a worker process is one of several per machine already.
             pixels = page.asarray(maxworkers=1)
-        return _to_uint8(pixels, page, header)
+        return _to_uint8(pixels, page, header), header
     except FrameError:
         raise
     except Exception as exc:  # tifffile, struct, zlib, numpy: any failure here is the file's

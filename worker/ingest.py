@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import BinaryIO
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -25,9 +25,9 @@ from storage.objectstore import ObjectChanged, ObjectInfo, ObjectNotFound, Objec
 from storage.schema import Band, Frame, Model, Roll, Run
 from storage.settings import Settings
 from storage.zarr_rolls import RollArrays, create_roll, open_roll, roll_exists
+from worker.changed_frames import bands_reading, hold_bands, send_bands_back
 from worker.context import RetryLater, WorkerContext, lock_bands
-from worker.fabric_mask import band_window
-from worker.frames import FrameError, decode_frame, max_frame_bytes
+from worker.frames import FrameError, decode_frame_with_header, max_frame_bytes
 from worker.roll_rows import RollError, fail_roll, live_run
 from worker.tiling import band_ready
 
@@ -167,21 +167,6 @@ def advance_run(ctx: WorkerContext, session: Session, roll: Roll, run: Run) -> l
     return ready
 
 
-def bands_reading(
-    arrays: RollArrays, roll_rows: int, start: int, stop: int, tile: int, stride: int
-) -> list[int]:
-    """The bands whose scoring reads any of rows [start, stop): not only the bands that hold
-    them — a band's tiles reach into its neighbours' rows, and its fabric mask into the whole
-    blocks around those (`worker.fabric_mask.band_window`)."""
-    height, reach = arrays.band_height, tile + BLOCK_ROWS  # no band reads further than reach
-    near = arrays.bands_of_rows(max(0, start - reach), min(stop + reach, roll_rows))
-    windows = {
-        b: band_window(b * height, min((b + 1) * height, roll_rows), roll_rows, tile, stride)
-        for b in near
-    }
-    return [b for b, (lo, hi) in windows.items() if lo < stop and start < hi]
-
-
 def finalize_due(run: Run) -> bool:
     """Every band is scored but the run is not finalized: its finalize must be sent (again).
 
@@ -263,7 +248,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
                 if before is None:
                     raise RetryLater(f"roll {roll_id}: frame {seq - 1} is not in yet")
                 row_start = before.row_start + before.rows
-            expect_width, expect_channels = roll.width_px, roll.channels
+            expect_width, expect_channels, bits = roll.width_px, roll.channels, roll.bits_per_sample
             widths = frame_width_range(ctx.settings, roll) if expect_width is None else None
             expected_px = roll.width_mm * roll.px_per_mm_x
     if pending is not None:
@@ -272,11 +257,12 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
 
     try:
         with frame_source(ctx.store, info) as source:
-            pixels = decode_frame(
+            pixels, header = decode_frame_with_header(
                 source,
                 max_pixels=ctx.settings.max_frame_pixels,
                 expect_width=expect_width,
                 expect_channels=expect_channels,
+                expect_bits=bits,
                 width_range=widths,
             )
     except ObjectChanged as exc:  # re-uploaded while read: take the new one from its head
@@ -295,6 +281,10 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         roll = session.get(Roll, roll_id, with_for_update=True)  # one frame of a roll at a time
         if roll.status == "failed":
             return "skipped"
+        # read again under the lock: another upload of this frame may have come in meanwhile
+        previous = session.get(Frame, (roll_id, seq), populate_existing=True)
+        if previous is not None and previous.etag == info.etag:
+            return "unchanged"  # that delivery wrote these pixels and announced their bands
         if previous is not None and previous.rows != pixels.shape[0]:
             fail_roll(
                 session,
@@ -305,6 +295,8 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
             return "failed"
         if roll.width_px is None:
             roll.width_px, roll.channels = pixels.shape[1], pixels.shape[2]
+        if roll.bits_per_sample is None:  # also a roll begun before the depth was kept
+            roll.bits_per_sample = header.bits
         arrays = roll_arrays(ctx, roll)
         stop = row_start + pixels.shape[0]
         if stop > arrays.capacity_rows:
@@ -331,37 +323,20 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         if roll.status == "registered":
             roll.status = "ingesting"
         roll.updated_at = datetime.now(UTC)
-        run = locked_live_run(session, roll)
+        again: list[int] = []
         if previous is not None:  # a changed frame: each band reading its rows is scored again
+            run = live_run(session, roll)
             rescore = bands_reading(
                 arrays, roll.rows_ingested, row_start, stop, *run_tiling(ctx, session, run)
             )
-            done = (
-                session.execute(
-                    update(Band)
-                    .where(
-                        Band.run_id == run.id, Band.band_index.in_(rescore), Band.status == "done"
-                    )
-                    .values(status="pending")
-                    .returning(Band.band_index)
-                )
-                .scalars()
-                .all()
-            )
-            # in SQL, relative to the row's value (an absolute value written from what this
-            # transaction read would overwrite a band counted meanwhile)
-            session.execute(
-                update(Run)
-                .where(Run.id == run.id)
-                .values(
-                    bands_done=Run.bands_done - len(done),
-                    status=case((Run.status == "done", "scoring"), else_=Run.status),
-                )
-            )
+            hold_bands(session, run.id, rescore)  # before the run's row, as a scorer takes them
+            run = locked_live_run(session, roll)
+            again = send_bands_back(session, run.id, rescore)
+        else:
+            run = locked_live_run(session, roll)
         session.flush()
         ready = advance_run(ctx, session, roll, run)
-        if previous is not None:
-            ready = sorted(set(ready) | set(done))
+        ready = sorted(set(ready) | set(again))
         run_id = run.id
     _enqueue_next(ctx, run_id, ready, finalize=False)
     return "ingested"
