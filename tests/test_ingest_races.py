@@ -8,12 +8,15 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
+import numpy as np
 import pytest
-from fixtures_ingest import drain, frame_bytes, put_frame, register, roll_and_run
+from fixtures_ingest import BAND, drain, frame_bytes, put_frame, register, roll_and_run
 from sqlalchemy import select, text
 
 from storage.schema import Band
+from storage.zarr_rolls import open_roll
 from worker.context import WorkerContext
 from worker.finalize import finalize_run
 from worker.ingest import ingest_frame, roll_updated
@@ -150,3 +153,80 @@ def test_concurrent_ingest_and_scoring_always_finalize_once(make_ctx, finalizati
         with ctx.session() as session:
             statuses = session.scalars(select(Band.status).where(Band.run_id == run.id)).all()
         assert statuses == ["done"] * 4
+
+
+# --- a frame replaced while a band that reads it is scored -----------------------------------
+
+
+class _PausedModel:
+    """The worker's detector, pausing in its first scoring call until the test lets it go on:
+    a slow model, so that a frame can change while a band's pixels are being scored."""
+
+    def __init__(self, detector, entered: threading.Event, go_on: threading.Event) -> None:
+        self._detector, self._entered, self._go_on = detector, entered, go_on
+
+    def __getattr__(self, name: str):
+        attribute = getattr(self._detector, name)
+        if name not in ("score_tensor", "predict"):
+            return attribute
+
+        def paused(*args, **kwargs):
+            if not self._entered.is_set():
+                self._entered.set()
+                assert self._go_on.wait(120), "the test never let the model go on"
+            return attribute(*args, **kwargs)
+
+        return paused
+
+
+@dataclass
+class _SlowModelContext(WorkerContext):
+    entered: threading.Event = field(default_factory=threading.Event)
+    go_on: threading.Event = field(default_factory=threading.Event)
+
+    def detector(self, model):
+        return _PausedModel(super().detector(model), self.entered, self.go_on)
+
+
+def test_a_band_scored_on_pixels_replaced_meanwhile_leaves_no_stale_map(make_ctx):
+    """Its scorer read frame 2's old pixels; the new frame came in before it finished: the
+    scorer neither writes its map nor counts the band, the score sent by the change does, and
+    the roll ends as one ingested with the new frame from the start."""
+    ctx = make_ctx()
+    slow = _SlowModelContext(ctx.settings, ctx.engine, ctx.store, ctx.enqueue, device="cpu",
+                             batch_size=8)  # fmt: skip
+    for roll_id, second in (("R-swap", 2), ("R-new", 99)):
+        register(ctx, roll_id, 3)
+        for seq in (1, 2, 3):
+            key = put_frame(ctx, roll_id, seq, frame_bytes(seed=second if seq == 2 else seq))
+            assert ingest_frame(ctx, roll_id, seq, key) == "ingested"
+    drain(ctx)  # R-new done; R-swap's bands too — they are sent back below
+    _, run = roll_and_run(ctx, "R-swap")
+    with ctx.session() as session:  # band 1 to be scored again, as after an earlier change
+        session.execute(text("UPDATE bands SET status = 'pending' WHERE run_id = :r AND "
+                             "band_index = 1"), {"r": run.id})  # fmt: skip
+        session.execute(text("UPDATE runs SET bands_done = 2, status = 'scoring' WHERE id = :r"),
+                        {"r": run.id})  # fmt: skip
+    result: list[str] = []
+    scorer = threading.Thread(target=lambda: result.append(score_band(slow, run.id, 1)))
+    scorer.start()
+    assert slow.entered.wait(120)  # band 1's pixels read, frame 2's old ones among them
+    key = put_frame(ctx, "R-swap", 2, frame_bytes(seed=99))
+    assert ingest_frame(ctx, "R-swap", 2, key) == "ingested"
+    slow.go_on.set()
+    scorer.join()
+    assert result == ["stale"]
+    assert sorted(args[1] for _, args in ctx.enqueue.items) == [0, 1, 2]
+    drain(ctx)
+    _, run = roll_and_run(ctx, "R-swap")
+    _, fresh = roll_and_run(ctx, "R-new")
+    assert (run.status, run.bands_done, run.bands_total) == ("done", 3, 3)
+    np.testing.assert_array_equal(
+        open_roll(ctx.store, "R-swap").read_scores(run.model_version, 0, 3 * BAND // 4),
+        open_roll(ctx.store, "R-new").read_scores(fresh.model_version, 0, 3 * BAND // 4),
+    )
+    with ctx.session() as session:
+        generations = session.scalars(
+            select(Band.generation).where(Band.run_id == run.id).order_by(Band.band_index)
+        ).all()
+    assert generations == [1, 1, 1]

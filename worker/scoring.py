@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
-    """Score a band; returns "scored", "already done" or "skipped" (failed run)."""
+    """Score a band; returns "scored", "already done", "skipped" (failed run) or "stale" (a
+    changed frame sent the band back while it was scored: the score sent then scores it)."""
     with ctx.session() as session:
         run = session.get(Run, run_id)
         band = session.get(Band, (run_id, band_index))
@@ -42,7 +43,7 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
         model = session.get(Model, run.model_version)
         arrays = roll_arrays(ctx, roll)
         rows, width = roll.rows_ingested, roll.width_px
-        start, stop = band.row_start, band.row_stop
+        start, stop, generation = band.row_start, band.row_stop, band.generation
         tile, stride = run_tiling(ctx, session, run)
         read_start, read_stop = band_window(start, stop, rows, tile, stride)
         lock_bands(session, roll.id, arrays.bands_of_rows(read_start, read_stop), shared=True)
@@ -64,25 +65,29 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
     )
     scored = sum(1 for _ in tiles())  # counted again: every block is measured by now
     partial = stop - start < arrays.band_height  # only the roll's last band can be short
-    arrays.write_band_scores(model.version, band_index, quarter, length=rows if partial else None)
     with ctx.session() as session:
+        # the band's row is held while its map is written: a changed frame that sends the band
+        # back waits for it, and one that came first has raised its generation
+        band = session.get(Band, (run_id, band_index), with_for_update=True, populate_existing=True)
+        if band.generation != generation:
+            log.info("run %s band %s: a frame it reads changed while it was scored; the score "
+                     "sent after the change scores it", run_id, band_index)  # fmt: skip
+            return "stale"
+        if band.status == "done":  # another delivery of it, on the same pixels, came first
+            return "already done"
+        arrays.write_band_scores(
+            model.version, band_index, quarter, length=rows if partial else None
+        )
         store_extents(session, roll_id, scales, fabric.extents(start, stop))
-        counted = session.execute(
-            update(Band)
-            .where(Band.run_id == run_id, Band.band_index == band_index, Band.status != "done")
-            .values(status="done", max_score=peak, scored_at=datetime.now(UTC),
-                    attempts=Band.attempts + 1)
-            .returning(Band.band_index)
-        ).first()  # fmt: skip
-        finalize = False
-        if counted is not None:
-            done, total = session.execute(
-                update(Run)
-                .where(Run.id == run_id)
-                .values(bands_done=Run.bands_done + 1)
-                .returning(Run.bands_done, Run.bands_total)
-            ).one()
-            finalize = total is not None and done == total
+        band.status, band.max_score, band.scored_at = "done", peak, datetime.now(UTC)
+        band.attempts += 1
+        done, total = session.execute(
+            update(Run)
+            .where(Run.id == run_id)
+            .values(bands_done=Run.bands_done + 1)
+            .returning(Run.bands_done, Run.bands_total)
+        ).one()
+        finalize = total is not None and done == total
     log.info("run %s band %s scored (%d tiles, max %.3f)", run_id, band_index, scored, peak)
     band_scored(scored)
     if finalize:
