@@ -138,7 +138,8 @@ class FabricSets:
         category = Category.open(folder)
         images = load_stack(category.train, TILE)
         valid = category.valid_masks(category.train, TILE)
-        train, held = split_held_out(len(images), TrainConfig.val_ratio, seed)
+        train, held = split_held_out(len(images), TrainConfig.val_ratio, seed,
+                                     groups=category.groups_of(category.train))  # fmt: skip
         self.train, self.train_valid = images[train], valid[train]
         good, good_valid = images[held], valid[held]
         make = warped_copies if kind == "warped" else paste_defects

@@ -62,18 +62,37 @@ def _padded(valid: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def split_held_out(
-    n: int, ratio: float, seed: int, mode: str = "random"
+    n: int, ratio: float, seed: int, mode: str = "random", groups: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split into (train, held-out) indices; at least one image on each side. "random": seeded;
     "last": the last images in name order (for a roll, the fabric scanned last), so that the
-    calibration sees the drift along the roll that a random split hides."""
+    calibration sees the drift along the roll that a random split hides.
+
+    `groups` (N,) labels: images of one group (tiles sharing pixels) fall on one side; whole
+    groups are held out until the ratio is reached. Without it every image is a group of its
+    own, and the split is the same as with singleton groups."""
     if n < 2:
         raise ValueError(f"need at least 2 good training images, found {n}")
     n_val = min(max(1, int(n * ratio)), n - 1)
+    labels = np.arange(n) if groups is None else np.asarray(groups)
+    if labels.shape != (n,):
+        raise ValueError(f"groups must label each of the {n} images, not {labels.shape}")
+    _, first, members = np.unique(labels, return_index=True, return_inverse=True)
+    by_first = np.argsort(first, kind="stable")  # groups in the order of their first image
     if mode == "last":
-        return np.arange(n - n_val), np.arange(n - n_val, n)
-    order = np.random.default_rng(seed).permutation(n)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+        last = np.array([np.flatnonzero(members == g).max() for g in range(len(first))])
+        order = np.argsort(-last, kind="stable")
+    else:
+        order = by_first[np.random.default_rng(seed).permutation(len(first))]
+    held: list[int] = []
+    for g in order:
+        if len(held) >= n_val:
+            break
+        held.extend(np.flatnonzero(members == g))
+    if len(held) >= n:
+        raise ValueError("every good training image overlaps the others: none can be held out")
+    held_idx = np.sort(np.array(held))
+    return np.setdiff1d(np.arange(n), held_idx), held_idx
 
 
 class Trainer:
@@ -290,8 +309,9 @@ def train(
     valid = category.valid_masks(category.train, config.tile)
     valid = None if valid is None else torch.from_numpy(valid)
     train_idx, val_idx = split_held_out(
-        images.shape[0], config.val_ratio, config.seed, config.held_out
-    )
+        images.shape[0], config.val_ratio, config.seed, config.held_out,
+        category.groups_of(category.train),
+    )  # fmt: skip
     train_valid = val_valid = None
     if valid is not None:
         train_valid, val_valid = valid[train_idx], valid[val_idx].numpy()

@@ -19,7 +19,8 @@ from distill.data.aitex import (
     import_aitex,
     is_margin_tile,
 )
-from distill.data.mvtec import REGIONS_FILE
+from distill.data.mvtec import GROUPS_FILE, REGIONS_FILE, Category
+from distill.train import split_held_out
 
 REAL_AITEX = Path(__file__).parents[1] / "../shared/data/aitex"
 # Fake strips are 1024 wide: tile x00 is blank, x01 is 17 % blank (44 of 256 columns,
@@ -148,6 +149,30 @@ def test_training_strips_also_give_the_tiles_across_and_from_the_edge(fake_aitex
         assert f"train/good/0002_000_00_{tag}.png" not in regions
         with Image.open(start / f"fabric00/train/good/0002_000_00_{tag}.png") as im:
             assert np.array_equal(np.asarray(im), _strip(2)[:, x : x + 256])
+
+
+def test_tiles_sharing_pixels_are_grouped_and_a_split_keeps_them_together(fake_aitex, tmp_path):
+    on, off, start = tmp_path / "on", tmp_path / "off", tmp_path / "start"
+    _import(fake_aitex, on)
+    _import(fake_aitex, off, edge_tiles=False)
+    _import(fake_aitex, start, edge_start_tiles=True)
+    assert not (off / "fabric00" / GROUPS_FILE).exists()  # grid tiles never overlap
+    groups = json.loads((on / "fabric00" / GROUPS_FILE).read_text())
+    starting = json.loads((start / "fabric00" / GROUPS_FILE).read_text())
+    for k in (1, 2, 3):
+        tile = f"train/good/000{k}_000_00_{{}}.png".format
+        # h00 (x = 128) lies in grid columns 0 and 1, h02 (x = 640) in 2 and 3
+        assert groups[tile("h00")] == groups[tile("x01")] != groups[tile("x02")]
+        assert groups[tile("x02")] == groups[tile("h02")]
+        # l01 (x = 300) spans columns 1 and 2: it joins the two
+        assert len({starting[tile(t)] for t in ("h00", "x01", "l01", "x02", "h02", "r02")}) == 1
+    assert len(set(groups.values())) == 6  # no group across strips
+    category = Category.open(on / "fabric00")
+    labels = category.groups_of(category.train)
+    for seed in range(20):
+        train, held = split_held_out(len(labels), 0.3, seed, groups=labels)
+        assert len(held) >= round(0.3 * len(labels)) - 1
+        assert not set(labels[train]) & set(labels[held]), seed
 
 
 def test_tiles_are_grey_crops_of_the_strip(fake_aitex, tmp_path):

@@ -155,6 +155,25 @@ def test_held_out_split_is_seeded_and_disjoint():
         split_held_out(1, 0.3, 0)
 
 
+def test_held_out_groups_stay_on_one_side_and_singletons_split_as_before():
+    for n, seed in ((10, 5), (147, 0), (2, 3)):
+        for mode in ("random", "last"):
+            plain = split_held_out(n, 0.3, seed, mode)
+            alone = split_held_out(n, 0.3, seed, mode, groups=np.arange(n))
+            assert all(np.array_equal(a, b) for a, b in zip(plain, alone, strict=True))
+    labels = np.array(["a", "a", "b", "c", "c", "c", "d", "e", "f", "g"])
+    for seed in range(30):
+        for mode in ("random", "last"):
+            train, held = split_held_out(10, 0.3, seed, mode, groups=labels)
+            assert len(held) >= 3 and len(train) >= 1
+            assert not set(labels[train]) & set(labels[held]) and len(train) + len(held) == 10
+    assert split_held_out(10, 0.3, 0, "last", groups=labels)[1].tolist() == [7, 8, 9]
+    pairs = np.repeat(np.arange(5), 2)  # the cut after 7 images would split the last pair but one
+    assert split_held_out(10, 0.3, 0, "last", groups=pairs)[1].tolist() == [6, 7, 8, 9]
+    with pytest.raises(ValueError, match="none can be held out"):
+        split_held_out(3, 0.3, 0, groups=np.array([1, 1, 1]))
+
+
 def test_held_out_last_takes_the_fabric_scanned_last():
     train, held = split_held_out(10, 0.3, seed=5, mode="last")
     assert held.tolist() == [7, 8, 9] and train.tolist() == list(range(7))

@@ -58,10 +58,11 @@ from tqdm import tqdm
 
 from distill.data.aitex_edge_tiles import (
     grid_fabric_columns,
+    overlap_groups,
     tiles_across_the_edge,
     tiles_from_the_edges,
 )
-from distill.data.mvtec import REGIONS_FILE
+from distill.data.mvtec import GROUPS_FILE, REGIONS_FILE
 from distill.fabric_region import band_extents
 
 __all__ = [
@@ -312,6 +313,7 @@ def import_aitex(
     mask_dir = src / "Mask_images"
     seen: dict[str, dict[bytes, Path]] = {}
     regions: dict[Path, dict[str, list[int]]] = {}
+    groups: dict[Path, dict[str, str]] = {}  # training tiles that share pixels
     for strip in tqdm(strips, desc="AITEX import", unit="strip", disable=not progress):
         c = counts[f"fabric{strip.fabric}"]
         image = read_grey(strip.path)
@@ -340,6 +342,7 @@ def import_aitex(
         # the tracker once per strip, for the grid's fabric columns and the edge tiles alike
         extents = band_extents(image, block=tile)[: image.shape[0] // tile]
         fabric = grid_fabric_columns(extents, image.shape[1], tile)
+        kept: dict[str, tuple[int, int]] = {}  # the training grid tiles of this strip
         for tag, r, col in _tile_grid(image.shape, tile):
             name = f"{strip.path.stem}_{tag}"
             rows, cols = slice(r * tile, (r + 1) * tile), slice(col * tile, (col + 1) * tile)
@@ -353,6 +356,7 @@ def import_aitex(
             elif (mask is None or defect_strip_good) and not is_margin_tile(piece, region):
                 relative = Path(strip.split) / "good" / f"{name}.png"
                 c[f"{strip.split}_good"] += 1
+                kept[tag] = (r, col)
             else:
                 continue
             _save_png(piece, category / relative)
@@ -371,6 +375,10 @@ def import_aitex(
                 if region is not None:
                     regions.setdefault(category, {})[relative.as_posix()] = list(region)
                 c["train_good"] += 1
-    for category, found in regions.items():
-        (category / REGIONS_FILE).write_text(json.dumps(found, indent=0, sort_keys=True) + "\n")
+            extra = [tag for tag, *_ in across + starting]
+            for tag, group in overlap_groups(strip.path.stem, kept, extra).items():
+                groups.setdefault(category, {})[f"train/good/{strip.path.stem}_{tag}.png"] = group
+    for name, found_in in ((REGIONS_FILE, regions), (GROUPS_FILE, groups)):
+        for category, found in found_in.items():
+            (category / name).write_text(json.dumps(found, indent=0, sort_keys=True) + "\n")
     return counts

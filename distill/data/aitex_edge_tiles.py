@@ -7,6 +7,8 @@ training holds the views of the selvage the pipeline will show it (docs/benchmar
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from distill.fabric_region import Extent
@@ -78,3 +80,38 @@ def tiles_from_the_edges(
             x = extent.right - tile
             out.append((f"{prefix}r{x // tile:02d}", image[rows, x : x + tile]))
     return out
+
+
+_EXTRA_TAG = re.compile(r"^(?:y(\d+)_)?[hlr](\d+)$")
+
+
+def overlap_groups(stem: str, grid: dict[str, tuple[int, int]], extra: list[str]) -> dict[str, str]:
+    """Group names for one strip's training tiles that share pixels, so that a held-out split
+    keeps each group on one side (`distill.data.mvtec.GROUPS_FILE`).
+
+    `grid`: tag → (row, column) of the grid tiles kept; `extra`: the tags of the tiles across or
+    from the edge (`tiles_across_the_edge`, `tiles_from_the_edges`; tag CC = x // tile). An extra
+    tile lies within grid columns CC and CC + 1 of its row, so it joins those two, and through
+    them every tile overlapping it. Returns tag → group for the tiles of groups of two or more."""
+    parent: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def root(key: tuple[int, int]) -> tuple[int, int]:
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    extra_keys = {}
+    for tag in extra:
+        match = _EXTRA_TAG.match(tag)
+        if match is None:
+            raise ValueError(f"not an edge tile's tag: {tag!r}")
+        row, column = int(match[1] or 0), int(match[2])
+        extra_keys[tag] = (row, column)
+        parent[root((row, column + 1))] = root((row, column))
+    members = {tag: root(key) for tag, key in (*grid.items(), *extra_keys.items())}
+    sizes: dict[tuple[int, int], int] = {}
+    for key in members.values():
+        sizes[key] = sizes.get(key, 0) + 1
+    return {
+        tag: f"{stem}_y{key[0]:02d}_c{key[1]:02d}" for tag, key in members.items() if sizes[key] > 1
+    }

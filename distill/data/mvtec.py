@@ -4,6 +4,11 @@ An optional `fabric_regions.json` at the category's root gives, for tiles that a
 from side to side, the fabric's columns [x0, x1) within the tile (keys: the tile's path relative
 to the root, e.g. "test/good/0016_000_04_x02.png"); tiles not listed are fabric throughout. A
 product scores nothing off the fabric, so its figures leave those pixels out (`valid_masks`).
+
+An optional `tile_groups.json` names, for training tiles cut from overlapping pixels (an
+importer's extra tiles across the fabric's edge and the grid tiles they overlap), a group each:
+a held-out split keeps a group on one side (`groups_of`), or a held-out tile would share pixels
+with a tile the model learned from.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ def _images_in(folder: Path) -> list[Path]:
 
 
 REGIONS_FILE = "fabric_regions.json"
+GROUPS_FILE = "tile_groups.json"
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,16 @@ class Category:
     train: list[Path]
     test: list[TestSample]
     regions: dict[str, tuple[int, int]] = field(default_factory=dict)
+    groups: dict[str, str] = field(default_factory=dict)
+
+    def groups_of(self, paths: list[Path]) -> np.ndarray | None:
+        """(N,) group labels of `paths` for a split that keeps overlapping tiles together: the
+        tiles `tile_groups.json` names share their group's label, every other tile is a group
+        of its own. None when the file names none of them."""
+        keys = [p.relative_to(self.root).as_posix() for p in paths]
+        if not any(k in self.groups for k in keys):
+            return None
+        return np.array([self.groups.get(k, f"#{i}") for i, k in enumerate(keys)])
 
     def valid_masks(self, paths: list[Path], tile: int) -> np.ndarray | None:
         """(N, tile, tile) booleans, True on fabric, or None when every tile is all fabric.
@@ -85,7 +101,18 @@ class Category:
         train = _images_in(train_dir)
         if not train:
             raise FileNotFoundError(f"{train_dir} holds no images")
-        return cls(root, train, test, _read_regions(root))
+        return cls(root, train, test, _read_regions(root), _read_groups(root))
+
+
+def _read_groups(root: Path) -> dict[str, str]:
+    path = root / GROUPS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text())
+        return {str(k): str(v) for k, v in raw.items()}
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{path} is not a map of tile path to group name: {exc}") from exc
 
 
 def _read_regions(root: Path) -> dict[str, tuple[int, int]]:
