@@ -37,6 +37,7 @@ def fit_student(
     val_images: torch.Tensor,
     save_best: Callable[[], object],
     progress: bool,
+    val_valid: torch.Tensor | None = None,
 ) -> StudentFit:
     config = trainer.config
     fit, stale = StudentFit(), 0
@@ -51,7 +52,7 @@ def fit_student(
             fit.history["train_loss"].append(
                 trainer.train_epoch(train_images, bar, train_valid, train_cache)
             )
-            val_loss = trainer.validate(val_images, val_cache)
+            val_loss = trainer.validate(val_images, val_cache, val_valid)
             fit.history["val_loss"].append(val_loss)
             trainer.scheduler.step(val_loss)
             bar.write(

@@ -155,6 +155,12 @@ class Trainer:
             return teacher, student
         return [t.float() for t in teacher], [s.float() for s in student]
 
+    def _on_device(self, valid: torch.Tensor | None, teacher: list[torch.Tensor]):
+        """Fabric masks on the training device, padded to the model's input size."""
+        if valid is None:
+            return None
+        return _padded(valid.to(self.device), teacher[0].shape[-1] * 4)
+
     def train_step(
         self,
         batch: torch.Tensor,
@@ -170,9 +176,7 @@ class Trainer:
                 )
             teacher = self.teacher_features(self.inputs(batch))
         teacher, student = self.student_features(teacher)
-        if valid is not None:
-            valid = _padded(valid.to(self.device), teacher[0].shape[-1] * 4)
-        loss = self.loss(teacher, student, valid)
+        loss = self.loss(teacher, student, self._on_device(valid, teacher))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -284,17 +288,24 @@ class Trainer:
         return selection
 
     @torch.no_grad()
-    def validate(self, images: torch.Tensor, cache: TeacherCache | None = None) -> float:
+    def validate(
+        self,
+        images: torch.Tensor,
+        cache: TeacherCache | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> float:
+        """The loss on held-out tiles, over their fabric (`valid`) as training counts it."""
         self.model.eval()
         total = 0.0
         for start in range(0, images.shape[0], VALIDATION_BATCH):
-            batch = images[start : start + VALIDATION_BATCH]
+            rows = slice(start, start + VALIDATION_BATCH)
+            batch = images[rows]
             teacher = (
-                self.teacher_features(self.inputs(batch)) if cache is None
-                else cache.take(slice(start, start + len(batch)))
-            )  # fmt: skip
+                self.teacher_features(self.inputs(batch)) if cache is None else cache.take(rows)
+            )
             teacher, student = self.student_features(teacher)
-            total += self.loss(teacher, student).item() * batch.shape[0]
+            fabric = None if valid is None else self._on_device(valid[rows], teacher)
+            total += self.loss(teacher, student, fabric).item() * batch.shape[0]
         return total / images.shape[0]
 
 
@@ -339,6 +350,7 @@ def train(
         fit = fit_student(
             trainer, train_images, train_valid, val_images,
             lambda: save_checkpoint(out, trainer.model, card), progress,
+            None if val_valid is None else torch.from_numpy(val_valid),
         )  # fmt: skip
     trainer.model.student.load_state_dict(fit.best_state)
     selection = trainer.choose_scoring(train_images, val_images, train_valid, val_valid)

@@ -16,7 +16,7 @@ from distill.loss import DistillationLoss
 from distill.memory_bank import LEVEL_CHOICES
 from distill.metrics import tile_scores_on
 from distill.selection import auroc_standard_error, pick_cheapest, pick_weight
-from distill.train import TrainConfig, split_held_out
+from distill.train import TrainConfig, Trainer, split_held_out
 
 TILE = 64
 
@@ -185,6 +185,25 @@ def test_hard_mining_damps_the_gradient_of_well_reconstructed_pixels():
     easy = grads["hard"][1:, :].flatten()
     assert torch.allclose(easy, 0.1 * grads["flat"][1:, :].flatten(), rtol=1e-4)
     assert torch.allclose(grads["hard"][0, 0], grads["flat"][0, 0])
+
+
+def test_validation_counts_the_held_out_tiles_fabric_as_training_does():
+    """The validation loss that picks the best epoch leaves the table out, as the steps do."""
+    trainer = Trainer(TrainConfig(teacher_weights="random", tile=TILE))
+    tiles = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (10, TILE, TILE, 1),
+                                                               dtype=np.uint8))  # fmt: skip
+    tiles[:, :, : TILE // 2] = 255  # a white table over the left half of every tile
+    everywhere = torch.ones(10, TILE, TILE, dtype=torch.bool)
+    fabric = everywhere.clone()
+    fabric[:, :, : TILE // 2] = False
+    unmasked = trainer.validate(tiles)
+    assert trainer.validate(tiles, valid=everywhere) == pytest.approx(unmasked, rel=1e-5)
+    on_fabric = trainer.validate(tiles, valid=fabric)
+    assert on_fabric != pytest.approx(unmasked, rel=1e-3)
+    # the steps' own loss on the same tiles and masks
+    teacher, student = trainer.features(trainer.inputs(tiles))
+    expected = trainer.loss(teacher, student, fabric).item()
+    assert on_fabric == pytest.approx(expected, rel=1e-4)
 
 
 def test_bf16_training_runs_in_bf16_channels_last_and_refuses_a_cpu_without_it():
