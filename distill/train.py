@@ -12,6 +12,7 @@ false-alarm rate.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -224,10 +225,14 @@ class Trainer:
         them (no blur, no augmentation); with `valid`, only patches whose centre lies on fabric.
 
         Where the device runs bf16 natively the bank gets its bf16 twin (the same patches from
-        the teacher as the bf16 detector runs it: BatchNorms folded, autocast), so that a bf16
-        worker scores the teacher in bf16 too."""
+        the teacher as the bf16 detector runs it: channels-last, BatchNorms folded, autocast —
+        channels-last and NCHW bf16 convolutions round apart), so that a bf16 worker scores the
+        teacher in bf16 too."""
         self.model.eval()
-        twin_teacher = folded_copy(self.model).teacher if bf16_supported(self.device) else None
+        twin_teacher = None
+        if bf16_supported(self.device):  # as `Detector` makes its eager copy
+            scoring = copy.deepcopy(self.model).to(memory_format=torch.channels_last)
+            twin_teacher = folded_copy(scoring).teacher
         embeddings, twins = [], []
         stride = self.config.memory_stride
         for start in range(0, images.shape[0], 16):
@@ -235,8 +240,9 @@ class Trainer:
             size = tuple(x.shape[-2:])
             e = patch_embedding(self.model.teacher(x), levels, stride, size).cpu()
             if twin_teacher is not None:
+                cl = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                    twins.append(patch_embedding(twin_teacher(x), levels, stride, size).cpu())
+                    twins.append(patch_embedding(twin_teacher(cl), levels, stride, size).cpu())
             keep = None
             if valid is not None:
                 centre = stride // 2

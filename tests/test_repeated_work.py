@@ -5,6 +5,7 @@ again keeps its defects and points (item 11).
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import multiprocessing
 import os
@@ -82,6 +83,23 @@ def test_a_retried_message_that_kills_its_workers_is_given_up_too(make_ctx):
 def _deliver_and_die(ctx, delivery: Delivery, retries: int) -> None:
     ctx.engine.dispose(close=False)  # the parent's pooled connections stay the parent's
     run_counted(ctx, delivery, lambda: os._exit(17), retries=retries)
+
+
+def test_a_roll_keeps_its_own_bands_when_the_band_height_setting_changes(make_ctx):
+    """ROLLSCAN_BAND_HEIGHT changed while a roll was half in: its zarr shards are one band tall,
+    so its remaining bands are the stored ones', and it finishes."""
+    ctx = make_ctx()
+    register(ctx, "R-height", 2)
+    key = put_frame(ctx, "R-height", 1, frame_bytes(seed=1))
+    assert ingest_frame(ctx, "R-height", 1, key) == "ingested"
+    later = dataclasses.replace(
+        ctx, settings=ctx.settings.model_copy(update={"band_height": 2 * BAND})
+    )
+    key = put_frame(ctx, "R-height", 2, frame_bytes(seed=2))
+    assert ingest_frame(later, "R-height", 2, key) == "ingested"
+    drain(later)
+    roll, run = roll_and_run(ctx, "R-height")
+    assert (roll.status, run.bands_total, run.bands_done) == ("done", 2, 2)
 
 
 # --- item 11: finalize of a done run is a no-op ---------------------------------------------

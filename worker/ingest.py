@@ -133,7 +133,8 @@ def advance_run(ctx: WorkerContext, session: Session, roll: Roll, run: Run) -> l
     """
     if run.status in ("done", "failed"):
         return []
-    height = ctx.settings.band_height
+    # the roll's own bands (its zarr shards'), whatever ROLLSCAN_BAND_HEIGHT says since
+    height = roll_arrays(ctx, roll).band_height if roll.rows_ingested else ctx.settings.band_height
     tile, stride = run_tiling(ctx, session, run)
     rows, complete = roll.rows_ingested, fully_ingested(session, roll)
     if complete and rows == 0:
