@@ -12,7 +12,13 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.manifest import Manifest, ManifestLimits, parse_manifest
+from storage.manifest import (
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    ManifestError,
+    ManifestLimits,
+    parse_manifest,
+)
 from storage.objectstore import ObjectStore
 from worker.context import WorkerContext
 from worker.ingest import roll_updated
@@ -76,7 +82,10 @@ def read_prefix(
     store: ObjectStore, prefix: str, limits: ManifestLimits | None = None
 ) -> tuple[Manifest, Submission]:
     prefix = prefix.strip("/")
-    manifest = parse_manifest(store.get(f"{prefix}/manifest.json"), limits)
+    key = f"{prefix}/manifest.json"
+    if store.head(key).size > MAX_MANIFEST_BYTES:  # refused before a byte of it is read
+        raise ManifestError([("manifest", f"larger than {MAX_MANIFEST_BYTES} bytes")])
+    manifest = parse_manifest(store.get(key), limits)
     frames = sorted(
         (seq, info.key)
         for info in store.iter_objects(f"{prefix}/frames/")

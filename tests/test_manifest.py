@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from scheduler.submit import read_prefix
 from storage.manifest import (
     MAX_MANIFEST_BYTES,
     NAME_PATTERN,
@@ -19,6 +20,7 @@ from storage.manifest import (
     ManifestError,
     parse_manifest,
 )
+from storage.objectstore import LocalStore
 
 GOOD: dict[str, Any] = {
     "roll_id": "R-2024.001_a",
@@ -359,3 +361,17 @@ def test_key_names_in_messages_cannot_forge_log_lines() -> None:
     message = str(caught.value)
     assert "given more than once" in message
     assert "\n" not in message and "\x1b" not in message
+
+
+class _Unread(LocalStore):
+    """A store whose objects may be listed and headed, never read."""
+
+    def get(self, key: str, **kwargs) -> bytes:
+        raise AssertionError(f"{key} was read")
+
+
+def test_submitting_a_prefix_refuses_an_oversized_manifest_before_reading_it(tmp_path):
+    store = _Unread(tmp_path)
+    store.put("incoming/R-big/manifest.json", b" " * (MAX_MANIFEST_BYTES + 1))
+    with pytest.raises(ManifestError, match="larger than 1048576 bytes"):
+        read_prefix(store, "incoming/R-big")
