@@ -31,29 +31,22 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+# integer counters that start at 0: (table, column, comment)
+_COUNTERS = (
+    ("task_deliveries", "retries",
+     "the Celery retry number of the message last counted (0: the first message)"),
+    ("bands", "generation", "raised when a changed frame sends the band back to be scored"),
+)  # fmt: skip
+
+
 def upgrade() -> None:
-    op.add_column(
-        "task_deliveries",
-        sa.Column(
-            "retries",
-            sa.Integer(),
-            server_default=sa.text("0"),
-            nullable=False,
-            comment="the Celery retry number of the message last counted (0: the first message)",
-        ),
-    )
-
-    op.add_column(
-        "bands",
-        sa.Column(
-            "generation",
-            sa.Integer(),
-            server_default=sa.text("0"),
-            nullable=False,
-            comment="raised when a changed frame sends the band back to be scored",
-        ),
-    )
-
+    for table, column, comment in _COUNTERS:
+        op.add_column(
+            table,
+            sa.Column(
+                column, sa.Integer(), server_default=sa.text("0"), nullable=False, comment=comment
+            ),
+        )
     op.add_column(
         "rolls",
         sa.Column(
@@ -71,5 +64,5 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_constraint(op.f("ck_rolls_bits_per_sample"), "rolls", type_="check")
     op.drop_column("rolls", "bits_per_sample")
-    op.drop_column("bands", "generation")
-    op.drop_column("task_deliveries", "retries")
+    for table, column, _ in reversed(_COUNTERS):
+        op.drop_column(table, column)
