@@ -66,19 +66,22 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
     scored = sum(1 for _ in tiles())  # counted again: every block is measured by now
     partial = stop - start < arrays.band_height  # only the roll's last band can be short
     with ctx.session() as session:
-        # the band's row is held while its map is written: a changed frame that sends the band
-        # back waits for it, and one that came first has raised its generation
+        # rows locked in the order ingest takes them: the roll's (the extents' key), the band's,
+        # the run's. The band's row is held while its map is written: a changed frame that
+        # sends the band back waits for it, and one that came first has raised its generation.
+        store_extents(session, roll_id, scales, fabric.extents(start, stop))
         band = session.get(Band, (run_id, band_index), with_for_update=True, populate_existing=True)
-        if band.generation != generation:
+        stale, done_before = band.generation != generation, band.status == "done"
+        if stale or done_before:
+            session.rollback()  # nor its extents: stale, or already stored by that delivery
+            if not stale:  # another delivery of it, on the same pixels, came first
+                return "already done"
             log.info("run %s band %s: a frame it reads changed while it was scored; the score "
                      "sent after the change scores it", run_id, band_index)  # fmt: skip
             return "stale"
-        if band.status == "done":  # another delivery of it, on the same pixels, came first
-            return "already done"
         arrays.write_band_scores(
             model.version, band_index, quarter, length=rows if partial else None
         )
-        store_extents(session, roll_id, scales, fabric.extents(start, stop))
         band.status, band.max_score, band.scored_at = "done", peak, datetime.now(UTC)
         band.attempts += 1
         done, total = session.execute(
