@@ -77,6 +77,12 @@ def _plot_image_roc(
     return _save(fig, path)
 
 
+def _pixel_counts(masks: np.ndarray, valid: np.ndarray) -> tuple[int, int]:
+    """(defect pixels, all pixels) among the `valid` (fabric) ones, image by image."""
+    n_pos = sum(int(np.count_nonzero(g & v)) for g, v in zip(masks, valid, strict=True))
+    return n_pos, sum(int(np.count_nonzero(v)) for v in valid)
+
+
 def _sample_pixels(
     maps: np.ndarray, masks: np.ndarray, valid: np.ndarray, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -86,8 +92,7 @@ def _sample_pixels(
     Sampling per class keeps rare defect pixels in the plot; a ROC curve does not depend
     on the class ratio, so this does not bias its shape.  Never materialises all pixels.
     """
-    n_pos = sum(int(np.count_nonzero(g & v)) for g, v in zip(masks, valid, strict=True))
-    n_valid = sum(int(np.count_nonzero(v)) for v in valid)
+    n_pos, n_valid = _pixel_counts(masks, valid)
     values, classes = [], []
     for is_pos, total in ((True, n_pos), (False, n_valid - n_pos)):
         k = min(total, _PLOT_PIXELS_PER_CLASS)
@@ -106,8 +111,7 @@ def _sample_pixels(
 def _plot_pixel_roc(
     path: Path, maps: np.ndarray, masks: np.ndarray, valid: np.ndarray, rng: np.random.Generator
 ) -> Path:
-    n_pos = sum(int(np.count_nonzero(g & v)) for g, v in zip(masks, valid, strict=True))
-    n_valid = sum(int(np.count_nonzero(v)) for v in valid)
+    n_pos, n_valid = _pixel_counts(masks, valid)
     if n_pos == 0 or n_pos == n_valid:
         return _message_figure(path, "Pixel ROC", "undefined: the pixels are all of one class")
     values, classes = _sample_pixels(maps, masks, valid, rng)
@@ -262,13 +266,13 @@ def _summary(scores, labels, maps, masks, valid) -> dict:
     """The figures the plots show, for a reader (or a test) that wants the numbers; an AUROC
     of one class only is null."""
     masks = np.asarray(masks, dtype=bool)
-    n_pos = int((masks & valid).sum())
+    n_pos, n_valid = _pixel_counts(masks, valid)
     both_tiles = 0 < int(labels.sum()) < len(labels)
-    both_pixels = 0 < n_pos < int(valid.sum())
+    both_pixels = 0 < n_pos < n_valid
     return {
         "tiles": len(scores),
         "tile_auroc": round(image_auroc(scores, labels), 6) if both_tiles else None,
-        "pixels_counted": int(valid.sum()),
-        "pixels_off_fabric": int(valid.size - valid.sum()),
+        "pixels_counted": n_valid,
+        "pixels_off_fabric": int(valid.size - n_valid),
         "pixel_auroc": round(pixel_auroc(maps, masks, valid=valid), 6) if both_pixels else None,
     }
