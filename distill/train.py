@@ -78,18 +78,19 @@ def split_held_out(
     labels = np.arange(n) if groups is None else np.asarray(groups)
     if labels.shape != (n,):
         raise ValueError(f"groups must label each of the {n} images, not {labels.shape}")
-    _, first, members = np.unique(labels, return_index=True, return_inverse=True)
-    by_first = np.argsort(first, kind="stable")  # groups in the order of their first image
+    _, first, which = np.unique(labels, return_index=True, return_inverse=True)
+    members = np.split(np.argsort(which, kind="stable"), np.cumsum(np.bincount(which))[:-1])
     if mode == "last":
-        last = np.array([np.flatnonzero(members == g).max() for g in range(len(first))])
-        order = np.argsort(-last, kind="stable")
-    else:
-        order = by_first[np.random.default_rng(seed).permutation(len(first))]
+        order = np.argsort([-m.max() for m in members], kind="stable")
+    else:  # the groups in the order of their first image, shuffled
+        order = np.argsort(first, kind="stable")[
+            np.random.default_rng(seed).permutation(len(first))
+        ]
     held: list[int] = []
     for g in order:
         if len(held) >= n_val:
             break
-        held.extend(np.flatnonzero(members == g))
+        held.extend(members[g])
     if len(held) >= n:
         raise ValueError("every good training image overlaps the others: none can be held out")
     held_idx = np.sort(np.array(held))
@@ -156,7 +157,9 @@ class Trainer:
             return teacher, student
         return [t.float() for t in teacher], [s.float() for s in student]
 
-    def _on_device(self, valid: torch.Tensor | None, teacher: list[torch.Tensor]):
+    def _on_device(
+        self, valid: torch.Tensor | None, teacher: list[torch.Tensor]
+    ) -> torch.Tensor | None:
         """Fabric masks on the training device, padded to the model's input size."""
         if valid is None:
             return None
