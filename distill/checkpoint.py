@@ -200,9 +200,20 @@ def _load(
     if card.memory is not None:
         if bank is None or bank.ndim != 2 or not torch.isfinite(bank).all():
             raise CheckpointError("checkpoint names a memory bank but holds no usable one")
-        memory = MemoryBank(
-            bank.shape[1], bank.shape[0], card.memory["levels"], card.memory["stride"]
-        )
+        levels, stride = card.memory.get("levels"), card.memory.get("stride")
+        known = range(len(teacher.channels))
+        if not (
+            isinstance(levels, list | tuple) and levels and len(set(levels)) == len(levels)
+            and all(isinstance(k, int) and k in known for k in levels)
+            and sum(teacher.channels[k] for k in levels) == bank.shape[1]
+            and isinstance(stride, int) and stride > 0 and card.tile % stride == 0
+        ):  # fmt: skip
+            raise CheckpointError(
+                f"checkpoint memory levels {levels!r} and stride {stride!r} do not fit its bank "
+                f"({bank.shape[1]} features a patch) and teacher (levels of "
+                f"{list(teacher.channels)} channels) at tile {card.tile}"
+            )
+        memory = MemoryBank(bank.shape[1], bank.shape[0], levels, stride)
         memory.bank.copy_(bank)
         if twin is not None:  # checkpoints before the twin have none: bf16 keeps a float32 teacher
             if twin.shape != bank.shape or not torch.isfinite(twin).all():

@@ -207,6 +207,28 @@ def test_the_bf16_twin_survives_the_checkpoint_and_a_broken_one_is_refused(tmp_p
     assert load_model(tmp_path / "old.pt")[0].memory.twin is None
 
 
+@pytest.mark.parametrize(
+    "memory",
+    [{"levels": [1, 3]}, {"levels": [2, 9]}, {"levels": [2, 2]}, {"stride": 0}, {"stride": 7},
+     {"levels": "2,3"}],
+)  # fmt: skip
+def test_a_bank_whose_levels_or_stride_do_not_fit_it_is_refused_when_loaded(tmp_path, memory):
+    torch.manual_seed(0)
+    model = ReverseDistillation(build_teacher("efficientnet_lite0", "random")).eval()
+    with torch.no_grad():
+        e = patch_embedding(model.teacher(torch.randn(2, 3, 64, 64)), (2, 3), 8, (64, 64))
+    model.set_scoring(MemoryBank.fit([e], size=20), MapFusion(0.0))
+    t = model.teacher
+    card = ModelCard(
+        teacher=t.name, teacher_weights=t.weights_source, teacher_sha256=t.weights_sha256(),
+        variant="residual", tile=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=1.5,
+        fusion={"weight": 0.0}, memory={"levels": [2, 3], "stride": 8, "size": 20, **memory},
+    )  # fmt: skip
+    path = save_checkpoint(tmp_path / "bank.pt", model, card)
+    with pytest.raises(CheckpointError, match="do not fit its bank"):
+        load_model(path)
+
+
 @pytest.mark.skipif(not bf16_supported(torch.device("cpu")), reason="no native bf16 on this CPU")
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_the_bf16_twin_holds_the_patches_the_default_detector_computes(precision):
