@@ -179,20 +179,26 @@ def test_the_bf16_twin_keeps_the_coresets_patches_in_step():
     assert scoring.reads_bf16 and torch.equal(scoring.bank, twin_rows[chosen])
 
 
-def test_the_bf16_twin_survives_the_checkpoint_and_a_broken_one_is_refused(tmp_path):
+def _bank_checkpoint(path, twin: bool, **memory):
+    """A random lite0 model scored by a 20-patch bank over levels 2 3 (with a bf16 twin), its
+    card's `memory` entries replaced by `memory`; returns (model, saved path)."""
     torch.manual_seed(0)
     model = ReverseDistillation(build_teacher("efficientnet_lite0", "random")).eval()
     with torch.no_grad():
         e = patch_embedding(model.teacher(torch.randn(2, 3, 64, 64)), (2, 3), 8, (64, 64))
-    model.set_scoring(MemoryBank.fit([e], size=20, twins=[e + 0.5]), MapFusion(0.0))
+    bank = MemoryBank.fit([e], size=20, twins=[e + 0.5] if twin else None)
+    model.set_scoring(bank, MapFusion(0.0))
     t = model.teacher
     card = ModelCard(
         teacher=t.name, teacher_weights=t.weights_source, teacher_sha256=t.weights_sha256(),
         variant="residual", tile=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=1.5,
-        fusion={"weight": 0.0},
-        memory={"levels": [2, 3], "stride": 8, "size": 20, "bf16_twin": "cpu"},
+        fusion={"weight": 0.0}, memory={"levels": [2, 3], "stride": 8, "size": 20, **memory},
     )  # fmt: skip
-    path = save_checkpoint(tmp_path / "twin.pt", model, card)
+    return model, save_checkpoint(path, model, card)
+
+
+def test_the_bf16_twin_survives_the_checkpoint_and_a_broken_one_is_refused(tmp_path):
+    model, path = _bank_checkpoint(tmp_path / "twin.pt", twin=True, bf16_twin="cpu")
     loaded, _ = load_model(path)
     assert torch.equal(loaded.memory.twin, model.memory.twin)
     assert loaded.memory.twin_device == "cpu"
@@ -213,18 +219,7 @@ def test_the_bf16_twin_survives_the_checkpoint_and_a_broken_one_is_refused(tmp_p
      {"levels": "2,3"}],
 )  # fmt: skip
 def test_a_bank_whose_levels_or_stride_do_not_fit_it_is_refused_when_loaded(tmp_path, memory):
-    torch.manual_seed(0)
-    model = ReverseDistillation(build_teacher("efficientnet_lite0", "random")).eval()
-    with torch.no_grad():
-        e = patch_embedding(model.teacher(torch.randn(2, 3, 64, 64)), (2, 3), 8, (64, 64))
-    model.set_scoring(MemoryBank.fit([e], size=20), MapFusion(0.0))
-    t = model.teacher
-    card = ModelCard(
-        teacher=t.name, teacher_weights=t.weights_source, teacher_sha256=t.weights_sha256(),
-        variant="residual", tile=64, mean=IMAGENET_MEAN, std=IMAGENET_STD, threshold=1.5,
-        fusion={"weight": 0.0}, memory={"levels": [2, 3], "stride": 8, "size": 20, **memory},
-    )  # fmt: skip
-    path = save_checkpoint(tmp_path / "bank.pt", model, card)
+    _, path = _bank_checkpoint(tmp_path / "bank.pt", twin=False, **memory)
     with pytest.raises(CheckpointError, match="do not fit its bank"):
         load_model(path)
 
