@@ -54,10 +54,10 @@ from sqlalchemy.orm import Session
 
 from scheduler.submit import frame_seq
 from storage.manifest import (
-    MAX_MANIFEST_BYTES,
     NAME_PATTERN,
     ManifestError,
     ManifestLimits,
+    check_manifest_size,
     parse_manifest,
 )
 from storage.objectstore import ObjectInfo, ObjectNotFound, ObjectStore
@@ -322,8 +322,7 @@ def _take_manifest(
     transaction; a manifest that cannot be used is reported and remembered by ETag.
     Returns whether the cursor was written."""
     try:
-        if info.size > MAX_MANIFEST_BYTES:
-            raise ManifestError([("manifest", f"larger than {MAX_MANIFEST_BYTES} bytes")], name)
+        check_manifest_size(info.size, name)
         limits = ManifestLimits.from_settings(ctx.settings)
         manifest = parse_manifest(ctx.store.get(info.key), limits)
         if manifest.roll_id != name:

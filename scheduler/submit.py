@@ -12,13 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.manifest import (
-    MAX_MANIFEST_BYTES,
-    Manifest,
-    ManifestError,
-    ManifestLimits,
-    parse_manifest,
-)
+from storage.manifest import Manifest, ManifestLimits, check_manifest_size, parse_manifest
 from storage.objectstore import ObjectStore
 from worker.context import WorkerContext
 from worker.ingest import roll_updated
@@ -83,8 +77,7 @@ def read_prefix(
 ) -> tuple[Manifest, Submission]:
     prefix = prefix.strip("/")
     key = f"{prefix}/manifest.json"
-    if store.head(key).size > MAX_MANIFEST_BYTES:  # refused before a byte of it is read
-        raise ManifestError([("manifest", f"larger than {MAX_MANIFEST_BYTES} bytes")])
+    check_manifest_size(store.head(key).size)  # refused before a byte of it is read
     manifest = parse_manifest(store.get(key), limits)
     frames = sorted(
         (seq, info.key)

@@ -32,6 +32,7 @@ __all__ = [
     "Manifest",
     "ManifestError",
     "ManifestLimits",
+    "check_manifest_size",
     "parse_manifest",
 ]
 
@@ -171,24 +172,27 @@ def parse_manifest(
 # --- reading ----------------------------------------------------------------------------------
 
 
+def check_manifest_size(size: int, roll_id: str | None = None) -> None:
+    """Refuse a manifest of more than `MAX_MANIFEST_BYTES` — from an object's size before a byte
+    of it is read, or from the data in hand."""
+    if size > MAX_MANIFEST_BYTES:
+        raise ManifestError([("manifest", f"larger than {MAX_MANIFEST_BYTES} bytes")], roll_id)
+
+
 def _load(data: bytes | str | dict[str, Any]) -> dict[str, Any]:
     if isinstance(data, dict):
         # Shape only here (values are the fields' business, so that a bad one is named).
         problem = _json_problem(data, _MAX_RAW_DEPTH, values=False)
         if problem:
             raise ManifestError([("manifest", problem)])
-        size = len(json.dumps(data, ensure_ascii=False, default=repr).encode())
-        if size > MAX_MANIFEST_BYTES:
-            raise ManifestError([("manifest", f"larger than {MAX_MANIFEST_BYTES} bytes")])
+        check_manifest_size(len(json.dumps(data, ensure_ascii=False, default=repr).encode()))
         return data
     if isinstance(data, str):
-        if len(data) > MAX_MANIFEST_BYTES:  # a character is at least one byte
-            raise ManifestError([("manifest", f"larger than {MAX_MANIFEST_BYTES} bytes")])
+        check_manifest_size(len(data))  # a character is at least one byte
         data = data.encode("utf-8", errors="surrogatepass")
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError(f"expected bytes, str or dict, got {type(data).__name__}")
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise ManifestError([("manifest", f"larger than {MAX_MANIFEST_BYTES} bytes")])
+    check_manifest_size(len(data))
     try:
         text = bytes(data).decode("utf-8-sig")
     except UnicodeDecodeError as exc:

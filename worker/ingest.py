@@ -125,16 +125,20 @@ def fully_ingested(session: Session, roll: Roll) -> bool:
     return count >= roll.frames_total
 
 
-def advance_run(ctx: WorkerContext, session: Session, roll: Roll, run: Run) -> list[int]:
+def advance_run(
+    ctx: WorkerContext, session: Session, roll: Roll, run: Run, arrays: RollArrays | None = None
+) -> list[int]:
     """Record the bands that are ready to score and not yet recorded; return them.
 
-    Also fixes the run's band count once the whole roll is in. Called after every frame and
-    when a manifest turns complete.
+    Also fixes the run's band count once the whole roll is in. Called after every frame (with
+    the roll's `arrays`, open already) and when a manifest turns complete.
     """
     if run.status in ("done", "failed"):
         return []
+    if arrays is None and roll.rows_ingested:
+        arrays = roll_arrays(ctx, roll)
     # the roll's own bands (its zarr shards'), whatever ROLLSCAN_BAND_HEIGHT says since
-    height = roll_arrays(ctx, roll).band_height if roll.rows_ingested else ctx.settings.band_height
+    height = ctx.settings.band_height if arrays is None else arrays.band_height
     tile, stride = run_tiling(ctx, session, run)
     rows, complete = roll.rows_ingested, fully_ingested(session, roll)
     if complete and rows == 0:
@@ -336,8 +340,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         else:
             run = locked_live_run(session, roll)
         session.flush()
-        ready = advance_run(ctx, session, roll, run)
-        ready = sorted(set(ready) | set(again))
+        ready = sorted(set(advance_run(ctx, session, roll, run, arrays)) | set(again))
         run_id = run.id
     _enqueue_next(ctx, run_id, ready, finalize=False)
     return "ingested"
