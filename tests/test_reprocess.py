@@ -10,7 +10,9 @@ import io
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 from sqlalchemy import func, select, text
 
 import worker.app
@@ -25,9 +27,11 @@ from scheduler.submit import submit
 from storage.registry import activate_model, register_model
 from storage.schema import Band, Defect, Grade, Roll, Run, TaskDelivery
 from storage.settings import Settings
+from storage.zarr_rolls import open_roll
 from worker.app import ROUTES
 from worker.context import WorkerContext
 from worker.deliveries import GIVEN_UP, Delivery, run_counted
+from worker.ingest import ingest_frame
 from worker.inline import InlineEnqueuer
 from worker.scoring import score_band
 
@@ -172,6 +176,66 @@ def test_a_reprocess_run_that_failed_starts_again_when_asked(ctx, tmp_path):
         run = session.get(Run, run_id)
         assert (run.status, run.error, run.is_current, run.bands_done) == ("done", None, True, 2)
     assert [r[:2] for r in _current(ctx)] == [("R-c", V2)]
+
+
+def _map(ctx, roll_id, version):
+    return open_roll(ctx.store, roll_id).read_scores(version, 0, FRAMES * FRAME_ROWS // 4)
+
+
+def test_a_frame_changed_after_a_reprocess_rescores_every_run_and_keeps_the_newer_model(
+    ctx, tmp_path
+):
+    """The roll was reprocessed with v2 (current); then a frame is uploaded again with a flaw.
+    Both runs' bands reading it are scored again — v2's on the reprocess queue — and v2 stays
+    the roll's current run: its map and defects are those of the roll scanned with the new
+    frame from the start, and the live v1 run, finalized again, does not take the roll back."""
+    _done_roll(ctx, tmp_path, "R-d")
+    assert reprocess(ctx, ["R-d"], V2, progress=False).done == ["R-d"]
+    frame = tifffile.imread(tmp_path / "R-d" / "frames" / "000003.tif")
+    frame[100:124, 60:120] = 255  # a flaw in band 1, clear of the planted ones
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, frame)
+    key = "incoming/R-d/frames/000003.tif"
+    ctx.store.put(key, buffer.getvalue())
+    mark = len(ctx.enqueue.routed)
+    assert ingest_frame(ctx, "R-d", 3, key) == "ingested"
+    with ctx.session() as session:
+        runs = dict(
+            session.execute(select(Run.model_version, Run.id).where(Run.roll_id == "R-d")).all()
+        )
+    routed = sorted(ctx.enqueue.routed[mark:])
+    assert routed == [("reprocess", (runs[V2], 0)), ("reprocess", (runs[V2], 1)),
+                      ("score", (runs[V1], 0)), ("score", (runs[V1], 1))]  # fmt: skip
+    # v2's run finishes first; v1's, finalized after it, must not take the roll back
+    while v2 := [i for i, (_, args) in enumerate(ctx.enqueue.queue) if args[0] == runs[V2]]:
+        _run_task(ctx, v2[0])
+    with ctx.session() as session:
+        assert session.get(Run, runs[V2]).status == "done"
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        grade_rolls(session, roll_id="R-d")
+        statuses = dict(session.execute(select(Run.model_version, Run.status)).all())
+    assert statuses == {V1: "done", V2: "done"}
+    (current,) = _current(ctx)
+    assert current[1] == V2 and current[4] is not None and current[4] == current[5]
+
+    # the same roll with the new frame from the start, reprocessed with v2 likewise
+    write_synthetic_roll(tmp_path / "R-e", "R-e", frames=FRAMES, frame_rows=FRAME_ROWS,
+                         width=WIDTH, plan=PLAN, px_per_mm=PX_PER_MM)  # fmt: skip
+    (tmp_path / "R-e" / "frames" / "000003.tif").write_bytes(buffer.getvalue())
+    submit(ctx, str(tmp_path / "R-e"))
+    ctx.enqueue.drain()
+    assert reprocess(ctx, ["R-e"], V2, progress=False).done == ["R-e"]
+    for version in (V1, V2):
+        np.testing.assert_array_equal(_map(ctx, "R-d", version), _map(ctx, "R-e", version))
+    boxes = _view(
+        ctx,
+        "SELECT roll_id, x0_mm, y0_mm, x1_mm, y1_mm, max_score FROM current_defects "
+        "ORDER BY roll_id, y0_mm, x0_mm",
+    )
+    assert [b[1:] for b in boxes if b[0] == "R-d"] == [b[1:] for b in boxes if b[0] == "R-e"]
+    y, x = (2 * FRAME_ROWS + 112) / PX_PER_MM, 90 / PX_PER_MM
+    assert any(b[0] == "R-d" and b[1] <= x <= b[3] and b[2] <= y <= b[4] for b in boxes)
 
 
 def _bare_roll(session, roll_id, fabric=FABRIC, status="done", completed=None):

@@ -1,8 +1,10 @@
-"""A frame uploaded again with other pixels: which bands read it, and sending them back.
+"""A frame uploaded again with other pixels: which bands read it, in which runs, and sending
+them back.
 
 A band's map depends on every row its scoring reads — its own, the rows of its neighbours that
 its tiles reach into, and the whole blocks of rows its fabric mask is measured on — so all the
-bands that read a changed frame are scored again, not only those that hold it. A scorer may be
+bands that read a changed frame are scored again, not only those that hold it — in every run of
+the roll, the reprocess runs of newer models as well as the live one. A scorer may be
 under way on the old pixels meanwhile: each band's generation is raised, and a scorer writes its
 map and counts its band only under the generation it read the pixels with (`worker.scoring`).
 """
@@ -29,6 +31,13 @@ def bands_reading(
         for b in near
     }
     return [b for b, (lo, hi) in windows.items() if lo < stop and start < hi]
+
+
+def runs_of_pixels(session: Session, roll_id: str) -> list[Run]:
+    """The roll's runs whose maps come from its pixels and are kept: all but the failed ones,
+    in ascending id (the order their rows are locked in)."""
+    query = select(Run).where(Run.roll_id == roll_id, Run.status != "failed").order_by(Run.id)
+    return list(session.scalars(query))
 
 
 def hold_bands(session: Session, run_id: int, bands: list[int]) -> None:

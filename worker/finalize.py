@@ -5,8 +5,9 @@ and the roll's own estimate of it (`worker.roll_threshold`).
 Runs in one transaction with the run's row locked, so two finalize tasks for one run produce
 one set of defects. Finalizing a run already done changes nothing; a run reopened by a
 re-uploaded frame is finalized again, and then its defects are replaced, not added to. The run
-becomes the roll's current run only here, when it is complete: until then the previous run's
-defects and grade stay what users see.
+becomes the roll's current run only here, when it is complete for the first time: until then the
+previous run's defects and grade stay what users see; a run reopened by a changed frame keeps
+whatever place it had.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from datetime import UTC, datetime
 
 import numpy as np
 from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy.orm import Session
 
 from storage.fabric_extents import roll_extents
 from storage.schema import Defect, Model, Roll, Run
@@ -34,9 +36,12 @@ log = logging.getLogger(__name__)
 def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
     """Write the run's defects; returns their number, or None when the run is not ready."""
     with ctx.session() as session:
-        run = session.get(Run, run_id, with_for_update=True)
-        if run is None:
+        roll_id = session.scalar(select(Run.roll_id).where(Run.id == run_id))
+        if roll_id is None:
             raise ValueError(f"unknown run {run_id}")
+        # the roll's row first, then the run's: the order ingest and a failing roll take them
+        roll = session.get(Roll, roll_id, with_for_update=True)
+        run = session.get(Run, run_id, with_for_update=True)
         if run.status == "done":
             # a repeated finalize (redelivered, or sent again by `resume`): the defects stay
             # as they are, with their ids and the points the grading wrote on them
@@ -47,7 +52,6 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
             log.info("run %s not ready to finalize (%s, %s/%s bands)", run_id, run.status,
                      run.bands_done, run.bands_total)  # fmt: skip
             return None
-        roll = session.get(Roll, run.roll_id, with_for_update=True)
         model = session.get(Model, run.model_version)
         arrays = roll_arrays(ctx, roll)
         extents = [Extent(*e) for e in roll_extents(session, roll.id)]
@@ -90,13 +94,15 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
                 ],
             )  # fmt: skip
         now = datetime.now(UTC)
-        session.execute(
-            update(Run)
-            .where(Run.roll_id == roll.id, Run.id != run_id, Run.is_current)
-            .values(is_current=False)
-        )
-        session.flush()  # one current run per roll: the old one must step down first
-        run.status, run.finished_at, run.is_current, run.error = "done", now, True, None
+        if _takes_over(session, run):
+            session.execute(
+                update(Run)
+                .where(Run.roll_id == roll.id, Run.id != run_id, Run.is_current)
+                .values(is_current=False)
+            )
+            session.flush()  # one current run per roll: the old one must step down first
+            run.is_current = True
+        run.status, run.finished_at, run.error = "done", now, None
         run.threshold, run.roll_threshold = threshold, own
         roll.status, roll.updated_at = "done", now
         if run.purpose == "live" or roll.completed_at is None:
@@ -107,6 +113,16 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
     log.info("run %s finalized: %d defects on roll %s (threshold %.4g; model's %.4g, roll's %s)",
              run_id, len(defects), roll.id, threshold, model.threshold, own)  # fmt: skip
     return len(defects)
+
+
+def _takes_over(session: Session, run: Run) -> bool:
+    """Whether the run becomes the roll's current one: when it finishes for the first time, or
+    when no other run is current. A run finished before and reopened by a changed frame keeps
+    its place — a live run must not take the roll back from the newer model that reprocessed it."""
+    if run.finished_at is None:  # a retried failed run starts afresh (`scheduler.reprocess`)
+        return True
+    other = select(Run.id).where(Run.roll_id == run.roll_id, Run.id != run.id, Run.is_current)
+    return session.scalar(other) is None
 
 
 def _fabric_bands(

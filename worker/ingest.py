@@ -25,7 +25,7 @@ from storage.objectstore import ObjectChanged, ObjectInfo, ObjectNotFound, Objec
 from storage.schema import Band, Frame, Model, Roll, Run
 from storage.settings import Settings
 from storage.zarr_rolls import RollArrays, create_roll, open_roll, roll_exists
-from worker.changed_frames import bands_reading, hold_bands, send_bands_back
+from worker.changed_frames import bands_reading, hold_bands, runs_of_pixels, send_bands_back
 from worker.context import RetryLater, WorkerContext, lock_bands
 from worker.frames import FrameError, decode_frame_with_header, max_frame_bytes
 from worker.roll_rows import RollError, fail_roll, live_run
@@ -184,9 +184,11 @@ def finalize_due(run: Run) -> bool:
     )
 
 
-def _enqueue_next(ctx: WorkerContext, run_id: int, bands: list[int], finalize: bool) -> None:
+def _enqueue_next(
+    ctx: WorkerContext, run_id: int, reprocess: bool, bands: list[int], finalize: bool
+) -> None:
     for band in bands:
-        ctx.enqueue.score(run_id, band)
+        ctx.enqueue.score(run_id, band, reprocess=reprocess)
     if finalize and not bands:
         ctx.enqueue.finalize(run_id)
 
@@ -236,14 +238,14 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
             return "skipped"
         previous = session.get(Frame, (roll_id, seq))
         if previous is not None and previous.etag == info.etag:
-            # a redelivery: the frame is in; make sure the bands it completed were announced
-            run = live_run(session, roll)
-            pending = list(
-                session.scalars(
-                    select(Band.band_index).where(Band.run_id == run.id, Band.status == "pending")
-                )
-            )
-            run_id, finalize = run.id, finalize_due(run)
+            # a redelivery: the frame is in; make sure the bands it completed, or sent back in
+            # any run, were announced
+            live_run(session, roll)
+            pending = [
+                (run.id, run.purpose == "reprocess", _pending_bands(session, run.id),
+                 finalize_due(run))
+                for run in runs_of_pixels(session, roll.id)
+            ]  # fmt: skip
         else:
             pending = None
             if seq == 1:
@@ -257,7 +259,8 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
             widths = frame_width_range(ctx.settings, roll) if expect_width is None else None
             expected_px = roll.width_mm * roll.px_per_mm_x
     if pending is not None:
-        _enqueue_next(ctx, run_id, pending, finalize)
+        for step in pending:
+            _enqueue_next(ctx, *step)
         return "unchanged"
 
     try:
@@ -328,22 +331,33 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         if roll.status == "registered":
             roll.status = "ingesting"
         roll.updated_at = datetime.now(UTC)
-        again: list[int] = []
-        if previous is not None:  # a changed frame: each band reading its rows is scored again
-            run = live_run(session, roll)
-            rescore = bands_reading(
-                arrays, roll.rows_ingested, row_start, stop, *run_tiling(ctx, session, run)
-            )
-            hold_bands(session, run.id, rescore)  # before the run's row, as a scorer takes them
-            run = locked_live_run(session, roll)
-            again = send_bands_back(session, run.id, rescore)
-        else:
-            run = locked_live_run(session, roll)
+        again: dict[int, tuple[bool, list[int]]] = {}
+        if previous is not None:
+            # a changed frame: in every run of the roll — the live one and those of the models
+            # that reprocessed it — each band reading its rows is scored again
+            live_run(session, roll)
+            for other in runs_of_pixels(session, roll.id):
+                rescore = bands_reading(
+                    arrays, roll.rows_ingested, row_start, stop, *run_tiling(ctx, session, other)
+                )
+                hold_bands(session, other.id, rescore)  # before the run's row, as a scorer does
+                session.refresh(other, with_for_update=True)
+                again[other.id] = (
+                    other.purpose == "reprocess",
+                    send_bands_back(session, other.id, rescore),
+                )
+        run = locked_live_run(session, roll)
         session.flush()
-        ready = sorted(set(advance_run(ctx, session, roll, run, arrays)) | set(again))
-        run_id = run.id
-    _enqueue_next(ctx, run_id, ready, finalize=False)
+        ready = set(advance_run(ctx, session, roll, run, arrays))
+        again[run.id] = (False, sorted(ready | set(again.get(run.id, (False, []))[1])))
+    for run_id, (reprocess, bands) in again.items():
+        _enqueue_next(ctx, run_id, reprocess, bands, finalize=False)
     return "ingested"
+
+
+def _pending_bands(session: Session, run_id: int) -> list[int]:
+    query = select(Band.band_index).where(Band.run_id == run_id, Band.status == "pending")
+    return list(session.scalars(query.order_by(Band.band_index)))
 
 
 def roll_updated(ctx: WorkerContext, roll_id: str) -> list[int]:
@@ -359,5 +373,5 @@ def roll_updated(ctx: WorkerContext, roll_id: str) -> list[int]:
             return []
         ready = advance_run(ctx, session, roll, run)
         finalize, run_id = finalize_due(run), run.id
-    _enqueue_next(ctx, run_id, ready, finalize)
+    _enqueue_next(ctx, run_id, False, ready, finalize)
     return ready

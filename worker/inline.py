@@ -24,12 +24,15 @@ class InlineEnqueuer:
     ctx: WorkerContext | None = None
     queue: deque[tuple[Any, tuple]] = field(default_factory=deque)
     log: list[tuple[str, tuple]] = field(default_factory=list)
+    # the Celery queue each score would be routed to, and its arguments
+    routed: list[tuple[str, tuple]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time per function name
 
     def ingest(self, roll_id: str, seq: int, key: str) -> None:
         self.queue.append((ingest_frame, (roll_id, seq, key)))
 
     def score(self, run_id: int, band_index: int, reprocess: bool = False) -> None:
+        self.routed.append(("reprocess" if reprocess else "score", (run_id, band_index)))
         self.queue.append((score_band, (run_id, band_index)))  # one queue: no priorities here
 
     def finalize(self, run_id: int) -> None:
