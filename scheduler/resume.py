@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from scheduler.discovery import list_roll
 from storage.schema import Band, Frame, Roll, Run
 from worker.context import WorkerContext
-from worker.ingest import finalize_due
+from worker.ingest import finalize_due, pending_bands
 
 log = logging.getLogger(__name__)
 OPEN_ROLL = ("registered", "ingesting", "scoring", "finalizing")  # not stalled: the scanner's
@@ -79,11 +79,7 @@ def resume_roll(ctx: WorkerContext, roll_id: str, dry_run: bool = False) -> Resu
             select(Run).where(Run.roll_id == roll_id, Run.status.not_in(CLOSED_RUN)).order_by(Run.id)
         ).all()  # fmt: skip
         work = [
-            (run.id, run.purpose, finalize_due(run), list(session.scalars(
-                select(Band.band_index)
-                .where(Band.run_id == run.id, Band.status == "pending")
-                .order_by(Band.band_index)
-            )))
+            (run.id, run.purpose, finalize_due(run), pending_bands(session, run.id))
             for run in runs
         ]  # fmt: skip
         source, status, total = roll.source, roll.status, roll.frames_total

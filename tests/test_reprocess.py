@@ -212,6 +212,8 @@ def test_a_frame_changed_after_a_reprocess_rescores_every_run_and_keeps_the_newe
     with ctx.session() as session:
         assert session.get(Run, runs[V2]).status == "done"
     ctx.enqueue.drain()
+    (current,) = _current(ctx)
+    assert (current[1], current[4]) == (V2, None)  # its old defects' grade is gone
     with ctx.session() as session:
         grade_rolls(session, roll_id="R-d")
         statuses = dict(session.execute(select(Run.model_version, Run.status)).all())

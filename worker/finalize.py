@@ -21,7 +21,7 @@ from sqlalchemy import delete, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from storage.fabric_extents import roll_extents
-from storage.schema import Defect, Model, Roll, Run
+from storage.schema import Defect, Grade, Model, Roll, Run
 from storage.zarr_rolls import RollArrays
 from worker.band_scores import SCORE_SCALE
 from worker.components import DefectFinder
@@ -81,6 +81,9 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
         if one_pass:
             threshold, own = run_threshold(mode, model.threshold, block_peaks.peaks(), fpr)
         session.execute(delete(Defect).where(Defect.run_id == run_id))
+        # a run finalized again (a changed frame) loses the grade of its old defects: the roll
+        # reads "not graded" until the nightly grading, not the points of defects now gone
+        session.execute(delete(Grade).where(Grade.run_id == run_id))
         if defects:
             session.execute(
                 insert(Defect),

@@ -242,7 +242,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
             # any run, were announced
             live_run(session, roll)
             pending = [
-                (run.id, run.purpose == "reprocess", _pending_bands(session, run.id),
+                (run.id, run.purpose == "reprocess", pending_bands(session, run.id),
                  finalize_due(run))
                 for run in runs_of_pixels(session, roll.id)
             ]  # fmt: skip
@@ -355,7 +355,8 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
     return "ingested"
 
 
-def _pending_bands(session: Session, run_id: int) -> list[int]:
+def pending_bands(session: Session, run_id: int) -> list[int]:
+    """The run's bands recorded and not scored, in order."""
     query = select(Band.band_index).where(Band.run_id == run_id, Band.status == "pending")
     return list(session.scalars(query.order_by(Band.band_index)))
 
