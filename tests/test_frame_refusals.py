@@ -5,6 +5,7 @@ refused without allocating what they claim.
 
 from __future__ import annotations
 
+import struct
 import time
 import tracemalloc
 import zlib
@@ -159,3 +160,66 @@ def test_oversized_compressed_segment_refused() -> None:
     data = handmade_tiff(G8, compression=8, encode=lambda raw: zlib.compress(raw) + bytes(20000))
     with pytest.raises(FrameError, match="compressed bytes"):
         decode_frame(data)
+
+
+def _directory_bomb(tags: list[tuple[int, int, int, int]], region: int, *, big: bool) -> bytes:
+    """A TIFF of one (or many) image directories whose entries all point at one region of
+    `region` bytes: (tag, type, count, value) each."""
+    head = b"II+\0\x08\0\0\0" + bytes(8) if big else b"II*\0" + bytes(4)
+    body = bytearray(head) + bytes(region)
+    entry = "<HHQQ" if big else "<HHII"
+    ifd = struct.pack("<Q" if big else "<H", len(tags))
+    ifd += b"".join(struct.pack(entry, *t) for t in tags) + bytes(8 if big else 4)
+    at = len(body)
+    body[8 if big else 4 : 16 if big else 8] = struct.pack("<Q" if big else "<I", at)
+    return bytes(body + ifd)
+
+
+_IMAGE = [(256, 4, 1, 64), (257, 4, 1, 64), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
+          (277, 3, 1, 1), (278, 4, 1, 64), (279, 4, 1, 4096)]  # fmt: skip
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["classic", "bigtiff"])
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        # StripOffsets 400 times over 1 MiB: tifffile loaded every copy, ≈ 4 GiB of tuples
+        ([(273, 4, 1 << 18, 16)] * 400, "tag 273 appears twice"),
+        ([(273, 4, 1 << 21, 16)], "StripOffsets has 2097152 values"),
+        # 600 distinct private tags, each within bounds, all on the same bytes: 80× the file
+        ([(273, 4, 1, 16)] + [(40000 + i, 4, 1 << 17, 16) for i in range(600)], "tags hold"),
+        ([(273, 4, 1, 16), (50000, 4, 1 << 19, 16)], "50000 has 524288 values"),
+    ],
+    ids=["repeated", "segments", "many-tags", "one-tag"],
+)
+def test_a_directory_that_would_cost_unbounded_memory_is_refused_before_tifffile_reads_it(
+    extra: list[tuple[int, int, int, int]], reason: str, big: bool
+) -> None:
+    data = _directory_bomb(sorted(_IMAGE + extra[:1]) + extra[1:], 1 << 20, big=big)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FrameError, match=reason):
+            decode_frame(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * len(data), peak  # the file's copy and the directory, no tag's values
+
+
+def test_a_long_or_looping_chain_of_directories_is_refused_without_walking_it() -> None:
+    one = tiff(G8)
+    first = struct.unpack("<I", one[4:8])[0]
+    entries = struct.unpack("<H", one[first : first + 2])[0]
+    next_at = first + 2 + 12 * entries  # the first directory's link to the next one
+    # a million directories after the first (each 6 bytes: no entries, a link to the next)
+    chain = bytearray(one)
+    start = len(chain)
+    chain[next_at : next_at + 4] = struct.pack("<I", start)
+    for i in range(1, 1_000_001):
+        chain += struct.pack("<HI", 0, start + 6 * i if i < 1_000_000 else 0)
+    with pytest.raises(FrameError, match="more than 16 pages"):
+        decode_frame(bytes(chain))
+    looped = bytearray(one)
+    looped[next_at : next_at + 4] = struct.pack("<I", first)
+    with pytest.raises(FrameError, match="loop"):
+        decode_frame(bytes(looped))

@@ -41,6 +41,7 @@ from worker.frame_header import (
     read_header,
 )
 from worker.tiff_codecs import install_bounded_fallbacks
+from worker.tiff_directory import check_directories
 
 __all__ = [
     "ACCEPTED_COMPRESSIONS",
@@ -67,7 +68,7 @@ def frame_header(data: bytes | BinaryIO) -> FrameHeader:
     """
     fh, size = _as_file(data, DEFAULT_MAX_PIXELS)
     try:
-        with _repairs_refused(), _open_tiff(fh) as tif:
+        with _repairs_refused(), _open_tiff(fh, size) as tif:
             header = read_header(tif)
             check_segments(tif.pages.first, size)
             return header
@@ -125,7 +126,7 @@ def decode_frame_with_header(
     """
     fh, size = _as_file(data, max_pixels)
     try:
-        with _repairs_refused(), _open_tiff(fh) as tif:
+        with _repairs_refused(), _open_tiff(fh, size) as tif:
             header = read_header(tif)
             page = tif.pages.first
             check_limits(page, header, max_pixels, expect_width, expect_channels, expect_bits)
@@ -178,12 +179,13 @@ def _as_file(data: bytes | BinaryIO, max_pixels: int) -> tuple[BinaryIO, int]:
     return io.BytesIO(content), len(content)
 
 
-def _open_tiff(fh: BinaryIO) -> tifffile.TiffFile:
+def _open_tiff(fh: BinaryIO, size: int) -> tifffile.TiffFile:
     start = fh.tell()
     magic = fh.read(4)
     fh.seek(start)
     if magic not in _MAGIC:
         raise FrameError(f"not a TIFF file (starts with {magic!r})")
+    check_directories(fh, size)  # before tifffile, which loads every tag value eagerly
     try:
         return tifffile.TiffFile(fh)
     except Exception as exc:
