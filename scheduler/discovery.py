@@ -47,12 +47,13 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, literal, select, text, update
+from sqlalchemy import func, literal, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
 from scheduler.submit import frame_seq
+from storage.database import advisory_lock
 from storage.manifest import (
     NAME_PATTERN,
     ManifestError,
@@ -156,20 +157,11 @@ def discover_once(
 
     One scheduler at a time: the pass holds a PostgreSQL advisory lock, and a second
     scheduler's pass is skipped (an empty report) rather than enqueueing the same frames."""
-    with ctx.engine.connect() as lock:
-        held = lock.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": LOCK_KEY})
-        lock.commit()  # a session-level lock: it outlives the transaction
+    with advisory_lock(ctx.engine, LOCK_KEY) as held:
         if not held:
             log.info("another scheduler is discovering: pass skipped")
             return DiscoveryReport()
-        try:
-            return _discover(ctx, now, stall_after)
-        finally:
-            try:
-                lock.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": LOCK_KEY})
-                lock.commit()
-            except Exception:  # closing the connection releases the lock
-                lock.invalidate()
+        return _discover(ctx, now, stall_after)
 
 
 def _discover(

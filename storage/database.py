@@ -18,7 +18,7 @@ import psycopg2.errorcodes as pgcodes
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import URL, Engine, create_engine, make_url
+from sqlalchemy import URL, Engine, create_engine, make_url, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
@@ -96,6 +96,25 @@ def session_scope(engine: Engine) -> Iterator[Session]:
 
 
 # ----------------------------------------------------------------------------- alembic
+
+
+@contextmanager
+def advisory_lock(engine: Engine, key: int) -> Iterator[bool]:
+    """Try a session-level advisory lock on `key` (a signed 64-bit integer) on a connection of
+    its own, held until the block ends; yields whether it was taken. A process that dies closes
+    its connection, and PostgreSQL frees the lock with it."""
+    with engine.connect() as lock:
+        held = bool(lock.scalar(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}))
+        lock.commit()  # the lock outlives the transaction; the connection must not sit in one
+        try:
+            yield held
+        finally:
+            if held:
+                try:
+                    lock.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                    lock.commit()
+                except Exception:  # the database is away: closing the connection frees it
+                    lock.invalidate()
 
 
 def _migrations_dir() -> Path:

@@ -8,6 +8,8 @@ run, defects and grade.
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 
 import pytest
@@ -100,3 +102,29 @@ def test_a_reprocess_band_that_kills_its_worker_fails_only_its_run(ctx):
         kept, failed = session.get(Run, current), session.get(Run, rerun)
         assert (kept.status, kept.is_current) == ("done", True)
         assert failed.status == "failed" and "died during each of 2" in failed.error
+
+
+def test_copies_of_a_task_running_at_once_are_no_deaths(ctx):
+    """`resume`, a redelivered step or a restarted reprocess driver send a band again while it
+    is queued or running: four workers take four copies at once. None of them died, so none
+    gives the roll up (each counted the others as deaths: the fourth failed a good roll), and a
+    death counted before them still counts for the next delivery."""
+    add_roll(ctx, "R-copies", "scoring")
+    run_id = add_run(ctx, "R-copies", "m-1", "live", "scoring")
+    delivery = Delivery("score", f"{run_id}/0", f"band 0 of run {run_id}", run_id=run_id)
+    died(ctx, delivery, MAX_DELIVERIES - 1)
+    copies = MAX_DELIVERIES + 2
+    together = threading.Barrier(copies)
+
+    def work() -> str:
+        together.wait(timeout=30)  # every copy is running before any ends
+        return "scored"
+
+    with ThreadPoolExecutor(copies) as pool:
+        results = list(pool.map(lambda _: run_counted(ctx, delivery, work), range(copies)))
+    assert results == ["scored"] * copies
+    with ctx.session() as session:
+        assert session.get(Roll, "R-copies").status == "scoring"
+        assert session.get(TaskDelivery, ("score", delivery.key)) is None  # the counted one ended
+    died(ctx, delivery, MAX_DELIVERIES)
+    assert run_counted(ctx, delivery, must_not_run) == GIVEN_UP

@@ -1,6 +1,7 @@
 """The roll pipeline's plain functions on a real PostgreSQL and object store, without Celery."""
 
 import io
+import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +22,7 @@ from worker.context import WorkerContext
 from worker.finalize import finalize_run
 from worker.ingest import ingest_frame, roll_updated
 from worker.inline import InlineEnqueuer
-from worker.roll_rows import register_roll
+from worker.roll_rows import RollError, register_roll
 from worker.scoring import score_band
 
 PX_PER_MM = 10.0
@@ -269,3 +270,66 @@ def test_a_redelivered_step_sends_the_lost_finalize_again(ctx, tmp_path, redeliv
     assert sorted(matched) == list(range(len(planted)))
     assert score_band(ctx, run.id, 2) == "already done"  # a done run sends nothing more
     assert not ctx.enqueue.queue
+
+
+def _open_roll(tmp_path, roll_id):
+    """A roll of FRAMES frames whose manifest does not say yet how many there are."""
+    folder, _, _ = _roll(tmp_path, roll_id, plan=[], complete=False)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["frames"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    return folder, manifest
+
+
+def _complete(ctx, manifest, frames):
+    with ctx.session() as session:
+        register_roll(session, parse_manifest({**manifest, "frames": frames, "complete": True}),
+                      "incoming/" + manifest["roll_id"])  # fmt: skip
+
+
+def test_a_frame_queued_past_the_count_the_manifest_then_gives_is_skipped(ctx, tmp_path):
+    """Frames 1–5 were queued while the manifest was open; it then says 4. Frame 5 is no part
+    of the roll: its ingest is skipped (it recorded a band past the run's count, the finalize
+    came one band early and the last count broke the run's check constraint)."""
+    folder, manifest = _open_roll(tmp_path, "R-past")
+    submit(ctx, str(folder))
+    ingests = [task for task in ctx.enqueue.queue if task[0] is ingest_frame]
+    assert [args[1] for _, args in ingests] == [1, 2, 3, 4, 5]
+    ctx.enqueue.queue.clear()
+    for function, args in ingests[:4]:
+        assert function(ctx, *args) == "ingested"
+    _complete(ctx, manifest, frames=4)
+    assert ingest_frame(ctx, *ingests[4][1]) == "skipped"
+    roll_updated(ctx, "R-past")
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        roll = session.get(Roll, "R-past")
+        run = session.scalar(select(Run).where(Run.roll_id == "R-past"))
+        assert (roll.status, roll.rows_ingested) == ("done", 4 * FRAME_ROWS)
+        assert (run.status, run.bands_done, run.bands_total) == ("done", 2, 2)
+        bands = session.scalar(select(func.count()).select_from(Band).where(Band.run_id == run.id))
+        assert bands == 2
+
+
+def test_a_manifest_cannot_count_fewer_frames_than_are_in(ctx, tmp_path):
+    folder, manifest = _open_roll(tmp_path, "R-fewer")
+    submit(ctx, str(folder))
+    ctx.enqueue.drain()
+    with pytest.raises(RollError, match="the manifest says 3 frames, but frame 5 is already in"):
+        _complete(ctx, manifest, frames=3)
+
+
+def test_a_complete_manifest_whose_announcement_was_lost_is_announced_again(ctx, tmp_path):
+    """The manifest completes after every frame is in: its update records the last band and
+    sends it; the message is lost (a broker away), and the update, taken again (discovery's
+    cursor still says so), must send the band again — it only sent bands it recorded then."""
+    folder, manifest = _open_roll(tmp_path, "R-lost")
+    submit(ctx, str(folder))
+    ctx.enqueue.drain()
+    _complete(ctx, manifest, frames=FRAMES)
+    assert roll_updated(ctx, "R-lost") == [2]
+    ctx.enqueue.queue.clear()  # lost
+    assert roll_updated(ctx, "R-lost") == [2]
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        assert session.get(Roll, "R-lost").status == "done"

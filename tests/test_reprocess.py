@@ -240,6 +240,44 @@ def test_a_frame_changed_after_a_reprocess_rescores_every_run_and_keeps_the_newe
     assert any(b[0] == "R-d" and b[1] <= x <= b[3] and b[2] <= y <= b[4] for b in boxes)
 
 
+def test_a_frame_changed_while_a_reprocess_run_is_failed_is_scored_again_when_it_restarts(
+    ctx, tmp_path
+):
+    """The failed run keeps its scored bands to be started again; a frame changed meanwhile
+    sends those that read it back (they are not scored while the run is failed), so the run,
+    started again, finalizes on the new pixels and not on bands scored on the old ones."""
+    _done_roll(ctx, tmp_path, "R-f")
+    run_id, _ = start_reprocess_run(ctx, "R-f", V2)
+    ctx.enqueue.queue.clear()
+    assert score_band(ctx, run_id, 0) == "scored"
+    with ctx.session() as session:
+        run = session.get(Run, run_id)
+        run.status, run.error = "failed", "band 1: its worker died during each of 3 deliveries"
+    frame = tifffile.imread(tmp_path / "R-f" / "frames" / "000001.tif")
+    frame[100:124, 60:120] = 255
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, frame)
+    key = "incoming/R-f/frames/000001.tif"
+    ctx.store.put(key, buffer.getvalue())
+    mark = len(ctx.enqueue.routed)
+    assert ingest_frame(ctx, "R-f", 1, key) == "ingested"
+    assert [r for r in ctx.enqueue.routed[mark:] if r[0] == "reprocess"] == []  # failed: not yet
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        assert session.get(Band, (run_id, 0)).status == "pending"
+    mark = len(ctx.enqueue.log)
+    assert reprocess(ctx, ["R-f"], V2, progress=False).done == ["R-f"]
+    scored = sorted(args for name, args in ctx.enqueue.log[mark:] if name == "score_band")
+    assert scored == [(run_id, 0), (run_id, 1)]
+    write_synthetic_roll(tmp_path / "R-g", "R-g", frames=FRAMES, frame_rows=FRAME_ROWS,
+                         width=WIDTH, plan=PLAN, px_per_mm=PX_PER_MM)  # fmt: skip
+    (tmp_path / "R-g" / "frames" / "000001.tif").write_bytes(buffer.getvalue())
+    submit(ctx, str(tmp_path / "R-g"))
+    ctx.enqueue.drain()
+    assert reprocess(ctx, ["R-g"], V2, progress=False).done == ["R-g"]
+    np.testing.assert_array_equal(_map(ctx, "R-f", V2), _map(ctx, "R-g", V2))
+
+
 def _bare_roll(session, roll_id, fabric=FABRIC, status="done", completed=None):
     session.add(
         Roll(id=roll_id, fabric_type=fabric, width_mm=100.0, px_per_mm_x=4.0, px_per_mm_y=4.0,

@@ -34,10 +34,9 @@ def bands_reading(
 
 
 def runs_of_pixels(session: Session, roll_id: str) -> list[Run]:
-    """The roll's runs whose maps come from its pixels and are kept: all but the failed ones,
-    in ascending id (the order their rows are locked in)."""
-    query = select(Run).where(Run.roll_id == roll_id, Run.status != "failed").order_by(Run.id)
-    return list(session.scalars(query))
+    """The roll's runs, whose maps all come from its pixels, in ascending id (the order their
+    rows are locked in) — a failed reprocess run too: started again, it keeps its scored bands."""
+    return list(session.scalars(select(Run).where(Run.roll_id == roll_id).order_by(Run.id)))
 
 
 def hold_bands(session: Session, run_id: int, bands: list[int]) -> None:

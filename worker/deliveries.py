@@ -8,13 +8,17 @@ a codec): the roll would never fail and the queue would stay wedged behind it.
 So each delivery of ingest (per roll and frame), score (per run and band) and finalize (per
 run) counts itself in PostgreSQL (`task_deliveries.unfinished + 1`) before it works, and
 uncounts itself when it ends in any way Python sees: success, an error, a retry. Only
-deliveries whose process died stay counted. A delivery that finds `max_deliveries` of those
+deliveries whose process died stay counted. Copies of one task running at the same time (sent
+again by `resume`, a redelivered step or a restarted reprocess driver) are no deaths: the
+counted delivery holds an advisory lock on its key while it runs, and a copy that finds it held
+runs uncounted. A delivery that finds `max_deliveries` of those
 before it does not run: it fails the roll (a reprocess run only, for a reprocess band) with the
 reason and returns normally, so its message is acknowledged and the queue goes on.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +28,7 @@ from sqlalchemy import case, delete, func, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from storage.database import advisory_lock
 from storage.schema import Run, TaskDelivery
 from worker.context import WorkerContext
 from worker.roll_rows import fail_roll
@@ -53,17 +58,32 @@ def run_counted(
     no death — that delivery's decrement may have failed with the database it waited for — so
     the first delivery of a higher retry number starts the count again. The broker delivers
     the same message again, retry number and all, after its worker died: that one counts on."""
-    died = _begin(ctx, delivery, retries) - 1  # earlier deliveries that never ended
-    if died >= ctx.settings.max_deliveries:
-        _give_up(ctx, delivery, died)
-        return GIVEN_UP
-    succeeded = False
-    try:
-        result = work()
-        succeeded = True
-        return result
-    finally:
-        _end(ctx, delivery, succeeded)
+    with advisory_lock(ctx.engine, _lock_key(delivery)) as sole:
+        if not sole:
+            # another delivery of it is running now (a copy sent by `resume`, by a redelivered
+            # step, by a restarted reprocess driver): alive, so it is no death, and this copy
+            # runs uncounted — the one counted holds the lock until it ends
+            log.info("%s %s: another delivery of it is running; this one is not counted",
+                     delivery.task, delivery.what)  # fmt: skip
+            return work()
+        died = _begin(ctx, delivery, retries) - 1  # earlier deliveries that never ended
+        if died >= ctx.settings.max_deliveries:
+            _give_up(ctx, delivery, died)
+            return GIVEN_UP
+        succeeded = False
+        try:
+            result = work()
+            succeeded = True
+            return result
+        finally:
+            _end(ctx, delivery, succeeded)
+
+
+def _lock_key(delivery: Delivery) -> int:
+    """The advisory lock of a task's deliveries: the counted one holds it while it runs, so the
+    deliveries counted before one that takes it are the dead ones, never a live copy."""
+    digest = hashlib.blake2b(f"delivery {delivery.task} {delivery.key}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "big", signed=True)
 
 
 def _begin(ctx: WorkerContext, delivery: Delivery, retries: int) -> int:

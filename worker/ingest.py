@@ -208,6 +208,16 @@ def ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         return "failed"
 
 
+def _past_the_end(roll: Roll, seq: int) -> bool:
+    """A frame the manifest's count leaves out (queued before the manifest said how many there
+    are): not part of the roll — its band would lie past the run's band count."""
+    if roll.frames_total is None or seq <= roll.frames_total:
+        return False
+    log.warning("roll %s: frame %d skipped, past the manifest's %d frames", roll.id, seq,
+                roll.frames_total)  # fmt: skip
+    return True
+
+
 def _roll_failed(ctx: WorkerContext, roll_id: str, reason: str) -> str:
     with ctx.session() as session:
         fail_roll(session, roll_id, reason)
@@ -234,7 +244,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         roll = session.get(Roll, roll_id)
         if roll is None:
             raise ValueError(f"unknown roll {roll_id!r}: register its manifest first")
-        if roll.status == "failed":
+        if roll.status == "failed" or _past_the_end(roll, seq):
             return "skipped"
         previous = session.get(Frame, (roll_id, seq))
         if previous is not None and previous.etag == info.etag:
@@ -244,7 +254,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
             pending = [
                 (run.id, run.purpose == "reprocess", pending_bands(session, run.id),
                  finalize_due(run))
-                for run in runs_of_pixels(session, roll.id)
+                for run in runs_of_pixels(session, roll.id) if run.status != "failed"
             ]  # fmt: skip
         else:
             pending = None
@@ -287,7 +297,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
 
     with ctx.session() as session:
         roll = session.get(Roll, roll_id, with_for_update=True)  # one frame of a roll at a time
-        if roll.status == "failed":
+        if roll.status == "failed" or _past_the_end(roll, seq):  # a manifest may have come in
             return "skipped"
         # read again under the lock: another upload of this frame may have come in meanwhile
         previous = session.get(Frame, (roll_id, seq), populate_existing=True)
@@ -342,9 +352,11 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
                 )
                 hold_bands(session, other.id, rescore)  # before the run's row, as a scorer does
                 session.refresh(other, with_for_update=True)
+                sent_back = send_bands_back(session, other.id, rescore)
+                # a failed run's are scored when it is started again (`scheduler.reprocess`)
                 again[other.id] = (
                     other.purpose == "reprocess",
-                    send_bands_back(session, other.id, rescore),
+                    sent_back if other.status != "failed" else [],
                 )
         run = locked_live_run(session, roll)
         session.flush()
@@ -373,6 +385,9 @@ def roll_updated(ctx: WorkerContext, roll_id: str) -> list[int]:
             fail_roll(session, roll_id, str(exc))
             return []
         ready = advance_run(ctx, session, roll, run)
+        # and those recorded before and not scored: the announcement of an update whose sending
+        # failed (a broker away) is made again when the update is taken again
+        ready = sorted(set(ready) | set(pending_bands(session, run.id)))
         finalize, run_id = finalize_due(run), run.id
     _enqueue_next(ctx, run_id, False, ready, finalize)
     return ready

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from storage.manifest import Manifest
 from storage.registry import active_model
-from storage.schema import Roll, Run
+from storage.schema import Frame, Roll, Run
 
 
 class RollError(ValueError):
@@ -57,6 +57,13 @@ def register_roll(session: Session, manifest: Manifest, source: str) -> Roll:
             f"roll {manifest.roll_id} is already complete with {existing.frames_total} frames; "
             f"a manifest cannot change that to {manifest.frames}"
         )
+    if manifest.frames is not None and manifest.frames != existing.frames_total:
+        last = session.scalar(select(func.max(Frame.seq)).where(Frame.roll_id == manifest.roll_id))
+        if last is not None and last > manifest.frames:
+            raise RollError(
+                f"roll {manifest.roll_id}: the manifest says {manifest.frames} frames, but frame "
+                f"{last} is already in"
+            )
     existing.frames_total = (
         manifest.frames if manifest.frames is not None else existing.frames_total
     )
