@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import abc
 import errno
+import os
 import re
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -271,3 +274,36 @@ def __getattr__(name: str) -> Any:
 
         return getattr(importlib.import_module(_BACKENDS[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_COPY_CHUNK = 1 << 20
+
+
+@contextmanager
+def version_as_file(store: ObjectStore, info: ObjectInfo) -> Iterator[BinaryIO]:
+    """A seekable file holding exactly the version `info` describes (ObjectChanged if the
+    object was replaced since): the store's own file where it has one (a local store), else
+    a temporary file the object is streamed into a megabyte at a time, so that the object's
+    bytes never sit in memory whole."""
+    with store.open(info.key, version=info) as reader:
+        try:
+            reader.fileno()
+        except (OSError, ValueError):  # io.UnsupportedOperation: not a file of its own
+            pass
+        else:
+            yield reader
+            return
+        fd, path = tempfile.mkstemp(prefix="rollscan-object-")
+        os.close(fd)
+        # opened by name, then unlinked: the file vanishes with its handle, and tifffile, which
+        # takes a handle's `name` for a path, gets one (a TemporaryFile's name is its fd)
+        with open(path, "w+b") as copy:
+            os.unlink(path)
+            copied = 0
+            while chunk := reader.read(_COPY_CHUNK):
+                copied += len(chunk)
+                if copied > info.size:  # more than the size the ETag came with
+                    raise ObjectChanged(f"{info.key} grew past {info.size} bytes while read")
+                copy.write(chunk)
+            copy.seek(0)
+            yield copy

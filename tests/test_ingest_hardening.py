@@ -17,12 +17,12 @@ import zarr
 from fixtures_ingest import BAND, WIDTH, frame_bytes, put_frame, register, roll_and_run
 from fixtures_roll import FABRIC
 
-from storage.objectstore import LocalStore, ObjectInfo
+from storage.objectstore import LocalStore, ObjectInfo, version_as_file
 from storage.schema import Frame
 from storage.zarr_rolls import create_roll, open_roll, roll_prefix
 from worker.context import RetryLater
 from worker.frames import decode_frame
-from worker.ingest import frame_source, ingest_frame
+from worker.ingest import ingest_frame
 from worker.roll_rows import RollError
 
 # --- items 3, 4, 10: what a frame may be ---------------------------------------------------
@@ -103,7 +103,7 @@ def test_a_frame_is_decoded_from_a_file_on_every_store(object_store) -> None:
     """Local: the store's own file; S3: a temporary copy streamed in, never the bytes whole."""
     data = frame_bytes(seed=3)
     object_store.put("incoming/R/frames/000001.tif", data)
-    with frame_source(object_store, object_store.head("incoming/R/frames/000001.tif")) as f:
+    with version_as_file(object_store, object_store.head("incoming/R/frames/000001.tif")) as f:
         pixels = decode_frame(f)
         assert isinstance(f.name, str)  # tifffile takes a handle's name for a path
     np.testing.assert_array_equal(pixels[:, :, 0], tifffile.imread(io.BytesIO(data)))

@@ -5,6 +5,7 @@ the interleaving (tests/fixtures_ingest.py runs the work in the test's threads).
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,12 +13,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
+import tifffile
 from fixtures_ingest import BAND, drain, frame_bytes, put_frame, register, roll_and_run
 from sqlalchemy import select, text
 
 from storage.schema import Band
 from storage.zarr_rolls import open_roll
-from worker.context import WorkerContext
+from worker.context import RetryLater, WorkerContext
 from worker.finalize import finalize_run
 from worker.ingest import ingest_frame, roll_updated
 from worker.scoring import score_band
@@ -230,3 +232,44 @@ def test_a_band_scored_on_pixels_replaced_meanwhile_leaves_no_stale_map(make_ctx
             select(Band.generation).where(Band.run_id == run.id).order_by(Band.band_index)
         ).all()
     assert generations == [1, 1, 1]
+
+
+def test_a_frame_replaced_again_while_read_never_writes_the_older_version(make_ctx):
+    """Frame 2 is replaced by B; B's delivery has read and decoded it and waits for the roll's
+    row when C replaces it. B's delivery must not write B over what C's delivery writes (the
+    roll was scored on an outdated frame, silently): it sees the object changed and retries,
+    and the roll ends with C. And a late copy of a frame's message, after its object was
+    cleaned away, leaves the roll alone (it failed a finished roll)."""
+    ctx = make_ctx()
+    register(ctx, "R-ver", 2)
+    keys = [put_frame(ctx, "R-ver", seq, frame_bytes(seed=seq)) for seq in (1, 2)]
+    for seq, key in enumerate(keys, start=1):
+        assert ingest_frame(ctx, "R-ver", seq, key) == "ingested"
+    put_frame(ctx, "R-ver", 2, frame_bytes(seed=50))  # B
+    outcome: list[object] = []
+
+    def deliver_b() -> None:
+        try:
+            outcome.append(ingest_frame(ctx, "R-ver", 2, keys[1]))
+        except RetryLater as exc:
+            outcome.append(exc)
+
+    with ctx.engine.connect() as holder:  # the roll's row held: B's delivery waits to write
+        holder.execute(text("SELECT 1 FROM rolls WHERE id = 'R-ver' FOR UPDATE"))
+        b = threading.Thread(target=deliver_b)
+        b.start()
+        wait_for_lock_waits(ctx, 1, unless=b)
+        c = put_frame(ctx, "R-ver", 2, frame_bytes(seed=60))  # C, while B waits
+        holder.rollback()
+    b.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], RetryLater), outcome
+    assert ingest_frame(ctx, "R-ver", 2, c) == "ingested"  # C's delivery
+    assert ingest_frame(ctx, "R-ver", 2, c) == "unchanged"  # B's retry reads C
+    expected = tifffile.imread(io.BytesIO(frame_bytes(seed=60)))
+    rows = open_roll(ctx.store, "R-ver").read_rows(BAND, 2 * BAND)
+    np.testing.assert_array_equal(rows.reshape(expected.shape), expected)
+
+    ctx.store.delete(keys[0])  # cleaned away after ingest; then a late copy of its message
+    assert ingest_frame(ctx, "R-ver", 1, keys[0]) == "unchanged"
+    roll, _ = roll_and_run(ctx, "R-ver")
+    assert roll.status != "failed"

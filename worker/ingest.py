@@ -9,19 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
-import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import BinaryIO
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from distill.fabric_region import BLOCK_ROWS
-from storage.objectstore import ObjectChanged, ObjectInfo, ObjectNotFound, ObjectStore
+from storage.objectstore import ObjectChanged, ObjectNotFound, version_as_file
 from storage.schema import Band, Frame, Model, Roll, Run
 from storage.settings import Settings
 from storage.zarr_rolls import RollArrays, create_roll, open_roll, roll_exists
@@ -32,7 +27,6 @@ from worker.roll_rows import RollError, fail_roll, live_run
 from worker.tiling import band_ready
 
 log = logging.getLogger(__name__)
-_COPY_CHUNK = 1 << 20
 
 
 def roll_arrays(ctx: WorkerContext, roll: Roll) -> RollArrays:
@@ -62,36 +56,6 @@ def frame_width_range(settings: Settings, roll: Roll) -> tuple[int, int]:
     tolerance = settings.frame_width_tolerance
     low = max(1, math.floor(expected * (1 - tolerance)))
     return low, min(settings.max_frame_width, math.ceil(expected * (1 + tolerance)))
-
-
-@contextmanager
-def frame_source(store: ObjectStore, info: ObjectInfo) -> Iterator[BinaryIO]:
-    """A seekable file holding exactly the version `info` describes (ObjectChanged if the
-    object was replaced since): the store's own file where it has one (a local store), else
-    a temporary file the object is streamed into a megabyte at a time, so that the object's
-    bytes never sit in memory whole."""
-    with store.open(info.key, version=info) as reader:
-        try:
-            reader.fileno()
-        except (OSError, ValueError):  # io.UnsupportedOperation: not a file of its own
-            pass
-        else:
-            yield reader
-            return
-        fd, path = tempfile.mkstemp(prefix="rollscan-frame-", suffix=".tif")
-        os.close(fd)
-        # opened by name, then unlinked: the file vanishes with its handle, and tifffile, which
-        # takes a handle's `name` for a path, gets one (a TemporaryFile's name is its fd)
-        with open(path, "w+b") as copy:
-            os.unlink(path)
-            copied = 0
-            while chunk := reader.read(_COPY_CHUNK):
-                copied += len(chunk)
-                if copied > info.size:  # more than the size the ETag came with
-                    raise ObjectChanged(f"{info.key} grew past {info.size} bytes while read")
-                copy.write(chunk)
-            copy.seek(0)
-            yield copy
 
 
 def run_tiling(ctx: WorkerContext, session: Session, run: Run) -> tuple[int, int]:
@@ -208,6 +172,13 @@ def ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         return "failed"
 
 
+def _etag_now(ctx: WorkerContext, key: str) -> str | None:
+    try:
+        return ctx.store.head(key).etag
+    except ObjectNotFound:
+        return None
+
+
 def _past_the_end(roll: Roll, seq: int) -> bool:
     """A frame the manifest's count leaves out (queued before the manifest said how many there
     are): not part of the roll — its band would lie past the run's band count."""
@@ -231,6 +202,11 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
     try:
         info = ctx.store.head(key)
     except ObjectNotFound:
+        with ctx.session() as session:
+            if session.get(Frame, (roll_id, seq)) is not None:
+                # a late copy of the message: the frame is in, its object since cleaned away
+                log.info("roll %s frame %d: %s is gone; the frame was ingested", roll_id, seq, key)
+                return "unchanged"
         return _roll_failed(ctx, roll_id, f"frame {seq}: object {key} not found")
     limit = max_frame_bytes(ctx.settings.max_frame_pixels)
     if info.size > limit:  # refused before a byte of it is read
@@ -274,7 +250,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         return "unchanged"
 
     try:
-        with frame_source(ctx.store, info) as source:
+        with version_as_file(ctx.store, info) as source:
             pixels, header = decode_frame_with_header(
                 source,
                 max_pixels=ctx.settings.max_frame_pixels,
@@ -303,6 +279,10 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         previous = session.get(Frame, (roll_id, seq), populate_existing=True)
         if previous is not None and previous.etag == info.etag:
             return "unchanged"  # that delivery wrote these pixels and announced their bands
+        if _etag_now(ctx, key) != info.etag:
+            # replaced again while it was read: a later delivery ingests the newer version, and
+            # this one, committed after it, would have written older pixels over newer
+            raise RetryLater(f"roll {roll_id} frame {seq}: {key} was replaced while it was read")
         if previous is not None and previous.rows != pixels.shape[0]:
             fail_roll(
                 session,
