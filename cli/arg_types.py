@@ -13,6 +13,7 @@ from typing import Any
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+_MAX_SECONDS = 365 * 86400.0
 
 
 def iso_date(text: str) -> datetime:
@@ -30,14 +31,17 @@ def parse_duration(text: str) -> timedelta | None:
     text = text.strip().lower()
     if text in ("0", "off", "never"):
         return None
-    if re.fullmatch(r"\d+(\.\d+)?", text):
-        return timedelta(seconds=float(text))
-    parts = _DURATION.findall(text)
-    if not parts or "".join(n + u for n, u in parts) != text:
-        raise argparse.ArgumentTypeError(
-            f"not a duration: {text!r} (e.g. 30m, 2h, 1h30m, 90s; 0 or off = never)"
-        )
-    return timedelta(**{_UNITS[u]: float(n) for n, u in parts})
+    try:
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            return timedelta(seconds=float(text))
+        parts = _DURATION.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return timedelta(**{_UNITS[u]: float(n) for n, u in parts})
+    except OverflowError:  # past timedelta's 999,999,999 days
+        raise argparse.ArgumentTypeError(f"too long a duration: {text!r}") from None
+    raise argparse.ArgumentTypeError(
+        f"not a duration: {text!r} (e.g. 30m, 2h, 1h30m, 90s; 0 or off = never)"
+    )
 
 
 def positive_int(text: str) -> int:
@@ -54,8 +58,10 @@ def positive_seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         value = 0.0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    # nan slipped through `<= 0` (a wait of nan returns at once: passes back to back), and inf
+    # overflowed the first wait
+    if not 0 < value <= _MAX_SECONDS:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds up to a year: {text!r}")
     return value
 
 

@@ -22,6 +22,7 @@ from distill.inference import Detector, Precision
 from distill.memory_bank import MemoryBank
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, RANDOM, build_teacher
 from distill.torch_model import ReverseDistillation
+from distill.train_config import MAX_TILE, MIN_TILE
 
 FORMAT = "rollscan-distill/1"
 
@@ -107,8 +108,10 @@ def random_checkpoint(
 
 def _check_card(card: ModelCard) -> None:
     """Refuse numbers no trained model has: they would decide every tile of every roll."""
-    if not isinstance(card.tile, int) or not 64 <= card.tile <= 4096:
-        raise CheckpointError(f"checkpoint tile size {card.tile!r} is not an integer in 64…4096")
+    if not isinstance(card.tile, int) or not MIN_TILE <= card.tile <= MAX_TILE:
+        raise CheckpointError(
+            f"checkpoint tile size {card.tile!r} is not an integer in {MIN_TILE}…{MAX_TILE}"
+        )
     numbers = {"threshold": card.threshold, "sigma": card.sigma, "target_fpr": card.target_fpr}
     numbers |= {f"fusion {k}": v for k, v in card.fusion.items() if k == "weight"}
     for name, value in numbers.items():
@@ -143,17 +146,19 @@ def read_checkpoint(source: str | Path | bytes) -> tuple[ModelCard, dict[str, to
         payload = torch.load(stream, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"not a readable rollscan checkpoint: {exc}") from exc
-    if not isinstance(payload, dict) or payload.get("card", {}).get("format") != FORMAT:
+    card = payload.get("card") if isinstance(payload, dict) else None
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise CheckpointError(f"not a rollscan checkpoint (expected format {FORMAT})")
-    card = dict(payload["card"])
-    for key in ("mean", "std", "level_weights"):
-        card[key] = tuple(card[key])
-    try:
-        card = ModelCard(**card)
-    except TypeError as exc:
-        raise CheckpointError(f"checkpoint card does not fit this version: {exc}") from exc
+    try:  # a file that unpickles is not yet a checkpoint of this shape
+        card = ModelCard(
+            **{**card, **{k: tuple(card[k]) for k in ("mean", "std", "level_weights")}}
+        )
+        state = dict(payload["student"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"checkpoint card or student does not fit this version: {exc!r}"
+        ) from exc
     _check_card(card)
-    state = dict(payload["student"])
     for key in ("memory_bank", "memory_bank_bf16", "calibration_tiles"):
         if key in payload:
             state[key] = payload[key]

@@ -3,6 +3,7 @@ of its choices may take (what `rollscan train` offers)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from distill.augment import check_augmentations
@@ -11,6 +12,8 @@ from distill.loss import LOSSES
 from distill.memory_bank import DEFAULT_BANK_SIZE, DEFAULT_STRIDE
 from distill.selection import FUSION_WEIGHTS
 from distill.teacher import DEFAULT_TEACHER
+
+MIN_TILE, MAX_TILE = 64, 4096  # a model's tile, px: what a checkpoint may hold
 
 SCORERS: tuple[str, ...] = ("auto", "student", "memory", "fused")
 EDGE_MODES: tuple[str, ...] = ("mask", "exclude")
@@ -70,6 +73,17 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch < 1:
             raise ValueError("epochs and batch must be at least 1")
+        # refused here, not by the checkpoint's reader once training has run for an hour
+        if not MIN_TILE <= self.tile <= MAX_TILE:
+            raise ValueError(f"tile must be in {MIN_TILE}…{MAX_TILE} px, not {self.tile}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"learning rate must be a positive number, not {self.lr}")
+        if not all(math.isfinite(w) and w >= 0 for w in self.level_weights):
+            raise ValueError(f"level weights must be numbers ≥ 0, not {self.level_weights}")
+        if self.max_minutes is not None and not (
+            math.isfinite(self.max_minutes) and self.max_minutes > 0
+        ):
+            raise ValueError(f"max_minutes must be a positive number, not {self.max_minutes}")
         if not 0 < self.val_ratio < 1:
             raise ValueError(f"val_ratio must be in (0, 1), not {self.val_ratio}")
         if not 0 <= self.fpr < 1:

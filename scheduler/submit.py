@@ -8,17 +8,25 @@ where they are.
 
 from __future__ import annotations
 
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from storage.manifest import Manifest, ManifestLimits, check_manifest_size, parse_manifest
+from storage.manifest import (
+    MAX_MANIFEST_BYTES,
+    Manifest,
+    ManifestLimits,
+    check_manifest_size,
+    parse_manifest,
+)
 from storage.objectstore import ObjectStore
 from worker.context import WorkerContext
 from worker.ingest import roll_updated
 from worker.roll_rows import register_roll
 
-FRAME_NAME = re.compile(r"^(\d{1,9})\.tiff?$", re.IGNORECASE)
+# ASCII digits: `\d` takes any script's ("٢.tif"), which the object store's keys refuse
+FRAME_NAME = re.compile(r"^([0-9]{1,9})\.tiff?$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -40,10 +48,29 @@ def _check_sequence(frames: list[tuple[int, str]], manifest: Manifest, where: st
     if not seqs:
         raise ValueError(f"{where}: no frames (frames/<seq>.tif, seq from 1)")
     if seqs != list(range(1, len(seqs) + 1)):
-        missing = sorted(set(range(1, max(seqs) + 1)) - set(seqs))
-        raise ValueError(f"{where}: frames must be numbered 1, 2, …; missing {missing[:10]}")
+        twice = sorted({a for a, b in itertools.pairwise(seqs) if a == b})
+        if twice:  # "1.tif" and "01.tif"
+            raise ValueError(f"{where}: frames numbered twice: {twice[:10]}")
+        raise ValueError(
+            f"{where}: frames must be numbered 1, 2, …; missing {_first_gaps(seqs, 10)}"
+        )
     if manifest.frames is not None and len(seqs) > manifest.frames:
         raise ValueError(f"{where}: {len(seqs)} frames but the manifest says {manifest.frames}")
+
+
+def _first_gaps(seqs: list[int], n: int) -> list[int]:
+    """The first `n` numbers missing from sorted `seqs` (never more than `n` built: a frame
+    numbered 999999999 asked for a set of a billion)."""
+    gaps: list[int] = []
+    expected = 1
+    for seq in seqs:
+        while expected < seq and len(gaps) < n:
+            gaps.append(expected)
+            expected += 1
+        if len(gaps) == n:
+            break
+        expected = seq + 1
+    return gaps
 
 
 def upload_folder(
@@ -53,7 +80,10 @@ def upload_folder(
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{folder} has no manifest.json")
-    manifest = parse_manifest(manifest_path.read_bytes(), limits)
+    check_manifest_size(manifest_path.stat().st_size)  # refused before a byte of it is read
+    with manifest_path.open("rb") as file:  # and never more read than a manifest may have
+        manifest_bytes = file.read(MAX_MANIFEST_BYTES + 1)
+    manifest = parse_manifest(manifest_bytes, limits)
     frame_dir = folder / "frames"
     named = sorted(
         (seq, path)
@@ -68,7 +98,7 @@ def upload_folder(
         with path.open("rb") as stream:
             store.put(key, stream)
         frames.append((seq, key))
-    store.put(f"{prefix}/manifest.json", manifest_path.read_bytes())
+    store.put(f"{prefix}/manifest.json", manifest_bytes)  # the bytes checked, not a later file
     return manifest, Submission(manifest.roll_id, prefix, frames)
 
 

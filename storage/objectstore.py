@@ -95,6 +95,22 @@ def validate_key(key: str) -> str:
     return key
 
 
+def validate_cursor(cursor: str) -> str:
+    """A listing's resume point: the last key a page held — any key the store holds, one this
+    store's own rules refuse included (it is compared with keys, never addressed)."""
+    if not isinstance(cursor, str) or len(cursor.encode()) > MAX_KEY_BYTES:
+        raise InvalidKeyError(f"a list cursor is a key of at most {MAX_KEY_BYTES} bytes")
+    return cursor
+
+
+def is_valid_key(key: str) -> bool:
+    try:
+        validate_key(key)
+    except InvalidKeyError:
+        return False
+    return True
+
+
 def validate_prefix(prefix: str) -> str:
     """A list or zarr prefix: '' or a key, optionally ending with one '/'."""
     if prefix:

@@ -23,6 +23,7 @@ from storage.objectstore import (
     ObjectStore,
     check_list_limit,
     dir_prefix,
+    validate_cursor,
     validate_key,
     validate_prefix,
 )
@@ -171,7 +172,7 @@ class LocalStore(ObjectStore):
 
     def list(self, prefix: str = "", cursor: str | None = None, limit: int = 1000) -> ListPage:
         check_list_limit(limit)
-        after = validate_key(cursor) if cursor is not None else ""
+        after = validate_cursor(cursor) if cursor is not None else ""
         keys = [k for k in self._keys_under(validate_prefix(prefix)) if k > after]
         items = []
         for key in keys[:limit]:

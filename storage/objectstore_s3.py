@@ -22,6 +22,8 @@ from storage.objectstore import (
     check_list_limit,
     dir_prefix,
     error_code,
+    is_valid_key,
+    validate_cursor,
     validate_key,
     validate_prefix,
 )
@@ -227,14 +229,18 @@ class S3Store(ObjectStore):
             "MaxKeys": limit,
         }
         if cursor is not None:
-            kwargs["StartAfter"] = validate_key(cursor)
+            kwargs["StartAfter"] = validate_cursor(cursor)
         response = self._client.list_objects_v2(**kwargs)
+        listed = response.get("Contents", [])
+        # keys this store cannot address (a scanner's "000999.tif~upload") are left out, as the
+        # local store leaves them out; the page still resumes after its last key, whatever it is
         items = [
             ObjectInfo(o["Key"], int(o["Size"]), o["ETag"].strip('"'), o["LastModified"])
-            for o in response.get("Contents", [])
+            for o in listed
+            if is_valid_key(o["Key"])
         ]
-        more = bool(response.get("IsTruncated")) and bool(items)
-        return ListPage(items, items[-1].key if more else None)
+        more = bool(response.get("IsTruncated")) and bool(listed)
+        return ListPage(items, listed[-1]["Key"] if more else None)
 
     def list_prefixes(self, prefix: str) -> list[str]:
         prefix = dir_prefix(prefix)

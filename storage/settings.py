@@ -154,6 +154,14 @@ class Settings(BaseSettings):
             raise ValueError(f"must be [low, high] with 0 < low <= high, finite; got {value}")
         return value
 
+    @field_validator("incoming_prefix")
+    @classmethod
+    def _incoming_is_a_prefix(cls, value: str) -> str:
+        from storage.objectstore import dir_prefix  # it reads settings: imported when used
+
+        dir_prefix(value)  # refused at start-up, not by every discovery pass
+        return value
+
     @field_validator("grading_rules")
     @classmethod
     def _rules_file_exists(cls, value: Path | None) -> Path | None:

@@ -156,6 +156,30 @@ def test_a_card_with_absurd_numbers_is_refused(fused_checkpoint, tmp_path, field
         read_checkpoint(bad)
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda p: p["card"].pop("mean"),
+        lambda p: p["card"].update(level_weights=3),
+        lambda p: p.update(student=[1, 2]),
+        lambda p: p.pop("student"),
+    ],
+    ids=["no-mean", "weights-a-number", "student-a-list", "no-student"],
+)
+def test_a_checkpoint_of_another_shape_is_refused_with_a_checkpoint_error(
+    fused_checkpoint, tmp_path, damage
+):
+    """It unpickles (weights only), but a KeyError or TypeError escaped: a traceback at
+    `rollscan models register`."""
+    path, _ = fused_checkpoint
+    payload = torch.load(path, weights_only=True)
+    damage(payload)
+    bad = tmp_path / "bad.pt"
+    torch.save(payload, bad)
+    with pytest.raises(CheckpointError, match="does not fit this version"):
+        read_checkpoint(bad)
+
+
 def test_the_bf16_twin_keeps_the_coresets_patches_in_step():
     generator = torch.Generator().manual_seed(0)
     embedding = torch.randn(3, 4, 5, 5, generator=generator)

@@ -5,6 +5,7 @@ options take (`cli.arg_types.parse_duration`).
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import threading
@@ -17,7 +18,7 @@ from botocore.config import Config
 from fixtures_discovery import RecordingEnqueuer, ingests_of, manifest_of, put_frames, put_manifest
 from kombu.exceptions import OperationalError
 
-from cli.arg_types import parse_duration
+from cli.arg_types import parse_duration, positive_seconds
 from rollscan_testing.services import free_port
 from scheduler.discovery import discover_once
 from scheduler.loop import run_scheduler
@@ -91,3 +92,15 @@ def test_durations_parse():
     for bad in ("30 minutes", "m", "1x", ""):
         with pytest.raises(Exception, match="not a duration"):
             parse_duration(bad)
+    for huge in ("99999999999d", "9" * 30):  # an OverflowError escaped argparse: a traceback
+        with pytest.raises(argparse.ArgumentTypeError, match="too long a duration"):
+            parse_duration(huge)
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-1", "0", "1e9", "soon"])
+def test_an_interval_that_is_no_positive_number_of_seconds_is_refused(text):
+    """nan passed `<= 0` (a wait of nan returns at once: discovery passes back to back) and inf
+    overflowed the loop's first wait."""
+    with pytest.raises(argparse.ArgumentTypeError, match="positive number of seconds"):
+        positive_seconds(text)
+    assert positive_seconds("2.5") == 2.5

@@ -134,6 +134,23 @@ def test_a_memory_stride_that_is_not_offered_is_refused(stride):
         TrainConfig(memory_stride=stride)
 
 
+@pytest.mark.parametrize(
+    ("option", "reason"),
+    [
+        ({"tile": 0}, "tile must be"),
+        ({"tile": 32}, "tile must be"),
+        ({"lr": float("nan")}, "learning rate"),
+        ({"lr": -1.0}, "learning rate"),
+        ({"level_weights": (1.0, float("nan"), 1.0, 1.0)}, "level weights"),
+        ({"max_minutes": -5.0}, "max_minutes"),
+    ],
+)
+def test_numbers_no_model_can_be_trained_with_are_refused_before_training(option, reason):
+    """They were refused by the checkpoint's reader, once training had run (or trained on)."""
+    with pytest.raises(ValueError, match=reason):
+        TrainConfig(**option)
+
+
 @pytest.mark.parametrize("edge", ["mask", "exclude"])
 def test_tiles_across_the_fabric_edge_train_masked_or_excluded(category, tmp_path, edge):
     cat = Category.open(category)

@@ -16,7 +16,12 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from distill.fabric_region import BLOCK_ROWS
-from storage.objectstore import ObjectChanged, ObjectNotFound, version_as_file
+from storage.objectstore import (
+    InvalidKeyError,
+    ObjectChanged,
+    ObjectNotFound,
+    version_as_file,
+)
 from storage.schema import Band, Frame, Model, Roll, Run
 from storage.settings import Settings
 from storage.zarr_rolls import RollArrays, create_roll, open_roll, roll_exists
@@ -208,6 +213,8 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
                 log.info("roll %s frame %d: %s is gone; the frame was ingested", roll_id, seq, key)
                 return "unchanged"
         return _roll_failed(ctx, roll_id, f"frame {seq}: object {key} not found")
+    except InvalidKeyError as exc:
+        return _roll_failed(ctx, roll_id, f"frame {seq}: {exc}")
     limit = max_frame_bytes(ctx.settings.max_frame_pixels)
     if info.size > limit:  # refused before a byte of it is read
         reason = (
