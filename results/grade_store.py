@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from results.grading import GradingRules, choose_width, grade_roll, load_rules
 from storage.database import is_transient_db_error
-from storage.fabric_extents import fabric_edges_mm
+from storage.fabric_extents import edges_along_mm, fabric_edges_mm
 from storage.schema import Defect, Grade, Roll, Run
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,9 @@ def grade_run(session: Session, run_id: int, rules: GradingRules | None = None) 
                     "%.0f %%): grading on the measured width", roll.id, width_mm, roll.width_mm,
                     100 * rules.width_tolerance)  # fmt: skip
     result = grade_roll(
-        [tuple(r[1:]) for r in rows], roll.length_m * 1000.0, width_mm, rules, left_mm, right_mm
-    )
+        [tuple(r[1:]) for r in rows], roll.length_m * 1000.0, width_mm, rules, left_mm, right_mm,
+        edges_along_mm(session, roll.id),
+    )  # fmt: skip
     result.details.update(
         width_source=source, manifest_width_mm=roll.width_mm,
         measured_width_mm=None if measured is None else measured[1] - measured[0],

@@ -30,6 +30,7 @@ Decisions where the standard leaves room (each one is recorded in `GradeResult.d
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -146,6 +147,7 @@ def grade_roll(
     rules: GradingRules | None = None,
     fabric_left_mm: float = 0.0,
     fabric_right_mm: float | None = None,
+    edges_along: Sequence[tuple[float, float, float, float]] = (),
 ) -> GradeResult:
     """Grade one roll; `defects` are (x0_mm, y0_mm, x1_mm, y1_mm, length_mm), x across from
     the image's left edge, y along from the roll start; the fabric spans
@@ -153,7 +155,9 @@ def grade_roll(
 
     `roll_width_mm` gives the cuttable width the points are spread over; the selvage margins
     lie inside the fabric's edges, which a measured extent places even where the manifest's
-    width is kept (`choose_width`)."""
+    width is kept (`choose_width`). `edges_along`, the measured edges block by block —
+    (y0_mm, y1_mm, left_mm, right_mm) in order along the roll — places each defect's margins
+    by the edges beside it, so a fabric that wanders keeps its selvage where it is."""
     rules = rules if rules is not None else GradingRules()
     # inf passes `> 0` and would grade every roll "A" (or overflow): refuse it here
     if not (math.isfinite(roll_length_mm) and math.isfinite(roll_width_mm)):
@@ -180,8 +184,13 @@ def grade_roll(
     ignored: list[int] = []
     per_yard: dict[int, int] = {}
     across: list[dict[str, Any]] = []
+    starts = [e[0] for e in edges_along]
     for i, (x0, y0, x1, y1, length_mm) in enumerate(defects):
-        if x1 <= fabric_left_mm + margin_mm + _EPS or x0 >= fabric_right_mm - margin_mm - _EPS:
+        left, right = _edges_beside(edges_along, starts, y0, y1) or (
+            fabric_left_mm,
+            fabric_right_mm,
+        )
+        if x1 <= left + margin_mm + _EPS or x0 >= right - margin_mm - _EPS:
             per_defect.append(None)
             per_defect_yards.append(None)
             ignored.append(i)
@@ -300,3 +309,20 @@ def _rules(values: dict[str, Any], where: str) -> GradingRules:
             for e in exc.errors()
         )
         raise ValueError(f"grading config {where}: {problems}") from None
+
+
+def _edges_beside(
+    edges_along: Sequence[tuple[float, float, float, float]],
+    starts: list[float],
+    y0: float,
+    y1: float,
+) -> tuple[float, float] | None:
+    """The fabric's edges beside rows [y0, y1] mm: the innermost of the blocks they overlap (a
+    defect within the margin of any of them lies in the selvage), None where none was measured."""
+    first = max(0, bisect.bisect_right(starts, y0) - 1)
+    beside = [
+        e for e in edges_along[first : bisect.bisect_right(starts, y1)] if e[1] > y0 or e[0] >= y0
+    ]
+    if not beside:
+        return None
+    return max(e[2] for e in beside), min(e[3] for e in beside)

@@ -1,5 +1,5 @@
 """The fabric's measured extents in PostgreSQL (`fabric_extents`): written by scoring, read by
-finalize (the mask) and grading (the measured width).
+finalize (the mask) and grading (the measured width, and the selvage beside each defect).
 
 An extent is anything with `row_start`, `row_stop`, `left`, `right` (pixels), such as
 `distill.fabric_region.Extent`; a band scored twice measures the same pixels and upserts the
@@ -75,3 +75,14 @@ def fabric_edges_mm(session: Session, roll_id: str) -> tuple[float, float] | Non
     median = [func.percentile_cont(0.5).within_group(edge) for edge in edges]
     left, right = session.execute(select(*median).where(FabricExtent.roll_id == roll_id)).one()
     return None if left is None else (float(left), float(right))
+
+
+def edges_along_mm(session: Session, roll_id: str) -> list[tuple[float, float, float, float]]:
+    """The fabric's edges block by block along a roll: (y0_mm, y1_mm, left_mm, right_mm), in
+    row order — where the selvage lies beside each defect, as the fabric wanders."""
+    rows = session.execute(
+        select(FabricExtent.y0_mm, FabricExtent.y1_mm, FabricExtent.left_mm, FabricExtent.right_mm)
+        .where(FabricExtent.roll_id == roll_id)
+        .order_by(FabricExtent.row_start)
+    ).all()  # fmt: skip
+    return [tuple(r) for r in rows]

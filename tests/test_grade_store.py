@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import func, select, text
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from results.grade_store import SYSTEM, grade_rolls, grade_run
 from results.grading import GradingRules
+from storage.fabric_extents import store_extents
 from storage.schema import Defect, Grade, Model, Roll, Run
 
 IN, YD = 25.4, 914.4  # mm
@@ -275,3 +277,28 @@ def test_one_bad_roll_does_not_fail_the_nightly_grading(db_session: Session) -> 
     assert s.scalars(select(Grade.roll_id).order_by(Grade.roll_id)).all() == ["A1", "Z9"]
     assert _points(s, bad.id) == [None]  # nothing of the failed roll was written
     assert s.get(DiscoveryCursor, "grading").cursor is not None
+
+
+def test_grading_places_each_defects_selvage_by_the_edges_measured_beside_it(
+    db_session: Session,
+) -> None:
+    """The stored extents, block by block: the fabric's left edge at 50 mm for 50 yards, then
+    at 90 mm. A mark 2–20 mm inside the edge beside it, at yard 80, lies in the selvage: the
+    roll's median edge (50 mm) charged it a point."""
+    s = db_session
+    _model(s)
+    _roll(s, "R-wander")
+    run = _run(s, "R-wander")
+    rows, block = int(91.44 * 1000 * 4), 1024  # 4 px/mm
+    store_extents(s, "R-wander", (4.0, 4.0), [
+        SimpleNamespace(row_start=r, row_stop=min(r + block, rows),
+                        left=200 if r < rows // 2 else 360, right=6296)
+        for r in range(0, rows, block)
+    ])  # fmt: skip
+    for no, (x0, y) in enumerate([(92.0, 80 * YD), (120.0, 81 * YD)], start=1):
+        s.add(Defect(run_id=run.id, roll_id="R-wander", defect_no=no, x_mm=x0 + 9, y_mm=y + 5,
+                     x0_mm=x0, y0_mm=y, x1_mm=x0 + 18, y1_mm=y + 10, length_mm=18.0,
+                     width_mm=10.0, area_mm2=180.0, max_score=0.9, mean_score=0.7))  # fmt: skip
+    s.flush()
+    grade_run(s, run.id)
+    assert _points(s, run.id) == [None, 1]

@@ -105,6 +105,34 @@ def test_the_selvage_margins_lie_inside_the_measured_edges_whatever_width_is_gra
     ).per_defect_points == [None]
 
 
+def test_the_selvage_follows_the_fabric_where_it_wanders() -> None:
+    """The left edge lies at 50 mm for the first half of a 100-yard roll and at 90 mm for the
+    second (median 50 mm). A mark 2–20 mm inside the edge beside it is in the selvage wherever
+    it lies; one 30–45 mm inside it is charged — measured from the edge beside it, not from
+    the roll's median (which charged the first and, beside a fabric moved the other way,
+    ignored real flaws)."""
+    half = ROLL_100YD / 2
+    along = [
+        (y, y + 25.6, 50.0 if y < half else 90.0, 1574.0) for y in range(0, int(ROLL_100YD), 25)
+    ]
+    along = [(float(y0), min(y1, ROLL_100YD), left, right) for y0, y1, left, right in along]
+    in_the_selvage = [(92.0, 0.9 * ROLL_100YD, 110.0, 0.9 * ROLL_100YD + 10, 18.0),
+                      (52.0, 0.1 * ROLL_100YD, 70.0, 0.1 * ROLL_100YD + 10, 18.0)]  # fmt: skip
+    inside = [(120.0, 0.8 * ROLL_100YD, 135.0, 0.8 * ROLL_100YD + 10, 15.0),
+              (80.0, 0.2 * ROLL_100YD, 95.0, 0.2 * ROLL_100YD + 10, 15.0)]  # fmt: skip
+    r = grade_roll(in_the_selvage + inside, ROLL_100YD, 1524.0, None, 50.0, 1574.0, along)
+    assert r.per_defect_points == [None, None, 1, 1]
+    # a defect across the step: in the selvage if within the margin of any edge beside it
+    step = (60.0, half - 100.0, 100.0, half + 100.0, 200.0)
+    assert grade_roll([step], ROLL_100YD, 1524.0, None, 50.0, 1574.0, along).per_defect_points == [
+        None
+    ]
+    # the roll's median alone (no edges along): the wandering half's selvage mark is charged
+    assert grade_roll(in_the_selvage, ROLL_100YD, 1524.0, None, 50.0, 1574.0).per_defect_points == [
+        1, None
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("length_in", "points"),
     [(0.1, 1), (3.0, 1), (3.01, 2), (6.0, 2), (6.01, 3), (9.0, 3), (9.01, 4), (40.0, 4)],
