@@ -179,11 +179,14 @@ def _crops(
     """Write a defect's image and score crops (along → left to right); their paths in `out`."""
     ppx, ppy = data.roll["px_per_mm_x"], data.roll["px_per_mm_y"]
     length = int(data.roll["rows_ingested"])
-    r0, r1 = int(d["y0_mm"] * ppy), math.ceil(d["y1_mm"] * ppy - 1e-6)
-    c0, c1 = int(d["x0_mm"] * ppx), math.ceil(d["x1_mm"] * ppx - 1e-6)
+    # a box's edges are whole pixels in mm: rounded back, not truncated (3603.9999 → 3604)
+    r0, r1 = round(d["y0_mm"] * ppy), round(d["y1_mm"] * ppy)
+    c0, c1 = round(d["x0_mm"] * ppx), round(d["x1_mm"] * ppx)
     mr, mc = max(CROP_MARGIN_PX, (r1 - r0) // 2), max(CROP_MARGIN_PX, (c1 - c0) // 2)
-    lo, hi = max(0, r0 - mr), min(length, r1 + mr)
-    left, right = max(0, c0 - mc), min(roll.width, c1 + mc)
+    # on the score map's ¼-res cells, so that the heat map lies under the outline it is drawn with
+    s = SCORE_SCALE
+    lo, hi = max(0, r0 - mr) // s * s, min(length, -(-(r1 + mr) // s) * s)
+    left, right = max(0, c0 - mc) // s * s, min(roll.width, -(-(c1 + mc) // s) * s)
     if lo >= hi or left >= right:
         return None, None
     image_src, score_src = (f"crops/d{int(d['defect_no']):05d}_{k}.png" for k in ("image", "score"))

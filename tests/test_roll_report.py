@@ -200,3 +200,46 @@ def test_cli_report(graded, monkeypatch, capsys, migrated_url, tmp_path):
     doc = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
     assert len(re.findall(r'<tr id="d\d+">', doc)) == len(_defect_nos(ctx))
     assert (tmp_path / "out" / "map.png").is_file()
+
+
+def test_a_defects_crops_put_its_outline_and_heat_map_on_its_own_pixels(tmp_path):
+    """At 7.7 px/mm a defect's first row, 3604, came back from millimetres as 3603 (truncated),
+    and the score crop, read in whole ¼-res cells from an unaligned first row, was stretched over
+    rows it did not cover: the heat sat a cell away from the outline. Both crops now hold the
+    flaw's pixels inside the outline, and its heat exactly where its pixels are."""
+    from results.roll_report import ReportData, _crops
+    from storage.objectstore import LocalStore
+    from storage.zarr_rolls import create_roll
+    from worker.components import DefectFinder
+
+    ppx = ppy = 7.7
+    rows, width, band = 8192, 1200, 2048
+    r0, r1, c0, c1 = 3604, 3612, 428, 436
+    image = np.full((rows, width, 1), 30, np.uint8)
+    image[r0:r1, c0:c1] = 250
+    quarter = np.zeros((rows // 4, width // 4), np.float16)
+    quarter[r0 // 4 : r1 // 4, c0 // 4 : c1 // 4] = 1.0
+    roll = create_roll(LocalStore(tmp_path / "o"), "R-crop", width=width, channels=1,
+                       band_height=band, manifest={})  # fmt: skip
+    roll.write_rows(0, image)
+    for b in range(rows // band):
+        roll.write_band_scores("m", b, quarter[b * band // 4 : (b + 1) * band // 4])
+    finder = DefectFinder(0.5, ppx, ppy)
+    finder.add_band(quarter.astype(np.float32), 0)
+    (defect,) = finder.finish()
+    row = {k: getattr(defect, k) for k in ("defect_no", "x0_mm", "y0_mm", "x1_mm", "y1_mm")}
+    data = ReportData(roll={"px_per_mm_x": ppx, "px_per_mm_y": ppy, "rows_ingested": rows},
+                      run={"model_version": "m"})  # fmt: skip
+    (tmp_path / "out" / "crops").mkdir(parents=True)
+    image_src, score_src = _crops(roll, data, row, 1.0, tmp_path / "out")
+    found = {}
+    for src, colour in ((image_src, (255, 42, 42)), (score_src, (54, 214, 255))):
+        pixels = np.asarray(Image.open(tmp_path / "out" / src).convert("RGB")).astype(int)
+        outline = np.all(np.abs(pixels - colour) < 40, axis=2)
+        hot = pixels.sum(2) > 600 if src == image_src else (pixels[:, :, 1] > 200) & ~outline
+        ys, xs = np.nonzero(outline)
+        hy, hx = np.nonzero(hot)
+        assert xs.min() < hx.min() and hx.max() < xs.max(), src
+        assert ys.min() < hy.min() and hy.max() < ys.max(), src
+        found[src] = (hx.min(), hx.max(), hy.min(), hy.max())
+    assert found[image_src] == found[score_src]  # the heat lies on the flaw's own pixels
