@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 import tifffile
-from fixtures_ingest import BAND, drain, frame_bytes, put_frame, register, roll_and_run
+from fixtures_ingest import BAND, WIDTH, drain, frame_bytes, put_frame, register, roll_and_run
 from sqlalchemy import select, text
 
 from storage.schema import Band
@@ -273,3 +273,35 @@ def test_a_frame_replaced_again_while_read_never_writes_the_older_version(make_c
     assert ingest_frame(ctx, "R-ver", 1, keys[0]) == "unchanged"
     roll, _ = roll_and_run(ctx, "R-ver")
     assert roll.status != "failed"
+
+
+def test_a_first_frame_read_before_the_roll_had_its_width_is_checked_again(make_ctx):
+    """Frame 1 replaced by one of another width during its first ingest: the delivery that
+    read the old version, decoded without the roll's geometry, found the width set by the
+    other when it came to write — and failed on a ValueError that left the roll waiting for
+    ever. It now retries, and the retry checks the frame against the roll's width."""
+    ctx = make_ctx()
+    register(ctx, "R-width", 2)
+    key = put_frame(ctx, "R-width", 1, frame_bytes(seed=1))
+    outcome: list[object] = []
+
+    def deliver() -> None:
+        try:
+            outcome.append(ingest_frame(ctx, "R-width", 1, key))
+        except RetryLater as exc:
+            outcome.append(exc)
+
+    with ctx.engine.connect() as holder:
+        holder.execute(text("SELECT 1 FROM rolls WHERE id = 'R-width' FOR UPDATE"))
+        delivery = threading.Thread(target=deliver)
+        delivery.start()
+        wait_for_lock_waits(ctx, 1, unless=delivery)
+        # what the other delivery, of a frame 64 px wider, committed meanwhile
+        holder.execute(text("UPDATE rolls SET width_px = :w, channels = 1 WHERE id = 'R-width'"),
+                       {"w": WIDTH + 64})  # fmt: skip
+        holder.commit()
+    delivery.join()
+    assert len(outcome) == 1 and isinstance(outcome[0], RetryLater), outcome
+    assert ingest_frame(ctx, "R-width", 1, key) == "failed"
+    roll, _ = roll_and_run(ctx, "R-width")
+    assert roll.status == "failed" and f"{WIDTH} px wide" in roll.failure_reason

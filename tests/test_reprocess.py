@@ -191,6 +191,8 @@ def test_a_frame_changed_after_a_reprocess_rescores_every_run_and_keeps_the_newe
     frame from the start, and the live v1 run, finalized again, does not take the roll back."""
     _done_roll(ctx, tmp_path, "R-d")
     assert reprocess(ctx, ["R-d"], V2, progress=False).done == ["R-d"]
+    with ctx.session() as session:
+        completed = session.get(Roll, "R-d").completed_at
     frame = tifffile.imread(tmp_path / "R-d" / "frames" / "000003.tif")
     frame[100:124, 60:120] = 255  # a flaw in band 1, clear of the planted ones
     buffer = io.BytesIO()
@@ -217,7 +219,9 @@ def test_a_frame_changed_after_a_reprocess_rescores_every_run_and_keeps_the_newe
     with ctx.session() as session:
         grade_rolls(session, roll_id="R-d")
         statuses = dict(session.execute(select(Run.model_version, Run.status)).all())
+        finished = session.get(Roll, "R-d").completed_at
     assert statuses == {V1: "done", V2: "done"}
+    assert finished == completed  # not "finished today": `reprocess --since` still selects it
     (current,) = _current(ctx)
     assert current[1] == V2 and current[4] is not None and current[4] == current[5]
 

@@ -152,5 +152,6 @@ def _give_up(ctx: WorkerContext, delivery: Delivery, died: int) -> None:
 
 def _fail_run_only(session: Session, run: Run, reason: str) -> None:
     """A reprocess run fails alone: the roll keeps its current run, defects and grade."""
+    session.refresh(run, with_for_update=True)  # a finalize committing meanwhile stays done
     if run.status not in ("done", "failed"):
         run.status, run.error, run.finished_at = "failed", reason[:2000], func.now()

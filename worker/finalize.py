@@ -96,7 +96,7 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
                     for d in defects
                 ],
             )  # fmt: skip
-        now = datetime.now(UTC)
+        now, first = datetime.now(UTC), run.finished_at is None
         if _takes_over(session, run):
             session.execute(
                 update(Run)
@@ -108,9 +108,10 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
         run.status, run.finished_at, run.error = "done", now, None
         run.threshold, run.roll_threshold = threshold, own
         roll.status, roll.updated_at = "done", now
-        if run.purpose == "live" or roll.completed_at is None:
-            # a reprocess run leaves the roll's completion date alone: the archive does not
-            # become "finished today", and `reprocess --since/--until` keeps selecting it
+        if (run.purpose == "live" and first) or roll.completed_at is None:
+            # a reprocess run, or a run finalized again after a changed frame, leaves the roll's
+            # completion date alone: the archive does not become "finished today", and
+            # `reprocess --since/--until` keeps selecting it
             roll.completed_at = now
         roll.length_m = roll.rows_ingested / roll.px_per_mm_y / 1000.0
     log.info("run %s finalized: %d defects on roll %s (threshold %.4g; model's %.4g, roll's %s)",

@@ -298,6 +298,10 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
                 f"instead of {previous.rows}: every later frame would move",
             )
             return "failed"
+        if expect_width is None and roll.width_px is not None:
+            # another delivery of frame 1 came in meanwhile: this one was decoded without the
+            # roll's geometry, which the retry checks (a frame of another width fails the roll)
+            raise RetryLater(f"roll {roll_id}: its first frame came in while frame {seq} was read")
         if roll.width_px is None:
             roll.width_px, roll.channels = pixels.shape[1], pixels.shape[2]
         if roll.bits_per_sample is None:  # also a roll begun before the depth was kept
