@@ -245,6 +245,8 @@ def _json_problem(value: Any, max_depth: int, *, values: bool = True) -> str | N
         if isinstance(item, dict):
             if not all(isinstance(k, str) for k in item):
                 return "object keys must be strings"
+            if problem := next(filter(None, map(_text_problem, item)), None):
+                return problem
             stack.extend((v, depth + 1) for v in item.values())
         elif isinstance(item, list | tuple):
             stack.extend((v, depth + 1) for v in item)
@@ -252,8 +254,22 @@ def _json_problem(value: Any, max_depth: int, *, values: bool = True) -> str | N
             continue
         elif isinstance(item, float) and not math.isfinite(item):
             return "NaN and Infinity are not JSON"
+        elif isinstance(item, str) and (problem := _text_problem(item)):
+            return problem
         elif not (item is None or isinstance(item, str | int | float | bool)):
             return f"{type(item).__name__} is not a JSON value"
+    return None
+
+
+def _text_problem(text: str) -> str | None:
+    """Text PostgreSQL's jsonb refuses — NUL, a lone surrogate — named here, not as a database
+    error once the frames are uploaded."""
+    if "\x00" in text:
+        return "a string holds a NUL character (\\u0000)"
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return "a string holds a lone surrogate (not Unicode text)"
     return None
 
 

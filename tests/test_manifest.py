@@ -375,3 +375,18 @@ def test_submitting_a_prefix_refuses_an_oversized_manifest_before_reading_it(tmp
     store.put("incoming/R-big/manifest.json", b" " * (MAX_MANIFEST_BYTES + 1))
     with pytest.raises(ManifestError, match="larger than 1048576 bytes"):
         read_prefix(store, "incoming/R-big")
+
+
+@pytest.mark.parametrize(
+    ("meta", "reason"),
+    [
+        ({"loom": "L\u00007"}, "NUL character"),
+        ({"\u0000": 1}, "NUL character"),
+        ({"operator": "\ud800"}, "lone surrogate"),
+    ],
+)
+def test_text_postgresql_refuses_is_refused_with_the_manifest(meta, reason) -> None:
+    """jsonb refuses NUL and lone surrogates: `rollscan submit` failed with a database error
+    after uploading the frames."""
+    with pytest.raises(ManifestError, match=reason):
+        parse_manifest(json.dumps({**GOOD, "meta": meta}))
