@@ -26,6 +26,17 @@ def iso_date(text: str) -> datetime:
         ) from None
 
 
+def at_site(moment: datetime | None, timezone: str) -> datetime | None:
+    """A command line's date without an offset read in the site's time zone
+    (`ROLLSCAN_TIMEZONE`, the nightly grading's), not the process's: a container runs in UTC,
+    and a Paris site's "2026-01-01" would have started an hour late."""
+    if moment is None or moment.tzinfo is not None:
+        return moment
+    from zoneinfo import ZoneInfo
+
+    return moment.replace(tzinfo=ZoneInfo(timezone))
+
+
 def parse_duration(text: str) -> timedelta | None:
     """'30m', '2h', '1h30m', '45s', '1d' or plain seconds; '0' or 'off' → None (never)."""
     text = text.strip().lower()

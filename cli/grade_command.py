@@ -8,10 +8,11 @@ the built-in defaults apply to every fabric type.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
-from cli.arg_types import iso_date
+from cli.arg_types import at_site, iso_date
 from cli.connect import command_session
 from storage.settings import get_settings
 
@@ -21,18 +22,27 @@ def _grade(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     rules_for = rules_from_file(args.rules or settings.grading_rules)  # checked before any write
+    skipped: list[str] = []
     with command_session(settings) as session:
-        rows = grade_rolls(session, roll_id=args.roll, since=args.since, rules_for=rules_for)
-    if not rows:
-        what = f"roll {args.roll} has" if args.roll else "no roll has"
-        print(f"nothing graded: {what} a finished current run to grade")
+        since = at_site(args.since, settings.timezone)
+        rows = grade_rolls(session, roll_id=args.roll, since=since, rules_for=rules_for,
+                           skipped=skipped)  # fmt: skip
+    for line in skipped:
+        print(f"not graded: {line}", file=sys.stderr)
+    if not rows and not skipped:
+        if args.roll:  # asked for by name: that it cannot be graded is an error
+            print(f"not graded: roll {args.roll} has no finished current run", file=sys.stderr)
+            return 1
+        print("nothing graded: no roll has a finished current run to grade")
         return 0
+    if not rows:
+        return 1
     print(f"{'roll':<24}{'length m':>10}{'points':>8}{'points/100 yd²':>16}  grade")
     for r in rows:
         print(
             f"{r.roll_id:<24}{r.length_m:>10.1f}{r.points:>8}{r.points_per_100yd2:>16.2f}  {r.grade}"
         )
-    return 0
+    return 1 if skipped else 0
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -47,7 +57,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=iso_date,
         default=None,
         metavar="DATE",
-        help="rolls whose current run finished since DATE (ISO; local time unless it has an offset)",
+        help="rolls whose current run finished since DATE (ISO; in ROLLSCAN_TIMEZONE unless it has an offset)",
     )
     parser.add_argument(
         "--rules",

@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cli.arg_types import command_parser, iso_date, positive_int
+from cli.arg_types import at_site, command_parser, iso_date, positive_int
 from cli.connect import command_context, upgrade_embedded
 
 
@@ -27,7 +27,7 @@ def read_roll_ids(path: Path) -> list[str]:
 
 def _reprocess(args: argparse.Namespace) -> int:
     from results.grade_store import rules_from_file
-    from scheduler.reprocess import reprocess, select_rolls
+    from scheduler.reprocess import grade_ungraded, reprocess, select_rolls
 
     listed = read_roll_ids(args.rolls_from) if args.rolls_from is not None else None
     ctx = command_context(upgrade_database=False)
@@ -39,8 +39,8 @@ def _reprocess(args: argparse.Namespace) -> int:
             session,
             model_version=args.model,
             fabric_type=args.fabric,
-            since=args.since,
-            until=args.until,
+            since=at_site(args.since, ctx.settings.timezone),
+            until=at_site(args.until, ctx.settings.timezone),
             roll_ids=listed,
         )
     if listed is not None and len(rolls) < len(set(listed)):
@@ -51,7 +51,12 @@ def _reprocess(args: argparse.Namespace) -> int:
             + (" …" if len(skipped) > 20 else "")
         )
     if not rolls and not args.dry_run:
-        print(f"nothing to reprocess with {args.model}")
+        # a run again after an interrupt: the runs the workers finished meanwhile are done with
+        # the model, so not selected, but still to be graded
+        graded = grade_ungraded(ctx, args.model, rules_for)
+        print(f"nothing to reprocess with {args.model}" + (
+            f"; graded {len(graded)} run(s) finished since an interrupted run" if graded else ""
+        ))  # fmt: skip
         return 0
     try:
         report = reprocess(
@@ -96,7 +101,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=iso_date,
         default=None,
         metavar="DATE",
-        help="rolls completed at or after DATE (ISO; local time unless it has an offset)",
+        help="rolls completed at or after DATE (ISO; in ROLLSCAN_TIMEZONE unless it has an offset)",
     )
     parser.add_argument(
         "--until", type=iso_date, default=None, metavar="DATE", help="rolls completed before DATE"

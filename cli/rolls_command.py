@@ -5,16 +5,19 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cli.arg_types import iso_date
+from cli.arg_types import at_site, iso_date
 from cli.connect import command_session
 from storage.schema import ROLL_STATUSES
+from storage.settings import get_settings
 
 
 def _rolls(args: argparse.Namespace) -> int:
     from results.defect_tables import ROLL_COLUMNS, format_table, list_rolls
 
-    with command_session() as session:
-        rows = list_rolls(session, since=args.since, status=args.status)
+    settings = get_settings()
+    with command_session(settings) as session:
+        since = at_site(args.since, settings.timezone)
+        rows = list_rolls(session, since=since, status=args.status)
     if not rows:
         print("no rolls")
         return 0
@@ -30,7 +33,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=iso_date,
         default=None,
         metavar="DATE",
-        help="rolls registered since DATE (ISO; local time unless it has an offset)",
+        help="rolls registered since DATE (ISO; in ROLLSCAN_TIMEZONE unless it has an offset)",
     )
     rolls.add_argument("--status", default=None, choices=ROLL_STATUSES)
     rolls.set_defaults(handler=_rolls)

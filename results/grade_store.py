@@ -166,6 +166,7 @@ def grade_rolls(
     roll_id: str | None = None,
     since: datetime | None = None,
     rules_for: Callable[[str], GradingRules] | None = None,
+    skipped: list[str] | None = None,
 ) -> list[GradeRow]:
     """Grade the current run of each roll whose current run is done: one roll (`roll_id`),
     the rolls whose current run finished at or after `since` (a naive datetime is local
@@ -174,13 +175,13 @@ def grade_rolls(
 
     A roll that cannot be graded (no length recorded, absurd numbers, a write the database
     refuses) is logged and skipped, its writes undone by a savepoint, so that one odd roll
-    does not roll back a nightly batch and fail it again every night. Only an error that
-    waiting may cure (the database away) ends the batch. An unknown `roll_id` is a
-    ValueError. The caller commits."""
+    does not roll back a nightly batch and fail it again every night; `skipped`, when given,
+    receives a line for each ("roll R: why"). Only an error that waiting may cure (the
+    database away) ends the batch. An unknown `roll_id` is a ValueError. The caller commits."""
     if roll_id is not None and session.get(Roll, roll_id) is None:
         raise ValueError(f"unknown roll {roll_id!r}")
     query = (
-        select(Run.id, Roll.fabric_type)
+        select(Run.id, Run.roll_id, Roll.fabric_type)
         .join(Roll, Roll.id == Run.roll_id)
         .where(Run.is_current, Run.status == "done")
         .order_by(Run.roll_id)
@@ -192,7 +193,7 @@ def grade_rolls(
     get_rules = rules_for if rules_for is not None else (lambda fabric: load_rules(fabric))
     cache: dict[str, GradingRules] = {}
     graded: list[GradeRow] = []
-    for run_id, fabric in session.execute(query).all():
+    for run_id, roll, fabric in session.execute(query).all():
         if fabric not in cache:
             cache[fabric] = get_rules(fabric)
         try:
@@ -202,4 +203,6 @@ def grade_rolls(
             if is_transient_db_error(exc):
                 raise
             log.warning("run %s not graded: %s: %s", run_id, type(exc).__name__, exc)
+            if skipped is not None:
+                skipped.append(f"roll {roll}: {exc}")
     return graded

@@ -55,13 +55,14 @@ from sqlalchemy.orm import Session
 from scheduler.submit import frame_seq
 from storage.database import advisory_lock
 from storage.manifest import (
+    MAX_MANIFEST_BYTES,
     NAME_PATTERN,
     ManifestError,
     ManifestLimits,
     check_manifest_size,
     parse_manifest,
 )
-from storage.objectstore import ObjectInfo, ObjectNotFound, ObjectStore
+from storage.objectstore import ObjectChanged, ObjectInfo, ObjectNotFound, ObjectStore
 from storage.schema import DiscoveryCursor, Frame, Roll
 from worker.context import WorkerContext
 from worker.ingest import roll_updated
@@ -316,7 +317,9 @@ def _take_manifest(
     try:
         check_manifest_size(info.size, name)
         limits = ManifestLimits.from_settings(ctx.settings)
-        manifest = parse_manifest(ctx.store.get(info.key), limits)
+        # the version listed, whose size was checked, and never more than a manifest may hold
+        with ctx.store.open(info.key, version=info) as reader:
+            manifest = parse_manifest(reader.read(MAX_MANIFEST_BYTES + 1), limits)
         if manifest.roll_id != name:
             raise ManifestError([("roll_id", f"{manifest.roll_id!r} is not its folder's name {name!r}")], name)  # fmt: skip
         with ctx.session() as session:
@@ -326,8 +329,8 @@ def _take_manifest(
             cursor.manifest, cursor.refused = info.etag, None
             cursor.update = cursor.update or manifest.complete
             _save(ctx, name, cursor, session)
-    except ObjectNotFound:
-        return False  # deleted between listing and reading: next pass
+    except (ObjectNotFound, ObjectChanged):
+        return False  # deleted or replaced between listing and reading: next pass
     except (ManifestError, RollError, IntegrityError, DataError) as exc:
         cursor.refused = info.etag
         _save(ctx, name, cursor)

@@ -4,9 +4,10 @@ Every step is idempotent, and a redelivered step sends its successor again
 (`worker.ingest.finalize_due`), so a roll normally needs none of this. A message can still
 vanish for good: a Redis broker restarted without persistence, or a task out of retries after
 an outage longer than its back-off (about half an hour: `worker.backoff`). The roll then
-waits, `ingesting` or `scoring`, with nothing moving. `resume_roll` reads what the database says is missing and
-sends exactly that: the frames under the roll's source not ingested (or replaced since), the
-pending bands of its open runs, and the finalize of a run whose bands are all scored. Sending
+waits, `ingesting` or `scoring`, with nothing moving. `resume_roll` reads what the database
+says is missing and sends exactly that: the frames under the roll's source not ingested (or
+replaced since, a finished roll's too), the pending bands of its open runs, and the finalize
+of a run whose bands are all scored. Sending
 work that was only queued, not lost, costs a second scoring of a band, never a second count.
 """
 
@@ -85,7 +86,7 @@ def resume_roll(ctx: WorkerContext, roll_id: str, dry_run: bool = False) -> Resu
         source, status, total = roll.source, roll.status, roll.frames_total
     resumed = Resumed(roll_id)
     frames = []
-    if status in OPEN_ROLL and source:
+    if (status in OPEN_ROLL or status == "done") and source:  # a done roll: frames replaced
         _, listed = list_roll(ctx.store, source.rstrip("/"))  # as discovery lists it
         frames = [
             (seq, info.key) for seq, info in listed.items()

@@ -12,7 +12,7 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -121,6 +121,12 @@ def activate_model(session: Session, version: str) -> Model:
         Model.fabric_type.is_(None)
         if model.fabric_type is None
         else Model.fabric_type == model.fabric_type
+    )
+    # one activation per slot at a time: two at once each stepped the other's model down unseen,
+    # and the second to commit broke the one-active index (a traceback, its work rolled back)
+    session.execute(
+        text("SELECT pg_advisory_xact_lock(hashtext('model slot ' || :slot))"),
+        {"slot": model.fabric_type or ""},
     )
     session.execute(
         update(Model).where(same_slot, Model.active, Model.version != version).values(active=False)

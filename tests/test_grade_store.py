@@ -202,6 +202,21 @@ def test_cli_grades_and_prints_a_table(
     assert main(["grade", "--rules", str(rules)]) == 2
     assert "unknown key(s) ['fabric_type']" in capsys.readouterr().err
 
+    # a roll that cannot be graded is named and fails the command (it said the opposite: "roll
+    # R2 has a finished current run to grade", and exited 0)
+    _roll(s, "R2", length_m=None)
+    _run(s, "R2")
+    _roll(s, "R3")
+    _run(s, "R3", status="scoring")
+    s.commit()
+    assert main(["grade", "--roll", "R2"]) == 1
+    assert "not graded: roll R2: roll R2 has no length yet" in capsys.readouterr().err
+    assert main(["grade", "--roll", "R3"]) == 1
+    assert "roll R3 has no finished current run" in capsys.readouterr().err
+    assert main(["grade"]) == 1  # R1 graded, R2 not: the table and the failure
+    captured = capsys.readouterr()
+    assert "R1" in captured.out and "not graded: roll R2" in captured.err
+
 
 def _defect_along(s: Session, run: Run, no: int, y0_yd: float, y1_yd: float) -> None:
     """A defect 1 in wide from `y0_yd` to `y1_yd` along the roll (its length is that extent)."""

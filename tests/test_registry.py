@@ -1,7 +1,11 @@
 """Model registry on a real PostgreSQL and a real object store (local directory and S3 over HTTP)."""
 
+import threading
+import time
+
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.orm import Session
 
 from distill.checkpoint import ModelCard, load_model, save_checkpoint
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
@@ -137,3 +141,44 @@ def test_cli_register_list_activate(
     assert "t1" in out.splitlines()[-1] and "yes" in out.splitlines()[-1]
     assert main(["models", "activate", "missing"]) == 2
     assert "unknown model version 'missing'" in capsys.readouterr().err
+
+
+def test_two_activations_at_once_leave_the_last_one_active(db_engine):
+    """Two deploy scripts activate vA and vB of one fabric at once: the second stepped down only
+    what it saw (not vA, uncommitted then), and its commit broke the one-active index — a
+    traceback, its work rolled back. Now it waits for the first and steps vA down."""
+    with Session(db_engine) as s:
+        for n, version in enumerate(("old", "vA", "vB"), start=1):
+            s.add(Model(version=version, fabric_type="twill", variant="residual", teacher="t",
+                        tile=256, checkpoint_uri="none", sha256=f"{n:064x}", threshold=1.0,
+                        active=version == "old"))  # fmt: skip
+        s.commit()
+    outcome: list[object] = []
+
+    def activate_b() -> None:
+        with Session(db_engine) as s:
+            try:
+                activate_model(s, "vB")
+                s.commit()
+                outcome.append("ok")
+            except Exception as exc:  # what the operator saw
+                outcome.append(exc)
+
+    with Session(db_engine) as a:
+        activate_model(a, "vA")  # flushed, not committed yet
+        b = threading.Thread(target=activate_b)
+        b.start()
+        deadline = time.monotonic() + 60
+        with db_engine.connect() as probe:  # until vB's activation waits for vA's
+            while not probe.scalar(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            )):  # fmt: skip
+                assert time.monotonic() < deadline and b.is_alive(), outcome
+                time.sleep(0.02)
+                probe.rollback()
+        a.commit()
+    b.join()
+    assert outcome == ["ok"]
+    with Session(db_engine) as s:
+        assert s.scalars(select(Model.version).where(Model.active)).all() == ["vB"]

@@ -396,3 +396,60 @@ def test_cli_reprocesses_through_the_celery_tasks_on_the_reprocess_queue(
     assert sent == [("score_reprocess", (run.id, 0)), ("score_reprocess", (run.id, 1))]
     (row,) = _current(ctx)
     assert row[1] == V2 and row[4] is not None and row[4] == row[5]
+
+
+def test_running_the_cli_again_after_an_interrupt_grades_what_finished_meanwhile(
+    ctx, tmp_path, monkeypatch, capsys
+):
+    """Interrupted, the driver left runs the workers then finished: done with the model, so no
+    longer selected, and ungraded. Run again as the interrupt message says, the command found
+    nothing to reprocess and returned before grading them: no grade until the nightly one."""
+    _done_roll(ctx, tmp_path, "R-h")
+    run_id, missing = start_reprocess_run(ctx, "R-h", V2)
+    for band in missing:  # what the driver sent before it was interrupted
+        ctx.enqueue.score(run_id, band, reprocess=True)
+    ctx.enqueue.drain()  # the workers finish the run; the driver is gone
+    (current,) = _current(ctx)
+    assert (current[1], current[4]) == (V2, None)
+    from cli.main import main
+
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setattr(worker.runtime, "_context", None)
+    try:
+        assert main(["reprocess", "--model", V2, "--no-progress"]) == 0
+    finally:
+        if worker.runtime._context is not None:
+            worker.runtime._context.engine.dispose()
+    assert "graded 1 run(s) finished since an interrupted run" in capsys.readouterr().out
+    (current,) = _current(ctx)
+    assert current[1] == V2 and current[4] is not None and current[4] == current[5]
+
+
+def test_command_line_dates_are_the_sites(ctx, tmp_path, monkeypatch, capsys):
+    """`--since 2026-01-01` at a Paris site (ROLLSCAN_TIMEZONE) starts at midnight in Paris,
+    not in the process's zone (a container's UTC): a roll completed at 00:30 Paris time on
+    January 1st is January's, one at 23:30 on January 31st too, one at 00:30 on February 1st
+    is not."""
+    from zoneinfo import ZoneInfo
+
+    from cli.main import main
+
+    paris = ZoneInfo("Europe/Paris")
+    with ctx.session() as session:
+        for roll_id, moment in (("R-jan-first", datetime(2026, 1, 1, 0, 30, tzinfo=paris)),
+                                ("R-jan-last", datetime(2026, 1, 31, 23, 30, tzinfo=paris)),
+                                ("R-feb", datetime(2026, 2, 1, 0, 30, tzinfo=paris))):  # fmt: skip
+            _bare_roll(session, roll_id, completed=moment)
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("ROLLSCAN_TIMEZONE", "Europe/Paris")
+    monkeypatch.setattr(worker.runtime, "_context", None)
+    try:
+        args = ["reprocess", "--model", V2, "--since", "2026-01-01", "--until", "2026-02-01"]
+        assert main([*args, "--dry-run"]) == 0
+    finally:
+        if worker.runtime._context is not None:
+            worker.runtime._context.engine.dispose()
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == ["2 roll(s) would be reprocessed with twill-v2", "R-jan-first", "R-jan-last"]

@@ -67,6 +67,12 @@ def test_lost_frames_are_sent_again_and_the_roll_completes(ctx, tmp_path):
     assert str(again) == "roll R-frames: nothing to resume" and not ctx.enqueue.queue
     with ctx.session() as session:
         assert idle_rolls(session, HOUR, now=_later(session)) == []
+    # but a frame of it replaced, whose ingest the broker lost, is sent again (it said "nothing
+    # to resume": the roll kept the defects and grade of the old pixels)
+    key = "incoming/R-frames/frames/000002.tif"
+    ctx.store.put(key, ctx.store.get("incoming/R-frames/frames/000003.tif"))
+    assert resume_roll(ctx, "R-frames").frames == [2]
+    assert [args for function, args in ctx.enqueue.queue] == [("R-frames", 2, key)]
 
 
 def test_lost_bands_and_a_lost_finalize_are_sent_again(ctx, tmp_path):

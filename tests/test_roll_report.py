@@ -207,7 +207,7 @@ def test_a_defects_crops_put_its_outline_and_heat_map_on_its_own_pixels(tmp_path
     and the score crop, read in whole ¼-res cells from an unaligned first row, was stretched over
     rows it did not cover: the heat sat a cell away from the outline. Both crops now hold the
     flaw's pixels inside the outline, and its heat exactly where its pixels are."""
-    from results.roll_report import ReportData, _crops
+    from results.roll_report import ReportData, render_report
     from storage.objectstore import LocalStore
     from storage.zarr_rolls import create_roll
     from worker.components import DefectFinder
@@ -219,19 +219,22 @@ def test_a_defects_crops_put_its_outline_and_heat_map_on_its_own_pixels(tmp_path
     image[r0:r1, c0:c1] = 250
     quarter = np.zeros((rows // 4, width // 4), np.float16)
     quarter[r0 // 4 : r1 // 4, c0 // 4 : c1 // 4] = 1.0
-    roll = create_roll(LocalStore(tmp_path / "o"), "R-crop", width=width, channels=1,
-                       band_height=band, manifest={})  # fmt: skip
+    store = LocalStore(tmp_path / "o")
+    roll = create_roll(store, "R-crop", width=width, channels=1, band_height=band, manifest={})
     roll.write_rows(0, image)
     for b in range(rows // band):
         roll.write_band_scores("m", b, quarter[b * band // 4 : (b + 1) * band // 4])
     finder = DefectFinder(0.5, ppx, ppy)
     finder.add_band(quarter.astype(np.float32), 0)
     (defect,) = finder.finish()
-    row = {k: getattr(defect, k) for k in ("defect_no", "x0_mm", "y0_mm", "x1_mm", "y1_mm")}
-    data = ReportData(roll={"px_per_mm_x": ppx, "px_per_mm_y": ppy, "rows_ingested": rows},
-                      run={"model_version": "m"})  # fmt: skip
-    (tmp_path / "out" / "crops").mkdir(parents=True)
-    image_src, score_src = _crops(roll, data, row, 1.0, tmp_path / "out")
+    roll_row = {"id": "R-crop", "fabric_type": "twill", "status": "done", "px_per_mm_x": ppx,
+                "px_per_mm_y": ppy, "rows_ingested": rows, "frames_total": 1, "meta": {},
+                "created_at": None, "completed_at": None, "failure_reason": None,
+                "length_m": rows / ppy / 1000, "width_mm": width / ppx}  # fmt: skip
+    data = ReportData(roll=roll_row, run={"model_version": "m", "status": "done"}, threshold=0.5,
+                      defects=[{**vars(defect), "points": None}])  # fmt: skip
+    render_report(data, store, tmp_path / "out")
+    image_src, score_src = "crops/d00001_image.png", "crops/d00001_score.png"
     found = {}
     for src, colour in ((image_src, (255, 42, 42)), (score_src, (54, 214, 255))):
         pixels = np.asarray(Image.open(tmp_path / "out" / src).convert("RGB")).astype(int)
