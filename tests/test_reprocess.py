@@ -95,6 +95,22 @@ def _run_task(ctx, index):
     return function.__name__, function(ctx, *args)
 
 
+def _rollscan(ctx, monkeypatch, data_dir, args, **env) -> int:
+    """`rollscan ARGS` in this process on the test's database, its worker context made afresh."""
+    from cli.main import main
+
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(data_dir))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(worker.runtime, "_context", None)
+    try:
+        return main(args)
+    finally:
+        if worker.runtime._context is not None:
+            worker.runtime._context.engine.dispose()
+
+
 def test_reprocess_switches_over_when_complete_resumes_and_regrades(ctx, tmp_path):
     for roll_id in ("R-a", "R-b"):
         _done_roll(ctx, tmp_path, roll_id)
@@ -178,6 +194,27 @@ def test_a_reprocess_run_that_failed_starts_again_when_asked(ctx, tmp_path):
     assert [r[:2] for r in _current(ctx)] == [("R-c", V2)]
 
 
+def _replace_with_a_flaw(ctx, tmp_path, roll_id: str, seq: int) -> tuple[str, bytes]:
+    """Upload frame `seq` of the roll again with a white flaw on it: (its key, its bytes)."""
+    frame = tifffile.imread(tmp_path / roll_id / "frames" / f"{seq:06d}.tif")
+    frame[100:124, 60:120] = 255
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, frame)
+    key = f"incoming/{roll_id}/frames/{seq:06d}.tif"
+    ctx.store.put(key, buffer.getvalue())
+    return key, buffer.getvalue()
+
+
+def _reprocessed_from_the_start(ctx, tmp_path, roll_id: str, seq: int, data: bytes) -> None:
+    """The same roll with frame `seq` = `data` from the start, done and reprocessed with v2."""
+    write_synthetic_roll(tmp_path / roll_id, roll_id, frames=FRAMES, frame_rows=FRAME_ROWS,
+                         width=WIDTH, plan=PLAN, px_per_mm=PX_PER_MM)  # fmt: skip
+    (tmp_path / roll_id / "frames" / f"{seq:06d}.tif").write_bytes(data)
+    submit(ctx, str(tmp_path / roll_id))
+    ctx.enqueue.drain()
+    assert reprocess(ctx, [roll_id], V2, progress=False).done == [roll_id]
+
+
 def _map(ctx, roll_id, version):
     return open_roll(ctx.store, roll_id).read_scores(version, 0, FRAMES * FRAME_ROWS // 4)
 
@@ -193,12 +230,7 @@ def test_a_frame_changed_after_a_reprocess_rescores_every_run_and_keeps_the_newe
     assert reprocess(ctx, ["R-d"], V2, progress=False).done == ["R-d"]
     with ctx.session() as session:
         completed = session.get(Roll, "R-d").completed_at
-    frame = tifffile.imread(tmp_path / "R-d" / "frames" / "000003.tif")
-    frame[100:124, 60:120] = 255  # a flaw in band 1, clear of the planted ones
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, frame)
-    key = "incoming/R-d/frames/000003.tif"
-    ctx.store.put(key, buffer.getvalue())
+    key, data = _replace_with_a_flaw(ctx, tmp_path, "R-d", 3)  # in band 1, clear of the plan
     mark = len(ctx.enqueue.routed)
     assert ingest_frame(ctx, "R-d", 3, key) == "ingested"
     with ctx.session() as session:
@@ -226,12 +258,7 @@ def test_a_frame_changed_after_a_reprocess_rescores_every_run_and_keeps_the_newe
     assert current[1] == V2 and current[4] is not None and current[4] == current[5]
 
     # the same roll with the new frame from the start, reprocessed with v2 likewise
-    write_synthetic_roll(tmp_path / "R-e", "R-e", frames=FRAMES, frame_rows=FRAME_ROWS,
-                         width=WIDTH, plan=PLAN, px_per_mm=PX_PER_MM)  # fmt: skip
-    (tmp_path / "R-e" / "frames" / "000003.tif").write_bytes(buffer.getvalue())
-    submit(ctx, str(tmp_path / "R-e"))
-    ctx.enqueue.drain()
-    assert reprocess(ctx, ["R-e"], V2, progress=False).done == ["R-e"]
+    _reprocessed_from_the_start(ctx, tmp_path, "R-e", 3, data)
     for version in (V1, V2):
         np.testing.assert_array_equal(_map(ctx, "R-d", version), _map(ctx, "R-e", version))
     boxes = _view(
@@ -257,12 +284,7 @@ def test_a_frame_changed_while_a_reprocess_run_is_failed_is_scored_again_when_it
     with ctx.session() as session:
         run = session.get(Run, run_id)
         run.status, run.error = "failed", "band 1: its worker died during each of 3 deliveries"
-    frame = tifffile.imread(tmp_path / "R-f" / "frames" / "000001.tif")
-    frame[100:124, 60:120] = 255
-    buffer = io.BytesIO()
-    tifffile.imwrite(buffer, frame)
-    key = "incoming/R-f/frames/000001.tif"
-    ctx.store.put(key, buffer.getvalue())
+    key, data = _replace_with_a_flaw(ctx, tmp_path, "R-f", 1)
     mark = len(ctx.enqueue.routed)
     assert ingest_frame(ctx, "R-f", 1, key) == "ingested"
     assert [r for r in ctx.enqueue.routed[mark:] if r[0] == "reprocess"] == []  # failed: not yet
@@ -273,12 +295,7 @@ def test_a_frame_changed_while_a_reprocess_run_is_failed_is_scored_again_when_it
     assert reprocess(ctx, ["R-f"], V2, progress=False).done == ["R-f"]
     scored = sorted(args for name, args in ctx.enqueue.log[mark:] if name == "score_band")
     assert scored == [(run_id, 0), (run_id, 1)]
-    write_synthetic_roll(tmp_path / "R-g", "R-g", frames=FRAMES, frame_rows=FRAME_ROWS,
-                         width=WIDTH, plan=PLAN, px_per_mm=PX_PER_MM)  # fmt: skip
-    (tmp_path / "R-g" / "frames" / "000001.tif").write_bytes(buffer.getvalue())
-    submit(ctx, str(tmp_path / "R-g"))
-    ctx.enqueue.drain()
-    assert reprocess(ctx, ["R-g"], V2, progress=False).done == ["R-g"]
+    _reprocessed_from_the_start(ctx, tmp_path, "R-g", 1, data)
     np.testing.assert_array_equal(_map(ctx, "R-f", V2), _map(ctx, "R-g", V2))
 
 
@@ -364,7 +381,6 @@ def test_cli_reprocesses_through_the_celery_tasks_on_the_reprocess_queue(
 ):
     """`rollscan reprocess` as configured by the environment: Celery in eager mode (no broker),
     the default band height (2048) unlike the stored image's (512), which the run must follow."""
-    from cli.main import main
 
     assert worker.app.app.conf.task_always_eager
     assert ROUTES["rollscan.score_reprocess"] == {"queue": "reprocess"}
@@ -380,15 +396,9 @@ def test_cli_reprocesses_through_the_celery_tasks_on_the_reprocess_queue(
             return _send(args, **options)
 
         monkeypatch.setattr(task, "apply_async", spy)
-    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
-    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path))  # the objects of `local_store`
-    monkeypatch.setenv("ROLLSCAN_DEVICE", "cpu")
-    monkeypatch.setattr(worker.runtime, "_context", None)
-    try:
-        assert main(["reprocess", "--model", V2, "--no-progress"]) == 0
-    finally:
-        if worker.runtime._context is not None:
-            worker.runtime._context.engine.dispose()
+    args = ["reprocess", "--model", V2, "--no-progress"]
+    # ROLLSCAN_DATA_DIR: the objects of `local_store`
+    assert _rollscan(ctx, monkeypatch, tmp_path, args, ROLLSCAN_DEVICE="cpu") == 0
     assert "reprocessed 1 of 1 roll(s) with twill-v2" in capsys.readouterr().out
     with ctx.session() as session:
         run = session.scalar(select(Run).where(Run.model_version == V2))
@@ -411,16 +421,8 @@ def test_running_the_cli_again_after_an_interrupt_grades_what_finished_meanwhile
     ctx.enqueue.drain()  # the workers finish the run; the driver is gone
     (current,) = _current(ctx)
     assert (current[1], current[4]) == (V2, None)
-    from cli.main import main
-
-    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
-    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr(worker.runtime, "_context", None)
-    try:
-        assert main(["reprocess", "--model", V2, "--no-progress"]) == 0
-    finally:
-        if worker.runtime._context is not None:
-            worker.runtime._context.engine.dispose()
+    args = ["reprocess", "--model", V2, "--no-progress"]
+    assert _rollscan(ctx, monkeypatch, tmp_path / "data", args) == 0
     assert "graded 1 run(s) finished since an interrupted run" in capsys.readouterr().out
     (current,) = _current(ctx)
     assert current[1] == V2 and current[4] is not None and current[4] == current[5]
@@ -433,23 +435,24 @@ def test_command_line_dates_are_the_sites(ctx, tmp_path, monkeypatch, capsys):
     is not."""
     from zoneinfo import ZoneInfo
 
-    from cli.main import main
-
     paris = ZoneInfo("Europe/Paris")
     with ctx.session() as session:
         for roll_id, moment in (("R-jan-first", datetime(2026, 1, 1, 0, 30, tzinfo=paris)),
                                 ("R-jan-last", datetime(2026, 1, 31, 23, 30, tzinfo=paris)),
                                 ("R-feb", datetime(2026, 2, 1, 0, 30, tzinfo=paris))):  # fmt: skip
             _bare_roll(session, roll_id, completed=moment)
-    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
-    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("ROLLSCAN_TIMEZONE", "Europe/Paris")
-    monkeypatch.setattr(worker.runtime, "_context", None)
-    try:
-        args = ["reprocess", "--model", V2, "--since", "2026-01-01", "--until", "2026-02-01"]
-        assert main([*args, "--dry-run"]) == 0
-    finally:
-        if worker.runtime._context is not None:
-            worker.runtime._context.engine.dispose()
+    args = [
+        "reprocess",
+        "--model",
+        V2,
+        "--since",
+        "2026-01-01",
+        "--until",
+        "2026-02-01",
+        "--dry-run",
+    ]
+    assert (
+        _rollscan(ctx, monkeypatch, tmp_path / "data", args, ROLLSCAN_TIMEZONE="Europe/Paris") == 0
+    )
     printed = capsys.readouterr().out.splitlines()
     assert printed == ["2 roll(s) would be reprocessed with twill-v2", "R-jan-first", "R-jan-last"]
