@@ -185,9 +185,10 @@ def _etag_now(ctx: WorkerContext, key: str) -> str | None:
 
 
 def _past_the_end(roll: Roll, seq: int) -> bool:
-    """A frame the manifest's count leaves out (queued before the manifest said how many there
-    are): not part of the roll — its band would lie past the run's band count."""
-    if roll.frames_total is None or seq <= roll.frames_total:
+    """A frame a complete manifest's count leaves out (queued before the manifest said how many
+    there are): not part of the roll — its band would lie past the run's band count. (An open
+    roll's count may still grow.)"""
+    if not roll.complete or roll.frames_total is None or seq <= roll.frames_total:
         return False
     log.warning("roll %s: frame %d skipped, past the manifest's %d frames", roll.id, seq,
                 roll.frames_total)  # fmt: skip

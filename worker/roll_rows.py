@@ -57,7 +57,7 @@ def register_roll(session: Session, manifest: Manifest, source: str) -> Roll:
             f"roll {manifest.roll_id} is already complete with {existing.frames_total} frames; "
             f"a manifest cannot change that to {manifest.frames}"
         )
-    if manifest.frames is not None and manifest.frames != existing.frames_total:
+    if manifest.complete and manifest.frames is not None:  # the count is final
         last = session.scalar(select(func.max(Frame.seq)).where(Frame.roll_id == manifest.roll_id))
         if last is not None and last > manifest.frames:
             raise RollError(
