@@ -46,7 +46,8 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(
         teacher=args.teacher or DEFAULT_TEACHER,
         level_weights=tuple(args.level_weights),
-        **options(args, "teacher_weights variant epochs batch lr tile seed device fpr max_minutes"),
+        **options(args, "teacher_weights variant epochs batch lr tile seed device fpr max_minutes "
+                  "resize"),
         # not given: TrainConfig's defaults
         **options(args, "loss scorer fusion_weight memory_size memory_stride edge precision "
                   "held_out tile_layout teacher_cache_mb", skip_none=True),
@@ -118,6 +119,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "last ones in name order (the fabric scanned last: calibration sees drift)",
     )  # fmt: skip
     p.add_argument("--max-minutes", type=float, default=None, help="stop after this time budget")
+    p.add_argument(
+        "--resize", action="store_true",
+        help="resize whole images (a benchmark such as MVTec AD) to the tile; without it the "
+        "training images must be tiles of --tile px, the scale the worker scores rolls at",
+    )  # fmt: skip
     p.add_argument(
         "--precision", default=None, help="fp32 (default), bf16 autocast, or auto (bf16 if native)"
     )

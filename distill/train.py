@@ -28,7 +28,7 @@ from distill.anomaly_map import MapFusion
 from distill.augment import augment
 from distill.calibration import calibrate_threshold
 from distill.checkpoint import ModelCard, save_checkpoint
-from distill.data.mvtec import Category, load_stack
+from distill.data.mvtec import Category, check_native_size, load_stack
 from distill.fold import folded_copy
 from distill.inference import Detector, bf16_supported, resolve_device, use_bf16
 from distill.int8_features import pick_calibration_tiles
@@ -325,6 +325,8 @@ def train(
     choose the fusion by synthetic defects, calibrate the threshold, save."""
     started = time.perf_counter()
     category = Category.open(data)
+    if not config.resize:
+        check_native_size(category.train, config.tile)
     images = torch.from_numpy(load_stack(category.train, config.tile))
     valid = category.valid_masks(category.train, config.tile)
     valid = None if valid is None else torch.from_numpy(valid)

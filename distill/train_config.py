@@ -61,6 +61,9 @@ class TrainConfig:
     # edge — for data that holds such tiles (`rollscan datasets import-aitex --edge-start-tiles`)
     tile_layout: str = "grid"
     max_minutes: float | None = None  # a time budget; None trains to the end
+    # whole images (a benchmark such as MVTec AD) resized to the tile; without it, training
+    # images must be tiles of the model's size, the scale the worker cuts the roll at
+    resize: bool = False
     # fp32, or bf16 autocast (forward passes in bf16, weights, loss and optimiser in float32,
     # channels-last); auto: bf16 where the device has it natively
     precision: str = "fp32"

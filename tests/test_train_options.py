@@ -243,3 +243,20 @@ def test_bf16_training_runs_in_bf16_channels_last_and_refuses_a_cpu_without_it()
     assert np.isfinite(trainer.train_step(batch, None))
     # fp32 training keeps NCHW: its models are what they were before bf16 existed
     assert not Trainer(TrainConfig(teacher_weights="random", tile=TILE)).channels_last
+
+
+def test_tiles_of_another_size_than_the_models_are_refused_unless_resized(
+    category, tmp_path, capsys
+):
+    """`--tile 128` on 64-px tiles resized every tile: the model learnt the weave at twice its
+    scale, while the worker cuts native 128-px tiles from the roll. Refused, with the way out;
+    `--resize` (whole images of a benchmark) still trains, and the card records it."""
+    model = tmp_path / "model.pt"
+    args = ["train", "--data", str(category), "--out", str(model), "--epochs", "1", "--tile",
+            "128", "--scorer", "memory", "--teacher-weights", "random"]  # fmt: skip
+    assert main(args) == 2
+    assert "64 × 64 px, not the model's 128-px tile" in capsys.readouterr().err
+    assert not model.exists()
+    assert main([*args, "--resize"]) == 0
+    card, _ = read_checkpoint(model)
+    assert card.tile == 128 and card.train_config["resize"] is True

@@ -161,6 +161,22 @@ def load_mask(path: Path | None, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(img) > 127
 
 
+def check_native_size(paths: list[Path], tile: int) -> None:
+    """Refuse images that are not `tile` × `tile` px (their headers only are read): the worker
+    cuts the roll into tiles at its native scale, so a model trained on tiles resized to its
+    tile would see the fabric at another scale than it is scored at."""
+    for path in paths:
+        with Image.open(path) as img:
+            if img.size != (tile, tile):
+                raise ValueError(
+                    f"{path} is {img.size[0]} × {img.size[1]} px, not the model's {tile}-px "
+                    "tile: the worker scores tiles cut from the roll at their native scale, so "
+                    "a model trained on resized tiles sees the fabric at another one. Import the "
+                    f"fabric at {tile} px (or train with --tile {img.size[0]}); whole images of "
+                    "a benchmark (MVTec AD) are resized with --resize"
+                )
+
+
 def load_stack(paths: list[Path], tile: int) -> np.ndarray:
     """(N, tile, tile, C) uint8; colour wins if any image is colour (grey ones are replicated)."""
     images = [load_image(p, tile) for p in paths]
