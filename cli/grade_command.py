@@ -35,9 +35,8 @@ def _grade(args: argparse.Namespace) -> int:
             return 1
         print("nothing graded: no roll has a finished current run to grade")
         return 0
-    if not rows:
-        return 1
-    print(f"{'roll':<24}{'length m':>10}{'points':>8}{'points/100 yd²':>16}  grade")
+    if rows:
+        print(f"{'roll':<24}{'length m':>10}{'points':>8}{'points/100 yd²':>16}  grade")
     for r in rows:
         print(
             f"{r.roll_id:<24}{r.length_m:>10.1f}{r.points:>8}{r.points_per_100yd2:>16.2f}  {r.grade}"

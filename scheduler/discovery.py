@@ -55,12 +55,10 @@ from sqlalchemy.orm import Session
 from scheduler.submit import frame_seq
 from storage.database import advisory_lock
 from storage.manifest import (
-    MAX_MANIFEST_BYTES,
     NAME_PATTERN,
     ManifestError,
     ManifestLimits,
-    check_manifest_size,
-    parse_manifest,
+    read_manifest,
 )
 from storage.objectstore import ObjectChanged, ObjectInfo, ObjectNotFound, ObjectStore
 from storage.schema import DiscoveryCursor, Frame, Roll
@@ -315,11 +313,8 @@ def _take_manifest(
     transaction; a manifest that cannot be used is reported and remembered by ETag.
     Returns whether the cursor was written."""
     try:
-        check_manifest_size(info.size, name)
-        limits = ManifestLimits.from_settings(ctx.settings)
-        # the version listed, whose size was checked, and never more than a manifest may hold
-        with ctx.store.open(info.key, version=info) as reader:
-            manifest = parse_manifest(reader.read(MAX_MANIFEST_BYTES + 1), limits)
+        # the version listed, refused from its size before a byte of it is read
+        manifest = read_manifest(ctx.store, info, ManifestLimits.from_settings(ctx.settings), name)
         if manifest.roll_id != name:
             raise ManifestError([("roll_id", f"{manifest.roll_id!r} is not its folder's name {name!r}")], name)  # fmt: skip
         with ctx.session() as session:

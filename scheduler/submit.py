@@ -19,8 +19,9 @@ from storage.manifest import (
     ManifestLimits,
     check_manifest_size,
     parse_manifest,
+    read_manifest,
 )
-from storage.objectstore import ObjectStore
+from storage.objectstore import ObjectChanged, ObjectStore
 from worker.context import WorkerContext
 from worker.ingest import roll_updated
 from worker.roll_rows import register_roll
@@ -107,8 +108,10 @@ def read_prefix(
 ) -> tuple[Manifest, Submission]:
     prefix = prefix.strip("/")
     key = f"{prefix}/manifest.json"
-    check_manifest_size(store.head(key).size)  # refused before a byte of it is read
-    manifest = parse_manifest(store.get(key), limits)
+    try:  # the version headed, refused from its size before a byte of it is read
+        manifest = read_manifest(store, store.head(key), limits)
+    except ObjectChanged:
+        raise ValueError(f"{key} was replaced while it was read: submit again") from None
     frames = sorted(
         (seq, info.key)
         for info in store.iter_objects(f"{prefix}/frames/")

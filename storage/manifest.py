@@ -14,7 +14,7 @@ import json
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import (
     BaseModel,
@@ -25,6 +25,9 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import PydanticCustomError
+
+if TYPE_CHECKING:
+    from storage.objectstore import ObjectInfo, ObjectStore
 
 __all__ = [
     "MAX_MANIFEST_BYTES",
@@ -177,6 +180,18 @@ def check_manifest_size(size: int, roll_id: str | None = None) -> None:
     of it is read, or from the data in hand."""
     if size > MAX_MANIFEST_BYTES:
         raise ManifestError([("manifest", f"larger than {MAX_MANIFEST_BYTES} bytes")], roll_id)
+
+
+def read_manifest(
+    store: ObjectStore, info: ObjectInfo, limits: ManifestLimits | None = None,
+    roll_id: str | None = None,
+) -> Manifest:  # fmt: skip
+    """The manifest object `info` describes (from a listing or a `head`): refused from its size
+    before a byte of it is read, then that version read — never more than a manifest may hold —
+    and parsed. ObjectChanged if the object was replaced since `info`."""
+    check_manifest_size(info.size, roll_id)
+    with store.open(info.key, version=info) as reader:
+        return parse_manifest(reader.read(MAX_MANIFEST_BYTES + 1), limits)
 
 
 def _load(data: bytes | str | dict[str, Any]) -> dict[str, Any]:

@@ -352,8 +352,8 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
                 )
         run = locked_live_run(session, roll)
         session.flush()
-        ready = set(advance_run(ctx, session, roll, run, arrays))
-        again[run.id] = (False, sorted(ready | set(again.get(run.id, (False, []))[1])))
+        _, sent_back = again.get(run.id, (False, []))
+        again[run.id] = (False, sorted({*advance_run(ctx, session, roll, run, arrays), *sent_back}))
     for run_id, (reprocess, bands) in again.items():
         _enqueue_next(ctx, run_id, reprocess, bands, finalize=False)
     return "ingested"
