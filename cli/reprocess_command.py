@@ -11,7 +11,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from cli.arg_types import at_site, command_parser, iso_date, positive_int
+from cli.arg_types import at_site, command_parser, iso_date, options, positive_int, positive_seconds
 from cli.connect import command_context, upgrade_embedded
 
 
@@ -67,6 +67,7 @@ def _reprocess(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             dry_run=args.dry_run,
             rules_for=rules_for,
+            **options(args, skip_none=True, stall_s="stall_after"),
         )
     except KeyboardInterrupt:
         print(
@@ -123,6 +124,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="FILE",
         help="grading rules for the regrade (as `rollscan grade --rules`); default: built-in",
     )
+    parser.add_argument(
+        "--stall-after", type=positive_seconds, default=None, metavar="SECONDS",
+        help="say what to check when no band has been scored for this long (default 600)",
+    )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="list the rolls, write nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(handler=_reprocess)

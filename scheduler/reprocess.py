@@ -35,6 +35,7 @@ from storage.zarr_rolls import open_roll, roll_exists
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
+STALL_S = 600.0  # no band scored for this long: say what to check
 
 
 def _aware(moment: datetime) -> datetime:
@@ -236,6 +237,8 @@ def reprocess(
     wait: Callable[[], object] | None = None,
     rules_for: Callable[[str], GradingRules] | None = None,
     out: TextIO | None = None,
+    stall_s: float = STALL_S,
+    clock: Callable[[], float] = time.monotonic,
 ) -> ReprocessReport:
     """Reprocess `rolls` with `model_version`, at most `max_in_flight` rolls at a time.
 
@@ -245,7 +248,9 @@ def reprocess(
     found nothing new (default: sleep `poll_s`; with an in-process queue, drain it). A roll
     that cannot be reprocessed, or whose run fails, is reported and the others go on.
     `dry_run` prints the rolls (to `out`, default stdout) and writes nothing; the progress
-    bar (done / total, rate, ETA) goes to `out`, default stderr.
+    bar (done / total, rate, ETA) goes to `out`, default stderr. When no band of the runs in
+    flight has been scored for `stall_s` seconds (`clock`'s), a line says what to check: the
+    driver cannot tell a busy queue from absent workers or a lost message, so it does not resend.
     """
     rolls = list(dict.fromkeys(rolls))
     report = ReprocessReport(model_version, len(rolls))
@@ -256,7 +261,7 @@ def reprocess(
         return report
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be ≥ 1, not {max_in_flight}")
-    started = time.monotonic()
+    started = clock()
     rules = _rules(rules_for)
     if late := grade_ungraded(ctx, model_version, rules):
         log.info("graded %d run(s) a previous reprocess finished but did not grade", len(late))
@@ -264,6 +269,7 @@ def reprocess(
     pending, in_flight = deque(rolls), {}  # run id → roll id
     bar = tqdm(total=len(rolls), desc=f"reprocess {model_version}", unit="roll",
                disable=not progress, file=out or sys.stderr, dynamic_ncols=True)  # fmt: skip
+    stall = _StallWatch(stall_s, clock)
     try:
         while pending or in_flight:
             while pending and len(in_flight) < max_in_flight:
@@ -296,12 +302,40 @@ def reprocess(
             scored = sum(s[3] for s in statuses if s[1] not in ("done", "failed"))
             total = sum(s[4] or 0 for s in statuses if s[1] not in ("done", "failed"))
             bar.set_postfix_str(f"bands in flight {scored}/{total}, failed {len(report.failed)}")
+            if in_flight and (warning := stall.check(bar.n, scored, len(in_flight))):
+                log.warning("%s", warning)
+                bar.write(warning, file=out or sys.stderr)
             if in_flight and not finished:
                 wait()
     finally:
         bar.close()
-    report.seconds = time.monotonic() - started
+    report.seconds = clock() - started
     return report
+
+
+class _StallWatch:
+    """Says once per stall that the runs in flight have made no progress for `stall_s` s."""
+
+    def __init__(self, stall_s: float, clock: Callable[[], float]) -> None:
+        self.stall_s, self.clock = stall_s, clock
+        self.progress: tuple[int, int] | None = None
+        self.since = clock()
+        self.warned = False
+
+    def check(self, rolls_done: int, bands_scored: int, runs: int) -> str | None:
+        now = self.clock()
+        if (rolls_done, bands_scored) != self.progress:  # rolls finish, or bands are scored
+            self.progress, self.since, self.warned = (rolls_done, bands_scored), now, False
+            return None
+        if self.warned or now - self.since < self.stall_s:
+            return None
+        self.warned = True
+        return (
+            f"no band of the {runs} run(s) in flight scored for {(now - self.since) / 60:.0f} "
+            "min: are workers consuming the queue `reprocess` (celery -A worker.app worker -Q "
+            "reprocess)? If a band's message was lost (a broker restarted without persistence), "
+            "interrupt and run the same command again: it sends the missing bands again"
+        )
 
 
 def _statuses(ctx: WorkerContext, run_ids: list[int]) -> list[tuple]:

@@ -168,6 +168,32 @@ def test_reprocess_switches_over_when_complete_resumes_and_regrades(ctx, tmp_pat
         assert select_rolls(session, model_version=V2) == []
 
 
+def test_a_stalled_reprocess_says_what_to_check_once_per_stall(ctx, tmp_path):
+    """No worker takes the bands for a while: the driver says so (it cannot tell absent workers
+    from a busy queue, so it resends nothing), once per stall — again after progress stalls anew."""
+    _done_roll(ctx, tmp_path, "R-s")
+    now, polls = [0.0], []
+
+    def workers_absent_then_slow():
+        polls.append(now[0])
+        if len(polls) == 4:  # after the first warning, band 0 is scored: progress
+            assert _run_task(ctx, 0) == ("score_band", "scored")
+        elif len(polls) == 7:
+            ctx.enqueue.drain()
+        now[0] += 400.0
+
+    out = io.StringIO()
+    report = reprocess(ctx, ["R-s"], V2, progress=False, out=out, wait=workers_absent_then_slow,
+                       clock=lambda: now[0], stall_s=600.0)  # fmt: skip
+    assert (report.done, report.failed) == (["R-s"], {})
+    lines = [line for line in out.getvalue().splitlines() if "no band of the" in line]
+    # nothing scored from 0 s: one line at 800 s, not again at 1,200; band 0 scored by 1,600 s,
+    # then nothing: a second line at 2,400 s; then every band
+    assert len(lines) == 2, out.getvalue()
+    assert "no band of the 1 run(s) in flight scored for 13 min" in lines[0]
+    assert "-Q reprocess" in lines[0] and "run the same command again" in lines[0]
+
+
 def test_a_reprocess_run_that_failed_starts_again_when_asked(ctx, tmp_path):
     """Its band 1 killed its worker too often, so the run failed alone; reprocessing the roll
     again scores that band (not band 0, scored before) and switches the roll over."""
