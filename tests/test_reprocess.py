@@ -297,6 +297,52 @@ def test_a_frame_changed_after_a_reprocess_rescores_every_run_and_keeps_the_newe
     assert any(b[0] == "R-d" and b[1] <= x <= b[3] and b[2] <= y <= b[4] for b in boxes)
 
 
+@pytest.mark.parametrize("live_first", [True, False], ids=["live-first", "give-up-first"])
+def test_a_current_reprocess_run_that_fails_after_a_changed_frame_hands_the_roll_back(
+    ctx, tmp_path, live_first
+):
+    """v2 reprocessed the roll (current); a changed frame reopens both runs; v2's band 1 is given
+    up. Its defects read the old pixels, so the live run, finalized on the new ones, becomes
+    current — whether it finalized before the give-up or after."""
+    roll_id = f"R-h{int(live_first)}"
+    _done_roll(ctx, tmp_path, roll_id)
+    assert reprocess(ctx, [roll_id], V2, progress=False).done == [roll_id]
+    key, _ = _replace_with_a_flaw(ctx, tmp_path, roll_id, 3)
+    assert ingest_frame(ctx, roll_id, 3, key) == "ingested"
+    with ctx.session() as session:
+        runs = dict(
+            session.execute(select(Run.model_version, Run.id).where(Run.roll_id == roll_id)).all()
+        )
+
+    def live_run_rescored():
+        while v1 := [i for i, (_, args) in enumerate(ctx.enqueue.queue) if args[0] == runs[V1]]:
+            _run_task(ctx, v1[0])
+
+    def v2_band_1_given_up():
+        band_1 = Delivery("score", f"{runs[V2]}/1", "band 1", run_id=runs[V2])
+        with ctx.session() as session:  # what three deliveries killed with their worker leave
+            session.add(TaskDelivery(task="score", key=band_1.key, unfinished=3))
+        assert run_counted(ctx, band_1, lambda: pytest.fail("must not run")) == GIVEN_UP
+
+    for step in (live_run_rescored, v2_band_1_given_up)[:: 1 if live_first else -1]:
+        step()
+    ctx.enqueue.queue.clear()
+    with ctx.session() as session:
+        state = {
+            version: (run.status, run.is_current)
+            for version, run in session.execute(
+                select(Run.model_version, Run).where(Run.roll_id == roll_id)
+            )
+        }
+    assert state == {V1: ("done", True), V2: ("failed", False)}
+    (current,) = [row for row in _current(ctx) if row[0] == roll_id]
+    assert current[1] == V1
+    y, x = (2 * FRAME_ROWS + 112) / PX_PER_MM, 90 / PX_PER_MM  # frame 3's new flaw is shown
+    boxes = _view(ctx, f"SELECT x0_mm, y0_mm, x1_mm, y1_mm FROM current_defects "
+                       f"WHERE roll_id = '{roll_id}'")  # fmt: skip
+    assert any(b[0] <= x <= b[2] and b[1] <= y <= b[3] for b in boxes), boxes
+
+
 def test_a_frame_changed_while_a_reprocess_run_is_failed_is_scored_again_when_it_restarts(
     ctx, tmp_path
 ):

@@ -24,12 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, delete, func, update
+from sqlalchemy import case, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from storage.database import advisory_lock
-from storage.schema import Run, TaskDelivery
+from storage.schema import Roll, Run, TaskDelivery
 from worker.context import WorkerContext
 from worker.roll_rows import fail_roll
 
@@ -151,7 +151,25 @@ def _give_up(ctx: WorkerContext, delivery: Delivery, died: int) -> None:
 
 
 def _fail_run_only(session: Session, run: Run, reason: str) -> None:
-    """A reprocess run fails alone: the roll keeps its current run, defects and grade."""
+    """A reprocess run fails alone: the roll keeps its current run, defects and grade.
+
+    The failed run is itself current when a changed frame reopened it after it had taken the
+    roll over: its defects read the old pixels, so the roll's newest run finalized on the new
+    ones takes its place now, or (none yet) when one finalizes (`worker.finalize`)."""
+    session.get(Roll, run.roll_id, with_for_update=True)  # the roll before the run, as finalize
     session.refresh(run, with_for_update=True)  # a finalize committing meanwhile stays done
-    if run.status not in ("done", "failed"):
-        run.status, run.error, run.finished_at = "failed", reason[:2000], func.now()
+    if run.status in ("done", "failed"):
+        return
+    run.status, run.error, run.finished_at = "failed", reason[:2000], func.now()
+    if not run.is_current:
+        return
+    successor = session.scalar(
+        select(Run)
+        .where(Run.roll_id == run.roll_id, Run.id != run.id, Run.status == "done")
+        .order_by(Run.finished_at.desc(), Run.id.desc())
+        .limit(1)
+    )
+    if successor is not None:
+        run.is_current = False
+        session.flush()  # one current run per roll: this one steps down first
+        successor.is_current = True

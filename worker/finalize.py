@@ -121,11 +121,15 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
 
 def _takes_over(session: Session, run: Run) -> bool:
     """Whether the run becomes the roll's current one: when it finishes for the first time, or
-    when no other run is current. A run finished before and reopened by a changed frame keeps
-    its place — a live run must not take the roll back from the newer model that reprocessed it."""
+    when the current one failed (a reprocess run reopened by a changed frame whose band was given
+    up: its defects read the old pixels) or there is none. A run finished before and reopened by
+    a changed frame otherwise keeps its place — a live run must not take the roll back from the
+    newer model that reprocessed it."""
     if run.finished_at is None:  # a retried failed run starts afresh (`scheduler.reprocess`)
         return True
-    other = select(Run.id).where(Run.roll_id == run.roll_id, Run.id != run.id, Run.is_current)
+    other = select(Run.id).where(
+        Run.roll_id == run.roll_id, Run.id != run.id, Run.is_current, Run.status != "failed"
+    )
     return session.scalar(other) is None
 
 
