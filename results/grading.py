@@ -317,11 +317,13 @@ def _edges_beside(
     y0: float,
     y1: float,
 ) -> tuple[float, float] | None:
-    """The fabric's edges beside rows [y0, y1] mm: the innermost of the blocks they overlap (a
-    defect within the margin of any of them lies in the selvage), None where none was measured."""
+    """The fabric's edges beside rows [y0, y1) mm: the innermost of the blocks they overlap (a
+    defect within the margin of any of them lies in the selvage), None where none was measured.
+    `y1` is exclusive (a defect's box ends after its last row), so a block starting there holds
+    none of its rows."""
     first = max(0, bisect.bisect_right(starts, y0) - 1)
     beside = [
-        e for e in edges_along[first : bisect.bisect_right(starts, y1)] if e[1] > y0 or e[0] >= y0
+        e for e in edges_along[first : bisect.bisect_left(starts, y1)] if e[1] > y0 or e[0] >= y0
     ]
     if not beside:
         return None

@@ -127,6 +127,14 @@ def test_the_selvage_follows_the_fabric_where_it_wanders() -> None:
     assert grade_roll([step], ROLL_100YD, 1524.0, None, 50.0, 1574.0, along).per_defect_points == [
         None
     ]
+    # a defect whose box ends where a block starts (its end is exclusive: its last row lies in
+    # the block before) is judged by the blocks its rows lie in, not by the next one's edge
+    step_y = min(b[0] for b in along if b[2] == 90.0)
+    ends_at_the_step = (80.0, step_y - 24.0, 95.0, step_y, 15.0)
+    starts_at_the_step = (80.0, step_y, 95.0, step_y + 24.0, 15.0)
+    r = grade_roll([ends_at_the_step, starts_at_the_step], ROLL_100YD, 1524.0, None, 50.0, 1574.0,
+                   along)  # fmt: skip
+    assert r.per_defect_points == [1, None]
     # the roll's median alone (no edges along): the wandering half's selvage mark is charged
     assert grade_roll(in_the_selvage, ROLL_100YD, 1524.0, None, 50.0, 1574.0).per_defect_points == [
         1, None
