@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 
 from results.grading import GradingRules, choose_width, grade_roll, load_rules
 from storage.database import is_transient_db_error
-from storage.fabric_extents import edges_along_mm, fabric_edges_mm
+from storage.fabric_extents import edges_along_mm, measured_fabric_mm
 from storage.schema import Defect, Grade, Roll, Run
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def grade_run(session: Session, run_id: int, rules: GradingRules | None = None) 
         .where(Defect.run_id == run_id)
         .order_by(Defect.defect_no)
     ).all()
-    measured = fabric_edges_mm(session, roll.id)
+    measured = measured_fabric_mm(session, roll.id)
     width_mm, left_mm, right_mm, source = choose_width(
         roll.width_mm, measured, rules.width_tolerance
     )
@@ -88,7 +88,7 @@ def grade_run(session: Session, run_id: int, rules: GradingRules | None = None) 
     )  # fmt: skip
     result.details.update(
         width_source=source, manifest_width_mm=roll.width_mm,
-        measured_width_mm=None if measured is None else measured[1] - measured[0],
+        measured_width_mm=None if measured is None else measured[2],
     )  # fmt: skip
 
     if rows:

@@ -241,18 +241,19 @@ def grade_roll(
 
 
 def choose_width(
-    manifest_mm: float, measured: tuple[float, float] | None, tolerance: float
+    manifest_mm: float, measured: tuple[float, float, float] | None, tolerance: float
 ) -> tuple[float, float, float, str]:
     """(width_mm, fabric_left_mm, fabric_right_mm, source) to grade with: the cuttable width is
-    the manifest's unless the measured width (left, right edges in mm) differs from it by more
-    than `tolerance` of it, then the measured one; the selvages are the measured edges either
-    way (a width within tolerance may still be 5 % off, three selvage margins on a wide roll).
-    Unmeasured: the manifest's width, from 0."""
+    the manifest's unless the measured width differs from it by more than `tolerance` of it,
+    then the measured one; the selvages are the measured edges either way (a width within
+    tolerance may still be 5 % off, three selvage margins on a wide roll). `measured`: the
+    median left and right edges and the median width, mm. Unmeasured: the manifest's width,
+    from 0."""
     if measured is None:
         return manifest_mm, 0.0, manifest_mm, "manifest"
-    left, right = measured
-    if abs((right - left) - manifest_mm) > tolerance * manifest_mm:
-        return right - left, left, right, "measured"
+    left, right, width = measured
+    if abs(width - manifest_mm) > tolerance * manifest_mm:
+        return width, left, right, "measured"
     return manifest_mm, left, right, "manifest"
 
 

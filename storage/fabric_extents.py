@@ -68,13 +68,16 @@ def roll_extents(session: Session, roll_id: str) -> list[tuple[int, int, int, in
     return [tuple(r) for r in rows]
 
 
-def fabric_edges_mm(session: Session, roll_id: str) -> tuple[float, float] | None:
-    """The fabric's median left and right edges (mm) along a roll, or None if unmeasured."""
+def measured_fabric_mm(session: Session, roll_id: str) -> tuple[float, float, float] | None:
+    """The fabric's median left and right edges and its median width (mm) along a roll, or None
+    if unmeasured. The width is the median of the blocks' widths — `roll_widths.median_width_mm`,
+    what the report shows — not the medians' difference, which differs from it where the
+    fabric narrows on alternate sides."""
     # the medians of the roll_widths view, computed in the database as there
-    edges = (FabricExtent.left_mm, FabricExtent.right_mm)
+    edges = (FabricExtent.left_mm, FabricExtent.right_mm, FabricExtent.width_mm)
     median = [func.percentile_cont(0.5).within_group(edge) for edge in edges]
-    left, right = session.execute(select(*median).where(FabricExtent.roll_id == roll_id)).one()
-    return None if left is None else (float(left), float(right))
+    row = session.execute(select(*median).where(FabricExtent.roll_id == roll_id)).one()
+    return None if row[0] is None else (float(row[0]), float(row[1]), float(row[2]))
 
 
 def edges_along_mm(session: Session, roll_id: str) -> list[tuple[float, float, float, float]]:

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from fixtures_celery import FABRIC
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text
 
 from distill.checkpoint import load_model, read_checkpoint, save_checkpoint
 from results.grade_store import grade_run
@@ -15,7 +15,8 @@ from results.grading import choose_width
 from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.submit import submit
 from storage.registry import activate_model, register_model
-from storage.schema import Band, Defect, FabricExtent, Grade, Model, Run
+from storage.fabric_extents import store_extents
+from storage.schema import Band, Defect, FabricExtent, Grade, Model, Roll, Run
 from storage.zarr_rolls import open_roll
 from worker.fabric_mask import Extent, quarter_fabric_mask
 from worker.ingest import run_tiling
@@ -137,10 +138,39 @@ def test_grading_takes_the_measured_width_when_the_manifest_disagrees(ctx, tmp_p
     assert "measured fabric width" in caplog.text
 
 
+def test_the_graded_width_is_the_median_width_the_view_and_report_show(ctx):
+    """The fabric narrows by 100 mm on most blocks, on alternate sides: the median edges lie
+    1,400 mm apart, the blocks' median width is 1,400 mm (6.7 % under the manifest's 1,500);
+    grading had taken the medians' difference (1,500: "manifest") where the view said 1,400."""
+    with ctx.session() as session:
+        session.add(Roll(id="R-narrow", fabric_type=FABRIC, width_mm=1500.0, px_per_mm_x=1.0,
+                         px_per_mm_y=1.0, length_m=91.44, status="done"))  # fmt: skip
+        session.flush()
+        edges = [(0, 1400), (100, 1500), (0, 1500), (0, 1400), (100, 1500)]
+        store_extents(session, "R-narrow", (1.0, 1.0), [
+            Extent(i * 256, (i + 1) * 256, left, right) for i, (left, right) in enumerate(edges)
+        ])  # fmt: skip
+        version = session.scalar(select(Model.version).where(Model.fabric_type == FABRIC))
+        run = Run(roll_id="R-narrow", model_version=version, purpose="live", status="done",
+                  is_current=True, finished_at=func.now())  # fmt: skip
+        session.add(run)
+        session.flush()
+        grade_run(session, run.id)
+        details = session.get(Grade, ("R-narrow", run.id, "astm_d5430")).details
+        view = session.execute(
+            text("SELECT median_width_mm FROM roll_widths WHERE roll_id = 'R-narrow'")
+        ).scalar()
+    assert view == 1400.0
+    assert (details["measured_width_mm"], details["width_source"]) == (1400.0, "measured")
+
+
 def test_choose_width_keeps_the_manifest_within_tolerance():
     assert choose_width(1600.0, None, 0.05) == (1600.0, 0.0, 1600.0, "manifest")
-    assert choose_width(1600.0, (20.0, 1640.0), 0.05) == (1600.0, 20.0, 1640.0, "manifest")
-    assert choose_width(1600.0, (20.0, 1420.0), 0.05) == (1400.0, 20.0, 1420.0, "measured")
+    assert choose_width(1600.0, (20.0, 1640.0, 1620.0), 0.05) == (1600.0, 20.0, 1640.0, "manifest")
+    assert choose_width(1600.0, (20.0, 1420.0, 1400.0), 0.05) == (1400.0, 20.0, 1420.0, "measured")
+    # the median width decides, not the median edges' difference (a fabric narrowing on
+    # alternate sides: the two differ)
+    assert choose_width(1500.0, (50.0, 1550.0, 1400.0), 0.05) == (1400.0, 50.0, 1550.0, "measured")
 
 
 def test_the_quarter_mask_keeps_every_quarter_pixel_that_touches_the_fabric():
