@@ -14,8 +14,8 @@ from results.grade_store import grade_run
 from results.grading import choose_width
 from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.submit import submit
-from storage.registry import activate_model, register_model
 from storage.fabric_extents import store_extents
+from storage.registry import activate_model, register_model
 from storage.schema import Band, Defect, FabricExtent, Grade, Model, Roll, Run
 from storage.zarr_rolls import open_roll
 from worker.fabric_mask import Extent, quarter_fabric_mask
