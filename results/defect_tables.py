@@ -34,6 +34,8 @@ DEFECT_COLUMNS = (
     "points",
     "model_version",
     "run_id",
+    "yards_charged",
+    "graded",
 )
 current_defects = table("current_defects", column("roll_id"), *map(column, DEFECT_COLUMNS))
 roll_grades = table("roll_grades", column("roll_id"), column("system"), column("grade"))
@@ -61,7 +63,7 @@ DEFECT_TABLE_COLUMNS: list[Column] = [
     ("area_mm2", "area mm²", ".1f"),
     ("max_score", "max score", ".3f"),
     ("mean_score", "mean score", ".3f"),
-    ("points", "points"),
+    ("charge", "points"),
 ]
 
 
@@ -123,7 +125,10 @@ def list_rolls(
 
 
 def roll_defects(session: Session, roll_id: str) -> list[dict[str, Any]]:
-    """The current run's defects of a roll, by defect number; ValueError for an unknown roll."""
+    """The current run's defects of a roll, by defect number; ValueError for an unknown roll.
+
+    Each row also has `charge`, for people: its points, "selvage" where the grading ignored it,
+    None before its run is graded (NULL points mean either in SQL; `graded` tells them apart)."""
     if session.get(Roll, roll_id) is None:
         raise ValueError(f"unknown roll {roll_id!r}")
     query = (
@@ -131,7 +136,12 @@ def roll_defects(session: Session, roll_id: str) -> list[dict[str, Any]]:
         .where(current_defects.c.roll_id == roll_id)
         .order_by(current_defects.c.defect_no)
     )
-    return [dict(row._mapping) for row in session.execute(query).all()]
+    rows = [dict(row._mapping) for row in session.execute(query).all()]
+    for row in rows:
+        row["charge"] = (
+            row["points"] if row["points"] is not None or not row["graded"] else "selvage"
+        )
+    return rows
 
 
 def format_value(value: Any, spec: str = "") -> str:

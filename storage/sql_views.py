@@ -108,3 +108,13 @@ CURRENT_RUNS_V2 = CURRENT_RUNS.replace("CREATE VIEW", "CREATE OR REPLACE VIEW").
     "       r.finished_at\n",
     "       r.finished_at,\n       r.threshold,\n       r.roll_threshold\n",
 )
+
+
+# Revision 0007: whether the defect's run has been graded. Finalize stores defects with NULL
+# points, which the grading (nightly, or `rollscan grade`) fills in; NULL points on a graded run
+# mean "ignored at the selvage", on an ungraded one "not graded yet" — `graded` tells them apart.
+CURRENT_DEFECTS_V3 = CURRENT_DEFECTS_V2.replace("CREATE VIEW", "CREATE OR REPLACE VIEW").replace(
+    "d.yards_charged\nFROM",
+    "d.yards_charged,\n"
+    "       EXISTS (SELECT 1 FROM grades g WHERE g.run_id = d.run_id) AS graded\nFROM",
+)

@@ -117,6 +117,23 @@ def test_views_show_the_current_run_only(db_session: Session) -> None:
     assert s.scalar(text("SELECT grade FROM roll_grades WHERE roll_id = 'R1'")) == "B"
 
 
+def test_defects_say_whether_their_run_is_graded(db_session: Session) -> None:
+    """NULL points mean "ignored at the selvage" on a graded run, "not graded yet" before."""
+    s = db_session
+    _roll(s, "R1", "denim")
+    _model(s, "denim-1", "denim", n=1)
+    run = _run(s, "R1", "denim-1", current=True)
+    finalized = _defect(run, 1, 500.0)
+    finalized.points = finalized.yards_charged = None  # as finalize stores it
+    s.add(finalized)
+    s.commit()
+    graded = "SELECT points, graded FROM current_defects WHERE roll_id = 'R1'"
+    assert s.execute(text(graded)).all() == [(None, False)]
+    s.add(_grade(run, "A", 0))  # the grading found it wholly within the selvage margin
+    s.commit()
+    assert s.execute(text(graded)).all() == [(None, True)]
+
+
 # ----------------------------------------------------------------------------- constraints
 
 

@@ -185,6 +185,11 @@ def test_cli_rolls_and_defects(graded, monkeypatch, capsys, migrated_url):
     assert main(["defects", ROLL]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split()[:3] == ["no", "x", "mm"] and len(table) == 1 + len(nos)
+    # graded: each defect's points, or "selvage" where the grading ignored it (never "-")
+    charges = {line.split()[-1] for line in table[1:]}
+    assert charges and charges <= {"1", "2", "3", "4", "selvage"}, table
+    assert {r["graded"] for r in rows} == {"True"}
+    assert all((r["points"] == "") == (r["yards_charged"] == "") for r in rows)
     assert main(["defects", "R-missing"]) == 2
     assert "unknown roll 'R-missing'" in capsys.readouterr().err
 
