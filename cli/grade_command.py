@@ -19,6 +19,7 @@ from storage.settings import get_settings
 
 def _grade(args: argparse.Namespace) -> int:
     from results.grade_store import grade_rolls, rules_from_file
+    from results.grading import decisive_text
 
     settings = get_settings()
     rules_for = rules_from_file(args.rules or settings.grading_rules)  # checked before any write
@@ -38,9 +39,9 @@ def _grade(args: argparse.Namespace) -> int:
     if rows:
         print(f"{'roll':<24}{'length m':>10}{'points':>8}{'points/100 yd²':>16}  grade")
     for r in rows:
-        print(
-            f"{r.roll_id:<24}{r.length_m:>10.1f}{r.points:>8}{r.points_per_100yd2:>16.2f}  {r.grade}"
-        )
+        limits = [limit for _, limit in rules_for(r.fabric_type).acceptance]
+        density = decisive_text(r.points_per_100yd2, limits)  # 40.002 is not "40.00" beside B ≤ 40
+        print(f"{r.roll_id:<24}{r.length_m:>10.1f}{r.points:>8}{density:>16}  {r.grade}")
     return 1 if skipped else 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from cli.connect import command_session
 from storage.settings import get_settings
@@ -16,7 +17,7 @@ def _report(args: argparse.Namespace) -> int:
 
     settings = get_settings()
     with command_session(settings) as session:
-        data = load_report_data(session, args.roll)
+        data = load_report_data(session, args.roll, ZoneInfo(settings.timezone))
     page = render_report(data, open_object_store(settings), args.out)
     print(f"wrote {page} ({len(data.defects)} defects)")
     return 0

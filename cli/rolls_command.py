@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from cli.arg_types import at_site, iso_date
 from cli.connect import command_session
@@ -21,7 +22,7 @@ def _rolls(args: argparse.Namespace) -> int:
     if not rows:
         print("no rolls")
         return 0
-    print(format_table(rows, ROLL_COLUMNS))
+    print(format_table(rows, ROLL_COLUMNS, ZoneInfo(settings.timezone)))
     return 0
 
 

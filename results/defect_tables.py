@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, tzinfo
 from typing import Any, TextIO
 
 from sqlalchemy import column, func, select, table
@@ -144,22 +144,27 @@ def roll_defects(session: Session, roll_id: str) -> list[dict[str, Any]]:
     return rows
 
 
-def format_value(value: Any, spec: str = "") -> str:
-    """A cell as text: None → "-", datetimes in local time to the minute, numbers by `spec`."""
+def format_value(value: Any, spec: str = "", zone: tzinfo | None = None) -> str:
+    """A cell as text: None → "-", datetimes in `zone` (None: the process's) to the minute with
+    the zone's name, numbers by `spec`."""
     if value is None:
         return "-"
     if isinstance(value, datetime):
-        return value.astimezone().strftime("%Y-%m-%d %H:%M")
+        return value.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z")
     if spec and isinstance(value, int | float) and not isinstance(value, bool):
         return format(value, spec)
     return " ".join(str(value).split())  # one line per row, whatever the text holds
 
 
-def format_table(rows: Iterable[dict[str, Any]], columns: Sequence[Column]) -> str:
-    """A plain-text table: a header line, then one line per row; numbers right-aligned."""
+def format_table(
+    rows: Iterable[dict[str, Any]], columns: Sequence[Column], zone: tzinfo | None = None
+) -> str:
+    """A plain-text table: a header line, then one line per row; numbers right-aligned, dates
+    in `zone` (the site's, ROLLSCAN_TIMEZONE, from the CLI)."""
     rows = list(rows)
     cells = [
-        [format_value(row.get(c[0]), c[2] if len(c) > 2 else "") for c in columns] for row in rows
+        [format_value(row.get(c[0]), c[2] if len(c) > 2 else "", zone) for c in columns]
+        for row in rows
     ]
     headers = [c[1] for c in columns]
     widths = [max([len(h)] + [len(line[i]) for line in cells]) for i, h in enumerate(headers)]

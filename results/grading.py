@@ -84,7 +84,11 @@ class GradingRules(BaseModel):
     @classmethod
     def _bands_ascend(cls, bands: tuple[tuple[float, int], ...]) -> tuple[tuple[float, int], ...]:
         limits = [limit for limit, _ in bands]
-        if any(b <= a for a, b in pairwise(limits)) or any(x <= 0 for x in limits):
+        if (
+            any(b <= a for a, b in pairwise(limits))
+            or any(x <= 0 for x in limits)
+            or not all(map(math.isfinite, limits))  # NaN compares false: a band never taken
+        ):
             raise ValueError(f"band limits must be positive and ascending, got {limits}")
         if any(not 1 <= pts <= 4 for _, pts in bands):
             raise ValueError("band points must be 1..4 (the four-point system)")
@@ -108,7 +112,11 @@ class GradingRules(BaseModel):
             raise ValueError("grade names must not be empty")
         if len(set(names) | {self.reject_name}) != len(names) + 1:
             raise ValueError(f"grade names must be distinct, got {[*names, self.reject_name]}")
-        if any(b <= a for a, b in pairwise(limits)) or limits[0] < 0:
+        if (
+            any(b <= a for a, b in pairwise(limits))
+            or limits[0] < 0
+            or not all(map(math.isfinite, limits))  # NaN compares false: a grade never given
+        ):
             raise ValueError(f"acceptance limits must be ascending and ≥ 0, got {limits}")
         return self
 
@@ -123,6 +131,16 @@ class GradingRules(BaseModel):
             if points_per_100yd2 <= limit + _EPS:
                 return name
         return self.reject_name
+
+
+def decisive_text(points_per_100yd2: float, limits: Sequence[float], decimals: int = 2) -> str:
+    """Points per 100 yd² as text with enough decimals that a value just over (or under) a grade
+    limit never reads as the limit itself: 40.0022 against "B ≤ 40" is "40.002", not "40.00"."""
+    value = float(points_per_100yd2)
+    close = [float(x) for x in limits if abs(value - float(x)) > _EPS]
+    while decimals < 9 and any(f"{value:.{decimals}f}" == f"{x:.{decimals}f}" for x in close):
+        decimals += 1
+    return f"{value:.{decimals}f}"
 
 
 @dataclass(frozen=True)

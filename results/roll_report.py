@@ -19,6 +19,7 @@ import html
 import json
 import math
 from dataclasses import dataclass, field
+from datetime import tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ from sqlalchemy.orm import Session
 
 from results.defect_tables import roll_defects
 from results.grade_store import SYSTEM
+from results.grading import decisive_text
 from storage.objectstore import ObjectNotFound, ObjectStore
 from storage.schema import FabricExtent, Grade, Model, Roll, Run
 from storage.zarr_rolls import SCORE_SCALE, RollArrays, open_roll
@@ -60,6 +62,7 @@ class ReportData:
     grade: dict[str, Any] | None = None
     threshold: float | None = None
     extents: list[dict[str, Any]] = field(default_factory=list)  # the fabric's measured edges
+    zone: tzinfo | None = None  # the site's (ROLLSCAN_TIMEZONE) for dates; None: the process's
 
 
 def _row(obj: Any) -> dict[str, Any]:
@@ -67,12 +70,13 @@ def _row(obj: Any) -> dict[str, Any]:
     return {c.key: getattr(obj, c.key) for c in obj.__table__.columns}
 
 
-def load_report_data(session: Session, roll_id: str) -> ReportData:
-    """Everything the page shows from the database; ValueError for an unknown roll."""
+def load_report_data(session: Session, roll_id: str, zone: tzinfo | None = None) -> ReportData:
+    """Everything the page shows from the database, its dates to be shown in `zone`; ValueError
+    for an unknown roll."""
     roll = session.get(Roll, roll_id)
     if roll is None:
         raise ValueError(f"unknown roll {roll_id!r}")
-    data = ReportData(_row(roll))
+    data = ReportData(_row(roll), zone=zone)
     data.extents = [
         _row(x)
         for x in session.scalars(
@@ -241,8 +245,8 @@ def _num(value: Any, spec: str) -> str:
     return "–" if value is None else e(format(value, spec))
 
 
-def _when(value: Any) -> str:
-    return "–" if value is None else e(value.astimezone().strftime("%Y-%m-%d %H:%M %Z"))
+def _when(value: Any, zone: tzinfo | None) -> str:
+    return "–" if value is None else e(value.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z"))
 
 
 def _table(rows: list[tuple[str, str] | None]) -> str:
@@ -261,9 +265,9 @@ def _facts_html(data: ReportData) -> str:
         ("resolution", f"{_num(r['px_per_mm_x'], 'g')} × {_num(r['px_per_mm_y'], 'g')} px/mm "
                        "(across × along)"),
         _width_row(data.extents),
-        ("frames", e(r["frames_total"])), ("registered", _when(r["created_at"])),
-        ("completed", _when(r["completed_at"])), ("model version", e(run.get("model_version"))),
-        ("run", run_text if run else "no run yet"), ("run finished", _when(run.get("finished_at"))),
+        ("frames", e(r["frames_total"])), ("registered", _when(r["created_at"], data.zone)),
+        ("completed", _when(r["completed_at"], data.zone)), ("model version", e(run.get("model_version"))),
+        ("run", run_text if run else "no run yet"), ("run finished", _when(run.get("finished_at"), data.zone)),
         _threshold_row(data) if run else None,
     ]  # fmt: skip
     for key, value in sorted((r["meta"] or {}).items()):
@@ -306,7 +310,8 @@ def _grade_html(data: ReportData) -> str:
         ("grade", f'<span class="grade">{e(g["grade"])}</span>'),
         ("points", f"{e(g['points'])} (before the {e(d.get('max_points_per_yard'))}-points-a-yard "
                    f"cap: {e(d.get('points_before_cap'))})"),
-        ("points / 100 yd²", _num(g["points_per_100yd2"], ".2f")),
+        ("points / 100 yd²", e(decisive_text(g["points_per_100yd2"],
+                                             [limit for _, limit in d.get("acceptance", [])]))),
         ("computed as", f"{e(d.get('formula'))} = {e(g['points'])} × 3600 / ({yards} × {width})"),
         ("yards inspected", yards),
         ("cuttable width", f"{width} in (roll {_num(d.get('roll_width_in'), '.2f')} in less 2 × "
@@ -314,7 +319,7 @@ def _grade_html(data: ReportData) -> str:
         ("ignored at the selvage", e(", ".join(ignored) or "none")),
         ("capped yards", e("; ".join(capped) or "none")),
         ("limits", f"{rules}, else {e(d.get('reject_name'))} (points / 100 yd²)"),
-        ("graded", f"{_when(g['graded_at'])}, ASTM D5430 four-point system"),
+        ("graded", f"{_when(g['graded_at'], data.zone)}, ASTM D5430 four-point system"),
     ]  # fmt: skip
     return _table(rows)
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from results.grading import GradingRules, grade_roll, load_rules
+from results.grading import GradingRules, decisive_text, grade_roll, load_rules
 
 IN, YD = 25.4, 914.4  # mm
 ROLL_100YD, WIDTH_60IN = 100 * YD, 60 * IN  # 91.44 m × 1524 mm
@@ -224,6 +224,10 @@ def test_rules_per_fabric_type_from_configuration() -> None:
         ({"default": {"points_above": 5}}, "1..4"),
         ({"default": {"point_bands": [[6, 1], [3, 2]]}}, "ascending"),
         ({"default": {"selvage_margin_in": -1}}, "negative"),
+        # NaN compares false with everything: a grade, or a band, that is never given
+        ({"default": {"acceptance": [["A", 20], ["B", float("nan")]]}}, "ascending"),
+        ({"default": {"acceptance": [["A", float("inf")]]}}, "ascending"),
+        ({"default": {"point_bands": [[3, 1], [float("nan"), 2]]}}, "ascending"),
         ({"default": {"max_points_per_yard": "many"}}, "max_points_per_yard"),
         ({"fabric_types": ["denim"]}, "fabric_types: expected a table"),
         ({"fabric_types": {"denim": 3}}, r"fabric_types\.denim: expected a table"),
@@ -248,3 +252,13 @@ def test_rules_files_json_and_toml(tmp_path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"bad\.json"):
         read_rules_file(tmp_path / "bad.json")
+
+
+def test_points_per_100yd2_never_read_as_the_limit_they_exceed() -> None:
+    """40.0022 is graded above "B ≤ 40": shown as 40.00 beside the limit it looked accepted."""
+    limits = GradingRules().acceptance
+    assert GradingRules().grade_for(40.0022) == "reject"
+    assert decisive_text(40.0022, [x for _, x in limits]) == "40.002"
+    assert decisive_text(39.9999, [20.0, 40.0]) == "39.9999"
+    assert decisive_text(40.0, [20.0, 40.0]) == "40.00"  # on the limit: accepted, and shown so
+    assert decisive_text(12.3456, [20.0, 40.0]) == "12.35"

@@ -173,6 +173,9 @@ def test_cli_rolls_and_defects(graded, monkeypatch, capsys, migrated_url):
     header, line = capsys.readouterr().out.splitlines()
     assert header.split()[:4] == ["roll", "fabric", "status", "length"]
     assert line.split()[:6] == [ROLL, "demo-twill", "done", "0.2", "4", str(len(nos))]
+    monkeypatch.setenv("ROLLSCAN_TIMEZONE", "Asia/Tokyo")  # dates in the site's zone, named
+    assert main(["rolls"]) == 0
+    assert " JST" in capsys.readouterr().out.splitlines()[1]
     assert main(["rolls", "--status", "failed"]) == 0
     assert capsys.readouterr().out.strip() == "no rolls"
     assert main(["rolls", "--since", "2999-01-01"]) == 0
@@ -200,9 +203,11 @@ def test_cli_report(graded, monkeypatch, capsys, migrated_url, tmp_path):
     ctx, data_dir, _ = graded
     monkeypatch.setenv("ROLLSCAN_DATABASE_URL", migrated_url)
     monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(data_dir))
+    monkeypatch.setenv("ROLLSCAN_TIMEZONE", "Asia/Tokyo")
     assert main(["report", ROLL, "--out", str(tmp_path / "out")]) == 0
     assert "wrote" in capsys.readouterr().out
     doc = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert re.search(r"<th>completed</th><td>\d{4}-\d\d-\d\d \d\d:\d\d JST</td>", doc)
     assert len(re.findall(r'<tr id="d\d+">', doc)) == len(_defect_nos(ctx))
     assert (tmp_path / "out" / "map.png").is_file()
 
