@@ -200,7 +200,13 @@ def _load(
     model = ReverseDistillation(teacher, card.variant, sigma=card.sigma)
     bank = student_state.pop("memory_bank", None)
     twin = student_state.pop("memory_bank_bf16", None)
-    model.student.load_state_dict(student_state)
+    try:
+        model.student.load_state_dict(student_state)
+    except RuntimeError as exc:  # another variant's, or another teacher's, weights
+        raise CheckpointError(
+            f"checkpoint student weights do not fit its card ({card.variant} variant on "
+            f"{card.teacher}): {str(exc).splitlines()[0]}"
+        ) from None
     memory = None
     if card.memory is not None:
         if bank is None or bank.ndim != 2 or not torch.isfinite(bank).all():

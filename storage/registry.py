@@ -14,9 +14,10 @@ from pathlib import Path
 
 from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from distill.checkpoint import CheckpointError, ModelCard, read_checkpoint
+from distill.checkpoint import CheckpointError, ModelCard, load_model, read_checkpoint
 from storage.objectstore import ObjectStore
 from storage.schema import SAFE_NAME_RE, Model
 
@@ -55,10 +56,7 @@ def register_model(
     the generic model, which must be a DG-variant checkpoint.
     """
     data = Path(checkpoint).read_bytes()
-    try:
-        card: ModelCard = read_checkpoint(data)[0]
-    except CheckpointError as exc:
-        raise RegistryError(f"{checkpoint}: {exc}") from None
+    card = _loadable_card(data, checkpoint)
     if card.threshold is None:
         raise RegistryError(f"{checkpoint} has no calibrated threshold: train it to the end")
     if fabric_type is None and card.variant != "dg":
@@ -73,18 +71,14 @@ def register_model(
 
     existing = session.scalar(select(Model).where(Model.sha256 == sha256))
     if existing is not None:
-        if existing.fabric_type != fabric_type or requested not in (None, existing.version):
-            raise RegistryError(
-                f"this checkpoint is already registered as {existing.version} "
-                f"(fabric {existing.fabric_type or 'generic'})"
-            )
+        _check_same_request(existing, fabric_type, requested)
+        _store_verified(store, checkpoint_key(sha256), data, sha256)  # a lost copy is restored
         return existing, False
     if session.get(Model, version) is not None:
         raise RegistryError(f"model version {version} already exists with other weights")
 
     key = checkpoint_key(sha256)
-    if not store.exists(key):  # content-addressed: an upload left by a failed attempt is reused
-        store.put(key, data)
+    _store_verified(store, key, data, sha256)  # an intact upload left by a failed attempt is reused
     row = {
         "version": version,
         "fabric_type": fabric_type,
@@ -98,10 +92,57 @@ def register_model(
         "metrics": {k: v for k, v in card.metrics.items() if not isinstance(v, list)}
         | {"target_fpr": card.target_fpr},
     }
-    # a concurrent registration of the same bytes loses the race quietly
-    session.execute(insert(Model).values(**row).on_conflict_do_nothing())
-    session.flush()
-    return session.scalar(select(Model).where(Model.sha256 == sha256)), True
+    try:
+        with session.begin_nested():
+            # a concurrent registration of the same bytes loses the race quietly: its row stands
+            inserted = session.scalar(
+                insert(Model)
+                .values(**row)
+                .on_conflict_do_nothing(index_elements=[Model.sha256])
+                .returning(Model.version)
+            )
+    except IntegrityError:  # the version, taken meanwhile by other weights
+        raise RegistryError(f"model version {version} already exists with other weights") from None
+    model = session.scalar(
+        select(Model).where(Model.sha256 == sha256).execution_options(populate_existing=True)
+    )
+    if inserted is None:
+        _check_same_request(model, fabric_type, requested)
+    return model, inserted is not None
+
+
+def _loadable_card(data: bytes, name: str | Path) -> ModelCard:
+    """The checkpoint's card, once the model it describes has been built from it as a worker
+    will (teacher, student weights, memory bank, fusion): a checkpoint whose card disagrees with
+    its contents is refused here, not by every worker after it was activated."""
+    try:
+        card = read_checkpoint(data)[0]
+        if card.teacher_weights.startswith("file:"):
+            raise CheckpointError(
+                f"its teacher {card.teacher} was loaded from a local file "
+                f"({card.teacher_weights[5:]}), which the workers have no setting for: train "
+                "it on a teacher whose weights ship with rollscan (the efficientnet_lite ones)"
+            )
+        load_model(data)
+    except CheckpointError as exc:
+        raise RegistryError(f"{name}: {exc}") from None
+    return card
+
+
+def _check_same_request(existing: Model, fabric_type: str | None, requested: str | None) -> None:
+    if existing.fabric_type != fabric_type or requested not in (None, existing.version):
+        raise RegistryError(
+            f"this checkpoint is already registered as {existing.version} "
+            f"(fabric {existing.fabric_type or 'generic'})"
+        )
+
+
+def _store_verified(store: ObjectStore, key: str, data: bytes, sha256: str) -> None:
+    """Put the checkpoint at its key unless an intact copy is there (content-addressed: a copy
+    left by a failed attempt is reused; a lost or damaged one is replaced)."""
+    if store.exists(key) and hashlib.sha256(store.get(key)).hexdigest() == sha256:
+        return
+    store.put(key, data)
 
 
 def list_models(session: Session, fabric_type: str | None = None) -> list[Model]:
@@ -113,20 +154,23 @@ def list_models(session: Session, fabric_type: str | None = None) -> list[Model]
 
 def activate_model(session: Session, version: str) -> Model:
     """Make `version` the active model of its fabric type (or the active generic model)."""
-    model = session.get(Model, version, with_for_update=True)
-    if model is None:
+    slot = session.execute(select(Model.fabric_type).where(Model.version == version)).first()
+    if slot is None:
         known = ", ".join(m.version for m in list_models(session)[-5:]) or "none registered"
         raise RegistryError(f"unknown model version {version!r} (recent: {known})")
-    same_slot = (
-        Model.fabric_type.is_(None)
-        if model.fabric_type is None
-        else Model.fabric_type == model.fabric_type
-    )
+    fabric_type = slot[0]  # never changes once registered
     # one activation per slot at a time: two at once each stepped the other's model down unseen,
-    # and the second to commit broke the one-active index (a traceback, its work rolled back)
+    # and the second to commit broke the one-active index (a traceback, its work rolled back).
+    # The slot's lock comes before any row lock (the other order deadlocked two activations),
+    # and the row is read afresh under it: a copy loaded before (by `register_model`) may say
+    # "active" when another activation has stepped it down since
     session.execute(
         text("SELECT pg_advisory_xact_lock(hashtext('model slot ' || :slot))"),
-        {"slot": model.fabric_type or ""},
+        {"slot": fabric_type or ""},
+    )
+    model = session.get(Model, version, with_for_update=True, populate_existing=True)
+    same_slot = (
+        Model.fabric_type.is_(None) if fabric_type is None else Model.fabric_type == fabric_type
     )
     session.execute(
         update(Model).where(same_slot, Model.active, Model.version != version).values(active=False)

@@ -182,3 +182,105 @@ def test_two_activations_at_once_leave_the_last_one_active(db_engine):
     assert outcome == ["ok"]
     with Session(db_engine) as s:
         assert s.scalars(select(Model.version).where(Model.active)).all() == ["vB"]
+
+
+def test_an_activation_reads_the_model_afresh(db_engine, local_store, checkpoints):
+    """`models register a.pt --activate` with A registered and active: between its register
+    (which loaded A, active) and its activate, another script activated B. A's stale copy said
+    "active", so A was never set back after B was stepped down: no active model, "activated A"."""
+    with Session(db_engine) as s:
+        register_model(s, local_store, checkpoints["a"], fabric_type="denim", version="A")
+        register_model(s, local_store, checkpoints["b"], fabric_type="denim", version="B")
+        activate_model(s, "A")
+        s.commit()
+    with Session(db_engine) as first:
+        model, created = register_model(first, local_store, checkpoints["a"], fabric_type="denim")
+        assert (model.version, model.active, created) == ("A", True, False)
+        with Session(db_engine) as second:
+            activate_model(second, "B")
+            second.commit()
+        assert activate_model(first, "A").active
+        first.commit()
+    with Session(db_engine) as s:
+        assert s.scalars(select(Model.version).where(Model.active)).all() == ["A"]
+
+
+def _with_card(source, target, **changes):
+    """A copy of a checkpoint whose card says something else than its contents."""
+    import torch
+
+    payload = torch.load(source, map_location="cpu", weights_only=True)
+    payload["card"].update(changes)
+    torch.save(payload, target)
+    return target
+
+
+def test_a_checkpoint_whose_card_disagrees_with_its_contents_is_refused_when_registered(
+    db_session, local_store, checkpoints, tmp_path
+):
+    """Each of these registered and activated; then every worker failed to load it."""
+    source = checkpoints["a"]
+    cases = {
+        "student weights do not fit": _with_card(source, tmp_path / "v.pt", variant="dg"),
+        "names a memory bank but holds no": _with_card(
+            source, tmp_path / "m.pt", memory={"levels": [2, 3], "stride": 8}
+        ),
+        "fusion .* is unusable": _with_card(source, tmp_path / "f.pt", fusion={"weight": 1.5}),
+    }
+    for reason, path in cases.items():
+        with pytest.raises(RegistryError, match=reason):
+            register_model(db_session, local_store, path, fabric_type=None)
+    local = _with_card(source, tmp_path / "t.pt", teacher_weights="file:resnet18.pth")
+    with pytest.raises(RegistryError, match="local file .* no setting for"):
+        register_model(db_session, local_store, local, fabric_type="denim")
+    assert db_session.scalar(select(func.count()).select_from(Model)) == 0
+
+
+def test_registering_again_restores_a_lost_or_damaged_stored_copy(
+    db_session, local_store, checkpoints
+):
+    model, _ = register_model(db_session, local_store, checkpoints["a"], fabric_type="denim")
+    key = checkpoint_key(model.sha256)
+    for damage in ("lost", "truncated"):
+        if damage == "lost":
+            local_store.delete(key)
+        else:
+            local_store.put(key, checkpoints["a"].read_bytes()[:1000])
+        again, created = register_model(
+            db_session, local_store, checkpoints["a"], fabric_type="denim"
+        )
+        assert (again.version, created) == (model.version, False)
+        assert fetch_checkpoint(local_store, model) == checkpoints["a"].read_bytes()
+
+
+def test_a_version_taken_meanwhile_by_other_weights_is_a_clear_error(
+    db_engine, local_store, checkpoints
+):
+    """Two registrations under one --version at once: the second's insert waits for the first's
+    and, once that commits, is refused with a reason (it got (None, True) back and crashed)."""
+    outcome: list[object] = []
+
+    def register_b() -> None:
+        with Session(db_engine) as s:
+            try:
+                register_model(s, local_store, checkpoints["b"], fabric_type="denim", version="v2")
+                outcome.append("ok")
+            except RegistryError as exc:
+                outcome.append(exc)
+
+    with Session(db_engine) as a:
+        register_model(a, local_store, checkpoints["a"], fabric_type="denim", version="v2")
+        b = threading.Thread(target=register_b)
+        b.start()
+        deadline = time.monotonic() + 60
+        with db_engine.connect() as probe:  # until b's insert waits for a's row
+            while not probe.scalar(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND datname = current_database()"
+            )):  # fmt: skip
+                assert time.monotonic() < deadline and b.is_alive(), outcome
+                time.sleep(0.02)
+                probe.rollback()
+        a.commit()
+    b.join()
+    assert len(outcome) == 1 and "v2 already exists with other weights" in str(outcome[0])
