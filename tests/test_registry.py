@@ -231,7 +231,7 @@ def test_a_checkpoint_whose_card_disagrees_with_its_contents_is_refused_when_reg
         with pytest.raises(RegistryError, match=reason):
             register_model(db_session, local_store, path, fabric_type=None)
     local = _with_card(source, tmp_path / "t.pt", teacher_weights="file:resnet18.pth")
-    with pytest.raises(RegistryError, match="local file .* no setting for"):
+    with pytest.raises(RegistryError, match=r"local file .* no setting for"):
         register_model(db_session, local_store, local, fabric_type="denim")
     assert db_session.scalar(select(func.count()).select_from(Model)) == 0
 
