@@ -41,6 +41,19 @@ def _check_version(version: str) -> str:
     return version
 
 
+def check_request(
+    fabric_type: str | None, version: str | None, variant: str, what: str = "this model"
+) -> None:
+    """Refuse a registration request that no checkpoint could satisfy — before training one for
+    it (`worker.training`), as well as when registering."""
+    if fabric_type is None and variant != "dg":
+        raise RegistryError(f"the generic model must be a DG-variant model; {what} is {variant!r}")
+    if fabric_type is not None and not re.fullmatch(SAFE_NAME_RE, fabric_type):
+        raise RegistryError(f"fabric type {fabric_type!r} is not allowed (letters, digits, . _ -)")
+    if version is not None:
+        _check_version(version)
+
+
 def register_model(
     session: Session,
     store: ObjectStore,
@@ -59,12 +72,7 @@ def register_model(
     card = _loadable_card(data, checkpoint)
     if card.threshold is None:
         raise RegistryError(f"{checkpoint} has no calibrated threshold: train it to the end")
-    if fabric_type is None and card.variant != "dg":
-        raise RegistryError(
-            f"the generic model must be a DG-variant model; {checkpoint} is {card.variant!r}"
-        )
-    if fabric_type is not None and not re.fullmatch(SAFE_NAME_RE, fabric_type):
-        raise RegistryError(f"fabric type {fabric_type!r} is not allowed (letters, digits, . _ -)")
+    check_request(fabric_type, version, card.variant, str(checkpoint))
     sha256 = hashlib.sha256(data).hexdigest()
     requested = version
     version = _check_version(version or f"{fabric_type or 'generic'}-{sha256[:12]}")

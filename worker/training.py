@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from distill.train import TrainConfig, train
-from storage.registry import activate_model, register_model
+from storage.registry import RegistryError, activate_model, check_request, register_model
+from storage.schema import Model
 from worker.context import WorkerContext
 
 
@@ -19,15 +22,40 @@ def train_and_register(
     config: dict[str, Any] | None = None,
     activate: bool = False,
 ) -> str:
-    """Train (the model issue's recipe, `config` overriding defaults) and register; return the version."""
-    options = {"device": ctx.settings.device, **(config or {})}
-    with tempfile.TemporaryDirectory(prefix="rollscan-train-") as tmp:
-        checkpoint = Path(tmp) / "model.pt"
-        train(data, checkpoint, TrainConfig(**options), progress=False)
+    """Train (the model issue's recipe, `config` overriding defaults) and register; return the
+    version.
+
+    The request is checked before training (a name no checkpoint could be registered under is
+    refused in seconds, not after an hour), and the checkpoint is written under the worker's
+    data directory first: if registering it fails all the same, the error names the file, to
+    register by hand (`rollscan models register`), and the task is not retried — a retry would
+    train again."""
+    config_ = TrainConfig(**{"device": ctx.settings.device, **(config or {})})
+    check_request(fabric_type, version, config_.variant)
+    if version is not None:
+        with ctx.session() as session:
+            if session.scalar(select(Model.sha256).where(Model.version == version)):
+                raise RegistryError(f"model version {version} already exists: choose another")
+    folder = Path(ctx.settings.data_dir) / "trained"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{fabric_type or 'generic'}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}"
+    checkpoint = folder / f"{stem}.pt"
+    train(data, checkpoint, config_, progress=False)
+    problem = None
+    try:
         with ctx.session() as session:
             model, _ = register_model(
                 session, ctx.store, checkpoint, fabric_type=fabric_type, version=version
             )
             if activate:
                 activate_model(session, model.version)
-            return model.version
+            registered = model.version
+    except Exception as exc:  # a transient one too: retrying the task would train again
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem is not None:  # raised outside the handler: no transient cause to retry on
+        raise RegistryError(
+            f"trained, but not registered ({problem}); the model is kept at {checkpoint}: "
+            f"register it with `rollscan models register {checkpoint} …`"
+        )
+    checkpoint.unlink()  # the store holds it now, content-addressed
+    return registered
