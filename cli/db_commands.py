@@ -10,6 +10,7 @@ import argparse
 from typing import Any
 
 from alembic.util.exc import CommandError
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from storage import database
@@ -61,7 +62,11 @@ def _current(args: argparse.Namespace) -> int:
 
 
 def _url(args: argparse.Namespace) -> int:
-    print(database.mask_url(database.database_url(_settings(args))))
+    url = database.database_url(_settings(args))
+    if args.libpq:  # what psql and libpq read: no "+psycopg2" driver, the real password
+        print(make_url(url).set(drivername="postgresql").render_as_string(hide_password=False))
+    else:
+        print(database.mask_url(url))
     return 0
 
 
@@ -104,6 +109,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     current.set_defaults(handler=_current)
 
     url = commands.add_parser("url", help="print the database URL, password masked")
+    url.add_argument(
+        "--libpq", action="store_true",
+        help="print it for psql (postgresql://…, with the password): psql \"$(rollscan db url "
+        "--libpq)\"",
+    )  # fmt: skip
     url.set_defaults(handler=_url)
 
     stop = commands.add_parser(

@@ -12,6 +12,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import CheckConstraint, create_engine, inspect, text
+from sqlalchemy.engine import make_url
 
 from cli.db_commands import add_parser as add_db_commands
 from storage import database
@@ -134,6 +135,15 @@ def test_cli_db_commands(
         assert inspect(engine).get_table_names() == ["alembic_version"]
     finally:
         engine.dispose()
+    # for psql: a libpq URL (no "+psycopg2", the password), which libpq itself connects with
+    assert _cli("db", "url", "--libpq") == 0
+    libpq = capsys.readouterr().out.splitlines()[-1]
+    assert libpq.startswith("postgresql://")
+    import psycopg2
+
+    with psycopg2.connect(libpq) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT current_database()")
+        assert cursor.fetchone()[0] == make_url(url).database
 
     monkeypatch.setenv(
         "ROLLSCAN_DATABASE_URL", "postgresql://scanner:s3cret-pw@127.0.0.1:1/rollscan"
