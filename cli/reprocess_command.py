@@ -8,10 +8,11 @@ go to the Celery queue `reprocess`.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
-from cli.arg_types import at_site, command_parser, iso_date, options, positive_int, positive_seconds
+from cli.arg_types import at_site, command_parser, iso_date, parse_duration, positive_int
 from cli.connect import command_context, upgrade_embedded
 
 
@@ -67,7 +68,7 @@ def _reprocess(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             dry_run=args.dry_run,
             rules_for=rules_for,
-            **options(args, skip_none=True, stall_s="stall_after"),
+            stall_s=math.inf if args.stall_after is None else args.stall_after.total_seconds(),
         )
     except KeyboardInterrupt:
         print(
@@ -122,11 +123,13 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=Path,
         default=None,
         metavar="FILE",
-        help="grading rules for the regrade (as `rollscan grade --rules`); default: built-in",
+        help="grading rules for the regrade (as `rollscan grade --rules`); default: "
+        "ROLLSCAN_GRADING_RULES, else the built-in rules",
     )
     parser.add_argument(
-        "--stall-after", type=positive_seconds, default=None, metavar="SECONDS",
-        help="say what to check when no band has been scored for this long (default 600)",
+        "--stall-after", type=parse_duration, default="10m", metavar="DURATION",
+        help="say what to check when no band has been scored for this long (10m; 0 or off: "
+        "never), as the scheduler's --stall-after",
     )  # fmt: skip
     parser.add_argument("--dry-run", action="store_true", help="list the rolls, write nothing")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -528,3 +528,17 @@ def test_command_line_dates_are_the_sites(ctx, tmp_path, monkeypatch, capsys):
     )
     printed = capsys.readouterr().out.splitlines()
     assert printed == ["2 roll(s) would be reprocessed with twill-v2", "R-jan-first", "R-jan-last"]
+
+
+def test_the_stall_warning_takes_a_duration_as_the_schedulers_does():
+    from datetime import timedelta
+
+    from cli.main import build_parser
+
+    def stall(*given):
+        return build_parser().parse_args(["reprocess", "--model", "m", *given]).stall_after
+
+    assert stall() == timedelta(minutes=10)
+    assert stall("--stall-after", "30m") == timedelta(minutes=30)
+    assert stall("--stall-after", "90") == timedelta(seconds=90)
+    assert stall("--stall-after", "off") is None  # never
