@@ -47,6 +47,23 @@ def test_rollscan_variables_are_settings_fields() -> None:
         assert not unknown, f"{path.name}: {sorted(unknown)} are not rollscan settings"
 
 
+# set per service (ROLLSCAN_DEVICE), a path inside the image (DATA_DIR), Redis-only (the site's
+# broker is RabbitMQ), or only the overlap's bound (TILE: each model scores at its own tile)
+NOT_SITE_SETTINGS = {"ROLLSCAN_DEVICE", "ROLLSCAN_DATA_DIR", "ROLLSCAN_BROKER_VISIBILITY_TIMEOUT",
+                     "ROLLSCAN_TILE"}  # fmt: skip
+
+
+def test_every_site_setting_reaches_the_pipeline() -> None:
+    """A setting a site writes in .env reaches the workers and the scheduler: the compose file
+    passed on only those it names, and ROLLSCAN_PRECISION, _COMPILE_MODEL, _MERGE_GAP_MM and
+    _ROLL_THRESHOLD, which README and the deployment guide recommend, were silently dropped."""
+    # those the compose file builds itself (the database, broker and store's URLs) count too
+    passed = set(re.findall(r"^\s+(ROLLSCAN_[A-Z0-9_]+):", COMPOSE.read_text(), re.M))
+    for name in sorted(SETTINGS_VARIABLES - NOT_SITE_SETTINGS):
+        assert name in passed, f"docker-compose.yml does not pass {name} on to the services"
+        assert name in ENV_EXAMPLE.read_text(), f".env.example does not document {name}"
+
+
 @pytest.mark.parametrize("name", sorted(services()))
 def test_service_environment_sets_only_settings_fields(name: str) -> None:
     environment = services()[name].get("environment") or {}

@@ -14,7 +14,7 @@ QUEUES = ("ingest", "score", "finalize", "train", "reprocess")
 ROUTES = {
     **{f"rollscan.{queue}": {"queue": queue} for queue in ("ingest", "score", "finalize", "train")},
     # bands of reprocess runs (`rollscan reprocess`) wait in a queue of their own, so an
-    # archive's backlog never sits in front of live bands: GPU workers take -Q score,reprocess
+    # archive's backlog never sits in front of live bands (a worker of its own takes it)
     "rollscan.score_reprocess": {"queue": "reprocess"},
     # the nightly grading task lives in scheduler/beat.py (grading is the scheduler's); its
     # route is declared here too because Celery builds its router once, at first use
