@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import tifffile
 from fixtures_ingest import BAND, WIDTH, drain, frame_bytes, put_frame, register, roll_and_run
+from lock_waits import wait_for_lock_waits
 from sqlalchemy import select, text
 
 from storage.schema import Band
@@ -25,23 +26,6 @@ from worker.ingest import ingest_frame, roll_updated
 from worker.scoring import score_band
 
 # --- item 6: counters under concurrent ingest and scoring -----------------------------------
-
-
-def wait_for_lock_waits(ctx: WorkerContext, count: int, unless: threading.Thread | None = None,
-                        deadline_s: float = 120) -> None:  # fmt: skip
-    """Until `count` backends of this database wait for a lock (or `unless` has ended)."""
-    deadline = time.monotonic() + deadline_s
-    with ctx.engine.connect() as conn:
-        while conn.scalar(text(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND wait_event_type = 'Lock'"
-        )) < count:  # fmt: skip
-            if unless is not None and not unless.is_alive():
-                return
-            if time.monotonic() > deadline:
-                pytest.fail(f"fewer than {count} backends ever waited for a lock")
-            time.sleep(0.02)
-            conn.rollback()
 
 
 def test_a_band_counted_while_ingest_takes_bands_back_is_not_lost(make_ctx):
@@ -67,11 +51,11 @@ def test_a_band_counted_while_ingest_takes_bands_back_is_not_lost(make_ctx):
         )
         ingest = threading.Thread(target=ingest_frame, args=(ctx, "R-race", 1, keys[0]))
         ingest.start()
-        wait_for_lock_waits(ctx, 1)  # ingest has read the run and waits on band 0
+        wait_for_lock_waits(ctx.engine, 1)  # ingest has read the run and waits on band 0
         scoring = threading.Thread(target=score_band, args=(ctx, run.id, 2))
         scoring.start()
         # band 2 is counted now, unless its count waits for ingest's lock on the run
-        wait_for_lock_waits(ctx, 2, unless=scoring)
+        wait_for_lock_waits(ctx.engine, 2, unless=scoring)
         holder.rollback()
     ingest.join()
     scoring.join()
@@ -258,7 +242,7 @@ def test_a_frame_replaced_again_while_read_never_writes_the_older_version(make_c
         holder.execute(text("SELECT 1 FROM rolls WHERE id = 'R-ver' FOR UPDATE"))
         b = threading.Thread(target=deliver_b)
         b.start()
-        wait_for_lock_waits(ctx, 1, unless=b)
+        wait_for_lock_waits(ctx.engine, 1, unless=b)
         c = put_frame(ctx, "R-ver", 2, frame_bytes(seed=60))  # C, while B waits
         holder.rollback()
     b.join()
@@ -295,7 +279,7 @@ def test_a_first_frame_read_before_the_roll_had_its_width_is_checked_again(make_
         holder.execute(text("SELECT 1 FROM rolls WHERE id = 'R-width' FOR UPDATE"))
         delivery = threading.Thread(target=deliver)
         delivery.start()
-        wait_for_lock_waits(ctx, 1, unless=delivery)
+        wait_for_lock_waits(ctx.engine, 1, unless=delivery)
         # what the other delivery, of a frame 64 px wider, committed meanwhile
         holder.execute(text("UPDATE rolls SET width_px = :w, channels = 1 WHERE id = 'R-width'"),
                        {"w": WIDTH + 64})  # fmt: skip

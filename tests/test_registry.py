@@ -1,10 +1,10 @@
 """Model registry on a real PostgreSQL and a real object store (local directory and S3 over HTTP)."""
 
 import threading
-import time
 
 import pytest
-from sqlalchemy import func, select, text
+from lock_waits import wait_for_lock_waits
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from distill.checkpoint import ModelCard, load_model, save_checkpoint
@@ -168,15 +168,7 @@ def test_two_activations_at_once_leave_the_last_one_active(db_engine):
         activate_model(a, "vA")  # flushed, not committed yet
         b = threading.Thread(target=activate_b)
         b.start()
-        deadline = time.monotonic() + 60
-        with db_engine.connect() as probe:  # until vB's activation waits for vA's
-            while not probe.scalar(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()"
-            )):  # fmt: skip
-                assert time.monotonic() < deadline and b.is_alive(), outcome
-                time.sleep(0.02)
-                probe.rollback()
+        wait_for_lock_waits(db_engine, 1, unless=b)  # until vB's activation waits for vA's
         a.commit()
     b.join()
     assert outcome == ["ok"]
@@ -272,15 +264,7 @@ def test_a_version_taken_meanwhile_by_other_weights_is_a_clear_error(
         register_model(a, local_store, checkpoints["a"], fabric_type="denim", version="v2")
         b = threading.Thread(target=register_b)
         b.start()
-        deadline = time.monotonic() + 60
-        with db_engine.connect() as probe:  # until b's insert waits for a's row
-            while not probe.scalar(text(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND datname = current_database()"
-            )):  # fmt: skip
-                assert time.monotonic() < deadline and b.is_alive(), outcome
-                time.sleep(0.02)
-                probe.rollback()
+        wait_for_lock_waits(db_engine, 1, unless=b)  # until b's insert waits for a's row
         a.commit()
     b.join()
     assert len(outcome) == 1 and "v2 already exists with other weights" in str(outcome[0])
