@@ -20,6 +20,7 @@ import worker.runtime
 import worker.tasks
 from cli.reprocess_command import read_roll_ids
 from distill.checkpoint import load_model, save_checkpoint
+from distill.torch_model import ReverseDistillation
 from results.grade_store import grade_rolls
 from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.reprocess import reprocess, select_rolls, start_reprocess_run
@@ -389,8 +390,11 @@ def test_selection_filters_dry_run_and_cli(ctx, twill_model, tmp_path, monkeypat
         session.flush()
         session.add(Run(roll_id="R-feb-done-v2", model_version=V2, purpose="live", status="done"))
         model, card = load_model(twill_model)
-        card.variant = "dg"  # the registry reads the card only: enough for a generic model here
-        generic = save_checkpoint(tmp_path / "generic.pt", model, card)
+        # a DG-variant student (untrained: the selection never scores) beside the same bank
+        dg = ReverseDistillation(model.teacher, "dg", sigma=card.sigma)
+        dg.set_scoring(model.memory, model.fusion)
+        card.variant = "dg"
+        generic = save_checkpoint(tmp_path / "generic.pt", dg, card)
         register_model(session, ctx.store, generic, fabric_type=None, version="generic-dg")
 
     with ctx.session() as session:
