@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from results.defect_tables import roll_defects
+from results.defect_tables import format_value, roll_defects
 from results.grade_store import SYSTEM
 from results.grading import decisive_text
 from storage.objectstore import ObjectNotFound, ObjectStore
@@ -246,7 +246,7 @@ def _num(value: Any, spec: str) -> str:
 
 
 def _when(value: Any, zone: tzinfo | None) -> str:
-    return "–" if value is None else e(value.astimezone(zone).strftime("%Y-%m-%d %H:%M %Z"))
+    return "–" if value is None else e(format_value(value, zone=zone))  # as `rollscan rolls`
 
 
 def _table(rows: list[tuple[str, str] | None]) -> str:

@@ -54,6 +54,13 @@ def check_request(
         _check_version(version)
 
 
+def check_version_free(session: Session, version: str) -> None:
+    """Refuse a version another checkpoint holds (a new checkpoint, or one about to be trained,
+    cannot take it)."""
+    if session.get(Model, version) is not None:
+        raise RegistryError(f"model version {version} already exists with other weights")
+
+
 def register_model(
     session: Session,
     store: ObjectStore,
@@ -82,8 +89,7 @@ def register_model(
         _check_same_request(existing, fabric_type, requested)
         _store_verified(store, checkpoint_key(sha256), data, sha256)  # a lost copy is restored
         return existing, False
-    if session.get(Model, version) is not None:
-        raise RegistryError(f"model version {version} already exists with other weights")
+    check_version_free(session, version)
 
     key = checkpoint_key(sha256)
     _store_verified(store, key, data, sha256)  # an intact upload left by a failed attempt is reused

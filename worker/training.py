@@ -6,11 +6,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
 from distill.train import TrainConfig, train
-from storage.registry import RegistryError, activate_model, check_request, register_model
-from storage.schema import Model
+from storage.registry import (
+    RegistryError,
+    activate_model,
+    check_request,
+    check_version_free,
+    register_model,
+)
 from worker.context import WorkerContext
 
 
@@ -30,17 +33,16 @@ def train_and_register(
     data directory first: if registering it fails all the same, the error names the file, to
     register by hand (`rollscan models register`), and the task is not retried — a retry would
     train again."""
-    config_ = TrainConfig(**{"device": ctx.settings.device, **(config or {})})
-    check_request(fabric_type, version, config_.variant)
+    train_config = TrainConfig(**{"device": ctx.settings.device, **(config or {})})
+    check_request(fabric_type, version, train_config.variant)
     if version is not None:
         with ctx.session() as session:
-            if session.scalar(select(Model.sha256).where(Model.version == version)):
-                raise RegistryError(f"model version {version} already exists: choose another")
+            check_version_free(session, version)
     folder = Path(ctx.settings.data_dir) / "trained"
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{fabric_type or 'generic'}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}"
     checkpoint = folder / f"{stem}.pt"
-    train(data, checkpoint, config_, progress=False)
+    train(data, checkpoint, train_config, progress=False)
     problem = None
     try:
         with ctx.session() as session:
