@@ -10,11 +10,12 @@ import pytest
 from distill.checkpoint import load_detector, random_checkpoint
 from distill.fabric_region import BLOCK_ROWS, Extent, band_extents
 from worker.band_scores import band_map, quarter_scores
-from worker.fabric_mask import WindowFabric, block_window
+from worker.fabric_mask import WindowFabric, band_window, block_reach, block_window
 from worker.tiling import (
     BandStitcher,
     Tile,
     band_read_window,
+    band_ready,
     band_tiles,
     fabric_band_tiles,
     row_columns,
@@ -136,3 +137,25 @@ def test_a_quarter_pixel_the_fabric_shares_with_the_table_pools_the_fabric_alone
     assert peak == 50.0  # the band's maximum is the whole map's
     plain, _ = quarter_scores(full)
     np.testing.assert_array_equal(plain, [[50, 50, 5, 9, 40, 40]] * 2)
+
+
+@pytest.mark.parametrize("tile", [64, 128, 256, 320, 384, 512, 640])
+@pytest.mark.parametrize("band_height", [256, 512, 2048])
+def test_a_streamed_band_waits_for_every_whole_block_it_reads(tile, band_height):
+    """A band is ready (`band_ready` with `block_reach`) only once the whole blocks its window
+    reads are in, and no final roll length can move that window: a tile of 320 px once let a
+    band read its last block cut short, measuring that block's fabric on a few rows."""
+    for stride in range(tile // 2, tile + 1, max(1, tile // 16)):
+        for b in range(3):
+            start, stop = b * band_height, (b + 1) * band_height
+            first = next(
+                rows
+                for rows in range(stop, stop + 2 * BLOCK_ROWS + 2 * tile)
+                if band_ready(b, band_height, rows, False, block_reach(tile), stride)
+            )
+            windows = {
+                band_window(start, stop, h, tile, stride)
+                for h in range(first, first + tile + stride + 2 * BLOCK_ROWS, 7)
+            }
+            window_stop = next(iter(windows))[1]
+            assert len(windows) == 1 and window_stop <= first, (stride, b, first, windows)

@@ -14,17 +14,16 @@ from __future__ import annotations
 from sqlalchemy import case, select, update
 from sqlalchemy.orm import Session
 
-from distill.fabric_region import BLOCK_ROWS
 from storage.schema import Band, Run
 from storage.zarr_rolls import RollArrays
-from worker.fabric_mask import band_window
+from worker.fabric_mask import band_window, block_reach
 
 
 def bands_reading(
     arrays: RollArrays, roll_rows: int, start: int, stop: int, tile: int, stride: int
 ) -> list[int]:
     """The bands whose scoring reads any of rows [start, stop) (`worker.fabric_mask.band_window`)."""
-    height, reach = arrays.band_height, tile + BLOCK_ROWS  # no band reads further than reach
+    height, reach = arrays.band_height, block_reach(tile)  # no band reads further than reach
     near = arrays.bands_of_rows(max(0, start - reach), min(stop + reach, roll_rows))
     windows = {
         b: band_window(b * height, min((b + 1) * height, roll_rows), roll_rows, tile, stride)

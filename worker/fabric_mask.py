@@ -30,6 +30,12 @@ def block_window(read_start: int, read_stop: int, roll_rows: int) -> tuple[int, 
     )
 
 
+def block_reach(tile: int) -> int:
+    """How far a band's scoring reads past either end of the band: its tiles' reach (`tile`),
+    rounded up to whole blocks by `block_window` (bands start and stop on block boundaries)."""
+    return -(-tile // BLOCK_ROWS) * BLOCK_ROWS
+
+
 def band_window(
     band_start: int, band_stop: int, roll_rows: int, tile: int, stride: int
 ) -> tuple[int, int]:

@@ -15,7 +15,6 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from distill.fabric_region import BLOCK_ROWS
 from storage.objectstore import (
     InvalidKeyError,
     ObjectChanged,
@@ -27,6 +26,7 @@ from storage.settings import Settings
 from storage.zarr_rolls import RollArrays, create_roll, open_roll, roll_exists
 from worker.changed_frames import bands_reading, hold_bands, runs_of_pixels, send_bands_back
 from worker.context import RetryLater, WorkerContext, lock_bands
+from worker.fabric_mask import block_reach
 from worker.frames import FrameError, decode_frame_with_header, max_frame_bytes
 from worker.roll_rows import RollError, fail_roll, live_run
 from worker.tiling import band_ready
@@ -115,10 +115,10 @@ def advance_run(
         return []
     last_band = -(-rows // height) - 1
     known = set(session.scalars(select(Band.band_index).where(Band.run_id == run.id)))
-    # a band also waits for the whole block of rows below it: its tiles' fabric masks are
-    # measured on whole blocks (`worker.fabric_mask.block_window`), which a tile under 256 px
-    # would otherwise let it read cut short
-    reach = max(tile, BLOCK_ROWS)
+    # a band also waits for the whole blocks of rows its tiles reach into: their fabric masks
+    # are measured on whole blocks (`worker.fabric_mask.block_window`), which a tile not a
+    # multiple of 256 px would otherwise let it read cut short
+    reach = block_reach(tile)
     ready = [
         b
         for b in range(last_band + 1)

@@ -7,8 +7,10 @@ The grid is a function of ABSOLUTE roll coordinates, never of the band: rows sta
 k·stride for every k with k·stride + tile ≤ H, plus one tile flush with the roll's end
 (H − tile) when that grid stops short of H; columns likewise over W (`tile_origins`). A band
 of rows is scored with exactly the grid tiles that touch it, read from the band plus a halo
-(`band_tiles`, `band_read_window`), so the bands' maps laid end to end are bit for bit the
-map of the whole roll scored at once.
+(`band_tiles`, `band_read_window`), so the bands' maps laid end to end are the map of the
+whole roll scored at once: the same tiles, each scored on the same pixels (a tile's float sums
+may differ in the last bit with the batch it falls in, as convolutions choose their kernels by
+the batch's shape).
 
 Streaming. Only the flush tile depends on H, and H is known only once the roll is complete.
 Any H ≥ rows_ingested is still possible before that, so a band may be scored early only if
