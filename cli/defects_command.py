@@ -1,4 +1,5 @@
-"""`rollscan defects ROLL`: a roll's defects (its current run), as a table or CSV."""
+"""`rollscan defects ROLL`: a roll's defects (its current run), as a table or CSV; exit code 1,
+with the reason, for a roll that failed or is not scored yet."""
 
 from __future__ import annotations
 
@@ -15,11 +16,16 @@ def _defects(args: argparse.Namespace) -> int:
         DEFECT_TABLE_COLUMNS,
         format_table,
         roll_defects,
+        unscored_reason,
         write_csv,
     )
 
     with command_session() as session:
         rows = roll_defects(session, args.roll)
+        unscored = unscored_reason(session, args.roll)
+    if unscored:  # not "no defects": a grader would take that for a flawless roll
+        print(f"rollscan defects: {unscored}", file=sys.stderr)
+        return 1
     if args.csv:
         write_csv(rows, DEFECT_COLUMNS, sys.stdout)
     elif rows:

@@ -28,7 +28,9 @@ from cli import (
     submit_command,
     train_command,
 )
+from cli.connect import unreachable_service
 from distill.malloc_tuning import keep_freed_memory
+from storage.objectstore import ObjectNotFound
 
 # in the order `rollscan --help` lists them
 COMMAND_MODULES: tuple[ModuleType, ...] = (
@@ -62,7 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: the process's arguments), run the command, return its exit code.
 
-    A ValueError, OSError or RuntimeError is printed as one line (exit code 2); with -v it
+    A service that is down or unreachable (the database, the broker, the object store) is
+    named in one line (exit code 3: try again once it is back); a ValueError, OSError,
+    RuntimeError or a missing object is printed as one line (exit code 2). With -v either
     propagates with its traceback."""
     args = build_parser().parse_args(argv)
     keep_freed_memory()
@@ -72,11 +76,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
-    except (ValueError, OSError, RuntimeError) as exc:
-        if args.verbose:
+    except Exception as exc:
+        outage = unreachable_service(exc)
+        plain = isinstance(exc, ValueError | OSError | RuntimeError | ObjectNotFound)
+        if args.verbose or not (outage or plain):
             raise
-        print(f"rollscan {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        # KeyError's str() is the repr of its argument: the message itself
+        message = outage or (exc.args[0] if isinstance(exc, ObjectNotFound) else exc)
+        print(f"rollscan {args.command}: error: {message}", file=sys.stderr)
+        return 3 if outage else 2
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.arg_types import at_site, command_parser, iso_date, parse_duration, positive_int
-from cli.connect import command_context, upgrade_embedded
+from cli.connect import command_context, prepare_database
 
 
 def read_roll_ids(path: Path) -> list[str]:
@@ -34,7 +34,7 @@ def _reprocess(args: argparse.Namespace) -> int:
     ctx = command_context(upgrade_database=False)
     rules_for = rules_from_file(args.rules or ctx.settings.grading_rules)  # before anything runs
     if not args.dry_run:
-        upgrade_embedded(ctx.settings)
+        prepare_database(ctx.settings)
     with ctx.session() as session:
         rolls = select_rolls(
             session,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ def _variants() -> tuple[str, ...]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from distill.checkpoint import partial_checkpoint
     from distill.teacher import DEFAULT_TEACHER
     from distill.train import TrainConfig, train
 
@@ -54,7 +56,14 @@ def _train(args: argparse.Namespace) -> int:
         **({} if args.memory_levels is None else {"memory_levels": tuple(args.memory_levels)}),
         **({} if args.augment is None else {"augment": tuple(a for a in args.augment if a != "none")}),
     )  # fmt: skip
-    card = train(args.data, args.out, config)
+    try:
+        card = train(args.data, args.out, config)
+    except KeyboardInterrupt:
+        partial = partial_checkpoint(args.out)
+        kept = f"; the best student so far is in {partial}" if partial.exists() else ""
+        print(f"\ninterrupted: {args.out} is as it was{kept} (uncalibrated: train again to the "
+              "end to register a model)", file=sys.stderr)  # fmt: skip
+        return 130
     m = card.metrics
     student = (
         "no student trained (the memory bank's map alone)" if not m["epochs"] else

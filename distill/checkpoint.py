@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -84,9 +85,32 @@ def save_checkpoint(
     if calibration_tiles is not None:
         payload["calibration_tiles"] = calibration_tiles.detach().cpu()
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    try:
+        torch.save(payload, tmp)
+        tmp.replace(path)
+    except BaseException:  # a full disk, an interrupt: no hidden half-file left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return path
+
+
+def writable_checkpoint_path(path: str | Path) -> Path:
+    """`path` as a checkpoint file to write, its folder made; a folder, or a folder this process
+    cannot write into, is refused (OSError/ValueError) before any work is spent on it."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: name the checkpoint file to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK):
+        raise PermissionError(f"cannot write a checkpoint into {path.parent}")
+    return path
+
+
+def partial_checkpoint(path: str | Path) -> Path:
+    """Where training keeps its best student so far (uncalibrated): beside `path`, never over
+    it, so that an interrupted or crashed training leaves an earlier model at `path` as it was."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.partial{path.suffix}")
 
 
 def random_checkpoint(

@@ -27,7 +27,12 @@ from tqdm.auto import tqdm
 from distill.anomaly_map import MapFusion
 from distill.augment import augment
 from distill.calibration import calibrate_threshold
-from distill.checkpoint import ModelCard, save_checkpoint
+from distill.checkpoint import (
+    ModelCard,
+    partial_checkpoint,
+    save_checkpoint,
+    writable_checkpoint_path,
+)
 from distill.data.mvtec import Category, check_native_size, load_stack
 from distill.fold import folded_copy
 from distill.inference import Detector, bf16_supported, resolve_device, use_bf16
@@ -324,6 +329,8 @@ def train(
     """Train on DIR/train/good, keep the best student (validation loss), fit the memory bank,
     choose the fusion by synthetic defects, calibrate the threshold, save."""
     started = time.perf_counter()
+    out = writable_checkpoint_path(out)  # refused now, not after an hour of training
+    partial = partial_checkpoint(out)
     category = Category.open(data)
     if not config.resize:
         check_native_size(category.train, config.tile)
@@ -360,7 +367,7 @@ def train(
     else:
         fit = fit_student(
             trainer, train_images, train_valid, val_images,
-            lambda: save_checkpoint(out, trainer.model, card), progress,
+            lambda: save_checkpoint(partial, trainer.model, card), progress,
             None if val_valid is None else torch.from_numpy(val_valid),
         )  # fmt: skip
     trainer.model.student.load_state_dict(fit.best_state)
@@ -395,4 +402,5 @@ def train(
         **fit.history,
     }
     save_checkpoint(out, trainer.model, card, pick_calibration_tiles(train_images))
+    partial.unlink(missing_ok=True)
     return card

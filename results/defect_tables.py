@@ -15,7 +15,7 @@ from sqlalchemy import column, func, select, table
 from sqlalchemy.orm import Session
 
 from results.grade_store import SYSTEM
-from storage.schema import Frame, Roll
+from storage.schema import Frame, Roll, Run
 
 # the views are not ORM models: lightweight table clauses with the columns used here
 DEFECT_COLUMNS = (
@@ -142,6 +142,19 @@ def roll_defects(session: Session, roll_id: str) -> list[dict[str, Any]]:
             row["points"] if row["points"] is not None or not row["graded"] else "selvage"
         )
     return rows
+
+
+def unscored_reason(session: Session, roll_id: str) -> str | None:
+    """Why a roll has no defects to show yet — it failed, or no run of it has finished — or
+    None when a finished run is current (its defects, none included, are the answer)."""
+    roll = session.get(Roll, roll_id)
+    if roll is None:
+        raise ValueError(f"unknown roll {roll_id!r}")
+    if session.scalar(select(Run.id).where(Run.roll_id == roll_id, Run.is_current)) is not None:
+        return None
+    if roll.status == "failed":
+        return f"roll {roll_id} failed, before any run finished: {roll.failure_reason}"
+    return f"roll {roll_id} is not scored yet (status {roll.status})"
 
 
 def format_value(value: Any, spec: str = "", zone: tzinfo | None = None) -> str:

@@ -9,6 +9,7 @@ with ``script_location`` = the installed `migrations` package, so no alembic.ini
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -144,10 +145,14 @@ def downgrade(url: str | URL, revision: str) -> None:
 def current_revision(url: str | URL) -> str | None:
     """The database's revision; None for an empty (never migrated) database."""
     engine = create_engine(_normalise(url), poolclass=NullPool)
+    log = logging.getLogger("alembic.runtime.migration")
+    level = log.level
+    log.setLevel(logging.WARNING)  # its "Context impl …" lines, on every command's check
     try:
         with engine.connect() as conn:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
+        log.setLevel(level)
         engine.dispose()
 
 

@@ -269,6 +269,19 @@ def test_bad_arguments(tmp_path):
         import_aitex(tmp_path, tmp_path / "out", fabrics=["cotton"], progress=False)
 
 
+def test_a_folder_without_aitex_strips_is_refused(fake_aitex, tmp_path):
+    """A folder of something else (or the fabrics asked for absent) imported nothing and said
+    nothing wrong; a missed path in a script then trained on an empty category."""
+    other = tmp_path / "photos"
+    (other / "holiday").mkdir(parents=True)
+    (other / "holiday" / "beach.png").write_bytes(b"not a strip")
+    with pytest.raises(ValueError, match="holds no AITEX strip: want NoDefect_images"):
+        import_aitex(other, tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="holds no AITEX strip of fabric 07"):
+        import_aitex(fake_aitex, tmp_path / "out", fabrics="07", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.aitex
 def test_real_aitex_one_fabric(tmp_path):
     if not (REAL_AITEX / "README.md").is_file():

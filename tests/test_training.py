@@ -1,13 +1,23 @@
 """A real (small) training run on synthetic fabric, its checkpoint, calibration and evaluation."""
 
 import json
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
 from cli.main import main
-from distill.checkpoint import CheckpointError, load_detector, read_checkpoint, save_checkpoint
+from distill.checkpoint import (
+    CheckpointError,
+    load_detector,
+    random_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from distill.data.synthetic_defects import write_category
 from distill.evaluate import evaluate
 from distill.inference import bf16_supported
@@ -185,3 +195,51 @@ def test_cli_reports_bad_data_plainly(tmp_path, capsys):
     assert code == 2
     assert "no train/good folder" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_training_leaves_its_checkpoint_alone_beside_it(trained):
+    """The best student so far is kept beside --out while training (never over an earlier
+    model there), and removed once the calibrated checkpoint is written."""
+    assert sorted(p.name for p in trained.parent.iterdir()) == ["model.pt"]
+
+
+def test_an_out_that_is_a_folder_is_refused_before_training(category, tmp_path, capsys):
+    (tmp_path / "models").mkdir()
+    code = main(["train", "--data", str(category), "--out", str(tmp_path / "models")])
+    assert code == 2
+    assert "is a folder: name the checkpoint file" in capsys.readouterr().err
+
+
+def test_a_checkpoint_that_cannot_be_written_leaves_no_half_file(tmp_path):
+    taken = tmp_path / "m.pt"
+    (taken / "inside").mkdir(parents=True)  # a folder where the file would go
+    with pytest.raises(OSError):
+        random_checkpoint(taken, tile=64)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_an_interrupted_training_leaves_the_earlier_model_as_it_was(tmp_path):
+    """Ctrl-C during `rollscan train --out model.pt` once left an uncalibrated student there, over
+    the model that was; now model.pt is as it was and the best student so far is beside it."""
+    data = write_category(tmp_path / "twill", n_train=12, n_test_good=1, n_test_defect=1,
+                          tile=64, weave="twill", seed=2)  # fmt: skip
+    out = tmp_path / "model.pt"
+    out.write_bytes(b"the model that was")
+    partial = tmp_path / "model.partial.pt"
+    argv = ["train", "--data", str(data), "--out", str(out), "--tile", "64", "--epochs", "500",
+            "--teacher", TEACHER, "--teacher-weights", "random"]  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "cli", *argv], stderr=subprocess.PIPE,
+                               stdout=subprocess.DEVNULL, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not partial.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert partial.exists(), "no best-so-far checkpoint appeared"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err[-2000:]
+    assert out.read_bytes() == b"the model that was"
+    assert f"interrupted: {out} is as it was; the best student so far is in {partial}" in err
+    assert read_checkpoint(partial)[0].threshold is None  # uncalibrated: not a model to register

@@ -293,6 +293,12 @@ def import_aitex(
         fabrics = [fabrics]
     wanted = None if fabrics is None else {_normalise_fabric(f) for f in fabrics}
     strips, malformed = _plan(src, n_train_strips, wanted)
+    if not strips and not malformed:  # not an AITEX folder, or none of the fabrics asked for
+        which = "" if wanted is None else f" of fabric {', '.join(sorted(wanted))}"
+        raise ValueError(
+            f"{src} holds no AITEX strip{which}: want NoDefect_images/<roll>/NNNN_DDD_FF.png "
+            "and Defect_images/NNNN_DDD_FF.png"
+        )
 
     fabric_codes = sorted({s.fabric for s in strips} | {f for f, _ in malformed if f})
     counts = {

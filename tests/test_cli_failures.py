@@ -1,0 +1,115 @@
+"""What an operator sees when the system around a command is not there: a service down is named in
+one line with exit code 3 (try again once it is back), a database at another schema revision is
+refused before the command runs, and `rollscan defects` never shows a failed or unscored roll as
+a flawless one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from sqlalchemy.orm import Session
+
+from cli.main import main
+from storage.database import upgrade
+from storage.schema import Roll
+from worker.roll_rows import fail_roll
+
+DOWN = "127.0.0.1:1"  # nothing listens on port 1
+
+
+@pytest.fixture
+def site(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    for name in ("ROLLSCAN_CONFIG", "ROLLSCAN_BROKER_URL", "ROLLSCAN_S3_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
+    return monkeypatch
+
+
+def _roll_folder(tmp_path: Path) -> Path:
+    folder = tmp_path / "R-1"
+    (folder / "frames").mkdir(parents=True)
+    manifest = {"roll_id": "R-1", "fabric_type": "twill", "width_mm": 30.0, "px_per_mm": 10.0,
+                "complete": True, "frames": 1}  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    tifffile.imwrite(folder / "frames" / "000001.tif", np.full((300, 300), 90, np.uint8))
+    return folder
+
+
+def _one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0], err
+    return err[0]
+
+
+def test_a_database_that_is_down_is_named_in_one_line(site, capsys) -> None:
+    site.setenv("ROLLSCAN_DATABASE_URL", f"postgresql://scanner:s3cret@{DOWN}/rollscan")
+    assert main(["rolls"]) == 3
+    line = _one_line_error(capsys)
+    assert line.startswith("rollscan rolls: error: cannot reach the database:"), line
+    assert "s3cret" not in line
+
+
+def test_a_database_at_another_revision_is_refused_before_the_command_runs(
+    site, capsys, make_database
+) -> None:
+    url = make_database()
+    site.setenv("ROLLSCAN_DATABASE_URL", url)
+    assert main(["defects", "R-1"]) == 2  # empty: no table at all
+    assert "revision none (empty)" in _one_line_error(capsys)
+    upgrade(url, "0006")
+    assert main(["rolls"]) == 2
+    line = _one_line_error(capsys)
+    assert "revision 0006" in line and "run `rollscan db upgrade`" in line, line
+
+
+def _rollscan(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
+    """The command line in a process of its own: its Celery app and object store are built from
+    the settings once per process, as an operator's are."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ROLLSCAN_", "AWS_"))}
+    return subprocess.run([sys.executable, "-m", "cli", *argv], env={**base, **env},
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("service", "settings"),
+    [
+        ("the broker", {"ROLLSCAN_BROKER_URL": f"amqp://guest:guest@{DOWN}//"}),
+        ("the object store", {"ROLLSCAN_S3_ENDPOINT": f"http://{DOWN}",
+                              "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}),
+    ],
+)  # fmt: skip
+def test_a_broker_or_object_store_that_is_down_is_named_in_one_line(
+    service, settings, migrated_url, db_engine, tmp_path
+) -> None:
+    env = {"ROLLSCAN_DATABASE_URL": migrated_url, "ROLLSCAN_DATA_DIR": str(tmp_path / "data")}
+    done = _rollscan({**env, **settings}, "submit", str(_roll_folder(tmp_path)))
+    errors = [line for line in done.stderr.splitlines() if " INFO " not in line]
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert errors == [errors[0]] and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert errors[0].startswith(f"rollscan submit: error: cannot reach {service}:"), errors
+
+
+def test_defects_of_a_roll_not_scored_or_failed_are_not_no_defects(
+    site, capsys, migrated_url, db_session: Session
+) -> None:
+    site.setenv("ROLLSCAN_DATABASE_URL", migrated_url)
+    db_session.add(Roll(id="R-1", fabric_type="twill", width_mm=30.0, px_per_mm_x=10.0,
+                        px_per_mm_y=10.0, status="scoring"))  # fmt: skip
+    db_session.commit()
+    for argv in (["defects", "R-1"], ["defects", "R-1", "--csv"]):
+        assert main(argv) == 1
+        out = capsys.readouterr()
+        assert out.out == "" and "roll R-1 is not scored yet (status scoring)" in out.err
+    fail_roll(db_session, "R-1", "frame 3: not a TIFF")
+    db_session.commit()
+    assert main(["defects", "R-1"]) == 1
+    assert "failed, before any run finished: frame 3: not a TIFF" in capsys.readouterr().err
+    assert main(["defects", "R-2"]) == 2
+    assert "unknown roll 'R-2'" in _one_line_error(capsys)
