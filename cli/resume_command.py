@@ -1,7 +1,8 @@
 """`rollscan resume`: send again the work of rolls whose messages were lost (`scheduler.resume`).
 
 Send again what the rolls wait for: frames not ingested, pending bands, a due finalize. Safe to
-repeat: work that was only queued is scored twice at worst, never counted twice.
+repeat: work that was only queued is scored twice at worst, never counted twice. `--retry`
+starts failed rolls again (`scheduler.resume.retry_roll`) once their cause is fixed.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ def _resume(args: argparse.Namespace) -> int:
 
     if not args.rolls and args.idle is None:
         raise ValueError("name the rolls to resume, or give --idle DURATION")
+    if args.retry:
+        return _retry(args)
     ctx = command_context()
     rolls = list(args.rolls)
     if args.idle is not None:
@@ -30,6 +33,29 @@ def _resume(args: argparse.Namespace) -> int:
     return 0
 
 
+def _retry(args: argparse.Namespace) -> int:
+    from scheduler.resume import retry_roll
+    from storage.schema import Roll
+
+    if args.idle is not None or args.dry_run:
+        raise ValueError(
+            "--retry starts the named failed rolls: it takes neither --idle nor --dry-run"
+        )
+    ctx = command_context()
+    failed_again = 0
+    for roll_id in args.rolls:
+        resumed = retry_roll(ctx, roll_id)
+        with ctx.session() as session:
+            roll = session.get(Roll, roll_id)
+            status, reason = roll.status, roll.failure_reason
+        if status == "failed":
+            failed_again += 1
+            print(f"roll {roll_id}: failed again: {reason}")
+        else:
+            print(f"{resumed} (started again, status {status})")
+    return 1 if failed_again else 0
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add `resume` to the main parser's subparsers."""
     resume = command_parser(
@@ -40,5 +66,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="also every roll with open work and no progress for DURATION "
                         "(e.g. 2h)")  # fmt: skip
     resume.add_argument("--dry-run", action="store_true", help="say what would be sent")
+    resume.add_argument("--retry", action="store_true",
+                        help="start the named failed rolls again, once the cause is fixed (a "
+                        "model activated for the fabric, a corrupt frame replaced)")  # fmt: skip
     resume.set_defaults(handler=_resume)
     return resume

@@ -9,6 +9,11 @@ says is missing and sends exactly that: the frames under the roll's source not i
 replaced since, a finished roll's too), the pending bands of its open runs, and the finalize
 of a run whose bands are all scored. Sending
 work that was only queued, not lost, costs a second scoring of a band, never a second count.
+
+`retry_roll` starts a failed roll again once its cause is fixed — a model activated for its
+fabric, a corrupt frame replaced under its source: its live run reopens with the bands it had
+scored, the deaths counted against its frames, bands and finalize are forgotten, and what it
+waits for is sent as `resume_roll` sends it. A cause not fixed fails it again, with its reason.
 """
 
 from __future__ import annotations
@@ -17,13 +22,13 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import exists, func, or_, select
+from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from scheduler.discovery import list_roll
-from storage.schema import Band, Frame, Roll, Run
+from storage.schema import Band, Frame, Roll, Run, TaskDelivery
 from worker.context import WorkerContext
-from worker.ingest import finalize_due, pending_bands
+from worker.ingest import finalize_due, pending_bands, roll_updated
 
 log = logging.getLogger(__name__)
 OPEN_ROLL = ("registered", "ingesting", "scoring", "finalizing")  # not stalled: the scanner's
@@ -67,8 +72,11 @@ def idle_rolls(session: Session, idle: timedelta, now: datetime | None = None) -
     return list(rows)
 
 
-def resume_roll(ctx: WorkerContext, roll_id: str, dry_run: bool = False) -> Resumed:
-    """Send again what `roll_id` waits for (see the module's docstring); `dry_run`: only say."""
+def resume_roll(
+    ctx: WorkerContext, roll_id: str, dry_run: bool = False, frames_only: bool = False
+) -> Resumed:
+    """Send again what `roll_id` waits for (see the module's docstring); `dry_run`: only say;
+    `frames_only`: its frames alone (`retry_roll` has sent its live run's bands)."""
     with ctx.session() as session:
         roll = session.get(Roll, roll_id)
         if roll is None:
@@ -96,7 +104,7 @@ def resume_roll(ctx: WorkerContext, roll_id: str, dry_run: bool = False) -> Resu
         resumed.frames.append(seq)
         if not dry_run:
             ctx.enqueue.ingest(roll_id, seq, key)
-    for run_id, purpose, finalize, pending in work:
+    for run_id, purpose, finalize, pending in [] if frames_only else work:
         for band in pending:
             resumed.bands.append((run_id, band))
             if not dry_run:
@@ -107,4 +115,45 @@ def resume_roll(ctx: WorkerContext, roll_id: str, dry_run: bool = False) -> Resu
                 ctx.enqueue.finalize(run_id)
     if not dry_run:
         log.info("%s", resumed)
+    return resumed
+
+
+def retry_roll(ctx: WorkerContext, roll_id: str) -> Resumed:
+    """Start the failed roll `roll_id` again (see the module's docstring); ValueError for a roll
+    that has not failed."""
+    with ctx.session() as session:
+        roll = session.get(Roll, roll_id, with_for_update=True)
+        if roll is None:
+            raise ValueError(f"unknown roll {roll_id!r}")
+        if roll.status != "failed":
+            raise ValueError(
+                f"roll {roll_id} has not failed (status {roll.status}): `rollscan resume "
+                f"{roll_id}` sends what it waits for"
+            )
+        live = session.scalar(
+            select(Run).where(Run.roll_id == roll_id, Run.purpose == "live").with_for_update()
+        )
+        deaths = and_(TaskDelivery.task == "ingest", TaskDelivery.key.startswith(f"{roll_id}/"))
+        if live is not None:
+            deaths = or_(
+                deaths,
+                and_(TaskDelivery.task == "score", TaskDelivery.key.startswith(f"{live.id}/")),
+                and_(TaskDelivery.task == "finalize", TaskDelivery.key == str(live.id)),
+            )
+            if live.status == "failed":  # `advance_run` turns it "scoring" again
+                live.status, live.error, live.finished_at = "pending", None, None
+                session.execute(
+                    update(Band)
+                    .where(Band.run_id == live.id, Band.status == "failed")
+                    .values(status="pending")
+                )
+        session.execute(delete(TaskDelivery).where(deaths))
+        roll.status = "ingesting" if roll.rows_ingested else "registered"
+        roll.failure_reason, roll.updated_at = None, func.now()
+    log.info("roll %s: started again", roll_id)
+    bands = roll_updated(ctx, roll_id)  # the live run (made now if it never was), its bands
+    resumed = resume_roll(ctx, roll_id, frames_only=True)
+    with ctx.session() as session:
+        live = select(Run.id).where(Run.roll_id == roll_id, Run.purpose == "live")
+        resumed.bands = [(session.scalar(live), band) for band in bands]
     return resumed

@@ -7,14 +7,15 @@ import logging
 from datetime import timedelta
 
 import pytest
-from fixtures_roll import defects_of
+from fixtures_roll import assert_same_defects, defects_of
 from sqlalchemy import func, select, update
 
 import worker.runtime
 from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
-from scheduler.resume import idle_rolls, resume_roll
+from scheduler.resume import idle_rolls, resume_roll, retry_roll
 from scheduler.submit import submit
-from storage.schema import Frame, Roll, Run
+from storage.registry import activate_model
+from storage.schema import Frame, Model, Roll, Run
 
 PX_PER_MM, BAND = 4.0, 512
 FRAME_ROWS, FRAMES, WIDTH = 256, 4, 384  # two bands
@@ -145,10 +146,68 @@ def test_cli_resumes_idle_rolls(ctx, tmp_path, monkeypatch, capsys):
             capsys.readouterr().out
         )
         assert main(["resume", "R-cli"]) == 0  # eager: the bands and the finalize run here
+        capsys.readouterr()
+        assert main(["resume", "R-cli", "--retry"]) == 2
+        assert "roll R-cli has not failed (status done)" in capsys.readouterr().err
+        assert main(["resume", "--retry", "--idle", "2h"]) == 2
+        assert "it takes neither --idle nor --dry-run" in capsys.readouterr().err
     finally:
         if worker.runtime._context is not None:
             worker.runtime._context.engine.dispose()
     assert _state(ctx, "R-cli")[:2] == ("done", ("done", 2, 2))
+
+
+def _failure(ctx, roll_id):
+    with ctx.session() as session:
+        return session.get(Roll, roll_id).failure_reason
+
+
+def test_a_roll_failed_for_want_of_a_model_is_started_again_once_one_is_active(ctx, tmp_path):
+    """The commonest failure: frames of a fabric with no active model. Once one is activated,
+    the roll is started again and comes out whole, its defects those of a roll that never
+    failed."""
+    with ctx.session() as session:  # the fabric's model not active yet
+        (model,) = session.scalars(select(Model).where(Model.active))
+        model.active = False
+    planted = _submit(ctx, tmp_path, "R-new")
+    ctx.enqueue.drain()
+    assert _state(ctx, "R-new")[0] == "failed" and "no active model" in _failure(ctx, "R-new")
+    retry_roll(ctx, "R-new")  # nothing fixed yet: it fails again, for the same reason
+    ctx.enqueue.drain()
+    assert _state(ctx, "R-new")[0] == "failed" and "no active model" in _failure(ctx, "R-new")
+    with ctx.session() as session:
+        activate_model(session, model.version)
+    resumed = retry_roll(ctx, "R-new")
+    assert (resumed.frames, resumed.bands) == ([1, 2, 3, 4], [])  # it failed at its first frame
+    ctx.enqueue.drain()
+    assert _state(ctx, "R-new") == ("done", ("done", 2, 2), FRAMES)
+    assert _failure(ctx, "R-new") is None
+    _assert_planted(ctx, "R-new", planted)
+    reference = _submit(ctx, tmp_path, "R-ref")  # the same roll, of a fabric with its model
+    ctx.enqueue.drain()
+    assert reference == planted
+    assert_same_defects(defects_of(ctx, "R-new"), defects_of(ctx, "R-ref"))
+    with pytest.raises(ValueError, match="has not failed \\(status done\\)"):
+        retry_roll(ctx, "R-new")
+
+
+def test_a_roll_failed_by_a_corrupt_frame_is_started_again_once_it_is_replaced(ctx, tmp_path):
+    planted = _submit(ctx, tmp_path, "R-bad")
+    key = "incoming/R-bad/frames/000003.tif"
+    good = ctx.store.get(key)
+    ctx.store.put(key, b"II*\0 a scanner's half-written frame")
+    ctx.enqueue.drain()
+    assert _state(ctx, "R-bad")[0] == "failed" and "frame 3" in _failure(ctx, "R-bad")
+    retry_roll(ctx, "R-bad")
+    ctx.enqueue.drain()
+    assert _state(ctx, "R-bad")[0] == "failed" and "frame 3" in _failure(ctx, "R-bad")
+    ctx.store.put(key, good)  # the scanner wrote it again
+    assert retry_roll(ctx, "R-bad").frames == [3, 4]
+    ctx.enqueue.drain()
+    assert _state(ctx, "R-bad") == ("done", ("done", 2, 2), FRAMES)
+    found = defects_of(ctx, "R-bad")
+    _assert_planted(ctx, "R-bad", planted)
+    assert [d["defect_no"] for d in found] == list(range(1, len(found) + 1))  # none twice
 
 
 def _later(session):
