@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from storage.manifest import (
 from storage.objectstore import ObjectChanged, ObjectStore
 from worker.context import WorkerContext
 from worker.ingest import roll_updated
-from worker.roll_rows import register_roll
+from worker.roll_rows import check_registrable, register_roll
 
 # ASCII digits: `\d` takes any script's ("٢.tif"), which the object store's keys refuse
 FRAME_NAME = re.compile(r"^([0-9]{1,9})\.tiff?$", re.IGNORECASE)
@@ -75,9 +76,14 @@ def _first_gaps(seqs: list[int], n: int) -> list[int]:
 
 
 def upload_folder(
-    store: ObjectStore, folder: Path, incoming_prefix: str, limits: ManifestLimits | None = None
+    store: ObjectStore,
+    folder: Path,
+    incoming_prefix: str,
+    limits: ManifestLimits | None = None,
+    check: Callable[[Manifest], None] | None = None,
 ) -> tuple[Manifest, Submission]:
-    """Validate a roll folder completely, then upload it (frames first, manifest last)."""
+    """Validate a roll folder completely — `check` too, given the manifest — then upload it
+    (frames first, manifest last)."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{folder} has no manifest.json")
@@ -92,6 +98,8 @@ def upload_folder(
         if (seq := frame_seq(path.name)) is not None
     )
     _check_sequence([(s, p.name) for s, p in named], manifest, str(folder))
+    if check is not None:
+        check(manifest)
     prefix = f"{incoming_prefix.rstrip('/')}/{manifest.roll_id}"
     frames = []
     for seq, path in named:
@@ -121,6 +129,13 @@ def read_prefix(
     return manifest, Submission(manifest.roll_id, prefix, frames)
 
 
+def _registrable(ctx: WorkerContext, manifest: Manifest) -> None:
+    # before the upload: a refused manifest must not leave its frames over the roll's own,
+    # which a later `rollscan resume` would take for replaced frames and ingest
+    with ctx.session() as session:
+        check_registrable(session, manifest)
+
+
 def submit(ctx: WorkerContext, target: str) -> Submission:
     """Register the roll and enqueue its frames in order; returns what was submitted."""
     settings = ctx.settings
@@ -137,7 +152,9 @@ def submit(ctx: WorkerContext, target: str) -> Submission:
         folder = Path(target)
         if not folder.is_dir():
             raise FileNotFoundError(f"{target} is neither a folder nor an s3:// prefix")
-        manifest, submission = upload_folder(ctx.store, folder, settings.incoming_prefix, limits)
+        manifest, submission = upload_folder(
+            ctx.store, folder, settings.incoming_prefix, limits, lambda m: _registrable(ctx, m)
+        )
     with ctx.session() as session:
         register_roll(session, manifest, submission.source)
     for seq, key in submission.frames:

@@ -201,6 +201,26 @@ def test_a_roll_without_a_model_fails_clearly(ctx, tmp_path):
         assert "no active model for fabric type 'velvet'" in roll.failure_reason
 
 
+def test_a_folder_refused_for_its_roll_id_uploads_nothing_over_that_rolls_frames(ctx, tmp_path):
+    """Another roll's folder under a registered roll's id (another fabric, a changed frame
+    count) was uploaded, then refused: its frames stood under the roll's source, where a later
+    `rollscan resume` took them for replaced frames and ingested them into the finished roll."""
+    folder, _, _ = _roll(tmp_path, "R-taken", plan=[])
+    submit(ctx, str(folder))
+    ctx.enqueue.drain()
+    stored = {info.key: info.etag for info in ctx.store.iter_objects("incoming/R-taken/")}
+    for i, (changes, reason) in enumerate([
+        ({"fabric_type": "velvet"}, "changes fabric_type"),
+        ({"frames": FRAMES - 1}, f"already complete with {FRAMES} frames"),
+    ]):  # fmt: skip
+        other, _, _ = _roll(tmp_path / f"other{i}", "R-taken", plan=[], seed=99, **changes)
+        with pytest.raises(RollError, match=reason):
+            submit(ctx, str(other))
+        now = {info.key: info.etag for info in ctx.store.iter_objects("incoming/R-taken/")}
+        assert now == stored
+    assert not ctx.enqueue.queue
+
+
 def test_two_finalizes_at_once_write_one_set_of_defects(ctx, tmp_path):
     folder, _, _ = _roll(tmp_path, "R-twice")
     submit(ctx, str(folder))

@@ -43,7 +43,29 @@ def register_roll(session: Session, manifest: Manifest, source: str) -> Roll:
         session.execute(insert(Roll).values(**values).on_conflict_do_nothing())
         session.flush()
         existing = session.get(Roll, manifest.roll_id, with_for_update=True, populate_existing=True)
-    changed = [k for k in IMMUTABLE if getattr(existing, k) != values[k]]
+    refuse_changes(session, existing, manifest)
+    existing.frames_total = (
+        manifest.frames if manifest.frames is not None else existing.frames_total
+    )
+    existing.complete = manifest.complete
+    existing.meta = manifest.meta
+    existing.source = source
+    existing.updated_at = datetime.now(UTC)
+    session.flush()
+    return existing
+
+
+def check_registrable(session: Session, manifest: Manifest) -> None:
+    """Raise RollError where `register_roll` would refuse the manifest, writing nothing: a
+    folder's frames are checked so before they are uploaded over a registered roll's."""
+    existing = session.get(Roll, manifest.roll_id)
+    if existing is not None:
+        refuse_changes(session, existing, manifest)
+
+
+def refuse_changes(session: Session, existing: Roll, manifest: Manifest) -> None:
+    """Raise RollError if `manifest` changes what the registered roll `existing` cannot."""
+    changed = [k for k in IMMUTABLE if getattr(existing, k) != getattr(manifest, k)]
     if changed:
         raise RollError(
             f"roll {manifest.roll_id}: the manifest changes {', '.join(changed)}, which a "
@@ -64,15 +86,6 @@ def register_roll(session: Session, manifest: Manifest, source: str) -> Roll:
                 f"roll {manifest.roll_id}: the manifest says {manifest.frames} frames, but frame "
                 f"{last} is already in"
             )
-    existing.frames_total = (
-        manifest.frames if manifest.frames is not None else existing.frames_total
-    )
-    existing.complete = manifest.complete
-    existing.meta = manifest.meta
-    existing.source = source
-    existing.updated_at = datetime.now(UTC)
-    session.flush()
-    return existing
 
 
 def live_run(session: Session, roll: Roll) -> Run:
