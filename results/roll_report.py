@@ -327,6 +327,9 @@ def _grade_html(data: ReportData) -> str:
 def _defects_html(
     data: ReportData, crops: dict[int, tuple[str | None, str | None]], max_crops: int, vmax: float
 ) -> str:
+    if data.run is None:  # not "no defects": a reader would take that for a flawless roll
+        why = "it failed" if data.roll["status"] == "failed" else "no run of it has finished"
+        return f'<p class="note">No defects to show: {why}.</p>'
     if not data.defects:
         return '<p class="note">No defects in the current run.</p>'
     n = len(data.defects)

@@ -256,3 +256,18 @@ def test_a_defects_crops_put_its_outline_and_heat_map_on_its_own_pixels(tmp_path
         assert ys.min() < hy.min() and hy.max() < ys.max(), src
         found[src] = (hx.min(), hx.max(), hy.min(), hy.max())
     assert found[image_src] == found[score_src]  # the heat lies on the flaw's own pixels
+
+
+def test_the_page_of_a_roll_not_scored_or_failed_says_so(db_session, local_store, tmp_path):
+    """It said "No defects in the current run" of a roll that had no run: a flawless roll, read
+    quickly."""
+    db_session.add(Roll(id="R-open", fabric_type="twill", width_mm=30.0, px_per_mm_x=10.0,
+                        px_per_mm_y=10.0, status="ingesting"))  # fmt: skip
+    db_session.add(Roll(id="R-failed", fabric_type="twill", width_mm=30.0, px_per_mm_x=10.0,
+                        px_per_mm_y=10.0, status="failed", failure_reason="frame 2: not a TIFF"))  # fmt: skip
+    db_session.flush()
+    for roll_id, why in [("R-open", "no run of it has finished"), ("R-failed", "it failed")]:
+        page = write_roll_report(db_session, local_store, roll_id, tmp_path / roll_id)
+        doc = page.read_text(encoding="utf-8")
+        assert f"No defects to show: {why}." in doc and "No defects in the current run" not in doc
+    assert "frame 2: not a TIFF" in doc
