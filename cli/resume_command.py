@@ -8,6 +8,7 @@ starts failed rolls again (`scheduler.resume.retry_roll`) once their cause is fi
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from cli.arg_types import command_parser, parse_duration
@@ -42,18 +43,23 @@ def _retry(args: argparse.Namespace) -> int:
             "--retry starts the named failed rolls: it takes neither --idle nor --dry-run"
         )
     ctx = command_context()
-    failed_again = 0
+    refused = 0
     for roll_id in args.rolls:
-        resumed = retry_roll(ctx, roll_id)
+        try:  # one roll refused, the others still started
+            resumed = retry_roll(ctx, roll_id)
+        except ValueError as exc:
+            refused += 1
+            print(f"rollscan resume: error: {exc}", file=sys.stderr)
+            continue
         with ctx.session() as session:
             roll = session.get(Roll, roll_id)
             status, reason = roll.status, roll.failure_reason
         if status == "failed":
-            failed_again += 1
+            refused += 1
             print(f"roll {roll_id}: failed again: {reason}")
-        else:
+        else:  # a cause still there fails it again in a worker: `rollscan rolls` tells
             print(f"{resumed} (started again, status {status})")
-    return 1 if failed_again else 0
+    return 1 if refused else 0
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:

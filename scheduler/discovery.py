@@ -112,6 +112,17 @@ class RollCursor:
         return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
 
 
+def reopen_discovery(session: Session, roll_id: str) -> None:
+    """List the roll again from its next pass on (a failed roll started again: discovery had
+    closed it, and would never have seen its later frames or manifest)."""
+    row = session.get(DiscoveryCursor, f"roll:{roll_id}", with_for_update=True)
+    if row is not None:
+        cursor = RollCursor.load(row.cursor)
+        if cursor.closed:
+            cursor.closed = False
+            row.cursor = cursor.dump()
+
+
 def incoming_prefix(ctx: WorkerContext) -> str:
     prefix = ctx.settings.incoming_prefix.strip("/")
     if not prefix:

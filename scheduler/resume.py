@@ -12,8 +12,8 @@ work that was only queued, not lost, costs a second scoring of a band, never a s
 
 `retry_roll` starts a failed roll again once its cause is fixed — a model activated for its
 fabric, a corrupt frame replaced under its source: its live run reopens with the bands it had
-scored, the deaths counted against its frames, bands and finalize are forgotten, and what it
-waits for is sent as `resume_roll` sends it. A cause not fixed fails it again, with its reason.
+scored, the deaths counted against its frames, bands and finalize are forgotten, discovery lists
+it again, and what it waits for is sent as `resume_roll` sends it. A cause not fixed fails it again, with its reason.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, delete, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from scheduler.discovery import list_roll
+from scheduler.discovery import list_roll, reopen_discovery
 from storage.schema import Band, Frame, Roll, Run, TaskDelivery
 from worker.context import WorkerContext
-from worker.ingest import finalize_due, pending_bands, roll_updated
+from worker.ingest import announce_live_run, finalize_due, pending_bands
 
 log = logging.getLogger(__name__)
 OPEN_ROLL = ("registered", "ingesting", "scoring", "finalizing")  # not stalled: the scanner's
@@ -133,7 +133,8 @@ def retry_roll(ctx: WorkerContext, roll_id: str) -> Resumed:
         live = session.scalar(
             select(Run).where(Run.roll_id == roll_id, Run.purpose == "live").with_for_update()
         )
-        deaths = and_(TaskDelivery.task == "ingest", TaskDelivery.key.startswith(f"{roll_id}/"))
+        frames = TaskDelivery.key.startswith(f"{roll_id}/", autoescape=True)  # ids may hold _ %
+        deaths = and_(TaskDelivery.task == "ingest", frames)
         if live is not None:
             deaths = or_(
                 deaths,
@@ -141,19 +142,26 @@ def retry_roll(ctx: WorkerContext, roll_id: str) -> Resumed:
                 and_(TaskDelivery.task == "finalize", TaskDelivery.key == str(live.id)),
             )
             if live.status == "failed":  # `advance_run` turns it "scoring" again
-                live.status, live.error, live.finished_at = "pending", None, None
+                live.status, live.error = "pending", None
+                if live.threshold is None and not live.is_current:
+                    # never finalized: it finishes for the first time (the roll's completion
+                    # date, the current run); one reopened by a changed frame keeps its place
+                    live.finished_at = None
                 session.execute(
                     update(Band)
                     .where(Band.run_id == live.id, Band.status == "failed")
                     .values(status="pending")
                 )
         session.execute(delete(TaskDelivery).where(deaths))
-        roll.status = "ingesting" if roll.rows_ingested else "registered"
+        if live is not None and live.status == "done":  # it failed on a frame the run never read
+            roll.status = "done"
+        else:
+            roll.status = "ingesting" if roll.rows_ingested else "registered"
         roll.failure_reason, roll.updated_at = None, func.now()
+        reopen_discovery(session, roll_id)
     log.info("roll %s: started again", roll_id)
-    bands = roll_updated(ctx, roll_id)  # the live run (made now if it never was), its bands
+    run_id, bands, finalize = announce_live_run(ctx, roll_id)
     resumed = resume_roll(ctx, roll_id, frames_only=True)
-    with ctx.session() as session:
-        live = select(Run.id).where(Run.roll_id == roll_id, Run.purpose == "live")
-        resumed.bands = [(session.scalar(live), band) for band in bands]
+    resumed.bands = [(run_id, band) for band in bands]
+    resumed.finalizes = [run_id] if finalize else []
     return resumed

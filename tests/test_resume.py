@@ -147,7 +147,7 @@ def test_cli_resumes_idle_rolls(ctx, tmp_path, monkeypatch, capsys):
         )
         assert main(["resume", "R-cli"]) == 0  # eager: the bands and the finalize run here
         capsys.readouterr()
-        assert main(["resume", "R-cli", "--retry"]) == 2
+        assert main(["resume", "R-cli", "--retry"]) == 1
         assert "roll R-cli has not failed (status done)" in capsys.readouterr().err
         assert main(["resume", "--retry", "--idle", "2h"]) == 2
         assert "it takes neither --idle nor --dry-run" in capsys.readouterr().err

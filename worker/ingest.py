@@ -367,19 +367,26 @@ def pending_bands(session: Session, run_id: int) -> list[int]:
 
 def roll_updated(ctx: WorkerContext, roll_id: str) -> list[int]:
     """After a manifest update (e.g. `complete`): announce the bands that became ready."""
+    return announce_live_run(ctx, roll_id)[1]
+
+
+def announce_live_run(ctx: WorkerContext, roll_id: str) -> tuple[int | None, list[int], bool]:
+    """Send the live run's bands that are ready and not scored, or its finalize when due (the
+    run made first if it is not yet); returns (run id, bands sent, finalize sent). A failed roll
+    sends nothing; a roll whose run cannot be made (no active model) fails."""
     with ctx.session() as session:
         roll = session.get(Roll, roll_id, with_for_update=True)
         if roll is None or roll.status == "failed":
-            return []
+            return None, [], False
         try:
             run = locked_live_run(session, roll)
         except RollError as exc:
             fail_roll(session, roll_id, str(exc))
-            return []
+            return None, [], False
         ready = advance_run(ctx, session, roll, run)
         # and those recorded before and not scored: the announcement of an update whose sending
         # failed (a broker away) is made again when the update is taken again
         ready = sorted(set(ready) | set(pending_bands(session, run.id)))
         finalize, run_id = finalize_due(run), run.id
     _enqueue_next(ctx, run_id, False, ready, finalize)
-    return ready
+    return run_id, ready, finalize

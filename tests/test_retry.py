@@ -1,0 +1,196 @@
+"""`rollscan resume --retry` (`scheduler.resume.retry_roll`) in the corners of a roll's life: a roll
+failed after it was done, or by work whose worker died, another roll's counts beside it, and
+discovery going on with it — on a real PostgreSQL and local object store, without a broker.
+The plain cases (no model, a corrupt frame) are in tests/test_resume.py."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+import tifffile
+from sqlalchemy import func, select
+
+from distill.checkpoint import load_model, save_checkpoint
+from rollscan_testing.synthetic_roll import write_synthetic_roll
+from scheduler.discovery import discover_once
+from scheduler.reprocess import reprocess
+from scheduler.resume import resume_roll, retry_roll
+from scheduler.submit import submit
+from storage.registry import activate_model, register_model
+from storage.schema import Frame, Model, Roll, Run, TaskDelivery
+from storage.settings import Settings
+from worker.context import WorkerContext
+from worker.deliveries import GIVEN_UP, Delivery, run_counted
+from worker.ingest import ingest_frame
+from worker.inline import InlineEnqueuer
+
+PX_PER_MM, BAND = 4.0, 512
+FRAME_ROWS, FRAMES, WIDTH = 256, 4, 384  # two bands
+PLAN = [("hole", (512, 190)), ("knot", (800, 200))]
+FABRIC, V1, V2 = "demo-twill", "twill-v1", "twill-v2"
+
+
+@pytest.fixture(scope="module")
+def twill_v2(twill_model: Path, tmp_path_factory) -> Path:
+    """The same model under another version (a lower threshold: another checkpoint)."""
+    model, card = load_model(twill_model)
+    card.threshold *= 0.75
+    return save_checkpoint(tmp_path_factory.mktemp("twill-v2") / "model.pt", model, card)
+
+
+@pytest.fixture
+def ctx(db_engine, local_store, twill_model, twill_v2, tmp_path) -> WorkerContext:
+    settings = Settings(band_height=BAND, data_dir=tmp_path / "data", device="cpu", batch_size=8)
+    enqueuer = InlineEnqueuer()
+    context = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=8)
+    enqueuer.ctx = context
+    with context.session() as session:
+        register_model(session, local_store, twill_model, fabric_type=FABRIC, version=V1)
+        activate_model(session, V1)
+        register_model(session, local_store, twill_v2, fabric_type=FABRIC, version=V2)
+    return context
+
+
+def _write(tmp_path: Path, roll_id: str) -> Path:
+    write_synthetic_roll(tmp_path / roll_id, roll_id, frames=FRAMES, frame_rows=FRAME_ROWS,
+                         width=WIDTH, plan=PLAN, px_per_mm=PX_PER_MM)  # fmt: skip
+    return tmp_path / roll_id
+
+
+def _done_roll(ctx: WorkerContext, tmp_path: Path, roll_id: str) -> None:
+    submit(ctx, str(_write(tmp_path, roll_id)))
+    ctx.enqueue.drain()
+    assert _roll(ctx, roll_id).status == "done"
+
+
+def _roll(ctx: WorkerContext, roll_id: str) -> Roll:
+    with ctx.session() as session:
+        roll = session.get(Roll, roll_id)
+        session.expunge(roll)
+        return roll
+
+
+def _runs(ctx: WorkerContext, roll_id: str) -> dict[str, tuple]:
+    with ctx.session() as session:
+        runs = session.scalars(select(Run).where(Run.roll_id == roll_id))
+        return {r.model_version: (r.id, r.status, r.is_current) for r in runs}
+
+
+def _give_up(ctx: WorkerContext, task: str, key: str, run_id: int) -> None:
+    """Its worker died `max_deliveries` times: the next delivery gives up (fails the roll)."""
+    with ctx.session() as session:
+        session.add(TaskDelivery(task=task, key=key, unfinished=ctx.settings.max_deliveries))
+    delivery = Delivery(task, key, f"{task} {key}", run_id=run_id)
+    assert run_counted(ctx, delivery, lambda: pytest.fail("a given-up task must not run")) == (
+        GIVEN_UP
+    )
+
+
+def test_a_live_run_reopened_by_a_changed_frame_does_not_take_the_roll_back(ctx, tmp_path):
+    """Done, reprocessed with v2 (current), a frame changed (both runs reopened), v2 done again,
+    the live run's band given up: started again, the live run finishes without taking the roll
+    from v2, and the roll's completion date stays."""
+    _done_roll(ctx, tmp_path, "R-t")
+    assert reprocess(ctx, ["R-t"], V2, progress=False).done == ["R-t"]
+    completed = _roll(ctx, "R-t").completed_at
+    frame = tifffile.imread(tmp_path / "R-t" / "frames" / "000003.tif")
+    frame[100:124, 60:120] = 255
+    changed = io.BytesIO()
+    tifffile.imwrite(changed, frame)
+    key = "incoming/R-t/frames/000003.tif"
+    ctx.store.put(key, changed.getvalue())
+    assert ingest_frame(ctx, "R-t", 3, key) == "ingested"
+    v1, v2 = _runs(ctx, "R-t")[V1][0], _runs(ctx, "R-t")[V2][0]
+    queue = ctx.enqueue.queue
+    while v2_work := [item for item in queue if item[1][0] == v2]:  # v2's bands, its finalize
+        queue.remove(v2_work[0])
+        v2_work[0][0](ctx, *v2_work[0][1])
+    assert _runs(ctx, "R-t")[V2][1:] == ("done", True)
+    queue.clear()
+    _give_up(ctx, "score", f"{v1}/1", v1)
+    assert _roll(ctx, "R-t").status == "failed"
+    retry_roll(ctx, "R-t")
+    ctx.enqueue.drain()
+    assert _roll(ctx, "R-t").status == "done"
+    assert _runs(ctx, "R-t") == {V1: (v1, "done", False), V2: (v2, "done", True)}
+    assert _roll(ctx, "R-t").completed_at == completed
+
+
+def test_a_done_roll_failed_by_a_frame_then_put_back_is_done_again(ctx, tmp_path):
+    """A finished roll's frame replaced by a corrupt one fails the roll (its live run stays
+    done); the frame that was there put back, the retried roll is done, not waiting for ever."""
+    _done_roll(ctx, tmp_path, "R-s")
+    key = "incoming/R-s/frames/000002.tif"
+    good = ctx.store.get(key)
+    ctx.store.put(key, b"II*\0 half-written")
+    assert resume_roll(ctx, "R-s").frames == [2]
+    ctx.enqueue.drain()
+    assert _roll(ctx, "R-s").status == "failed"
+    ctx.store.put(key, good)
+    resumed = retry_roll(ctx, "R-s")
+    assert (resumed.frames, resumed.bands, resumed.finalizes) == ([], [], [])
+    assert _roll(ctx, "R-s").status == "done"
+    assert str(resume_roll(ctx, "R-s")) == "roll R-s: nothing to resume"
+
+
+def test_a_given_up_finalize_is_sent_again_and_said(ctx, tmp_path):
+    submit(ctx, str(_write(tmp_path, "R-f")))
+    ctx.enqueue.drain(lose="finalize_run")
+    run_id = _runs(ctx, "R-f")[V1][0]
+    _give_up(ctx, "finalize", str(run_id), run_id)
+    assert _roll(ctx, "R-f").status == "failed"
+    resumed = retry_roll(ctx, "R-f")
+    assert (resumed.frames, resumed.bands, resumed.finalizes) == ([], [], [run_id])
+    ctx.enqueue.drain()
+    assert _roll(ctx, "R-f").status == "done"
+
+
+def test_a_retry_forgets_its_own_rolls_death_counts_only(ctx):
+    """Frame keys are matched as text: "A_1/" once also matched roll AB1's (LIKE's wildcard)."""
+    with ctx.session() as session:
+        for roll_id, status in [("A_1", "failed"), ("AB1", "ingesting")]:
+            session.add(Roll(id=roll_id, fabric_type=FABRIC, width_mm=96.0, px_per_mm_x=4.0,
+                             px_per_mm_y=4.0, status=status))  # fmt: skip
+        session.add_all([TaskDelivery(task="ingest", key="AB1/2", unfinished=2),
+                         TaskDelivery(task="ingest", key="A_1/2", unfinished=3)])  # fmt: skip
+    retry_roll(ctx, "A_1")
+    with ctx.session() as session:
+        assert session.get(TaskDelivery, ("ingest", "AB1/2")) is not None
+        assert session.get(TaskDelivery, ("ingest", "A_1/2")) is None
+
+
+def test_discovery_goes_on_with_a_roll_started_again(ctx, tmp_path):
+    """Discovery closes a failed roll's cursor; started again, the roll's later frames and its
+    complete manifest must still be found."""
+    with ctx.session() as session:
+        session.get(Model, V1).active = False
+    folder = _write(tmp_path, "R-d")
+    manifest = json.loads((folder / "manifest.json").read_text())
+
+    def upload(*seqs: int) -> None:
+        for seq in seqs:
+            name = f"{seq:06d}.tif"
+            ctx.store.put(f"incoming/R-d/frames/{name}", (folder / "frames" / name).read_bytes())
+
+    ctx.store.put("incoming/R-d/manifest.json",
+                  json.dumps({**manifest, "complete": False, "frames": None}).encode())  # fmt: skip
+    upload(1, 2)
+    discover_once(ctx, stall_after=None)
+    ctx.enqueue.drain()
+    assert _roll(ctx, "R-d").status == "failed"
+    discover_once(ctx, stall_after=None)  # the next pass closes its cursor
+    with ctx.session() as session:
+        activate_model(session, V1)
+    retry_roll(ctx, "R-d")
+    ctx.enqueue.drain()
+    upload(3, 4)  # the scanner goes on
+    ctx.store.put("incoming/R-d/manifest.json", json.dumps(manifest).encode())
+    discover_once(ctx, stall_after=None)
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        frames = session.scalar(select(func.count()).where(Frame.roll_id == "R-d"))
+    roll = _roll(ctx, "R-d")
+    assert (roll.status, roll.complete, frames) == ("done", True, FRAMES)
