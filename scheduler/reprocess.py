@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TextIO
 
-from sqlalchemy import exists, select, update
+from sqlalchemy import exists, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 from tqdm.auto import tqdm
@@ -33,6 +33,7 @@ from results.grading import GradingRules, load_rules
 from storage.schema import Band, Grade, Model, Roll, Run
 from storage.zarr_rolls import open_roll, roll_exists
 from worker.context import WorkerContext
+from worker.roll_rows import reopen_failed_run
 
 log = logging.getLogger(__name__)
 STALL_S = 600.0  # no band scored for this long: say what to check
@@ -132,12 +133,7 @@ def start_reprocess_run(
         if run.status == "failed":  # asked again: a new attempt; the bands it scored are kept
             log.info("roll %s: reprocessing with %s again after its run failed: %s",
                      roll_id, model_version, run.error)  # fmt: skip
-            run.status, run.error, run.finished_at = "scoring", None, None
-            session.execute(
-                update(Band)
-                .where(Band.run_id == run.id, Band.status == "failed")
-                .values(status="pending")
-            )
+            reopen_failed_run(session, run, "scoring")
         if run.bands_total is None:
             height, rows = open_roll(ctx.store, roll_id).band_height, roll.rows_ingested
             count = -(-rows // height)

@@ -22,13 +22,14 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, exists, func, or_, select, update
+from sqlalchemy import and_, delete, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from scheduler.discovery import list_roll, reopen_discovery
 from storage.schema import Band, Frame, Roll, Run, TaskDelivery
 from worker.context import WorkerContext
 from worker.ingest import announce_live_run, finalize_due, pending_bands
+from worker.roll_rows import reopen_failed_run
 
 log = logging.getLogger(__name__)
 OPEN_ROLL = ("registered", "ingesting", "scoring", "finalizing")  # not stalled: the scanner's
@@ -142,16 +143,7 @@ def retry_roll(ctx: WorkerContext, roll_id: str) -> Resumed:
                 and_(TaskDelivery.task == "finalize", TaskDelivery.key == str(live.id)),
             )
             if live.status == "failed":  # `advance_run` turns it "scoring" again
-                live.status, live.error = "pending", None
-                if live.threshold is None and not live.is_current:
-                    # never finalized: it finishes for the first time (the roll's completion
-                    # date, the current run); one reopened by a changed frame keeps its place
-                    live.finished_at = None
-                session.execute(
-                    update(Band)
-                    .where(Band.run_id == live.id, Band.status == "failed")
-                    .values(status="pending")
-                )
+                reopen_failed_run(session, live, "pending")
         session.execute(delete(TaskDelivery).where(deaths))
         if live is not None and live.status == "done":  # it failed on a frame the run never read
             roll.status = "done"

@@ -30,7 +30,7 @@ from worker.inline import InlineEnqueuer
 PX_PER_MM, BAND = 4.0, 512
 FRAME_ROWS, FRAMES, WIDTH = 256, 4, 384  # two bands
 PLAN = [("hole", (512, 190)), ("knot", (800, 200))]
-FABRIC, V1, V2 = "demo-twill", "twill-v1", "twill-v2"
+FABRIC, V1, V2, V3 = "demo-twill", "twill-v1", "twill-v2", "twill-v3"
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +41,15 @@ def twill_v2(twill_model: Path, tmp_path_factory) -> Path:
     return save_checkpoint(tmp_path_factory.mktemp("twill-v2") / "model.pt", model, card)
 
 
+@pytest.fixture(scope="module")
+def twill_v3(twill_model: Path, tmp_path_factory) -> Path:
+    model, card = load_model(twill_model)
+    card.threshold *= 0.9
+    return save_checkpoint(tmp_path_factory.mktemp("twill-v3") / "model.pt", model, card)
+
+
 @pytest.fixture
-def ctx(db_engine, local_store, twill_model, twill_v2, tmp_path) -> WorkerContext:
+def ctx(db_engine, local_store, twill_model, twill_v2, twill_v3, tmp_path) -> WorkerContext:
     settings = Settings(band_height=BAND, data_dir=tmp_path / "data", device="cpu", batch_size=8)
     enqueuer = InlineEnqueuer()
     context = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=8)
@@ -51,6 +58,7 @@ def ctx(db_engine, local_store, twill_model, twill_v2, tmp_path) -> WorkerContex
         register_model(session, local_store, twill_model, fabric_type=FABRIC, version=V1)
         activate_model(session, V1)
         register_model(session, local_store, twill_v2, fabric_type=FABRIC, version=V2)
+        register_model(session, local_store, twill_v3, fabric_type=FABRIC, version=V3)
     return context
 
 
@@ -89,6 +97,26 @@ def _give_up(ctx: WorkerContext, task: str, key: str, run_id: int) -> None:
     )
 
 
+def _change_frame(ctx: WorkerContext, tmp_path: Path, roll_id: str, seq: int) -> None:
+    """A finished roll's frame written again, with a flaw, and ingested: its runs reopen."""
+    name = f"{seq:06d}.tif"
+    frame = tifffile.imread(tmp_path / roll_id / "frames" / name)
+    frame[100:124, 60:120] = 255
+    changed = io.BytesIO()
+    tifffile.imwrite(changed, frame)
+    key = f"incoming/{roll_id}/frames/{name}"
+    ctx.store.put(key, changed.getvalue())
+    assert ingest_frame(ctx, roll_id, seq, key) == "ingested"
+
+
+def _run_work_of(ctx: WorkerContext, run_id: int) -> None:
+    """The queued bands, then the finalize, of one run (the others' wait)."""
+    queue = ctx.enqueue.queue
+    while work := [item for item in queue if item[1][0] == run_id]:
+        queue.remove(work[0])
+        work[0][0](ctx, *work[0][1])
+
+
 def test_a_live_run_reopened_by_a_changed_frame_does_not_take_the_roll_back(ctx, tmp_path):
     """Done, reprocessed with v2 (current), a frame changed (both runs reopened), v2 done again,
     the live run's band given up: started again, the live run finishes without taking the roll
@@ -96,20 +124,11 @@ def test_a_live_run_reopened_by_a_changed_frame_does_not_take_the_roll_back(ctx,
     _done_roll(ctx, tmp_path, "R-t")
     assert reprocess(ctx, ["R-t"], V2, progress=False).done == ["R-t"]
     completed = _roll(ctx, "R-t").completed_at
-    frame = tifffile.imread(tmp_path / "R-t" / "frames" / "000003.tif")
-    frame[100:124, 60:120] = 255
-    changed = io.BytesIO()
-    tifffile.imwrite(changed, frame)
-    key = "incoming/R-t/frames/000003.tif"
-    ctx.store.put(key, changed.getvalue())
-    assert ingest_frame(ctx, "R-t", 3, key) == "ingested"
+    _change_frame(ctx, tmp_path, "R-t", 3)
     v1, v2 = _runs(ctx, "R-t")[V1][0], _runs(ctx, "R-t")[V2][0]
-    queue = ctx.enqueue.queue
-    while v2_work := [item for item in queue if item[1][0] == v2]:  # v2's bands, its finalize
-        queue.remove(v2_work[0])
-        v2_work[0][0](ctx, *v2_work[0][1])
+    _run_work_of(ctx, v2)
     assert _runs(ctx, "R-t")[V2][1:] == ("done", True)
-    queue.clear()
+    ctx.enqueue.queue.clear()
     _give_up(ctx, "score", f"{v1}/1", v1)
     assert _roll(ctx, "R-t").status == "failed"
     retry_roll(ctx, "R-t")
@@ -117,6 +136,27 @@ def test_a_live_run_reopened_by_a_changed_frame_does_not_take_the_roll_back(ctx,
     assert _roll(ctx, "R-t").status == "done"
     assert _runs(ctx, "R-t") == {V1: (v1, "done", False), V2: (v2, "done", True)}
     assert _roll(ctx, "R-t").completed_at == completed
+
+
+def test_a_reprocess_run_started_again_does_not_take_the_roll_from_a_newer_one(ctx, tmp_path):
+    """Reprocessed with v2, then v3 (current); a frame changed; v2's band given up: `rollscan
+    reprocess --model v2` again finishes v2 without taking the roll from v3 (it became current
+    as a run finished for the first time)."""
+    _done_roll(ctx, tmp_path, "R-v")
+    for version in (V2, V3):
+        assert reprocess(ctx, ["R-v"], version, progress=False).done == ["R-v"]
+    _change_frame(ctx, tmp_path, "R-v", 3)
+    runs = _runs(ctx, "R-v")
+    _run_work_of(ctx, runs[V3][0])
+    _give_up(ctx, "score", f"{runs[V2][0]}/1", runs[V2][0])
+    ctx.enqueue.drain()  # the live run's work, and what is left of v2's (skipped: failed)
+    assert _runs(ctx, "R-v")[V2][1] == "failed" and _runs(ctx, "R-v")[V3][1:] == ("done", True)
+    assert reprocess(ctx, ["R-v"], V2, progress=False).done == ["R-v"]
+    assert {v: r[1:] for v, r in _runs(ctx, "R-v").items()} == {
+        V1: ("done", False),
+        V2: ("done", False),
+        V3: ("done", True),
+    }
 
 
 def test_a_done_roll_failed_by_a_frame_then_put_back_is_done_again(ctx, tmp_path):

@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from storage.manifest import Manifest
 from storage.registry import active_model
-from storage.schema import Frame, Roll, Run
+from storage.schema import Band, Frame, Roll, Run
 
 
 class RollError(ValueError):
@@ -122,4 +122,17 @@ def fail_roll(session: Session, roll_id: str, reason: str) -> None:
         update(Run)
         .where(Run.roll_id == roll_id, Run.status.in_(("pending", "scoring", "finalizing")))
         .values(status="failed", error=reason[:2000], finished_at=now)
+    )
+
+
+def reopen_failed_run(session: Session, run: Run, status: str) -> None:
+    """Start the failed `run` again as `status`, the bands it scored kept, its failed ones
+    pending again. One never finalized finishes for the first time when it does (it becomes
+    current, `worker.finalize._takes_over`); one finalized before and then reopened by a changed
+    frame keeps its place — it must not take the roll from a newer model's run."""
+    run.status, run.error = status, None
+    if run.threshold is None and not run.is_current:  # `finalize` records the threshold
+        run.finished_at = None
+    session.execute(
+        update(Band).where(Band.run_id == run.id, Band.status == "failed").values(status="pending")
     )
