@@ -5,8 +5,8 @@ machine's own, so the command line migrates it; a configured server is migrated 
 `rollscan db upgrade`, or the deployment's `migrate` service, and a command refuses to run
 against one at another revision: it would fail half-way on a missing table or column).
 
-`unreachable_service` names the service behind an error when one is down or unreachable, so
-that the command line says so in one line instead of a traceback.
+`service_error` names the service behind an error when one is down, unreachable or refuses the
+site's settings, so that the command line says so in one line instead of a traceback.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from storage.database import (
     database_url,
     head_revision,
     is_transient_db_error,
+    known_revision,
     make_engine,
     mask_url,
     session_scope,
     upgrade,
 )
-from storage.objectstore import is_transient_store_error
+from storage.objectstore import error_code, is_transient_store_error
 from storage.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -34,31 +35,82 @@ if TYPE_CHECKING:
     from worker.context import WorkerContext
 
 
-def prepare_database(settings: Settings) -> None:
-    """Migrate the embedded database to head; check that a configured server is at head."""
+def prepare_database(settings: Settings, *, migrate: bool = True) -> None:
+    """Migrate the embedded database to head (unless not to `migrate`: a dry run); check that a
+    configured server — or an embedded one not migrated — is at head."""
     url = database_url(settings)
-    if settings.embedded_database:
+    if settings.embedded_database and migrate:
         upgrade(url)
         return
     current, head = current_revision(url), head_revision()
-    if current != head:
-        raise ValueError(
-            f"the database {mask_url(url)} is at schema revision {current or 'none (empty)'}; "
-            f"this rollscan needs revision {head}: run `rollscan db upgrade` (if the database "
-            "is newer, upgrade rollscan instead)"
-        )
+    if current == head:
+        return
+    where = f"the database {mask_url(url)} is at schema revision {current or 'none (empty)'}"
+    if current is not None and not known_revision(current):
+        raise ValueError(f"{where}, newer than this rollscan's ({head}): upgrade rollscan")
+    raise ValueError(f"{where}; this rollscan needs revision {head}: run `rollscan db upgrade`")
 
 
-def unreachable_service(exc: BaseException) -> str | None:
-    """The one-line reason when `exc` says a service is down or unreachable, else None."""
+# a connection the server refused or that never began: psycopg2's words for it
+_CONNECT_FAILED = ("connection to server", "could not translate host name", "fatal:")
+
+
+def service_error(exc: BaseException) -> tuple[str, int] | None:
+    """(one line, exit code) when `exc` comes from a service — the database, the broker, the
+    object store — that is down or unreachable (3: try again later) or refuses this site's
+    settings (2: a host, database, credentials or bucket to correct); None otherwise."""
+    found = _service_problem(exc)
+    if found is None:
+        return None
+    message, code = found
+    if isinstance(exc, ValueError):  # already a readable message that says what failed
+        message = _first_line(exc)
+    return message, code
+
+
+def _service_problem(exc: BaseException) -> tuple[str, int] | None:
     if is_transient_db_error(exc):
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-        return f"cannot reach the database: {reason[0] if reason else type(exc).__name__}"
-    if type(exc).__module__.startswith("kombu") and type(exc).__name__ == "OperationalError":
-        return f"cannot reach the broker: {exc}"
+        return f"cannot reach the database: {_first_line(_root(exc))}", 3
+    for item in _chain(exc):
+        name, module = type(item).__name__, type(item).__module__
+        if name == "OperationalError" and module.startswith(("psycopg2", "sqlalchemy")):
+            reason = _first_line(getattr(item, "orig", None) or item)
+            if reason.lower().startswith(_CONNECT_FAILED):
+                return f"cannot connect to the database: {reason}", 2
+        if module.startswith("kombu") and name == "OperationalError":
+            return f"cannot reach the broker: {_first_line(item)}", 3
+        if module.startswith("amqp") and name in ("AccessRefused", "NotAllowed"):
+            return f"the broker refused the connection: {_first_line(item)}", 2
     if is_transient_store_error(exc):
-        return f"cannot reach the object store: {exc}"
+        return f"cannot reach the object store: {_first_line(_root(exc))}", 3
+    for item in _chain(exc):
+        if type(item).__module__.startswith("botocore") and error_code(item) in _STORE_REFUSALS:
+            return f"the object store refused: {_first_line(item)}", 2
     return None
+
+
+_STORE_REFUSALS = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    """`exc` and its causes and contexts, outermost first."""
+    seen: list[BaseException] = []
+    item: BaseException | None = exc
+    while item is not None and all(item is not s for s in seen) and len(seen) < 10:
+        seen.append(item)
+        item = item.__cause__ or item.__context__
+    return seen
+
+
+def _root(exc: BaseException) -> BaseException:
+    """The innermost cause: the service's own words (a wrapper's are often a traceback's)."""
+    item = _chain(exc)[-1]
+    return getattr(item, "orig", None) or item
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def command_context(*, upgrade_database: bool = True) -> WorkerContext:

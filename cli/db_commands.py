@@ -56,6 +56,8 @@ def _current(args: argparse.Namespace) -> int:
         print(f"none (empty database; head is {head}: run `rollscan db upgrade`)")
     elif revision == head:
         print(f"{revision} (head)")
+    elif not database.known_revision(revision):
+        print(f"{revision} (newer than this rollscan's head {head}: upgrade rollscan)")
     else:
         print(f"{revision} (head is {head}: run `rollscan db upgrade`)")
     return 0

@@ -28,7 +28,7 @@ from cli import (
     submit_command,
     train_command,
 )
-from cli.connect import unreachable_service
+from cli.connect import service_error
 from distill.malloc_tuning import keep_freed_memory
 from storage.objectstore import ObjectNotFound
 
@@ -65,9 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: the process's arguments), run the command, return its exit code.
 
     A service that is down or unreachable (the database, the broker, the object store) is
-    named in one line (exit code 3: try again once it is back); a ValueError, OSError,
-    RuntimeError or a missing object is printed as one line (exit code 2). With -v either
-    propagates with its traceback."""
+    named in one line (exit code 3: try again once it is back), one that refuses the site's
+    settings too (exit code 2); a ValueError, OSError, RuntimeError or a missing object is
+    printed as one line (exit code 2); Ctrl-C exits 130. With -v each propagates with its
+    traceback."""
     args = build_parser().parse_args(argv)
     keep_freed_memory()
     logging.basicConfig(
@@ -76,15 +77,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return args.handler(args)
+    except KeyboardInterrupt:
+        if args.verbose:
+            raise
+        print(f"\nrollscan {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as exc:
-        outage = unreachable_service(exc)
+        service = service_error(exc)
         plain = isinstance(exc, ValueError | OSError | RuntimeError | ObjectNotFound)
-        if args.verbose or not (outage or plain):
+        if args.verbose or not (service or plain):
             raise
         # KeyError's str() is the repr of its argument: the message itself
-        message = outage or (exc.args[0] if isinstance(exc, ObjectNotFound) else exc)
+        message, code = service or (exc.args[0] if isinstance(exc, ObjectNotFound) else exc, 2)
         print(f"rollscan {args.command}: error: {message}", file=sys.stderr)
-        return 3 if outage else 2
+        return code
 
 
 if __name__ == "__main__":

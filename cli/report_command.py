@@ -19,7 +19,10 @@ def _report(args: argparse.Namespace) -> int:
     with command_session(settings) as session:
         data = load_report_data(session, args.roll, ZoneInfo(settings.timezone))
     page = render_report(data, open_object_store(settings), args.out)
-    print(f"wrote {page} ({len(data.defects)} defects)")
+    if data.run is None:  # not "0 defects": a reader would take that for a flawless roll
+        print(f"wrote {page} (roll {data.roll['status']}: no finished run, no defects to show)")
+    else:
+        print(f"wrote {page} ({len(data.defects)} defects)")
     return 0
 
 

@@ -33,8 +33,7 @@ def _reprocess(args: argparse.Namespace) -> int:
     listed = read_roll_ids(args.rolls_from) if args.rolls_from is not None else None
     ctx = command_context(upgrade_database=False)
     rules_for = rules_from_file(args.rules or ctx.settings.grading_rules)  # before anything runs
-    if not args.dry_run:
-        prepare_database(ctx.settings)
+    prepare_database(ctx.settings, migrate=not args.dry_run)  # a dry run changes nothing
     with ctx.session() as session:
         rolls = select_rolls(
             session,

@@ -35,6 +35,7 @@ __all__ = [
     "downgrade",
     "head_revision",
     "is_transient_db_error",
+    "known_revision",
     "make_engine",
     "mask_url",
     "session_scope",
@@ -71,6 +72,11 @@ def mask_url(url: str | URL) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
+# a server that accepts and never answers held a command (or a worker) for ever: libpq's own
+# limit on establishing a connection, in seconds; a connection up is not limited by it
+CONNECT_TIMEOUT_S = 10
+
+
 def make_engine(settings_or_url: Settings | str | URL | None = None, **kwargs: object) -> Engine:
     """An engine on the psycopg2 driver. `pool_pre_ping` because the server may restart
     under a long-lived worker; extra keyword arguments go to `create_engine`."""
@@ -79,6 +85,7 @@ def make_engine(settings_or_url: Settings | str | URL | None = None, **kwargs: o
     else:
         url = settings_or_url
     kwargs.setdefault("pool_pre_ping", True)
+    kwargs.setdefault("connect_args", {"connect_timeout": CONNECT_TIMEOUT_S})
     return create_engine(_normalise(url), **kwargs)  # type: ignore[arg-type]
 
 
@@ -144,7 +151,9 @@ def downgrade(url: str | URL, revision: str) -> None:
 
 def current_revision(url: str | URL) -> str | None:
     """The database's revision; None for an empty (never migrated) database."""
-    engine = create_engine(_normalise(url), poolclass=NullPool)
+    engine = create_engine(
+        _normalise(url), poolclass=NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}
+    )
     log = logging.getLogger("alembic.runtime.migration")
     level = log.level
     log.setLevel(logging.WARNING)  # its "Context impl …" lines, on every command's check
@@ -154,6 +163,18 @@ def current_revision(url: str | URL) -> str | None:
     finally:
         log.setLevel(level)
         engine.dispose()
+
+
+def known_revision(revision: str) -> bool:
+    """Whether this rollscan's migrations hold `revision` (a newer rollscan's do not)."""
+    from alembic.script import ScriptDirectory
+    from alembic.util.exc import CommandError
+
+    try:
+        script = ScriptDirectory.from_config(alembic_config(f"{DRIVER}://"))
+        return script.get_revision(revision) is not None
+    except CommandError:
+        return False
 
 
 def head_revision() -> str | None:

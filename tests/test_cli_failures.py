@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.orm import Session
 
 from cli.main import main
@@ -56,6 +58,27 @@ def test_a_database_that_is_down_is_named_in_one_line(site, capsys) -> None:
     assert "s3cret" not in line
 
 
+def test_a_database_that_does_not_exist_is_a_setting_to_correct(site, capsys, migrated_url):
+    missing = make_url(migrated_url).set(database="no_such_database").render_as_string(False)
+    site.setenv("ROLLSCAN_DATABASE_URL", missing)
+    assert main(["rolls"]) == 2  # not 3: waiting will not bring it
+    line = _one_line_error(capsys)
+    assert line.startswith("rollscan rolls: error: cannot connect to the database:"), line
+    assert "no_such_database" in line
+
+
+def test_a_database_that_never_answers_is_given_up(migrated_url, tmp_path) -> None:
+    """A server that accepts and never answers held `rollscan rolls` for ever (and Ctrl-C with
+    it): libpq's connect timeout ends it as an outage."""
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never answers
+        port = silent.getsockname()[1]
+        url = make_url(migrated_url).set(host="127.0.0.1", port=port).render_as_string(False)
+        done = _rollscan({"ROLLSCAN_DATABASE_URL": url, "ROLLSCAN_DATA_DIR": str(tmp_path)},
+                         "rolls")  # fmt: skip
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "cannot reach the database: connection to server" in done.stderr
+
+
 def test_a_database_at_another_revision_is_refused_before_the_command_runs(
     site, capsys, make_database
 ) -> None:
@@ -67,6 +90,14 @@ def test_a_database_at_another_revision_is_refused_before_the_command_runs(
     assert main(["rolls"]) == 2
     line = _one_line_error(capsys)
     assert "revision 0006" in line and "run `rollscan db upgrade`" in line, line
+    assert main(["reprocess", "--model", "m", "--dry-run"]) == 2  # a dry run checks too
+    assert "revision 0006" in _one_line_error(capsys)
+    engine = create_engine(url)  # migrated by a newer rollscan
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
+    engine.dispose()
+    assert main(["rolls"]) == 2
+    assert "0099, newer than this rollscan's" in _one_line_error(capsys)
 
 
 def _rollscan(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:
@@ -94,6 +125,23 @@ def test_a_broker_or_object_store_that_is_down_is_named_in_one_line(
     assert done.returncode == 3, done.stderr[-3000:]
     assert errors == [errors[0]] and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert errors[0].startswith(f"rollscan submit: error: cannot reach {service}:"), errors
+
+
+def test_a_broker_or_object_store_refusing_the_sites_settings_is_named(
+    migrated_url, db_engine, s3_server, tmp_path
+) -> None:
+    env = {"ROLLSCAN_DATABASE_URL": migrated_url, "ROLLSCAN_DATA_DIR": str(tmp_path / "data")}
+    folder = str(_roll_folder(tmp_path))
+    done = _rollscan({**env, "ROLLSCAN_BROKER_URL": "amqp://guest:wrong@127.0.0.1:5672//"},
+                     "submit", folder)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "rollscan submit: error: the broker refused the connection:" in done.stderr
+    no_bucket = {"ROLLSCAN_S3_ENDPOINT": s3_server, "ROLLSCAN_S3_BUCKET": "no-such-bucket",
+                 "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}  # fmt: skip
+    done = _rollscan({**env, **no_bucket}, "submit", folder)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "rollscan submit: error: the object store refused:" in done.stderr
+    assert "Traceback" not in done.stderr
 
 
 def test_defects_of_a_roll_not_scored_or_failed_are_not_no_defects(
