@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from fixtures_celery import BAND, FABRIC, Stack
 from sqlalchemy import func, select
 
+from distill.checkpoint import load_model, save_checkpoint
 from rollscan_testing.services import Worker
 from rollscan_testing.synthetic_roll import PlantedDefect, match_defects, write_synthetic_roll
 from scheduler.submit import submit
@@ -182,20 +184,39 @@ def assert_roll_done(stack: Stack, roll_id: str) -> None:
         assert "raised unexpected" not in started.log(), started.tail()
 
 
-@pytest.fixture
-def make_inline_ctx(db_engine, local_store, twill_model: Path, tmp_path: Path):
-    """A factory of in-process pipeline contexts (`InlineEnqueuer`, no broker) on the test's
-    database and local store, with the session's twill model active for demo-twill."""
+@pytest.fixture(scope="session")
+def twill_versions(twill_model: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """The twill model, and two copies with its threshold ×0.75 and ×0.9: other checkpoints, to
+    be registered as newer versions of the fabric's model."""
+    paths = [twill_model]
+    for scale in (0.75, 0.9):
+        model, card = load_model(twill_model)
+        card.threshold *= scale
+        folder = tmp_path_factory.mktemp(f"twill-x{scale}")
+        paths.append(save_checkpoint(folder / "model.pt", model, card))
+    return paths
 
-    def make(band_height: int) -> WorkerContext:
+
+@pytest.fixture
+def make_inline_ctx(db_engine, local_store, twill_model: Path, tmp_path: Path, request):
+    """A factory of in-process pipeline contexts (`InlineEnqueuer`, no broker) on the test's
+    database and local store, with the session's twill model active for demo-twill — under the
+    first of `versions` when given, the others registered as the `twill_versions` copies."""
+
+    def make(band_height: int, versions: Sequence[str] = ()) -> WorkerContext:
         settings = Settings(band_height=band_height, data_dir=tmp_path / "data", device="cpu",
                             batch_size=8)  # fmt: skip
         enqueuer = InlineEnqueuer()
         ctx = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=8)
         enqueuer.ctx = ctx
+        paths = request.getfixturevalue("twill_versions") if versions else [twill_model]
         with ctx.session() as session:
-            model, _ = register_model(session, local_store, twill_model, fabric_type=FABRIC)
-            activate_model(session, model.version)
+            for i, path in enumerate(paths[: max(1, len(versions))]):
+                version = versions[i] if versions else None
+                model, _ = register_model(session, local_store, path, fabric_type=FABRIC,
+                                          version=version)  # fmt: skip
+                if i == 0:
+                    activate_model(session, model.version)
         return ctx
 
     return make

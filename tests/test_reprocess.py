@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 from datetime import UTC, datetime
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,15 +24,12 @@ from results.grade_store import grade_rolls
 from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.reprocess import reprocess, select_rolls, start_reprocess_run
 from scheduler.submit import submit
-from storage.registry import activate_model, register_model
+from storage.registry import register_model
 from storage.schema import Band, Defect, Grade, Roll, Run, TaskDelivery
-from storage.settings import Settings
 from storage.zarr_rolls import open_roll
 from worker.app import ROUTES
-from worker.context import WorkerContext
 from worker.deliveries import GIVEN_UP, Delivery, run_counted
 from worker.ingest import ingest_frame
-from worker.inline import InlineEnqueuer
 from worker.scoring import score_band
 
 # 1024 rows × 384 px at 4 px/mm (256 × 96 mm): two bands of 512, defects clear of the selvage
@@ -43,24 +39,9 @@ PLAN = [("hole", (512, 190)), ("knot", (800, 200))]
 FABRIC, V1, V2 = "demo-twill", "twill-v1", "twill-v2"
 
 
-@pytest.fixture(scope="session")
-def twill_v2(twill_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model, card = load_model(twill_model)
-    card.threshold *= 0.75
-    return save_checkpoint(tmp_path_factory.mktemp("twill-v2") / "model.pt", model, card)
-
-
 @pytest.fixture
-def ctx(db_engine, local_store, twill_model, twill_v2, tmp_path):
-    settings = Settings(band_height=BAND, data_dir=tmp_path / "data", device="cpu", batch_size=8)
-    enqueuer = InlineEnqueuer()
-    context = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=8)
-    enqueuer.ctx = context
-    with context.session() as session:
-        register_model(session, local_store, twill_model, fabric_type=FABRIC, version=V1)
-        activate_model(session, V1)
-        register_model(session, local_store, twill_v2, fabric_type=FABRIC, version=V2)
-    return context
+def ctx(make_inline_ctx):
+    return make_inline_ctx(BAND, (V1, V2))
 
 
 def _done_roll(ctx, tmp_path, roll_id):

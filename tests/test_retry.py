@@ -13,19 +13,16 @@ import pytest
 import tifffile
 from sqlalchemy import func, select
 
-from distill.checkpoint import load_model, save_checkpoint
 from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.discovery import discover_once
 from scheduler.reprocess import reprocess
 from scheduler.resume import resume_roll, retry_roll
 from scheduler.submit import submit
-from storage.registry import activate_model, register_model
+from storage.registry import activate_model
 from storage.schema import Frame, Model, Roll, Run, TaskDelivery
-from storage.settings import Settings
 from worker.context import WorkerContext
 from worker.deliveries import GIVEN_UP, Delivery, run_counted
 from worker.ingest import ingest_frame
-from worker.inline import InlineEnqueuer
 
 PX_PER_MM, BAND = 4.0, 512
 FRAME_ROWS, FRAMES, WIDTH = 256, 4, 384  # two bands
@@ -33,33 +30,9 @@ PLAN = [("hole", (512, 190)), ("knot", (800, 200))]
 FABRIC, V1, V2, V3 = "demo-twill", "twill-v1", "twill-v2", "twill-v3"
 
 
-@pytest.fixture(scope="module")
-def twill_v2(twill_model: Path, tmp_path_factory) -> Path:
-    """The same model under another version (a lower threshold: another checkpoint)."""
-    model, card = load_model(twill_model)
-    card.threshold *= 0.75
-    return save_checkpoint(tmp_path_factory.mktemp("twill-v2") / "model.pt", model, card)
-
-
-@pytest.fixture(scope="module")
-def twill_v3(twill_model: Path, tmp_path_factory) -> Path:
-    model, card = load_model(twill_model)
-    card.threshold *= 0.9
-    return save_checkpoint(tmp_path_factory.mktemp("twill-v3") / "model.pt", model, card)
-
-
 @pytest.fixture
-def ctx(db_engine, local_store, twill_model, twill_v2, twill_v3, tmp_path) -> WorkerContext:
-    settings = Settings(band_height=BAND, data_dir=tmp_path / "data", device="cpu", batch_size=8)
-    enqueuer = InlineEnqueuer()
-    context = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=8)
-    enqueuer.ctx = context
-    with context.session() as session:
-        register_model(session, local_store, twill_model, fabric_type=FABRIC, version=V1)
-        activate_model(session, V1)
-        register_model(session, local_store, twill_v2, fabric_type=FABRIC, version=V2)
-        register_model(session, local_store, twill_v3, fabric_type=FABRIC, version=V3)
-    return context
+def ctx(make_inline_ctx) -> WorkerContext:
+    return make_inline_ctx(BAND, (V1, V2, V3))
 
 
 def _write(tmp_path: Path, roll_id: str) -> Path:
