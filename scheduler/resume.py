@@ -12,8 +12,9 @@ work that was only queued, not lost, costs a second scoring of a band, never a s
 
 `retry_roll` starts a failed roll again once its cause is fixed — a model activated for its
 fabric, a corrupt frame replaced under its source: its live run reopens with the bands it had
-scored, the deaths counted against its frames, bands and finalize are forgotten, discovery lists
-it again, and what it waits for is sent as `resume_roll` sends it. A cause not fixed fails it again, with its reason.
+scored (`worker.roll_rows.reopen_failed_run`), the deaths counted against its frames, bands and
+finalize are forgotten, discovery lists it again, and what it waits for is sent as `resume_roll`
+sends it. A cause not fixed fails it again, with its reason.
 """
 
 from __future__ import annotations
