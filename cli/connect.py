@@ -35,14 +35,19 @@ if TYPE_CHECKING:
     from worker.context import WorkerContext
 
 
-def prepare_database(settings: Settings, *, migrate: bool = True) -> None:
-    """Migrate the embedded database to head (unless not to `migrate`: a dry run); check that a
-    configured server — or an embedded one not migrated — is at head."""
+def prepare_database(
+    settings: Settings, *, migrate: bool = True, migrate_blank: bool = False
+) -> None:
+    """Migrate the embedded database to head (unless not to `migrate`: a dry run) — a blank
+    configured one too with `migrate_blank` (the demo's); check that any other is at head."""
     url = database_url(settings)
     if settings.embedded_database and migrate:
         upgrade(url)
         return
     current, head = current_revision(url), head_revision()
+    if current is None and migrate_blank:
+        upgrade(url)
+        return
     if current == head:
         return
     where = f"the database {mask_url(url)} is at schema revision {current or 'none (empty)'}"

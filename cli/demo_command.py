@@ -86,17 +86,14 @@ def run_demo(
     from cli.connect import prepare_database
     from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
     from scheduler.submit import submit
-    from storage.database import current_revision, database_url, upgrade
     from storage.schema import Defect, Roll, Run
     from worker.tasks import context  # the eager Celery app: same task code, in this process
 
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
     ctx = context()
-    url = database_url(ctx.settings)
-    if current_revision(url) is None:  # a blank database, given to the demo: its schema
-        upgrade(url)
-    prepare_database(ctx.settings)  # embedded: migrated; a configured server: at head, or refused
+    # embedded or a blank database given to the demo: migrated; any other: at head, or refused
+    prepare_database(ctx.settings, migrate_blank=True)
     ensure_model(ctx, workdir, epochs, teacher_weights)
     roll_id = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     roll_dir = workdir / "rolls" / roll_id
