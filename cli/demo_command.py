@@ -87,13 +87,18 @@ def run_demo(
     from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
     from scheduler.submit import submit
     from storage.schema import Defect, Roll, Run
-    from worker.tasks import context  # the eager Celery app: same task code, in this process
+    from worker.app import app
+    from worker.tasks import context
 
     started = time.perf_counter()
     workdir.mkdir(parents=True, exist_ok=True)
+    # the demo is this machine's alone: its tasks run in this process (the same task code) even
+    # where a broker is configured — sent there, they would wait for another machine's workers
+    app.conf.task_always_eager = True
     ctx = context()
     # embedded or a blank database given to the demo: migrated; any other: at head, or refused
     prepare_database(ctx.settings, migrate_blank=True)
+    ctx.store.exists(f"models/{FABRIC}")  # a store that is down fails now, not after training
     ensure_model(ctx, workdir, epochs, teacher_weights)
     roll_id = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     roll_dir = workdir / "rolls" / roll_id

@@ -161,3 +161,13 @@ def test_defects_of_a_roll_not_scored_or_failed_are_not_no_defects(
     assert "failed, before any run finished: frame 3: not a TIFF" in capsys.readouterr().err
     assert main(["defects", "R-2"]) == 2
     assert "unknown roll 'R-2'" in _one_line_error(capsys)
+
+
+def test_the_demo_finds_an_object_store_down_before_it_trains(migrated_url, tmp_path) -> None:
+    env = {"ROLLSCAN_DATABASE_URL": migrated_url, "ROLLSCAN_DATA_DIR": str(tmp_path / "data"),
+           "ROLLSCAN_S3_ENDPOINT": f"http://{DOWN}", "AWS_ACCESS_KEY_ID": "key",
+           "AWS_SECRET_ACCESS_KEY": "secret"}  # fmt: skip
+    done = _rollscan(env, "demo", "--workdir", str(tmp_path / "demo"))
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "rollscan demo: error: cannot reach the object store:" in done.stderr
+    assert "training" not in done.stdout and not (tmp_path / "demo" / "train-data").exists()
