@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -167,10 +167,12 @@ def grade_rolls(
     since: datetime | None = None,
     rules_for: Callable[[str], GradingRules] | None = None,
     skipped: list[str] | None = None,
+    ungraded: bool = False,
 ) -> list[GradeRow]:
     """Grade the current run of each roll whose current run is done: one roll (`roll_id`),
     the rolls whose current run finished at or after `since` (a naive datetime is local
-    time), or, with neither, every such roll. `rules_for(fabric_type)` gives the rules
+    time) — and, with `ungraded`, those whose current run has no grade whenever it finished —
+    or, with neither, every such roll. `rules_for(fabric_type)` gives the rules
     (default: the built-in ones), asked once per fabric type.
 
     A roll that cannot be graded (no length recorded, absurd numbers, a write the database
@@ -189,7 +191,11 @@ def grade_rolls(
     if roll_id is not None:
         query = query.where(Run.roll_id == roll_id)
     if since is not None:
-        query = query.where(Run.finished_at >= (since if since.tzinfo else since.astimezone()))
+        recent = Run.finished_at >= (since if since.tzinfo else since.astimezone())
+        # a run becomes current again without finishing again (a failed reprocess run hands
+        # the roll back to the run before it, whose grade a re-finalize had deleted)
+        never = ~select(Grade.run_id).where(Grade.run_id == Run.id).exists()
+        query = query.where(or_(recent, never) if ungraded else recent)
     get_rules = rules_for if rules_for is not None else (lambda fabric: load_rules(fabric))
     cache: dict[str, GradingRules] = {}
     graded: list[GradeRow] = []

@@ -13,7 +13,9 @@ The task is here, not in `worker.tasks`, because grading is the control plane's
 Each grading takes the rolls whose current run finished since the previous grading began
 (kept in ``discovery_cursors`` as name ``grading``; minus a 10-minute margin for clock skew
 between workers and the database), so a night missed while nothing ran is made up by the next
-one; a roll graded twice is an upsert (`results.grade_store`).
+one, and any current run without a grade whenever it finished (a failed reprocess run hands its
+roll back to the run before it, which does not finish again); a roll graded twice is an upsert
+(`results.grade_store`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,8 @@ CLOCK_MARGIN = timedelta(minutes=10)  # runs this close before the mark are grad
 def grade_since_last(
     session: Session, rules_for: Callable[[str], GradingRules] | None = None
 ) -> list[GradeRow]:
-    """Grade the rolls finished since the last grading began, then move the mark to now.
+    """Grade the rolls finished since the last grading began, and any current run not graded
+    yet, then move the mark to now.
 
     One transaction: the mark row is locked (two gradings never overlap) and moves only if
     the grading commits."""
@@ -59,7 +62,7 @@ def grade_since_last(
     started = session.scalar(select(func.now()))
     # a margin for clocks: `finished_at` comes from the worker's clock, `started` from the database's
     since = datetime.fromisoformat(mark.cursor) - CLOCK_MARGIN if mark.cursor else None
-    rows = grade_rolls(session, since=since, rules_for=rules_for)
+    rows = grade_rolls(session, since=since, rules_for=rules_for, ungraded=True)
     mark.cursor, mark.updated_at = started.isoformat(), started
     log.info("graded %d rolls finished since %s", len(rows), since or "the beginning")
     return rows

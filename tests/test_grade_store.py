@@ -317,3 +317,30 @@ def test_grading_places_each_defects_selvage_by_the_edges_measured_beside_it(
     s.flush()
     grade_run(s, run.id)
     assert _points(s, run.id) == [None, 1]
+
+
+def test_the_nightly_grading_takes_a_current_run_without_a_grade_whenever_it_finished(
+    db_session: Session,
+) -> None:
+    """A failed reprocess run hands its roll back to the run before it (`worker.deliveries`),
+    whose grade a re-finalize had deleted and which does not finish again: the next night
+    grades it, though it finished before the mark; a graded run that old is left alone."""
+    from scheduler.beat import grade_since_last
+    from storage.schema import DiscoveryCursor
+
+    s = db_session
+    _model(s)
+    for roll_id in ("BACK", "DONE"):
+        _roll(s, roll_id)
+    _defects(s, _run(s, "BACK", finished=NOW - timedelta(days=3)), [12], selvage=False)
+    done = _run(s, "DONE", finished=NOW - timedelta(days=3))
+    _defects(s, done, [2], selvage=False)
+    grade_rolls(s, roll_id="DONE")
+    s.add(DiscoveryCursor(name="grading", cursor=(NOW - timedelta(days=1)).isoformat()))
+    s.commit()
+
+    assert [r.roll_id for r in grade_since_last(s)] == ["BACK"]
+    s.commit()
+    assert grade_since_last(s) == []  # graded now: not again
+    # `rollscan grade --since` keeps its meaning: the runs finished since then, no others
+    assert grade_rolls(s, since=NOW - timedelta(days=1)) == []

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from results.grading import GradingRules, decisive_text, grade_roll, load_rules
+from worker.components import DefectFinder
 
 IN, YD = 25.4, 914.4  # mm
 ROLL_100YD, WIDTH_60IN = 100 * YD, 60 * IN  # 91.44 m × 1524 mm
@@ -182,6 +184,8 @@ def test_impossible_geometry_is_refused() -> None:
         grade_roll([], 0.0, WIDTH_60IN)
     with pytest.raises(ValueError, match="no cuttable width"):
         grade_roll([], ROLL_100YD, 2 * IN)
+    with pytest.raises(ValueError, match="defect 2's box or length is not finite"):
+        grade_roll([_defect(2, 1), (500.0, 100.0, 510.0, float("inf"), 10.0)], ROLL_100YD, 1524)
 
 
 CONFIG = {
@@ -262,3 +266,34 @@ def test_points_per_100yd2_never_read_as_the_limit_they_exceed() -> None:
     assert decisive_text(39.9999, [20.0, 40.0]) == "39.9999"
     assert decisive_text(40.0, [20.0, 40.0]) == "40.00"  # on the limit: accepted, and shown so
     assert decisive_text(12.3456, [20.0, 40.0]) == "12.35"
+
+
+def _found(q_rows: int, rows: slice, col: int, px_mm_x: float, px_mm_y: float) -> tuple:
+    """The one defect `DefectFinder` finds in a column of ¼-res rows, as `grade_roll` takes it."""
+    q = np.zeros((q_rows, 200), np.float32)
+    q[rows, col] = 1.0
+    finder = DefectFinder(0.5, px_mm_x, px_mm_y)
+    finder.add_band(q, 0)
+    d = finder.finish()[0]
+    return (d.x0_mm, d.y0_mm, d.x1_mm, d.y1_mm, d.length_mm)
+
+
+def test_positions_on_a_first_row_keep_their_block_and_yard_and_no_yard_lies_past_the_end() -> None:
+    """Where the finder's row × mm and a stored row ÷ px/mm mean the same row, they may differ
+    by a rounding step: a defect starting on a block's or a yard's first row belongs to it."""
+    # 3 px/mm: block 5 starts at row 1280; block 4's left edge is 5 mm in, block 5's at 0
+    edges = [(k * 256 / 3.0, (k + 1) * 256 / 3.0, 5.0 if k == 4 else 0.0, 1500.0)
+             for k in range(8)]  # fmt: skip
+    defect = _found(512, slice(320, 325), 20, 3.0, 3.0)  # rows 1280–1299, x 26.7–28 mm
+    assert defect[1] != edges[5][0]  # the two products do differ here
+    assert grade_roll([defect], 2048 / 3.0, 1500.0, edges_along=edges).per_defect_points == [1]
+    # 2.6 px/mm along: row 59436 is yard 25's first; a running defect from there to 26.5 yd
+    rows = round(27 * YD * 2.6)
+    first, stop = round(25 * YD * 2.6) // 4, round(26.5 * YD * 2.6) // 4
+    running = grade_roll([_found(-(-rows // 4), slice(first, stop), 100, 0.5, 2.6)],
+                         rows / 2.6, WIDTH_60IN)  # fmt: skip
+    assert running.details["defects_across_yards"] == [{"defect": 0, "yards": [25, 26]}]
+    assert running.points == 8
+    # one yard of roll, a running defect whose last ¼-res row reaches 0.8 mm past its end
+    whole = grade_roll([(100.0, 0.0, 110.0, YD + 0.8, YD + 0.8)], YD, WIDTH_60IN)
+    assert (whole.points, whole.per_defect_yards) == (4, [1])
