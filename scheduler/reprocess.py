@@ -7,9 +7,15 @@ archive. The usual `finalize_run` makes the run current once every band is score
 the views show the previous run's defects and grade. The driver then grades the new run.
 
 Resumable: nothing here is kept in memory that PostgreSQL does not also hold. Run again, the
-selection skips rolls already done with the model, `start_reprocess_run` returns only the bands
-of a started run that are not scored yet, and a run finalized but left ungraded by a stopped
-driver is graded first.
+selection skips rolls whose current run is the model's, `start_reprocess_run` returns only the
+bands of a started run that are not scored yet, and a run finalized but left ungraded by a
+stopped driver is graded first.
+
+The run asked for last is current once done (`Run.requested_at`, `worker.finalize`): asking
+for a model again moves its run's request to now, so an older model's reprocess finishing late
+never takes a roll from a newer one's, a failed run asked for again takes the roll when it
+finishes, and a model whose run is done but no longer current (an earlier model, to go back
+to) takes the roll back at once, without scoring it again.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TextIO
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 from tqdm.auto import tqdm
@@ -33,7 +39,7 @@ from results.grading import GradingRules, load_rules
 from storage.schema import Band, Grade, Model, Roll, Run
 from storage.zarr_rolls import open_roll, roll_exists
 from worker.context import WorkerContext
-from worker.roll_rows import reopen_failed_run
+from worker.roll_rows import make_current, reopen_failed_run
 
 log = logging.getLogger(__name__)
 STALL_S = 600.0  # no band scored for this long: say what to check
@@ -56,8 +62,8 @@ def select_rolls(
 
     Rolls whose status is done, of the model's fabric type (a generic model has none: it
     reprocesses only the fabric type named by `fabric_type`), completed in [since, until)
-    (naive datetimes are local time), among `roll_ids` when given, and without a finished run
-    of this model version. An unknown model, a fabric type that contradicts the model, or roll
+    (naive datetimes are local time), among `roll_ids` when given, and whose current run is
+    not this model version's. An unknown model, a fabric type that contradicts the model, or roll
     ids that do not exist are a ValueError naming them.
     """
     model = session.get(Model, model_version)
@@ -74,11 +80,11 @@ def select_rolls(
             f"{model_version} inspects fabric type {model.fabric_type!r}, not {fabric_type!r}"
         )
     fabric = fabric_type or model.fabric_type
-    finished_with_model = exists().where(
-        Run.roll_id == Roll.id, Run.model_version == model_version, Run.status == "done"
+    current_with_model = exists().where(
+        Run.roll_id == Roll.id, Run.model_version == model_version, Run.is_current
     )
     query = select(Roll.id).where(
-        Roll.status == "done", Roll.fabric_type == fabric, ~finished_with_model
+        Roll.status == "done", Roll.fabric_type == fabric, ~current_with_model
     )
     if since is not None:
         query = query.where(Roll.completed_at >= _aware(since))
@@ -103,8 +109,11 @@ def start_reprocess_run(
     Idempotent: the first call records every band of the roll (in the stored image's own band
     height, whatever the settings say today); later calls create nothing and return the bands
     not scored yet — all of them, none, or what an interrupted reprocess left. A finished run
-    returns no bands; a failed one (a band whose worker died too often, say) starts again with
-    the bands it had not scored. ValueError when the roll cannot be reprocessed.
+    returns no bands and becomes the roll's current run if it was not (its defects are up to
+    date: a changed frame reopens every run of its roll); a failed one (a band whose worker
+    died too often, say) starts again with the bands it had not scored. Each call is a request
+    for the model: the run's `requested_at` moves to now (see the module docstring).
+    ValueError when the roll cannot be reprocessed.
     """
     with ctx.session() as session:
         roll = session.get(Roll, roll_id, with_for_update=True)  # as ingest: one writer a roll
@@ -128,7 +137,11 @@ def start_reprocess_run(
             .where(Run.roll_id == roll_id, Run.model_version == model_version)
             .with_for_update()
         )
+        run.requested_at = func.now()
         if run.status == "done":
+            if not run.is_current:
+                log.info("roll %s: back to its run of %s", roll_id, model_version)
+                make_current(session, run)
             return run.id, []
         if run.status == "failed":  # asked again: a new attempt; the bands it scored are kept
             log.info("roll %s: reprocessing with %s again after its run failed: %s",

@@ -205,6 +205,12 @@ class Run(Base):
     is_current: Mapped[bool] = mapped_column(server_default=text("false"))
     error: Mapped[str | None]
     created_at: Mapped[datetime] = _now()
+    requested_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True),
+        server_default=func.now(),
+        comment="when the run was last asked for (made, or asked for again by `rollscan "
+        "reprocess`): of the roll's finished runs, the one asked for last is current",
+    )
     finished_at: Mapped[datetime | None]
     threshold: Mapped[float | None] = mapped_column(
         comment="the score threshold finalize applied (NULL: not finalized)"

@@ -369,7 +369,8 @@ def test_selection_filters_dry_run_and_cli(ctx, twill_model, tmp_path, monkeypat
         _bare_roll(session, "R-denim", fabric="denim", completed=feb)
         _bare_roll(session, "R-live", status="scoring")
         session.flush()
-        session.add(Run(roll_id="R-feb-done-v2", model_version=V2, purpose="live", status="done"))
+        session.add(Run(roll_id="R-feb-done-v2", model_version=V2, purpose="live", status="done",
+                        is_current=True))  # fmt: skip
         model, card = load_model(twill_model)
         # a DG-variant student (untrained: the selection never scores) beside the same bank
         dg = ReverseDistillation(model.teacher, "dg", sigma=card.sigma)

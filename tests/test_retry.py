@@ -1,6 +1,7 @@
 """`rollscan resume --retry` (`scheduler.resume.retry_roll`) in the corners of a roll's life: a roll
 failed after it was done, or by work whose worker died, another roll's counts beside it, and
-discovery going on with it — on a real PostgreSQL and local object store, without a broker.
+discovery going on with it — and which run a roll shows when runs are asked for again (the
+one asked for last, once done) — on a real PostgreSQL and local object store, without a broker.
 The plain cases (no model, a corrupt frame) are in tests/test_resume.py."""
 
 from __future__ import annotations
@@ -15,14 +16,15 @@ from sqlalchemy import func, select
 
 from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.discovery import discover_once
-from scheduler.reprocess import reprocess
+from scheduler.reprocess import reprocess, select_rolls, start_reprocess_run
 from scheduler.resume import resume_roll, retry_roll
 from scheduler.submit import submit
 from storage.registry import activate_model
-from storage.schema import Frame, Model, Roll, Run, TaskDelivery
+from storage.schema import Frame, Grade, Model, Roll, Run, TaskDelivery
 from worker.context import WorkerContext
 from worker.deliveries import GIVEN_UP, Delivery, run_counted
 from worker.ingest import ingest_frame
+from worker.scoring import score_band
 
 PX_PER_MM, BAND = 4.0, 512
 FRAME_ROWS, FRAMES, WIDTH = 256, 4, 384  # two bands
@@ -111,10 +113,10 @@ def test_a_live_run_reopened_by_a_changed_frame_does_not_take_the_roll_back(ctx,
     assert _roll(ctx, "R-t").completed_at == completed
 
 
-def test_a_reprocess_run_started_again_does_not_take_the_roll_from_a_newer_one(ctx, tmp_path):
-    """Reprocessed with v2, then v3 (current); a frame changed; v2's band given up: `rollscan
-    reprocess --model v2` again finishes v2 without taking the roll from v3 (it became current
-    as a run finished for the first time)."""
+def test_the_run_asked_for_last_is_current_and_an_earlier_one_can_be_asked_back(ctx, tmp_path):
+    """Reprocessed with v2, then v3 (current); a frame changed; v2's band given up. `rollscan
+    reprocess --model v2` again finishes v2 and makes it current: it was asked for last. Asked
+    for again, v3 — and then the live run's v1 — take the roll back at once, nothing rescored."""
     _done_roll(ctx, tmp_path, "R-v")
     for version in (V2, V3):
         assert reprocess(ctx, ["R-v"], version, progress=False).done == ["R-v"]
@@ -127,9 +129,36 @@ def test_a_reprocess_run_started_again_does_not_take_the_roll_from_a_newer_one(c
     assert reprocess(ctx, ["R-v"], V2, progress=False).done == ["R-v"]
     assert {v: r[1:] for v, r in _runs(ctx, "R-v").items()} == {
         V1: ("done", False),
+        V2: ("done", True),
+        V3: ("done", False),
+    }
+    for version in (V3, V1):
+        assert reprocess(ctx, ["R-v"], version, progress=False).done == ["R-v"]
+        assert not ctx.enqueue.queue  # done runs: nothing scored again
+        assert {v for v, r in _runs(ctx, "R-v").items() if r[2]} == {version}
+    with ctx.session() as session:
+        graded = session.scalar(select(func.count()).select_from(Grade).where(
+            Grade.run_id == _runs(ctx, "R-v")[V1][0]))  # fmt: skip
+    assert graded == 1  # the roll's grade is its current run's
+
+
+def test_an_older_models_reprocess_finishing_late_leaves_the_roll_to_the_newer_one(ctx, tmp_path):
+    """v2's reprocess of the roll is under way when v3 is asked for and finishes first: v2's run
+    finishing afterwards does not take the roll from v3, and v3's selection skips the roll."""
+    _done_roll(ctx, tmp_path, "R-o")
+    run_v2, bands = start_reprocess_run(ctx, "R-o", V2)
+    assert reprocess(ctx, ["R-o"], V3, progress=False).done == ["R-o"]
+    for band in bands:
+        score_band(ctx, run_v2, band)
+    ctx.enqueue.drain()  # v2's finalize
+    assert {v: r[1:] for v, r in _runs(ctx, "R-o").items()} == {
+        V1: ("done", False),
         V2: ("done", False),
         V3: ("done", True),
     }
+    with ctx.session() as session:
+        assert select_rolls(session, model_version=V3) == []
+        assert select_rolls(session, model_version=V2) == ["R-o"]
 
 
 def test_a_done_roll_failed_by_a_frame_then_put_back_is_done_again(ctx, tmp_path):

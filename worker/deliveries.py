@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from storage.database import advisory_lock
 from storage.schema import Roll, Run, TaskDelivery
 from worker.context import WorkerContext
-from worker.roll_rows import fail_roll
+from worker.roll_rows import fail_roll, make_current
 
 log = logging.getLogger(__name__)
 GIVEN_UP = "failed"  # what a task returns when it gave up its roll
@@ -154,8 +154,8 @@ def _fail_run_only(session: Session, run: Run, reason: str) -> None:
     """A reprocess run fails alone: the roll keeps its current run, defects and grade.
 
     The failed run is itself current when a changed frame reopened it after it had taken the
-    roll over: its defects read the old pixels, so the roll's newest run finalized on the new
-    ones takes its place now, or (none yet) when one finalizes (`worker.finalize`)."""
+    roll over: its defects read the old pixels, so the run asked for last of those finalized on
+    the new ones takes its place now, or (none yet) the first to finalize (`worker.finalize`)."""
     session.get(Roll, run.roll_id, with_for_update=True)  # the roll before the run, as finalize
     session.refresh(run, with_for_update=True)  # a finalize committing meanwhile stays done
     if run.status in ("done", "failed"):
@@ -166,10 +166,8 @@ def _fail_run_only(session: Session, run: Run, reason: str) -> None:
     successor = session.scalar(
         select(Run)
         .where(Run.roll_id == run.roll_id, Run.id != run.id, Run.status == "done")
-        .order_by(Run.finished_at.desc(), Run.id.desc())
+        .order_by(Run.requested_at.desc(), Run.id.desc())
         .limit(1)
     )
     if successor is not None:
-        run.is_current = False
-        session.flush()  # one current run per roll: this one steps down first
-        successor.is_current = True
+        make_current(session, successor)

@@ -4,10 +4,10 @@ and the roll's own estimate of it (`worker.roll_threshold`).
 
 Runs in one transaction with the run's row locked, so two finalize tasks for one run produce
 one set of defects. Finalizing a run already done changes nothing; a run reopened by a
-re-uploaded frame is finalized again, and then its defects are replaced, not added to. The run
-becomes the roll's current run only here, when it is complete for the first time: until then the
-previous run's defects and grade stay what users see; a run reopened by a changed frame keeps
-whatever place it had.
+re-uploaded frame is finalized again, and then its defects are replaced, not added to. A run
+becomes the roll's current run only here, when it is complete and was asked for after the
+current one (`_takes_over`): until then the previous run's defects and grade stay what users
+see; a run reopened by a changed frame keeps whatever place it had.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import numpy as np
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, select
 from sqlalchemy.orm import Session
 
 from storage.fabric_extents import roll_extents
@@ -28,6 +28,7 @@ from worker.components import DefectFinder
 from worker.context import WorkerContext
 from worker.fabric_mask import Extent, quarter_fabric_mask
 from worker.ingest import roll_arrays
+from worker.roll_rows import make_current
 from worker.roll_threshold import BlockPeaks, run_threshold
 
 log = logging.getLogger(__name__)
@@ -98,13 +99,7 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
             )  # fmt: skip
         now, first = datetime.now(UTC), run.finished_at is None
         if _takes_over(session, run):
-            session.execute(
-                update(Run)
-                .where(Run.roll_id == roll.id, Run.id != run_id, Run.is_current)
-                .values(is_current=False)
-            )
-            session.flush()  # one current run per roll: the old one must step down first
-            run.is_current = True
+            make_current(session, run)
         run.status, run.finished_at, run.error = "done", now, None
         run.threshold, run.roll_threshold = threshold, own
         roll.status, roll.updated_at = "done", now
@@ -120,17 +115,18 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
 
 
 def _takes_over(session: Session, run: Run) -> bool:
-    """Whether the run becomes the roll's current one: when it finishes for the first time, or
-    when the current one failed (a reprocess run reopened by a changed frame whose band was given
-    up: its defects read the old pixels) or there is none. A run finished before and reopened by
-    a changed frame otherwise keeps its place — a live run must not take the roll back from the
-    newer model that reprocessed it."""
-    if run.finished_at is None:  # a retried failed run starts afresh (`scheduler.reprocess`)
-        return True
-    other = select(Run.id).where(
-        Run.roll_id == run.roll_id, Run.id != run.id, Run.is_current, Run.status != "failed"
+    """Whether the run becomes the roll's current one: when it was asked for after the current
+    one (`Run.requested_at`: made, or asked for again by `rollscan reprocess`), or the current
+    one failed (a reprocess run reopened by a changed frame whose band was given up: its
+    defects read the old pixels) or there is none. So a live run finalized again after a changed
+    frame does not take the roll back from the newer model that reprocessed it, nor an older
+    model's reprocess finishing late from a newer one's."""
+    current = session.scalar(
+        select(Run).where(
+            Run.roll_id == run.roll_id, Run.id != run.id, Run.is_current, Run.status != "failed"
+        )
     )
-    return session.scalar(other) is None
+    return current is None or (current.requested_at, current.id) < (run.requested_at, run.id)
 
 
 def _fabric_bands(

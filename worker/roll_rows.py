@@ -127,12 +127,23 @@ def fail_roll(session: Session, roll_id: str, reason: str) -> None:
 
 def reopen_failed_run(session: Session, run: Run, status: str) -> None:
     """Start the failed `run` again as `status`, the bands it scored kept, its failed ones
-    pending again. One never finalized finishes for the first time when it does (it becomes
-    current, `worker.finalize._takes_over`); one finalized before and then reopened by a changed
-    frame keeps its place — it must not take the roll from a newer model's run."""
+    pending again. One never finalized finishes for the first time when it does (a live run's
+    finalize then dates the roll's completion); whether it becomes current is decided by when
+    it was asked for (`worker.finalize._takes_over`), which a caller asking for it again moves."""
     run.status, run.error = status, None
     if run.threshold is None and not run.is_current:  # `finalize` records the threshold
         run.finished_at = None
     session.execute(
         update(Band).where(Band.run_id == run.id, Band.status == "failed").values(status="pending")
     )
+
+
+def make_current(session: Session, run: Run) -> None:
+    """Make `run` its roll's current run (the views show its defects and grade)."""
+    session.execute(
+        update(Run)
+        .where(Run.roll_id == run.roll_id, Run.id != run.id, Run.is_current)
+        .values(is_current=False)
+    )
+    session.flush()  # one current run per roll (a unique index): the old one steps down first
+    run.is_current = True
