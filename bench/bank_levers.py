@@ -46,12 +46,13 @@ from distill.anomaly_map import AnomalyMap
 from distill.data.mvtec import Category, load_mask, load_stack
 from distill.data.synthetic_defects import paste_defects
 from distill.fold import folded_copy
+from distill.held_out import split_held_out
 from distill.memory_bank import DEFAULT_BANK_SIZE, MemoryBank, patch_embedding, patch_rows
 from distill.metrics import image_auroc, pixel_auroc, tile_scores_on
 from distill.preprocess import normalise
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, TEACHERS, build_teacher
 from distill.torch_model import ReverseDistillation
-from distill.train import TrainConfig, split_held_out
+from distill.train import TrainConfig
 
 LEVERS = ("base", "levels123", "levels12", "level2", "level-norm", "levels123-norm",
           "channel-std", "k3", "bank16k", "zoom0.5", "zoom0.75", "zoom1.5", "bf16-queries",

@@ -29,11 +29,12 @@ import torch
 from model_throughput import MALLOC_HELP, matmul_ceilings  # bench/ is the script's own folder
 from tqdm.auto import tqdm
 
+from distill.held_out import split_held_out
 from distill.inference import bf16_supported, resolve_device
 from distill.malloc_tuning import keep_freed_memory
 from distill.teacher import TEACHERS
 from distill.teacher_cache import TeacherCache, cache_for
-from distill.train import TrainConfig, Trainer, split_held_out
+from distill.train import TrainConfig, Trainer
 
 
 def step_gflop_per_tile(trainer: Trainer, step: Callable[[], None]) -> float:

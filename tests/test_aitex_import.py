@@ -20,7 +20,7 @@ from distill.data.aitex import (
     is_margin_tile,
 )
 from distill.data.mvtec import GROUPS_FILE, REGIONS_FILE, Category
-from distill.train import split_held_out
+from distill.held_out import split_held_out
 
 REAL_AITEX = Path(__file__).parents[1] / "../shared/data/aitex"
 # Fake strips are 1024 wide: tile x00 is blank, x01 is 17 % blank (44 of 256 columns,

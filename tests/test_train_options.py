@@ -12,11 +12,12 @@ from distill.calibration import calibrate_threshold
 from distill.checkpoint import load_detector, read_checkpoint
 from distill.data.mvtec import REGIONS_FILE, Category, load_stack
 from distill.data.synthetic_defects import write_category
+from distill.held_out import split_held_out
 from distill.loss import DistillationLoss
 from distill.memory_bank import LEVEL_CHOICES
 from distill.metrics import tile_scores_on
 from distill.selection import auroc_standard_error, pick_cheapest, pick_weight
-from distill.train import TrainConfig, Trainer, split_held_out
+from distill.train import TrainConfig, Trainer
 
 TILE = 64
 

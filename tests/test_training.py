@@ -20,8 +20,8 @@ from distill.checkpoint import (
 )
 from distill.data.synthetic_defects import write_category
 from distill.evaluate import evaluate
+from distill.held_out import split_held_out
 from distill.inference import bf16_supported
-from distill.train import split_held_out
 
 TILE = 128  # the model takes any size ≥ 64; small tiles keep the suite fast
 # The operating point below (≤ 2× the target false-alarm share on 20 good tiles) was verified with
