@@ -11,9 +11,12 @@ So discovery keeps its position in the *sequence* of each roll, not in the key o
 
 - Rolls: each pass lists the roll "directories" directly under the incoming prefix
   (``list_objects_v2`` with ``Delimiter='/'``: one request per 1000 rolls, never the frames).
-- Open rolls (not complete, or not every frame enqueued yet) are listed whole, manifest and
-  frames (one request per 1000 frames; a line has a handful of rolls open at a time).
-  Closed rolls cost no request beyond the directory listing.
+- Open rolls (not done or failed yet) are listed whole, manifest and frames (one request per
+  1000 frames; a line has a handful of rolls open at a time), so that a frame written again
+  while its roll is ingested or scored is seen. Closed rolls cost no request beyond the
+  directory listing: a frame replaced after its roll is done is taken by `rollscan resume`.
+- A frame number that two objects give themselves (``2.tif`` and ``000002.tif``) is reported
+  once, and neither is taken — the roll waits at that frame — until one of them is removed.
 - Per roll, a row ``discovery_cursors.name = "roll:<roll_id>"`` holds, as JSON: ``seq`` = the
   frames 1 … seq have been enqueued (in order; a frame after a gap waits for the gap, so a
   worker never takes frame k before k − 1 was announced), ``manifest`` = ETag of the manifest
@@ -73,8 +76,19 @@ DEFAULT_STALL_AFTER = timedelta(minutes=30)
 OPEN_STATUSES = ("registered", "ingesting")
 LOCK_KEY = 0x726F6C6C7363616E  # "rollscan": the discovery pass's advisory lock
 _NAME = re.compile(NAME_PATTERN)
-_MAX_WARNED = 1024  # folder names warned about once; a flood of junk names must not grow it
-_warned_names: dict[str, None] = {}
+_MAX_WARNED = 1024  # things warned about once; a flood of junk names must not grow it
+_warned: dict[str, None] = {}
+
+
+def _warn_once(key: str, message: str, *args: Any) -> bool:
+    """Log a warning the first time `key` is seen (per process); whether it was logged."""
+    if key in _warned:
+        return False
+    if len(_warned) >= _MAX_WARNED:
+        del _warned[next(iter(_warned))]
+    _warned[key] = None
+    log.warning(message, *args)
+    return True
 
 
 @dataclass
@@ -190,12 +204,10 @@ def _discover(
         if cursor is not None and cursor.closed:
             continue
         if not _NAME.fullmatch(name):  # fullmatch: `$` alone lets a trailing newline in
-            if name not in _warned_names:
-                if len(_warned_names) >= _MAX_WARNED:
-                    del _warned_names[next(iter(_warned_names))]
-                _warned_names[name] = None
-                # ascii(): the name is the uploader's, and may hold a forged log line
-                log.warning("%s%s/: not a roll id (%s); ignored", prefix, ascii(name), NAME_PATTERN)
+            # ascii(): the name is the uploader's, and may hold a forged log line
+            _warn_once(
+                name, "%s%s/: not a roll id (%s); ignored", prefix, ascii(name), NAME_PATTERN
+            )
             continue
         try:
             _discover_roll(ctx, name, f"{prefix}{name}", cursor, report)
@@ -221,7 +233,14 @@ def _discover_roll(
             _save(ctx, name, cursor, session)
             saved = cursor.dump()
 
-    manifest_info, frames = list_roll(ctx.store, prefix)
+    manifest_info, frames, twice = list_roll(ctx.store, prefix)
+    for seq, keys in twice.items():  # ascii(): the keys are the uploader's (forged log lines)
+        message = (
+            f"roll {name}: frame {seq} is numbered by {keys!a}: neither is taken "
+            "until one of them is removed"
+        )
+        if _warn_once(message, "%s", message):
+            report.problems.append(message)
     if cursor is None:
         cursor = RollCursor()
         with ctx.session() as session:
@@ -257,15 +276,21 @@ def _discover_roll(
         send = []
         while (seq := cursor.seq + len(send) + 1) in frames and (total is None or seq <= total):
             send.append((seq, frames[seq]))
+        # a re-sent version is awaited while it is still the one listed and not ingested yet; once
+        # the object moved on (another version, or back to the one ingested) it is forgotten, so
+        # that the version re-sent, uploaded again later, is sent again
+        cursor.resent = {
+            s: e for s, e in cursor.resent.items()
+            if ingested.get(int(s)) != e and getattr(frames.get(int(s)), "etag", None) == e
+        }  # fmt: skip
         changed = [
             (seq, info) for seq, info in sorted(frames.items())
             if seq <= cursor.seq and ingested.get(seq, info.etag) != info.etag
             and cursor.resent.get(str(seq)) != info.etag
         ]  # fmt: skip
-        cursor.resent = {s: e for s, e in cursor.resent.items() if ingested.get(int(s)) != e}
         if send or changed:
             _resume_if_stalled(session, roll)
-        status, complete = roll.status, roll.complete
+        status = roll.status
 
     try:
         for seq, info in changed:
@@ -278,7 +303,7 @@ def _discover_roll(
             cursor.seq = seq
             report.frames_enqueued.append((name, seq))
     finally:  # record whatever went out, even when the broker failed halfway
-        cursor.closed = _closed(cursor, status, complete, total)
+        cursor.closed = _closed(cursor, status)
         save()
     extra = sorted(seq for seq in frames if total is not None and seq > total)
     if cursor.closed and extra:
@@ -287,26 +312,32 @@ def _discover_roll(
     if cursor.update:  # a complete manifest: announce the last bands or the finalize
         roll_updated(ctx, name)
         cursor.update = False
-        cursor.closed = _closed(cursor, status, complete, total)
+        cursor.closed = _closed(cursor, status)
         save()
 
 
-def _closed(cursor: RollCursor, status: str, complete: bool, total: int | None) -> bool:
-    if cursor.update:
-        return False
-    return status in ("done", "failed") or (complete and total is not None and cursor.seq >= total)
+def _closed(cursor: RollCursor, status: str) -> bool:
+    # open until the roll is done or failed, not only until its last frame went out: a frame
+    # written again while the roll is ingested or scored is seen and ingested again
+    return not cursor.update and status in ("done", "failed")
 
 
-def list_roll(store: ObjectStore, prefix: str) -> tuple[ObjectInfo | None, dict[int, ObjectInfo]]:
-    """A roll's manifest and its frames by number under `prefix` (no trailing '/')."""
-    manifest, frames = None, {}
+def list_roll(
+    store: ObjectStore, prefix: str
+) -> tuple[ObjectInfo | None, dict[int, ObjectInfo], dict[int, list[str]]]:
+    """A roll's manifest, its frames by number and the numbers several objects give themselves
+    ("2.tif" and "000002.tif": their keys), under `prefix` (no trailing '/'). A number named
+    twice is left out of the frames: which object is the frame is not for key order to say."""
+    manifest, named = None, {}
     for info in store.iter_objects(prefix + "/"):
         rest = info.key[len(prefix) + 1 :]
         if rest == "manifest.json":
             manifest = info
         elif rest.startswith("frames/") and (seq := frame_seq(rest[len("frames/") :])) is not None:
-            frames.setdefault(seq, info)  # two names for one seq: the first in key order
-    return manifest, frames
+            named.setdefault(seq, []).append(info)
+    frames = {seq: infos[0] for seq, infos in named.items() if len(infos) == 1}
+    twice = {seq: [i.key for i in infos] for seq, infos in named.items() if len(infos) > 1}
+    return manifest, frames, twice
 
 
 def _contiguous(seqs: Any) -> int:

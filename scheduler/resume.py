@@ -97,7 +97,9 @@ def resume_roll(
     resumed = Resumed(roll_id)
     frames = []
     if (status in OPEN_ROLL or status == "done") and source:  # a done roll: frames replaced
-        _, listed = list_roll(ctx.store, source.rstrip("/"))  # as discovery lists it
+        _, listed, twice = list_roll(ctx.store, source.rstrip("/"))  # as discovery lists it
+        for seq, keys in twice.items():
+            log.warning("roll %s: frame %d is numbered by %s: not sent", roll_id, seq, ascii(keys))
         frames = [
             (seq, info.key) for seq, info in listed.items()
             if (total is None or seq <= total) and ingested.get(seq) != info.etag

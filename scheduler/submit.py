@@ -123,7 +123,8 @@ def read_prefix(
     frames = sorted(
         (seq, info.key)
         for info in store.iter_objects(f"{prefix}/frames/")
-        if (seq := frame_seq(info.key.rsplit("/", 1)[-1])) is not None
+        # directly under frames/, as discovery and `resume` take them: not frames/old/3.tif
+        if (seq := frame_seq(info.key[len(prefix) + len("/frames/") :])) is not None
     )
     _check_sequence(frames, manifest, f"s3 prefix {prefix}")
     return manifest, Submission(manifest.roll_id, prefix, frames)

@@ -30,8 +30,9 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
-from scheduler.discovery import LOCK_KEY, RollCursor, discover_once, mark_stalled
+from scheduler.discovery import LOCK_KEY, RollCursor, discover_once, list_roll, mark_stalled
 from scheduler.scheduler_metrics import SchedulerMetrics
+from scheduler.submit import read_prefix
 from storage.database import make_engine
 from storage.manifest import parse_manifest
 from storage.registry import activate_model, register_model
@@ -149,9 +150,15 @@ def test_a_frame_waits_for_its_manifest_and_for_the_frames_before_it(rec, s3_sto
     assert (report.completed, report.frames_enqueued) == (["R-0100"], [])
     with rec.session() as session:
         cursor = RollCursor.load(session.get(DiscoveryCursor, "roll:R-0100").cursor)
-    assert (cursor.seq, cursor.closed, cursor.update) == (4, True, False)
-    put_frames(s3_store, "R-0100", [5])  # beyond the manifest, and the roll is closed anyway
+    # every frame sent, but open until the roll is done: a frame written again meanwhile is seen
+    assert (cursor.seq, cursor.closed, cursor.update) == (4, False, False)
+    put_frames(s3_store, "R-0100", [5])  # beyond the manifest
     assert not discover_once(rec)
+    with rec.session() as session:
+        session.get(Roll, "R-0100").status = "done"
+    assert not discover_once(rec)
+    with rec.session() as session:
+        assert RollCursor.load(session.get(DiscoveryCursor, "roll:R-0100").cursor).closed
     assert Counter(ingests_of(rec)) == {("R-0100", 1): 1, ("R-0100", 2): 2, ("R-0100", 3): 1, ("R-0100", 4): 1}  # fmt: skip
 
 
@@ -286,3 +293,45 @@ def test_nightly_grading_takes_the_rolls_finished_since_the_last_one(
 def _in_session(engine, function):
     with Session(engine) as session, session.begin():
         return function(session)
+
+
+def test_frames_written_again_numbered_twice_or_nested_are_taken_as_discovery_lists_them(
+    rec, s3_store
+):
+    """A frame written again after every frame went out is seen while the roll is not done; a
+    version re-sent and then written back is sent again when it returns; two objects numbered
+    alike are reported once and neither is taken until one goes; a frame in a subfolder of
+    frames/ is no frame, for `submit` as for discovery."""
+    put_manifest(s3_store, "R-0300", manifest_of("R-0300", frames=3, complete=True))
+    put_frames(s3_store, "R-0300", [1, 2, 3])
+    assert discover_once(rec).frames_enqueued == [("R-0300", s) for s in (1, 2, 3)]
+    with rec.session() as session:  # ingested as listed
+        for seq in (1, 2, 3):
+            etag = s3_store.head(f"incoming/R-0300/frames/{seq:06d}.tif").etag
+            session.add(Frame(roll_id="R-0300", seq=seq, key=f"k{seq}", etag=etag,
+                              row_start=(seq - 1) * ROWS, rows=ROWS))  # fmt: skip
+    assert not discover_once(rec)
+    key = "incoming/R-0300/frames/000003.tif"
+    s3_store.put(key, b"frame 3, fixed")  # the scanner sends it again: the roll is scoring
+    assert discover_once(rec).frames_enqueued == [("R-0300", 3)]
+    s3_store.put(key, b"frame3")  # back to the version ingested before that ingest ran
+    assert not discover_once(rec)
+    s3_store.put(key, b"frame 3, fixed")  # and the fixed one again: sent again
+    assert discover_once(rec).frames_enqueued == [("R-0300", 3)]
+
+    put_manifest(s3_store, "R-0301", manifest_of("R-0301"))
+    put_frames(s3_store, "R-0301", [1, 2, 3])
+    s3_store.put("incoming/R-0301/frames/2.tif", b"another frame 2")
+    report = discover_once(rec)
+    assert report.frames_enqueued == [("R-0301", 1)]  # 2 is whose? 3 waits for it
+    assert report.problems == [
+        "roll R-0301: frame 2 is numbered by ['incoming/R-0301/frames/000002.tif', "
+        "'incoming/R-0301/frames/2.tif']: neither is taken until one of them is removed"
+    ]
+    assert not discover_once(rec)  # reported once
+    s3_store.delete("incoming/R-0301/frames/2.tif")
+    assert discover_once(rec).frames_enqueued == [("R-0301", 2), ("R-0301", 3)]
+
+    s3_store.put("incoming/R-0301/frames/old/000004.tif", b"a rejected frame 4")
+    assert list_roll(s3_store, "incoming/R-0301")[1].keys() == {1, 2, 3}
+    assert [seq for seq, _ in read_prefix(s3_store, "incoming/R-0301")[1].frames] == [1, 2, 3]

@@ -21,7 +21,7 @@ from worker.context import WorkerContext
 def test_junk_folder_names_are_warned_about_in_bounded_memory(
     db_engine, tmp_path, caplog, monkeypatch
 ):
-    monkeypatch.setattr(discovery, "_warned_names", {})  # names other tests left behind
+    monkeypatch.setattr(discovery, "_warned", {})  # names other tests left behind
     store = LocalStore(tmp_path / "objects")
     flood = discovery._MAX_WARNED + 40
     # folders as a scanner's file share could name them (the store's own keys refuse a space)
@@ -38,12 +38,12 @@ def test_junk_folder_names_are_warned_about_in_bounded_memory(
 
     assert not discovery.discover_once(ctx).problems
     assert warned() == flood + 1  # each once
-    assert len(discovery._warned_names) == discovery._MAX_WARNED
+    assert len(discovery._warned) == discovery._MAX_WARNED
     discovery.discover_once(ctx)
     # beyond the bound the oldest names make room and are warned about again (each pass scans
     # more names than are kept, so every one of them): the log grows, the memory does not
     assert warned() == flood + 1
-    assert len(discovery._warned_names) == discovery._MAX_WARNED
+    assert len(discovery._warned) == discovery._MAX_WARNED
     assert not ctx.enqueue.calls
 
 
