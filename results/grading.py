@@ -51,10 +51,15 @@ MM_PER_YARD = 914.4
 SQ_IN_PER_100_SQ_YD = 3600.0  # 100 yd² = 100 × 36 in × 36 in = 129 600 in²; ÷ 36 in per yd
 # float noise (76.2 mm / 25.4 is not exactly 3.0): never enough to move a real boundary
 _EPS = 1e-9
-# positions along the roll come from two products (a defect's row × mm per ¼-res row, a block's
-# row ÷ px per mm) that may disagree by a rounding step where they mean the same row: a
-# nanometre's tolerance keeps a defect that starts on a block's or a yard's first row in it
-_MM_EPS = 1e-6
+
+
+def _rounding(y_mm: float) -> float:
+    """A few rounding steps at `y_mm`: positions along the roll come from two products (a
+    defect's row × mm per ¼-res row, a block's row ÷ px per mm) that may disagree by that much
+    where they mean the same row — a defect starting on a block's or a yard's first row stays
+    in it, and one a fraction of a micrometre before stays before."""
+    return 1e-12 * max(1.0, abs(y_mm))
+
 
 Defect = tuple[float, float, float, float, float]  # x0_mm, y0_mm, x1_mm, y1_mm, length_mm
 # the single-number rules: field -> (lowest, highest, both allowed; what the rule says)
@@ -223,7 +228,7 @@ def grade_roll(
             continue
         pts = rules.points_for(length_mm / MM_PER_INCH)
         if y1 - y0 > MM_PER_YARD + _EPS:  # continuous: every yard it touches
-            touched = range(max(0, math.floor((y0 + _MM_EPS) / MM_PER_YARD)),
+            touched = range(max(0, math.floor((y0 + _rounding(y0)) / MM_PER_YARD)),
                             max(0, math.ceil(y1 / MM_PER_YARD - _EPS)))  # fmt: skip
             across.append({"defect": i, "yards": [touched.start, touched.stop - 1]})
         else:
@@ -348,7 +353,7 @@ def _edges_beside(
     defect within the margin of any of them lies in the selvage), None where none was measured.
     `y1` is exclusive (a defect's box ends after its last row), so a block starting there holds
     none of its rows."""
-    y0, y1 = y0 + _MM_EPS, y1 - _MM_EPS
+    y0, y1 = y0 + _rounding(y0), y1 - _rounding(y1)
     first = max(0, bisect.bisect_right(starts, y0) - 1)
     beside = [
         e for e in edges_along[first : bisect.bisect_left(starts, y1)] if e[1] > y0 or e[0] >= y0

@@ -11,11 +11,13 @@ selection skips rolls whose current run is the model's, `start_reprocess_run` re
 bands of a started run that are not scored yet, and a run finalized but left ungraded by a
 stopped driver is graded first.
 
-The run asked for last is current once done (`Run.requested_at`, `worker.finalize`): asking
-for a model again moves its run's request to now, so an older model's reprocess finishing late
-never takes a roll from a newer one's, a failed run asked for again takes the roll when it
-finishes, and a model whose run is done but no longer current (an earlier model, to go back
-to) takes the roll back at once, without scoring it again.
+The run asked for last is current once done (`Run.requested_at`, `worker.roll_rows.asked_last`):
+a command asks for its model when it starts, for all its rolls, and moves each run's request
+forward to then, so an older model's reprocess finishing late never takes a roll from a newer
+one's (nor does its driver, reaching a roll after a later command for another model finished
+it), a failed run asked for again takes the roll when it finishes, and a model whose run is
+done but no longer current (an earlier model, to go back to) takes the roll back at once,
+without scoring it again. A command run again is asked again.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from results.grading import GradingRules, load_rules
 from storage.schema import Band, Grade, Model, Roll, Run
 from storage.zarr_rolls import open_roll, roll_exists
 from worker.context import WorkerContext
-from worker.roll_rows import make_current, reopen_failed_run
+from worker.roll_rows import asked_last, make_current, reopen_failed_run
 
 log = logging.getLogger(__name__)
 STALL_S = 600.0  # no band scored for this long: say what to check
@@ -63,7 +65,7 @@ def select_rolls(
     Rolls whose status is done, of the model's fabric type (a generic model has none: it
     reprocesses only the fabric type named by `fabric_type`), completed in [since, until)
     (naive datetimes are local time), among `roll_ids` when given, and whose current run is
-    not this model version's. An unknown model, a fabric type that contradicts the model, or roll
+    not a finished run of this model version. An unknown model, a fabric type that contradicts the model, or roll
     ids that do not exist are a ValueError naming them.
     """
     model = session.get(Model, model_version)
@@ -81,7 +83,10 @@ def select_rolls(
         )
     fabric = fabric_type or model.fabric_type
     current_with_model = exists().where(
-        Run.roll_id == Roll.id, Run.model_version == model_version, Run.is_current
+        Run.roll_id == Roll.id,
+        Run.model_version == model_version,
+        Run.is_current,
+        Run.status == "done",  # a current run of it that failed is tried again
     )
     query = select(Roll.id).where(
         Roll.status == "done", Roll.fabric_type == fabric, ~current_with_model
@@ -102,18 +107,19 @@ def select_rolls(
 
 
 def start_reprocess_run(
-    ctx: WorkerContext, roll_id: str, model_version: str
+    ctx: WorkerContext, roll_id: str, model_version: str, asked_at: datetime | None = None
 ) -> tuple[int, list[int]]:
     """Create (or find) the roll's run with `model_version`; returns (run id, bands to score).
 
     Idempotent: the first call records every band of the roll (in the stored image's own band
     height, whatever the settings say today); later calls create nothing and return the bands
     not scored yet — all of them, none, or what an interrupted reprocess left. A finished run
-    returns no bands and becomes the roll's current run if it was not (its defects are up to
-    date: a changed frame reopens every run of its roll); a failed one (a band whose worker
-    died too often, say) starts again with the bands it had not scored. Each call is a request
-    for the model: the run's `requested_at` moves to now (see the module docstring).
-    ValueError when the roll cannot be reprocessed.
+    returns no bands and becomes the roll's current run if it was not and is now the one asked
+    for last (its defects are up to date: a changed frame reopens every run of its roll); a
+    failed one (a band whose worker died too often, say) starts again with the bands it had not
+    scored. Each call asks for the model at `asked_at` (the command's start; default now, the
+    database's clock): the run's `requested_at` moves forward to it, never back (see the module
+    docstring). ValueError when the roll cannot be reprocessed.
     """
     with ctx.session() as session:
         roll = session.get(Roll, roll_id, with_for_update=True)  # as ingest: one writer a roll
@@ -127,19 +133,21 @@ def start_reprocess_run(
             raise ValueError(f"unknown model version {model_version!r}")
         if roll.rows_ingested < 1 or not roll_exists(ctx.store, roll_id):
             raise ValueError(f"roll {roll_id} has no stored image to reprocess")
+        asked = asked_at if asked_at is not None else session.scalar(select(func.now()))
         session.execute(
             insert(Run)
-            .values(roll_id=roll_id, model_version=model_version, purpose="reprocess")
+            .values(roll_id=roll_id, model_version=model_version, purpose="reprocess",
+                    requested_at=asked)
             .on_conflict_do_nothing()
-        )
+        )  # fmt: skip
         run = session.scalar(
             select(Run)
             .where(Run.roll_id == roll_id, Run.model_version == model_version)
             .with_for_update()
         )
-        run.requested_at = func.now()
+        run.requested_at = max(run.requested_at, asked)
         if run.status == "done":
-            if not run.is_current:
+            if not run.is_current and asked_last(session, run):
                 log.info("roll %s: back to its run of %s", roll_id, model_version)
                 make_current(session, run)
             return run.id, []
@@ -271,6 +279,8 @@ def reprocess(
     if max_in_flight < 1:
         raise ValueError(f"max_in_flight must be ≥ 1, not {max_in_flight}")
     started = clock()
+    with ctx.session() as session:  # when the command asked: the same for all its rolls
+        asked_at = session.scalar(select(func.now()))
     rules = _rules(rules_for)
     if late := grade_ungraded(ctx, model_version, rules):
         log.info("graded %d run(s) a previous reprocess finished but did not grade", len(late))
@@ -284,7 +294,7 @@ def reprocess(
             while pending and len(in_flight) < max_in_flight:
                 roll_id = pending.popleft()
                 try:
-                    run_id, missing = start_reprocess_run(ctx, roll_id, model_version)
+                    run_id, missing = start_reprocess_run(ctx, roll_id, model_version, asked_at)
                 except ValueError as exc:
                     report.failed[roll_id] = str(exc)
                     log.warning("not reprocessed: %s", exc)

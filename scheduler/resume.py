@@ -30,7 +30,7 @@ from scheduler.discovery import list_roll, reopen_discovery
 from storage.schema import Band, Frame, Roll, Run, TaskDelivery
 from worker.context import WorkerContext
 from worker.ingest import announce_live_run, finalize_due, pending_bands
-from worker.roll_rows import reopen_failed_run
+from worker.roll_rows import reopen_failed_run, replace_failed_current
 
 log = logging.getLogger(__name__)
 OPEN_ROLL = ("registered", "ingesting", "scoring", "finalizing")  # not stalled: the scanner's
@@ -150,6 +150,9 @@ def retry_roll(ctx: WorkerContext, roll_id: str) -> Resumed:
         session.execute(delete(TaskDelivery).where(deaths))
         if live is not None and live.status == "done":  # it failed on a frame the run never read
             roll.status = "done"
+            # a reprocess run that was current failed with the roll: the live run, done on the
+            # roll's pixels, shows it again (`rollscan reprocess` can start the other again)
+            replace_failed_current(session, roll_id)
         else:
             roll.status = "ingesting" if roll.rows_ingested else "registered"
         roll.failure_reason, roll.updated_at = None, func.now()

@@ -294,6 +294,11 @@ def test_positions_on_a_first_row_keep_their_block_and_yard_and_no_yard_lies_pas
                          rows / 2.6, WIDTH_60IN)  # fmt: skip
     assert running.details["defects_across_yards"] == [{"defect": 0, "yards": [25, 26]}]
     assert running.points == 8
+    # at 7.87401575 px/mm (200 dpi to 8 decimals) ¼-res row 1800 starts 0.23 µm before yard 1:
+    # in yard 0 it stays (a tolerance wider than rounding moved it, 4 points less)
+    early = 1800 * 4 / 7.87401575
+    charged = grade_roll([(100.0, early, 110.0, early + 1000.0, 1000.0)], 5000.0, WIDTH_60IN)
+    assert charged.details["defects_across_yards"] == [{"defect": 0, "yards": [0, 2]}]
     # one yard of roll, a running defect whose last ¼-res row reaches 0.8 mm past its end
     whole = grade_roll([(100.0, 0.0, 110.0, YD + 0.8, YD + 0.8)], YD, WIDTH_60IN)
     assert (whole.points, whole.per_defect_yards) == (4, [1])

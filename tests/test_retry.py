@@ -236,3 +236,51 @@ def test_discovery_goes_on_with_a_roll_started_again(ctx, tmp_path):
         frames = session.scalar(select(func.count()).where(Frame.roll_id == "R-d"))
     roll = _roll(ctx, "R-d")
     assert (roll.status, roll.complete, frames) == ("done", True, FRAMES)
+
+
+def test_a_command_asks_when_it_starts_not_when_its_driver_reaches_the_roll(ctx, tmp_path):
+    """`reprocess --model v2` begins (its driver busy with other rolls); `--model v3`, begun
+    later, finishes the roll first: v2's driver reaching it afterwards does not take it."""
+    _done_roll(ctx, tmp_path, "R-d")
+    with ctx.session() as session:
+        v2_began = session.scalar(select(func.now()))
+    assert reprocess(ctx, ["R-d"], V3, progress=False).done == ["R-d"]
+    run_v2, bands = start_reprocess_run(ctx, "R-d", V2, v2_began)
+    for band in bands:
+        ctx.enqueue.score(run_v2, band, reprocess=True)
+    ctx.enqueue.drain()
+    assert {v: r[1:] for v, r in _runs(ctx, "R-d").items()} == {
+        V1: ("done", False),
+        V2: ("done", False),
+        V3: ("done", True),
+    }
+
+
+def test_a_reprocess_run_failed_with_its_roll_gives_the_roll_back_and_can_be_asked_again(
+    ctx, tmp_path
+):
+    """v2 current; a frame changed (both runs reopened), the live run done again, v2's bands
+    lost; a broken upload of another frame fails the roll and v2 with it. Retried once the frame
+    is put back, the live run shows the roll again (not v2's defects of the old pixels), and
+    `rollscan reprocess --model v2` selects the roll and makes v2 current again."""
+    _done_roll(ctx, tmp_path, "R-x")
+    assert reprocess(ctx, ["R-x"], V2, progress=False).done == ["R-x"]
+    _change_frame(ctx, tmp_path, "R-x", 3)
+    _run_work_of(ctx, _runs(ctx, "R-x")[V1][0])
+    ctx.enqueue.queue.clear()
+    key = "incoming/R-x/frames/000002.tif"
+    good = ctx.store.get(key)
+    ctx.store.put(key, b"II*\0 half-written")
+    assert ingest_frame(ctx, "R-x", 2, key) == "failed"
+    ctx.store.put(key, good)
+    retry_roll(ctx, "R-x")
+    ctx.enqueue.drain()
+    assert _roll(ctx, "R-x").status == "done"
+    assert {v: r[1:] for v, r in _runs(ctx, "R-x").items()} == {
+        V1: ("done", True),
+        V2: ("failed", False),
+    }
+    with ctx.session() as session:
+        assert select_rolls(session, model_version=V2) == ["R-x"]
+    assert reprocess(ctx, ["R-x"], V2, progress=False).done == ["R-x"]
+    assert _runs(ctx, "R-x")[V2][1:] == ("done", True)

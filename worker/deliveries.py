@@ -24,14 +24,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import case, delete, func, select, update
+from sqlalchemy import case, delete, func, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from storage.database import advisory_lock
 from storage.schema import Roll, Run, TaskDelivery
 from worker.context import WorkerContext
-from worker.roll_rows import fail_roll, make_current
+from worker.roll_rows import fail_roll, replace_failed_current
 
 log = logging.getLogger(__name__)
 GIVEN_UP = "failed"  # what a task returns when it gave up its roll
@@ -161,13 +161,4 @@ def _fail_run_only(session: Session, run: Run, reason: str) -> None:
     if run.status in ("done", "failed"):
         return
     run.status, run.error, run.finished_at = "failed", reason[:2000], func.now()
-    if not run.is_current:
-        return
-    successor = session.scalar(
-        select(Run)
-        .where(Run.roll_id == run.roll_id, Run.id != run.id, Run.status == "done")
-        .order_by(Run.requested_at.desc(), Run.id.desc())
-        .limit(1)
-    )
-    if successor is not None:
-        make_current(session, successor)
+    replace_failed_current(session, run.roll_id)

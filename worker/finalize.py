@@ -6,7 +6,7 @@ Runs in one transaction with the run's row locked, so two finalize tasks for one
 one set of defects. Finalizing a run already done changes nothing; a run reopened by a
 re-uploaded frame is finalized again, and then its defects are replaced, not added to. A run
 becomes the roll's current run only here, when it is complete and was asked for after the
-current one (`_takes_over`): until then the previous run's defects and grade stay what users
+current one (`worker.roll_rows.asked_last`): until then the previous run's defects and grade stay what users
 see; a run reopened by a changed frame keeps whatever place it had.
 """
 
@@ -18,7 +18,6 @@ from datetime import UTC, datetime
 
 import numpy as np
 from sqlalchemy import delete, func, insert, select
-from sqlalchemy.orm import Session
 
 from storage.fabric_extents import roll_extents
 from storage.schema import Defect, Grade, Model, Roll, Run
@@ -28,7 +27,7 @@ from worker.components import DefectFinder
 from worker.context import WorkerContext
 from worker.fabric_mask import Extent, quarter_fabric_mask
 from worker.ingest import roll_arrays
-from worker.roll_rows import make_current
+from worker.roll_rows import asked_last, make_current
 from worker.roll_threshold import BlockPeaks, run_threshold
 
 log = logging.getLogger(__name__)
@@ -98,7 +97,7 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
                 ],
             )  # fmt: skip
         now, first = datetime.now(UTC), run.finished_at is None
-        if _takes_over(session, run):
+        if asked_last(session, run):
             make_current(session, run)
         run.status, run.finished_at, run.error = "done", now, None
         run.threshold, run.roll_threshold = threshold, own
@@ -112,21 +111,6 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
     log.info("run %s finalized: %d defects on roll %s (threshold %.4g; model's %.4g, roll's %s)",
              run_id, len(defects), roll.id, threshold, model.threshold, own)  # fmt: skip
     return len(defects)
-
-
-def _takes_over(session: Session, run: Run) -> bool:
-    """Whether the run becomes the roll's current one: when it was asked for after the current
-    one (`Run.requested_at`: made, or asked for again by `rollscan reprocess`), or the current
-    one failed (a reprocess run reopened by a changed frame whose band was given up: its
-    defects read the old pixels) or there is none. So a live run finalized again after a changed
-    frame does not take the roll back from the newer model that reprocessed it, nor an older
-    model's reprocess finishing late from a newer one's."""
-    current = session.scalar(
-        select(Run).where(
-            Run.roll_id == run.roll_id, Run.id != run.id, Run.is_current, Run.status != "failed"
-        )
-    )
-    return current is None or (current.requested_at, current.id) < (run.requested_at, run.id)
 
 
 def _fabric_bands(

@@ -129,7 +129,7 @@ def reopen_failed_run(session: Session, run: Run, status: str) -> None:
     """Start the failed `run` again as `status`, the bands it scored kept, its failed ones
     pending again. One never finalized finishes for the first time when it does (a live run's
     finalize then dates the roll's completion); whether it becomes current is decided by when
-    it was asked for (`worker.finalize._takes_over`), which a caller asking for it again moves."""
+    it was asked for (`asked_last`), which a caller asking for it again moves."""
     run.status, run.error = status, None
     if run.threshold is None and not run.is_current:  # `finalize` records the threshold
         run.finished_at = None
@@ -147,3 +147,35 @@ def make_current(session: Session, run: Run) -> None:
     )
     session.flush()  # one current run per roll (a unique index): the old one steps down first
     run.is_current = True
+
+
+def asked_last(session: Session, run: Run) -> bool:
+    """Whether the finished `run` is to be its roll's current one: it was asked for after the
+    current one (`Run.requested_at`: made, or asked for again by `rollscan reprocess`), or the
+    current one failed (a reprocess run reopened by a changed frame whose band was given up: its
+    defects read the old pixels) or there is none. So a live run finalized again after a changed
+    frame does not take the roll back from the newer model that reprocessed it, nor an older
+    model's reprocess finishing late from a newer one's."""
+    current = session.scalar(
+        select(Run).where(
+            Run.roll_id == run.roll_id, Run.id != run.id, Run.is_current, Run.status != "failed"
+        )
+    )
+    return current is None or (current.requested_at, current.id) < (run.requested_at, run.id)
+
+
+def replace_failed_current(session: Session, roll_id: str) -> Run | None:
+    """When the roll's current run has failed, the done run asked for last takes its place (a
+    failed run's defects may read pixels since replaced); that run, or None."""
+    current = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+    if current is None or current.status != "failed":
+        return None
+    successor = session.scalar(
+        select(Run)
+        .where(Run.roll_id == roll_id, Run.id != current.id, Run.status == "done")
+        .order_by(Run.requested_at.desc(), Run.id.desc())
+        .limit(1)
+    )
+    if successor is not None:
+        make_current(session, successor)
+    return successor
