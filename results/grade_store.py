@@ -177,7 +177,8 @@ def grade_rolls(
 
     A roll that cannot be graded (no length recorded, absurd numbers, a write the database
     refuses) is logged and skipped, its writes undone by a savepoint, so that one odd roll
-    does not roll back a nightly batch and fail it again every night; `skipped`, when given,
+    does not roll back a nightly batch and fail it again every night (with `ungraded`, each
+    night tries it again, and warns again, until it is fixed); `skipped`, when given,
     receives a line for each ("roll R: why"). Only an error that waiting may cure (the
     database away) ends the batch. An unknown `roll_id` is a ValueError. The caller commits."""
     if roll_id is not None and session.get(Roll, roll_id) is None:
