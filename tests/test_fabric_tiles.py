@@ -121,7 +121,9 @@ def test_bands_laid_on_the_fabric_equal_the_whole_roll(detector):
     rows = len(image)
     whole = _scored(detector, image, 0, rows)
     bands = [_scored(detector, image, k * 200, min((k + 1) * 200, rows)) for k in range(4)]
-    np.testing.assert_array_equal(np.concatenate(bands), whole)
+    # each tile scored in another batch: float sums may differ in the last bits (oneDNN's float32
+    # kernels on a CPU with AMX), a tile laid elsewhere by whole units
+    np.testing.assert_allclose(np.concatenate(bands), whole, rtol=1e-6)
 
 
 def test_a_quarter_pixel_the_fabric_shares_with_the_table_pools_the_fabric_alone():
