@@ -145,13 +145,17 @@ def roll_defects(session: Session, roll_id: str) -> list[dict[str, Any]]:
 
 
 def unscored_reason(session: Session, roll_id: str) -> str | None:
-    """Why a roll has no defects to show yet — it failed, or no run of it has finished — or
-    None when a finished run is current (its defects, none included, are the answer)."""
+    """Why a roll has no defects to show — it failed, or no run of it has finished, or its
+    current run failed (its defects may read pixels since replaced) — or None when a finished
+    run is current, or one being scored again (its defects, none included, are the answer)."""
     roll = session.get(Roll, roll_id)
     if roll is None:
         raise ValueError(f"unknown roll {roll_id!r}")
-    if session.scalar(select(Run.id).where(Run.roll_id == roll_id, Run.is_current)) is not None:
+    current = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+    if current is not None and current.status != "failed":
         return None
+    if current is not None:
+        return f"roll {roll_id}: its current run failed: {roll.failure_reason or current.error}"
     if roll.status == "failed":
         return f"roll {roll_id} failed, before any run finished: {roll.failure_reason}"
     return f"roll {roll_id} is not scored yet (status {roll.status})"

@@ -81,8 +81,10 @@ _warned: dict[str, None] = {}
 
 
 def _warn_once(key: str, message: str, *args: Any) -> bool:
-    """Log a warning the first time `key` is seen (per process); whether it was logged."""
+    """Log a warning the first time `key` is seen (per process); whether it was logged. The
+    keys seen least recently are forgotten first."""
     if key in _warned:
+        _warned[key] = _warned.pop(key)  # seen again: the last to be forgotten
         return False
     if len(_warned) >= _MAX_WARNED:
         del _warned[next(iter(_warned))]
@@ -234,12 +236,13 @@ def _discover_roll(
             saved = cursor.dump()
 
     manifest_info, frames, twice = list_roll(ctx.store, prefix)
-    for seq, keys in twice.items():  # ascii(): the keys are the uploader's (forged log lines)
+    if twice:  # one line a roll; !a: the keys are the uploader's (forged log lines)
+        shown = "; ".join(f"{seq}: {keys!a}" for seq, keys in sorted(twice.items())[:10])
         message = (
-            f"roll {name}: frame {seq} is numbered by {keys!a}: neither is taken "
-            "until one of them is removed"
+            f"roll {name}: {len(twice)} frame number(s) given by several objects ({shown}"
+            f"{' …' if len(twice) > 10 else ''}): none of them is taken until one is removed"
         )
-        if _warn_once(message, "%s", message):
+        if _warn_once(f"twice:{name}:{sorted(twice)}", "%s", message):
             report.problems.append(message)
     if cursor is None:
         cursor = RollCursor()

@@ -65,7 +65,8 @@ def select_rolls(
     Rolls whose status is done, of the model's fabric type (a generic model has none: it
     reprocesses only the fabric type named by `fabric_type`), completed in [since, until)
     (naive datetimes are local time), among `roll_ids` when given, and whose current run is
-    not a finished run of this model version. An unknown model, a fabric type that contradicts the model, or roll
+    not a finished run of this model version — or is, while another run of the roll is open
+    (it is asked for again: see the module docstring). An unknown model, a fabric type that contradicts the model, or roll
     ids that do not exist are a ValueError naming them.
     """
     model = session.get(Model, model_version)
@@ -88,8 +89,15 @@ def select_rolls(
         Run.is_current,
         Run.status == "done",  # a current run of it that failed is tried again
     )
+    # another run still open (an interrupted command's): the roll is asked for again, or that
+    # run, asked for earlier, would take it when it finishes
+    other_open = exists().where(
+        Run.roll_id == Roll.id,
+        Run.model_version != model_version,
+        Run.status.in_(("pending", "scoring", "finalizing")),
+    )
     query = select(Roll.id).where(
-        Roll.status == "done", Roll.fabric_type == fabric, ~current_with_model
+        Roll.status == "done", Roll.fabric_type == fabric, ~current_with_model | other_open
     )
     if since is not None:
         query = query.where(Roll.completed_at >= _aware(since))

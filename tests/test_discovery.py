@@ -325,8 +325,8 @@ def test_frames_written_again_numbered_twice_or_nested_are_taken_as_discovery_li
     report = discover_once(rec)
     assert report.frames_enqueued == [("R-0301", 1)]  # 2 is whose? 3 waits for it
     assert report.problems == [
-        "roll R-0301: frame 2 is numbered by ['incoming/R-0301/frames/000002.tif', "
-        "'incoming/R-0301/frames/2.tif']: neither is taken until one of them is removed"
+        "roll R-0301: 1 frame number(s) given by several objects (2: ['incoming/R-0301/frames/"
+        "000002.tif', 'incoming/R-0301/frames/2.tif']): none of them is taken until one is removed"
     ]
     assert not discover_once(rec)  # reported once
     s3_store.delete("incoming/R-0301/frames/2.tif")

@@ -14,6 +14,7 @@ import pytest
 import tifffile
 from sqlalchemy import func, select
 
+from results.defect_tables import unscored_reason
 from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.discovery import discover_once
 from scheduler.reprocess import reprocess, select_rolls, start_reprocess_run
@@ -284,3 +285,59 @@ def test_a_reprocess_run_failed_with_its_roll_gives_the_roll_back_and_can_be_ask
         assert select_rolls(session, model_version=V2) == ["R-x"]
     assert reprocess(ctx, ["R-x"], V2, progress=False).done == ["R-x"]
     assert _runs(ctx, "R-x")[V2][1:] == ("done", True)
+
+
+def test_a_model_asked_for_while_the_roll_shows_it_keeps_the_roll_from_an_earlier_request(
+    ctx, tmp_path
+):
+    """`reprocess --model v2` interrupted with its bands queued; `--model v1` (the model the
+    roll shows) asked for after it: v2's run finishing later does not take the roll."""
+    _done_roll(ctx, tmp_path, "R-k")
+    run_v2, bands = start_reprocess_run(ctx, "R-k", V2)
+    for band in bands:
+        ctx.enqueue.score(run_v2, band, reprocess=True)
+    with ctx.session() as session:
+        assert select_rolls(session, model_version=V1) == ["R-k"]  # v2's run is open
+    assert reprocess(ctx, ["R-k"], V1, progress=False).done == ["R-k"]
+    ctx.enqueue.drain()  # v2's bands and finalize
+    assert {v: r[1:] for v, r in _runs(ctx, "R-k").items()} == {
+        V1: ("done", True),
+        V2: ("done", False),
+    }
+    with ctx.session() as session:
+        assert select_rolls(session, model_version=V1) == []
+
+
+def test_a_failed_roll_shows_the_finished_run_asked_for_last_never_a_failed_one(ctx, tmp_path):
+    """v2, then v3 (current); a frame changed, v2 done again; a broken upload fails the roll and
+    v3 with it: v2 shows the roll (v3's defects read the old frame), and keeps it when the live
+    run finishes after the retry. A roll whose only run failed says so, not its old defects."""
+    _done_roll(ctx, tmp_path, "R-m")
+    for version in (V2, V3):
+        assert reprocess(ctx, ["R-m"], version, progress=False).done == ["R-m"]
+    _change_frame(ctx, tmp_path, "R-m", 3)
+    _run_work_of(ctx, _runs(ctx, "R-m")[V2][0])
+    ctx.enqueue.queue.clear()
+    key = "incoming/R-m/frames/000002.tif"
+    good = ctx.store.get(key)
+    ctx.store.put(key, b"II*\0 half-written")
+    assert ingest_frame(ctx, "R-m", 2, key) == "failed"
+    assert {v: r[1:] for v, r in _runs(ctx, "R-m").items()} == {
+        V1: ("failed", False),
+        V2: ("done", True),
+        V3: ("failed", False),
+    }
+    ctx.store.put(key, good)
+    retry_roll(ctx, "R-m")
+    ctx.enqueue.drain()
+    assert _roll(ctx, "R-m").status == "done"
+    assert {v for v, r in _runs(ctx, "R-m").items() if r[2]} == {V2}
+
+    _done_roll(ctx, tmp_path, "R-n")
+    _change_frame(ctx, tmp_path, "R-n", 3)
+    ctx.enqueue.queue.clear()
+    key = "incoming/R-n/frames/000002.tif"
+    ctx.store.put(key, b"II*\0 half-written")
+    assert ingest_frame(ctx, "R-n", 2, key) == "failed"
+    with ctx.session() as session:
+        assert unscored_reason(session, "R-n").startswith("roll R-n: its current run failed: ")

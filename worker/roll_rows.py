@@ -111,7 +111,8 @@ def live_run(session: Session, roll: Roll) -> Run:
 
 
 def fail_roll(session: Session, roll_id: str, reason: str) -> None:
-    """Mark a roll failed with its reason; its runs stop. Other rolls are not affected."""
+    """Mark a roll failed with its reason; its runs stop (a current one that stops gives the
+    roll to the done run asked for last, if any). Other rolls are not affected."""
     now = datetime.now(UTC)
     session.execute(
         update(Roll)
@@ -123,6 +124,7 @@ def fail_roll(session: Session, roll_id: str, reason: str) -> None:
         .where(Run.roll_id == roll_id, Run.status.in_(("pending", "scoring", "finalizing")))
         .values(status="failed", error=reason[:2000], finished_at=now)
     )
+    replace_failed_current(session, roll_id)  # the views keep a finished run's defects
 
 
 def reopen_failed_run(session: Session, run: Run, status: str) -> None:
