@@ -85,6 +85,16 @@ def _change_frame(ctx: WorkerContext, tmp_path: Path, roll_id: str, seq: int) ->
     assert ingest_frame(ctx, roll_id, seq, key) == "ingested"
 
 
+def _broken_upload(ctx: WorkerContext, roll_id: str, seq: int) -> tuple[str, bytes]:
+    """Frame `seq` written again half-written and ingested: the roll fails. Its key and the
+    frame that was there, to put back."""
+    key = f"incoming/{roll_id}/frames/{seq:06d}.tif"
+    good = ctx.store.get(key)
+    ctx.store.put(key, b"II*\0 half-written")
+    assert ingest_frame(ctx, roll_id, seq, key) == "failed"
+    return key, good
+
+
 def _run_work_of(ctx: WorkerContext, run_id: int) -> None:
     """The queued bands, then the finalize, of one run (the others' wait)."""
     queue = ctx.enqueue.queue
@@ -269,10 +279,7 @@ def test_a_reprocess_run_failed_with_its_roll_gives_the_roll_back_and_can_be_ask
     _change_frame(ctx, tmp_path, "R-x", 3)
     _run_work_of(ctx, _runs(ctx, "R-x")[V1][0])
     ctx.enqueue.queue.clear()
-    key = "incoming/R-x/frames/000002.tif"
-    good = ctx.store.get(key)
-    ctx.store.put(key, b"II*\0 half-written")
-    assert ingest_frame(ctx, "R-x", 2, key) == "failed"
+    key, good = _broken_upload(ctx, "R-x", 2)
     ctx.store.put(key, good)
     retry_roll(ctx, "R-x")
     ctx.enqueue.drain()
@@ -318,10 +325,7 @@ def test_a_failed_roll_shows_the_finished_run_asked_for_last_never_a_failed_one(
     _change_frame(ctx, tmp_path, "R-m", 3)
     _run_work_of(ctx, _runs(ctx, "R-m")[V2][0])
     ctx.enqueue.queue.clear()
-    key = "incoming/R-m/frames/000002.tif"
-    good = ctx.store.get(key)
-    ctx.store.put(key, b"II*\0 half-written")
-    assert ingest_frame(ctx, "R-m", 2, key) == "failed"
+    key, good = _broken_upload(ctx, "R-m", 2)
     assert {v: r[1:] for v, r in _runs(ctx, "R-m").items()} == {
         V1: ("failed", False),
         V2: ("done", True),
@@ -336,8 +340,6 @@ def test_a_failed_roll_shows_the_finished_run_asked_for_last_never_a_failed_one(
     _done_roll(ctx, tmp_path, "R-n")
     _change_frame(ctx, tmp_path, "R-n", 3)
     ctx.enqueue.queue.clear()
-    key = "incoming/R-n/frames/000002.tif"
-    ctx.store.put(key, b"II*\0 half-written")
-    assert ingest_frame(ctx, "R-n", 2, key) == "failed"
+    _broken_upload(ctx, "R-n", 2)
     with ctx.session() as session:
         assert unscored_reason(session, "R-n").startswith("roll R-n: its current run failed: ")
