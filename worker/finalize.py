@@ -6,8 +6,8 @@ Runs in one transaction with the run's row locked, so two finalize tasks for one
 one set of defects. Finalizing a run already done changes nothing; a run reopened by a
 re-uploaded frame is finalized again, and then its defects are replaced, not added to. A run
 becomes the roll's current run only here, when it is complete and was asked for after the
-current one (`worker.roll_rows.asked_last`): until then the previous run's defects and grade stay what users
-see; a run reopened by a changed frame keeps whatever place it had.
+current one (`worker.roll_rows.asked_last`): until then the previous run's defects and grade
+stay what users see; a run reopened by a changed frame keeps whatever place it had.
 """
 
 from __future__ import annotations
