@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -32,6 +32,8 @@ from storage.schema import Defect, Grade, Roll, Run
 log = logging.getLogger(__name__)
 
 SYSTEM = "astm_d5430"
+# whether a run has its grade: a clause of queries over `Run`
+RUN_GRADED = exists().where(Grade.run_id == Run.id, Grade.system == SYSTEM)
 
 
 @dataclass(frozen=True)
@@ -195,8 +197,7 @@ def grade_rolls(
         recent = Run.finished_at >= (since if since.tzinfo else since.astimezone())
         # a run becomes current again without finishing again (a failed reprocess run hands
         # the roll back to the run before it, whose grade a re-finalize had deleted)
-        never = ~select(Grade.run_id).where(Grade.run_id == Run.id).exists()
-        query = query.where(or_(recent, never) if ungraded else recent)
+        query = query.where(or_(recent, ~RUN_GRADED) if ungraded else recent)
     get_rules = rules_for if rules_for is not None else (lambda fabric: load_rules(fabric))
     cache: dict[str, GradingRules] = {}
     graded: list[GradeRow] = []

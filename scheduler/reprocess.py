@@ -7,9 +7,9 @@ archive. The usual `finalize_run` makes the run current once every band is score
 the views show the previous run's defects and grade. The driver then grades the new run.
 
 Resumable: nothing here is kept in memory that PostgreSQL does not also hold. Run again, the
-selection skips rolls whose current run is the model's, `start_reprocess_run` returns only the
-bands of a started run that are not scored yet, and a run finalized but left ungraded by a
-stopped driver is graded first.
+selection skips rolls whose current run is a finished run of the model, `start_reprocess_run`
+returns only the bands of a started run that are not scored yet, and a run finalized but left
+ungraded by a stopped driver is graded first.
 
 The run asked for last is current once done (`Run.requested_at`, `worker.roll_rows.asked_last`):
 a command asks for its model when it starts, for all its rolls, and moves each run's request
@@ -36,9 +36,9 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 from tqdm.auto import tqdm
 
-from results.grade_store import SYSTEM, grade_run
+from results.grade_store import RUN_GRADED, grade_run
 from results.grading import GradingRules, load_rules
-from storage.schema import Band, Grade, Model, Roll, Run
+from storage.schema import OPEN_RUN_STATUSES, Band, Model, Roll, Run
 from storage.zarr_rolls import open_roll, roll_exists
 from worker.context import WorkerContext
 from worker.roll_rows import asked_last, make_current, reopen_failed_run
@@ -66,8 +66,8 @@ def select_rolls(
     reprocesses only the fabric type named by `fabric_type`), completed in [since, until)
     (naive datetimes are local time), among `roll_ids` when given, and whose current run is
     not a finished run of this model version — or is, while another run of the roll is open
-    (it is asked for again: see the module docstring). An unknown model, a fabric type that contradicts the model, or roll
-    ids that do not exist are a ValueError naming them.
+    (it is asked for again: see the module docstring). An unknown model, a fabric type that
+    contradicts the model, or roll ids that do not exist are a ValueError naming them.
     """
     model = session.get(Model, model_version)
     if model is None:
@@ -94,7 +94,7 @@ def select_rolls(
     other_open = exists().where(
         Run.roll_id == Roll.id,
         Run.model_version != model_version,
-        Run.status.in_(("pending", "scoring", "finalizing")),
+        Run.status.in_(OPEN_RUN_STATUSES),
     )
     query = select(Roll.id).where(
         Roll.status == "done", Roll.fabric_type == fabric, ~current_with_model | other_open
@@ -223,7 +223,6 @@ def grade_ungraded(
 ) -> list[int]:
     """Grade the current reprocess runs of `model_version` that have no grade yet (a driver
     stopped between a run's finalize and its grading); returns their ids."""
-    graded = exists().where(Grade.run_id == Run.id, Grade.system == SYSTEM)
     with ctx.session() as session:
         runs = list(
             session.scalars(
@@ -232,7 +231,7 @@ def grade_ungraded(
                     Run.purpose == "reprocess",
                     Run.status == "done",
                     Run.is_current,
-                    ~graded,
+                    ~RUN_GRADED,
                 )
             )
         )

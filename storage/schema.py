@@ -54,7 +54,8 @@ SAFE_NAME_RE = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 ROLL_STATUSES = ("registered", "ingesting", "scoring", "finalizing", "done", "failed", "stalled")
 RUN_PURPOSES = ("live", "reprocess")
-RUN_STATUSES = ("pending", "scoring", "finalizing", "done", "failed")
+OPEN_RUN_STATUSES = ("pending", "scoring", "finalizing")  # a run not done, not failed
+RUN_STATUSES = (*OPEN_RUN_STATUSES, "done", "failed")
 BAND_STATUSES = ("pending", "done", "failed")
 
 

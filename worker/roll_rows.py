@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from storage.manifest import Manifest
 from storage.registry import active_model
-from storage.schema import Band, Frame, Roll, Run
+from storage.schema import OPEN_RUN_STATUSES, Band, Frame, Roll, Run
 
 
 class RollError(ValueError):
@@ -121,7 +121,7 @@ def fail_roll(session: Session, roll_id: str, reason: str) -> None:
     )
     session.execute(
         update(Run)
-        .where(Run.roll_id == roll_id, Run.status.in_(("pending", "scoring", "finalizing")))
+        .where(Run.roll_id == roll_id, Run.status.in_(OPEN_RUN_STATUSES))
         .values(status="failed", error=reason[:2000], finished_at=now)
     )
     replace_failed_current(session, roll_id)  # the views keep a finished run's defects
