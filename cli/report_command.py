@@ -19,8 +19,8 @@ def _report(args: argparse.Namespace) -> int:
     with command_session(settings) as session:
         data = load_report_data(session, args.roll, ZoneInfo(settings.timezone))
     page = render_report(data, open_object_store(settings), args.out)
-    if data.run is None:  # not "0 defects": a reader would take that for a flawless roll
-        print(f"wrote {page} (roll {data.roll['status']}: no finished run, no defects to show)")
+    if data.unscored:  # not "0 defects": a reader would take that for a flawless roll
+        print(f"wrote {page} (no defects to show: {data.unscored})")
     else:
         print(f"wrote {page} ({len(data.defects)} defects)")
     return 0

@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from results.defect_tables import format_value, roll_defects
+from results.defect_tables import format_value, roll_defects, unscored_reason
 from results.grade_store import SYSTEM
 from results.grading import decisive_text
 from storage.objectstore import ObjectNotFound, ObjectStore
@@ -62,6 +62,7 @@ class ReportData:
     grade: dict[str, Any] | None = None
     threshold: float | None = None
     extents: list[dict[str, Any]] = field(default_factory=list)  # the fabric's measured edges
+    unscored: str | None = None  # why no defects are shown (`unscored_reason`), if so
     zone: tzinfo | None = None  # the site's (ROLLSCAN_TIMEZONE) for dates; None: the process's
 
 
@@ -86,9 +87,11 @@ def load_report_data(session: Session, roll_id: str, zone: tzinfo | None = None)
         )
     ]
     run = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
-    if run is None:
+    data.unscored = unscored_reason(session, roll_id)
+    if run is not None:
+        data.run = _row(run)
+    if data.unscored is not None:  # a failed current run's defects may read replaced pixels
         return data
-    data.run = _row(run)
     data.defects = roll_defects(session, roll_id)
     model = session.get(Model, run.model_version)
     # the run's own record (`ROLLSCAN_ROLL_THRESHOLD=max` may have raised it); runs finalized
@@ -297,7 +300,9 @@ def _width_row(extents: list[dict[str, Any]]) -> tuple[str, str]:
 def _grade_html(data: ReportData) -> str:
     g = data.grade
     if g is None:
-        why = "" if data.run and data.run["status"] == "done" else " (the current run is not done)"
+        run = data.run
+        why = (" (no run of it has finished)" if run is None
+               else "" if run["status"] == "done" else f" (its current run is {e(run['status'])})")  # fmt: skip
         return f'<p class="note">Not graded yet{why}.</p>'
     d = g["details"] or {}
     nos = [x["defect_no"] for x in data.defects]
@@ -327,9 +332,8 @@ def _grade_html(data: ReportData) -> str:
 def _defects_html(
     data: ReportData, crops: dict[int, tuple[str | None, str | None]], max_crops: int, vmax: float
 ) -> str:
-    if data.run is None:  # not "no defects": a reader would take that for a flawless roll
-        why = "it failed" if data.roll["status"] == "failed" else "no run of it has finished"
-        return f'<p class="note">No defects to show: {why}.</p>'
+    if data.unscored is not None:  # not "no defects": a reader would take it for a flawless roll
+        return f'<p class="note">No defects to show: {e(data.unscored)}.</p>'
     if not data.defects:
         return '<p class="note">No defects in the current run.</p>'
     n = len(data.defects)
@@ -387,7 +391,7 @@ def render_report(
             "bottom (mm from the first column); defects outlined and numbered, the fabric's "
             "measured edges in cyan.</p>"
         )
-        if data.run is not None:
+        if data.unscored is None:
             for d in data.defects[:max_crops]:
                 crops[d["defect_no"]] = _crops(roll, data, d, vmax, out)
     r = data.roll

@@ -15,13 +15,14 @@ import tifffile
 from sqlalchemy import func, select
 
 from results.defect_tables import unscored_reason
+from results.roll_report import write_roll_report
 from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.discovery import discover_once
 from scheduler.reprocess import reprocess, select_rolls, start_reprocess_run
 from scheduler.resume import resume_roll, retry_roll
 from scheduler.submit import submit
 from storage.registry import activate_model
-from storage.schema import Frame, Grade, Model, Roll, Run, TaskDelivery
+from storage.schema import Defect, Frame, Grade, Model, Roll, Run, TaskDelivery
 from worker.context import WorkerContext
 from worker.deliveries import GIVEN_UP, Delivery, run_counted
 from worker.ingest import ingest_frame
@@ -343,3 +344,9 @@ def test_a_failed_roll_shows_the_finished_run_asked_for_last_never_a_failed_one(
     _broken_upload(ctx, "R-n", 2)
     with ctx.session() as session:
         assert unscored_reason(session, "R-n").startswith("roll R-n: its current run failed: ")
+        assert session.scalar(
+            select(func.count()).select_from(Defect).where(Defect.roll_id == "R-n")
+        )
+        page = write_roll_report(session, ctx.store, "R-n", tmp_path / "page").read_text()
+    assert "No defects to show: roll R-n: its current run failed: " in page
+    assert '<tr id="d1">' not in page and "Not graded yet (its current run is failed)" in page

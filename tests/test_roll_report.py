@@ -266,7 +266,10 @@ def test_the_page_of_a_roll_not_scored_or_failed_says_so(db_session, local_store
     db_session.add(Roll(id="R-failed", fabric_type="twill", width_mm=30.0, px_per_mm_x=10.0,
                         px_per_mm_y=10.0, status="failed", failure_reason="frame 2: not a TIFF"))  # fmt: skip
     db_session.flush()
-    for roll_id, why in [("R-open", "no run of it has finished"), ("R-failed", "it failed")]:
+    for roll_id, why in [
+        ("R-open", "roll R-open is not scored yet (status ingesting)"),
+        ("R-failed", "roll R-failed failed, before any run finished: frame 2: not a TIFF"),
+    ]:
         page = write_roll_report(db_session, local_store, roll_id, tmp_path / roll_id)
         doc = page.read_text(encoding="utf-8")
         assert f"No defects to show: {why}." in doc and "No defects in the current run" not in doc
