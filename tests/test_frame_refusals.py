@@ -115,6 +115,30 @@ def test_tiny_file_claiming_a_big_image_refused_without_allocation() -> None:
     assert decode_frame(flat_lzw).shape == (512, 2048, 1)
 
 
+@pytest.mark.parametrize("compression", [1, 8])
+def test_strips_sharing_bytes_refused_without_allocation(compression: int) -> None:
+    """Every strip pointing at one stored strip: the review's 25 kB file decoded into 2.1 GiB
+    (the compressed bytes were summed per strip, and uncompressed frames were not checked)."""
+    frame = np.zeros((2048, 2048), dtype=np.uint8)
+    encode = zlib.compress if compression == 8 else (lambda raw: raw)
+    data = handmade_tiff(frame, compression=compression, encode=encode, rowsperstrip=1,
+                         shared_strip=True)  # fmt: skip
+    assert len(data) < 20_000
+    assert refusal_peak(data, "strips 0 and 1 share bytes") < 2 << 20
+    assert not decode_frame(handmade_tiff(frame, compression=compression, encode=encode)).any()
+
+
+def test_an_uncompressed_strip_shorter_than_its_rows_refused() -> None:
+    """tifffile reads a strip's raw size whatever its byte count says: the bytes after a short
+    strip became pixels."""
+    data = handmade_tiff(G8, rowsperstrip=len(G8))
+    short = patch_tag(data, 279, G8.size // 2)
+    with pytest.raises(FrameError, match=f"uncompressed strip 0 has {G8.size // 2} bytes for"):
+        decode_frame(short)
+    last = handmade_tiff(G8[:-3], rowsperstrip=16)  # its last strip holds only the rows left
+    np.testing.assert_array_equal(decode_frame(last)[..., 0], G8[:-3])
+
+
 def refusal_peak(data: bytes, reason: str) -> int:
     """decode_frame refuses `data` for `reason`; the peak memory (bytes) it took to do so."""
     tracemalloc.start()

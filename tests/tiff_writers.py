@@ -93,8 +93,10 @@ def handmade_tiff(
     photometric: int | None = None,
     predictor: int = 1,
     extra_tags: tuple[tuple[int, int, list[int]], ...] = (),
+    shared_strip: bool = False,
 ) -> bytes:
-    """Little-endian classic TIFF, strips, data first and the IFD at the end (as libtiff)."""
+    """Little-endian classic TIFF, strips, data first and the IFD at the end (as libtiff).
+    `shared_strip`: only the first strip is stored, and every strip points at its bytes."""
     rows, width = array.shape[:2]
     spp = 1 if array.ndim == 2 else array.shape[2]
     bits = array.dtype.itemsize * 8
@@ -111,6 +113,11 @@ def handmade_tiff(
         offsets.append(len(body))
         counts.append(len(data))
         body += data + (b"\0" if len(data) % 2 else b"")
+        if shared_strip:
+            break
+    if shared_strip:
+        n = -(-rows // rowsperstrip)
+        offsets, counts = offsets * n, counts * n
     nstrips = len(offsets)
     tags = [
         (256, 4, [width]),

@@ -100,8 +100,9 @@ def _colour_channels(page: Any) -> int:
     )
 
 
-def _segment_layout(page: Any) -> tuple[int, int]:
-    """(number of segments, raw bytes of a full segment) implied by the header."""
+def _segment_layout(page: Any) -> tuple[int, int, np.ndarray]:
+    """(number of segments, raw bytes of a full segment, raw bytes of each segment) implied by
+    the header: a strip image's last strip of each plane holds only the rows left."""
     planes = page.samplesperpixel if page.planarconfig == 2 else 1
     samples = page.samplesperpixel // planes
     itemsize = page.bitspersample // 8
@@ -110,15 +111,20 @@ def _segment_layout(page: Any) -> tuple[int, int]:
             raise FrameError("invalid tile size")
         count = math.ceil(page.imagelength / page.tilelength)
         count *= math.ceil(page.imagewidth / page.tilewidth) * planes
-        return count, page.tilelength * page.tilewidth * samples * itemsize
+        raw = page.tilelength * page.tilewidth * samples * itemsize
+        return count, raw, np.full(count, raw, dtype=np.uint64)
     rows = max(1, min(page.rowsperstrip, page.imagelength))
-    count = math.ceil(page.imagelength / rows) * planes
-    return count, rows * page.imagewidth * samples * itemsize
+    per_plane = math.ceil(page.imagelength / rows)
+    row_bytes = page.imagewidth * samples * itemsize
+    each = np.full(per_plane, rows * row_bytes, dtype=np.uint64)
+    each[-1] = (page.imagelength - (per_plane - 1) * rows) * row_bytes
+    return per_plane * planes, rows * row_bytes, np.tile(each, planes)
 
 
 def check_segments(page: Any, size: int) -> None:
-    """Every strip or tile the header implies exists, is non-empty and lies in the file."""
-    count, raw = _segment_layout(page)
+    """Every strip or tile the header implies exists, is non-empty, lies in the file and shares
+    no byte with another; an uncompressed one holds all its raw bytes."""
+    count, raw, raw_each = _segment_layout(page)
     kind = "tile" if page.is_tiled else "strip"
     offsets, counts = page.dataoffsets, page.databytecounts
     if len(offsets) != count or len(counts) != count:
@@ -131,31 +137,48 @@ def check_segments(page: Any, size: int) -> None:
     bad = np.flatnonzero((off == 0) | (cnt == 0))
     if bad.size:
         raise FrameError(f"{kind} {bad[0]} of {count} is missing (offset or byte count 0)")
-    end = off + cnt  # both below 2**64 / 2 in any file we could hold
-    past = np.flatnonzero(end > size)
+    end = off + np.minimum(cnt, size)  # no uint64 wrap: both at most the file's size here
+    past = np.flatnonzero((off > size) | (end > size))
     if past.size:
         i = int(past[0])
         raise FrameError(
-            f"truncated file: {kind} {i} of {count} ends at byte {int(end[i])} but the file "
-            f"has {size} bytes"
+            f"truncated file: {kind} {i} of {count} ends at byte {int(off[i]) + int(cnt[i])} "
+            f"but the file has {size} bytes"
         )
-    if page.compression != 1:
-        limit = min(_MAX_EXPANSION * raw + _SEGMENT_SLACK, 2**63)  # stays a valid uint64
-        big = np.flatnonzero(cnt > limit)
-        if big.size:
-            i = int(big[0])
+    # Segments sharing bytes would let a small file decode into a large image (every strip
+    # pointing at one stream): each must start at or after the end of the one before it.
+    order = np.argsort(off, kind="stable")
+    shared = np.flatnonzero(off[order][1:] < end[order][:-1])
+    if shared.size:
+        i, j = sorted((int(order[shared[0]]), int(order[shared[0] + 1])))
+        raise FrameError(f"{kind}s {i} and {j} share bytes of the file (corrupt header)")
+    if page.compression == 1:
+        # tifffile reads a segment's raw size whatever its byte count says: a short count
+        # would turn the bytes after it into pixels
+        short = np.flatnonzero(cnt < raw_each)
+        if short.size:
+            i = int(short[0])
             raise FrameError(
-                f"{kind} {i} has {int(cnt[i])} compressed bytes for {raw} raw bytes (corrupt)"
+                f"uncompressed {kind} {i} has {int(cnt[i])} bytes for {int(raw_each[i])} raw "
+                "bytes (corrupt header)"
             )
-        # The output array is allocated before any strip is decoded: a tiny file must not
-        # claim a huge image. No TIFF codec compresses beyond ~1350:1 (LZW on a flat image).
-        total = page.imagelength * page.imagewidth * page.samplesperpixel * page.bitspersample
-        stored = int(cnt.sum(dtype=np.uint64))
-        if total // 8 > _MAX_RATIO * stored + _SEGMENT_SLACK:
-            raise FrameError(
-                f"{page.imagelength} × {page.imagewidth} pixels claimed from only {stored} "
-                "compressed bytes (corrupt header)"
-            )
+        return
+    limit = min(_MAX_EXPANSION * raw + _SEGMENT_SLACK, 2**63)  # stays a valid uint64
+    big = np.flatnonzero(cnt > limit)
+    if big.size:
+        i = int(big[0])
+        raise FrameError(
+            f"{kind} {i} has {int(cnt[i])} compressed bytes for {raw} raw bytes (corrupt)"
+        )
+    # The output array is allocated before any strip is decoded: a tiny file must not claim a
+    # huge image. No TIFF codec compresses beyond ~1350:1 (LZW on a flat image).
+    total = page.imagelength * page.imagewidth * page.samplesperpixel * page.bitspersample
+    stored = int(cnt.sum(dtype=np.uint64))
+    if total // 8 > _MAX_RATIO * stored + _SEGMENT_SLACK:
+        raise FrameError(
+            f"{page.imagelength} × {page.imagewidth} pixels claimed from only {stored} "
+            "compressed bytes (corrupt header)"
+        )
 
 
 def check_limits(
