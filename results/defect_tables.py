@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, tzinfo
 from typing import Any, TextIO
 
-from sqlalchemy import column, func, select, table
+from sqlalchemy import case, column, func, select, table
 from sqlalchemy.orm import Session
 
 from results.grade_store import SYSTEM
@@ -77,35 +77,36 @@ def list_rolls(
     """Rolls registered at or after `since` (naive: local time) with `status`, oldest first.
 
     `frames` counts the frames ingested; `defects` and `grade` are those of the current run
-    (0 and None while there is none or it is not graded)."""
+    (`defects` None while there is none or it failed, `grade` None until it is graded). Each
+    count is a subquery of the rolls listed, so the time grows with them, not with the archive."""
+    frames = select(func.count()).where(Frame.roll_id == Roll.id).scalar_subquery()
     defects = (
-        select(current_defects.c.roll_id, func.count().label("n"))
-        .group_by(current_defects.c.roll_id)
-        .subquery()
+        select(func.count())
+        .select_from(current_defects)
+        .where(current_defects.c.roll_id == Roll.id)
+        .scalar_subquery()
     )
-    frames = select(Frame.roll_id, func.count().label("n")).group_by(Frame.roll_id).subquery()
-    grades = (
-        select(roll_grades.c.roll_id, roll_grades.c.grade)
-        .where(roll_grades.c.system == SYSTEM)
-        .subquery()
+    scored = (
+        select(Run.id)
+        .where(Run.roll_id == Roll.id, Run.is_current, Run.status != "failed")
+        .exists()
     )
-    query = (
-        select(
-            Roll.id,
-            Roll.fabric_type,
-            Roll.status,
-            Roll.length_m,
-            Roll.completed_at,
-            Roll.failure_reason,
-            func.coalesce(frames.c.n, 0),
-            func.coalesce(defects.c.n, 0),
-            grades.c.grade,
-        )
-        .outerjoin(frames, frames.c.roll_id == Roll.id)
-        .outerjoin(defects, defects.c.roll_id == Roll.id)
-        .outerjoin(grades, grades.c.roll_id == Roll.id)
-        .order_by(Roll.created_at, Roll.id)
+    grade = (
+        select(roll_grades.c.grade)
+        .where(roll_grades.c.roll_id == Roll.id, roll_grades.c.system == SYSTEM)
+        .scalar_subquery()
     )
+    query = select(
+        Roll.id,
+        Roll.fabric_type,
+        Roll.status,
+        Roll.length_m,
+        Roll.completed_at,
+        Roll.failure_reason,
+        frames,
+        case((scored, defects)),
+        grade,
+    ).order_by(Roll.created_at, Roll.id)
     if since is not None:
         query = query.where(Roll.created_at >= _aware(since))
     if status is not None:

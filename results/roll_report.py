@@ -7,7 +7,7 @@ its ¼-resolution score map. Images are PNGs beside the page (`map.png`, `crops/
 by relative paths, so the folder can be copied or zipped as it is.
 
 The database is read first into plain values (`load_report_data`), then the images are
-rendered without a transaction open (`render_report`). Crops read only the rows they need;
+rendered without a transaction open (`render_report`). Crops read only the chunks they need;
 only the map reads the whole image, block by block (`RollArrays.overview`). Every text from
 the database or the manifest is HTML-escaped.
 """
@@ -25,9 +25,6 @@ from typing import Any
 
 import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from PIL import Image, ImageDraw
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -35,20 +32,16 @@ from sqlalchemy.orm import Session
 from results.defect_tables import format_value, roll_defects, unscored_reason
 from results.grade_store import SYSTEM
 from results.grading import decisive_text
+from results.roll_map import MAX_LABELS, draw_roll_map
 from storage.objectstore import ObjectNotFound, ObjectStore
 from storage.schema import FabricExtent, Grade, Model, Roll, Run
 from storage.zarr_rolls import SCORE_SCALE, RollArrays, open_roll
 
 MAX_CROPS = 200  # defects beyond this get a table row but no crops
-MAP_MAX_SIDE = 2048  # the overview's long side (px)
-MAP_WIDTH_IN, MAP_DPI = 12.0, 120
-MAX_SEGMENT_ASPECT = 10.0  # a longer roll map is cut into segments stacked down the page
-MAX_SEGMENTS = 8
 CROP_PX = 280  # a crop's long side on the page (px), at most 4× the pixels read
 CROP_MIN_PX = 48  # nor its short side below this
 CROP_MARGIN_PX = 64  # image pixels around the defect's bbox, at least
 CROP_KEEP_ROWS = 1024  # a longer crop keeps every k-th row (a long streak is not read whole)
-READ_ROWS = 1024  # rows per read_rows call
 
 
 @dataclass
@@ -126,58 +119,11 @@ def _to_pil(pixels: np.ndarray) -> Image.Image:
     return image.convert("RGB")
 
 
-IMSHOW = {"vmin": 0, "vmax": 255, "aspect": "auto", "interpolation": "antialiased"}
-EDGE = {"colors": "#00c8ff", "linewidths": 1.6}  # the fabric's measured edges, cyan
-BOX = {"fill": False, "edgecolor": "#ff2a2a", "linewidth": 1.3}
-LABEL = {
-    "xytext": (0, 2), "textcoords": "offset points", "ha": "center", "va": "bottom", "fontsize": 7,
-    "color": "#ff2a2a", "fontweight": "bold", "annotation_clip": True,
-    "bbox": {"boxstyle": "square,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.7},
-}  # fmt: skip
-
-
-def _roll_map(roll: RollArrays, data: ReportData, path: Path) -> None:
-    length = int(data.roll["rows_ingested"])
-    overview = roll.overview(length, MAP_MAX_SIDE).transpose(1, 0, 2)  # along → columns
-    along_m = length / data.roll["px_per_mm_y"] / 1000.0
-    across_mm = roll.width / data.roll["px_per_mm_x"]
-    segments = min(MAX_SEGMENTS, max(1, math.ceil(along_m * 1000 / across_mm / MAX_SEGMENT_ASPECT)))
-    seg_m = along_m / segments
-    axis_in = min(4.0, max(0.6, MAP_WIDTH_IN * across_mm / (seg_m * 1000)))
-    fig = Figure(figsize=(MAP_WIDTH_IN, segments * (axis_in + 0.55) + 0.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    grey = overview.shape[2] == 1
-    pixels = overview[:, :, 0] if grey else overview[:, :, :3]
-    min_w, min_h = seg_m * 0.004, across_mm * 0.04  # a 1 mm defect must still show
-    for k, ax in enumerate(fig.subplots(segments, 1, squeeze=False)[:, 0]):
-        ax.imshow(
-            pixels, cmap="gray" if grey else None, extent=(0, along_m, across_mm, 0), **IMSHOW
-        )
-        ax.set_xlim(k * seg_m, (k + 1) * seg_m)
-        ax.set_ylim(across_mm, 0)
-        ax.set_ylabel("across (mm)", fontsize=8)
-        ax.tick_params(labelsize=8)
-        for x in data.extents:
-            ax.hlines([x["left_mm"], x["right_mm"]], x["y0_mm"] / 1000, x["y1_mm"] / 1000, **EDGE)
-        for d in data.defects:
-            x0, x1 = d["y0_mm"] / 1000, d["y1_mm"] / 1000  # along, metres
-            y0, y1 = d["x0_mm"], d["x1_mm"]
-            w, h = max(x1 - x0, min_w), max(y1 - y0, min_h)
-            cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-            ax.add_patch(Rectangle((cx - w / 2, cy - h / 2), w, h, **BOX))
-            ax.annotate(str(d["defect_no"]), (cx, cy - h / 2), **LABEL)
-    ax.set_xlabel("along the roll (m)", fontsize=9)
-    fig.savefig(path, dpi=MAP_DPI)
-
-
 def _read_crop(roll: RollArrays, r0: int, r1: int, c0: int, c1: int) -> np.ndarray:
-    """Image rows [r0, r1) × columns [c0, c1); a long crop keeps every k-th row only.
-
-    Reads at most about READ_ROWS full-width rows at a time."""
+    """Image rows [r0, r1) × columns [c0, c1); a long crop keeps every k-th row only, and only
+    the chunks holding the kept rows' columns are read (a 50 m streak is not read whole)."""
     step = max(1, math.ceil((r1 - r0) / CROP_KEEP_ROWS))
-    piece = max(step, READ_ROWS // step * step)  # a multiple of step: kept rows evenly spaced
-    parts = [roll.read_rows(a, min(r1, a + piece))[::step, c0:c1] for a in range(r0, r1, piece)]
-    return np.concatenate(parts)
+    return roll.read_rows(r0, r1, step, slice(c0, c1))
 
 
 def _crops(
@@ -271,7 +217,7 @@ def _facts_html(data: ReportData) -> str:
         ("frames", e(r["frames_total"])), ("registered", _when(r["created_at"], data.zone)),
         ("completed", _when(r["completed_at"], data.zone)), ("model version", e(run.get("model_version"))),
         ("run", run_text if run else "no run yet"), ("run finished", _when(run.get("finished_at"), data.zone)),
-        _threshold_row(data) if run else None,
+        _threshold_row(data) if run and not data.unscored else None,
     ]  # fmt: skip
     for key, value in sorted((r["meta"] or {}).items()):
         text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
@@ -384,26 +330,32 @@ def render_report(
     scores = [d["max_score"] for d in data.defects] + [2 * (data.threshold or 0.0)]
     vmax = max(max(scores), 1e-6)
     if roll is not None:
-        _roll_map(roll, data, out / "map.png")
+        r = data.roll
+        ppmm = (r["px_per_mm_x"], r["px_per_mm_y"])
+        draw_roll_map(
+            roll, int(r["rows_ingested"]), ppmm, data.defects, data.extents, out / "map.png"
+        )
         map_html = (
             '<img class="map" src="map.png" alt="roll map"><p class="note">The whole '
             "roll downsampled: along the roll left → right (metres), across top → "
-            "bottom (mm from the first column); defects outlined and numbered, the fabric's "
-            "measured edges in cyan.</p>"
+            "bottom (mm from the first column); defects outlined and numbered (outlined only "
+            f"where a segment holds over {MAX_LABELS}), the fabric's measured edges in cyan.</p>"
         )
         if data.unscored is None:
             for d in data.defects[:max_crops]:
                 crops[d["defect_no"]] = _crops(roll, data, d, vmax, out)
     r = data.roll
     title = f"Roll {e(r['id'])}"
+    # not "0 defects" for a roll with none to show: a reader would take it for a flawless roll
+    count = "no defects to show" if data.unscored else f"{len(data.defects)} defects"
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title><style>{CSS}</style></head>
 <body>
-<h1>{title} <span class="note">{e(r["fabric_type"])}, {len(data.defects)} defects</span></h1>
+<h1>{title} <span class="note">{e(r["fabric_type"])}, {count}</span></h1>
 <h2>Roll</h2>{_facts_html(data)}
 <h2>Grade</h2>{_grade_html(data)}
 <h2>Roll map</h2>{map_html}
-<h2>Defects ({len(data.defects)})</h2>{_defects_html(data, crops, max_crops, vmax)}
+<h2>Defects{"" if data.unscored else f" ({len(data.defects)})"}</h2>{_defects_html(data, crops, max_crops, vmax)}
 </body></html>
 """
     path = out / "index.html"

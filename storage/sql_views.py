@@ -118,3 +118,16 @@ CURRENT_DEFECTS_V3 = CURRENT_DEFECTS_V2.replace("CREATE VIEW", "CREATE OR REPLAC
     "d.yards_charged,\n"
     "       EXISTS (SELECT 1 FROM grades g WHERE g.run_id = d.run_id) AS graded\nFROM",
 )
+
+
+# Revision 0009: a current run that failed (a changed frame reopened it and a band was given up,
+# with no finished run to take its place) shows no defects and no grade: they may read pixels
+# replaced since, and `rollscan defects` and the report refuse them too.
+CURRENT_DEFECTS_V4 = CURRENT_DEFECTS_V3.replace(
+    "JOIN runs r ON r.id = d.run_id AND r.is_current\n",
+    "JOIN runs r ON r.id = d.run_id AND r.is_current AND r.status <> 'failed'\n",
+)
+ROLL_GRADES_V2 = ROLL_GRADES.replace("CREATE VIEW", "CREATE OR REPLACE VIEW").replace(
+    "LEFT JOIN grades g ON g.run_id = r.id AND g.roll_id = ro.id\n",
+    "LEFT JOIN grades g ON g.run_id = r.id AND g.roll_id = ro.id AND r.status <> 'failed'\n",
+)

@@ -154,13 +154,16 @@ class RollArrays:
             self.image[row_start:stop] = rows
         return stop
 
-    def read_rows(self, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) as (n, W, C) uint8; unwritten rows read as 0."""
+    def read_rows(
+        self, start: int, stop: int, step: int = 1, columns: slice = slice(None)
+    ) -> np.ndarray:
+        """Rows [start, stop) (every `step`-th), `columns` of them, as (n, w, C) uint8;
+        unwritten rows read as 0. Only the 256² chunks holding what is asked for are read."""
         if not 0 <= start <= stop <= self.capacity_rows:
             raise ValueError(
                 f"roll {self.roll_id}: rows {start}..{stop} outside 0..{self.capacity_rows}"
             )
-        return np.asarray(self.image[start:stop])
+        return np.asarray(self.image[start:stop:step, columns])
 
     def read_band(self, band_index: int, halo: int, length: int) -> tuple[np.ndarray, int]:
         """The band's rows plus `halo` rows above and below, clipped at 0 and `length`.

@@ -12,6 +12,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
+from results.defect_tables import list_rolls
 from storage import database
 from storage.schema import Defect, Frame, Grade, Model, Roll, Run
 
@@ -115,6 +116,31 @@ def test_views_show_the_current_run_only(db_session: Session) -> None:
         == 3
     )
     assert s.scalar(text("SELECT grade FROM roll_grades WHERE roll_id = 'R1'")) == "B"
+
+
+def test_a_failed_current_run_shows_no_defects_nor_grade(db_session: Session) -> None:
+    """A done run reopened by a changed frame whose band was given up stays current, failed: its
+    defects may read replaced pixels. The views and `rollscan rolls` showed them and its grade
+    while `rollscan defects` refused them."""
+    s = db_session
+    _roll(s, "R1", "denim")
+    _roll(s, "R2", "denim")
+    _model(s, "denim-1", "denim", n=1)
+    run = _run(s, "R1", "denim-1", current=True)
+    s.add_all([_defect(run, i, 1000.0 * i) for i in (1, 2, 3)] + [_grade(run, "B", 30)])
+    s.add(_run(s, "R2", "denim-1", current=True))
+    s.commit()
+    listed = {r["id"]: (r["defects"], r["grade"]) for r in list_rolls(s)}
+    assert listed == {"R1": (3, "B"), "R2": (0, None)}
+    run.status = "failed"
+    s.commit()
+    assert s.scalar(text("SELECT count(*) FROM current_defects WHERE roll_id = 'R1'")) == 0
+    grades = s.execute(text("SELECT roll_id, grade, model_version FROM roll_grades ORDER BY 1"))
+    assert grades.all() == [("R1", None, "denim-1"), ("R2", None, "denim-1")]
+    assert {r["id"]: (r["defects"], r["grade"]) for r in list_rolls(s)} == {
+        "R1": (None, None),
+        "R2": (0, None),
+    }
 
 
 def test_defects_say_whether_their_run_is_graded(db_session: Session) -> None:

@@ -68,6 +68,10 @@ def test_frames_straddling_bands_read_back_with_halo(object_store: ObjectStore) 
         assert (row_start, len(rows)) == (lo, hi - lo)
         np.testing.assert_array_equal(rows, image[lo:hi])
     np.testing.assert_array_equal(roll.read_rows(650, 720)[50:], 0)  # not ingested: fill
+    # a report's crop of a long defect: every 7th row, a few columns
+    np.testing.assert_array_equal(
+        roll.read_rows(3, 690, 7, slice(300, 420)), image[3:690:7, 300:420]
+    )
     with pytest.raises(IndexError):
         roll.read_band(3, 32, LENGTH)
     # one object per band for the image: shards are whole bands
