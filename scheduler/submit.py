@@ -24,6 +24,7 @@ from storage.manifest import (
 )
 from storage.objectstore import ObjectChanged, ObjectStore
 from worker.context import WorkerContext
+from worker.frames import max_frame_bytes
 from worker.ingest import roll_updated
 from worker.roll_rows import check_registrable, register_roll
 
@@ -75,15 +76,29 @@ def _first_gaps(seqs: list[int], n: int) -> list[int]:
     return gaps
 
 
+def _check_frame_file(path: Path, max_bytes: int | None) -> None:
+    """A frame is a regular file (a link to one is followed) no larger than any frame may be:
+    a link to /dev/zero streamed into the store until the disk was full."""
+    if not path.is_file():
+        raise ValueError(f"{path}: not a regular file")
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise ValueError(
+            f"{path}: {size} bytes, more than any frame within ROLLSCAN_MAX_FRAME_PIXELS can "
+            f"have ({max_bytes})"
+        )
+
+
 def upload_folder(
     store: ObjectStore,
     folder: Path,
     incoming_prefix: str,
     limits: ManifestLimits | None = None,
     check: Callable[[Manifest], None] | None = None,
+    max_bytes: int | None = None,
 ) -> tuple[Manifest, Submission]:
-    """Validate a roll folder completely — `check` too, given the manifest — then upload it
-    (frames first, manifest last)."""
+    """Validate a roll folder completely — `check` too, given the manifest; every frame a
+    regular file of at most `max_bytes` — then upload it (frames first, manifest last)."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{folder} has no manifest.json")
@@ -98,6 +113,8 @@ def upload_folder(
         if (seq := frame_seq(path.name)) is not None
     )
     _check_sequence([(s, p.name) for s, p in named], manifest, str(folder))
+    for _, path in named:  # before any upload: a refused folder leaves nothing in the store
+        _check_frame_file(path, max_bytes)
     if check is not None:
         check(manifest)
     prefix = f"{incoming_prefix.rstrip('/')}/{manifest.roll_id}"
@@ -154,7 +171,12 @@ def submit(ctx: WorkerContext, target: str) -> Submission:
         if not folder.is_dir():
             raise FileNotFoundError(f"{target} is neither a folder nor an s3:// prefix")
         manifest, submission = upload_folder(
-            ctx.store, folder, settings.incoming_prefix, limits, lambda m: _registrable(ctx, m)
+            ctx.store,
+            folder,
+            settings.incoming_prefix,
+            limits,
+            lambda m: _registrable(ctx, m),
+            max_frame_bytes(settings.max_frame_pixels),
         )
     with ctx.session() as session:
         register_roll(session, manifest, submission.source)

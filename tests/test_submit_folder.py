@@ -71,3 +71,22 @@ def test_an_oversized_manifest_is_refused_from_its_size(tmp_path) -> None:
                     f"larger than {MAX_MANIFEST_BYTES} bytes")  # fmt: skip
     assert peak < 16 << 20
     assert list(store.iter_objects("")) == []
+
+
+@pytest.mark.parametrize("kind", ["device", "folder", "too big"])
+def test_a_frame_that_is_no_regular_file_or_too_big_is_refused_before_upload(tmp_path, kind):
+    """A link to /dev/zero streamed 627 MiB into the store in 3 s, and on; a folder named like
+    a frame left frame 1 uploaded without a manifest."""
+    store = LocalStore(tmp_path / "objects")
+    folder = _folder(tmp_path, ["000001.tif"] + (["000002.tif"] if kind == "too big" else []))
+    second = folder / "frames" / "000002.tif"
+    if kind == "device":
+        second.symlink_to("/dev/zero")
+    elif kind == "folder":
+        second.mkdir()
+    else:
+        second.write_bytes(bytes(5000))
+    reason = "5000 bytes, more than any frame" if kind == "too big" else "not a regular file"
+    with pytest.raises(ValueError, match=reason):
+        upload_folder(store, folder, "incoming", max_bytes=4096)
+    assert list(store.iter_objects("")) == []
