@@ -60,6 +60,11 @@ class ModelCard:
     library_version: str = field(default_factory=library_version)
     format: str = FORMAT
 
+    @property
+    def random_teacher(self) -> bool:
+        """Whether the teacher was randomly initialised (tests and speed benchmarks only)."""
+        return self.teacher_weights.startswith(f"{RANDOM}:")
+
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used as asked: wrong format or a mismatched teacher."""
@@ -139,12 +144,18 @@ def _check_card(card: ModelCard) -> None:
     numbers = {"threshold": card.threshold, "sigma": card.sigma, "target_fpr": card.target_fpr}
     numbers |= {f"fusion {k}": v for k, v in card.fusion.items() if k == "weight"}
     for name, value in numbers.items():
-        if value is not None and not (isinstance(value, int | float) and math.isfinite(value)):
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value is not None and not (number and math.isfinite(value)):
             raise CheckpointError(f"checkpoint {name} {value!r} is not a finite number")
     for name in ("mean", "std", "level_weights"):
         values = getattr(card, name)
         if not all(isinstance(v, int | float) and math.isfinite(v) for v in values):
             raise CheckpointError(f"checkpoint {name} {values!r} holds a non-finite number")
+    if len(card.mean) != 3 or len(card.std) != 3 or min(card.std) <= 0:
+        raise CheckpointError(
+            f"checkpoint mean {card.mean!r} and std {card.std!r} are not 3 values each (RGB), "
+            "the std positive"
+        )
     for side in ("student", "memory"):  # a map's statistics on good tiles: (mean, std)
         stats = card.fusion.get(side, (0.0, 1.0))
         finite = (
@@ -199,6 +210,24 @@ def _teacher_for(card: ModelCard, teacher_weights: str | Path | None):
             f"({source[5:]}): pass the same file with --teacher-weights"
         )
     return build_teacher(card.teacher, teacher_weights)
+
+
+def verify_checkpoint(source: str | Path | bytes) -> ModelCard:
+    """Build the model as a worker will and score one plain tile with it: a checkpoint that
+    loads but cannot score (NaN weights, a σ too wide for its tile) is refused here, before it
+    fails every roll of its fabric. CheckpointError says why."""
+    try:
+        model, card = load_model(source)
+        grey = (0.5 - torch.tensor(card.mean)) / torch.tensor(card.std)
+        with torch.no_grad():
+            scores = model.eval()(grey.view(1, 3, 1, 1).expand(1, 3, card.tile, card.tile))
+    except CheckpointError:
+        raise
+    except (ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"its model cannot score a tile: {exc}") from None
+    if not torch.isfinite(scores).all():
+        raise CheckpointError("its map of a plain tile is not finite (weights or statistics)")
+    return card
 
 
 def load_model(

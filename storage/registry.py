@@ -17,7 +17,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from distill.checkpoint import CheckpointError, ModelCard, load_model, read_checkpoint
+from distill.checkpoint import CheckpointError, ModelCard, read_checkpoint, verify_checkpoint
 from storage.objectstore import ObjectStore
 from storage.schema import SAFE_NAME_RE, Model
 
@@ -68,15 +68,23 @@ def register_model(
     *,
     fabric_type: str | None,
     version: str | None = None,
+    random_teacher_ok: bool = False,
 ) -> tuple[Model, bool]:
     """Upload and record a checkpoint; returns (row, created).
 
     Registering the same bytes again is a no-op that returns the existing row (created False),
     provided the fabric type and version asked for agree with it. `fabric_type=None` registers
-    the generic model, which must be a DG-variant checkpoint.
+    the generic model, which must be a DG-variant checkpoint. A model of a randomly initialised
+    teacher (`--teacher-weights random`) scores random features: refused unless
+    `random_teacher_ok` (tests and speed benchmarks).
     """
     data = Path(checkpoint).read_bytes()
     card = _loadable_card(data, checkpoint)
+    if card.random_teacher and not random_teacher_ok:
+        raise RegistryError(
+            f"{checkpoint}: its teacher {card.teacher} has random weights (trained with "
+            "--teacher-weights random, for tests and speed benchmarks): its scores mean nothing"
+        )
     if card.threshold is None:
         raise RegistryError(f"{checkpoint} has no calibrated threshold: train it to the end")
     check_request(fabric_type, version, card.variant, str(checkpoint))
@@ -127,8 +135,9 @@ def register_model(
 
 def _loadable_card(data: bytes, name: str | Path) -> ModelCard:
     """The checkpoint's card, once the model it describes has been built from it as a worker
-    will (teacher, student weights, memory bank, fusion): a checkpoint whose card disagrees with
-    its contents is refused here, not by every worker after it was activated."""
+    will (teacher, student weights, memory bank, fusion) and has scored a plain tile: a
+    checkpoint whose card disagrees with its contents, or that cannot score, is refused here,
+    not by every worker after it was activated."""
     try:
         card = read_checkpoint(data)[0]
         if card.teacher_weights.startswith("file:"):
@@ -137,7 +146,7 @@ def _loadable_card(data: bytes, name: str | Path) -> ModelCard:
                 f"({card.teacher_weights[5:]}), which the workers have no setting for: train "
                 "it on a teacher whose weights ship with rollscan (the efficientnet_lite ones)"
             )
-        load_model(data)
+        verify_checkpoint(data)
     except CheckpointError as exc:
         raise RegistryError(f"{name}: {exc}") from None
     return card

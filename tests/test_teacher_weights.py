@@ -8,6 +8,7 @@ are checked before a worker trusts them with every tile of every roll.
 
 from __future__ import annotations
 
+import copy
 import pickle
 from pathlib import Path
 
@@ -193,6 +194,9 @@ def sound_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> dict:
         ("mean", [0.5, float("nan"), 0.5], "mean"),
         ("std", [0.2, 0.2, float("inf")], "std"),
         ("level_weights", [1.0, 1.0, float("inf"), 1.0], "level_weights"),
+        ("std", [0.2, 0.2, -0.2], "the std positive"),
+        ("mean", [0.5], "not 3 values each"),
+        ("threshold", True, "threshold True"),
     ],
 )
 def test_a_checkpoint_card_with_numbers_no_model_has_is_never_registered(
@@ -213,5 +217,35 @@ def test_the_sound_checkpoint_is_registered(tmp_path, sound_checkpoint, db_sessi
     """The refusals above are the card's numbers', not the fixture's."""
     path = tmp_path / "sound.pt"
     torch.save(sound_checkpoint, path)
-    model, created = register_model(db_session, local_store, path, fabric_type="plain")
+    model, created = register_model(
+        db_session, local_store, path, fabric_type="plain", random_teacher_ok=True
+    )
     assert created and model.tile == 256
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (lambda payload: payload["card"].update(sigma=1e6), "cannot score a tile: a map of"),
+        (lambda payload: payload["card"].update(variant="bogus"), "cannot score a tile"),
+        (
+            lambda payload: next(
+                v for v in payload["student"].values() if v.is_floating_point()
+            ).fill_(float("nan")),
+            "not finite",
+        ),
+    ],
+    ids=["sigma", "variant", "nan weights"],
+)
+def test_a_checkpoint_that_loads_but_cannot_score_is_never_registered(
+    tmp_path, sound_checkpoint, db_session, local_store, change, says
+):
+    """NaN weights gave every tile a NaN score (finalize then failed every roll of the fabric),
+    a σ of 1e6 failed every band; both were registered."""
+    payload = copy.deepcopy(sound_checkpoint)
+    change(payload)
+    path = tmp_path / "bad.pt"
+    torch.save(payload, path)
+    with pytest.raises(RegistryError, match=says):
+        register_model(db_session, local_store, path, fabric_type="plain", random_teacher_ok=True)
+    assert db_session.scalar(select(func.count()).select_from(Model)) == 0
