@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,10 @@ def _import_aitex(args: argparse.Namespace) -> int:
                                       edge_tiles="edge_tiles", edge_start_tiles="edge_start_tiles")
     )  # fmt: skip
     print(json.dumps(counts, indent=2))
+    if not any(c["train_good"] + c["test_good"] + c["test_defect"] for c in counts.values()):
+        print(f"rollscan datasets import-aitex: no tile imported from {args.src} (every strip "
+              "skipped: see the lines above)", file=sys.stderr)  # fmt: skip
+        return 2
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,32 @@ def _variants() -> tuple[str, ...]:
     return VARIANTS
 
 
+def _unused_options(args: argparse.Namespace) -> str | None:
+    """Options the chosen scorer would ignore: the engineer would think they trained another
+    model than the one they got (its card records them all the same)."""
+    scorer = args.scorer or "auto"
+    memory = [f"--{n.replace('_', '-')}" for n in ("memory_size", "memory_levels", "memory_stride")
+              if getattr(args, n) is not None]  # fmt: skip
+    student = [f"--{n}" for n in ("loss", "augment") if getattr(args, n) is not None]
+    if args.fusion_weight is not None and scorer != "fused":
+        return (f"--fusion-weight applies to --scorer fused only (auto chooses the weight on "
+                f"synthetic defects; student and memory fix it), not --scorer {scorer}")  # fmt: skip
+    if memory and scorer == "student":
+        return f"{', '.join(memory)}: --scorer student builds no memory bank"
+    if student and scorer == "memory":
+        return f"{', '.join(student)}: --scorer memory trains no student"
+    return None
+
+
 def _train(args: argparse.Namespace) -> int:
+    from distill.calibration import MIN_CALIBRATION_TILES
     from distill.checkpoint import partial_checkpoint
     from distill.teacher import DEFAULT_TEACHER
     from distill.train import TrainConfig, train
 
+    unused = _unused_options(args)
+    if unused:
+        raise ValueError(unused)
     config = TrainConfig(
         teacher=args.teacher or DEFAULT_TEACHER,
         level_weights=tuple(args.level_weights),
@@ -69,11 +91,20 @@ def _train(args: argparse.Namespace) -> int:
         "no student trained (the memory bank's map alone)" if not m["epochs"] else
         f"best epoch {m['best_epoch']}/{m['epochs']}, validation loss {m['best_val_loss']:.4f}"
     )  # fmt: skip
+    how = "chosen on synthetic defects" if config.scorer == "auto" else f"--scorer {config.scorer}"
     print(
         f"saved {args.out}: {student}, fusion weight {card.fusion['weight']:g} (the student's "
-        f"share, chosen on synthetic defects), threshold {card.threshold:.4f} (fpr "
-        f"{card.target_fpr})"
+        f"share, {how}), threshold {card.threshold:.4f} (fpr {card.target_fpr}, from "
+        f"{m['n_held_out']} held-out good tiles)"
     )
+    if m["n_held_out"] < MIN_CALIBRATION_TILES:
+        print(
+            f"warning: the threshold rests on {m['n_held_out']} held-out good tiles (the "
+            f"{config.val_ratio:.0%} held out of {m['n_held_out'] + m['n_train']}): the share "
+            f"of good tiles it flags may be far from {card.target_fpr}; train on at least "
+            f"{math.ceil(MIN_CALIBRATION_TILES / config.val_ratio)} good tiles",
+            file=sys.stderr,
+        )
     return 0
 
 

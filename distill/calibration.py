@@ -18,6 +18,8 @@ from scipy import stats
 from distill.metrics import threshold_at_fpr
 
 MIN_EXCEEDANCES = 10  # below this many expected exceedances the empirical quantile is too coarse
+# fewer held-out good tiles than this: a Gumbel law fitted to them is noise (`rollscan train` warns)
+MIN_CALIBRATION_TILES = 20
 
 
 @dataclass(frozen=True)

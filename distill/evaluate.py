@@ -10,6 +10,7 @@ bank, each map is reported on its own too (`scorers`: the student, the memory ba
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -18,10 +19,12 @@ from tqdm.auto import tqdm
 
 from distill.anomaly_map import MapFusion
 from distill.checkpoint import load_detector
-from distill.data.mvtec import Category, load_mask, load_stack
+from distill.data.mvtec import Category, check_native_size, load_mask, load_stack
 from distill.inference import Detector, Precision
 from distill.metrics import aupro, coverage, f1_max, image_auroc, pixel_auroc, tile_scores_on
 from distill.selection import fuse_maps, raw_maps
+
+log = logging.getLogger(__name__)
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "coverage", "tiles_per_s")
 NAN = float("nan")
@@ -96,11 +99,22 @@ def evaluate_detector(
     report_dir: str | Path | None = None,
     progress: bool = True,
     student_trained: bool = True,
+    native_size: bool = False,
 ) -> dict:
+    """The detector's figures on `data`'s test tiles (loaded at `tile` px: `native_size` refuses
+    tiles of another size, as training does unless a model was trained with --resize)."""
     category = Category.open(data)
     samples = category.test
     if not samples:
         raise ValueError(f"{data}/test holds no images to evaluate")
+    if native_size:
+        check_native_size([s.path for s in samples], tile)
+    unmasked = [s.path for s in samples if s.label == 1 and s.mask_path is None]
+    if unmasked:  # their pixels would count as good ones, silently lowering the pixel figures
+        log.warning(
+            "%d defect tile(s) have no mask (ground_truth/KIND/NAME_mask.png), e.g. %s: the pixel "
+            "metrics take all their pixels for good ones", len(unmasked), unmasked[0],
+        )  # fmt: skip
     labels = np.array([s.label for s in samples])
     images = load_stack([s.path for s in samples], tile)
     masks = np.stack([load_mask(s.mask_path, (tile, tile)) for s in samples])
@@ -160,11 +174,28 @@ def evaluate(
     result = evaluate_detector(
         detector, data, card.tile, report_dir=report_dir, progress=progress,
         student_trained=card.metrics.get("epochs", 1) > 0,
+        # a checkpoint from before `resize` was recorded: not known, not refused
+        native_size=not card.train_config.get("resize", True),
     )  # fmt: skip
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_out).write_text(json.dumps(result, indent=2) + "\n")
+        text = json.dumps(_defined(result), indent=2, allow_nan=False)
+        Path(json_out).write_text(text + "\n")
     return result
+
+
+def _defined(value: object) -> object:
+    """`value` without its NaN figures (an AUROC of good tiles only: the key left out, None in a
+    list): NaN is not JSON, and a dashboard's parser refuses the whole file for it."""
+
+    def nan(v: object) -> bool:
+        return isinstance(v, float) and math.isnan(v)
+
+    if isinstance(value, dict):
+        return {k: _defined(v) for k, v in value.items() if not nan(v)}
+    if isinstance(value, list | tuple):
+        return [None if nan(v) else _defined(v) for v in value]
+    return value
 
 
 def _cell(value: float, key: str) -> str:

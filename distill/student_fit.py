@@ -4,6 +4,7 @@ time budget, keeping the weights of the best validation loss."""
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,9 @@ def fit_student(
             bar.write(
                 f"epoch {epoch}: train loss {fit.history['train_loss'][-1]:.4f}, val loss {val_loss:.4f}"
             )
+            if not math.isfinite(val_loss):  # NaN weights: every later epoch is NaN too
+                bar.write(f"training diverged at epoch {epoch} (val loss {val_loss})")
+                break
             if val_loss < fit.best_loss:
                 fit.best_loss, fit.best_epoch, stale = val_loss, epoch, 0
                 fit.best_state = copy.deepcopy(trainer.model.student.state_dict())
@@ -70,4 +74,9 @@ def fit_student(
             if deadline is not None and time.perf_counter() > deadline:
                 bar.write(f"time budget of {config.max_minutes} min reached after epoch {epoch}")
                 break
+    if fit.best_state is None:
+        raise ValueError(
+            f"training diverged: no epoch gave a finite validation loss; lower --lr (now "
+            f"{config.lr:g})"
+        )
     return fit

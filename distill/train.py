@@ -313,6 +313,11 @@ def train(
         if config.edge == "exclude":
             train_idx = train_idx[train_valid.flatten(1).all(dim=1).numpy()]
             train_valid = None
+            if not len(train_idx):
+                raise ValueError(
+                    "every training tile crosses the fabric's edge: --edge exclude leaves none "
+                    "to train on (--edge mask trains on their fabric pixels)"
+                )
     train_images, val_images = images[train_idx], images[val_idx]
     trainer = Trainer(config)
     card = ModelCard(

@@ -299,3 +299,17 @@ def test_real_aitex_one_fabric(tmp_path):
     for path in (tmp_path / "fabric01" / "train" / "good").glob("*_x??.png"):
         with Image.open(path) as im:
             assert not is_margin_tile(np.asarray(im))
+
+
+def test_the_cli_says_when_nothing_was_imported_and_how_to_overwrite(fake_aitex, tmp_path, capsys):
+    """`--tile 300` skipped every strip (256 rows) and exited 0; an existing folder asked for
+    "overwrite=True", the Python argument, not the flag."""
+    from cli.main import main
+
+    with pytest.warns(AitexImportWarning, match="smaller than a tile"):
+        code = main(["datasets", "import-aitex", str(fake_aitex), str(tmp_path / "big"),
+                     "--tile", "300", "--fabric", "00"])  # fmt: skip
+    assert code == 2 and "no tile imported from" in capsys.readouterr().err
+    _import(fake_aitex, tmp_path / "out", fabrics="00")
+    with pytest.raises(FileExistsError, match="replace it with --overwrite"):
+        import_aitex(fake_aitex, tmp_path / "out", fabrics="00", progress=False)

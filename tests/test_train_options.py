@@ -176,7 +176,7 @@ def test_an_evaluation_with_good_tiles_only_reports_the_false_alarm_share(catego
         for p in (category / split / "good").iterdir():
             (only_good / split / "good" / p.name).write_bytes(p.read_bytes())
     _card, metrics = _train_and_evaluate(only_good, tmp_path, "--scorer", "student")
-    assert metrics["n_defect"] == 0 and metrics["image_auroc"] != metrics["image_auroc"]  # NaN
+    assert metrics["n_defect"] == 0 and "image_auroc" not in metrics  # NaN: not JSON
     assert 0.0 <= metrics["fpr_at_threshold"] <= 1.0
 
 
@@ -261,3 +261,90 @@ def test_tiles_of_another_size_than_the_models_are_refused_unless_resized(
     assert main([*args, "--resize"]) == 0
     card, _ = read_checkpoint(model)
     assert card.tile == 128 and card.train_config["resize"] is True
+
+
+@pytest.mark.parametrize(
+    ("options", "says"),
+    [
+        (("--fusion-weight", "0.9"), "--fusion-weight applies to --scorer fused only"),
+        (("--scorer", "student", "--memory-size", "7"), "--scorer student builds no memory bank"),
+        (("--scorer", "memory", "--loss", "hard"), "--scorer memory trains no student"),
+    ],
+    ids=["weight with auto", "bank with student", "loss with memory"],
+)
+def test_options_the_scorer_would_ignore_are_refused(category, tmp_path, capsys, options, says):
+    """They were recorded in the card and ignored: `--fusion-weight 0.9` with the default scorer
+    trained a model of weight 0."""
+    model = tmp_path / "model.pt"
+    assert main(["train", "--data", str(category), "--out", str(model), "--tile", str(TILE),
+                 *options]) == 2  # fmt: skip
+    assert says in capsys.readouterr().err and not model.exists()
+
+
+def test_a_threshold_from_few_held_out_tiles_is_said_and_warned(category, tmp_path, capsys):
+    model = tmp_path / "model.pt"
+    assert main(["train", "--data", str(category), "--out", str(model), "--tile", str(TILE),
+                 "--scorer", "memory"]) == 0  # fmt: skip
+    out, err = capsys.readouterr()
+    assert "(the student's share, --scorer memory)" in out
+    assert "from 4 held-out good tiles" in out
+    assert "warning: the threshold rests on 4 held-out good tiles" in err
+    assert "train on at least 67 good tiles" in err
+
+
+def test_a_diverged_training_is_a_clear_error(category, tmp_path, capsys):
+    """`--lr 1e30`: NaN losses ended in "Expected state_dict to be dict-like, got NoneType"."""
+    model = tmp_path / "model.pt"
+    assert main(["train", "--data", str(category), "--out", str(model), "--tile", str(TILE),
+                 "--epochs", "3", "--lr", "1e30", "--scorer", "student"]) == 2  # fmt: skip
+    assert "training diverged" in capsys.readouterr().err and not model.exists()
+
+
+def test_excluding_the_edge_tiles_of_a_category_of_edge_tiles_only_is_refused(
+    category, tmp_path, capsys
+):
+    cat = Category.open(category)
+    regions = {p.relative_to(category).as_posix(): [0, 40] for p in cat.train}
+    (category / REGIONS_FILE).write_text(json.dumps(regions))
+    try:
+        args = ["train", "--data", str(category), "--out", str(tmp_path / "m.pt"), "--tile",
+                str(TILE), "--edge", "exclude", "--scorer", "memory"]  # fmt: skip
+        assert main(args) == 2
+    finally:
+        (category / REGIONS_FILE).unlink()
+    assert "--edge exclude leaves none" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_tiles_of_another_size_unless_the_model_was_resized(
+    category, tmp_path, capsys, caplog
+):
+    """A 64-px model on 128-px test tiles resized them silently (every good tile flagged)."""
+    big = tmp_path / "big"
+    write_category(big, n_train=2, n_test_good=2, n_test_defect=2, tile=128, weave="twill", seed=5)
+    model = tmp_path / "model.pt"
+    assert main(["train", "--data", str(category), "--out", str(model), "--tile", str(TILE),
+                 "--scorer", "memory"]) == 0  # fmt: skip
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(model), "--data", str(big)]) == 2
+    assert "not the model's 64-px tile" in capsys.readouterr().err
+    # a defect tile without its mask: said, not silently counted as good pixels
+    mask = next((category / "ground_truth").rglob("*_mask.png"))
+    moved = mask.rename(tmp_path / mask.name)
+    try:
+        assert main(["evaluate", "--model", str(model), "--data", str(category)]) == 0
+    finally:
+        moved.rename(mask)
+    assert "defect tile(s) have no mask" in caplog.text
+
+
+def test_a_truncated_training_image_is_named(tmp_path):
+    """PIL's "image file is truncated" did not say which of hundreds of tiles it was."""
+    from PIL import Image
+
+    from distill.data.mvtec import load_image
+
+    path = tmp_path / "tile_017.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(OSError, match=r"tile_017\.png: image file is truncated"):
+        load_image(path)

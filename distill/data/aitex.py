@@ -309,7 +309,7 @@ def import_aitex(
         category = dst / f"fabric{f}"
         if category.exists() and any(category.iterdir()):
             if not overwrite:
-                raise FileExistsError(f"{category} is not empty; pass overwrite=True")
+                raise FileExistsError(f"{category} is not empty; replace it with --overwrite")
             shutil.rmtree(category)
 
     for fabric, path in malformed:

@@ -133,8 +133,19 @@ def _read_regions(root: Path) -> dict[str, tuple[int, int]]:
 def load_image(path: Path, tile: int | None = None) -> np.ndarray:
     """uint8 (H, W, C) with C = 1 for grey or 3 for colour; resized to tile×tile if given.
 
-    16-bit grey images are scaled to 8 bits (value / 257, i.e. 65535 → 255).
+    16-bit grey images are scaled to 8 bits (value / 257, i.e. 65535 → 255). A file that
+    cannot be decoded is an OSError naming it (among hundreds of tiles, PIL's "image file is
+    truncated" does not say which).
     """
+    try:
+        return _decoded(path, tile)
+    except OSError as exc:
+        if str(path) in str(exc):
+            raise
+        raise OSError(f"{path}: {exc}") from exc
+
+
+def _decoded(path: Path, tile: int | None) -> np.ndarray:
     with Image.open(path) as img:
         if img.mode.startswith("I"):
             img = Image.fromarray(
