@@ -81,6 +81,11 @@ def _reprocess(args: argparse.Namespace) -> int:
         f"reprocessed {len(report.done)} of {report.total} roll(s) with {args.model} "
         f"in {report.seconds:.0f} s"
     )
+    if report.shown_elsewhere:
+        print(f"{len(report.shown_elsewhere)} of them still show another model, asked for after "
+              "this command:")  # fmt: skip
+        for roll_id, shown in report.shown_elsewhere.items():
+            print(f"  {roll_id}: shows {shown}")
     for roll_id, reason in report.failed.items():
         print(f"  {roll_id}: {reason}")
     return 1 if report.failed else 0

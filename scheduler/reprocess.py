@@ -193,6 +193,8 @@ class ReprocessReport:
     total: int
     done: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # roll id → reason
+    # done rolls that show another run: one asked for after this command (`asked_last`) → its model
+    shown_elsewhere: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -322,6 +324,8 @@ def reprocess(
                     try:
                         _grade(ctx, run_id, rules)
                         report.done.append(roll_id)
+                        if (shown := _shown_model(ctx, roll_id, run_id)) is not None:
+                            report.shown_elsewhere[roll_id] = shown
                     except ValueError as exc:
                         report.failed[roll_id] = f"reprocessed but not graded: {exc}"
                 bar.update(1)
@@ -362,6 +366,13 @@ class _StallWatch:
             "reprocess)? If a band's message was lost (a broker restarted without persistence), "
             "interrupt and run the same command again: it sends the missing bands again"
         )
+
+
+def _shown_model(ctx: WorkerContext, roll_id: str, run_id: int) -> str | None:
+    """The model of the roll's current run when it is not `run_id`, else None."""
+    with ctx.session() as session:
+        current = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+        return None if current is None or current.id == run_id else current.model_version
 
 
 def _statuses(ctx: WorkerContext, run_ids: list[int]) -> list[tuple]:

@@ -268,6 +268,23 @@ def test_a_command_asks_when_it_starts_not_when_its_driver_reaches_the_roll(ctx,
     }
 
 
+def test_a_reprocess_says_which_rolls_show_a_model_asked_for_after_it(ctx, tmp_path):
+    """`reprocess --model v2` said "reprocessed 1 of 1" of a roll that `--model v3`, asked for
+    while v2's bands were scored, took: the roll shows v3, which v2's report now says."""
+    _done_roll(ctx, tmp_path, "R-s")
+    later = []
+
+    def wait() -> None:  # v3 asked for while v2's bands wait in the queue
+        if not later:
+            later.append(reprocess(ctx, ["R-s"], V3, progress=False))
+        ctx.enqueue.drain()
+
+    report = reprocess(ctx, ["R-s"], V2, progress=False, wait=wait)
+    assert later[0].done == ["R-s"] and later[0].shown_elsewhere == {}
+    assert report.done == ["R-s"] and report.shown_elsewhere == {"R-s": V3}
+    assert {v for v, r in _runs(ctx, "R-s").items() if r[2]} == {V3}
+
+
 def test_a_reprocess_run_failed_with_its_roll_gives_the_roll_back_and_can_be_asked_again(
     ctx, tmp_path
 ):
