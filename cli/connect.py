@@ -91,10 +91,20 @@ def _service_problem(exc: BaseException) -> tuple[str, int] | None:
     for item in _chain(exc):
         if type(item).__module__.startswith("botocore") and error_code(item) in _STORE_REFUSALS:
             return f"the object store refused: {_first_line(item)}", 2
+        if _store_refusal(item):
+            return f"the object store refused: {_first_line(item)}", 2
     return None
 
 
 _STORE_REFUSALS = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+
+
+def _store_refusal(item: BaseException) -> bool:
+    """obstore's (the zarr path's) and s3fs's words for bad credentials or a bucket denied; a
+    PermissionError of a local file (it names one: a report's --out) is not the store's."""
+    if type(item).__module__.startswith("obstore"):
+        return type(item).__name__ in ("PermissionDeniedError", "UnauthenticatedError")
+    return isinstance(item, PermissionError) and item.filename is None
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

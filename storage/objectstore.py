@@ -225,9 +225,12 @@ _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTim
 _TRANSIENT_CODES |= {"InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
 _TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT}
 _TRANSIENT_ERRNOS |= {errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
-# obstore (Rust) errors have no type for these: match the words of their messages
+# obstore (Rust) errors have no type for these: match the words of their messages, and the
+# kinds in their debug text (a body stalled or cut mid-transfer: "kind: Timeout … TimedOut",
+# "kind: Interrupted … UnexpectedEof, IncompleteBody")
 _TRANSIENT_TEXT = re.compile(
-    r"error sending request|connection (refused|reset|closed)|timed out|SlowDown|status code: 5\d\d",
+    r"error sending request|connection (refused|reset|closed)|timed out|SlowDown|status code: 5\d\d"
+    r"|HttpError \{\s*kind: (Timeout|Interrupted|Connect)\b|TimedOut|UnexpectedEof|IncompleteBody",
     re.IGNORECASE,
 )
 
@@ -253,7 +256,9 @@ def _is_transient_one(exc: BaseException) -> bool:
     if module.startswith("aiohttp"):
         import aiohttp
 
-        return isinstance(exc, aiohttp.ClientConnectionError | aiohttp.ServerTimeoutError)
+        # a body cut mid-transfer (ClientPayloadError) as much as a connection that failed
+        transient = aiohttp.ClientConnectionError | aiohttp.ServerTimeoutError
+        return isinstance(exc, transient | aiohttp.ClientPayloadError)
     if module.startswith("obstore"):
         import obstore.exceptions
 

@@ -77,10 +77,12 @@ class _S3RangeReader(io.RawIOBase):
             try:
                 self._body = self._client.get_object(**kw)["Body"]
             except Exception as exc:
-                if error_code(exc) in ("PreconditionFailed", "412"):
+                # replaced, or deleted, since it was headed: the caller heads it again (a
+                # deleted frame's 404 on HEAD then fails its roll with the reason)
+                if error_code(exc) in ("PreconditionFailed", "412", "NoSuchKey", "404"):
                     raise ObjectChanged(
-                        f"s3://{self._bucket}/{self._key} was replaced while it was read "
-                        f"(ETag no longer {self._etag})"
+                        f"s3://{self._bucket}/{self._key} was replaced or deleted while it was "
+                        f"read (ETag no longer {self._etag})"
                     ) from None
                 raise
         data = self._body.read(len(buffer))
@@ -295,6 +297,10 @@ class S3Store(ObjectStore):
         config_kwargs: dict[str, Any] = {
             "connect_timeout": self.connect_timeout,
             "read_timeout": self.read_timeout,
+            # s3fs retries 5 × 5 times around botocore's own retries: a store that never
+            # answered held one zarr call for ~2 h (past the broker's visibility timeout); the
+            # task's back-off retries instead (worker.backoff)
+            "retries": {"max_attempts": 2, "mode": "standard"},
         }
         if self.endpoint:
             config_kwargs["s3"] = {"addressing_style": "path"}
@@ -307,5 +313,6 @@ class S3Store(ObjectStore):
             asynchronous=True,  # FsspecStore drives it from zarr's event loop
             use_listings_cache=False,  # other processes write the same prefixes
         )
+        fs.retries = 1  # s3fs's own retry loops (a class attribute, 5)
         path = f"{self.bucket}/{prefix}" if prefix else self.bucket
         return zarr.storage.FsspecStore(fs, path=path, read_only=read_only)
