@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from fixtures_s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, make_s3_store
@@ -436,6 +437,44 @@ def test_a_body_cut_or_stalled_mid_transfer_is_transient(backend: str, fault: st
         server.shutdown()
         server.server_close()
     assert is_transient_store_error(failed.value), repr(failed.value)
+
+
+class _Silent(http.server.BaseHTTPRequestHandler):
+    """Takes every request and never answers (a hung store), counting them."""
+
+    requests: ClassVar[list[str]] = []
+
+    def do_GET(self) -> None:
+        self.requests.append(f"{self.command} {self.path}")
+        time.sleep(3)
+
+    do_HEAD = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_hung_store_costs_the_s3fs_path_a_few_requests_not_a_hundred() -> None:
+    """s3fs retried 5 × 5 times around botocore's own 5 attempts: 125 requests, ~2 h at the
+    default read timeout, past the broker's visibility timeout. The task's back-off retries."""
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+
+    handler = type("Handler", (_Silent,), {"requests": []})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        store = S3Store(endpoint, "b", "us-east-1", "k", "s", "s3fs", connect_timeout=1,
+                        read_timeout=1)  # fmt: skip
+        with pytest.raises(Exception) as failed:
+            asyncio.run(store.zarr_store("p").get("obj", default_buffer_prototype()))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert is_transient_store_error(failed.value)
+    assert 1 <= len(handler.requests) <= 3, handler.requests
 
 
 def test_open_object_store_follows_the_settings(tmp_path: Path, s3_server: str) -> None:
