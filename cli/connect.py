@@ -100,10 +100,14 @@ _STORE_REFUSALS = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "Signat
 
 
 def _store_refusal(item: BaseException) -> bool:
-    """obstore's (the zarr path's) and s3fs's words for bad credentials or a bucket denied; a
-    PermissionError of a local file (it names one: a report's --out) is not the store's."""
-    if type(item).__module__.startswith("obstore"):
-        return type(item).__name__ in ("PermissionDeniedError", "UnauthenticatedError")
+    """obstore's (the zarr path's), s3fs's and botocore's words for credentials missing or
+    refused, or a bucket denied; a PermissionError of a local file (it names one: a report's
+    --out) is not the store's."""
+    name, module = type(item).__name__, type(item).__module__
+    if module.startswith("obstore"):
+        return name in ("PermissionDeniedError", "UnauthenticatedError")
+    if module.startswith("botocore"):  # an endpoint set without its keys
+        return name in ("NoCredentialsError", "PartialCredentialsError")
     return isinstance(item, PermissionError) and item.filename is None
 
 

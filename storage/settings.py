@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +26,10 @@ from pydantic_settings import (
 # stays far under 3 in (76 mm), ASTM D5430's shortest length class, so a merge seldom changes
 # a flaw's points — and two flaws within 1 cm are what an inspector marks as one.
 MERGE_GAP_MM = 10.0
+# kombu's transports a site may name (`celery -b`): a URL of another scheme is refused at start-up
+BROKER_SCHEMES = frozenset(
+    {"amqp", "amqps", "pyamqp", "redis", "rediss", "sentinel", "sqs", "memory", "filesystem"}
+)
 
 
 def default_data_dir() -> Path:
@@ -137,6 +142,34 @@ class Settings(BaseSettings):
         "grading, `rollscan grade` and `reprocess`; unset: the built-in four-point rules",
     )  # fmt: skip
 
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_form(cls, value: SecretStr | None) -> SecretStr | None:
+        # checked at start-up: a malformed URL was a 29-line traceback at the first query
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        if value is None:
+            return value
+        try:
+            driver = make_url(value.get_secret_value()).drivername
+        except ArgumentError:
+            driver = ""
+        if not driver.startswith("postgresql"):  # the value may hold a password: not echoed
+            raise ValueError("not a PostgreSQL URL (postgresql+psycopg2://USER:PASSWORD@HOST/DB)")
+        return value
+
+    @field_validator("broker_url")
+    @classmethod
+    def _broker_url_form(cls, value: SecretStr | None) -> SecretStr | None:
+        # "localhost:6379" read as a broker that is down (exit 3), "http://…" a KeyError
+        scheme = (value.get_secret_value() if value else "").partition("://")[0]
+        if value is not None and scheme not in BROKER_SCHEMES:
+            raise ValueError(
+                f"not a broker URL: want {', '.join(sorted(BROKER_SCHEMES))}://… (redis://HOST:6379/0)"
+            )
+        return value
+
     @field_validator("band_height")
     @classmethod
     def _band_is_whole_chunks(cls, value: int) -> int:
@@ -202,7 +235,10 @@ class Settings(BaseSettings):
         if path:
             if not Path(path).is_file():
                 raise ValueError(f"ROLLSCAN_CONFIG names {path}, which is not a file")
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            try:
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            except tomllib.TOMLDecodeError as exc:  # its words alone name neither file nor setting
+                raise ValueError(f"ROLLSCAN_CONFIG {path} is not valid TOML: {exc}") from None
         return tuple(sources)
 
     @property

@@ -67,6 +67,44 @@ def test_a_database_that_does_not_exist_is_a_setting_to_correct(site, capsys, mi
     assert "no_such_database" in line
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        (
+            "ROLLSCAN_DATABASE_URL",
+            "s3cret-notaurl",
+            "database_url: Value error, not a PostgreSQL URL",
+        ),
+        ("ROLLSCAN_DATABASE_URL", "127.0.0.1:5432/db", "not a PostgreSQL URL"),
+        ("ROLLSCAN_BROKER_URL", "localhost:6379", "broker_url: Value error, not a broker URL"),
+        ("ROLLSCAN_BROKER_URL", "http://s3cret@broker/", "not a broker URL"),
+        ("ROLLSCAN_CONFIG", "band_height = \n", "is not valid TOML: Invalid value (at line 1"),
+    ],
+)
+def test_a_malformed_service_setting_is_one_line_naming_it(
+    site, capsys, tmp_path, name, value, says
+) -> None:
+    """A malformed database URL was a 29-line traceback (exit 1), a broker "localhost:6379" a
+    broker that is down (exit 3), a broken TOML file named neither file nor setting."""
+    if name == "ROLLSCAN_CONFIG":
+        (tmp_path / "site.toml").write_text(value)
+        value = str(tmp_path / "site.toml")
+    site.setenv(name, value)
+    assert main(["rolls"]) == 2
+    line = _one_line_error(capsys)
+    assert says in line and "s3cret" not in line, line
+
+
+def test_an_s3_endpoint_without_credentials_is_a_setting_to_correct() -> None:
+    from botocore.exceptions import NoCredentialsError
+
+    from cli.connect import service_error
+
+    assert service_error(NoCredentialsError()) == (
+        "the object store refused: Unable to locate credentials", 2,
+    )  # fmt: skip
+
+
 def test_a_database_that_never_answers_is_given_up(migrated_url, tmp_path) -> None:
     """A server that accepts and never answers held `rollscan rolls` for ever (and Ctrl-C with
     it): libpq's connect timeout ends it as an outage."""

@@ -157,3 +157,18 @@ def test_env_example_shows_the_real_defaults(monkeypatch: pytest.MonkeyPatch) ->
             list(actual) if isinstance(actual, tuple) else "" if actual is None else str(actual)
         )
         assert shown == expected, f".env.example shows {variable}={value}, the default is {actual}"
+
+
+@pytest.mark.parametrize("name", our_services())
+def test_the_site_files_the_settings_name_are_mounted_where_they_are_read(name: str) -> None:
+    """ROLLSCAN_GRADING_RULES was passed to four services that could not see any file of the
+    site's: each would refuse to start once it was set. A model trained but not registered was
+    kept in the container's own data directory, lost when it is recreated."""
+    service = services()[name]
+    if "ROLLSCAN_GRADING_RULES" not in service_environment(name):
+        return
+    assert "./config:/etc/rollscan:ro" in (service.get("volumes") or []), name
+    assert (ROOT / "config").is_dir()
+    if "train" in " ".join(service.get("command") or []):
+        mounted = {v.split(":")[1] for v in service["volumes"] if not v.startswith(".")}
+        assert service_environment(name)["ROLLSCAN_DATA_DIR"] in mounted
