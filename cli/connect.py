@@ -97,18 +97,21 @@ def _service_problem(exc: BaseException) -> tuple[str, int] | None:
 
 
 _STORE_REFUSALS = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
+_STORE_REFUSALS |= {"403", "Forbidden"}  # a HEAD refused: no body, no code of its own
 
 
 def _store_refusal(item: BaseException) -> bool:
-    """obstore's (the zarr path's), s3fs's and botocore's words for credentials missing or
-    refused, or a bucket denied; a PermissionError of a local file (it names one: a report's
-    --out) is not the store's."""
+    """obstore's (the zarr path's) and botocore's words for credentials missing or refused (a
+    PermissionError alone may be a local file's: a checkpoint's --out)."""
     name, module = type(item).__name__, type(item).__module__
     if module.startswith("obstore"):
         return name in ("PermissionDeniedError", "UnauthenticatedError")
-    if module.startswith("botocore"):  # an endpoint set without its keys
-        return name in ("NoCredentialsError", "PartialCredentialsError")
-    return isinstance(item, PermissionError) and item.filename is None
+    # an endpoint set without its keys (s3fs's PermissionError has botocore's refusal as its
+    # cause: the codes above)
+    return module.startswith("botocore") and name in (
+        "NoCredentialsError",
+        "PartialCredentialsError",
+    )
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -47,7 +47,9 @@ def _unused_options(args: argparse.Namespace) -> str | None:
     scorer = args.scorer or "auto"
     memory = [f"--{n.replace('_', '-')}" for n in ("memory_size", "memory_levels", "memory_stride")
               if getattr(args, n) is not None]  # fmt: skip
-    student = [f"--{n}" for n in ("loss", "augment") if getattr(args, n) is not None]
+    # `--augment none` (or bare) and `--loss pixel`, the defaults written out, change nothing
+    student = ["--loss"] if args.loss not in (None, "pixel") else []
+    student += ["--augment"] if set(args.augment or ()) - {"none"} else []
     if args.fusion_weight is not None and scorer != "fused":
         return (f"--fusion-weight applies to --scorer fused only (auto chooses the weight on "
                 f"synthetic defects; student and memory fix it), not --scorer {scorer}")  # fmt: skip

@@ -108,7 +108,7 @@ def evaluate_detector(
     if not samples:
         raise ValueError(f"{data}/test holds no images to evaluate")
     if native_size:
-        check_native_size([s.path for s in samples], tile)
+        check_native_size([s.path for s in samples], tile, evaluating=True)
     unmasked = [s.path for s in samples if s.label == 1 and s.mask_path is None]
     if unmasked:  # their pixels would count as good ones, silently lowering the pixel figures
         log.warning(

@@ -230,7 +230,8 @@ _TRANSIENT_ERRNOS |= {errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.
 # "kind: Interrupted … UnexpectedEof, IncompleteBody")
 _TRANSIENT_TEXT = re.compile(
     r"error sending request|connection (refused|reset|closed)|timed out|SlowDown|status code: 5\d\d"
-    r"|HttpError \{\s*kind: (Timeout|Interrupted|Connect)\b|TimedOut|UnexpectedEof|IncompleteBody",
+    r"|HttpError \{\s*kind: (Timeout|Interrupted|Connect)\b"
+    r"|source: TimedOut\b|kind: UnexpectedEof\b|error: IncompleteBody\b",  # not a key's words
     re.IGNORECASE,
 )
 

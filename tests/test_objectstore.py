@@ -7,6 +7,7 @@ import http.server
 import io
 import os
 import pickle
+import re
 import socket
 import threading
 import time
@@ -371,6 +372,7 @@ def test_transient_obstore_errors_are_recognised() -> None:
     from datetime import timedelta
 
     import obstore
+    import obstore.exceptions
     import obstore.store
 
     store = obstore.store.S3Store(
@@ -386,6 +388,12 @@ def test_transient_obstore_errors_are_recognised() -> None:
         obstore.get(store, "a/b")
     assert is_transient_store_error(refused.value)
     assert FAKE_SECRET_ACCESS_KEY not in str(refused.value)
+    # the words of a body cut or stalled, in a key (a valid roll id), are no such fault
+    expired = obstore.exceptions.GenericError(
+        "Generic S3 error: Error performing GET http://s3/rolls/R-TimedOut-UnexpectedEof-7.zarr "
+        "in 12ms - Server returned non-2xx status code: 400 Bad Request: ExpiredToken"
+    )
+    assert not is_transient_store_error(expired)
 
 
 class _CutBody(http.server.BaseHTTPRequestHandler):
@@ -393,6 +401,13 @@ class _CutBody(http.server.BaseHTTPRequestHandler):
     (`stall`: then waits instead) — a link or balancer that drops or stalls mid-transfer."""
 
     stall = False
+
+    def do_HEAD(self) -> None:  # s3fs heads the object first
+        self.send_response(200)
+        for name, value in (("Content-Length", "65536"), ("ETag", '"e"'),
+                            ("Last-Modified", "Wed, 02 Dec 2026 10:00:00 GMT")):  # fmt: skip
+            self.send_header(name, value)
+        self.end_headers()
 
     def do_GET(self) -> None:
         ranged = "Range" in self.headers  # obstore asks for a range, and wants one back
@@ -437,6 +452,13 @@ def test_a_body_cut_or_stalled_mid_transfer_is_transient(backend: str, fault: st
         server.shutdown()
         server.server_close()
     assert is_transient_store_error(failed.value), repr(failed.value)
+    chain, item = [], failed.value
+    while item is not None and len(chain) < 10:
+        chain.append(type(item).__name__ + ": " + str(item))
+        item = item.__cause__ or item.__context__
+    # the cut or stall itself, not an earlier refusal (a HEAD answered 501 is transient too)
+    said = {"obstore": r"kind: (Interrupted|Timeout)", "s3fs": r"ClientPayloadError"}[backend]
+    assert re.search(said, "\n".join(chain)), chain
 
 
 class _Silent(http.server.BaseHTTPRequestHandler):

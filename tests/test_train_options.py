@@ -269,8 +269,9 @@ def test_tiles_of_another_size_than_the_models_are_refused_unless_resized(
         (("--fusion-weight", "0.9"), "--fusion-weight applies to --scorer fused only"),
         (("--scorer", "student", "--memory-size", "7"), "--scorer student builds no memory bank"),
         (("--scorer", "memory", "--loss", "hard"), "--scorer memory trains no student"),
+        (("--scorer", "memory", "--augment", "flip", "none"), "--scorer memory trains no student"),
     ],
-    ids=["weight with auto", "bank with student", "loss with memory"],
+    ids=["weight with auto", "bank with student", "loss with memory", "augment with memory"],
 )
 def test_options_the_scorer_would_ignore_are_refused(category, tmp_path, capsys, options, says):
     """They were recorded in the card and ignored: `--fusion-weight 0.9` with the default scorer
@@ -284,8 +285,8 @@ def test_options_the_scorer_would_ignore_are_refused(category, tmp_path, capsys,
 def test_a_threshold_from_few_held_out_tiles_is_said_and_warned(category, tmp_path, capsys):
     model = tmp_path / "model.pt"
     assert main(["train", "--data", str(category), "--out", str(model), "--tile", str(TILE),
-                 "--scorer", "memory"]) == 0  # fmt: skip
-    out, err = capsys.readouterr()
+                 "--scorer", "memory", "--loss", "pixel", "--augment", "none"]) == 0  # fmt: skip
+    out, err = capsys.readouterr()  # the defaults written out are no options to refuse
     assert "(the student's share, --scorer memory)" in out
     assert "from 4 held-out good tiles" in out
     assert "warning: the threshold rests on 4 held-out good tiles" in err
@@ -326,7 +327,10 @@ def test_evaluate_refuses_tiles_of_another_size_unless_the_model_was_resized(
                  "--scorer", "memory"]) == 0  # fmt: skip
     capsys.readouterr()
     assert main(["evaluate", "--model", str(model), "--data", str(big)]) == 2
-    assert "not the model's 64-px tile" in capsys.readouterr().err
+    assert (
+        "not the model's 64-px tile: the model scores rolls at that scale"
+        in capsys.readouterr().err
+    )
     # a defect tile without its mask: said, not silently counted as good pixels
     mask = next((category / "ground_truth").rglob("*_mask.png"))
     moved = mask.rename(tmp_path / mask.name)

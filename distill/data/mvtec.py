@@ -172,20 +172,28 @@ def load_mask(path: Path | None, size: tuple[int, int]) -> np.ndarray:
         return np.asarray(img) > 127
 
 
-def check_native_size(paths: list[Path], tile: int) -> None:
+def check_native_size(paths: list[Path], tile: int, evaluating: bool = False) -> None:
     """Refuse images that are not `tile` × `tile` px (their headers only are read): the worker
     cuts the roll into tiles at its native scale, so a model trained on tiles resized to its
-    tile would see the fabric at another scale than it is scored at."""
+    tile would see the fabric at another scale than it is scored at (`evaluating`: a model's
+    figures on resized test tiles are those of another scale)."""
     for path in paths:
         with Image.open(path) as img:
-            if img.size != (tile, tile):
+            if img.size == (tile, tile):
+                continue
+            size = f"{path} is {img.size[0]} × {img.size[1]} px, not the model's {tile}-px tile"
+            if evaluating:
                 raise ValueError(
-                    f"{path} is {img.size[0]} × {img.size[1]} px, not the model's {tile}-px "
-                    "tile: the worker scores tiles cut from the roll at their native scale, so "
-                    "a model trained on resized tiles sees the fabric at another one. Import the "
-                    f"fabric at {tile} px (or train with --tile {img.size[0]}); whole images of "
-                    "a benchmark (MVTec AD) are resized with --resize"
+                    f"{size}: the model scores rolls at that scale, and its figures on tiles "
+                    f"resized to it would say nothing of them. Evaluate on {tile}-px tiles; "
+                    "only a model trained with --resize (whole images) resizes them"
                 )
+            raise ValueError(
+                f"{size}: the worker scores tiles cut from the roll at their native scale, so "
+                "a model trained on resized tiles sees the fabric at another one. Import the "
+                f"fabric at {tile} px (or train with --tile {img.size[0]}); whole images of "
+                "a benchmark (MVTec AD) are resized with --resize"
+            )
 
 
 def load_stack(paths: list[Path], tile: int) -> np.ndarray:
