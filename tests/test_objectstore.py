@@ -396,28 +396,48 @@ def test_transient_obstore_errors_are_recognised() -> None:
     assert not is_transient_store_error(expired)
 
 
+def _zarr_get_failure(handler: type, backend: str) -> BaseException:
+    """What reading one object through `backend`'s zarr store raises when the S3 endpoint is an
+    HTTP server of `handler` (1 s timeouts)."""
+    import asyncio
+
+    from zarr.core.buffer import default_buffer_prototype
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        store = S3Store(endpoint, "b", "us-east-1", "k", "s", backend, connect_timeout=1,
+                        read_timeout=1)  # fmt: skip
+        with pytest.raises(Exception) as failed:
+            asyncio.run(store.zarr_store("p").get("obj", default_buffer_prototype()))
+    finally:
+        server.shutdown()
+        server.server_close()
+    return failed.value
+
+
 class _CutBody(http.server.BaseHTTPRequestHandler):
     """Answers every GET with the headers of a 64 kB object, then sends 1 kB of it and closes
     (`stall`: then waits instead) — a link or balancer that drops or stalls mid-transfer."""
 
     stall = False
 
-    def do_HEAD(self) -> None:  # s3fs heads the object first
-        self.send_response(200)
-        for name, value in (("Content-Length", "65536"), ("ETag", '"e"'),
-                            ("Last-Modified", "Wed, 02 Dec 2026 10:00:00 GMT")):  # fmt: skip
-            self.send_header(name, value)
-        self.end_headers()
-
-    def do_GET(self) -> None:
-        ranged = "Range" in self.headers  # obstore asks for a range, and wants one back
-        self.send_response(206 if ranged else 200)
+    def _headers(self, status: int, ranged: bool = False) -> None:
+        self.send_response(status)
         for name, value in (("Content-Length", "65536"), ("ETag", '"e"'),
                             ("Last-Modified", "Wed, 02 Dec 2026 10:00:00 GMT")):  # fmt: skip
             self.send_header(name, value)
         if ranged:
             self.send_header("Content-Range", "bytes 0-65535/65536")
         self.end_headers()
+
+    def do_HEAD(self) -> None:  # s3fs heads the object first
+        self._headers(200)
+
+    def do_GET(self) -> None:
+        ranged = "Range" in self.headers  # obstore asks for a range, and wants one back
+        self._headers(206 if ranged else 200, ranged)
         self.wfile.write(bytes(1024))
         self.wfile.flush()
         if self.stall:
@@ -433,26 +453,11 @@ def test_a_body_cut_or_stalled_mid_transfer_is_transient(backend: str, fault: st
     """obstore says so only in its debug text ("kind: Interrupted … IncompleteBody", "kind:
     Timeout … TimedOut"), s3fs as aiohttp's ClientPayloadError: both were taken for permanent,
     the task failed for good and its roll waited for a manual resume."""
-    import asyncio
-
-    from zarr.core.buffer import default_buffer_prototype
-
     if fault == "stall" and backend == "s3fs":
         pytest.skip("botocore's read timeout: test_transient_errors_are_recognised")
-    handler = type("Handler", (_CutBody,), {"stall": fault == "stall"})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-        store = S3Store(endpoint, "b", "us-east-1", "k", "s", backend, connect_timeout=1,
-                        read_timeout=1)  # fmt: skip
-        with pytest.raises(Exception) as failed:
-            asyncio.run(store.zarr_store("p").get("obj", default_buffer_prototype()))
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert is_transient_store_error(failed.value), repr(failed.value)
-    chain, item = [], failed.value
+    error = _zarr_get_failure(type("Handler", (_CutBody,), {"stall": fault == "stall"}), backend)
+    assert is_transient_store_error(error), repr(error)
+    chain, item = [], error
     while item is not None and len(chain) < 10:
         chain.append(type(item).__name__ + ": " + str(item))
         item = item.__cause__ or item.__context__
@@ -479,23 +484,8 @@ class _Silent(http.server.BaseHTTPRequestHandler):
 def test_a_hung_store_costs_the_s3fs_path_a_few_requests_not_a_hundred() -> None:
     """s3fs retried 5 × 5 times around botocore's own 5 attempts: 125 requests, ~2 h at the
     default read timeout, past the broker's visibility timeout. The task's back-off retries."""
-    import asyncio
-
-    from zarr.core.buffer import default_buffer_prototype
-
     handler = type("Handler", (_Silent,), {"requests": []})
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
-        store = S3Store(endpoint, "b", "us-east-1", "k", "s", "s3fs", connect_timeout=1,
-                        read_timeout=1)  # fmt: skip
-        with pytest.raises(Exception) as failed:
-            asyncio.run(store.zarr_store("p").get("obj", default_buffer_prototype()))
-    finally:
-        server.shutdown()
-        server.server_close()
-    assert is_transient_store_error(failed.value)
+    assert is_transient_store_error(_zarr_get_failure(handler, "s3fs"))
     assert 1 <= len(handler.requests) <= 3, handler.requests
 
 
