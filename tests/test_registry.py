@@ -1,6 +1,7 @@
 """Model registry on a real PostgreSQL and a real object store (local directory and S3 over HTTP)."""
 
 import threading
+from functools import partial
 
 import pytest
 from lock_waits import wait_for_lock_waits
@@ -20,6 +21,10 @@ from storage.registry import (
     register_model,
 )
 from storage.schema import Model
+
+# the checkpoints here have random resnet18 teachers (quick); the refusal of such a model
+# itself: test_cli_register_list_activate
+_register = partial(register_model, random_teacher_ok=True)
 
 
 def _checkpoint(path, variant="residual", seed=0, threshold=0.5, teacher_name="resnet18"):
@@ -61,27 +66,21 @@ def store(request):
 
 
 def test_register_is_content_addressed_and_idempotent(db_session, store, checkpoints):
-    model, created = register_model(
-        db_session, store, checkpoints["a"], fabric_type="denim", random_teacher_ok=True
-    )
+    model, created = _register(db_session, store, checkpoints["a"], fabric_type="denim")
     assert created and model.version == f"denim-{model.sha256[:12]}"
     assert store.exists(checkpoint_key(model.sha256))
     assert model.checkpoint_uri.endswith(f"{model.sha256}.pt")
     assert model.variant == "residual" and model.teacher == "resnet18" and model.threshold == 0.5
     assert "val_loss" not in model.metrics and model.metrics["best_val_loss"] == 0.1
-    again, created = register_model(
-        db_session, store, checkpoints["a"], fabric_type="denim", random_teacher_ok=True
-    )
+    again, created = _register(db_session, store, checkpoints["a"], fabric_type="denim")
     assert not created and again.version == model.version
     assert db_session.scalar(select(func.count()).select_from(Model)) == 1
     with pytest.raises(RegistryError, match="already registered as"):
-        register_model(
-            db_session, store, checkpoints["a"], fabric_type="twill", random_teacher_ok=True
-        )
+        _register(db_session, store, checkpoints["a"], fabric_type="twill")
 
 
 def test_loading_verifies_the_sha256(db_session, store, checkpoints):
-    model, _ = register_model(
+    model, _ = _register(
         db_session,
         store,
         checkpoints["a"],
@@ -98,7 +97,7 @@ def test_loading_verifies_the_sha256(db_session, store, checkpoints):
 
 
 def test_one_active_model_per_fabric_and_a_generic_fallback(db_session, local_store, checkpoints):
-    a, _ = register_model(
+    a, _ = _register(
         db_session,
         local_store,
         checkpoints["a"],
@@ -106,7 +105,7 @@ def test_one_active_model_per_fabric_and_a_generic_fallback(db_session, local_st
         version="d1",
         random_teacher_ok=True,
     )
-    register_model(
+    _register(
         db_session,
         local_store,
         checkpoints["b"],
@@ -121,7 +120,7 @@ def test_one_active_model_per_fabric_and_a_generic_fallback(db_session, local_st
     db_session.refresh(a)
     assert active_model(db_session, "denim").version == "d2" and not a.active
     assert active_model(db_session, "satin") is None
-    register_model(
+    _register(
         db_session,
         local_store,
         checkpoints["dg"],
@@ -140,11 +139,9 @@ def test_bad_requests_write_nothing(db_session, local_store, checkpoints, tmp_pa
     with pytest.raises(RegistryError, match="unknown model version 'nope'"):
         activate_model(db_session, "nope")
     with pytest.raises(RegistryError, match="generic model must be a DG"):
-        register_model(
-            db_session, local_store, checkpoints["a"], fabric_type=None, random_teacher_ok=True
-        )
+        _register(db_session, local_store, checkpoints["a"], fabric_type=None)
     with pytest.raises(RegistryError, match="no calibrated threshold"):
-        register_model(
+        _register(
             db_session,
             local_store,
             checkpoints["uncalibrated"],
@@ -152,7 +149,7 @@ def test_bad_requests_write_nothing(db_session, local_store, checkpoints, tmp_pa
             random_teacher_ok=True,
         )
     with pytest.raises(RegistryError, match="not allowed"):
-        register_model(
+        _register(
             db_session,
             local_store,
             checkpoints["a"],
@@ -163,7 +160,7 @@ def test_bad_requests_write_nothing(db_session, local_store, checkpoints, tmp_pa
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"junk")
     with pytest.raises(RegistryError, match="not a readable rollscan checkpoint"):
-        register_model(db_session, local_store, junk, fabric_type="denim", random_teacher_ok=True)
+        _register(db_session, local_store, junk, fabric_type="denim")
     assert db_session.scalar(select(func.count()).select_from(Model)) == 0
     assert list(local_store.iter_objects("models/")) == []
 
@@ -226,7 +223,7 @@ def test_an_activation_reads_the_model_afresh(db_engine, local_store, checkpoint
     (which loaded A, active) and its activate, another script activated B. A's stale copy said
     "active", so A was never set back after B was stepped down: no active model, "activated A"."""
     with Session(db_engine) as s:
-        register_model(
+        _register(
             s,
             local_store,
             checkpoints["a"],
@@ -234,7 +231,7 @@ def test_an_activation_reads_the_model_afresh(db_engine, local_store, checkpoint
             version="A",
             random_teacher_ok=True,
         )
-        register_model(
+        _register(
             s,
             local_store,
             checkpoints["b"],
@@ -245,9 +242,7 @@ def test_an_activation_reads_the_model_afresh(db_engine, local_store, checkpoint
         activate_model(s, "A")
         s.commit()
     with Session(db_engine) as first:
-        model, created = register_model(
-            first, local_store, checkpoints["a"], fabric_type="denim", random_teacher_ok=True
-        )
+        model, created = _register(first, local_store, checkpoints["a"], fabric_type="denim")
         assert (model.version, model.active, created) == ("A", True, False)
         with Session(db_engine) as second:
             activate_model(second, "B")
@@ -282,28 +277,24 @@ def test_a_checkpoint_whose_card_disagrees_with_its_contents_is_refused_when_reg
     }
     for reason, path in cases.items():
         with pytest.raises(RegistryError, match=reason):
-            register_model(db_session, local_store, path, fabric_type=None, random_teacher_ok=True)
+            _register(db_session, local_store, path, fabric_type=None)
     local = _with_card(source, tmp_path / "t.pt", teacher_weights="file:resnet18.pth")
     with pytest.raises(RegistryError, match=r"local file .* no setting for"):
-        register_model(db_session, local_store, local, fabric_type="denim", random_teacher_ok=True)
+        _register(db_session, local_store, local, fabric_type="denim")
     assert db_session.scalar(select(func.count()).select_from(Model)) == 0
 
 
 def test_registering_again_restores_a_lost_or_damaged_stored_copy(
     db_session, local_store, checkpoints
 ):
-    model, _ = register_model(
-        db_session, local_store, checkpoints["a"], fabric_type="denim", random_teacher_ok=True
-    )
+    model, _ = _register(db_session, local_store, checkpoints["a"], fabric_type="denim")
     key = checkpoint_key(model.sha256)
     for damage in ("lost", "truncated"):
         if damage == "lost":
             local_store.delete(key)
         else:
             local_store.put(key, checkpoints["a"].read_bytes()[:1000])
-        again, created = register_model(
-            db_session, local_store, checkpoints["a"], fabric_type="denim", random_teacher_ok=True
-        )
+        again, created = _register(db_session, local_store, checkpoints["a"], fabric_type="denim")
         assert (again.version, created) == (model.version, False)
         assert fetch_checkpoint(local_store, model) == checkpoints["a"].read_bytes()
 
@@ -318,7 +309,7 @@ def test_a_version_taken_meanwhile_by_other_weights_is_a_clear_error(
     def register_b() -> None:
         with Session(db_engine) as s:
             try:
-                register_model(
+                _register(
                     s,
                     local_store,
                     checkpoints["b"],
@@ -331,7 +322,7 @@ def test_a_version_taken_meanwhile_by_other_weights_is_a_clear_error(
                 outcome.append(exc)
 
     with Session(db_engine) as a:
-        register_model(
+        _register(
             a,
             local_store,
             checkpoints["a"],
