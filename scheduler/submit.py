@@ -76,16 +76,16 @@ def _first_gaps(seqs: list[int], n: int) -> list[int]:
     return gaps
 
 
-def _check_frame_file(path: Path, max_bytes: int | None) -> None:
-    """A frame is a regular file (a link to one is followed) no larger than any frame may be:
-    a link to /dev/zero streamed into the store until the disk was full."""
+def _check_frame_file(path: Path, max_pixels: int | None) -> None:
+    """A frame is a regular file (a link to one is followed) no larger than any frame within
+    `max_pixels` may be: a link to /dev/zero streamed into the store until the disk was full."""
     if not path.is_file():
         raise ValueError(f"{path}: not a regular file")
     size = path.stat().st_size
-    if max_bytes is not None and size > max_bytes:
+    if max_pixels is not None and size > (limit := max_frame_bytes(max_pixels)):
         raise ValueError(
-            f"{path}: {size} bytes, more than any frame within ROLLSCAN_MAX_FRAME_PIXELS can "
-            f"have ({max_bytes})"
+            f"{path}: {size} bytes, more than any frame within ROLLSCAN_MAX_FRAME_PIXELS="
+            f"{max_pixels} can have ({limit})"
         )
 
 
@@ -95,10 +95,11 @@ def upload_folder(
     incoming_prefix: str,
     limits: ManifestLimits | None = None,
     check: Callable[[Manifest], None] | None = None,
-    max_bytes: int | None = None,
+    max_frame_pixels: int | None = None,
 ) -> tuple[Manifest, Submission]:
     """Validate a roll folder completely — `check` too, given the manifest; every frame a
-    regular file of at most `max_bytes` — then upload it (frames first, manifest last)."""
+    regular file no larger than a frame of `max_frame_pixels` can be — then upload it (frames
+    first, manifest last)."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{folder} has no manifest.json")
@@ -114,7 +115,7 @@ def upload_folder(
     )
     _check_sequence([(s, p.name) for s, p in named], manifest, str(folder))
     for _, path in named:  # before any upload: a refused folder leaves nothing in the store
-        _check_frame_file(path, max_bytes)
+        _check_frame_file(path, max_frame_pixels)
     if check is not None:
         check(manifest)
     prefix = f"{incoming_prefix.rstrip('/')}/{manifest.roll_id}"
@@ -176,7 +177,7 @@ def submit(ctx: WorkerContext, target: str) -> Submission:
             settings.incoming_prefix,
             limits,
             lambda m: _registrable(ctx, m),
-            max_frame_bytes(settings.max_frame_pixels),
+            settings.max_frame_pixels,
         )
     with ctx.session() as session:
         register_roll(session, manifest, submission.source)

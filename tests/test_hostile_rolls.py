@@ -114,6 +114,8 @@ CLASSES: dict[str, tuple] = {
     "truncated": (lambda: frame(GOOD, rowsperstrip=16)[:40_000], "truncated"),
     "empty": (lambda: b"", "not a TIFF"),
 }
+# `rollscan submit FOLDER` refuses these from the file itself, before uploading anything
+REFUSED_BY_SUBMIT = {"object-far-larger-than-a-frame"}
 VIAS = ("", "-submit")  # the roll id's suffix: found by discovery, given to `rollscan submit`
 ABSURD_MANIFESTS = {"R-px-tiny": {"px_per_mm": 1e-300}, "R-wide-mm": {"width_mm": 1e308}}
 
@@ -214,13 +216,18 @@ def outcome(
             (folder / "frames").mkdir(parents=True)
             (folder / "frames" / "000001.tif").write_bytes(data)
             (folder / "manifest.json").write_text(json.dumps(manifest(folder.name)))
+            if name in REFUSED_BY_SUBMIT:  # from the file's size, before anything is uploaded
+                with pytest.raises(ValueError, match=CLASSES[name][1]):
+                    submit(ctx, str(folder))
+                continue
             submit(ctx, str(folder))
         # and a good roll behind them all: the queue must go on
         write_synthetic_roll(tmp / "after", AFTER, frames=1, frame_rows=BAND, width=WIDTH,
                              plan=[], fabric_type=FABRIC)  # fmt: skip
         upload_folder(store, tmp / "after", "incoming")
         problems = discover_once(ctx).problems
-        hostile = [f"R-{name}{via}" for name in CLASSES for via in VIAS]
+        hostile = [f"R-{name}{via}" for name in CLASSES for via in VIAS
+                   if not (via and name in REFUSED_BY_SUBMIT)]  # fmt: skip
         wait_for(stack, lambda: status(stack, AFTER) == "done" and all(
             status(stack, r) == "failed" for r in hostile), "the hostile rolls and the last")  # fmt: skip
         with ctx.session() as session:
@@ -242,6 +249,9 @@ def status(stack: Stack, roll_id: str) -> str | None:
 @pytest.mark.parametrize("via", VIAS)
 @pytest.mark.parametrize("name", sorted(CLASSES))
 def test_a_hostile_roll_fails_alone_with_its_reason(outcome: Outcome, name: str, via: str) -> None:
+    if via and name in REFUSED_BY_SUBMIT:  # refused by `rollscan submit` itself: never a roll
+        assert f"R-{name}{via}" not in outcome.rolls
+        return
     roll = outcome.rolls[f"R-{name}{via}"]
     assert roll.status == "failed"
     assert CLASSES[name][1] in roll.failure_reason, roll.failure_reason

@@ -13,6 +13,7 @@ import pytest
 from scheduler.submit import frame_seq, upload_folder
 from storage.manifest import MAX_MANIFEST_BYTES, ManifestError
 from storage.objectstore import LocalStore
+from worker.frames import max_frame_bytes
 
 MANIFEST = {"roll_id": "R-1", "fabric_type": "twill", "width_mm": 100.0, "px_per_mm": 10.0,
             "complete": False}  # fmt: skip
@@ -85,8 +86,8 @@ def test_a_frame_that_is_no_regular_file_or_too_big_is_refused_before_upload(tmp
     elif kind == "folder":
         second.mkdir()
     else:
-        second.write_bytes(bytes(5000))
-    reason = "5000 bytes, more than any frame" if kind == "too big" else "not a regular file"
-    with pytest.raises(ValueError, match=reason):
-        upload_folder(store, folder, "incoming", max_bytes=4096)
+        second.write_bytes(bytes(max_frame_bytes(1000) + 1))
+    reason = "more than any frame within ROLLSCAN_MAX_FRAME_PIXELS=1000"
+    with pytest.raises(ValueError, match=reason if kind == "too big" else "not a regular file"):
+        upload_folder(store, folder, "incoming", max_frame_pixels=1000)
     assert list(store.iter_objects("")) == []
