@@ -12,8 +12,9 @@ The task is here, not in `worker.tasks`, because grading is the control plane's
 
 Each grading takes the rolls whose current run finished since the previous grading began
 (kept in ``discovery_cursors`` as name ``grading``; minus a 10-minute margin for clock skew
-between workers and the database), so a night missed while nothing ran is made up by the next
-one, and any current run without a grade whenever it finished (a failed reprocess run hands its
+between workers and the database), so a night missed is made up by the next grading — the
+embedded beat's at once when it starts again (`InProcessScheduler`) — and any current run
+without a grade whenever it finished (a failed reprocess run hands its
 roll back to the run before it, which does not finish again); a roll graded twice is an upsert
 (`results.grade_store`).
 """
@@ -22,8 +23,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any
 
 from celery import Celery
@@ -38,6 +41,7 @@ from results.grading import GradingRules
 from storage.schema import DiscoveryCursor
 from storage.settings import Settings, get_settings
 from worker.app import app as worker_app
+from worker.backoff import Backoff
 
 log = logging.getLogger(__name__)
 
@@ -99,23 +103,80 @@ def grade_nightly() -> int:
         return len(grade_since_last(session, rules_for))
 
 
+def last_grading(session: Session) -> datetime | None:
+    """When the last grading began (the mark's time), or None before the first."""
+    return session.scalar(select(DiscoveryCursor.updated_at).where(DiscoveryCursor.name == CURSOR))
+
+
+GRADING_RETRY = Backoff(base_s=60, cap_s=1800)  # a grading that failed: again within the night
+
+
 class InProcessScheduler(Scheduler):
-    """Beat that runs due tasks in its own process instead of sending them to a broker."""
+    """Beat that runs due tasks in its own process instead of sending them to a broker.
+
+    Its schedule lives in memory, so on start the grading entry takes the last grading's time
+    from the database: a grading time that passed while the process was down (a deploy, a
+    reboot) is due at once, once. A grading that fails (the database restarting at that minute)
+    stays due and is tried again after `GRADING_RETRY`'s back-off, not the next night."""
 
     producer = None  # nothing is sent: no broker connection
 
+    def __init__(self, *args: Any, last_run: Callable[[], datetime | None] | None = None,
+                 clock: Callable[[], float] = time.monotonic, **kwargs: Any) -> None:  # fmt: skip
+        self._last_run, self._clock = last_run, clock
+        self._failed: Any = None  # the entry whose task failed, to run again
+        self._failures, self._retry_at = 0, 0.0
+        super().__init__(*args, **kwargs)
+
     def install_default_entries(self, data: Any) -> None:
         """Only our schedule (no result backend to clean up)."""
+
+    def setup_schedule(self) -> None:
+        super().setup_schedule()
+        entry = self.schedule.get("grade-nightly")
+        if entry is None or self._last_run is None:
+            return
+        try:
+            last = self._last_run()
+        except Exception:  # the database down at start: the schedule starts from now
+            log.exception("beat: the last grading's time could not be read")
+            return
+        if last is not None:
+            entry.last_run_at = last.astimezone(self.app.timezone)
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        if self._failed is not None and self._clock() >= self._retry_at:
+            self._run(self._failed)
+            return 0.0
+        delay = super().tick(*args, **kwargs)  # Celery's own: the next night is reserved
+        if self._failed is not None:
+            delay = min(delay, max(0.0, self._retry_at - self._clock()))
+        return delay
 
     def apply_async(
         self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any
     ) -> Any:
         entry = self.reserve(entry) if advance else entry
+        return self._run(entry)
+
+    def _run(self, entry: Any) -> Any:
         try:
-            return self.app.tasks[entry.task].apply(entry.args, entry.kwargs)
-        except Exception:  # the next run grades everything since the last good one
-            log.exception("beat: %s failed", entry.task)
+            result = self.app.tasks[entry.task](*entry.args, **entry.kwargs)
+        except Exception:  # run again after the back-off, within the night
+            delay = GRADING_RETRY.delay(self._failures)
+            self._failed, self._failures = entry, self._failures + 1
+            self._retry_at = self._clock() + delay
+            log.exception("beat: %s failed; trying again in %.0f s", entry.task, delay)
             return None
+        self._failed, self._failures = None, 0
+        return result
+
+
+def _last_grading_of_this_site() -> datetime | None:
+    from worker.runtime import process_context
+
+    with process_context().session() as session:
+        return last_grading(session)
 
 
 def start_embedded_beat(settings: Settings | None = None) -> tuple[threading.Thread, Service]:
@@ -123,7 +184,8 @@ def start_embedded_beat(settings: Settings | None = None) -> tuple[threading.Thr
     ends it (within a minute)."""
     settings = settings or get_settings()
     configure(app, settings)
-    service = Service(app, scheduler_cls=InProcessScheduler, max_interval=60, remote_control=False)
+    scheduler = partial(InProcessScheduler, last_run=_last_grading_of_this_site)
+    service = Service(app, scheduler_cls=scheduler, max_interval=60, remote_control=False)
     thread = threading.Thread(target=service.start, name="rollscan-beat", daemon=True)
     thread.start()
     log.info("beat: grading every day at %s (%s)", settings.grade_at, settings.timezone)

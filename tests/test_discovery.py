@@ -42,6 +42,8 @@ from worker.context import WorkerContext
 from worker.inline import InlineEnqueuer
 from worker.roll_rows import register_roll
 
+DOWN = "127.0.0.1:1"  # nothing listens on port 1
+
 
 def _inline_ctx(settings, engine, store):
     enqueuer = InlineEnqueuer()
@@ -288,6 +290,70 @@ def test_nightly_grading_takes_the_rolls_finished_since_the_last_one(
             worker.runtime._context.engine.dispose()
     with Session(db_engine) as session:
         assert session.scalar(select(Grade.grade).where(Grade.roll_id == "R-0502")) == "site-first"
+
+
+def test_the_embedded_beat_makes_up_a_missed_night_and_retries_a_failed_grading(
+    db_engine, tmp_path, monkeypatch
+):
+    """Its schedule lived in memory: a scheduler down over the grading time (a deploy) skipped
+    that night, and a grading that failed (the database restarting at that minute) waited for
+    the next night. Now the last grading's time comes from the database, and a failure is
+    tried again after a back-off."""
+    import worker.runtime
+    from scheduler.beat import (
+        GRADING_RETRY,
+        InProcessScheduler,
+        app,
+        configure,
+        grade_since_last,
+        last_grading,
+    )
+
+    def mark() -> datetime | None:
+        with Session(db_engine) as session:
+            return last_grading(session)
+
+    def use_database(url: str) -> None:
+        if worker.runtime._context is not None:
+            worker.runtime._context.engine.dispose()
+        monkeypatch.setenv("ROLLSCAN_DATABASE_URL", url)
+        monkeypatch.setattr(worker.runtime, "_context", None)
+
+    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
+    use_database(db_engine.url.render_as_string(False))
+    configure(app, Settings(grade_at="02:00", timezone="Europe/Paris"))
+    now = [1000.0]
+    try:
+        _in_session(db_engine, grade_since_last)  # graded once, two days ago
+        two_days_ago = datetime.now(UTC) - timedelta(days=2)
+        with Session(db_engine) as session, session.begin():
+            cursor = session.get(DiscoveryCursor, "grading")
+            cursor.updated_at = two_days_ago
+        assert mark() == two_days_ago
+        # a restart: yesterday's 02:00 passed since the last grading, so it runs at once
+        beat = InProcessScheduler(app=app, lazy=False, last_run=mark, clock=lambda: now[0])
+        beat.tick()
+        assert mark() > two_days_ago + timedelta(days=1)
+        before = mark()
+        InProcessScheduler(app=app, lazy=False, last_run=mark, clock=lambda: now[0]).tick()
+        assert mark() == before  # once: a second restart has nothing to make up
+
+        with Session(db_engine) as session, session.begin():
+            session.get(DiscoveryCursor, "grading").updated_at = two_days_ago
+        use_database(f"postgresql+psycopg2://postgres@{DOWN}/rollscan")  # down at 02:00
+        beat = InProcessScheduler(app=app, lazy=False, last_run=mark, clock=lambda: now[0])
+        beat.tick()
+        use_database(db_engine.url.render_as_string(False))  # back a moment later
+        now[0] += GRADING_RETRY.delay(0) / 2
+        beat.tick()
+        assert mark() == two_days_ago  # not before the back-off
+        now[0] += GRADING_RETRY.delay(0)
+        beat.tick()
+        assert mark() > two_days_ago + timedelta(days=1)  # the same night, not the next
+    finally:
+        configure(app, Settings())
+        if worker.runtime._context is not None:
+            worker.runtime._context.engine.dispose()
 
 
 def _in_session(engine, function):
