@@ -10,8 +10,8 @@ bank, each map is reported on its own too (`scorers`: the student, the memory ba
 from __future__ import annotations
 
 import json
-import logging
 import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,10 @@ from distill.inference import Detector, Precision
 from distill.metrics import aupro, coverage, f1_max, image_auroc, pixel_auroc, tile_scores_on
 from distill.selection import fuse_maps, raw_maps
 
-log = logging.getLogger(__name__)
+
+class UnmaskedDefectWarning(UserWarning):
+    """Defect test tiles without a mask: the pixel figures count their pixels as good."""
+
 
 METRIC_KEYS = ("image_auroc", "pixel_auroc", "aupro", "f1_max", "coverage", "tiles_per_s")
 NAN = float("nan")
@@ -111,10 +114,12 @@ def evaluate_detector(
         check_native_size([s.path for s in samples], tile, evaluating=True)
     unmasked = [s.path for s in samples if s.label == 1 and s.mask_path is None]
     if unmasked:  # their pixels would count as good ones, silently lowering the pixel figures
-        log.warning(
-            "%d defect tile(s) have no mask (ground_truth/KIND/NAME_mask.png), e.g. %s: the pixel "
-            "metrics take all their pixels for good ones", len(unmasked), unmasked[0],
-        )  # fmt: skip
+        warnings.warn(
+            f"{len(unmasked)} defect tile(s) have no mask (ground_truth/KIND/NAME_mask.png), "
+            f"e.g. {unmasked[0]}: the pixel metrics take all their pixels for good ones",
+            UnmaskedDefectWarning,
+            stacklevel=2,
+        )
     labels = np.array([s.label for s in samples])
     images = load_stack([s.path for s in samples], tile)
     masks = np.stack([load_mask(s.mask_path, (tile, tile)) for s in samples])
