@@ -75,6 +75,14 @@ def mask_url(url: str | URL) -> str:
 # a server that accepts and never answers held a command (or a worker) for ever: libpq's own
 # limit on establishing a connection, in seconds; a connection up is not limited by it
 CONNECT_TIMEOUT_S = 10
+# a connection up whose server went silent (a partition, a frozen VM) held its worker until the
+# broker's own timeout (24 h): TCP keepalives give it up after about 60 s of silence, and
+# unacknowledged data after 60 s — a long query that is answering is not limited
+CONNECT_ARGS = {
+    "connect_timeout": CONNECT_TIMEOUT_S,
+    "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}  # fmt: skip
 
 
 def make_engine(settings_or_url: Settings | str | URL | None = None, **kwargs: object) -> Engine:
@@ -85,7 +93,7 @@ def make_engine(settings_or_url: Settings | str | URL | None = None, **kwargs: o
     else:
         url = settings_or_url
     kwargs.setdefault("pool_pre_ping", True)
-    kwargs.setdefault("connect_args", {"connect_timeout": CONNECT_TIMEOUT_S})
+    kwargs.setdefault("connect_args", dict(CONNECT_ARGS))
     return create_engine(_normalise(url), **kwargs)  # type: ignore[arg-type]
 
 

@@ -330,3 +330,19 @@ def test_transient_errors_are_recognised(db_engine: Engine) -> None:
         with pytest.raises(IntegrityError) as bad_row:
             conn.execute(text("INSERT INTO rolls (id) VALUES ('R1')"))
         assert not database.is_transient_db_error(bad_row.value)
+
+
+def test_a_connection_whose_server_falls_silent_is_given_up(db_engine: Engine) -> None:
+    """A server gone silent mid-query (a partition, a frozen VM) held its worker until the
+    broker's own timeout: TCP keepalives and a user timeout now give the connection up."""
+    engine = database.make_engine(db_engine.url)
+    try:
+        with engine.connect() as conn:
+            dsn = conn.connection.dbapi_connection.get_dsn_parameters()
+    finally:
+        engine.dispose()
+    assert (dsn["keepalives"], dsn["keepalives_idle"], dsn["tcp_user_timeout"]) == (
+        "1",
+        "30",
+        "60000",
+    )

@@ -24,8 +24,8 @@ from results.grade_store import grade_rolls
 from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.reprocess import reprocess, select_rolls, start_reprocess_run
 from scheduler.submit import submit
-from storage.registry import register_model
-from storage.schema import Band, Defect, Grade, Roll, Run, TaskDelivery
+from storage.registry import checkpoint_key, register_model
+from storage.schema import Band, Defect, Grade, Model, Roll, Run, TaskDelivery
 from storage.zarr_rolls import open_roll
 from worker.app import ROUTES
 from worker.deliveries import GIVEN_UP, Delivery, run_counted
@@ -464,6 +464,28 @@ def test_cli_reprocesses_through_the_celery_tasks_on_the_reprocess_queue(
     assert sent == [("score_reprocess", (run.id, 0)), ("score_reprocess", (run.id, 1))]
     (row,) = _current(ctx)
     assert row[1] == V2 and row[4] is not None and row[4] == row[5]
+
+
+def test_a_band_that_fails_for_good_fails_its_run_with_the_reason(
+    ctx, tmp_path, monkeypatch, capsys
+):
+    """A band whose task raised an error no retry mends (here v2's checkpoint, damaged in the
+    store) was acknowledged and its run waited for ever, the reason in a worker's log only."""
+    _done_roll(ctx, tmp_path, "R-bad")
+    with ctx.session() as session:
+        model = session.get(Model, V2)
+        ctx.store.put(checkpoint_key(model.sha256), b"not the checkpoint it was")
+    args = ["reprocess", "--model", V2, "--no-progress"]
+    code = _rollscan(ctx, monkeypatch, tmp_path, args, ROLLSCAN_DEVICE="cpu")
+    assert code in (1, 2), capsys.readouterr()
+    with ctx.session() as session:
+        run = session.scalar(select(Run).where(Run.model_version == V2))
+        assert run.status == "failed" and "RegistryError" in run.error, run.error
+        assert "band 0 of run" in run.error and "sha256" in run.error, run.error
+        assert session.get(Roll, "R-bad").status == "done"  # a reprocess run fails alone
+        assert session.scalar(select(func.count()).select_from(TaskDelivery)) == 0
+    (row,) = _current(ctx)
+    assert row[1] == V1
 
 
 def test_running_the_cli_again_after_an_interrupt_grades_what_finished_meanwhile(

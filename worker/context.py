@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
 from sqlalchemy import Engine, text
 from sqlalchemy.orm import Session
 
@@ -26,6 +27,8 @@ from storage.schema import Model
 from storage.settings import Settings, get_settings
 
 _log = logging.getLogger(__name__)
+# models a worker keeps loaded: the fabrics a line runs at once, with room for a version change
+MAX_CACHED_MODELS = 8
 
 
 class Enqueuer(Protocol):
@@ -77,17 +80,27 @@ class WorkerContext:
             yield session
 
     def detector(self, model: Model) -> Detector:
-        """The model's detector, loaded once per process and cached by version."""
+        """The model's detector, loaded once per process and cached by version: the
+        `MAX_CACHED_MODELS` used last are kept (each retrain of a fabric leaves its old version
+        behind, which a long-lived GPU worker would keep until CUDA ran out of memory)."""
         with self._lock:
-            if model.version not in self._detectors:
-                data = fetch_checkpoint(self.store, model)
-                detector, _ = load_detector(
-                    data, device=self.device, batch_size=self.batch_size,
-                    precision=self.settings.precision, compile=self.settings.compile_model,
-                )  # fmt: skip
-                self._detectors[model.version] = detector
-                _log.info("model %s loaded: %s", model.version, detector.mode)
-            return self._detectors[model.version]
+            if model.version in self._detectors:
+                self._detectors[model.version] = self._detectors.pop(model.version)  # last used
+                return self._detectors[model.version]
+            data = fetch_checkpoint(self.store, model)
+            detector, _ = load_detector(
+                data, device=self.device, batch_size=self.batch_size,
+                precision=self.settings.precision, compile=self.settings.compile_model,
+            )  # fmt: skip
+            while len(self._detectors) >= MAX_CACHED_MODELS:
+                evicted = next(iter(self._detectors))  # used least recently (dicts keep order)
+                del self._detectors[evicted]
+                _log.info("model %s dropped from the cache", evicted)
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            self._detectors[model.version] = detector
+            _log.info("model %s loaded: %s", model.version, detector.mode)
+            return detector
 
 
 def lock_bands(session: Session, roll_id: str, bands: range | list[int], shared: bool) -> None:

@@ -41,8 +41,8 @@ GIVEN_UP = "failed"  # what a task returns when it gave up its roll
 class Delivery:
     """One task's identity across its deliveries, and how to give its roll up."""
 
-    task: str  # ingest, score, finalize
-    key: str  # unique per task: "R-1/3", "17/2", "17"
+    task: str  # ingest, score, finalize, train
+    key: str  # unique per task: "R-1/3", "17/2", "17", a training request's digest
     what: str  # for people: "frame 3 (incoming/R-1/frames/000003.tif)"
     roll_id: str | None = None  # ingest knows it; score and finalize go through their run
     run_id: int | None = None
@@ -127,11 +127,17 @@ def _end(ctx: WorkerContext, delivery: Delivery, succeeded: bool) -> None:
 
 
 def _give_up(ctx: WorkerContext, delivery: Delivery, died: int) -> None:
-    reason = (
+    fail_delivery(
+        ctx, delivery,
         f"{delivery.what}: its worker died during each of {died} deliveries (killed, out of "
         f"memory or a crash, e.g. in a decoder); given up after ROLLSCAN_MAX_DELIVERIES = "
-        f"{ctx.settings.max_deliveries} instead of delivered again"
-    )
+        f"{ctx.settings.max_deliveries} instead of delivered again",
+    )  # fmt: skip
+
+
+def fail_delivery(ctx: WorkerContext, delivery: Delivery, reason: str) -> None:
+    """Fail what `delivery` works for with `reason` — its roll, or its reprocess run alone;
+    a training has neither: the reason is logged — and forget its deliveries."""
     with ctx.session() as session:
         roll_id = delivery.roll_id
         if delivery.run_id is not None:
@@ -147,7 +153,8 @@ def _give_up(ctx: WorkerContext, delivery: Delivery, died: int) -> None:
                 TaskDelivery.task == delivery.task, TaskDelivery.key == delivery.key
             )
         )
-    log.error("roll %s: %s", roll_id or f"(run {delivery.run_id})", reason)
+    where = roll_id or (f"(run {delivery.run_id})" if delivery.run_id is not None else None)
+    log.error("%s%s", f"roll {where}: " if where else "", reason)
 
 
 def _fail_run_only(session: Session, run: Run, reason: str) -> None:

@@ -11,6 +11,8 @@ process) imports this module; the rest takes its context from `worker.runtime`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
@@ -19,7 +21,7 @@ from celery import Task
 from worker.app import app
 from worker.backoff import RETRY_LATER_CAP_S, TRANSIENT_MAX_RETRIES, TRANSIENT_RETRY, Backoff
 from worker.context import RetryLater, WorkerContext
-from worker.deliveries import Delivery, run_counted
+from worker.deliveries import Delivery, fail_delivery, run_counted
 from worker.finalize import finalize_run
 from worker.ingest import ingest_frame
 from worker.runtime import process_context
@@ -61,10 +63,22 @@ def _run_task(task: Task, function: Any, *args: Any, delivery: Delivery | None =
         raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
     except Exception as exc:
         if not is_transient_error(exc):
+            if delivery is not None:  # its roll fails with the reason, not waits for ever
+                _failed_for_good(ctx, delivery, exc)
             raise
         countdown = TRANSIENT_RETRY.delay(task.request.retries)
         log.warning("%s%s: transient error, retry in %ss: %s", task.name, args, countdown, exc)
         raise task.retry(exc=exc, countdown=countdown, max_retries=TRANSIENT_MAX_RETRIES) from exc
+
+
+def _failed_for_good(ctx: WorkerContext, delivery: Delivery, exc: Exception) -> None:
+    """A task that failed with an error no retry mends (a damaged checkpoint, a bug) was
+    acknowledged and its roll waited for ever, the reason in the worker's log only."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    try:
+        fail_delivery(ctx, delivery, f"{delivery.what}: {type(exc).__name__}: {text}"[:2000])
+    except Exception:  # the task's own error is what the log must show
+        log.exception("%s: the failure could not be recorded", delivery.what)
 
 
 def _band(run_id: int, band_index: int) -> Delivery:
@@ -100,4 +114,15 @@ def train(self: Task, data: str, fabric_type: str | None, version: str | None = 
           config: dict | None = None) -> str:  # fmt: skip
     from worker.training import train_and_register
 
-    return _run_task(self, train_and_register, data, fabric_type, version, config or {})
+    delivery = training_delivery(data, fabric_type, version, config or {})
+    return _run_task(self, train_and_register, data, fabric_type, version, config or {},
+                     delivery=delivery)  # fmt: skip
+
+
+def training_delivery(data: str, fabric_type: str | None, version: str | None,
+                      config: dict) -> Delivery:  # fmt: skip
+    """A training request's deliveries, counted like the others': one that kills its worker
+    (out of memory) was delivered again without end, hours of GPU each, beside live scoring."""
+    request = json.dumps([data, fabric_type, version, config], sort_keys=True)
+    digest = hashlib.sha256(request.encode()).hexdigest()[:32]
+    return Delivery("train", digest, f"training of {fabric_type or 'the generic model'} on {data}")
