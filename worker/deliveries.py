@@ -5,8 +5,8 @@ Tasks are acknowledged late and rejected back to the queue when their worker is 
 rule would deliver for ever a frame that itself kills the worker (out of memory, a segfault in
 a codec): the roll would never fail and the queue would stay wedged behind it.
 
-So each delivery of ingest (per roll and frame), score (per run and band) and finalize (per
-run) counts itself in PostgreSQL (`task_deliveries.unfinished + 1`) before it works, and
+So each delivery of ingest (per roll and frame), score (per run and band), finalize (per
+run) and train (per request) counts itself in PostgreSQL (`task_deliveries.unfinished + 1`) before it works, and
 uncounts itself when it ends in any way Python sees: success, an error, a retry. Only
 deliveries whose process died stay counted. Copies of one task running at the same time (sent
 again by `resume`, a redelivered step or a restarted reprocess driver) are no deaths: the

@@ -5,7 +5,8 @@ prefork, so CUDA and database pools are created in the child) and retries with e
 back-off (`worker.backoff`) on transient database, object-store and broker errors
 (`worker.transient_errors`). A bad roll is marked failed inside the pipeline; other rolls go
 on. A task whose worker keeps dying on it fails its roll after `max_deliveries`
-(`worker.deliveries`). Only code that sends work through Celery (to a broker, or eagerly in this
+(`worker.deliveries`; a training is given up), and so, at once, does a task failing with an
+error no retry mends, its reason recorded before the error goes to the log. Only code that sends work through Celery (to a broker, or eagerly in this
 process) imports this module; the rest takes its context from `worker.runtime`.
 """
 
