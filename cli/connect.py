@@ -89,8 +89,6 @@ def _service_problem(exc: BaseException) -> tuple[str, int] | None:
     if is_transient_store_error(exc):
         return f"cannot reach the object store: {_first_line(_root(exc))}", 3
     for item in _chain(exc):
-        if type(item).__module__.startswith("botocore") and error_code(item) in _STORE_REFUSALS:
-            return f"the object store refused: {_first_line(item)}", 2
         if _store_refusal(item):
             return f"the object store refused: {_first_line(item)}", 2
     return None
@@ -101,17 +99,18 @@ _STORE_REFUSALS |= {"403", "Forbidden"}  # a HEAD refused: no body, no code of i
 
 
 def _store_refusal(item: BaseException) -> bool:
-    """obstore's (the zarr path's) and botocore's words for credentials missing or refused (a
-    PermissionError alone may be a local file's: a checkpoint's --out)."""
+    """botocore's and obstore's (the zarr path's) words for a bucket or credentials refused, or
+    credentials missing (an endpoint set without its keys); s3fs's PermissionError has
+    botocore's refusal as its cause (a PermissionError alone may be a local file's: --out)."""
     name, module = type(item).__name__, type(item).__module__
     if module.startswith("obstore"):
         return name in ("PermissionDeniedError", "UnauthenticatedError")
-    # an endpoint set without its keys (s3fs's PermissionError has botocore's refusal as its
-    # cause: the codes above)
-    return module.startswith("botocore") and name in (
-        "NoCredentialsError",
-        "PartialCredentialsError",
-    )
+    if module.startswith("botocore"):
+        return error_code(item) in _STORE_REFUSALS or name in (
+            "NoCredentialsError",
+            "PartialCredentialsError",
+        )
+    return False
 
 
 def _chain(exc: BaseException) -> list[BaseException]:

@@ -110,8 +110,9 @@ def evaluate_detector(
     samples = category.test
     if not samples:
         raise ValueError(f"{data}/test holds no images to evaluate")
+    paths = [s.path for s in samples]
     if native_size:
-        check_native_size([s.path for s in samples], tile, evaluating=True)
+        check_native_size(paths, tile, evaluating=True)
     unmasked = [s.path for s in samples if s.label == 1 and s.mask_path is None]
     if unmasked:  # their pixels would count as good ones, silently lowering the pixel figures
         warnings.warn(
@@ -121,9 +122,9 @@ def evaluate_detector(
             stacklevel=2,
         )
     labels = np.array([s.label for s in samples])
-    images = load_stack([s.path for s in samples], tile)
+    images = load_stack(paths, tile)
     masks = np.stack([load_mask(s.mask_path, (tile, tile)) for s in samples])
-    valid = category.valid_masks([s.path for s in samples], tile)
+    valid = category.valid_masks(paths, tile)
     maps, seconds = predict_with_progress(detector, images, progress, fabric=valid)
     result: dict = map_metrics(maps, labels, masks, detector.threshold, valid)
     result |= {

@@ -163,8 +163,9 @@ class Settings(BaseSettings):
     @classmethod
     def _broker_url_form(cls, value: SecretStr | None) -> SecretStr | None:
         # "localhost:6379" read as a broker that is down (exit 3), "http://…" a KeyError
-        scheme = (value.get_secret_value() if value else "").partition("://")[0]
-        if value is not None and scheme not in BROKER_SCHEMES:
+        if value is None:
+            return value
+        if value.get_secret_value().partition("://")[0] not in BROKER_SCHEMES:
             raise ValueError(
                 f"not a broker URL: want {', '.join(sorted(BROKER_SCHEMES))}://… (redis://HOST:6379/0)"
             )

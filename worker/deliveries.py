@@ -6,8 +6,9 @@ rule would deliver for ever a frame that itself kills the worker (out of memory,
 a codec): the roll would never fail and the queue would stay wedged behind it.
 
 So each delivery of ingest (per roll and frame), score (per run and band), finalize (per
-run) and train (per request) counts itself in PostgreSQL (`task_deliveries.unfinished + 1`) before it works, and
-uncounts itself when it ends in any way Python sees: success, an error, a retry. Only
+run) and train (per request) counts itself in PostgreSQL (`task_deliveries.unfinished + 1`)
+before it works, and uncounts itself when it ends in any way Python sees: success, an error, a
+retry. Only
 deliveries whose process died stay counted. Copies of one task running at the same time (sent
 again by `resume`, a redelivered step or a restarted reprocess driver) are no deaths: the
 counted delivery holds an advisory lock on its key while it runs, and a copy that finds it held

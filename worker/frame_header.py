@@ -100,9 +100,9 @@ def _colour_channels(page: Any) -> int:
     )
 
 
-def _segment_layout(page: Any) -> tuple[int, int, np.ndarray]:
-    """(number of segments, raw bytes of a full segment, raw bytes of each segment) implied by
-    the header: a strip image's last strip of each plane holds only the rows left."""
+def _segment_sizes(page: Any) -> np.ndarray:
+    """The raw bytes of each segment the header implies: a strip image's last strip of each
+    plane holds only the rows left."""
     planes = page.samplesperpixel if page.planarconfig == 2 else 1
     samples = page.samplesperpixel // planes
     itemsize = page.bitspersample // 8
@@ -112,19 +112,20 @@ def _segment_layout(page: Any) -> tuple[int, int, np.ndarray]:
         count = math.ceil(page.imagelength / page.tilelength)
         count *= math.ceil(page.imagewidth / page.tilewidth) * planes
         raw = page.tilelength * page.tilewidth * samples * itemsize
-        return count, raw, np.full(count, raw, dtype=np.uint64)
+        return np.full(count, raw, dtype=np.uint64)
     rows = max(1, min(page.rowsperstrip, page.imagelength))
     per_plane = math.ceil(page.imagelength / rows)
     row_bytes = page.imagewidth * samples * itemsize
     each = np.full(per_plane, rows * row_bytes, dtype=np.uint64)
     each[-1] = (page.imagelength - (per_plane - 1) * rows) * row_bytes
-    return per_plane * planes, rows * row_bytes, np.tile(each, planes)
+    return np.tile(each, planes)
 
 
 def check_segments(page: Any, size: int) -> None:
     """Every strip or tile the header implies exists, is non-empty, lies in the file and shares
     no byte with another; an uncompressed one holds all its raw bytes."""
-    count, raw, raw_each = _segment_layout(page)
+    raw_each = _segment_sizes(page)
+    count, raw = len(raw_each), int(raw_each.max())  # raw: a full segment's bytes
     kind = "tile" if page.is_tiled else "strip"
     offsets, counts = page.dataoffsets, page.databytecounts
     if len(offsets) != count or len(counts) != count:
