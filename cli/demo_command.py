@@ -86,7 +86,7 @@ def run_demo(
     from cli.connect import prepare_database
     from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
     from scheduler.submit import submit
-    from storage.schema import Defect, Roll, Run
+    from storage.schema import Defect, Roll, current_run
     from worker.app import app
     from worker.tasks import context
 
@@ -115,7 +115,7 @@ def run_demo(
     submit(ctx, str(roll_dir))
     with ctx.session() as session:
         roll = session.get(Roll, roll_id)
-        run = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+        run = current_run(session, roll_id)
         if roll.status != "done" or run is None:
             raise RuntimeError(f"roll {roll_id} ended {roll.status}: {roll.failure_reason}")
         found = [

@@ -15,7 +15,7 @@ from sqlalchemy import case, column, func, select, table
 from sqlalchemy.orm import Session
 
 from results.grade_store import SYSTEM
-from storage.schema import Frame, Roll, Run
+from storage.schema import Frame, Roll, Run, current_run
 
 # the views are not ORM models: lightweight table clauses with the columns used here
 DEFECT_COLUMNS = (
@@ -152,14 +152,18 @@ def unscored_reason(session: Session, roll_id: str) -> str | None:
     roll = session.get(Roll, roll_id)
     if roll is None:
         raise ValueError(f"unknown roll {roll_id!r}")
-    current = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+    return why_unscored(roll, current_run(session, roll_id))
+
+
+def why_unscored(roll: Roll, current: Run | None) -> str | None:
+    """`unscored_reason` for a roll and its current run already read."""
     if current is not None and current.status != "failed":
         return None
     if current is not None:
-        return f"roll {roll_id}: its current run failed: {roll.failure_reason or current.error}"
+        return f"roll {roll.id}: its current run failed: {roll.failure_reason or current.error}"
     if roll.status == "failed":
-        return f"roll {roll_id} failed, before any run finished: {roll.failure_reason}"
-    return f"roll {roll_id} is not scored yet (status {roll.status})"
+        return f"roll {roll.id} failed, before any run finished: {roll.failure_reason}"
+    return f"roll {roll.id} is not scored yet (status {roll.status})"
 
 
 def format_value(value: Any, spec: str = "", zone: tzinfo | None = None) -> str:

@@ -29,12 +29,12 @@ from PIL import Image, ImageDraw
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from results.defect_tables import format_value, roll_defects, unscored_reason
+from results.defect_tables import format_value, roll_defects, why_unscored
 from results.grade_store import SYSTEM
 from results.grading import decisive_text
 from results.roll_map import MAX_LABELS, draw_roll_map
 from storage.objectstore import ObjectNotFound, ObjectStore
-from storage.schema import FabricExtent, Grade, Model, Roll, Run
+from storage.schema import FabricExtent, Grade, Model, Roll, current_run
 from storage.zarr_rolls import SCORE_SCALE, RollArrays, open_roll
 
 MAX_CROPS = 200  # defects beyond this get a table row but no crops
@@ -79,8 +79,8 @@ def load_report_data(session: Session, roll_id: str, zone: tzinfo | None = None)
             .order_by(FabricExtent.row_start)
         )
     ]
-    run = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
-    data.unscored = unscored_reason(session, roll_id)
+    run = current_run(session, roll_id)
+    data.unscored = why_unscored(roll, run)
     if run is not None:
         data.run = _row(run)
     if data.unscored is not None:  # a failed current run's defects may read replaced pixels

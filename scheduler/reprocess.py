@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 
 from results.grade_store import RUN_GRADED, grade_run
 from results.grading import GradingRules, load_rules
-from storage.schema import OPEN_RUN_STATUSES, Band, Model, Roll, Run
+from storage.schema import OPEN_RUN_STATUSES, Band, Model, Roll, Run, current_run
 from storage.zarr_rolls import open_roll, roll_exists
 from worker.context import WorkerContext
 from worker.roll_rows import asked_last, make_current, reopen_failed_run
@@ -371,7 +371,7 @@ class _StallWatch:
 def _shown_model(ctx: WorkerContext, roll_id: str, run_id: int) -> str | None:
     """The model of the roll's current run when it is not `run_id`, else None."""
     with ctx.session() as session:
-        current = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+        current = current_run(session, roll_id)
         return None if current is None or current.id == run_id else current.model_version
 
 

@@ -34,10 +34,11 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     func,
+    select,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 # Stable constraint names so that Alembic revisions can refer to them by name.
 NAMING_CONVENTION = {
@@ -244,6 +245,11 @@ class Run(Base):
         ),
         Index("ix_runs_model_version", "model_version"),
     )
+
+
+def current_run(session: Session, roll_id: str) -> Run | None:
+    """The roll's current run (the one the views show, failed or not), or None."""
+    return session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
 
 
 class Band(Base):

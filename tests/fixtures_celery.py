@@ -35,6 +35,34 @@ AMQP = "amqp://guest:guest@127.0.0.1:5672"
 VISIBILITY_S = 5  # the kill test's Redis visibility timeout
 
 
+# --- the process's own context, configured by the environment ------------------------------
+
+
+@pytest.fixture
+def env_context(monkeypatch) -> Iterator[Callable[..., None]]:
+    """`use(engine_or_url, data_dir, **env)`: this process's worker context (`worker.runtime`)
+    configured by the environment, as a command or an eager task builds it — the database, the
+    data dir and any other ROLLSCAN_ variable set, the context built so far forgotten (its
+    connections closed). The last one's connections are closed at teardown."""
+    import worker.runtime
+
+    def forget() -> None:
+        if worker.runtime._context is not None:
+            worker.runtime._context.engine.dispose()
+        monkeypatch.setattr(worker.runtime, "_context", None)
+
+    def use(database, data_dir: Path, **env: str) -> None:
+        forget()
+        url = database if isinstance(database, str) else database.url.render_as_string(False)
+        monkeypatch.setenv("ROLLSCAN_DATABASE_URL", url)
+        monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(data_dir))
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+
+    yield use
+    forget()
+
+
 # --- brokers ---------------------------------------------------------------------------------
 
 

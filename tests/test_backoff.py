@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 
-import worker.runtime
 from worker.backoff import RETRY_LATER_CAP_S, TRANSIENT_MAX_RETRIES, TRANSIENT_RETRY, Backoff
 from worker.inline import InlineEnqueuer
 from worker.runtime import NoEnqueuer, process_context
@@ -32,19 +31,14 @@ def test_the_tasks_numbers() -> None:
 
 
 def test_the_process_context_is_built_once_and_takes_the_first_enqueuer(
-    tmp_path, monkeypatch
+    tmp_path, env_context
 ) -> None:
-    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", "postgresql://nobody@localhost:1/none")
-    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path))
-    monkeypatch.setattr(worker.runtime, "_context", None)
+    env_context("postgresql://nobody@localhost:1/none", tmp_path)
     ctx = process_context()  # a caller that sends no work
-    try:
-        assert isinstance(ctx.enqueue, NoEnqueuer)
-        with pytest.raises(RuntimeError, match="send no work"):
-            ctx.enqueue.finalize(1)
-        first, second = InlineEnqueuer(), InlineEnqueuer()
-        assert process_context(first) is ctx and ctx.enqueue is first
-        assert process_context(second) is ctx and ctx.enqueue is first
-        assert process_context() is ctx and ctx.enqueue is first
-    finally:
-        ctx.engine.dispose()
+    assert isinstance(ctx.enqueue, NoEnqueuer)
+    with pytest.raises(RuntimeError, match="send no work"):
+        ctx.enqueue.finalize(1)
+    first, second = InlineEnqueuer(), InlineEnqueuer()
+    assert process_context(first) is ctx and ctx.enqueue is first
+    assert process_context(second) is ctx and ctx.enqueue is first
+    assert process_context() is ctx and ctx.enqueue is first

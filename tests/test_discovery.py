@@ -238,7 +238,7 @@ def test_one_scheduler_discovers_at_a_time(rec, s3_store):
 
 
 def test_nightly_grading_takes_the_rolls_finished_since_the_last_one(
-    db_engine, discovery_settings, tmp_path, monkeypatch
+    db_engine, discovery_settings, tmp_path, env_context
 ):
     from scheduler.beat import InProcessScheduler, app, configure, grade_since_last, schedule
 
@@ -272,34 +272,25 @@ def test_nightly_grading_takes_the_rolls_finished_since_the_last_one(
     assert grade() == ["R-0501"]
 
     # the nightly task itself, configured by the environment: ROLLSCAN_GRADING_RULES applies
-    import worker.runtime
     from scheduler.beat import grade_nightly
 
     rules = tmp_path / "rules.toml"
     rules.write_text(f'[fabric_types.{FABRIC}]\nacceptance = [["site-first", 40]]\n')
-    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", db_engine.url.render_as_string(False))
-    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setenv("ROLLSCAN_GRADING_RULES", str(rules))
-    monkeypatch.setattr(worker.runtime, "_context", None)
+    env_context(db_engine, tmp_path / "data", ROLLSCAN_GRADING_RULES=str(rules))
     with Session(db_engine) as session, session.begin():
         finished_roll(session, "R-0502")
-    try:
-        assert grade_nightly() == 2  # R-0502, and R-0501 again: within the clock margin
-    finally:
-        if worker.runtime._context is not None:
-            worker.runtime._context.engine.dispose()
+    assert grade_nightly() == 2  # R-0502, and R-0501 again: within the clock margin
     with Session(db_engine) as session:
         assert session.scalar(select(Grade.grade).where(Grade.roll_id == "R-0502")) == "site-first"
 
 
 def test_the_embedded_beat_makes_up_a_missed_night_and_retries_a_failed_grading(
-    db_engine, tmp_path, monkeypatch
+    db_engine, tmp_path, env_context
 ):
     """Its schedule lived in memory: a scheduler down over the grading time (a deploy) skipped
     that night, and a grading that failed (the database restarting at that minute) waited for
     the next night. Now the last grading's time comes from the database, and a failure is
     tried again after a back-off."""
-    import worker.runtime
     from scheduler.beat import (
         GRADING_RETRY,
         InProcessScheduler,
@@ -313,14 +304,10 @@ def test_the_embedded_beat_makes_up_a_missed_night_and_retries_a_failed_grading(
         with Session(db_engine) as session:
             return last_grading(session)
 
-    def use_database(url: str) -> None:
-        if worker.runtime._context is not None:
-            worker.runtime._context.engine.dispose()
-        monkeypatch.setenv("ROLLSCAN_DATABASE_URL", url)
-        monkeypatch.setattr(worker.runtime, "_context", None)
+    def use_database(database) -> None:
+        env_context(database, tmp_path / "data")
 
-    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
-    use_database(db_engine.url.render_as_string(False))
+    use_database(db_engine)
     configure(app, Settings(grade_at="02:00", timezone="Europe/Paris"))
     now = [1000.0]
     try:
@@ -343,7 +330,7 @@ def test_the_embedded_beat_makes_up_a_missed_night_and_retries_a_failed_grading(
         use_database(f"postgresql+psycopg2://postgres@{DOWN}/rollscan")  # down at 02:00
         beat = InProcessScheduler(app=app, lazy=False, last_run=mark, clock=lambda: now[0])
         beat.tick()
-        use_database(db_engine.url.render_as_string(False))  # back a moment later
+        use_database(db_engine)  # back a moment later
         now[0] += GRADING_RETRY.delay(0) / 2
         beat.tick()
         assert mark() == two_days_ago  # not before the back-off
@@ -352,8 +339,6 @@ def test_the_embedded_beat_makes_up_a_missed_night_and_retries_a_failed_grading(
         assert mark() > two_days_ago + timedelta(days=1)  # the same night, not the next
     finally:
         configure(app, Settings())
-        if worker.runtime._context is not None:
-            worker.runtime._context.engine.dispose()
 
 
 def _in_session(engine, function):

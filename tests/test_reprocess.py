@@ -15,7 +15,6 @@ import tifffile
 from sqlalchemy import func, select, text
 
 import worker.app
-import worker.runtime
 import worker.tasks
 from cli.reprocess_command import read_roll_ids
 from distill.checkpoint import load_model, save_checkpoint
@@ -77,20 +76,12 @@ def _run_task(ctx, index):
     return function.__name__, function(ctx, *args)
 
 
-def _rollscan(ctx, monkeypatch, data_dir, args, **env) -> int:
+def _rollscan(ctx, env_context, data_dir, args, **env) -> int:
     """`rollscan ARGS` in this process on the test's database, its worker context made afresh."""
     from cli.main import main
 
-    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
-    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(data_dir))
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.setattr(worker.runtime, "_context", None)
-    try:
-        return main(args)
-    finally:
-        if worker.runtime._context is not None:
-            worker.runtime._context.engine.dispose()
+    env_context(ctx.engine, data_dir, **env)
+    return main(args)
 
 
 def test_reprocess_switches_over_when_complete_resumes_and_regrades(ctx, tmp_path):
@@ -360,7 +351,7 @@ def _bare_roll(session, roll_id, fabric=FABRIC, status="done", completed=None):
     )  # fmt: skip
 
 
-def test_selection_filters_dry_run_and_cli(ctx, twill_model, tmp_path, monkeypatch, capsys):
+def test_selection_filters_dry_run_and_cli(ctx, twill_model, tmp_path, env_context, capsys):
     jan, feb, mar = (datetime(2026, m, 10, tzinfo=UTC) for m in (1, 2, 3))
     with ctx.session() as session:
         _bare_roll(session, "R-jan", completed=jan)
@@ -416,26 +407,20 @@ def test_selection_filters_dry_run_and_cli(ctx, twill_model, tmp_path, monkeypat
     assert read_roll_ids(listing) == ["R-jan", "R-denim"]
     from cli.main import main
 
-    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
-    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr(worker.runtime, "_context", None)
-    try:
-        args = ["reprocess", "--model", V2, "--rolls-from", str(listing), "--dry-run"]
-        assert main(args) == 0
-        printed = capsys.readouterr().out
-        assert "1 roll(s) would be reprocessed with twill-v2\nR-jan\n" in printed
-        assert "1 listed roll(s) skipped" in printed and "R-denim" in printed
-        listing.write_text("R-jan\nR-unknown\n")
-        assert main(args) == 2
-        assert "1 unknown roll id(s): R-unknown" in capsys.readouterr().err
-    finally:
-        if worker.runtime._context is not None:
-            worker.runtime._context.engine.dispose()
+    env_context(ctx.engine, tmp_path / "data")
+    args = ["reprocess", "--model", V2, "--rolls-from", str(listing), "--dry-run"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "1 roll(s) would be reprocessed with twill-v2\nR-jan\n" in printed
+    assert "1 listed roll(s) skipped" in printed and "R-denim" in printed
+    listing.write_text("R-jan\nR-unknown\n")
+    assert main(args) == 2
+    assert "1 unknown roll id(s): R-unknown" in capsys.readouterr().err
     assert counts() == written
 
 
 def test_cli_reprocesses_through_the_celery_tasks_on_the_reprocess_queue(
-    ctx, tmp_path, monkeypatch, capsys
+    ctx, tmp_path, monkeypatch, env_context, capsys
 ):
     """`rollscan reprocess` as configured by the environment: Celery in eager mode (no broker),
     the default band height (2048) unlike the stored image's (512), which the run must follow."""
@@ -456,7 +441,7 @@ def test_cli_reprocesses_through_the_celery_tasks_on_the_reprocess_queue(
         monkeypatch.setattr(task, "apply_async", spy)
     args = ["reprocess", "--model", V2, "--no-progress"]
     # ROLLSCAN_DATA_DIR: the objects of `local_store`
-    assert _rollscan(ctx, monkeypatch, tmp_path, args, ROLLSCAN_DEVICE="cpu") == 0
+    assert _rollscan(ctx, env_context, tmp_path, args, ROLLSCAN_DEVICE="cpu") == 0
     assert "reprocessed 1 of 1 roll(s) with twill-v2" in capsys.readouterr().out
     with ctx.session() as session:
         run = session.scalar(select(Run).where(Run.model_version == V2))
@@ -467,7 +452,7 @@ def test_cli_reprocesses_through_the_celery_tasks_on_the_reprocess_queue(
 
 
 def test_a_band_that_fails_for_good_fails_its_run_with_the_reason(
-    ctx, tmp_path, monkeypatch, capsys
+    ctx, tmp_path, env_context, capsys
 ):
     """A band whose task raised an error no retry mends (here v2's checkpoint, damaged in the
     store) was acknowledged and its run waited for ever, the reason in a worker's log only."""
@@ -476,7 +461,7 @@ def test_a_band_that_fails_for_good_fails_its_run_with_the_reason(
         model = session.get(Model, V2)
         ctx.store.put(checkpoint_key(model.sha256), b"not the checkpoint it was")
     args = ["reprocess", "--model", V2, "--no-progress"]
-    code = _rollscan(ctx, monkeypatch, tmp_path, args, ROLLSCAN_DEVICE="cpu")
+    code = _rollscan(ctx, env_context, tmp_path, args, ROLLSCAN_DEVICE="cpu")
     assert code in (1, 2), capsys.readouterr()
     with ctx.session() as session:
         run = session.scalar(select(Run).where(Run.model_version == V2))
@@ -489,7 +474,7 @@ def test_a_band_that_fails_for_good_fails_its_run_with_the_reason(
 
 
 def test_running_the_cli_again_after_an_interrupt_grades_what_finished_meanwhile(
-    ctx, tmp_path, monkeypatch, capsys
+    ctx, tmp_path, env_context, capsys
 ):
     """Interrupted, the driver left runs the workers then finished: done with the model, so no
     longer selected, and ungraded. Run again as the interrupt message says, the command found
@@ -502,13 +487,13 @@ def test_running_the_cli_again_after_an_interrupt_grades_what_finished_meanwhile
     (current,) = _current(ctx)
     assert (current[1], current[4]) == (V2, None)
     args = ["reprocess", "--model", V2, "--no-progress"]
-    assert _rollscan(ctx, monkeypatch, tmp_path / "data", args) == 0
+    assert _rollscan(ctx, env_context, tmp_path / "data", args) == 0
     assert "graded 1 run(s) finished since an interrupted run" in capsys.readouterr().out
     (current,) = _current(ctx)
     assert current[1] == V2 and current[4] is not None and current[4] == current[5]
 
 
-def test_command_line_dates_are_the_sites(ctx, tmp_path, monkeypatch, capsys):
+def test_command_line_dates_are_the_sites(ctx, tmp_path, env_context, capsys):
     """`--since 2026-01-01` at a Paris site (ROLLSCAN_TIMEZONE) starts at midnight in Paris,
     not in the process's zone (a container's UTC): a roll completed at 00:30 Paris time on
     January 1st is January's, one at 23:30 on January 31st too, one at 00:30 on February 1st
@@ -532,7 +517,7 @@ def test_command_line_dates_are_the_sites(ctx, tmp_path, monkeypatch, capsys):
         "--dry-run",
     ]
     assert (
-        _rollscan(ctx, monkeypatch, tmp_path / "data", args, ROLLSCAN_TIMEZONE="Europe/Paris") == 0
+        _rollscan(ctx, env_context, tmp_path / "data", args, ROLLSCAN_TIMEZONE="Europe/Paris") == 0
     )
     printed = capsys.readouterr().out.splitlines()
     assert printed == ["2 roll(s) would be reprocessed with twill-v2", "R-jan-first", "R-jan-last"]

@@ -10,7 +10,6 @@ import pytest
 from fixtures_roll import assert_same_defects, defects_of
 from sqlalchemy import func, select, update
 
-import worker.runtime
 from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.resume import idle_rolls, resume_roll, retry_roll
 from scheduler.submit import submit
@@ -125,7 +124,7 @@ def test_an_unknown_roll_is_refused(ctx):
         resume_roll(ctx, "R-none")
 
 
-def test_cli_resumes_idle_rolls(ctx, tmp_path, monkeypatch, capsys):
+def test_cli_resumes_idle_rolls(ctx, tmp_path, env_context, capsys):
     """`rollscan resume` as configured by the environment: Celery in eager mode (no broker)."""
     from cli.main import main
 
@@ -133,27 +132,20 @@ def test_cli_resumes_idle_rolls(ctx, tmp_path, monkeypatch, capsys):
     ctx.enqueue.drain(lose="score_band")
     assert main(["resume"]) == 2
     assert "name the rolls to resume" in capsys.readouterr().err
-    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", ctx.engine.url.render_as_string(False))
-    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path))  # the objects of `local_store`
-    monkeypatch.setenv("ROLLSCAN_BAND_HEIGHT", str(BAND))
-    monkeypatch.setenv("ROLLSCAN_DEVICE", "cpu")
-    monkeypatch.setattr(worker.runtime, "_context", None)
-    try:
-        assert main(["resume", "--idle", "2h"]) == 0
-        assert "no roll has been idle for 2:00:00" in capsys.readouterr().out
-        assert main(["resume", "R-cli", "--dry-run"]) == 0
-        assert "(dry run) roll R-cli: sent again 0 frames, 2 bands, 0 finalizes" in (
-            capsys.readouterr().out
-        )
-        assert main(["resume", "R-cli"]) == 0  # eager: the bands and the finalize run here
-        capsys.readouterr()
-        assert main(["resume", "R-cli", "--retry"]) == 1
-        assert "roll R-cli has not failed (status done)" in capsys.readouterr().err
-        assert main(["resume", "--retry", "--idle", "2h"]) == 2
-        assert "it takes neither --idle nor --dry-run" in capsys.readouterr().err
-    finally:
-        if worker.runtime._context is not None:
-            worker.runtime._context.engine.dispose()
+    # the data dir holds the objects of `local_store`
+    env_context(ctx.engine, tmp_path, ROLLSCAN_BAND_HEIGHT=str(BAND), ROLLSCAN_DEVICE="cpu")
+    assert main(["resume", "--idle", "2h"]) == 0
+    assert "no roll has been idle for 2:00:00" in capsys.readouterr().out
+    assert main(["resume", "R-cli", "--dry-run"]) == 0
+    assert "(dry run) roll R-cli: sent again 0 frames, 2 bands, 0 finalizes" in (
+        capsys.readouterr().out
+    )
+    assert main(["resume", "R-cli"]) == 0  # eager: the bands and the finalize run here
+    capsys.readouterr()
+    assert main(["resume", "R-cli", "--retry"]) == 1
+    assert "roll R-cli has not failed (status done)" in capsys.readouterr().err
+    assert main(["resume", "--retry", "--idle", "2h"]) == 2
+    assert "it takes neither --idle nor --dry-run" in capsys.readouterr().err
     assert _state(ctx, "R-cli")[:2] == ("done", ("done", 2, 2))
 
 

@@ -80,12 +80,11 @@ def test_a_trained_model_that_cannot_be_registered_is_kept(db_engine, tmp_path):
         assert created and model.version == "plain-1"
 
 
-def test_a_training_whose_worker_keeps_dying_is_given_up(db_engine, tmp_path, monkeypatch):
+def test_a_training_whose_worker_keeps_dying_is_given_up(db_engine, tmp_path, env_context):
     """It was delivered again without end (uncounted), hours of GPU each time, beside scoring."""
     from sqlalchemy import func, select
     from sqlalchemy.orm import Session
 
-    import worker.runtime
     from storage.schema import TaskDelivery
     from worker.deliveries import GIVEN_UP
     from worker.tasks import train, training_delivery
@@ -94,13 +93,7 @@ def test_a_training_whose_worker_keeps_dying_is_given_up(db_engine, tmp_path, mo
     delivery = training_delivery(*request)
     with Session(db_engine) as session, session.begin():  # three deliveries died with workers
         session.add(TaskDelivery(task=delivery.task, key=delivery.key, unfinished=3, retries=0))
-    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", db_engine.url.render_as_string(False))
-    monkeypatch.setenv("ROLLSCAN_DATA_DIR", str(tmp_path / "data"))
-    monkeypatch.setattr(worker.runtime, "_context", None)
-    try:
-        assert train.apply(request).get() == GIVEN_UP  # not trained: its folder is never read
-    finally:
-        if worker.runtime._context is not None:
-            worker.runtime._context.engine.dispose()
+    env_context(db_engine, tmp_path / "data")
+    assert train.apply(request).get() == GIVEN_UP  # not trained: its folder is never read
     with Session(db_engine) as session:
         assert session.scalar(select(func.count()).select_from(TaskDelivery)) == 0

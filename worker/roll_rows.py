@@ -10,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from storage.manifest import Manifest
 from storage.registry import active_model
-from storage.schema import OPEN_RUN_STATUSES, Band, Frame, Roll, Run
+from storage.schema import OPEN_RUN_STATUSES, Band, Frame, Roll, Run, current_run
 
 
 class RollError(ValueError):
@@ -169,7 +169,7 @@ def asked_last(session: Session, run: Run) -> bool:
 def replace_failed_current(session: Session, roll_id: str) -> Run | None:
     """When the roll's current run has failed, the done run asked for last takes its place (a
     failed run's defects may read pixels since replaced); that run, or None."""
-    current = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+    current = current_run(session, roll_id)
     if current is None or current.status != "failed":
         return None
     successor = session.scalar(
