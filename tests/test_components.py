@@ -113,6 +113,22 @@ def test_millimetres_on_a_hand_computed_example():
     assert (d.row0, d.col0, d.row1, d.col1, d.pixels, d.defect_no) == (10, 3, 12, 7, 15, 1)
 
 
+def test_a_box_in_the_last_partial_block_ends_at_the_image_edge():
+    """A roll of 77 rows × 46 px: its last ¼-res row covers 1 row, its last column 2 px. A
+    defect there reached up to 3 px past the image (y1_mm beyond the roll's length)."""
+    scores = np.zeros((20, 12), np.float32)
+    scores[17:20, 9:12] = 0.9  # ¼-res rows 17..19, columns 9..11: the roll's corner
+    unclamped, clamped = (
+        find(scores, 8, px_x=2.0, px_y=4.0, scale=4, **kw) for kw in ({}, {"image_px": (77, 46)})
+    )
+    assert (unclamped[0].x1_mm, unclamped[0].y1_mm) == pytest.approx((24.0, 20.0))
+    (d,) = clamped
+    assert (d.x0_mm, d.x1_mm, d.y0_mm, d.y1_mm) == pytest.approx((18.0, 23.0, 17.0, 19.25))
+    assert (d.x_mm, d.y_mm) == pytest.approx((20.5, 18.125))
+    assert (d.length_mm, d.width_mm) == pytest.approx((5.0, 2.25))
+    assert d.row1 == 19 and d.col1 == 11  # the ¼-res cells themselves are unchanged
+
+
 def test_length_is_the_longer_side_along_the_roll():
     scores = np.zeros((30, 10), np.float32)
     scores[2:22, 4] = 1.0  # 20 rows tall, 1 col wide

@@ -36,6 +36,9 @@ RNG = np.random.default_rng(20240612)
         (handmade_tiff(G8, compression=34925, encode=lambda r: r), "LZMA is not accepted"),
         (handmade_tiff(G8, compression=50000 + 7), "50007 is not accepted"),
         (handmade_tiff(G8, predictor=3), "predictor"),
+        # rows not as scanned: the defects would be stored at mirrored positions
+        (tiff(G8, extratags=[(274, 3, 1, 3, True)]), "orientation BOTRIGHT"),
+        (tiff(G8, extratags=[(274, 3, 1, 6, True)]), "orientation RIGHTTOP"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )
@@ -247,3 +250,7 @@ def test_a_long_or_looping_chain_of_directories_is_refused_without_walking_it() 
     looped[next_at : next_at + 4] = struct.pack("<I", first)
     with pytest.raises(FrameError, match="loop"):
         decode_frame(bytes(looped))
+
+
+def test_an_orientation_tag_of_one_is_taken() -> None:
+    assert (decode_frame(tiff(G8, extratags=[(274, 3, 1, 1, True)]))[..., 0] == G8).all()

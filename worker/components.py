@@ -10,9 +10,10 @@ Geometry. A ¼-res pixel (row, col) covers full-resolution pixels [scale·row, s
 × [scale·col, scale·(col+1)); x runs across the roll (columns, px_per_mm_x), y along it
 (rows, px_per_mm_y). Lengths come from the bounding box: ASTM D5430 measures a defect's
 length along the warp or the weft, so length_mm = max(bbox width, bbox height) and
-width_mm = the other one (a diagonal scratch is not measured along its diagonal). A bbox in
-the roll's last ¼-res row or column may reach up to scale − 1 full-res pixels past the
-image, since that ¼-res pixel covers a partial block.
+width_mm = the other one (a diagonal scratch is not measured along its diagonal). The roll's
+last ¼-res row or column covers a partial block: given the image's full-resolution size
+(`image_px`, finalize passes it), a bbox ends at the image's edge, not up to scale − 1 pixels
+past it (a defect's y1_mm beyond the roll's length; its centre and length follow the box).
 
 Fragments of one flaw (`merge_groups`). A hole's rim, a broken pick that dips below the
 threshold where the weave hides it, a crease seen as a dotted line: one physical flaw often
@@ -84,6 +85,7 @@ class DefectFinder:
         connectivity: int = 8,
         min_area_px: int = 1,
         merge_gap_mm: float | None = None,
+        image_px: tuple[int, int] | None = None,
     ) -> None:
         if not math.isfinite(threshold):
             raise ValueError(f"threshold must be finite, got {threshold}")
@@ -105,6 +107,8 @@ class DefectFinder:
         self.connectivity = connectivity
         self.min_area_px = int(min_area_px)
         self.merge_gap_mm = None if merge_gap_mm is None else float(merge_gap_mm)
+        # (rows, width) in full-resolution pixels: the boxes' far edges end there (see above)
+        self.image_px = image_px
         self._structure = ndimage.generate_binary_structure(2, 1 if connectivity == 4 else 2)
         self._next_row = 0
         self._width: int | None = None
@@ -177,12 +181,15 @@ class DefectFinder:
             r0, c0, r1, c1 = (int(v) for v in bbox[k])
             x0, x1 = c0 * sx, (c1 + 1) * sx
             y0, y1 = r0 * sy, (r1 + 1) * sy
+            if self.image_px is not None:
+                y1 = min(y1, self.image_px[0] / self.px_per_mm_y)
+                x1 = min(x1, self.image_px[1] / self.px_per_mm_x)
             w, h = x1 - x0, y1 - y0
             defects.append(
                 Defect(
                     defect_no=no,
-                    x_mm=((c0 + c1) / 2 + 0.5) * sx,
-                    y_mm=((r0 + r1) / 2 + 0.5) * sy,
+                    x_mm=(x0 + x1) / 2,
+                    y_mm=(y0 + y1) / 2,
                     x0_mm=x0,
                     y0_mm=y0,
                     x1_mm=x1,

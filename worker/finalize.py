@@ -72,6 +72,7 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
             px_per_mm_y=roll.px_per_mm_y,
             scale=SCORE_SCALE,
             merge_gap_mm=ctx.settings.merge_gap_mm,
+            image_px=(roll.rows_ingested, roll.width_px) if roll.width_px else None,
         )
         for q0, scores in _fabric_bands(arrays, model.version, extents, rows):
             finder.add_band(scores, q0)

@@ -78,6 +78,14 @@ def read_header(tif: tifffile.TiffFile) -> FrameHeader:
         )
     if page.predictor not in (1, 2):
         raise FrameError(f"predictor {_name(page.predictor)} is not supported for integers")
+    orientation = page.tags.valueof(274, 1)  # Orientation; its rows are the roll's only at 1
+    if orientation != 1:
+        shown = _name(orientation) if isinstance(orientation, int) else repr(orientation)[:40]
+        raise FrameError(
+            f"orientation {shown}: the frame's first row must be the image's top "
+            "and its first column the left (TOPLEFT, 1); a flipped or rotated frame would put "
+            "its defects at mirrored positions — write it without the tag, pixels as scanned"
+        )
     return FrameHeader(
         rows=int(page.imagelength),
         width=int(page.imagewidth),
