@@ -73,13 +73,22 @@ def _url(args: argparse.Namespace) -> int:
 
 
 def _stop(args: argparse.Namespace) -> int:
-    from storage.embedded_pg import stop_embedded
+    from storage.embedded_pg import embedded_clients, stop_embedded
 
     settings = _settings(args)
     if not settings.embedded_database:
         raise ValueError(
             "db stop: ROLLSCAN_DATABASE_URL names a server of its own; rollscan stops only "
             "the embedded one"
+        )
+    # a scheduler or worker on it would lose its database, retrying against a server that
+    # nothing starts again
+    clients = [] if args.force else embedded_clients(settings)
+    if clients:
+        names = ", ".join(f"{name} ×{clients.count(name)}" for name in dict.fromkeys(clients))
+        raise ValueError(
+            f"db stop: not stopped, {len(clients)} connection(s) still use it ({names}): stop "
+            "those processes first, or `rollscan db stop --force` (their work fails or retries)"
         )
     if stop_embedded(settings):
         print(f"stopped the embedded PostgreSQL server of {settings.data_dir}")
@@ -121,5 +130,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     stop = commands.add_parser(
         "stop", help="stop the embedded PostgreSQL server (it outlives the commands that start it)"
     )
+    stop.add_argument(
+        "--force", action="store_true",
+        help="stop it even while other processes (a scheduler, workers) are connected",
+    )  # fmt: skip
     stop.set_defaults(handler=_stop)
     return db

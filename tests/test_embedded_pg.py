@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -15,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 
 from storage.database import database_url, is_transient_db_error, make_engine
 from storage.embedded_pg import embedded_status, start_embedded, stop_embedded
+from storage.pg_processes import EmbeddedPostgresError
 from storage.settings import Settings
 
 START = (
@@ -135,3 +137,126 @@ def test_a_command_says_it_leaves_the_server_running_and_db_stop_stops_it(
     assert embedded_status(data_dir) is None and _gone(server.pid)
     twice = subprocess.run([*rollscan, "stop"], env=env, capture_output=True, text=True)
     assert twice.returncode == 0 and "is running" in twice.stdout
+
+
+def _start_in_process(data_dir: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-c", START, str(data_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def test_a_copied_data_dir_gets_a_server_of_its_own(tmp_path: Path) -> None:
+    """The postmaster was recognised by its pid and name alone: a copy of a running data dir
+    used the original's server (a `db downgrade base` there dropped the original's tables) and
+    `db stop` on the copy stopped the original's."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    try:
+        server = start_embedded(original)
+        engine = make_engine(server.url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("CREATE TABLE kept (v int)"))
+                conn.execute(text("CHECKPOINT"))
+        finally:
+            engine.dispose()
+        subprocess.run(["cp", "-a", str(original), str(copy)], check=True)
+        assert (copy / "postgres" / "postmaster.pid").exists()  # naming the original's pid
+        copied = start_embedded(copy)
+        assert copied.pid != server.pid and copied.port != server.port
+        engine = make_engine(copied.url)
+        try:
+            with engine.begin() as conn:
+                conn.execute(text("DROP TABLE kept"))  # the copy's own
+        finally:
+            engine.dispose()
+        assert stop_embedded(copy) is True and _gone(copied.pid)
+        assert embedded_status(original) == server  # still running
+        engine = make_engine(server.url)
+        try:
+            with engine.connect() as conn:
+                assert conn.scalar(text("SELECT count(*) FROM kept")) == 0
+        finally:
+            engine.dispose()
+    finally:
+        stop_embedded(copy)
+        stop_embedded(original)
+
+
+def test_a_first_start_interrupted_in_initdb_leaves_a_data_dir_the_next_command_uses(
+    data_dir: Path,
+) -> None:
+    """Ctrl-C while initdb ran left a PGDATA that looked initialised (PG_VERSION) without the
+    password or the settings: every later command failed. The cluster is now made beside it."""
+    proc = _start_in_process(data_dir)
+    deadline = time.monotonic() + 60
+    while not (data_dir / "postgres.init" / "PG_VERSION").exists() and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    assert proc.poll() is None, "the first start ended before initdb could be interrupted"
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
+    proc.communicate(timeout=60)
+    server = start_embedded(data_dir)
+    engine = make_engine(server.url)
+    try:
+        with engine.connect() as conn:
+            assert conn.scalar(text("SELECT 1")) == 1
+    finally:
+        engine.dispose()
+    assert not (data_dir / "postgres.init").exists()
+
+
+def test_a_damaged_or_loosened_state_file_and_a_shell_path(data_dir: Path, tmp_path: Path) -> None:
+    server = start_embedded(data_dir)
+    state = data_dir / "postgres.json"
+    state.chmod(0o644)
+    assert start_embedded(data_dir) == server
+    assert state.stat().st_mode & 0o077 == 0  # it holds a superuser's password
+    kept = state.read_bytes()
+    for damaged in (b"", b"[]", b"\xff\xfe"):
+        state.write_bytes(damaged)
+        with pytest.raises(EmbeddedPostgresError, match=r"postgres\.json .* is damaged"):
+            start_embedded(data_dir)
+    assert stop_embedded(data_dir) is True and _gone(server.pid)  # stopped all the same
+    state.write_bytes(kept)
+    with pytest.raises(EmbeddedPostgresError, match=r"a shell would expand"):
+        start_embedded(tmp_path / "we$ird")
+    assert not (tmp_path / "we$ird").exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the service account exists only under root")
+def test_under_root_a_cluster_of_another_user_is_refused_not_reowned(data_dir: Path) -> None:
+    server = start_embedded(data_dir)
+    assert stop_embedded(data_dir) and _gone(server.pid)
+    subprocess.run(["chown", "-R", "nobody", str(data_dir / "postgres")], check=True)
+    with pytest.raises(EmbeddedPostgresError, match="belongs to nobody"):
+        start_embedded(data_dir)
+    assert {p.stat().st_uid for p in (data_dir / "postgres").rglob("*")} == {
+        (data_dir / "postgres").stat().st_uid
+    }  # nothing re-owned
+    owner = int(subprocess.run(["id", "-u", "embedded_postgres"], capture_output=True,
+                               text=True, check=True).stdout)  # fmt: skip
+    subprocess.run(["chown", "-R", str(owner), str(data_dir / "postgres")], check=True)
+
+
+def test_db_stop_refuses_while_others_are_connected(data_dir: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROLLSCAN_")}
+    env["ROLLSCAN_DATA_DIR"] = str(data_dir)
+    stop = [sys.executable, "-m", "cli", "db", "stop"]
+    engine = make_engine(start_embedded(data_dir).url)  # a scheduler's pool, say
+    try:
+        with engine.connect() as conn:
+            conn.scalar(text("SELECT 1"))
+            refused = subprocess.run(stop, env=env, capture_output=True, text=True)
+            assert refused.returncode == 2, refused.stderr
+            assert f"1 connection(s) still use it (rollscan pid {os.getpid()} ×1)" in (
+                refused.stderr
+            )
+            assert len(refused.stderr.strip().splitlines()) == 1
+            assert embedded_status(data_dir) is not None
+        # the pool keeps the connection open
+        forced = subprocess.run([*stop, "--force"], env=env, capture_output=True, text=True)
+        assert forced.returncode == 0 and "stopped the embedded" in forced.stdout
+    finally:
+        engine.dispose()
+    assert embedded_status(data_dir) is None
