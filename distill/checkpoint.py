@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -309,19 +310,32 @@ def load_detector(
     calibration: np.ndarray | torch.Tensor | None = None,
 ) -> tuple[Detector, ModelCard]:
     """The checkpoint's model ready to score; int8 calibrates on the checkpoint's own good tiles
-    unless `calibration` gives others."""
+    unless `calibration` gives others.
+
+    `compile`: compiled here, on one plain tile of the model's size, not at the first tiles it
+    scores; where it cannot compile (inductor needs a C++ compiler, which the worker images do
+    not carry) the detector scores eager, with a warning — it had failed every roll it met."""
     model, card, kept = _load(source, teacher_weights)
-    detector = Detector(
-        model,
-        card.mean,
-        card.std,
-        threshold=card.threshold,
-        device=device,
-        precision=precision,
-        channels_last=channels_last,
-        batch_size=batch_size,
-        compile=compile,
+    options = dict(
+        threshold=card.threshold, device=device, precision=precision,
+        channels_last=channels_last, batch_size=batch_size,
         calibration=kept if calibration is None else calibration,
         tile_layout=card.train_config.get("tile_layout", "grid"),
-    )
+    )  # fmt: skip
+    detector = Detector(model, card.mean, card.std, compile=compile, **options)
+    if compile:
+        try:
+            detector.predict(np.zeros((1, card.tile, card.tile, 3), np.uint8))
+        except Exception as exc:  # inductor's errors share no base class
+            warnings.warn(
+                f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}): "
+                "this model scores eager",
+                CompileFallbackWarning,
+                stacklevel=2,
+            )
+            detector = Detector(model, card.mean, card.std, **options)
     return detector, card
+
+
+class CompileFallbackWarning(RuntimeWarning):
+    """A model asked for compiled scores eager: it could not be compiled here."""

@@ -87,9 +87,11 @@ class Detector:
         `distill.train_config`).
 
         `compile`: teacher, student and map as one graph through torch.compile (inductor,
-        with freezing: BatchNorm folds into the convolutions, weights become constants). The
-        first batch of each tile size compiles it (tens of seconds, once per process); every
-        batch is padded to `batch_size` so that no other shape compiles again.
+        asked to freeze; on torch 2.14 the weights stay inputs of the graph, which two models
+        of one architecture share). The first batch of each tile size compiles it (tens of
+        seconds, once per process; `load_detector` does it when loading, and falls back to
+        eager where it cannot); every batch is padded to `batch_size` so that no other shape
+        compiles again.
 
         `precision="int8"` (CPU only): the features run quantized in OpenVINO
         (`distill.int8_features`), calibrated on `calibration` — good tiles (N, H, W[, C]), the

@@ -147,10 +147,12 @@ class Int8Features:
     def __call__(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(N, 3, H, W) float32 → (teacher features, student features or []), float32."""
         x = x.float().contiguous(memory_format=torch.contiguous_format).cpu()
-        parts = torch.tensor_split(x, min(self.threads, len(x)))
+        n, streams = len(x), min(self.threads, len(x))
+        if n % streams:  # padded to equal parts, one per stream (a batch that did not split
+            # evenly had run on one stream, beside a compiled shape it never used)
+            x = torch.cat([x, x[-1:].expand(streams - n % streams, *x.shape[1:])])
+        parts = torch.tensor_split(x, streams)
         requests = self._requests_for(parts[0].shape)
-        if any(p.shape != parts[0].shape for p in parts):  # uneven split: one request instead
-            parts, requests = [x], self._requests_for(x.shape)[:1]
         for request, part in zip(requests, parts, strict=False):
             request.start_async({0: part.numpy()})
         outputs = []
@@ -158,5 +160,5 @@ class Int8Features:
             request.wait()
             # torch.cat below copies out of the request's buffers, which the next call reuses
             outputs.append([torch.from_numpy(t.data) for t in request.output_tensors])
-        levels = [torch.cat(level) for level in zip(*outputs, strict=True)]
+        levels = [torch.cat(level)[:n] for level in zip(*outputs, strict=True)]
         return levels[: self.n_teacher], levels[self.n_teacher :]

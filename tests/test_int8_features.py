@@ -81,6 +81,27 @@ def test_int8_maps_follow_fp32_and_a_short_batch_builds_nothing_new(tmp_path):
     assert np.corrcoef(want[[1, 4]].ravel(), masked[[1, 4]].ravel())[0, 1] > floor
 
 
+def test_a_batch_that_does_not_split_evenly_over_the_streams_is_padded(tmp_path):
+    """A batch of 5 on 2 streams had compiled a shape for parts of 3 it never used, and run
+    the whole batch on one stream."""
+    model = random_checkpoint(tmp_path / "m.pt", tile=64)
+    images = np.random.default_rng(1).integers(0, 256, (7, 64, 64, 3), dtype=np.uint8)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        int8, _ = load_detector(model, precision="int8", batch_size=5, calibration=images)
+    finally:
+        torch.set_num_threads(threads)
+    assert int8.int8.threads == 2
+    got = int8.predict(images)  # batches of 5 and 2, the 2 padded to 5, each to 6 on 2 streams
+    assert list(int8.int8._requests) == [(3, 3, 64, 64)]
+    alone = int8.predict(images[5:])  # the same tiles in another batch: the same maps
+    np.testing.assert_allclose(alone.maps, got.maps[5:], rtol=1e-5, atol=1e-6)
+    fp32, _ = load_detector(model, precision="fp32", batch_size=5)
+    floor = 0.99 if _has_vnni() else 0.95
+    assert np.corrcoef(fp32.predict(images).maps.ravel(), got.maps.ravel())[0, 1] > floor
+
+
 def test_with_a_memory_bank_the_teacher_runs_unquantized_so_the_bank_sees_fp32_features():
     torch.manual_seed(0)
     model = ReverseDistillation(build_teacher("efficientnet_lite0", RANDOM)).eval()
