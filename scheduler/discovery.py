@@ -151,16 +151,22 @@ def incoming_prefix(ctx: WorkerContext) -> str:
 def _save(
     ctx: WorkerContext, roll_id: str, cursor: RollCursor, session: Session | None = None
 ) -> None:
+    if session is None:
+        with ctx.session() as own:
+            return _save(ctx, roll_id, cursor, own)
+    if cursor.closed:
+        # closed by the roll's status now, under its lock, not as the pass read it: a roll
+        # started again (`resume --retry`) while the pass sent its frames had been closed for
+        # good, its later frames and manifest never seen (`reopen_discovery` had found nothing
+        # to reopen yet)
+        status = session.scalar(select(Roll.status).where(Roll.id == roll_id).with_for_update())
+        cursor.closed = status in ("done", "failed")
     stmt = insert(DiscoveryCursor).values(name=f"roll:{roll_id}", cursor=cursor.dump())
     stmt = stmt.on_conflict_do_update(
         index_elements=[DiscoveryCursor.name],
         set_={"cursor": stmt.excluded.cursor, "updated_at": func.now()},
     )
-    if session is not None:
-        session.execute(stmt)
-        return
-    with ctx.session() as own:
-        own.execute(stmt)
+    session.execute(stmt)
 
 
 def _resume_if_stalled(session: Session, roll: Roll) -> None:

@@ -196,3 +196,51 @@ def test_a_manifest_sent_again_cannot_change_what_a_roll_was_registered_or_compl
             register(ctx, "R-again", **change)
     roll, _ = roll_and_run(ctx, "R-again")
     assert (roll.frames_total, roll.complete, roll.meta) == (2, True, {"loom": "L7"})
+
+
+class ReplacedAfterOpen(LocalStore):
+    """The store of a scanner that re-uploads a frame while rollscan decodes the version it
+    opened (a large frame's slow decode)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.replacements: dict[str, bytes] = {}
+
+    def open(self, key: str, *, version: ObjectInfo | None = None):
+        reader = super().open(key, version=version)
+        if key in self.replacements:
+            self.put(key, self.replacements.pop(key))
+        return reader
+
+
+def test_a_bad_version_replaced_while_it_is_decoded_does_not_fail_the_roll(make_ctx, tmp_path):
+    """A delivery still decoding a replaced version failed the roll with that version's error —
+    after the good one had been ingested, or after `resume --retry` had finished the roll."""
+    store = ReplacedAfterOpen(tmp_path / "objects")
+    ctx = make_ctx(store)
+    register(ctx, "R-stale", 1)
+    key = put_frame(ctx, "R-stale", 1, frame_bytes(width=WIDTH // 2, seed=5))  # too narrow
+    store.replacements[key] = frame_bytes(seed=2)
+    with pytest.raises(RetryLater, match="changed while it was checked"):
+        ingest_frame(ctx, "R-stale", 1, key)
+    assert roll_and_run(ctx, "R-stale")[0].status != "failed"
+    assert ingest_frame(ctx, "R-stale", 1, key) == "ingested"  # the retry: the good version
+    # the bad version still there: it fails the roll, as before
+    register(ctx, "R-bad", 1)
+    key = put_frame(ctx, "R-bad", 1, frame_bytes(width=WIDTH // 2, seed=5))
+    assert ingest_frame(ctx, "R-bad", 1, key) == "failed"
+    assert "px wide" in roll_and_run(ctx, "R-bad")[0].failure_reason
+
+
+def test_a_stray_frame_past_the_count_removed_by_the_scanner_is_skipped(make_ctx):
+    """Queued before the manifest gave the count, then deleted by the scanner: its "not found"
+    failed the roll before the count was looked at."""
+    ctx = make_ctx()
+    register(ctx, "R-stray", None, complete=False)
+    keys = [put_frame(ctx, "R-stray", seq, frame_bytes(seed=seq)) for seq in (1, 2, 3)]
+    register(ctx, "R-stray", 2, complete=True)
+    ctx.store.delete(keys[2])
+    assert ingest_frame(ctx, "R-stray", 3, keys[2]) == "skipped"
+    for seq in (1, 2):
+        assert ingest_frame(ctx, "R-stray", seq, keys[seq - 1]) == "ingested"
+    assert roll_and_run(ctx, "R-stray")[0].status != "failed"

@@ -250,6 +250,57 @@ def test_discovery_goes_on_with_a_roll_started_again(ctx, tmp_path):
     assert (roll.status, roll.complete, frames) == ("done", True, FRAMES)
 
 
+def test_a_roll_started_again_while_a_discovery_pass_sends_its_frames_stays_listed(ctx, tmp_path):
+    """The pass read the roll failed; `resume --retry` started it again while the pass sent a
+    frame (a broker publish retried for a minute); the pass then saved its cursor closed, from
+    the status it had read: the roll's later frames and manifest were never taken."""
+    with ctx.session() as session:
+        session.get(Model, V1).active = False
+    folder = _write(tmp_path, "R-race")
+    manifest = json.loads((folder / "manifest.json").read_text())
+
+    def upload(*seqs: int) -> None:
+        for seq in seqs:
+            name = f"{seq:06d}.tif"
+            ctx.store.put(f"incoming/R-race/frames/{name}", (folder / "frames" / name).read_bytes())
+
+    ctx.store.put("incoming/R-race/manifest.json",
+                  json.dumps({**manifest, "complete": False, "frames": None}).encode())  # fmt: skip
+    upload(1, 2)
+    discover_once(ctx, stall_after=None)
+    ctx.enqueue.drain()
+    assert _roll(ctx, "R-race").status == "failed"
+    upload(3)
+    queue = ctx.enqueue
+
+    class RetriedWhileSending:  # the operator's retry lands while the pass publishes frame 3
+        def ingest(self, roll_id: str, seq: int, key: str) -> None:
+            if seq == 3:
+                ctx.enqueue = queue
+                with ctx.session() as session:
+                    activate_model(session, V1)
+                retry_roll(ctx, "R-race")
+            queue.ingest(roll_id, seq, key)
+
+        def __getattr__(self, name: str):
+            return getattr(queue, name)
+
+    ctx.enqueue = RetriedWhileSending()
+    try:
+        discover_once(ctx, stall_after=None)
+    finally:
+        ctx.enqueue = queue
+    ctx.enqueue.drain()
+    upload(4)  # the scanner goes on
+    ctx.store.put("incoming/R-race/manifest.json", json.dumps(manifest).encode())
+    discover_once(ctx, stall_after=None)
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        frames = session.scalar(select(func.count()).where(Frame.roll_id == "R-race"))
+    roll = _roll(ctx, "R-race")
+    assert (roll.status, roll.complete, frames) == ("done", True, FRAMES)
+
+
 def test_a_command_asks_when_it_starts_not_when_its_driver_reaches_the_roll(ctx, tmp_path):
     """`reprocess --model v2` begins (its driver busy with other rolls); `--model v3`, begun
     later, finishes the roll first: v2's driver reaching it afterwards does not take it."""

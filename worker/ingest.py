@@ -202,18 +202,36 @@ def _roll_failed(ctx: WorkerContext, roll_id: str, reason: str) -> str:
     return "failed"
 
 
+def _frame_failed(
+    ctx: WorkerContext, roll_id: str, seq: int, key: str, etag: str | None, reason: str
+) -> str:
+    """Fail the roll for frame `seq`'s version `etag` (None: no object) — unless that version is
+    no longer the one there, or the frame is no longer the roll's. A delivery still reading a
+    version since replaced (a slow decode, a late copy beside `resume --retry`) failed the roll
+    the good version had meanwhile finished; a stray frame past a complete manifest's count,
+    deleted by the scanner, failed it too."""
+    with ctx.session() as session:
+        roll = session.get(Roll, roll_id, with_for_update=True)  # as the ingest that commits
+        if roll is not None and (roll.status == "failed" or _past_the_end(roll, seq)):
+            return "skipped"
+        if etag is None and session.get(Frame, (roll_id, seq)) is not None:
+            # a late copy of the message: the frame is in, its object since cleaned away
+            log.info("roll %s frame %d: %s is gone; the frame was ingested", roll_id, seq, key)
+            return "unchanged"
+        if _etag_now(ctx, key) != etag:
+            raise RetryLater(f"roll {roll_id} frame {seq}: {key} changed while it was checked")
+        fail_roll(session, roll_id, reason)
+    log.warning("roll %s failed: %s", roll_id, reason)
+    return "failed"
+
+
 def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
     if seq < 1:
         raise ValueError(f"frame numbers start at 1, not {seq}")
     try:
         info = ctx.store.head(key)
     except ObjectNotFound:
-        with ctx.session() as session:
-            if session.get(Frame, (roll_id, seq)) is not None:
-                # a late copy of the message: the frame is in, its object since cleaned away
-                log.info("roll %s frame %d: %s is gone; the frame was ingested", roll_id, seq, key)
-                return "unchanged"
-        return _roll_failed(ctx, roll_id, f"frame {seq}: object {key} not found")
+        return _frame_failed(ctx, roll_id, seq, key, None, f"frame {seq}: object {key} not found")
     except InvalidKeyError as exc:
         return _roll_failed(ctx, roll_id, f"frame {seq}: {exc}")
     limit = max_frame_bytes(ctx.settings.max_frame_pixels)
@@ -223,7 +241,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
             f"within ROLLSCAN_MAX_FRAME_PIXELS={ctx.settings.max_frame_pixels} can have "
             f"({limit}); not read"
         )
-        return _roll_failed(ctx, roll_id, reason)
+        return _frame_failed(ctx, roll_id, seq, key, info.etag, reason)
     with ctx.session() as session:
         roll = session.get(Roll, roll_id)
         if roll is None:
@@ -277,7 +295,7 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
                 f"{ctx.settings.frame_width_tolerance:.0%}; at most ROLLSCAN_MAX_FRAME_WIDTH "
                 f"= {ctx.settings.max_frame_width})"
             )
-        return _roll_failed(ctx, roll_id, reason)
+        return _frame_failed(ctx, roll_id, seq, key, info.etag, reason)
 
     with ctx.session() as session:
         roll = session.get(Roll, roll_id, with_for_update=True)  # one frame of a roll at a time
