@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
 
 FABRIC = "demo-twill"
 WEAVE, SEED, PX_PER_MM, ROLL_WIDTH = "twill", 7, 10.0, 2048
-# A fixed recipe, not a time budget: the same model, hence the same answer, on every machine.
+# A fixed recipe, not a time budget: the same counts on every machine. Positions and scores may
+# differ in their last digits with the CPU and the thread count (fp32 sums in another order).
 DEMO_EPOCHS, DEMO_TILE = 4, 128
 DEMO_TRAIN_ROWS = 2048  # good fabric to train on: 256 tiles of 128²
 # The student's share of the fused map. Auto selection (synthetic defects) put 0.5 and 0.75
@@ -112,7 +114,12 @@ def run_demo(
         width=ROLL_WIDTH,
     )
     print(f"submitting {roll_id}: {manifest['frames']} frames, {len(planted)} planted defects …")
-    submit(ctx, str(roll_dir))
+    try:
+        submit(ctx, str(roll_dir))
+    except KeyboardInterrupt:  # the roll stays where it stopped: say how to finish it
+        print(f"\nroll {roll_id} left unfinished: `rollscan resume {roll_id}` finishes it",
+              file=sys.stderr)  # fmt: skip
+        raise
     with ctx.session() as session:
         roll = session.get(Roll, roll_id)
         run = current_run(session, roll_id)
@@ -151,7 +158,9 @@ def run_demo(
         "seconds": round(time.perf_counter() - started, 1),
     }
     print(f"\n{json.dumps(result)}")
-    print(f"query them: SELECT * FROM current_defects WHERE roll_id = '{roll_id}';")
+    print(f"see them:   rollscan defects {roll_id}   ·   rollscan report {roll_id} --out report")
+    print(f"query them: psql \"$(rollscan db url --libpq)\" -c \"SELECT * FROM current_defects "
+          f"WHERE roll_id = '{roll_id}'\"")  # fmt: skip
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
     return result
