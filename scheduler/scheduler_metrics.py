@@ -63,7 +63,14 @@ def start_metrics_server(port: int, addr: str = "127.0.0.1") -> Any:
     Returns the server (``.shutdown()`` stops it) or None."""
     if port <= 0:
         return None
-    server, _thread = start_http_server(port, addr=addr)
+    try:
+        server, _thread = start_http_server(port, addr=addr)
+    except OSError as exc:  # a worker on this host may have taken it first
+        raise ValueError(
+            f"metrics port {addr}:{port} (ROLLSCAN_METRICS_PORT, or --metrics-port) cannot be "
+            f"served: {exc.strerror or exc}; give the scheduler a port no worker uses, or 0 for "
+            "none"
+        ) from None
     log.info("metrics on %s:%d/metrics", addr, port)
     return server
 

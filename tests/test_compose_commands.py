@@ -8,6 +8,7 @@ No Docker engine runs here: the tests read the files and hold them against the c
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shlex
 
@@ -131,3 +132,13 @@ def test_guide_commands_parse() -> None:
                     parse_rollscan(words[i + 1 :])
                     found += 1
     assert found, "docs/deployment.md shows no rollscan command"
+
+
+def test_every_worker_logs_at_info() -> None:
+    """Celery's default level is WARNING: the workers' logs showed nothing of a roll scored and
+    finalized, nor the lines docs/deployment.md quotes for the operator."""
+    for name in our_services():
+        words = argv(services()[name]["command"])
+        if words[:1] == ["celery"] and "worker" in words:
+            _, _, params = parse_celery(words[1:])
+            assert params["loglevel"] == logging.INFO, name

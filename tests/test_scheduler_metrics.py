@@ -79,3 +79,25 @@ def test_queue_depth_is_asked_of_the_broker(broker):
     metrics._from_broker(f"redis://127.0.0.1:{free_port()}/0")  # down: NaN, no exception
     value = REGISTRY.get_sample_value("rollscan_queue_depth", {"queue": name})
     assert value != value  # NaN
+
+
+def test_a_metrics_port_a_worker_took_first_is_named(db_engine, tmp_path) -> None:
+    """Workers move to the next free port; the scheduler died with `[Errno 98] Address already
+    in use`, naming neither the port nor the setting."""
+    import os
+    import subprocess
+    import sys
+
+    from worker.task_metrics import serve_metrics
+
+    port = free_port()
+    assert serve_metrics(port) == port  # a worker on this host, started first
+    with pytest.raises(ValueError, match=rf"metrics port 127.0.0.1:{port} \(ROLLSCAN_METRICS_PORT"):
+        start_metrics_server(port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ROLLSCAN_")}
+    env |= {"ROLLSCAN_DATABASE_URL": db_engine.url.render_as_string(False),
+            "ROLLSCAN_DATA_DIR": str(tmp_path), "ROLLSCAN_METRICS_PORT": str(port)}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "cli", "scheduler"], env=env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "ROLLSCAN_METRICS_PORT" in done.stderr and len(done.stderr.strip().splitlines()) == 1

@@ -45,7 +45,11 @@ def serve_metrics(port: int, *, addr: str = "127.0.0.1", tries: int = PORTS_TRIE
             start_http_server(candidate, addr=addr)
         except OSError:
             continue
-        log.info("metrics on %s:%d/metrics", addr, candidate)
+        # moved: say it where the default log level shows it, or a scrape finds another process
+        (log.info if candidate == port else log.warning)(
+            "metrics on %s:%d/metrics%s", addr, candidate,
+            "" if candidate == port else f" ({port} was taken)",
+        )  # fmt: skip
         return candidate
     log.warning("metrics: no free port in %d..%d; this process serves none", port, port + tries - 1)
     return None

@@ -68,7 +68,9 @@ def _run_task(task: Task, function: Any, *args: Any, delivery: Delivery | None =
                 _failed_for_good(ctx, delivery, exc)
             raise
         countdown = TRANSIENT_RETRY.delay(task.request.retries)
-        log.warning("%s%s: transient error, retry in %ss: %s", task.name, args, countdown, exc)
+        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        log.warning("%s%s: transient error, retry in %ss: %s", task.name, args, countdown, first)
+        log.debug("%s%s: the whole error", task.name, args, exc_info=exc)
         raise task.retry(exc=exc, countdown=countdown, max_retries=TRANSIENT_MAX_RETRIES) from exc
 
 
