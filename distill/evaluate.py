@@ -15,13 +15,13 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from distill.anomaly_map import MapFusion
 from distill.checkpoint import load_detector
 from distill.data.mvtec import Category, check_native_size, load_mask, load_stack
 from distill.inference import Detector, Precision
 from distill.metrics import aupro, coverage, f1_max, image_auroc, pixel_auroc, tile_scores_on
+from distill.progress import progress_bar
 from distill.selection import fuse_maps, raw_maps
 
 
@@ -39,7 +39,7 @@ def predict_with_progress(
     """Maps for all images (`fabric`: where the fabric lies in them, None: everywhere), showing
     a progress bar; returns (maps, seconds of model + map)."""
     maps, seconds = [], 0.0
-    with tqdm(total=len(images), desc="score", unit="tile", disable=not progress) as bar:
+    with progress_bar(total=len(images), desc="score", unit="tile", disable=not progress) as bar:
         for start in range(0, len(images), detector.batch_size):
             stop = start + detector.batch_size
             on = None if fabric is None else fabric[start:stop]

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
 
+from distill.progress import progress_bar
 from distill.teacher_cache import cache_for
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def fit_student(
     deadline = None if config.max_minutes is None else time.perf_counter() + 60 * config.max_minutes
     total = config.epochs * len(train_images)
     train_cache, val_cache, cached = cache_for(trainer, train_images, val_images, progress)
-    with tqdm(
+    with progress_bar(
         total=total, desc="train", unit="tile", disable=not progress, dynamic_ncols=True
     ) as bar:
         bar.write(cached)

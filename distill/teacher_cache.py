@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from tqdm.auto import tqdm
+
+from distill.progress import progress_bar
 
 if TYPE_CHECKING:
     from distill.train import Trainer
@@ -36,7 +37,7 @@ class TeacherCache:
         computed in, so that the same kernels compute them (bitwise the same, whatever the
         batch's composition, on the Zen 4 measured: docs/benchmarks.md)."""
         levels: list[torch.Tensor] = []
-        with tqdm(total=len(images), desc="teacher's features", unit="tile", leave=False,
+        with progress_bar(total=len(images), desc="teacher's features", unit="tile", leave=False,
                   disable=not progress, dynamic_ncols=True) as bar:  # fmt: skip
             for start in range(0, len(images), batch):
                 features = trainer.teacher_features(trainer.inputs(images[start : start + batch]))

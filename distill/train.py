@@ -177,8 +177,10 @@ class Trainer:
             total += self.train_step(batch, keep, teacher) * batch.shape[0]
             count += batch.shape[0]
             bar.update(batch.shape[0])
-            bar.set_postfix(
-                loss=f"{total / count:.4f}", lr=f"{self.optimizer.param_groups[0]['lr']:.0e}"
+            bar.set_postfix(  # not refreshed here: a bar written as lines would write each
+                loss=f"{total / count:.4f}",
+                lr=f"{self.optimizer.param_groups[0]['lr']:.0e}",
+                refresh=False,
             )
         return total / max(count, 1)
 
@@ -247,14 +249,24 @@ class Trainer:
         candidates = self.level_choices if min(weights) < 1 else (None,)
         tried = []
         for levels in candidates:
+            # each phase says what it does and what it took: they ran for minutes in silence
+            began = time.perf_counter()
             memory = (
                 None if levels is None else self.fit_memory_bank(train_images, train_valid, levels)
             )
+            if memory is not None:
+                log.info("memory bank on levels %s: %d patches of %d tiles (%.1f s)",
+                         ",".join(map(str, memory.levels)), memory.bank.shape[0],
+                         len(train_images), time.perf_counter() - began)  # fmt: skip
+            began = time.perf_counter()
             self.model.set_scoring(memory, MapFusion())
             selection = choose_fusion(
                 self.model, held_out.numpy(), IMAGENET_MEAN, IMAGENET_STD, valid=held_out_valid,
                 weights=weights, seed=self.config.seed,
             )  # fmt: skip
+            log.info("student's share of the map chosen by synthetic defects on %d held-out "
+                     "tiles: %g (%.1f s)", len(held_out), selection.fusion.weight,
+                     time.perf_counter() - began)  # fmt: skip
             tried.append((memory, selection, selection.trials[selection.fusion.weight]["mean"]))
         best = max(tried, key=lambda t: t[2])[1]
         memory, selection, _ = tried[pick_cheapest([t[2] for t in tried], best.tolerance)]
@@ -333,6 +345,7 @@ def train(
         target_fpr=config.fpr,
         train_config={k: v for k, v in asdict(config).items() if k != "extra"},
     )
+    log.info("training on %d tiles of %s, %d held out", len(train_idx), data, len(val_idx))
     if config.scorer == "memory":  # the map is the bank's alone: a student would go unused
         fit = StudentFit(best_state=trainer.model.student.state_dict())
     else:
@@ -354,11 +367,14 @@ def train(
             "levels": list(memory.levels), "stride": memory.stride,
             "size": int(memory.bank.shape[0]), "bf16_twin": memory.twin_device,
         }  # fmt: skip
+    began = time.perf_counter()
     detector = Detector(trainer.model, card.mean, card.std, device=trainer.device, precision="fp32")
     val_maps = detector.predict(val_images.numpy(), fabric=val_valid).maps
     val_scores = tile_scores_on(val_maps, val_valid)
     calibration = calibrate_threshold(val_scores, config.fpr)
     card.threshold = calibration.threshold
+    log.info("threshold %.4g calibrated on %d held-out tiles (%.1f s)", card.threshold,
+             len(val_images), time.perf_counter() - began)  # fmt: skip
     card.metrics = {
         "epochs": len(fit.history["val_loss"]),
         "best_epoch": fit.best_epoch,

@@ -34,8 +34,8 @@ from typing import TextIO
 from sqlalchemy import exists, func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
-from tqdm.auto import tqdm
 
+from distill.progress import progress_bar
 from results.grade_store import RUN_GRADED, grade_run
 from results.grading import GradingRules, load_rules
 from storage.schema import OPEN_RUN_STATUSES, Band, Model, Roll, Run, current_run
@@ -295,7 +295,7 @@ def reprocess(
         log.info("graded %d run(s) a previous reprocess finished but did not grade", len(late))
     wait = wait if wait is not None else _sleeper(ctx, poll_s)
     pending, in_flight = deque(rolls), {}  # run id → roll id
-    bar = tqdm(total=len(rolls), desc=f"reprocess {model_version}", unit="roll",
+    bar = progress_bar(total=len(rolls), desc=f"reprocess {model_version}", unit="roll",
                disable=not progress, file=out or sys.stderr, dynamic_ncols=True)  # fmt: skip
     stall = _StallWatch(stall_s, clock)
     try:

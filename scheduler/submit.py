@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from distill.progress import progress_bar
 from storage.manifest import (
     MAX_MANIFEST_BYTES,
     Manifest,
@@ -96,10 +97,11 @@ def upload_folder(
     limits: ManifestLimits | None = None,
     check: Callable[[Manifest], None] | None = None,
     max_frame_pixels: int | None = None,
+    progress: bool = True,
 ) -> tuple[Manifest, Submission]:
     """Validate a roll folder completely — `check` too, given the manifest; every frame a
     regular file no larger than a frame of `max_frame_pixels` can be — then upload it (frames
-    first, manifest last)."""
+    first, manifest last), showing its progress (`progress`)."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{folder} has no manifest.json")
@@ -120,11 +122,16 @@ def upload_folder(
         check(manifest)
     prefix = f"{incoming_prefix.rstrip('/')}/{manifest.roll_id}"
     frames = []
-    for seq, path in named:
-        key = f"{prefix}/frames/{path.name}"
-        with path.open("rb") as stream:
-            store.put(key, stream)
-        frames.append((seq, key))
+    # a roll of tens of GB goes up for minutes: its bytes, rate and time left are shown
+    total = sum(path.stat().st_size for _, path in named)
+    with progress_bar(total=total, desc=f"upload {manifest.roll_id}", unit="B", unit_scale=True,
+                      unit_divisor=1024, disable=not progress) as bar:  # fmt: skip
+        for seq, path in named:
+            key = f"{prefix}/frames/{path.name}"
+            with path.open("rb") as stream:
+                store.put(key, stream)
+            frames.append((seq, key))
+            bar.update(path.stat().st_size)
     store.put(f"{prefix}/manifest.json", manifest_bytes)  # the bytes checked, not a later file
     return manifest, Submission(manifest.roll_id, prefix, frames)
 

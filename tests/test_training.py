@@ -1,6 +1,7 @@
 """A real (small) training run on synthetic fabric, its checkpoint, calibration and evaluation."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -243,3 +244,20 @@ def test_an_interrupted_training_leaves_the_earlier_model_as_it_was(tmp_path):
     assert out.read_bytes() == b"the model that was"
     assert f"interrupted: {out} is as it was; the best student so far is in {partial}" in err
     assert read_checkpoint(partial)[0].threshold is None  # uncalibrated: not a model to register
+
+
+def test_training_into_a_log_says_each_phase_in_whole_lines(tmp_path):
+    """Written to a file or a pipe (a worker's log), the bar was one line of carriage returns,
+    and the memory bank, the choice of the map and the calibration ran in silence."""
+    data = write_category(tmp_path / "twill", n_train=12, n_test_good=1, n_test_defect=1,
+                          tile=64, weave="twill", seed=2)  # fmt: skip
+    argv = ["train", "--data", str(data), "--out", str(tmp_path / "m.pt"), "--tile", "64",
+            "--epochs", "1", "--teacher", TEACHER, "--teacher-weights", "random"]  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "cli", *argv], capture_output=True, text=True,
+                          timeout=600, check=False)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "\r" not in done.stderr
+    for phase in ("training on ", "memory bank on levels", "student's share of the map chosen",
+                  "threshold "):  # fmt: skip
+        assert phase in done.stderr, (phase, done.stderr[-3000:])
+    assert re.search(r"^train: +\d+%\|.*\| \d+/9 \[.*tile/s", done.stderr, re.MULTILINE)

@@ -54,7 +54,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from distill.data.aitex_edge_tiles import (
     grid_fabric_columns,
@@ -64,6 +63,7 @@ from distill.data.aitex_edge_tiles import (
 )
 from distill.data.mvtec import GROUPS_FILE, REGIONS_FILE
 from distill.fabric_region import band_extents
+from distill.progress import progress_bar
 
 __all__ = [
     "DEFECT_NAMES",
@@ -320,7 +320,7 @@ def import_aitex(
     seen: dict[str, dict[bytes, Path]] = {}
     regions: dict[Path, dict[str, list[int]]] = {}
     groups: dict[Path, dict[str, str]] = {}  # training tiles that share pixels
-    for strip in tqdm(strips, desc="AITEX import", unit="strip", disable=not progress):
+    for strip in progress_bar(strips, desc="AITEX import", unit="strip", disable=not progress):
         c = counts[f"fabric{strip.fabric}"]
         image = read_grey(strip.path)
         if image is None:
