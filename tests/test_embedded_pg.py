@@ -32,6 +32,19 @@ def data_dir(tmp_path: Path):
     stop_embedded(path)  # whatever the test left running
 
 
+def _sql(url: str, *statements: str):
+    """Run `statements` in one transaction on a connection of their own; the last one's first
+    value (None when it returns no rows)."""
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:
+            for statement in statements:
+                result = conn.execute(text(statement))
+            return result.scalar() if result.returns_rows else None
+    finally:
+        engine.dispose()
+
+
 def _gone(pid: int, wait_s: float = 10.0) -> bool:
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
@@ -81,15 +94,8 @@ def test_two_processes_share_one_server_and_stop_is_clean(data_dir: Path) -> Non
         assert uid != 0
         assert (data_dir / "postgres").stat().st_uid == uid
 
-    engine = make_engine(url)
-    try:
-        with engine.begin() as conn:
-            assert conn.scalar(text("SELECT 1")) == 1
-            assert conn.scalar(text("SELECT inet_server_addr()::text")) == "127.0.0.1/32"
-            conn.execute(text("CREATE TABLE kept (v int)"))
-            conn.execute(text("INSERT INTO kept VALUES (42)"))
-    finally:
-        engine.dispose()
+    assert _sql(url, "SELECT inet_server_addr()::text") == "127.0.0.1/32"
+    _sql(url, "CREATE TABLE kept (v int)", "INSERT INTO kept VALUES (42)")
 
     assert stop_embedded(data_dir) is True
     assert _gone(pid)
@@ -104,12 +110,7 @@ def test_two_processes_share_one_server_and_stop_is_clean(data_dir: Path) -> Non
     again = start_embedded(data_dir)
     assert again.pid != pid
     assert again.password == server.password
-    engine = make_engine(again.url)
-    try:
-        with engine.connect() as conn:
-            assert conn.scalar(text("SELECT v FROM kept")) == 42
-    finally:
-        engine.dispose()
+    assert _sql(again.url, "SELECT v FROM kept") == 42
     assert stop_embedded(data_dir) is True
     assert _gone(again.pid)
 
@@ -153,31 +154,15 @@ def test_a_copied_data_dir_gets_a_server_of_its_own(tmp_path: Path) -> None:
     original, copy = tmp_path / "original", tmp_path / "copy"
     try:
         server = start_embedded(original)
-        engine = make_engine(server.url)
-        try:
-            with engine.begin() as conn:
-                conn.execute(text("CREATE TABLE kept (v int)"))
-                conn.execute(text("CHECKPOINT"))
-        finally:
-            engine.dispose()
+        _sql(server.url, "CREATE TABLE kept (v int)", "CHECKPOINT")
         subprocess.run(["cp", "-a", str(original), str(copy)], check=True)
         assert (copy / "postgres" / "postmaster.pid").exists()  # naming the original's pid
         copied = start_embedded(copy)
         assert copied.pid != server.pid and copied.port != server.port
-        engine = make_engine(copied.url)
-        try:
-            with engine.begin() as conn:
-                conn.execute(text("DROP TABLE kept"))  # the copy's own
-        finally:
-            engine.dispose()
+        _sql(copied.url, "DROP TABLE kept")  # the copy's own
         assert stop_embedded(copy) is True and _gone(copied.pid)
         assert embedded_status(original) == server  # still running
-        engine = make_engine(server.url)
-        try:
-            with engine.connect() as conn:
-                assert conn.scalar(text("SELECT count(*) FROM kept")) == 0
-        finally:
-            engine.dispose()
+        assert _sql(server.url, "SELECT count(*) FROM kept") == 0
     finally:
         stop_embedded(copy)
         stop_embedded(original)
@@ -196,13 +181,7 @@ def test_a_first_start_interrupted_in_initdb_leaves_a_data_dir_the_next_command_
     assert proc.poll() is None, "the first start ended before initdb could be interrupted"
     os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group
     proc.communicate(timeout=60)
-    server = start_embedded(data_dir)
-    engine = make_engine(server.url)
-    try:
-        with engine.connect() as conn:
-            assert conn.scalar(text("SELECT 1")) == 1
-    finally:
-        engine.dispose()
+    assert _sql(start_embedded(data_dir).url, "SELECT 1") == 1
     assert not (data_dir / "postgres.init").exists()
 
 

@@ -216,37 +216,50 @@ def test_a_retry_forgets_its_own_rolls_death_counts_only(ctx):
         assert session.get(TaskDelivery, ("ingest", "A_1/2")) is None
 
 
-def test_discovery_goes_on_with_a_roll_started_again(ctx, tmp_path):
-    """Discovery closes a failed roll's cursor; started again, the roll's later frames and its
-    complete manifest must still be found."""
+def _failed_while_scanned(ctx, tmp_path, roll_id):
+    """A roll whose scan has begun (frames 1 and 2, its manifest open), failed by discovery's
+    first pass for want of a model; its complete manifest and `upload(*seqs)` of its frames."""
     with ctx.session() as session:
         session.get(Model, V1).active = False
-    folder = _write(tmp_path, "R-d")
+    folder = _write(tmp_path, roll_id)
     manifest = json.loads((folder / "manifest.json").read_text())
 
     def upload(*seqs: int) -> None:
         for seq in seqs:
             name = f"{seq:06d}.tif"
-            ctx.store.put(f"incoming/R-d/frames/{name}", (folder / "frames" / name).read_bytes())
+            ctx.store.put(f"incoming/{roll_id}/frames/{name}",
+                          (folder / "frames" / name).read_bytes())  # fmt: skip
 
-    ctx.store.put("incoming/R-d/manifest.json",
+    ctx.store.put(f"incoming/{roll_id}/manifest.json",
                   json.dumps({**manifest, "complete": False, "frames": None}).encode())  # fmt: skip
     upload(1, 2)
     discover_once(ctx, stall_after=None)
     ctx.enqueue.drain()
-    assert _roll(ctx, "R-d").status == "failed"
+    assert _roll(ctx, roll_id).status == "failed"
+    return manifest, upload
+
+
+def test_discovery_goes_on_with_a_roll_started_again(ctx, tmp_path):
+    """Discovery closes a failed roll's cursor; started again, the roll's later frames and its
+    complete manifest must still be found."""
+    manifest, upload = _failed_while_scanned(ctx, tmp_path, "R-d")
     discover_once(ctx, stall_after=None)  # the next pass closes its cursor
     with ctx.session() as session:
         activate_model(session, V1)
     retry_roll(ctx, "R-d")
     ctx.enqueue.drain()
     upload(3, 4)  # the scanner goes on
-    ctx.store.put("incoming/R-d/manifest.json", json.dumps(manifest).encode())
+    _assert_the_scan_finishes(ctx, "R-d", manifest)
+
+
+def _assert_the_scan_finishes(ctx, roll_id, manifest):
+    """The scanner's complete manifest: discovery takes it and the roll's frames, and it ends."""
+    ctx.store.put(f"incoming/{roll_id}/manifest.json", json.dumps(manifest).encode())
     discover_once(ctx, stall_after=None)
     ctx.enqueue.drain()
     with ctx.session() as session:
-        frames = session.scalar(select(func.count()).where(Frame.roll_id == "R-d"))
-    roll = _roll(ctx, "R-d")
+        frames = session.scalar(select(func.count()).where(Frame.roll_id == roll_id))
+    roll = _roll(ctx, roll_id)
     assert (roll.status, roll.complete, frames) == ("done", True, FRAMES)
 
 
@@ -254,22 +267,7 @@ def test_a_roll_started_again_while_a_discovery_pass_sends_its_frames_stays_list
     """The pass read the roll failed; `resume --retry` started it again while the pass sent a
     frame (a broker publish retried for a minute); the pass then saved its cursor closed, from
     the status it had read: the roll's later frames and manifest were never taken."""
-    with ctx.session() as session:
-        session.get(Model, V1).active = False
-    folder = _write(tmp_path, "R-race")
-    manifest = json.loads((folder / "manifest.json").read_text())
-
-    def upload(*seqs: int) -> None:
-        for seq in seqs:
-            name = f"{seq:06d}.tif"
-            ctx.store.put(f"incoming/R-race/frames/{name}", (folder / "frames" / name).read_bytes())
-
-    ctx.store.put("incoming/R-race/manifest.json",
-                  json.dumps({**manifest, "complete": False, "frames": None}).encode())  # fmt: skip
-    upload(1, 2)
-    discover_once(ctx, stall_after=None)
-    ctx.enqueue.drain()
-    assert _roll(ctx, "R-race").status == "failed"
+    manifest, upload = _failed_while_scanned(ctx, tmp_path, "R-race")
     upload(3)
     queue = ctx.enqueue
 
@@ -292,13 +290,7 @@ def test_a_roll_started_again_while_a_discovery_pass_sends_its_frames_stays_list
         ctx.enqueue = queue
     ctx.enqueue.drain()
     upload(4)  # the scanner goes on
-    ctx.store.put("incoming/R-race/manifest.json", json.dumps(manifest).encode())
-    discover_once(ctx, stall_after=None)
-    ctx.enqueue.drain()
-    with ctx.session() as session:
-        frames = session.scalar(select(func.count()).where(Frame.roll_id == "R-race"))
-    roll = _roll(ctx, "R-race")
-    assert (roll.status, roll.complete, frames) == ("done", True, FRAMES)
+    _assert_the_scan_finishes(ctx, "R-race", manifest)
 
 
 def test_a_command_asks_when_it_starts_not_when_its_driver_reaches_the_roll(ctx, tmp_path):
