@@ -289,3 +289,32 @@ def test_a_first_frame_read_before_the_roll_had_its_width_is_checked_again(make_
     assert ingest_frame(ctx, "R-width", 1, key) == "failed"
     roll, _ = roll_and_run(ctx, "R-width")
     assert roll.status == "failed" and f"{WIDTH} px wide" in roll.failure_reason
+
+
+def test_a_copy_of_the_last_band_that_lost_the_race_sends_the_finalize(make_ctx):
+    """Two deliveries of a run's last band at once (a redelivery while the first still ran): the
+    first stored it and died before it sent the finalize; the copy, finding the band done,
+    returned without sending it, and the run stayed all scored and never finalized."""
+    ctx = make_ctx()
+    slow = _SlowModelContext(ctx.settings, ctx.engine, ctx.store, ctx.enqueue, device="cpu",
+                             batch_size=8)  # fmt: skip
+    register(ctx, "R-last", 3)
+    for seq in (1, 2, 3):
+        key = put_frame(ctx, "R-last", seq, frame_bytes(seed=seq))
+        assert ingest_frame(ctx, "R-last", seq, key) == "ingested"
+    _, run = roll_and_run(ctx, "R-last")
+    ctx.enqueue.items.clear()
+    for band in (0, 1):
+        assert score_band(ctx, run.id, band) == "scored"
+    result: list[str] = []
+    copy = threading.Thread(target=lambda: result.append(score_band(slow, run.id, 2)))
+    copy.start()
+    assert slow.entered.wait(120)  # the copy is scoring band 2
+    assert score_band(ctx, run.id, 2) == "scored"  # the first delivery stores it …
+    ctx.enqueue.items.clear()  # … and dies before its finalize is sent
+    slow.go_on.set()
+    copy.join()
+    assert result == ["already done"]
+    assert [name for name, _ in ctx.enqueue.items] == ["finalize"]
+    drain(ctx)
+    assert roll_and_run(ctx, "R-last")[1].status == "done"

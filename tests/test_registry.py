@@ -336,3 +336,30 @@ def test_a_version_taken_meanwhile_by_other_weights_is_a_clear_error(
         a.commit()
     b.join()
     assert len(outcome) == 1 and "v2 already exists with other weights" in str(outcome[0])
+
+
+def test_the_same_checkpoint_registered_twice_at_once_is_one_model(
+    db_engine, local_store, checkpoints
+):
+    """The second's insert waits for the first's; its version (the same, from the same bytes)
+    then clashes before its checksum does, and it was refused as "other weights"."""
+    outcome: list[object] = []
+
+    def register_again() -> None:
+        with Session(db_engine) as s:
+            try:
+                model, new = _register(s, local_store, checkpoints["a"], fabric_type="denim")
+                outcome.append((model.version, new))
+            except RegistryError as exc:
+                outcome.append(exc)
+
+    with Session(db_engine) as first:
+        model, new = _register(first, local_store, checkpoints["a"], fabric_type="denim")
+        assert new
+        again = threading.Thread(target=register_again)
+        again.start()
+        wait_for_lock_waits(db_engine, 1, unless=again)
+        first.commit()
+        version = model.version
+    again.join()
+    assert outcome == [(version, False)]

@@ -74,7 +74,10 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
         stale, done_before = band.generation != generation, band.status == "done"
         if stale or done_before:
             session.rollback()  # nor its extents: stale, or already stored by that delivery
-            if not stale:  # another delivery of it, on the same pixels, came first
+            if not stale:  # another delivery of it, on the same pixels, came first — and may
+                # have died before it sent the finalize, which this one must send then
+                if finalize_due(session.get(Run, run_id, populate_existing=True)):
+                    ctx.enqueue.finalize(run_id)
                 return "already done"
             log.info("run %s band %s: a frame it reads changed while it was scored; the score "
                      "sent after the change scores it", run_id, band_index)  # fmt: skip
