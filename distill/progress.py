@@ -9,12 +9,14 @@ rate, ETA and its postfix), at most every `LINE_EVERY_S` seconds and when it end
 from __future__ import annotations
 
 import io
+import re
 import sys
 from typing import Any, TextIO
 
 from tqdm.auto import tqdm
 
 LINE_EVERY_S = 30.0
+_CURSOR = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
 class _Lines(io.TextIOBase):
@@ -24,7 +26,8 @@ class _Lines(io.TextIOBase):
         self.stream = stream
 
     def write(self, text: str) -> int:
-        line = text.replace("\r", "").strip()  # tqdm redraws its line with \r
+        # tqdm redraws its line with \r, and moves between nested bars with the cursor
+        line = _CURSOR.sub("", text.replace("\r", "")).strip()
         if line:
             self.stream.write(line + "\n")
         return len(text)

@@ -94,11 +94,13 @@ def make_engine(settings_or_url: Settings | str | URL | None = None, **kwargs: o
     else:
         url = settings_or_url
     kwargs.setdefault("pool_pre_ping", True)
-    # named by process: `rollscan db stop` tells which processes still use the embedded server
-    kwargs.setdefault(
-        "connect_args", dict(CONNECT_ARGS, application_name=f"rollscan pid {os.getpid()}")
-    )
-    return create_engine(_normalise(url), **kwargs)  # type: ignore[arg-type]
+    url = _normalise(url)
+    connect_args = dict(CONNECT_ARGS)
+    if "application_name" not in make_url(url).query:  # the site's own name, when it gives one
+        # named by process: `rollscan db stop` tells which processes still use the embedded server
+        connect_args["application_name"] = f"rollscan pid {os.getpid()}"
+    kwargs.setdefault("connect_args", connect_args)
+    return create_engine(url, **kwargs)  # type: ignore[arg-type]
 
 
 @contextmanager

@@ -107,7 +107,10 @@ def _read_state(data_dir: Path) -> dict:
     if not path.exists():
         return {}
     if path.stat().st_mode & 0o077:  # it holds a superuser's password
-        path.chmod(0o600)
+        try:
+            path.chmod(0o600)
+        except PermissionError:  # not ours: readable all the same, as its owner left it
+            log.warning("%s is readable by others; its owner should `chmod 600` it", path)
     try:
         state = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -131,14 +134,18 @@ def _write_state(data_dir: Path, state: dict) -> None:
 def _initdb(data_dir: Path, pgdata: Path, account: tuple[int, int] | None) -> str:
     """A cluster made in a folder beside PGDATA and renamed into place once complete: initdb
     killed half-way (Ctrl-C on the first command) had left a PGDATA that looked initialised, with
-    no password and no rollscan settings, and that no later command could use."""
+    no password and no rollscan settings, and that no later command could use. PGDATA may be a
+    link to an empty folder (on a bigger disk): the cluster is made beside that folder, and
+    the link kept; a mount point, which no folder can be renamed onto, gets it in place."""
     if pgdata.exists() and any(pgdata.iterdir()):
         raise EmbeddedPostgresError(
             f"{pgdata} is not empty but holds no PostgreSQL cluster (no PG_VERSION); "
             "move it away or point ROLLSCAN_DATA_DIR elsewhere"
         )
-    staging = data_dir / "postgres.init"
-    shutil.rmtree(staging, ignore_errors=True)  # an interrupted initdb's: never started
+    real = pgdata.resolve()
+    staging = real if os.path.ismount(real) else real.with_name(f"{real.name}.init")
+    if staging != real:
+        shutil.rmtree(staging, ignore_errors=True)  # an interrupted initdb's: never started
     prepare_pgdata(staging, account)
     password = secrets.token_hex(24)  # hex: nothing to escape in a URL
     # the password must survive a crash between initdb and the end of start
@@ -166,9 +173,10 @@ def _initdb(data_dir: Path, pgdata: Path, account: tuple[int, int] | None) -> st
         os.unlink(pwfile)
     with open(staging / "postgresql.conf", "a") as conf:
         conf.write(f"\n{_CONF_MARKER}\nlisten_addresses = '{HOST}'\nunix_socket_directories = ''\n")
-    if pgdata.exists():
-        pgdata.rmdir()  # empty (above)
-    staging.rename(pgdata)
+    if staging != real:
+        if real.exists():
+            real.rmdir()  # empty (above)
+        staging.rename(real)
     log.info("initialised embedded PostgreSQL in %s", pgdata)
     return password
 

@@ -126,6 +126,7 @@ def test_a_box_in_the_last_partial_block_ends_at_the_image_edge():
     assert (d.x0_mm, d.x1_mm, d.y0_mm, d.y1_mm) == pytest.approx((18.0, 23.0, 17.0, 19.25))
     assert (d.x_mm, d.y_mm) == pytest.approx((20.5, 18.125))
     assert (d.length_mm, d.width_mm) == pytest.approx((5.0, 2.25))
+    assert d.area_mm2 == pytest.approx(5.0 * 2.25)  # its blocks' 18 mm², at most its box's
     assert d.row1 == 19 and d.col1 == 11  # the ¼-res cells themselves are unchanged
 
 

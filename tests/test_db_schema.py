@@ -346,3 +346,20 @@ def test_a_connection_whose_server_falls_silent_is_given_up(db_engine: Engine) -
         "30",
         "60000",
     )
+
+
+def test_connections_are_named_by_process_unless_the_site_names_them(db_engine: Engine) -> None:
+    """`rollscan db stop` names the processes still connected; a name the site's URL gives
+    (for its DBA's pg_stat_activity, its pooler's rules) is kept."""
+    import os
+
+    def name(url) -> str:
+        engine = database.make_engine(url)
+        try:
+            with engine.connect() as conn:
+                return conn.exec_driver_sql("SHOW application_name").scalar()
+        finally:
+            engine.dispose()
+
+    assert name(db_engine.url) == f"rollscan pid {os.getpid()}"
+    assert name(db_engine.url.update_query_dict({"application_name": "line3"})) == "line3"

@@ -239,3 +239,18 @@ def test_db_stop_refuses_while_others_are_connected(data_dir: Path) -> None:
     finally:
         engine.dispose()
     assert embedded_status(data_dir) is None
+
+
+def test_a_data_dir_whose_postgres_folder_links_to_another_disk(tmp_path: Path) -> None:
+    """`DATA_DIR/postgres` a link to an empty folder on a bigger disk: the cluster is made there
+    and the link kept (the staged cluster could not be renamed over a link)."""
+    data_dir, disk = tmp_path / "data", tmp_path / "bigger-disk" / "pg"
+    disk.mkdir(parents=True)
+    data_dir.mkdir()
+    (data_dir / "postgres").symlink_to(disk)
+    try:
+        server = start_embedded(data_dir)
+        assert _sql(server.url, "SELECT 1") == 1
+        assert (data_dir / "postgres").is_symlink() and (disk / "PG_VERSION").exists()
+    finally:
+        stop_embedded(data_dir)

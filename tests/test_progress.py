@@ -51,3 +51,13 @@ def test_an_upload_shows_its_bytes_rate_and_time_left(tmp_path, capsys):
     assert last.startswith("upload R-up: 100%") and "B/s" in last, last
     shown = last.split("| ")[1].split(" ")[0]  # "12.3k/12.3k"
     assert shown.split("/")[0] == shown.split("/")[1] and total > 0
+
+
+def test_nested_bars_written_to_a_file_leave_no_cursor_moves():
+    out = io.StringIO()
+    with progress_bar(total=2, desc="outer", file=out) as outer:
+        with progress_bar(total=3, desc="inner", file=out, leave=False) as inner:
+            inner.update(3)
+        outer.update(2)
+    assert "\x1b" not in out.getvalue() and "\r" not in out.getvalue()
+    assert out.getvalue().splitlines()[-1].startswith("outer: 100%")

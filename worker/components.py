@@ -196,7 +196,8 @@ class DefectFinder:
                     y1_mm=y1,
                     length_mm=max(w, h),
                     width_mm=min(w, h),
-                    area_mm2=int(count[k]) * pixel_area,
+                    # its blocks' area, at most its box's (the last ones may be partial)
+                    area_mm2=min(int(count[k]) * pixel_area, w * h),
                     max_score=float(smax[k]),
                     mean_score=float(ssum[k] / count[k]),
                     row0=r0,
