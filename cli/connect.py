@@ -140,10 +140,9 @@ def command_context(*, upgrade_database: bool = True) -> WorkerContext:
     database made ready first (`prepare_database`) unless told not to."""
     from worker.tasks import context
 
-    ctx = context()
-    if upgrade_database:
-        prepare_database(ctx.settings)
-    return ctx
+    if upgrade_database:  # first: the context refuses a schema not at head
+        prepare_database(get_settings())
+    return context()
 
 
 @contextmanager

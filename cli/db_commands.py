@@ -10,8 +10,9 @@ import argparse
 from typing import Any
 
 from alembic.util.exc import CommandError
+from psycopg2.errorcodes import LOCK_NOT_AVAILABLE
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 
 from storage import database
 from storage.settings import Settings, get_settings
@@ -28,10 +29,23 @@ def _call(url: str, action: str, func: Any, *call_args: Any) -> Any:
         return func(url, *call_args)
     except CommandError as exc:
         raise ValueError(f"db {action}: {exc}") from None
-    except OperationalError as exc:
+    except DBAPIError as exc:
+        code = getattr(exc.orig, "pgcode", None)
         # the psycopg2 message names host and port, never the password
         reason = str(exc.orig).strip() if exc.orig is not None else str(exc)
-        raise ValueError(f"db {action}: cannot reach {database.mask_url(url)}: {reason}") from None
+        if isinstance(exc, OperationalError) and code is None:
+            raise ValueError(
+                f"db {action}: cannot reach {database.mask_url(url)}: {reason}"
+            ) from None
+        # a migration runs in one transaction: what failed left the schema as it was
+        unchanged = f"nothing was changed (revision {database.current_revision(url) or 'none'})"
+        if code == LOCK_NOT_AVAILABLE:
+            others = ", ".join(database.other_sessions(url)) or "none left now"
+            raise ValueError(
+                f"db {action}: gave up waiting for a table other sessions hold ({others}): "
+                f"stop the workers and close open sessions, then run it again; {unchanged}"
+            ) from None
+        raise ValueError(f"db {action}: {reason.splitlines()[0]}; {unchanged}") from None
 
 
 def _upgrade(args: argparse.Namespace) -> int:

@@ -89,6 +89,7 @@ def run_demo(
     from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
     from scheduler.submit import submit
     from storage.schema import Defect, Roll, current_run
+    from storage.settings import get_settings
     from worker.app import app
     from worker.tasks import context
 
@@ -97,9 +98,9 @@ def run_demo(
     # the demo is this machine's alone: its tasks run in this process (the same task code) even
     # where a broker is configured — sent there, they would wait for another machine's workers
     app.conf.task_always_eager = True
-    ctx = context()
     # embedded or a blank database given to the demo: migrated; any other: at head, or refused
-    prepare_database(ctx.settings, migrate_blank=True)
+    prepare_database(get_settings(), migrate_blank=True)
+    ctx = context()
     ctx.store.exists(f"models/{FABRIC}")  # a store that is down fails now, not after training
     ensure_model(ctx, workdir, epochs, teacher_weights)
     roll_id = f"demo-{datetime.now(UTC):%Y%m%d-%H%M%S}"

@@ -14,6 +14,7 @@ from typing import Any
 
 from cli.arg_types import at_site, command_parser, iso_date, parse_duration, positive_int
 from cli.connect import command_context, prepare_database
+from storage.settings import get_settings
 
 
 def read_roll_ids(path: Path) -> list[str]:
@@ -31,9 +32,10 @@ def _reprocess(args: argparse.Namespace) -> int:
     from scheduler.reprocess import grade_ungraded, reprocess, select_rolls
 
     listed = read_roll_ids(args.rolls_from) if args.rolls_from is not None else None
+    settings = get_settings()
+    rules_for = rules_from_file(args.rules or settings.grading_rules)  # before anything runs
+    prepare_database(settings, migrate=not args.dry_run)  # a dry run changes nothing
     ctx = command_context(upgrade_database=False)
-    rules_for = rules_from_file(args.rules or ctx.settings.grading_rules)  # before anything runs
-    prepare_database(ctx.settings, migrate=not args.dry_run)  # a dry run changes nothing
     with ctx.session() as session:
         rolls = select_rolls(
             session,

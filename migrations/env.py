@@ -17,6 +17,10 @@ target_metadata = Base.metadata
 # Any fixed number: two processes running `upgrade` at once (two workers starting,
 # a deploy and a CLI) take turns instead of both applying the same revision.
 MIGRATION_LOCK_ID = 0x726F6C6C7363616E & 0x7FFFFFFFFFFFFFFF  # "rollscan"
+# A migration waiting for a table another session holds (a quality engineer's open psql
+# transaction, a worker) waited for ever, and every query on that table queued behind it: the
+# site stopped. It gives up instead, nothing changed (`rollscan db upgrade` names the sessions).
+LOCK_TIMEOUT = "15s"
 
 
 def _url() -> object:
@@ -36,6 +40,7 @@ def _configure(connection: Connection) -> None:
     with context.begin_transaction():
         # transaction-scoped: released at commit; taken before Alembic reads the version
         connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": MIGRATION_LOCK_ID})
+        connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
         context.run_migrations()
 
 

@@ -42,6 +42,9 @@ class Submission:
     frames: list[tuple[int, str]]  # (seq, key)
 
 
+UPLOAD_BAR_BYTES = 64 << 20  # a smaller roll goes up in seconds: no bar
+
+
 def frame_seq(name: str) -> int | None:
     match = FRAME_NAME.fullmatch(name)  # `$` alone would let a trailing newline in
     return int(match[1]) if match else None
@@ -97,11 +100,12 @@ def upload_folder(
     limits: ManifestLimits | None = None,
     check: Callable[[Manifest], None] | None = None,
     max_frame_pixels: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> tuple[Manifest, Submission]:
     """Validate a roll folder completely — `check` too, given the manifest; every frame a
     regular file no larger than a frame of `max_frame_pixels` can be — then upload it (frames
-    first, manifest last), showing its progress (`progress`)."""
+    first, manifest last), showing its progress (`progress`; None: for an upload of more than
+    `UPLOAD_BAR_BYTES`, which takes long enough to need it)."""
     manifest_path = folder / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{folder} has no manifest.json")
@@ -124,8 +128,9 @@ def upload_folder(
     frames = []
     # a roll of tens of GB goes up for minutes: its bytes, rate and time left are shown
     total = sum(path.stat().st_size for _, path in named)
+    shown = total > UPLOAD_BAR_BYTES if progress is None else progress
     with progress_bar(total=total, desc=f"upload {manifest.roll_id}", unit="B", unit_scale=True,
-                      unit_divisor=1024, disable=not progress) as bar:  # fmt: skip
+                      unit_divisor=1024, disable=not shown) as bar:  # fmt: skip
         for seq, path in named:
             key = f"{prefix}/frames/{path.name}"
             with path.open("rb") as stream:

@@ -179,6 +179,24 @@ def current_revision(url: str | URL) -> str | None:
         engine.dispose()
 
 
+def other_sessions(url: str | URL) -> list[str]:
+    """The other sessions on the database, "pid N (name, state)": who holds what a migration
+    waits for."""
+    engine = create_engine(
+        _normalise(url), poolclass=NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}
+    )
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text(
+                "SELECT pid, coalesce(nullif(application_name, ''), usename), state "
+                "FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND backend_type = 'client backend' ORDER BY pid"
+            ))  # fmt: skip
+            return [f"pid {pid} ({name}, {state})" for pid, name, state in rows]
+    finally:
+        engine.dispose()
+
+
 def known_revision(revision: str) -> bool:
     """Whether this rollscan's migrations hold `revision` (a newer rollscan's do not)."""
     from alembic.script import ScriptDirectory
@@ -252,11 +270,29 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         todo += [getattr(item, "orig", None), item.__cause__, item.__context__]
 
 
+class SchemaNotAtHead(ValueError):
+    """The database's schema is not the one this code needs: a worker started before
+    `rollscan db upgrade` (its tasks wait for it), or one older than the database."""
+
+
+def check_schema_at_head(url: str | URL) -> None:
+    """SchemaNotAtHead unless the database is at this code's head revision."""
+    current, head = current_revision(url), head_revision()
+    if current != head:
+        newer = current is not None and not known_revision(current)
+        raise SchemaNotAtHead(
+            f"the database is at schema revision {current or 'none'}, this rollscan needs "
+            f"{head}: " + ("upgrade rollscan" if newer else "run `rollscan db upgrade`")
+        )
+
+
 def is_transient_db_error(exc: BaseException) -> bool:
     """True for database errors a retry may cure: connection lost or refused, server
-    restarting, serialization failure or deadlock. Looks through SQLAlchemy wrappers and
-    exception chains (a task may wrap the error in its own)."""
+    restarting, serialization failure or deadlock, a schema not yet upgraded. Looks through
+    SQLAlchemy wrappers and exception chains (a task may wrap the error in its own)."""
     for item in _causes(exc):
+        if isinstance(item, SchemaNotAtHead):
+            return True
         if isinstance(item, sa_exc.DBAPIError) and item.connection_invalidated:
             return True
         if isinstance(item, sa_exc.DisconnectionError):

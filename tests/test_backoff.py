@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from worker.backoff import RETRY_LATER_CAP_S, TRANSIENT_MAX_RETRIES, TRANSIENT_RETRY, Backoff
 from worker.inline import InlineEnqueuer
@@ -31,9 +32,9 @@ def test_the_tasks_numbers() -> None:
 
 
 def test_the_process_context_is_built_once_and_takes_the_first_enqueuer(
-    tmp_path, env_context
+    db_engine, tmp_path, env_context
 ) -> None:
-    env_context("postgresql://nobody@localhost:1/none", tmp_path)
+    env_context(db_engine, tmp_path)
     ctx = process_context()  # a caller that sends no work
     assert isinstance(ctx.enqueue, NoEnqueuer)
     with pytest.raises(RuntimeError, match="send no work"):
@@ -42,3 +43,21 @@ def test_the_process_context_is_built_once_and_takes_the_first_enqueuer(
     assert process_context(first) is ctx and ctx.enqueue is first
     assert process_context(second) is ctx and ctx.enqueue is first
     assert process_context() is ctx and ctx.enqueue is first
+
+
+def test_a_process_on_a_database_not_yet_upgraded_waits_for_it(
+    make_database, tmp_path, env_context
+) -> None:
+    """A worker started before `rollscan db upgrade` read columns not there yet, and its tasks
+    failed their rolls for good; its context is refused with a transient error until then."""
+    from storage.database import SchemaNotAtHead, upgrade
+    from worker.transient_errors import is_transient_error
+
+    url = make_database()
+    upgrade(url, "0007")
+    env_context(url, tmp_path)
+    with pytest.raises(SchemaNotAtHead, match="revision 0007, this rollscan needs 0009") as caught:
+        process_context()
+    assert is_transient_error(caught.value)
+    upgrade(url)
+    assert process_context().engine.url.database == make_url(url).database

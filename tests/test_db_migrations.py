@@ -154,3 +154,49 @@ def test_cli_db_commands(
     with pytest.raises(ValueError, match=r"cannot reach .*\*\*\*") as caught:
         _cli("db", "current")
     assert "s3cret-pw" not in str(caught.value)
+
+
+def test_an_upgrade_that_waits_for_a_table_gives_up_naming_who_holds_it(
+    make_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A quality engineer's open transaction on `runs`: the upgrade waited for ever, and every
+    query on `runs` queued behind it. It gives up, names the session, and changes nothing."""
+    import psycopg2
+
+    url = make_database()
+    database.upgrade(url, "0007")  # 0008 alters `runs`
+    monkeypatch.delenv("ROLLSCAN_CONFIG", raising=False)
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", url)
+    libpq = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    reader = psycopg2.connect(libpq, application_name="psql of quality")
+    try:
+        with reader.cursor() as cursor:  # a transaction left open after a read
+            cursor.execute("SELECT count(*) FROM runs")
+        with pytest.raises(ValueError, match="db upgrade: gave up waiting") as caught:
+            _cli("db", "upgrade")
+    finally:
+        reader.close()
+    assert "(psql of quality, idle in transaction)" in str(caught.value)
+    assert "nothing was changed (revision 0007)" in str(caught.value)
+    assert database.current_revision(url) == "0007"
+    assert _cli("db", "upgrade") == 0  # once it is closed
+
+
+def test_a_migration_that_fails_says_so_in_one_line_and_changes_nothing(
+    make_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mill's own view over `current_defects`, which 0002 replaces: a 90-line traceback that
+    never said the database was left as it was."""
+    url = make_database()
+    database.upgrade(url, "0001")
+    engine = create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE VIEW mill_defects AS SELECT roll_id FROM current_defects"))
+    finally:
+        engine.dispose()
+    monkeypatch.delenv("ROLLSCAN_CONFIG", raising=False)
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", url)
+    with pytest.raises(ValueError, match=r"^db upgrade: .*nothing was changed \(revision 0001\)$"):
+        _cli("db", "upgrade")
+    assert database.current_revision(url) == "0001"

@@ -46,11 +46,13 @@ def test_an_upload_shows_its_bytes_rate_and_time_left(tmp_path, capsys):
     folder = tmp_path / "R-up"
     write_synthetic_roll(folder, "R-up", frames=3, frame_rows=64, width=256)
     total = sum(p.stat().st_size for p in (folder / "frames").iterdir())
-    upload_folder(LocalStore(tmp_path / "objects"), folder, "incoming")
+    upload_folder(LocalStore(tmp_path / "objects"), folder, "incoming", progress=True)
     last = capsys.readouterr().err.splitlines()[-1]
     assert last.startswith("upload R-up: 100%") and "B/s" in last, last
     shown = last.split("| ")[1].split(" ")[0]  # "12.3k/12.3k"
     assert shown.split("/")[0] == shown.split("/")[1] and total > 0
+    upload_folder(LocalStore(tmp_path / "objects"), folder, "incoming")  # small: in seconds
+    assert capsys.readouterr().err == ""
 
 
 def test_nested_bars_written_to_a_file_leave_no_cursor_moves():

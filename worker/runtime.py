@@ -35,11 +35,15 @@ def process_context(enqueue: Enqueuer | None = None) -> WorkerContext:
     global _context
     if _context is None:
         from distill.malloc_tuning import keep_freed_memory
+        from storage.database import check_schema_at_head, database_url
         from storage.settings import get_settings
 
         keep_freed_memory()
 
         settings = get_settings()
+        # a worker started before `rollscan db upgrade` read columns that were not there yet,
+        # and failed its rolls for good: its tasks wait (a transient error) until it is done
+        check_schema_at_head(database_url(settings))
         if settings.torch_threads is not None:
             import torch
 

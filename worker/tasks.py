@@ -53,7 +53,12 @@ def context() -> WorkerContext:
 
 
 def _run_task(task: Task, function: Any, *args: Any, delivery: Delivery | None = None) -> Any:
-    ctx = context()
+    try:
+        ctx = context()  # the database away, or its schema not upgraded yet: retried
+    except Exception as exc:
+        if not is_transient_error(exc):
+            raise
+        raise _retry(task, args, exc) from exc
     try:
         if delivery is None:
             return function(ctx, *args)
@@ -67,11 +72,16 @@ def _run_task(task: Task, function: Any, *args: Any, delivery: Delivery | None =
             if delivery is not None:  # its roll fails with the reason, not waits for ever
                 _failed_for_good(ctx, delivery, exc)
             raise
-        countdown = TRANSIENT_RETRY.delay(task.request.retries)
-        first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-        log.warning("%s%s: transient error, retry in %ss: %s", task.name, args, countdown, first)
-        log.debug("%s%s: the whole error", task.name, args, exc_info=exc)
-        raise task.retry(exc=exc, countdown=countdown, max_retries=TRANSIENT_MAX_RETRIES) from exc
+        raise _retry(task, args, exc) from exc
+
+
+def _retry(task: Task, args: tuple, exc: Exception) -> Exception:
+    """The task's retry after a transient error, with back-off, said in one line."""
+    countdown = TRANSIENT_RETRY.delay(task.request.retries)
+    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    log.warning("%s%s: transient error, retry in %ss: %s", task.name, args, countdown, first)
+    log.debug("%s%s: the whole error", task.name, args, exc_info=exc)
+    return task.retry(exc=exc, countdown=countdown, max_retries=TRANSIENT_MAX_RETRIES)
 
 
 def _failed_for_good(ctx: WorkerContext, delivery: Delivery, exc: Exception) -> None:
