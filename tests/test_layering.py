@@ -29,7 +29,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "storage": ("distill.checkpoint",),
     "worker": ("distill", "storage"),
     "results": ("storage",),
-    "scheduler": ("storage", "worker", "results"),
+    # distill.progress: the progress lines of long work, which knows nothing of models
+    "scheduler": ("storage", "worker", "results", "distill.progress"),
     "rollscan_testing": ("distill", "storage", "worker", "scheduler", "results"),
     "cli": OURS,
     "migrations": ("storage",),
