@@ -16,13 +16,11 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from storage.database import (
+    check_schema_at_head,
     current_revision,
     database_url,
-    head_revision,
     is_transient_db_error,
-    known_revision,
     make_engine,
-    mask_url,
     session_scope,
     upgrade,
 )
@@ -41,19 +39,12 @@ def prepare_database(
     """Migrate the embedded database to head (unless not to `migrate`: a dry run) — a blank
     configured one too with `migrate_blank` (the demo's); check that any other is at head."""
     url = database_url(settings)
-    if settings.embedded_database and migrate:
+    if (settings.embedded_database and migrate) or (
+        migrate_blank and current_revision(url) is None
+    ):
         upgrade(url)
         return
-    current, head = current_revision(url), head_revision()
-    if current is None and migrate_blank:
-        upgrade(url)
-        return
-    if current == head:
-        return
-    where = f"the database {mask_url(url)} is at schema revision {current or 'none (empty)'}"
-    if current is not None and not known_revision(current):
-        raise ValueError(f"{where}, newer than this rollscan's ({head}): upgrade rollscan")
-    raise ValueError(f"{where}; this rollscan needs revision {head}: run `rollscan db upgrade`")
+    check_schema_at_head(url)  # SchemaNotAtHead, a ValueError: one line, exit 2
 
 
 # a connection the server refused or that never began: psycopg2's words for it

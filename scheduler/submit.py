@@ -127,16 +127,16 @@ def upload_folder(
     prefix = f"{incoming_prefix.rstrip('/')}/{manifest.roll_id}"
     frames = []
     # a roll of tens of GB goes up for minutes: its bytes, rate and time left are shown
-    total = sum(path.stat().st_size for _, path in named)
-    shown = total > UPLOAD_BAR_BYTES if progress is None else progress
-    with progress_bar(total=total, desc=f"upload {manifest.roll_id}", unit="B", unit_scale=True,
-                      unit_divisor=1024, disable=not shown) as bar:  # fmt: skip
-        for seq, path in named:
+    sizes = [path.stat().st_size for _, path in named]
+    shown = sum(sizes) > UPLOAD_BAR_BYTES if progress is None else progress
+    with progress_bar(total=sum(sizes), desc=f"upload {manifest.roll_id}", unit="B",
+                      unit_scale=True, unit_divisor=1024, disable=not shown) as bar:  # fmt: skip
+        for (seq, path), size in zip(named, sizes, strict=True):
             key = f"{prefix}/frames/{path.name}"
             with path.open("rb") as stream:
                 store.put(key, stream)
             frames.append((seq, key))
-            bar.update(path.stat().st_size)
+            bar.update(size)
     store.put(f"{prefix}/manifest.json", manifest_bytes)  # the bytes checked, not a later file
     return manifest, Submission(manifest.roll_id, prefix, frames)
 

@@ -271,28 +271,30 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 
 
 class SchemaNotAtHead(ValueError):
-    """The database's schema is not the one this code needs: a worker started before
-    `rollscan db upgrade` (its tasks wait for it), or one older than the database."""
+    """The database's schema is not the one this code needs: a command refuses (exit 2); a
+    worker started before `rollscan db upgrade` retries its tasks until it is done
+    (`worker.transient_errors`)."""
 
 
 def check_schema_at_head(url: str | URL) -> None:
-    """SchemaNotAtHead unless the database is at this code's head revision."""
+    """SchemaNotAtHead unless the database is at this code's head revision (the commands' check
+    and the workers')."""
     current, head = current_revision(url), head_revision()
-    if current != head:
-        newer = current is not None and not known_revision(current)
-        raise SchemaNotAtHead(
-            f"the database is at schema revision {current or 'none'}, this rollscan needs "
-            f"{head}: " + ("upgrade rollscan" if newer else "run `rollscan db upgrade`")
-        )
+    if current == head:
+        return
+    where = f"the database {mask_url(url)} is at schema revision {current or 'none (empty)'}"
+    if current is not None and not known_revision(current):
+        raise SchemaNotAtHead(f"{where}, newer than this rollscan's ({head}): upgrade rollscan")
+    raise SchemaNotAtHead(
+        f"{where}; this rollscan needs revision {head}: run `rollscan db upgrade`"
+    )
 
 
 def is_transient_db_error(exc: BaseException) -> bool:
     """True for database errors a retry may cure: connection lost or refused, server
-    restarting, serialization failure or deadlock, a schema not yet upgraded. Looks through
-    SQLAlchemy wrappers and exception chains (a task may wrap the error in its own)."""
+    restarting, serialization failure or deadlock. Looks through SQLAlchemy wrappers and
+    exception chains (a task may wrap the error in its own)."""
     for item in _causes(exc):
-        if isinstance(item, SchemaNotAtHead):
-            return True
         if isinstance(item, sa_exc.DBAPIError) and item.connection_invalidated:
             return True
         if isinstance(item, sa_exc.DisconnectionError):

@@ -56,7 +56,9 @@ def test_a_process_on_a_database_not_yet_upgraded_waits_for_it(
     url = make_database()
     upgrade(url, "0007")
     env_context(url, tmp_path)
-    with pytest.raises(SchemaNotAtHead, match="revision 0007, this rollscan needs 0009") as caught:
+    with pytest.raises(
+        SchemaNotAtHead, match="at schema revision 0007; this rollscan needs revision 0009"
+    ) as caught:
         process_context()
     assert is_transient_error(caught.value)
     upgrade(url)

@@ -8,7 +8,7 @@ missing object is not transient.
 
 from __future__ import annotations
 
-from storage.database import is_transient_db_error
+from storage.database import SchemaNotAtHead, is_transient_db_error
 from storage.objectstore import is_transient_store_error
 
 
@@ -23,7 +23,9 @@ def is_transient_error(exc: BaseException) -> bool:
     item: BaseException | None = exc
     while item is not None and id(item) not in seen:
         seen.add(id(item))
-        if isinstance(item, OperationalError):
+        # the broker's; and a schema not upgraded yet, which a worker waits for (a command,
+        # told it is not a database that cannot be reached, refuses: `storage.database`)
+        if isinstance(item, OperationalError | SchemaNotAtHead):
             return True
         item = item.__cause__ or item.__context__
     return False
