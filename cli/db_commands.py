@@ -57,6 +57,16 @@ def _upgrade(args: argparse.Namespace) -> int:
 
 def _downgrade(args: argparse.Namespace) -> int:
     url = database.database_url(_settings(args))
+    # a downgrade drops the columns and tables later revisions added, with their data, and
+    # 'base' drops the archive: a typo must not cost a mill its defect history
+    rolls = _call(url, "downgrade", database.roll_count)
+    if rolls and not args.yes:
+        raise ValueError(
+            f"db downgrade: not done, the database holds {rolls} roll(s) and reverting to "
+            f"{args.revision} drops what later revisions added, with its data"
+            f"{' (every table)' if args.revision == 'base' else ''}: take a pg_dump first, "
+            "then run it again with --yes"
+        )
     _call(url, "downgrade", database.downgrade, args.revision)
     print(f"database at revision {_call(url, 'downgrade', database.current_revision) or 'base'}")
     return 0
@@ -128,6 +138,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "downgrade", help="revert migrations down to REVISION ('base' drops every table)"
     )
     down.add_argument("revision", metavar="REVISION", help="target revision, e.g. 0001, -1 or base")
+    down.add_argument(
+        "--yes", action="store_true",
+        help="downgrade even though the database holds rolls (what is dropped is lost)",
+    )  # fmt: skip
     down.set_defaults(handler=_downgrade)
 
     current = commands.add_parser("current", help="print the database's revision")

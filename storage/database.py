@@ -39,6 +39,7 @@ __all__ = [
     "known_revision",
     "make_engine",
     "mask_url",
+    "roll_count",
     "session_scope",
     "start_embedded",
     "stop_embedded",
@@ -161,6 +162,21 @@ def upgrade(url: str | URL, revision: str = "head") -> None:
 
 def downgrade(url: str | URL, revision: str) -> None:
     command.downgrade(alembic_config(url), revision)
+
+
+def roll_count(url: str | URL) -> int:
+    """How many rolls the database holds (0 before the schema exists): what a downgrade would
+    take data from."""
+    engine = create_engine(
+        _normalise(url), poolclass=NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}
+    )
+    try:
+        with engine.connect() as conn:
+            if conn.execute(text("SELECT to_regclass('rolls')")).scalar() is None:
+                return 0
+            return int(conn.execute(text("SELECT count(*) FROM rolls")).scalar_one())
+    finally:
+        engine.dispose()
 
 
 def current_revision(url: str | URL) -> str | None:

@@ -128,7 +128,18 @@ def test_cli_db_commands(
     assert capsys.readouterr().out.splitlines()[-1] == "0009 (head)"
     with pytest.raises(ValueError, match="db downgrade"):
         _cli("db", "downgrade", "no-such-revision")
-    assert _cli("db", "downgrade", "base") == 0
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO rolls (id, fabric_type, width_mm, px_per_mm_x, px_per_mm_y) "
+            "VALUES ('R-1', 'denim', 1600, 4, 4)"
+        ))  # fmt: skip
+    engine.dispose()
+    # a downgrade drops data with the columns and tables it reverts: not without --yes
+    with pytest.raises(ValueError, match=r"holds 1 roll.*pg_dump.*--yes"):
+        _cli("db", "downgrade", "base")
+    assert database.current_revision(url) == database.head_revision()
+    assert _cli("db", "downgrade", "base", "--yes") == 0
     assert database.current_revision(url) is None
     engine = create_engine(url)
     try:
