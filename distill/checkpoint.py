@@ -326,6 +326,8 @@ def load_detector(
     if compile:
         try:
             detector.predict(np.zeros((1, card.tile, card.tile, 3), np.uint8))
+        except (torch.OutOfMemoryError, MemoryError):
+            raise  # out of memory is the machine's state, not the compiler's: eager would OOM too
         except Exception as exc:  # inductor's errors share no base class
             warnings.warn(
                 f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}): "

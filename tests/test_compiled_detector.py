@@ -64,3 +64,22 @@ def test_a_model_that_cannot_be_compiled_here_scores_eager_with_a_warning(tmp_pa
     assert mode == "fp32 channels-last"
     assert "torch.compile failed" in said and "this model scores eager" in said
     assert shape == "(3, 64, 64)"
+
+
+def test_running_out_of_memory_while_compiling_is_not_taken_for_a_compiler_fault(
+    tmp_path, monkeypatch
+):
+    """Out of memory says the machine is full, not that it cannot compile: scoring eager would
+    run out too, and the fallback's warning would hide the cause behind "torch.compile failed"."""
+    import torch
+
+    def full_machine(module, **_):
+        def run(*args, **kwargs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", full_machine)
+    model = random_checkpoint(tmp_path / "m.pt", tile=64)
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory"):
+        load_detector(model, precision="fp32", batch_size=2, compile=True)
