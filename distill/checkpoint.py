@@ -24,7 +24,7 @@ from distill.inference import Detector, Precision
 from distill.memory_bank import MemoryBank
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, RANDOM, build_teacher
 from distill.torch_model import ReverseDistillation
-from distill.train_config import MAX_TILE, MIN_TILE
+from distill.train_config import MAX_TILE, MIN_TILE, TILE_LAYOUTS
 
 FORMAT = "rollscan-distill/1"
 
@@ -156,6 +156,12 @@ def _check_card(card: ModelCard) -> None:
         raise CheckpointError(
             f"checkpoint mean {card.mean!r} and std {card.std!r} are not 3 values each (RGB), "
             "the std positive"
+        )
+    # an unknown layout scored every roll on the grid, unlike the tiles the model learnt
+    layout = card.train_config.get("tile_layout", "grid")
+    if layout not in TILE_LAYOUTS:
+        raise CheckpointError(
+            f"checkpoint tile layout {layout!r} is not one of {', '.join(TILE_LAYOUTS)}"
         )
     for side in ("student", "memory"):  # a map's statistics on good tiles: (mean, std)
         stats = card.fusion.get(side, (0.0, 1.0))

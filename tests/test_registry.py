@@ -274,6 +274,10 @@ def test_a_checkpoint_whose_card_disagrees_with_its_contents_is_refused_when_reg
             source, tmp_path / "m.pt", memory={"levels": [2, 3], "stride": 8}
         ),
         "fusion .* is unusable": _with_card(source, tmp_path / "f.pt", fusion={"weight": 1.5}),
+        # a misspelt layout scored every roll on the grid, unlike the tiles the model learnt
+        "tile layout 'Fabric' is not one of grid, fabric": _with_card(
+            source, tmp_path / "l.pt", train_config={"tile_layout": "Fabric"}
+        ),
     }
     for reason, path in cases.items():
         with pytest.raises(RegistryError, match=reason):
