@@ -1,7 +1,7 @@
 """`rollscan grade`: four-point (ASTM D5430) grading of finished rolls.
 
 Rules come from ``--rules FILE`` (JSON, or TOML by its ``.toml`` suffix), shaped as
-`results.grading.load_rules` describes, else from ``ROLLSCAN_GRADING_RULES``; without either
+`results.grading_rules.RuleBook` describes, else from ``ROLLSCAN_GRADING_RULES``; without either
 the built-in defaults apply to every fabric type.
 """
 
@@ -18,8 +18,9 @@ from storage.settings import get_settings
 
 
 def _grade(args: argparse.Namespace) -> int:
-    from results.grade_store import grade_rolls, rules_from_file
+    from results.grade_store import grade_rolls
     from results.grading import decisive_text
+    from results.grading_rules import rules_from_file
 
     settings = get_settings()
     rules_for = rules_from_file(args.rules or settings.grading_rules)  # checked before any write

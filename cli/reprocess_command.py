@@ -28,7 +28,7 @@ def read_roll_ids(path: Path) -> list[str]:
 
 
 def _reprocess(args: argparse.Namespace) -> int:
-    from results.grade_store import rules_from_file
+    from results.grading_rules import rules_from_file
     from scheduler.reprocess import grade_ungraded, reprocess, select_rolls
 
     listed = read_roll_ids(args.rolls_from) if args.rolls_from is not None else None

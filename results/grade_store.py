@@ -11,20 +11,17 @@ always belong to the defects that were graded.
 
 from __future__ import annotations
 
-import json
 import logging
-import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import Any
 
 from sqlalchemy import exists, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from results.grading import GradingRules, choose_width, grade_roll, load_rules
+from results.grading import choose_width, grade_roll
+from results.grading_rules import GradingRules, RuleBook
 from storage.database import is_transient_db_error
 from storage.fabric_extents import edges_along_mm, measured_fabric_mm
 from storage.schema import Defect, Grade, Roll, Run
@@ -51,9 +48,12 @@ class GradeRow:
     ignored: int  # at the selvage
 
 
-def grade_run(session: Session, run_id: int, rules: GradingRules | None = None) -> GradeRow:
+def grade_run(
+    session: Session, run_id: int, rules: GradingRules | None = None, section: str | None = None
+) -> GradeRow:
     """Grade one finished run and write the result; ValueError when it cannot be graded
     (unknown, not done, roll length unknown). Nothing is written before the checks pass.
+    `section`: which section of the site's rules `rules` are, recorded with the grade.
     The caller commits."""
     rules = rules if rules is not None else GradingRules()
     run = session.scalar(
@@ -68,8 +68,10 @@ def grade_run(session: Session, run_id: int, rules: GradingRules | None = None) 
         raise ValueError(f"run {run_id} of roll {run.roll_id} is {run.status}, not done")
     roll = session.get(Roll, run.roll_id)
     assert roll is not None  # the foreign key
-    if not roll.length_m:
+    if roll.length_m is None:
         raise ValueError(f"roll {roll.id} has no length yet: it cannot be graded")
+    if not roll.length_m > 0:
+        raise ValueError(f"roll {roll.id} has a length of {roll.length_m} m: it cannot be graded")
 
     rows = session.execute(
         select(Defect.id, Defect.x0_mm, Defect.y0_mm, Defect.x1_mm, Defect.y1_mm, Defect.length_mm)
@@ -92,6 +94,8 @@ def grade_run(session: Session, run_id: int, rules: GradingRules | None = None) 
         width_source=source, manifest_width_mm=roll.width_mm,
         measured_width_mm=None if measured is None else measured[2],
     )  # fmt: skip
+    if section is not None:
+        result.details["rules_section"] = section
 
     if rows:
         # ORM bulk UPDATE by primary key: one executemany; None clears a stale value
@@ -135,33 +139,6 @@ def grade_run(session: Session, run_id: int, rules: GradingRules | None = None) 
     )
 
 
-def read_rules_file(path: Path) -> dict[str, Any]:
-    """The grading config in a JSON or TOML file; ValueError with the file's name if unreadable."""
-    try:
-        if path.suffix.lower() == ".toml":
-            with path.open("rb") as f:
-                config = tomllib.load(f)
-        else:
-            config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"grading rules {path}: {exc}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"grading rules {path}: expected an object at the top")
-    return config
-
-
-def rules_from_file(path: Path | None) -> Callable[[str], GradingRules]:
-    """`rules_for(fabric_type)` from a rules file (None: the built-in rules). The whole file is
-    read and validated here, so a bad file fails before anything is graded or written."""
-    config = read_rules_file(path) if path is not None else None
-    load_rules("", config)
-
-    def rules_for(fabric_type: str) -> GradingRules:
-        return load_rules(fabric_type, config)
-
-    return rules_for
-
-
 def grade_rolls(
     session: Session,
     *,
@@ -175,7 +152,9 @@ def grade_rolls(
     the rolls whose current run finished at or after `since` (a naive datetime is local
     time) — and, with `ungraded`, those whose current run has no grade whenever it finished —
     or, with neither, every such roll. `rules_for(fabric_type)` gives the rules
-    (default: the built-in ones), asked once per fabric type.
+    (default: the built-in ones), asked once per fabric type; a `RuleBook` also records with
+    each grade which of its sections applied, and logs each fabric type graded on the default
+    rules (a warning where a section's name differs from the type only in case or spacing)
 
     A roll that cannot be graded (no length recorded, absurd numbers, a write the database
     refuses) is logged and skipped, its writes undone by a savepoint, so that one odd roll
@@ -198,15 +177,18 @@ def grade_rolls(
         # a run becomes current again without finishing again (a failed reprocess run hands
         # the roll back to the run before it, whose grade a re-finalize had deleted)
         query = query.where(or_(recent, ~RUN_GRADED) if ungraded else recent)
-    get_rules = rules_for if rules_for is not None else (lambda fabric: load_rules(fabric))
+    get_rules = rules_for if rules_for is not None else RuleBook()
     cache: dict[str, GradingRules] = {}
     graded: list[GradeRow] = []
     for run_id, roll, fabric in session.execute(query).all():
         if fabric not in cache:
             cache[fabric] = get_rules(fabric)
+            if isinstance(get_rules, RuleBook):
+                _say_section(get_rules, fabric)
+        section = get_rules.section(fabric) if isinstance(get_rules, RuleBook) else None
         try:
             with session.begin_nested():  # a savepoint: a failed roll leaves nothing written
-                graded.append(grade_run(session, run_id, cache[fabric]))
+                graded.append(grade_run(session, run_id, cache[fabric], section))
         except Exception as exc:
             if is_transient_db_error(exc):
                 raise
@@ -214,3 +196,14 @@ def grade_rolls(
             if skipped is not None:
                 skipped.append(f"roll {roll}: {exc}")
     return graded
+
+
+def _say_section(book: RuleBook, fabric: str) -> None:
+    # a section named for a fabric type but spelt otherwise graded its rolls on the default
+    # limits without a word
+    if (near := book.near_miss(fabric)) is not None:
+        log.warning("fabric type %r has no section in the grading rules but %r looks like it: "
+                    "its rolls are graded on the default rules", fabric, near)  # fmt: skip
+    elif book.fabrics and fabric not in book.fabrics:
+        log.info("fabric type %r has no section in the grading rules: its rolls are graded on "
+                 "the default rules", fabric)  # fmt: skip

@@ -32,25 +32,16 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import pairwise
 from typing import Any
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
+from results.grading_rules import FLOAT_NOISE, GradingRules
 
 MM_PER_INCH = 25.4
 MM_PER_YARD = 914.4
 SQ_IN_PER_100_SQ_YD = 3600.0  # 100 yd² = 100 × 36 in × 36 in = 129 600 in²; ÷ 36 in per yd
-# float noise (76.2 mm / 25.4 is not exactly 3.0): never enough to move a real boundary
-_EPS = 1e-9
+_EPS = FLOAT_NOISE
 
 
 def _rounding(y_mm: float) -> float:
@@ -62,84 +53,6 @@ def _rounding(y_mm: float) -> float:
 
 
 Defect = tuple[float, float, float, float, float]  # x0_mm, y0_mm, x1_mm, y1_mm, length_mm
-# the single-number rules: field -> (lowest, highest, both allowed; what the rule says)
-_RANGES = {
-    "points_above": (1, 4, "points must be 1..4 (the four-point system)"),
-    "max_points_per_yard": (1, math.inf, "must be at least 1"),
-    "width_tolerance": (0, 1, "must be a share between 0 and 1"),
-    "selvage_margin_in": (0, math.inf, "must not be negative"),
-}
-
-
-class GradingRules(BaseModel):
-    """Four-point rules for one fabric type. Unknown keys are refused (a misspelt limit
-    must not silently fall back to the default)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    # (max length in inches, inclusive; points), ascending; longer than the last: points_above
-    point_bands: tuple[tuple[float, int], ...] = ((3.0, 1), (6.0, 2), (9.0, 3))
-    points_above: int = 4
-    max_points_per_yard: int = 4
-    selvage_margin_in: float = 1.0
-    # the measured fabric width replaces the manifest's when they differ by more than this
-    # share of the manifest's (a scanner's manifest is typed in; the pixels are not)
-    width_tolerance: float = 0.05
-    # (grade name, max points per 100 yd², inclusive), ascending limits
-    acceptance: tuple[tuple[str, float], ...] = (("A", 20.0), ("B", 40.0))
-    reject_name: str = "reject"
-
-    @field_validator("point_bands")
-    @classmethod
-    def _bands_ascend(cls, bands: tuple[tuple[float, int], ...]) -> tuple[tuple[float, int], ...]:
-        limits = [limit for limit, _ in bands]
-        if (
-            any(b <= a for a, b in pairwise(limits))
-            or any(x <= 0 for x in limits)
-            or not all(map(math.isfinite, limits))  # NaN compares false: a band never taken
-        ):
-            raise ValueError(f"band limits must be positive and ascending, got {limits}")
-        if any(not 1 <= pts <= 4 for _, pts in bands):
-            raise ValueError("band points must be 1..4 (the four-point system)")
-        return bands
-
-    @field_validator(*_RANGES)
-    @classmethod
-    def _in_range(cls, value: float, info: ValidationInfo) -> float:
-        low, high, rule = _RANGES[info.field_name]
-        if not low <= value <= high:  # NaN too
-            raise ValueError(f"{rule}, got {value}")
-        return value
-
-    @model_validator(mode="after")
-    def _acceptance_ordered(self) -> GradingRules:
-        names = [name for name, _ in self.acceptance]
-        limits = [limit for _, limit in self.acceptance]
-        if not names:
-            raise ValueError("acceptance needs at least one (grade, limit)")
-        if any(not n for n in names) or not self.reject_name:
-            raise ValueError("grade names must not be empty")
-        if len(set(names) | {self.reject_name}) != len(names) + 1:
-            raise ValueError(f"grade names must be distinct, got {[*names, self.reject_name]}")
-        if (
-            any(b <= a for a, b in pairwise(limits))
-            or limits[0] < 0
-            or not all(map(math.isfinite, limits))  # NaN compares false: a grade never given
-        ):
-            raise ValueError(f"acceptance limits must be ascending and ≥ 0, got {limits}")
-        return self
-
-    def points_for(self, length_in: float) -> int:
-        for limit, points in self.point_bands:
-            if length_in <= limit + _EPS:
-                return points
-        return self.points_above
-
-    def grade_for(self, points_per_100yd2: float) -> str:
-        for name, limit in self.acceptance:
-            if points_per_100yd2 <= limit + _EPS:
-                return name
-        return self.reject_name
 
 
 def decisive_text(points_per_100yd2: float, limits: Sequence[float], decimals: int = 2) -> str:
@@ -283,64 +196,10 @@ def choose_width(
     if measured is None:
         return manifest_mm, 0.0, manifest_mm, "manifest"
     left, right, width = measured
-    if abs(width - manifest_mm) > tolerance * manifest_mm:
+    # a width exactly `tolerance` off stays the manifest's ("more than"), whatever the rounding
+    if abs(width - manifest_mm) > tolerance * manifest_mm + _rounding(manifest_mm):
         return width, left, right, "measured"
     return manifest_mm, left, right, "manifest"
-
-
-# ----------------------------------------------------------------------------- configuration
-
-_CONFIG_KEYS = {"default", "fabric_types"}
-
-
-def load_rules(fabric_type: str, config: Mapping[str, Any] | None = None) -> GradingRules:
-    """The rules for `fabric_type`: the built-in defaults, overridden key by key by
-    ``config["default"]``, then by ``config["fabric_types"][fabric_type]``.
-
-    `config` is a dict as read from JSON or TOML::
-
-        {"default": {"max_points_per_yard": 4},
-         "fabric_types": {"denim": {"acceptance": [["first", 15], ["second", 30]],
-                                     "reject_name": "third"}}}
-
-    Unknown keys anywhere, and invalid values, raise ValueError naming the place. Every
-    fabric type in the config is validated, not only the one asked for, so that a typo in
-    another fabric's rules is found by the first grading, not by the night that needs it.
-    """
-    if config is None:
-        return GradingRules()
-    if not isinstance(config, Mapping):
-        raise ValueError(f"grading config must be a table/object, not {type(config).__name__}")
-    unknown = set(config) - _CONFIG_KEYS
-    if unknown:
-        raise ValueError(
-            f"grading config: unknown key(s) {sorted(unknown)}; expected {sorted(_CONFIG_KEYS)}"
-        )
-    default = _table(config.get("default", {}), "default")
-    fabrics = _table(config.get("fabric_types", {}), "fabric_types")
-    rules: dict[str, GradingRules] = {"": _rules(default, "default")}
-    for name, overrides in fabrics.items():
-        where = f"fabric_types.{name}"
-        rules[name] = _rules({**default, **_table(overrides, where)}, where)
-    return rules.get(fabric_type, rules[""])
-
-
-def _table(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, Mapping):
-        raise ValueError(f"grading config {where}: expected a table/object, not {value!r}")
-    return dict(value)
-
-
-def _rules(values: dict[str, Any], where: str) -> GradingRules:
-    try:
-        return GradingRules(**values)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'rules'}: "
-            + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors()
-        )
-        raise ValueError(f"grading config {where}: {problems}") from None
 
 
 def _edges_beside(

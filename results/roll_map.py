@@ -19,7 +19,7 @@ from matplotlib.collections import LineCollection, PatchCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from storage.zarr_rolls import RollArrays
+from storage.zarr_rolls import RollArrays, overview_factor
 
 MAP_MAX_SIDE = 2048  # a segment's long side in the overview (px)
 MAP_WIDTH_IN, MAP_DPI = 12.0, 120
@@ -61,13 +61,18 @@ def draw_roll_map(
     defects: list[dict[str, Any]],
     extents: list[dict[str, Any]],
     path: Path,
-) -> None:
+) -> Figure:
     """Draw the map of rows [0, `length`) of `roll` (`px_per_mm`: across, along) to `path`."""
     along_m = length / px_per_mm[1] / 1000.0
     across_mm = roll.width / px_per_mm[0]
     segments = min(MAX_SEGMENTS, max(1, math.ceil(along_m * 1000 / across_mm / MAX_SEGMENT_ASPECT)))
     seg_m = along_m / segments
     overview = roll.overview(length, MAP_MAX_SIDE * segments).transpose(1, 0, 2)  # along → cols
+    # the last pixel on each side holds fewer than f rows or columns: drawn at f, and cut off
+    # at the roll's edge by the axes' limits (stretched to the edge, a 3-pixel-wide overview
+    # drew its marks 0.7× across beside their boxes)
+    f = overview_factor(length, roll.width, MAP_MAX_SIDE * segments)
+    drawn = (overview.shape[1] * f / px_per_mm[1] / 1000.0, overview.shape[0] * f / px_per_mm[0])
     axis_in = min(4.0, max(0.6, MAP_WIDTH_IN * across_mm / (seg_m * 1000)))
     fig = Figure(figsize=(MAP_WIDTH_IN, segments * (axis_in + 0.55) + 0.2), layout="constrained")
     FigureCanvasAgg(fig)
@@ -84,7 +89,7 @@ def draw_roll_map(
     for k, ax in enumerate(fig.subplots(segments, 1, squeeze=False)[:, 0]):
         lo, hi = k * seg_m, (k + 1) * seg_m
         ax.imshow(
-            pixels, cmap="gray" if grey else None, extent=(0, along_m, across_mm, 0), **IMSHOW
+            pixels, cmap="gray" if grey else None, extent=(0, drawn[0], drawn[1], 0), **IMSHOW
         )
         ax.set_xlim(lo, hi)
         ax.set_ylim(across_mm, 0)
@@ -99,3 +104,4 @@ def draw_roll_map(
             ax.annotate(str(defects[i]["defect_no"]), (cx[i], cy[i] - h[i] / 2), **LABEL)
     ax.set_xlabel("along the roll (m)", fontsize=9)
     fig.savefig(path, dpi=MAP_DPI)
+    return fig

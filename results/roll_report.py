@@ -42,6 +42,7 @@ CROP_PX = 280  # a crop's long side on the page (px), at most 4× the pixels rea
 CROP_MIN_PX = 48  # nor its short side below this
 CROP_MARGIN_PX = 64  # image pixels around the defect's bbox, at least
 CROP_KEEP_ROWS = 1024  # a longer crop keeps every k-th row (a long streak is not read whole)
+LISTED = 20  # ignored defects and capped yards named in the grade table; the rest counted
 
 
 @dataclass
@@ -243,6 +244,13 @@ def _width_row(extents: list[dict[str, Any]]) -> tuple[str, str]:
             f"{widths.max():.1f}; edges at {left:.1f} and {right:.1f} mm, drawn in cyan)")  # fmt: skip
 
 
+def _listed(items: list[str], sep: str, shown: int = LISTED) -> str:
+    # a 1,000 m roll capped some 550 yards: the whole list filled the first screen
+    if len(items) <= shown:
+        return sep.join(items) or "none"
+    return f"{len(items)}: {sep.join(items[:shown])}{sep}… and {len(items) - shown} more"
+
+
 def _grade_html(data: ReportData) -> str:
     g = data.grade
     if g is None:
@@ -267,9 +275,10 @@ def _grade_html(data: ReportData) -> str:
         ("yards inspected", yards),
         ("cuttable width", f"{width} in (roll {_num(d.get('roll_width_in'), '.2f')} in less 2 × "
                            f"{e(d.get('selvage_margin_in'))} in selvage)"),
-        ("ignored at the selvage", e(", ".join(ignored) or "none")),
-        ("capped yards", e("; ".join(capped) or "none")),
-        ("limits", f"{rules}, else {e(d.get('reject_name'))} (points / 100 yd²)"),
+        ("ignored at the selvage", e(_listed(ignored, ", "))),
+        ("capped yards", e(_listed(capped, "; "))),
+        ("limits", f"{rules}, else {e(d.get('reject_name'))} (points / 100 yd²)"
+                   + (f" — the rules' {e(d['rules_section'])} section" if d.get("rules_section") else "")),
         ("graded", f"{_when(g['graded_at'], data.zone)}, ASTM D5430 four-point system"),
     ]  # fmt: skip
     return _table(rows)

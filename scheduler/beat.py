@@ -36,8 +36,8 @@ from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from results.grade_store import GradeRow, grade_rolls, rules_from_file
-from results.grading import GradingRules
+from results.grade_store import GradeRow, grade_rolls
+from results.grading_rules import RuleBook, rules_from_file
 from storage.schema import DiscoveryCursor
 from storage.settings import Settings, get_settings
 from worker.app import app as worker_app
@@ -51,9 +51,7 @@ CURSOR = "grading"
 CLOCK_MARGIN = timedelta(minutes=10)  # runs this close before the mark are graded again
 
 
-def grade_since_last(
-    session: Session, rules_for: Callable[[str], GradingRules] | None = None
-) -> list[GradeRow]:
+def grade_since_last(session: Session, rules_for: RuleBook | None = None) -> list[GradeRow]:
     """Grade the rolls finished since the last grading began, and any current run not graded
     yet, then move the mark to now.
 

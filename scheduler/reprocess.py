@@ -37,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from distill.progress import progress_bar
 from results.grade_store import RUN_GRADED, grade_run
-from results.grading import GradingRules, load_rules
+from results.grading_rules import RuleBook
 from storage.schema import OPEN_RUN_STATUSES, Band, Model, Roll, Run, current_run
 from storage.zarr_rolls import open_roll, roll_exists
 from worker.context import WorkerContext
@@ -198,30 +198,18 @@ class ReprocessReport:
     seconds: float = 0.0
 
 
-def _rules(rules_for: Callable[[str], GradingRules] | None) -> Callable[[str], GradingRules]:
-    cache: dict[str, GradingRules] = {}
-    get = rules_for if rules_for is not None else load_rules
-
-    def rules(fabric: str) -> GradingRules:
-        if fabric not in cache:
-            cache[fabric] = get(fabric)
-        return cache[fabric]
-
-    return rules
-
-
-def _grade(ctx: WorkerContext, run_id: int, rules: Callable[[str], GradingRules]) -> None:
+def _grade(ctx: WorkerContext, run_id: int, rules: RuleBook) -> None:
     with ctx.session() as session:
         fabric = session.scalar(
             select(Roll.fabric_type).join(Run, Run.roll_id == Roll.id).where(Run.id == run_id)
         )
-        grade_run(session, run_id, rules(fabric))
+        grade_run(session, run_id, rules(fabric), rules.section(fabric))
 
 
 def grade_ungraded(
     ctx: WorkerContext,
     model_version: str,
-    rules_for: Callable[[str], GradingRules] | None = None,
+    rules_for: RuleBook | None = None,
 ) -> list[int]:
     """Grade the current reprocess runs of `model_version` that have no grade yet (a driver
     stopped between a run's finalize and its grading); returns their ids."""
@@ -237,7 +225,7 @@ def grade_ungraded(
                 )
             )
         )
-    rules = _rules(rules_for)
+    rules = rules_for if rules_for is not None else RuleBook()
     for run_id in runs:
         try:
             _grade(ctx, run_id, rules)
@@ -261,7 +249,7 @@ def reprocess(
     *,
     poll_s: float = 2.0,
     wait: Callable[[], object] | None = None,
-    rules_for: Callable[[str], GradingRules] | None = None,
+    rules_for: RuleBook | None = None,
     out: TextIO | None = None,
     stall_s: float = STALL_S,
     clock: Callable[[], float] = time.monotonic,
@@ -290,7 +278,7 @@ def reprocess(
     started = clock()
     with ctx.session() as session:  # when the command asked: the same for all its rolls
         asked_at = session.scalar(select(func.now()))
-    rules = _rules(rules_for)
+    rules = rules_for if rules_for is not None else RuleBook()
     if late := grade_ungraded(ctx, model_version, rules):
         log.info("graded %d run(s) a previous reprocess finished but did not grade", len(late))
     wait = wait if wait is not None else _sleeper(ctx, poll_s)

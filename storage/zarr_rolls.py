@@ -57,6 +57,12 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def overview_factor(length: int, width: int, max_side: int) -> int:
+    """Rows and columns per pixel of `RollArrays.overview`: a drawing needs it to place the
+    pixels, the last of which hold fewer."""
+    return max(1, -(-max(length, width) // max_side))
+
+
 def roll_prefix(roll_id: str) -> str:
     """The object-store prefix of a roll's zarr group."""
     if "/" in roll_id:
@@ -177,7 +183,8 @@ class RollArrays:
         return self.read_rows(lo, hi), lo
 
     def overview(self, length: int, max_side: int = 2048) -> np.ndarray:
-        """A block-mean downsample of rows [0, length): at most `max_side` px on each side.
+        """A block-mean downsample of rows [0, length): at most `max_side` px on each side,
+        each pixel the mean of `overview_factor` rows and columns (fewer in the last ones).
 
         Reads the roll band by band (whole blocks per read), so memory stays at about one
         band; the time is that of reading the whole image once.
@@ -185,7 +192,7 @@ class RollArrays:
         length = self._check_length(length)
         if max_side < 1:
             raise ValueError(f"max_side must be ≥ 1, not {max_side}")
-        f = max(1, -(-max(length, self.width) // max_side))
+        f = overview_factor(length, self.width, max_side)
         out = np.zeros((-(-length // f), -(-self.width // f), self.channels), np.uint8)
         col_starts = np.arange(0, self.width, f)
         col_counts = np.diff(np.append(col_starts, self.width))

@@ -171,6 +171,11 @@ def test_choose_width_keeps_the_manifest_within_tolerance():
     # the median width decides, not the median edges' difference (a fabric narrowing on
     # alternate sides: the two differ)
     assert choose_width(1500.0, (50.0, 1550.0, 1400.0), 0.05) == (1400.0, 50.0, 1550.0, "measured")
+    # exactly 5 % off is not "more than" 5 %, whatever the rounding (16002 px at 10 px/mm
+    # against 1524 mm read as beyond it)
+    for measured in (16002 / 10, 14478 / 10):
+        assert choose_width(1524.0, (0.0, measured, measured), 0.05)[3] == "manifest"
+    assert choose_width(1524.0, (0.0, 1600.3, 1600.3), 0.05)[3] == "measured"
 
 
 def test_the_quarter_mask_keeps_every_quarter_pixel_that_touches_the_fabric():

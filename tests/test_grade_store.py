@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 
@@ -11,7 +14,7 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from results.grade_store import SYSTEM, grade_rolls, grade_run
-from results.grading import GradingRules
+from results.grading_rules import GradingRules
 from storage.fabric_extents import store_extents
 from storage.schema import Defect, Grade, Model, Roll, Run
 
@@ -181,9 +184,28 @@ def test_cli_grades_and_prints_a_table(
     out = capsys.readouterr().out.splitlines()
     assert out[0].split() == ["roll", "length", "m", "points", "points/100", "yd²", "grade"]
     assert out[1].split() == ["R1", "91.4", "10", "6.21", "first"]
+    assert s.scalar(select(Grade.details["rules_section"].astext)) == "fabric_types.denim"
     assert main(["grade", "--since", "2000-01-01"]) == 0
     assert "R1" in capsys.readouterr().out
+    assert s.scalar(select(Grade.details["rules_section"].astext)) == "default"  # no --rules
     assert s.scalar(select(func.count()).select_from(Grade)) == 1
+
+    # a section spelt otherwise than the rolls' fabric type graded them on the default limits
+    # without a word: the grade says which section applied, and the log names the near miss
+    near = tmp_path / "near.json"
+    near.write_text(json.dumps({"fabric_types": {"Denim ": {"acceptance": [["first", 5]]}}}))
+    env = {**os.environ, "ROLLSCAN_DATABASE_URL": migrated_url,
+           "ROLLSCAN_DATA_DIR": str(tmp_path / "data")}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "cli", "grade", "--rules", str(near)],
+                          env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (
+        "fabric type 'denim' has no section in the grading rules but 'Denim ' looks like it"
+        in done.stderr
+    )
+    assert done.stdout.splitlines()[1].split()[-1] == "A"
+    s.expire_all()
+    assert s.scalar(select(Grade.details["rules_section"].astext)) == "default"
 
     # the same rules from ROLLSCAN_GRADING_RULES; --rules wins over it
     strict = tmp_path / "strict.toml"
@@ -211,6 +233,11 @@ def test_cli_grades_and_prints_a_table(
     s.commit()
     assert main(["grade", "--roll", "R2"]) == 1
     assert "not graded: roll R2: roll R2 has no length yet" in capsys.readouterr().err
+    _roll(s, "R4", length_m=0.0)
+    _run(s, "R4")
+    s.commit()
+    assert main(["grade", "--roll", "R4"]) == 1  # not "no length yet": it has one, and it is 0
+    assert "not graded: roll R4: roll R4 has a length of 0.0 m" in capsys.readouterr().err
     assert main(["grade", "--roll", "R3"]) == 1
     assert "roll R3 has no finished current run" in capsys.readouterr().err
     assert main(["grade"]) == 1  # R1 graded, R2 not: the table and the failure

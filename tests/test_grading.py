@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from results.grading import GradingRules, decisive_text, grade_roll, load_rules
+from results.grading import decisive_text, grade_roll
+from results.grading_rules import GradingRules, RuleBook, load_rules
 from worker.components import DefectFinder
 
 IN, YD = 25.4, 914.4  # mm
@@ -227,7 +228,18 @@ def test_rules_per_fabric_type_from_configuration() -> None:
         ({"default": {"acceptance": [["A", 20]], "reject_name": "A"}}, "distinct"),
         ({"default": {"points_above": 5}}, "1..4"),
         ({"default": {"point_bands": [[6, 1], [3, 2]]}}, "ascending"),
-        ({"default": {"selvage_margin_in": -1}}, "negative"),
+        ({"default": {"selvage_margin_in": -1}}, r"0\.\.12 in, got -1"),
+        # every roll failed to grade with an infinite margin
+        ({"default": {"selvage_margin_in": float("inf")}}, r"0\.\.12 in, got inf"),
+        # strict types: JSON's true was the number 1, "4" the number 4
+        ({"default": {"max_points_per_yard": True}}, "max_points_per_yard: Input should be"),
+        ({"default": {"points_above": True}}, "points_above: Input should be"),
+        ({"default": {"selvage_margin_in": "1"}}, "selvage_margin_in: Input should be"),
+        ({"default": {"acceptance": [["A", "20"]]}}, r"acceptance\.0\.1: Input should be"),
+        # points that fall as defects grow longer: a 1-in slub 4 points, a 20-in tear 1
+        ({"default": {"point_bands": [[3, 4], [6, 3], [9, 2]], "points_above": 1}}, "not fall"),
+        ({"default": {"points_above": 1}}, "points_above .* less than the longest band"),
+        ({"default": {"point_bands": []}}, "at least one"),
         # NaN compares false with everything: a grade, or a band, that is never given
         ({"default": {"acceptance": [["A", 20], ["B", float("nan")]]}}, "ascending"),
         ({"default": {"acceptance": [["A", float("inf")]]}}, "ascending"),
@@ -244,7 +256,7 @@ def test_bad_configuration_is_a_clear_value_error(config: dict, message: str) ->
 
 
 def test_rules_files_json_and_toml(tmp_path) -> None:
-    from results.grade_store import read_rules_file
+    from results.grading_rules import read_rules_file
 
     (tmp_path / "r.json").write_text(json.dumps(CONFIG))
     (tmp_path / "r.toml").write_text(
@@ -256,6 +268,28 @@ def test_rules_files_json_and_toml(tmp_path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"bad\.json"):
         read_rules_file(tmp_path / "bad.json")
+    # json.loads kept the last of two equal keys: the first section of a fabric written twice
+    # was lost without a word (TOML refuses it itself)
+    (tmp_path / "twice.json").write_text(
+        '{"fabric_types": {"denim": {"acceptance": [["first", 5]]}, "denim": {"reject_name": "x"}}}'
+    )
+    with pytest.raises(ValueError, match=r"twice\.json: key 'denim' appears twice"):
+        read_rules_file(tmp_path / "twice.json")
+    # a file truncated by a deploy meant the built-in rules
+    for name, text in (("empty.toml", ""), ("empty.json", "{}")):
+        (tmp_path / name).write_text(text)
+        with pytest.raises(ValueError, match=rf"{name}: empty; expected 'default'"):
+            read_rules_file(tmp_path / name)
+
+
+def test_the_section_that_grades_a_fabric_and_one_that_looks_meant_for_it() -> None:
+    book = RuleBook(CONFIG)
+    assert book.section("denim") == "fabric_types.denim" and book("denim") == load_rules(
+        "denim", CONFIG
+    )
+    assert book.section("twill") == "default" and book("twill") == book.default
+    assert book.near_miss("Denim") == "denim" and book.near_miss(" de-nim ") == "denim"
+    assert book.near_miss("denim") is None and book.near_miss("twill") is None
 
 
 def test_points_per_100yd2_never_read_as_the_limit_they_exceed() -> None:

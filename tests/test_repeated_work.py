@@ -17,7 +17,7 @@ from fixtures_ingest import BAND, WIDTH, drain, frame_bytes, put_frame, register
 from sqlalchemy import select, text
 
 from results.grade_store import grade_run
-from results.grading import GradingRules
+from results.grading_rules import GradingRules
 from storage.schema import Defect, TaskDelivery
 from worker.deliveries import Delivery, run_counted
 from worker.finalize import finalize_run

@@ -19,7 +19,7 @@ from PIL import Image
 from sqlalchemy import select, text
 
 from results.grade_store import grade_run
-from results.roll_map import edge_lines
+from results.roll_map import draw_roll_map, edge_lines
 from results.roll_report import write_roll_report
 from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.submit import submit
@@ -291,3 +291,52 @@ def test_the_maps_edges_join_the_blocks_that_keep_them() -> None:
         [[0.0, 980.0], [0.0768, 980.0]],
         [[0.1024, 980.0], [0.128, 980.0]],
     ]
+
+
+def test_the_map_draws_each_overview_pixel_over_the_rows_and_columns_it_holds(tmp_path):
+    """The overview's last pixel across holds fewer columns than the others; stretched to the
+    roll's width, a narrow roll's marks were drawn 0.7× across, beside their boxes."""
+    from storage.objectstore_local import LocalStore
+    from storage.zarr_rolls import create_roll
+
+    rows, width = 65536, 10  # 1 px/mm: 65.5 m by 10 mm, 4 px a pixel of the map's overview
+    image = np.full((rows, width, 1), 30, np.uint8)
+    image[:, 7] = 250  # a running line 7–8 mm across
+    roll = create_roll(LocalStore(tmp_path / "o"), "R-thin", width=width, channels=1,
+                       band_height=2048, manifest={})  # fmt: skip
+    roll.write_rows(0, image)
+    fig = draw_roll_map(roll, rows, (1.0, 1.0), [], [], tmp_path / "map.png")
+    (shown,) = fig.axes[0].images
+    pixels = np.asarray(shown.get_array())  # across × along
+    _, _, across_drawn, _ = shown.get_extent()
+    bright = int(np.argmax(pixels.mean(axis=1)))
+    cell = across_drawn / pixels.shape[0]
+    assert bright * cell <= 7.5 <= (bright + 1) * cell  # drawn where the line is
+    assert fig.axes[0].get_ylim() == (10.0, 0.0)  # and cut at the roll's edge
+
+
+def test_a_long_list_of_capped_yards_is_counted_not_spelt_out(tmp_path):
+    """A 1,000 m roll capped some 550 yards: the grade table listed each, a screen long."""
+    from datetime import UTC, datetime
+
+    from results.roll_report import ReportData, render_report
+    from storage.objectstore_local import LocalStore
+    from storage.zarr_rolls import create_roll
+
+    store = LocalStore(tmp_path / "o")
+    roll = create_roll(store, "R-cap", width=64, channels=1, band_height=256, manifest={})
+    roll.write_rows(0, np.full((256, 64, 1), 30, np.uint8))
+    capped = [{"yard": y, "points": 8, "counted": 4} for y in range(30)]
+    details = {"yards_capped": capped, "defects_ignored_at_selvage": [], "acceptance": [["A", 20]],
+               "reject_name": "reject", "rules_section": "fabric_types.denim"}  # fmt: skip
+    grade = {"grade": "reject", "details": details, "points": 120, "points_per_100yd2": 9.9,
+             "yards": 30.0, "width_in": 60.0, "graded_at": datetime(2026, 12, 1, tzinfo=UTC)}  # fmt: skip
+    roll_row = {"id": "R-cap", "fabric_type": "denim", "status": "done", "px_per_mm_x": 1.0,
+                "px_per_mm_y": 1.0, "rows_ingested": 256, "frames_total": 1, "meta": {},
+                "created_at": None, "completed_at": None, "failure_reason": None,
+                "length_m": 0.256, "width_mm": 64.0}  # fmt: skip
+    data = ReportData(roll=roll_row, run={"model_version": "m", "status": "done"}, grade=grade)
+    page = render_report(data, store, tmp_path / "out").read_text()
+    assert "30: yard 0–1: 8 → 4 points; " in page and "… and 10 more" in page
+    assert "yard 20–21" not in page and "yard 19–20" in page
+    assert "the rules' fabric_types.denim section" in page
