@@ -55,12 +55,12 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
-from scheduler.submit import frame_seq
 from storage.database import advisory_lock
 from storage.manifest import (
     NAME_PATTERN,
     ManifestError,
     ManifestLimits,
+    frame_seq,
     read_manifest,
 )
 from storage.objectstore import ObjectChanged, ObjectInfo, ObjectNotFound, ObjectStore
@@ -137,6 +137,18 @@ def reopen_discovery(session: Session, roll_id: str) -> None:
         if cursor.closed:
             cursor.closed = False
             row.cursor = cursor.dump()
+
+
+def record_enqueued(ctx: WorkerContext, roll_id: str, seq: int, manifest_etag: str | None) -> None:
+    """Frames 1 … `seq` of the roll, registered from the manifest version `manifest_etag`, were
+    enqueued by another way (`rollscan submit`): its cursor says so, so that discovery, which
+    lists the same folder, does not send them again."""
+    with ctx.session() as session:
+        row = session.get(DiscoveryCursor, f"roll:{roll_id}", with_for_update=True)
+        cursor = RollCursor.load(row.cursor if row is not None else None)
+        cursor.seq = max(cursor.seq, seq)
+        cursor.manifest = cursor.manifest or manifest_etag
+        _save(ctx, roll_id, cursor, session)
 
 
 def incoming_prefix(ctx: WorkerContext) -> str:

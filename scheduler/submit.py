@@ -9,17 +9,18 @@ where they are.
 from __future__ import annotations
 
 import itertools
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from distill.progress import progress_bar
+from scheduler.discovery import record_enqueued
 from storage.manifest import (
     MAX_MANIFEST_BYTES,
     Manifest,
     ManifestLimits,
     check_manifest_size,
+    frame_seq,
     parse_manifest,
     read_manifest,
 )
@@ -29,25 +30,19 @@ from worker.frames import max_frame_bytes
 from worker.ingest import roll_updated
 from worker.roll_rows import check_registrable, register_roll
 
-# ASCII digits: `\d` takes any script's ("٢.tif"), which the object store's keys refuse
-FRAME_NAME = re.compile(r"^([0-9]{1,9})\.tiff?$", re.IGNORECASE)
-
 
 @dataclass(frozen=True)
 class Submission:
-    """A submitted roll: its id, where its frames are, and the frames (seq, key) sent to ingest."""
+    """A submitted roll: its id, where its frames are, the frames (seq, key) sent to ingest, and
+    the ETag of the manifest registered."""
 
     roll_id: str
     source: str
     frames: list[tuple[int, str]]  # (seq, key)
+    manifest_etag: str | None = None
 
 
 UPLOAD_BAR_BYTES = 64 << 20  # a smaller roll goes up in seconds: no bar
-
-
-def frame_seq(name: str) -> int | None:
-    match = FRAME_NAME.fullmatch(name)  # `$` alone would let a trailing newline in
-    return int(match[1]) if match else None
 
 
 def _check_sequence(frames: list[tuple[int, str]], manifest: Manifest, where: str) -> None:
@@ -137,8 +132,8 @@ def upload_folder(
                 store.put(key, stream)
             frames.append((seq, key))
             bar.update(size)
-    store.put(f"{prefix}/manifest.json", manifest_bytes)  # the bytes checked, not a later file
-    return manifest, Submission(manifest.roll_id, prefix, frames)
+    etag = store.put(f"{prefix}/manifest.json", manifest_bytes)  # the bytes checked
+    return manifest, Submission(manifest.roll_id, prefix, frames, etag)
 
 
 def read_prefix(
@@ -147,7 +142,8 @@ def read_prefix(
     prefix = prefix.strip("/")
     key = f"{prefix}/manifest.json"
     try:  # the version headed, refused from its size before a byte of it is read
-        manifest = read_manifest(store, store.head(key), limits)
+        info = store.head(key)
+        manifest = read_manifest(store, info, limits)
     except ObjectChanged:
         raise ValueError(f"{key} was replaced while it was read: submit again") from None
     frames = sorted(
@@ -157,7 +153,7 @@ def read_prefix(
         if (seq := frame_seq(info.key[len(prefix) + len("/frames/") :])) is not None
     )
     _check_sequence(frames, manifest, f"s3 prefix {prefix}")
-    return manifest, Submission(manifest.roll_id, prefix, frames)
+    return manifest, Submission(manifest.roll_id, prefix, frames, info.etag)
 
 
 def _registrable(ctx: WorkerContext, manifest: Manifest) -> None:
@@ -193,7 +189,14 @@ def submit(ctx: WorkerContext, target: str) -> Submission:
         )
     with ctx.session() as session:
         register_roll(session, manifest, submission.source)
-    for seq, key in submission.frames:
-        ctx.enqueue.ingest(submission.roll_id, seq, key)
+    sent = 0
+    try:
+        for seq, key in submission.frames:
+            ctx.enqueue.ingest(submission.roll_id, seq, key)
+            sent = seq
+    finally:  # what went out, even when the broker failed halfway (discovery sends the rest)
+        # the folder is the one discovery lists: without its cursor, the scheduler's next pass
+        # sent every frame again, and each copy's ingest announced every band waiting
+        record_enqueued(ctx, submission.roll_id, sent, submission.manifest_etag)
     roll_updated(ctx, submission.roll_id)  # a complete manifest: the last band becomes ready
     return submission

@@ -43,6 +43,9 @@ __all__ = [
 # Copied, not imported, so that reading a manifest needs no SQLAlchemy.
 NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 MAX_MANIFEST_BYTES = 1 << 20
+# a frame's name in its roll's frames/ folder; ASCII digits: `\d` takes any script's ("٢.tif"),
+# which the object store's keys refuse
+FRAME_NAME = re.compile(r"^([0-9]{1,9})\.tiff?$", re.IGNORECASE)
 MAX_META_DEPTH = 32  # nesting of `meta`; deeper is a broken generator, not a loom's data
 _MAX_RAW_DEPTH = 100  # a dict given directly: bounded before json.dumps measures its size
 _MAX_NODES = 1 << 20
@@ -401,3 +404,10 @@ def _kind(value: Any) -> str:
     return {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}.get(
         type(value), "null" if value is None else "a number"
     )
+
+
+def frame_seq(name: str) -> int | None:
+    """The frame number a name in a roll's frames/ folder gives ("000012.tif": 12); None for
+    a name that is no frame's."""
+    match = FRAME_NAME.fullmatch(name)  # `$` alone would let a trailing newline in
+    return int(match[1]) if match else None

@@ -9,6 +9,7 @@ run nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import Counter
 from datetime import UTC, datetime, timedelta
@@ -386,3 +387,39 @@ def test_frames_written_again_numbered_twice_or_nested_are_taken_as_discovery_li
     s3_store.put("incoming/R-0301/frames/old/000004.tif", b"a rejected frame 4")
     assert list_roll(s3_store, "incoming/R-0301")[1].keys() == {1, 2, 3}
     assert [seq for seq, _ in read_prefix(s3_store, "incoming/R-0301")[1].frames] == [1, 2, 3]
+
+
+def test_a_roll_submitted_while_the_scheduler_runs_is_sent_once_and_a_redelivery_sends_its_own_bands(
+    rec, tmp_path
+):
+    """`rollscan submit FOLDER` uploads to the folder discovery lists: its next pass sent every
+    frame again (it counted only the frames ingested), and each copy's ingest announced every
+    band waiting to be scored — 20 frames of one band each made 420 score messages."""
+    import numpy as np
+    import tifffile
+
+    from scheduler.submit import submit
+    from worker.ingest import ingest_frame
+
+    frames = 8
+    folder = tmp_path / "R-0500"
+    (folder / "frames").mkdir(parents=True)
+    (folder / "manifest.json").write_text(json.dumps(manifest_of("R-0500", frames, True)))
+    noise = np.random.default_rng(3)
+    for seq in range(1, frames + 1):
+        tifffile.imwrite(folder / "frames" / f"{seq:06d}.tif",
+                         noise.integers(0, 255, (ROWS, WIDTH), dtype=np.uint8))  # fmt: skip
+    submit(rec, str(folder))
+    assert ingests_of(rec) == [("R-0500", seq) for seq in range(1, frames + 1)]
+    assert not discover_once(rec, stall_after=None).frames_enqueued
+    for seq in range(1, frames + 1):  # an ingest worker, before any band is scored
+        assert (
+            ingest_frame(rec, "R-0500", seq, f"incoming/R-0500/frames/{seq:06d}.tif") == "ingested"
+        )
+    scores = Counter(c[2] for c in rec.enqueue.calls if c[0] == "score")
+    assert set(scores.values()) == {1}
+    # a copy of frame 2 (a redelivery): the bands beside its rows only, not all eight
+    rec.enqueue.calls.clear()
+    assert ingest_frame(rec, "R-0500", 2, "incoming/R-0500/frames/000002.tif") == "unchanged"
+    again = sorted(c[2] for c in rec.enqueue.calls if c[0] == "score")
+    assert again and set(again) <= {0, 1, 2} and len(again) < len(scores)

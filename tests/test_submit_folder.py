@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from scheduler.submit import frame_seq, upload_folder
-from storage.manifest import MAX_MANIFEST_BYTES, ManifestError
+from scheduler.submit import upload_folder
+from storage.manifest import MAX_MANIFEST_BYTES, ManifestError, frame_seq
 from storage.objectstore import LocalStore
 from worker.frames import max_frame_bytes
 

@@ -251,10 +251,12 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
         previous = session.get(Frame, (roll_id, seq))
         if previous is not None and previous.etag == info.etag:
             # a redelivery: the frame is in; make sure the bands it completed, or sent back in
-            # any run, were announced
+            # any run, were announced — those beside its rows only: every band waiting in the
+            # queue, sent again by each copy, grew the queue by frames × bands
             live_run(session, roll)
+            rows = (previous.row_start, previous.row_start + previous.rows)
             pending = [
-                (run.id, run.purpose == "reprocess", pending_bands(session, run.id),
+                (run.id, run.purpose == "reprocess", pending_bands(session, run.id, rows),
                  finalize_due(run))
                 for run in runs_of_pixels(session, roll.id) if run.status != "failed"
             ]  # fmt: skip
@@ -377,10 +379,21 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
     return "ingested"
 
 
-def pending_bands(session: Session, run_id: int) -> list[int]:
-    """The run's bands recorded and not scored, in order."""
-    query = select(Band.band_index).where(Band.run_id == run_id, Band.status == "pending")
-    return list(session.scalars(query.order_by(Band.band_index)))
+def pending_bands(
+    session: Session, run_id: int, beside: tuple[int, int] | None = None
+) -> list[int]:
+    """The run's bands recorded and not scored, in order; with `beside` (rows [start, stop)),
+    only those within a band's height of those rows: the bands whose readiness, or whose
+    tiles, those rows can have changed."""
+    query = select(Band.band_index, Band.row_start, Band.row_stop).where(
+        Band.run_id == run_id, Band.status == "pending"
+    )
+    bands = session.execute(query.order_by(Band.band_index)).all()
+    if beside is None:
+        return [band for band, _, _ in bands]
+    height = max((stop - start for _, start, stop in bands), default=0)
+    start, stop = beside
+    return [band for band, b0, b1 in bands if b0 < stop + height and b1 > start - height]
 
 
 def roll_updated(ctx: WorkerContext, roll_id: str) -> list[int]:
