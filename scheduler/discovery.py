@@ -45,7 +45,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -78,19 +80,33 @@ LOCK_KEY = 0x726F6C6C7363616E  # "rollscan": the discovery pass's advisory lock
 _NAME = re.compile(NAME_PATTERN)
 _MAX_WARNED = 1024  # things warned about once; a flood of junk names must not grow it
 _warned: dict[str, None] = {}
+SUMMARY_EVERY_S = 3600.0  # beyond the bound, one line an hour counts what was not warned about
+_beyond = {"count": 0, "example": "", "said": -math.inf}
 
 
 def _warn_once(key: str, message: str, *args: Any) -> bool:
-    """Log a warning the first time `key` is seen (per process); whether it was logged. The
-    keys seen least recently are forgotten first."""
+    """Log a warning the first time `key` is seen (per process); whether it was logged. Beyond
+    `_MAX_WARNED` keys a new one is counted, not logged nor kept, and `_say_beyond` sums them
+    up: evicting the oldest made each pass over more names than are kept warn about every one
+    of them again (1,100 junk folders: 1,100 lines every 10 s)."""
     if key in _warned:
-        _warned[key] = _warned.pop(key)  # seen again: the last to be forgotten
         return False
     if len(_warned) >= _MAX_WARNED:
-        del _warned[next(iter(_warned))]
+        _beyond["count"] += 1
+        _beyond["example"] = _beyond["example"] or (message % args)
+        return False
     _warned[key] = None
     log.warning(message, *args)
     return True
+
+
+def _say_beyond(clock: float) -> None:
+    """At the end of a pass: the problems it met beyond the bound, in one line an hour."""
+    if _beyond["count"] and clock - _beyond["said"] >= SUMMARY_EVERY_S:
+        log.warning("%d more problems this pass, not logged one by one (more than %d were), "
+                    "e.g. %s", _beyond["count"], _MAX_WARNED, _beyond["example"])  # fmt: skip
+        _beyond["said"] = clock
+    _beyond.update(count=0, example="")
 
 
 @dataclass
@@ -239,6 +255,7 @@ def _discover(
     if stall_after is not None:
         with ctx.session() as session:
             report.stalled = mark_stalled(session, stall_after, now)
+    _say_beyond(time.monotonic())
     return report
 
 
