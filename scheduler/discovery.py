@@ -15,6 +15,9 @@ So discovery keeps its position in the *sequence* of each roll, not in the key o
   1000 frames; a line has a handful of rolls open at a time), so that a frame written again
   while its roll is ingested or scored is seen. Closed rolls cost no request beyond the
   directory listing: a frame replaced after its roll is done is taken by `rollscan resume`.
+  An open folder in which a pass found nothing new for 5 minutes (a stalled roll, a refused
+  manifest, frames waiting for their manifest, a folder that is no roll) is listed again after a
+  quarter of the time it has been quiet, at most 10 minutes (`_due`, per scheduler process).
 - A frame number that two objects give themselves (``2.tif`` and ``000002.tif``) is reported
   once, and neither is taken — the roll waits at that frame — until one of them is removed.
 - Per roll, a row ``discovery_cursors.name = "roll:<roll_id>"`` holds, as JSON: ``seq`` = the
@@ -48,6 +51,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -80,6 +84,9 @@ LOCK_KEY = 0x726F6C6C7363616E  # "rollscan": the discovery pass's advisory lock
 _NAME = re.compile(NAME_PATTERN)
 _MAX_WARNED = 1024  # things warned about once; a flood of junk names must not grow it
 _warned: dict[str, None] = {}
+QUIET_AFTER_S = 300.0  # an open folder with nothing new this long is listed less often
+MAX_QUIET_RELIST_S = 600.0
+_quiet: dict[str, tuple[float, float]] = {}  # folder → (nothing new since, last listed), clock s
 SUMMARY_EVERY_S = 3600.0  # beyond the bound, one line an hour counts what was not warned about
 _beyond = {"count": 0, "example": "", "said": -math.inf}
 
@@ -210,6 +217,7 @@ def discover_once(
     now: datetime | None = None,
     *,
     stall_after: timedelta | None = DEFAULT_STALL_AFTER,
+    clock: Callable[[], float] = time.monotonic,
 ) -> DiscoveryReport:
     """One pass: new rolls registered, new frames enqueued, complete manifests announced,
     stalled rolls marked (`stall_after` None: not). Transient errors propagate (the caller
@@ -221,11 +229,11 @@ def discover_once(
         if not held:
             log.info("another scheduler is discovering: pass skipped")
             return DiscoveryReport()
-        return _discover(ctx, now, stall_after)
+        return _discover(ctx, now, stall_after, clock())
 
 
 def _discover(
-    ctx: WorkerContext, now: datetime | None, stall_after: timedelta | None
+    ctx: WorkerContext, now: datetime | None, stall_after: timedelta | None, clock: float
 ) -> DiscoveryReport:
     report = DiscoveryReport()
     prefix = incoming_prefix(ctx)
@@ -245,6 +253,9 @@ def _discover(
                 name, "%s%s/: not a roll id (%s); ignored", prefix, ascii(name), NAME_PATTERN
             )
             continue
+        if not _due(name, clock):
+            continue
+        before = _activity(report)
         try:
             _discover_roll(ctx, name, f"{prefix}{name}", cursor, report)
         except Exception as exc:
@@ -252,11 +263,34 @@ def _discover(
                 raise
             log.exception("roll %s: discovery failed", name)
             report.problems.append(f"roll {name}: {type(exc).__name__}: {exc}")
+        if _activity(report) != before:
+            _quiet.pop(name, None)
+        else:
+            _quiet[name] = (_quiet.get(name, (clock, clock))[0], clock)
+    for gone in _quiet.keys() - set(names):  # bounded by the folders listed
+        del _quiet[gone]
     if stall_after is not None:
         with ctx.session() as session:
             report.stalled = mark_stalled(session, stall_after, now)
-    _say_beyond(time.monotonic())
+    _say_beyond(clock)
     return report
+
+
+def _activity(report: DiscoveryReport) -> tuple[int, ...]:
+    return (len(report.new_rolls), len(report.frames_enqueued), len(report.completed),
+            len(report.problems))  # fmt: skip
+
+
+def _due(name: str, clock: float) -> bool:
+    """Whether an open folder is listed this pass. One with nothing new for `QUIET_AFTER_S` —
+    a stalled roll, a refused manifest, frames without a manifest, a folder that is no roll —
+    is listed again after a quarter of that time, at most `MAX_QUIET_RELIST_S`: each was
+    listed whole every pass, for ever (1,500 of them made a 10-second pass take 34 s)."""
+    if name not in _quiet:
+        return True
+    since, listed = _quiet[name]
+    idle = clock - since
+    return idle < QUIET_AFTER_S or clock - listed >= min(MAX_QUIET_RELIST_S, idle / 4)
 
 
 def _discover_roll(

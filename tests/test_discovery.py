@@ -423,3 +423,28 @@ def test_a_roll_submitted_while_the_scheduler_runs_is_sent_once_and_a_redelivery
     assert ingest_frame(rec, "R-0500", 2, "incoming/R-0500/frames/000002.tif") == "unchanged"
     again = sorted(c[2] for c in rec.enqueue.calls if c[0] == "score")
     assert again and set(again) <= {0, 1, 2} and len(again) < len(scores)
+
+
+def test_a_folder_with_nothing_new_is_listed_less_often_and_seen_again(rec, s3_store):
+    """Open folders were listed whole every pass, for ever: 1,500 stalled rolls, refused
+    manifests or folders that are no roll made a 10-second pass take 34 s."""
+    t = [0.0]
+
+    def passes(at: float):
+        t[0] = at
+        return discover_once(rec, stall_after=None, clock=lambda: t[0])
+
+    put_frames(s3_store, "R-0600", [1, 2])  # frames, no manifest yet
+    put_manifest(s3_store, "R-0601", manifest_of("R-0601"))
+    assert passes(0).new_rolls == ["R-0601"]
+    for at in (100, 200, 400):  # nothing new in R-0600 for 400 s: listed every pass until 300 s
+        assert not passes(at)
+    put_manifest(s3_store, "R-0600", manifest_of("R-0600"))
+    put_frames(s3_store, "R-0601", [1])
+    report = passes(450)  # R-0600 quiet for 450 s, listed 50 s ago: not again within 112 s
+    assert report.new_rolls == [] and report.frames_enqueued == []  # R-0601 too: quiet as long
+    report = passes(540)  # quiet 540 s, listed 140 s ago (≥ 540 / 4)
+    assert report.new_rolls == ["R-0600"]
+    assert sorted(report.frames_enqueued) == [("R-0600", 1), ("R-0600", 2), ("R-0601", 1)]
+    put_frames(s3_store, "R-0600", [3])
+    assert passes(550).frames_enqueued == [("R-0600", 3)]  # active again: every pass
