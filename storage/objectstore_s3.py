@@ -182,9 +182,26 @@ class S3Store(ObjectStore):
         try:
             yield
         except Exception as exc:
-            if error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+            code = error_code(exc)
+            if code in ("404", "NotFound") and not self._bucket_exists():
+                from botocore.exceptions import ClientError
+
+                # a HEAD's 404 has no body: a missing bucket read as a missing object, which
+                # pointed the operator at the prefix and failed rolls as "frame not found"
+                message = f"no bucket {self.bucket!r} on this S3 endpoint (ROLLSCAN_S3_BUCKET)"
+                error = {"Error": {"Code": "NoSuchBucket", "Message": message}}
+                raise ClientError(error, "HeadObject") from None
+            if code in ("404", "NoSuchKey", "NotFound"):
                 raise ObjectNotFound(f"no object {self.uri(key)}") from None
             raise
+
+    def _bucket_exists(self) -> bool:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            if error_code(exc) in ("404", "NoSuchBucket", "NotFound"):
+                return False
+        return True  # or it cannot say (refused, away): the object's own error stands
 
     def ensure_bucket(self) -> None:
         """Create the bucket if it does not exist (idempotent)."""

@@ -327,6 +327,27 @@ def test_s3_store_never_shows_its_secret(s3_server: str) -> None:
     assert FAKE_SECRET_ACCESS_KEY not in repr(vars(clone))
 
 
+def test_a_missing_bucket_is_named_not_taken_for_a_missing_object(s3_server: str) -> None:
+    """A HEAD's 404 has no body: `submit s3://…` said "no object …/manifest.json", and a worker
+    configured with a bucket that does not exist failed rolls as "frame not found"."""
+    from cli.connect import service_error
+
+    store = make_s3_store(s3_server)
+    with pytest.raises(ObjectNotFound):  # in a bucket that exists, a missing object is one
+        store.head("incoming/R-1/manifest.json")
+    missing = S3Store(
+        s3_server, "no-such-bucket", "us-east-1", FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY
+    )
+    for read in (missing.head, missing.get):  # GET's 404 has a body that says so itself
+        with pytest.raises(Exception, match="NoSuchBucket") as failure:
+            read("incoming/R-1/manifest.json")
+        assert not isinstance(failure.value, ObjectNotFound)
+        message, code = service_error(failure.value)
+        assert message.startswith("the object store refused: ") and code == 2
+    with pytest.raises(Exception, match="no bucket 'no-such-bucket' on this S3 endpoint"):
+        missing.head("incoming/R-1/manifest.json")
+
+
 def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
