@@ -28,7 +28,7 @@ def _grade(args: argparse.Namespace) -> int:
     with command_session(settings) as session:
         since = at_site(args.since, settings.timezone)
         rows = grade_rolls(session, roll_id=args.roll, since=since, rules_for=rules_for,
-                           skipped=skipped)  # fmt: skip
+                           skipped=skipped, commit_each=True)  # fmt: skip
     for line in skipped:
         print(f"not graded: {line}", file=sys.stderr)
     if not rows and not skipped:

@@ -37,7 +37,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from results.grade_store import GradeRow, grade_rolls
-from results.grading_rules import RuleBook, rules_from_file
+from results.grading_rules import GradingRules, rules_from_file
 from storage.schema import DiscoveryCursor
 from storage.settings import Settings, get_settings
 from worker.app import app as worker_app
@@ -51,21 +51,30 @@ CURSOR = "grading"
 CLOCK_MARGIN = timedelta(minutes=10)  # runs this close before the mark are graded again
 
 
-def grade_since_last(session: Session, rules_for: RuleBook | None = None) -> list[GradeRow]:
+def grade_since_last(
+    session: Session, rules_for: Callable[[str], GradingRules] | None = None
+) -> list[GradeRow]:
     """Grade the rolls finished since the last grading began, and any current run not graded
     yet, then move the mark to now.
 
-    One transaction: the mark row is locked (two gradings never overlap) and moves only if
-    the grading commits."""
-    session.execute(
-        insert(DiscoveryCursor).values(name=CURSOR, cursor=None).on_conflict_do_nothing()
-    )
-    mark = session.scalar(select(DiscoveryCursor).where(DiscoveryCursor.name == CURSOR).with_for_update())  # fmt: skip
-    started = session.scalar(select(func.now()))
-    # a margin for clocks: `finished_at` comes from the worker's clock, `started` from the database's
-    since = datetime.fromisoformat(mark.cursor) - CLOCK_MARGIN if mark.cursor else None
-    rows = grade_rolls(session, since=since, rules_for=rules_for, ungraded=True)
-    mark.cursor, mark.updated_at = started.isoformat(), started
+    Two gradings never overlap: the mark's row stays locked, on a connection of its own, until
+    the mark moves — which it does only once every roll was graded. Each roll's grade commits
+    as it is made (`session`'s transactions), so that a long grading — the first night's, over
+    the whole archive — holds no roll's run longer than its own grading; one that stops half-way
+    leaves its grades, and the next grades those rolls again (a regrade replaces)."""
+    with Session(session.get_bind()) as marker:
+        marker.execute(
+            insert(DiscoveryCursor).values(name=CURSOR, cursor=None).on_conflict_do_nothing()
+        )
+        mark = marker.scalar(select(DiscoveryCursor).where(DiscoveryCursor.name == CURSOR).with_for_update())  # fmt: skip
+        started = marker.scalar(select(func.now()))
+        # a margin for clocks: `finished_at` comes from the worker's clock, `started` from the
+        # database's
+        since = datetime.fromisoformat(mark.cursor) - CLOCK_MARGIN if mark.cursor else None
+        rows = grade_rolls(session, since=since, rules_for=rules_for, ungraded=True,
+                           commit_each=True)  # fmt: skip
+        mark.cursor, mark.updated_at = started.isoformat(), started
+        marker.commit()
     log.info("graded %d rolls finished since %s", len(rows), since or "the beginning")
     return rows
 

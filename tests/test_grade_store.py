@@ -371,3 +371,37 @@ def test_the_nightly_grading_takes_a_current_run_without_a_grade_whenever_it_fin
     assert grade_since_last(s) == []  # graded now: not again
     # `rollscan grade --since` keeps its meaning: the runs finished since then, no others
     assert grade_rolls(s, since=NOW - timedelta(days=1)) == []
+
+
+def test_a_long_grading_holds_no_graded_roll_until_its_end(db_session: Session, db_engine) -> None:
+    """The whole archive graded in one transaction held each graded run `FOR SHARE` to its end:
+    a finalize making another run current waited minutes (20,000 rolls: 4). Each roll's grade
+    commits as it is made now; the batch still asks the rules once per fabric type, which is
+    where this test, between the two rolls, makes the finalize's write."""
+    from scheduler.beat import grade_since_last
+
+    s = db_session
+    _model(s)
+    _roll(s, "A")
+    _roll(s, "B", fabric="twill")
+    first = _run(s, "A")
+    _defects(s, first, [2])
+    _defects(s, _run(s, "B"), [5])
+    s.commit()
+    written: list[str] = []
+
+    def rules_for(fabric: str) -> GradingRules:
+        if fabric == "twill":  # roll A is graded; B is next
+            with db_engine.connect() as other:
+                other.execute(text("SET lock_timeout = '2s'"))
+                other.execute(text("UPDATE runs SET is_current = false WHERE id = :id"),
+                              {"id": first.id})  # fmt: skip
+                other.rollback()
+                written.append(fabric)
+        return GradingRules()
+
+    for grade in (lambda: grade_rolls(s, rules_for=rules_for, commit_each=True),
+                  lambda: grade_since_last(s, rules_for)):  # fmt: skip
+        written.clear()
+        assert [r.roll_id for r in grade()] == ["A", "B"]
+        assert written == ["twill"]  # not "canceling statement due to lock timeout"
