@@ -23,7 +23,7 @@ import logging
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, delete, exists, func, or_, select
+from sqlalchemy import and_, delete, func, or_, select, union
 from sqlalchemy.orm import Session
 
 from scheduler.discovery import list_roll, reopen_discovery
@@ -63,12 +63,18 @@ def idle_rolls(session: Session, idle: timedelta, now: datetime | None = None) -
         select(func.max(Band.scored_at)).join(Run, Run.id == Band.run_id).where(of_roll)
     ).scalar_subquery()
     last_run = select(func.max(Run.created_at)).where(of_roll).scalar_subquery()
-    open_run = exists().where(of_roll, Run.status.not_in(CLOSED_RUN))
     last = func.greatest(Roll.updated_at, last_band, last_run)  # PostgreSQL skips NULLs
+    # the rolls with open work first (an index each), then their progress: an OR over every
+    # roll of the archive was planned as a scan of all of them, JIT-compiled on each metrics
+    # pass (300 ms at 20,000 rolls, to say 0)
+    open_work = union(
+        select(Roll.id.label("roll_id")).where(Roll.status.in_(OPEN_ROLL)),
+        select(Run.roll_id).where(Run.status.not_in(CLOSED_RUN)),
+    ).subquery()
     rows = session.scalars(
         select(Roll.id)
-        .where(or_(Roll.status.in_(OPEN_ROLL), open_run), Roll.status != "failed")
-        .where(last < now - idle)
+        .join(open_work, open_work.c.roll_id == Roll.id)
+        .where(Roll.status != "failed", last < now - idle)
         .order_by(Roll.id)
     )
     return list(rows)
