@@ -63,6 +63,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer ≥ 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be ≥ 0, not {value}")
+    return value
+
+
 def positive_seconds(text: str) -> float:
     """argparse type: a number of seconds > 0."""
     try:

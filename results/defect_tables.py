@@ -72,9 +72,13 @@ def _aware(since: datetime) -> datetime:
 
 
 def list_rolls(
-    session: Session, since: datetime | None = None, status: str | None = None
+    session: Session,
+    since: datetime | None = None,
+    status: str | None = None,
+    limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Rolls registered at or after `since` (naive: local time) with `status`, oldest first.
+    """Rolls registered at or after `since` (naive: local time) with `status`, oldest first;
+    with `limit`, the `limit` most recent of them.
 
     `frames` counts the frames ingested; `defects` and `grade` are those of the current run
     (`defects` None while there is none or it failed, `grade` None until it is graded). Each
@@ -122,7 +126,22 @@ def list_rolls(
         "defects",
         "grade",
     )
-    return [dict(zip(keys, row, strict=True)) for row in session.execute(query).all()]
+    if limit is not None:  # the most recent, still listed oldest first
+        newest = query.order_by(None).order_by(Roll.created_at.desc(), Roll.id.desc()).limit(limit)
+        rows = session.execute(newest).all()[::-1]
+    else:
+        rows = session.execute(query).all()
+    return [dict(zip(keys, row, strict=True)) for row in rows]
+
+
+def count_rolls(session: Session, since: datetime | None = None, status: str | None = None) -> int:
+    """How many rolls `list_rolls` would list without a limit."""
+    query = select(func.count()).select_from(Roll)
+    if since is not None:
+        query = query.where(Roll.created_at >= _aware(since))
+    if status is not None:
+        query = query.where(Roll.status == status)
+    return int(session.scalar(query))
 
 
 def roll_defects(session: Session, roll_id: str) -> list[dict[str, Any]]:

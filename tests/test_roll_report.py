@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -181,6 +182,18 @@ def test_cli_rolls_and_defects(graded, monkeypatch, capsys, migrated_url):
     assert capsys.readouterr().out.strip() == "no rolls"
     assert main(["rolls", "--since", "2999-01-01"]) == 0
     assert capsys.readouterr().out.strip() == "no rolls"
+    # a mill's archive is tens of thousands of rolls: the most recent, and how many are older
+    with ctx.session() as session:
+        for k in range(3):
+            session.add(Roll(id=f"R-older-{k}", fabric_type="denim", width_mm=100.0,
+                             px_per_mm_x=4.0, px_per_mm_y=4.0, status="registered",
+                             created_at=datetime(2020, 1, 1 + k, tzinfo=UTC)))  # fmt: skip
+    assert main(["rolls", "--limit", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("… 2 older roll(s) not shown (--limit 0 lists all")
+    assert [line.split()[0] for line in lines[2:]] == ["R-older-2", ROLL]
+    assert main(["rolls", "--limit", "0"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1 + 4
 
     assert main(["defects", ROLL, "--csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
