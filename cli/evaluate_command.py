@@ -23,11 +23,13 @@ def _evaluate(args: argparse.Namespace) -> int:
                                          batch_size="batch", report_dir="report", json_out="json")
     )  # fmt: skip
     print(format_table({args.data.name: result}))
-    print(
-        f"{result['n_good']} good and {result['n_defect']} defective test tiles; at the "
-        f"calibrated threshold {result.get('fpr_at_threshold', float('nan')):.3f} of good tiles "
-        f"flagged, {result.get('recall_at_threshold', float('nan')):.3f} of defective ones caught"
-    )
+    counts = f"{result['n_good']} good and {result['n_defect']} defective test tiles"
+    flagged, caught = result.get("fpr_at_threshold"), result.get("recall_at_threshold")
+    if flagged is None or flagged != flagged:  # NaN: no threshold (a partial checkpoint)
+        print(f"{counts}; the checkpoint has no calibrated threshold (train it to the end)")
+        return 0
+    at = f"{counts}; at the calibrated threshold {flagged:.3f} of good tiles flagged"
+    print(f"{at}, {caught:.3f} of defective ones caught" if result["n_defect"] else at)
     return 0
 
 

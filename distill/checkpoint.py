@@ -186,8 +186,15 @@ def read_checkpoint(source: str | Path | bytes) -> tuple[ModelCard, dict[str, to
     stream = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         payload = torch.load(stream, map_location="cpu", weights_only=True)
-    except Exception as exc:
+    except OSError as exc:
         raise CheckpointError(f"not a readable rollscan checkpoint: {exc}") from exc
+    except Exception as exc:
+        # torch's own message advises loading with weights_only=False, which runs any code a
+        # file holds: never the advice to give about a file of unknown origin
+        raise CheckpointError(
+            "not a readable rollscan checkpoint: not a file `rollscan train` wrote "
+            f"({type(exc).__name__})"
+        ) from exc
     card = payload.get("card") if isinstance(payload, dict) else None
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise CheckpointError(f"not a rollscan checkpoint (expected format {FORMAT})")

@@ -170,6 +170,10 @@ def evaluate(
     json_out: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
+    """`model`'s figures on `data`'s test tiles (see `evaluate_detector`), the JSON and the
+    report written where asked. Where they would go is checked first: a folder given for the
+    JSON, or a file for the report, failed only after the whole evaluation, its figures lost."""
+    _check_outputs(report_dir, json_out)
     detector, card = load_detector(
         model,
         teacher_weights=teacher_weights,
@@ -188,6 +192,19 @@ def evaluate(
         text = json.dumps(_defined(result), indent=2, allow_nan=False)
         Path(json_out).write_text(text + "\n")
     return result
+
+
+def _check_outputs(report_dir: str | Path | None, json_out: str | Path | None) -> None:
+    if json_out is not None:
+        target = Path(json_out)
+        if target.is_dir():
+            raise ValueError(f"--json {target} is a folder: give the file to write")
+        if any(p.exists() and not p.is_dir() for p in target.parents):
+            raise ValueError(f"--json {target}: a file stands where its folder would be")
+    if report_dir is not None:
+        folder = Path(report_dir)
+        if any(p.exists() and not p.is_dir() for p in (folder, *folder.parents)):
+            raise ValueError(f"--report {folder}: a file stands where its folder would be")
 
 
 def _defined(value: object) -> object:

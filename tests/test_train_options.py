@@ -169,7 +169,9 @@ def test_tiles_across_the_fabric_edge_train_masked_or_excluded(category, tmp_pat
     assert card.train_config["edge"] == edge
 
 
-def test_an_evaluation_with_good_tiles_only_reports_the_false_alarm_share(category, tmp_path):
+def test_an_evaluation_with_good_tiles_only_reports_the_false_alarm_share(
+    category, tmp_path, capsys
+):
     only_good = tmp_path / "good-only"
     (only_good / "train" / "good").mkdir(parents=True)
     (only_good / "test" / "good").mkdir(parents=True)
@@ -179,6 +181,19 @@ def test_an_evaluation_with_good_tiles_only_reports_the_false_alarm_share(catego
     _card, metrics = _train_and_evaluate(only_good, tmp_path, "--scorer", "student")
     assert metrics["n_defect"] == 0 and "image_auroc" not in metrics  # NaN: not JSON
     assert 0.0 <= metrics["fpr_at_threshold"] <= 1.0
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said.startswith("6 good and 0 defective test tiles; at the calibrated threshold 0.")
+    assert "nan" not in said and "caught" not in said  # no defective tiles: nothing to catch
+
+    # where the figures go is checked first: a folder given for the JSON failed after the
+    # whole evaluation, the figures lost
+    model = tmp_path / "model.pt"
+    for flag, where, says in (("--json", tmp_path, "is a folder"),
+                              ("--report", model, "a file stands where its folder would be")):  # fmt: skip
+        assert main(["evaluate", "--model", str(model), "--data", str(only_good), flag,
+                     str(where)]) == 2  # fmt: skip
+        err = capsys.readouterr().err
+        assert says in err and "Errno" not in err
 
 
 def test_valid_masks_leave_off_fabric_pixels_out_of_the_tile_score():

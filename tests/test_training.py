@@ -151,7 +151,11 @@ def test_a_mismatched_teacher_is_refused(trained, tmp_path):
 def test_not_a_checkpoint_is_refused(tmp_path):
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="not a readable"):
+    with pytest.raises(CheckpointError, match="not a readable") as refused:
+        read_checkpoint(junk)
+    assert "weights_only" not in str(refused.value)  # torch's advice: run the file's code
+    junk.write_bytes(b"garbage\n")
+    with pytest.raises(CheckpointError, match="not a file `rollscan train` wrote"):
         read_checkpoint(junk)
     torch.save({"weights": 1}, junk)
     with pytest.raises(CheckpointError, match="not a rollscan checkpoint"):
