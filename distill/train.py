@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -301,6 +302,20 @@ class Trainer:
         return total / images.shape[0]
 
 
+EDGE_START_TILE = re.compile(r"_(?:y\d+_)?[lr]\d+$")  # `import-aitex --edge-start-tiles`
+
+
+def _check_edge_start_tiles(paths: list[Path]) -> None:
+    # a fabric-layout model trained without them passed every check, then scored the selvage
+    # of each roll as one flaw the length of the roll
+    if not any(EDGE_START_TILE.search(path.stem) for path in paths):
+        raise ValueError(
+            "--tile-layout fabric: no training tile starts at the fabric's edge (named "
+            "*_lCC.png or *_rCC.png, as `rollscan datasets import-aitex --edge-start-tiles` "
+            "cuts them): a model that never saw the selvage at a tile's border scores it as a flaw"
+        )
+
+
 def train(
     data: str | Path, out: str | Path, config: TrainConfig, progress: bool = True
 ) -> ModelCard:
@@ -310,6 +325,8 @@ def train(
     out = writable_checkpoint_path(out)  # refused now, not after an hour of training
     partial = partial_checkpoint(out)
     category = Category.open(data)
+    if config.tile_layout == "fabric":
+        _check_edge_start_tiles(category.train)
     if not config.resize:
         check_native_size(category.train, config.tile)
     images = torch.from_numpy(load_stack(category.train, config.tile))

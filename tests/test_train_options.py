@@ -2,6 +2,7 @@
 good tiles and synthetic defects only."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -61,6 +62,8 @@ def _train_and_evaluate(category, tmp_path, *options):
     ids=lambda o: " ".join(o),
 )
 def test_each_training_option_trains_and_evaluates(category, tmp_path, options):
+    if "--tile-layout" in options:  # a category holding tiles that start at the fabric's edge
+        category = _with_an_edge_start_tile(category, tmp_path / "edge-start")
     card, metrics = _train_and_evaluate(category, tmp_path, *options)
     for key in ("image_auroc", "pixel_auroc", "fpr_at_threshold", "recall_at_threshold"):
         assert 0.0 <= metrics[key] <= 1.0, key
@@ -167,6 +170,27 @@ def test_tiles_across_the_fabric_edge_train_masked_or_excluded(category, tmp_pat
     straddling = sum(1 for i in held_in if i < 5)
     assert card.metrics["n_train"] == (n_train - straddling if edge == "exclude" else n_train)
     assert card.train_config["edge"] == edge
+
+
+def _with_an_edge_start_tile(category, copy):
+    shutil.copytree(category, copy)
+    first = sorted((copy / "train" / "good").iterdir())[0]
+    first.rename(first.with_name(f"{first.stem}_l01.png"))  # as import-aitex names them
+    return copy
+
+
+def test_a_fabric_layout_model_needs_tiles_that_start_at_the_fabric_edge(
+    category, tmp_path, capsys
+):
+    """Trained without them, it passed every check and reported a roll's selvage as one flaw
+    the length of the roll."""
+    args = ["train", "--data", str(category), "--out", str(tmp_path / "m.pt"), "--epochs", "1",
+            "--tile", str(TILE), "--scorer", "memory", "--tile-layout", "fabric"]  # fmt: skip
+    assert main(args) == 2
+    assert (
+        "no training tile starts at the fabric's edge (named *_lCC.png" in capsys.readouterr().err
+    )
+    assert not (tmp_path / "m.pt").exists()
 
 
 def test_an_evaluation_with_good_tiles_only_reports_the_false_alarm_share(
