@@ -244,32 +244,3 @@ def test_a_stray_frame_past_the_count_removed_by_the_scanner_is_skipped(make_ctx
     for seq in (1, 2):
         assert ingest_frame(ctx, "R-stray", seq, keys[seq - 1]) == "ingested"
     assert roll_and_run(ctx, "R-stray")[0].status != "failed"
-
-
-def test_the_same_pixels_under_another_etag_are_recorded_not_scored_again(make_ctx):
-    """A frame uploaded again in parts, or encoded anew by a sync tool, has another ETag and the
-    same pixels: it was ingested again and every band reading it scored again."""
-    from fixtures_ingest import drain
-
-    ctx = make_ctx()
-    register(ctx, "R-same", 2)
-    for seq in (1, 2):
-        assert (
-            ingest_frame(ctx, "R-same", seq, put_frame(ctx, "R-same", seq, frame_bytes(seed=seq)))
-            == "ingested"
-        )
-    drain(ctx)
-    _, run = roll_and_run(ctx, "R-same")
-    assert run.status == "done"
-    pixels = tifffile.imread(io.BytesIO(frame_bytes(seed=2)))
-    anew = io.BytesIO()
-    tifffile.imwrite(anew, pixels)  # uncompressed: other bytes, other ETag, the same pixels
-    key = put_frame(ctx, "R-same", 2, anew.getvalue())
-    assert ingest_frame(ctx, "R-same", 2, key) == "unchanged"
-    assert not ctx.enqueue.items  # nothing scored again
-    with ctx.session() as session:
-        assert session.get(Frame, ("R-same", 2)).etag == ctx.store.head(key).etag
-    # other pixels still are a changed frame
-    key = put_frame(ctx, "R-same", 2, frame_bytes(seed=9))
-    assert ingest_frame(ctx, "R-same", 2, key) == "ingested"
-    assert ctx.enqueue.items

@@ -11,7 +11,6 @@ import logging
 import math
 from datetime import UTC, datetime
 
-import numpy as np
 from sqlalchemy import func, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
@@ -340,11 +339,6 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
             )
             return "failed"
         lock_bands(session, roll_id, arrays.bands_of_rows(row_start, stop), shared=False)
-        if previous is not None and np.array_equal(arrays.read_rows(row_start, stop), pixels):
-            # the same pixels under another ETag — uploaded again in parts, or encoded anew by a
-            # sync tool: the object's version is recorded, and no band is scored again
-            previous.etag, previous.key = info.etag, key
-            return "unchanged"
         arrays.write_rows(row_start, pixels)
         session.execute(
             insert(Frame)
