@@ -9,11 +9,13 @@ run nothing.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 
+import pytest
 from fixtures_discovery import (
     FABRIC,
     PX_PER_MM,
@@ -448,3 +450,48 @@ def test_a_folder_with_nothing_new_is_listed_less_often_and_seen_again(rec, s3_s
     assert sorted(report.frames_enqueued) == [("R-0600", 1), ("R-0600", 2), ("R-0601", 1)]
     put_frames(s3_store, "R-0600", [3])
     assert passes(550).frames_enqueued == [("R-0600", 3)]  # active again: every pass
+
+
+def test_a_redelivery_announces_the_bands_its_rows_made_ready_however_far_the_model_reads(
+    rec, tmp_path
+):
+    """A band is ready once the rows reach its end plus the model's reach, which may pass a
+    band's height (a 512 tile over bands of 256): the copy of a last frame whose score messages
+    the broker refused announced bands within one band height only, and one was never scored."""
+    import numpy as np
+    import tifffile
+    from kombu.exceptions import OperationalError
+
+    from worker.ingest import ingest_frame
+
+    with rec.session() as session:
+        session.execute(text("UPDATE models SET tile = 512"))
+    with rec.session() as session:
+        register_roll(session, parse_manifest(manifest_of("R-0700", 4, True)), "incoming/R-0700")
+    noise = np.random.default_rng(5)
+    keys = []
+    for seq in range(1, 5):
+        buffer = io.BytesIO()
+        tifffile.imwrite(buffer, noise.integers(0, 255, (ROWS, WIDTH), dtype=np.uint8))
+        keys.append(f"incoming/R-0700/frames/{seq:06d}.tif")
+        rec.store.put(keys[-1], buffer.getvalue())
+    for seq in (1, 2, 3):
+        assert ingest_frame(rec, "R-0700", seq, keys[seq - 1]) == "ingested"
+    refused = [1]
+
+    def score(run_id: int, band_index: int, reprocess: bool = False) -> None:
+        if refused.pop() if refused else False:
+            raise OperationalError("[Errno 111] Connection refused (broker)")
+        rec.enqueue.calls.append(("score", run_id, band_index))
+
+    rec.enqueue.score = score
+    with pytest.raises(OperationalError):
+        ingest_frame(rec, "R-0700", 4, keys[3])  # committed; its score messages not sent
+    assert ingest_frame(rec, "R-0700", 4, keys[3]) == "unchanged"  # the task's retry
+    with rec.session() as session:
+        pending = session.scalars(text(
+            "SELECT band_index FROM bands JOIN runs ON runs.id = bands.run_id "
+            "WHERE runs.roll_id = 'R-0700' AND bands.status = 'pending'"
+        )).all()  # fmt: skip
+    announced = {c[2] for c in rec.enqueue.calls if c[0] == "score"}
+    assert pending and set(pending) <= announced

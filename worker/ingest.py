@@ -256,7 +256,8 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
             live_run(session, roll)
             rows = (previous.row_start, previous.row_start + previous.rows)
             pending = [
-                (run.id, run.purpose == "reprocess", pending_bands(session, run.id, rows),
+                (run.id, run.purpose == "reprocess",
+                 pending_bands(session, run.id, rows, block_reach(run_tiling(ctx, session, run)[0])),
                  finalize_due(run))
                 for run in runs_of_pixels(session, roll.id) if run.status != "failed"
             ]  # fmt: skip
@@ -380,18 +381,19 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
 
 
 def pending_bands(
-    session: Session, run_id: int, beside: tuple[int, int] | None = None
+    session: Session, run_id: int, beside: tuple[int, int] | None = None, reach: int = 0
 ) -> list[int]:
     """The run's bands recorded and not scored, in order; with `beside` (rows [start, stop)),
-    only those within a band's height of those rows: the bands whose readiness, or whose
-    tiles, those rows can have changed."""
+    only those within a band's height, or `reach` (how far a band's scoring reads past its
+    ends: `block_reach` of the model's tile), of those rows: the bands whose readiness, or
+    whose tiles, those rows can have changed."""
     query = select(Band.band_index, Band.row_start, Band.row_stop).where(
         Band.run_id == run_id, Band.status == "pending"
     )
     bands = session.execute(query.order_by(Band.band_index)).all()
     if beside is None:
         return [band for band, _, _ in bands]
-    height = max((stop - start for _, start, stop in bands), default=0)
+    height = max([reach, *(stop - start for _, start, stop in bands)])
     start, stop = beside
     return [band for band, b0, b1 in bands if b0 < stop + height and b1 > start - height]
 
