@@ -83,19 +83,21 @@ OPEN_STATUSES = ("registered", "ingesting")
 LOCK_KEY = 0x726F6C6C7363616E  # "rollscan": the discovery pass's advisory lock
 _NAME = re.compile(NAME_PATTERN)
 _MAX_WARNED = 1024  # things warned about once; a flood of junk names must not grow it
-_warned: dict[str, None] = {}
+_warned: dict[str, None] = {}  # folder names that are no roll id, warned about
+_twice_said: dict[str, str] = {}  # roll → its frame numbers given twice, warned about
 QUIET_AFTER_S = 300.0  # an open folder with nothing new this long is listed less often
 MAX_QUIET_RELIST_S = 600.0
 _quiet: dict[str, tuple[float, float]] = {}  # folder → (nothing new since, last listed), clock s
-SUMMARY_EVERY_S = 3600.0  # beyond the bound, one line an hour counts what was not warned about
+SUMMARY_EVERY_S = 3600.0  # beyond the bound, one line an hour counts the names not warned about
 _beyond = {"count": 0, "example": "", "said": -math.inf}
 
 
 def _warn_once(key: str, message: str, *args: Any) -> bool:
-    """Log a warning the first time `key` is seen (per process); whether it was logged. Beyond
-    `_MAX_WARNED` keys a new one is counted, not logged nor kept, and `_say_beyond` sums them
-    up: evicting the oldest made each pass over more names than are kept warn about every one
-    of them again (1,100 junk folders: 1,100 lines every 10 s)."""
+    """Log a warning the first time the folder `key` is seen (per process, until it is no
+    longer listed); whether it was logged. Beyond `_MAX_WARNED` folders a new one is counted,
+    not logged nor kept, and `_say_beyond` sums them up: evicting the oldest made each pass over
+    more names than are kept warn about every one of them again (1,100 junk folders: 1,100
+    lines every 10 s)."""
     if key in _warned:
         return False
     if len(_warned) >= _MAX_WARNED:
@@ -110,7 +112,7 @@ def _warn_once(key: str, message: str, *args: Any) -> bool:
 def _say_beyond(clock: float) -> None:
     """At the end of a pass: the problems it met beyond the bound, in one line an hour."""
     if _beyond["count"] and clock - _beyond["said"] >= SUMMARY_EVERY_S:
-        log.warning("%d more problems this pass, not logged one by one (more than %d were), "
+        log.warning("%d more folder names this pass, not logged one by one (more than %d were), "
                     "e.g. %s", _beyond["count"], _MAX_WARNED, _beyond["example"])  # fmt: skip
         _beyond["said"] = clock
     _beyond.update(count=0, example="")
@@ -267,8 +269,10 @@ def _discover(
             _quiet.pop(name, None)
         else:
             _quiet[name] = (_quiet.get(name, (clock, clock))[0], clock)
-    for gone in _quiet.keys() - set(names):  # bounded by the folders listed
-        del _quiet[gone]
+    listed = set(names)
+    for memory in (_quiet, _warned, _twice_said):  # a folder removed is forgotten
+        for gone in memory.keys() - listed:
+            del memory[gone]
     if stall_after is not None:
         with ctx.session() as session:
             report.stalled = mark_stalled(session, stall_after, now)
@@ -311,8 +315,14 @@ def _discover_roll(
             f"roll {name}: {len(twice)} frame number(s) given by several objects ({shown}"
             f"{' …' if len(twice) > 10 else ''}): none of them is taken until one is removed"
         )
-        if _warn_once(f"twice:{name}:{sorted(twice)}", "%s", message):
+        # said once per roll and set of numbers, beside the bound on junk names: a roll's own
+        # problem is never left for the hourly count
+        if _twice_said.get(name) != (said := str(sorted(twice))):
+            _twice_said[name] = said
+            log.warning("%s", message)
             report.problems.append(message)
+    else:
+        _twice_said.pop(name, None)
     if cursor is None:
         cursor = RollCursor()
         with ctx.session() as session:

@@ -43,7 +43,7 @@ def test_junk_folder_names_are_warned_about_in_bounded_memory(
     # the first names each once, the rest counted in one line
     assert len(found) == discovery._MAX_WARNED + 1
     assert found[-1].startswith(
-        f"41 more problems this pass, not logged one by one (more than {discovery._MAX_WARNED} "
+        f"41 more folder names this pass, not logged one by one (more than {discovery._MAX_WARNED} "
         "were), e.g. incoming/'junk 01024'/: not a roll id"
     )
     assert len(discovery._warned) == discovery._MAX_WARNED
@@ -53,6 +53,26 @@ def test_junk_folder_names_are_warned_about_in_bounded_memory(
     assert warned() == 0
     assert len(discovery._warned) == discovery._MAX_WARNED
     assert not ctx.enqueue.calls
+    # a roll's own problem is said whatever the junk beside it (it was left for the count)
+    roll = tmp_path / "objects" / "incoming" / "R-0800"
+    (roll / "frames").mkdir(parents=True)
+    (roll / "manifest.json").write_text(json.dumps(manifest_of("R-0800")))
+    for name in ("2.tif", "000002.tif"):
+        (roll / "frames" / name).write_bytes(b"frame")
+    problems = discovery.discover_once(ctx).problems
+    assert (
+        len(problems) == 1 and "R-0800: 1 frame number(s) given by several objects" in problems[0]
+    )
+    assert not discovery.discover_once(ctx).problems  # once
+    # folders removed are forgotten: room for the names that come after them
+    for i in range(100):
+        (tmp_path / "objects" / "incoming" / f"junk {i:05d}").rmdir()
+    discovery.discover_once(ctx)
+    caplog.clear()
+    assert len(discovery._warned) == discovery._MAX_WARNED - 100
+    (tmp_path / "objects" / "incoming" / "junk later").mkdir()
+    discovery.discover_once(ctx)
+    assert warned() == 41 + 1  # those only counted so far, and the new one
 
 
 def test_a_folder_name_with_a_newline_is_ignored_and_logged_escaped(
