@@ -37,6 +37,10 @@ def _run_scheduler(args: argparse.Namespace) -> int:
     from scheduler.scheduler_metrics import SchedulerMetrics, start_metrics_server
 
     ctx = command_context()
+    if args.beat:  # a bad rules file is said now, not by a grading that fails every night
+        from results.grading_rules import rules_from_file
+
+        rules_from_file(ctx.settings.grading_rules)
     if args.once:
         report = discover_once(ctx, stall_after=args.stall_after)
         _print_report(report)

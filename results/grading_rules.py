@@ -192,14 +192,19 @@ def _table(value: Any, where: str) -> dict[str, Any]:
     return dict(value)
 
 
-def _tuples(value: Any) -> Any:
-    # JSON and TOML have only lists; strict validation takes a pair as a tuple
-    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+def _plain(value: Any) -> Any:
+    # JSON and TOML have only lists (strict validation takes a pair as a tuple), and write 4
+    # as 4.0 as readily (a number a strict integer field refused, where 4.5 still is)
+    if isinstance(value, list):
+        return tuple(_plain(v) for v in value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
 def _rules(values: dict[str, Any], where: str) -> GradingRules:
     try:
-        return GradingRules(**{key: _tuples(value) for key, value in values.items()})
+        return GradingRules(**{key: _plain(value) for key, value in values.items()})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(map(str, e['loc'])) or 'rules'}: "

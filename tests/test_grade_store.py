@@ -223,6 +223,11 @@ def test_cli_grades_and_prints_a_table(
     rules.write_text(json.dumps({"fabric_type": {}}))
     assert main(["grade", "--rules", str(rules)]) == 2
     assert "unknown key(s) ['fabric_type']" in capsys.readouterr().err
+    # the scheduler that grades nightly says so when it starts, not by failing every night
+    monkeypatch.setenv("ROLLSCAN_GRADING_RULES", str(rules))
+    assert main(["scheduler", "--once", "--beat"]) == 2
+    assert "unknown key(s) ['fabric_type']" in capsys.readouterr().err
+    monkeypatch.delenv("ROLLSCAN_GRADING_RULES")
 
     # a roll that cannot be graded is named and fails the command (it said the opposite: "roll
     # R2 has a finished current run to grade", and exited 0)

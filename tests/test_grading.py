@@ -282,6 +282,20 @@ def test_rules_files_json_and_toml(tmp_path) -> None:
             read_rules_file(tmp_path / name)
 
 
+def test_numbers_written_as_decimals_are_the_numbers_they_say(tmp_path) -> None:
+    """4.0 where the rules want a whole number was read as 4 before types became strict, and
+    a site's file that said so must not stop its nightly grading after an upgrade."""
+    from results.grading_rules import read_rules_file
+
+    (tmp_path / "r.toml").write_text(
+        "[default]\nmax_points_per_yard = 4.0\npoints_above = 4.0\n"
+        'point_bands = [[3, 1.0], [6, 2.0], [9.0, 3]]\nacceptance = [["A", 20], ["B", 40]]\n'
+    )
+    assert load_rules("x", read_rules_file(tmp_path / "r.toml")) == GradingRules()
+    with pytest.raises(ValueError, match="max_points_per_yard"):
+        load_rules("x", {"default": {"max_points_per_yard": 4.5}})
+
+
 def test_the_section_that_grades_a_fabric_and_one_that_looks_meant_for_it() -> None:
     book = RuleBook(CONFIG)
     assert book.section("denim") == "fabric_types.denim" and book("denim") == load_rules(
