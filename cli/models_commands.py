@@ -1,4 +1,5 @@
-"""`rollscan models register | list | activate`: the model registry from the command line."""
+"""`rollscan models register | list | activate | unregister`: the model registry from the command
+line."""
 
 from __future__ import annotations
 
@@ -56,9 +57,18 @@ def _activate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _unregister(args: argparse.Namespace) -> int:
+    from storage.registry import unregister_model
+
+    with command_session() as session:
+        model = unregister_model(session, args.version)
+        print(f"unregistered {model.version} (fabric {model.fabric_type or 'generic'})")
+    return 0
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `models register | list | activate` to the main parser's subparsers."""
-    parser = subparsers.add_parser("models", help="register, list and activate models")
+    """Add `models register | list | activate | unregister` to the main parser's subparsers."""
+    parser = subparsers.add_parser("models", help="register, list, activate and unregister models")
     sub = parser.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
     register = sub.add_parser("register", help="upload a checkpoint and record it")
     register.add_argument("checkpoint")
@@ -76,4 +86,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     activate = sub.add_parser("activate", help="make a version its fabric type's active model")
     activate.add_argument("version")
     activate.set_defaults(handler=_activate)
+    unregister = sub.add_parser(
+        "unregister", help="remove a model that never inspected a roll and is not active"
+    )
+    unregister.add_argument("version")
+    unregister.set_defaults(handler=_unregister)
     return parser

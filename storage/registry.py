@@ -12,14 +12,14 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
-from sqlalchemy import select, text, update
+from sqlalchemy import func, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from distill.checkpoint import CheckpointError, ModelCard, read_checkpoint, verify_checkpoint
 from storage.objectstore import ObjectStore
-from storage.schema import SAFE_NAME_RE, Model
+from storage.schema import SAFE_NAME_RE, Model, Run
 
 MODELS_PREFIX = "models/sha256"
 
@@ -202,6 +202,31 @@ def activate_model(session: Session, version: str) -> Model:
     if not model.active:
         model.active = True
         model.activated_at = datetime.now(UTC)
+    session.flush()
+    return model
+
+
+def unregister_model(session: Session, version: str) -> Model:
+    """Remove a model that never inspected a roll and is not active — one registered for the
+    wrong fabric type, say: its checkpoint (content-addressed) is then registered anew as it
+    should have been. A model with runs stays: they read its maps and threshold."""
+    model = session.get(Model, version)
+    if model is None:
+        raise RegistryError(f"unknown model version {version!r}")
+    session.execute(  # the slot's lock first, as an activation takes it
+        text("SELECT pg_advisory_xact_lock(hashtext('model slot ' || :slot))"),
+        {"slot": model.fabric_type or ""},
+    )
+    model = session.get(Model, version, with_for_update=True, populate_existing=True)
+    if model.active:
+        raise RegistryError(
+            f"{version} is the active model of fabric {model.fabric_type or 'generic'}: "
+            "activate another first"
+        )
+    runs = session.scalar(select(func.count()).select_from(Run).where(Run.model_version == version))
+    if runs:
+        raise RegistryError(f"{version} has inspected rolls ({runs} runs): it stays registered")
+    session.delete(model)
     session.flush()
     return model
 

@@ -5,7 +5,7 @@ from functools import partial
 
 import pytest
 from lock_waits import wait_for_lock_waits
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from distill.checkpoint import ModelCard, load_model, save_checkpoint
@@ -183,6 +183,31 @@ def test_cli_register_list_activate(
     assert "t1" in out.splitlines()[-1] and "yes" in out.splitlines()[-1]
     assert main(["models", "activate", "missing"]) == 2
     assert "unknown model version 'missing'" in capsys.readouterr().err
+
+    # registered for the wrong fabric: the checkpoint was held to it for good (registering it
+    # for the right one is refused); unregistered, it is registered as it should have been
+    wrong = ["models", "register", "--fabric", "denim", str(checkpoints["lite0"])]
+    assert main(["models", "register", "--fabric", "satin", "--version", "s1",
+                 str(checkpoints["lite0"])]) == 2  # fmt: skip
+    assert "already registered as t1" in capsys.readouterr().err
+    assert main(["models", "unregister", "t1"]) == 2  # the active model of twill
+    assert "is the active model of fabric twill: activate another first" in capsys.readouterr().err
+    with db_engine.begin() as conn:
+        conn.execute(text("UPDATE models SET active = false"))
+    assert main(["models", "unregister", "t1"]) == 0
+    assert main(wrong) == 0
+    assert "registered: denim-" in capsys.readouterr().out
+    with db_engine.begin() as conn:
+        denim = conn.execute(
+            text("SELECT version FROM models WHERE fabric_type = 'denim'")
+        ).scalar_one()
+        roll = ("INSERT INTO rolls (id, fabric_type, width_mm, px_per_mm_x, px_per_mm_y) "
+                "VALUES ('R-1', 'denim', 100, 4, 4)")  # fmt: skip
+        conn.execute(text(roll))
+        conn.execute(text("INSERT INTO runs (roll_id, model_version, purpose) "
+                          "VALUES ('R-1', :v, 'live')"), {"v": denim})  # fmt: skip
+    assert main(["models", "unregister", denim]) == 2  # its runs read its maps and threshold
+    assert "has inspected rolls (1 runs): it stays registered" in capsys.readouterr().err
 
 
 def test_two_activations_at_once_leave_the_last_one_active(db_engine):
