@@ -160,7 +160,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         help="the 30 %% held out for selection and calibration: random tiles (default) or the "
         "last ones in name order (the fabric scanned last: calibration sees drift)",
     )  # fmt: skip
-    p.add_argument("--max-minutes", type=float, default=None, help="stop after this time budget")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        default=None,
+        help="stop training the student once this time is spent (checked after each epoch)",
+    )
     p.add_argument(
         "--resize", action="store_true",
         help="resize whole images (a benchmark such as MVTec AD) to the tile; without it the "
