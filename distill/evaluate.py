@@ -134,7 +134,9 @@ def evaluate_detector(
         "fusion_weight": detector.model.fusion.weight,
     }
     views = _scorer_views(detector, student_trained)
-    if views:
+    if list(views) == ["memory"]:  # the bank's map alone is the model's own: no second pass
+        result["scorers"] = {"memory": map_metrics(maps, labels, masks, valid=valid)}
+    elif views:
         raw = raw_maps(
             detector.model, images, detector.mean, detector.std, detector.batch_size, fabric=valid
         )
