@@ -50,6 +50,7 @@ def fit_student(
     ) as bar:
         bar.write(cached)
         for epoch in range(1, config.epochs + 1):
+            began = time.perf_counter()
             fit.history["train_loss"].append(
                 trainer.train_epoch(train_images, bar, train_valid, train_cache)
             )
@@ -57,7 +58,8 @@ def fit_student(
             fit.history["val_loss"].append(val_loss)
             trainer.scheduler.step(val_loss)
             bar.write(
-                f"epoch {epoch}: train loss {fit.history['train_loss'][-1]:.4f}, val loss {val_loss:.4f}"
+                f"epoch {epoch}: train loss {fit.history['train_loss'][-1]:.4f}, val loss "
+                f"{val_loss:.4f} ({time.perf_counter() - began:.0f} s)"
             )
             if not math.isfinite(val_loss):  # NaN weights: every later epoch is NaN too
                 bar.write(f"training diverged at epoch {epoch} (val loss {val_loss})")

@@ -398,6 +398,7 @@ def train(
         "best_val_loss": fit.best_loss if fit.best_epoch else None,
         "n_train": len(train_idx),
         "n_held_out": len(val_idx),
+        "n_good_tiles": int(images.shape[0]),  # before `--edge exclude` left some out
         "held_out_score_max": float(val_scores.max()),
         "held_out_score_mean": float(val_scores.mean()),
         "threshold_method": calibration.method,

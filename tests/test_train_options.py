@@ -170,6 +170,8 @@ def test_tiles_across_the_fabric_edge_train_masked_or_excluded(category, tmp_pat
     straddling = sum(1 for i in held_in if i < 5)
     assert card.metrics["n_train"] == (n_train - straddling if edge == "exclude" else n_train)
     assert card.train_config["edge"] == edge
+    # what the warning on few held-out tiles counts them out of: every good tile, excluded or not
+    assert card.metrics["n_good_tiles"] == len(cat.train)
 
 
 def _with_an_edge_start_tile(category, copy):
