@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -34,6 +33,7 @@ from distill.checkpoint import (
     save_checkpoint,
     writable_checkpoint_path,
 )
+from distill.data.aitex_edge_tiles import check_edge_start_tiles
 from distill.data.mvtec import Category, check_native_size, load_stack
 from distill.fold import folded_copy
 from distill.held_out import split_held_out
@@ -48,6 +48,7 @@ from distill.memory_bank import (
 )
 from distill.metrics import tile_scores_on
 from distill.preprocess import normalise
+from distill.progress import progress_bar
 from distill.selection import Selection, choose_fusion, pick_cheapest
 from distill.student_fit import StudentFit, fit_student
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
@@ -197,6 +198,7 @@ class Trainer:
         images: torch.Tensor,
         valid: torch.Tensor | None = None,
         levels: Sequence[int] = DEFAULT_LEVELS,
+        progress: bool = False,
     ) -> MemoryBank:
         """A coreset of the training tiles' patch features at `levels`, as the detector will see
         them (no blur, no augmentation); with `valid`, only patches whose centre lies on fabric.
@@ -212,21 +214,27 @@ class Trainer:
             twin_teacher = folded_copy(scoring).teacher
         embeddings, twins = [], []
         stride = self.config.memory_stride
-        for start in range(0, images.shape[0], 16):
-            x, _ = normalise(images[start : start + 16], IMAGENET_MEAN, IMAGENET_STD, self.device)
-            size = tuple(x.shape[-2:])
-            e = patch_embedding(self.model.teacher(x), levels, stride, size).cpu()
-            if twin_teacher is not None:
-                cl = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                    twins.append(patch_embedding(twin_teacher(cl), levels, stride, size).cpu())
-            keep = None
-            if valid is not None:
-                centre = stride // 2
-                keep = _padded(valid[start : start + 16], size[-1])[
-                    :, centre::stride, centre::stride
-                ]
-            embeddings.append(e if keep is None else (e, keep))
+        # minutes on a busy CPU (263 s seen) without a line: the teacher's pass is most of it
+        with progress_bar(total=images.shape[0], desc=f"bank {','.join(map(str, levels))}",
+                          unit="tile", disable=not progress) as bar:  # fmt: skip
+            for start in range(0, images.shape[0], 16):
+                x, _ = normalise(
+                    images[start : start + 16], IMAGENET_MEAN, IMAGENET_STD, self.device
+                )
+                size = tuple(x.shape[-2:])
+                e = patch_embedding(self.model.teacher(x), levels, stride, size).cpu()
+                if twin_teacher is not None:
+                    cl = x.contiguous(memory_format=torch.channels_last)
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16):
+                        twins.append(patch_embedding(twin_teacher(cl), levels, stride, size).cpu())
+                keep = None
+                if valid is not None:
+                    centre = stride // 2
+                    keep = _padded(valid[start : start + 16], size[-1])[
+                        :, centre::stride, centre::stride
+                    ]
+                embeddings.append(e if keep is None else (e, keep))
+                bar.update(len(x))
         bank = MemoryBank.fit(
             embeddings, levels, self.config.memory_stride, size=self.config.memory_size,
             seed=self.config.seed, twins=twins if twin_teacher is not None else None,
@@ -240,6 +248,7 @@ class Trainer:
         held_out: torch.Tensor,
         train_valid: torch.Tensor | None = None,
         held_out_valid: np.ndarray | None = None,
+        progress: bool = False,
     ) -> Selection:
         """Fit the memory bank when any candidate uses it, choose the fusion, attach both.
 
@@ -253,7 +262,9 @@ class Trainer:
             # each phase says what it does and what it took: they ran for minutes in silence
             began = time.perf_counter()
             memory = (
-                None if levels is None else self.fit_memory_bank(train_images, train_valid, levels)
+                None
+                if levels is None
+                else self.fit_memory_bank(train_images, train_valid, levels, progress)
             )
             if memory is not None:
                 log.info("memory bank on levels %s: %d patches of %d tiles (%.1f s)",
@@ -302,20 +313,6 @@ class Trainer:
         return total / images.shape[0]
 
 
-EDGE_START_TILE = re.compile(r"_(?:y\d+_)?[lr]\d+$")  # `import-aitex --edge-start-tiles`
-
-
-def _check_edge_start_tiles(paths: list[Path]) -> None:
-    # a fabric-layout model trained without them passed every check, then scored the selvage
-    # of each roll as one flaw the length of the roll
-    if not any(EDGE_START_TILE.search(path.stem) for path in paths):
-        raise ValueError(
-            "--tile-layout fabric: no training tile starts at the fabric's edge (named "
-            "*_lCC.png or *_rCC.png, as `rollscan datasets import-aitex --edge-start-tiles` "
-            "cuts them): a model that never saw the selvage at a tile's border scores it as a flaw"
-        )
-
-
 def train(
     data: str | Path, out: str | Path, config: TrainConfig, progress: bool = True
 ) -> ModelCard:
@@ -326,7 +323,7 @@ def train(
     partial = partial_checkpoint(out)
     category = Category.open(data)
     if config.tile_layout == "fabric":
-        _check_edge_start_tiles(category.train)
+        check_edge_start_tiles(category.train)
     if not config.resize:
         check_native_size(category.train, config.tile)
     images = torch.from_numpy(load_stack(category.train, config.tile))
@@ -372,7 +369,7 @@ def train(
             None if val_valid is None else torch.from_numpy(val_valid),
         )  # fmt: skip
     trainer.model.student.load_state_dict(fit.best_state)
-    selection = trainer.choose_scoring(train_images, val_images, train_valid, val_valid)
+    selection = trainer.choose_scoring(train_images, val_images, train_valid, val_valid, progress)
     fusion = selection.fusion
     card.fusion = {
         "weight": fusion.weight, "student": list(fusion.student_stats),

@@ -2,6 +2,7 @@
 good tiles and synthetic defects only."""
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -333,6 +334,7 @@ def test_a_threshold_from_few_held_out_tiles_is_said_and_warned(category, tmp_pa
     assert "from 4 held-out good tiles" in out
     assert "warning: the threshold rests on 4 held-out good tiles" in err
     assert "train on at least 67 good tiles" in err
+    assert re.search(r"bank [\d,]+: 100%.*\b12/12 ", err)  # the bank's pass shows its progress
 
 
 def test_a_diverged_training_is_a_clear_error(category, tmp_path, capsys):

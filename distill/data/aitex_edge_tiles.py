@@ -8,6 +8,7 @@ training holds the views of the selvage the pipeline will show it (docs/benchmar
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import numpy as np
 
@@ -115,3 +116,18 @@ def overlap_groups(stem: str, grid: dict[str, tuple[int, int]], extra: list[str]
     return {
         tag: f"{stem}_y{key[0]:02d}_c{key[1]:02d}" for tag, key in members.items() if sizes[key] > 1
     }
+
+
+EDGE_START_TILE = re.compile(r"_(?:y\d+_)?[lr]\d+$")  # `import-aitex --edge-start-tiles`
+
+
+def check_edge_start_tiles(paths: list[Path]) -> None:
+    """Refuse training a fabric-layout model on `paths` when none is a tile that starts at the
+    fabric's edge: such a model passed every check, then scored the selvage of each roll as one
+    flaw the length of the roll."""
+    if not any(EDGE_START_TILE.search(path.stem) for path in paths):
+        raise ValueError(
+            "--tile-layout fabric: no training tile starts at the fabric's edge (named "
+            "*_lCC.png or *_rCC.png, as `rollscan datasets import-aitex --edge-start-tiles` "
+            "cuts them): a model that never saw the selvage at a tile's border scores it as a flaw"
+        )
