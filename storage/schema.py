@@ -128,6 +128,7 @@ class Roll(Base):
         # equality column first, then the range: "failed rolls since Monday"
         Index("ix_rolls_status_created_at", "status", "created_at"),
         Index("ix_rolls_fabric_type_created_at", "fabric_type", "created_at"),
+        Index("ix_rolls_completed_at", "completed_at"),  # "rolls finished yesterday"
     )
 
 
@@ -244,6 +245,13 @@ class Run(Base):
             postgresql_where=text("is_current"),
         ),
         Index("ix_runs_model_version", "model_version"),
+        # the nightly grading's "current runs finished since", and the rolls with open work
+        Index("ix_runs_finished_at_current", "finished_at", postgresql_where=text("is_current")),
+        Index(
+            "ix_runs_open_roll_id",
+            "roll_id",
+            postgresql_where=text("status <> ALL (ARRAY['done'::text, 'failed'::text])"),
+        ),
     )
 
 
@@ -380,6 +388,7 @@ class Grade(Base):
         CheckConstraint("points >= 0", name="points_not_negative"),
         CheckConstraint("yards >= 0 AND width_in >= 0", name="sizes_not_negative"),
         Index("ix_grades_run_id", "run_id"),
+        Index("ix_grades_graded_at", "graded_at"),  # "grades of the last week"
     )
 
 
