@@ -24,12 +24,16 @@ def _evaluate(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(format_table({args.data.name: result}))
     counts = f"{result['n_good']} good and {result['n_defect']} defective test tiles"
-    flagged, caught = result.get("fpr_at_threshold"), result.get("recall_at_threshold")
-    if flagged is None or flagged != flagged:  # NaN: no threshold (a partial checkpoint)
+    if "fpr_at_threshold" not in result:  # a partial checkpoint: never calibrated
         print(f"{counts}; the checkpoint has no calibrated threshold (train it to the end)")
         return 0
-    at = f"{counts}; at the calibrated threshold {flagged:.3f} of good tiles flagged"
-    print(f"{at}, {caught:.3f} of defective ones caught" if result["n_defect"] else at)
+    shares = [
+        f"{result[key]:.3f} of {which}"  # NaN where there are no such tiles: not said
+        for key, which in (("fpr_at_threshold", "good tiles flagged"),
+                           ("recall_at_threshold", "defective ones caught"))
+        if result[key] == result[key]
+    ]  # fmt: skip
+    print(f"{counts}; at the calibrated threshold {', '.join(shares)}")
     return 0
 
 

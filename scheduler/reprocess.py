@@ -137,7 +137,9 @@ def start_reprocess_run(
             raise ValueError(
                 f"roll {roll_id} is {roll.status}: only finished rolls are reprocessed"
             )
-        if session.get(Model, model_version) is None:
+        # FOR KEY SHARE: a `models unregister` of it waits for this run, or this sees it gone
+        # (the run's insert failed on the foreign key, and ended the whole reprocess)
+        if session.get(Model, model_version, with_for_update={"key_share": True}) is None:
             raise ValueError(f"unknown model version {model_version!r}")
         if roll.rows_ingested < 1 or not roll_exists(ctx.store, roll_id):
             raise ValueError(f"roll {roll_id} has no stored image to reprocess")

@@ -192,6 +192,8 @@ def activate_model(session: Session, version: str) -> Model:
         {"slot": fabric_type or ""},
     )
     model = session.get(Model, version, with_for_update=True, populate_existing=True)
+    if model is None:  # unregistered while this waited for the slot
+        raise RegistryError(f"unknown model version {version!r}")
     same_slot = (
         Model.fabric_type.is_(None) if fabric_type is None else Model.fabric_type == fabric_type
     )
@@ -218,6 +220,8 @@ def unregister_model(session: Session, version: str) -> Model:
         {"slot": model.fabric_type or ""},
     )
     model = session.get(Model, version, with_for_update=True, populate_existing=True)
+    if model is None:  # unregistered by another while this waited
+        raise RegistryError(f"unknown model version {version!r}")
     if model.active:
         raise RegistryError(
             f"{version} is the active model of fabric {model.fabric_type or 'generic'}: "

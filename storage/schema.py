@@ -245,7 +245,7 @@ class Run(Base):
             postgresql_where=text("is_current"),
         ),
         Index("ix_runs_model_version", "model_version"),
-        # the nightly grading's "current runs finished since", and the rolls with open work
+        # `rollscan grade --since`'s "current runs finished since", and the rolls with open work
         Index("ix_runs_finished_at_current", "finished_at", postgresql_where=text("is_current")),
         Index(
             "ix_runs_open_roll_id",

@@ -2,6 +2,7 @@
 
 import threading
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 from lock_waits import wait_for_lock_waits
@@ -19,6 +20,7 @@ from storage.registry import (
     fetch_checkpoint,
     list_models,
     register_model,
+    unregister_model,
 )
 from storage.schema import Model
 
@@ -241,6 +243,73 @@ def test_two_activations_at_once_leave_the_last_one_active(db_engine):
     assert outcome == ["ok"]
     with Session(db_engine) as s:
         assert s.scalars(select(Model.version).where(Model.active)).all() == ["vB"]
+
+
+def test_a_model_unregistered_meanwhile_is_unknown_to_an_activation_or_a_reprocess(
+    db_engine, tmp_path
+):
+    """An activation that waited for the slot behind an unregister failed with "'NoneType' has
+    no attribute 'active'"; a reprocess run inserted for it broke the foreign key, which ended
+    the whole `rollscan reprocess`."""
+    from scheduler.reprocess import start_reprocess_run
+    from storage.database import session_scope
+    from storage.objectstore import LocalStore
+    from storage.schema import Roll
+    from storage.zarr_rolls import create_roll
+
+    with Session(db_engine) as s:
+        for n, version in enumerate(("old", "vB"), start=1):
+            s.add(Model(version=version, fabric_type="twill", variant="residual", teacher="t",
+                        tile=256, checkpoint_uri="none", sha256=f"{n:064x}", threshold=1.0,
+                        active=version == "old"))  # fmt: skip
+        s.add(Roll(id="R-1", fabric_type="twill", width_mm=100.0, px_per_mm_x=4.0,
+                   px_per_mm_y=4.0, status="done", rows_ingested=256))  # fmt: skip
+        s.commit()
+    outcome: list[object] = []
+
+    def activate_b() -> None:
+        with Session(db_engine) as s:
+            try:
+                activate_model(s, "vB")
+                s.commit()
+            except Exception as exc:  # what the operator saw
+                outcome.append(exc)
+
+    with Session(db_engine) as u:
+        unregister_model(u, "vB")  # flushed, not committed yet
+        b = threading.Thread(target=activate_b)
+        b.start()
+        wait_for_lock_waits(db_engine, 1, unless=b)
+        u.commit()
+    b.join()
+    assert [type(e).__name__ for e in outcome] == ["RegistryError"]
+    assert "unknown model version 'vB'" in str(outcome[0])
+    with Session(db_engine) as s:
+        assert s.scalars(select(Model.version).where(Model.active)).all() == ["old"]
+        s.add(Model(version="vC", fabric_type="twill", variant="residual", teacher="t", tile=256,
+                    checkpoint_uri="none", sha256=f"{3:064x}", threshold=1.0))  # fmt: skip
+        s.commit()
+
+    store = LocalStore(tmp_path / "objects")
+    create_roll(store, "R-1", width=64, channels=1, band_height=256, manifest={})
+    ctx = SimpleNamespace(session=lambda: session_scope(db_engine), store=store)
+    with Session(db_engine) as u:
+        unregister_model(u, "vC")
+        started = threading.Thread(
+            target=lambda: outcome.append(_catch(lambda: start_reprocess_run(ctx, "R-1", "vC")))
+        )
+        started.start()
+        wait_for_lock_waits(db_engine, 1, unless=started)
+        u.commit()
+    started.join()
+    assert isinstance(outcome[-1], ValueError) and "unknown model version 'vC'" in str(outcome[-1])
+
+
+def _catch(call):
+    try:
+        return call()
+    except Exception as exc:
+        return exc
 
 
 def test_an_activation_reads_the_model_afresh(db_engine, local_store, checkpoints):

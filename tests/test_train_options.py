@@ -212,6 +212,15 @@ def test_an_evaluation_with_good_tiles_only_reports_the_false_alarm_share(
     assert said.startswith("6 good and 0 defective test tiles; at the calibrated threshold 0.")
     assert "nan" not in said and "caught" not in said  # no defective tiles: nothing to catch
 
+    # defective test tiles only: the catch rate, not "no calibrated threshold"
+    defects_only = tmp_path / "defects-only"
+    shutil.copytree(category, defects_only, ignore=shutil.ignore_patterns("good"))
+    shutil.copytree(category / "train" / "good", defects_only / "train" / "good")
+    assert main(["evaluate", "--model", str(tmp_path / "model.pt"), "--data", str(defects_only),
+                 "--precision", "fp32"]) == 0  # fmt: skip
+    said = capsys.readouterr().out.splitlines()[-1]
+    assert said.startswith("0 good and 7 defective test tiles; at the calibrated threshold ")
+    assert said.endswith("of defective ones caught") and "flagged" not in said
     # where the figures go is checked first: a folder given for the JSON failed after the
     # whole evaluation, the figures lost
     model = tmp_path / "model.pt"

@@ -1,8 +1,10 @@
 """Indexes for the questions asked by date and for the rolls with open work.
 
 On an archive of 20,000 rolls: "grades of the last week" scanned every grade and roll (44 ms),
-"rolls finished yesterday" every roll, the nightly selection every current run, and the
-scheduler's idle-roll check (each metrics pass) every run for the open ones.
+"rolls finished yesterday" every roll, `rollscan grade --since` every current run, and the
+scheduler's idle-roll check (each metrics pass) every run for the open ones. (The nightly
+selection, "finished since or not graded yet", still reads every current run: the OR takes no
+index.)
 
 Revision ID: 0010
 Revises: 0009
