@@ -102,7 +102,7 @@ def _train(args: argparse.Namespace) -> int:
     if m["n_held_out"] < MIN_CALIBRATION_TILES:
         print(
             f"warning: the threshold rests on {m['n_held_out']} held-out good tiles (the "
-            f"{config.val_ratio:.0%} held out of {m.get('n_good_tiles', m['n_held_out'] + m['n_train'])}): the share "
+            f"{config.val_ratio:.0%} held out of {m['n_good_tiles']}): the share "
             f"of good tiles it flags may be far from {card.target_fpr}; train on at least "
             f"{math.ceil(MIN_CALIBRATION_TILES / config.val_ratio)} good tiles",
             file=sys.stderr,

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, tzinfo
 from typing import Any, TextIO
 
-from sqlalchemy import case, column, func, select, table
+from sqlalchemy import Select, case, column, func, select, table
 from sqlalchemy.orm import Session
 
 from results.grade_store import SYSTEM
@@ -111,10 +111,7 @@ def list_rolls(
         case((scored, defects)),
         grade,
     ).order_by(Roll.created_at, Roll.id)
-    if since is not None:
-        query = query.where(Roll.created_at >= _aware(since))
-    if status is not None:
-        query = query.where(Roll.status == status)
+    query = _registered(query, since, status)
     keys = (
         "id",
         "fabric",
@@ -136,12 +133,16 @@ def list_rolls(
 
 def count_rolls(session: Session, since: datetime | None = None, status: str | None = None) -> int:
     """How many rolls `list_rolls` would list without a limit."""
-    query = select(func.count()).select_from(Roll)
+    return int(session.scalar(_registered(select(func.count()).select_from(Roll), since, status)))
+
+
+def _registered(query: Select, since: datetime | None, status: str | None) -> Select:
+    """`query` over the rolls registered at or after `since` with `status` (None: any)."""
     if since is not None:
         query = query.where(Roll.created_at >= _aware(since))
     if status is not None:
         query = query.where(Roll.status == status)
-    return int(session.scalar(query))
+    return query
 
 
 def roll_defects(session: Session, roll_id: str) -> list[dict[str, Any]]:

@@ -184,17 +184,17 @@ def grade_rolls(
         # the roll back to the run before it, whose grade a re-finalize had deleted)
         query = query.where(or_(recent, ~RUN_GRADED) if ungraded else recent)
     get_rules = rules_for if rules_for is not None else RuleBook()
-    cache: dict[str, GradingRules] = {}
+    book = get_rules if isinstance(get_rules, RuleBook) else None
+    chosen: dict[str, tuple[GradingRules, str | None]] = {}  # fabric → (rules, section)
     graded: list[GradeRow] = []
     for run_id, roll, fabric in session.execute(query).all():
-        if fabric not in cache:
-            cache[fabric] = get_rules(fabric)
-            if isinstance(get_rules, RuleBook):
-                _say_section(get_rules, fabric)
-        section = get_rules.section(fabric) if isinstance(get_rules, RuleBook) else None
+        if fabric not in chosen:
+            chosen[fabric] = (get_rules(fabric), book.section(fabric) if book else None)
+            if book is not None:
+                _say_section(book, fabric)
         try:
             with session.begin_nested():  # a savepoint: a failed roll leaves nothing written
-                graded.append(grade_run(session, run_id, cache[fabric], section))
+                graded.append(grade_run(session, run_id, *chosen[fabric]))
             if commit_each:
                 session.commit()
         except Exception as exc:

@@ -20,7 +20,7 @@ import psycopg2.errorcodes as pgcodes
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import URL, Engine, create_engine, make_url, text
+from sqlalchemy import URL, Connection, Engine, create_engine, make_url, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
@@ -164,53 +164,51 @@ def downgrade(url: str | URL, revision: str) -> None:
     command.downgrade(alembic_config(url), revision)
 
 
-def roll_count(url: str | URL) -> int:
-    """How many rolls the database holds (0 before the schema exists): what a downgrade would
-    take data from."""
+@contextmanager
+def _one_connection(url: str | URL) -> Iterator[Connection]:
+    """A connection of its own, closed after: the schema and admin commands' questions, asked
+    before (or without) any engine of the process."""
     engine = create_engine(
         _normalise(url), poolclass=NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}
     )
     try:
         with engine.connect() as conn:
-            if conn.execute(text("SELECT to_regclass('rolls')")).scalar() is None:
-                return 0
-            return int(conn.execute(text("SELECT count(*) FROM rolls")).scalar_one())
+            yield conn
     finally:
         engine.dispose()
+
+
+def roll_count(url: str | URL) -> int:
+    """How many rolls the database holds (0 before the schema exists): what a downgrade would
+    take data from."""
+    with _one_connection(url) as conn:
+        if conn.execute(text("SELECT to_regclass('rolls')")).scalar() is None:
+            return 0
+        return int(conn.execute(text("SELECT count(*) FROM rolls")).scalar_one())
 
 
 def current_revision(url: str | URL) -> str | None:
     """The database's revision; None for an empty (never migrated) database."""
-    engine = create_engine(
-        _normalise(url), poolclass=NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}
-    )
     log = logging.getLogger("alembic.runtime.migration")
     level = log.level
     log.setLevel(logging.WARNING)  # its "Context impl …" lines, on every command's check
     try:
-        with engine.connect() as conn:
+        with _one_connection(url) as conn:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         log.setLevel(level)
-        engine.dispose()
 
 
 def other_sessions(url: str | URL) -> list[str]:
     """The other sessions on the database, "pid N (name, state)": who holds what a migration
     waits for."""
-    engine = create_engine(
-        _normalise(url), poolclass=NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT_S}
-    )
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(text(
-                "SELECT pid, coalesce(nullif(application_name, ''), usename), state "
-                "FROM pg_stat_activity WHERE datname = current_database() "
-                "AND pid <> pg_backend_pid() AND backend_type = 'client backend' ORDER BY pid"
-            ))  # fmt: skip
-            return [f"pid {pid} ({name}, {state})" for pid, name, state in rows]
-    finally:
-        engine.dispose()
+    with _one_connection(url) as conn:
+        rows = conn.execute(text(
+            "SELECT pid, coalesce(nullif(application_name, ''), usename), state "
+            "FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_type = 'client backend' ORDER BY pid"
+        ))  # fmt: skip
+        return [f"pid {pid} ({name}, {state})" for pid, name, state in rows]
 
 
 def known_revision(revision: str) -> bool:

@@ -175,25 +175,33 @@ def list_models(session: Session, fabric_type: str | None = None) -> list[Model]
     return list(session.scalars(query))
 
 
-def activate_model(session: Session, version: str) -> Model:
-    """Make `version` the active model of its fabric type (or the active generic model)."""
+def _locked_in_slot(session: Session, version: str) -> Model:
+    """The model's row, read afresh and locked under its fabric slot's lock; RegistryError when
+    it is unknown, or was unregistered while this waited.
+
+    One change per slot at a time: two activations at once each stepped the other's model down
+    unseen, and the second to commit broke the one-active index (a traceback, its work rolled
+    back). The slot's lock comes before any row lock (the other order deadlocked two
+    activations), and the row is read afresh under it: a copy loaded before (by
+    `register_model`) may say "active" when another activation has stepped it down since."""
     slot = session.execute(select(Model.fabric_type).where(Model.version == version)).first()
-    if slot is None:
+    model = None
+    if slot is not None:
+        session.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext('model slot ' || :slot))"),
+            {"slot": slot[0] or ""},
+        )
+        model = session.get(Model, version, with_for_update=True, populate_existing=True)
+    if model is None:
         known = ", ".join(m.version for m in list_models(session)[-5:]) or "none registered"
         raise RegistryError(f"unknown model version {version!r} (recent: {known})")
-    fabric_type = slot[0]  # never changes once registered
-    # one activation per slot at a time: two at once each stepped the other's model down unseen,
-    # and the second to commit broke the one-active index (a traceback, its work rolled back).
-    # The slot's lock comes before any row lock (the other order deadlocked two activations),
-    # and the row is read afresh under it: a copy loaded before (by `register_model`) may say
-    # "active" when another activation has stepped it down since
-    session.execute(
-        text("SELECT pg_advisory_xact_lock(hashtext('model slot ' || :slot))"),
-        {"slot": fabric_type or ""},
-    )
-    model = session.get(Model, version, with_for_update=True, populate_existing=True)
-    if model is None:  # unregistered while this waited for the slot
-        raise RegistryError(f"unknown model version {version!r}")
+    return model
+
+
+def activate_model(session: Session, version: str) -> Model:
+    """Make `version` the active model of its fabric type (or the active generic model)."""
+    model = _locked_in_slot(session, version)
+    fabric_type = model.fabric_type  # never changes once registered
     same_slot = (
         Model.fabric_type.is_(None) if fabric_type is None else Model.fabric_type == fabric_type
     )
@@ -212,16 +220,7 @@ def unregister_model(session: Session, version: str) -> Model:
     """Remove a model that never inspected a roll and is not active — one registered for the
     wrong fabric type, say: its checkpoint (content-addressed) is then registered anew as it
     should have been. A model with runs stays: they read its maps and threshold."""
-    model = session.get(Model, version)
-    if model is None:
-        raise RegistryError(f"unknown model version {version!r}")
-    session.execute(  # the slot's lock first, as an activation takes it
-        text("SELECT pg_advisory_xact_lock(hashtext('model slot ' || :slot))"),
-        {"slot": model.fabric_type or ""},
-    )
-    model = session.get(Model, version, with_for_update=True, populate_existing=True)
-    if model is None:  # unregistered by another while this waited
-        raise RegistryError(f"unknown model version {version!r}")
+    model = _locked_in_slot(session, version)  # as an activation takes it
     if model.active:
         raise RegistryError(
             f"{version} is the active model of fabric {model.fabric_type or 'generic'}: "
