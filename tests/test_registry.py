@@ -212,31 +212,44 @@ def test_cli_register_list_activate(
     assert "has inspected rolls (1 runs): it stays registered" in capsys.readouterr().err
 
 
+def _twill_models(session: Session, *versions: str, first: int = 1) -> None:
+    """Models of fabric twill, each its own (fake) checkpoint; "old" the active one."""
+    for n, version in enumerate(versions, start=first):
+        session.add(Model(version=version, fabric_type="twill", variant="residual", teacher="t",
+                          tile=256, checkpoint_uri="none", sha256=f"{n:064x}", threshold=1.0,
+                          active=version == "old"))  # fmt: skip
+
+
+def _activate_aside(db_engine, version: str, outcome: list[object]) -> threading.Thread:
+    """`activate_model(version)` started in a thread of its own; "ok", or the error the
+    operator saw, goes to `outcome`."""
+
+    def activate() -> None:
+        with Session(db_engine) as s:
+            try:
+                activate_model(s, version)
+                s.commit()
+                outcome.append("ok")
+            except Exception as exc:
+                outcome.append(exc)
+
+    thread = threading.Thread(target=activate)
+    thread.start()
+    return thread
+
+
 def test_two_activations_at_once_leave_the_last_one_active(db_engine):
     """Two deploy scripts activate vA and vB of one fabric at once: the second stepped down only
     what it saw (not vA, uncommitted then), and its commit broke the one-active index — a
     traceback, its work rolled back. Now it waits for the first and steps vA down."""
     with Session(db_engine) as s:
-        for n, version in enumerate(("old", "vA", "vB"), start=1):
-            s.add(Model(version=version, fabric_type="twill", variant="residual", teacher="t",
-                        tile=256, checkpoint_uri="none", sha256=f"{n:064x}", threshold=1.0,
-                        active=version == "old"))  # fmt: skip
+        _twill_models(s, "old", "vA", "vB")
         s.commit()
     outcome: list[object] = []
 
-    def activate_b() -> None:
-        with Session(db_engine) as s:
-            try:
-                activate_model(s, "vB")
-                s.commit()
-                outcome.append("ok")
-            except Exception as exc:  # what the operator saw
-                outcome.append(exc)
-
     with Session(db_engine) as a:
         activate_model(a, "vA")  # flushed, not committed yet
-        b = threading.Thread(target=activate_b)
-        b.start()
+        b = _activate_aside(db_engine, "vB", outcome)
         wait_for_lock_waits(db_engine, 1, unless=b)  # until vB's activation waits for vA's
         a.commit()
     b.join()
@@ -258,27 +271,15 @@ def test_a_model_unregistered_meanwhile_is_unknown_to_an_activation_or_a_reproce
     from storage.zarr_rolls import create_roll
 
     with Session(db_engine) as s:
-        for n, version in enumerate(("old", "vB"), start=1):
-            s.add(Model(version=version, fabric_type="twill", variant="residual", teacher="t",
-                        tile=256, checkpoint_uri="none", sha256=f"{n:064x}", threshold=1.0,
-                        active=version == "old"))  # fmt: skip
+        _twill_models(s, "old", "vB")
         s.add(Roll(id="R-1", fabric_type="twill", width_mm=100.0, px_per_mm_x=4.0,
                    px_per_mm_y=4.0, status="done", rows_ingested=256))  # fmt: skip
         s.commit()
     outcome: list[object] = []
 
-    def activate_b() -> None:
-        with Session(db_engine) as s:
-            try:
-                activate_model(s, "vB")
-                s.commit()
-            except Exception as exc:  # what the operator saw
-                outcome.append(exc)
-
     with Session(db_engine) as u:
         unregister_model(u, "vB")  # flushed, not committed yet
-        b = threading.Thread(target=activate_b)
-        b.start()
+        b = _activate_aside(db_engine, "vB", outcome)
         wait_for_lock_waits(db_engine, 1, unless=b)
         u.commit()
     b.join()
@@ -286,8 +287,7 @@ def test_a_model_unregistered_meanwhile_is_unknown_to_an_activation_or_a_reproce
     assert "unknown model version 'vB'" in str(outcome[0])
     with Session(db_engine) as s:
         assert s.scalars(select(Model.version).where(Model.active)).all() == ["old"]
-        s.add(Model(version="vC", fabric_type="twill", variant="residual", teacher="t", tile=256,
-                    checkpoint_uri="none", sha256=f"{3:064x}", threshold=1.0))  # fmt: skip
+        _twill_models(s, "vC", first=3)
         s.commit()
 
     store = LocalStore(tmp_path / "objects")
