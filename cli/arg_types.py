@@ -8,33 +8,67 @@ from __future__ import annotations
 import argparse
 import re
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([smhd])")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 _MAX_SECONDS = 365 * 86400.0
+_ZONE = re.compile(r"[A-Za-z][A-Za-z0-9_+\-/]*")  # CET, UTC, Asia/Tokyo, Etc/GMT+1
 
 
-def iso_date(text: str) -> datetime:
-    """argparse type: an ISO date or date-time."""
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"not an ISO date or date-time: {text!r} (e.g. 2026-05-01 or 2026-05-01T18:00)"
-        ) from None
+@dataclass(frozen=True)
+class SiteDate:
+    """A command line's date, and the zone named after it (`2026-11-27 00:30 CET`, as
+    `rollscan rolls` and `rollscan report` print dates, so that one can be pasted back)."""
+
+    moment: datetime
+    zone: str | None = None
 
 
-def at_site(moment: datetime | None, timezone: str) -> datetime | None:
+def iso_date(text: str) -> SiteDate:
+    """argparse type: an ISO date or date-time, optionally followed by a zone's name or
+    abbreviation (checked by `at_site`, which knows the site's zone)."""
+    text = text.strip()
+    for body, zone in ((text, None), *([text.rsplit(None, 1)] if " " in text else [])):
+        try:
+            moment = datetime.fromisoformat(body)
+        except ValueError:
+            continue
+        if zone is not None and (moment.tzinfo is not None or not _ZONE.fullmatch(zone)):
+            break
+        return SiteDate(moment, zone)
+    raise argparse.ArgumentTypeError(
+        f"not an ISO date or date-time: {text!r} (e.g. 2026-05-01, 2026-05-01T18:00, "
+        "2026-05-01 18:00 CET)"
+    )
+
+
+def at_site(date: SiteDate | None, timezone: str) -> datetime | None:
     """A command line's date without an offset read in the site's time zone
     (`ROLLSCAN_TIMEZONE`, the nightly grading's), not the process's: a container runs in UTC,
-    and a Paris site's "2026-01-01" would have started an hour late."""
-    if moment is None or moment.tzinfo is not None:
+    and a Paris site's "2026-01-01" would have started an hour late. A zone named after it
+    must be the site's abbreviation on that date (CET, CEST) or an IANA name (UTC,
+    Asia/Tokyo)."""
+    if date is None:
+        return None
+    moment = date.moment
+    if moment.tzinfo is not None:
         return moment
-    from zoneinfo import ZoneInfo
-
-    return moment.replace(tzinfo=ZoneInfo(timezone))
+    for fold in (0, 1):  # the hour a clock is set back comes twice: 02:30 CEST, 02:30 CET
+        here = moment.replace(tzinfo=ZoneInfo(timezone), fold=fold)
+        if date.zone is None or date.zone == here.tzname():
+            return here
+    try:
+        return moment.replace(tzinfo=ZoneInfo(date.zone))
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(
+            f"{moment:%Y-%m-%d %H:%M} {date.zone}: {date.zone!r} is neither the site's zone "
+            f"on that date ({here.tzname()}, ROLLSCAN_TIMEZONE={timezone}) nor an IANA zone "
+            f"name; give an offset instead (e.g. {moment:%Y-%m-%dT%H:%M}+01:00)"
+        ) from None
 
 
 def parse_duration(text: str) -> timedelta | None:

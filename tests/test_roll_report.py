@@ -177,7 +177,14 @@ def test_cli_rolls_and_defects(graded, monkeypatch, capsys, migrated_url):
     assert line.split()[:6] == [ROLL, "demo-twill", "done", "0.2", "4", str(len(nos))]
     monkeypatch.setenv("ROLLSCAN_TIMEZONE", "Asia/Tokyo")  # dates in the site's zone, named
     assert main(["rolls"]) == 0
-    assert " JST" in capsys.readouterr().out.splitlines()[1]
+    registered = capsys.readouterr().out.splitlines()[1]
+    assert " JST" in registered
+    # a date copied from the table is pasted back as it reads, its zone with it
+    words = registered.split()
+    completed = " ".join(words[words.index("JST") - 2 : words.index("JST") + 1])
+    assert main(["rolls", "--since", completed]) == 0
+    assert main(["rolls", "--since", completed.replace("JST", "PST")]) == 2
+    assert "'PST' is neither the site's zone" in capsys.readouterr().err
     assert main(["rolls", "--status", "failed"]) == 0
     assert capsys.readouterr().out.strip() == "no rolls"
     assert main(["rolls", "--since", "2999-01-01"]) == 0
