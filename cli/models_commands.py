@@ -18,8 +18,9 @@ def _register(args: argparse.Namespace) -> int:
     store = open_object_store(settings)
     with command_session(settings) as session:
         model, created = register_model(
-            session, store, args.checkpoint, fabric_type=args.fabric, version=args.version
-        )
+            session, store, args.checkpoint, fabric_type=args.fabric, version=args.version,
+            teacher_weights=args.teacher_weights,
+        )  # fmt: skip
         what = "registered" if created else "already registered"
         print(
             f"{what}: {model.version} (fabric {model.fabric_type or 'generic'}, sha256 {model.sha256[:12]}…)"
@@ -78,6 +79,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--generic", action="store_true", help="the generic DG model for fabric types without one"
     )
     register.add_argument("--version", default=None, help="default: <fabric>-<sha256 prefix>")
+    register.add_argument(
+        "--teacher-weights", default=None, metavar="PATH",
+        help="the local weight file a model was trained on (`train --teacher-weights PATH`): "
+        "its teacher is stored with the model, for the workers",
+    )  # fmt: skip
     register.add_argument("--activate", action="store_true", help="activate it at once")
     register.set_defaults(handler=_register)
     listing = sub.add_parser("list", help="registered models")

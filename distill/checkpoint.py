@@ -22,7 +22,15 @@ import torch
 from distill.anomaly_map import MapFusion
 from distill.inference import Detector, Precision
 from distill.memory_bank import MemoryBank
-from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, RANDOM, build_teacher
+from distill.teacher import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    RANDOM,
+    Teacher,
+    TeacherWeightsError,
+    build_teacher,
+    state_dict_sha256,
+)
 from distill.torch_model import ReverseDistillation
 from distill.train_config import MAX_TILE, MIN_TILE, TILE_LAYOUTS
 
@@ -221,22 +229,59 @@ def _teacher_for(card: ModelCard, teacher_weights: str | Path | None):
     if source.startswith("file:") and teacher_weights is None:
         raise CheckpointError(
             f"this model's teacher {card.teacher} was loaded from a local file "
-            f"({source[5:]}): pass the same file with --teacher-weights"
+            f"({source[5:]}): pass the same file with --teacher-weights (the workers read the "
+            "copy `rollscan models register --teacher-weights` stores with the model)"
         )
     return build_teacher(card.teacher, teacher_weights)
 
 
-def verify_checkpoint(source: str | Path | bytes) -> ModelCard:
+def packed_teacher(card: ModelCard, teacher_weights: str | Path) -> bytes:
+    """The teacher a checkpoint was trained on, loaded from a local file, packed to be stored
+    with the model for workers that have no such file: the backbone's tensors alone, as
+    safetensors (no pickle, no classifier head), which `build_teacher` reads back with the
+    weights hash the card records. CheckpointError if the file holds other weights."""
+    teacher = _teacher_for(card, teacher_weights)
+    if teacher.weights_sha256() != card.teacher_sha256:
+        raise CheckpointError(_other_teacher(card, teacher))
+    from safetensors.torch import save  # timm's dependency: always installed
+
+    return save({k: v.contiguous() for k, v in teacher.backbone.state_dict().items()})
+
+
+def packed_teacher_sha256(data: bytes) -> str | None:
+    """The weights hash of a packed teacher (`packed_teacher`); None if it cannot be read."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        return state_dict_sha256(load(data))
+    except (SafetensorError, ValueError, RuntimeError):
+        return None
+
+
+def _other_teacher(card: ModelCard, teacher: Teacher) -> str:
+    return (
+        f"teacher {card.teacher} ({teacher.weights_source}) has weights "
+        f"{teacher.weights_sha256()[:12]}…, but this student was trained against "
+        f"{card.teacher_sha256[:12]}…: scores would be meaningless"
+    )
+
+
+def verify_checkpoint(
+    source: str | Path | bytes, teacher_weights: str | Path | None = None
+) -> ModelCard:
     """Build the model as a worker will and score one plain tile with it: a checkpoint that
     loads but cannot score (NaN weights, a σ too wide for its tile) is refused here, before it
     fails every roll of its fabric. CheckpointError says why."""
     try:
-        model, card = load_model(source)
+        model, card = load_model(source, teacher_weights)
         grey = (0.5 - torch.tensor(card.mean)) / torch.tensor(card.std)
         with torch.no_grad():
             scores = model.eval()(grey.view(1, 3, 1, 1).expand(1, 3, card.tile, card.tile))
     except CheckpointError:
         raise
+    except TeacherWeightsError as exc:  # --teacher-weights names no file of this teacher
+        raise CheckpointError(str(exc)) from None
     except (ValueError, RuntimeError) as exc:
         raise CheckpointError(f"its model cannot score a tile: {exc}") from None
     if not torch.isfinite(scores).all():
@@ -259,11 +304,7 @@ def _load(
     calibration = student_state.pop("calibration_tiles", None)
     teacher = _teacher_for(card, teacher_weights)
     if teacher.weights_sha256() != card.teacher_sha256:
-        raise CheckpointError(
-            f"teacher {card.teacher} ({teacher.weights_source}) has weights "
-            f"{teacher.weights_sha256()[:12]}…, but this student was trained against "
-            f"{card.teacher_sha256[:12]}…: scores would be meaningless"
-        )
+        raise CheckpointError(_other_teacher(card, teacher))
     model = ReverseDistillation(teacher, card.variant, sigma=card.sigma)
     bank = student_state.pop("memory_bank", None)
     twin = student_state.pop("memory_bank_bf16", None)

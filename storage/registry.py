@@ -3,12 +3,20 @@
 One active model per fabric type, plus at most one active generic model (fabric type NULL, a
 DG-variant model) used for fabric types that have none. Loading verifies the sha256 of the bytes
 read back from the store, so a corrupted or swapped object is never scored with.
+
+A model trained on a teacher loaded from a local file (`--teacher-weights PATH`: the paper's
+ResNet34, whose weights no wheel ships) is registered with that file: its teacher's tensors are
+stored beside the checkpoints, keyed by the weights hash the card records, and the workers read
+them from there (`registered_teacher`); the load checks that hash again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,11 +25,19 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from distill.checkpoint import CheckpointError, ModelCard, read_checkpoint, verify_checkpoint
+from distill.checkpoint import (
+    CheckpointError,
+    ModelCard,
+    packed_teacher,
+    packed_teacher_sha256,
+    read_checkpoint,
+    verify_checkpoint,
+)
 from storage.objectstore import ObjectStore
 from storage.schema import SAFE_NAME_RE, Model, Run
 
 MODELS_PREFIX = "models/sha256"
+TEACHERS_PREFIX = "models/teachers"
 
 
 class RegistryError(ValueError):
@@ -30,6 +46,11 @@ class RegistryError(ValueError):
 
 def checkpoint_key(sha256: str) -> str:
     return f"{MODELS_PREFIX}/{sha256}.pt"
+
+
+def teacher_key(teacher_sha256: str) -> str:
+    """Where the teacher of a model trained on a local weight file is stored (by weights hash)."""
+    return f"{TEACHERS_PREFIX}/{teacher_sha256}.safetensors"
 
 
 def _check_version(version: str) -> str:
@@ -69,6 +90,7 @@ def register_model(
     fabric_type: str | None,
     version: str | None = None,
     random_teacher_ok: bool = False,
+    teacher_weights: str | Path | None = None,
 ) -> tuple[Model, bool]:
     """Upload and record a checkpoint; returns (row, created).
 
@@ -76,10 +98,11 @@ def register_model(
     provided the fabric type and version asked for agree with it. `fabric_type=None` registers
     the generic model, which must be a DG-variant checkpoint. A model of a randomly initialised
     teacher (`--teacher-weights random`) scores random features: refused unless
-    `random_teacher_ok` (tests and speed benchmarks).
+    `random_teacher_ok` (tests and speed benchmarks). A model whose teacher was loaded from a
+    local file needs that file (`teacher_weights`), whose teacher is stored for the workers.
     """
     data = Path(checkpoint).read_bytes()
-    card = _loadable_card(data, checkpoint)
+    card = _loadable_card(data, checkpoint, teacher_weights)
     if card.random_teacher and not random_teacher_ok:
         raise RegistryError(
             f"{checkpoint}: its teacher {card.teacher} has random weights (trained with "
@@ -96,9 +119,13 @@ def register_model(
     if existing is not None:
         _check_same_request(existing, fabric_type, requested)
         _store_verified(store, checkpoint_key(sha256), data, sha256)  # a lost copy is restored
+        if teacher_weights is not None:
+            _store_teacher(store, card, teacher_weights)
         return existing, False
     check_version_free(session, version)
 
+    if teacher_weights is not None:  # before the row: no worker meets a model without it
+        _store_teacher(store, card, teacher_weights)
     key = checkpoint_key(sha256)
     _store_verified(store, key, data, sha256)  # an intact upload left by a failed attempt is reused
     row = {
@@ -133,23 +160,50 @@ def register_model(
     return model, inserted is not None
 
 
-def _loadable_card(data: bytes, name: str | Path) -> ModelCard:
+def _loadable_card(data: bytes, name: str | Path, teacher_weights: str | Path | None) -> ModelCard:
     """The checkpoint's card, once the model it describes has been built from it as a worker
     will (teacher, student weights, memory bank, fusion) and has scored a plain tile: a
     checkpoint whose card disagrees with its contents, or that cannot score, is refused here,
     not by every worker after it was activated."""
     try:
         card = read_checkpoint(data)[0]
-        if card.teacher_weights.startswith("file:"):
+        if teacher_weights is not None and not card.teacher_weights.startswith("file:"):
             raise CheckpointError(
-                f"its teacher {card.teacher} was loaded from a local file "
-                f"({card.teacher_weights[5:]}), which the workers have no setting for: train "
-                "it on a teacher whose weights ship with rollscan (the efficientnet_lite ones)"
+                f"its teacher {card.teacher}'s weights come from {card.teacher_weights}, not "
+                "from a local file: --teacher-weights is for a model trained on one"
             )
-        verify_checkpoint(data)
+        verify_checkpoint(data, teacher_weights)
     except CheckpointError as exc:
         raise RegistryError(f"{name}: {exc}") from None
     return card
+
+
+def _store_teacher(store: ObjectStore, card: ModelCard, teacher_weights: str | Path) -> None:
+    """Store the model's teacher, packed from its local file, unless an intact copy is there."""
+    key = teacher_key(card.teacher_sha256)
+    if store.exists(key) and packed_teacher_sha256(store.get(key)) == card.teacher_sha256:
+        return
+    store.put(key, packed_teacher(card, teacher_weights))
+
+
+@contextmanager
+def registered_teacher(store: ObjectStore, model: Model) -> Iterator[Path | None]:
+    """The teacher stored with a model trained on a local weight file, as a temporary file for
+    `load_detector`; None where none is stored (a teacher whose weights ship with rollscan)."""
+    key = teacher_key(model.teacher_sha256)
+    if not store.exists(key):
+        yield None
+        return
+    data = store.get(key)
+    if packed_teacher_sha256(data) != model.teacher_sha256:
+        raise RegistryError(
+            f"the teacher stored with model {model.version} ({key}) is damaged: register the "
+            "model again with --teacher-weights, which restores it"
+        )
+    with tempfile.TemporaryDirectory(prefix="rollscan-teacher-") as folder:
+        path = Path(folder) / f"{model.teacher}.safetensors"
+        path.write_bytes(data)
+        yield path
 
 
 def _check_same_request(existing: Model, fabric_type: str | None, requested: str | None) -> None:

