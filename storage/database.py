@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import psycopg2.errorcodes as pgcodes
@@ -156,12 +158,36 @@ def alembic_config(url: str | URL) -> Config:
     return cfg
 
 
+MIGRATION_ATTEMPTS = 3
+
+
 def upgrade(url: str | URL, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    _migrate(command.upgrade, url, revision)
 
 
 def downgrade(url: str | URL, revision: str) -> None:
-    command.downgrade(alembic_config(url), revision)
+    _migrate(command.downgrade, url, revision)
+
+
+def _migrate(step: Any, url: str | URL, revision: str) -> None:
+    """Run an Alembic step, again (at most `MIGRATION_ATTEMPTS` times in all) when PostgreSQL
+    chose it as a deadlock's victim: a worker of the running release writing the tables the
+    migration locks, in another order (a finalize deletes a grade, then updates its roll). The
+    victim's transaction is undone whole, so running it again is safe; the site's `migrate`
+    failed instead, and with it the start of every service behind it."""
+    for attempt in range(1, MIGRATION_ATTEMPTS + 1):
+        try:
+            step(alembic_config(url), revision)
+            return
+        except sa_exc.DBAPIError as exc:
+            deadlock = getattr(exc.orig, "pgcode", None) == pgcodes.DEADLOCK_DETECTED
+            if not deadlock or attempt == MIGRATION_ATTEMPTS:
+                raise
+            logging.getLogger(__name__).warning(
+                "the migration deadlocked with another session's writes and was undone; "
+                "running it again (attempt %d of %d)", attempt + 1, MIGRATION_ATTEMPTS,
+            )  # fmt: skip
+            time.sleep(attempt)
 
 
 @contextmanager
@@ -298,7 +324,11 @@ def check_schema_at_head(url: str | URL) -> None:
         return
     where = f"the database {mask_url(url)} is at schema revision {current or 'none (empty)'}"
     if current is not None and not known_revision(current):
-        raise SchemaNotAtHead(f"{where}, newer than this rollscan's ({head}): upgrade rollscan")
+        raise SchemaNotAtHead(
+            f"{where}, newer than this rollscan's ({head}): upgrade rollscan — or, to go back "
+            f"to this release, downgrade the database with the newer one first (`rollscan db "
+            f"downgrade {head} --yes`, after a pg_dump)"
+        )
     raise SchemaNotAtHead(
         f"{where}; this rollscan needs revision {head}: run `rollscan db upgrade`"
     )

@@ -19,7 +19,7 @@ from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.orm import Session
 
 from cli.main import main
-from storage.database import upgrade
+from storage.database import head_revision, upgrade
 from storage.schema import Roll
 from worker.roll_rows import fail_roll
 
@@ -135,7 +135,13 @@ def test_a_database_at_another_revision_is_refused_before_the_command_runs(
         connection.execute(text("UPDATE alembic_version SET version_num = '0099'"))
     engine.dispose()
     assert main(["rolls"]) == 2
-    assert "0099, newer than this rollscan's" in _one_line_error(capsys)
+    line = _one_line_error(capsys)
+    assert "0099, newer than this rollscan's" in line
+    # going back to this release: the older rollscan cannot step down from a revision it lacks
+    assert (
+        f"downgrade the database with the newer one first (`rollscan db downgrade {head_revision()} --yes`"
+        in line
+    )
 
 
 def _rollscan(env: dict[str, str], *argv: str) -> subprocess.CompletedProcess:

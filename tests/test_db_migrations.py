@@ -6,11 +6,13 @@ views, constraints and error classes: test_db_schema.py.
 from __future__ import annotations
 
 import argparse
+import threading
 from collections.abc import Callable
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
+from lock_waits import wait_for_lock_waits
 from sqlalchemy import CheckConstraint, create_engine, inspect, text
 from sqlalchemy.engine import make_url
 
@@ -191,6 +193,47 @@ def test_an_upgrade_that_waits_for_a_table_gives_up_naming_who_holds_it(
     assert "nothing was changed (revision 0007)" in str(caught.value)
     assert database.current_revision(url) == "0007"
     assert _cli("db", "upgrade") == 0  # once it is closed
+
+
+def test_an_upgrade_chosen_as_a_deadlocks_victim_runs_again(
+    make_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A finalize of the running release deletes a grade, then updates its roll, while 0010
+    locks `rolls`, then `grades`: PostgreSQL undid the migration (`deadlock detected`, exit 3),
+    and the site's `migrate` failed with every service behind it. It runs again."""
+    import psycopg2
+
+    url = make_database()
+    database.upgrade(url, "0009")
+    monkeypatch.delenv("ROLLSCAN_CONFIG", raising=False)
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", url)
+    libpq = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    finalize = psycopg2.connect(libpq, application_name="finalize of the running release")
+    engine = create_engine(url)
+    done: list[object] = []
+
+    def run_upgrade() -> None:
+        try:
+            done.append(_cli("db", "upgrade", "--revision", "0010"))
+        except BaseException as exc:  # what the test reports, not the thread's traceback
+            done.append(exc)
+
+    try:
+        with finalize.cursor() as cursor:
+            # the deadlock is found by the upgrade's session (1 s), never by this one
+            cursor.execute("SET deadlock_timeout = '60s'")
+            cursor.execute("DELETE FROM grades WHERE false")  # the grade's table, held
+            upgrading = threading.Thread(target=run_upgrade)
+            upgrading.start()
+            wait_for_lock_waits(engine, unless=upgrading)  # 0010 holds `rolls`, waits for `grades`
+            cursor.execute("UPDATE rolls SET status = status WHERE false")  # waits for 0010
+        finalize.rollback()
+        upgrading.join(timeout=120)
+    finally:
+        finalize.close()
+        engine.dispose()
+    assert done == [0]
+    assert database.current_revision(url) == "0010"
 
 
 def test_a_migration_that_fails_says_so_in_one_line_and_changes_nothing(
