@@ -68,7 +68,9 @@ def ensure_model(
     )  # fmt: skip
     train(data, checkpoint, config)
     with ctx.session() as session:
-        model, _ = register_model(session, ctx.store, checkpoint, fabric_type=FABRIC)
+        model, _ = register_model(
+            session, ctx.store, checkpoint, fabric_type=FABRIC, teacher_weights=teacher_weights
+        )
         activate_model(session, model.version)
         print(f"registered and activated {model.version}")
         return model.version

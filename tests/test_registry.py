@@ -414,9 +414,13 @@ def test_a_model_of_a_local_teacher_file_is_registered_with_it_and_scored_by_wor
             register_model(
                 db_session, store, checkpoint, fabric_type="denim", teacher_weights=given
             )
+    wheel = _checkpoint(tmp_path / "w.pt", teacher_name="efficientnet_lite0")
     with pytest.raises(RegistryError, match="not from a local file: --teacher-weights is for"):
-        _register(db_session, store, _checkpoint(tmp_path / "w.pt"), fabric_type="denim",
-                  teacher_weights=weights)  # fmt: skip
+        register_model(db_session, store, wheel, fabric_type="denim", teacher_weights=weights)
+    # `train --teacher-weights random` handed on as it was given: the random teacher's refusal
+    with pytest.raises(RegistryError, match="has random weights"):
+        register_model(db_session, store, _checkpoint(tmp_path / "r.pt"), fabric_type="denim",
+                       teacher_weights="random")  # fmt: skip
     assert db_session.scalar(select(func.count()).select_from(Model)) == 0
     assert not store.exists(teacher_key(build_teacher("resnet18", weights).weights_sha256()))
 

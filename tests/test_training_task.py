@@ -38,6 +38,33 @@ def test_train_and_register(db_engine, local_store, tmp_path):
         assert model.version == "plain-1" and model.tile == 64 and math.isfinite(model.threshold)
 
 
+def test_a_model_trained_on_a_local_teacher_file_is_registered_with_its_teacher(
+    db_engine, local_store, tmp_path
+):
+    """The task's config names a weight file on the worker (the paper's ResNet34 has no wheel):
+    the model was trained, then refused by the registry. Its teacher goes into the store."""
+    import torch
+
+    from distill.teacher import build_teacher
+    from storage.registry import teacher_key
+
+    weights = tmp_path / "r18.pth"
+    torch.save(build_teacher("resnet18", "random", seed=4).backbone.state_dict(), weights)
+    data = write_category(
+        tmp_path / "plain", n_train=8, n_test_good=1, n_test_defect=1, tile=64, seed=3
+    )
+    ctx = WorkerContext(
+        Settings(data_dir=tmp_path / "d", device="cpu"), db_engine, local_store, InlineEnqueuer()
+    )
+    config = {"epochs": 1, "tile": 64, "scorer": "memory", "teacher": "resnet18",
+              "teacher_weights": str(weights)}  # fmt: skip
+    version = train_and_register(ctx, str(data), "plain-weave", config=config)
+    with ctx.session() as session:
+        (model,) = list_models(session, "plain-weave")
+        assert model.version == version and model.teacher == "resnet18"
+        assert local_store.exists(teacher_key(model.teacher_sha256))
+
+
 def test_a_request_no_model_could_satisfy_is_refused_before_training(
     db_engine, local_store, tmp_path
 ):

@@ -6,7 +6,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from distill.teacher import RANDOM
 from distill.train import TrainConfig, train
 from storage.registry import (
     RegistryError,
@@ -44,13 +43,12 @@ def train_and_register(
     stem = f"{fabric_type or 'generic'}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}"
     checkpoint = folder / f"{stem}.pt"
     train(data, checkpoint, train_config, progress=False)
-    teacher_weights = train_config.teacher_weights  # a local file's teacher is stored with it
     problem = None
     try:
         with ctx.session() as session:
             model, _ = register_model(
                 session, ctx.store, checkpoint, fabric_type=fabric_type, version=version,
-                teacher_weights=None if teacher_weights == RANDOM else teacher_weights,
+                teacher_weights=train_config.teacher_weights,
             )  # fmt: skip
             if activate:
                 activate_model(session, model.version)
