@@ -14,7 +14,9 @@ without Celery (`celery_reference` in tests/fixtures_roll.py).
 
 from __future__ import annotations
 
+import re
 import time
+from dataclasses import replace
 
 from fixtures_celery import VISIBILITY_S, Stack
 from fixtures_roll import (
@@ -31,6 +33,7 @@ from sqlalchemy import select
 
 from scheduler.submit import submit
 from storage.schema import Run
+from worker.tasks import CeleryEnqueuer
 
 # --- tests -----------------------------------------------------------------------------------
 
@@ -77,6 +80,37 @@ def test_duplicate_frames_and_finalizes_through_the_broker_change_nothing(
     assert [results[task_id] for _, task_id in after] == ["'unchanged'", str(len(before))] * 2
     assert defects_of(stack.ctx, ROLL_ID) == before
     assert_roll_done(stack, ROLL_ID)
+
+
+def test_a_frame_waits_for_the_one_before_it_as_long_as_that_takes(
+    make_stack, redis_broker, celery_roll, celery_reference
+):
+    """Frame 1 comes in late (a slow ingest on another worker process, a scanner's upload): the
+    frames after it are retried until it is in — they were dropped after their third retry
+    (Celery's default limit, which `retry(max_retries=None)` does not lift), 3.5 s in, and the
+    roll stayed ingesting for good."""
+    stack = make_stack(redis_broker)
+    worker = stack.start_worker()
+    held: list[tuple[str, int, str]] = []
+
+    class FirstFrameLate(CeleryEnqueuer):
+        def ingest(self, roll_id: str, seq: int, key: str) -> None:
+            if seq == 1 and not held:
+                held.append((roll_id, seq, key))
+            else:
+                super().ingest(roll_id, seq, key)
+
+    submit(replace(stack.ctx, enqueue=FirstFrameLate()), str(celery_roll[0]))
+    deadline = time.monotonic() + ROLL_TIMEOUT_S
+    while not re.search(
+        r"rollscan\.ingest\[[^]]+\] (raised unexpected|retry: Retry in 4)", worker.log()
+    ):
+        assert time.monotonic() < deadline, worker.tail()
+        time.sleep(0.2)
+    assert "raised unexpected" not in worker.log(), worker.tail()  # past the fourth attempt
+    stack.ctx.enqueue.ingest(*held[0])
+    wait_until_done(stack, ROLL_ID, stack.workers)
+    assert_roll_came_out(stack, celery_roll, celery_reference)
 
 
 def test_a_roll_through_rabbitmq(make_stack, rabbitmq_broker, celery_roll, celery_reference):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from functools import partial
 from typing import Any
 
 from celery import Task
@@ -94,35 +95,41 @@ def _failed_for_good(ctx: WorkerContext, delivery: Delivery, exc: Exception) -> 
         log.exception("%s: the failure could not be recorded", delivery.what)
 
 
+# max_retries=None here, not only in `retry(max_retries=None)`: there, None means the task's
+# own limit (Celery's default, 3), and a frame that waited for the one before it more than
+# 3.5 s was dropped after its third retry, its roll left ingesting for good
+_task = partial(app.task, bind=True, max_retries=None)
+
+
 def _band(run_id: int, band_index: int) -> Delivery:
     return Delivery("score", f"{run_id}/{band_index}", f"band {band_index} of run {run_id}",
                     run_id=run_id)  # fmt: skip
 
 
-@app.task(bind=True, name="rollscan.ingest")
+@_task(name="rollscan.ingest")
 def ingest(self: Task, roll_id: str, seq: int, key: str) -> str:
     delivery = Delivery("ingest", f"{roll_id}/{seq}", f"frame {seq} ({key})", roll_id=roll_id)
     return _run_task(self, ingest_frame, roll_id, seq, key, delivery=delivery)
 
 
-@app.task(bind=True, name="rollscan.score")
+@_task(name="rollscan.score")
 def score(self: Task, run_id: int, band_index: int) -> str:
     return _run_task(self, score_band, run_id, band_index, delivery=_band(run_id, band_index))
 
 
-@app.task(bind=True, name="rollscan.score_reprocess")
+@_task(name="rollscan.score_reprocess")
 def score_reprocess(self: Task, run_id: int, band_index: int) -> str:
     """`score` for the bands of reprocess runs, routed to the `reprocess` queue."""
     return _run_task(self, score_band, run_id, band_index, delivery=_band(run_id, band_index))
 
 
-@app.task(bind=True, name="rollscan.finalize")
+@_task(name="rollscan.finalize")
 def finalize(self: Task, run_id: int) -> int | str | None:
     delivery = Delivery("finalize", str(run_id), f"finalize of run {run_id}", run_id=run_id)
     return _run_task(self, finalize_run, run_id, delivery=delivery)
 
 
-@app.task(bind=True, name="rollscan.train")
+@_task(name="rollscan.train")
 def train(self: Task, data: str, fabric_type: str | None, version: str | None = None,
           config: dict | None = None) -> str:  # fmt: skip
     from worker.training import train_and_register
