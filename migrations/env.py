@@ -5,10 +5,11 @@ existing connection may be passed in ``config.attributes["connection"]`` instead
 from __future__ import annotations
 
 from alembic import context
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import Connection
 from sqlalchemy.pool import NullPool
 
+from storage.database import make_engine
 from storage.schema import Base
 
 config = context.config
@@ -55,7 +56,9 @@ def run_migrations_online() -> None:
     if connection is not None:
         _configure(connection)
         return
-    engine = create_engine(_url(), poolclass=NullPool)  # type: ignore[call-overload]
+    # the workers' connection settings: a server that accepts and never answers held
+    # `rollscan db upgrade` (and the site's `migrate`) for ever, silent
+    engine = make_engine(_url(), poolclass=NullPool)  # type: ignore[arg-type]
     try:
         with engine.connect() as conn:
             _configure(conn)

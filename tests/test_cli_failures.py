@@ -111,10 +111,14 @@ def test_a_database_that_never_answers_is_given_up(migrated_url, tmp_path) -> No
     with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never answers
         port = silent.getsockname()[1]
         url = make_url(migrated_url).set(host="127.0.0.1", port=port).render_as_string(False)
-        done = _rollscan({"ROLLSCAN_DATABASE_URL": url, "ROLLSCAN_DATA_DIR": str(tmp_path)},
-                         "rolls")  # fmt: skip
-    assert done.returncode == 3, done.stderr[-3000:]
-    assert "cannot reach the database: connection to server" in done.stderr
+        env = {"ROLLSCAN_DATABASE_URL": url, "ROLLSCAN_DATA_DIR": str(tmp_path)}
+        done = _rollscan(env, "rolls")
+        assert done.returncode == 3, done.stderr[-3000:]
+        assert "cannot reach the database: connection to server" in done.stderr
+        # the migrations' own connection too: the site's `migrate` waited there, silent
+        done = _rollscan(env, "db", "upgrade")
+    assert done.returncode in (2, 3), done.stderr[-3000:]
+    assert "db upgrade: cannot reach" in done.stderr and "timeout expired" in done.stderr
 
 
 def test_a_database_at_another_revision_is_refused_before_the_command_runs(
