@@ -230,7 +230,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         settings = Settings(**values)
         app = worker.app.app  # the producer publishes through the same broker
         app.conf.update(broker_url=args.broker, task_always_eager=False,
-                        broker_transport_options={"visibility_timeout": 3600})  # fmt: skip
+                        broker_transport_options=worker.app.broker_transport_options(settings))  # fmt: skip
         ctx = WorkerContext.from_settings(CeleryEnqueuer(), settings, device="cpu")
         checkpoint = args.model
         if checkpoint is None:

@@ -81,7 +81,10 @@ def queue_depths(broker_url: str, queues: tuple[str, ...], timeout: float = 3.0)
     from kombu import Connection
 
     depths = {}
-    with Connection(broker_url, connect_timeout=timeout) as conn:
+    # socket_timeout: a Redis that accepts and never answers held the scheduler's loop (its
+    # discovery too) for ever; connect_timeout covers the TCP connect alone
+    with Connection(broker_url, connect_timeout=timeout,
+                    transport_options={"socket_timeout": timeout}) as conn:  # fmt: skip
         conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
         for queue in queues:
             channel = conn.channel()  # one per queue: a refused passive declare closes it (AMQP)

@@ -25,6 +25,7 @@ from rollscan_testing.services import Worker, purge_queues, settings_env
 from storage.database import make_engine
 from storage.registry import activate_model, register_model
 from storage.settings import Settings
+from worker.app import broker_transport_options
 from worker.context import WorkerContext
 from worker.tasks import CeleryEnqueuer
 
@@ -164,7 +165,7 @@ def celery_producer(settings: Settings) -> Iterator[list[tuple[str, str]]]:
     app.conf.update(
         broker_url=settings.broker_url.get_secret_value(),
         task_always_eager=False,
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+        broker_transport_options=broker_transport_options(settings),
     )
     after_task_publish.connect(record, weak=False)
     try:

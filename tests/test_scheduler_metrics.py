@@ -101,3 +101,26 @@ def test_a_metrics_port_a_worker_took_first_is_named(db_engine, tmp_path) -> Non
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 2, done.stderr[-2000:]
     assert "ROLLSCAN_METRICS_PORT" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_redis_that_never_answers_is_given_up(monkeypatch) -> None:
+    """A Redis that accepts and never answers (hung, or a middlebox) held the scheduler's loop —
+    its queue depths after every pass, its discovery with them — and a producer (`rollscan
+    submit`) for ever, silent: the socket timeouts give both up with an error."""
+    import socket
+    import threading
+
+    from kombu.exceptions import OperationalError
+
+    import worker.app
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
+        accepted: list = []
+        threading.Thread(target=lambda: accepted.append(silent.accept()), daemon=True).start()
+        broker = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
+        with pytest.raises(Exception, match="Timeout"):
+            queue_depths(broker, ("score",), timeout=2.0)
+        monkeypatch.setattr(worker.app, "REDIS_SOCKET_TIMEOUT_S", 2.0)
+        app = worker.app.make_app(Settings(broker_url=broker))
+        with app.connection_for_write() as conn, pytest.raises(OperationalError, match="Timeout"):
+            conn.ensure_connection(max_retries=1, interval_start=0)

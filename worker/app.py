@@ -22,6 +22,24 @@ ROUTES = {
 }
 
 
+REDIS_SOCKET_TIMEOUT_S = 30.0
+
+
+def broker_transport_options(settings: Settings) -> dict[str, float]:
+    """The broker's transport options (Redis reads them; AMQP has its own heartbeats):
+    - `visibility_timeout`: Redis redelivers an unacknowledged task after it
+      (ROLLSCAN_BROKER_VISIBILITY_TIMEOUT, an hour): it must exceed the longest task, a band
+      takes seconds to minutes;
+    - socket timeouts: a Redis that accepts and never answers (hung, or a middlebox) held a
+      producer (`rollscan submit`, the scheduler) for ever, silent, and a worker logged one
+      line; a blocking pop waits `polling_interval` (1 s), far below them."""
+    return {
+        "visibility_timeout": settings.broker_visibility_timeout,
+        "socket_timeout": REDIS_SOCKET_TIMEOUT_S,
+        "socket_connect_timeout": REDIS_SOCKET_TIMEOUT_S,
+    }
+
+
 def make_app(settings: Settings | None = None) -> Celery:
     settings = settings or get_settings()
     app = Celery("rollscan", include=["worker.tasks"])
@@ -41,9 +59,7 @@ def make_app(settings: Settings | None = None) -> Celery:
         task_default_queue="ingest",
         task_serializer="json",
         accept_content=["json"],
-        # Redis redelivers unacknowledged tasks after this (ROLLSCAN_BROKER_VISIBILITY_TIMEOUT,
-        # default an hour): it must exceed the longest task, a band takes seconds to minutes
-        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout},
+        broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
         # a task sends its successor (band → finalize) after committing its own work: keep
         # trying through a broker restart (about 90 s in all) rather than fail the task over it
