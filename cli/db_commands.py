@@ -96,6 +96,28 @@ def _url(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reader(args: argparse.Namespace) -> int:
+    import os
+
+    from storage.reader_role import grant_reader
+
+    settings = _settings(args)
+    url = database.database_url(settings)
+    password = os.environ.get("ROLLSCAN_READER_PASSWORD") or None  # never on a command line
+
+    def grant(url: str) -> bool:
+        with database.one_connection(url) as conn, conn.begin():
+            return grant_reader(conn, args.name, settings.timezone, password)
+
+    created = _call(url, "reader", grant)
+    print(
+        f"{'created' if created else 'updated'} read-only role {args.name}: reads every table "
+        f"and view, in read-only transactions, dates in {settings.timezone}"
+        + ("" if password else " (no password set: ROLLSCAN_READER_PASSWORD sets one)")
+    )
+    return 0
+
+
 def _stop(args: argparse.Namespace) -> int:
     from storage.embedded_pg import embedded_clients, stop_embedded
 
@@ -122,7 +144,8 @@ def _stop(args: argparse.Namespace) -> int:
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add `db upgrade | downgrade | current | url | stop` to the main parser's subparsers."""
+    """Add `db upgrade | downgrade | current | url | reader | stop` to the main parser's
+    subparsers."""
     db = subparsers.add_parser(
         "db",
         help="database schema migrations and connection",
@@ -154,6 +177,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--libpq)\"",
     )  # fmt: skip
     url.set_defaults(handler=_url)
+
+    reader = commands.add_parser(
+        "reader",
+        help="create a read-only role for quality engineers and BI tools (its password from "
+        "ROLLSCAN_READER_PASSWORD)",
+    )
+    reader.add_argument("name", help="the role's name, e.g. quality")
+    reader.set_defaults(handler=_reader)
 
     stop = commands.add_parser(
         "stop", help="stop the embedded PostgreSQL server (it outlives the commands that start it)"

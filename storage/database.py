@@ -191,7 +191,7 @@ def _migrate(step: Any, url: str | URL, revision: str) -> None:
 
 
 @contextmanager
-def _one_connection(url: str | URL) -> Iterator[Connection]:
+def one_connection(url: str | URL) -> Iterator[Connection]:
     """A connection of its own, closed after: the schema and admin commands' questions, asked
     before (or without) any engine of the process."""
     engine = create_engine(
@@ -207,7 +207,7 @@ def _one_connection(url: str | URL) -> Iterator[Connection]:
 def roll_count(url: str | URL) -> int:
     """How many rolls the database holds (0 before the schema exists): what a downgrade would
     take data from."""
-    with _one_connection(url) as conn:
+    with one_connection(url) as conn:
         if conn.execute(text("SELECT to_regclass('rolls')")).scalar() is None:
             return 0
         return int(conn.execute(text("SELECT count(*) FROM rolls")).scalar_one())
@@ -219,7 +219,7 @@ def current_revision(url: str | URL) -> str | None:
     level = log.level
     log.setLevel(logging.WARNING)  # its "Context impl …" lines, on every command's check
     try:
-        with _one_connection(url) as conn:
+        with one_connection(url) as conn:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         log.setLevel(level)
@@ -228,7 +228,7 @@ def current_revision(url: str | URL) -> str | None:
 def other_sessions(url: str | URL) -> list[str]:
     """The other sessions on the database, "pid N (name, state)": who holds what a migration
     waits for."""
-    with _one_connection(url) as conn:
+    with one_connection(url) as conn:
         rows = conn.execute(text(
             "SELECT pid, coalesce(nullif(application_name, ''), usename), state "
             "FROM pg_stat_activity WHERE datname = current_database() "

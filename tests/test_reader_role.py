@@ -1,0 +1,105 @@
+"""`rollscan db reader NAME`: a role that reads the archive and can do nothing else — a quality
+engineer's psql as the application's user could delete defects, or hold a row a worker waits
+for — in the site's time zone, and still reading after the views are made again by an upgrade."""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+from collections.abc import Callable
+
+import psycopg2
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from cli.db_commands import add_parser as add_db_commands
+from storage import database
+
+
+def _cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="rollscan")
+    add_db_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    return args.handler(args)
+
+
+@pytest.fixture
+def site_database(make_database: Callable[[], str], monkeypatch: pytest.MonkeyPatch):
+    url = make_database()
+    database.upgrade(url, "head")
+    monkeypatch.delenv("ROLLSCAN_CONFIG", raising=False)
+    monkeypatch.setenv("ROLLSCAN_DATABASE_URL", url)
+    monkeypatch.setenv("ROLLSCAN_TIMEZONE", "Asia/Tokyo")
+    name = f"reader_{secrets.token_hex(4)}"
+    yield url, name
+    engine = create_engine(url)  # roles are the cluster's: dropped with what they were granted
+    with engine.begin() as conn:
+        if conn.scalar(text("SELECT count(*) FROM pg_roles WHERE rolname = :n"), {"n": name}):
+            conn.execute(text(f"DROP OWNED BY {name}"))
+            conn.execute(text(f"DROP ROLE {name}"))
+    engine.dispose()
+
+
+def _as(url: str, role: str, password: str | None = None):
+    parts = make_url(url)
+    return psycopg2.connect(host=parts.host, port=parts.port, dbname=parts.database, user=role,
+                            password=password)  # fmt: skip
+
+
+def test_the_reader_reads_everything_and_changes_nothing(site_database, monkeypatch, capsys):
+    url, name = site_database
+    monkeypatch.setenv("ROLLSCAN_READER_PASSWORD", "quality-pw")
+    assert _cli("db", "reader", name) == 0
+    assert f"created read-only role {name}" in capsys.readouterr().out
+    engine = create_engine(url)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO rolls (id, fabric_type, width_mm, px_per_mm_x, px_per_mm_y, status, "
+            "created_at) VALUES ('R-1', 'denim', 100, 4, 4, 'registered', "
+            "'2026-11-26 16:30+00')"
+        ))  # fmt: skip
+    engine.dispose()
+    reader = _as(url, name, "quality-pw")
+    try:
+        with reader.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM current_defects")
+            assert cursor.fetchone() == (0,)
+            # dates in the site's zone: 16:30 UTC is the next day in Tokyo
+            cursor.execute("SELECT created_at::date::text, current_setting('TimeZone') FROM rolls")
+            assert cursor.fetchone() == ("2026-11-27", "Asia/Tokyo")
+            cursor.execute("SHOW idle_in_transaction_session_timeout")
+            assert cursor.fetchone() == ("5min",)
+        reader.rollback()
+        for statement in (
+            "DELETE FROM defects",
+            "UPDATE rolls SET status = 'failed'",
+            "SELECT * FROM rolls FOR UPDATE",  # a lock a worker would wait for
+            "SET transaction_read_only = off; DELETE FROM rolls",  # read-only is not all
+        ):
+            with reader.cursor() as cursor, pytest.raises(psycopg2.Error) as refused:
+                cursor.execute(statement)
+            reader.rollback()
+            assert refused.value.pgcode in ("25006", "42501"), statement  # read-only, privilege
+    finally:
+        reader.close()
+
+    # migrations drop and create the views again: the reader still reads them
+    database.downgrade(url, "0008")
+    database.upgrade(url, "head")
+    reader = _as(url, name, "quality-pw")
+    try:
+        with reader.cursor() as cursor:
+            cursor.execute("SELECT count(*) FROM current_defects")
+            assert cursor.fetchone() == (0,)
+    finally:
+        reader.close()
+    assert _cli("db", "reader", name) == 0  # again: brought up to date, not refused
+    assert f"updated read-only role {name}" in capsys.readouterr().out
+
+
+def test_a_role_that_may_do_more_is_not_made_a_reader(site_database):
+    with pytest.raises(ValueError, match="exists and may do more than read"):
+        _cli("db", "reader", "postgres")
+    with pytest.raises(ValueError, match="reader role 'Quality; DROP'"):
+        _cli("db", "reader", "Quality; DROP")
