@@ -131,3 +131,38 @@ ROLL_GRADES_V2 = ROLL_GRADES.replace("CREATE VIEW", "CREATE OR REPLACE VIEW").re
     "LEFT JOIN grades g ON g.run_id = r.id AND g.roll_id = ro.id\n",
     "LEFT JOIN grades g ON g.run_id = r.id AND g.roll_id = ro.id AND r.status <> 'failed'\n",
 )
+
+
+# Revision 0011: `roll_widths` aggregates each roll's blocks in a lateral subquery: the grouped
+# view was computed over the whole of `fabric_extents` whenever a query filtered it through a
+# join ("the widths of last week's rolls": 6.7 s at 5 M blocks, a mill's archive holds tens of
+# millions), where only a literal roll_id reached inside; the same rows and columns.
+# `roll_grades` also shows the roll's completion date, last: `graded_at` moves with each
+# grading (a reprocessed roll is graded again), so "this month's rolls" by it took in old ones.
+ROLL_WIDTHS_V2 = """
+CREATE OR REPLACE VIEW roll_widths AS
+SELECT ro.id AS roll_id,
+       ro.fabric_type,
+       ro.width_mm AS manifest_width_mm,
+       w.blocks_measured,
+       w.min_width_mm,
+       w.median_width_mm,
+       w.max_width_mm,
+       w.median_left_mm,
+       w.median_right_mm
+FROM rolls ro
+CROSS JOIN LATERAL (
+    SELECT count(e.row_start) AS blocks_measured,
+           min(e.width_mm) AS min_width_mm,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY e.width_mm) AS median_width_mm,
+           max(e.width_mm) AS max_width_mm,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY e.left_mm) AS median_left_mm,
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY e.right_mm) AS median_right_mm
+    FROM fabric_extents e
+    WHERE e.roll_id = ro.id
+) w
+WHERE w.blocks_measured > 0
+"""
+ROLL_GRADES_V3 = ROLL_GRADES_V2.replace(
+    "       r.model_version\n", "       r.model_version,\n       ro.completed_at\n"
+)

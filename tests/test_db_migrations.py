@@ -78,7 +78,7 @@ def _relations(url: str) -> dict[str, str]:
 def test_upgrade_downgrade_upgrade_round_trip(make_database: Callable[[], str]) -> None:
     url = make_database()
     head = database.head_revision()
-    assert head == "0010"
+    assert head == "0011"
     assert database.current_revision(url) is None
 
     database.upgrade(url)
@@ -115,6 +115,53 @@ def _cli(*argv: str) -> int:
     return args.handler(args)
 
 
+def test_0011_keeps_the_widths_and_adds_the_completion_date(
+    make_database: Callable[[], str],
+) -> None:
+    """roll_widths, rewritten so that a join's filter reaches each roll (it aggregated every
+    block of the archive first), gives the same rows; roll_grades gains completed_at."""
+    url = make_database()
+    database.upgrade(url, "0010")
+    engine = create_engine(url)
+    widths = "SELECT * FROM roll_widths ORDER BY roll_id"
+    try:
+        with engine.begin() as conn:
+            for k, blocks in enumerate([3, 4, 0]):  # the last roll has no block measured
+                conn.execute(text(
+                    "INSERT INTO rolls (id, fabric_type, width_mm, px_per_mm_x, px_per_mm_y, "
+                    "status, completed_at) VALUES (:id, 'denim', 100, 4, 4, 'done', "
+                    "'2026-11-01 12:00+00')"
+                ), {"id": f"R-{k}"})  # fmt: skip
+                for b in range(blocks):
+                    left = 10.0 + b * (k + 1)
+                    conn.execute(text(
+                        "INSERT INTO fabric_extents (roll_id, row_start, row_stop, left_px, "
+                        "right_px, y0_mm, y1_mm, left_mm, right_mm, width_mm) VALUES (:r, :s, "
+                        ":e, 40, 360, :y0, :y1, :l, :rt, :w)"
+                    ), {"r": f"R-{k}", "s": 256 * b, "e": 256 * (b + 1), "y0": 64.0 * b,
+                        "y1": 64.0 * (b + 1), "l": left, "rt": 90.0 - b, "w": 80.0 - b * k})  # fmt: skip
+            before = conn.execute(text(widths)).all()
+        database.upgrade(url, "0011")
+        with engine.connect() as conn:
+            assert conn.execute(text(widths)).all() == before
+            assert [r[0] for r in before] == ["R-0", "R-1"]
+            # through a join, as "last week's rolls" asks
+            joined = conn.execute(text(
+                "SELECT w.roll_id, w.median_width_mm FROM roll_widths w JOIN rolls r "
+                "ON r.id = w.roll_id WHERE r.completed_at > '2026-10-01' ORDER BY 1"
+            )).all()  # fmt: skip
+            assert joined == [(r.roll_id, r.median_width_mm) for r in before]
+            done = conn.execute(text("SELECT completed_at FROM roll_grades WHERE roll_id = 'R-2'"))
+            assert done.scalar_one().isoformat().startswith("2026-11-01")
+        database.downgrade(url, "0010")
+        with engine.connect() as conn:
+            assert conn.execute(text(widths)).all() == before
+            columns = conn.execute(text("SELECT * FROM roll_grades LIMIT 0")).keys()
+            assert "completed_at" not in columns
+    finally:
+        engine.dispose()
+
+
 def test_cli_db_commands(
     make_database: Callable[[], str],
     monkeypatch: pytest.MonkeyPatch,
@@ -127,7 +174,7 @@ def test_cli_db_commands(
     assert "none" in capsys.readouterr().out
     assert _cli("db", "upgrade") == 0
     assert _cli("db", "current") == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "0010 (head)"
+    assert capsys.readouterr().out.splitlines()[-1] == "0011 (head)"
     with pytest.raises(ValueError, match="db downgrade"):
         _cli("db", "downgrade", "no-such-revision")
     engine = create_engine(url)
