@@ -88,6 +88,9 @@ _twice_said: dict[str, str] = {}  # roll → its frame numbers given twice, warn
 QUIET_AFTER_S = 300.0  # an open folder with nothing new this long is listed less often
 MAX_QUIET_RELIST_S = 600.0
 _quiet: dict[str, tuple[float, float]] = {}  # folder → (nothing new since, last listed), clock s
+# roll → the frame it waits at while later ones are there: (that frame, how many later, the
+# last of them, whether two objects give themselves its number), for a stalled roll's reason
+_gaps: dict[str, tuple[int, int, int, bool]] = {}
 SUMMARY_EVERY_S = 3600.0  # beyond the bound, one line an hour counts the names not warned about
 _beyond = {"count": 0, "example": "", "said": -math.inf}
 
@@ -270,12 +273,12 @@ def _discover(
         else:
             _quiet[name] = (_quiet.get(name, (clock, clock))[0], clock)
     listed = set(names)
-    for memory in (_quiet, _warned, _twice_said):  # a folder removed is forgotten
+    for memory in (_quiet, _warned, _twice_said, _gaps):  # a folder removed is forgotten
         for gone in memory.keys() - listed:
             del memory[gone]
     if stall_after is not None:
         with ctx.session() as session:
-            report.stalled = mark_stalled(session, stall_after, now)
+            report.stalled = mark_stalled(session, stall_after, now, gaps=_gaps)
     _say_beyond(clock)
     return report
 
@@ -358,6 +361,11 @@ def _discover_roll(
         send = []
         while (seq := cursor.seq + len(send) + 1) in frames and (total is None or seq <= total):
             send.append((seq, frames[seq]))
+        later = [k for k in frames if k > seq and (total is None or k <= total)]
+        if later:
+            _gaps[name] = (seq, len(later), max(later), seq in twice)
+        else:
+            _gaps.pop(name, None)
         # a re-sent version is awaited while it is still the one listed and not ingested yet; once
         # the object moved on (another version, or back to the one ingested) it is forgotten, so
         # that the version re-sent, uploaded again later, is sent again
@@ -468,10 +476,15 @@ def _take_manifest(
 
 
 def mark_stalled(
-    session: Session, stall_after: timedelta, now: datetime | None = None
+    session: Session,
+    stall_after: timedelta,
+    now: datetime | None = None,
+    gaps: dict[str, tuple[int, int, int, bool]] | None = None,
 ) -> list[str]:
     """Rolls registered or ingesting whose frames have not all arrived, idle for `stall_after`
-    → 'stalled', with the reason. Returns their ids.
+    → 'stalled', with the reason. Returns their ids. `gaps` (the listings': roll → the frame it
+    waits at, how many later frames are there, the last of them, whether that frame's number
+    is given twice) lets the reason name the frame an operator must upload.
 
     Idle: neither the roll row (frame ingested, manifest update) nor its discovery cursor
     (frame enqueued) changed since `now` − `stall_after` (`now` default: the database's clock).
@@ -494,9 +507,15 @@ def mark_stalled(
             continue
         reason = (
             f"stalled: no new frame since {since.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC "
-            f"(limit {stall_after}); {arrived}{f' of {total}' if total else ''} frames arrived, "
-            f"{ingested} ingested" + ("" if complete else ", manifest not complete")
+            f"(limit {stall_after}); {arrived}{f' of {total}' if total else ''} frames arrived "
+            f"in order, {ingested} ingested" + ("" if complete else ", manifest not complete")
         )
+        if (gap := (gaps or {}).get(roll_id)) is not None and gap[0] > arrived:
+            at, count, last, twice = gap
+            reason += (
+                f"; frame {at} {'is given by two objects' if twice else 'is missing'}: "
+                f"{count} later frame(s), up to {last}, wait for it"
+            )
         session.execute(
             update(Roll)
             .where(Roll.id == roll_id, Roll.status.in_(OPEN_STATUSES))

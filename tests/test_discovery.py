@@ -216,7 +216,7 @@ def test_idle_rolls_are_marked_stalled_and_resume_when_frames_arrive(rec, s3_sto
     roll = roll_row(rec, "R-0300")
     assert roll.status == "stalled"
     assert roll.failure_reason.startswith("stalled: no new frame since ")
-    assert "; 1 frames arrived, 0 ingested, manifest not complete" in roll.failure_reason
+    assert "; 1 frames arrived in order, 0 ingested, manifest not complete" in roll.failure_reason
     assert roll_row(rec, "R-0301").status == roll_row(rec, "R-0302").status == "registered"
     assert discover_once(rec, later).stalled == []  # already stalled: not again
 
@@ -225,6 +225,28 @@ def test_idle_rolls_are_marked_stalled_and_resume_when_frames_arrive(rec, s3_sto
     assert report.frames_enqueued == [("R-0300", 2)] and report.stalled == []
     roll = roll_row(rec, "R-0300")
     assert (roll.status, roll.failure_reason) == ("registered", None)
+
+
+def test_a_stalled_roll_names_the_frame_its_later_frames_wait_for(rec, s3_store):
+    """Frame 2 never came, 3–5 did: the reason said "1 of 5 frames arrived" — as if four were
+    still to come from the scanner — and not which one to upload again."""
+    put_manifest(s3_store, "R-0310", manifest_of("R-0310", frames=5, complete=True))
+    put_frames(s3_store, "R-0310", [1, 3, 4, 5])
+    put_manifest(s3_store, "R-0311", manifest_of("R-0311", frames=3, complete=True))
+    put_frames(s3_store, "R-0311", [1, 3])
+    s3_store.put("incoming/R-0311/frames/2.tif", s3_store.get("incoming/R-0311/frames/000003.tif"))
+    s3_store.put("incoming/R-0311/frames/02.tif", s3_store.get("incoming/R-0311/frames/000003.tif"))
+    discover_once(rec)
+    assert ("R-0310", 3) not in ingests_of(rec)  # frames after a gap wait for it
+    later = datetime.now(UTC) + timedelta(minutes=31)
+    assert sorted(discover_once(rec, later).stalled) == ["R-0310", "R-0311"]
+    reason = roll_row(rec, "R-0310").failure_reason
+    assert (
+        "; 1 of 5 frames arrived in order, 0 ingested; frame 2 is missing: 3 later frame(s), up to 5, wait for it"
+        in reason
+    )
+    reason = roll_row(rec, "R-0311").failure_reason
+    assert "; frame 2 is given by two objects: 1 later frame(s), up to 3, wait for it" in reason
 
 
 def test_one_scheduler_discovers_at_a_time(rec, s3_store):
