@@ -63,3 +63,26 @@ def test_a_process_on_a_database_not_yet_upgraded_waits_for_it(
     assert is_transient_error(caught.value)
     upgrade(url)
     assert process_context().engine.url.database == make_url(url).database
+
+
+def test_waits_for_other_work_do_not_spend_the_transient_budget(tmp_path, env_context) -> None:
+    """A frame that had waited 12 times for the one before it (RetryLater, retried without
+    limit) met a database away: its retries were past the transient budget of 12, so it was
+    given up at once — the frame lost, its roll ingesting for good. The waits are counted
+    apart (a message header): the outage gets its own 12 retries, from 2 s."""
+    from celery.exceptions import Retry
+
+    from rollscan_testing.services import free_port
+    from worker.tasks import WAITS_HEADER, ingest
+
+    env_context(f"postgresql://postgres@127.0.0.1:{free_port()}/nowhere", tmp_path)
+    args = ("R-1", 13, "incoming/R-1/frames/000013.tif")
+    with pytest.raises(Retry) as retried:  # the database is away: a transient error
+        ingest.apply(args, retries=12, headers={WAITS_HEADER: 12}, throw=True)
+    assert retried.value.when == TRANSIENT_RETRY.delay(0)
+    with pytest.raises(Retry) as retried:
+        ingest.apply(args, retries=12 + 11, headers={WAITS_HEADER: 12}, throw=True)
+    assert retried.value.when == TRANSIENT_RETRY.delay(11)
+    with pytest.raises(Exception, match=r"connect") as given_up:  # the budget spent
+        ingest.apply(args, retries=12 + 12, headers={WAITS_HEADER: 12}, throw=True)
+    assert not isinstance(given_up.value, Retry)

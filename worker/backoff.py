@@ -6,7 +6,9 @@ Every retry in the project waits by it, each with its own numbers:
   5 min, at most 12 retries (`TRANSIENT_RETRY`, `TRANSIENT_MAX_RETRIES`): about half an hour of
   outage before the task gives up;
 - a task told `RetryLater` (work that waits for other work): the countdown it asked for,
-  doubling, capped at a minute (`RETRY_LATER_CAP_S`), retried for as long as it takes;
+  doubling, capped at a minute (`RETRY_LATER_CAP_S`), retried for as long as it takes; these
+  waits are counted apart from the transient retries (a message header, `worker.tasks`), so
+  that a long wait leaves a later outage its whole budget;
 - the scheduler's discovery loop (`scheduler.loop`): its interval · 2^k after k failed passes
   in a row, capped at its `max_backoff_s`.
 

@@ -32,6 +32,8 @@ from worker.transient_errors import is_transient_error
 
 log = logging.getLogger(__name__)
 
+WAITS_HEADER = "rollscan_waits"  # a message header: the RetryLater retries among its retries
+
 
 class CeleryEnqueuer:
     """Sends the pipeline's follow-up work as Celery tasks: to the broker's queues, or run at
@@ -66,8 +68,10 @@ def _run_task(task: Task, function: Any, *args: Any, delivery: Delivery | None =
         retries = task.request.retries or 0
         return run_counted(ctx, delivery, lambda: function(ctx, *args), retries=retries)
     except RetryLater as exc:
-        countdown = Backoff(exc.countdown, RETRY_LATER_CAP_S).delay(task.request.retries)
-        raise task.retry(exc=exc, countdown=countdown, max_retries=None) from exc
+        waits = _waits(task)
+        countdown = Backoff(exc.countdown, RETRY_LATER_CAP_S).delay(waits)
+        raise task.retry(exc=exc, countdown=countdown, max_retries=None,
+                         headers={WAITS_HEADER: waits + 1}) from exc  # fmt: skip
     except Exception as exc:
         if not is_transient_error(exc):
             if delivery is not None:  # its roll fails with the reason, not waits for ever
@@ -76,13 +80,25 @@ def _run_task(task: Task, function: Any, *args: Any, delivery: Delivery | None =
         raise _retry(task, args, exc) from exc
 
 
+def _waits(task: Task) -> int:
+    """How many of the task's retries were waits for other work (`RetryLater`): they do not
+    spend its transient errors' budget — a frame that had waited 12 times for the one before
+    it was given up at its first transient error, its roll left ingesting for good."""
+    try:
+        return int((task.request.headers or {}).get(WAITS_HEADER, 0))
+    except (TypeError, ValueError):
+        return 0
+
+
 def _retry(task: Task, args: tuple, exc: Exception) -> Exception:
     """The task's retry after a transient error, with back-off, said in one line."""
-    countdown = TRANSIENT_RETRY.delay(task.request.retries)
+    waits = _waits(task)
+    countdown = TRANSIENT_RETRY.delay(task.request.retries - waits)
     first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     log.warning("%s%s: transient error, retry in %ss: %s", task.name, args, countdown, first)
     log.debug("%s%s: the whole error", task.name, args, exc_info=exc)
-    return task.retry(exc=exc, countdown=countdown, max_retries=TRANSIENT_MAX_RETRIES)
+    return task.retry(exc=exc, countdown=countdown, max_retries=waits + TRANSIENT_MAX_RETRIES,
+                      headers={WAITS_HEADER: waits})  # fmt: skip
 
 
 def _failed_for_good(ctx: WorkerContext, delivery: Delivery, exc: Exception) -> None:
