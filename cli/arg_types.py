@@ -50,8 +50,9 @@ def at_site(date: SiteDate | None, timezone: str) -> datetime | None:
     """A command line's date without an offset read in the site's time zone
     (`ROLLSCAN_TIMEZONE`, the nightly grading's), not the process's: a container runs in UTC,
     and a Paris site's "2026-01-01" would have started an hour late. A zone named after it
-    must be the site's abbreviation on that date (CET, CEST) or an IANA name (UTC,
-    Asia/Tokyo)."""
+    must be the site's abbreviation on that date (CET, CEST), a region's zone (Asia/Tokyo) or
+    UTC: another abbreviation is refused, not guessed (CET is also a zone name, with summer
+    time)."""
     if date is None:
         return None
     moment = date.moment
@@ -61,14 +62,16 @@ def at_site(date: SiteDate | None, timezone: str) -> datetime | None:
         here = moment.replace(tzinfo=ZoneInfo(timezone), fold=fold)
         if date.zone is None or date.zone == here.tzname():
             return here
-    try:
-        return moment.replace(tzinfo=ZoneInfo(date.zone))
+    try:  # a region's name; abbreviations that are also zone names (CET, EET) keep summer time
+        if "/" in date.zone or date.zone in ("UTC", "GMT"):
+            return moment.replace(tzinfo=ZoneInfo(date.zone))
     except (ZoneInfoNotFoundError, ValueError):
-        raise ValueError(
-            f"{moment:%Y-%m-%d %H:%M} {date.zone}: {date.zone!r} is neither the site's zone "
-            f"on that date ({here.tzname()}, ROLLSCAN_TIMEZONE={timezone}) nor an IANA zone "
-            f"name; give an offset instead (e.g. {moment:%Y-%m-%dT%H:%M}+01:00)"
-        ) from None
+        pass
+    raise ValueError(
+        f"{moment:%Y-%m-%d %H:%M} {date.zone}: {date.zone!r} is neither the site's zone on "
+        f"that date ({here.tzname()}, ROLLSCAN_TIMEZONE={timezone}) nor a region's zone "
+        f"(Asia/Tokyo) or UTC; give an offset instead (e.g. {moment:%Y-%m-%dT%H:%M}+01:00)"
+    )
 
 
 def parse_duration(text: str) -> timedelta | None:

@@ -43,6 +43,11 @@ def test_a_zone_that_is_not_the_sites_on_that_date_is_refused():
         at_site(iso_date("2026-11-27 00:30 CEST"), PARIS)
     with pytest.raises(ValueError, match="give an offset instead"):
         at_site(iso_date("2026-11-27 00:30 PST"), PARIS)
+    # CET is also a zone name, whose summer is CEST: in July it was read as +02:00
+    with pytest.raises(ValueError, match="'CET' is neither the site's zone on that date"):
+        at_site(iso_date("2026-07-01 00:30 CET"), PARIS)
+    with pytest.raises(ValueError, match="'EET' is neither"):
+        at_site(iso_date("2026-07-01 00:30 EET"), "Europe/London")
 
 
 @pytest.mark.parametrize(
