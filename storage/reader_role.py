@@ -34,12 +34,16 @@ def grant_reader(conn: Connection, name: str, timezone: str, password: str | Non
         )
     role = f'"{name}"'  # checked above: nothing to escape
     exists = conn.scalar(text("SELECT count(*) FROM pg_roles WHERE rolname = :n"), {"n": name})
-    if exists and conn.scalar(text(
-        "SELECT rolsuper OR rolcreaterole OR rolcreatedb FROM pg_roles WHERE rolname = :n"
-    ), {"n": name}):  # fmt: skip
-        raise ValueError(f"role {name} exists and may do more than read: choose another name")
+    if exists and (more := _more_than_reading(conn, name)):
+        raise ValueError(
+            f"role {name} exists and may do more than read ({more}): choose another name"
+        )
     if not exists:
         conn.execute(text(f"CREATE ROLE {role} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"))
+    # a role made before (by this command or by hand) keeps no right but reading
+    conn.execute(text(f"REVOKE ALL ON ALL TABLES IN SCHEMA public FROM {role}"))
+    conn.execute(text(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}"))
+    conn.execute(text(f"REVOKE CREATE ON SCHEMA public FROM {role}"))
     if password is not None:
         conn.execute(text(f"ALTER ROLE {role} PASSWORD :pw"), {"pw": password})
     database = conn.scalar(text("SELECT current_database()"))
@@ -60,3 +64,21 @@ def grant_reader(conn: Connection, name: str, timezone: str, password: str | Non
         f"ALTER DEFAULT PRIVILEGES FOR ROLE CURRENT_USER IN SCHEMA public GRANT SELECT ON TABLES TO {role}"
     ))  # fmt: skip
     return not exists
+
+
+def _more_than_reading(conn: Connection, name: str) -> str:
+    """What an existing role may do beyond reading, that revoking table rights would not take
+    away: the application's own role (read-only, it would stop the site), a superuser or other
+    administrator, a role that owns objects here or inherits another's rights. '' if nothing."""
+    row = conn.execute(text(
+        "SELECT r.rolname = current_user, r.rolsuper OR r.rolcreaterole OR r.rolcreatedb "
+        "OR r.rolreplication OR r.rolbypassrls, "
+        "EXISTS (SELECT 1 FROM pg_class c WHERE c.relowner = r.oid) "
+        "OR EXISTS (SELECT 1 FROM pg_namespace n WHERE n.nspowner = r.oid) "
+        "OR EXISTS (SELECT 1 FROM pg_database d WHERE d.datdba = r.oid), "
+        "EXISTS (SELECT 1 FROM pg_auth_members m WHERE m.member = r.oid) "
+        "FROM pg_roles r WHERE r.rolname = :n"
+    ), {"n": name}).one()  # fmt: skip
+    reasons = ["the application's own role", "an administrator", "owns objects",
+               "a member of other roles"]  # fmt: skip
+    return ", ".join(reason for reason, found in zip(reasons, row, strict=True) if found)

@@ -99,7 +99,30 @@ def test_the_reader_reads_everything_and_changes_nothing(site_database, monkeypa
 
 
 def test_a_role_that_may_do_more_is_not_made_a_reader(site_database):
-    with pytest.raises(ValueError, match="exists and may do more than read"):
-        _cli("db", "reader", "postgres")
+    url, name = site_database
+    with pytest.raises(ValueError, match=r"may do more than read .*the application's own role"):
+        _cli("db", "reader", "postgres")  # the tests' application role: read-only, no site
+    engine = create_engine(url)
+    with engine.begin() as conn:  # made by hand, with more rights than reading
+        conn.execute(text(f"CREATE ROLE {name} LOGIN"))
+        conn.execute(text(f"GRANT INSERT, DELETE ON rolls TO {name}"))
+        conn.execute(text(f"GRANT CREATE ON SCHEMA public TO {name}"))
+    engine.dispose()
+    assert _cli("db", "reader", name) == 0
+    reader = _as(url, name)
+    try:
+        for statement in ("BEGIN READ WRITE; DELETE FROM rolls", "CREATE TABLE t (i int)"):
+            with reader.cursor() as cursor, pytest.raises(psycopg2.Error) as refused:
+                cursor.execute(statement)
+            reader.rollback()
+            assert refused.value.pgcode in ("25006", "42501"), statement
+    finally:
+        reader.close()
+    engine = create_engine(url)
+    with engine.begin() as conn:  # one that inherits another role's rights
+        conn.execute(text(f"GRANT pg_write_all_data TO {name}"))
+    engine.dispose()
+    with pytest.raises(ValueError, match="a member of other roles"):
+        _cli("db", "reader", name)
     with pytest.raises(ValueError, match="reader role 'Quality; DROP'"):
         _cli("db", "reader", "Quality; DROP")
