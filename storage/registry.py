@@ -189,12 +189,18 @@ def _store_teacher(store: ObjectStore, card: ModelCard, teacher_weights: str | P
 
 
 @contextmanager
-def registered_teacher(store: ObjectStore, model: Model) -> Iterator[Path | None]:
-    """The teacher stored with a model trained on a local weight file, as a temporary file for
-    `load_detector`; None where none is stored (a teacher whose weights ship with rollscan)."""
+def registered_teacher(
+    store: ObjectStore, model: Model, checkpoint: bytes
+) -> Iterator[Path | None]:
+    """The teacher stored with a model trained on a local weight file (its `checkpoint` says
+    so), as a temporary file for `load_detector`; None for a teacher whose weights ship with
+    rollscan — even where a stored teacher has the same weights: its copy is not this one's."""
+    if not read_checkpoint(checkpoint)[0].teacher_weights.startswith("file:"):
+        yield None
+        return
     key = teacher_key(model.teacher_sha256)
     if not store.exists(key):
-        yield None
+        yield None  # the load says what is missing, and how to restore it
         return
     data = store.get(key)
     if packed_teacher_sha256(data) != model.teacher_sha256:

@@ -450,6 +450,32 @@ def test_a_model_of_a_local_teacher_file_is_registered_with_it_and_scored_by_wor
     assert packed_teacher_sha256(store.get(key)) == model.teacher_sha256
 
 
+def test_a_wheel_teachers_model_never_reads_a_stored_teacher_of_the_same_weights(
+    db_session, db_engine, local_store, tmp_path
+):
+    """The wheel's lite0 weights saved to a file and registered with a model: a model of the
+    wheel's own teacher has the same weights hash. Damaging that stored copy broke the wheel
+    model too, and registering it again "with --teacher-weights" was refused."""
+    import torch
+
+    weights = tmp_path / "lite0.pth"
+    torch.save(build_teacher("efficientnet_lite0").backbone.state_dict(), weights)
+    local = _checkpoint(tmp_path / "local.pt", seed=7, teacher_name="efficientnet_lite0",
+                        teacher_weights=weights)  # fmt: skip
+    wheel = _checkpoint(tmp_path / "wheel.pt", seed=8, teacher_name="efficientnet_lite0")
+    with_file, _ = register_model(db_session, local_store, local, fabric_type="denim",
+                                  teacher_weights=weights)  # fmt: skip
+    of_wheel, _ = register_model(db_session, local_store, wheel, fabric_type="twill")
+    db_session.commit()
+    assert of_wheel.teacher_sha256 == with_file.teacher_sha256
+    key = teacher_key(with_file.teacher_sha256)
+    local_store.put(key, local_store.get(key)[:-1000])
+    worker = WorkerContext(Settings(precision="fp32"), db_engine, local_store, None, device="cpu")
+    assert worker.detector(of_wheel) is not None  # its teacher from the wheel, as trained
+    with pytest.raises(RegistryError, match="is damaged"):
+        worker.detector(with_file)
+
+
 def test_registering_again_restores_a_lost_or_damaged_stored_copy(
     db_session, local_store, checkpoints
 ):

@@ -88,7 +88,7 @@ class WorkerContext:
                 self._detectors[model.version] = self._detectors.pop(model.version)  # last used
                 return self._detectors[model.version]
             data = fetch_checkpoint(self.store, model)
-            with registered_teacher(self.store, model) as teacher_weights:
+            with registered_teacher(self.store, model, data) as teacher_weights:
                 detector, _ = load_detector(
                     data, teacher_weights=teacher_weights, device=self.device,
                     batch_size=self.batch_size, precision=self.settings.precision,
