@@ -85,17 +85,18 @@ def drop_view_sql(name: str) -> str:
 
 # Revision 0004: the fabric's measured width along each roll (a mill wants to know when its
 # fabric narrows), beside the manifest's width.
-ROLL_WIDTHS = """
-CREATE VIEW roll_widths AS
-SELECT ro.id AS roll_id,
-       ro.fabric_type,
-       ro.width_mm AS manifest_width_mm,
-       count(e.row_start) AS blocks_measured,
+_WIDTH_AGGREGATES = """count(e.row_start) AS blocks_measured,
        min(e.width_mm) AS min_width_mm,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY e.width_mm) AS median_width_mm,
        max(e.width_mm) AS max_width_mm,
        percentile_cont(0.5) WITHIN GROUP (ORDER BY e.left_mm) AS median_left_mm,
-       percentile_cont(0.5) WITHIN GROUP (ORDER BY e.right_mm) AS median_right_mm
+       percentile_cont(0.5) WITHIN GROUP (ORDER BY e.right_mm) AS median_right_mm"""
+ROLL_WIDTHS = f"""
+CREATE VIEW roll_widths AS
+SELECT ro.id AS roll_id,
+       ro.fabric_type,
+       ro.width_mm AS manifest_width_mm,
+       {_WIDTH_AGGREGATES}
 FROM rolls ro
 JOIN fabric_extents e ON e.roll_id = ro.id
 GROUP BY ro.id, ro.fabric_type, ro.width_mm
@@ -139,7 +140,7 @@ ROLL_GRADES_V2 = ROLL_GRADES.replace("CREATE VIEW", "CREATE OR REPLACE VIEW").re
 # millions), where only a literal roll_id reached inside; the same rows and columns.
 # `roll_grades` also shows the roll's completion date, last: `graded_at` moves with each
 # grading (a reprocessed roll is graded again), so "this month's rolls" by it took in old ones.
-ROLL_WIDTHS_V2 = """
+ROLL_WIDTHS_V2 = f"""
 CREATE OR REPLACE VIEW roll_widths AS
 SELECT ro.id AS roll_id,
        ro.fabric_type,
@@ -152,12 +153,7 @@ SELECT ro.id AS roll_id,
        w.median_right_mm
 FROM rolls ro
 CROSS JOIN LATERAL (
-    SELECT count(e.row_start) AS blocks_measured,
-           min(e.width_mm) AS min_width_mm,
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY e.width_mm) AS median_width_mm,
-           max(e.width_mm) AS max_width_mm,
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY e.left_mm) AS median_left_mm,
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY e.right_mm) AS median_right_mm
+    SELECT {_WIDTH_AGGREGATES}
     FROM fabric_extents e
     WHERE e.roll_id = ro.id
 ) w
