@@ -7,11 +7,15 @@ defaults. Secrets are `SecretStr`: masked in repr, str and logs; only
 
 from __future__ import annotations
 
+import difflib
+import logging
 import math
 import os
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
@@ -157,6 +161,28 @@ class Settings(BaseSettings):
             driver = ""
         if not driver.startswith("postgresql"):  # the value may hold a password: not echoed
             raise ValueError("not a PostgreSQL URL (postgresql+psycopg2://USER:PASSWORD@HOST/DB)")
+        if "@" in (make_url(value.get_secret_value()).host or ""):
+            # the password's tail was read as the host: shown by `db url` and in errors
+            raise ValueError("an '@' in the password must be written %40 (percent-encoded)")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _device_form(cls, value: str) -> str:
+        # `gpu`, `cuda:x` or `cpu ` started a healthy worker that failed every roll at its first
+        # band
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps|xpu(:\d+)?", value):
+            raise ValueError(f"not a device: {value!r} (auto, cpu, cuda or cuda:N)")
+        return value
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _endpoint_form(cls, value: str | None) -> str | None:
+        # `minio:9000` started a healthy worker that failed every roll at ingest, and a
+        # scheduler that logged a traceback each pass
+        parts = urlsplit(value) if value is not None else None
+        if parts is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ValueError(f"not an endpoint URL: {value!r} (http://HOST:PORT or https://…)")
         return value
 
     @field_validator("broker_url")
@@ -259,11 +285,40 @@ class SettingsError(ValueError):
     """Invalid settings; the message names the fields, never their values (they may be secret)."""
 
 
+# ROLLSCAN_* variables that are no setting but are read where they are used
+OTHER_VARIABLES = frozenset(
+    {"ROLLSCAN_CONFIG", "ROLLSCAN_READER_PASSWORD", "ROLLSCAN_TEST_PG_ADMIN_URL"}
+)
+_said_unknown: set[str] = set()
+
+
 def get_settings(**overrides: Any) -> Settings:
+    """The settings, validated; an error names each setting as a field and as its variable.
+    A `ROLLSCAN_*` variable that is no setting (`ROLLSCAN_TIMEZONE_`) is warned about, once a
+    process, with the setting it may have meant: it was ignored without a word."""
+    _warn_unknown_variables()
     try:
         return Settings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"{_named(e['loc'])}: {e['msg']}" for e in exc.errors())
         raise SettingsError(f"invalid rollscan settings: {problems}") from None
+
+
+def _named(loc: tuple[Any, ...]) -> str:
+    if not loc:
+        return "settings"
+    field = ".".join(map(str, loc))
+    return f"{field} (ROLLSCAN_{str(loc[0]).upper()})" if loc[0] in Settings.model_fields else field
+
+
+def _warn_unknown_variables() -> None:
+    known = {f"ROLLSCAN_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    for name in sorted(os.environ):
+        upper = name.upper()
+        if upper.startswith("ROLLSCAN_") and upper not in known and name not in _said_unknown:
+            _said_unknown.add(name)
+            close = difflib.get_close_matches(upper, sorted(known), n=1)
+            logging.getLogger(__name__).warning(
+                "%s is no rollscan setting: ignored%s", name,
+                f" (did you mean {close[0]}?)" if close else "",
+            )  # fmt: skip

@@ -73,12 +73,25 @@ def test_a_database_that_does_not_exist_is_a_setting_to_correct(site, capsys, mi
         (
             "ROLLSCAN_DATABASE_URL",
             "s3cret-notaurl",
-            "database_url: Value error, not a PostgreSQL URL",
+            "database_url (ROLLSCAN_DATABASE_URL): Value error, not a PostgreSQL URL",
         ),
         ("ROLLSCAN_DATABASE_URL", "127.0.0.1:5432/db", "not a PostgreSQL URL"),
-        ("ROLLSCAN_BROKER_URL", "localhost:6379", "broker_url: Value error, not a broker URL"),
+        # the password's tail was read as the host, and shown by `db url` and in errors
+        ("ROLLSCAN_DATABASE_URL", "postgresql://u:pw@s3cret@127.0.0.1/db", "written %40"),
+        (
+            "ROLLSCAN_BROKER_URL",
+            "localhost:6379",
+            "broker_url (ROLLSCAN_BROKER_URL): Value error, not a broker URL",
+        ),
         ("ROLLSCAN_BROKER_URL", "http://s3cret@broker/", "not a broker URL"),
         ("ROLLSCAN_CONFIG", "band_height = \n", "is not valid TOML: Invalid value (at line 1"),
+        # each started a healthy worker that failed every roll at its first band or frame
+        ("ROLLSCAN_DEVICE", "gpu", "device (ROLLSCAN_DEVICE): Value error, not a device: 'gpu'"),
+        (
+            "ROLLSCAN_S3_ENDPOINT",
+            "minio:9000",
+            "(ROLLSCAN_S3_ENDPOINT): Value error, not an endpoint URL",
+        ),
     ],
 )
 def test_a_malformed_service_setting_is_one_line_naming_it(
@@ -93,6 +106,18 @@ def test_a_malformed_service_setting_is_one_line_naming_it(
     assert main(["rolls"]) == 2
     line = _one_line_error(capsys)
     assert says in line and "s3cret" not in line, line
+
+
+def test_a_misspelt_setting_is_warned_about_with_the_one_meant(migrated_url, tmp_path) -> None:
+    """ROLLSCAN_TIMEZONE_ (or ROLLSCAN_S3_BUCKETS) was ignored without a word: the site graded
+    at 02:00 UTC, its bucket the default one."""
+    env = {"ROLLSCAN_DATABASE_URL": migrated_url, "ROLLSCAN_DATA_DIR": str(tmp_path),
+           "ROLLSCAN_TIMEZONE_": "Europe/Paris", "ROLLSCAN_READER_PASSWORD": "pw"}  # fmt: skip
+    done = _rollscan(env, "rolls")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert ("ROLLSCAN_TIMEZONE_ is no rollscan setting: ignored (did you mean "
+            "ROLLSCAN_TIMEZONE?)") in done.stderr  # fmt: skip
+    assert "ROLLSCAN_READER_PASSWORD" not in done.stderr  # read where it is used
 
 
 def test_an_s3_endpoint_without_credentials_is_a_setting_to_correct() -> None:
