@@ -61,7 +61,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
-from storage.database import advisory_lock
+from storage.database import advisory_lock, is_lock_timeout
 from storage.manifest import (
     NAME_PATTERN,
     ManifestError,
@@ -71,7 +71,7 @@ from storage.manifest import (
 )
 from storage.objectstore import ObjectChanged, ObjectInfo, ObjectNotFound, ObjectStore
 from storage.schema import DiscoveryCursor, Frame, Roll
-from worker.context import WorkerContext
+from worker.context import LOCK_WAIT_LIMIT, WorkerContext
 from worker.ingest import roll_updated
 from worker.roll_rows import RollError, register_roll
 from worker.transient_errors import is_transient_error
@@ -79,6 +79,7 @@ from worker.transient_errors import is_transient_error
 log = logging.getLogger(__name__)
 
 DEFAULT_STALL_AFTER = timedelta(minutes=30)
+ROLL_LOCK_WAIT_S = 10.0  # a roll's rows held longer than this by another session: next pass
 OPEN_STATUSES = ("registered", "ingesting")
 LOCK_KEY = 0x726F6C6C7363616E  # "rollscan": the discovery pass's advisory lock
 _NAME = re.compile(NAME_PATTERN)
@@ -261,13 +262,21 @@ def _discover(
         if not _due(name, clock):
             continue
         before = _activity(report)
+        bounded = LOCK_WAIT_LIMIT.set(ROLL_LOCK_WAIT_S)
         try:
             _discover_roll(ctx, name, f"{prefix}{name}", cursor, report)
         except Exception as exc:
+            if is_lock_timeout(exc):  # listed again next pass, not quiet
+                log.warning("roll %s: another session has held its rows for over %g s (a "
+                            "finalize of a long roll, a transaction left open): next pass",
+                            name, ROLL_LOCK_WAIT_S)  # fmt: skip
+                continue
             if is_transient_error(exc):
                 raise
             log.exception("roll %s: discovery failed", name)
             report.problems.append(f"roll {name}: {type(exc).__name__}: {exc}")
+        finally:
+            LOCK_WAIT_LIMIT.reset(bounded)
         if _activity(report) != before:
             _quiet.pop(name, None)
         else:

@@ -334,6 +334,15 @@ def check_schema_at_head(url: str | URL) -> None:
     )
 
 
+def is_lock_timeout(exc: BaseException) -> bool:
+    """A statement that gave up waiting for a lock (`lock_timeout`), through any wrapper."""
+    return any(
+        getattr(item, "pgcode", None) == pgcodes.LOCK_NOT_AVAILABLE
+        for item in _causes(exc)
+        if isinstance(item, psycopg2.Error)
+    )
+
+
 def is_transient_db_error(exc: BaseException) -> bool:
     """True for database errors a retry may cure: connection lost or refused, server
     restarting, serialization failure or deadlock. Looks through SQLAlchemy wrappers and

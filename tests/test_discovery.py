@@ -249,6 +249,38 @@ def test_a_stalled_roll_names_the_frame_its_later_frames_wait_for(rec, s3_store)
     assert "; frame 2 is given by two objects: 1 later frame(s), up to 3, wait for it" in reason
 
 
+def test_a_roll_whose_row_another_session_holds_holds_up_no_other(rec, s3_store, monkeypatch):
+    """A transaction left open on one roll's row (or a finalize of a long roll) held the whole
+    pass — no new roll registered anywhere — for as long as it lasted, and said nothing."""
+    import threading
+
+    import scheduler.discovery
+
+    monkeypatch.setattr(scheduler.discovery, "ROLL_LOCK_WAIT_S", 0.5)
+    put_manifest(s3_store, "R-0320", manifest_of("R-0320"))
+    put_frames(s3_store, "R-0320", [1])
+    discover_once(rec)
+    put_frames(s3_store, "R-0320", [2])  # and the scanner completes its manifest: registered
+    put_manifest(s3_store, "R-0320", manifest_of("R-0320", frames=2, complete=True))  # FOR UPDATE
+    put_manifest(s3_store, "R-0321", manifest_of("R-0321"))
+    put_frames(s3_store, "R-0321", [1])
+    reports: list = []
+    with rec.engine.connect() as holder:  # an operator's psql, left open
+        holder.execute(text("SELECT 1 FROM rolls WHERE id = 'R-0320' FOR UPDATE"))
+        passing = threading.Thread(target=lambda: reports.append(discover_once(rec)), daemon=True)
+        passing.start()
+        passing.join(timeout=120)
+        assert not passing.is_alive(), "the pass waited for the held roll"
+        holder.rollback()
+    assert reports[0].new_rolls == ["R-0321"] and ("R-0321", 1) in ingests_of(rec)
+    assert roll_row(rec, "R-0320").complete is False  # left for the next pass
+    discover_once(rec)  # released: the held roll's manifest is taken, its frame sent
+    with rec.session() as session:
+        cursor = session.get(DiscoveryCursor, "roll:R-0320")
+        assert RollCursor.load(cursor.cursor).seq == 2
+    assert roll_row(rec, "R-0320").complete is True
+
+
 def test_one_scheduler_discovers_at_a_time(rec, s3_store):
     put_manifest(s3_store, "R-0600", manifest_of("R-0600"))
     put_frames(s3_store, "R-0600", [1])

@@ -11,6 +11,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -27,6 +28,11 @@ from storage.schema import Model
 from storage.settings import Settings, get_settings
 
 _log = logging.getLogger(__name__)
+# A bound (seconds) on the lock waits of the sessions opened while it is set: discovery's, so
+# that a roll whose rows another session holds (a finalize of a long roll, a transaction left
+# open) holds up that roll alone, not the pass over every other one, silently. A task's own
+# work (`worker.tasks`) is never bounded, even run in-process from discovery.
+LOCK_WAIT_LIMIT: ContextVar[float | None] = ContextVar("rollscan_lock_wait_limit", default=None)
 # models a worker keeps loaded: the fabrics a line runs at once, with room for a version change
 MAX_CACHED_MODELS = 8
 
@@ -77,6 +83,9 @@ class WorkerContext:
     @contextmanager
     def session(self) -> Iterator[Session]:
         with session_scope(self.engine) as session:
+            if (limit := LOCK_WAIT_LIMIT.get()) is not None:  # SET LOCAL: this transaction's
+                session.execute(text("SELECT set_config('lock_timeout', :v, true)"),
+                                {"v": f"{round(limit * 1000)}ms"})  # fmt: skip
             yield session
 
     def detector(self, model: Model) -> Detector:

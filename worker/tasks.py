@@ -22,7 +22,7 @@ from celery import Task
 
 from worker.app import app
 from worker.backoff import RETRY_LATER_CAP_S, TRANSIENT_MAX_RETRIES, TRANSIENT_RETRY, Backoff
-from worker.context import RetryLater, WorkerContext
+from worker.context import LOCK_WAIT_LIMIT, RetryLater, WorkerContext
 from worker.deliveries import Delivery, fail_delivery, run_counted
 from worker.finalize import finalize_run
 from worker.ingest import ingest_frame
@@ -56,6 +56,14 @@ def context() -> WorkerContext:
 
 
 def _run_task(task: Task, function: Any, *args: Any, delivery: Delivery | None = None) -> Any:
+    unbounded = LOCK_WAIT_LIMIT.set(None)  # an eager task sent by discovery runs in its context
+    try:
+        return _run(task, function, *args, delivery=delivery)
+    finally:
+        LOCK_WAIT_LIMIT.reset(unbounded)
+
+
+def _run(task: Task, function: Any, *args: Any, delivery: Delivery | None) -> Any:
     try:
         ctx = context()  # the database away, or its schema not upgraded yet: retried
     except Exception as exc:
