@@ -124,3 +124,18 @@ def test_a_redis_that_never_answers_is_given_up(monkeypatch) -> None:
         app = worker.app.make_app(Settings(broker_url=broker))
         with app.connection_for_write() as conn, pytest.raises(OperationalError, match="Timeout"):
             conn.ensure_connection(max_retries=1, interval_start=0)
+
+
+def test_a_metrics_address_the_host_lacks_is_named_not_searched_for_a_port() -> None:
+    """ROLLSCAN_METRICS_ADDR=not-an-addr: a worker said "no free port in 9378..9393", and the
+    operator looked for the processes holding them."""
+    import subprocess
+    import sys
+
+    code = ("import logging; logging.basicConfig(); from worker.task_metrics import serve_metrics;"
+            f" print(serve_metrics({free_port()}, addr='not-an-addr'))")  # fmt: skip
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, check=False)  # fmt: skip
+    assert done.stdout.strip() == "None", done.stderr[-2000:]
+    assert "cannot listen on not-an-addr" in done.stderr and "ROLLSCAN_METRICS_ADDR" in done.stderr
+    assert "no free port" not in done.stderr

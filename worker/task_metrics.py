@@ -11,6 +11,7 @@ per process, as Prometheus expects: it sums them.
 
 from __future__ import annotations
 
+import errno
 import logging
 from typing import Any
 
@@ -43,8 +44,15 @@ def serve_metrics(port: int, *, addr: str = "127.0.0.1", tries: int = PORTS_TRIE
     for candidate in range(port, min(port + tries, 65536)):
         try:
             start_http_server(candidate, addr=addr)
-        except OSError:
-            continue
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:  # another process's: the next port
+                continue
+            # an address this host does not have: no other port would do, and "no free port"
+            # sent the operator looking for processes
+            log.warning("metrics: cannot listen on %s:%d (ROLLSCAN_METRICS_ADDR, "
+                        "ROLLSCAN_METRICS_PORT): %s; this process serves none", addr, candidate,
+                        exc.strerror or exc)  # fmt: skip
+            return None
         # moved: say it where the default log level shows it, or a scrape finds another process
         (log.info if candidate == port else log.warning)(
             "metrics on %s:%d/metrics%s", addr, candidate,
