@@ -41,6 +41,7 @@ from results.grading_rules import RuleBook
 from storage.schema import OPEN_RUN_STATUSES, Band, Model, Roll, Run, current_run
 from storage.zarr_rolls import open_roll, roll_exists
 from worker.context import WorkerContext
+from worker.ingest import fix_run_stride
 from worker.roll_rows import asked_last, make_current, reopen_failed_run
 
 log = logging.getLogger(__name__)
@@ -178,6 +179,7 @@ def start_reprocess_run(
                 .on_conflict_do_nothing()
             )  # fmt: skip
             run.bands_total, run.status = count, "scoring"
+        fix_run_stride(ctx, session, run)  # its bands' tile grid, whichever worker scores them
         missing = session.scalars(
             select(Band.band_index)
             .where(Band.run_id == run.id, Band.status != "done")

@@ -222,6 +222,10 @@ class Run(Base):
         comment="the roll's own threshold at the model's target false-alarm rate, from its "
         "tile-sized blocks of fabric (NULL: not estimated)"
     )
+    stride: Mapped[int | None] = mapped_column(
+        comment="the tile stride (px) every band of the run is scored at, fixed when its first "
+        "bands are recorded (NULL: none yet)"
+    )
 
     __table_args__ = (
         UniqueConstraint("roll_id", "model_version"),

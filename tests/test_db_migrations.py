@@ -78,7 +78,7 @@ def _relations(url: str) -> dict[str, str]:
 def test_upgrade_downgrade_upgrade_round_trip(make_database: Callable[[], str]) -> None:
     url = make_database()
     head = database.head_revision()
-    assert head == "0011"
+    assert head == "0012"
     assert database.current_revision(url) is None
 
     database.upgrade(url)
@@ -174,7 +174,7 @@ def test_cli_db_commands(
     assert "none" in capsys.readouterr().out
     assert _cli("db", "upgrade") == 0
     assert _cli("db", "current") == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "0011 (head)"
+    assert capsys.readouterr().out.splitlines()[-1] == "0012 (head)"
     with pytest.raises(ValueError, match="db downgrade"):
         _cli("db", "downgrade", "no-such-revision")
     engine = create_engine(url)

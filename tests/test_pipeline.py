@@ -5,6 +5,7 @@ import json
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.submit import submit
 from storage.manifest import parse_manifest
 from storage.registry import activate_model, register_model
-from storage.schema import Band, Defect, Frame, Roll, Run
+from storage.schema import Band, Defect, Frame, Model, Roll, Run
 from storage.settings import Settings
 from storage.zarr_rolls import open_roll
 from worker.context import WorkerContext
@@ -100,6 +101,34 @@ def test_streaming_frames_give_the_same_defects_as_all_at_once(ctx, tmp_path):
     assert _defects(ctx, "R-stream") == _defects(ctx, "R-batch")
     a = open_roll(ctx.store, "R-stream").read_scores(_version(ctx, "R-stream"), 0, 640)
     b = open_roll(ctx.store, "R-batch").read_scores(_version(ctx, "R-batch"), 0, 640)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_every_band_of_a_run_is_scored_on_one_tile_grid_whichever_worker_takes_it(ctx, tmp_path):
+    """Two workers set up with different ROLLSCAN_OVERLAP scored the bands of one run each on its
+    own tile grid, and nothing said so. The run fixes its stride when its bands are recorded."""
+    reference_dir, _, _ = _roll(tmp_path, "R-one-grid")
+    submit(ctx, str(reference_dir))
+    ctx.enqueue.drain()
+    other = replace(ctx, settings=ctx.settings.model_copy(update={"overlap": 64}),
+                    _detectors={}, _lock=threading.Lock())  # fmt: skip
+    mixed_dir, _, _ = _roll(tmp_path, "R-two-workers")
+    submit(ctx, str(mixed_dir))
+    scored_by_other = 0
+    while ctx.enqueue.queue:  # this worker ingests and finalizes; the other scores every band
+        function, args = ctx.enqueue.queue.popleft()
+        if function is score_band:
+            scored_by_other += score_band(other, *args) == "scored"
+        else:
+            function(ctx, *args)
+    assert scored_by_other == 3
+    with ctx.session() as session:
+        strides = dict(session.execute(select(Run.roll_id, Run.stride)).all())
+        tile = session.scalar(select(Model.tile).where(Model.active))
+    assert strides["R-two-workers"] == strides["R-one-grid"] == tile - min(32, tile // 2)
+    assert _defects(ctx, "R-two-workers") == _defects(ctx, "R-one-grid")
+    a = open_roll(ctx.store, "R-two-workers").read_scores(_version(ctx, "R-two-workers"), 0, 640)
+    b = open_roll(ctx.store, "R-one-grid").read_scores(_version(ctx, "R-one-grid"), 0, 640)
     np.testing.assert_array_equal(a, b)
 
 

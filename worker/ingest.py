@@ -64,14 +64,24 @@ def frame_width_range(settings: Settings, roll: Roll) -> tuple[int, int]:
 
 
 def run_tiling(ctx: WorkerContext, session: Session, run: Run) -> tuple[int, int]:
-    """(tile, stride) of a run: the model's own tile size, which its threshold was calibrated at.
+    """(tile, stride) of a run: the model's own tile size, which its threshold was calibrated at,
+    and the stride the run fixed (`fix_run_stride`), else this worker's overlap.
 
     The student's attention normalises over the tile's width, so a model's scores are only
     comparable to its threshold at the tile size it was trained on.
     """
     tile = session.get(Model, run.model_version).tile
-    overlap = min(ctx.settings.overlap, tile // 2)
-    return tile, tile - overlap
+    if run.stride is not None:
+        return tile, run.stride
+    return tile, tile - min(ctx.settings.overlap, tile // 2)
+
+
+def fix_run_stride(ctx: WorkerContext, session: Session, run: Run) -> None:
+    """Fix the run's stride from this worker's overlap unless it has one: every band of the run
+    is then scored on one tile grid, whichever worker takes it (workers set up apart mixed
+    grids within a run). Called with the run's row locked, before its first bands exist."""
+    if run.stride is None:
+        run.stride = run_tiling(ctx, session, run)[1]
 
 
 def locked_live_run(session: Session, roll: Roll) -> Run:
@@ -108,6 +118,7 @@ def advance_run(
         arrays = roll_arrays(ctx, roll)
     # the roll's own bands (its zarr shards'), whatever ROLLSCAN_BAND_HEIGHT says since
     height = ctx.settings.band_height if arrays is None else arrays.band_height
+    fix_run_stride(ctx, session, run)
     tile, stride = run_tiling(ctx, session, run)
     rows, complete = roll.rows_ingested, fully_ingested(session, roll)
     if complete and rows == 0:
