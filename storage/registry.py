@@ -195,12 +195,11 @@ def registered_teacher(
     """The teacher stored with a model trained on a local weight file (its `checkpoint` says
     so), as a temporary file for `load_detector`; None for a teacher whose weights ship with
     rollscan — even where a stored teacher has the same weights: its copy is not this one's."""
-    if not read_checkpoint(checkpoint)[0].teacher_weights.startswith("file:"):
-        yield None
-        return
     key = teacher_key(model.teacher_sha256)
-    if not store.exists(key):
-        yield None  # the load says what is missing, and how to restore it
+    # the store first: a wheel teacher's model (most) has none stored, and its checkpoint is
+    # not read a second time; a local file's model without one is told by the load what it lacks
+    if not store.exists(key) or not _trained_on_local_file(checkpoint):
+        yield None
         return
     data = store.get(key)
     if packed_teacher_sha256(data) != model.teacher_sha256:
@@ -212,6 +211,10 @@ def registered_teacher(
         path = Path(folder) / f"{model.teacher}.safetensors"
         path.write_bytes(data)
         yield path
+
+
+def _trained_on_local_file(checkpoint: bytes) -> bool:
+    return read_checkpoint(checkpoint)[0].teacher_weights.startswith("file:")
 
 
 def _check_same_request(existing: Model, fabric_type: str | None, requested: str | None) -> None:

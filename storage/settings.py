@@ -156,12 +156,12 @@ class Settings(BaseSettings):
         if value is None:
             return value
         try:
-            driver = make_url(value.get_secret_value()).drivername
+            url = make_url(value.get_secret_value())
         except ArgumentError:
-            driver = ""
-        if not driver.startswith("postgresql"):  # the value may hold a password: not echoed
+            url = None
+        if url is None or not url.drivername.startswith("postgresql"):  # may hold a password
             raise ValueError("not a PostgreSQL URL (postgresql+psycopg2://USER:PASSWORD@HOST/DB)")
-        if "@" in (make_url(value.get_secret_value()).host or ""):
+        if "@" in (url.host or ""):
             # the password's tail was read as the host: shown by `db url` and in errors
             raise ValueError("an '@' in the password must be written %40 (percent-encoded)")
         return value
@@ -182,7 +182,8 @@ class Settings(BaseSettings):
         # scheduler that logged a traceback each pass
         parts = urlsplit(value) if value is not None else None
         if parts is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
-            raise ValueError(f"not an endpoint URL: {value!r} (http://HOST:PORT or https://…)")
+            # not echoed: an endpoint may carry credentials (http://KEY:SECRET@HOST)
+            raise ValueError("not an endpoint URL (http://HOST:PORT or https://…)")
         return value
 
     @field_validator("broker_url")
@@ -282,7 +283,7 @@ class Settings(BaseSettings):
 
 
 class SettingsError(ValueError):
-    """Invalid settings; the message names the fields, never their values (they may be secret)."""
+    """Invalid settings; the message names the fields, never a value that may be secret."""
 
 
 # ROLLSCAN_* variables that are no setting but are read where they are used
