@@ -20,16 +20,9 @@ So discovery keeps its position in the *sequence* of each roll, not in the key o
   quarter of the time it has been quiet, at most 10 minutes (`_due`, per scheduler process).
 - A frame number that two objects give themselves (``2.tif`` and ``000002.tif``) is reported
   once, and neither is taken — the roll waits at that frame — until one of them is removed.
-- Per roll, a row ``discovery_cursors.name = "roll:<roll_id>"`` holds, as JSON: ``seq`` = the
-  frames 1 … seq have been enqueued (in order; a frame after a gap waits for the gap, so a
-  worker never takes frame k before k − 1 was announced), ``manifest`` = ETag of the manifest
-  last registered, ``refused`` = ETag of a manifest refused (reported once per version),
-  ``resent`` = frames re-uploaded with a new ETag and enqueued again, ``update`` = a complete
-  manifest whose `roll_updated` is still owed, ``closed``.
-- Exactly once in the normal case, at least once around a crash: the cursor is written after the
-  enqueue (of every frame that went out, even when a later one failed), so a crash between the
-  two repeats at most those frames, which ingest takes as a no-op (idempotent per roll, seq and
-  ETag). A restart with the same database repeats nothing.
+- Per roll, discovery keeps its position (`scheduler.roll_cursors`): the frames enqueued in
+  order, the manifest versions registered or refused, the frames re-sent. Exactly once in the
+  normal case, at least once around a crash, which ingest takes as a no-op.
 
 A frame that appears before its manifest waits until a valid manifest registers the roll. A
 corrupt or inconsistent manifest (bad JSON, failed validation, a roll id other than its folder,
@@ -37,30 +30,36 @@ a change to a registered roll's geometry) is logged and reported once per versio
 is written, other rolls go on. A manifest re-uploaded with ``complete: true`` updates the roll
 (`register_roll`) and calls `roll_updated` (the last bands or the finalize).
 
-Stalls (`mark_stalled`): a roll registered or ingesting whose frames have not all arrived, idle
-for `stall_after`, becomes 'stalled' with the reason; discovery resumes it when frames or a
-manifest arrive again. One scheduler discovers at a time (a PostgreSQL advisory lock per pass).
+Stalls (`scheduler.stalls`): a roll whose frames have not all arrived, idle for `stall_after`,
+becomes 'stalled' with the reason; discovery resumes it when frames or a manifest arrive
+again. One scheduler discovers at a time (a PostgreSQL advisory lock per pass).
 `scheduler.loop.run_scheduler` backs off exponentially on a failed pass (S3, database or broker away), logs,
 and resumes from the cursors.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, literal, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import select
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session
 
+from scheduler.roll_cursors import (
+    RollCursor,
+    closed_by_status,
+    contiguous_frames,
+    load_cursors,
+    save_cursor,
+)
+from scheduler.stalls import DEFAULT_STALL_AFTER, mark_stalled, resume_if_stalled
 from storage.database import advisory_lock, is_lock_timeout
 from storage.manifest import (
     NAME_PATTERN,
@@ -70,7 +69,7 @@ from storage.manifest import (
     read_manifest,
 )
 from storage.objectstore import ObjectChanged, ObjectInfo, ObjectNotFound, ObjectStore
-from storage.schema import DiscoveryCursor, Frame, Roll
+from storage.schema import Frame, Roll
 from worker.context import LOCK_WAIT_LIMIT, WorkerContext
 from worker.ingest import roll_updated
 from worker.roll_rows import RollError, register_roll
@@ -78,9 +77,7 @@ from worker.transient_errors import is_transient_error
 
 log = logging.getLogger(__name__)
 
-DEFAULT_STALL_AFTER = timedelta(minutes=30)
 ROLL_LOCK_WAIT_S = 10.0  # a roll's rows held longer than this by another session: next pass
-OPEN_STATUSES = ("registered", "ingesting")
 LOCK_KEY = 0x726F6C6C7363616E  # "rollscan": the discovery pass's advisory lock
 _NAME = re.compile(NAME_PATTERN)
 _MAX_WARNED = 1024  # things warned about once; a flood of junk names must not grow it
@@ -137,49 +134,6 @@ class DiscoveryReport:
         return any(asdict(self).values())
 
 
-@dataclass
-class RollCursor:
-    """Discovery's position in one roll, stored as JSON in `discovery_cursors` (the fields are
-    described in the module docstring)."""
-
-    seq: int = 0
-    manifest: str | None = None
-    refused: str | None = None
-    resent: dict[str, str] = field(default_factory=dict)
-    update: bool = False
-    closed: bool = False
-
-    @classmethod
-    def load(cls, text: str | None) -> RollCursor:
-        return cls(**json.loads(text)) if text else cls()
-
-    def dump(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
-
-
-def reopen_discovery(session: Session, roll_id: str) -> None:
-    """List the roll again from its next pass on (a failed roll started again: discovery had
-    closed it, and would never have seen its later frames or manifest)."""
-    row = session.get(DiscoveryCursor, f"roll:{roll_id}", with_for_update=True)
-    if row is not None:
-        cursor = RollCursor.load(row.cursor)
-        if cursor.closed:
-            cursor.closed = False
-            row.cursor = cursor.dump()
-
-
-def record_enqueued(ctx: WorkerContext, roll_id: str, seq: int, manifest_etag: str | None) -> None:
-    """Frames 1 … `seq` of the roll, registered from the manifest version `manifest_etag`, were
-    enqueued by another way (`rollscan submit`): its cursor says so, so that discovery, which
-    lists the same folder, does not send them again."""
-    with ctx.session() as session:
-        row = session.get(DiscoveryCursor, f"roll:{roll_id}", with_for_update=True)
-        cursor = RollCursor.load(row.cursor if row is not None else None)
-        cursor.seq = max(cursor.seq, seq)
-        cursor.manifest = cursor.manifest or manifest_etag
-        _save(ctx, roll_id, cursor, session)
-
-
 def incoming_prefix(ctx: WorkerContext) -> str:
     prefix = ctx.settings.incoming_prefix.strip("/")
     if not prefix:
@@ -187,35 +141,6 @@ def incoming_prefix(ctx: WorkerContext) -> str:
             "the incoming prefix is empty: discovery would take every object for a roll"
         )
     return prefix + "/"
-
-
-def _save(
-    ctx: WorkerContext, roll_id: str, cursor: RollCursor, session: Session | None = None
-) -> None:
-    if session is None:
-        with ctx.session() as own:
-            return _save(ctx, roll_id, cursor, own)
-    if cursor.closed:
-        # closed by the roll's status now, under its lock, not as the pass read it: a roll
-        # started again (`resume --retry`) while the pass sent its frames had been closed for
-        # good, its later frames and manifest never seen (`reopen_discovery` had found nothing
-        # to reopen yet)
-        status = session.scalar(select(Roll.status).where(Roll.id == roll_id).with_for_update())
-        cursor.closed = status in ("done", "failed")
-    stmt = insert(DiscoveryCursor).values(name=f"roll:{roll_id}", cursor=cursor.dump())
-    stmt = stmt.on_conflict_do_update(
-        index_elements=[DiscoveryCursor.name],
-        set_={"cursor": stmt.excluded.cursor, "updated_at": func.now()},
-    )
-    session.execute(stmt)
-
-
-def _resume_if_stalled(session: Session, roll: Roll) -> None:
-    if roll.status == "stalled":
-        roll.status = "ingesting" if roll.rows_ingested else "registered"
-        roll.failure_reason = None
-        roll.updated_at = datetime.now(UTC)
-        log.info("roll %s: frames arrive again, no longer stalled", roll.id)
 
 
 def discover_once(
@@ -245,10 +170,7 @@ def _discover(
     prefix = incoming_prefix(ctx)
     names = ctx.store.list_prefixes(prefix)
     with ctx.session() as session:
-        rows = session.execute(
-            select(DiscoveryCursor.name, DiscoveryCursor.cursor).where(DiscoveryCursor.name.like("roll:%"))
-        )  # fmt: skip
-        cursors = {name.removeprefix("roll:"): RollCursor.load(value) for name, value in rows}
+        cursors = load_cursors(session)
     for name in names:
         cursor = cursors.get(name)
         if cursor is not None and cursor.closed:
@@ -317,7 +239,7 @@ def _discover_roll(
     def save(session: Session | None = None) -> None:
         nonlocal saved
         if cursor.dump() != saved:
-            _save(ctx, name, cursor, session)
+            save_cursor(ctx, name, cursor, session)
             saved = cursor.dump()
 
     manifest_info, frames, twice = list_roll(ctx.store, prefix)
@@ -340,7 +262,7 @@ def _discover_roll(
         with ctx.session() as session:
             roll = session.get(Roll, name)
             if roll is not None:  # registered another way (`rollscan submit`)
-                cursor.seq = _contiguous(
+                cursor.seq = contiguous_frames(
                     session.scalars(select(Frame.seq).where(Frame.roll_id == name))
                 )
                 cursor.closed = roll.status in ("done", "failed")
@@ -388,7 +310,7 @@ def _discover_roll(
             and cursor.resent.get(str(seq)) != info.etag
         ]  # fmt: skip
         if send or changed:
-            _resume_if_stalled(session, roll)
+            resume_if_stalled(session, roll)
         status = roll.status
 
     try:
@@ -402,7 +324,7 @@ def _discover_roll(
             cursor.seq = seq
             report.frames_enqueued.append((name, seq))
     finally:  # record whatever went out, even when the broker failed halfway
-        cursor.closed = _closed(cursor, status)
+        cursor.closed = closed_by_status(cursor, status)
         save()
     extra = sorted(seq for seq in frames if total is not None and seq > total)
     if cursor.closed and extra:
@@ -411,14 +333,8 @@ def _discover_roll(
     if cursor.update:  # a complete manifest: announce the last bands or the finalize
         roll_updated(ctx, name)
         cursor.update = False
-        cursor.closed = _closed(cursor, status)
+        cursor.closed = closed_by_status(cursor, status)
         save()
-
-
-def _closed(cursor: RollCursor, status: str) -> bool:
-    # open until the roll is done or failed, not only until its last frame went out: a frame
-    # written again while the roll is ingested or scored is seen and ingested again
-    return not cursor.update and status in ("done", "failed")
 
 
 def list_roll(
@@ -439,13 +355,6 @@ def list_roll(
     return manifest, frames, twice
 
 
-def _contiguous(seqs: Any) -> int:
-    present, k = set(seqs), 0
-    while k + 1 in present:
-        k += 1
-    return k
-
-
 def _take_manifest(
     ctx: WorkerContext, name: str, prefix: str, info: ObjectInfo, cursor: RollCursor,
     report: DiscoveryReport,
@@ -461,15 +370,15 @@ def _take_manifest(
         with ctx.session() as session:
             was_complete = session.scalar(select(Roll.complete).where(Roll.id == name))
             roll = register_roll(session, manifest, prefix)
-            _resume_if_stalled(session, roll)
+            resume_if_stalled(session, roll)
             cursor.manifest, cursor.refused = info.etag, None
             cursor.update = cursor.update or manifest.complete
-            _save(ctx, name, cursor, session)
+            save_cursor(ctx, name, cursor, session)
     except (ObjectNotFound, ObjectChanged):
         return False  # deleted or replaced between listing and reading: next pass
     except (ManifestError, RollError, IntegrityError, DataError) as exc:
         cursor.refused = info.etag
-        _save(ctx, name, cursor)
+        save_cursor(ctx, name, cursor)
         reason = str(exc.orig if isinstance(exc, IntegrityError | DataError) else exc).strip()
         message = f"{info.key}: refused: {reason}"
         log.error("%s", message)
@@ -482,54 +391,3 @@ def _take_manifest(
         report.completed.append(name)
         log.info("roll %s: manifest complete (%d frames)", name, manifest.frames)
     return True
-
-
-def mark_stalled(
-    session: Session,
-    stall_after: timedelta,
-    now: datetime | None = None,
-    gaps: dict[str, tuple[int, int, int, bool]] | None = None,
-) -> list[str]:
-    """Rolls registered or ingesting whose frames have not all arrived, idle for `stall_after`
-    → 'stalled', with the reason. Returns their ids. `gaps` (the listings': roll → the frame it
-    waits at, how many later frames are there, the last of them, whether that frame's number
-    is given twice) lets the reason name the frame an operator must upload.
-
-    Idle: neither the roll row (frame ingested, manifest update) nor its discovery cursor
-    (frame enqueued) changed since `now` − `stall_after` (`now` default: the database's clock).
-    A complete roll whose frames were all enqueued is not waiting for the scanner: if its
-    ingest lags, that is the workers' business (queue depth), not a stall."""
-    now = now if now is not None else session.scalar(select(func.now()))
-    frames_in = select(func.count()).select_from(Frame).where(Frame.roll_id == Roll.id)
-    cursor = select(DiscoveryCursor).where(DiscoveryCursor.name == literal("roll:") + Roll.id)
-    last = func.greatest(Roll.updated_at, cursor.with_only_columns(DiscoveryCursor.updated_at).scalar_subquery())  # fmt: skip
-    rows = session.execute(
-        select(Roll.id, last, frames_in.scalar_subquery(), Roll.frames_total, Roll.complete,
-               cursor.with_only_columns(DiscoveryCursor.cursor).scalar_subquery())
-        .where(Roll.status.in_(OPEN_STATUSES), last < now - stall_after)
-        .with_for_update(of=Roll, skip_locked=True)
-    ).all()  # fmt: skip
-    stalled = []
-    for roll_id, since, ingested, total, complete, text_ in rows:
-        arrived = max(ingested, RollCursor.load(text_).seq)
-        if complete and total is not None and arrived >= total:
-            continue
-        reason = (
-            f"stalled: no new frame since {since.astimezone(UTC):%Y-%m-%d %H:%M:%S} UTC "
-            f"(limit {stall_after}); {arrived}{f' of {total}' if total else ''} frames arrived "
-            f"in order, {ingested} ingested" + ("" if complete else ", manifest not complete")
-        )
-        if (gap := (gaps or {}).get(roll_id)) is not None and gap[0] > arrived:
-            at, count, last, twice = gap
-            reason += (
-                f"; frame {at} {'is given by two objects' if twice else 'is missing'}: "
-                f"{count} later frame(s), up to {last}, wait for it"
-            )
-        session.execute(
-            update(Roll)
-            .where(Roll.id == roll_id, Roll.status.in_(OPEN_STATUSES))
-            .values(status="stalled", failure_reason=reason, updated_at=func.now())
-        )
-        log.warning("roll %s %s", roll_id, reason)
-        stalled.append(roll_id)
-    return stalled

@@ -11,7 +11,8 @@ import threading
 from datetime import timedelta
 from typing import Any
 
-from scheduler.discovery import DEFAULT_STALL_AFTER, discover_once
+from scheduler.discovery import discover_once
+from scheduler.stalls import DEFAULT_STALL_AFTER
 from worker.backoff import Backoff
 from worker.context import WorkerContext
 from worker.transient_errors import is_transient_error

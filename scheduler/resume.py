@@ -26,7 +26,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, delete, func, or_, select, union
 from sqlalchemy.orm import Session
 
-from scheduler.discovery import list_roll, reopen_discovery
+from scheduler.discovery import list_roll
+from scheduler.roll_cursors import reopen_discovery
 from storage.schema import Band, Frame, Roll, Run, TaskDelivery
 from worker.context import WorkerContext
 from worker.ingest import announce_live_run, finalize_due, pending_bands

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from distill.progress import progress_bar
-from scheduler.discovery import record_enqueued
+from scheduler.roll_cursors import record_enqueued
 from storage.manifest import (
     MAX_MANIFEST_BYTES,
     Manifest,

@@ -33,8 +33,10 @@ from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
-from scheduler.discovery import LOCK_KEY, RollCursor, discover_once, list_roll, mark_stalled
+from scheduler.discovery import LOCK_KEY, discover_once, list_roll
+from scheduler.roll_cursors import RollCursor
 from scheduler.scheduler_metrics import SchedulerMetrics
+from scheduler.stalls import mark_stalled
 from scheduler.submit import read_prefix
 from storage.database import make_engine
 from storage.manifest import parse_manifest
