@@ -55,6 +55,31 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def check_scoring_setup(device: str, precision: str) -> None:
+    """ValueError, saying why, where a scorer set up with `device` and `precision` cannot run on
+    this machine (a worker checks it before it takes work: the error at its first band failed
+    that band's roll, and the next, for as long as it ran).
+
+    Safe before a fork: CUDA is asked through NVML (`device_count`), never initialised — a
+    prefork worker's children could not use a GPU their parent had initialised — so a GPU's bf16
+    is left to the first band (the GPUs rollscan targets all have it)."""
+    kind = "cuda" if device == "auto" and torch.cuda.device_count() else device
+    target = torch.device("cpu" if kind == "auto" else kind)
+    if target.type == "cuda":
+        count = torch.cuda.device_count()
+        if count == 0:
+            raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
+        if target.index is not None and target.index >= count:
+            raise ValueError(f"device {device!r} requested but this machine has {count} GPU(s)")
+        if precision == "int8":
+            raise ValueError(f"int8 runs on the CPU, not {target} (set the device to cpu)")
+    elif target.type == "cpu":
+        if precision == "int8" and not int8_available():
+            raise ValueError("int8 needs OpenVINO and NNCF: pip install 'rollscan[int8]'")
+        if precision == "bf16" and not bf16_supported(target):
+            raise ValueError("bf16 requested but this CPU has no native bf16 (AVX512-BF16, AMX)")
+
+
 @dataclass(frozen=True)
 class Prediction:
     """What `Detector.predict` returns for a batch: the anomaly maps, their maxima (the tile

@@ -18,6 +18,7 @@ import re
 import time
 from dataclasses import replace
 
+import pytest
 from fixtures_celery import VISIBILITY_S, Stack
 from fixtures_roll import (
     ROLL_ID,
@@ -137,4 +138,25 @@ def test_a_band_of_a_killed_worker_is_redelivered_to_the_next(
     second = stack.start_worker()
     wait_until_done(stack, ROLL_ID, [second])
     assert f"Task rollscan.score[{task_id}] received" in second.log(), second.tail()
+    assert_roll_came_out(stack, celery_roll, celery_reference)
+
+
+def test_a_worker_set_up_for_a_gpu_the_machine_lacks_stops_before_it_takes_work(
+    make_stack, redis_broker, celery_roll, celery_reference
+):
+    """ROLLSCAN_DEVICE=cuda on a host without a GPU (or whose driver is gone) started a healthy
+    worker that failed the roll of every band it took, at the band. It now stops at start-up,
+    saying why, and the roll's work waits in the queue for a worker that can take it."""
+    import torch
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a GPU")
+    stack = make_stack(redis_broker)
+    submit(stack.ctx, str(celery_roll[0]))
+    refused = stack.start_process(None, device="cuda")
+    assert refused.proc.wait(timeout=ROLL_TIMEOUT_S) == 2, refused.tail()
+    said = "this worker cannot score here: device 'cuda' requested but no CUDA GPU is available"
+    assert said in refused.log() and "received" not in refused.log(), refused.tail()
+    able = stack.start_worker()
+    wait_until_done(stack, ROLL_ID, [able])
     assert_roll_came_out(stack, celery_roll, celery_reference)

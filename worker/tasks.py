@@ -19,6 +19,7 @@ from functools import partial
 from typing import Any
 
 from celery import Task
+from celery.signals import worker_init
 
 from worker.app import app
 from worker.backoff import RETRY_LATER_CAP_S, TRANSIENT_MAX_RETRIES, TRANSIENT_RETRY, Backoff
@@ -117,6 +118,24 @@ def _failed_for_good(ctx: WorkerContext, delivery: Delivery, exc: Exception) -> 
         fail_delivery(ctx, delivery, f"{delivery.what}: {type(exc).__name__}: {text}"[:2000])
     except Exception:  # the task's own error is what the log must show
         log.exception("%s: the failure could not be recorded", delivery.what)
+
+
+@worker_init.connect
+def _refuse_a_device_it_lacks(**_: Any) -> None:
+    """A worker set up for a device or precision this machine lacks (ROLLSCAN_DEVICE=cuda on a
+    host whose GPU or driver is gone, int8 without OpenVINO) started healthy and failed the roll
+    of every band it took: it now stops before it takes one. SystemExit, because Celery logs
+    and swallows a signal handler's exceptions."""
+    from distill.inference import check_scoring_setup
+    from storage.settings import get_settings
+
+    settings = get_settings()
+    try:
+        check_scoring_setup(settings.device, settings.precision)
+    except ValueError as exc:
+        log.critical("this worker cannot score here: %s (ROLLSCAN_DEVICE=%s, ROLLSCAN_PRECISION="
+                     "%s); not started", exc, settings.device, settings.precision)  # fmt: skip
+        raise SystemExit(2) from None
 
 
 # max_retries=None here, not only in `retry(max_retries=None)`: there, None means the task's
