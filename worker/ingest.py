@@ -23,7 +23,7 @@ from storage.objectstore import (
 )
 from storage.schema import Band, Frame, Model, Roll, Run
 from storage.settings import Settings
-from storage.zarr_rolls import RollArrays, create_roll, open_roll, roll_exists
+from storage.zarr_rolls import RollArrays, create_roll, open_roll, roll_exists, roll_prefix
 from worker.changed_frames import bands_reading, hold_bands, runs_of_pixels, send_bands_back
 from worker.context import RetryLater, WorkerContext, lock_bands
 from worker.fabric_mask import block_reach
@@ -35,11 +35,21 @@ log = logging.getLogger(__name__)
 
 
 def roll_arrays(ctx: WorkerContext, roll: Roll) -> RollArrays:
+    """The roll's arrays, created with its first frame. RollError when rows are recorded as
+    ingested and the image is gone: a store restored from a snapshot older than the database
+    was given a new, empty image, and its bands scored zeros into wrong defects, silently."""
     if roll_exists(ctx.store, roll.id):
         try:
             return open_roll(ctx.store, roll.id)
         except ObjectNotFound:  # a group without its image: a creation killed half-way,
             pass  # which create_roll completes
+    if roll.rows_ingested:
+        raise RollError(
+            f"roll {roll.id}: its image ({roll_prefix(roll.id)}) is not in the object store, "
+            f"though {roll.rows_ingested} rows of it were ingested: the store was restored from "
+            "a snapshot older than the database, or the roll was deleted from it (see 'Back up "
+            "and restore' in docs/deployment.md)"
+        )
     return create_roll(
         ctx.store,
         roll.id,

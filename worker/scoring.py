@@ -26,13 +26,19 @@ log = logging.getLogger(__name__)
 
 
 def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
-    """Score a band; returns "scored", "already done", "skipped" (failed run) or "stale" (a
-    changed frame sent the band back while it was scored: the score sent then scores it)."""
+    """Score a band; returns "scored", "already done", "skipped" (failed run), "stale" (a
+    changed frame sent the band back while it was scored: the score sent then scores it) or
+    "no such band"."""
     with ctx.session() as session:
         run = session.get(Run, run_id)
         band = session.get(Band, (run_id, band_index))
         if run is None or band is None:
-            raise ValueError(f"run {run_id} has no band {band_index}")
+            # bands are recorded before their message is sent, so this one is from before a
+            # database restore (which hands its run ids out again, to other rolls) or made by
+            # hand: failing the run's roll for it failed a roll that had nothing to do with it
+            log.warning("run %s has no band %s: a message from before a database restore? "
+                        "dropped", run_id, band_index)  # fmt: skip
+            return "no such band"
         if run.status == "failed":
             return "skipped"
         if band.status == "done":
