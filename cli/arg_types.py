@@ -9,7 +9,7 @@ import argparse
 import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -26,6 +26,7 @@ class SiteDate:
 
     moment: datetime
     zone: str | None = None
+    timed: bool = True  # a time of day was given (a date alone is its day's first instant)
 
 
 def iso_date(text: str) -> SiteDate:
@@ -39,7 +40,7 @@ def iso_date(text: str) -> SiteDate:
             continue
         if zone is not None and (moment.tzinfo is not None or not _ZONE.fullmatch(zone)):
             break
-        return SiteDate(moment, zone)
+        return SiteDate(moment, zone, timed=len(body) > len("2026-05-01"))
     raise argparse.ArgumentTypeError(
         f"not an ISO date or date-time: {text!r} (e.g. 2026-05-01, 2026-05-01T18:00, "
         "2026-05-01 18:00 CET)"
@@ -52,26 +53,57 @@ def at_site(date: SiteDate | None, timezone: str) -> datetime | None:
     and a Paris site's "2026-01-01" would have started an hour late. A zone named after it
     must be the site's abbreviation on that date (CET, CEST), a region's zone (Asia/Tokyo) or
     UTC: another abbreviation is refused, not guessed (CET is also a zone name, with summer
-    time)."""
+    time). A time the clocks skip is refused, and so is one they repeat without the zone that
+    says which (`02:30 CEST` or `02:30 CET`): each was read one way without a word, an hour off
+    the other (a date alone is its day's first instant, even where midnight is skipped)."""
     if date is None:
         return None
     moment = date.moment
     if moment.tzinfo is not None:
         return moment
-    for fold in (0, 1):  # the hour a clock is set back comes twice: 02:30 CEST, 02:30 CET
-        here = moment.replace(tzinfo=ZoneInfo(timezone), fold=fold)
-        if date.zone is None or date.zone == here.tzname():
-            return here
-    try:  # a region's name; abbreviations that are also zone names (CET, EET) keep summer time
-        if "/" in date.zone or date.zone in ("UTC", "GMT"):
-            return moment.replace(tzinfo=ZoneInfo(date.zone))
-    except (ZoneInfoNotFoundError, ValueError):
-        pass
+    zone, name = ZoneInfo(timezone), f"{timezone} (ROLLSCAN_TIMEZONE)"
+    site_names = {moment.replace(tzinfo=zone, fold=fold).tzname() for fold in (0, 1)}
+    readings = _readings(moment, zone)
+    if date.zone in site_names:
+        readings = [here for here in readings if here.tzname() == date.zone]
+    elif date.zone is not None:
+        try:  # a region's name; abbreviations that are also zone names (CET, EET) keep summer time
+            if "/" not in date.zone and date.zone not in ("UTC", "GMT"):
+                raise ValueError(date.zone)
+            zone, name = ZoneInfo(date.zone), date.zone
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"{moment:%Y-%m-%d %H:%M} {date.zone}: {date.zone!r} is neither the site's zone "
+                f"on that date ({'/'.join(sorted(site_names))}, ROLLSCAN_TIMEZONE={timezone}) nor "
+                f"a region's zone (Asia/Tokyo) or UTC; give an offset instead (e.g. "
+                f"{moment.replace(tzinfo=zone).isoformat(timespec='minutes')})"
+            ) from None
+        readings = _readings(moment, zone)
+    if len(readings) == 1:
+        return readings[0]
+    if not readings and not date.timed:
+        return moment.replace(tzinfo=zone)  # the first instant of a day whose midnight is skipped
+    if not readings:
+        raise ValueError(
+            f"{moment:%Y-%m-%d %H:%M} is no time in {name}: the clocks skip it that night; "
+            f"give an offset instead (e.g. {moment.replace(tzinfo=zone).isoformat(timespec='minutes')})"
+        )
+    both = " or ".join(f"'{moment:%Y-%m-%d %H:%M} {here.tzname()}'" for here in readings)
     raise ValueError(
-        f"{moment:%Y-%m-%d %H:%M} {date.zone}: {date.zone!r} is neither the site's zone on "
-        f"that date ({here.tzname()}, ROLLSCAN_TIMEZONE={timezone}) nor a region's zone "
-        f"(Asia/Tokyo) or UTC; give an offset instead (e.g. {moment:%Y-%m-%dT%H:%M}+01:00)"
+        f"{moment:%Y-%m-%d %H:%M} comes twice in {name}, the night the clocks go back: write {both}"
     )
+
+
+def _readings(moment: datetime, zone: ZoneInfo) -> list[datetime]:
+    """The instants a wall-clock time names in `zone`: one, two in the hour the clocks go back
+    (first the earlier), none in the hour they skip."""
+    readings: list[datetime] = []
+    for fold in (0, 1):
+        here = moment.replace(tzinfo=zone, fold=fold)
+        exists = here.astimezone(UTC).astimezone(zone).replace(tzinfo=None) == moment
+        if exists and all(here.utcoffset() != other.utcoffset() for other in readings):
+            readings.append(here)
+    return readings
 
 
 def parse_duration(text: str) -> timedelta | None:

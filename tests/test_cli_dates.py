@@ -56,3 +56,26 @@ def test_a_zone_that_is_not_the_sites_on_that_date_is_refused():
 def test_what_is_no_date_is_refused_by_the_parser(text):
     with pytest.raises(argparse.ArgumentTypeError, match="not an ISO date or date-time"):
         iso_date(text)
+
+
+def test_a_time_the_clocks_skip_or_repeat_is_refused_not_read_one_way():
+    """The hour the clocks skip was read as the hour after (or, as "02:30 CEST", before), and
+    the hour they repeat without its zone as the first: each an hour off the other reading,
+    without a word — `reprocess --until` left out the rolls of the second 02:00–02:30."""
+    for text in ("2027-03-28 02:30", "2027-03-28 02:30 CEST", "2027-03-28 02:30 CET"):
+        with pytest.raises(ValueError, match=r"is no time in Europe/Paris .* skip it that night; "
+                           r"give an offset instead \(e\.g\. 2027-03-28T02:30\+01:00\)"):  # fmt: skip
+            at_site(iso_date(text), PARIS)
+    with pytest.raises(ValueError, match="no time in America/New_York"):
+        at_site(iso_date("2027-03-14 02:30 America/New_York"), PARIS)
+    with pytest.raises(ValueError, match=r"comes twice in Europe/Paris \(ROLLSCAN_TIMEZONE\), the "
+                       r"night the clocks go back: write '2027-10-31 02:30 CEST' or "
+                       r"'2027-10-31 02:30 CET'"):  # fmt: skip
+        at_site(iso_date("2027-10-31 02:30"), PARIS)
+    assert _utc("2027-10-31 02:30 CEST") == datetime(2027, 10, 31, 0, 30)
+    assert _utc("2027-10-31 02:30 CET") == datetime(2027, 10, 31, 1, 30)
+    assert _utc("2027-03-28 03:30") == datetime(2027, 3, 28, 1, 30)
+    # a date alone is its day's first instant, where the clocks skip midnight too (Santiago)
+    assert _utc("2026-09-06", "America/Santiago") == datetime(2026, 9, 6, 4, 0)
+    with pytest.raises(ValueError, match="no time in America/Santiago"):
+        at_site(iso_date("2026-09-06 00:30"), "America/Santiago")
