@@ -42,7 +42,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         type=iso_date,
         default=None,
         metavar="DATE",
-        help="rolls registered since DATE (ISO; in ROLLSCAN_TIMEZONE unless it has an offset)",
+        help="rolls registered or completed since DATE (ISO; in ROLLSCAN_TIMEZONE unless it "
+        "has an offset)",
     )
     rolls.add_argument("--status", default=None, choices=ROLL_STATUSES)
     rolls.add_argument(

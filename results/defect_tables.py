@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, tzinfo
 from typing import Any, TextIO
 
-from sqlalchemy import Select, case, column, func, select, table
+from sqlalchemy import Select, case, column, func, or_, select, table
 from sqlalchemy.orm import Session
 
 from results.grade_store import SYSTEM
@@ -77,7 +77,8 @@ def list_rolls(
     status: str | None = None,
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Rolls registered at or after `since` (naive: local time) with `status`, oldest first;
+    """Rolls registered or completed at or after `since` (naive: local time) with `status`,
+    oldest registered first;
     with `limit`, the `limit` most recent of them.
 
     `frames` counts the frames ingested; `defects` and `grade` are those of the current run
@@ -137,9 +138,13 @@ def count_rolls(session: Session, since: datetime | None = None, status: str | N
 
 
 def _registered(query: Select, since: datetime | None, status: str | None) -> Select:
-    """`query` over the rolls registered at or after `since` with `status` (None: any)."""
+    """`query` over the rolls registered or completed at or after `since` with `status` (None:
+    any). Completed too: the table shows when a roll was completed, not when it was registered,
+    and a roll scanned across midnight was missing from its own day's list (which `grade
+    --since` and `reprocess --since` took it into)."""
     if since is not None:
-        query = query.where(Roll.created_at >= _aware(since))
+        since = _aware(since)
+        query = query.where(or_(Roll.created_at >= since, Roll.completed_at >= since))
     if status is not None:
         query = query.where(Roll.status == status)
     return query

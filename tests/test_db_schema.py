@@ -363,3 +363,36 @@ def test_connections_are_named_by_process_unless_the_site_names_them(db_engine: 
 
     assert name(db_engine.url) == f"rollscan pid {os.getpid()}"
     assert name(db_engine.url.update_query_dict({"application_name": "line3"})) == "line3"
+
+
+def test_rolls_since_a_day_lists_those_completed_that_day_as_the_table_shows_them(
+    db_session: Session,
+) -> None:
+    """`rollscan rolls --since` filtered on the registration, which its table never shows: a
+    roll scanned across midnight, shown completed today, was missing from today's list (and
+    from the list since its completion date, pasted back), while `grade --since` and
+    `reprocess --since` took it."""
+    from datetime import datetime
+
+    from cli.arg_types import at_site, iso_date
+    from results.defect_tables import count_rolls
+
+    s = db_session
+    paris = "Europe/Paris"
+    times = {  # registered, completed (site time)
+        "R-before": ("2027-11-14 08:00", "2027-11-14 09:00"),
+        "R-night": ("2027-11-14 23:30", "2027-11-15 00:30"),
+        "R-day": ("2027-11-15 10:00", None),
+    }
+    for roll_id, (created, completed) in times.items():
+        roll = _roll(s, roll_id)
+        roll.created_at = at_site(iso_date(created), paris)
+        roll.completed_at = completed and at_site(iso_date(completed), paris)
+    s.commit()
+    for since in ("2027-11-15", "2027-11-15 00:30 CET"):
+        moment = at_site(iso_date(since), paris)
+        assert [r["id"] for r in list_rolls(s, since=moment)] == ["R-night", "R-day"], since
+        assert count_rolls(s, moment) == 2
+    assert [
+        r["id"] for r in list_rolls(s, since=datetime.fromisoformat("2027-11-15T12:00+01:00"))
+    ] == []
