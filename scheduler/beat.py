@@ -93,6 +93,9 @@ def schedule(settings: Settings) -> dict[str, Any]:
 def configure(app: Celery, settings: Settings) -> Celery:
     app.conf.beat_schedule = schedule(settings)
     app.conf.timezone = settings.timezone
+    # Celery caches the zone the first time it is read: a later configure (a beat started with
+    # other settings) moved only the log's zone, the gradings stayed at the old one's hour
+    vars(app).pop("timezone", None)
     app.conf.task_routes = {**(app.conf.task_routes or {}), TASK: {"queue": QUEUE}}
     return app
 

@@ -303,13 +303,16 @@ def test_nightly_grading_takes_the_rolls_finished_since_the_last_one(
 
     entry = schedule(Settings(grade_at="03:15"))["grade-nightly"]
     assert (entry["task"], entry["schedule"].hour, entry["schedule"].minute) == ("rollscan.grade_nightly", {3}, {15})  # fmt: skip
+    assert str(app.timezone) == "UTC"  # read, so Celery caches it
     try:
         configure(app, Settings(timezone="Europe/Paris"))
-        assert app.conf.timezone == "Europe/Paris"
+        # the beat's own zone, not only the setting's: a cached zone kept the gradings at UTC's
+        assert (app.conf.timezone, str(app.timezone)) == ("Europe/Paris", "Europe/Paris")
         assert app.amqp.router.route({}, "rollscan.grade_nightly")["queue"].name == "grade"
         assert 0 < InProcessScheduler(app=app).tick() <= 300  # nothing due, no broker asked
     finally:
         configure(app, Settings())
+    assert str(app.timezone) == "UTC"
 
     def finished_roll(session, roll_id, ago=timedelta(0)):
         manifest = manifest_of(roll_id, frames=1, complete=True, width_mm=1600.0)
