@@ -38,6 +38,9 @@ from storage.schema import FabricExtent, Grade, Model, Roll, current_run
 from storage.zarr_rolls import SCORE_SCALE, RollArrays, open_roll
 
 MAX_CROPS = 200  # defects beyond this get a table row but no crops
+# defects beyond this get no table row: a roll that scores like no fabric the model knows has
+# hundreds of thousands of specks, and its page was 76 MB, which no browser shows
+MAX_TABLE_ROWS = 2000
 CROP_PX = 280  # a crop's long side on the page (px), at most 4× the pixels read
 CROP_MIN_PX = 48  # nor its short side below this
 CROP_MARGIN_PX = 64  # image pixels around the defect's bbox, at least
@@ -306,7 +309,7 @@ def _defects_html(
     )
     graded = data.grade is not None
     rows = []
-    for d in data.defects:
+    for d in data.defects[:MAX_TABLE_ROWS]:
         cells = [f'<td class="n">{e(d["defect_no"])}</td>']
         cells += [
             f'<td class="n">{_num(d[k], ".1f")}</td>'
@@ -319,7 +322,13 @@ def _defects_html(
             img = f'<img class="crop" src="{e(src)}" alt="defect {e(d["defect_no"])}">'
             cells.append(f"<td>{img if src else '–'}</td>")
         rows.append(f'<tr id="d{e(d["defect_no"])}">{"".join(cells)}</tr>')
-    return f'<p class="note">{e(note)}</p><table>{head}{"".join(rows)}</table>'
+    more = ""
+    if n > MAX_TABLE_ROWS:
+        more = (
+            f'<p class="note">… and {n - MAX_TABLE_ROWS} more defects, not listed here: '
+            f"<code>rollscan defects {e(data.roll['id'])} --csv</code> lists all {n}.</p>"
+        )
+    return f'<p class="note">{e(note)}</p><table>{head}{"".join(rows)}</table>{more}'
 
 
 def render_report(

@@ -56,7 +56,8 @@ def _defects(ctx, roll_id):
         ]  # fmt: skip
 
 
-def test_planted_defects_come_out_at_their_positions(ctx, tmp_path):
+def test_planted_defects_come_out_at_their_positions(ctx, tmp_path, monkeypatch):
+    monkeypatch.setattr("worker.finalize.INSERT_ROWS", 1)  # a statement a defect: all of them in
     folder, _, planted = _roll(tmp_path, "R-0001")
     submit(ctx, str(folder))
     ctx.enqueue.drain()

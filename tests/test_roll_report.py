@@ -360,3 +360,36 @@ def test_a_long_list_of_capped_yards_is_counted_not_spelt_out(tmp_path):
     assert "30: yard 0–1: 8 → 4 points; " in page and "… and 10 more" in page
     assert "yard 20–21" not in page and "yard 19–20" in page
     assert "the rules' fabric_types.denim section" in page
+
+
+def test_a_roll_of_thousands_of_specks_lists_the_first_defects_and_counts_the_rest(tmp_path):
+    """A roll that scores like no fabric the model knows turns into specks: the page listed
+    every one, 76 MB for 300,000, which no browser shows."""
+    from results.roll_report import MAX_TABLE_ROWS, ReportData, render_report
+    from storage.objectstore_local import LocalStore
+    from storage.zarr_rolls import create_roll
+
+    store = LocalStore(tmp_path / "o")
+    roll = create_roll(store, "R-many", width=64, channels=1, band_height=256, manifest={})
+    roll.write_rows(0, np.full((256, 64, 1), 30, np.uint8))
+    n = MAX_TABLE_ROWS + 500
+    defects = [
+        {"defect_no": k, "x_mm": 30.0, "y_mm": k * 0.1, "x0_mm": 29.0, "x1_mm": 31.0,
+         "y0_mm": k * 0.1, "y1_mm": k * 0.1 + 0.1, "length_mm": 2.0, "width_mm": 0.1,
+         "area_mm2": 0.2, "max_score": 2.0, "mean_score": 1.5, "points": 1}
+        for k in range(1, n + 1)
+    ]  # fmt: skip
+    roll_row = {"id": "R-many", "fabric_type": "denim", "status": "done", "px_per_mm_x": 1.0,
+                "px_per_mm_y": 1.0, "rows_ingested": 256, "frames_total": 1, "meta": {},
+                "created_at": None, "completed_at": None, "failure_reason": None,
+                "length_m": 0.256, "width_mm": 64.0}  # fmt: skip
+    data = ReportData(roll=roll_row, run={"model_version": "m", "status": "done"},
+                      defects=defects, threshold=1.0)  # fmt: skip
+    page = render_report(data, store, tmp_path / "out", max_crops=0).read_text()
+    assert page.count('<tr id="d') == MAX_TABLE_ROWS
+    assert f'id="d{MAX_TABLE_ROWS}"' in page and f'id="d{MAX_TABLE_ROWS + 1}"' not in page
+    assert (
+        f"… and 500 more defects, not listed here: <code>rollscan defects R-many --csv</code> lists all {n}."
+        in page
+    )
+    assert f"Defects ({n})" in page

@@ -40,7 +40,7 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-_PAIRS_PER_CHUNK = 1 << 22  # candidate pairs examined at once by `merge_groups`' sweep
+_PAIRS_PER_CHUNK = 1 << 20  # candidate pairs examined at once by `merge_groups`' sweep (~175 MB)
 
 
 @dataclass(frozen=True)
@@ -223,7 +223,6 @@ class DefectFinder:
             self._max = _grow(self._max, cap)
             self._sum = _grow(self._sum, cap)
         flat = labels.ravel()
-        index = np.arange(1, n + 1)
         slices = ndimage.find_objects(labels, max_label=n)
         self._parent[base:need] = np.arange(base, need)
         self._bbox[base:need] = [
@@ -231,7 +230,12 @@ class DefectFinder:
         ]
         self._count[base:need] = np.bincount(flat, minlength=n + 1)[1:]
         self._sum[base:need] = np.bincount(flat, weights=values.ravel(), minlength=n + 1)[1:]
-        self._max[base:need] = ndimage.maximum(values, labels, index)
+        # a masked max over the labelled pixels alone: `ndimage.maximum` sorts the whole band
+        # (4/5 of a wide roll's finalize: 0.35 s a band of 18,000 px, 1 ms this way)
+        peaks = np.full(n + 1, -np.inf)
+        on = flat > 0
+        np.maximum.at(peaks, flat[on], values.ravel()[on])
+        self._max[base:need] = peaks[1:]
         self._n = need
 
     def _join(self, above: np.ndarray, below: np.ndarray) -> None:
