@@ -1,7 +1,8 @@
 """`rollscan scheduler`: the control plane's long-running loop.
 
 Discovers uploads under the incoming prefix and enqueues their work (`scheduler.discovery`),
-marks stalled rolls, serves Prometheus metrics on `ROLLSCAN_METRICS_PORT` (or
+marks stalled rolls, sends again the work of rolls idle with nothing of it queued
+(``--resume-idle``, `scheduler.auto_resume`), serves Prometheus metrics on `ROLLSCAN_METRICS_PORT` (or
 ``--metrics-port``), and with ``--beat`` runs the nightly grading schedule in the same process
 (`scheduler.beat`). SIGTERM or Ctrl-C stops it after the current pass.
 """
@@ -32,9 +33,10 @@ def _print_report(report: Any) -> None:
 
 
 def _run_scheduler(args: argparse.Namespace) -> int:
+    from scheduler.auto_resume import PIPELINE_QUEUES, AutoResume
     from scheduler.discovery import discover_once
     from scheduler.loop import run_scheduler
-    from scheduler.scheduler_metrics import SchedulerMetrics, start_metrics_server
+    from scheduler.scheduler_metrics import SchedulerMetrics, queue_depths, start_metrics_server
 
     ctx = command_context()
     if args.beat:  # a bad rules file is said now, not by a grading that fails every night
@@ -55,9 +57,17 @@ def _run_scheduler(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    auto_resume = None
+    if args.resume_idle is not None:
+        broker = ctx.settings.broker_url
+        depths = (  # without a broker the tasks run in this process: nothing is ever queued
+            (lambda: queue_depths(broker.get_secret_value(), PIPELINE_QUEUES))
+            if broker is not None else dict
+        )  # fmt: skip
+        auto_resume = AutoResume(args.resume_idle, depths)
     try:
         run_scheduler(ctx, args.interval, stop, stall_after=args.stall_after,
-                      metrics=SchedulerMetrics())  # fmt: skip
+                      metrics=SchedulerMetrics(), auto_resume=auto_resume)  # fmt: skip
     finally:
         if beat is not None:
             beat.stop()
@@ -76,6 +86,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         default=timedelta(minutes=30),
         metavar="DURATION",
         help="mark a roll stalled after this long without frames (default 30m; 0 = never)",
+    )
+    parser.add_argument(
+        "--resume-idle",
+        type=parse_duration,
+        default=timedelta(hours=2),
+        metavar="DURATION",
+        help="send again the work of a roll idle this long while nothing is queued where its "
+        "work goes (lost messages; default 2h; 0 = never)",
     )
     parser.add_argument("--once", action="store_true", help="one pass, print what it did, exit")
     parser.add_argument("--beat", action="store_true", help="also run the nightly grading beat")

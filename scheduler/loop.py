@@ -11,6 +11,7 @@ import threading
 from datetime import timedelta
 from typing import Any
 
+from scheduler.auto_resume import AutoResume
 from scheduler.discovery import discover_once
 from scheduler.stalls import DEFAULT_STALL_AFTER
 from worker.backoff import Backoff
@@ -28,12 +29,14 @@ def run_scheduler(
     stall_after: timedelta | None = DEFAULT_STALL_AFTER,
     metrics: Any = None,
     max_backoff_s: float = 300.0,
+    auto_resume: AutoResume | None = None,
 ) -> int:
     """Discover every `interval_s` until `stop_event` is set; returns the passes run.
 
     A failed pass waits `interval_s` · 2^k (k = failures in a row, at most `max_backoff_s`:
     `worker.backoff`) and tries again; nothing is lost, the next pass starts from the database's cursors.
-    `metrics` (a `scheduler.scheduler_metrics.SchedulerMetrics`) is updated after each pass."""
+    `metrics` (a `scheduler.scheduler_metrics.SchedulerMetrics`) is updated after each pass;
+    `auto_resume` then sends again the work of rolls idle with nothing of it queued."""
     failures = passes = 0
     while not stop_event.is_set():
         passes += 1
@@ -41,6 +44,10 @@ def run_scheduler(
             report = discover_once(ctx, stall_after=stall_after)
             if metrics is not None:
                 metrics.update(ctx, report)
+            if auto_resume is not None:
+                resumed = auto_resume.run(ctx)
+                if metrics is not None:
+                    metrics.rolls_resumed(len(resumed))
         except Exception as exc:
             failures += 1
             delay = Backoff(interval_s, max_backoff_s).delay(failures)

@@ -13,7 +13,8 @@
   finalized, observed once per run that finishes while the scheduler runs.
 - ``rollscan_rolls_idle``: rolls with open work (frames, bands or a finalize outstanding)
   and no progress for an hour — lost messages or a stuck worker; each new one is logged with
-  the command that sends its work again (`rollscan resume`).
+  the command that sends its work again (`rollscan resume`), which the scheduler runs itself
+  after `--resume-idle` (`scheduler.auto_resume`), counted by ``rollscan_rolls_resumed``.
 - ``rollscan_rolls{status}``, discovery counters, failed passes, time of the last good pass.
 """
 
@@ -52,6 +53,7 @@ ROLLS_DISCOVERED = Counter("rollscan_rolls_discovered", "rolls registered by dis
 FRAMES_ENQUEUED = Counter("rollscan_frames_enqueued", "frames enqueued for ingest by discovery")
 ROLLS_STALLED = Counter("rollscan_rolls_stalled", "rolls marked stalled")
 MANIFESTS_REFUSED = Counter("rollscan_discovery_problems", "manifests refused and roll errors")
+ROLLS_RESUMED = Counter("rollscan_rolls_resumed", "idle rolls whose work the scheduler sent again")
 PASSES_FAILED = Counter("rollscan_scheduler_passes_failed", "failed discovery passes", ["kind"])
 LAST_PASS = Gauge("rollscan_scheduler_last_pass_timestamp_seconds", "end of the last good pass")
 GRADE_QUEUES = ("grade",)
@@ -119,6 +121,9 @@ class SchedulerMetrics:
             self._from_broker(ctx.settings.broker_url.get_secret_value())
         LAST_PASS.set_to_current_time()
 
+    def rolls_resumed(self, count: int) -> None:
+        ROLLS_RESUMED.inc(count)
+
     def pass_failed(self, kind: str) -> None:
         PASSES_FAILED.labels(kind).inc()
 
@@ -139,7 +144,8 @@ class SchedulerMetrics:
         ROLLS_IDLE.set(len(idle))
         if idle - self._idle:
             log.warning("rolls with open work and no progress for %s: %s (`rollscan resume "
-                        "--idle 1h` sends their work again)", IDLE_AFTER, ", ".join(sorted(idle)))  # fmt: skip
+                        "--idle 1h` sends their work again; the scheduler does after "
+                        "--resume-idle)", IDLE_AFTER, ", ".join(sorted(idle)))  # fmt: skip
         self._idle = idle
         if self._finished_after is None:
             self._finished_after = session.scalar(select(func.now()))

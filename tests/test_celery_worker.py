@@ -160,3 +160,33 @@ def test_a_worker_set_up_for_a_gpu_the_machine_lacks_stops_before_it_takes_work(
     able = stack.start_worker()
     wait_until_done(stack, ROLL_ID, [able])
     assert_roll_came_out(stack, celery_roll, celery_reference)
+
+
+def test_frames_a_broker_lost_are_sent_again_by_the_scheduler(
+    make_stack, redis_broker, celery_roll, celery_reference
+):
+    """A Redis restarted without persistence loses the queued frames: the roll waited, ingesting,
+    until an operator ran `rollscan resume`. The scheduler sends them again once the roll is
+    idle and the broker's ingest queue is empty."""
+    from datetime import timedelta
+
+    import redis
+    from sqlalchemy import func
+
+    from scheduler.auto_resume import PIPELINE_QUEUES, AutoResume
+    from scheduler.scheduler_metrics import queue_depths
+
+    stack = make_stack(redis_broker)
+    frames = len(submit(stack.ctx, str(celery_roll[0])).frames)  # no worker yet: all queued
+    broker = redis.Redis.from_url(redis_broker)
+    assert broker.llen("ingest") == frames
+    broker.delete("ingest")  # the broker restarted without its queues
+    auto = AutoResume(timedelta(hours=2), lambda: queue_depths(redis_broker, PIPELINE_QUEUES))
+    with stack.ctx.session() as session:
+        later = session.scalar(select(func.now())) + timedelta(hours=2, minutes=1)
+    (resumed,) = auto.run(stack.ctx, now=later)
+    assert resumed.frames == list(range(1, frames + 1))
+    assert broker.llen("ingest") == frames and auto.run(stack.ctx, now=later) == []
+    able = stack.start_worker()
+    wait_until_done(stack, ROLL_ID, [able])
+    assert_roll_came_out(stack, celery_roll, celery_reference)

@@ -204,3 +204,54 @@ def test_a_roll_failed_by_a_corrupt_frame_is_started_again_once_it_is_replaced(c
 
 def _later(session):
     return session.scalar(select(func.now())) + 2 * HOUR
+
+
+def _inline_depths(ctx):
+    """The messages waiting in the in-process queue, by the Celery queue each would go to (no
+    reprocess run here: a band goes to `score`)."""
+    names = {"ingest_frame": "ingest", "score_band": "score", "finalize_run": "finalize"}
+    depths: dict[str, int] = {}
+    for function, _ in ctx.enqueue.queue:
+        depths[names[function.__name__]] = depths.get(names[function.__name__], 0) + 1
+    return depths
+
+
+def test_the_scheduler_sends_again_the_work_of_a_roll_idle_with_nothing_of_it_queued(
+    ctx, tmp_path, caplog
+):
+    """A lost message left its roll waiting until an operator ran `rollscan resume`; the
+    scheduler now does, once the roll has been idle long enough and the queues its work goes to
+    are empty (a backlog is never doubled)."""
+    from scheduler.auto_resume import AutoResume
+
+    planted = _submit(ctx, tmp_path, "R-auto")
+    ctx.enqueue.drain(lose="score_band")  # the broker lost both bands
+    _submit(ctx, tmp_path, "R-queued")  # another roll's frames wait in the ingest queue
+    auto = AutoResume(2 * HOUR, lambda: _inline_depths(ctx))
+    assert auto.run(ctx) == []  # it moved a moment ago
+    with ctx.session() as session:
+        later = _later(session) + timedelta(minutes=1)
+    assert auto.run(ctx, now=later)[0].bands == [(_run_id(ctx, "R-auto"), b) for b in (0, 1)]
+    # sent once: not again while its bands are queued, nor on the next pass
+    assert auto.run(ctx, now=later + timedelta(minutes=1)) == []
+    ctx.enqueue.drain()
+    assert _state(ctx, "R-auto")[:2] == ("done", ("done", 2, 2))
+    _assert_planted(ctx, "R-auto", planted)
+    # a roll whose lost frames might wait behind a backlog of frames is not sent them yet
+    _submit(ctx, tmp_path, "R-lost")
+    ctx.enqueue.drain(lose="ingest_frame")
+    _submit(ctx, tmp_path, "R-busy")
+    with ctx.session() as session:
+        later = _later(session) + timedelta(minutes=1)
+    with caplog.at_level(logging.INFO, logger="scheduler.auto_resume"):
+        assert auto.run(ctx, now=later) == []
+    assert "roll R-lost: idle for 2:00:00, but ingest hold messages" in caplog.text
+    ctx.enqueue.drain()  # the backlog (R-busy's frames) is worked off
+    assert [r.frames for r in auto.run(ctx, now=later)] == [[1, 2, 3, 4]]
+    ctx.enqueue.drain()
+    assert _state(ctx, "R-lost") == ("done", ("done", 2, 2), FRAMES)
+
+
+def _run_id(ctx, roll_id):
+    with ctx.session() as session:
+        return session.scalar(select(Run.id).where(Run.roll_id == roll_id))

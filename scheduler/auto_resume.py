@@ -1,0 +1,87 @@
+"""The scheduler sends again the work of a roll left idle with nothing of its kind queued.
+
+A message can vanish for good (a Redis broker restarted without persistence, a task out of
+retries after an outage longer than its back-off: `scheduler.resume`). The roll then waits with
+nothing moving, and only `rollscan_rolls_idle` and a log line said so, for an operator to run
+`rollscan resume`. Each pass the scheduler now does it itself, for a roll with open work and no
+progress for `idle_after` (two hours by default: longer than Redis's redelivery of a dead
+worker's task, an hour, and a task's whole retry budget, about half an hour) — and only while
+the queues its work goes to are empty, so that a backlog is never doubled: with frames, bands or
+a finalize waiting in a queue, any of them may be the roll's. Sending work that was only held by
+a worker (a countdown) costs a second scoring of a band, never a second count. A roll is sent
+its work again at most once per `idle_after`: one that waits for its scanner (no frame to send)
+is not asked about every pass.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select
+
+from scheduler.resume import Resumed, idle_rolls, resume_roll
+from storage.schema import Run
+from worker.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+DEFAULT_IDLE_AFTER = timedelta(hours=2)
+PIPELINE_QUEUES = ("ingest", "score", "finalize", "reprocess")
+
+
+@dataclass
+class AutoResume:
+    """Sends again the work of idle rolls (the module's docstring); `queue_depths` says how
+    many messages wait in each of `PIPELINE_QUEUES` (raising when the broker does not answer:
+    then nothing is sent)."""
+
+    idle_after: timedelta
+    queue_depths: Callable[[], Mapping[str, int]]
+    _sent: dict[str, datetime] = field(default_factory=dict)  # roll → when sent again
+
+    def run(self, ctx: WorkerContext, now: datetime | None = None) -> list[Resumed]:
+        with ctx.session() as session:
+            now = now if now is not None else session.scalar(select(func.now()))
+            idle = idle_rolls(session, self.idle_after, now)
+        for roll_id in self._sent.keys() - set(idle):  # moving again: forgotten
+            del self._sent[roll_id]
+        due = [r for r in idle if r not in self._sent or now - self._sent[r] >= self.idle_after]
+        if not due:
+            return []
+        try:
+            depths = self.queue_depths()
+        except Exception as exc:  # the broker away: discovery itself says so
+            log.info("idle rolls %s: not sent again, the queues cannot be read (%s)",
+                     ", ".join(due), exc)  # fmt: skip
+            return []
+        sent = []
+        for roll_id in due:
+            wanted = resume_roll(ctx, roll_id, dry_run=True)
+            busy = sorted(q for q in _queues_of(ctx, wanted) if depths.get(q, 0))
+            if busy:
+                log.info("roll %s: idle for %s, but %s hold messages that may be its own: not "
+                         "sent again yet", roll_id, self.idle_after, ", ".join(busy))  # fmt: skip
+                continue
+            self._sent[roll_id] = now
+            if wanted.frames or wanted.bands or wanted.finalizes:
+                resumed = resume_roll(ctx, roll_id)
+                log.warning("no progress for %s and nothing of its work queued: %s",
+                            self.idle_after, resumed)  # fmt: skip
+                sent.append(resumed)
+        return sent
+
+
+def _queues_of(ctx: WorkerContext, wanted: Resumed) -> set[str]:
+    """The queues the work `wanted` would go to."""
+    queues = {"ingest"} if wanted.frames else set()
+    if wanted.finalizes:
+        queues.add("finalize")
+    runs = {run_id for run_id, _ in wanted.bands}
+    if runs:
+        with ctx.session() as session:
+            purposes = session.scalars(select(Run.purpose).where(Run.id.in_(runs)))
+            queues |= {"reprocess" if purpose != "live" else "score" for purpose in purposes}
+    return queues
