@@ -186,6 +186,18 @@ class Settings(BaseSettings):
             raise ValueError("not an endpoint URL (http://HOST:PORT or https://…)")
         return value
 
+    @field_validator("s3_bucket")
+    @classmethod
+    def _bucket_form(cls, value: str) -> str:
+        # "rollscan " (a trailing space from a .env file) was sent to S3 as is: every request
+        # failed at the first frame, far from the setting
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{1,253}[A-Za-z0-9]", value):
+            raise ValueError(
+                f"not a bucket name: {value!r} (letters, digits, '.', '-' and '_', 3 to 255, "
+                "starting and ending with a letter or digit)"
+            )
+        return value
+
     @field_validator("broker_url")
     @classmethod
     def _broker_url_form(cls, value: SecretStr | None) -> SecretStr | None:

@@ -92,6 +92,11 @@ def test_a_database_that_does_not_exist_is_a_setting_to_correct(site, capsys, mi
             "minio:9000",
             "(ROLLSCAN_S3_ENDPOINT): Value error, not an endpoint URL",
         ),
+        (
+            "ROLLSCAN_S3_BUCKET",
+            "rollscan ",
+            "s3_bucket (ROLLSCAN_S3_BUCKET): Value error, not a bucket name: 'rollscan '",
+        ),
     ],
 )
 def test_a_malformed_service_setting_is_one_line_naming_it(
