@@ -25,6 +25,7 @@ from sqlalchemy import func, select
 from scheduler.resume import Resumed, idle_rolls, resume_roll
 from storage.schema import Run
 from worker.context import WorkerContext
+from worker.transient_errors import is_transient_error
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,36 @@ class AutoResume:
             return []
         sent = []
         for roll_id in due:
-            wanted = resume_roll(ctx, roll_id, dry_run=True)
-            busy = sorted(q for q in _queues_of(ctx, wanted) if depths.get(q, 0))
-            if busy:
-                log.info("roll %s: idle for %s, but %s hold messages that may be its own: not "
-                         "sent again yet", roll_id, self.idle_after, ", ".join(busy))  # fmt: skip
+            try:
+                resumed = self._resume(ctx, roll_id, depths, now)
+            except Exception as exc:
+                if is_transient_error(exc):  # the pass backs off, and tries again
+                    raise
+                # one roll's error (its source gone, a bug) neither fails the pass, which would
+                # hold up discovery's back-off, nor is met again every pass
+                self._sent[roll_id] = now
+                log.exception("roll %s: its work could not be sent again", roll_id)
                 continue
-            self._sent[roll_id] = now
-            if wanted.frames or wanted.bands or wanted.finalizes:
-                resumed = resume_roll(ctx, roll_id)
-                log.warning("no progress for %s and nothing of its work queued: %s",
-                            self.idle_after, resumed)  # fmt: skip
+            if resumed is not None:
                 sent.append(resumed)
         return sent
+
+    def _resume(
+        self, ctx: WorkerContext, roll_id: str, depths: Mapping[str, int], now: datetime
+    ) -> Resumed | None:
+        wanted = resume_roll(ctx, roll_id, dry_run=True)
+        busy = sorted(q for q in _queues_of(ctx, wanted) if depths.get(q, 0))
+        if busy:
+            log.info("roll %s: idle for %s, but %s hold messages that may be its own: not sent "
+                     "again yet", roll_id, self.idle_after, ", ".join(busy))  # fmt: skip
+            return None
+        self._sent[roll_id] = now
+        if not (wanted.frames or wanted.bands or wanted.finalizes):
+            return None  # it waits for its scanner, or a worker that holds its work
+        resumed = resume_roll(ctx, roll_id)
+        log.warning("no progress for %s and nothing of its work queued: %s", self.idle_after,
+                    resumed)  # fmt: skip
+        return resumed
 
 
 def _queues_of(ctx: WorkerContext, wanted: Resumed) -> set[str]:

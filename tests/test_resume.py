@@ -226,12 +226,19 @@ def test_the_scheduler_sends_again_the_work_of_a_roll_idle_with_nothing_of_it_qu
 
     planted = _submit(ctx, tmp_path, "R-auto")
     ctx.enqueue.drain(lose="score_band")  # the broker lost both bands
+    _submit(ctx, tmp_path, "R-broken")
+    ctx.enqueue.drain(lose="ingest_frame")
     _submit(ctx, tmp_path, "R-queued")  # another roll's frames wait in the ingest queue
+    with ctx.session() as session:  # its source cannot be listed: an error of its own
+        session.get(Roll, "R-broken").source = "../elsewhere/"
     auto = AutoResume(2 * HOUR, lambda: _inline_depths(ctx))
     assert auto.run(ctx) == []  # it moved a moment ago
     with ctx.session() as session:
         later = _later(session) + timedelta(minutes=1)
-    assert auto.run(ctx, now=later)[0].bands == [(_run_id(ctx, "R-auto"), b) for b in (0, 1)]
+    with caplog.at_level(logging.ERROR, logger="scheduler.auto_resume"):
+        resumed = auto.run(ctx, now=later)  # the broken roll stops neither the pass nor the others
+    assert [r.bands for r in resumed] == [[(_run_id(ctx, "R-auto"), b) for b in (0, 1)]]
+    assert "roll R-broken: its work could not be sent again" in caplog.text
     # sent once: not again while its bands are queued, nor on the next pass
     assert auto.run(ctx, now=later + timedelta(minutes=1)) == []
     ctx.enqueue.drain()
