@@ -146,8 +146,12 @@ def test_a_worker_set_up_for_a_gpu_the_machine_lacks_stops_before_it_takes_work(
 ):
     """ROLLSCAN_DEVICE=cuda on a host without a GPU (or whose driver is gone) started a healthy
     worker that failed the roll of every band it took, at the band. It now stops at start-up,
-    saying why, and the roll's work waits in the queue for a worker that can take it."""
+    saying why, and the roll's work waits in the queue for a worker that can take it. A worker
+    of the queues that run no model (ingest, finalize) is not held to the setting it shares
+    with the site's scoring workers."""
     import torch
+
+    from rollscan_testing.services import CELERY
 
     if torch.cuda.device_count():
         pytest.skip("this machine has a GPU")
@@ -157,9 +161,22 @@ def test_a_worker_set_up_for_a_gpu_the_machine_lacks_stops_before_it_takes_work(
     assert refused.proc.wait(timeout=ROLL_TIMEOUT_S) == 2, refused.tail()
     said = "this worker cannot score here: device 'cuda' requested but no CUDA GPU is available"
     assert said in refused.log() and "received" not in refused.log(), refused.tail()
-    able = stack.start_worker()
-    wait_until_done(stack, ROLL_ID, [able])
+    cpu_side = stack.start_process(
+        [str(CELERY), "-A", "worker.app", "worker", "-Q", "ingest,finalize", "-c", "1",
+         "--without-gossip", "--without-mingle", "--without-heartbeat", "-l", "info"],
+        device="cuda",
+    )  # fmt: skip
+    cpu_side.wait_ready()
+    scorer = stack.start_process(
+        [str(CELERY), "-A", "worker.app", "worker", "-Q", "score", "-c", "1", "--without-gossip",
+         "--without-mingle", "--without-heartbeat", "-l", "info", "-n", "scorer@%h"],
+    )  # fmt: skip
+    scorer.wait_ready()
+    wait_until_done(stack, ROLL_ID, [cpu_side, scorer])
     assert_roll_came_out(stack, celery_roll, celery_reference)
+    assert (
+        "Task rollscan.ingest[" in cpu_side.log() and "Task rollscan.score[" not in cpu_side.log()
+    )
 
 
 def test_frames_a_broker_lost_are_sent_again_by_the_scheduler(

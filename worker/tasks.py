@@ -120,18 +120,29 @@ def _failed_for_good(ctx: WorkerContext, delivery: Delivery, exc: Exception) -> 
         log.exception("%s: the failure could not be recorded", delivery.what)
 
 
+SCORING_QUEUES = frozenset({"score", "reprocess"})
+
+
 @worker_init.connect
-def _refuse_a_device_it_lacks(**_: Any) -> None:
-    """A worker set up for a device or precision this machine lacks (ROLLSCAN_DEVICE=cuda on a
-    host whose GPU or driver is gone, int8 without OpenVINO) started healthy and failed the roll
-    of every band it took: it now stops before it takes one. SystemExit, because Celery logs
-    and swallows a signal handler's exceptions."""
+def _refuse_a_device_it_lacks(sender: Any = None, **_: Any) -> None:
+    """A scoring worker set up for a device or precision this machine lacks (ROLLSCAN_DEVICE=cuda
+    on a host whose GPU or driver is gone, int8 without OpenVINO) started healthy and failed the
+    roll of every band it took: it now stops before it takes one. A training worker is held to
+    its device alone (the precision is scoring's); one on other queues (ingest, finalize,
+    grade) runs no model and is not checked — a site's bf16 setting, shared by every service,
+    stopped its CPU workers. SystemExit, because Celery logs and swallows a signal handler's
+    exceptions."""
     from distill.inference import check_scoring_setup
     from storage.settings import get_settings
 
+    selected = getattr(getattr(sender, "app", None), "amqp", None)
+    queues = set(selected.queues.consume_from or ()) if selected is not None else set()
+    if queues and not queues & (SCORING_QUEUES | {"train"}):
+        return
     settings = get_settings()
+    precision = settings.precision if not queues or queues & SCORING_QUEUES else "fp32"
     try:
-        check_scoring_setup(settings.device, settings.precision)
+        check_scoring_setup(settings.device, precision)
     except ValueError as exc:
         log.critical("this worker cannot score here: %s (ROLLSCAN_DEVICE=%s, ROLLSCAN_PRECISION="
                      "%s); not started", exc, settings.device, settings.precision)  # fmt: skip
