@@ -81,14 +81,18 @@ def at_site(date: SiteDate | None, timezone: str) -> datetime | None:
         readings = _readings(moment, zone)
     if len(readings) == 1:
         return readings[0]
-    if not readings and not date.timed:
-        return moment.replace(tzinfo=zone)  # the first instant of a day whose midnight is skipped
+    if not date.timed:  # the day's first instant, where its midnight is skipped or repeated
+        return readings[0] if readings else moment.replace(tzinfo=zone)
     if not readings:
         raise ValueError(
             f"{moment:%Y-%m-%d %H:%M} is no time in {name}: the clocks skip it that night; "
             f"give an offset instead (e.g. {moment.replace(tzinfo=zone).isoformat(timespec='minutes')})"
         )
-    both = " or ".join(f"'{moment:%Y-%m-%d %H:%M} {here.tzname()}'" for here in readings)
+    both = " or ".join(  # abbreviations are read back in the site's zone only
+        f"'{moment:%Y-%m-%d %H:%M} {here.tzname()}'" if zone.key == timezone
+        else f"'{here.isoformat(timespec='minutes')}'"
+        for here in readings
+    )  # fmt: skip
     raise ValueError(
         f"{moment:%Y-%m-%d %H:%M} comes twice in {name}, the night the clocks go back: write {both}"
     )

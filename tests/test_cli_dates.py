@@ -75,7 +75,13 @@ def test_a_time_the_clocks_skip_or_repeat_is_refused_not_read_one_way():
     assert _utc("2027-10-31 02:30 CEST") == datetime(2027, 10, 31, 0, 30)
     assert _utc("2027-10-31 02:30 CET") == datetime(2027, 10, 31, 1, 30)
     assert _utc("2027-03-28 03:30") == datetime(2027, 3, 28, 1, 30)
-    # a date alone is its day's first instant, where the clocks skip midnight too (Santiago)
+    # a date alone is its day's first instant, where the clocks skip midnight (Santiago) or
+    # repeat it (Havana) too
     assert _utc("2026-09-06", "America/Santiago") == datetime(2026, 9, 6, 4, 0)
+    assert _utc("2024-11-03", "America/Havana") == datetime(2024, 11, 3, 4, 0)
+    # another region's repeated hour: offsets, which are read back, not its abbreviations
+    with pytest.raises(ValueError, match=r"comes twice in Europe/Paris, .* write "
+                       r"'2027-10-31T02:30\+02:00' or '2027-10-31T02:30\+01:00'"):  # fmt: skip
+        at_site(iso_date("2027-10-31 02:30 Europe/Paris"), "Asia/Tokyo")
     with pytest.raises(ValueError, match="no time in America/Santiago"):
         at_site(iso_date("2026-09-06 00:30"), "America/Santiago")
