@@ -50,7 +50,8 @@ from storage.registry import activate_model, register_model
 from storage.schema import Band, Model, Roll, Run
 from storage.settings import get_settings
 from worker.context import WorkerContext
-from worker.ingest import ingest_frame, run_tiling
+from worker.ingest import ingest_frame
+from worker.roll_layout import run_tiling
 from worker.scoring import score_band
 from worker.tiling import band_tiles
 

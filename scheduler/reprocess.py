@@ -41,7 +41,7 @@ from results.grading_rules import RuleBook
 from storage.schema import OPEN_RUN_STATUSES, Band, Model, Roll, Run, current_run
 from storage.zarr_rolls import open_roll, roll_exists
 from worker.context import WorkerContext
-from worker.ingest import fix_run_stride
+from worker.roll_layout import fix_run_stride
 from worker.roll_rows import asked_last, make_current, reopen_failed_run
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from storage.registry import activate_model, register_model
 from storage.schema import Band, Defect, FabricExtent, Grade, Model, Roll, Run
 from storage.zarr_rolls import open_roll
 from worker.fabric_mask import Extent, quarter_fabric_mask
-from worker.ingest import run_tiling
+from worker.roll_layout import run_tiling
 from worker.task_metrics import tiles_scored_total
 from worker.tiling import band_tiles, downsample_max
 

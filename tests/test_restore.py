@@ -71,3 +71,16 @@ def test_a_band_message_from_before_a_restore_is_dropped_not_the_end_of_a_roll(c
         roll = session.get(Roll, "R-new")
         assert (roll.status, roll.failure_reason) == ("done", None)
         assert session.get(Run, run_id).bands_done == done
+
+
+def test_a_roll_whose_group_metadata_alone_is_lost_keeps_its_image(ctx, tmp_path):
+    """Only the group's own `zarr.json` gone (its image there): the group is written again and
+    the roll goes on, its rows kept — not failed as if its image were lost."""
+    _submit(ctx, tmp_path, "R-group")
+    _run_first(ctx, 3)
+    ctx.store.delete("rolls/R-group.zarr/zarr.json")
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        roll = session.get(Roll, "R-group")
+        assert (roll.status, roll.failure_reason) == ("done", None)
+    assert ctx.store.exists("rolls/R-group.zarr/zarr.json")

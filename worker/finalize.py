@@ -26,7 +26,7 @@ from worker.band_scores import SCORE_SCALE
 from worker.components import DefectFinder
 from worker.context import WorkerContext
 from worker.fabric_mask import Extent, quarter_fabric_mask
-from worker.ingest import roll_arrays
+from worker.roll_layout import roll_arrays
 from worker.roll_rows import asked_last, make_current
 from worker.roll_threshold import BlockPeaks, run_threshold
 

@@ -18,7 +18,8 @@ from storage.schema import Band, Model, Roll, Run
 from worker.band_scores import band_scores
 from worker.context import WorkerContext, lock_bands
 from worker.fabric_mask import WindowFabric, band_window
-from worker.ingest import finalize_due, roll_arrays, run_tiling
+from worker.ingest import finalize_due
+from worker.roll_layout import roll_arrays, run_tiling
 from worker.task_metrics import band_scored
 from worker.tiling import band_tiles, fabric_band_tiles
 
