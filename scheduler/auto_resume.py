@@ -10,7 +10,8 @@ the queues its work goes to are empty, so that a backlog is never doubled: with 
 a finalize waiting in a queue, any of them may be the roll's. Sending work that was only held by
 a worker (a countdown) costs a second scoring of a band, never a second count. A roll is sent
 its work again at most once per `idle_after`: one that waits for its scanner (no frame to send)
-is not asked about every pass.
+is not asked about every pass, nor one whose queues were busy more often than every 10 minutes
+(each asking lists its folder).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
 
@@ -30,6 +31,8 @@ from worker.transient_errors import is_transient_error
 log = logging.getLogger(__name__)
 
 DEFAULT_IDLE_AFTER = timedelta(hours=2)
+BUSY_RECHECK = timedelta(minutes=10)  # a roll whose queues were busy is asked about again after
+_LONG_AGO = datetime.min.replace(tzinfo=UTC)
 PIPELINE_QUEUES = ("ingest", "score", "finalize", "reprocess")
 
 
@@ -42,14 +45,22 @@ class AutoResume:
     idle_after: timedelta
     queue_depths: Callable[[], Mapping[str, int]]
     _sent: dict[str, datetime] = field(default_factory=dict)  # roll → when sent again
+    _busy: dict[str, datetime] = field(default_factory=dict)  # roll → when found its queues busy
 
     def run(self, ctx: WorkerContext, now: datetime | None = None) -> list[Resumed]:
         with ctx.session() as session:
             now = now if now is not None else session.scalar(select(func.now()))
             idle = idle_rolls(session, self.idle_after, now)
-        for roll_id in self._sent.keys() - set(idle):  # moving again: forgotten
-            del self._sent[roll_id]
-        due = [r for r in idle if r not in self._sent or now - self._sent[r] >= self.idle_after]
+        for memory in (self._sent, self._busy):
+            for roll_id in memory.keys() - set(idle):  # moving again: forgotten
+                del memory[roll_id]
+        # a roll whose queues were busy is not asked about (its folder listed) each pass while
+        # a backlog lasts: a shift without reprocess workers
+        due = [
+            r for r in idle
+            if now - self._sent.get(r, _LONG_AGO) >= self.idle_after
+            and now - self._busy.get(r, _LONG_AGO) >= BUSY_RECHECK
+        ]  # fmt: skip
         if not due:
             return []
         try:
@@ -80,6 +91,7 @@ class AutoResume:
         wanted = resume_roll(ctx, roll_id, dry_run=True)
         busy = sorted(q for q in _queues_of(ctx, wanted) if depths.get(q, 0))
         if busy:
+            self._busy[roll_id] = now
             log.info("roll %s: idle for %s, but %s hold messages that may be its own: not sent "
                      "again yet", roll_id, self.idle_after, ", ".join(busy))  # fmt: skip
             return None

@@ -222,7 +222,7 @@ def test_the_scheduler_sends_again_the_work_of_a_roll_idle_with_nothing_of_it_qu
     """A lost message left its roll waiting until an operator ran `rollscan resume`; the
     scheduler now does, once the roll has been idle long enough and the queues its work goes to
     are empty (a backlog is never doubled)."""
-    from scheduler.auto_resume import AutoResume
+    from scheduler.auto_resume import BUSY_RECHECK, AutoResume
 
     planted = _submit(ctx, tmp_path, "R-auto")
     ctx.enqueue.drain(lose="score_band")  # the broker lost both bands
@@ -254,7 +254,8 @@ def test_the_scheduler_sends_again_the_work_of_a_roll_idle_with_nothing_of_it_qu
         assert auto.run(ctx, now=later) == []
     assert "roll R-lost: idle for 2:00:00, but ingest hold messages" in caplog.text
     ctx.enqueue.drain()  # the backlog (R-busy's frames) is worked off
-    assert [r.frames for r in auto.run(ctx, now=later)] == [[1, 2, 3, 4]]
+    assert auto.run(ctx, now=later + timedelta(minutes=1)) == []  # asked again after 10 min
+    assert [r.frames for r in auto.run(ctx, now=later + BUSY_RECHECK)] == [[1, 2, 3, 4]]
     ctx.enqueue.drain()
     assert _state(ctx, "R-lost") == ("done", ("done", 2, 2), FRAMES)
 
