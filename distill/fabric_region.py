@@ -3,7 +3,8 @@
 A line-scan camera sees the fabric and, beside it, the conveyor or light table. Each block of
 rows (256) is cut into narrow column cells (16 px), and each cell is described by its mean grey
 level, its contrast (standard deviation) and its texture energy across and along the roll
-(mean absolute first differences). The fabric's body is the median cell of the middle third.
+(mean absolute first differences). The fabric's body is the median cell of the middle third
+(or, for a fabric guided against one side of a wide field, of a side's third: `_fabric_cells`).
 From the body, the tracker walks cell by cell towards each side, comparing each cell with a
 running reference (the median of the last cells accepted as fabric, so lighting that falls off
 towards the sides is followed): a cell deviates when a statistic differs by more than the larger
@@ -30,6 +31,7 @@ _REFERENCE_CELLS = 8  # the running reference: the median of the last cells acce
 # absolute and a relative step: mean grey level, contrast, texture across and along.
 _ABSOLUTE_STEP = np.array([12.0, 2.0, 1.5, 1.5])
 _RELATIVE_STEP = np.array([0.15, 0.35, 0.35, 0.35])
+_TEXTURE_LEAD = 1.5  # how much more textured than the middle's a side region must be to win
 
 
 @dataclass(frozen=True)
@@ -128,6 +130,39 @@ def _refine(profile: np.ndarray, edge: int, cell: int, inward: int) -> int:
     return lo + int(crossing[0] if inward > 0 else crossing[-1] + 1)
 
 
+def _region_from(stats: np.ndarray, seed: int, body: np.ndarray) -> tuple[int, int]:
+    """The cells [left, right) of the region like `body` around the cell `seed`."""
+    return seed - _walk_to_edge(stats[:seed][::-1], body), seed + _walk_to_edge(stats[seed:], body)
+
+
+def _texture(stats: np.ndarray, cells: tuple[int, int]) -> float:
+    """The median texture energy (across + along) of the cells [left, right); 0 for none (a
+    body taken across the edge, half table and half fabric, matches no cell)."""
+    if cells[1] <= cells[0]:
+        return 0.0
+    return float(np.median(stats[cells[0] : cells[1], 2] + stats[cells[0] : cells[1], 3]))
+
+
+def _fabric_cells(stats: np.ndarray) -> tuple[int, int]:
+    """The fabric's cells [left, right): the region around the middle, unless a region around a
+    sixth from either side is clearly more textured — then that one. A fabric guided against
+    one side of a wide field covers half of it or less: the middle was the table, the region
+    found the table's, and the fabric's own flaws were masked off as table (a table is
+    smoother than a fabric: a light table, a belt; the middle stays the fabric unless the other
+    region's texture is `_TEXTURE_LEAD` times its own)."""
+    n = len(stats)
+    middle = _region_from(stats, n // 2, np.median(stats[n // 3 : n - n // 3], axis=0))
+    best, lead = middle, _TEXTURE_LEAD * _texture(stats, middle)
+    for seed in (n // 6, n - 1 - n // 6):
+        if best[0] <= seed < best[1]:
+            continue  # inside the region already chosen: the same region
+        around = stats[max(0, seed - n // 6) : seed + n // 6 + 1]
+        region = _region_from(stats, seed, np.median(around, axis=0))
+        if (texture := _texture(stats, region)) > lead:
+            best, lead = region, texture
+    return best
+
+
 def block_extent(pixels: np.ndarray, cell: int = CELL) -> tuple[int, int]:
     """(left, right) fabric columns of one block of rows (H, W[, C])."""
     grey = grey_levels(pixels)
@@ -136,10 +171,7 @@ def block_extent(pixels: np.ndarray, cell: int = CELL) -> tuple[int, int]:
     n = len(stats)
     if n < 6:
         return 0, width
-    centre = n // 2
-    body = np.median(stats[n // 3 : n - n // 3], axis=0)
-    right_cells = centre + _walk_to_edge(stats[centre:], body)
-    left_cells = centre - _walk_to_edge(stats[:centre][::-1], body)
+    left_cells, right_cells = _fabric_cells(stats)
     profile = grey.mean(axis=0)
     left = _refine(profile, left_cells * cell, cell, 1) if left_cells > 0 else 0
     right = _refine(profile, right_cells * cell, cell, -1) if right_cells < n else width

@@ -119,3 +119,17 @@ def test_grey_levels_are_the_float64_mean_to_the_bit() -> None:
         assert np.array_equal(grey, expected)
     white = np.full((2, 3, 3), 255, np.uint8)  # the largest sum does not overflow
     assert np.array_equal(grey_levels(white), np.full((2, 3), 255, np.float32))
+
+
+@pytest.mark.parametrize("share", [0.5, 0.45, 0.4, 0.3])
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize(("table", "brightness"), [(40.0, 1.0), (220.0, 0.6)])
+def test_a_fabric_guided_against_one_side_of_a_wide_field_is_found(share, side, table, brightness):
+    """A narrow roll guided along one side of a wide line: the middle of the field is the table,
+    which the tracker took for the fabric (its region the table's, the fabric's flaws masked off,
+    the roll graded on the table's width or not at all)."""
+    rows, covered = BLOCK_ROWS, int(WIDTH * share)
+    left = np.full(rows, 0 if side == "left" else WIDTH - covered)
+    right = left + covered
+    image = _roll(rows, left, right, table=table, brightness=brightness)
+    _check(band_extents(image), left, right)
