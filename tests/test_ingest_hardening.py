@@ -86,6 +86,28 @@ def test_a_frame_of_another_sample_depth_than_the_first_fails_the_roll(make_ctx)
     assert "16-bit samples; this roll's frames have 8-bit" in roll.failure_reason
 
 
+def test_a_first_frame_of_12_bit_data_in_16_bit_samples_fails_the_roll_saying_so(make_ctx):
+    """The fixed `>> 8` leaves 12-bit data 16 grey levels: every roll of such a line came out one
+    roll-long defect, graded reject, without a word. A full-range 16-bit frame is taken."""
+    ctx = make_ctx()
+    register(ctx, "R-12bit", 1)
+    twelve = io.BytesIO()
+    rng = np.random.default_rng(0)
+    tifffile.imwrite(twelve, rng.integers(0, 4096, (BAND, WIDTH), dtype=np.uint16))
+    assert ingest_frame(ctx, "R-12bit", 1, put_frame(ctx, "R-12bit", 1, twelve.getvalue())) == (
+        "failed"
+    )
+    roll, _ = roll_and_run(ctx, "R-12bit")
+    assert "frame 1" in roll.failure_reason and roll.rows_ingested == 0
+    assert "16-bit samples never exceed 4095" in roll.failure_reason
+    assert "12-bit data in 16-bit samples?" in roll.failure_reason
+    register(ctx, "R-16bit", 1)
+    full = io.BytesIO()
+    tifffile.imwrite(full, rng.integers(0, 65536, (BAND, WIDTH), dtype=np.uint16))
+    key = put_frame(ctx, "R-16bit", 1, full.getvalue())
+    assert ingest_frame(ctx, "R-16bit", 1, key) == "ingested"
+
+
 def test_meta_cannot_replace_the_roll_id_in_the_zarr_attributes(make_ctx):
     ctx = make_ctx()
     register(ctx, "R-meta", 1, meta={"roll_id": "R-other", "fabric_type": "silk", "loom": "L7"})

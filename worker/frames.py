@@ -114,7 +114,8 @@ def decode_frame_with_header(
     model's scores and its calibrated threshold are compared across all of them; a stretch
     would change a frame's grey levels with its content (one bright defect darkens the
     rest). A scanner that stores 12-bit data in 16-bit samples therefore yields dark frames;
-    scale at the scanner, not here.
+    scale at the scanner, not here (ingest fails a roll whose first such frame never exceeds
+    4095).
 
     Raises `FrameError` (a `ValueError`) for every refusal, including: not a TIFF, truncated
     or corrupt data, more than one page, float / signed / other-than-8-or-16-bit samples,
