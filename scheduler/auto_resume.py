@@ -23,7 +23,9 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
 
+from scheduler.discovery import LOCK_KEY
 from scheduler.resume import Resumed, idle_rolls, resume_roll
+from storage.database import advisory_lock
 from storage.schema import Run
 from worker.context import WorkerContext
 from worker.transient_errors import is_transient_error
@@ -48,6 +50,12 @@ class AutoResume:
     _busy: dict[str, datetime] = field(default_factory=dict)  # roll → when found its queues busy
 
     def run(self, ctx: WorkerContext, now: datetime | None = None) -> list[Resumed]:
+        """Send again what the idle rolls wait for; what was sent. One scheduler at a time (the
+        discovery pass's advisory lock): two would each send the same roll's work."""
+        with advisory_lock(ctx.engine, LOCK_KEY) as held:
+            return self._run(ctx, now) if held else []
+
+    def _run(self, ctx: WorkerContext, now: datetime | None) -> list[Resumed]:
         with ctx.session() as session:
             now = now if now is not None else session.scalar(select(func.now()))
             idle = idle_rolls(session, self.idle_after, now)

@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 from fixtures_roll import assert_same_defects, defects_of
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.resume import idle_rolls, resume_roll, retry_roll
@@ -223,6 +223,7 @@ def test_the_scheduler_sends_again_the_work_of_a_roll_idle_with_nothing_of_it_qu
     scheduler now does, once the roll has been idle long enough and the queues its work goes to
     are empty (a backlog is never doubled)."""
     from scheduler.auto_resume import BUSY_RECHECK, AutoResume
+    from scheduler.discovery import LOCK_KEY
 
     planted = _submit(ctx, tmp_path, "R-auto")
     ctx.enqueue.drain(lose="score_band")  # the broker lost both bands
@@ -235,6 +236,11 @@ def test_the_scheduler_sends_again_the_work_of_a_roll_idle_with_nothing_of_it_qu
     assert auto.run(ctx) == []  # it moved a moment ago
     with ctx.session() as session:
         later = _later(session) + timedelta(minutes=1)
+    with ctx.engine.connect() as other:  # another scheduler's pass: it sends, not this one
+        other.execute(text("SELECT pg_advisory_lock(:k)"), {"k": LOCK_KEY})
+        queued = len(ctx.enqueue.queue)
+        assert auto.run(ctx, now=later) == [] and len(ctx.enqueue.queue) == queued
+        other.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": LOCK_KEY})
     with caplog.at_level(logging.ERROR, logger="scheduler.auto_resume"):
         resumed = auto.run(ctx, now=later)  # the broken roll stops neither the pass nor the others
     assert [r.bands for r in resumed] == [[(_run_id(ctx, "R-auto"), b) for b in (0, 1)]]
