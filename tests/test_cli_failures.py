@@ -92,6 +92,7 @@ def test_a_database_that_does_not_exist_is_a_setting_to_correct(site, capsys, mi
             "minio:9000",
             "(ROLLSCAN_S3_ENDPOINT): Value error, not an endpoint URL",
         ),
+        ("ROLLSCAN_OVERLAP", "200", "overlap 200 must be at most half the tile (128)"),
         (
             "ROLLSCAN_S3_BUCKET",
             "rollscan ",
