@@ -11,7 +11,9 @@ towards the sides is followed): a cell deviates when a statistic differs by more
 of an absolute and a relative step. A deviating run is a defect inside the fabric, not its
 edge, when fabric resumes within LOOKAHEAD cells; otherwise the edge is there. Both directions
 of difference count, so a white fabric on a dark table and a dark fabric on a white one are
-found alike, and so is a table as bright as the fabric but of another texture. Where margin and
+found alike, and so is a table as bright as the fabric but of another texture (for a fabric
+against one side of the field, where the middle is table, the more textured side is taken for
+the fabric: `_fabric_cells`). Where margin and
 body differ in brightness, the edge is refined to the column where the grey level crosses
 half-way between them. A band narrower than 6 cells, or with no margin, is fabric from side to
 side.
@@ -144,21 +146,25 @@ def _texture(stats: np.ndarray, cells: tuple[int, int]) -> float:
 
 
 def _fabric_cells(stats: np.ndarray) -> tuple[int, int]:
-    """The fabric's cells [left, right): the region around the middle, unless a region around a
-    sixth from either side is clearly more textured — then that one. A fabric guided against
-    one side of a wide field covers half of it or less: the middle was the table, the region
-    found the table's, and the fabric's own flaws were masked off as table (a table is
-    smoother than a fabric: a light table, a belt; the middle stays the fabric unless the other
-    region's texture is `_TEXTURE_LEAD` times its own)."""
+    """The fabric's cells [left, right): the region around the middle — unless it reaches a side
+    of the field (or is narrower than a third of it) and a region grown from a sixth from the
+    other side reaches that side and is clearly more textured (`_TEXTURE_LEAD` times). A fabric
+    guided against one side of a wide field covers half of it or less: the middle was the
+    table, the region found the table's, and the fabric's own flaws were masked off as table.
+    A middle region with table on both sides is a centred fabric and is kept, however grainy
+    the table (a mesh belt beside a smooth fabric)."""
     n = len(stats)
     middle = _region_from(stats, n // 2, np.median(stats[n // 3 : n - n // 3], axis=0))
+    if middle[0] > 0 and middle[1] < n and middle[1] - middle[0] >= n // 3:
+        return middle  # table on both sides of it: a centred fabric, whatever the table's grain
     best, lead = middle, _TEXTURE_LEAD * _texture(stats, middle)
-    for seed in (n // 6, n - 1 - n // 6):
+    for seed, side in ((n // 6, 0), (n - 1 - n // 6, n)):
         if best[0] <= seed < best[1]:
             continue  # inside the region already chosen: the same region
         around = stats[max(0, seed - n // 6) : seed + n // 6 + 1]
         region = _region_from(stats, seed, np.median(around, axis=0))
-        if (texture := _texture(stats, region)) > lead:
+        # the fabric against a side reaches it; the middle's region then reaches the other
+        if side in region and (texture := _texture(stats, region)) > lead:
             best, lead = region, texture
     return best
 

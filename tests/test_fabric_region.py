@@ -133,3 +133,15 @@ def test_a_fabric_guided_against_one_side_of_a_wide_field_is_found(share, side, 
     right = left + covered
     image = _roll(rows, left, right, table=table, brightness=brightness)
     _check(band_extents(image), left, right)
+
+
+def test_a_smooth_fabric_centred_on_a_grainy_table_stays_the_fabric():
+    """The one-sided rule reads texture: a centred fabric smoother than its table (a mesh belt,
+    a satin) must not lose to a side region of the table, which reaches a side while the
+    middle's region has table on both sides."""
+    rows, left, right = BLOCK_ROWS, np.full(BLOCK_ROWS, 300), np.full(BLOCK_ROWS, 1300)
+    fabric = make_fabric(rows, WIDTH, weave="twill", seed=4).astype(np.float32)
+    smooth = fabric.mean() + (fabric - fabric.mean()) * 0.15
+    image = _table(rows, WIDTH, 120.0, 8.0, seed=5).astype(np.float32)
+    image[:, 300:1300] = smooth[:, 300:1300]
+    _check(band_extents(np.clip(image, 0, 255).astype(np.uint8)), left, right)
