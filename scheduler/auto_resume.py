@@ -21,12 +21,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from scheduler.discovery import LOCK_KEY
 from scheduler.resume import Resumed, idle_rolls, resume_roll
 from storage.database import advisory_lock
-from storage.schema import Run
+from storage.schema import Roll, Run
 from worker.context import WorkerContext
 from worker.transient_errors import is_transient_error
 
@@ -107,6 +107,8 @@ class AutoResume:
         if not (wanted.frames or wanted.bands or wanted.finalizes):
             return None  # it waits for its scanner, or a worker that holds its work
         resumed = resume_roll(ctx, roll_id)
+        with ctx.session() as session:  # it moved: another scheduler does not send it again
+            session.execute(update(Roll).where(Roll.id == roll_id).values(updated_at=now))
         log.warning("no progress for %s and nothing of its work queued: %s", self.idle_after,
                     resumed)  # fmt: skip
         return resumed

@@ -245,6 +245,9 @@ def test_the_scheduler_sends_again_the_work_of_a_roll_idle_with_nothing_of_it_qu
         resumed = auto.run(ctx, now=later)  # the broken roll stops neither the pass nor the others
     assert [r.bands for r in resumed] == [[(_run_id(ctx, "R-auto"), b) for b in (0, 1)]]
     assert "roll R-broken: its work could not be sent again" in caplog.text
+    # another scheduler, its pass after this one's, before a band is scored: the roll moved
+    other = AutoResume(2 * HOUR, lambda: {})
+    assert [r.roll_id for r in other.run(ctx, now=later + timedelta(seconds=10))] == ["R-queued"]
     # sent once: not again while its bands are queued, nor on the next pass
     assert auto.run(ctx, now=later + timedelta(minutes=1)) == []
     ctx.enqueue.drain()
