@@ -259,14 +259,16 @@ def _ingest_frame(ctx: WorkerContext, roll_id: str, seq: int, key: str) -> str:
                 f"= {ctx.settings.max_frame_width})"
             )
         return _frame_failed(ctx, roll_id, seq, key, info.etag, reason)
-    if bits is None and header.bits == 16 and int(pixels.max(initial=0)) < 16:
+    if seq == 1 and bits is None and header.bits == 16 and int(pixels.max(initial=0)) < 16:
         # 16-bit samples that never exceed 4095: a 12-bit camera's data in 16-bit samples, which
         # the fixed `>> 8` turns into 16 grey levels — every roll of such a line came out one
-        # roll-long defect, graded reject, without a word
+        # roll-long defect, graded reject, without a word. (A roll begun before the depth was
+        # kept is not judged by a later frame, which may be a dark tail.)
         reason = (
             f"frame {seq} ({key}): its 16-bit samples never exceed 4095, which leaves 16 grey "
             "levels of 256: 12-bit data in 16-bit samples? Scale it to the full 16-bit range (or "
-            "send 8-bit frames) at the scanner"
+            "send 8-bit frames) at the scanner. (A first frame all but black — a dark leader — "
+            "reads the same: start the scan on the fabric)"
         )
         return _frame_failed(ctx, roll_id, seq, key, info.etag, reason)
 
