@@ -32,7 +32,6 @@ from worker.transient_errors import is_transient_error
 
 log = logging.getLogger(__name__)
 
-DEFAULT_IDLE_AFTER = timedelta(hours=2)
 BUSY_RECHECK = timedelta(minutes=10)  # a roll whose queues were busy is asked about again after
 _LONG_AGO = datetime.min.replace(tzinfo=UTC)
 PIPELINE_QUEUES = ("ingest", "score", "finalize", "reprocess")

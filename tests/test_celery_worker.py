@@ -159,7 +159,7 @@ def test_a_worker_set_up_for_a_gpu_the_machine_lacks_stops_before_it_takes_work(
     submit(stack.ctx, str(celery_roll[0]))
     refused = stack.start_process(None, device="cuda")
     assert refused.proc.wait(timeout=ROLL_TIMEOUT_S) == 2, refused.tail()
-    said = "this worker cannot score here: device 'cuda' requested but no CUDA GPU is available"
+    said = "this worker cannot run its model here: device 'cuda' requested but no CUDA GPU is available"
     assert said in refused.log() and "received" not in refused.log(), refused.tail()
     cpu_side = stack.start_process(
         [str(CELERY), "-A", "worker.app", "worker", "-Q", "ingest,finalize", "-c", "1",

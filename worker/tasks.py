@@ -144,7 +144,7 @@ def _refuse_a_device_it_lacks(sender: Any = None, **_: Any) -> None:
     try:
         check_scoring_setup(settings.device, precision)
     except ValueError as exc:
-        log.critical("this worker cannot score here: %s (ROLLSCAN_DEVICE=%s, ROLLSCAN_PRECISION="
+        log.critical("this worker cannot run its model here: %s (ROLLSCAN_DEVICE=%s, ROLLSCAN_PRECISION="
                      "%s); not started", exc, settings.device, settings.precision)  # fmt: skip
         raise SystemExit(2) from None
 
