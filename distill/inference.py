@@ -63,10 +63,9 @@ def check_scoring_setup(device: str, precision: str) -> None:
     Safe before a fork: CUDA is asked through NVML (`device_count`), never initialised — a
     prefork worker's children could not use a GPU their parent had initialised — so a GPU's bf16
     is left to the first band (the GPUs rollscan targets all have it)."""
-    kind = "cuda" if device == "auto" and torch.cuda.device_count() else device
-    target = torch.device("cpu" if kind == "auto" else kind)
+    count = torch.cuda.device_count()
+    target = torch.device(("cuda" if count else "cpu") if device == "auto" else device)
     if target.type == "cuda":
-        count = torch.cuda.device_count()
         if count == 0:
             raise ValueError(f"device {device!r} requested but no CUDA GPU is available")
         if target.index is not None and target.index >= count:

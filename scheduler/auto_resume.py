@@ -24,9 +24,9 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy import func, select, update
 
 from scheduler.discovery import LOCK_KEY
-from scheduler.resume import Resumed, idle_rolls, resume_roll
+from scheduler.resume import Resumed, RollWork, idle_rolls, roll_work, send_work
 from storage.database import advisory_lock
-from storage.schema import Roll, Run
+from storage.schema import Roll
 from worker.context import WorkerContext
 from worker.transient_errors import is_transient_error
 
@@ -95,8 +95,9 @@ class AutoResume:
     def _resume(
         self, ctx: WorkerContext, roll_id: str, depths: Mapping[str, int], now: datetime
     ) -> Resumed | None:
-        wanted = resume_roll(ctx, roll_id, dry_run=True)
-        busy = sorted(q for q in _queues_of(ctx, wanted) if depths.get(q, 0))
+        work = roll_work(ctx, roll_id)
+        wanted = send_work(ctx, work, dry_run=True)
+        busy = sorted(q for q in _queues_of(work, wanted) if depths.get(q, 0))
         if busy:
             self._busy[roll_id] = now
             log.info("roll %s: idle for %s, but %s hold messages that may be its own: not sent "
@@ -105,7 +106,7 @@ class AutoResume:
         self._sent[roll_id] = now
         if not (wanted.frames or wanted.bands or wanted.finalizes):
             return None  # it waits for its scanner, or a worker that holds its work
-        resumed = resume_roll(ctx, roll_id)
+        resumed = send_work(ctx, work)  # what was read above: its folder is not listed twice
         with ctx.session() as session:  # it moved: another scheduler does not send it again
             session.execute(update(Roll).where(Roll.id == roll_id).values(updated_at=now))
         log.warning("no progress for %s and nothing of its work queued: %s", self.idle_after,
@@ -113,14 +114,15 @@ class AutoResume:
         return resumed
 
 
-def _queues_of(ctx: WorkerContext, wanted: Resumed) -> set[str]:
-    """The queues the work `wanted` would go to."""
+def _queues_of(work: RollWork, wanted: Resumed) -> set[str]:
+    """The queues the work `wanted` of `work` would go to."""
     queues = {"ingest"} if wanted.frames else set()
     if wanted.finalizes:
         queues.add("finalize")
-    runs = {run_id for run_id, _ in wanted.bands}
-    if runs:
-        with ctx.session() as session:
-            purposes = session.scalars(select(Run.purpose).where(Run.id.in_(runs)))
-            queues |= {"reprocess" if purpose != "live" else "score" for purpose in purposes}
+    banded = {run_id for run_id, _ in wanted.bands}
+    queues |= {
+        "score" if purpose == "live" else "reprocess"
+        for run_id, purpose, _, _ in work.runs
+        if run_id in banded
+    }
     return queues

@@ -81,11 +81,17 @@ def idle_rolls(session: Session, idle: timedelta, now: datetime | None = None) -
     return list(rows)
 
 
-def resume_roll(
-    ctx: WorkerContext, roll_id: str, dry_run: bool = False, frames_only: bool = False
-) -> Resumed:
-    """Send again what `roll_id` waits for (see the module's docstring); `dry_run`: only say;
-    `frames_only`: its frames alone (`retry_roll` has sent its live run's bands)."""
+@dataclass
+class RollWork:
+    """What a roll waits for, as the database and its source folder say (`roll_work`)."""
+
+    roll_id: str
+    frames: list[tuple[int, str]]  # (seq, key): under its source, not ingested or replaced since
+    runs: list[tuple[int, str, bool, list[int]]]  # open runs: (id, purpose, finalize due, pending)
+
+
+def roll_work(ctx: WorkerContext, roll_id: str) -> RollWork:
+    """What `roll_id` waits for (see the module's docstring); ValueError for an unknown roll."""
     with ctx.session() as session:
         roll = session.get(Roll, roll_id)
         if roll is None:
@@ -101,7 +107,6 @@ def resume_roll(
             for run in runs
         ]  # fmt: skip
         source, status, total = roll.source, roll.status, roll.frames_total
-    resumed = Resumed(roll_id)
     frames = []
     if (status in OPEN_ROLL or status == "done") and source:  # a done roll: frames replaced
         _, listed, twice = list_roll(ctx.store, source.rstrip("/"))  # as discovery lists it
@@ -111,11 +116,20 @@ def resume_roll(
             (seq, info.key) for seq, info in listed.items()
             if (total is None or seq <= total) and ingested.get(seq) != info.etag
         ]  # fmt: skip
-    for seq, key in sorted(frames):
+    return RollWork(roll_id, sorted(frames), work)
+
+
+def send_work(
+    ctx: WorkerContext, work: RollWork, dry_run: bool = False, frames_only: bool = False
+) -> Resumed:
+    """Send `work` again; `dry_run`: only say; `frames_only`: its frames alone (`retry_roll`
+    has sent its live run's bands)."""
+    resumed = Resumed(work.roll_id)
+    for seq, key in work.frames:
         resumed.frames.append(seq)
         if not dry_run:
-            ctx.enqueue.ingest(roll_id, seq, key)
-    for run_id, purpose, finalize, pending in [] if frames_only else work:
+            ctx.enqueue.ingest(work.roll_id, seq, key)
+    for run_id, purpose, finalize, pending in [] if frames_only else work.runs:
         for band in pending:
             resumed.bands.append((run_id, band))
             if not dry_run:
@@ -127,6 +141,14 @@ def resume_roll(
     if not dry_run:
         log.info("%s", resumed)
     return resumed
+
+
+def resume_roll(
+    ctx: WorkerContext, roll_id: str, dry_run: bool = False, frames_only: bool = False
+) -> Resumed:
+    """Send again what `roll_id` waits for (see the module's docstring); `dry_run`: only say;
+    `frames_only`: its frames alone (`retry_roll` has sent its live run's bands)."""
+    return send_work(ctx, roll_work(ctx, roll_id), dry_run, frames_only)
 
 
 def retry_roll(ctx: WorkerContext, roll_id: str) -> Resumed:

@@ -21,7 +21,7 @@ from typing import Any
 from celery import Task
 from celery.signals import worker_init
 
-from worker.app import app
+from worker.app import QUEUES, app
 from worker.backoff import RETRY_LATER_CAP_S, TRANSIENT_MAX_RETRIES, TRANSIENT_RETRY, Backoff
 from worker.context import LOCK_WAIT_LIMIT, RetryLater, WorkerContext
 from worker.deliveries import Delivery, fail_delivery, run_counted
@@ -135,12 +135,12 @@ def _refuse_a_device_it_lacks(sender: Any = None, **_: Any) -> None:
     from distill.inference import check_scoring_setup
     from storage.settings import get_settings
 
-    selected = getattr(getattr(sender, "app", None), "amqp", None)
-    queues = set(selected.queues.consume_from or ()) if selected is not None else set()
-    if queues and not queues & (SCORING_QUEUES | {"train"}):
+    # the queues of its -Q (Celery's default set without one); none known: all of them
+    queues = set(sender.app.amqp.queues.consume_from or QUEUES)
+    if not queues & (SCORING_QUEUES | {"train"}):
         return
     settings = get_settings()
-    precision = settings.precision if not queues or queues & SCORING_QUEUES else "fp32"
+    precision = settings.precision if queues & SCORING_QUEUES else "fp32"
     try:
         check_scoring_setup(settings.device, precision)
     except ValueError as exc:
