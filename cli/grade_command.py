@@ -43,6 +43,10 @@ def _grade(args: argparse.Namespace) -> int:
         limits = [limit for _, limit in rules_for(r.fabric_type).acceptance]
         density = decisive_text(r.points_per_100yd2, limits)  # 40.002 is not "40.00" beside B ≤ 40
         print(f"{r.roll_id:<24}{r.length_m:>10.1f}{r.points:>8}{density:>16}  {r.grade}")
+    for r in rows:
+        if r.unseen_m > 0:  # graded on what was seen: a grader must know what was not
+            print(f"roll {r.roll_id}: no fabric seen over {r.unseen_m:.2f} m of its "
+                  f"{r.length_m:.2f} m (dark or blank frames): graded on the rest")  # fmt: skip
     return 1 if skipped else 0
 
 

@@ -16,7 +16,10 @@ against one side of the field, where the middle is table, the more textured side
 the fabric: `_fabric_cells`). Where margin and
 body differ in brightness, the edge is refined to the column where the grey level crosses
 half-way between them. A band narrower than 6 cells, or with no margin, is fabric from side to
-side.
+side. A block without texture in any cell (`NO_TEXTURE`: a dark or saturated frame — lights off,
+a capped lens, the line running before the fabric's start or past its end) holds no fabric: its
+extent is empty (left = right = 0), so nothing there is ever reported as a defect, and the
+length it covers is reported as not seen.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ _REFERENCE_CELLS = 8  # the running reference: the median of the last cells acce
 _ABSOLUTE_STEP = np.array([12.0, 2.0, 1.5, 1.5])
 _RELATIVE_STEP = np.array([0.15, 0.35, 0.35, 0.35])
 _TEXTURE_LEAD = 1.5  # how much more textured than the middle's a side region must be to win
+# Grey levels (of 255) of contrast and texture across and along that no cell of a block without
+# fabric reaches: a camera's dark noise or a saturated frame stays well below; the least textured
+# cell of any AITEX fabric strip has 5.2 / 3.6 / 2.6. Any one cell above it (a hole in a smooth
+# fabric, the fabric's end coming in) keeps the whole block scored.
+NO_TEXTURE = 2.0
 
 
 @dataclass(frozen=True)
@@ -170,11 +178,14 @@ def _fabric_cells(stats: np.ndarray) -> tuple[int, int]:
 
 
 def block_extent(pixels: np.ndarray, cell: int = CELL) -> tuple[int, int]:
-    """(left, right) fabric columns of one block of rows (H, W[, C])."""
+    """(left, right) fabric columns of one block of rows (H, W[, C]); (0, 0) for a block that
+    holds no fabric (`NO_TEXTURE`)."""
     grey = grey_levels(pixels)
     width = grey.shape[1]
     stats = cell_statistics(grey, cell)
     n = len(stats)
+    if n and (stats[:, 1:] < NO_TEXTURE).all():
+        return 0, 0
     if n < 6:
         return 0, width
     left_cells, right_cells = _fabric_cells(stats)

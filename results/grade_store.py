@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from results.grading import choose_width, grade_roll
 from results.grading_rules import GradingRules, RuleBook
 from storage.database import is_transient_db_error
-from storage.fabric_extents import edges_along_mm, measured_fabric_mm
+from storage.fabric_extents import edges_along_mm, measured_fabric_mm, unseen_mm
 from storage.schema import Defect, Grade, Roll, Run
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class GradeRow:
     grade: str
     defects: int
     ignored: int  # at the selvage
+    unseen_m: float = 0.0  # of the roll's length, where no fabric was seen (not graded)
 
 
 def grade_run(
@@ -83,6 +84,15 @@ def grade_run(
         .where(Defect.run_id == run_id)
         .order_by(Defect.defect_no)
     ).all()
+    # blocks where no fabric was seen (dark or blank frames) are graded neither way: the points
+    # per 100 yd² are over the yards seen, and the grade says how much was not
+    unseen = unseen_mm(session, roll.id)
+    seen_mm = roll.length_m * 1000.0 - unseen
+    if not seen_mm > 0:
+        raise ValueError(
+            f"roll {roll.id}: no fabric was seen over its {roll.length_m:.2f} m (dark or blank "
+            "frames: the lights, the lens, the line's start or end?): it cannot be graded"
+        )
     measured = measured_fabric_mm(session, roll.id)
     width_mm, left_mm, right_mm, source = choose_width(
         roll.width_mm, measured, rules.width_tolerance
@@ -92,12 +102,12 @@ def grade_run(
                     "%.0f %%): grading on the measured width", roll.id, width_mm, roll.width_mm,
                     100 * rules.width_tolerance)  # fmt: skip
     result = grade_roll(
-        [tuple(r[1:]) for r in rows], roll.length_m * 1000.0, width_mm, rules, left_mm, right_mm,
+        [tuple(r[1:]) for r in rows], seen_mm, width_mm, rules, left_mm, right_mm,
         edges_along_mm(session, roll.id),
     )  # fmt: skip
     result.details.update(
         width_source=source, manifest_width_mm=roll.width_mm,
-        measured_width_mm=None if measured is None else measured[2],
+        measured_width_mm=None if measured is None else measured[2], unseen_m=unseen / 1000.0,
     )  # fmt: skip
     if section is not None:
         result.details["rules_section"] = section
@@ -138,6 +148,7 @@ def grade_run(
         grade=result.grade,
         defects=len(rows),
         ignored=ignored,
+        unseen_m=unseen / 1000.0,
     )
 
 

@@ -39,7 +39,8 @@ LABEL = {
 
 def edge_lines(extents: list[dict[str, Any]]) -> np.ndarray:
     """(n, 2, 2) line segments (along m, across mm) of the left and right edges, blocks in a
-    row with the same edge joined into one segment."""
+    row with the same edge joined into one segment; none where no fabric was seen."""
+    extents = [x for x in extents if x["width_mm"] > 0]
     if not extents:
         return np.zeros((0, 2, 2))
     y0 = np.array([x["y0_mm"] for x in extents]) / 1000

@@ -238,13 +238,17 @@ def _threshold_row(data: ReportData) -> tuple[str, str]:
 
 
 def _width_row(extents: list[dict[str, Any]]) -> tuple[str, str]:
-    if not extents:
-        return ("measured width", "not measured")
-    widths = np.array([x["width_mm"] for x in extents])
-    left = np.median([x["left_mm"] for x in extents])
-    right = np.median([x["right_mm"] for x in extents])
+    fabric = [x for x in extents if x["width_mm"] > 0]
+    unseen = sum(x["y1_mm"] - x["y0_mm"] for x in extents if x["width_mm"] == 0) / 1000
+    # dark or blank frames: nothing there is a defect, and nothing there was inspected
+    note = f"; no fabric seen over {unseen:.2f} m (dark or blank frames)" if unseen else ""
+    if not fabric:
+        return ("measured width", ("not measured" if not extents else "no fabric seen") + note)
+    widths = np.array([x["width_mm"] for x in fabric])
+    left = np.median([x["left_mm"] for x in fabric])
+    right = np.median([x["right_mm"] for x in fabric])
     return ("measured width", f"{np.median(widths):.1f} mm (min {widths.min():.1f}, max "
-            f"{widths.max():.1f}; edges at {left:.1f} and {right:.1f} mm, drawn in cyan)")  # fmt: skip
+            f"{widths.max():.1f}; edges at {left:.1f} and {right:.1f} mm, drawn in cyan){note}")  # fmt: skip
 
 
 def _listed(items: list[str], sep: str, shown: int = LISTED) -> str:
@@ -275,7 +279,8 @@ def _grade_html(data: ReportData) -> str:
         ("points / 100 yd²", e(decisive_text(g["points_per_100yd2"],
                                              [limit for _, limit in d.get("acceptance", [])]))),
         ("computed as", f"{e(d.get('formula'))} = {e(g['points'])} × 3600 / ({yards} × {width})"),
-        ("yards inspected", yards),
+        ("yards inspected", yards + (f" (no fabric seen over {d['unseen_m']:.2f} m of the roll: "
+                                     "not graded)" if d.get("unseen_m") else "")),
         ("cuttable width", f"{width} in (roll {_num(d.get('roll_width_in'), '.2f')} in less 2 × "
                            f"{e(d.get('selvage_margin_in'))} in selvage)"),
         ("ignored at the selvage", e(_listed(ignored, ", "))),

@@ -8,6 +8,7 @@ training tiles never overlap the inspected rows.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -64,12 +65,15 @@ def write_synthetic_roll(
     plan: list[tuple[str, tuple[int, int]]] | None = None,
     complete: bool = True,
     table: tuple[int, int, int] | None = None,
+    dark: Sequence[tuple[int, int]] = (),
 ) -> tuple[dict, list[PlantedDefect]]:
     """Write `dst/manifest.json`, `dst/frames/000001.tif`, … and `dst/planted.json`.
 
     `table` = (left px, right px, grey level): the camera also sees that much of an even,
     slightly noisy table beside the fabric on each side (the manifest's width stays the
-    image's, as a scanner that does not measure its fabric would write it)."""
+    image's, as a scanner that does not measure its fabric would write it). `dark`: row ranges
+    [start, stop) where the camera saw no fabric (the lights off, the line's start before the
+    fabric's): a camera's dark noise, from side to side."""
     dst = Path(dst)
     rows = frames * frame_rows
     image = make_fabric(rows, width, weave=weave, seed=seed, row_offset=ROLL_ROW_OFFSET)
@@ -78,6 +82,11 @@ def write_synthetic_roll(
         noise = np.random.default_rng(seed + 2).normal(grey, 2.0, (rows, left + right))
         sides = np.clip(noise, 0, 255).astype(image.dtype)
         image[:, :left], image[:, width - right :] = sides[:, :left], sides[:, left:]
+    for start, stop in dark:
+        noise = np.random.default_rng(seed + 3).normal(
+            3.0, 0.8, (stop - start, width, *image.shape[2:])
+        )
+        image[start:stop] = np.clip(noise, 0, 255).astype(image.dtype)
     rng = np.random.default_rng(seed + 1)
     planted = []
     for kind, center in plan if plan is not None else default_plan(rows, width):

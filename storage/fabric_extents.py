@@ -3,7 +3,8 @@ finalize (the mask) and grading (the measured width, and the selvage beside each
 
 An extent is anything with `row_start`, `row_stop`, `left`, `right` (pixels), such as
 `distill.fabric_region.Extent`; a band scored twice measures the same pixels and upserts the
-same rows.
+same rows. A block where no fabric was seen has an empty extent (width 0): the fabric's widths
+and edges are read over the other blocks, and its length counts as not seen (`unseen_mm`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from storage.schema import FabricExtent
+
+_ON_FABRIC = FabricExtent.width_mm > 0  # the blocks where fabric was seen
 
 
 class ExtentLike(Protocol):
@@ -58,7 +61,8 @@ def store_extents(
 
 
 def roll_extents(session: Session, roll_id: str) -> list[tuple[int, int, int, int]]:
-    """The stored extents of a roll, in row order: (row_start, row_stop, left, right) px."""
+    """The stored extents of a roll, in row order: (row_start, row_stop, left, right) px, the
+    blocks without fabric (left = right) among them."""
     rows = session.execute(
         select(FabricExtent.row_start, FabricExtent.row_stop, FabricExtent.left_px,
                FabricExtent.right_px)
@@ -66,6 +70,16 @@ def roll_extents(session: Session, roll_id: str) -> list[tuple[int, int, int, in
         .order_by(FabricExtent.row_start)
     ).all()  # fmt: skip
     return [tuple(r) for r in rows]
+
+
+def unseen_mm(session: Session, roll_id: str) -> float:
+    """The length (mm) along a roll of its blocks where no fabric was seen."""
+    length = func.coalesce(func.sum(FabricExtent.y1_mm - FabricExtent.y0_mm), 0.0)
+    return float(
+        session.scalar(
+            select(length).where(FabricExtent.roll_id == roll_id, FabricExtent.width_mm == 0)
+        )
+    )
 
 
 def measured_fabric_mm(session: Session, roll_id: str) -> tuple[float, float, float] | None:
@@ -76,7 +90,7 @@ def measured_fabric_mm(session: Session, roll_id: str) -> tuple[float, float, fl
     # the medians of the roll_widths view, computed in the database as there
     edges = (FabricExtent.left_mm, FabricExtent.right_mm, FabricExtent.width_mm)
     median = [func.percentile_cont(0.5).within_group(edge) for edge in edges]
-    row = session.execute(select(*median).where(FabricExtent.roll_id == roll_id)).one()
+    row = session.execute(select(*median).where(FabricExtent.roll_id == roll_id, _ON_FABRIC)).one()
     return None if row[0] is None else (float(row[0]), float(row[1]), float(row[2]))
 
 
@@ -85,7 +99,7 @@ def edges_along_mm(session: Session, roll_id: str) -> list[tuple[float, float, f
     row order — where the selvage lies beside each defect, as the fabric wanders."""
     rows = session.execute(
         select(FabricExtent.y0_mm, FabricExtent.y1_mm, FabricExtent.left_mm, FabricExtent.right_mm)
-        .where(FabricExtent.roll_id == roll_id)
+        .where(FabricExtent.roll_id == roll_id, _ON_FABRIC)
         .order_by(FabricExtent.row_start)
     ).all()  # fmt: skip
     return [tuple(r) for r in rows]

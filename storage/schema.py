@@ -304,6 +304,7 @@ class FabricExtent(Base):
     )
     row_start: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     row_stop: Mapped[int] = mapped_column(BigInteger, comment="exclusive")
+    # a block where no fabric was seen has an empty extent: left_px = right_px = 0, width_mm = 0
     left_px: Mapped[int] = mapped_column(comment="first fabric column")
     right_px: Mapped[int] = mapped_column(comment="one past the last fabric column")
     y0_mm: Mapped[float] = mapped_column(comment="rows in mm along the roll")
@@ -315,8 +316,8 @@ class FabricExtent(Base):
 
     __table_args__ = (
         CheckConstraint("row_start >= 0 AND row_stop > row_start", name="rows_ordered"),
-        CheckConstraint("left_px >= 0 AND right_px > left_px", name="columns_ordered"),
-        CheckConstraint("width_mm > 0", name="width_positive"),
+        CheckConstraint("left_px >= 0 AND right_px >= left_px", name="columns_ordered"),
+        CheckConstraint("width_mm >= 0", name="width_positive"),
     )
 
 

@@ -57,7 +57,7 @@ def test_a_process_on_a_database_not_yet_upgraded_waits_for_it(
     upgrade(url, "0007")
     env_context(url, tmp_path)
     with pytest.raises(
-        SchemaNotAtHead, match="at schema revision 0007; this rollscan needs revision 0012"
+        SchemaNotAtHead, match="at schema revision 0007; this rollscan needs revision 0013"
     ) as caught:
         process_context()
     assert is_transient_error(caught.value)

@@ -14,6 +14,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from lock_waits import wait_for_lock_waits
 from sqlalchemy import CheckConstraint, create_engine, inspect, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from cli.db_commands import add_parser as add_db_commands
@@ -78,7 +79,7 @@ def _relations(url: str) -> dict[str, str]:
 def test_upgrade_downgrade_upgrade_round_trip(make_database: Callable[[], str]) -> None:
     url = make_database()
     head = database.head_revision()
-    assert head == "0012"
+    assert head == "0013"
     assert database.current_revision(url) is None
 
     database.upgrade(url)
@@ -162,6 +163,46 @@ def test_0011_keeps_the_widths_and_adds_the_completion_date(
         engine.dispose()
 
 
+def test_0013_keeps_the_widths_and_counts_blocks_without_fabric(
+    make_database: Callable[[], str],
+) -> None:
+    """A block where no fabric was seen is stored with an empty extent (the checks refused one):
+    the widths stay the fabric's, `unseen_mm` counts the block's length; a downgrade drops it."""
+    url = make_database()
+    database.upgrade(url, "0012")
+    engine = create_engine(url)
+    widths = "SELECT * FROM roll_widths ORDER BY roll_id"
+    block = (
+        "INSERT INTO fabric_extents (roll_id, row_start, row_stop, left_px, right_px, y0_mm, "
+        "y1_mm, left_mm, right_mm, width_mm) VALUES ('R-1', :s, :s + 256, :l, :r, :s / 4.0, "
+        "(:s + 256) / 4.0, :l / 4.0, :r / 4.0, (:r - :l) / 4.0)"
+    )
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO rolls (id, fabric_type, width_mm, px_per_mm_x, px_per_mm_y, status) "
+                "VALUES ('R-1', 'denim', 100, 4, 4, 'done')"
+            ))  # fmt: skip
+            for k, (left, right) in enumerate([(40, 360), (48, 352), (40, 344)]):
+                conn.execute(text(block), {"s": 256 * k, "l": left, "r": right})
+            before = conn.execute(text(widths)).all()
+            with pytest.raises(sa_exc.IntegrityError, match="columns_ordered"), conn.begin_nested():
+                conn.execute(text(block), {"s": 768, "l": 0, "r": 0})
+        database.upgrade(url, "0013")
+        with engine.begin() as conn:
+            assert [tuple(r)[:-1] for r in conn.execute(text(widths))] == before
+            assert conn.execute(text("SELECT unseen_mm FROM roll_widths")).scalar() == 0
+            conn.execute(text(block), {"s": 768, "l": 0, "r": 0})
+            after = conn.execute(text(widths)).one()
+        assert tuple(after)[:-1] == (*before[0][:3], 4, *before[0][4:])
+        assert after.unseen_mm == 64.0
+        database.downgrade(url, "0012")
+        with engine.connect() as conn:
+            assert conn.execute(text(widths)).all() == before
+    finally:
+        engine.dispose()
+
+
 def test_cli_db_commands(
     make_database: Callable[[], str],
     monkeypatch: pytest.MonkeyPatch,
@@ -174,7 +215,7 @@ def test_cli_db_commands(
     assert "none" in capsys.readouterr().out
     assert _cli("db", "upgrade") == 0
     assert _cli("db", "current") == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "0012 (head)"
+    assert capsys.readouterr().out.splitlines()[-1] == "0013 (head)"
     with pytest.raises(ValueError, match="db downgrade"):
         _cli("db", "downgrade", "no-such-revision")
     engine = create_engine(url)

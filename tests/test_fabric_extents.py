@@ -12,6 +12,7 @@ from sqlalchemy import func, select, text
 from distill.checkpoint import load_model, read_checkpoint, save_checkpoint
 from results.grade_store import grade_run
 from results.grading import choose_width
+from results.roll_report import write_roll_report
 from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.submit import submit
 from storage.fabric_extents import store_extents
@@ -186,3 +187,74 @@ def test_the_quarter_mask_keeps_every_quarter_pixel_that_touches_the_fabric():
     # rows no extent covers (a roll scored before extents existed) stay fabric
     assert quarter_fabric_mask(extents, 128, 160, 32, 4).all()
     assert np.array_equal(quarter_fabric_mask([], 0, 4, 8, 4), np.ones((4, 8), bool))
+
+
+def test_where_the_camera_saw_no_fabric_nothing_is_reported_and_nothing_graded(ctx, tmp_path):
+    """Dark frames — the line running before the fabric's start, the lights off mid-roll — were
+    taken for fabric from side to side: one roll-wide defect each, the roll graded reject for
+    what the camera never saw. They are stored as blocks without fabric, no defect lies in
+    them, the roll is graded on the length seen, and SQL, the grade and the report say so."""
+    roll_id, dark = "R-dark", [(0, 512), (1024, 1536)]
+    folder = tmp_path / roll_id
+    _, planted = write_synthetic_roll(
+        folder, roll_id, frames=4, frame_rows=512, width=WIDTH, plan=[("hole", (700, 300)),
+        ("knot", (1800, 560))], px_per_mm=PX_PER_MM, table=(LEFT, RIGHT, 15), dark=dark,
+    )  # fmt: skip
+    submit(ctx, str(folder))
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        extents = session.scalars(
+            select(FabricExtent)
+            .where(FabricExtent.roll_id == roll_id)
+            .order_by(FabricExtent.row_start)
+        ).all()  # fmt: skip
+        run = session.scalar(select(Run).where(Run.roll_id == roll_id, Run.is_current))
+        found = [
+            {c: getattr(d, c) for c in ("x0_mm", "y0_mm", "x1_mm", "y1_mm")}
+            for d in session.scalars(select(Defect).where(Defect.run_id == run.id))
+        ]
+        widths = session.execute(
+            text("SELECT blocks_measured, min_width_mm, median_width_mm, unseen_mm "
+                 "FROM roll_widths WHERE roll_id = :r"), {"r": roll_id},
+        ).one()  # fmt: skip
+        graded = grade_run(session, run.id)
+        grade = session.get(Grade, (roll_id, run.id, "astm_d5430"))
+        session.commit()
+        report = write_roll_report(session, ctx.store, roll_id, tmp_path / "report")
+    unseen = [(e.row_start, e.row_stop) for e in extents if e.width_mm == 0]
+    assert unseen == [(0, 256), (256, 512), (1024, 1280), (1280, 1536)]
+    assert all(e.left_px == e.right_px == 0 for e in extents if e.width_mm == 0)
+    # nothing in the dark rows (y in mm: 0–51.2 and 102.4–153.6), the planted flaws found
+    for d in found:
+        assert not any(a / PX_PER_MM <= d["y0_mm"] and d["y1_mm"] <= b / PX_PER_MM
+                       for a, b in dark), found  # fmt: skip
+    matched, _ = match_defects(planted, found, PX_PER_MM)
+    assert sorted(matched) == [0, 1], found
+    assert len(found) == 2, found
+    # the widths over the fabric alone, the length not seen beside them
+    assert widths.blocks_measured == 8
+    assert widths.min_width_mm == pytest.approx((WIDTH - LEFT - RIGHT) / PX_PER_MM, abs=3.2)
+    assert widths.unseen_mm == pytest.approx(102.4)
+    assert graded.unseen_m == pytest.approx(0.1024)
+    assert grade.details["unseen_m"] == pytest.approx(0.1024)
+    assert grade.yards == pytest.approx(102.4 / 914.4)  # the length seen, in yards
+    html = report.read_text()
+    assert "no fabric seen over 0.10 m" in html
+
+
+def test_a_roll_where_no_fabric_was_seen_is_not_graded(ctx):
+    with ctx.session() as session:
+        session.add(Roll(id="R-black", fabric_type=FABRIC, width_mm=100.0, px_per_mm_x=1.0,
+                         px_per_mm_y=1.0, length_m=0.512, status="done"))  # fmt: skip
+        session.flush()
+        store_extents(
+            session, "R-black", (1.0, 1.0), [Extent(0, 256, 0, 0), Extent(256, 512, 0, 0)]
+        )
+        version = session.scalar(select(Model.version).where(Model.fabric_type == FABRIC))
+        run = Run(roll_id="R-black", model_version=version, purpose="live", status="done",
+                  is_current=True, finished_at=func.now())  # fmt: skip
+        session.add(run)
+        session.flush()
+        with pytest.raises(ValueError, match=r"no fabric was seen over its 0\.51 m"):
+            grade_run(session, run.id)
+        assert session.get(Grade, ("R-black", run.id, "astm_d5430")) is None

@@ -78,6 +78,37 @@ def test_a_roll_with_no_margin_is_fabric_from_side_to_side():
     assert block_extent(image) == (0, WIDTH)
 
 
+@pytest.mark.parametrize(
+    ("level", "noise"), [(3.0, 0.8), (0.0, 0.0), (255.0, 0.0), (128.0, 1.0)],
+    ids=["dark noise", "black", "saturated", "even grey"],
+)  # fmt: skip
+def test_a_block_without_texture_holds_no_fabric(level, noise):
+    """A camera with its lights off or its lens capped, or running before the fabric arrives:
+    no fabric, an empty extent — and colour frames alike."""
+    image = np.full((BLOCK_ROWS, WIDTH), level, np.uint8)
+    if noise:
+        image = _table(BLOCK_ROWS, WIDTH, level, noise, seed=3)
+    assert block_extent(image) == (0, 0)
+    assert block_extent(np.repeat(image[..., None], 3, axis=2)) == (0, 0)
+    extents = band_extents(np.concatenate([make_fabric(BLOCK_ROWS, WIDTH, seed=5), image]))
+    assert [e.width for e in extents] == [WIDTH, 0]
+    assert not region_mask(extents, slice(BLOCK_ROWS, 2 * BLOCK_ROWS), WIDTH).any()
+
+
+def test_anything_in_a_dark_block_keeps_it_scored():
+    """Texture in one cell — a lit hole in a dark, smooth stretch, the fabric's end coming in at
+    the block's last rows — and the block is scored as fabric: nothing there is ever dropped."""
+    dark = _table(BLOCK_ROWS, WIDTH, 3.0, 0.8, seed=4)
+    spot = dark.copy()
+    spot[100:130, 700:730] = 200
+    assert block_extent(spot) == (0, WIDTH)
+    arriving = dark.copy()
+    arriving[-20:] = make_fabric(20, WIDTH, seed=5)
+    assert block_extent(arriving) == (0, WIDTH)
+    # a smooth fabric, little contrast but some: still fabric
+    assert block_extent(_table(BLOCK_ROWS, WIDTH, 120.0, 3.0, seed=6)) == (0, WIDTH)
+
+
 def test_a_defect_inside_the_fabric_is_not_taken_for_its_edge():
     rows = BLOCK_ROWS
     left, right = np.full(rows, 256), np.full(rows, 1280)

@@ -302,12 +302,15 @@ def test_the_maps_edges_join_the_blocks_that_keep_them() -> None:
     """One line per run of blocks with the same edge: a 300 m roll's ~12,000 blocks were drawn
     one call each in every segment (92 s)."""
     blocks = [(0, 25.6, 20.0), (25.6, 51.2, 20.0), (51.2, 76.8, 21.0), (102.4, 128.0, 21.0)]
-    extents = [dict(y0_mm=a, y1_mm=b, left_mm=left, right_mm=980.0) for a, b, left in blocks]
+    extents = [dict(y0_mm=a, y1_mm=b, left_mm=left, right_mm=980.0, width_mm=980.0 - left)
+               for a, b, left in blocks]  # fmt: skip
+    # a block where no fabric was seen has no edges to draw
+    extents.insert(3, dict(y0_mm=76.8, y1_mm=102.4, left_mm=0.0, right_mm=0.0, width_mm=0.0))
     lines = edge_lines(extents)  # (along m, across mm) pairs: left edges first, then right
     assert lines.tolist() == [
         [[0.0, 20.0], [0.0512, 20.0]],  # the first two blocks: one line
         [[0.0512, 21.0], [0.0768, 21.0]],  # the edge moved
-        [[0.1024, 21.0], [0.128, 21.0]],  # a block not measured between
+        [[0.1024, 21.0], [0.128, 21.0]],  # a block without fabric between
         [[0.0, 980.0], [0.0768, 980.0]],
         [[0.1024, 980.0], [0.128, 980.0]],
     ]
