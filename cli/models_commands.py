@@ -26,7 +26,7 @@ def _register(args: argparse.Namespace) -> int:
             f"{what}: {model.version} (fabric {model.fabric_type or 'generic'}, sha256 {model.sha256[:12]}…)"
         )
         if args.activate:
-            activate_model(session, model.version)
+            activate_model(session, model.version, store)
             print(f"activated {model.version}")
     return 0
 
@@ -50,10 +50,12 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _activate(args: argparse.Namespace) -> int:
+    from storage.objectstore import open_object_store
     from storage.registry import activate_model
 
-    with command_session() as session:
-        model = activate_model(session, args.version)
+    settings = get_settings()
+    with command_session(settings) as session:
+        model = activate_model(session, args.version, open_object_store(settings))
         print(f"activated {model.version} for fabric {model.fabric_type or 'generic'}")
     return 0
 

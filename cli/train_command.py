@@ -76,7 +76,7 @@ def _train(args: argparse.Namespace) -> int:
                   "resize"),
         # not given: TrainConfig's defaults
         **options(args, "loss scorer fusion_weight memory_size memory_stride edge precision "
-                  "held_out tile_layout teacher_cache_mb", skip_none=True),
+                  "held_out tile_layout teacher_cache_mb px_per_mm", skip_none=True),
         **({} if args.memory_levels is None else {"memory_levels": tuple(args.memory_levels)}),
         **({} if args.augment is None else {"augment": tuple(a for a in args.augment if a != "none")}),
     )  # fmt: skip
@@ -178,6 +178,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--teacher-cache-mb", type=int, default=None, metavar="MIB",
         help="bf16 training keeps the frozen teacher's features of every tile (computed once, "
         "read every epoch) when they fit in this many MiB (default 4096; 0: recomputed each step)",
+    )  # fmt: skip
+    p.add_argument(
+        "--px-per-mm", type=float, default=None, metavar="PX",
+        help="the training tiles' resolution, px per mm across and along: recorded, and a "
+        "worker refuses to score a roll scanned more than 15 %% away from it",
     )  # fmt: skip
     p.set_defaults(handler=_train)
     return p

@@ -375,6 +375,7 @@ def load_detector(
         channels_last=channels_last, batch_size=batch_size,
         calibration=kept if calibration is None else calibration,
         tile_layout=card.train_config.get("tile_layout", "grid"),
+        trained_input={k: card.train_config.get(k) for k in ("channels", "px_per_mm")},
     )  # fmt: skip
     detector = Detector(model, card.mean, card.std, compile=compile, **options)
     if compile:

@@ -106,9 +106,11 @@ class Detector:
         compile: bool = False,
         calibration: np.ndarray | torch.Tensor | None = None,
         tile_layout: str = "grid",
+        trained_input: dict | None = None,
     ) -> None:
         """`tile_layout`: how a roll's tiles are laid for this model (`TrainConfig.tile_layout`,
-        `distill.train_config`).
+        `distill.train_config`); `trained_input`: what its training tiles were
+        (`distill.input_fit.training_input`; empty: unknown).
 
         `compile`: teacher, student and map as one graph through torch.compile (inductor,
         asked to freeze; on torch 2.14 the weights stay inputs of the graph, which two models
@@ -132,6 +134,7 @@ class Detector:
         self.mean, self.std = tuple(mean), tuple(std)
         self.threshold = threshold
         self.tile_layout = tile_layout
+        self.trained_input = dict(trained_input or {})
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = model.eval().to(self.device, memory_format=memory_format)
         # the eager path scores with a copy whose BatchNorms are folded into their convolutions

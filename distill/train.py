@@ -38,6 +38,7 @@ from distill.data.mvtec import Category, check_native_size, load_stack
 from distill.fold import folded_copy
 from distill.held_out import split_held_out
 from distill.inference import Detector, bf16_supported, resolve_device, use_bf16
+from distill.input_fit import training_input
 from distill.int8_features import pick_calibration_tiles
 from distill.loss import DistillationLoss
 from distill.memory_bank import (
@@ -357,7 +358,11 @@ def train(
         sigma=config.sigma,
         level_weights=tuple(config.level_weights),
         target_fpr=config.fpr,
-        train_config={k: v for k, v in asdict(config).items() if k != "extra"},
+        # with the tiles' colour: a worker refuses a roll unlike them (`distill.input_fit`)
+        train_config={
+            **{k: v for k, v in asdict(config).items() if k != "extra"},
+            **training_input(images.numpy(), config.px_per_mm),
+        },
     )
     log.info("training on %d tiles of %s, %d held out", len(train_idx), data, len(val_idx))
     if config.scorer == "memory":  # the map is the bank's alone: a student would go unused

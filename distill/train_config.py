@@ -71,6 +71,9 @@ class TrainConfig:
     # MiB (distill.teacher_cache); 0: recomputed at every step
     teacher_cache_mb: int = 4096
     held_out: str = "random"  # or "last": the last tiles in name order (see split_held_out)
+    # the training tiles' resolution (px per mm), when known: a worker refuses to score a roll
+    # scanned at another (`distill.input_fit`); None: not checked
+    px_per_mm: float | None = None
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -87,6 +90,10 @@ class TrainConfig:
             math.isfinite(self.max_minutes) and self.max_minutes > 0
         ):
             raise ValueError(f"max_minutes must be a positive number, not {self.max_minutes}")
+        if self.px_per_mm is not None and not (
+            math.isfinite(self.px_per_mm) and self.px_per_mm > 0
+        ):
+            raise ValueError(f"px_per_mm must be a positive number, not {self.px_per_mm}")
         if not 0 < self.val_ratio < 1:
             raise ValueError(f"val_ratio must be in (0, 1), not {self.val_ratio}")
         if not 0 <= self.fpr < 1:

@@ -33,7 +33,8 @@ from distill.checkpoint import (
     read_checkpoint,
     verify_checkpoint,
 )
-from storage.objectstore import ObjectStore
+from storage.manifest import loose_name
+from storage.objectstore import ObjectNotFound, ObjectStore
 from storage.schema import SAFE_NAME_RE, Model, Run
 
 MODELS_PREFIX = "models/sha256"
@@ -263,9 +264,12 @@ def _locked_in_slot(session: Session, version: str) -> Model:
     return model
 
 
-def activate_model(session: Session, version: str) -> Model:
-    """Make `version` the active model of its fabric type (or the active generic model)."""
+def activate_model(session: Session, version: str, store: ObjectStore | None = None) -> Model:
+    """Make `version` the active model of its fabric type (or the active generic model); with
+    `store`, refused when its checkpoint is missing there (every roll of the fabric would fail)."""
     model = _locked_in_slot(session, version)
+    if store is not None and not store.exists(checkpoint_key(model.sha256)):
+        raise RegistryError(_missing(model))
     fabric_type = model.fabric_type  # never changes once registered
     same_slot = (
         Model.fabric_type.is_(None) if fabric_type is None else Model.fabric_type == fabric_type
@@ -299,6 +303,19 @@ def unregister_model(session: Session, version: str) -> Model:
     return model
 
 
+def active_fabric_spelt_like(session: Session, fabric_type: str) -> str | None:
+    """The fabric type of an active model that `fabric_type` has none of but that differs from
+    it only in case, spaces or punctuation (`loose_name`): "Denim" in a manifest, where "denim"
+    has a model, was scored by the generic model without a word."""
+    types = session.scalars(
+        select(Model.fabric_type).where(Model.active, Model.fabric_type.is_not(None))
+    ).all()
+    if fabric_type in types:
+        return None
+    key = loose_name(fabric_type)
+    return next((t for t in sorted(types) if loose_name(t) == key), None)
+
+
 def active_model(session: Session, fabric_type: str) -> Model | None:
     """The fabric type's active model, else the active generic model, else None."""
     for condition in (Model.fabric_type == fabric_type, Model.fabric_type.is_(None)):
@@ -310,7 +327,10 @@ def active_model(session: Session, fabric_type: str) -> Model | None:
 
 def fetch_checkpoint(store: ObjectStore, model: Model) -> bytes:
     """The checkpoint's bytes, verified against the recorded sha256."""
-    data = store.get(checkpoint_key(model.sha256))
+    try:
+        data = store.get(checkpoint_key(model.sha256))
+    except ObjectNotFound:
+        raise RegistryError(_missing(model)) from None
     actual = hashlib.sha256(data).hexdigest()
     if actual != model.sha256:
         raise RegistryError(
@@ -318,3 +338,11 @@ def fetch_checkpoint(store: ObjectStore, model: Model) -> bytes:
             f"store, {model.sha256[:12]}… registered"
         )
     return data
+
+
+def _missing(model: Model) -> str:
+    return (
+        f"the checkpoint of model {model.version} (sha256 {model.sha256[:12]}…) is missing from "
+        "the object store: register the same file again (`rollscan models register FILE "
+        f"--fabric {model.fabric_type or '…'}`) to restore it"
+    )

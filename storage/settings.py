@@ -98,6 +98,10 @@ class Settings(BaseSettings):
     # worker
     device: str = Field("auto", description="cpu, cuda, cuda:N or auto")
     batch_size: int = Field(16, ge=1, description="tiles per model call")
+    max_cached_models: int = Field(
+        8, ge=1, le=256, description="models a worker keeps loaded (used last): a site whose "
+        "bands interleave more model versions than this reloads a model at every band",
+    )  # fmt: skip
     precision: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto", description="scoring precision: auto (bf16 where the device has it, else "
         "fp32), fp32, bf16, or int8 (CPU only: features quantized by OpenVINO on the "

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-import worker.context
 from storage.schema import Model
 
 
-def test_the_worker_keeps_the_models_used_last(make_inline_ctx, monkeypatch) -> None:
-    monkeypatch.setattr(worker.context, "MAX_CACHED_MODELS", 2)
+def test_the_worker_keeps_the_models_used_last(make_inline_ctx, caplog) -> None:
     ctx = make_inline_ctx(256, versions=("v1", "v2", "v3"))
+    ctx.settings = ctx.settings.model_copy(update={"max_cached_models": 2})
     with ctx.session() as session:
         models = {m.version: m for m in session.scalars(select(Model))}
         first = {v: ctx.detector(models[v]) for v in ("v1", "v2")}
@@ -20,3 +19,7 @@ def test_the_worker_keeps_the_models_used_last(make_inline_ctx, monkeypatch) -> 
         assert ctx.detector(models["v1"]) is first["v1"]
         again = ctx.detector(models["v2"])  # loaded again (and v3 goes)
         assert again is not first["v2"] and again.threshold == first["v2"].threshold
+    assert (
+        "model v2 dropped from the cache to load v3 (it keeps 2: ROLLSCAN_MAX_CACHED_MODELS)"
+        in (caplog.text)
+    )

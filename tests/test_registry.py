@@ -22,6 +22,7 @@ from distill.torch_model import ReverseDistillation
 from storage.registry import (
     RegistryError,
     activate_model,
+    active_fabric_spelt_like,
     active_model,
     checkpoint_key,
     fetch_checkpoint,
@@ -30,9 +31,10 @@ from storage.registry import (
     teacher_key,
     unregister_model,
 )
-from storage.schema import Model
+from storage.schema import Model, Roll
 from storage.settings import Settings
 from worker.context import WorkerContext
+from worker.roll_rows import RollError, live_run
 
 # the checkpoints here have random resnet18 teachers (quick); the refusal of such a model
 # itself: test_cli_register_list_activate
@@ -148,6 +150,20 @@ def test_one_active_model_per_fabric_and_a_generic_fallback(db_session, local_st
     assert active_model(db_session, "denim").version == "d2"
     assert [m.version for m in list_models(db_session)] == ["generic1", "d1", "d2"]
     assert [m.version for m in list_models(db_session, "denim")] == ["d1", "d2"]
+    # a roll of "Denim" (the scanner's spelling) was scored by the generic model without a
+    # word: it fails, naming the fabric type that has a model; "satin" still takes the generic
+    for fabric, why in (("Denim", "'Denim' has no active model, but 'denim' has"), ("satin", None)):
+        roll = Roll(id=f"R-{fabric}", fabric_type=fabric, width_mm=100.0, px_per_mm_x=1.0,
+                    px_per_mm_y=1.0, status="ingesting")  # fmt: skip
+        db_session.add(roll)
+        db_session.flush()
+        if why is None:
+            assert live_run(db_session, roll).model_version == "generic1"
+            continue
+        with pytest.raises(RollError, match=why):
+            live_run(db_session, roll)
+    assert active_fabric_spelt_like(db_session, "DENIM") == "denim"
+    assert active_fabric_spelt_like(db_session, "denim") is None
 
 
 def test_bad_requests_write_nothing(db_session, local_store, checkpoints, tmp_path):
@@ -484,6 +500,13 @@ def test_registering_again_restores_a_lost_or_damaged_stored_copy(
     for damage in ("lost", "truncated"):
         if damage == "lost":
             local_store.delete(key)
+            # a worker, and an activation, say what is missing and how to restore it
+            missing = rf"model {model.version} .* is missing from the object store: register "
+            with pytest.raises(RegistryError, match=missing):
+                fetch_checkpoint(local_store, model)
+            with pytest.raises(RegistryError, match=missing):
+                activate_model(db_session, model.version, local_store)
+            assert not db_session.get(Model, model.version).active
         else:
             local_store.put(key, checkpoints["a"].read_bytes()[:1000])
         again, created = _register(db_session, local_store, checkpoints["a"], fabric_type="denim")

@@ -59,6 +59,7 @@ def _train_and_evaluate(category, tmp_path, *options):
         ("--teacher", "efficientnet_lite2"),
         ("--precision", "auto"),  # bf16 autocast where the CPU has it natively, else fp32
         ("--scorer", "memory", "--tile-layout", "fabric"),
+        ("--scorer", "memory", "--px-per-mm", "10"),
     ],
     ids=lambda o: " ".join(o),
 )
@@ -75,7 +76,11 @@ def test_each_training_option_trains_and_evaluates(category, tmp_path, options):
     memory_alone = options[:2] == ("--scorer", "memory")
     # the layout the pipeline lays this model's tiles by (tests/test_fabric_extents.py)
     layout = "fabric" if "--tile-layout" in options else "grid"
-    assert load_detector(tmp_path / "model.pt")[0].tile_layout == layout
+    detector = load_detector(tmp_path / "model.pt")[0]
+    assert detector.tile_layout == layout
+    # what a worker checks each roll against (tests/test_input_fit.py): grey tiles, their scale
+    scale = 10.0 if "--px-per-mm" in options else None
+    assert detector.trained_input == {"channels": 1, "px_per_mm": scale}
     if card.memory is not None:  # each map alone is reported too; a student only when trained
         want = {"memory"} if memory_alone else {"student", "memory"}
         assert set(metrics["scorers"]) >= want and not (

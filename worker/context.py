@@ -33,8 +33,6 @@ _log = logging.getLogger(__name__)
 # open) holds up that roll alone, not the pass over every other one, silently. A task's own
 # work (`worker.tasks`) is never bounded, even run in-process from discovery.
 LOCK_WAIT_LIMIT: ContextVar[float | None] = ContextVar("rollscan_lock_wait_limit", default=None)
-# models a worker keeps loaded: the fabrics a line runs at once, with room for a version change
-MAX_CACHED_MODELS = 8
 
 
 class Enqueuer(Protocol):
@@ -90,8 +88,8 @@ class WorkerContext:
 
     def detector(self, model: Model) -> Detector:
         """The model's detector, loaded once per process and cached by version: the
-        `MAX_CACHED_MODELS` used last are kept (each retrain of a fabric leaves its old version
-        behind, which a long-lived GPU worker would keep until CUDA ran out of memory)."""
+        `settings.max_cached_models` used last are kept (each retrain of a fabric leaves its old
+        version behind, which a long-lived GPU worker would keep until CUDA ran out of memory)."""
         with self._lock:
             if model.version in self._detectors:
                 self._detectors[model.version] = self._detectors.pop(model.version)  # last used
@@ -103,10 +101,14 @@ class WorkerContext:
                     batch_size=self.batch_size, precision=self.settings.precision,
                     compile=self.settings.compile_model,
                 )  # fmt: skip
-            while len(self._detectors) >= MAX_CACHED_MODELS:
+            while len(self._detectors) >= self.settings.max_cached_models:
                 evicted = next(iter(self._detectors))  # used least recently (dicts keep order)
                 del self._detectors[evicted]
-                _log.info("model %s dropped from the cache", evicted)
+                # a site interleaving more models than this reloads one at every band (an int8
+                # model calibrates again each time): the operator's cue to raise the setting
+                _log.warning("model %s dropped from the cache to load %s (it keeps %d: "
+                             "ROLLSCAN_MAX_CACHED_MODELS)", evicted, model.version,
+                             self.settings.max_cached_models)  # fmt: skip
                 if torch.cuda.is_available():
                     torch.cuda.empty_cache()
             self._detectors[model.version] = detector

@@ -9,7 +9,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from storage.manifest import Manifest
-from storage.registry import active_model
+from storage.registry import active_fabric_spelt_like, active_model
 from storage.schema import OPEN_RUN_STATUSES, Band, Frame, Roll, Run, current_run
 
 
@@ -93,6 +93,12 @@ def live_run(session: Session, roll: Roll) -> Run:
     run = session.scalar(select(Run).where(Run.roll_id == roll.id, Run.purpose == "live"))
     if run is not None:
         return run
+    if (near := active_fabric_spelt_like(session, roll.fabric_type)) is not None:
+        raise RollError(
+            f"fabric type {roll.fabric_type!r} has no active model, but {near!r} has: the same "
+            "fabric spelt otherwise? Fix the scanner's manifest (or register a model for "
+            f"{roll.fabric_type!r}); the generic model is not used for it"
+        )
     model = active_model(session, roll.fabric_type)
     if model is None:
         raise RollError(

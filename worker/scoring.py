@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 
 from sqlalchemy import update
 
+from distill.input_fit import input_misfit
 from storage.fabric_extents import store_extents
 from storage.schema import Band, Model, Roll, Run
 from worker.band_scores import band_scores
@@ -20,6 +21,7 @@ from worker.context import WorkerContext, lock_bands
 from worker.fabric_mask import WindowFabric, band_window
 from worker.ingest import finalize_due
 from worker.roll_layout import roll_arrays, run_tiling
+from worker.roll_rows import RollError
 from worker.task_metrics import band_scored
 from worker.tiling import band_tiles, fabric_band_tiles
 
@@ -56,10 +58,18 @@ def score_band(ctx: WorkerContext, run_id: int, band_index: int) -> str:
         lock_bands(session, roll.id, arrays.bands_of_rows(read_start, read_stop), shared=True)
         pixels = arrays.read_rows(read_start, read_stop)
         roll_id, scales = roll.id, (roll.px_per_mm_x, roll.px_per_mm_y)
+        fabric_type, channels = roll.fabric_type, roll.channels
+    detector = ctx.detector(model)
+    # before anything is written: a roll unlike the model's training tiles came out one
+    # roll-wide defect, graded reject (a reprocess run fails alone, the roll keeps its results)
+    if (misfit := input_misfit(detector.trained_input, channels, scales, pixels)) is not None:
+        raise RollError(
+            f"model {model.version} cannot score roll {roll_id}: {misfit}. Register and activate "
+            f"a model of fabric type {fabric_type!r} trained on its rolls as they are scanned"
+        )
     # the fabric's edges, measured block by block as the tile rows reaching them are laid out
     # on the fabric and cut (on the reader thread)
     fabric = WindowFabric(pixels, read_start)
-    detector = ctx.detector(model)
 
     def tiles() -> Iterator[tuple[int, ...]]:
         if detector.tile_layout == "fabric":  # trained on tiles starting at the fabric's edge
