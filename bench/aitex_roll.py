@@ -202,7 +202,8 @@ def print_table(code: str, r: dict) -> None:
           f"{r['roll_length_m']:>9.4f} {r['grade']:>6}{r['points_per_100yd2']:>11.1f}{r['tiles']:>6}"
           f"{r['tiles_per_s']:>8.1f}   {recall_px:>14}{r['false_defects_px']:>6}")  # fmt: skip
     strict_per_m = r["false_defects_px"] / r["roll_length_m"]
-    widths = np.array([right - left for _, _, left, right in r["extents"]]) / r["px_per_mm"]
+    fabric = [e for e in r["extents"] if e[3] > e[2]]  # blocks without fabric have no edges
+    widths = np.array([right - left for _, _, left, right in fabric]) / r["px_per_mm"]
     own = "not estimated" if r["roll_threshold"] is None else f"{r['roll_threshold']:.4g}"
     print(f"threshold applied {r['threshold']:.4g} (the model's {r['model_threshold']:.4g}, "
           f"the roll's own {own})")  # fmt: skip
@@ -217,9 +218,9 @@ def print_table(code: str, r: dict) -> None:
     print(f"strict false / m {strict_per_m:.2f}; defects off the fabric: {r['off_fabric']}; "
           f"graded on the {r['width_source']} width, {r['graded_width_mm']:.1f} mm")  # fmt: skip
     if len(widths):
-        lefts = [e[2] for e in r["extents"]]
-        rights = [e[3] for e in r["extents"]]
-        print(f"fabric extents: {len(widths)} blocks, left edge {min(lefts)}–{max(lefts)} px, "
+        lefts = [e[2] for e in fabric]
+        rights = [e[3] for e in fabric]
+        print(f"fabric extents: {len(widths)} blocks ({len(r['extents']) - len(widths)} without fabric), left edge {min(lefts)}–{max(lefts)} px, "
               f"right edge {min(rights)}–{max(rights)} px, width {widths.min():.1f}–"
               f"{widths.max():.1f} mm (median {np.median(widths):.1f})")  # fmt: skip
     print(f"(lengths at a nominal scale; model {r['model_version']}; pipeline "

@@ -16,10 +16,13 @@ against one side of the field, where the middle is table, the more textured side
 the fabric: `_fabric_cells`). Where margin and
 body differ in brightness, the edge is refined to the column where the grey level crosses
 half-way between them. A band narrower than 6 cells, or with no margin, is fabric from side to
-side. A block without texture in any cell (`NO_TEXTURE`: a dark or saturated frame — lights off,
-a capped lens, the line running before the fabric's start or past its end) holds no fabric: its
+side. A block without texture in any cell, every cell black or saturated (`NO_TEXTURE`,
+`BLANK_GREY`: a dark or saturated frame — lights off, a capped lens, the line running before the
+fabric's start or past its end) holds no fabric: its
 extent is empty (left = right = 0), so nothing there is ever reported as a defect, and the
-length it covers is reported as not seen.
+length it covers is reported as not seen. Where the fabric starts or ends within a block, the
+block's rows without texture before or after it get an empty extent of their own
+(`block_extents`): scored as fabric, the dark rows were one roll-wide defect at every leader.
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ _TEXTURE_LEAD = 1.5  # how much more textured than the middle's a side region mu
 # cell of any AITEX fabric strip has 5.2 / 3.6 / 2.6. Any one cell above it (a hole in a smooth
 # fabric, the fabric's end coming in) keeps the whole block scored.
 NO_TEXTURE = 2.0
+# ...and that a frame without fabric is: black (the lights off, a capped lens) or saturated (a
+# light table); a smooth, evenly lit fabric between them is fabric, however little its texture
+BLANK_GREY = (24.0, 240.0)
+# rows without texture at a block's start or end, fewer than this, are scored as fabric (a
+# weft-faced fabric's row may be even); the split is rounded to ROW_STEP rows (the score map's
+# ¼ resolution) towards the fabric, so that no dark row is ever scored
+MIN_BLANK_ROWS = 16
+ROW_STEP = 4
 
 
 @dataclass(frozen=True)
@@ -184,7 +195,7 @@ def block_extent(pixels: np.ndarray, cell: int = CELL) -> tuple[int, int]:
     width = grey.shape[1]
     stats = cell_statistics(grey, cell)
     n = len(stats)
-    if n and (stats[:, 1:] < NO_TEXTURE).all():
+    if n and _blank(stats[:, 0], stats[:, 1:].max(axis=1)).all():
         return 0, 0
     if n < 6:
         return 0, width
@@ -195,16 +206,58 @@ def block_extent(pixels: np.ndarray, cell: int = CELL) -> tuple[int, int]:
     return left, max(right, left + 1)
 
 
-def band_extents(
-    pixels: np.ndarray, row_start: int = 0, block: int = BLOCK_ROWS, **options
-) -> list[Extent]:
-    """Fabric extents of a band's rows, one per block of `block` rows (the last may be short)."""
-    extents = []
-    for start in range(0, pixels.shape[0], block):
-        left, right = block_extent(pixels[start : start + block], **options)
-        stop = min(start + block, pixels.shape[0])
-        extents.append(Extent(row_start + start, row_start + stop, left, right))
-    return extents
+def _blank(mean: np.ndarray, texture: np.ndarray) -> np.ndarray:
+    """Which cells (their mean grey level and greatest texture) a frame without fabric gives."""
+    return (texture < NO_TEXTURE) & ((mean < BLANK_GREY[0]) | (mean > BLANK_GREY[1]))
+
+
+def blank_rows(pixels: np.ndarray, cell: int = CELL) -> tuple[int, int]:
+    """How many rows at the start and at the end of a block (H, W[, C]) have no texture in any
+    cell (`NO_TEXTURE`: contrast and texture along the row, and difference from the rows beside
+    it), each 0 under `MIN_BLANK_ROWS` and rounded to `ROW_STEP` rows towards the fabric."""
+    grey = grey_levels(pixels)
+    rows, width = grey.shape
+    n = width // cell
+    if n == 0 or rows < 2:
+        return 0, 0
+    body = grey[:, : n * cell].reshape(rows, n, cell)
+    step = np.abs(np.diff(body, axis=0)).mean(axis=2)  # (rows − 1, n): row r to r + 1
+    zero = np.zeros((1, n), np.float32)
+    texture = np.maximum.reduce([
+        body.std(axis=2), np.abs(np.diff(body, axis=2)).mean(axis=2),
+        np.r_[step, zero], np.r_[zero, step],
+    ])  # fmt: skip
+    textured = ~_blank(body.mean(axis=2), texture).all(axis=1)
+    if not textured.any():
+        return rows, 0
+    first, after = int(np.argmax(textured)), int(np.argmax(textured[::-1]))
+    lead = -(-first // ROW_STEP) * ROW_STEP if first >= MIN_BLANK_ROWS else 0
+    trail = -(-after // ROW_STEP) * ROW_STEP if after >= MIN_BLANK_ROWS else 0
+    return lead, trail
+
+
+def block_extents(pixels: np.ndarray, row_start: int = 0) -> list[Extent]:
+    """The extents of one block of rows (H, W[, C]) starting at row `row_start`: its fabric's
+    (`block_extent`, measured on the rows that hold it), and an empty one each for its rows
+    without texture before and after the fabric (`blank_rows`). Whether a whole block holds
+    fabric is `block_extent`'s to say."""
+    rows = pixels.shape[0]
+    lead, trail = blank_rows(pixels)
+    if lead + trail >= rows or lead == trail == 0:
+        return [Extent(row_start, row_start + rows, *block_extent(pixels))]
+    left, right = block_extent(pixels[lead : rows - trail])
+    spans = [(0, lead, 0, 0), (lead, rows - trail, left, right), (rows - trail, rows, 0, 0)]
+    return [Extent(row_start + a, row_start + b, lo, hi) for a, b, lo, hi in spans if a < b]
+
+
+def band_extents(pixels: np.ndarray, row_start: int = 0, block: int = BLOCK_ROWS) -> list[Extent]:
+    """Fabric extents of a band's rows, block by block of `block` rows (the last may be short):
+    one per block, or more where the fabric starts or ends within it (`block_extents`)."""
+    return [
+        extent
+        for start in range(0, pixels.shape[0], block)
+        for extent in block_extents(pixels[start : start + block], row_start + start)
+    ]
 
 
 def region_mask(extents: list[Extent], rows: slice, width: int) -> np.ndarray:

@@ -87,8 +87,7 @@ def grade_run(
     # blocks where no fabric was seen (dark or blank frames) are graded neither way: the points
     # per 100 yd² are over the yards seen, and the grade says how much was not
     unseen = unseen_mm(session, roll.id)
-    seen_mm = roll.length_m * 1000.0 - unseen
-    if not seen_mm > 0:
+    if not roll.length_m * 1000.0 - unseen > 0:
         raise ValueError(
             f"roll {roll.id}: no fabric was seen over its {roll.length_m:.2f} m (dark or blank "
             "frames: the lights, the lens, the line's start or end?): it cannot be graded"
@@ -102,8 +101,8 @@ def grade_run(
                     "%.0f %%): grading on the measured width", roll.id, width_mm, roll.width_mm,
                     100 * rules.width_tolerance)  # fmt: skip
     result = grade_roll(
-        [tuple(r[1:]) for r in rows], seen_mm, width_mm, rules, left_mm, right_mm,
-        edges_along_mm(session, roll.id),
+        [tuple(r[1:]) for r in rows], roll.length_m * 1000.0, width_mm, rules, left_mm, right_mm,
+        edges_along_mm(session, roll.id), unseen,
     )  # fmt: skip
     result.details.update(
         width_source=source, manifest_width_mm=roll.width_mm,

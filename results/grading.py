@@ -88,6 +88,7 @@ def grade_roll(
     fabric_left_mm: float = 0.0,
     fabric_right_mm: float | None = None,
     edges_along: Sequence[tuple[float, float, float, float]] = (),
+    unseen_mm: float = 0.0,
 ) -> GradeResult:
     """Grade one roll; `defects` are (x0_mm, y0_mm, x1_mm, y1_mm, length_mm), x across from
     the image's left edge, y along from the roll start; the fabric spans
@@ -97,7 +98,9 @@ def grade_roll(
     lie inside the fabric's edges, which a measured extent places even where the manifest's
     width is kept (`choose_width`). `edges_along`, the measured edges block by block —
     (y0_mm, y1_mm, left_mm, right_mm) in order along the roll — places each defect's margins
-    by the edges beside it, so a fabric that wanders keeps its selvage where it is."""
+    by the edges beside it, so a fabric that wanders keeps its selvage where it is.
+    `unseen_mm`: the length along the roll where no fabric was seen; the yards inspected, the
+    points' denominator, are the rest (defects keep their places along the whole roll)."""
     rules = rules if rules is not None else GradingRules()
     # inf passes `> 0` and would grade every roll "A" (or overflow): refuse it here
     if not (math.isfinite(roll_length_mm) and math.isfinite(roll_width_mm)):
@@ -115,7 +118,11 @@ def grade_roll(
             f"roll width {roll_width_mm} mm leaves no cuttable width inside two selvage "
             f"margins of {rules.selvage_margin_in} in"
         )
-    yards = roll_length_mm / MM_PER_YARD
+    if not (math.isfinite(unseen_mm) and 0 <= unseen_mm < roll_length_mm):
+        raise ValueError(
+            f"no fabric seen over {unseen_mm} mm of a {roll_length_mm} mm roll: nothing to grade"
+        )
+    yards = (roll_length_mm - unseen_mm) / MM_PER_YARD
     if fabric_right_mm is None:
         fabric_right_mm = fabric_left_mm + roll_width_mm
 

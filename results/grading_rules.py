@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import tomllib
 from collections.abc import Mapping
 from itertools import pairwise
@@ -28,8 +29,6 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-
-from storage.manifest import loose_name
 
 # float noise (76.2 mm / 25.4 is not exactly 3.0): never enough to move a real boundary
 FLOAT_NOISE = 1e-9
@@ -174,8 +173,12 @@ class RuleBook:
         spaces or punctuation: "Denim-12 oz" written for rolls of "denim-12oz"."""
         if fabric_type in self.fabrics:
             return None
-        key = loose_name(fabric_type)
-        return next((name for name in self.fabrics if loose_name(name) == key), None)
+        key = _loose(fabric_type)
+        return next((name for name in self.fabrics if _loose(name) == key), None)
+
+
+def _loose(name: str) -> str:
+    return re.sub(r"[\W_]+", "", name.casefold())
 
 
 def load_rules(fabric_type: str, config: Mapping[str, Any] | None = None) -> GradingRules:

@@ -72,11 +72,16 @@ def pixel_matches(
 
 def off_fabric(found: list[dict], extents: list[Extent], px_per_mm: float, tol_mm: float) -> int:
     """Found defects whose box reaches past the fabric's measured edges (by more than one ¼-res
-    pixel) in the rows it spans: finalize must never report one."""
+    pixel) in the rows it spans, or lies wholly in rows without fabric: finalize must never
+    report one."""
     count = 0
     for d in found:
         rows = [e for e in extents if e.row_start < d["y1_mm"] * px_per_mm
                 and e.row_stop > d["y0_mm"] * px_per_mm]  # fmt: skip
+        if rows and all(e.right == e.left for e in rows):
+            count += 1
+            continue
+        rows = [e for e in rows if e.right > e.left]
         left = min((e.left for e in rows), default=0) / px_per_mm
         right = max((e.right for e in rows), default=10**9) / px_per_mm
         count += d["x0_mm"] < left - tol_mm or d["x1_mm"] > right + tol_mm

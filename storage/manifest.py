@@ -42,14 +42,6 @@ __all__ = [
 # Same as storage.schema.SAFE_NAME_RE (the database's check); a test keeps the two equal.
 # Copied, not imported, so that reading a manifest needs no SQLAlchemy.
 NAME_PATTERN = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
-
-
-def loose_name(name: str) -> str:
-    """A fabric type's name without case, spaces or punctuation: "Denim-12 oz" and "denim-12oz"
-    are one fabric written two ways (a scanner's manifest, a grading rule's section)."""
-    return re.sub(r"[\W_]+", "", name.casefold())
-
-
 MAX_MANIFEST_BYTES = 1 << 20
 # a frame's name in its roll's frames/ folder; ASCII digits: `\d` takes any script's ("٢.tif"),
 # which the object store's keys refuse

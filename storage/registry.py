@@ -33,7 +33,6 @@ from distill.checkpoint import (
     read_checkpoint,
     verify_checkpoint,
 )
-from storage.manifest import loose_name
 from storage.objectstore import ObjectNotFound, ObjectStore
 from storage.schema import SAFE_NAME_RE, Model, Run
 
@@ -305,15 +304,15 @@ def unregister_model(session: Session, version: str) -> Model:
 
 def active_fabric_spelt_like(session: Session, fabric_type: str) -> str | None:
     """The fabric type of an active model that `fabric_type` has none of but that differs from
-    it only in case, spaces or punctuation (`loose_name`): "Denim" in a manifest, where "denim"
-    has a model, was scored by the generic model without a word."""
+    it only in case: "Denim" in a manifest, where "denim" has a model, was scored by the generic
+    model without a word. (Punctuation may tell two fabrics apart: "twill-2.1", "twill-21".)"""
     types = session.scalars(
         select(Model.fabric_type).where(Model.active, Model.fabric_type.is_not(None))
     ).all()
     if fabric_type in types:
         return None
-    key = loose_name(fabric_type)
-    return next((t for t in sorted(types) if loose_name(t) == key), None)
+    key = fabric_type.casefold()
+    return next((t for t in sorted(types) if t.casefold() == key), None)
 
 
 def active_model(session: Session, fabric_type: str) -> Model | None:

@@ -79,8 +79,8 @@ def test_a_roll_with_no_margin_is_fabric_from_side_to_side():
 
 
 @pytest.mark.parametrize(
-    ("level", "noise"), [(3.0, 0.8), (0.0, 0.0), (255.0, 0.0), (128.0, 1.0)],
-    ids=["dark noise", "black", "saturated", "even grey"],
+    ("level", "noise"), [(3.0, 0.8), (0.0, 0.0), (255.0, 0.0), (250.0, 1.0)],
+    ids=["dark noise", "black", "saturated", "a light table"],
 )  # fmt: skip
 def test_a_block_without_texture_holds_no_fabric(level, noise):
     """A camera with its lights off or its lens capped, or running before the fabric arrives:
@@ -105,8 +105,34 @@ def test_anything_in_a_dark_block_keeps_it_scored():
     arriving = dark.copy()
     arriving[-20:] = make_fabric(20, WIDTH, seed=5)
     assert block_extent(arriving) == (0, WIDTH)
-    # a smooth fabric, little contrast but some: still fabric
+    # a smooth fabric, little contrast but some, or none but lit: still fabric
     assert block_extent(_table(BLOCK_ROWS, WIDTH, 120.0, 3.0, seed=6)) == (0, WIDTH)
+    assert block_extent(_table(BLOCK_ROWS, WIDTH, 150.0, 1.0, seed=6)) == (0, WIDTH)
+
+
+@pytest.mark.parametrize(
+    ("dark", "expected"),
+    [
+        ((0, 90), [(0, 92, 0, 0), (92, 256, 0, WIDTH)]),  # a leader: rounded towards the fabric
+        ((170, 256), [(0, 168, 0, WIDTH), (168, 256, 0, 0)]),  # the fabric's end
+        ((0, 10), [(0, 256, 0, WIDTH)]),  # too few rows to tell from an even weft
+    ],
+    ids=["leader", "tail", "ten rows"],
+)
+def test_where_the_fabric_starts_or_ends_within_a_block_its_dark_rows_hold_none(dark, expected):
+    """The dark rows of a block that the fabric enters or leaves were scored as fabric: one
+    roll-wide defect at every leader. They get an empty extent of their own."""
+    image = make_fabric(BLOCK_ROWS, WIDTH, weave="twill", seed=5)
+    image[dark[0] : dark[1]] = _table(dark[1] - dark[0], WIDTH, 3.0, 0.8, seed=7)
+    got = band_extents(image, row_start=512)
+    assert [(e.row_start - 512, e.row_stop - 512, e.left, e.right) for e in got] == expected
+
+
+def test_a_fabric_of_even_rows_is_fabric():
+    """Weft stripes: every row even across, black or white, each unlike the next: texture along
+    the roll."""
+    stripes = np.repeat(np.tile(np.array([0, 255], np.uint8), BLOCK_ROWS // 2)[:, None], WIDTH, 1)
+    assert band_extents(stripes)[0].width == WIDTH
 
 
 def test_a_defect_inside_the_fabric_is_not_taken_for_its_edge():

@@ -350,3 +350,15 @@ def test_positions_on_a_first_row_keep_their_block_and_yard_and_no_yard_lies_pas
     # one yard of roll, a running defect whose last ¼-res row reaches 0.8 mm past its end
     whole = grade_roll([(100.0, 0.0, 110.0, YD + 0.8, YD + 0.8)], YD, WIDTH_60IN)
     assert (whole.points, whole.per_defect_yards) == (4, [1])
+
+
+def test_a_stretch_without_fabric_leaves_the_yards_seen_and_the_defects_where_they_are():
+    """A 10.24 m roll whose first 4.096 m were dark: the points are spread over the 6.144 m seen,
+    and a defect 7.0–9.5 m along is charged in the 4 yards it touches there (the roll had been
+    cut short at the length seen: one yard, and its selvage read off the roll's median edges)."""
+    defects = [(300.0, 7000.0, 330.0, 9500.0, 2500.0)]
+    result = grade_roll(defects, 10240.0, 1000.0, unseen_mm=4096.0)
+    assert result.yards == pytest.approx(6144.0 / 914.4)
+    assert (result.per_defect_points, result.per_defect_yards) == ([16], [4])
+    with pytest.raises(ValueError, match="no fabric seen over 10240.0 mm"):
+        grade_roll(defects, 10240.0, 1000.0, unseen_mm=10240.0)

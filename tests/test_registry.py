@@ -164,6 +164,7 @@ def test_one_active_model_per_fabric_and_a_generic_fallback(db_session, local_st
             live_run(db_session, roll)
     assert active_fabric_spelt_like(db_session, "DENIM") == "denim"
     assert active_fabric_spelt_like(db_session, "denim") is None
+    assert active_fabric_spelt_like(db_session, "de-nim") is None  # perhaps another fabric
 
 
 def test_bad_requests_write_nothing(db_session, local_store, checkpoints, tmp_path):

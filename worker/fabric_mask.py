@@ -17,8 +17,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from distill.fabric_region import BLOCK_ROWS, Extent, block_extent, region_mask
+from distill.fabric_region import BLOCK_ROWS, Extent, block_extents, region_mask
 from worker.tiling import band_read_window, cut_tiles
+
+# Rows of fabric beside a stretch without any (a leader, the lights off) that are not inspected:
+# the model's features there see the dark rows, a view no good tile gave, and mapped the
+# fabric's first and last rows as one roll-wide defect at each end of the stretch
+UNSEEN_REACH = 64
 
 
 def block_window(read_start: int, read_stop: int, roll_rows: int) -> tuple[int, int]:
@@ -58,31 +63,38 @@ class WindowFabric:
             raise ValueError(f"a fabric window starts on a block of {BLOCK_ROWS} rows, not {row0}")
         self.pixels, self.row0 = pixels, row0
         self.stop = row0 + pixels.shape[0]
-        self._blocks: dict[int, Extent] = {}
+        self._blocks: dict[int, list[Extent]] = {}
 
-    def block(self, k: int) -> Extent:
-        """The extent of block k (rows k·BLOCK_ROWS onwards), measured on first use."""
+    def block(self, k: int) -> list[Extent]:
+        """The extents of block k (rows k·BLOCK_ROWS onwards, `block_extents`: one, or more
+        where the fabric starts or ends within it), measured on first use."""
         if k not in self._blocks:
             start = k * BLOCK_ROWS
             stop = min(start + BLOCK_ROWS, self.stop)
             if not self.row0 <= start < stop:
                 raise ValueError(f"block {k} is outside the window [{self.row0}, {self.stop})")
-            left, right = block_extent(self.pixels[start - self.row0 : stop - self.row0])
-            self._blocks[k] = Extent(start, stop, left, right)
+            self._blocks[k] = block_extents(
+                self.pixels[start - self.row0 : stop - self.row0], start
+            )
         return self._blocks[k]
 
     def extents(self, start: int, stop: int) -> list[Extent]:
-        """The extents of the rows [start, stop), one per block they touch (clipped to them)."""
+        """The extents of the rows [start, stop), block by block (clipped to them)."""
         blocks = (self.block(k) for k in range(start // BLOCK_ROWS, -(-stop // BLOCK_ROWS)))
         return [
-            Extent(max(e.row_start, start), min(e.row_stop, stop), e.left, e.right) for e in blocks
+            Extent(max(e.row_start, start), min(e.row_stop, stop), e.left, e.right)
+            for extents in blocks
+            for e in extents
+            if e.row_start < stop and e.row_stop > start
         ]
 
     def span(self, start: int, stop: int) -> tuple[int, int]:
         """The columns [left, right) on fabric in every row of [start, stop) (clipped to the
-        window): the narrowest of the blocks those rows touch."""
+        window) that holds any: the narrowest of the blocks those rows touch; (0, 0) where none
+        holds fabric."""
         extents = self.extents(start, min(stop, self.stop))
-        return max(e.left for e in extents), min(e.right for e in extents)
+        fabric = [e for e in extents if e.right > e.left] or extents
+        return max(e.left for e in fabric), min(e.right for e in fabric)
 
     def tile_masks(self, origins: Sequence[tuple[int, ...]], tile: int) -> np.ndarray:
         """(N, tile, tile) booleans, True on fabric, for tiles at absolute `origins` ((row, col)
@@ -97,16 +109,18 @@ def quarter_fabric_mask(
     extents: list[Extent], q0: int, q1: int, width_q: int, scale: int
 ) -> np.ndarray:
     """(q1 − q0, width_q) booleans over ¼-res rows [q0, q1): True where the full-resolution
-    block a ¼-res pixel covers overlaps the fabric (or no extent covers its rows).
+    block a ¼-res pixel covers overlaps the fabric (or no extent covers its rows); False also
+    within `UNSEEN_REACH` rows of a stretch without fabric (an empty extent).
 
     `extents` are in row order without overlaps (as stored): only those reaching into the
     rows are visited, so finalize's band-by-band calls cost O(log n) each, not O(n)."""
     mask = np.ones((q1 - q0, width_q), dtype=bool)
-    first = bisect.bisect_right(extents, q0 * scale, key=lambda e: e.row_stop)
-    stop = bisect.bisect_left(extents, q1 * scale, key=lambda e: e.row_start)
+    first = bisect.bisect_right(extents, q0 * scale - UNSEEN_REACH, key=lambda e: e.row_stop)
+    stop = bisect.bisect_left(extents, q1 * scale + UNSEEN_REACH, key=lambda e: e.row_start)
     for e in extents[first:stop]:
-        lo = max(e.row_start // scale, q0)
-        hi = min(-(-e.row_stop // scale), q1)
+        reach = UNSEEN_REACH if e.right == e.left else 0
+        lo = max((e.row_start - reach) // scale, q0)
+        hi = min(-(-(e.row_stop + reach) // scale), q1)
         if lo >= hi:
             continue
         c0, c1 = e.left // scale, -(-e.right // scale)

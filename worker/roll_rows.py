@@ -96,7 +96,7 @@ def live_run(session: Session, roll: Roll) -> Run:
     if (near := active_fabric_spelt_like(session, roll.fabric_type)) is not None:
         raise RollError(
             f"fabric type {roll.fabric_type!r} has no active model, but {near!r} has: the same "
-            "fabric spelt otherwise? Fix the scanner's manifest (or register a model for "
+            "fabric in other case? Fix the scanner's manifest (or register a model for "
             f"{roll.fabric_type!r}); the generic model is not used for it"
         )
     model = active_model(session, roll.fabric_type)

@@ -62,7 +62,7 @@ from distill.data.aitex_edge_tiles import (
     tiles_from_the_edges,
 )
 from distill.data.mvtec import GROUPS_FILE, REGIONS_FILE
-from distill.fabric_region import band_extents
+from distill.fabric_region import Extent, block_extent
 from distill.progress import progress_bar
 
 __all__ = [
@@ -346,7 +346,10 @@ def import_aitex(
 
         category = dst / f"fabric{strip.fabric}"
         # the tracker once per strip, for the grid's fabric columns and the edge tiles alike
-        extents = band_extents(image, block=tile)[: image.shape[0] // tile]
+        extents = [
+            Extent(r, r + tile, *block_extent(image[r : r + tile]))
+            for r in range(0, image.shape[0] // tile * tile, tile)
+        ]
         fabric = grid_fabric_columns(extents, image.shape[1], tile)
         kept: dict[str, tuple[int, int]] = {}  # the training grid tiles of this strip
         for tag, r, col in _tile_grid(image.shape, tile):
