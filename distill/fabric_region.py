@@ -211,15 +211,10 @@ def _blank(mean: np.ndarray, texture: np.ndarray) -> np.ndarray:
     return (texture < NO_TEXTURE) & ((mean < BLANK_GREY[0]) | (mean > BLANK_GREY[1]))
 
 
-def blank_rows(pixels: np.ndarray, cell: int = CELL) -> tuple[int, int]:
-    """How many rows at the start and at the end of a block (H, W[, C]) have no texture in any
-    cell (`NO_TEXTURE`: contrast and texture along the row, and difference from the rows beside
-    it), each 0 under `MIN_BLANK_ROWS` and rounded to `ROW_STEP` rows towards the fabric."""
-    grey = grey_levels(pixels)
+def _textured_rows(grey: np.ndarray, cell: int) -> np.ndarray:
+    """Which rows of (rows ≥ 2, width ≥ cell) grey pixels have a cell that is not blank."""
     rows, width = grey.shape
     n = width // cell
-    if n == 0 or rows < 2:
-        return 0, 0
     body = grey[:, : n * cell].reshape(rows, n, cell)
     step = np.abs(np.diff(body, axis=0)).mean(axis=2)  # (rows − 1, n): row r to r + 1
     zero = np.zeros((1, n), np.float32)
@@ -227,7 +222,24 @@ def blank_rows(pixels: np.ndarray, cell: int = CELL) -> tuple[int, int]:
         body.std(axis=2), np.abs(np.diff(body, axis=2)).mean(axis=2),
         np.r_[step, zero], np.r_[zero, step],
     ])  # fmt: skip
-    textured = ~_blank(body.mean(axis=2), texture).all(axis=1)
+    return ~_blank(body.mean(axis=2), texture).all(axis=1)
+
+
+def blank_rows(pixels: np.ndarray, cell: int = CELL) -> tuple[int, int]:
+    """How many rows at the start and at the end of a block (H, W[, C]) have no texture in any
+    cell (`NO_TEXTURE`: contrast and texture along the row, and difference from the rows beside
+    it), each 0 under `MIN_BLANK_ROWS` and rounded to `ROW_STEP` rows towards the fabric."""
+    grey = grey_levels(pixels)
+    rows, width = grey.shape
+    if width < cell or rows < 2:
+        return 0, 0
+    # the block's ends first: where fabric is in them (nearly every block), no run is blank
+    k = min(MIN_BLANK_ROWS, rows - 1)
+    if _textured_rows(grey[: k + 1], cell)[:k].any() and (
+        _textured_rows(grey[-k - 1 :], cell)[-k:].any()
+    ):
+        return 0, 0
+    textured = _textured_rows(grey, cell)
     if not textured.any():
         return rows, 0
     first, after = int(np.argmax(textured)), int(np.argmax(textured[::-1]))
