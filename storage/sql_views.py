@@ -169,29 +169,14 @@ ROLL_GRADES_V3 = ROLL_GRADES_V2.replace(
 # (`distill.fabric_region.NO_TEXTURE`). The widths and edges are the fabric's, over the blocks
 # that hold it; `unseen_mm`, added last, is the length along the roll where none was seen.
 _FABRIC = "FILTER (WHERE e.width_mm > 0)"
-ROLL_WIDTHS_V3 = f"""
-CREATE OR REPLACE VIEW roll_widths AS
-SELECT ro.id AS roll_id,
-       ro.fabric_type,
-       ro.width_mm AS manifest_width_mm,
-       w.blocks_measured,
-       w.min_width_mm,
-       w.median_width_mm,
-       w.max_width_mm,
-       w.median_left_mm,
-       w.median_right_mm,
-       w.unseen_mm
-FROM rolls ro
-CROSS JOIN LATERAL (
-    SELECT count(e.row_start) AS blocks_measured,
-           min(e.width_mm) {_FABRIC} AS min_width_mm,
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY e.width_mm) {_FABRIC} AS median_width_mm,
-           max(e.width_mm) {_FABRIC} AS max_width_mm,
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY e.left_mm) {_FABRIC} AS median_left_mm,
-           percentile_cont(0.5) WITHIN GROUP (ORDER BY e.right_mm) {_FABRIC} AS median_right_mm,
-           coalesce(sum(e.y1_mm - e.y0_mm) FILTER (WHERE e.width_mm = 0), 0) AS unseen_mm
-    FROM fabric_extents e
-    WHERE e.roll_id = ro.id
-) w
-WHERE w.blocks_measured > 0
-"""
+_FABRIC_AGGREGATES = "\n".join(
+    line if line.startswith("count(") else line.replace(" AS ", f" {_FABRIC} AS ")
+    for line in _WIDTH_AGGREGATES.splitlines()
+)
+ROLL_WIDTHS_V3 = ROLL_WIDTHS_V2.replace(
+    "w.median_right_mm\nFROM", "w.median_right_mm,\n       w.unseen_mm\nFROM"
+).replace(
+    f"SELECT {_WIDTH_AGGREGATES}",
+    f"SELECT {_FABRIC_AGGREGATES},\n       coalesce(sum(e.y1_mm - e.y0_mm) FILTER (WHERE "
+    "e.width_mm = 0), 0) AS unseen_mm",
+)
