@@ -45,8 +45,8 @@ def _grade(args: argparse.Namespace) -> int:
         print(f"{r.roll_id:<24}{r.length_m:>10.1f}{r.points:>8}{density:>16}  {r.grade}")
     for r in rows:
         if r.unseen_m > 0:  # graded on what was seen: a grader must know what was not
-            print(f"roll {r.roll_id}: no fabric seen over {r.unseen_m:.2f} m of its "
-                  f"{r.length_m:.2f} m (dark or blank frames): graded on the rest")  # fmt: skip
+            print(f"roll {r.roll_id}: {r.unseen_m:.2f} m of its {r.length_m:.2f} m not inspected "
+                  "(no fabric seen: dark or blank frames): graded on the rest")  # fmt: skip
     return 1 if skipped else 0
 
 

@@ -20,8 +20,8 @@ side. A block without texture in any cell, every cell black or saturated (`NO_TE
 `BLANK_GREY`: a dark or saturated frame — lights off, a capped lens, the line running before the
 fabric's start or past its end) holds no fabric: its
 extent is empty (left = right = 0), so nothing there is ever reported as a defect, and the
-length it covers is reported as not seen. Where the fabric starts or ends within a block, the
-block's rows without texture before or after it get an empty extent of their own
+length it covers is reported as not seen. Where the fabric starts or ends within a block, or the
+lights go off for a while, the block's rows without texture get an empty extent of their own
 (`block_extents`): scored as fabric, the dark rows were one roll-wide defect at every leader.
 """
 
@@ -48,9 +48,9 @@ NO_TEXTURE = 2.0
 # ...and that a frame without fabric is: black (the lights off, a capped lens) or saturated (a
 # light table); a smooth, evenly lit fabric between them is fabric, however little its texture
 BLANK_GREY = (24.0, 240.0)
-# rows without texture at a block's start or end, fewer than this, are scored as fabric (a
-# weft-faced fabric's row may be even); the split is rounded to ROW_STEP rows (the score map's
-# ¼ resolution) towards the fabric, so that no dark row is ever scored
+# a run of rows without texture shorter than this is scored as fabric (a weft-faced fabric's
+# row may be even); a run is widened to ROW_STEP rows (the score map's ¼ resolution) into the
+# fabric, so that no dark row is ever scored
 MIN_BLANK_ROWS = 16
 ROW_STEP = 4
 
@@ -211,55 +211,63 @@ def _blank(mean: np.ndarray, texture: np.ndarray) -> np.ndarray:
     return (texture < NO_TEXTURE) & ((mean < BLANK_GREY[0]) | (mean > BLANK_GREY[1]))
 
 
-def _textured_rows(grey: np.ndarray, cell: int) -> np.ndarray:
-    """Which rows of (rows ≥ 2, width ≥ cell) grey pixels have a cell that is not blank."""
+def _textured_rows(grey: np.ndarray, index: np.ndarray, cell: int) -> np.ndarray:
+    """Which of the rows `index` (ascending) of (rows ≥ 2, width ≥ cell) grey pixels have a cell
+    that is not blank: contrast and texture along the row, and difference from the rows beside."""
     rows, width = grey.shape
     n = width // cell
     body = grey[:, : n * cell].reshape(rows, n, cell)
-    step = np.abs(np.diff(body, axis=0)).mean(axis=2)  # (rows − 1, n): row r to r + 1
-    zero = np.zeros((1, n), np.float32)
+    here = body[index]
+    up, down = body[np.maximum(index - 1, 0)], body[np.minimum(index + 1, rows - 1)]
     texture = np.maximum.reduce([
-        body.std(axis=2), np.abs(np.diff(body, axis=2)).mean(axis=2),
-        np.r_[step, zero], np.r_[zero, step],
+        here.std(axis=2), np.abs(np.diff(here, axis=2)).mean(axis=2),
+        np.abs(here - up).mean(axis=2), np.abs(down - here).mean(axis=2),
     ])  # fmt: skip
-    return ~_blank(body.mean(axis=2), texture).all(axis=1)
+    return ~_blank(here.mean(axis=2), texture).all(axis=1)
 
 
-def blank_rows(pixels: np.ndarray, cell: int = CELL) -> tuple[int, int]:
-    """How many rows at the start and at the end of a block (H, W[, C]) have no texture in any
-    cell (`NO_TEXTURE`: contrast and texture along the row, and difference from the rows beside
-    it), each 0 under `MIN_BLANK_ROWS` and rounded to `ROW_STEP` rows towards the fabric."""
+def blank_runs(pixels: np.ndarray, cell: int = CELL) -> list[tuple[int, int]]:
+    """The runs of rows [a, b) of a block (H, W[, C]) without texture in any cell (`_blank`),
+    `MIN_BLANK_ROWS` long or more, widened to `ROW_STEP` rows into the fabric beside them."""
     grey = grey_levels(pixels)
     rows, width = grey.shape
     if width < cell or rows < 2:
-        return 0, 0
-    # the block's ends first: where fabric is in them (nearly every block), no run is blank
-    k = min(MIN_BLANK_ROWS, rows - 1)
-    if _textured_rows(grey[: k + 1], cell)[:k].any() and (
-        _textured_rows(grey[-k - 1 :], cell)[-k:].any()
-    ):
-        return 0, 0
-    textured = _textured_rows(grey, cell)
-    if not textured.any():
-        return rows, 0
-    first, after = int(np.argmax(textured)), int(np.argmax(textured[::-1]))
-    lead = -(-first // ROW_STEP) * ROW_STEP if first >= MIN_BLANK_ROWS else 0
-    trail = -(-after // ROW_STEP) * ROW_STEP if after >= MIN_BLANK_ROWS else 0
-    return lead, trail
+        return []
+    # such a run holds a row every MIN_BLANK_ROWS // 2: where none of those is blank (nearly
+    # every block), there is none
+    if _textured_rows(grey, np.arange(0, rows, MIN_BLANK_ROWS // 2), cell).all():
+        return []
+    blank = ~_textured_rows(grey, np.arange(rows), cell)
+    change = np.diff(np.r_[0, blank.astype(np.int8), 0])
+    runs: list[tuple[int, int]] = []
+    for a, b in zip(np.flatnonzero(change == 1), np.flatnonzero(change == -1), strict=True):
+        if b - a < MIN_BLANK_ROWS:
+            continue
+        a, b = int(a) // ROW_STEP * ROW_STEP, min(-(-int(b) // ROW_STEP) * ROW_STEP, rows)
+        if runs and a <= runs[-1][1]:
+            a = runs.pop()[0]
+        runs.append((a, b))
+    return runs
 
 
 def block_extents(pixels: np.ndarray, row_start: int = 0) -> list[Extent]:
-    """The extents of one block of rows (H, W[, C]) starting at row `row_start`: its fabric's
-    (`block_extent`, measured on the rows that hold it), and an empty one each for its rows
-    without texture before and after the fabric (`blank_rows`). Whether a whole block holds
-    fabric is `block_extent`'s to say."""
+    """The extents of one block of rows (H, W[, C]) starting at row `row_start`: an empty one
+    for each run of its rows without texture (`blank_runs`: a leader, the lights off for a
+    while), and the fabric's (`block_extent`) over the rows between. Whether a whole block
+    holds fabric is `block_extent`'s to say."""
     rows = pixels.shape[0]
-    lead, trail = blank_rows(pixels)
-    if lead + trail >= rows or lead == trail == 0:
+    runs = blank_runs(pixels)
+    if not runs or runs == [(0, rows)]:
         return [Extent(row_start, row_start + rows, *block_extent(pixels))]
-    left, right = block_extent(pixels[lead : rows - trail])
-    spans = [(0, lead, 0, 0), (lead, rows - trail, left, right), (rows - trail, rows, 0, 0)]
-    return [Extent(row_start + a, row_start + b, lo, hi) for a, b, lo, hi in spans if a < b]
+    extents, done = [], 0
+    for a, b in runs:
+        if done < a:
+            extents.append(Extent(row_start + done, row_start + a, *block_extent(pixels[done:a])))
+        extents.append(Extent(row_start + a, row_start + b, 0, 0))
+        done = b
+    if done < rows:
+        extents.append(Extent(row_start + done, row_start + rows, *block_extent(pixels[done:])))
+    return extents
 
 
 def band_extents(pixels: np.ndarray, row_start: int = 0, block: int = BLOCK_ROWS) -> list[Extent]:

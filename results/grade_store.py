@@ -84,10 +84,11 @@ def grade_run(
         .where(Defect.run_id == run_id)
         .order_by(Defect.defect_no)
     ).all()
-    # blocks where no fabric was seen (dark or blank frames) are graded neither way: the points
-    # per 100 yd² are over the yards seen, and the grade says how much was not
+    # rows where no fabric was seen (dark or blank frames) are graded neither way: the points
+    # per 100 yd² are over the yards inspected, and the grade says how much was not
     unseen = unseen_mm(session, roll.id)
-    if not roll.length_m * 1000.0 - unseen > 0:
+    # in rows, not mm: a roll seen nowhere came out 1e-13 mm seen by rounding, and graded "A"
+    if (roll.length_m * 1000.0 - unseen) * roll.px_per_mm_y < 1:
         raise ValueError(
             f"roll {roll.id}: no fabric was seen over its {roll.length_m:.2f} m (dark or blank "
             "frames: the lights, the lens, the line's start or end?): it cannot be graded"

@@ -33,6 +33,7 @@ from results.defect_tables import format_value, roll_defects, why_unscored
 from results.grade_store import SYSTEM
 from results.grading import decisive_text
 from results.roll_map import MAX_LABELS, draw_roll_map
+from storage.fabric_extents import unseen_mm
 from storage.objectstore import ObjectNotFound, ObjectStore
 from storage.schema import FabricExtent, Grade, Model, Roll, current_run
 from storage.zarr_rolls import SCORE_SCALE, RollArrays, open_roll
@@ -59,6 +60,7 @@ class ReportData:
     grade: dict[str, Any] | None = None
     threshold: float | None = None
     extents: list[dict[str, Any]] = field(default_factory=list)  # the fabric's measured edges
+    unseen_mm: float = 0.0  # the length not inspected (no fabric seen): `unseen_mm`
     unscored: str | None = None  # why no defects are shown (`unscored_reason`), if so
     zone: tzinfo | None = None  # the site's (ROLLSCAN_TIMEZONE) for dates; None: the process's
 
@@ -83,6 +85,7 @@ def load_report_data(session: Session, roll_id: str, zone: tzinfo | None = None)
             .order_by(FabricExtent.row_start)
         )
     ]
+    data.unseen_mm = unseen_mm(session, roll_id)
     run = current_run(session, roll_id)
     data.unscored = why_unscored(roll, run)
     if run is not None:
@@ -217,7 +220,7 @@ def _facts_html(data: ReportData) -> str:
         ("length", f"{_num(r['length_m'], '.2f')} m"), ("width", f"{_num(r['width_mm'], '.1f')} mm"),
         ("resolution", f"{_num(r['px_per_mm_x'], 'g')} × {_num(r['px_per_mm_y'], 'g')} px/mm "
                        "(across × along)"),
-        _width_row(data.extents),
+        _width_row(data.extents, data.unseen_mm),
         ("frames", e(r["frames_total"])), ("registered", _when(r["created_at"], data.zone)),
         ("completed", _when(r["completed_at"], data.zone)), ("model version", e(run.get("model_version"))),
         ("run", run_text if run else "no run yet"), ("run finished", _when(run.get("finished_at"), data.zone)),
@@ -237,11 +240,11 @@ def _threshold_row(data: ReportData) -> tuple[str, str]:
     return "threshold", text
 
 
-def _width_row(extents: list[dict[str, Any]]) -> tuple[str, str]:
+def _width_row(extents: list[dict[str, Any]], unseen_mm: float) -> tuple[str, str]:
     fabric = [x for x in extents if x["width_mm"] > 0]
-    unseen = sum(x["y1_mm"] - x["y0_mm"] for x in extents if x["width_mm"] == 0) / 1000
     # dark or blank frames: nothing there is a defect, and nothing there was inspected
-    note = f"; no fabric seen over {unseen:.2f} m (dark or blank frames)" if unseen else ""
+    note = (f"; not inspected over {unseen_mm / 1000:.2f} m (no fabric seen: dark or blank "
+            "frames)" if unseen_mm else "")  # fmt: skip
     if not fabric:
         return ("measured width", ("not measured" if not extents else "no fabric seen") + note)
     widths = np.array([x["width_mm"] for x in fabric])
@@ -279,8 +282,8 @@ def _grade_html(data: ReportData) -> str:
         ("points / 100 yd²", e(decisive_text(g["points_per_100yd2"],
                                              [limit for _, limit in d.get("acceptance", [])]))),
         ("computed as", f"{e(d.get('formula'))} = {e(g['points'])} × 3600 / ({yards} × {width})"),
-        ("yards inspected", yards + (f" (no fabric seen over {d['unseen_m']:.2f} m of the roll: "
-                                     "not graded)" if d.get("unseen_m") else "")),
+        ("yards inspected", yards + (f" (not inspected: {d['unseen_m']:.2f} m of the roll, no "
+                                     "fabric seen)" if d.get("unseen_m") else "")),
         ("cuttable width", f"{width} in (roll {_num(d.get('roll_width_in'), '.2f')} in less 2 × "
                            f"{e(d.get('selvage_margin_in'))} in selvage)"),
         ("ignored at the selvage", e(_listed(ignored, ", "))),

@@ -2,9 +2,9 @@
 finalize (the mask) and grading (the measured width, and the selvage beside each defect).
 
 An extent is anything with `row_start`, `row_stop`, `left`, `right` (pixels), such as
-`distill.fabric_region.Extent`; a band scored twice measures the same pixels and upserts the
-same rows. A block where no fabric was seen has an empty extent (width 0): the fabric's widths
-and edges are read over the other blocks, and its length counts as not seen (`unseen_mm`).
+`distill.fabric_region.Extent`; a band scored again replaces the extents of its rows. Rows where
+no fabric was seen have an empty extent (width 0): the fabric's widths and edges are read over
+the others, and their length counts as not seen (`unseen_mm`, `roll_widths`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from sqlalchemy import func, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import delete, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from storage.schema import FabricExtent
@@ -34,10 +33,19 @@ class ExtentLike(Protocol):
 def store_extents(
     session: Session, roll_id: str, px_per_mm: tuple[float, float], extents: Sequence[ExtentLike]
 ) -> None:
-    """Upsert the extents of some of a roll's rows, in millimetres (px_per_mm: across, along)
-    as well as pixels."""
+    """Store the extents of some of a roll's rows, in millimetres (px_per_mm: across, along)
+    as well as pixels, in place of those stored for the same rows (a block measured again on a
+    frame sent again may split otherwise: an older extent left beside the new ones hid them)."""
     if not extents:
         return
+    start, stop = min(e.row_start for e in extents), max(e.row_stop for e in extents)
+    session.execute(
+        delete(FabricExtent).where(
+            FabricExtent.roll_id == roll_id,
+            FabricExtent.row_start >= start,
+            FabricExtent.row_start < stop,
+        )
+    )
     mx, my = px_per_mm
     rows = [
         {"roll_id": roll_id, "row_start": e.row_start, "row_stop": e.row_stop,
@@ -46,18 +54,7 @@ def store_extents(
          "width_mm": (e.right - e.left) / mx}
         for e in extents
     ]  # fmt: skip
-    stmt = insert(FabricExtent).values(rows)
-    columns = ("row_stop", "left_px", "right_px", "y0_mm", "y1_mm", "left_mm", "right_mm",
-               "width_mm")  # fmt: skip
-    session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=[FabricExtent.roll_id, FabricExtent.row_start],
-            set_={
-                **{c: stmt.excluded[c] for c in columns},
-                "measured_at": stmt.excluded.measured_at,
-            },
-        )
-    )
+    session.execute(insert(FabricExtent).values(rows))
 
 
 def roll_extents(session: Session, roll_id: str) -> list[tuple[int, int, int, int]]:
@@ -73,13 +70,12 @@ def roll_extents(session: Session, roll_id: str) -> list[tuple[int, int, int, in
 
 
 def unseen_mm(session: Session, roll_id: str) -> float:
-    """The length (mm) along a roll of its blocks where no fabric was seen."""
-    length = func.coalesce(func.sum(FabricExtent.y1_mm - FabricExtent.y0_mm), 0.0)
-    return float(
-        session.scalar(
-            select(length).where(FabricExtent.roll_id == roll_id, FabricExtent.width_mm == 0)
-        )
+    """The length (mm) along a roll not inspected: its rows without fabric and the fabric's
+    rows beside them that finalize masks (`roll_widths.unseen_mm`, the one definition)."""
+    value = session.scalar(
+        text("SELECT unseen_mm FROM roll_widths WHERE roll_id = :roll"), {"roll": roll_id}
     )
+    return float(value or 0.0)
 
 
 def measured_fabric_mm(session: Session, roll_id: str) -> tuple[float, float, float] | None:

@@ -164,10 +164,12 @@ ROLL_GRADES_V3 = ROLL_GRADES_V2.replace(
 )
 
 
-# Revision 0013: a block where the camera saw no fabric (a dark or saturated frame: the lights
-# off, the line running before the fabric's start or past its end) is stored with an empty extent
-# (`distill.fabric_region.NO_TEXTURE`). The widths and edges are the fabric's, over the blocks
-# that hold it; `unseen_mm`, added last, is the length along the roll where none was seen.
+# Revision 0013: rows where the camera saw no fabric (a dark or saturated frame: the lights off,
+# the line running before the fabric's start or past its end) are stored with an empty extent
+# (`distill.fabric_region.blank_runs`). The widths and edges are the fabric's, over the extents
+# that hold it; `unseen_mm`, added last, is the length along the roll not inspected: those rows,
+# and the 64 rows of fabric beside each run of them that finalize masks too
+# (`worker.fabric_mask.UNSEEN_REACH`), within the roll.
 _FABRIC = "FILTER (WHERE e.width_mm > 0)"
 _FABRIC_AGGREGATES = "\n".join(
     line if line.startswith("count(") else line.replace(" AS ", f" {_FABRIC} AS ")
@@ -177,6 +179,7 @@ ROLL_WIDTHS_V3 = ROLL_WIDTHS_V2.replace(
     "w.median_right_mm\nFROM", "w.median_right_mm,\n       w.unseen_mm\nFROM"
 ).replace(
     f"SELECT {_WIDTH_AGGREGATES}",
-    f"SELECT {_FABRIC_AGGREGATES},\n       coalesce(sum(e.y1_mm - e.y0_mm) FILTER (WHERE "
-    "e.width_mm = 0), 0) AS unseen_mm",
+    f"SELECT {_FABRIC_AGGREGATES},\n       coalesce((SELECT sum(upper(r) - lower(r)) FROM "
+    "unnest(range_agg(int8range(greatest(e.row_start - 64, 0), least(e.row_stop + 64, "
+    "ro.rows_ingested))) FILTER (WHERE e.width_mm = 0)) AS r), 0) / ro.px_per_mm_y AS unseen_mm",
 )

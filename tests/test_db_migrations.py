@@ -167,7 +167,8 @@ def test_0013_keeps_the_widths_and_counts_blocks_without_fabric(
     make_database: Callable[[], str],
 ) -> None:
     """A block where no fabric was seen is stored with an empty extent (the checks refused one):
-    the widths stay the fabric's, `unseen_mm` counts the block's length; a downgrade drops it."""
+    the widths stay the fabric's, `unseen_mm` counts the block's length and the fabric's rows
+    beside it that finalize masks (within the roll); a downgrade drops it."""
     url = make_database()
     database.upgrade(url, "0012")
     engine = create_engine(url)
@@ -180,8 +181,8 @@ def test_0013_keeps_the_widths_and_counts_blocks_without_fabric(
     try:
         with engine.begin() as conn:
             conn.execute(text(
-                "INSERT INTO rolls (id, fabric_type, width_mm, px_per_mm_x, px_per_mm_y, status) "
-                "VALUES ('R-1', 'denim', 100, 4, 4, 'done')"
+                "INSERT INTO rolls (id, fabric_type, width_mm, px_per_mm_x, px_per_mm_y, status, "
+                "rows_ingested) VALUES ('R-1', 'denim', 100, 4, 4, 'done', 1024)"
             ))  # fmt: skip
             for k, (left, right) in enumerate([(40, 360), (48, 352), (40, 344)]):
                 conn.execute(text(block), {"s": 256 * k, "l": left, "r": right})
@@ -195,7 +196,7 @@ def test_0013_keeps_the_widths_and_counts_blocks_without_fabric(
             conn.execute(text(block), {"s": 768, "l": 0, "r": 0})
             after = conn.execute(text(widths)).one()
         assert tuple(after)[:-1] == (*before[0][:3], 4, *before[0][4:])
-        assert after.unseen_mm == 64.0
+        assert after.unseen_mm == 80.0  # rows 768–1024, and the 64 rows before them
         database.downgrade(url, "0012")
         with engine.connect() as conn:
             assert conn.execute(text(widths)).all() == before

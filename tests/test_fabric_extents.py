@@ -15,7 +15,7 @@ from results.grading import choose_width
 from results.roll_report import write_roll_report
 from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.submit import submit
-from storage.fabric_extents import store_extents
+from storage.fabric_extents import roll_extents, store_extents, unseen_mm
 from storage.registry import activate_model, register_model
 from storage.schema import Band, Defect, FabricExtent, Grade, Model, Roll, Run
 from storage.zarr_rolls import open_roll
@@ -238,26 +238,50 @@ def test_where_the_camera_saw_no_fabric_nothing_is_reported_and_nothing_graded(c
     # the widths over the fabric alone, the length not seen beside them
     assert widths.blocks_measured == 10
     assert widths.min_width_mm == widths.median_width_mm == WIDTH / PX_PER_MM
-    unseen_mm = (600 + 276) / PX_PER_MM
-    assert widths.unseen_mm == pytest.approx(unseen_mm)
-    assert graded.unseen_m == grade.details["unseen_m"] == pytest.approx(unseen_mm / 1000)
-    assert grade.yards == pytest.approx((204.8 - unseen_mm) / 914.4)  # the length seen
-    assert "no fabric seen over 0.09 m" in report.read_text()
+    # not inspected: the dark rows and the 64 rows of fabric beside each stretch of them
+    unseen = (600 + UNSEEN_REACH + 276 + 2 * UNSEEN_REACH) / PX_PER_MM
+    assert widths.unseen_mm == pytest.approx(unseen)
+    assert graded.unseen_m == grade.details["unseen_m"] == pytest.approx(unseen / 1000)
+    assert grade.yards == pytest.approx((204.8 - unseen) / 914.4)  # the length inspected
+    assert "not inspected over 0.11 m" in report.read_text()
 
 
-def test_a_roll_where_no_fabric_was_seen_is_not_graded(ctx):
+@pytest.mark.parametrize(("rows", "px_per_mm"), [(512, 1.0), (10031, 10.0), (2039, 4.0)])
+def test_a_roll_where_no_fabric_was_seen_is_not_graded(ctx, rows, px_per_mm):
+    """Nor graded "A" because its length less the length not seen came out 1e-13 mm."""
+    roll_id = f"R-black-{rows}"
     with ctx.session() as session:
-        session.add(Roll(id="R-black", fabric_type=FABRIC, width_mm=100.0, px_per_mm_x=1.0,
-                         px_per_mm_y=1.0, length_m=0.512, status="done"))  # fmt: skip
+        session.add(Roll(id=roll_id, fabric_type=FABRIC, width_mm=100.0, px_per_mm_x=1.0,
+                         px_per_mm_y=px_per_mm, rows_ingested=rows,
+                         length_m=rows / px_per_mm / 1000.0, status="done"))  # fmt: skip
         session.flush()
-        store_extents(
-            session, "R-black", (1.0, 1.0), [Extent(0, 256, 0, 0), Extent(256, 512, 0, 0)]
-        )
+        blocks = [Extent(r, min(r + 256, rows), 0, 0) for r in range(0, rows, 256)]
+        store_extents(session, roll_id, (1.0, px_per_mm), blocks)
         version = session.scalar(select(Model.version).where(Model.fabric_type == FABRIC))
-        run = Run(roll_id="R-black", model_version=version, purpose="live", status="done",
+        run = Run(roll_id=roll_id, model_version=version, purpose="live", status="done",
                   is_current=True, finished_at=func.now())  # fmt: skip
         session.add(run)
         session.flush()
-        with pytest.raises(ValueError, match=r"no fabric was seen over its 0\.51 m"):
+        with pytest.raises(ValueError, match=r"no fabric was seen over its \d+\.\d\d m"):
             grade_run(session, run.id)
-        assert session.get(Grade, ("R-black", run.id, "astm_d5430")) is None
+        assert session.get(Grade, (roll_id, run.id, "astm_d5430")) is None
+
+
+def test_a_band_measured_again_replaces_the_extents_of_its_rows(ctx):
+    """A frame sent again with fabric where it had been dark: the block, split before, is one
+    extent now — the empty one left beside it had hidden a flaw there."""
+    with ctx.session() as session:
+        session.add(Roll(id="R-again", fabric_type=FABRIC, width_mm=100.0, px_per_mm_x=1.0,
+                         px_per_mm_y=1.0, rows_ingested=1024, status="scoring"))  # fmt: skip
+        session.flush()
+        first = [Extent(0, 512, 0, 90), Extent(512, 900, 0, 90), Extent(900, 1024, 0, 0)]
+        store_extents(session, "R-again", (1.0, 1.0), first)
+        store_extents(
+            session, "R-again", (1.0, 1.0), [Extent(512, 768, 0, 90), Extent(768, 1024, 0, 90)]
+        )
+        assert roll_extents(session, "R-again") == [
+            (0, 512, 0, 90),
+            (512, 768, 0, 90),
+            (768, 1024, 0, 90),
+        ]
+        assert unseen_mm(session, "R-again") == 0.0

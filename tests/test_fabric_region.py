@@ -116,10 +116,14 @@ def test_anything_in_a_dark_block_keeps_it_scored():
         ((0, 90), [(0, 92, 0, 0), (92, 256, 0, WIDTH)]),  # a leader: rounded towards the fabric
         ((170, 256), [(0, 168, 0, WIDTH), (168, 256, 0, 0)]),  # the fabric's end
         ((0, 10), [(0, 256, 0, WIDTH)]),  # too few rows to tell from an even weft
+        ((100, 150), [(0, 100, 0, WIDTH), (100, 152, 0, 0), (152, 256, 0, WIDTH)]),
+        ((200, 210), [(0, 256, 0, WIDTH)]),
     ],
-    ids=["leader", "tail", "ten rows"],
+    ids=["leader", "tail", "ten rows", "the lights off a while", "a flicker"],
 )
-def test_where_the_fabric_starts_or_ends_within_a_block_its_dark_rows_hold_none(dark, expected):
+def test_where_the_fabric_starts_ends_or_stops_within_a_block_its_dark_rows_hold_none(
+    dark, expected
+):
     """The dark rows of a block that the fabric enters or leaves were scored as fabric: one
     roll-wide defect at every leader. They get an empty extent of their own."""
     image = make_fabric(BLOCK_ROWS, WIDTH, weave="twill", seed=5)

@@ -360,5 +360,5 @@ def test_a_stretch_without_fabric_leaves_the_yards_seen_and_the_defects_where_th
     result = grade_roll(defects, 10240.0, 1000.0, unseen_mm=4096.0)
     assert result.yards == pytest.approx(6144.0 / 914.4)
     assert (result.per_defect_points, result.per_defect_yards) == ([16], [4])
-    with pytest.raises(ValueError, match="no fabric seen over 10240.0 mm"):
+    with pytest.raises(ValueError, match=r"no fabric seen over 10240\.0 mm"):
         grade_roll(defects, 10240.0, 1000.0, unseen_mm=10240.0)

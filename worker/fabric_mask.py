@@ -22,7 +22,8 @@ from worker.tiling import band_read_window, cut_tiles
 
 # Rows of fabric beside a stretch without any (a leader, the lights off) that are not inspected:
 # the model's features there see the dark rows, a view no good tile gave, and mapped the
-# fabric's first and last rows as one roll-wide defect at each end of the stretch
+# fabric's first and last rows as one roll-wide defect at each end of the stretch. Counted as
+# not inspected by `roll_widths.unseen_mm` (storage/sql_views.py), which writes it out: keep both
 UNSEEN_REACH = 64
 
 
