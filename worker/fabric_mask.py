@@ -68,7 +68,7 @@ class WindowFabric:
 
     def block(self, k: int) -> list[Extent]:
         """The extents of block k (rows k·BLOCK_ROWS onwards, `block_extents`: one, or more
-        where the fabric starts or ends within it), measured on first use."""
+        where a run of rows without fabric lies within it), measured on first use."""
         if k not in self._blocks:
             start = k * BLOCK_ROWS
             stop = min(start + BLOCK_ROWS, self.stop)
