@@ -3,6 +3,8 @@ of a fabric left its old version in a long-lived GPU worker's memory."""
 
 from __future__ import annotations
 
+import logging
+
 from sqlalchemy import select
 
 from storage.schema import Model
@@ -11,7 +13,8 @@ from storage.schema import Model
 def test_the_worker_keeps_the_models_used_last(make_inline_ctx, caplog) -> None:
     ctx = make_inline_ctx(256, versions=("v1", "v2", "v3"))
     ctx.settings = ctx.settings.model_copy(update={"max_cached_models": 2})
-    with ctx.session() as session:
+    # a command run in this process before (cli.main) may have left the root logger quieter
+    with ctx.session() as session, caplog.at_level(logging.WARNING, logger="worker.context"):
         models = {m.version: m for m in session.scalars(select(Model))}
         first = {v: ctx.detector(models[v]) for v in ("v1", "v2")}
         assert ctx.detector(models["v1"]) is first["v1"]  # cached; and now used last
