@@ -78,8 +78,8 @@ def grey_levels(block: np.ndarray) -> np.ndarray:
     sum is an exact integer, and float32 division of it by 3 rounds as the float64 mean
     rounded to float32 does (checked for every sum in tests/test_fabric_region.py)."""
     block = np.asarray(block)
-    if block.ndim == 2:
-        return block.astype(np.float32)
+    if block.ndim == 2:  # grey levels already (float32: as they are, not copied)
+        return np.asarray(block, dtype=np.float32)
     if block.dtype == np.uint8 and block.shape[2] == 1:
         return block[..., 0].astype(np.float32)
     if block.dtype == np.uint8 and block.shape[2] == 3:
@@ -255,18 +255,19 @@ def block_extents(pixels: np.ndarray, row_start: int = 0) -> list[Extent]:
     for each run of its rows without texture (`blank_runs`: a leader, the lights off for a
     while), and the fabric's (`block_extent`) over the rows between. Whether a whole block
     holds fabric is `block_extent`'s to say."""
-    rows = pixels.shape[0]
-    runs = blank_runs(pixels)
+    grey = grey_levels(pixels)  # once, for the runs and the extents alike
+    rows = grey.shape[0]
+    runs = blank_runs(grey)
     if not runs or runs == [(0, rows)]:
-        return [Extent(row_start, row_start + rows, *block_extent(pixels))]
+        return [Extent(row_start, row_start + rows, *block_extent(grey))]
     extents, done = [], 0
     for a, b in runs:
         if done < a:
-            extents.append(Extent(row_start + done, row_start + a, *block_extent(pixels[done:a])))
+            extents.append(Extent(row_start + done, row_start + a, *block_extent(grey[done:a])))
         extents.append(Extent(row_start + a, row_start + b, 0, 0))
         done = b
     if done < rows:
-        extents.append(Extent(row_start + done, row_start + rows, *block_extent(pixels[done:])))
+        extents.append(Extent(row_start + done, row_start + rows, *block_extent(grey[done:])))
     return extents
 
 
