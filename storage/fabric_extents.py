@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from sqlalchemy import delete, func, insert, select, text
+from sqlalchemy import delete, insert, select, text
 from sqlalchemy.orm import Session
 
 from storage.schema import FabricExtent
@@ -83,11 +83,12 @@ def measured_fabric_mm(session: Session, roll_id: str) -> tuple[float, float, fl
     if unmeasured. The width is the median of the blocks' widths — `roll_widths.median_width_mm`,
     what the report shows — not the medians' difference, which differs from it where the
     fabric narrows on alternate sides."""
-    # the medians of the roll_widths view, computed in the database as there
-    edges = (FabricExtent.left_mm, FabricExtent.right_mm, FabricExtent.width_mm)
-    median = [func.percentile_cont(0.5).within_group(edge) for edge in edges]
-    row = session.execute(select(*median).where(FabricExtent.roll_id == roll_id, _ON_FABRIC)).one()
-    return None if row[0] is None else (float(row[0]), float(row[1]), float(row[2]))
+    # read from the view, the one definition (over the extents that hold fabric)
+    row = session.execute(
+        text("SELECT median_left_mm, median_right_mm, median_width_mm FROM roll_widths "
+             "WHERE roll_id = :roll"), {"roll": roll_id},
+    ).one_or_none()  # fmt: skip
+    return None if row is None or row[0] is None else (float(row[0]), float(row[1]), float(row[2]))
 
 
 def edges_along_mm(session: Session, roll_id: str) -> list[tuple[float, float, float, float]]:
