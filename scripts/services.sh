@@ -36,6 +36,18 @@ if command -v rabbitmq-server >/dev/null; then
   fi
 fi
 
+# A full disk fails the tests far from their cause (a write error here, RabbitMQ's disk alarm
+# blocking every publisher there): say so first
+for dir in . "${TMPDIR:-/tmp}"; do
+  free_mb=$(df -Pm "$dir" | awk 'NR==2 {print $4}')
+  if [ "${free_mb:-0}" -lt 4096 ]; then
+    echo "services: only ${free_mb} MB free on $(df -P "$dir" | awk 'NR==2 {print $6}'); the tests need about 4 GB" >&2
+  fi
+done
+if command -v rabbitmq-diagnostics >/dev/null && ! timeout 20 rabbitmq-diagnostics -q check_alarms >/dev/null 2>&1; then
+  echo "services: RabbitMQ reports an alarm (rabbitmq-diagnostics alarms); it blocks publishers" >&2
+fi
+
 # Headless Chromium renders `rollscan report` pages in tests/test_roll_report.py (that check is
 # skipped without it). Best effort: installed only as root with apt-get; a failure goes on.
 if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
