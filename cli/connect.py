@@ -11,6 +11,7 @@ site's settings, so that the command line says so in one line instead of a trace
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -77,6 +78,10 @@ def _service_problem(exc: BaseException) -> tuple[str, int] | None:
             return f"cannot reach the broker: {_first_line(item)}", 3
         if module.startswith("amqp") and name in ("AccessRefused", "NotAllowed"):
             return f"the broker refused the connection: {_first_line(item)}", 2
+    full = next((i for i in _chain(exc) if isinstance(i, OSError) and i.errno in _DISK_FULL), None)
+    if full is not None:  # transient too, but no service is down: the machine's disk is full
+        return (f"the disk is full: {_first_line(full)}; free space and run it again (a roll's "
+                "outstanding work: `rollscan resume`)"), 3  # fmt: skip
     if is_transient_store_error(exc):
         return f"cannot reach the object store: {_first_line(_root(exc))}", 3
     for item in _chain(exc):
@@ -85,6 +90,7 @@ def _service_problem(exc: BaseException) -> tuple[str, int] | None:
     return None
 
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _STORE_REFUSALS = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 _STORE_REFUSALS |= {"403", "Forbidden"}  # a HEAD refused: no body, no code of its own
 

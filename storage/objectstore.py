@@ -225,6 +225,9 @@ _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTim
 _TRANSIENT_CODES |= {"InternalError", "ServiceUnavailable", "500", "502", "503", "504"}
 _TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.ETIMEDOUT}
 _TRANSIENT_ERRNOS |= {errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
+# a full disk or quota: the roll waits, with back-off, for space freed, rather than fail for good
+# (every roll in flight would, each to be sent again by hand)
+_TRANSIENT_ERRNOS |= {errno.ENOSPC, errno.EDQUOT}
 # obstore (Rust) errors have no type for these: match the words of their messages, and the
 # kinds in their debug text (a body stalled or cut mid-transfer: "kind: Timeout … TimedOut",
 # "kind: Interrupted … UnexpectedEof, IncompleteBody")

@@ -75,9 +75,12 @@ class LocalStore(ObjectStore):
             os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide objects from other users
             _remember_etag(Path(tmp), digest.hexdigest())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+                # a write's error names no file ("[Errno 28] No space left on device"): say where
+                raise OSError(exc.errno, exc.strerror, str(path)) from exc
             raise
         return digest.hexdigest()
 
