@@ -26,6 +26,7 @@ from storage.schema import Defect, Frame, Grade, Model, Roll, Run, TaskDelivery
 from worker.context import WorkerContext
 from worker.deliveries import GIVEN_UP, Delivery, run_counted
 from worker.ingest import ingest_frame
+from worker.roll_rows import fail_roll
 from worker.scoring import score_band
 
 PX_PER_MM, BAND = 4.0, 512
@@ -188,6 +189,21 @@ def test_a_done_roll_failed_by_a_frame_then_put_back_is_done_again(ctx, tmp_path
     assert (resumed.frames, resumed.bands, resumed.finalizes) == ([], [], [])
     assert _roll(ctx, "R-s").status == "done"
     assert str(resume_roll(ctx, "R-s")) == "roll R-s: nothing to resume"
+
+
+def test_a_failed_roll_keeps_its_first_reason_until_retried(ctx, tmp_path):
+    """In-process a band is scored inside the ingest of the frame that completed it: the band's
+    failure, passing through that frame's task, was recorded again as the frame's."""
+    submit(ctx, str(_write(tmp_path, "R-why")))
+    ctx.enqueue.queue.clear()
+    with ctx.session() as session:
+        fail_roll(session, "R-why", "band 1 of run 1: OSError: the first cause")
+        fail_roll(session, "R-why", "frame 4 (incoming/R-why/frames/000004.tif): OSError: it again")
+    assert _roll(ctx, "R-why").failure_reason == "band 1 of run 1: OSError: the first cause"
+    retry_roll(ctx, "R-why")
+    with ctx.session() as session:
+        fail_roll(session, "R-why", "frame 2: a new cause")
+    assert _roll(ctx, "R-why").failure_reason == "frame 2: a new cause"
 
 
 def test_a_given_up_finalize_is_sent_again_and_said(ctx, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -118,12 +118,17 @@ def live_run(session: Session, roll: Roll) -> Run:
 
 def fail_roll(session: Session, roll_id: str, reason: str) -> None:
     """Mark a roll failed with its reason; its runs stop (a current one that stops gives the
-    roll to the done run asked for last, if any). Other rolls are not affected."""
+    roll to the done run asked for last, if any). Other rolls are not affected.
+
+    A roll already failed keeps its first reason: in-process (no broker) a band is scored
+    inside the ingest of the frame that completed it, and that frame's failure, the same error
+    passing through, named the frame instead of the band."""
     now = datetime.now(UTC)
+    first = case((Roll.status == "failed", Roll.failure_reason), else_=reason[:2000])
     session.execute(
         update(Roll)
         .where(Roll.id == roll_id)
-        .values(status="failed", failure_reason=reason[:2000], updated_at=now)
+        .values(status="failed", failure_reason=first, updated_at=now)
     )
     session.execute(
         update(Run)
