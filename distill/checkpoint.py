@@ -98,12 +98,19 @@ def save_checkpoint(
             payload["memory_bank_bf16"] = model.memory.twin.detach().cpu()
     if calibration_tiles is not None:
         payload["calibration_tiles"] = calibration_tiles.detach().cpu()
+    # serialised in memory first: torch.save into a file turns a full disk into "[enforce fail
+    # at inline_container.cc] unexpected pos", naming neither the disk nor the file
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        torch.save(payload, tmp)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
         tmp.replace(path)
-    except BaseException:  # a full disk, an interrupt: no hidden half-file left behind
+    except BaseException as exc:  # a full disk, an interrupt: no hidden half-file left behind
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
     return path
 

@@ -314,6 +314,15 @@ class Trainer:
         return total / images.shape[0]
 
 
+def _save_best_so_far(partial: Path, model: ReverseDistillation, card: ModelCard) -> None:
+    """A snapshot for a crash only: the best weights stay in memory, so a disk that fills up
+    costs the snapshot, not the training (it ended an hour's run at its first better epoch)."""
+    try:
+        save_checkpoint(partial, model, card)
+    except OSError as exc:
+        log.warning("the best model so far could not be kept on disk (%s); training goes on", exc)
+
+
 def train(
     data: str | Path, out: str | Path, config: TrainConfig, progress: bool = True
 ) -> ModelCard:
@@ -370,7 +379,7 @@ def train(
     else:
         fit = fit_student(
             trainer, train_images, train_valid, val_images,
-            lambda: save_checkpoint(partial, trainer.model, card), progress,
+            lambda: _save_best_so_far(partial, trainer.model, card), progress,
             None if val_valid is None else torch.from_numpy(val_valid),
         )  # fmt: skip
     trainer.model.student.load_state_dict(fit.best_state)

@@ -5,6 +5,7 @@ met the fault has. A real small file system (tmpfs), so this needs root; skipped
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import subprocess
 import sys
@@ -12,9 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures_model import RECIPE, TRAIN_TILE
 from fixtures_roll import assert_same_defects, defects_of
 from sqlalchemy import select
 
+from distill.train import TrainConfig, train
 from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.resume import resume_roll
 from scheduler.submit import submit
@@ -128,3 +131,23 @@ def test_a_command_says_the_disk_is_full_and_where(
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
     objects = small_disk / "data" / "objects"
     assert not [p for p in objects.rglob("*") if p.is_file()]  # nothing half-written
+
+
+def test_a_training_on_a_full_disk_keeps_going_and_names_the_file_it_cannot_write(
+    small_disk, twill_model, caplog
+):
+    """torch.save into a full disk said "[enforce fail at inline_container.cc] unexpected pos",
+    and the snapshot of the first better epoch ended the whole training with it."""
+    out = small_disk / "model.pt"
+    _fill(small_disk)
+    config = TrainConfig(epochs=2, tile=TRAIN_TILE, fpr=0.0, **RECIPE)
+    with (
+        caplog.at_level(logging.WARNING, logger="distill.train"),
+        pytest.raises(OSError) as failed,
+    ):
+        train(twill_model.parent / "data", out, config, progress=False)
+    assert failed.value.errno == errno.ENOSPC and failed.value.filename == str(out)
+    assert (
+        caplog.text.count("could not be kept on disk") == 2
+    )  # each better epoch: training went on
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no half-file left
