@@ -302,10 +302,18 @@ def reprocess(
                     bar.update(1)
                     continue
                 in_flight[run_id] = roll_id
-                for band in missing:
-                    ctx.enqueue.score(run_id, band, reprocess=True)
-                if not missing and _statuses(ctx, [run_id])[0][1] not in ("done", "failed"):
-                    ctx.enqueue.finalize(run_id)  # every band scored, the finalize was lost
+                try:
+                    for band in missing:
+                        ctx.enqueue.score(run_id, band, reprocess=True)
+                    if not missing and _statuses(ctx, [run_id])[0][1] not in ("done", "failed"):
+                        ctx.enqueue.finalize(run_id)  # every band scored, the finalize was lost
+                except Exception:
+                    # in-process (no broker) a band's own error comes out of `score`: its run,
+                    # failed, is reported with the others below and the next roll goes on (the
+                    # first such roll ended the command); a broker down, or an error a retry may
+                    # mend (the run still open), ends it: running it again resumes
+                    if _statuses(ctx, [run_id])[0][1] != "failed":
+                        raise
             statuses = _statuses(ctx, list(in_flight))
             finished = [s for s in statuses if s[1] in ("done", "failed")]
             for run_id, status, error, _, _ in finished:

@@ -7,6 +7,7 @@ checkpoint (another sha256) whose defects measurably differ — they grow — on
 from __future__ import annotations
 
 import io
+import logging
 from datetime import UTC, datetime
 
 import numpy as np
@@ -471,6 +472,28 @@ def test_a_band_that_fails_for_good_fails_its_run_with_the_reason(
         assert session.scalar(select(func.count()).select_from(TaskDelivery)) == 0
     (row,) = _current(ctx)
     assert row[1] == V1
+
+
+def test_a_roll_whose_run_fails_in_process_leaves_the_next_rolls_to_be_reprocessed(
+    ctx, tmp_path, env_context, capsys, caplog
+):
+    """In-process (no broker) the first roll's failed band came out of the command as its
+    error, and the rolls after it were never started."""
+    for roll_id in ("R-1", "R-2"):
+        _done_roll(ctx, tmp_path, roll_id)
+    shard = next(ctx.store.iter_objects("rolls/R-1.zarr/image/c/")).key
+    ctx.store.put(shard, b"\0" * 64)  # its pixels unreadable: no retry mends that
+    args = ["reprocess", "--model", V2, "--max-in-flight", "1", "--no-progress"]  # R-1 first
+    with caplog.at_level(logging.ERROR, logger="worker.deliveries"):
+        assert _rollscan(ctx, env_context, tmp_path, args, ROLLSCAN_DEVICE="cpu") == 1
+    assert "reprocessed 1 of 2 roll(s) with twill-v2" in capsys.readouterr().out
+    assert "roll R-1 (reprocess run " in caplog.text  # it said "roll (run 3)"
+    with ctx.session() as session:
+        runs = dict(
+            session.execute(select(Run.roll_id, Run.status).where(Run.model_version == V2)).all()
+        )
+        assert runs == {"R-1": "failed", "R-2": "done"}
+        assert session.get(Roll, "R-1").status == "done"  # a reprocess run fails alone
 
 
 def test_running_the_cli_again_after_an_interrupt_grades_what_finished_meanwhile(

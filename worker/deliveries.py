@@ -140,21 +140,22 @@ def fail_delivery(ctx: WorkerContext, delivery: Delivery, reason: str) -> None:
     """Fail what `delivery` works for with `reason` — its roll, or its reprocess run alone;
     a training has neither: the reason is logged — and forget its deliveries."""
     with ctx.session() as session:
-        roll_id = delivery.roll_id
+        roll_id, run_only = delivery.roll_id, False
         if delivery.run_id is not None:
             run = session.get(Run, delivery.run_id)
             roll_id = run.roll_id if run is not None else None
             if run is not None and run.purpose == "reprocess":
                 _fail_run_only(session, run, reason)
-                roll_id = None
-        if roll_id is not None:
+                run_only = True
+        if roll_id is not None and not run_only:
             fail_roll(session, roll_id, reason)
         session.execute(
             delete(TaskDelivery).where(
                 TaskDelivery.task == delivery.task, TaskDelivery.key == delivery.key
             )
         )
-    where = roll_id or (f"(run {delivery.run_id})" if delivery.run_id is not None else None)
+    where = roll_id and (f"{roll_id} (reprocess run {delivery.run_id})" if run_only else roll_id)
+    where = where or (f"(run {delivery.run_id})" if delivery.run_id is not None else None)
     log.error("%s%s", f"roll {where}: " if where else "", reason)
 
 
