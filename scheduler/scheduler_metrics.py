@@ -84,9 +84,10 @@ def queue_depths(broker_url: str, queues: tuple[str, ...], timeout: float = 3.0)
 
     depths = {}
     # socket_timeout: a Redis that accepts and never answers held the scheduler's loop (its
-    # discovery too) for ever; connect_timeout covers the TCP connect alone
-    with Connection(broker_url, connect_timeout=timeout,
-                    transport_options={"socket_timeout": timeout}) as conn:  # fmt: skip
+    # discovery too) for ever; read/write_timeout, py-amqp's words for it, a RabbitMQ that
+    # stopped reading (its disk or memory alarm); connect_timeout covers the TCP connect alone
+    options = {"socket_timeout": timeout, "read_timeout": timeout, "write_timeout": timeout}
+    with Connection(broker_url, connect_timeout=timeout, transport_options=options) as conn:
         conn.ensure_connection(max_retries=1, interval_start=0, timeout=timeout)
         for queue in queues:
             channel = conn.channel()  # one per queue: a refused passive declare closes it (AMQP)

@@ -165,7 +165,10 @@ def celery_producer(settings: Settings) -> Iterator[list[tuple[str, str]]]:
     app.conf.update(
         broker_url=settings.broker_url.get_secret_value(),
         task_always_eager=False,
-        broker_transport_options=broker_transport_options(settings),
+        # py-amqp's read/write timeouts: closing a connection that published to a RabbitMQ
+        # that stopped reading (its disk alarm) waited for ever; a producer consumes nothing
+        broker_transport_options=broker_transport_options(settings)
+        | {"read_timeout": 30, "write_timeout": 30},
     )
     after_task_publish.connect(record, weak=False)
     try:

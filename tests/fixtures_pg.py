@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from sqlalchemy import URL, Engine, make_url, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from rollscan_testing.services import create_database, drop_database, postgres_answers
@@ -83,12 +84,28 @@ def _session_engine(migrated_url: str) -> Iterator[Engine]:
     engine.dispose()
 
 
+def empty_tables(engine: Engine, lock_timeout: str = "60s") -> None:
+    """Empty every table. A connection left idle in a transaction (a test's leaked session, a
+    worker not stopped) held TRUNCATE's lock wait, and the run with it, for ever: it gives up
+    after a minute, naming the sessions of this database that hold it."""
+    tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("SELECT set_config('lock_timeout', :t, true)"), {"t": lock_timeout})
+            conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    except OperationalError as exc:
+        with engine.connect() as conn:
+            holders = conn.execute(text(
+                "SELECT pid, application_name, state, left(query, 200) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )).all()  # fmt: skip
+        raise RuntimeError(f"the tables could not be emptied; sessions: {holders}") from exc
+
+
 @pytest.fixture
 def db_engine(_session_engine: Engine) -> Iterator[Engine]:
     yield _session_engine
-    tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
-    with _session_engine.begin() as conn:
-        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    empty_tables(_session_engine)
 
 
 @pytest.fixture

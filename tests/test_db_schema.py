@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import psycopg2
 import pytest
+from fixtures_pg import empty_tables
 from sqlalchemy import Engine, func, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
@@ -396,3 +397,17 @@ def test_rolls_since_a_day_lists_those_completed_that_day_as_the_table_shows_the
     assert [
         r["id"] for r in list_rolls(s, since=datetime.fromisoformat("2027-11-15T12:00+01:00"))
     ] == []
+
+
+def test_emptying_the_tables_gives_up_on_a_lock_held_and_names_its_holder(
+    db_engine: Engine,
+) -> None:
+    """The test suite's own teardown: a session left idle in a transaction held TRUNCATE, and
+    the whole run with it, for ever."""
+    with db_engine.connect() as holder:
+        holder.execute(text("SET application_name = 'the-holder'"))
+        holder.execute(select(func.count()).select_from(Roll))  # a lock until rolled back
+        with pytest.raises(RuntimeError, match=r"the-holder.*idle in transaction"):
+            empty_tables(db_engine, lock_timeout="1s")
+        holder.rollback()
+    empty_tables(db_engine, lock_timeout="1s")

@@ -26,9 +26,10 @@ import pytest
 import tifffile
 from fault_servers import RedisServer
 from fixtures_celery import BAND, FABRIC, Stack, celery_producer
+from fixtures_pg import empty_tables
 from fixtures_roll import ROLL_ID, ROLL_TIMEOUT_S, assert_roll_came_out
 from fixtures_s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, make_s3_store
-from sqlalchemy import select, text
+from sqlalchemy import select
 from tiff_writers import handmade_tiff, lzw_encode, patch_tag
 
 from rollscan_testing.synthetic_roll import write_synthetic_roll
@@ -37,7 +38,7 @@ from scheduler.submit import submit, upload_folder
 from storage.database import make_engine
 from storage.manifest import ManifestError
 from storage.registry import activate_model, register_model
-from storage.schema import Base, Roll
+from storage.schema import Roll
 from storage.settings import Settings
 from worker.context import WorkerContext
 from worker.tasks import CeleryEnqueuer
@@ -233,12 +234,6 @@ def outcome(
         with ctx.session() as session:
             found = {r.id: r for r in session.scalars(select(Roll))}
         yield Outcome(found, refused, problems, clean_peak, peak_rss(stack), stack)
-
-
-def empty_tables(engine) -> None:
-    with engine.begin() as conn:
-        tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
-        conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
 
 
 def status(stack: Stack, roll_id: str) -> str | None:

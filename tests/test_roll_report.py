@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures_pg import empty_tables
 from PIL import Image
 from sqlalchemy import select, text
 
@@ -26,7 +27,7 @@ from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.submit import submit
 from storage.objectstore import open_object_store
 from storage.registry import activate_model, register_model
-from storage.schema import Base, Defect, Roll, Run
+from storage.schema import Defect, Roll, Run
 from storage.settings import Settings
 from worker.context import WorkerContext
 from worker.inline import InlineEnqueuer
@@ -76,9 +77,7 @@ def graded(_session_engine, twill_model, tmp_path_factory):
         print(f"report written in {time.perf_counter() - started:.2f} s")
         yield ctx, root / "data", page
     finally:
-        tables = ", ".join(table.name for table in Base.metadata.sorted_tables)
-        with _session_engine.begin() as conn:
-            conn.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+        empty_tables(_session_engine)
 
 
 def _defect_nos(ctx):

@@ -59,7 +59,10 @@ def test_queue_depth_is_asked_of_the_broker(broker):
 
     name = f"rollscan-test-{uuid.uuid4().hex[:8]}"
     try:
-        conn = Connection(broker, connect_timeout=2)
+        # read/write timeouts: under RabbitMQ's disk alarm the queue's delete below (and the
+        # close after it) waited for ever, and CI with it
+        conn = Connection(broker, connect_timeout=2,
+                          transport_options={"read_timeout": 10, "write_timeout": 10})  # fmt: skip
         conn.ensure_connection(max_retries=1, interval_start=0)
     except Exception as exc:
         pytest.skip(f"no broker at {broker}: {exc}")
