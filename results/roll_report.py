@@ -18,6 +18,8 @@ import contextlib
 import html
 import json
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from datetime import tzinfo
 from pathlib import Path
@@ -342,11 +344,33 @@ def _defects_html(
 def render_report(
     data: ReportData, store: ObjectStore, out_dir: str | Path, *, max_crops: int = MAX_CROPS
 ) -> Path:
-    """Write the page and its images for `data` (from `load_report_data`); return the page."""
+    """Write the page and its images for `data` (from `load_report_data`); return the page.
+
+    Written into a folder beside them first, then renamed into place, the page last: a full
+    disk or an interrupt leaves the report that was there whole (written in place, a report
+    written again left a 0-byte page, its crops deleted first)."""
     out = Path(out_dir)
-    (out / "crops").mkdir(parents=True, exist_ok=True)
-    for old in (out / "crops").glob("d*_*.png"):  # a previous report's crops
-        old.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=out))
+    try:
+        _render(data, store, staging, max_crops)
+        (out / "crops").mkdir(exist_ok=True)
+        written = {path.name for path in (staging / "crops").iterdir()}
+        for name in sorted(written):
+            (staging / "crops" / name).replace(out / "crops" / name)
+        if (staging / "map.png").exists():
+            (staging / "map.png").replace(out / "map.png")
+        (staging / "index.html").replace(out / "index.html")
+        for old in (out / "crops").glob("d*_*.png"):  # a previous report's crops
+            if old.name not in written:
+                old.unlink()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / "index.html"
+
+
+def _render(data: ReportData, store: ObjectStore, out: Path, max_crops: int) -> None:
+    (out / "crops").mkdir()
     roll = None
     if data.roll["rows_ingested"]:
         with contextlib.suppress(ObjectNotFound):
@@ -384,6 +408,4 @@ def render_report(
 <h2>Defects{"" if data.unscored else f" ({len(data.defects)})"}</h2>{_defects_html(data, crops, max_crops, vmax)}
 </body></html>
 """
-    path = out / "index.html"
-    path.write_text(page, encoding="utf-8")
-    return path
+    (out / "index.html").write_text(page, encoding="utf-8")

@@ -18,6 +18,7 @@ from fixtures_roll import assert_same_defects, defects_of
 from sqlalchemy import select
 
 from distill.train import TrainConfig, train
+from results.roll_report import write_roll_report
 from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.resume import resume_roll
 from scheduler.submit import submit
@@ -41,7 +42,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.skip("mounting a small file system (tmpfs) needs root")
     mount = tmp_path / "small"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48m", "tmpfs", str(mount)],
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(mount)],
                           capture_output=True, text=True)  # fmt: skip
     if done.returncode:
         pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
@@ -151,3 +152,24 @@ def test_a_training_on_a_full_disk_keeps_going_and_names_the_file_it_cannot_writ
         caplog.text.count("could not be kept on disk") == 2
     )  # each better epoch: training went on
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler"]  # no half-file left
+
+
+def test_a_report_written_again_on_a_full_disk_keeps_the_page_it_had(
+    db_engine, small_disk, twill_model, tmp_path
+):
+    """The page was written in place: a full disk left a 0-byte index.html."""
+    ctx = _context(db_engine, small_disk, twill_model)
+    write_synthetic_roll(tmp_path / "R-page", "R-page", frames=FRAMES, frame_rows=FRAME_ROWS,
+                         width=WIDTH, plan=PLAN, px_per_mm=PX_PER_MM)  # fmt: skip
+    submit(ctx, str(tmp_path / "R-page"))
+    ctx.enqueue.drain()
+    out = small_disk / "report"
+    with ctx.session() as session:
+        page = write_roll_report(session, ctx.store, "R-page", out)
+    written = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert page in written and len(written) > 2  # the page, its map and crops
+    _fill(small_disk)
+    with ctx.session() as session, pytest.raises(OSError) as failed:
+        write_roll_report(session, ctx.store, "R-page", out)
+    assert failed.value.errno == errno.ENOSPC
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
