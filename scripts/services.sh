@@ -40,8 +40,8 @@ fi
 # blocking every publisher there): say so first
 for dir in . "${TMPDIR:-/tmp}"; do
   free_mb=$(df -Pm "$dir" | awk 'NR==2 {print $4}')
-  if [ "${free_mb:-0}" -lt 4096 ]; then
-    echo "services: only ${free_mb} MB free on $(df -P "$dir" | awk 'NR==2 {print $6}'); the tests need about 4 GB" >&2
+  if [ "${free_mb:-0}" -lt 10240 ]; then
+    echo "services: only ${free_mb} MB free on $(df -P "$dir" | awk 'NR==2 {print $6}'); an install (6.5 GB) and a test run need about 10 GB" >&2
   fi
 done
 if command -v rabbitmq-diagnostics >/dev/null && ! timeout 20 rabbitmq-diagnostics -q check_alarms >/dev/null 2>&1; then
