@@ -66,6 +66,12 @@ def service_error(exc: BaseException) -> tuple[str, int] | None:
 
 
 def _service_problem(exc: BaseException) -> tuple[str, int] | None:
+    full = next((i for i in _chain(exc) if _disk_full(i)), None)
+    if full is not None:  # transient too, but no service is down: a disk is full
+        full = getattr(full, "orig", None) or full  # psycopg2's own words, under SQLAlchemy's
+        where = "the database's disk" if getattr(full, "pgcode", None) else "the disk"
+        return (f"{where} is full: {_first_line(full)}; free space and run it again (a roll's "
+                "outstanding work: `rollscan resume`)"), 3  # fmt: skip
     if is_transient_db_error(exc):
         return f"cannot reach the database: {_first_line(_root(exc))}", 3
     for item in _chain(exc):
@@ -78,10 +84,6 @@ def _service_problem(exc: BaseException) -> tuple[str, int] | None:
             return f"cannot reach the broker: {_first_line(item)}", 3
         if module.startswith("amqp") and name in ("AccessRefused", "NotAllowed"):
             return f"the broker refused the connection: {_first_line(item)}", 2
-    full = next((i for i in _chain(exc) if isinstance(i, OSError) and i.errno in _DISK_FULL), None)
-    if full is not None:  # transient too, but no service is down: the machine's disk is full
-        return (f"the disk is full: {_first_line(full)}; free space and run it again (a roll's "
-                "outstanding work: `rollscan resume`)"), 3  # fmt: skip
     if is_transient_store_error(exc):
         return f"cannot reach the object store: {_first_line(_root(exc))}", 3
     for item in _chain(exc):
@@ -90,7 +92,13 @@ def _service_problem(exc: BaseException) -> tuple[str, int] | None:
     return None
 
 
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+def _disk_full(item: BaseException) -> bool:
+    """A full disk or quota here (ENOSPC, EDQUOT), or PostgreSQL's (SQLSTATE 53100)."""
+    if isinstance(item, OSError):
+        return item.errno in (errno.ENOSPC, errno.EDQUOT)
+    return getattr(getattr(item, "orig", item), "pgcode", None) == "53100"
+
+
 _STORE_REFUSALS = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}
 _STORE_REFUSALS |= {"403", "Forbidden"}  # a HEAD refused: no body, no code of its own
 

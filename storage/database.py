@@ -274,6 +274,7 @@ TRANSIENT_PGCODES = frozenset(
         pgcodes.SERIALIZATION_FAILURE,  # 40001
         pgcodes.DEADLOCK_DETECTED,  # 40P01
         pgcodes.LOCK_NOT_AVAILABLE,  # 55P03
+        pgcodes.DISK_FULL,  # 53100: the roll waits for space freed, as for a full local disk
     }
 )
 

@@ -411,3 +411,17 @@ def test_emptying_the_tables_gives_up_on_a_lock_held_and_names_its_holder(
             empty_tables(db_engine, lock_timeout="1s")
         holder.rollback()
     empty_tables(db_engine, lock_timeout="1s")
+
+
+def test_a_database_whose_disk_is_full_is_waited_for_and_said(db_engine: Engine) -> None:
+    """PostgreSQL's disk full (SQLSTATE 53100) failed every roll in flight for good."""
+    from cli.connect import service_error
+
+    with db_engine.connect() as conn, pytest.raises(OperationalError) as full:
+        conn.execute(text(
+            "DO $$ BEGIN RAISE EXCEPTION 'could not extend file \"base/1/2\": No space left on "
+            "device' USING ERRCODE = 'disk_full'; END $$"
+        ))  # fmt: skip
+    assert database.is_transient_db_error(full.value)
+    message, code = service_error(full.value)
+    assert code == 3 and message.startswith("the database's disk is full: could not extend file")
