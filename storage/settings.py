@@ -161,7 +161,7 @@ class Settings(BaseSettings):
             return value
         try:
             url = make_url(value.get_secret_value())
-        except ArgumentError:
+        except (ArgumentError, ValueError):  # ValueError: int() of a port, the password's tail
             url = None
         if url is None or not url.drivername.startswith("postgresql"):  # may hold a password
             raise ValueError("not a PostgreSQL URL (postgresql+psycopg2://USER:PASSWORD@HOST/DB)")
@@ -212,6 +212,13 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"not a broker URL: want {', '.join(sorted(BROKER_SCHEMES))}://… (redis://HOST:6379/0)"
             )
+        try:  # kombu reads '/', '#' or '?' in a password as the URL's end: its port error
+            _ = urlsplit(value.get_secret_value()).port  # quoted the password's first part
+        except ValueError:
+            raise ValueError(
+                "not a broker URL: its port is not a number; a '/', '#', '?' or '@' in the "
+                "password must be percent-encoded (%2F, %23, %3F, %40)"
+            ) from None
         return value
 
     @field_validator("band_height")

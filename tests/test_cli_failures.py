@@ -84,6 +84,15 @@ def test_a_database_that_does_not_exist_is_a_setting_to_correct(site, capsys, mi
             "broker_url (ROLLSCAN_BROKER_URL): Value error, not a broker URL",
         ),
         ("ROLLSCAN_BROKER_URL", "http://s3cret@broker/", "not a broker URL"),
+        # a '/' or '#' ended the URL for kombu, whose port error quoted the password's first part
+        ("ROLLSCAN_BROKER_URL", "amqp://u:s3cret/pw@127.0.0.1:5672/vh", "%2F, %23, %3F, %40"),
+        ("ROLLSCAN_BROKER_URL", "redis://:s3cret#pw@127.0.0.1:6379/0", "must be percent-encoded"),
+        # an '@' then ':' in the password: int() of the port quoted its tail
+        (
+            "ROLLSCAN_DATABASE_URL",
+            "postgresql://u:ab@s3cret:pw@127.0.0.1:5432/db",
+            "not a PostgreSQL",
+        ),
         ("ROLLSCAN_CONFIG", "band_height = \n", "is not valid TOML: Invalid value (at line 1"),
         # each started a healthy worker that failed every roll at its first band or frame
         ("ROLLSCAN_DEVICE", "gpu", "device (ROLLSCAN_DEVICE): Value error, not a device: 'gpu'"),
