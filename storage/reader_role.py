@@ -45,7 +45,13 @@ def grant_reader(conn: Connection, name: str, timezone: str, password: str | Non
     conn.execute(text(f"REVOKE ALL ON ALL SEQUENCES IN SCHEMA public FROM {role}"))
     conn.execute(text(f"REVOKE CREATE ON SCHEMA public FROM {role}"))
     if password is not None:
-        conn.execute(text(f"ALTER ROLE {role} PASSWORD :pw"), {"pw": password})
+        # hashed here as the server would (its password_encryption): the statement reaches the
+        # server's log with a failed ALTER, or with every DDL (log_statement = ddl), and the
+        # password in clear was in it
+        from psycopg2.extensions import encrypt_password
+
+        hashed = encrypt_password(password, name, conn.connection.dbapi_connection)
+        conn.execute(text(f"ALTER ROLE {role} PASSWORD :pw"), {"pw": hashed})
     database = conn.scalar(text("SELECT current_database()"))
     quoted_db = '"' + database.replace('"', '""') + '"'
     for setting, value in (

@@ -126,3 +126,31 @@ def test_a_role_that_may_do_more_is_not_made_a_reader(site_database):
         _cli("db", "reader", name)
     with pytest.raises(ValueError, match="reader role 'Quality; DROP'"):
         _cli("db", "reader", "Quality; DROP")
+
+
+def test_the_readers_password_reaches_the_server_hashed(site_database, monkeypatch):
+    """`ALTER ROLE … PASSWORD 'clear'` is what a server logs with a failed statement, or with
+    every DDL (log_statement = ddl): the password in clear was in the server's log."""
+    from sqlalchemy import Engine, event
+
+    url, name = site_database
+    monkeypatch.setenv("ROLLSCAN_READER_PASSWORD", "S3CRET-reader-pw")
+    sent: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany):
+        sent.append(cursor.mogrify(statement, parameters).decode())
+
+    event.listen(Engine, "before_cursor_execute", record)
+    try:
+        assert _cli("db", "reader", name) == 0
+    finally:
+        event.remove(Engine, "before_cursor_execute", record)
+    (alter,) = [s for s in sent if "PASSWORD" in s]
+    assert "S3CRET" not in "".join(sent) and "SCRAM-SHA-256$" in alter, alter
+    engine = create_engine(url)
+    with engine.connect() as conn:
+        stored = conn.scalar(
+            text("SELECT rolpassword FROM pg_authid WHERE rolname = :n"), {"n": name}
+        )
+    engine.dispose()
+    assert stored.startswith("SCRAM-SHA-256$")
