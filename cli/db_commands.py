@@ -11,7 +11,7 @@ from typing import Any
 
 from alembic.util.exc import CommandError
 from psycopg2.errorcodes import LOCK_NOT_AVAILABLE
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from storage import database
@@ -96,6 +96,26 @@ def _url(args: argparse.Namespace) -> int:
     return 0
 
 
+def _psql(args: argparse.Namespace) -> int:
+    """psql on the database, its password in the environment (PGPASSWORD): on psql's command
+    line (`psql "$(rollscan db url --libpq)"`) any local user read it in `ps`."""
+    import os
+    import shutil
+    import subprocess
+
+    psql = shutil.which("psql")
+    if psql is None:
+        raise ValueError("psql is not installed here (Debian: apt-get install postgresql-client)")
+    url = make_url(database.database_url(_settings(args))).set(drivername="postgresql")
+    env = dict(os.environ)
+    if url.password is not None:
+        env["PGPASSWORD"] = str(url.password)
+    target = URL.create(
+        url.drivername, url.username, None, url.host, url.port, url.database, url.query
+    ).render_as_string(hide_password=False)  # set(password=None) keeps it
+    return subprocess.run([psql, target, *args.psql_args], env=env, check=False).returncode
+
+
 def _reader(args: argparse.Namespace) -> int:
     import os
 
@@ -173,10 +193,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     url = commands.add_parser("url", help="print the database URL, password masked")
     url.add_argument(
         "--libpq", action="store_true",
-        help="print it for psql (postgresql://…, with the password): psql \"$(rollscan db url "
-        "--libpq)\"",
+        help="print it as libpq reads it (postgresql://…, with the password), for a script; "
+        "psql: `rollscan db psql`, which keeps the password off psql's command line",
     )  # fmt: skip
     url.set_defaults(handler=_url)
+
+    psql = commands.add_parser(
+        "psql", help="run psql on the database (the password passed in PGPASSWORD, never on a "
+        "command line): rollscan db psql -c \"SELECT …\"",
+    )  # fmt: skip
+    psql.add_argument("psql_args", nargs="*", metavar="PSQL_ARG",
+                      help="passed to psql as they are (-c, -At, -f FILE …)")  # fmt: skip
+    psql.set_defaults(handler=_psql)
 
     reader = commands.add_parser(
         "reader",

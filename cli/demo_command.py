@@ -162,7 +162,7 @@ def run_demo(
     }
     print(f"\n{json.dumps(result)}")
     print(f"see them:   rollscan defects {roll_id}   ·   rollscan report {roll_id} --out report")
-    print(f"query them: psql \"$(rollscan db url --libpq)\" -c \"SELECT * FROM current_defects "
+    print(f"query them: rollscan db psql -c \"SELECT * FROM current_defects "
           f"WHERE roll_id = '{roll_id}'\"")  # fmt: skip
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")

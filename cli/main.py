@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     settings too (exit code 2); a ValueError, OSError, RuntimeError or a missing object is
     printed as one line (exit code 2); Ctrl-C exits 130. With -v each propagates with its
     traceback."""
-    args = build_parser().parse_args(argv)
+    args = _parse(sys.argv[1:] if argv is None else list(argv))
     keep_freed_memory()
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -95,3 +95,13 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments; after `db psql` they are psql's, passed on unparsed (`-c` was refused)."""
+    at = next((i for i in range(len(argv)) if argv[i : i + 2] == ["db", "psql"]), None)
+    if at is None or not all(arg.startswith("-") for arg in argv[:at]):
+        return build_parser().parse_args(argv)
+    args = build_parser().parse_args([*argv[:at], "db", "psql"])
+    args.psql_args = argv[at + 2 :]
+    return args

@@ -30,9 +30,7 @@ def test_the_demo_finds_every_planted_defect_and_nothing_else(make_database, tmp
     assert (result["found"], result["false_defects"]) == (5, 0), done.stdout[-3000:]
     # what to do next, as it can be done: the commands, the embedded server reached by psql
     assert "see them:   rollscan defects demo-" in done.stdout
-    assert 'query them: psql "$(rollscan db url --libpq)" -c "SELECT * FROM current_defects' in (
-        done.stdout
-    )
+    assert 'query them: rollscan db psql -c "SELECT * FROM current_defects' in (done.stdout)
 
     # interrupted while its roll is scored (the model reused): the roll left is named, and how
     # to finish it

@@ -154,3 +154,27 @@ def test_the_readers_password_reaches_the_server_hashed(site_database, monkeypat
         )
     engine.dispose()
     assert stored.startswith("SCRAM-SHA-256$")
+
+
+def test_db_psql_passes_the_password_in_the_environment_not_on_a_command_line(migrated_url):
+    """`psql "$(rollscan db url --libpq)"`, as the README and the demo said, put the password on
+    psql's command line, which any local user reads in `ps`."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("psql") is None:
+        pytest.skip("no psql here")
+    url = make_url(migrated_url).set(password="S3CRETpw")  # trust auth: taken, not checked
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ROLLSCAN_", "PG"))}
+    env["ROLLSCAN_DATABASE_URL"] = url.render_as_string(hide_password=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "cli", "db", "psql", "-At", "-c", r"\getenv pw PGPASSWORD",
+         "-c", r"\echo :pw", "-c", r"\! tr '\0' ' ' < /proc/$PPID/cmdline; echo", "-c", "SELECT 7"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    password, command_line, seven = done.stdout.strip().splitlines()
+    assert password == "S3CRETpw" and seven == "7"
+    assert "S3CRET" not in command_line and f"@{url.host}:{url.port}/" in command_line
