@@ -28,6 +28,7 @@ from storage.schema import Band, Roll, Run
 from storage.settings import Settings
 from worker.context import WorkerContext
 from worker.inline import InlineEnqueuer
+from worker.training import train_and_register
 from worker.transient_errors import is_transient_error
 
 PX_PER_MM, BAND = 4.0, 512
@@ -59,15 +60,16 @@ def _fill(mount: Path) -> None:
         os.posix_fallocate(filler.fileno(), 0, stat.f_bavail * stat.f_frsize)
 
 
-def _context(db_engine, root: Path, model: Path) -> WorkerContext:
+def _context(db_engine, root: Path, model: Path | None) -> WorkerContext:
     settings = Settings(band_height=BAND, data_dir=root / "data", device="cpu", batch_size=8)
     enqueuer = InlineEnqueuer()
     ctx = WorkerContext(settings, db_engine, LocalStore(root / "objects"), enqueuer,
                         device="cpu", batch_size=8)  # fmt: skip
     enqueuer.ctx = ctx
-    with ctx.session() as session:
-        registered, _ = register_model(session, ctx.store, model, fabric_type=FABRIC)
-        activate_model(session, registered.version)
+    if model is not None:
+        with ctx.session() as session:
+            registered, _ = register_model(session, ctx.store, model, fabric_type=FABRIC)
+            activate_model(session, registered.version)
     return ctx
 
 
@@ -173,3 +175,16 @@ def test_a_report_written_again_on_a_full_disk_keeps_the_page_it_had(
         write_roll_report(session, ctx.store, "R-page", out)
     assert failed.value.errno == errno.ENOSPC
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == written
+
+
+def test_a_training_task_on_a_full_disk_fails_for_good_not_trains_again(
+    db_engine, small_disk, twill_model
+):
+    """A full disk is transient for the pipeline's tasks; a training task retried on it trained
+    again from the start, up to 12 times."""
+    ctx = _context(db_engine, small_disk, None)
+    _fill(small_disk)
+    config = {"epochs": 1, "tile": TRAIN_TILE, "fpr": 0.0, **RECIPE}
+    with pytest.raises(RuntimeError, match="trained, but the checkpoint could not be written") as e:
+        train_and_register(ctx, str(twill_model.parent / "data"), FABRIC, config=config)
+    assert "No space left on device" in str(e.value) and not is_transient_error(e.value)

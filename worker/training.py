@@ -42,8 +42,15 @@ def train_and_register(
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"{fabric_type or 'generic'}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}"
     checkpoint = folder / f"{stem}.pt"
-    train(data, checkpoint, train_config, progress=False)
     problem = None
+    try:
+        train(data, checkpoint, train_config, progress=False)
+    except (
+        OSError
+    ) as exc:  # a full disk at the save is transient elsewhere: here a retry trains again
+        problem = f"{type(exc).__name__}: {exc}"
+    if problem is not None:  # raised outside the handler: no transient cause to retry on
+        raise RuntimeError(f"trained, but the checkpoint could not be written ({problem})")
     try:
         with ctx.session() as session:
             model, _ = register_model(
