@@ -101,6 +101,7 @@ def _psql(args: argparse.Namespace) -> int:
     line (`psql "$(rollscan db url --libpq)"`) any local user read it in `ps`."""
     import os
     import shutil
+    import signal
     import subprocess
 
     psql = shutil.which("psql")
@@ -113,7 +114,13 @@ def _psql(args: argparse.Namespace) -> int:
     target = URL.create(
         url.drivername, url.username, None, url.host, url.port, url.database, url.query
     ).render_as_string(hide_password=False)  # set(password=None) keeps it
-    return subprocess.run([psql, target, *args.psql_args], env=env, check=False).returncode
+    # Ctrl-C is psql's (it cancels the query and keeps its prompt): ignored here while it runs,
+    # as Django's dbshell does, since the terminal sends it to both
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return subprocess.run([psql, target, *args.psql_args], env=env, check=False).returncode
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
 
 
 def _reader(args: argparse.Namespace) -> int:

@@ -61,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The arguments; after `db psql` they are psql's, passed on unparsed (`-c` was refused)."""
+    at = next((i for i in range(len(argv)) if argv[i : i + 2] == ["db", "psql"]), None)
+    if at is None or not all(arg.startswith("-") for arg in argv[:at]):
+        return build_parser().parse_args(argv)
+    args = build_parser().parse_args([*argv[:at], "db", "psql"])
+    args.psql_args = argv[at + 2 :]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse `argv` (default: the process's arguments), run the command, return its exit code.
 
@@ -95,13 +105,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-
-def _parse(argv: list[str]) -> argparse.Namespace:
-    """The arguments; after `db psql` they are psql's, passed on unparsed (`-c` was refused)."""
-    at = next((i for i in range(len(argv)) if argv[i : i + 2] == ["db", "psql"]), None)
-    if at is None or not all(arg.startswith("-") for arg in argv[:at]):
-        return build_parser().parse_args(argv)
-    args = build_parser().parse_args([*argv[:at], "db", "psql"])
-    args.psql_args = argv[at + 2 :]
-    return args

@@ -170,7 +170,7 @@ def test_db_psql_passes_the_password_in_the_environment_not_on_a_command_line(mi
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ROLLSCAN_", "PG"))}
     env["ROLLSCAN_DATABASE_URL"] = url.render_as_string(hide_password=False)
     done = subprocess.run(
-        [sys.executable, "-m", "cli", "db", "psql", "-At", "-c", r"\getenv pw PGPASSWORD",
+        [sys.executable, "-m", "cli.main", "db", "psql", "-At", "-c", r"\getenv pw PGPASSWORD",
          "-c", r"\echo :pw", "-c", r"\! tr '\0' ' ' < /proc/$PPID/cmdline; echo", "-c", "SELECT 7"],
         env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
@@ -178,3 +178,47 @@ def test_db_psql_passes_the_password_in_the_environment_not_on_a_command_line(mi
     password, command_line, seven = done.stdout.strip().splitlines()
     assert password == "S3CRETpw" and seven == "7"
     assert "S3CRET" not in command_line and f"@{url.host}:{url.port}/" in command_line
+
+
+def test_ctrl_c_in_db_psql_cancels_the_query_and_keeps_psql(migrated_url):
+    """The terminal sends Ctrl-C to rollscan and psql alike: rollscan killed psql with it."""
+    import os
+    import pty
+    import select
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    if shutil.which("psql") is None:
+        pytest.skip("no psql here")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ROLLSCAN_", "PG"))}
+    env |= {"ROLLSCAN_DATABASE_URL": migrated_url, "TERM": "dumb"}
+    master, slave = pty.openpty()
+    shell = subprocess.Popen([sys.executable, "-m", "cli.main", "db", "psql"], env=env,
+                             stdin=slave, stdout=slave, stderr=slave, start_new_session=True)  # fmt: skip
+    seen = b""
+
+    def until(words: bytes) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + 60
+        while words not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 65536)
+        assert words in seen, seen[-500:]
+
+    try:
+        until(b"=#")  # psql's prompt
+        os.write(master, b"SELECT pg_sleep(60);\n")
+        time.sleep(1)
+        os.killpg(shell.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        until(b"canceling statement due to user request")
+        assert shell.poll() is None  # still in psql
+        os.write(master, b"\\q\n")
+        assert shell.wait(timeout=60) == 0
+    finally:
+        if shell.poll() is None:
+            os.killpg(shell.pid, signal.SIGKILL)
+        os.close(master)
+        os.close(slave)
