@@ -213,7 +213,8 @@ class Settings(BaseSettings):
                 f"not a broker URL: want {', '.join(sorted(BROKER_SCHEMES))}://… (redis://HOST:6379/0)"
             )
         try:  # kombu reads '/', '#' or '?' in a password as the URL's end: its port error
-            _ = urlsplit(value.get_secret_value()).port  # quoted the password's first part
+            for url in value.get_secret_value().split(";"):  # quoted the password's first part
+                _ = urlsplit(url.strip()).port  # ';' separates failover brokers, as kombu's
         except ValueError:
             raise ValueError(
                 "not a broker URL: its port is not a number; a '/', '#', '?' or '@' in the "

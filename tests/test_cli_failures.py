@@ -123,6 +123,14 @@ def test_a_malformed_service_setting_is_one_line_naming_it(
     assert says in line and "s3cret" not in line, line
 
 
+def test_failover_brokers_are_a_broker_url() -> None:
+    """kombu's ';'-separated failover URL: its port check refused it once."""
+    from storage.settings import Settings
+
+    url = "amqp://guest:guest@h1:5672;amqp://guest:guest@h2:5672//"
+    assert Settings(broker_url=url).broker_url.get_secret_value() == url
+
+
 def test_a_misspelt_setting_is_warned_about_with_the_one_meant(migrated_url, tmp_path) -> None:
     """ROLLSCAN_TIMEZONE_ (or ROLLSCAN_S3_BUCKETS) was ignored without a word: the site graded
     at 02:00 UTC, its bucket the default one."""
