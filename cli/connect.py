@@ -22,6 +22,7 @@ from storage.database import (
     database_url,
     is_transient_db_error,
     make_engine,
+    server_disk_full,
     session_scope,
     upgrade,
 )
@@ -96,7 +97,7 @@ def _disk_full(item: BaseException) -> bool:
     """A full disk or quota here (ENOSPC, EDQUOT), or PostgreSQL's (SQLSTATE 53100)."""
     if isinstance(item, OSError):
         return item.errno in (errno.ENOSPC, errno.EDQUOT)
-    return getattr(getattr(item, "orig", item), "pgcode", None) == "53100"
+    return server_disk_full(getattr(item, "orig", None) or item)
 
 
 _STORE_REFUSALS = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}

@@ -274,7 +274,6 @@ TRANSIENT_PGCODES = frozenset(
         pgcodes.SERIALIZATION_FAILURE,  # 40001
         pgcodes.DEADLOCK_DETECTED,  # 40P01
         pgcodes.LOCK_NOT_AVAILABLE,  # 55P03
-        pgcodes.DISK_FULL,  # 53100: the roll waits for space freed, as for a full local disk
     }
 )
 
@@ -344,6 +343,12 @@ def is_lock_timeout(exc: BaseException) -> bool:
     )
 
 
+def server_disk_full(item: BaseException) -> bool:
+    """PostgreSQL's disk full (SQLSTATE 53100), not its shared memory: the same code for a
+    small /dev/shm, where the same big query fails each time."""
+    return getattr(item, "pgcode", None) == pgcodes.DISK_FULL and "shared memory" not in str(item)
+
+
 def is_transient_db_error(exc: BaseException) -> bool:
     """True for database errors a retry may cure: connection lost or refused, server
     restarting, serialization failure or deadlock. Looks through SQLAlchemy wrappers and
@@ -356,6 +361,8 @@ def is_transient_db_error(exc: BaseException) -> bool:
         if isinstance(item, psycopg2.Error):
             code = getattr(item, "pgcode", None)
             if code in TRANSIENT_PGCODES:
+                return True
+            if server_disk_full(item):  # the roll waits for space freed, as for a local disk
                 return True
             if code is None and isinstance(
                 item, psycopg2.OperationalError | psycopg2.InterfaceError

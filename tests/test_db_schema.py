@@ -425,3 +425,10 @@ def test_a_database_whose_disk_is_full_is_waited_for_and_said(db_engine: Engine)
     assert database.is_transient_db_error(full.value)
     message, code = service_error(full.value)
     assert code == 3 and message.startswith("the database's disk is full: could not extend file")
+    # the same SQLSTATE for a small /dev/shm: the same big query fails each time, not waited for
+    with db_engine.connect() as conn, pytest.raises(OperationalError) as shm:
+        conn.execute(text(
+            "DO $$ BEGIN RAISE EXCEPTION 'could not resize shared memory segment \"/PostgreSQL.1\" "
+            "to 8388608 bytes: No space left on device' USING ERRCODE = 'disk_full'; END $$"
+        ))  # fmt: skip
+    assert not database.is_transient_db_error(shm.value) and service_error(shm.value) is None
