@@ -107,8 +107,8 @@ def test_a_roll_met_by_a_full_disk_waits_and_resumes_to_the_same_defects(
     with ctx.session() as session:
         assert session.get(Roll, "R-full").status not in ("failed", "done")  # it waits
         run_ids = select(Run.id).where(Run.roll_id == "R-full").scalar_subquery()
-        assert not session.scalars(select(Band.band_index).where(Band.run_id.in_(run_ids),
-                                                                 Band.status == "done")).all()  # fmt: skip
+        done = select(Band.band_index).where(Band.run_id.in_(run_ids), Band.status == "done")
+        assert not session.scalars(done).all()  # no band counted whose scores were not written
 
     (small_disk / "filler").unlink()
     resume_roll(ctx, "R-full")
@@ -185,6 +185,6 @@ def test_a_training_task_on_a_full_disk_fails_for_good_not_trains_again(
     ctx = _context(db_engine, small_disk, None)
     _fill(small_disk)
     config = {"epochs": 1, "tile": TRAIN_TILE, "fpr": 0.0, **RECIPE}
-    with pytest.raises(RuntimeError, match="trained, but the checkpoint could not be written") as e:
+    with pytest.raises(RuntimeError, match="training failed, not retried") as e:
         train_and_register(ctx, str(twill_model.parent / "data"), FABRIC, config=config)
     assert "No space left on device" in str(e.value) and not is_transient_error(e.value)

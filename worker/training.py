@@ -43,14 +43,12 @@ def train_and_register(
     stem = f"{fabric_type or 'generic'}-{time.strftime('%Y%m%dT%H%M%S')}-{time.time_ns() % 10**9}"
     checkpoint = folder / f"{stem}.pt"
     problem = None
-    try:
+    try:  # a full disk (at the checkpoint's save) is transient elsewhere: here a retry trains again
         train(data, checkpoint, train_config, progress=False)
-    except (
-        OSError
-    ) as exc:  # a full disk at the save is transient elsewhere: here a retry trains again
+    except OSError as exc:
         problem = f"{type(exc).__name__}: {exc}"
     if problem is not None:  # raised outside the handler: no transient cause to retry on
-        raise RuntimeError(f"trained, but the checkpoint could not be written ({problem})")
+        raise RuntimeError(f"training failed, not retried (it would train again): {problem}")
     try:
         with ctx.session() as session:
             model, _ = register_model(
