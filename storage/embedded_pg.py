@@ -55,6 +55,7 @@ from storage.pg_processes import (
     run_pg_command,
     service_account,
     wait_for_killed_postmaster,
+    wait_for_processes_in,
 )
 from storage.settings import Settings
 
@@ -145,6 +146,7 @@ def _initdb(data_dir: Path, pgdata: Path, account: tuple[int, int] | None) -> st
     real = pgdata.resolve()
     staging = real if os.path.ismount(real) else real.with_name(f"{real.name}.init")
     if staging != real:
+        wait_for_processes_in(staging)  # an interrupted initdb may still be leaving it
         shutil.rmtree(staging, ignore_errors=True)  # an interrupted initdb's: never started
     prepare_pgdata(staging, account)
     password = secrets.token_hex(24)  # hex: nothing to escape in a URL

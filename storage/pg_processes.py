@@ -214,6 +214,30 @@ def wait_for_killed_postmaster(pgdata: Path, wait_s: float = 20.0) -> None:
         time.sleep(0.2)
 
 
+def wait_for_processes_in(folder: Path, wait_s: float = 30.0) -> None:
+    """Wait until no process runs with `folder` on its command line or as its working folder.
+
+    An initdb interrupted by Ctrl-C empties its folder on the way out, and it (and the backend
+    it runs there) can outlive the command that started it: the next first start, removing the
+    folder meanwhile, had its own initdb refused with "exists but is not empty"."""
+    name, deadline = str(folder).encode(), time.monotonic() + wait_s
+    while time.monotonic() < deadline and any(_works_in(pid, folder, name) for pid in _pids()):
+        time.sleep(0.05)
+
+
+def _pids() -> list[str]:
+    return [entry.name for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def _works_in(pid: str, folder: Path, name: bytes) -> bool:
+    try:
+        if name in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0"):
+            return True
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == folder
+    except OSError:  # gone meanwhile, or another user's we may not read
+        return False
+
+
 def free_port(preferred: int | None) -> int:
     for candidate in ([preferred] if preferred else []) + [0]:
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
