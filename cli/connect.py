@@ -11,7 +11,6 @@ site's settings, so that the command line says so in one line instead of a trace
 
 from __future__ import annotations
 
-import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
@@ -26,7 +25,7 @@ from storage.database import (
     session_scope,
     upgrade,
 )
-from storage.objectstore import error_code, is_transient_store_error
+from storage.objectstore import DISK_FULL_ERRNOS, error_code, is_transient_store_error
 from storage.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -96,7 +95,7 @@ def _service_problem(exc: BaseException) -> tuple[str, int] | None:
 def _disk_full(item: BaseException) -> bool:
     """A full disk or quota here (ENOSPC, EDQUOT), or PostgreSQL's (SQLSTATE 53100)."""
     if isinstance(item, OSError):
-        return item.errno in (errno.ENOSPC, errno.EDQUOT)
+        return item.errno in DISK_FULL_ERRNOS
     return server_disk_full(getattr(item, "orig", None) or item)
 
 

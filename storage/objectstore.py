@@ -227,7 +227,8 @@ _TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, e
 _TRANSIENT_ERRNOS |= {errno.EPIPE, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EAGAIN}
 # a full disk or quota: the roll waits, with back-off, for space freed, rather than fail for good
 # (every roll in flight would, each to be sent again by hand)
-_TRANSIENT_ERRNOS |= {errno.ENOSPC, errno.EDQUOT}
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_TRANSIENT_ERRNOS |= DISK_FULL_ERRNOS
 # obstore (Rust) errors have no type for these: match the words of their messages, and the
 # kinds in their debug text (a body stalled or cut mid-transfer: "kind: Timeout … TimedOut",
 # "kind: Interrupted … UnexpectedEof, IncompleteBody")

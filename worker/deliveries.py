@@ -154,8 +154,10 @@ def fail_delivery(ctx: WorkerContext, delivery: Delivery, reason: str) -> None:
                 TaskDelivery.task == delivery.task, TaskDelivery.key == delivery.key
             )
         )
-    where = roll_id and (f"{roll_id} (reprocess run {delivery.run_id})" if run_only else roll_id)
-    where = where or (f"(run {delivery.run_id})" if delivery.run_id is not None else None)
+    if run_only:
+        where = f"{roll_id} (reprocess run {delivery.run_id})"
+    else:
+        where = roll_id or (f"(run {delivery.run_id})" if delivery.run_id is not None else None)
     log.error("%s%s", f"roll {where}: " if where else "", reason)
 
 
