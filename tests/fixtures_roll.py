@@ -203,17 +203,21 @@ def make_inline_ctx(db_engine, local_store, twill_model: Path, tmp_path: Path, r
     database and local store, with the session's twill model active for demo-twill — under the
     first of `versions` when given, the others registered as the `twill_versions` copies."""
 
-    def make(band_height: int, versions: Sequence[str] = ()) -> WorkerContext:
-        settings = Settings(band_height=band_height, data_dir=tmp_path / "data", device="cpu",
-                            batch_size=8)  # fmt: skip
+    def make(
+        band_height: int, versions: Sequence[str] = (), root: Path | None = None
+    ) -> WorkerContext:
+        """`root`: its data folder and local store under `root` (a small disk), not tmp_path."""
+        store = local_store if root is None else LocalStore(root / "objects")
+        settings = Settings(band_height=band_height, data_dir=(root or tmp_path) / "data",
+                            device="cpu", batch_size=8)  # fmt: skip
         enqueuer = InlineEnqueuer()
-        ctx = WorkerContext(settings, db_engine, local_store, enqueuer, device="cpu", batch_size=8)
+        ctx = WorkerContext(settings, db_engine, store, enqueuer, device="cpu", batch_size=8)
         enqueuer.ctx = ctx
         paths = request.getfixturevalue("twill_versions") if versions else [twill_model]
         with ctx.session() as session:
             for i, path in enumerate(paths[: max(1, len(versions))]):
                 version = versions[i] if versions else None
-                model, _ = register_model(session, local_store, path, fabric_type=FABRIC,
+                model, _ = register_model(session, store, path, fabric_type=FABRIC,
                                           version=version)  # fmt: skip
                 if i == 0:
                     activate_model(session, model.version)

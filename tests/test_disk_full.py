@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fixtures_celery import FABRIC
 from fixtures_model import RECIPE, TRAIN_TILE
 from fixtures_roll import assert_same_defects, defects_of
 from sqlalchemy import select
@@ -22,19 +23,14 @@ from results.roll_report import write_roll_report
 from rollscan_testing.synthetic_roll import write_synthetic_roll
 from scheduler.resume import resume_roll
 from scheduler.submit import submit
-from storage.objectstore import LocalStore
-from storage.registry import activate_model, register_model
 from storage.schema import Band, Roll, Run
-from storage.settings import Settings
 from worker.context import WorkerContext
-from worker.inline import InlineEnqueuer
 from worker.training import train_and_register
 from worker.transient_errors import is_transient_error
 
 PX_PER_MM, BAND = 4.0, 512
 FRAME_ROWS, FRAMES, WIDTH = 256, 4, 384  # two bands
 PLAN = [("hole", (512, 190)), ("knot", (800, 200))]
-FABRIC = "demo-twill"
 
 
 @pytest.fixture
@@ -60,19 +56,6 @@ def _fill(mount: Path) -> None:
         os.posix_fallocate(filler.fileno(), 0, stat.f_bavail * stat.f_frsize)
 
 
-def _context(db_engine, root: Path, model: Path | None) -> WorkerContext:
-    settings = Settings(band_height=BAND, data_dir=root / "data", device="cpu", batch_size=8)
-    enqueuer = InlineEnqueuer()
-    ctx = WorkerContext(settings, db_engine, LocalStore(root / "objects"), enqueuer,
-                        device="cpu", batch_size=8)  # fmt: skip
-    enqueuer.ctx = ctx
-    if model is not None:
-        with ctx.session() as session:
-            registered, _ = register_model(session, ctx.store, model, fabric_type=FABRIC)
-            activate_model(session, registered.version)
-    return ctx
-
-
 def _run_until(ctx: WorkerContext, name: str, nth: int) -> None:
     """Run the queued work up to the `nth` call of the function `name`, left queued."""
     calls = 0
@@ -85,9 +68,9 @@ def _run_until(ctx: WorkerContext, name: str, nth: int) -> None:
 
 @pytest.mark.parametrize(("step", "nth"), [("ingest_frame", 2), ("score_band", 1)])
 def test_a_roll_met_by_a_full_disk_waits_and_resumes_to_the_same_defects(
-    step, nth, db_engine, small_disk, twill_model, tmp_path
+    step, nth, make_inline_ctx, small_disk, tmp_path
 ):
-    ctx = _context(db_engine, small_disk, twill_model)
+    ctx = make_inline_ctx(BAND, root=small_disk)
     for roll_id in ("R-reference", "R-full"):
         write_synthetic_roll(tmp_path / roll_id, roll_id, frames=FRAMES, frame_rows=FRAME_ROWS,
                              width=WIDTH, plan=PLAN, px_per_mm=PX_PER_MM)  # fmt: skip
@@ -157,10 +140,10 @@ def test_a_training_on_a_full_disk_keeps_going_and_names_the_file_it_cannot_writ
 
 
 def test_a_report_written_again_on_a_full_disk_keeps_the_page_it_had(
-    db_engine, small_disk, twill_model, tmp_path
+    make_inline_ctx, small_disk, tmp_path
 ):
     """The page was written in place: a full disk left a 0-byte index.html."""
-    ctx = _context(db_engine, small_disk, twill_model)
+    ctx = make_inline_ctx(BAND, root=small_disk)
     write_synthetic_roll(tmp_path / "R-page", "R-page", frames=FRAMES, frame_rows=FRAME_ROWS,
                          width=WIDTH, plan=PLAN, px_per_mm=PX_PER_MM)  # fmt: skip
     submit(ctx, str(tmp_path / "R-page"))
@@ -178,11 +161,11 @@ def test_a_report_written_again_on_a_full_disk_keeps_the_page_it_had(
 
 
 def test_a_training_task_on_a_full_disk_fails_for_good_not_trains_again(
-    db_engine, small_disk, twill_model
+    make_inline_ctx, small_disk, twill_model
 ):
     """A full disk is transient for the pipeline's tasks; a training task retried on it trained
     again from the start, up to 12 times."""
-    ctx = _context(db_engine, small_disk, None)
+    ctx = make_inline_ctx(BAND, root=small_disk)
     _fill(small_disk)
     config = {"epochs": 1, "tile": TRAIN_TILE, "fpr": 0.0, **RECIPE}
     with pytest.raises(RuntimeError, match="training failed, not retried") as e:
