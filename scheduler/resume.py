@@ -28,13 +28,12 @@ from sqlalchemy.orm import Session
 
 from scheduler.discovery import list_roll
 from scheduler.roll_cursors import reopen_discovery
-from storage.schema import Band, Frame, Roll, Run, TaskDelivery
+from storage.schema import OPEN_ROLL_STATUSES, Band, Frame, Roll, Run, TaskDelivery
 from worker.context import WorkerContext
 from worker.ingest import announce_live_run, finalize_due, pending_bands
-from worker.roll_rows import reopen_failed_run, replace_failed_current
+from worker.roll_rows import clear_waiting, reopen_failed_run, replace_failed_current
 
 log = logging.getLogger(__name__)
-OPEN_ROLL = ("registered", "ingesting", "scoring", "finalizing")  # not stalled: the scanner's
 CLOSED_RUN = ("done", "failed")
 
 
@@ -69,7 +68,7 @@ def idle_rolls(session: Session, idle: timedelta, now: datetime | None = None) -
     # roll of the archive was planned as a scan of all of them, JIT-compiled on each metrics
     # pass (300 ms at 20,000 rolls, to say 0)
     open_work = union(
-        select(Roll.id.label("roll_id")).where(Roll.status.in_(OPEN_ROLL)),
+        select(Roll.id.label("roll_id")).where(Roll.status.in_(OPEN_ROLL_STATUSES)),
         select(Run.roll_id).where(Run.status.not_in(CLOSED_RUN)),
     ).subquery()
     rows = session.scalars(
@@ -108,7 +107,9 @@ def roll_work(ctx: WorkerContext, roll_id: str) -> RollWork:
         ]  # fmt: skip
         source, status, total = roll.source, roll.status, roll.frames_total
     frames = []
-    if (status in OPEN_ROLL or status == "done") and source:  # a done roll: frames replaced
+    if (
+        status in OPEN_ROLL_STATUSES or status == "done"
+    ) and source:  # a done roll: frames replaced
         _, listed, twice = list_roll(ctx.store, source.rstrip("/"))  # as discovery lists it
         for seq, keys in twice.items():
             log.warning("roll %s: frame %d is numbered by %s: not sent", roll_id, seq, ascii(keys))
@@ -125,6 +126,9 @@ def send_work(
     """Send `work` again; `dry_run`: only say; `frames_only`: its frames alone (`retry_roll`
     has sent its live run's bands)."""
     resumed = Resumed(work.roll_id)
+    if not dry_run:  # sent again: a task's "waiting:" reason is no longer the roll's
+        with ctx.session() as session:
+            clear_waiting(session, work.roll_id)
     for seq, key in work.frames:
         resumed.frames.append(seq)
         if not dry_run:

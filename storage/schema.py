@@ -53,7 +53,9 @@ NAMING_CONVENTION = {
 # (`rolls/<roll_id>.zarr`, `scores/<model_version>/`): no slashes, no leading dot.
 SAFE_NAME_RE = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
-ROLL_STATUSES = ("registered", "ingesting", "scoring", "finalizing", "done", "failed", "stalled")
+# a roll moving through the pipeline (not stalled: that one waits for its scanner)
+OPEN_ROLL_STATUSES = ("registered", "ingesting", "scoring", "finalizing")
+ROLL_STATUSES = (*OPEN_ROLL_STATUSES, "done", "failed", "stalled")
 RUN_PURPOSES = ("live", "reprocess")
 OPEN_RUN_STATUSES = ("pending", "scoring", "finalizing")  # a run not done, not failed
 RUN_STATUSES = (*OPEN_RUN_STATUSES, "done", "failed")

@@ -86,3 +86,55 @@ def test_waits_for_other_work_do_not_spend_the_transient_budget(tmp_path, env_co
     with pytest.raises(Exception, match=r"connect") as given_up:  # the budget spent
         ingest.apply(args, retries=12 + 12, headers={WAITS_HEADER: 12}, throw=True)
     assert not isinstance(given_up.value, Retry)
+
+
+def _roll_row(ctx, roll_id: str) -> tuple[str, str | None, object]:
+    from storage.schema import Roll
+
+    with ctx.session() as session:
+        roll = session.get(Roll, roll_id)
+        return roll.status, roll.failure_reason, roll.updated_at
+
+
+def test_a_task_out_of_retries_says_on_its_roll_why_it_waits(
+    db_engine, tmp_path, env_context, monkeypatch
+) -> None:
+    """A frame whose object store stayed away for its whole retry budget left its roll
+    ingesting with the reason in the worker's log only (a disk that stays full does the same,
+    every two hours). The roll now says why it waits ("waiting: …" in `failure_reason`), keeps
+    its status and its idle clock (the scheduler's auto-resume), and forgets the reason once
+    its work is sent again."""
+    from celery.exceptions import Retry
+
+    from rollscan_testing.services import free_port
+    from scheduler.resume import resume_roll
+    from storage.manifest import parse_manifest
+    from worker.roll_rows import register_roll
+    from worker.tasks import ingest
+
+    env_context(db_engine, tmp_path, ROLLSCAN_S3_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+                AWS_ACCESS_KEY_ID="key", AWS_SECRET_ACCESS_KEY="secret")  # fmt: skip
+    ctx = process_context()
+    manifest = parse_manifest({"roll_id": "R-1", "fabric_type": "twill", "width_mm": 100,
+                               "px_per_mm": 4, "frames": 2, "complete": True})  # fmt: skip
+    with ctx.session() as session:
+        register_roll(session, manifest, "incoming/R-1")
+    registered = _roll_row(ctx, "R-1")
+    args = ("R-1", 1, "incoming/R-1/frames/000001.tif")
+    with pytest.raises(Retry):  # the store refuses connections: transient, retried
+        ingest.apply(args, retries=TRANSIENT_MAX_RETRIES - 1, throw=True)
+    assert _roll_row(ctx, "R-1") == registered
+    with pytest.raises(Exception) as given_up:
+        ingest.apply(args, retries=TRANSIENT_MAX_RETRIES, throw=True)
+    assert not isinstance(given_up.value, Retry)
+    status, reason, updated_at = _roll_row(ctx, "R-1")
+    assert (status, updated_at) == (registered[0], registered[2])
+    assert reason.startswith(
+        "waiting: frame 1 (incoming/R-1/frames/000001.tif) gave up after 12 retries over 28 min "
+        "of transient errors, the last: "
+    )
+    assert "`rollscan resume`" in reason
+    monkeypatch.delenv("ROLLSCAN_S3_ENDPOINT")  # the store back (a local one, with no frame)
+    env_context(db_engine, tmp_path)
+    resume_roll(process_context(), "R-1")
+    assert _roll_row(ctx, "R-1") == registered

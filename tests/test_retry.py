@@ -426,3 +426,34 @@ def test_a_failed_roll_shows_the_finished_run_asked_for_last_never_a_failed_one(
         page = write_roll_report(session, ctx.store, "R-n", tmp_path / "page").read_text()
     assert "No defects to show: roll R-n: its current run failed: " in page
     assert '<tr id="d1">' not in page and "Not graded yet (its current run is failed)" in page
+
+
+def test_work_out_of_retries_is_said_where_it_waits_and_forgotten_when_it_finishes(ctx, tmp_path):
+    """A task out of transient retries notes why on what waits for it (`note_delivery_waiting`,
+    "waiting: …"): a live band on its roll, which stays open; a reprocess band on its run, the
+    done roll untouched. Each note goes once the work finishes."""
+    from worker.deliveries import note_delivery_waiting
+
+    submit(ctx, str(_write(tmp_path, "R-w")))
+    while ctx.enqueue.queue[0][0].__name__ != "score_band":  # the roll's frames ingested
+        function, args = ctx.enqueue.queue.popleft()
+        function(ctx, *args)
+    live = ctx.enqueue.queue[0][1][0]
+    note_delivery_waiting(ctx, Delivery("score", f"{live}/0", "band 0", run_id=live), "gave up")
+    roll = _roll(ctx, "R-w")
+    assert (roll.status, roll.failure_reason) == ("ingesting", "waiting: gave up")
+    ctx.enqueue.drain()
+    roll = _roll(ctx, "R-w")
+    assert (roll.status, roll.failure_reason) == ("done", None)
+
+    run_v2, bands = start_reprocess_run(ctx, "R-w", V2)
+    note_delivery_waiting(ctx, Delivery("score", f"{run_v2}/0", "band 0", run_id=run_v2), "gave up")
+    with ctx.session() as session:
+        assert session.get(Run, run_v2).error == "waiting: gave up"
+    roll = _roll(ctx, "R-w")
+    assert (roll.status, roll.failure_reason) == ("done", None)
+    for band in bands:
+        score_band(ctx, run_v2, band)
+    ctx.enqueue.drain()
+    with ctx.session() as session:
+        assert (session.get(Run, run_v2).status, session.get(Run, run_v2).error) == ("done", None)

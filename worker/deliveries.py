@@ -32,7 +32,7 @@ from sqlalchemy.orm import Session
 from storage.database import advisory_lock
 from storage.schema import Roll, Run, TaskDelivery
 from worker.context import WorkerContext
-from worker.roll_rows import fail_roll, replace_failed_current
+from worker.roll_rows import fail_roll, note_waiting, replace_failed_current
 
 log = logging.getLogger(__name__)
 GIVEN_UP = "failed"  # what a task returns when it gave up its roll
@@ -159,6 +159,22 @@ def fail_delivery(ctx: WorkerContext, delivery: Delivery, reason: str) -> None:
     else:
         where = roll_id or (f"(run {delivery.run_id})" if delivery.run_id is not None else None)
     log.error("%s%s", f"roll {where}: " if where else "", reason)
+
+
+def note_delivery_waiting(ctx: WorkerContext, delivery: Delivery, reason: str) -> None:
+    """Record on the roll (or reprocess run) `delivery` works for why its work stopped and the
+    roll did not fail (`worker.roll_rows.note_waiting`); a training has neither: logged only.
+    The database may be what is away: then the log alone says it."""
+    roll_id = delivery.roll_id
+    try:
+        with ctx.session() as session:
+            run = session.get(Run, delivery.run_id) if delivery.run_id is not None else None
+            roll_id = run.roll_id if run is not None else roll_id
+            if roll_id is not None:
+                note_waiting(session, roll_id, run, reason)
+    except Exception:
+        log.warning("%s: its waiting could not be recorded", delivery.what, exc_info=True)
+    log.error("%s%s", f"roll {roll_id}: " if roll_id else "", reason)
 
 
 def _fail_run_only(session: Session, run: Run, reason: str) -> None:

@@ -27,7 +27,7 @@ from worker.components import DefectFinder
 from worker.context import WorkerContext
 from worker.fabric_mask import Extent, quarter_fabric_mask
 from worker.roll_layout import roll_arrays
-from worker.roll_rows import asked_last, make_current
+from worker.roll_rows import WAITING, asked_last, make_current
 from worker.roll_threshold import BlockPeaks, run_threshold
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,8 @@ def finalize_run(ctx: WorkerContext, run_id: int) -> int | None:
         run.status, run.finished_at, run.error = "done", now, None
         run.threshold, run.roll_threshold = threshold, own
         roll.status, roll.updated_at = "done", now
+        if (roll.failure_reason or "").startswith(WAITING):  # a task's, that waited: it is over
+            roll.failure_reason = None
         if (run.purpose == "live" and first) or roll.completed_at is None:
             # a reprocess run, or a run finalized again after a changed frame, leaves the roll's
             # completion date alone: the archive does not become "finished today", and

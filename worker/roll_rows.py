@@ -10,7 +10,15 @@ from sqlalchemy.orm import Session
 
 from storage.manifest import Manifest
 from storage.registry import active_fabric_spelt_like, active_model
-from storage.schema import OPEN_RUN_STATUSES, Band, Frame, Roll, Run, current_run
+from storage.schema import (
+    OPEN_ROLL_STATUSES,
+    OPEN_RUN_STATUSES,
+    Band,
+    Frame,
+    Roll,
+    Run,
+    current_run,
+)
 
 
 class RollError(ValueError):
@@ -136,6 +144,50 @@ def fail_roll(session: Session, roll_id: str, reason: str) -> None:
         .values(status="failed", error=reason[:2000], finished_at=now)
     )
     replace_failed_current(session, roll_id)  # the views keep a finished run's defects
+
+
+# the reason of a roll (a reprocess run: of the run) whose work stopped without failing it
+WAITING = "waiting: "
+
+
+def note_waiting(session: Session, roll_id: str, run: Run | None, reason: str) -> None:
+    """Say why the work of `roll_id` stopped while the roll itself is still open (a task out of
+    its transient retries: an outage longer than its back-off): in `rolls.failure_reason`, or
+    for a reprocess run in `runs.error`, prefixed "waiting: ". The status stays, and so does
+    the roll's `updated_at` (the idle clock of the scheduler's auto-resume); a roll failed,
+    done or stalled keeps its own reason."""
+    text = (WAITING + reason)[:2000]
+    if run is not None and run.purpose == "reprocess":
+        session.execute(
+            update(Run)
+            .where(Run.id == run.id, Run.status.in_(OPEN_RUN_STATUSES))
+            .values(error=text)
+        )
+        return
+    session.execute(
+        update(Roll)
+        .where(Roll.id == roll_id, Roll.status.in_(OPEN_ROLL_STATUSES))
+        .values(failure_reason=text, updated_at=Roll.updated_at)
+    )
+
+
+def clear_waiting(session: Session, roll_id: str) -> None:
+    """Forget the "waiting:" reasons of `roll_id` and its open runs (`note_waiting`): its work
+    was sent again, or it finished."""
+    session.execute(
+        update(Roll)
+        .where(Roll.id == roll_id, Roll.failure_reason.startswith(WAITING, autoescape=True))
+        .values(failure_reason=None, updated_at=Roll.updated_at)
+    )
+    session.execute(
+        update(Run)
+        .where(
+            Run.roll_id == roll_id,
+            Run.status.in_(OPEN_RUN_STATUSES),
+            Run.error.startswith(WAITING, autoescape=True),
+        )
+        .values(error=None)
+    )
 
 
 def reopen_failed_run(session: Session, run: Run, status: str) -> None:

@@ -24,7 +24,7 @@ from celery.signals import worker_init
 from worker.app import QUEUES, app
 from worker.backoff import RETRY_LATER_CAP_S, TRANSIENT_MAX_RETRIES, TRANSIENT_RETRY, Backoff
 from worker.context import LOCK_WAIT_LIMIT, RetryLater, WorkerContext
-from worker.deliveries import Delivery, fail_delivery, run_counted
+from worker.deliveries import Delivery, fail_delivery, note_delivery_waiting, run_counted
 from worker.finalize import finalize_run
 from worker.ingest import ingest_frame
 from worker.runtime import process_context
@@ -86,7 +86,7 @@ def _run(task: Task, function: Any, *args: Any, delivery: Delivery | None) -> An
             if delivery is not None:  # its roll fails with the reason, not waits for ever
                 _failed_for_good(ctx, delivery, exc)
             raise
-        raise _retry(task, args, exc) from exc
+        raise _retry(task, args, exc, ctx, delivery) from exc
 
 
 def _waits(task: Task) -> int:
@@ -99,14 +99,30 @@ def _waits(task: Task) -> int:
         return 0
 
 
-def _retry(task: Task, args: tuple, exc: Exception) -> Exception:
-    """The task's retry after a transient error, with back-off, said in one line."""
+def _retry(task: Task, args: tuple, exc: Exception, ctx: WorkerContext | None = None,
+           delivery: Delivery | None = None) -> Exception:  # fmt: skip
+    """The task's retry after a transient error, with back-off, said in one line. Out of
+    retries, the roll waits for `resume` (or the scheduler's auto-resume): its reason, only in
+    the worker's log before, is recorded on it (`note_delivery_waiting`)."""
     waits = _waits(task)
-    countdown = TRANSIENT_RETRY.delay(task.request.retries - waits)
+    transient = task.request.retries - waits
     first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    log.warning("%s%s: transient error, retry in %ss: %s", task.name, args, countdown, first)
+    if transient < TRANSIENT_MAX_RETRIES:
+        log.warning("%s%s: transient error, retry in %ss: %s", task.name, args,
+                    TRANSIENT_RETRY.delay(transient), first)  # fmt: skip
+    else:
+        minutes = sum(map(TRANSIENT_RETRY.delay, range(transient))) / 60
+        reason = (f"{delivery.what if delivery else task.name} gave up after {transient} retries "
+                  f"over {minutes:.0f} min of transient errors, the last: {type(exc).__name__}: "
+                  f"{first}; the scheduler sends it again once the roll is idle for its "
+                  "--resume-idle (2 h by default), or `rollscan resume`")  # fmt: skip
+        if ctx is not None and delivery is not None:
+            note_delivery_waiting(ctx, delivery, reason)
+        else:  # the database was away before the task could start
+            log.error("%s%s: %s", task.name, args, reason)
     log.debug("%s%s: the whole error", task.name, args, exc_info=exc)
-    return task.retry(exc=exc, countdown=countdown, max_retries=waits + TRANSIENT_MAX_RETRIES,
+    return task.retry(exc=exc, countdown=TRANSIENT_RETRY.delay(transient),
+                      max_retries=waits + TRANSIENT_MAX_RETRIES,
                       headers={WAITS_HEADER: waits})  # fmt: skip
 
 
