@@ -170,8 +170,10 @@ def run_demo(
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from storage.settings import get_settings
+
     run_demo(
-        args.workdir,
+        args.workdir or get_settings().data_dir / "demo",
         json_out=args.json,
         teacher_weights=args.teacher_weights,
         **({} if args.epochs is None else {"epochs": args.epochs}),
@@ -184,7 +186,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "demo", help="the whole pipeline on a synthetic roll, on this machine"
     )
-    p.add_argument("--workdir", type=Path, default=Path("runs/demo"))
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="its training tiles, model and roll (default: demo/ in ROLLSCAN_DATA_DIR)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="training epochs (a fixed recipe)")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--teacher-weights", default=None)
