@@ -218,7 +218,9 @@ def _facts_html(data: ReportData) -> str:
     run_text = f"{e(run.get('id'))} ({e(run.get('purpose'))}, {e(run.get('status'))})"
     rows = [
         ("roll", e(r["id"])), ("fabric type", e(r["fabric_type"])), ("status", e(r["status"])),
-        ("failure", e(r["failure_reason"])) if r["failure_reason"] else None,
+        # an open or stalled roll's reason says why it waits, not that it failed
+        (("failure" if r["status"] == "failed" else "waiting"), e(r["failure_reason"]))
+        if r["failure_reason"] else None,
         ("length", f"{_num(r['length_m'], '.2f')} m"), ("width", f"{_num(r['width_mm'], '.1f')} mm"),
         ("resolution", f"{_num(r['px_per_mm_x'], 'g')} × {_num(r['px_per_mm_y'], 'g')} px/mm "
                        "(across × along)"),

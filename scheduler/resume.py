@@ -126,9 +126,6 @@ def send_work(
     """Send `work` again; `dry_run`: only say; `frames_only`: its frames alone (`retry_roll`
     has sent its live run's bands)."""
     resumed = Resumed(work.roll_id)
-    if not dry_run:  # sent again: a task's "waiting:" reason is no longer the roll's
-        with ctx.session() as session:
-            clear_waiting(session, work.roll_id)
     for seq, key in work.frames:
         resumed.frames.append(seq)
         if not dry_run:
@@ -143,6 +140,8 @@ def send_work(
             if not dry_run:
                 ctx.enqueue.finalize(run_id)
     if not dry_run:
+        with ctx.session() as session:  # sent again: a task's "waiting:" reason is no longer it
+            clear_waiting(session, work.roll_id)
         log.info("%s", resumed)
     return resumed
 

@@ -56,6 +56,9 @@ SAFE_NAME_RE = "^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 # a roll moving through the pipeline (not stalled: that one waits for its scanner)
 OPEN_ROLL_STATUSES = ("registered", "ingesting", "scoring", "finalizing")
 ROLL_STATUSES = (*OPEN_ROLL_STATUSES, "done", "failed", "stalled")
+# how the reason of a roll (or of a reprocess run) whose work stopped without failing it begins
+# (`worker.roll_rows.note_waiting`): the status says it is open, the reason why it waits
+WAITING = "waiting: "
 RUN_PURPOSES = ("live", "reprocess")
 OPEN_RUN_STATUSES = ("pending", "scoring", "finalizing")  # a run not done, not failed
 RUN_STATUSES = (*OPEN_RUN_STATUSES, "done", "failed")

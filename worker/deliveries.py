@@ -30,7 +30,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from storage.database import advisory_lock
-from storage.schema import Roll, Run, TaskDelivery
+from storage.schema import Band, Frame, Roll, Run, TaskDelivery
 from worker.context import WorkerContext
 from worker.roll_rows import fail_roll, note_waiting, replace_failed_current
 
@@ -170,11 +170,25 @@ def note_delivery_waiting(ctx: WorkerContext, delivery: Delivery, reason: str) -
         with ctx.session() as session:
             run = session.get(Run, delivery.run_id) if delivery.run_id is not None else None
             roll_id = run.roll_id if run is not None else roll_id
-            if roll_id is not None:
+            if roll_id is not None and not _done_meanwhile(session, delivery):
                 note_waiting(session, roll_id, run, reason)
     except Exception:
         log.warning("%s: its waiting could not be recorded", delivery.what, exc_info=True)
     log.error("%s%s", f"roll {roll_id}: " if roll_id else "", reason)
+
+
+def _done_meanwhile(session: Session, delivery: Delivery) -> bool:
+    """Whether another copy of the work did it (sent again by `resume` while this one waited out
+    its retries): then nothing waits for this one. A frame counts as done once it is in (a
+    changed frame's second ingest that gives up is in the log only); a finalize's finished run
+    leaves an open roll no longer (`note_waiting` reads the status)."""
+    number = delivery.key.rpartition("/")[2]  # "run/band", "roll/frame" (`worker.tasks`)
+    if delivery.task == "score":
+        band = session.get(Band, (delivery.run_id, int(number)))
+        return band is None or band.status == "done"
+    if delivery.task == "ingest":
+        return session.get(Frame, (delivery.roll_id, int(number))) is not None
+    return False
 
 
 def _fail_run_only(session: Session, run: Run, reason: str) -> None:

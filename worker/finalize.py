@@ -20,14 +20,14 @@ import numpy as np
 from sqlalchemy import delete, func, insert, select
 
 from storage.fabric_extents import roll_extents
-from storage.schema import Defect, Grade, Model, Roll, Run
+from storage.schema import WAITING, Defect, Grade, Model, Roll, Run
 from storage.zarr_rolls import RollArrays
 from worker.band_scores import SCORE_SCALE
 from worker.components import DefectFinder
 from worker.context import WorkerContext
 from worker.fabric_mask import Extent, quarter_fabric_mask
 from worker.roll_layout import roll_arrays
-from worker.roll_rows import WAITING, asked_last, make_current
+from worker.roll_rows import asked_last, make_current
 from worker.roll_threshold import BlockPeaks, run_threshold
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,7 @@ from storage.registry import active_fabric_spelt_like, active_model
 from storage.schema import (
     OPEN_ROLL_STATUSES,
     OPEN_RUN_STATUSES,
+    WAITING,
     Band,
     Frame,
     Roll,
@@ -144,10 +145,6 @@ def fail_roll(session: Session, roll_id: str, reason: str) -> None:
         .values(status="failed", error=reason[:2000], finished_at=now)
     )
     replace_failed_current(session, roll_id)  # the views keep a finished run's defects
-
-
-# the reason of a roll (a reprocess run: of the run) whose work stopped without failing it
-WAITING = "waiting: "
 
 
 def note_waiting(session: Session, roll_id: str, run: Run | None, reason: str) -> None:
