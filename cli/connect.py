@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
+import psycopg2.errorcodes as pgcodes
+
 from storage.database import (
     check_schema_at_head,
     current_revision,
@@ -73,7 +75,14 @@ def _service_problem(exc: BaseException) -> tuple[str, int] | None:
         return (f"{where} is full: {_first_line(full)}; free space and run it again (a roll's "
                 "outstanding work: `rollscan resume`)"), 3  # fmt: skip
     if is_transient_db_error(exc):
-        return f"cannot reach the database: {_first_line(_root(exc))}", 3
+        root = _root(exc)
+        code = getattr(root, "pgcode", None)
+        if code == pgcodes.READ_ONLY_SQL_TRANSACTION:
+            return (f"the database is read-only (a standby?): {_first_line(root)}; connect to "
+                    "the primary (several hosts: target_session_attrs=read-write)"), 3  # fmt: skip
+        if code == pgcodes.QUERY_CANCELED:
+            return f"the database cancelled a query: {_first_line(root)}; run it again", 3
+        return f"cannot reach the database: {_first_line(root)}", 3
     for item in _chain(exc):
         name, module = type(item).__name__, type(item).__module__
         if name == "OperationalError" and module.startswith(("psycopg2", "sqlalchemy")):

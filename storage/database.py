@@ -22,7 +22,7 @@ import psycopg2.errorcodes as pgcodes
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import URL, Connection, Engine, create_engine, make_url, text
+from sqlalchemy import URL, Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import NullPool
@@ -89,9 +89,30 @@ CONNECT_ARGS = {
 }  # fmt: skip
 
 
+# A site's limits on its sessions (ALTER DATABASE/ROLE … SET), which rollscan's own turn off:
+# finalize reads a whole roll inside its transaction (idle in it meanwhile), the delivery and
+# discovery advisory locks live on connections idle while a band is scored, and a migration or
+# a nightly grading may take minutes. Under them a roll failed for good (a statement timeout),
+# retried without end (an idle-in-transaction kill), or a live delivery lost its lock. Set on
+# each new connection with set_config, for the settings this server has (idle_session_timeout:
+# PostgreSQL 14+); the quality engineers' reader role keeps its own limits (`reader_role`).
+SESSION_SETTINGS = ("statement_timeout", "idle_in_transaction_session_timeout",
+                    "idle_session_timeout")  # fmt: skip
+
+
+def _turn_off_session_limits(dbapi_connection: Any, _record: Any) -> None:
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute(
+            "SELECT set_config(name, '0', false) FROM pg_settings WHERE name = ANY(%s)",
+            (list(SESSION_SETTINGS),),
+        )
+    dbapi_connection.commit()
+
+
 def make_engine(settings_or_url: Settings | str | URL | None = None, **kwargs: object) -> Engine:
     """An engine on the psycopg2 driver. `pool_pre_ping` because the server may restart
-    under a long-lived worker; extra keyword arguments go to `create_engine`."""
+    under a long-lived worker; its sessions free of the site's timeouts (`SESSION_SETTINGS`);
+    extra keyword arguments go to `create_engine`."""
     if settings_or_url is None or isinstance(settings_or_url, Settings):
         url: str | URL = database_url(settings_or_url)
     else:
@@ -103,7 +124,9 @@ def make_engine(settings_or_url: Settings | str | URL | None = None, **kwargs: o
         # named by process: `rollscan db stop` tells which processes still use the embedded server
         connect_args["application_name"] = f"rollscan pid {os.getpid()}"
     kwargs.setdefault("connect_args", connect_args)
-    return create_engine(url, **kwargs)  # type: ignore[arg-type]
+    engine = create_engine(url, **kwargs)  # type: ignore[arg-type]
+    event.listen(engine, "connect", _turn_off_session_limits)
+    return engine
 
 
 @contextmanager
@@ -274,6 +297,12 @@ TRANSIENT_PGCODES = frozenset(
         pgcodes.SERIALIZATION_FAILURE,  # 40001
         pgcodes.DEADLOCK_DETECTED,  # 40P01
         pgcodes.LOCK_NOT_AVAILABLE,  # 55P03
+        # a standby reached after a failover, or a server set read-only when its storage
+        # fills: the write succeeds once the primary is back (it failed the roll for good)
+        pgcodes.READ_ONLY_SQL_TRANSACTION,  # 25006
+        # a query cancelled by an administrator (pg_cancel_backend): rollscan's sessions set no
+        # statement_timeout (`SESSION_SETTINGS`), so no query of its own ends here each time
+        pgcodes.QUERY_CANCELED,  # 57014
     }
 )
 

@@ -138,3 +138,47 @@ def test_a_task_out_of_retries_says_on_its_roll_why_it_waits(
     env_context(db_engine, tmp_path)
     resume_roll(process_context(), "R-1")
     assert _roll_row(ctx, "R-1") == registered
+
+
+def test_a_task_on_a_read_only_server_waits_for_the_primary(
+    db_engine, make_database, tmp_path, env_context
+) -> None:
+    """A worker that reaches a standby after a failover (or a server set read-only) had its
+    frame fail for good — the failure itself could not be recorded there: message acknowledged,
+    roll waiting with no reason. The write is retried, the roll left open for it."""
+    from celery.exceptions import Retry
+    from sqlalchemy import text
+
+    from rollscan_testing.synthetic_roll import write_synthetic_roll
+    from scheduler.submit import upload_folder
+    from storage.database import upgrade
+    from storage.manifest import parse_manifest
+    from storage.schema import Roll
+    from worker.roll_rows import register_roll
+    from worker.tasks import ingest
+
+    url = make_database()
+    upgrade(url)
+    name = url.rsplit("/", 1)[1]
+    env_context(url, tmp_path)
+    ctx = process_context()
+    write_synthetic_roll(tmp_path / "R-1", "R-1", frames=1, frame_rows=64, width=128, plan=[],
+                         px_per_mm=4.0)  # fmt: skip
+    upload_folder(ctx.store, tmp_path / "R-1", "incoming/R-1")
+    manifest = parse_manifest({"roll_id": "R-1", "fabric_type": "twill", "width_mm": 32,
+                               "px_per_mm": 4, "frames": 1, "complete": True})  # fmt: skip
+    with ctx.session() as session:
+        register_roll(session, manifest, "incoming/R-1")
+    admin = db_engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+    admin.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+    env_context(url, tmp_path)  # the worker's sessions from now on: read-only
+    try:
+        with pytest.raises(Retry):
+            ingest.apply(("R-1", 1, "incoming/R-1/frames/000001.tif"), throw=True)
+    finally:
+        admin.execute(text(f'ALTER DATABASE "{name}" RESET default_transaction_read_only'))
+        admin.close()
+    env_context(url, tmp_path)
+    with process_context().session() as session:
+        roll = session.get(Roll, "R-1")
+        assert (roll.status, roll.failure_reason) == ("registered", None)

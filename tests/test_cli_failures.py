@@ -297,3 +297,25 @@ def test_the_demo_finds_an_object_store_down_before_it_trains(migrated_url, tmp_
     assert done.returncode == 3, done.stderr[-3000:]
     assert "rollscan demo: error: cannot reach the object store:" in done.stderr
     assert "training" not in done.stdout and not (tmp_path / "demo" / "train-data").exists()
+
+
+def test_a_read_only_database_is_named_with_what_to_do(
+    site, capsys, make_database, db_engine, env_context, tmp_path
+) -> None:
+    """A command on a standby (after a failover, a URL naming the wrong host) had said "cannot
+    reach the database: cannot execute INSERT in a read-only transaction"."""
+    url = make_database()
+    upgrade(url)
+    with db_engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            text(
+                f'ALTER DATABASE "{make_url(url).database}" SET default_transaction_read_only = on'
+            )
+        )
+    env_context(url, tmp_path / "data")  # the process's context on it, forgotten afterwards
+    assert main(["submit", str(_roll_folder(tmp_path))]) == 3
+    line = _one_line_error(capsys)
+    assert line.startswith(
+        "rollscan submit: error: the database is read-only (a standby?): cannot execute"
+    ), line
+    assert line.endswith("connect to the primary (several hosts: target_session_attrs=read-write)")

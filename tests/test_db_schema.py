@@ -5,12 +5,15 @@ test_db_migrations.py.
 
 from __future__ import annotations
 
+import threading
+import time
+
 import psycopg2
 import pytest
 from fixtures_pg import empty_tables
-from sqlalchemy import Engine, func, select, text
+from sqlalchemy import Engine, func, make_url, select, text
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, InternalError, OperationalError, ProgrammingError
 from sqlalchemy.orm import Session
 
 from results.defect_tables import list_rolls
@@ -432,3 +435,68 @@ def test_a_database_whose_disk_is_full_is_waited_for_and_said(db_engine: Engine)
             "to 8388608 bytes: No space left on device' USING ERRCODE = 'disk_full'; END $$"
         ))  # fmt: skip
     assert not database.is_transient_db_error(shm.value) and service_error(shm.value) is None
+
+
+def _alter_database(db_engine: Engine, url: str, setting: str) -> None:
+    with db_engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            text(f'ALTER DATABASE "{make_url(url).database}" SET {setting}')
+        )
+
+
+def test_a_sites_session_limits_do_not_reach_rollscans_sessions(db_engine, make_database):
+    """A DBA's statement_timeout, idle_in_transaction_session_timeout or idle_session_timeout
+    on the database: under them a finalize failed its roll for good (a statement timeout), one
+    reading a long roll inside its transaction was killed at every try, and a delivery's
+    advisory lock went with its idle connection. rollscan's sessions turn them off."""
+    url = make_database()
+    for name in database.SESSION_SETTINGS:
+        _alter_database(db_engine, url, f"{name} = '100ms'")
+    site = psycopg2.connect(make_url(url).render_as_string(False).replace("+psycopg2", ""))
+    with site.cursor() as cursor:  # what any other session of this database gets
+        cursor.execute("SHOW statement_timeout")
+        assert cursor.fetchone() == ("100ms",)
+    site.close()
+    engine = database.make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert [conn.scalar(text(f"SHOW {n}")) for n in database.SESSION_SETTINGS] == [
+                "0", "0", "0"
+            ]  # fmt: skip
+            conn.execute(text("SELECT pg_sleep(0.3)"))  # longer than the statement timeout
+            time.sleep(0.3)  # idle in its transaction, then idle, longer than the limits
+            conn.commit()
+            time.sleep(0.3)
+            assert conn.scalar(text("SELECT 1")) == 1
+    finally:
+        engine.dispose()
+
+
+def test_a_read_only_server_and_a_cancelled_query_are_transient(db_engine, make_database):
+    """After a failover a worker may reach a standby (SQLSTATE 25006), and an administrator
+    may cancel a query (57014): retried, where each failed its roll for good."""
+    url = make_database()
+    _alter_database(db_engine, url, "default_transaction_read_only = on")
+    engine = database.make_engine(url)
+    try:
+        with engine.connect() as conn, pytest.raises(InternalError) as read_only:
+            conn.execute(text("CREATE TABLE t (x int)"))
+        assert read_only.value.orig.pgcode == "25006"
+        assert database.is_transient_db_error(read_only.value)
+
+        with engine.connect() as conn:
+            pid = conn.scalar(text("SELECT pg_backend_pid()"))
+            cancel = threading.Timer(0.5, _cancel, (db_engine, pid))
+            cancel.start()
+            with pytest.raises(OperationalError) as cancelled:
+                conn.execute(text("SELECT pg_sleep(30)"))
+            cancel.join()
+        assert cancelled.value.orig.pgcode == "57014"
+        assert database.is_transient_db_error(cancelled.value)
+    finally:
+        engine.dispose()
+
+
+def _cancel(db_engine: Engine, pid: int) -> None:
+    with db_engine.connect() as conn:
+        assert conn.scalar(text("SELECT pg_cancel_backend(:pid)"), {"pid": pid})
