@@ -89,23 +89,28 @@ CONNECT_ARGS = {
 }  # fmt: skip
 
 
-# A site's limits on its sessions (ALTER DATABASE/ROLE … SET), which rollscan's own turn off:
-# finalize reads a whole roll inside its transaction (idle in it meanwhile), the delivery and
-# discovery advisory locks live on connections idle while a band is scored, and a migration or
-# a nightly grading may take minutes. Under them a roll failed for good (a statement timeout),
-# retried without end (an idle-in-transaction kill), or a live delivery lost its lock. Set on
-# each new connection with set_config, for the settings this server has (idle_session_timeout:
-# PostgreSQL 14+); the quality engineers' reader role keeps its own limits (`reader_role`).
+# A site's limits on its sessions (postgresql.conf, ALTER DATABASE/ROLE … SET), which rollscan's
+# own turn off: finalize reads a whole roll inside its transaction (idle in it meanwhile), the
+# delivery and discovery advisory locks live on connections idle while a band is scored, and a
+# migration or a nightly grading may take minutes. Under them a roll failed for good (a
+# statement timeout), or a finalize was killed at every try (an idle-in-transaction or
+# transaction timeout), or a live delivery lost its lock. Set on each new connection, for the
+# settings this server has (idle_session_timeout: PostgreSQL 14+, transaction_timeout: 17+);
+# left as they are where rollscan's own URL asks for them (`options=-c …`: source "client") and
+# on a role made read-only (the quality engineers' reader: `reader_role`, its limits kept).
 SESSION_SETTINGS = ("statement_timeout", "idle_in_transaction_session_timeout",
-                    "idle_session_timeout")  # fmt: skip
+                    "idle_session_timeout", "transaction_timeout")  # fmt: skip
+_LIFT_SESSION_LIMITS = """
+SELECT set_config(s.name, '0', false) FROM pg_settings s
+WHERE s.name = ANY(%s) AND s.source <> 'client' AND NOT EXISTS (
+    SELECT FROM pg_settings r WHERE r.name = 'default_transaction_read_only'
+    AND r.setting = 'on' AND r.source IN ('user', 'database user'))
+"""
 
 
 def _turn_off_session_limits(dbapi_connection: Any, _record: Any) -> None:
     with dbapi_connection.cursor() as cursor:
-        cursor.execute(
-            "SELECT set_config(name, '0', false) FROM pg_settings WHERE name = ANY(%s)",
-            (list(SESSION_SETTINGS),),
-        )
+        cursor.execute(_LIFT_SESSION_LIMITS, (list(SESSION_SETTINGS),))
     dbapi_connection.commit()
 
 

@@ -444,13 +444,23 @@ def _alter_database(db_engine: Engine, url: str, setting: str) -> None:
         )
 
 
+def _limits(conn) -> dict[str, str]:
+    return dict(conn.execute(text(
+        "SELECT name, setting FROM pg_settings WHERE name = ANY(:names)"
+    ), {"names": list(database.SESSION_SETTINGS)}).all())  # fmt: skip
+
+
 def test_a_sites_session_limits_do_not_reach_rollscans_sessions(db_engine, make_database):
-    """A DBA's statement_timeout, idle_in_transaction_session_timeout or idle_session_timeout
-    on the database: under them a finalize failed its roll for good (a statement timeout), one
-    reading a long roll inside its transaction was killed at every try, and a delivery's
-    advisory lock went with its idle connection. rollscan's sessions turn them off."""
+    """A DBA's statement_timeout, idle_in_transaction_session_timeout, idle_session_timeout or
+    transaction_timeout on the database: under them a finalize failed its roll for good (a
+    statement timeout), one reading a long roll inside its transaction was killed at every try,
+    and a delivery's advisory lock went with its idle connection. rollscan's sessions turn them
+    off — not those its own URL asks for, nor a read-only role's (the quality engineers')."""
     url = make_database()
-    for name in database.SESSION_SETTINGS:
+    with db_engine.connect() as conn:
+        names = list(_limits(conn))  # those this server has (transaction_timeout: 17+)
+    assert {"statement_timeout", "idle_in_transaction_session_timeout"} <= set(names)
+    for name in names:
         _alter_database(db_engine, url, f"{name} = '100ms'")
     site = psycopg2.connect(make_url(url).render_as_string(False).replace("+psycopg2", ""))
     with site.cursor() as cursor:  # what any other session of this database gets
@@ -460,9 +470,7 @@ def test_a_sites_session_limits_do_not_reach_rollscans_sessions(db_engine, make_
     engine = database.make_engine(url)
     try:
         with engine.connect() as conn:
-            assert [conn.scalar(text(f"SHOW {n}")) for n in database.SESSION_SETTINGS] == [
-                "0", "0", "0"
-            ]  # fmt: skip
+            assert _limits(conn) == dict.fromkeys(names, "0")
             conn.execute(text("SELECT pg_sleep(0.3)"))  # longer than the statement timeout
             time.sleep(0.3)  # idle in its transaction, then idle, longer than the limits
             conn.commit()
@@ -470,6 +478,32 @@ def test_a_sites_session_limits_do_not_reach_rollscans_sessions(db_engine, make_
             assert conn.scalar(text("SELECT 1")) == 1
     finally:
         engine.dispose()
+
+    asked = make_url(url).update_query_dict({"options": "-c statement_timeout=60s"})
+    engine = database.make_engine(asked.render_as_string(False))
+    try:
+        with engine.connect() as conn:
+            assert _limits(conn)["statement_timeout"] == "60000"  # ms
+    finally:
+        engine.dispose()
+
+    reader = f"reader_{make_url(url).database}"[:63]
+    with db_engine.connect() as conn:
+        admin = conn.execution_options(isolation_level="AUTOCOMMIT")
+        admin.execute(text(f'CREATE ROLE "{reader}" LOGIN'))
+        admin.execute(text(f'ALTER ROLE "{reader}" IN DATABASE "{make_url(url).database}" '
+                           "SET default_transaction_read_only = on"))  # fmt: skip
+    engine = database.make_engine(make_url(url).set(username=reader).render_as_string(False))
+    try:
+        with engine.connect() as conn:
+            assert _limits(conn)["statement_timeout"] == "100"  # the database's, kept
+    finally:
+        engine.dispose()
+        with db_engine.connect() as conn:
+            admin = conn.execution_options(isolation_level="AUTOCOMMIT")
+            admin.execute(text(f'ALTER ROLE "{reader}" IN DATABASE "{make_url(url).database}" '
+                               "RESET ALL"))  # fmt: skip
+            admin.execute(text(f'DROP ROLE "{reader}"'))
 
 
 def test_a_read_only_server_and_a_cancelled_query_are_transient(db_engine, make_database):
