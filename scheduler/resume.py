@@ -107,9 +107,8 @@ def roll_work(ctx: WorkerContext, roll_id: str) -> RollWork:
         ]  # fmt: skip
         source, status, total = roll.source, roll.status, roll.frames_total
     frames = []
-    if (
-        status in OPEN_ROLL_STATUSES or status == "done"
-    ) and source:  # a done roll: frames replaced
+    # a done roll's too: frames replaced since
+    if (status in OPEN_ROLL_STATUSES or status == "done") and source:
         _, listed, twice = list_roll(ctx.store, source.rstrip("/"))  # as discovery lists it
         for seq, keys in twice.items():
             log.warning("roll %s: frame %d is numbered by %s: not sent", roll_id, seq, ascii(keys))
@@ -140,7 +139,7 @@ def send_work(
             if not dry_run:
                 ctx.enqueue.finalize(run_id)
     if not dry_run:
-        with ctx.session() as session:  # sent again: a task's "waiting:" reason is no longer it
+        with ctx.session() as session:  # sent again: a task's "waiting:" note is out of date
             clear_waiting(session, work.roll_id)
         log.info("%s", resumed)
     return resumed

@@ -114,8 +114,10 @@ def _retry(task: Task, args: tuple, exc: Exception, ctx: WorkerContext | None = 
         minutes = sum(map(TRANSIENT_RETRY.delay, range(transient))) / 60
         reason = (f"{delivery.what if delivery else task.name} gave up after {transient} retries "
                   f"over {minutes:.0f} min of transient errors, the last: {type(exc).__name__}: "
-                  f"{first}; the scheduler sends it again once the roll is idle for its "
-                  "--resume-idle (2 h by default), or `rollscan resume`")  # fmt: skip
+                  f"{first}")  # fmt: skip
+        if delivery is None or delivery.task != "train":  # a training is asked for again
+            reason += ("; the scheduler sends it again once the roll is idle for its "
+                       "--resume-idle (2 h by default), or `rollscan resume`")  # fmt: skip
         if ctx is not None and delivery is not None:
             note_delivery_waiting(ctx, delivery, reason)
         else:  # the database was away before the task could start
