@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from distill.progress import progress_bar
 from results.grade_store import RUN_GRADED, grade_run
 from results.grading_rules import RuleBook
-from storage.schema import OPEN_RUN_STATUSES, Band, Model, Roll, Run, current_run
+from storage.schema import OPEN_RUN_STATUSES, WAITING, Band, Model, Roll, Run, current_run
 from storage.zarr_rolls import open_roll, roll_exists
 from worker.context import WorkerContext
 from worker.roll_layout import fix_run_stride
@@ -333,6 +333,10 @@ def reprocess(
             total = sum(s[4] or 0 for s in statuses if s[1] not in ("done", "failed"))
             bar.set_postfix_str(f"bands in flight {scored}/{total}, failed {len(report.failed)}")
             if in_flight and (warning := stall.check(bar.n, scored, len(in_flight))):
+                # a band out of its retries says why on its run (`worker.roll_rows.note_waiting`)
+                waiting = [f"roll {in_flight[s[0]]}: {s[2]}" for s in statuses
+                           if s[0] in in_flight and (s[2] or "").startswith(WAITING)]  # fmt: skip
+                warning += "".join(f"; {note}" for note in waiting[:3])
                 log.warning("%s", warning)
                 bar.write(warning, file=out or sys.stderr)
             if in_flight and not finished:

@@ -28,7 +28,7 @@ from storage.registry import checkpoint_key, register_model
 from storage.schema import Band, Defect, Grade, Model, Roll, Run, TaskDelivery
 from storage.zarr_rolls import open_roll
 from worker.app import ROUTES
-from worker.deliveries import GIVEN_UP, Delivery, run_counted
+from worker.deliveries import GIVEN_UP, Delivery, note_delivery_waiting, run_counted
 from worker.ingest import ingest_frame
 from worker.scoring import score_band
 
@@ -150,6 +150,11 @@ def test_a_stalled_reprocess_says_what_to_check_once_per_stall(ctx, tmp_path):
 
     def workers_absent_then_slow():
         polls.append(now[0])
+        if len(polls) == 1:  # band 1's message ran out of its retries (a store away)
+            with ctx.session() as session:
+                run_id = session.scalar(select(Run.id).where(Run.model_version == V2))
+            delivery = Delivery("score", f"{run_id}/1", f"band 1 of run {run_id}", run_id=run_id)
+            note_delivery_waiting(ctx, delivery, "band 1 gave up after 12 retries")
         if len(polls) == 4:  # after the first warning, band 0 is scored: progress
             assert _run_task(ctx, 0) == ("score_band", "scored")
         elif len(polls) == 7:
@@ -166,6 +171,7 @@ def test_a_stalled_reprocess_says_what_to_check_once_per_stall(ctx, tmp_path):
     assert len(lines) == 2, out.getvalue()
     assert "no band of the 1 run(s) in flight scored for 13 min" in lines[0]
     assert "-Q reprocess" in lines[0] and "run the same command again" in lines[0]
+    assert lines[0].endswith("; roll R-s: waiting: band 1 gave up after 12 retries"), lines[0]
 
 
 def test_a_reprocess_run_that_failed_starts_again_when_asked(ctx, tmp_path):
