@@ -16,7 +16,7 @@ install:
 
 constraints:
 	{ echo "# The versions CI tested (make install uses them). Regenerate: make constraints"; \
-	  $(BIN)/pip freeze --exclude-editable | grep -v -i -E '^(torch|torchvision|triton|nvidia-)'; \
+	  $(BIN)/pip freeze --all --exclude-editable | grep -v -i -E '^(torch|torchvision|triton|nvidia-|pip==)'; \
 	} > constraints.txt
 
 demo: install
