@@ -140,41 +140,49 @@ def fail_delivery(ctx: WorkerContext, delivery: Delivery, reason: str) -> None:
     """Fail what `delivery` works for with `reason` — its roll, or its reprocess run alone;
     a training has neither: the reason is logged — and forget its deliveries."""
     with ctx.session() as session:
-        roll_id, run_only = delivery.roll_id, False
-        if delivery.run_id is not None:
-            run = session.get(Run, delivery.run_id)
-            roll_id = run.roll_id if run is not None else None
-            if run is not None and run.purpose == "reprocess":
-                _fail_run_only(session, run, reason)
-                run_only = True
-        if roll_id is not None and not run_only:
+        roll_id, run = _target(session, delivery)
+        if run is not None and run.purpose == "reprocess":
+            _fail_run_only(session, run, reason)
+        elif roll_id is not None:
             fail_roll(session, roll_id, reason)
         session.execute(
             delete(TaskDelivery).where(
                 TaskDelivery.task == delivery.task, TaskDelivery.key == delivery.key
             )
         )
-    if run_only:
-        where = f"{roll_id} (reprocess run {delivery.run_id})"
-    else:
-        where = roll_id or (f"(run {delivery.run_id})" if delivery.run_id is not None else None)
-    log.error("%s%s", f"roll {where}: " if where else "", reason)
+    log.error("%s%s", _where(delivery, roll_id, run), reason)
 
 
 def note_delivery_waiting(ctx: WorkerContext, delivery: Delivery, reason: str) -> None:
     """Record on the roll (or reprocess run) `delivery` works for why its work stopped and the
     roll did not fail (`worker.roll_rows.note_waiting`); a training has neither: logged only.
     The database may be what is away: then the log alone says it."""
-    roll_id = delivery.roll_id
+    roll_id, run = delivery.roll_id, None
     try:
         with ctx.session() as session:
-            run = session.get(Run, delivery.run_id) if delivery.run_id is not None else None
-            roll_id = run.roll_id if run is not None else roll_id
+            roll_id, run = _target(session, delivery)
             if roll_id is not None and not _done_meanwhile(session, delivery):
                 note_waiting(session, roll_id, run, reason)
     except Exception:
         log.warning("%s: its waiting could not be recorded", delivery.what, exc_info=True)
-    log.error("%s%s", f"roll {roll_id}: " if roll_id else "", reason)
+    log.error("%s%s", _where(delivery, roll_id, run), reason)
+
+
+def _target(session: Session, delivery: Delivery) -> tuple[str | None, Run | None]:
+    """The roll `delivery` works for, and its run (score, finalize); a training has neither."""
+    if delivery.run_id is None:
+        return delivery.roll_id, None
+    run = session.get(Run, delivery.run_id)
+    return (run.roll_id if run is not None else None), run
+
+
+def _where(delivery: Delivery, roll_id: str | None, run: Run | None) -> str:
+    """The log line's prefix: the roll, and a reprocess run's number (it fails alone)."""
+    if run is not None and run.purpose == "reprocess":
+        return f"roll {roll_id} (reprocess run {run.id}): "
+    if roll_id is not None:
+        return f"roll {roll_id}: "
+    return f"roll (run {delivery.run_id}): " if delivery.run_id is not None else ""
 
 
 def _done_meanwhile(session: Session, delivery: Delivery) -> bool:
