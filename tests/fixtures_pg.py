@@ -102,6 +102,15 @@ def empty_tables(engine: Engine, lock_timeout: str = "60s") -> None:
         raise RuntimeError(f"the tables could not be emptied; sessions: {holders}") from exc
 
 
+def alter_database(engine: Engine, url: str, clause: str) -> None:
+    """`ALTER DATABASE <the database of url> <clause>` (`SET x = y`, `RESET x`), through
+    `engine`'s server: a site's setting, which every new session of that database meets."""
+    with engine.connect() as conn:
+        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
+            text(f'ALTER DATABASE "{make_url(url).database}" {clause}')
+        )
+
+
 @pytest.fixture
 def db_engine(_session_engine: Engine) -> Iterator[Engine]:
     yield _session_engine

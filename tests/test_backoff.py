@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import pytest
+from fixtures_ingest import frame_bytes, put_frame, register, roll_and_run
+from fixtures_pg import alter_database
 from sqlalchemy.engine import make_url
 
 from worker.backoff import RETRY_LATER_CAP_S, TRANSIENT_MAX_RETRIES, TRANSIENT_RETRY, Backoff
@@ -108,17 +110,12 @@ def test_a_task_out_of_retries_says_on_its_roll_why_it_waits(
 
     from rollscan_testing.services import free_port
     from scheduler.resume import resume_roll
-    from storage.manifest import parse_manifest
-    from worker.roll_rows import register_roll
     from worker.tasks import ingest
 
     env_context(db_engine, tmp_path, ROLLSCAN_S3_ENDPOINT=f"http://127.0.0.1:{free_port()}",
                 AWS_ACCESS_KEY_ID="key", AWS_SECRET_ACCESS_KEY="secret")  # fmt: skip
     ctx = process_context()
-    manifest = parse_manifest({"roll_id": "R-1", "fabric_type": "twill", "width_mm": 100,
-                               "px_per_mm": 4, "frames": 2, "complete": True})  # fmt: skip
-    with ctx.session() as session:
-        register_roll(session, manifest, "incoming/R-1")
+    register(ctx, "R-1", frames=2)
     registered = _roll_row(ctx, "R-1")
     args = ("R-1", 1, "incoming/R-1/frames/000001.tif")
     with pytest.raises(Retry):  # the store refuses connections: transient, retried
@@ -147,38 +144,23 @@ def test_a_task_on_a_read_only_server_waits_for_the_primary(
     frame fail for good — the failure itself could not be recorded there: message acknowledged,
     roll waiting with no reason. The write is retried, the roll left open for it."""
     from celery.exceptions import Retry
-    from sqlalchemy import text
 
-    from rollscan_testing.synthetic_roll import write_synthetic_roll
-    from scheduler.submit import upload_folder
     from storage.database import upgrade
-    from storage.manifest import parse_manifest
-    from storage.schema import Roll
-    from worker.roll_rows import register_roll
     from worker.tasks import ingest
 
     url = make_database()
     upgrade(url)
-    name = url.rsplit("/", 1)[1]
     env_context(url, tmp_path)
     ctx = process_context()
-    write_synthetic_roll(tmp_path / "R-1", "R-1", frames=1, frame_rows=64, width=128, plan=[],
-                         px_per_mm=4.0)  # fmt: skip
-    upload_folder(ctx.store, tmp_path / "R-1", "incoming/R-1")
-    manifest = parse_manifest({"roll_id": "R-1", "fabric_type": "twill", "width_mm": 32,
-                               "px_per_mm": 4, "frames": 1, "complete": True})  # fmt: skip
-    with ctx.session() as session:
-        register_roll(session, manifest, "incoming/R-1")
-    admin = db_engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-    admin.execute(text(f'ALTER DATABASE "{name}" SET default_transaction_read_only = on'))
+    key = put_frame(ctx, "R-1", 1, frame_bytes())
+    register(ctx, "R-1", frames=1)
+    alter_database(db_engine, url, "SET default_transaction_read_only = on")
     env_context(url, tmp_path)  # the worker's sessions from now on: read-only
     try:
         with pytest.raises(Retry):
-            ingest.apply(("R-1", 1, "incoming/R-1/frames/000001.tif"), throw=True)
+            ingest.apply(("R-1", 1, key), throw=True)
     finally:
-        admin.execute(text(f'ALTER DATABASE "{name}" RESET default_transaction_read_only'))
-        admin.close()
+        alter_database(db_engine, url, "RESET default_transaction_read_only")
     env_context(url, tmp_path)
-    with process_context().session() as session:
-        roll = session.get(Roll, "R-1")
-        assert (roll.status, roll.failure_reason) == ("registered", None)
+    roll, _ = roll_and_run(process_context(), "R-1")
+    assert (roll.status, roll.failure_reason) == ("registered", None)

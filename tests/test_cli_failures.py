@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
+from fixtures_pg import alter_database
 from sqlalchemy import create_engine, make_url, text
 from sqlalchemy.orm import Session
 
@@ -306,12 +307,7 @@ def test_a_read_only_database_is_named_with_what_to_do(
     reach the database: cannot execute INSERT in a read-only transaction"."""
     url = make_database()
     upgrade(url)
-    with db_engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
-            text(
-                f'ALTER DATABASE "{make_url(url).database}" SET default_transaction_read_only = on'
-            )
-        )
+    alter_database(db_engine, url, "SET default_transaction_read_only = on")
     env_context(url, tmp_path / "data")  # the process's context on it, forgotten afterwards
     assert main(["submit", str(_roll_folder(tmp_path))]) == 3
     line = _one_line_error(capsys)

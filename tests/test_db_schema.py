@@ -10,7 +10,7 @@ import time
 
 import psycopg2
 import pytest
-from fixtures_pg import empty_tables
+from fixtures_pg import alter_database, empty_tables
 from sqlalchemy import Engine, func, make_url, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import IntegrityError, InternalError, OperationalError, ProgrammingError
@@ -437,13 +437,6 @@ def test_a_database_whose_disk_is_full_is_waited_for_and_said(db_engine: Engine)
     assert not database.is_transient_db_error(shm.value) and service_error(shm.value) is None
 
 
-def _alter_database(db_engine: Engine, url: str, setting: str) -> None:
-    with db_engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
-            text(f'ALTER DATABASE "{make_url(url).database}" SET {setting}')
-        )
-
-
 def _limits(conn) -> dict[str, str]:
     return dict(conn.execute(text(
         "SELECT name, setting FROM pg_settings WHERE name = ANY(:names)"
@@ -461,7 +454,7 @@ def test_a_sites_session_limits_do_not_reach_rollscans_sessions(db_engine, make_
         names = list(_limits(conn))  # those this server has (transaction_timeout: 17+)
     assert {"statement_timeout", "idle_in_transaction_session_timeout"} <= set(names)
     for name in names:
-        _alter_database(db_engine, url, f"{name} = '100ms'")
+        alter_database(db_engine, url, f"SET {name} = '100ms'")
     site = psycopg2.connect(make_url(url).render_as_string(False).replace("+psycopg2", ""))
     with site.cursor() as cursor:  # what any other session of this database gets
         cursor.execute("SHOW statement_timeout")
@@ -510,7 +503,7 @@ def test_a_read_only_server_and_a_cancelled_query_are_transient(db_engine, make_
     """After a failover a worker may reach a standby (SQLSTATE 25006), and an administrator
     may cancel a query (57014): retried, where each failed its roll for good."""
     url = make_database()
-    _alter_database(db_engine, url, "default_transaction_read_only = on")
+    alter_database(db_engine, url, "SET default_transaction_read_only = on")
     engine = database.make_engine(url)
     try:
         with engine.connect() as conn, pytest.raises(InternalError) as read_only:
