@@ -90,7 +90,7 @@ def _service_problem(exc: BaseException) -> tuple[str, int] | None:
             if reason.lower().startswith(_CONNECT_FAILED):
                 return f"cannot connect to the database: {reason}", 2
         if module.startswith("kombu") and name == "OperationalError":
-            return f"cannot reach the broker: {_first_line(item)}", 3
+            return _broker_problem(item), 3
         if module.startswith("amqp") and name in ("AccessRefused", "NotAllowed"):
             return f"the broker refused the connection: {_first_line(item)}", 2
     if is_transient_store_error(exc):
@@ -99,6 +99,21 @@ def _service_problem(exc: BaseException) -> tuple[str, int] | None:
         if _store_refusal(item):
             return f"the object store refused: {_first_line(item)}", 2
     return None
+
+
+def _broker_problem(item: BaseException) -> str:
+    """Why a publish failed: RabbitMQ blocking publishers (its resource alarm) was said as
+    "cannot reach the broker: timed out", and an operator looked for a network fault."""
+    from worker.app import PRODUCER_TIMEOUT_S, broker_blocked
+
+    blocked = broker_blocked()
+    if blocked or any(isinstance(i, TimeoutError) for i in _chain(item)):
+        why = ("it blocks publishing" if blocked else
+               f"it did not confirm a message within {PRODUCER_TIMEOUT_S:.0f} s")  # fmt: skip
+        return (f"the broker takes no work: {why} — a RabbitMQ resource alarm (low memory or "
+                "disk: `rabbitmq-diagnostics check_alarms`)? What was not sent goes out once "
+                "it clears (the scheduler, or `rollscan resume`)")  # fmt: skip
+    return f"cannot reach the broker: {_first_line(item)}"
 
 
 def _disk_full(item: BaseException) -> bool:
@@ -152,10 +167,13 @@ def command_context(*, upgrade_database: bool = True) -> WorkerContext:
     """The process's worker context, its work sent through Celery (to the broker, or run in
     this process when none is configured: the commands that take a context send work), the
     database made ready first (`prepare_database`) unless told not to."""
+    from worker.app import app, use_as_producer
     from worker.tasks import context
 
+    settings = get_settings()
     if upgrade_database:  # first: the context refuses a schema not at head
-        prepare_database(get_settings())
+        prepare_database(settings)
+    use_as_producer(app, settings)  # a command consumes nothing: its publishes are bounded
     return context()
 
 

@@ -1,4 +1,5 @@
-"""Servers a fault test may stop and start again: a Redis of its own and a TCP relay.
+"""Servers a fault test may stop and start again, or break: a Redis of its own, a TCP relay, and
+a RabbitMQ node of its own.
 
 The session's shared services (PostgreSQL on 5432, Redis on 6379, the moto S3 server) are
 never stopped: other test sessions may be using them. A fault test restarts a server of its
@@ -8,9 +9,12 @@ from `rollscan_testing.services.free_port`.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from contextlib import suppress
@@ -130,3 +134,73 @@ class TcpRelay:
                 sink.sendall(data)
         with suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+
+
+class RabbitMQNode:
+    """A RabbitMQ node of the test's own (`rabbitmq-server` on free loopback ports, its files in a
+    folder of its own), whose resource alarm the test raises: the shared node's would block
+    every other test's publishers, and a test killed before clearing it, the whole suite."""
+
+    def __init__(self) -> None:
+        server, self.ctl = shutil.which("rabbitmq-server"), shutil.which("rabbitmqctl")
+        self.diagnostics = shutil.which("rabbitmq-diagnostics")
+        if server is None or self.ctl is None or self.diagnostics is None:
+            pytest.skip("rabbitmq-server is not installed")
+        self.port = free_port()
+        self.name = f"rollscan-test-{self.port}@localhost"
+        # run as root, the server drops to its own user: a pytest folder (mode 700) is closed
+        # to it, so the node's files go to a folder of their own
+        self.folder = Path(tempfile.mkdtemp(prefix="rollscan-rabbitmq-"))
+        self.folder.chmod(0o755)
+        (self.folder / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        (self.folder / "enabled_plugins").write_text("[].\n")
+        self.env = {**os.environ, "RABBITMQ_NODENAME": self.name,
+                    "RABBITMQ_NODE_PORT": str(self.port), "RABBITMQ_DIST_PORT": str(free_port()),
+                    "RABBITMQ_CONFIG_FILE": str(self.folder / "rabbitmq.conf"),
+                    "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.folder / "enabled_plugins"),
+                    "RABBITMQ_MNESIA_BASE": str(self.folder / "mnesia"),
+                    "RABBITMQ_LOG_BASE": str(self.folder / "log"),
+                    "RABBITMQ_PID_FILE": str(self.folder / "pid")}  # fmt: skip
+        if os.geteuid() == 0:
+            with suppress(KeyError, LookupError):
+                shutil.chown(self.folder, "rabbitmq", "rabbitmq")
+        subprocess.run([server, "-detached"], env=self.env, check=True, timeout=60)
+        try:
+            wait_for_port(self.port, 90, "the test's rabbitmq-server")
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}//"
+
+    def _ctl(self, *args: str, check: bool = True, tool: str | None = None
+             ) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        return subprocess.run([tool or self.ctl, "-q", "-n", self.name, *args], env=self.env,
+                              capture_output=True, text=True, timeout=60, check=check)  # fmt: skip
+
+    def alarm(self, on: bool = True) -> None:
+        """Raise (or clear) the node's memory alarm: RabbitMQ blocks every publishing connection
+        while it lasts, as when its memory or disk runs low."""
+        self._ctl("set_vm_memory_high_watermark", "0.0000001" if on else "0.4")
+        deadline = time.monotonic() + 30
+        while (self._ctl("check_alarms", check=False, tool=self.diagnostics).returncode != 0) != on:
+            if time.monotonic() > deadline:
+                pytest.fail(f"the test's RabbitMQ alarm is still {'off' if on else 'on'}")
+            time.sleep(0.2)
+
+    def messages(self, queue: str) -> list[list]:
+        """The task arguments of the messages waiting in `queue`, taken off it."""
+        from kombu import Connection
+
+        taken = []
+        with Connection(self.url, connect_timeout=10) as conn:
+            channel = conn.default_channel
+            while (message := channel.basic_get(queue, no_ack=True)) is not None:
+                taken.append(json.loads(message.body)[0])
+        return taken
+
+    def stop(self) -> None:
+        self._ctl("stop", check=False)
+        shutil.rmtree(self.folder, ignore_errors=True)

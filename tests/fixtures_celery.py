@@ -18,6 +18,7 @@ from pathlib import Path
 import kombu.pools
 import pytest
 from celery.signals import after_task_publish
+from fault_servers import RabbitMQNode
 from fixtures_s3 import FAKE_ACCESS_KEY_ID, FAKE_SECRET_ACCESS_KEY, REGION, make_s3_store
 
 import worker.app
@@ -25,7 +26,7 @@ from rollscan_testing.services import Worker, purge_queues, settings_env
 from storage.database import make_engine
 from storage.registry import activate_model, register_model
 from storage.settings import Settings
-from worker.app import broker_transport_options
+from worker.app import PRODUCER_RETRY_POLICY, broker_transport_options
 from worker.context import WorkerContext
 from worker.tasks import CeleryEnqueuer
 
@@ -142,13 +143,23 @@ def rabbitmq_broker() -> Iterator[str]:
             _rabbitmqctl("delete_vhost", vhost)
 
 
+@pytest.fixture
+def own_rabbitmq() -> Iterator[RabbitMQNode]:
+    """A RabbitMQ node of the test's own, for a resource alarm (`RabbitMQNode.alarm`)."""
+    node = RabbitMQNode()
+    try:
+        yield node
+    finally:
+        node.stop()
+
+
 @contextmanager
 def celery_producer(settings: Settings) -> Iterator[list[tuple[str, str]]]:
     """Point `worker.app.app` at the test broker (not eager); yields the (task, id) published."""
     app = worker.app.app
-    saved = {
-        k: app.conf[k] for k in ("broker_url", "task_always_eager", "broker_transport_options")
-    }
+    keys = ("broker_url", "task_always_eager", "broker_transport_options",
+            "task_publish_retry_policy")  # fmt: skip
+    saved = {k: app.conf[k] for k in keys}
     published: list[tuple[str, str]] = []
 
     def record(sender: str | None = None, headers: dict | None = None, **_: object) -> None:
@@ -165,10 +176,9 @@ def celery_producer(settings: Settings) -> Iterator[list[tuple[str, str]]]:
     app.conf.update(
         broker_url=settings.broker_url.get_secret_value(),
         task_always_eager=False,
-        # py-amqp's read/write timeouts: closing a connection that published to a RabbitMQ
-        # that stopped reading (its disk alarm) waited for ever; a producer consumes nothing
-        broker_transport_options=broker_transport_options(settings)
-        | {"read_timeout": 30, "write_timeout": 30},
+        # a producer's, as a command's (`use_as_producer`): confirmed publishes, bounded waits
+        broker_transport_options=broker_transport_options(settings, producer=True),
+        task_publish_retry_policy=PRODUCER_RETRY_POLICY,
     )
     after_task_publish.connect(record, weak=False)
     try:

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +36,14 @@ def site(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
     return monkeypatch
 
 
-def _roll_folder(tmp_path: Path) -> Path:
+def _roll_folder(tmp_path: Path, frames: int = 1) -> Path:
     folder = tmp_path / "R-1"
     (folder / "frames").mkdir(parents=True)
     manifest = {"roll_id": "R-1", "fabric_type": "twill", "width_mm": 30.0, "px_per_mm": 10.0,
-                "complete": True, "frames": 1}  # fmt: skip
+                "complete": True, "frames": frames}  # fmt: skip
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    tifffile.imwrite(folder / "frames" / "000001.tif", np.full((300, 300), 90, np.uint8))
+    for seq in range(1, frames + 1):
+        tifffile.imwrite(folder / "frames" / f"{seq:06d}.tif", np.full((300, 300), 90, np.uint8))
     return folder
 
 
@@ -239,6 +241,30 @@ def test_a_broker_or_object_store_refusing_the_sites_settings_is_named(
     assert done.returncode == 2, done.stderr[-3000:]
     assert "rollscan submit: error: the object store refused:" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_broker_blocking_publishers_is_named_and_no_frame_is_lost(
+    own_rabbitmq, migrated_url, db_engine, tmp_path
+) -> None:
+    """While RabbitMQ's resource alarm blocked publishers, `rollscan submit` left its messages in
+    the socket's buffer, said "2000 frames submitted" and exited: 24 arrived, and the roll's
+    cursor said that every frame had gone, so discovery sent none of the others again."""
+    frames = 12
+    env = {"ROLLSCAN_DATABASE_URL": migrated_url, "ROLLSCAN_DATA_DIR": str(tmp_path / "data"),
+           "ROLLSCAN_BROKER_URL": own_rabbitmq.url}  # fmt: skip
+    own_rabbitmq.alarm()
+    done = _rollscan(env, "submit", str(_roll_folder(tmp_path, frames)))
+    assert done.returncode == 3, done.stdout + done.stderr[-3000:]
+    assert "rollscan submit: error: the broker takes no work: it blocks publishing" in done.stderr
+    assert "Traceback" not in done.stderr and "submitted" not in done.stdout, done.stdout
+    own_rabbitmq.alarm(on=False)
+    # the message the alarm held arrives once it clears (once per try, at most three): only it
+    held = Counter(tuple(args[:2]) for args in own_rabbitmq.messages("ingest"))
+    assert set(held) <= {("R-1", 1)} and sum(held.values()) <= 3, held
+    done = _rollscan(env, "scheduler", "--once")  # discovery sends what was not sent
+    assert done.returncode == 0, done.stderr[-3000:]
+    sent = Counter(tuple(args[:2]) for args in own_rabbitmq.messages("ingest"))
+    assert sent == {("R-1", seq): 1 for seq in range(1, frames + 1)}, sent
 
 
 def test_the_zarr_paths_refusals_are_the_object_stores_a_local_files_is_not() -> None:

@@ -3,7 +3,8 @@ nothing is duplicated (issue 7).
 
 Each test runs the broker tests' roll (tests/fixtures_roll.py) through a real `celery worker`
 and breaks one service mid-roll: a PostgreSQL server of the test's own is restarted, the S3
-server is cut off behind a TCP relay, a Redis broker of the test's own is restarted. Shared
+server is cut off behind a TCP relay, a Redis broker of the test's own is restarted, a RabbitMQ
+node of the test's own raises its resource alarm. Shared
 services are never stopped (other test sessions may use them). Every test first proves that the
 fault hit the roll (the worker's log shows the retry or the lost connection), then that the roll
 came out whole: every frame ingested, every band scored once, the reference defects.
@@ -148,6 +149,24 @@ def test_a_broker_restart_mid_band_loses_no_work(
     assert "Connection to broker lost" in worker.log(), worker.tail()
     # the band in flight was given up with the connection and delivered again, not dropped
     assert worker.log().count(f"Task rollscan.score[{in_flight}] received") == 2, worker.tail()
+    assert_roll_came_out(stack, celery_roll, celery_reference)
+
+
+def test_a_rabbitmq_resource_alarm_mid_roll_delays_the_roll_only(
+    own_rabbitmq, make_stack, celery_roll, celery_reference
+):
+    """RabbitMQ blocks publishers while its memory or disk runs low. A worker's publish now waits
+    for the broker's confirm until the alarm clears; it had returned once the message was in
+    the socket's buffer, and the task acknowledged its own with its successor not yet taken."""
+    stack = make_stack(own_rabbitmq.url)
+    worker = stack.start_worker(batch_size="1")
+    submit(stack.ctx, str(celery_roll[0]))  # its frames confirmed: the alarm holds the worker's
+    own_rabbitmq.alarm()
+    worker.wait_for_log("the broker blocks publishing", ROLL_TIMEOUT_S)
+    time.sleep(OUTAGE_S)
+    own_rabbitmq.alarm(on=False)
+    wait_until_done(stack, ROLL_ID, [worker])
+    assert "the broker publishes again after" in worker.log(), worker.tail()
     assert_roll_came_out(stack, celery_roll, celery_reference)
 
 
