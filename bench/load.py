@@ -228,9 +228,9 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         values = {"database_url": db_url, "broker_url": args.broker, "device": "cpu",
                   "band_height": str(BAND), "data_dir": str(work / "data")}  # fmt: skip
         settings = Settings(**values)
-        app = worker.app.app  # the producer publishes through the same broker
-        app.conf.update(broker_url=args.broker, task_always_eager=False,
-                        broker_transport_options=worker.app.broker_transport_options(settings))  # fmt: skip
+        app = worker.app.app  # the producer publishes through the same broker, as a command
+        app.conf.update(broker_url=args.broker, task_always_eager=False)
+        worker.app.use_as_producer(app, settings)
         ctx = WorkerContext.from_settings(CeleryEnqueuer(), settings, device="cpu")
         checkpoint = args.model
         if checkpoint is None:
