@@ -50,6 +50,7 @@ from storage.database import mask_url, upgrade
 from storage.registry import activate_model, register_model
 from storage.schema import Band, Defect, Frame, Roll, Run
 from storage.settings import Settings
+from worker.broker_options import use_as_producer
 from worker.context import WorkerContext
 from worker.tasks import CeleryEnqueuer
 from worker.tiling import band_tiles
@@ -230,7 +231,7 @@ def run(args: argparse.Namespace, work: Path) -> dict:
         settings = Settings(**values)
         app = worker.app.app  # the producer publishes through the same broker, as a command
         app.conf.update(broker_url=args.broker, task_always_eager=False)
-        worker.app.use_as_producer(app, settings)
+        use_as_producer(app, settings)
         ctx = WorkerContext.from_settings(CeleryEnqueuer(), settings, device="cpu")
         checkpoint = args.model
         if checkpoint is None:

@@ -104,15 +104,13 @@ def _service_problem(exc: BaseException) -> tuple[str, int] | None:
 def _broker_problem(item: BaseException) -> str:
     """Why a publish failed: RabbitMQ blocking publishers (its resource alarm) was said as
     "cannot reach the broker: timed out", and an operator looked for a network fault."""
-    from worker.app import PRODUCER_TIMEOUT_S, broker_blocked
+    from worker.broker_options import PRODUCER_TIMEOUT_S, broker_blocked
 
-    blocked = broker_blocked()
-    if blocked or any(isinstance(i, TimeoutError) for i in _chain(item)):
-        why = ("it blocks publishing" if blocked else
-               f"it did not confirm a message within {PRODUCER_TIMEOUT_S:.0f} s")  # fmt: skip
-        return (f"the broker takes no work: {why} — a RabbitMQ resource alarm (low memory or "
-                "disk: `rabbitmq-diagnostics check_alarms`)? What was not sent goes out once "
-                "it clears (the scheduler, or `rollscan resume`)")  # fmt: skip
+    if broker_blocked():
+        return (f"the broker takes no work: it blocks publishing and did not confirm a message "
+                f"within {PRODUCER_TIMEOUT_S:.0f} s — a RabbitMQ resource alarm (low memory or "
+                "disk: `rabbitmq-diagnostics check_alarms`); what was not sent goes out once it "
+                "clears (the scheduler, or `rollscan resume`)")  # fmt: skip
     return f"cannot reach the broker: {_first_line(item)}"
 
 
@@ -167,7 +165,8 @@ def command_context(*, upgrade_database: bool = True) -> WorkerContext:
     """The process's worker context, its work sent through Celery (to the broker, or run in
     this process when none is configured: the commands that take a context send work), the
     database made ready first (`prepare_database`) unless told not to."""
-    from worker.app import app, use_as_producer
+    from worker.app import app
+    from worker.broker_options import use_as_producer
     from worker.tasks import context
 
     settings = get_settings()

@@ -139,33 +139,40 @@ class TcpRelay:
 class RabbitMQNode:
     """A RabbitMQ node of the test's own (`rabbitmq-server` on free loopback ports, its files in a
     folder of its own), whose resource alarm the test raises: the shared node's would block
-    every other test's publishers, and a test killed before clearing it, the whole suite."""
+    every other test's publishers, and a test killed before clearing it, the whole suite. Its
+    heartbeat is 2 s (RabbitMQ's default 60 s), so that a client that stops sending them is
+    dropped within a test's seconds."""
 
     def __init__(self) -> None:
-        server, self.ctl = shutil.which("rabbitmq-server"), shutil.which("rabbitmqctl")
-        self.diagnostics = shutil.which("rabbitmq-diagnostics")
-        if server is None or self.ctl is None or self.diagnostics is None:
+        tools = [shutil.which(name) for name in ("rabbitmq-server", "rabbitmqctl",
+                                                 "rabbitmq-diagnostics")]  # fmt: skip
+        if None in tools:
             pytest.skip("rabbitmq-server is not installed")
+        if os.geteuid() != 0 and _user_name() != "rabbitmq":  # Debian's wrapper refuses others
+            pytest.skip("rabbitmq-server runs as root or rabbitmq only")
+        server, self.ctl, self.diagnostics = (str(tool) for tool in tools)
         self.port = free_port()
         self.name = f"rollscan-test-{self.port}@localhost"
         # run as root, the server drops to its own user: a pytest folder (mode 700) is closed
         # to it, so the node's files go to a folder of their own
         self.folder = Path(tempfile.mkdtemp(prefix="rollscan-rabbitmq-"))
-        self.folder.chmod(0o755)
-        (self.folder / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
-        (self.folder / "enabled_plugins").write_text("[].\n")
-        self.env = {**os.environ, "RABBITMQ_NODENAME": self.name,
-                    "RABBITMQ_NODE_PORT": str(self.port), "RABBITMQ_DIST_PORT": str(free_port()),
-                    "RABBITMQ_CONFIG_FILE": str(self.folder / "rabbitmq.conf"),
-                    "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.folder / "enabled_plugins"),
-                    "RABBITMQ_MNESIA_BASE": str(self.folder / "mnesia"),
-                    "RABBITMQ_LOG_BASE": str(self.folder / "log"),
-                    "RABBITMQ_PID_FILE": str(self.folder / "pid")}  # fmt: skip
-        if os.geteuid() == 0:
-            with suppress(KeyError, LookupError):
-                shutil.chown(self.folder, "rabbitmq", "rabbitmq")
-        subprocess.run([server, "-detached"], env=self.env, check=True, timeout=60)
         try:
+            self.folder.chmod(0o755)
+            (self.folder / "rabbitmq.conf").write_text(
+                f"listeners.tcp.local = 127.0.0.1:{self.port}\nheartbeat = 2\n"
+            )
+            (self.folder / "enabled_plugins").write_text("[].\n")
+            self.env = {**os.environ, "RABBITMQ_NODENAME": self.name,
+                        "RABBITMQ_NODE_PORT": str(self.port),
+                        "RABBITMQ_DIST_PORT": str(free_port()),
+                        "RABBITMQ_CONFIG_FILE": str(self.folder / "rabbitmq.conf"),
+                        "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.folder / "enabled_plugins"),
+                        "RABBITMQ_MNESIA_BASE": str(self.folder / "mnesia"),
+                        "RABBITMQ_LOG_BASE": str(self.folder / "log"),
+                        "RABBITMQ_PID_FILE": str(self.folder / "pid")}  # fmt: skip
+            if os.geteuid() == 0:
+                shutil.chown(self.folder, "rabbitmq", "rabbitmq")
+            subprocess.run([server, "-detached"], env=self.env, check=True, timeout=60)
             wait_for_port(self.port, 90, "the test's rabbitmq-server")
         except BaseException:
             self.stop()
@@ -175,19 +182,24 @@ class RabbitMQNode:
     def url(self) -> str:
         return f"amqp://guest:guest@127.0.0.1:{self.port}//"
 
-    def _ctl(self, *args: str, check: bool = True, tool: str | None = None
-             ) -> subprocess.CompletedProcess[str]:  # fmt: skip
-        return subprocess.run([tool or self.ctl, "-q", "-n", self.name, *args], env=self.env,
-                              capture_output=True, text=True, timeout=60, check=check)  # fmt: skip
+    def _run(self, tool: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([tool, "-q", "-n", self.name, *args], env=self.env,
+                              capture_output=True, text=True, timeout=60)  # fmt: skip
 
     def alarm(self, on: bool = True) -> None:
         """Raise (or clear) the node's memory alarm: RabbitMQ blocks every publishing connection
         while it lasts, as when its memory or disk runs low."""
-        self._ctl("set_vm_memory_high_watermark", "0.0000001" if on else "0.4")
+        set_to = self._run(self.ctl, "set_vm_memory_high_watermark", "0.0000001" if on else "0.4")
+        assert set_to.returncode == 0, set_to.stderr
         deadline = time.monotonic() + 30
-        while (self._ctl("check_alarms", check=False, tool=self.diagnostics).returncode != 0) != on:
+        while True:
+            checked = self._run(self.diagnostics, "check_alarms")
+            raised = "memory alarm" in (checked.stdout + checked.stderr).lower()
+            if raised == on and (on or checked.returncode == 0):
+                return
             if time.monotonic() > deadline:
-                pytest.fail(f"the test's RabbitMQ alarm is still {'off' if on else 'on'}")
+                pytest.fail(f"the test's RabbitMQ alarm is not {'on' if on else 'off'}: "
+                            f"{checked.stdout} {checked.stderr}")  # fmt: skip
             time.sleep(0.2)
 
     def messages(self, queue: str) -> list[list]:
@@ -202,5 +214,12 @@ class RabbitMQNode:
         return taken
 
     def stop(self) -> None:
-        self._ctl("stop", check=False)
+        if hasattr(self, "env"):
+            self._run(self.ctl, "stop")
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _user_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.geteuid()).pw_name

@@ -26,7 +26,7 @@ from rollscan_testing.services import Worker, purge_queues, settings_env
 from storage.database import make_engine
 from storage.registry import activate_model, register_model
 from storage.settings import Settings
-from worker.app import PRODUCER_RETRY_POLICY, broker_transport_options
+from worker.broker_options import use_as_producer
 from worker.context import WorkerContext
 from worker.tasks import CeleryEnqueuer
 
@@ -173,13 +173,8 @@ def celery_producer(settings: Settings) -> Iterator[list[tuple[str, str]]]:
         app.amqp._producer_pool = None
 
     drop_connections()
-    app.conf.update(
-        broker_url=settings.broker_url.get_secret_value(),
-        task_always_eager=False,
-        # a producer's, as a command's (`use_as_producer`): confirmed publishes, bounded waits
-        broker_transport_options=broker_transport_options(settings, producer=True),
-        task_publish_retry_policy=PRODUCER_RETRY_POLICY,
-    )
+    app.conf.update(broker_url=settings.broker_url.get_secret_value(), task_always_eager=False)
+    use_as_producer(app, settings)  # as a command: confirmed publishes, bounded waits
     after_task_publish.connect(record, weak=False)
     try:
         yield published

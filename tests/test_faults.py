@@ -35,6 +35,7 @@ from fixtures_roll import (
 )  # fmt: skip
 from sqlalchemy import func, make_url, select
 
+from rollscan_testing.services import CELERY, PIPELINE_QUEUES
 from rollscan_testing.synthetic_roll import match_defects, write_synthetic_roll
 from scheduler.submit import submit, upload_folder
 from storage.database import upgrade
@@ -155,18 +156,28 @@ def test_a_broker_restart_mid_band_loses_no_work(
 def test_a_rabbitmq_resource_alarm_mid_roll_delays_the_roll_only(
     own_rabbitmq, make_stack, celery_roll, celery_reference
 ):
-    """RabbitMQ blocks publishers while its memory or disk runs low. A worker's publish now waits
-    for the broker's confirm until the alarm clears; it had returned once the message was in
-    the socket's buffer, and the task acknowledged its own with its successor not yet taken."""
+    """RabbitMQ blocks publishers while its memory or disk runs low. A task's publish waits for
+    the broker's confirm until the alarm clears (it had returned with the message in the
+    socket's buffer, and the task acknowledged its own with its successor not yet taken). The
+    worker runs as the compose file's do (events, mingle, gossip, heartbeats): confirms on its
+    main process froze its loop under the alarm, RabbitMQ dropped it for missed heartbeats,
+    and its running band was terminated and run again."""
     stack = make_stack(own_rabbitmq.url)
-    worker = stack.start_worker(batch_size="1")
+    worker = stack.start_process(
+        [str(CELERY), "-A", "worker.app", "worker", "-Q", ",".join(PIPELINE_QUEUES), "-c", "1",
+         "-E", "-l", "info", "-n", f"alarm-{own_rabbitmq.port}@%h"], batch_size="1",
+    )  # fmt: skip
+    worker.wait_ready()
     submit(stack.ctx, str(celery_roll[0]))  # its frames confirmed: the alarm holds the worker's
     own_rabbitmq.alarm()
-    worker.wait_for_log("the broker blocks publishing", ROLL_TIMEOUT_S)
-    time.sleep(OUTAGE_S)
+    worker.wait_for_log(r"WARNING/ForkPoolWorker-\d+\] the broker blocks publishing",
+                        ROLL_TIMEOUT_S)  # fmt: skip
+    time.sleep(3 * OUTAGE_S)  # many of the node's 2 s heartbeats
     own_rabbitmq.alarm(on=False)
     wait_until_done(stack, ROLL_ID, [worker])
-    assert "the broker publishes again after" in worker.log(), worker.tail()
+    log = worker.log()
+    assert "the broker takes publishes again after" in log, worker.tail()
+    assert "Connection to broker lost" not in log and "cannot be acknowledged" not in log, log
     assert_roll_came_out(stack, celery_roll, celery_reference)
 
 

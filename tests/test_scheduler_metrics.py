@@ -116,6 +116,7 @@ def test_a_redis_that_never_answers_is_given_up(monkeypatch) -> None:
     from kombu.exceptions import OperationalError
 
     import worker.app
+    import worker.broker_options
 
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never answers
         accepted: list = []
@@ -123,7 +124,7 @@ def test_a_redis_that_never_answers_is_given_up(monkeypatch) -> None:
         broker = f"redis://127.0.0.1:{silent.getsockname()[1]}/0"
         with pytest.raises(Exception, match="Timeout"):
             queue_depths(broker, ("score",), timeout=2.0)
-        monkeypatch.setattr(worker.app, "REDIS_SOCKET_TIMEOUT_S", 2.0)
+        monkeypatch.setattr(worker.broker_options, "REDIS_SOCKET_TIMEOUT_S", 2.0)
         app = worker.app.make_app(Settings(broker_url=broker))
         with app.connection_for_write() as conn, pytest.raises(OperationalError, match="Timeout"):
             conn.ensure_connection(max_retries=1, interval_start=0)
