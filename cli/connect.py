@@ -104,14 +104,16 @@ def _service_problem(exc: BaseException) -> tuple[str, int] | None:
 def _broker_problem(item: BaseException) -> str:
     """Why a publish failed: RabbitMQ blocking publishers (its resource alarm) was said as
     "cannot reach the broker: timed out", and an operator looked for a network fault."""
-    from worker.broker_options import PRODUCER_TIMEOUT_S, broker_blocked
+    from worker.broker_options import PRODUCER_TIMEOUT_S, gave_up_while_blocked
 
-    if broker_blocked():
+    if gave_up_while_blocked():
         return (f"the broker takes no work: it blocks publishing and did not confirm a message "
                 f"within {PRODUCER_TIMEOUT_S:.0f} s — a RabbitMQ resource alarm (low memory or "
                 "disk: `rabbitmq-diagnostics check_alarms`); what was not sent goes out once it "
                 "clears (the scheduler, or `rollscan resume`)")  # fmt: skip
-    return f"cannot reach the broker: {_first_line(item)}"
+    # kombu's own text may be empty ("cannot reach the broker: "): its cause's says what failed
+    said = next((i for i in _chain(item) if str(i).strip()), item)
+    return f"cannot reach the broker: {_first_line(said)}"
 
 
 def _disk_full(item: BaseException) -> bool:

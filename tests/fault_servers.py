@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -215,7 +216,11 @@ class RabbitMQNode:
 
     def stop(self) -> None:
         if hasattr(self, "env"):
-            self._run(self.ctl, "stop")
+            try:
+                self._run(self.ctl, "stop")
+            except subprocess.TimeoutExpired:  # a node that does not stop is killed
+                with suppress(OSError, ValueError):
+                    os.kill(int((self.folder / "pid").read_text()), signal.SIGKILL)
         shutil.rmtree(self.folder, ignore_errors=True)
 
 

@@ -54,7 +54,7 @@ def broker_transport_options(settings: Settings, role: Role = "worker") -> dict[
       `PRODUCER_TIMEOUT_S`, and its publish is not tried again while the broker blocks it
       (`use_as_producer`): a command says so in a minute, not never;
     - `on_blocked` and `on_unblocked`: RabbitMQ's word that it blocks a connection's publishing
-      (the alarm), logged and kept for the command line's message (`broker_blocked`)."""
+      (the alarm), logged, and the producer's ground to give up (`gave_up_while_blocked`)."""
     if not _is_amqp(settings):
         return {
             "visibility_timeout": settings.broker_visibility_timeout,
@@ -76,6 +76,7 @@ def _is_amqp(settings: Settings) -> bool:
 
 
 _blocked_at: float | None = None  # when RabbitMQ blocked this process's connection, if it does
+_gave_up_blocked = False  # a publish of this process was given up while the broker blocked it
 
 
 def _note_blocked(reason: str) -> None:
@@ -97,19 +98,26 @@ def _note_unblocked() -> None:
 def _forget_blocked(connection: object = None) -> None:
     """A new connection is not blocked (yet): a producer's blocked one was dropped unanswered,
     and a later fault of another kind was taken for the alarm."""
-    global _blocked_at
-    _blocked_at = None
+    global _blocked_at, _gave_up_blocked
+    _blocked_at, _gave_up_blocked = None, False
 
 
-def broker_blocked() -> bool:
-    """Whether RabbitMQ blocks this process's publishing (its last word on its connection)."""
-    return _blocked_at is not None
+def gave_up_while_blocked() -> bool:
+    """Whether a publish of this process was given up because RabbitMQ blocked it (its
+    resource alarm): the command line's message names the alarm then."""
+    return _gave_up_blocked
 
 
 def _give_up_while_blocked(exc: BaseException, interval: float) -> None:
-    """A publish retry's errback: a publish RabbitMQ leaves unconfirmed while it blocks
-    publishers fails now. Tried again, each try cost three timeouts and sent one more copy."""
-    if broker_blocked():
+    """A producer's publish-retry errback: a publish RabbitMQ left unconfirmed while it blocks
+    publishers fails now (tried again, each try cost three timeouts and sent one more copy).
+    Its connection is dropped unanswered, so no `connection.unblocked` will clear the flag:
+    it is cleared here, or a later broker restart was given up at once as the alarm. Each
+    other failure the retries meet says that the last was not the alarm."""
+    global _blocked_at, _gave_up_blocked
+    _gave_up_blocked = _blocked_at is not None and isinstance(exc, TimeoutError)
+    if _gave_up_blocked:
+        _blocked_at = None
         raise exc
 
 
