@@ -52,7 +52,7 @@ def broker_transport_options(settings: Settings, role: Role = "worker") -> dict[
       and the running tasks were terminated and run again;
     - read and write timeouts (`producer`): a producer's wait for an answer fails after
       `PRODUCER_TIMEOUT_S`, and its publish is not tried again while the broker blocks it
-      (`use_as_producer`): a command says so in a minute, not never;
+      (`use_as_producer`): a command says so in about `PRODUCER_TIMEOUT_S`, not never;
     - `on_blocked` and `on_unblocked`: RabbitMQ's word that it blocks a connection's publishing
       (the alarm), logged, and the producer's ground to give up (`gave_up_while_blocked`)."""
     if not _is_amqp(settings):
